@@ -1,0 +1,251 @@
+//! The guest's side of Xen: the hypercall page, the PV console ring, shutdown.
+//!
+//! Layouts and numbers from Xen's public headers (xen/include/public): xen.h (hypercall
+//! numbers), hvm/hvm_op.h and hvm/params.h (HVMOP_get_param, CONSOLE_PFN/EVTCHN),
+//! io/console.h (struct xencons_interface), sched.h (SCHEDOP_*), event_channel.h.
+//! Hypercalls need CPL0 (Xen refuses them from CPL3), so user mode reaches them through
+//! the kernel's system call.
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{fence, Ordering};
+
+use super::Detected;
+use crate::arch::cpu::{cpuid, wrmsr};
+use crate::global::Global;
+
+const HYPERVISOR_SCHED_OP: u64 = 29;
+const HYPERVISOR_XEN_VERSION: u64 = 17;
+const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
+const HYPERVISOR_HVM_OP: u64 = 34;
+
+const SCHEDOP_YIELD: u64 = 0;
+const SCHEDOP_SHUTDOWN: u64 = 2;
+const EVTCHNOP_SEND: u64 = 4;
+const HVMOP_GET_PARAM: u64 = 1;
+const HVM_PARAM_CONSOLE_PFN: u32 = 17;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
+const DOMID_SELF: u16 = 0x7ff0;
+pub const XENVER_VERSION: u64 = 0;
+
+/// `SCHEDOP_shutdown` reasons.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum ShutdownReason {
+    Poweroff = 0,
+    Crash = 3,
+}
+
+/// `struct xencons_interface`: in[1024], out[2048], then the four indexes.
+const CONS_OUT: usize = 1024;
+const CONS_OUT_SIZE: u32 = 2048;
+const CONS_OUT_CONS: usize = 3080;
+const CONS_OUT_PROD: usize = 3084;
+
+#[derive(Clone, Copy)]
+struct XenState {
+    ready: bool,
+    console_page: u64,
+    console_port: u32,
+}
+
+static STATE: Global<XenState> = Global::new(XenState {
+    ready: false,
+    console_page: 0,
+    console_port: 0,
+});
+
+global_asm!(
+    r#"
+    .section .bss
+    .balign 4096
+    .global xen_hypercall_page
+xen_hypercall_page:
+    .skip 4096
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static xen_hypercall_page: [u8; 4096];
+}
+
+/// Calls hypercall `nr` through the hypercall page. CPL0 only.
+fn hypercall(nr: u64, a0: u64, a1: u64) -> i64 {
+    let entry = core::ptr::addr_of!(xen_hypercall_page) as u64 + nr * 32;
+    let ret: i64;
+    // SAFETY: Xen filled the page with one 32-byte stub per hypercall (mov $nr, %eax;
+    // vmcall or vmmcall; ret). The stack pointer is moved past the red zone before the
+    // call pushes its return address. Argument registers are clobbered (Xen's debug
+    // builds poison them).
+    unsafe {
+        asm!(
+            "sub rsp, 128",
+            "call {entry}",
+            "add rsp, 128",
+            entry = in(reg) entry,
+            inout("rdi") a0 => _,
+            inout("rsi") a1 => _,
+            out("rdx") _, out("r10") _, out("r8") _,
+            lateout("rax") ret,
+        );
+    }
+    ret
+}
+
+#[repr(C)]
+struct HvmParam {
+    domid: u16,
+    pad: u16,
+    index: u32,
+    value: u64,
+}
+
+fn get_param(index: u32) -> Result<u64, i64> {
+    let mut param = HvmParam {
+        domid: DOMID_SELF,
+        pad: 0,
+        index,
+        value: 0,
+    };
+    let rc = hypercall(
+        HYPERVISOR_HVM_OP,
+        HVMOP_GET_PARAM,
+        &mut param as *mut _ as u64,
+    );
+    if rc == 0 {
+        Ok(param.value)
+    } else {
+        Err(rc)
+    }
+}
+
+/// Installs the hypercall page and finds the console ring. CPL0.
+pub fn init(hv: &Detected) -> Result<(), &'static str> {
+    if hv.max_leaf < hv.base + 2 {
+        return Err("Xen CPUID leaf 3 (hypercall MSR) missing");
+    }
+    let leaf = cpuid(hv.base + 2, 0);
+    if leaf.eax == 0 {
+        return Err("Xen offers no hypercall page");
+    }
+    wrmsr(leaf.ebx, core::ptr::addr_of!(xen_hypercall_page) as u64);
+    let pfn = get_param(HVM_PARAM_CONSOLE_PFN).map_err(|_| "HVM_PARAM_CONSOLE_PFN failed")?;
+    let port =
+        get_param(HVM_PARAM_CONSOLE_EVTCHN).map_err(|_| "HVM_PARAM_CONSOLE_EVTCHN failed")?;
+    if pfn == 0 || pfn >= (1 << 20) {
+        // The boot page tables map the low 4 GiB only.
+        return Err("console ring outside the low 4 GiB");
+    }
+    STATE.set(XenState {
+        ready: true,
+        console_page: pfn << 12,
+        console_port: port as u32,
+    });
+    Ok(())
+}
+
+pub fn is_ready() -> bool {
+    STATE.get().ready
+}
+
+/// Signals the console's event channel. CPL0.
+pub fn notify_console() {
+    let port = STATE.get().console_port;
+    let send = port;
+    hypercall(
+        HYPERVISOR_EVENT_CHANNEL_OP,
+        EVTCHNOP_SEND,
+        &send as *const u32 as u64,
+    );
+}
+
+/// Gives the CPU back to Xen once. CPL0.
+pub fn yield_cpu() {
+    hypercall(HYPERVISOR_SCHED_OP, SCHEDOP_YIELD, 0);
+}
+
+/// `xen_version(XENVER_version)`: the cheapest hypercall Xen executes. CPL0.
+#[inline(always)]
+pub fn version() -> i64 {
+    hypercall(HYPERVISOR_XEN_VERSION, XENVER_VERSION, 0)
+}
+
+/// Shuts the domain down with `reason`. CPL0.
+pub fn shutdown(reason: ShutdownReason) -> ! {
+    let arg = reason as u32;
+    loop {
+        hypercall(
+            HYPERVISOR_SCHED_OP,
+            SCHEDOP_SHUTDOWN,
+            &arg as *const u32 as u64,
+        );
+    }
+}
+
+fn ring_index(offset: usize) -> *mut u32 {
+    (STATE.get().console_page + offset as u64) as *mut u32
+}
+
+/// Copies `bytes` into the console ring, waiting for room; `kick` signals the backend
+/// (directly at CPL0, through a system call at CPL3) and `wait` gives Xen the CPU.
+pub fn console_write(bytes: &[u8], kick: fn(), wait: fn()) {
+    let state = STATE.get();
+    if !state.ready {
+        return;
+    }
+    let out = (state.console_page + CONS_OUT as u64) as *mut u8;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // SAFETY: the ring page is the one Xen named for this domain, mapped by the boot
+        // page tables; indexes are read and written as whole u32s, as the backend does.
+        let (cons, prod) = unsafe {
+            (
+                ring_index(CONS_OUT_CONS).read_volatile(),
+                ring_index(CONS_OUT_PROD).read_volatile(),
+            )
+        };
+        fence(Ordering::Acquire);
+        let used = prod.wrapping_sub(cons);
+        if used >= CONS_OUT_SIZE {
+            kick();
+            wait();
+            continue;
+        }
+        let room = (CONS_OUT_SIZE - used) as usize;
+        let n = room.min(rest.len());
+        for (i, &b) in rest[..n].iter().enumerate() {
+            let at = (prod.wrapping_add(i as u32) % CONS_OUT_SIZE) as usize;
+            // SAFETY: `at` < CONS_OUT_SIZE, inside the ring's out[] array.
+            unsafe { out.add(at).write_volatile(b) };
+        }
+        // The backend must see the bytes before the new producer index.
+        fence(Ordering::Release);
+        // SAFETY: as above.
+        unsafe { ring_index(CONS_OUT_PROD).write_volatile(prod.wrapping_add(n as u32)) };
+        rest = &rest[n..];
+    }
+    kick();
+}
+
+/// Waits (boundedly) until the backend has consumed everything written, so the last
+/// lines are not lost at shutdown.
+pub fn console_drain(kick: fn(), wait: fn()) {
+    let state = STATE.get();
+    if !state.ready {
+        return;
+    }
+    for _ in 0..100_000 {
+        // SAFETY: as in `console_write`.
+        let (cons, prod) = unsafe {
+            (
+                ring_index(CONS_OUT_CONS).read_volatile(),
+                ring_index(CONS_OUT_PROD).read_volatile(),
+            )
+        };
+        if cons == prod {
+            return;
+        }
+        kick();
+        wait();
+    }
+}

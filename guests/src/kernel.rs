@@ -1,0 +1,278 @@
+//! CPL0: boot, the system calls user mode makes, kernel-mode measurement loops, exceptions
+//! and the final exit. Kept small on purpose: on `kvm_pvm` hosts every instruction here
+//! is emulated (about 1 us each), so the kernel does only what needs CPL0.
+
+use workloads::abi::{ExitCode, EXIT_PORT, UART_PORT};
+use workloads::{Hypervisor, WorkloadId};
+
+use crate::arch::cpu::{self, hlt, outl, rdmsr, rdtsc_fenced, HypercallInsn};
+use crate::arch::{traps, user};
+use crate::console::{self, Console};
+use crate::global::Global;
+use crate::hypervisor::{self, xen, KVM_HC_VAPIC_POLL_IRQ};
+
+/// What the kernel learnt at boot; read by user mode (all memory is user-accessible).
+#[derive(Clone, Copy)]
+pub struct BootInfo {
+    pub start_info: u64,
+    pub hypervisor: hypervisor::Detected,
+    pub vendor: [u8; 12],
+    pub hypercall: HypercallInsn,
+    pub tsc_khz: u64,
+    pub tsc_source: &'static str,
+    /// Why the hypervisor's own interface could not be set up (Xen), if it could not.
+    pub platform_error: Option<&'static str>,
+}
+
+static BOOT: Global<Option<BootInfo>> = Global::new(None);
+
+/// The workload running now, named in crash reports.
+static CURRENT: Global<Option<WorkloadId>> = Global::new(None);
+
+pub fn boot_info() -> BootInfo {
+    // kernel_main sets it before user mode exists, so it is always there.
+    match BOOT.get() {
+        Some(info) => info,
+        None => exit(ExitCode::Error),
+    }
+}
+
+pub fn set_current(workload: Option<WorkloadId>) {
+    CURRENT.set(workload);
+}
+
+/// System call numbers (see `arch::user::syscall`).
+#[repr(u64)]
+pub enum Syscall {
+    /// Ends the run with the exit code in the first argument.
+    Exit = 0,
+    /// Runs `iterations` of a kernel-mode workload; returns the cycles taken,
+    /// `KERNEL_LOOP_FAULTED` if the host refused the instruction, or `u64::MAX` for a
+    /// workload with no kernel loop.
+    KernelLoop = 1,
+    /// Signals the console backend (Xen).
+    ConsoleKick = 2,
+    /// Gives the CPU to the hypervisor once (Xen).
+    Yield = 3,
+    /// Triple-faults on purpose.
+    TripleFault = 4,
+    /// Writes a buffer (address, length) to the UART.
+    ConsoleWrite = 5,
+}
+
+/// KernelLoop's answer when the instruction faulted (the host refuses it at CPL0).
+pub const KERNEL_LOOP_FAULTED: u64 = u64::MAX - 1;
+
+/// Longest buffer one ConsoleWrite takes (a result line is at most 513 bytes).
+const MAX_CONSOLE_WRITE: u64 = 4096;
+
+extern "C" {
+    static user_stack_top: u8;
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .bss
+    .balign 16
+    .skip 262144
+    .global user_stack_top
+user_stack_top:
+"#,
+    options(att_syntax)
+);
+
+/// Entered from the PVH boot code in long mode with the start info's address.
+#[no_mangle]
+extern "C" fn kernel_main(start_info: u32) -> ! {
+    traps::init();
+    let hv = hypervisor::detect();
+    let vendor = hypervisor::cpu_vendor();
+    let (tsc_khz, tsc_source) = hypervisor::tsc_khz(&hv);
+    let mut platform_error = None;
+    if hv.kind == Hypervisor::Xen {
+        match xen::init(&hv) {
+            Ok(()) => console::select(Console::XenRing),
+            Err(e) => platform_error = Some(e),
+        }
+    }
+    BOOT.set(Some(BootInfo {
+        start_info: start_info as u64,
+        hypervisor: hv,
+        vendor,
+        hypercall: hypervisor::hypercall_insn(&vendor),
+        tsc_khz,
+        tsc_source,
+        platform_error,
+    }));
+    user::enter_user(
+        crate::runner::user_main,
+        core::ptr::addr_of!(user_stack_top) as u64,
+    )
+}
+
+fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
+    match nr {
+        n if n == Syscall::Exit as u64 => {
+            exit(ExitCode::from_u8(a0 as u8).unwrap_or(ExitCode::Error))
+        }
+        n if n == Syscall::KernelLoop as u64 => kernel_loop(a0, a1),
+        n if n == Syscall::ConsoleKick as u64 => {
+            if xen::is_ready() {
+                xen::notify_console();
+            }
+            0
+        }
+        n if n == Syscall::Yield as u64 => {
+            if xen::is_ready() {
+                xen::yield_cpu();
+            }
+            0
+        }
+        n if n == Syscall::TripleFault as u64 => traps::triple_fault(),
+        n if n == Syscall::ConsoleWrite as u64 => {
+            let len = a1.min(MAX_CONSOLE_WRITE) as usize;
+            // SAFETY: user mode passes a buffer it owns; all memory is identity-mapped and
+            // the length is bounded, so the read stays within mapped memory.
+            let bytes = unsafe { core::slice::from_raw_parts(a0 as *const u8, len) };
+            cpu::rep_outsb(UART_PORT, bytes);
+            0
+        }
+        _ => u64::MAX,
+    }
+}
+
+/// Times `iterations` runs of `op` at CPL0.
+#[inline(always)]
+fn timed(iterations: u64, mut op: impl FnMut()) -> u64 {
+    let start = rdtsc_fenced();
+    for _ in 0..iterations {
+        op();
+    }
+    rdtsc_fenced().wrapping_sub(start)
+}
+
+/// Kernel-mode workloads: the instruction runs in a loop at CPL0, timed at CPL0.
+fn kernel_loop(workload: u64, iterations: u64) -> u64 {
+    let info = boot_info();
+    let id = workloads::WORKLOADS.get(workload as usize).map(|w| w.id);
+    match id {
+        Some(WorkloadId::CpuHlt) => timed(iterations, hlt),
+        Some(WorkloadId::CpuMsrRead) => timed(iterations, || {
+            // IA32_APIC_BASE: intercepted by KVM and Xen.
+            core::hint::black_box(rdmsr(0x1b));
+        }),
+        Some(WorkloadId::CpuHypercallKernel) => match info.hypervisor.kind {
+            Hypervisor::Kvm => {
+                // Some hosts (kvm_pvm) refuse hypercalls from CPL0 with #UD: try one first.
+                if cpu::probe_hypercall(info.hypercall, KVM_HC_VAPIC_POLL_IRQ) == cpu::PROBE_FAULTED
+                {
+                    return KERNEL_LOOP_FAULTED;
+                }
+                timed(iterations, || {
+                    core::hint::black_box(cpu::hypercall(
+                        info.hypercall,
+                        KVM_HC_VAPIC_POLL_IRQ,
+                        0,
+                        0,
+                        0,
+                    ));
+                })
+            }
+            Hypervisor::Xen if xen::is_ready() => timed(iterations, || {
+                core::hint::black_box(xen::version());
+            }),
+            _ => u64::MAX,
+        },
+        _ => u64::MAX,
+    }
+}
+
+/// Ends the run: the exit port on KVM-based hosts, SCHEDOP_shutdown on Xen. CPL0.
+pub fn exit(code: ExitCode) -> ! {
+    console::drain();
+    if xen::is_ready() {
+        let reason = if code == ExitCode::Crash {
+            xen::ShutdownReason::Crash
+        } else {
+            xen::ShutdownReason::Poweroff
+        };
+        xen::shutdown(reason);
+    }
+    loop {
+        outl(EXIT_PORT, code as u32);
+        // A host without an exit device: stop here.
+        hlt();
+    }
+}
+
+/// What an exception handler saw, for the user-mode reporter.
+#[derive(Clone, Copy)]
+pub struct CrashInfo {
+    pub workload: Option<WorkloadId>,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rsp: u64,
+    pub cr2: u64,
+}
+
+static CRASH: Global<Option<CrashInfo>> = Global::new(None);
+
+pub fn crash_info() -> Option<CrashInfo> {
+    CRASH.get()
+}
+
+extern "C" {
+    static crash_stack_top: u8;
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .bss
+    .balign 16
+    .skip 65536
+    .global crash_stack_top
+crash_stack_top:
+"#,
+    options(att_syntax)
+);
+
+/// Every exception ends here; only a system call returns. The report is formatted in user mode, on a stack of its
+/// own: formatting at CPL0 would be slow on hosts that emulate CPL0 and could itself
+/// fault there (their emulators lack most SSE instructions).
+#[no_mangle]
+extern "C" fn exception_handler(frame: &mut traps::ExceptionFrame) {
+    if frame.vector == traps::VECTOR_UD
+        && frame.rip == traps::syscall_trap_address()
+        && frame.cs & 3 == 3
+    {
+        frame.rax = syscall_dispatch(frame.rax, frame.rdi, frame.rsi, frame.rdx);
+        // Resume after the UD2.
+        frame.rip += 2;
+        return;
+    }
+    if frame.cs & 3 == 0 {
+        if let Some(resume) = cpu::probe_resume_address(frame.rip) {
+            frame.rip = resume;
+            return;
+        }
+    }
+    if CRASH.get().is_some() {
+        // The reporter itself faulted: stop without a report.
+        exit(ExitCode::Crash);
+    }
+    CRASH.set(Some(CrashInfo {
+        workload: CURRENT.get(),
+        vector: frame.vector,
+        error_code: frame.error_code,
+        rip: frame.rip,
+        cs: frame.cs,
+        rsp: frame.rsp,
+        cr2: cpu::read_cr2(),
+    }));
+    user::enter_user(
+        crate::runner::report_crash,
+        core::ptr::addr_of!(crash_stack_top) as u64,
+    )
+}

@@ -1,0 +1,232 @@
+//! User mode (CPL3): reads the command line, runs the selected workloads in table order
+//! and prints their result lines. Everything here runs natively on every host.
+
+use workloads::abi::ExitCode;
+use workloads::cmdline::{self, GuestConfig, MAX_CMDLINE};
+use workloads::protocol::{LineBuilder, LineKind, Status, VERSION};
+use workloads::{Requirement, WorkloadId};
+
+use crate::arch::cpu::rdtsc_fenced;
+use crate::arch::user::syscall;
+use crate::console;
+use crate::kernel::{self, BootInfo, Syscall};
+use crate::start_info;
+use crate::workloads as guest_workloads;
+
+/// Most iterations one sample may take, so a pathological host cannot spin forever.
+const MAX_ITERATIONS: u64 = 1 << 32;
+
+/// TSC rate assumed for sizing samples when the hypervisor advertises none. It only sets
+/// how long a sample runs; every figure is reported in cycles and converted by the host.
+const FALLBACK_TSC_KHZ: u64 = 1_000_000;
+
+pub fn emit(line: &mut LineBuilder) {
+    console::write(line.finish());
+}
+
+pub fn exit(code: ExitCode) -> ! {
+    syscall(Syscall::Exit as u64, code as u64, 0, 0);
+    // The kernel does not return from Exit.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn printable(bytes: &[u8]) -> &str {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    match core::str::from_utf8(&bytes[..end]) {
+        Ok(s) if s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => s,
+        _ => "?",
+    }
+}
+
+fn hello(info: &BootInfo) {
+    let mut line = LineBuilder::new(LineKind::Hello);
+    line.num("proto", VERSION as u64)
+        .text("hv", info.hypervisor.kind.name())
+        .text("sig", printable(&info.hypervisor.signature))
+        .text("vendor", printable(&info.vendor))
+        .num("tsc_khz", info.tsc_khz)
+        .text("tsc_src", info.tsc_source);
+    if let Some(start) = start_info::read(info.start_info) {
+        let ram: u64 = start_info::ram_ranges(&start).map(|(_, size)| size).sum();
+        line.num("ram", ram);
+    }
+    emit(&mut line);
+    if let Some(reason) = info.platform_error {
+        emit(
+            LineBuilder::new(LineKind::Note)
+                .text("k", "platform_error")
+                .text("v", reason),
+        );
+    }
+}
+
+fn end(status: Status) -> ! {
+    emit(LineBuilder::new(LineKind::End).text("status", status.name()));
+    exit(match status {
+        Status::Success => ExitCode::Success,
+        Status::Skip => ExitCode::Skip,
+        Status::Error => ExitCode::Error,
+        Status::Failure => ExitCode::Failure,
+        Status::Timeout | Status::Crash => ExitCode::Crash,
+    })
+}
+
+fn config(info: &BootInfo) -> Result<GuestConfig, &'static str> {
+    let start = start_info::read(info.start_info).ok_or("no PVH start info (bad magic)")?;
+    let line = start_info::cmdline(&start, MAX_CMDLINE).ok_or("no ASCII command line")?;
+    cmdline::parse(line).map_err(|e| e.message())
+}
+
+/// Why a workload stopped: its status (skip for a host that cannot run it) and reason.
+pub type Refusal = (Status, &'static str);
+
+/// How one workload's samples are taken.
+pub struct Sampler {
+    pub workload: WorkloadId,
+    pub config: GuestConfig,
+    pub min_cycles: u64,
+}
+
+impl Sampler {
+    /// Grows the iteration count until one run of `op` lasts `min_cycles` (kvm-unit-tests'
+    /// method), then prints the warm-up samples (marked, kept) and the measured samples.
+    /// `op(n)` runs n operations and returns the cycles they took, or why it cannot.
+    pub fn latency(
+        &self,
+        params: &str,
+        mut op: impl FnMut(u64) -> Result<u64, Refusal>,
+    ) -> Result<u64, Refusal> {
+        let mut iterations = 1u64;
+        loop {
+            let cycles = op(iterations)?;
+            if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
+                break;
+            }
+            iterations *= 2;
+        }
+        let total = self.config.warmup + self.config.samples;
+        for i in 0..total {
+            let cycles = op(iterations)?;
+            let warmup = i < self.config.warmup;
+            let index = if warmup { i } else { i - self.config.warmup };
+            let mut line = LineBuilder::new(LineKind::Sample);
+            line.text("w", self.workload.name()).text("m", "latency");
+            if !params.is_empty() {
+                line.text("p", params);
+            }
+            line.num("n", index as u64)
+                .num("ops", iterations)
+                .num("cycles", cycles);
+            if warmup {
+                line.num("warm", 1);
+            }
+            emit(&mut line);
+        }
+        Ok(iterations)
+    }
+
+    pub fn note_hex(&self, key: &str, value: u64) {
+        emit(
+            LineBuilder::new(LineKind::Note)
+                .text("w", self.workload.name())
+                .text("k", key)
+                .hex("v", value),
+        );
+    }
+}
+
+/// Times `n` runs of `op` at the current privilege level.
+#[inline(always)]
+pub fn timed(n: u64, mut op: impl FnMut()) -> u64 {
+    let start = rdtsc_fenced();
+    for _ in 0..n {
+        op();
+    }
+    rdtsc_fenced().wrapping_sub(start)
+}
+
+fn guest_side_skip(id: WorkloadId, info: &BootInfo) -> Option<&'static str> {
+    for req in id.spec().requires {
+        if let Requirement::OnHypervisor(allowed) = req {
+            if !allowed.contains(&info.hypervisor.kind) {
+                return Some("needs KVM or Xen; the guest detected neither (CPUID 0x40000000)");
+            }
+        }
+    }
+    None
+}
+
+/// Entered in user mode after an exception: prints the crash line and ends the run.
+pub extern "C" fn report_crash() -> ! {
+    if let Some(c) = kernel::crash_info() {
+        let mut line = LineBuilder::new(LineKind::Crash);
+        if let Some(w) = c.workload {
+            line.text("w", w.name());
+        }
+        line.num("vector", c.vector)
+            .hex("err", c.error_code)
+            .hex("rip", c.rip)
+            .hex("cs", c.cs)
+            .hex("rsp", c.rsp)
+            .hex("cr2", c.cr2);
+        emit(&mut line);
+    }
+    exit(ExitCode::Crash)
+}
+
+pub extern "C" fn user_main() -> ! {
+    let info = kernel::boot_info();
+    hello(&info);
+    let config = match config(&info) {
+        Ok(c) => c,
+        Err(reason) => {
+            emit(
+                LineBuilder::new(LineKind::Note)
+                    .text("k", "cmdline_error")
+                    .text("v", reason),
+            );
+            end(Status::Error);
+        }
+    };
+    let tsc_khz = if info.tsc_khz > 0 {
+        info.tsc_khz
+    } else {
+        FALLBACK_TSC_KHZ
+    };
+    let min_cycles = config.sample_us as u64 * tsc_khz / 1000;
+    let mut run_status = Status::Success;
+    for id in config.workloads() {
+        let name = id.name();
+        if let Some(reason) = guest_side_skip(id, &info) {
+            emit(
+                LineBuilder::new(LineKind::Skip)
+                    .text("w", name)
+                    .text("reason", reason),
+            );
+            run_status = run_status.ratchet(Status::Skip);
+            continue;
+        }
+        emit(LineBuilder::new(LineKind::Start).text("w", name));
+        kernel::set_current(Some(id));
+        let sampler = Sampler {
+            workload: id,
+            config,
+            min_cycles,
+        };
+        let (status, reason) = match guest_workloads::run(&sampler, &info) {
+            Ok(()) => (Status::Success, None),
+            Err((status, reason)) => (status, Some(reason)),
+        };
+        kernel::set_current(None);
+        let mut line = LineBuilder::new(LineKind::Result);
+        line.text("w", name).text("status", status.name());
+        if let Some(reason) = reason {
+            line.text("reason", reason);
+        }
+        emit(&mut line);
+        run_status = run_status.ratchet(status);
+    }
+    end(run_status)
+}

@@ -1,0 +1,253 @@
+//! The devices of hvbench's VMM, all emulated in userspace on the vCPU thread: the COM1
+//! UART, the exit port, and the test port and page behind `io.*` workloads. The guest is
+//! untrusted: every access is bounds-checked, and an access nothing claims is counted and
+//! answered with all-ones, as on a real bus.
+
+pub mod serial;
+
+use workloads::abi::{
+    EXIT_PORT, MMIO_TEST_BASE, MMIO_TEST_LEN, MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT,
+    PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
+};
+
+use self::serial::ConsoleUart;
+
+/// Exit reasons the VMM counts, in the order they appear in records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    PioSerial,
+    PioExitPort,
+    PioTest,
+    /// Writes to the ioeventfd port that reached userspace (none should).
+    PioKernelPortFallback,
+    PioUnclaimed,
+    MmioTest,
+    MmioUnclaimed,
+    Hlt,
+    /// KVM_RUN interrupted by a signal (a kick from the host).
+    Interrupted,
+}
+
+impl ExitReason {
+    pub const ALL: [ExitReason; 9] = [
+        ExitReason::PioSerial,
+        ExitReason::PioExitPort,
+        ExitReason::PioTest,
+        ExitReason::PioKernelPortFallback,
+        ExitReason::PioUnclaimed,
+        ExitReason::MmioTest,
+        ExitReason::MmioUnclaimed,
+        ExitReason::Hlt,
+        ExitReason::Interrupted,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::PioSerial => "pio_serial",
+            ExitReason::PioExitPort => "pio_exit_port",
+            ExitReason::PioTest => "pio_test",
+            ExitReason::PioKernelPortFallback => "pio_kernel_port_fallback",
+            ExitReason::PioUnclaimed => "pio_unclaimed",
+            ExitReason::MmioTest => "mmio_test",
+            ExitReason::MmioUnclaimed => "mmio_unclaimed",
+            ExitReason::Hlt => "hlt",
+            ExitReason::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Exit counters, owned by the vCPU thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitCounters([u64; ExitReason::ALL.len()]);
+
+impl ExitCounters {
+    pub fn count(&mut self, reason: ExitReason) {
+        self.0[reason as usize] += 1;
+    }
+
+    pub fn get(&self, reason: ExitReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    pub fn snapshot(&self) -> crate::backend::ExitCounts {
+        ExitReason::ALL
+            .iter()
+            .map(|r| (r.name(), self.get(*r)))
+            .collect()
+    }
+}
+
+/// What a port write asks of the VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PioAction {
+    Continue,
+    /// The guest wrote its final status to the exit port.
+    Exit(u32),
+}
+
+pub struct Devices {
+    uart: ConsoleUart,
+    pub counters: ExitCounters,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Devices {
+    pub fn new() -> Self {
+        Devices {
+            uart: ConsoleUart::new(),
+            counters: ExitCounters::default(),
+        }
+    }
+
+    fn uart_offset(port: u16) -> Option<u8> {
+        port.checked_sub(UART_PORT)
+            .filter(|o| *o < UART_PORT_LEN)
+            .map(|o| o as u8)
+    }
+
+    /// An OUT (or a string OUT: `data` then holds every byte of the string).
+    pub fn pio_out(&mut self, port: u16, data: &[u8]) -> PioAction {
+        if let Some(offset) = Self::uart_offset(port) {
+            self.counters.count(ExitReason::PioSerial);
+            self.uart.write(offset, data);
+            return PioAction::Continue;
+        }
+        match port {
+            EXIT_PORT => {
+                self.counters.count(ExitReason::PioExitPort);
+                let mut word = [0u8; 4];
+                let n = data.len().min(4);
+                word[..n].copy_from_slice(&data[..n]);
+                PioAction::Exit(u32::from_le_bytes(word))
+            }
+            PIO_TEST_PORT => {
+                self.counters.count(ExitReason::PioTest);
+                PioAction::Continue
+            }
+            PIO_KERNEL_PORT => {
+                self.counters.count(ExitReason::PioKernelPortFallback);
+                PioAction::Continue
+            }
+            _ => {
+                self.counters.count(ExitReason::PioUnclaimed);
+                PioAction::Continue
+            }
+        }
+    }
+
+    /// An IN: fills `data`.
+    pub fn pio_in(&mut self, port: u16, data: &mut [u8]) {
+        if let Some(offset) = Self::uart_offset(port) {
+            self.counters.count(ExitReason::PioSerial);
+            for b in data.iter_mut() {
+                *b = self.uart.read(offset);
+            }
+            return;
+        }
+        if port == PIO_TEST_PORT {
+            self.counters.count(ExitReason::PioTest);
+            data.fill(PIO_TEST_VALUE);
+        } else {
+            self.counters.count(ExitReason::PioUnclaimed);
+            data.fill(0xff);
+        }
+    }
+
+    fn test_page_offset(addr: u64, len: usize) -> Option<u64> {
+        let offset = addr.checked_sub(MMIO_TEST_BASE)?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= MMIO_TEST_LEN).then_some(offset)
+    }
+
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match Self::test_page_offset(addr, data.len()) {
+            Some(offset) => {
+                self.counters.count(ExitReason::MmioTest);
+                let value = MMIO_TEST_VALUE.to_le_bytes();
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = value[(offset as usize + i) % value.len()];
+                }
+            }
+            None => {
+                self.counters.count(ExitReason::MmioUnclaimed);
+                data.fill(0xff);
+            }
+        }
+    }
+
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        match Self::test_page_offset(addr, data.len()) {
+            Some(_) => self.counters.count(ExitReason::MmioTest),
+            None => self.counters.count(ExitReason::MmioUnclaimed),
+        }
+    }
+
+    /// Console bytes written since the last call, once a line is complete (or much
+    /// output is pending): one message per line keeps the host's work per byte low.
+    pub fn take_console_output(&mut self, force: bool) -> Option<Vec<u8>> {
+        self.uart.take_output(force)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_port_and_counters() {
+        let mut d = Devices::new();
+        assert_eq!(d.pio_out(EXIT_PORT, &[3, 0, 0, 0]), PioAction::Exit(3));
+        assert_eq!(d.pio_out(EXIT_PORT, &[1]), PioAction::Exit(1));
+        assert_eq!(d.pio_out(EXIT_PORT, &[]), PioAction::Exit(0));
+        assert_eq!(d.pio_out(PIO_TEST_PORT, &[0]), PioAction::Continue);
+        assert_eq!(d.pio_out(0x80, &[0]), PioAction::Continue);
+        assert_eq!(d.counters.get(ExitReason::PioExitPort), 3);
+        assert_eq!(d.counters.get(ExitReason::PioTest), 1);
+        assert_eq!(d.counters.get(ExitReason::PioUnclaimed), 1);
+        assert_eq!(d.counters.snapshot()["pio_test"], 1);
+    }
+
+    #[test]
+    fn reads_are_answered_within_bounds() {
+        let mut d = Devices::new();
+        let mut b = [0u8; 1];
+        d.pio_in(PIO_TEST_PORT, &mut b);
+        assert_eq!(b, [PIO_TEST_VALUE]);
+        d.pio_in(0x1234, &mut b);
+        assert_eq!(b, [0xff]);
+
+        let mut w = [0u8; 4];
+        d.mmio_read(MMIO_TEST_BASE, &mut w);
+        assert_eq!(u32::from_le_bytes(w), MMIO_TEST_VALUE);
+        // Straddling the end of the page, or overflowing the address space: unclaimed.
+        d.mmio_read(MMIO_TEST_BASE + MMIO_TEST_LEN - 2, &mut w);
+        assert_eq!(w, [0xff; 4]);
+        d.mmio_read(u64::MAX - 1, &mut w);
+        assert_eq!(w, [0xff; 4]);
+        d.mmio_write(MMIO_TEST_BASE + 8, &[1, 2, 3, 4]);
+        assert_eq!(d.counters.get(ExitReason::MmioTest), 2);
+        assert_eq!(d.counters.get(ExitReason::MmioUnclaimed), 2);
+    }
+
+    #[test]
+    fn string_writes_reach_the_console() {
+        let mut d = Devices::new();
+        d.pio_out(UART_PORT, b"@hvb1 hello\n");
+        assert_eq!(
+            d.take_console_output(false).as_deref(),
+            Some(&b"@hvb1 hello\n"[..])
+        );
+        assert_eq!(d.take_console_output(false), None);
+        d.pio_out(UART_PORT, b"partial");
+        assert_eq!(d.take_console_output(false), None);
+        assert_eq!(
+            d.take_console_output(true).as_deref(),
+            Some(&b"partial"[..])
+        );
+    }
+}

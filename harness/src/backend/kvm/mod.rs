@@ -1,0 +1,158 @@
+//! hvbench's own VMM on /dev/kvm: one vCPU, no interrupt controller (the guest polls and
+//! never enables interrupts), a UART, an exit port and the test devices.
+
+pub mod boot;
+pub mod devices;
+pub mod vstate;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use reports::record::{BackendInfo, HostInfo};
+use thiserror::Error;
+use vmm_sys_util::signal::Killable;
+use workloads::BackendFeature;
+
+use self::vstate::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use self::vstate::vm::Vm;
+use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
+    Open(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {mib} MiB is outside {min}..={max} MiB")]
+    MemorySize { mib: u32, min: u32, max: u32 },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("loading the guest image: {0}")]
+    Load(String),
+    #[error("hvbench's VMM runs one vCPU; {0} were asked for")]
+    Vcpus(u32),
+    #[error("the vCPU thread could not be started: {0}")]
+    Thread(std::io::Error),
+    #[error("the vCPU thread did not stop within {0:?}")]
+    StopTimeout(Duration),
+}
+
+pub struct KvmBackend {
+    kvm: Kvm,
+    host: HostInfo,
+}
+
+impl KvmBackend {
+    pub fn new(host: HostInfo) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Open)?;
+        install_kick_handler()?;
+        Ok(KvmBackend { kvm, host })
+    }
+}
+
+impl Hypervisor for KvmBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn info(&self) -> BackendInfo {
+        let mut details = BTreeMap::new();
+        details.insert("vmm".into(), "hvbench (kvm-ioctls)".into());
+        details.insert(
+            "kvm_api_version".into(),
+            self.kvm.get_api_version().to_string(),
+        );
+        details.insert("irqchip".into(), "none".into());
+        BackendInfo {
+            kind: "kvm".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            details,
+        }
+    }
+
+    fn host(&self) -> HostInfo {
+        self.host.clone()
+    }
+
+    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+        match feature {
+            BackendFeature::UserspacePioPort
+            | BackendFeature::KernelIoeventfdPort
+            | BackendFeature::UserspaceMmioPage
+            | BackendFeature::HltExitsToVmm => Ok(()),
+        }
+    }
+
+    fn guest_runs_locally(&self) -> bool {
+        true
+    }
+
+    fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
+        if request.vcpus != 1 {
+            return Err(VmmError::Vcpus(request.vcpus).into());
+        }
+        let vm = Vm::new(&self.kvm, request.memory_mib)?;
+        let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
+        let vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu0-{}", request.name))
+            .spawn(move || vcpu.run(vm, thread_stop, tx))
+            .map_err(VmmError::Thread)?;
+        Ok(Box::new(KvmSession {
+            messages: rx,
+            stop,
+            thread: Some(thread),
+        }))
+    }
+}
+
+pub struct KvmSession {
+    messages: Receiver<GuestMessage>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long a stop may take before it is reported as a failure.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl GuestSession for KvmSession {
+    fn messages(&self) -> &Receiver<GuestMessage> {
+        &self.messages
+    }
+
+    fn stop(&mut self) -> Result<(), BackendError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.stop.store(true, Ordering::Release);
+        let started = Instant::now();
+        // Kick until the thread notices: a signal that lands between its check of the flag
+        // and KVM_RUN would otherwise be lost.
+        while !thread.is_finished() {
+            if started.elapsed() > STOP_TIMEOUT {
+                return Err(VmmError::StopTimeout(STOP_TIMEOUT).into());
+            }
+            let _ = thread.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = thread.join();
+        Ok(())
+    }
+}
+
+impl Drop for KvmSession {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,48 @@
+//! Guest memory: one anonymous mapping at guest-physical 0, registered with KVM.
+
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::backend::kvm::VmmError;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Smallest guest the image and its boot data fit in.
+pub const MIN_MEMORY_MIB: u32 = 16;
+
+/// Allocates `mib` MiB of guest RAM at guest-physical 0 (below the 32-bit MMIO hole).
+pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
+    let max_mib = (workloads::abi::MAX_LOW_RAM >> 20) as u32;
+    if !(MIN_MEMORY_MIB..=max_mib).contains(&mib) {
+        return Err(VmmError::MemorySize {
+            mib,
+            min: MIN_MEMORY_MIB,
+            max: max_mib,
+        });
+    }
+    let size = (mib as usize) << 20;
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmmError::Memory(e.to_string()))
+}
+
+/// Registers every region of `memory` with the VM, one memory slot each.
+pub fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<(), VmmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let descriptor = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`,
+        // which the caller keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(descriptor) }.map_err(|source| VmmError::Kvm {
+            what: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })?;
+    }
+    Ok(())
+}

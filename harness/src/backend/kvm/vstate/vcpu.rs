@@ -1,0 +1,230 @@
+//! The vCPU: its set-up for the PVH entry, and the run loop that dispatches every exit to
+//! the devices. The loop runs on its own thread, which owns the whole VM; the host stops
+//! it by setting a flag and interrupting KVM_RUN with a signal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;
+
+use super::vm::Vm;
+use crate::backend::kvm::boot;
+use crate::backend::kvm::devices::{Devices, ExitReason, PioAction};
+use crate::backend::kvm::VmmError;
+use crate::backend::{GuestEnd, GuestMessage};
+
+/// The signal that interrupts KVM_RUN when the host stops a guest.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VmmError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmmError::Memory(format!("installing the vCPU kick signal handler: {e}")));
+    });
+    result
+}
+
+const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
+
+/// CPUID for the guest: what KVM supports, with KVM's hypervisor leaves extended by the
+/// TSC-frequency leaf (0x40000010) so the guest can convert cycles without calibrating.
+fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|e| e.function != CPUID_KVM_TSC_KHZ_LEAF)
+        .collect();
+    let word =
+        |i: usize| u32::from_le_bytes(KVM_SIGNATURE[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
+    match entries.iter_mut().find(|e| e.function == 0x4000_0000) {
+        Some(e) => {
+            e.eax = e.eax.max(CPUID_KVM_TSC_KHZ_LEAF);
+            (e.ebx, e.ecx, e.edx) = (word(0), word(1), word(2));
+        }
+        None => entries.push(kvm_cpuid_entry2 {
+            function: 0x4000_0000,
+            eax: CPUID_KVM_TSC_KHZ_LEAF,
+            ebx: word(0),
+            ecx: word(1),
+            edx: word(2),
+            ..Default::default()
+        }),
+    }
+    entries.push(kvm_cpuid_entry2 {
+        function: CPUID_KVM_TSC_KHZ_LEAF,
+        eax: tsc_khz,
+        ..Default::default()
+    });
+    CpuId::from_entries(&entries).map_err(|e| VmmError::Memory(format!("building CPUID: {e:?}")))
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    devices: Devices,
+    /// TSC rate KVM gives this vCPU (the host's, without TSC scaling).
+    pub tsc_khz: u32,
+}
+
+impl Vcpu {
+    /// Creates vCPU 0 in the PVH entry state at `entry`.
+    pub fn new(kvm: &Kvm, vm: &Vm, entry: u64) -> Result<Self, VmmError> {
+        let fd = vm.fd.create_vcpu(0).map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
+        let tsc_khz = fd.get_tsc_khz().map_err(|source| VmmError::Kvm {
+            what: "KVM_GET_TSC_KHZ",
+            source,
+        })?;
+        fd.set_cpuid2(&guest_cpuid(kvm, tsc_khz)?)
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_SET_CPUID2",
+                source,
+            })?;
+        let sregs = fd.get_sregs().map_err(|source| VmmError::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        fd.set_sregs(&boot::entry_sregs(sregs))
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_SET_SREGS",
+                source,
+            })?;
+        fd.set_regs(&boot::entry_regs(entry))
+            .map_err(|source| VmmError::Kvm {
+                what: "KVM_SET_REGS",
+                source,
+            })?;
+        Ok(Vcpu {
+            fd,
+            devices: Devices::new(),
+            tsc_khz,
+        })
+    }
+
+    fn registers(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rax={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rax, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".to_string(),
+        }
+    }
+
+    fn flush_console(&mut self, tx: &Sender<GuestMessage>, force: bool) {
+        if let Some(bytes) = self.devices.take_console_output(force) {
+            let _ = tx.send(GuestMessage::Console {
+                bytes,
+                exits: Some(self.devices.counters.snapshot()),
+            });
+        }
+    }
+
+    /// Runs until the guest ends or `stop` is set; the last message is always `Ended`.
+    /// Takes the VM so that it lives exactly as long as its vCPU runs.
+    pub fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: Sender<GuestMessage>) {
+        let end = self.run_loop(&stop, &tx);
+        self.flush_console(&tx, true);
+        let _ = tx.send(GuestMessage::Ended(end));
+        drop(vm);
+    }
+
+    fn run_loop(&mut self, stop: &AtomicBool, tx: &Sender<GuestMessage>) -> GuestEnd {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return GuestEnd::Stopped;
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.devices.counters.count(ExitReason::Interrupted);
+                    continue;
+                }
+                Err(e) => {
+                    return GuestEnd::Failed {
+                        detail: format!("KVM_RUN failed: {e}"),
+                    }
+                }
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if let PioAction::Exit(code) = self.devices.pio_out(port, data) {
+                        return GuestEnd::Exited { code };
+                    }
+                }
+                VcpuExit::IoIn(port, data) => self.devices.pio_in(port, data),
+                VcpuExit::MmioRead(addr, data) => self.devices.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
+                VcpuExit::Hlt => self.devices.counters.count(ExitReason::Hlt),
+                VcpuExit::Intr => self.devices.counters.count(ExitReason::Interrupted),
+                VcpuExit::Shutdown => {
+                    return GuestEnd::TripleFault {
+                        detail: format!("triple fault (KVM_EXIT_SHUTDOWN): {}", self.registers()),
+                    }
+                }
+                VcpuExit::InternalError => {
+                    let suberror = self.internal_error();
+                    return GuestEnd::Failed {
+                        detail: format!(
+                            "KVM could not emulate the guest (KVM_EXIT_INTERNAL_ERROR, {suberror}): {}",
+                            self.registers()
+                        ),
+                    };
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return GuestEnd::Failed {
+                        detail: format!(
+                            "VM entry failed on cpu {cpu}: hardware reason {reason:#x}"
+                        ),
+                    }
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    return GuestEnd::Failed {
+                        detail: format!("guest requested system event {kind} (reset or shutdown)"),
+                    }
+                }
+                other => {
+                    let exit = format!("{other:?}");
+                    return GuestEnd::Failed {
+                        detail: format!("unexpected VM exit {exit}: {}", self.registers()),
+                    };
+                }
+            }
+            self.flush_console(tx, false);
+        }
+    }
+
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, which makes
+        // `internal` the active member of the exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        format!(
+            "suberror {} data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+}

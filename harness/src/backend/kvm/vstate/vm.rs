@@ -1,0 +1,76 @@
+//! The VM: its file descriptor, its memory, and the ioeventfd behind `io.pio-out-kernel`.
+
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use workloads::abi::PIO_KERNEL_PORT;
+
+use super::memory::{self, GuestMemory};
+use crate::backend::kvm::VmmError;
+
+/// Where KVM may put the TSS it needs for real mode on Intel (unused by our guest, but
+/// KVM requires the address to be set before the first KVM_RUN on VMX).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// KVM's quirk that rewrites a guest's VMCALL/VMMCALL into the host vendor's instruction.
+/// On kvm_pvm hosts it never finishes (KVM_RUN does not return), so it is turned off
+/// where KVM allows: a wrong-vendor instruction then raises #UD in the guest instead.
+const KVM_X86_QUIRK_FIX_HYPERCALL_INSN: u64 = 1 << 5;
+
+fn disable_hypercall_patching(fd: &VmFd) -> Result<(), VmmError> {
+    let supported = fd.check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2.into());
+    if supported <= 0 || (supported as u64) & KVM_X86_QUIRK_FIX_HYPERCALL_INSN == 0 {
+        return Ok(());
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
+    fd.enable_cap(&cap).map_err(|source| VmmError::Kvm {
+        what: "KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2)",
+        source,
+    })
+}
+
+pub struct Vm {
+    pub fd: VmFd,
+    pub memory: GuestMemory,
+    /// Signalled by KVM, in the kernel, on every write to `PIO_KERNEL_PORT`. Never read:
+    /// its counter saturates long after any run ends.
+    _kernel_port_event: EventFd,
+}
+
+impl Vm {
+    pub fn new(kvm: &Kvm, memory_mib: u32) -> Result<Self, VmmError> {
+        let fd = kvm.create_vm().map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source,
+        })?;
+        if kvm.check_extension(Cap::SetTssAddr) {
+            fd.set_tss_address(KVM_TSS_ADDRESS)
+                .map_err(|source| VmmError::Kvm {
+                    what: "KVM_SET_TSS_ADDR",
+                    source,
+                })?;
+        }
+        disable_hypercall_patching(&fd)?;
+        let memory = memory::allocate(memory_mib)?;
+        memory::register(&fd, &memory)?;
+        let event =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+        fd.register_ioevent(
+            &event,
+            &IoEventAddress::Pio(PIO_KERNEL_PORT as u64),
+            NoDatamatch,
+        )
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_IOEVENTFD",
+            source,
+        })?;
+        Ok(Vm {
+            fd,
+            memory,
+            _kernel_port_event: event,
+        })
+    }
+}

@@ -1,0 +1,110 @@
+//! One trait for every way of running the guest, one module per backend (Cloud
+//! Hypervisor's layout): `kvm` (hvbench's own VMM), `qemu`, `xen`.
+//!
+//! A backend boots the guest with a command line and hands back a session: a stream of
+//! console bytes and, at the end, how the guest ended. Everything after that (lines,
+//! events, records) is common to all backends.
+
+pub mod kvm;
+pub mod qemu;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::Receiver;
+
+use reports::record::{BackendInfo, HostInfo};
+use thiserror::Error;
+use workloads::BackendFeature;
+
+use crate::guest_image::GuestImage;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum BackendKind {
+    /// hvbench's own VMM on /dev/kvm (kvm-ioctls, vm-memory, vm-superio, linux-loader).
+    Kvm,
+    /// QEMU's microvm machine with its own PVH loader (KVM acceleration where possible).
+    Qemu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Kvm => "kvm",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// What the guest is booted with.
+#[derive(Clone, Debug)]
+pub struct BootRequest<'a> {
+    pub image: &'a GuestImage,
+    pub cmdline: &'a str,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// A name unique to this boot (`hvbench-<run>-<n>`), for backends that name guests.
+    pub name: String,
+}
+
+/// VM exits the VMM handled, by reason, at one point in time.
+pub type ExitCounts = BTreeMap<&'static str, u64>;
+
+/// How a guest ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest reported a status through the exit port or its shutdown reason.
+    Exited { code: u32 },
+    /// The guest shut the vCPU down without a status: a triple fault, with its registers.
+    TripleFault { detail: String },
+    /// The hypervisor or VMM could not go on (emulation failure, failed entry, VMM died).
+    Failed { detail: String },
+    /// The host stopped it (timeout, Ctrl-C).
+    Stopped,
+}
+
+/// What a running guest sends back, in order.
+#[derive(Clone, Debug)]
+pub enum GuestMessage {
+    /// Console output, with the exit counters as they were when it was written (where the
+    /// backend counts exits), so exits can be charged to the workload that caused them.
+    Console {
+        bytes: Vec<u8>,
+        exits: Option<ExitCounts>,
+    },
+    /// The last message of every session.
+    Ended(GuestEnd),
+}
+
+/// A booted guest.
+pub trait GuestSession {
+    fn messages(&self) -> &Receiver<GuestMessage>;
+    /// Stops the guest and releases everything it holds. Idempotent; also run on drop.
+    fn stop(&mut self) -> Result<(), BackendError>;
+}
+
+/// A way of running the guest.
+pub trait Hypervisor {
+    fn kind(&self) -> BackendKind;
+    /// The backend section of every record.
+    fn info(&self) -> BackendInfo;
+    /// Fingerprint of the machine the guest runs on.
+    fn host(&self) -> HostInfo;
+    /// Whether a workload's device or path exists on this backend; `Err` says why not.
+    fn supports(&self, feature: BackendFeature) -> Result<(), String>;
+    /// Whether the guest runs on this machine, so that native twins of a workload,
+    /// measured here, are comparable.
+    fn guest_runs_locally(&self) -> bool;
+    fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError>;
+    /// Options of `hvbench run` that select this backend as configured (beyond
+    /// `--backend`), for the reproduce command of every record.
+    fn reproduce_args(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Kvm(#[from] kvm::VmmError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+}

@@ -1,0 +1,355 @@
+//! QEMU as the peer VMM: the same ELF booted by QEMU's own PVH loader on its microvm
+//! machine, with a COM1 console and isa-debug-exit. It proves the image follows the PVH
+//! ABI rather than our VMM's habits, and puts our VMM beside the one users would
+//! otherwise pick.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use reports::record::{BackendInfo, HostInfo};
+use thiserror::Error;
+use workloads::abi::{EXIT_PORT, PIO_KERNEL_PORT};
+use workloads::BackendFeature;
+
+use super::{
+    BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
+};
+
+#[derive(Debug, Error)]
+pub enum QemuError {
+    #[error("cannot run {binary}: {source} (install Debian's qemu-system-x86 package, or pass --qemu PATH)")]
+    NotFound {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{binary} --version failed: {detail}")]
+    Version { binary: PathBuf, detail: String },
+    #[error("--qemu-accel kvm, but /dev/kvm cannot be opened: {0}")]
+    NoKvm(std::io::Error),
+    #[error("cannot write the guest image for QEMU: {0}")]
+    Image(std::io::Error),
+    #[error("cannot start QEMU: {0}")]
+    Spawn(std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct QemuOptions {
+    pub binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+pub struct QemuBackend {
+    options: QemuOptions,
+    accel: &'static str,
+    version: String,
+    host: HostInfo,
+    image_dir: tempfile_dir::TempDir,
+}
+
+/// A private directory removed on drop (for the guest image QEMU reads).
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(prefix: &str) -> std::io::Result<Self> {
+            let base = std::env::temp_dir();
+            for attempt in 0..100u32 {
+                let path = base.join(format!("{prefix}-{}-{attempt}", std::process::id()));
+                match std::fs::create_dir(&path) {
+                    Ok(()) => return Ok(TempDir(path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(std::io::Error::other("no free temporary directory name"))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl QemuBackend {
+    pub fn new(options: QemuOptions, host: HostInfo) -> Result<Self, QemuError> {
+        let output = Command::new(&options.binary)
+            .arg("--version")
+            .output()
+            .map_err(|source| QemuError::NotFound {
+                binary: options.binary.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(QemuError::Version {
+                binary: options.binary.clone(),
+                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let version = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let kvm_opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        let accel = match (options.accel.as_str(), kvm_opens) {
+            ("kvm", Err(e)) => return Err(QemuError::NoKvm(e)),
+            ("kvm", Ok(_)) | ("auto", Ok(_)) => "kvm",
+            _ => "tcg",
+        };
+        let image_dir = tempfile_dir::TempDir::new("hvbench-qemu").map_err(QemuError::Image)?;
+        Ok(QemuBackend {
+            options,
+            accel,
+            version,
+            host,
+            image_dir,
+        })
+    }
+
+    fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
+        let cpu = if self.accel == "kvm" { "host" } else { "max" };
+        vec![
+            "-machine".into(),
+            "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
+            "-accel".into(),
+            self.accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-m".into(),
+            format!("{}M", request.memory_mib),
+            "-smp".into(),
+            request.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-serial".into(),
+            "stdio".into(),
+            "-device".into(),
+            format!("isa-debug-exit,iobase={EXIT_PORT:#x},iosize=0x04"),
+            // A triple fault resets the machine; without a reboot QEMU exits with 0.
+            "-no-reboot".into(),
+            "-kernel".into(),
+            kernel.display().to_string(),
+            "-append".into(),
+            request.cmdline.to_string(),
+        ]
+    }
+}
+
+impl Hypervisor for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn info(&self) -> BackendInfo {
+        let mut details = BTreeMap::new();
+        details.insert("accel".into(), self.accel.into());
+        details.insert("machine".into(), "microvm".into());
+        details.insert("binary".into(), self.options.binary.display().to_string());
+        BackendInfo {
+            kind: "qemu".into(),
+            version: self.version.clone(),
+            details,
+        }
+    }
+
+    fn host(&self) -> HostInfo {
+        let mut host = self.host.clone();
+        if self.accel == "tcg" {
+            // Every guest instruction is translated by QEMU: figures are emulation, not
+            // virtualisation.
+            host.class = format!("{}+tcg", host.class);
+            host.paging = "tcg-softmmu".into();
+            host.cpl0 = "emulated".into();
+        }
+        host
+    }
+
+    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+        match feature {
+            BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
+            BackendFeature::KernelIoeventfdPort => Err(format!(
+                "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
+                 QEMU's userspace, not the in-kernel path this workload measures"
+            )),
+            BackendFeature::HltExitsToVmm => Err(
+                "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
+                 never resumes, so HLT cannot be timed there"
+                    .into(),
+            ),
+        }
+    }
+
+    fn guest_runs_locally(&self) -> bool {
+        true
+    }
+
+    fn reproduce_args(&self) -> Vec<String> {
+        vec![
+            "--qemu".into(),
+            self.options.binary.display().to_string(),
+            "--qemu-accel".into(),
+            self.accel.into(),
+        ]
+    }
+
+    fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
+        let kernel = request
+            .image
+            .write_to(self.image_dir.path())
+            .map_err(QemuError::Image)?;
+        let mut command = Command::new(&self.options.binary);
+        command
+            .args(self.arguments(request, &kernel))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill QEMU when
+        // hvbench dies, so no QEMU outlives the run.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(QemuError::Spawn)?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let child = Arc::new(Mutex::new(child));
+        let (tx, rx) = channel();
+
+        let stderr_text = Arc::new(Mutex::new(String::new()));
+        let stderr_reader = {
+            let text = stderr_text.clone();
+            std::thread::spawn(move || {
+                if let Some(mut err) = stderr {
+                    let mut buf = Vec::new();
+                    // Keep at most 16 KiB of QEMU's complaints.
+                    let _ = err.by_ref().take(16 * 1024).read_to_end(&mut buf);
+                    if let Ok(mut t) = text.lock() {
+                        *t = String::from_utf8_lossy(&buf).into_owned();
+                    }
+                    let _ = std::io::copy(&mut err, &mut std::io::sink());
+                }
+            })
+        };
+        let reader = {
+            let child = child.clone();
+            std::thread::spawn(move || {
+                if let Some(mut out) = stdout {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = out.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let _ = tx.send(GuestMessage::Console {
+                            bytes: buf[..n].to_vec(),
+                            exits: None,
+                        });
+                    }
+                }
+                let _ = stderr_reader.join();
+                // Poll rather than wait, so `stop` can always take the lock to kill QEMU.
+                let status = loop {
+                    match child.lock().map(|mut c| c.try_wait()) {
+                        Ok(Ok(Some(status))) => break Ok(Ok(status)),
+                        Ok(Ok(None)) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                        Ok(Err(e)) => break Ok(Err(e)),
+                        Err(_) => break Err(()),
+                    }
+                };
+                let complaints = stderr_text
+                    .lock()
+                    .map(|t| t.trim().to_string())
+                    .unwrap_or_default();
+                let end = match status {
+                    Ok(Ok(status)) => match (status.code(), status.signal()) {
+                        // isa-debug-exit: QEMU exits with (code << 1) | 1.
+                        (Some(code), _) if code & 1 == 1 => GuestEnd::Exited {
+                            code: (code >> 1) as u32,
+                        },
+                        (Some(0), _) => GuestEnd::TripleFault {
+                            detail:
+                                "QEMU reset the guest (a triple fault, with -no-reboot) and exited"
+                                    .into(),
+                        },
+                        (_, Some(libc::SIGKILL)) => GuestEnd::Stopped,
+                        (code, signal) => GuestEnd::Failed {
+                            detail: format!(
+                                "QEMU ended with status {code:?}, signal {signal:?}: {}",
+                                if complaints.is_empty() {
+                                    "no message"
+                                } else {
+                                    &complaints
+                                }
+                            ),
+                        },
+                    },
+                    _ => GuestEnd::Failed {
+                        detail: "lost track of the QEMU process".into(),
+                    },
+                };
+                let _ = tx.send(GuestMessage::Ended(end));
+            })
+        };
+        Ok(Box::new(QemuSession {
+            messages: rx,
+            child,
+            reader: Some(reader),
+        }))
+    }
+}
+
+pub struct QemuSession {
+    messages: Receiver<GuestMessage>,
+    child: Arc<Mutex<Child>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl GuestSession for QemuSession {
+    fn messages(&self) -> &Receiver<GuestMessage> {
+        &self.messages
+    }
+
+    fn stop(&mut self) -> Result<(), BackendError> {
+        if let Ok(mut child) = self.child.lock() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QemuSession {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,227 @@
+//! The command line: `hvbench list | host | run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use reports::ResultsWriter;
+use workloads::protocol::Status;
+use workloads::WORKLOADS;
+
+use crate::backend::kvm::KvmBackend;
+use crate::backend::qemu::{QemuBackend, QemuOptions};
+use crate::backend::{BackendKind, Hypervisor};
+use crate::guest_image::GuestImage;
+use crate::run::{self, plan, RunOptions};
+use crate::{host, interrupt, summary};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hvbench",
+    version,
+    about = "Boots one identical guest on KVM, QEMU and Xen, measures them, and keeps every sample."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the workloads: id, group, unit, privilege level, description.
+    List,
+    /// Fingerprint this host: CPU, virtualization, KVM paging mode, TSC, THP, KSM.
+    Host {
+        /// Print the fingerprint as JSON (the `host` object of every record).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the guest on a backend, run workloads, write results.jsonl and results.csv.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Which hypervisor stack runs the guest.
+    #[arg(long, value_enum)]
+    pub backend: BackendKind,
+    /// Workloads to run, as globs over `hvbench list` (repeatable; default: all but
+    /// self-tests, which run only when named exactly).
+    #[arg(long = "workload", short = 'w')]
+    pub workloads: Vec<String>,
+    /// Boot and run the whole selection this many times.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Results directory (created; refused if it already holds results, see --append).
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Add to an existing results directory.
+    #[arg(long)]
+    pub append: bool,
+    /// Measured samples per workload.
+    #[arg(long, default_value_t = workloads::cmdline::DEFAULT_SAMPLES,
+          value_parser = clap::value_parser!(u32).range(1..=workloads::cmdline::MAX_SAMPLES as i64))]
+    pub samples: u32,
+    /// Warm-up samples per workload, kept in the record but not in the statistics.
+    #[arg(long, default_value_t = workloads::cmdline::DEFAULT_WARMUP,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub warmup: u32,
+    /// Minimum duration of one sample, in microseconds; the iteration count doubles until
+    /// a sample lasts this long.
+    #[arg(long, default_value_t = workloads::cmdline::DEFAULT_SAMPLE_US,
+          value_parser = clap::value_parser!(u32).range(workloads::cmdline::MIN_SAMPLE_US as i64..=workloads::cmdline::MAX_SAMPLE_US as i64))]
+    pub sample_us: u32,
+    /// Seconds a workload may run before the guest is stopped and the workload recorded
+    /// as `timeout`.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout_s: u64,
+    /// Seconds from boot to the guest's first line.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub boot_timeout_s: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u32,
+    /// Guest image to boot instead of the one built into hvbench.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// QEMU binary for `--backend qemu`.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
+    #[arg(long, value_parser = ["auto", "kvm", "tcg"], default_value = "auto")]
+    pub qemu_accel: String,
+}
+
+/// Exit status of `hvbench run` when some workloads did not succeed (records written).
+pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
+/// Exit status after Ctrl-C (records so far written).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+pub fn list() -> String {
+    let width = WORKLOADS.iter().map(|w| w.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for w in WORKLOADS {
+        let units: Vec<&str> = w.metrics.iter().map(|m| m.unit.name()).collect();
+        out.push_str(&format!(
+            "{:<width$}  {:<8}  {:<5}  cpl{}  {}{}\n",
+            w.name,
+            w.group.name(),
+            if units.is_empty() {
+                "-".to_string()
+            } else {
+                units.join(",")
+            },
+            w.privilege.cpl(),
+            w.description,
+            if w.explicit_only {
+                " (runs only when named)"
+            } else {
+                ""
+            },
+        ));
+    }
+    out
+}
+
+fn make_backend(
+    args: &RunArgs,
+    host_info: reports::record::HostInfo,
+) -> Result<Box<dyn Hypervisor>> {
+    Ok(match args.backend {
+        BackendKind::Kvm => {
+            Box::new(KvmBackend::new(host_info).context("the kvm backend cannot start")?)
+        }
+        BackendKind::Qemu => Box::new(
+            QemuBackend::new(
+                QemuOptions {
+                    binary: args.qemu.clone(),
+                    accel: args.qemu_accel.clone(),
+                },
+                host_info,
+            )
+            .context("the qemu backend cannot start")?,
+        ),
+    })
+}
+
+/// `hvbench run`; returns the process exit status.
+pub fn run(args: &RunArgs) -> Result<i32> {
+    let workloads = plan::select(&args.workloads)?;
+    let image = GuestImage::load(args.guest.as_deref())?;
+    let host_info = host::fingerprint();
+    let backend = make_backend(args, host_info.clone())?;
+    let mut writer = ResultsWriter::create(&args.out, args.append)?;
+    let interrupted = interrupt::install();
+    let options = RunOptions {
+        workloads,
+        samples: args.samples,
+        warmup: args.warmup,
+        sample_us: args.sample_us,
+        repeat: args.repeat,
+        workload_timeout: Duration::from_secs(args.timeout_s),
+        boot_timeout: Duration::from_secs(args.boot_timeout_s),
+        memory_mib: args.memory_mib,
+        vcpus: 1,
+        guest_path: args.guest.clone(),
+        out: args.out.clone(),
+    };
+    eprintln!(
+        "hvbench: {} workload(s) x {} on {} (host class {}, paging {}, guest CPL0 {}); results in {}",
+        options.workloads.len(),
+        options.repeat,
+        backend.kind().name(),
+        host_info.class,
+        if host_info.paging.is_empty() { "?" } else { &host_info.paging },
+        if host_info.cpl0.is_empty() { "?" } else { &host_info.cpl0 },
+        args.out.display()
+    );
+    let summary = run::run(backend.as_ref(), &image, &options, &mut writer, interrupted)?;
+    print!("{}", summary::table(&summary.records));
+    for problem in &summary.problems {
+        eprintln!("hvbench: note: {problem}");
+    }
+    if host_info.cpl0 == "emulated" {
+        println!(
+            "\nNote: this host ({}) emulates guest CPL0 code instruction by instruction; \
+             cpl0 workloads measure that emulator, cpl3 workloads run natively.",
+            host_info.kvm_module
+        );
+    }
+    println!(
+        "\nRecords: {} and {}",
+        writer.jsonl_path().display(),
+        writer.csv_path().display()
+    );
+    if summary.interrupted {
+        eprintln!("hvbench: interrupted; every record measured so far is saved");
+        return Ok(EXIT_INTERRUPTED);
+    }
+    if summary.records.is_empty() {
+        bail!("no records were produced");
+    }
+    Ok(match summary.status() {
+        Status::Success | Status::Skip => 0,
+        _ => EXIT_NOT_ALL_SUCCEEDED,
+    })
+}
+
+/// Dispatches a parsed command line; returns the exit status.
+pub fn main(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::List => {
+            print!("{}", list());
+            Ok(0)
+        }
+        Command::Host { json } => {
+            let host = host::fingerprint();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&host)?);
+            } else {
+                print!("{}", host::describe(&host));
+            }
+            Ok(0)
+        }
+        Command::Run(args) => run(&args),
+    }
+}

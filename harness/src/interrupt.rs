@@ -1,0 +1,30 @@
+//! Ctrl-C and SIGTERM: the first one asks the run to stop after saving what it measured;
+//! a second one ends the process at once (the handler resets itself).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs the handlers and returns the flag they set.
+pub fn install() -> &'static AtomicBool {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(signal, &action) };
+    }
+    &INTERRUPTED
+}
+
+pub fn flag() -> &'static AtomicBool {
+    &INTERRUPTED
+}

@@ -1,0 +1,15 @@
+//! hvbench: boots one identical guest on KVM (its own VMM), QEMU and Xen, measures it and
+//! records every sample.
+//!
+//! workload table -> guest -> result lines (console) -> records (run) -> statistics
+//! (reports) -> report
+
+pub mod backend;
+pub mod cli;
+pub mod console;
+pub mod guest_image;
+pub mod host;
+pub mod interrupt;
+pub mod native;
+pub mod run;
+pub mod summary;

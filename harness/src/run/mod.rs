@@ -1,0 +1,316 @@
+//! A run: the selected workloads, booted on one backend `--repeat` times. A guest that
+//! crashes or hangs costs only the workload it was running: the host records it and boots
+//! a fresh guest for the rest. Records are written as each workload finishes, so an
+//! interrupted run keeps everything measured so far.
+
+pub mod plan;
+pub mod records;
+pub mod session;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
+
+use reports::record::{GuestInfo, Record, RunParameters, ToolInfo};
+use reports::{ResultsError, ResultsWriter};
+use thiserror::Error;
+use workloads::cmdline::{self, GuestConfig};
+use workloads::protocol::Status;
+use workloads::WorkloadId;
+
+use self::records::RecordContext;
+use self::session::{BootReport, Limits, WorkloadOutcome};
+use crate::backend::{BackendError, BootRequest, GuestEnd, Hypervisor};
+use crate::guest_image::GuestImage;
+
+/// Everything that shapes a run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub workloads: Vec<WorkloadId>,
+    pub samples: u32,
+    pub warmup: u32,
+    pub sample_us: u32,
+    pub repeat: u32,
+    pub workload_timeout: Duration,
+    pub boot_timeout: Duration,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub guest_path: Option<PathBuf>,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error("booting the guest on {backend}: {source}")]
+    Boot {
+        backend: &'static str,
+        source: BackendError,
+    },
+}
+
+/// What a finished (or interrupted) run produced.
+pub struct RunSummary {
+    pub run_id: String,
+    pub records: Vec<Record>,
+    pub interrupted: bool,
+    /// Problems not tied to one workload (boot failures, stray lines), for the user.
+    pub problems: Vec<String>,
+}
+
+impl RunSummary {
+    /// The worst status of any record (success for an empty run).
+    pub fn status(&self) -> Status {
+        self.records
+            .iter()
+            .fold(Status::Success, |s, r| s.ratchet(r.status))
+    }
+}
+
+pub fn tool_info() -> ToolInfo {
+    ToolInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        git_revision: env!("HVBENCH_GIT_REVISION").to_string(),
+    }
+}
+
+fn run_id(backend: &str) -> String {
+    let stamp: String = records::rfc3339(SystemTime::now())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    format!("{stamp}-{backend}-{:x}", std::process::id())
+}
+
+/// Progress lines on stderr.
+fn progress(text: &str) {
+    eprintln!("hvbench: {text}");
+}
+
+fn one_line(record: &Record) -> String {
+    match (&record.summary, record.status) {
+        (Some(s), Status::Success) => format!(
+            "{} {}: median {:.1} {} [{:.1}, {:.1}] over {} samples",
+            record.workload,
+            record.metric,
+            s.median,
+            record.unit,
+            s.median_ci95.low,
+            s.median_ci95.high,
+            s.n
+        ),
+        _ => format!(
+            "{} {}: {}{}",
+            record.workload,
+            record.metric,
+            record.status.name(),
+            record
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The run: boots, drives, records. Stops early (keeping what it wrote) when
+/// `interrupted` is set.
+pub fn run(
+    backend: &dyn Hypervisor,
+    image: &GuestImage,
+    options: &RunOptions,
+    writer: &mut ResultsWriter,
+    interrupted: &AtomicBool,
+) -> Result<RunSummary, RunError> {
+    let kind = backend.kind().name();
+    let run_id = run_id(kind);
+    let backend_info = backend.info();
+    let host = backend.host();
+    let tool = tool_info();
+    let parameters = RunParameters {
+        samples: options.samples,
+        warmup: options.warmup,
+        sample_us: options.sample_us,
+        timeout_s: options.workload_timeout.as_secs(),
+        memory_mib: options.memory_mib,
+        vcpus: options.vcpus,
+        repeats: options.repeat,
+    };
+    let reproduce = |w: WorkloadId| reproduce_command(backend, options, w);
+    let limits = Limits {
+        boot: options.boot_timeout,
+        workload: options.workload_timeout,
+    };
+    let mut summary = RunSummary {
+        run_id: run_id.clone(),
+        records: Vec::new(),
+        interrupted: false,
+        problems: Vec::new(),
+    };
+    let mut boots = 0u32;
+
+    for repeat in 0..options.repeat {
+        let mut outcomes: Vec<WorkloadOutcome> = Vec::new();
+        let mut pending: Vec<WorkloadId> = Vec::new();
+        for &w in &options.workloads {
+            match plan::backend_skip(w, backend) {
+                Some(reason) => outcomes.push(WorkloadOutcome::skipped(w, reason)),
+                None => pending.push(w),
+            }
+        }
+        let mut guest = GuestInfo {
+            image_sha256: image.sha256().to_string(),
+            ..Default::default()
+        };
+        // Host-side skips are written at once, with what is known before any boot.
+        let mut write_outcomes = |outcomes: &[WorkloadOutcome],
+                                  guest: &GuestInfo,
+                                  tsc_khz: Option<u64>,
+                                  summary: &mut RunSummary|
+         -> Result<(), RunError> {
+            let ctx = RecordContext {
+                run_id: &run_id,
+                repeat,
+                backend: &backend_info,
+                host: &host,
+                guest,
+                parameters: &parameters,
+                tool: &tool,
+                tsc_khz,
+                native_here: backend.guest_runs_locally(),
+                reproduce: &reproduce,
+            };
+            for outcome in outcomes {
+                for record in records::build(outcome, &ctx) {
+                    writer.write(&record)?;
+                    progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
+                    summary.records.push(record);
+                }
+            }
+            Ok(())
+        };
+        write_outcomes(&outcomes, &guest, host.tsc_khz, &mut summary)?;
+
+        while !pending.is_empty() {
+            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+                summary.interrupted = true;
+                return Ok(summary);
+            }
+            let mut config = GuestConfig {
+                samples: options.samples,
+                warmup: options.warmup,
+                sample_us: options.sample_us,
+                ..Default::default()
+            };
+            for &w in &pending {
+                config.select(w);
+            }
+            let line = cmdline::encode(&config);
+            boots += 1;
+            let request = BootRequest {
+                image,
+                cmdline: &line,
+                memory_mib: options.memory_mib,
+                vcpus: options.vcpus,
+                name: format!("hvbench-{}-{boots}", std::process::id()),
+            };
+            let mut session = backend.boot(&request).map_err(|source| RunError::Boot {
+                backend: kind,
+                source,
+            })?;
+            let report = session::drive(session.as_mut(), &pending, limits, interrupted);
+            drop(session);
+
+            if let Some(hello) = &report.hello {
+                guest.hypervisor = hello.hypervisor.name().to_string();
+                guest.signature = hello.signature.clone();
+                guest.cpu_vendor = hello.cpu_vendor.clone();
+                guest.ram_bytes = hello.ram_bytes;
+                (guest.tsc_khz, guest.tsc_source) = match hello.tsc_khz {
+                    Some(khz) => (Some(khz), format!("guest: {}", hello.tsc_source)),
+                    None if backend.guest_runs_locally() => (
+                        host.tsc_khz,
+                        "host: measured (the guest's hypervisor advertises none)".into(),
+                    ),
+                    None => (None, "none".into()),
+                };
+            }
+            let finished = settle(&report, &pending);
+            pending.retain(|w| !finished.iter().any(|o| o.workload == *w));
+            summary.problems.extend(report.problems.iter().cloned());
+            write_outcomes(&finished, &guest, guest.tsc_khz, &mut summary)?;
+            if report.interrupted {
+                summary.interrupted = true;
+                return Ok(summary);
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// The outcomes a boot settled: those it reached, and, if it ended before reaching any
+/// of the rest without a crash to blame, the rest as errors (so no run loops forever).
+fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
+    let mut settled = report.outcomes.clone();
+    let reached_all = plan
+        .iter()
+        .all(|w| settled.iter().any(|o| o.workload == *w));
+    let charged = settled
+        .iter()
+        .any(|o| matches!(o.status, Status::Crash | Status::Timeout));
+    if reached_all || charged || report.interrupted {
+        return settled;
+    }
+    // The guest ended (or hung) with nothing to charge it to: boot failure, a damaged
+    // stream, a guest that stopped early. Everything left gets the reason.
+    let why = match &report.end {
+        GuestEnd::Exited { code } => format!("the guest exited (code {code}) before running it"),
+        GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => {
+            format!("the guest died before running it: {detail}")
+        }
+        GuestEnd::Stopped => "the guest never started it before the time limit".to_string(),
+    };
+    let context = if report.problems.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", report.problems.join("; "))
+    };
+    let status = if report.hello.is_none() && report.end != GuestEnd::Stopped {
+        Status::Crash
+    } else {
+        Status::Error
+    };
+    for &w in plan {
+        if !settled.iter().any(|o| o.workload == w) {
+            let mut o = WorkloadOutcome::skipped(w, "");
+            o.status = status;
+            o.reason = Some(format!("{why}{context}"));
+            settled.push(o);
+        }
+    }
+    settled
+}
+
+/// One command that measures workload `w` again, as this run did.
+pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: WorkloadId) -> String {
+    let mut cmd = format!(
+        "hvbench run --backend {} --workload {} --samples {} --warmup {} --sample-us {} --timeout-s {} --memory-mib {}",
+        backend.kind().name(),
+        w.name(),
+        options.samples,
+        options.warmup,
+        options.sample_us,
+        options.workload_timeout.as_secs(),
+        options.memory_mib,
+    );
+    for arg in backend.reproduce_args() {
+        cmd.push(' ');
+        cmd.push_str(&arg);
+    }
+    if let Some(path) = &options.guest_path {
+        cmd.push_str(&format!(" --guest {}", path.display()));
+    }
+    cmd.push_str(&format!(" --out hvbench-reproduce-{}", w.name()));
+    cmd
+}

@@ -1,0 +1,496 @@
+//! One boot of the guest, driven to its end: console bytes -> lines -> events -> one
+//! outcome per workload. The guest is untrusted: a damaged line, a line out of order, a
+//! crash, a hang or a VMM failure each end as a status with its reason, never a panic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use workloads::abi::ExitCode;
+use workloads::protocol::{decode_event, CrashReport, Event, Hello, Sample, Status};
+use workloads::WorkloadId;
+
+use crate::backend::{ExitCounts, GuestEnd, GuestMessage, GuestSession};
+use crate::console::{printable, ConsoleLine, LineAssembler};
+
+/// Most samples kept per series: far above any sane `--samples`, so a guest that floods
+/// the console cannot exhaust the host's memory.
+const MAX_SAMPLES_PER_SERIES: usize = 100_000;
+/// Console noise kept for the run log.
+const MAX_NOISE_BYTES: usize = 64 * 1024;
+/// How often a wait is cut short to look at the interrupt flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Samples of one metric of one series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesSamples {
+    /// (operations, cycles) per measured sample.
+    pub measured: Vec<(u64, u64)>,
+    pub warmup: Vec<(u64, u64)>,
+}
+
+/// Everything one workload produced in one boot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadOutcome {
+    pub workload: WorkloadId,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// Keyed by (metric, series parameters).
+    pub series: BTreeMap<(&'static str, String), SeriesSamples>,
+    pub notes: BTreeMap<String, String>,
+    /// Exits between the workload's `start` and its end, where the backend counts them.
+    pub exits: ExitCounts,
+}
+
+impl WorkloadOutcome {
+    fn new(workload: WorkloadId) -> Self {
+        WorkloadOutcome {
+            workload,
+            status: Status::Success,
+            reason: None,
+            series: BTreeMap::new(),
+            notes: BTreeMap::new(),
+            exits: ExitCounts::new(),
+        }
+    }
+
+    /// Raises the status (never lowers it) and keeps the first reason of the worst status.
+    pub fn ratchet(&mut self, status: Status, reason: impl Into<String>) {
+        if status > self.status || (status == self.status && self.reason.is_none()) {
+            self.reason = Some(reason.into());
+        }
+        self.status = self.status.ratchet(status);
+    }
+
+    pub fn skipped(workload: WorkloadId, reason: impl Into<String>) -> Self {
+        let mut o = Self::new(workload);
+        o.ratchet(Status::Skip, reason);
+        o
+    }
+}
+
+/// Limits for one boot.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// From boot to the guest's first line.
+    pub boot: Duration,
+    /// From a workload's `start` to its result.
+    pub workload: Duration,
+}
+
+/// How one boot went.
+#[derive(Debug)]
+pub struct BootReport {
+    pub hello: Option<Hello>,
+    /// Outcomes of the workloads this boot reached, in order.
+    pub outcomes: Vec<WorkloadOutcome>,
+    /// How the guest ended.
+    pub end: GuestEnd,
+    /// The guest's own final status line, if it printed one.
+    pub guest_status: Option<Status>,
+    /// Problems not tied to a workload (damaged lines before the first workload, ...).
+    pub problems: Vec<String>,
+    /// Console lines that were not protocol lines.
+    pub noise: Vec<String>,
+    pub interrupted: bool,
+}
+
+fn difference(after: &ExitCounts, before: &ExitCounts) -> ExitCounts {
+    after
+        .iter()
+        .map(|(k, v)| (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD exception",
+        _ => "exception",
+    }
+}
+
+fn describe_crash(c: &CrashReport) -> String {
+    format!(
+        "guest exception {} ({}) at rip={:#x} cs={:#x} rsp={:#x} error={:#x} cr2={:#x}",
+        c.vector,
+        exception_name(c.vector),
+        c.rip,
+        c.cs,
+        c.rsp,
+        c.error_code,
+        c.cr2
+    )
+}
+
+struct Driver<'a> {
+    plan: &'a [WorkloadId],
+    limits: Limits,
+    report: BootReport,
+    current: Option<(WorkloadOutcome, ExitCounts, Instant)>,
+    noise_bytes: usize,
+    last_exits: ExitCounts,
+    first_line_seen: bool,
+}
+
+impl Driver<'_> {
+    fn problem(&mut self, text: String) {
+        match &mut self.current {
+            Some((o, _, _)) => o.ratchet(Status::Error, text),
+            None => self.report.problems.push(text),
+        }
+    }
+
+    fn finish_current(&mut self, status: Status, reason: Option<String>) {
+        if let Some((mut outcome, start_exits, _)) = self.current.take() {
+            if let Some(r) = reason {
+                outcome.ratchet(status, r);
+            } else {
+                outcome.status = outcome.status.ratchet(status);
+            }
+            outcome.exits = difference(&self.last_exits, &start_exits);
+            self.report.outcomes.push(outcome);
+        }
+    }
+
+    fn planned(&self, w: WorkloadId) -> bool {
+        self.plan.contains(&w)
+            && !self.report.outcomes.iter().any(|o| o.workload == w)
+            && self.current.as_ref().map(|(o, _, _)| o.workload) != Some(w)
+    }
+
+    fn line(&mut self, line: ConsoleLine) {
+        self.first_line_seen = true;
+        let bytes = match line {
+            ConsoleLine::Line(bytes) => bytes,
+            ConsoleLine::Overlong { head, length } => {
+                if head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
+                    self.problem(format!(
+                        "guest printed a result line of {length} bytes, over the limit of {}",
+                        crate::console::LINE_LIMIT
+                    ));
+                } else {
+                    self.noise(&head);
+                }
+                return;
+            }
+        };
+        match decode_event(&bytes) {
+            Ok(None) => self.noise(&bytes),
+            Ok(Some(event)) => self.event(event),
+            Err(e) => self.problem(format!(
+                "guest printed a damaged result line ({e}): {}",
+                printable(&bytes[..bytes.len().min(120)])
+            )),
+        }
+    }
+
+    fn noise(&mut self, bytes: &[u8]) {
+        if self.noise_bytes < MAX_NOISE_BYTES {
+            self.noise_bytes += bytes.len();
+            self.report.noise.push(printable(bytes));
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Hello(hello) => {
+                if self.report.hello.is_some() {
+                    self.problem("guest said hello twice".into());
+                } else {
+                    self.report.hello = Some(hello);
+                }
+            }
+            Event::Start(w) => {
+                if let Some((o, _, _)) = &self.current {
+                    let previous = o.workload.name();
+                    self.finish_current(
+                        Status::Error,
+                        Some(format!(
+                            "guest started {} before reporting a result",
+                            w.name()
+                        )),
+                    );
+                    self.report
+                        .problems
+                        .push(format!("{previous} had no result line"));
+                }
+                if self.planned(w) {
+                    self.current = Some((
+                        WorkloadOutcome::new(w),
+                        self.last_exits.clone(),
+                        Instant::now(),
+                    ));
+                } else {
+                    self.problem(format!(
+                        "guest started {}, which was not asked for or ran already",
+                        w.name()
+                    ));
+                }
+            }
+            Event::Sample(s) => self.sample(s),
+            Event::Skip { workload, reason } => {
+                if self.current.is_some() {
+                    self.problem(format!(
+                        "guest skipped {} inside another workload",
+                        workload.name()
+                    ));
+                } else if self.planned(workload) {
+                    self.report
+                        .outcomes
+                        .push(WorkloadOutcome::skipped(workload, reason));
+                } else {
+                    self.problem(format!(
+                        "guest skipped {}, which was not asked for",
+                        workload.name()
+                    ));
+                }
+            }
+            Event::Result {
+                workload,
+                status,
+                reason,
+            } => match &self.current {
+                Some((o, _, _)) if o.workload == workload => {
+                    let reason = reason.or_else(|| {
+                        (status != Status::Success).then(|| "guest gave no reason".to_string())
+                    });
+                    self.finish_current(status, reason);
+                }
+                _ => self.problem(format!(
+                    "result for {}, which is not running",
+                    workload.name()
+                )),
+            },
+            Event::Note {
+                workload,
+                key,
+                value,
+            } => match &mut self.current {
+                Some((o, _, _)) if workload.is_none() || workload == Some(o.workload) => {
+                    if o.notes.len() < 64 {
+                        o.notes.insert(key, value);
+                    }
+                }
+                _ => self
+                    .report
+                    .problems
+                    .push(format!("guest note {key}={value}")),
+            },
+            Event::Crash(c) => {
+                let text = describe_crash(&c);
+                if self.current.is_some() {
+                    self.finish_current(Status::Crash, Some(text));
+                } else {
+                    self.report.problems.push(text);
+                }
+            }
+            Event::End(status) => self.report.guest_status = Some(status),
+        }
+    }
+
+    fn sample(&mut self, s: Sample) {
+        let Some((o, _, _)) = &mut self.current else {
+            self.problem(format!(
+                "sample for {} outside its workload",
+                s.workload.name()
+            ));
+            return;
+        };
+        if o.workload != s.workload {
+            let text = format!(
+                "sample for {} while {} runs",
+                s.workload.name(),
+                o.workload.name()
+            );
+            o.ratchet(Status::Error, text);
+            return;
+        }
+        let series = o.series.entry((s.metric, s.params)).or_default();
+        let list = if s.warmup {
+            &mut series.warmup
+        } else {
+            &mut series.measured
+        };
+        let problem = if list.len() >= MAX_SAMPLES_PER_SERIES {
+            Some("guest sent more samples than the host keeps".to_string())
+        } else {
+            let expected = list.len() as u64;
+            list.push((s.ops, s.cycles));
+            (!s.warmup && s.index != expected).then(|| {
+                format!(
+                    "sample index {} arrived where {expected} was expected",
+                    s.index
+                )
+            })
+        };
+        if let Some(text) = problem {
+            o.ratchet(Status::Error, text);
+        }
+    }
+
+    /// The guest is gone: settle the running workload from how it ended.
+    fn ended(&mut self, end: &GuestEnd, timed_out: bool) {
+        let crashed_code = ExitCode::Crash as u32;
+        match end {
+            GuestEnd::Stopped if timed_out => {
+                let limit = if self.current.is_some() {
+                    self.limits.workload
+                } else {
+                    self.limits.boot
+                };
+                let text = format!(
+                    "no result within {:.1} s; the host stopped the guest",
+                    limit.as_secs_f64()
+                );
+                if self.current.is_some() {
+                    self.finish_current(Status::Timeout, Some(text));
+                } else {
+                    self.report.problems.push(text);
+                }
+            }
+            GuestEnd::Stopped => self.finish_current(
+                Status::Error,
+                Some("interrupted (Ctrl-C); samples so far kept".into()),
+            ),
+            GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => {
+                if self.current.is_some() {
+                    self.finish_current(Status::Crash, Some(detail.clone()));
+                } else {
+                    self.report.problems.push(detail.clone());
+                }
+            }
+            GuestEnd::Exited { code } if self.current.is_some() => {
+                let text = if *code == crashed_code {
+                    "guest stopped with a crash status and no crash report".to_string()
+                } else {
+                    format!("guest exited (code {code}) while the workload ran")
+                };
+                let status = if *code == crashed_code {
+                    Status::Crash
+                } else {
+                    Status::Error
+                };
+                self.finish_current(status, Some(text));
+            }
+            GuestEnd::Exited { .. } => {}
+        }
+    }
+}
+
+/// Drives one booted guest to its end. `plan` is what the guest was asked to run.
+pub fn drive(
+    session: &mut dyn GuestSession,
+    plan: &[WorkloadId],
+    limits: Limits,
+    interrupted: &AtomicBool,
+) -> BootReport {
+    let mut d = Driver {
+        plan,
+        limits,
+        report: BootReport {
+            hello: None,
+            outcomes: Vec::new(),
+            end: GuestEnd::Stopped,
+            guest_status: None,
+            problems: Vec::new(),
+            noise: Vec::new(),
+            interrupted: false,
+        },
+        current: None,
+        noise_bytes: 0,
+        last_exits: ExitCounts::new(),
+        first_line_seen: false,
+    };
+    let mut lines = LineAssembler::new();
+    let booted_at = Instant::now();
+    let mut timed_out = false;
+    let end = loop {
+        let deadline = match &d.current {
+            Some((_, _, started)) => *started + limits.workload,
+            // Between workloads the guest prints at once; before its first line it boots.
+            None if d.first_line_seen => Instant::now().max(booted_at) + limits.workload,
+            None => booted_at + limits.boot,
+        };
+        if interrupted.load(Ordering::Relaxed) {
+            d.report.interrupted = true;
+            break None;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = true;
+            break None;
+        }
+        match session.messages().recv_timeout((deadline - now).min(POLL)) {
+            Ok(GuestMessage::Console { bytes, exits }) => {
+                if let Some(exits) = exits {
+                    d.last_exits = exits;
+                }
+                for line in lines.push(&bytes) {
+                    d.line(line);
+                }
+            }
+            Ok(GuestMessage::Ended(end)) => break Some(end),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                break Some(GuestEnd::Failed {
+                    detail: "the backend stopped without saying how the guest ended".into(),
+                })
+            }
+        }
+    };
+    let end = match end {
+        Some(end) => end,
+        None => {
+            if let Err(e) = session.stop() {
+                d.report.problems.push(format!("stopping the guest: {e}"));
+            }
+            // Whatever the guest printed before it was stopped still counts.
+            let mut end = GuestEnd::Stopped;
+            while let Ok(msg) = session.messages().recv_timeout(Duration::from_millis(500)) {
+                match msg {
+                    GuestMessage::Console { bytes, exits } => {
+                        if let Some(exits) = exits {
+                            d.last_exits = exits;
+                        }
+                        for line in lines.push(&bytes) {
+                            d.line(line);
+                        }
+                    }
+                    GuestMessage::Ended(e) => {
+                        end = e;
+                        break;
+                    }
+                }
+            }
+            end
+        }
+    };
+    if let Some(rest) = lines.finish() {
+        d.line(rest);
+    }
+    d.ended(&end, timed_out);
+    if let Err(e) = session.stop() {
+        d.report.problems.push(format!("stopping the guest: {e}"));
+    }
+    d.report.end = end;
+    d.report
+}

@@ -1,0 +1,206 @@
+//! The guest command line: how the harness tells the guest what to run.
+//!
+//! `hvbench run=cpu.idle,cpu.cpuid samples=10 warmup=1 sample_us=10000`
+//!
+//! It travels in the PVH start info (our VMM, QEMU's `-append`, xl's `cmdline=`), so it is
+//! plain ASCII, space separated, and short enough for every loader (Xen takes 1 KiB).
+
+use crate::table::{WorkloadId, WORKLOADS};
+
+/// First word of every hvbench command line, so a stray command line is recognised.
+pub const MAGIC: &str = "hvbench";
+
+pub const DEFAULT_SAMPLES: u32 = 10;
+pub const DEFAULT_WARMUP: u32 = 1;
+pub const DEFAULT_SAMPLE_US: u32 = 10_000;
+pub const MAX_SAMPLES: u32 = 10_000;
+pub const MIN_SAMPLE_US: u32 = 100;
+pub const MAX_SAMPLE_US: u32 = 10_000_000;
+
+/// Longest command line the harness produces (Xen's limit).
+pub const MAX_CMDLINE: usize = 1024;
+
+/// What the guest is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// Bit `WorkloadId as usize` set for each selected workload; run in table order.
+    pub selected: u64,
+    /// Measured samples kept per workload and metric.
+    pub samples: u32,
+    /// Samples run and discarded before the kept ones.
+    pub warmup: u32,
+    /// Minimum duration of one sample; the iteration count is doubled until reached.
+    pub sample_us: u32,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            selected: 0,
+            samples: DEFAULT_SAMPLES,
+            warmup: DEFAULT_WARMUP,
+            sample_us: DEFAULT_SAMPLE_US,
+        }
+    }
+}
+
+impl GuestConfig {
+    pub fn select(&mut self, id: WorkloadId) {
+        self.selected |= 1 << id as u64;
+    }
+
+    pub fn is_selected(&self, id: WorkloadId) -> bool {
+        self.selected & (1 << id as u64) != 0
+    }
+
+    /// The selected workloads in table order.
+    pub fn workloads(&self) -> impl Iterator<Item = WorkloadId> + '_ {
+        WORKLOADS
+            .iter()
+            .map(|w| w.id)
+            .filter(|id| self.is_selected(*id))
+    }
+}
+
+/// Why a command line was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdlineError {
+    NotHvbench,
+    UnknownKey,
+    UnknownWorkload,
+    BadNumber,
+    OutOfRange,
+    NothingSelected,
+}
+
+impl CmdlineError {
+    pub const fn message(self) -> &'static str {
+        match self {
+            CmdlineError::NotHvbench => "command line does not start with 'hvbench'",
+            CmdlineError::UnknownKey => "unknown key on the command line",
+            CmdlineError::UnknownWorkload => "unknown workload on the command line",
+            CmdlineError::BadNumber => "malformed number on the command line",
+            CmdlineError::OutOfRange => "number out of range on the command line",
+            CmdlineError::NothingSelected => "no workload selected",
+        }
+    }
+}
+
+/// Parses a command line (guest side). Strict: anything unknown is an error.
+pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
+    let mut words = line.split_ascii_whitespace();
+    if words.next() != Some(MAGIC) {
+        return Err(CmdlineError::NotHvbench);
+    }
+    let mut config = GuestConfig::default();
+    for word in words {
+        let (key, value) = word.split_once('=').ok_or(CmdlineError::UnknownKey)?;
+        match key {
+            "run" => {
+                for name in value.split(',').filter(|n| !n.is_empty()) {
+                    let id = WorkloadId::from_name(name).ok_or(CmdlineError::UnknownWorkload)?;
+                    config.select(id);
+                }
+            }
+            "samples" => config.samples = number(value, 1, MAX_SAMPLES)?,
+            "warmup" => config.warmup = number(value, 0, 100)?,
+            "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
+            _ => return Err(CmdlineError::UnknownKey),
+        }
+    }
+    if config.selected == 0 {
+        return Err(CmdlineError::NothingSelected);
+    }
+    Ok(config)
+}
+
+fn number(text: &str, min: u32, max: u32) -> Result<u32, CmdlineError> {
+    let v: u32 = text.parse().map_err(|_| CmdlineError::BadNumber)?;
+    if v < min || v > max {
+        return Err(CmdlineError::OutOfRange);
+    }
+    Ok(v)
+}
+
+/// Builds the command line for `config` (harness side).
+#[cfg(feature = "std")]
+pub fn encode(config: &GuestConfig) -> std::string::String {
+    use std::string::String;
+    use std::vec::Vec;
+    let names: Vec<&str> = config.workloads().map(|id| id.name()).collect();
+    let mut line = String::from(MAGIC);
+    line.push_str(" run=");
+    line.push_str(&names.join(","));
+    line.push_str(&std::format!(
+        " samples={} warmup={} sample_us={}",
+        config.samples,
+        config.warmup,
+        config.sample_us
+    ));
+    line
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut c = GuestConfig {
+            samples: 7,
+            warmup: 2,
+            sample_us: 5000,
+            ..Default::default()
+        };
+        c.select(WorkloadId::CpuCpuid);
+        c.select(WorkloadId::IoMmioRead);
+        let line = encode(&c);
+        assert_eq!(
+            line,
+            "hvbench run=cpu.cpuid,io.mmio-read samples=7 warmup=2 sample_us=5000"
+        );
+        assert_eq!(parse(&line), Ok(c));
+    }
+
+    #[test]
+    fn every_workload_fits_on_one_line() {
+        let mut c = GuestConfig::default();
+        for w in WORKLOADS {
+            c.select(w.id);
+        }
+        let line = encode(&c);
+        assert!(line.len() <= MAX_CMDLINE, "{}", line.len());
+        assert_eq!(parse(&line), Ok(c));
+    }
+
+    #[test]
+    fn rejects_bad_lines() {
+        assert_eq!(parse("linux run=cpu.idle"), Err(CmdlineError::NotHvbench));
+        assert_eq!(parse(""), Err(CmdlineError::NotHvbench));
+        assert_eq!(parse("hvbench"), Err(CmdlineError::NothingSelected));
+        assert_eq!(
+            parse("hvbench run=cpu.nope"),
+            Err(CmdlineError::UnknownWorkload)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle colour=red"),
+            Err(CmdlineError::UnknownKey)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle samples=x"),
+            Err(CmdlineError::BadNumber)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle samples=0"),
+            Err(CmdlineError::OutOfRange)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle sample_us=99999999999"),
+            Err(CmdlineError::BadNumber)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle bare"),
+            Err(CmdlineError::UnknownKey)
+        );
+    }
+}

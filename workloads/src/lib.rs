@@ -1,0 +1,25 @@
+//! What the hvbench guest and harness must agree on, in one `no_std` crate:
+//!
+//! - [`table`]: the declarative table of workloads (one row per workload);
+//! - [`abi`]: the ports, addresses and exit codes that connect the guest to its host;
+//! - [`cmdline`]: how the harness tells the guest what to run;
+//! - [`protocol`]: the result lines the guest prints and the harness decodes;
+//! - [`compute`]: the compute kernel that runs in the guest and natively on the host.
+//!
+//! The guest builds this crate without features; the harness enables `std` for decoding.
+#![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod abi;
+pub mod cmdline;
+pub mod compute;
+pub mod crc32;
+pub mod protocol;
+pub mod table;
+
+pub use table::{
+    BackendFeature, Direction, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,
+    Workload, WorkloadId, WORKLOADS,
+};

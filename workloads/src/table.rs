@@ -1,0 +1,444 @@
+//! The workload table: every workload's identity, in one place.
+//!
+//! A new workload is one [`WorkloadId`] variant, one row in [`WORKLOADS`] and one guest
+//! function (the guest's dispatch `match` is exhaustive, so the compiler asks for it).
+
+/// Identity of a workload. The string form (`cpu.cpuid`) is [`WorkloadId::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadId {
+    CpuIdle,
+    CpuRdtsc,
+    CpuCpuid,
+    CpuHypercall,
+    CpuHypercallKernel,
+    CpuMsrRead,
+    CpuHlt,
+    CpuCompute,
+    IoPioOut,
+    IoPioIn,
+    IoPioOutKernel,
+    IoMmioWrite,
+    IoMmioRead,
+    SelftestTripleFault,
+    SelftestHang,
+}
+
+/// Which part of the machine a workload exercises; reports group rows by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Group {
+    Cpu,
+    Io,
+    Memory,
+    Selftest,
+}
+
+impl Group {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Group::Cpu => "cpu",
+            Group::Io => "io",
+            Group::Memory => "mem",
+            Group::Selftest => "selftest",
+        }
+    }
+}
+
+/// The privilege level the measured loop runs at. On `kvm_pvm` hosts CPL0 code is
+/// emulated instruction by instruction, so records must carry this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Privilege {
+    /// CPL0: instructions that only the kernel may execute (HLT, RDMSR, CR3 writes).
+    Kernel,
+    /// CPL3 with IOPL=3: everything else, so that the loop runs natively everywhere.
+    User,
+}
+
+impl Privilege {
+    pub const fn cpl(self) -> u8 {
+        match self {
+            Privilege::Kernel => 0,
+            Privilege::User => 3,
+        }
+    }
+}
+
+/// Whether a smaller or a larger figure is the better one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    LowerIsBetter,
+    HigherIsBetter,
+}
+
+impl Direction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::LowerIsBetter => "lower_is_better",
+            Direction::HigherIsBetter => "higher_is_better",
+        }
+    }
+}
+
+/// The unit a metric is reported in (after the harness converts cycles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unit {
+    /// Nanoseconds per operation (from TSC cycles and the TSC frequency).
+    Ns,
+    /// Guest time divided by native time for the identical code.
+    Ratio,
+}
+
+impl Unit {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Unit::Ns => "ns",
+            Unit::Ratio => "ratio",
+        }
+    }
+}
+
+/// One figure a workload produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricSpec {
+    pub name: &'static str,
+    pub unit: Unit,
+    pub direction: Direction,
+}
+
+/// The metric every latency workload reports: time per operation.
+pub const LATENCY: MetricSpec = MetricSpec {
+    name: "latency",
+    unit: Unit::Ns,
+    direction: Direction::LowerIsBetter,
+};
+
+/// A hypervisor as the guest detects it from CPUID 0x40000000.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hypervisor {
+    Kvm,
+    Xen,
+    /// A hypervisor leaf with another signature (the name is reported beside it).
+    Other,
+    /// No hypervisor leaf: bare metal or full emulation without one (QEMU TCG).
+    None,
+}
+
+impl Hypervisor {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hypervisor::Kvm => "kvm",
+            Hypervisor::Xen => "xen",
+            Hypervisor::Other => "other",
+            Hypervisor::None => "none",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Kvm, Self::Xen, Self::Other, Self::None]
+            .into_iter()
+            .find(|h| h.name() == name)
+    }
+}
+
+/// Something a backend (VMM or toolstack) must provide for a workload to mean anything.
+/// The harness asks the backend before it boots the guest; a missing feature is a `skip`
+/// with the backend's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendFeature {
+    /// An I/O port whose accesses the VMM handles in userspace ([`crate::abi::PIO_TEST_PORT`]).
+    UserspacePioPort,
+    /// An I/O port registered with the kernel as an ioeventfd ([`crate::abi::PIO_KERNEL_PORT`]).
+    KernelIoeventfdPort,
+    /// A guest-physical page the VMM emulates in userspace ([`crate::abi::MMIO_TEST_BASE`]).
+    UserspaceMmioPage,
+    /// HLT with interrupts off returns to the VMM at once instead of parking the vCPU.
+    HltExitsToVmm,
+}
+
+/// A condition under which a workload is valid; otherwise it is reported as `skip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requirement {
+    /// Checked by the harness against the backend.
+    Backend(BackendFeature),
+    /// Checked by the guest: it must detect one of these hypervisors.
+    OnHypervisor(&'static [Hypervisor]),
+}
+
+/// One row of the workload table.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    pub id: WorkloadId,
+    pub name: &'static str,
+    pub group: Group,
+    pub privilege: Privilege,
+    pub metrics: &'static [MetricSpec],
+    /// One sentence on what is measured and which path it takes, on each hypervisor.
+    pub description: &'static str,
+    pub requires: &'static [Requirement],
+    /// Runs only when named exactly (self-tests that crash or hang the guest on purpose).
+    pub explicit_only: bool,
+}
+
+const KVM_OR_XEN: &[Hypervisor] = &[Hypervisor::Kvm, Hypervisor::Xen];
+
+/// Every workload hvbench knows, in the order a full run executes them.
+pub const WORKLOADS: &[Workload] = &[
+    Workload {
+        id: WorkloadId::CpuIdle,
+        name: "cpu.idle",
+        group: Group::Cpu,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "Two back-to-back serialised TSC reads with nothing between them: the \
+                      measurement floor under every other figure.",
+        requires: &[],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuRdtsc,
+        name: "cpu.rdtsc",
+        group: Group::Cpu,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "RDTSC at CPL3. Neither KVM nor Xen intercepts it by default, so this is \
+                      the native instruction unless the hypervisor traps the TSC.",
+        requires: &[],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuCpuid,
+        name: "cpu.cpuid",
+        group: Group::Cpu,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "CPUID leaf 0 at CPL3: an unconditional exit, emulated inside the \
+                      hypervisor (KVM's kernel module, or Xen) without reaching any VMM.",
+        requires: &[],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuHypercall,
+        name: "cpu.hypercall",
+        group: Group::Cpu,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "VMCALL (Intel) or VMMCALL (AMD) at CPL3: the exit and the hypervisor's \
+                      hypercall entry, which refuses calls from CPL3 (KVM returns -KVM_EPERM, \
+                      Xen -EPERM) without running them. The minimal hypercall round trip, the \
+                      same path on KVM and Xen.",
+        requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuHypercallKernel,
+        name: "cpu.hypercall-kernel",
+        group: Group::Cpu,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "A no-op hypercall from CPL0 that the hypervisor executes: \
+                      KVM_HC_VAPIC_POLL_IRQ on KVM, xen_version(XENVER_version) on Xen, both \
+                      answered in the hypervisor without reaching a VMM.",
+        requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuMsrRead,
+        name: "cpu.msr-read",
+        group: Group::Cpu,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "RDMSR of IA32_APIC_BASE (0x1b) at CPL0: intercepted by KVM and by Xen \
+                      and emulated inside the hypervisor.",
+        requires: &[],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuHlt,
+        name: "cpu.hlt",
+        group: Group::Cpu,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "HLT at CPL0 with interrupts off; the VMM sees the HLT exit and resumes \
+                      the vCPU at once: a round trip from the guest to the VMM process.",
+        requires: &[Requirement::Backend(BackendFeature::HltExitsToVmm)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::CpuCompute,
+        name: "cpu.compute",
+        group: Group::Cpu,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "A deterministic integer kernel (xorshift and multiply mixing over 4 KiB) \
+                      at CPL3, checksum verified by the host; the host runs the identical code \
+                      natively and the record gives the guest/native ratio.",
+        requires: &[],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::IoPioOut,
+        name: "io.pio-out",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "OUT to an I/O port the VMM handles in userspace: an exit from the guest \
+                      through the kernel to the VMM process and back.",
+        requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::IoPioIn,
+        name: "io.pio-in",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "IN from an I/O port the VMM handles in userspace: the same round trip \
+                      as io.pio-out, with the value supplied by the VMM.",
+        requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::IoPioOutKernel,
+        name: "io.pio-out-kernel",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "OUT to an I/O port registered as an ioeventfd: the kernel signals an \
+                      eventfd and resumes the guest without returning to the VMM.",
+        requires: &[Requirement::Backend(BackendFeature::KernelIoeventfdPort)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::IoMmioWrite,
+        name: "io.mmio-write",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "A 32-bit store to a guest-physical page with no memory behind it, which \
+                      the VMM emulates in userspace: an MMIO exit (instruction decode in the \
+                      kernel) to the VMM and back.",
+        requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::IoMmioRead,
+        name: "io.mmio-read",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "A 32-bit load from the page of io.mmio-write; the VMM supplies the value.",
+        requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
+        explicit_only: false,
+    },
+    Workload {
+        id: WorkloadId::SelftestTripleFault,
+        name: "selftest.triple-fault",
+        group: Group::Selftest,
+        privilege: Privilege::Kernel,
+        metrics: &[],
+        description: "Loads an empty IDT and faults: the host must report a crash (triple \
+                      fault) and carry on with the next workload.",
+        requires: &[],
+        explicit_only: true,
+    },
+    Workload {
+        id: WorkloadId::SelftestHang,
+        name: "selftest.hang",
+        group: Group::Selftest,
+        privilege: Privilege::User,
+        metrics: &[],
+        description: "Spins forever: the host must time out, stop the guest and carry on \
+                      with the next workload.",
+        requires: &[],
+        explicit_only: true,
+    },
+];
+
+impl WorkloadId {
+    /// The table row of this workload.
+    pub fn spec(self) -> &'static Workload {
+        // The table has one row per variant; `table_has_one_row_per_id` checks it.
+        let mut i = 0;
+        while i < WORKLOADS.len() {
+            if WORKLOADS[i].id as usize == self as usize {
+                return &WORKLOADS[i];
+            }
+            i += 1;
+        }
+        unreachable!()
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        WORKLOADS.iter().find(|w| w.name == name).map(|w| w.id)
+    }
+}
+
+/// A glob over workload names: `*` matches any run of characters, `?` one character.
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_one_row_per_id() {
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            assert_eq!(w.id as usize, i, "{} is out of order", w.name);
+            assert_eq!(w.id.spec().name, w.name);
+            assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
+        }
+        assert_eq!(WORKLOADS.len(), WorkloadId::SelftestHang as usize + 1);
+    }
+
+    #[test]
+    fn names_are_group_prefixed_and_protocol_safe() {
+        for w in WORKLOADS {
+            let (group, rest) = w.name.split_once('.').expect("group.name");
+            assert_eq!(group, w.group.name(), "{}", w.name);
+            assert!(!rest.is_empty());
+            assert!(w
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'));
+            assert!(!w.description.is_empty());
+            assert_eq!(w.explicit_only, w.group == Group::Selftest, "{}", w.name);
+        }
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_matches("cpu.*", "cpu.cpuid"));
+        assert!(glob_matches("*", "io.pio-in"));
+        assert!(glob_matches("io.pio-*", "io.pio-out-kernel"));
+        assert!(glob_matches("cpu.?dle", "cpu.idle"));
+        assert!(glob_matches("*.hlt", "cpu.hlt"));
+        assert!(!glob_matches("cpu.*", "io.pio-in"));
+        assert!(!glob_matches("cpu.cpuid", "cpu.cpuid2"));
+        assert!(!glob_matches("cpu.cpuid2", "cpu.cpuid"));
+        assert!(glob_matches("*a*b*", "xxaxxbxx"));
+        assert!(!glob_matches("*a*b", "xxaxxbxx"));
+    }
+}
