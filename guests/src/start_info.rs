@@ -37,7 +37,7 @@ const MAX_MEMMAP: u32 = 128;
 
 /// Reads the start info at `paddr` (identity-mapped). `None` if it is not one.
 pub fn read(paddr: u64) -> Option<StartInfo> {
-    if paddr == 0 || paddr % 8 != 0 {
+    if paddr == 0 || !paddr.is_multiple_of(8) {
         return None;
     }
     // SAFETY: the loader put the structure at `paddr`, which the boot page tables map;

@@ -17,6 +17,9 @@ use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
 use crate::kernel::{BootInfo, Syscall, KERNEL_LOOP_FAULTED};
 use crate::runner::{timed, Refusal, Sampler};
 
+/// An address no page table maps (256 GiB), for `selftest.page-fault`.
+pub const SELFTEST_UNMAPPED_ADDRESS: u64 = 0x40_0000_0000;
+
 /// Xen's `xen_version` hypercall number.
 const XEN_HYPERCALL_XEN_VERSION: u64 = 17;
 
@@ -150,6 +153,13 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::SelftestTripleFault => {
             syscall(Syscall::TripleFault as u64, 0, 0, 0);
             return Err((Status::Error, "the triple fault did not stop the guest"));
+        }
+        WorkloadId::SelftestPageFault => {
+            // 256 GiB: beyond the boot page tables' 4 GiB identity map.
+            let unmapped = SELFTEST_UNMAPPED_ADDRESS as *const u64;
+            // SAFETY: deliberately faults; the kernel reports the #PF and ends the run.
+            black_box(unsafe { read_volatile(unmapped) });
+            return Err((Status::Error, "reading an unmapped address did not fault"));
         }
         WorkloadId::SelftestHang => loop {
             core::hint::spin_loop();

@@ -39,6 +39,28 @@ pub enum Command {
     },
     /// Boot the guest on a backend, run workloads, write results.jsonl and results.csv.
     Run(RunArgs),
+    /// Our VMM as a plain process: boot the guest with a command line, copy its console to
+    /// stdout, exit with its status. For debugging guests and timing the VMM's start.
+    Vmm(VmmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmmArgs {
+    /// The guest's command line.
+    #[arg(
+        long,
+        default_value = "hvbench run=cpu.idle samples=1 warmup=0 sample_us=100"
+    )]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub memory_mib: u32,
+    /// Guest image to boot instead of the one built into hvbench.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Seconds before the guest is stopped.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +113,10 @@ pub struct RunArgs {
     /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
     #[arg(long, value_parser = ["auto", "kvm", "tcg"], default_value = "auto")]
     pub qemu_accel: String,
+    /// QEMU `-cpu` model for `--backend qemu` (default: the host's CPU with an invariant
+    /// TSC under KVM, `max` under TCG).
+    #[arg(long)]
+    pub qemu_cpu: Option<String>,
 }
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
@@ -137,6 +163,7 @@ fn make_backend(
                 QemuOptions {
                     binary: args.qemu.clone(),
                     accel: args.qemu_accel.clone(),
+                    cpu: args.qemu_cpu.clone(),
                 },
                 host_info,
             )
@@ -223,5 +250,47 @@ pub fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&args),
+        Command::Vmm(args) => vmm(&args),
     }
+}
+
+/// `hvbench vmm`; the exit status is the guest's (its exit code, 124 on timeout, 125 if
+/// it died without one).
+pub fn vmm(args: &VmmArgs) -> Result<i32> {
+    use std::io::Write;
+
+    use crate::backend::{BootRequest, GuestEnd, GuestMessage};
+
+    let image = GuestImage::load(args.guest.as_deref())?;
+    // No fingerprint: it would only delay the boot being timed.
+    let backend = KvmBackend::new(reports::record::HostInfo::default())?;
+    let mut session = backend.boot(&BootRequest {
+        image: &image,
+        cmdline: &args.cmdline,
+        memory_mib: args.memory_mib,
+        vcpus: 1,
+        name: "vmm".into(),
+    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout_s);
+    let mut stdout = std::io::stdout().lock();
+    let code = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match session.messages().recv_timeout(left) {
+            Ok(GuestMessage::Console { bytes, .. }) => {
+                stdout.write_all(&bytes)?;
+                stdout.flush()?;
+            }
+            Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code as i32,
+            Ok(GuestMessage::Ended(end)) => {
+                eprintln!("hvbench: guest ended: {end:?}");
+                break 125;
+            }
+            Err(_) => {
+                eprintln!("hvbench: guest stopped after {} s", args.timeout_s);
+                break 124;
+            }
+        }
+    };
+    session.stop()?;
+    Ok(code)
 }

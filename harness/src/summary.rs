@@ -55,6 +55,14 @@ pub fn table(records: &[Record]) -> String {
             row.ratio = Some(n.ratio);
         }
     }
+    // Table order (the order of `hvbench list`), whatever order the records came in.
+    let position = |name: &str| {
+        workloads::WORKLOADS
+            .iter()
+            .position(|w| w.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    order.sort_by_key(|k| (position(&k.workload), k.clone()));
     let header = [
         "WORKLOAD",
         "METRIC",

@@ -157,7 +157,7 @@ mod tests {
         assert!((level - 0.978_515_625).abs() < 1e-9);
         let (lo, hi, level) = median_ci_ranks(20, 0.95);
         assert_eq!((lo + 1, hi + 1), (6, 15));
-        assert!(level >= 0.95 && level < 0.96);
+        assert!((0.95..0.96).contains(&level));
         let (lo, hi, _) = median_ci_ranks(100, 0.95);
         assert_eq!((lo + 1, hi + 1), (40, 61));
     }

@@ -20,6 +20,7 @@ pub enum WorkloadId {
     IoMmioWrite,
     IoMmioRead,
     SelftestTripleFault,
+    SelftestPageFault,
     SelftestHang,
 }
 
@@ -152,6 +153,9 @@ pub enum BackendFeature {
     UserspaceMmioPage,
     /// HLT with interrupts off returns to the VMM at once instead of parking the vCPU.
     HltExitsToVmm,
+    /// A hypercall from guest CPL0 comes back (kvm_pvm hangs in KVM_RUN unless the VMM
+    /// turns off KVM's hypercall-patching quirk).
+    HypercallFromKernel,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -176,6 +180,8 @@ pub struct Workload {
     pub requires: &'static [Requirement],
     /// Runs only when named exactly (self-tests that crash or hang the guest on purpose).
     pub explicit_only: bool,
+    /// The harness runs the identical code natively for a guest/native ratio.
+    pub native_twin: bool,
 }
 
 const KVM_OR_XEN: &[Hypervisor] = &[Hypervisor::Kvm, Hypervisor::Xen];
@@ -192,6 +198,7 @@ pub const WORKLOADS: &[Workload] = &[
                       measurement floor under every other figure.",
         requires: &[],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuRdtsc,
@@ -203,6 +210,7 @@ pub const WORKLOADS: &[Workload] = &[
                       the native instruction unless the hypervisor traps the TSC.",
         requires: &[],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuCpuid,
@@ -214,6 +222,7 @@ pub const WORKLOADS: &[Workload] = &[
                       hypervisor (KVM's kernel module, or Xen) without reaching any VMM.",
         requires: &[],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuHypercall,
@@ -227,6 +236,7 @@ pub const WORKLOADS: &[Workload] = &[
                       same path on KVM and Xen.",
         requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuHypercallKernel,
@@ -237,8 +247,12 @@ pub const WORKLOADS: &[Workload] = &[
         description: "A no-op hypercall from CPL0 that the hypervisor executes: \
                       KVM_HC_VAPIC_POLL_IRQ on KVM, xen_version(XENVER_version) on Xen, both \
                       answered in the hypervisor without reaching a VMM.",
-        requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
+        requires: &[
+            Requirement::OnHypervisor(KVM_OR_XEN),
+            Requirement::Backend(BackendFeature::HypercallFromKernel),
+        ],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuMsrRead,
@@ -250,6 +264,7 @@ pub const WORKLOADS: &[Workload] = &[
                       and emulated inside the hypervisor.",
         requires: &[],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuHlt,
@@ -261,6 +276,7 @@ pub const WORKLOADS: &[Workload] = &[
                       the vCPU at once: a round trip from the guest to the VMM process.",
         requires: &[Requirement::Backend(BackendFeature::HltExitsToVmm)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::CpuCompute,
@@ -273,6 +289,7 @@ pub const WORKLOADS: &[Workload] = &[
                       natively and the record gives the guest/native ratio.",
         requires: &[],
         explicit_only: false,
+        native_twin: true,
     },
     Workload {
         id: WorkloadId::IoPioOut,
@@ -284,6 +301,7 @@ pub const WORKLOADS: &[Workload] = &[
                       through the kernel to the VMM process and back.",
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::IoPioIn,
@@ -295,6 +313,7 @@ pub const WORKLOADS: &[Workload] = &[
                       as io.pio-out, with the value supplied by the VMM.",
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::IoPioOutKernel,
@@ -306,6 +325,7 @@ pub const WORKLOADS: &[Workload] = &[
                       eventfd and resumes the guest without returning to the VMM.",
         requires: &[Requirement::Backend(BackendFeature::KernelIoeventfdPort)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::IoMmioWrite,
@@ -318,6 +338,7 @@ pub const WORKLOADS: &[Workload] = &[
                       kernel) to the VMM and back.",
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::IoMmioRead,
@@ -328,6 +349,7 @@ pub const WORKLOADS: &[Workload] = &[
         description: "A 32-bit load from the page of io.mmio-write; the VMM supplies the value.",
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::SelftestTripleFault,
@@ -339,6 +361,19 @@ pub const WORKLOADS: &[Workload] = &[
                       fault) and carry on with the next workload.",
         requires: &[],
         explicit_only: true,
+        native_twin: false,
+    },
+    Workload {
+        id: WorkloadId::SelftestPageFault,
+        name: "selftest.page-fault",
+        group: Group::Selftest,
+        privilege: Privilege::User,
+        metrics: &[],
+        description: "Reads an unmapped address at CPL3: the guest must report the page fault \
+                      (vector, RIP, CR2) as a crash, and the run carries on.",
+        requires: &[],
+        explicit_only: true,
+        native_twin: false,
     },
     Workload {
         id: WorkloadId::SelftestHang,
@@ -350,6 +385,7 @@ pub const WORKLOADS: &[Workload] = &[
                       with the next workload.",
         requires: &[],
         explicit_only: true,
+        native_twin: false,
     },
 ];
 

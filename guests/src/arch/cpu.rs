@@ -217,7 +217,7 @@ hypercall_probe_resume:
 pub fn probe_resume_address(rip: u64) -> Option<u64> {
     let vmcall = core::ptr::addr_of!(hypercall_probe_vmcall_insn) as u64;
     let vmmcall = core::ptr::addr_of!(hypercall_probe_vmmcall_insn) as u64;
-    (rip == vmcall || rip == vmmcall).then(|| core::ptr::addr_of!(hypercall_probe_resume) as u64)
+    (rip == vmcall || rip == vmmcall).then_some(core::ptr::addr_of!(hypercall_probe_resume) as u64)
 }
 
 /// One hypercall `nr` (no arguments) that reports a fault instead of crashing. CPL0.

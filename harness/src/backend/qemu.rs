@@ -43,11 +43,26 @@ pub struct QemuOptions {
     pub binary: PathBuf,
     /// `auto`, `kvm` or `tcg`.
     pub accel: String,
+    /// `-cpu` model; `None` picks one (see `default_cpu_model`).
+    pub cpu: Option<String>,
+}
+
+/// The CPU model QEMU gets unless told otherwise: the host's CPU with an invariant TSC
+/// (so QEMU advertises the TSC frequency in leaf 0x40000010), or `max` under TCG.
+/// kvm_pvm refuses QEMU's write of IA32_ARCH_CAPABILITIES (QEMU then aborts), so that
+/// feature is left out there.
+pub fn default_cpu_model(accel: &str, kvm_module: &str) -> String {
+    match (accel, kvm_module) {
+        ("kvm", "kvm_pvm") => "host,+invtsc,-arch-capabilities".into(),
+        ("kvm", _) => "host,+invtsc".into(),
+        _ => "max".into(),
+    }
 }
 
 pub struct QemuBackend {
     options: QemuOptions,
     accel: &'static str,
+    cpu: String,
     version: String,
     host: HostInfo,
     image_dir: tempfile_dir::TempDir,
@@ -116,9 +131,14 @@ impl QemuBackend {
             _ => "tcg",
         };
         let image_dir = tempfile_dir::TempDir::new("hvbench-qemu").map_err(QemuError::Image)?;
+        let cpu = options
+            .cpu
+            .clone()
+            .unwrap_or_else(|| default_cpu_model(accel, &host.kvm_module));
         Ok(QemuBackend {
             options,
             accel,
+            cpu,
             version,
             host,
             image_dir,
@@ -126,14 +146,13 @@ impl QemuBackend {
     }
 
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
-        let cpu = if self.accel == "kvm" { "host" } else { "max" };
         vec![
             "-machine".into(),
             "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
             "-accel".into(),
             self.accel.into(),
             "-cpu".into(),
-            cpu.into(),
+            self.cpu.clone(),
             "-m".into(),
             format!("{}M", request.memory_mib),
             "-smp".into(),
@@ -167,6 +186,7 @@ impl Hypervisor for QemuBackend {
         let mut details = BTreeMap::new();
         details.insert("accel".into(), self.accel.into());
         details.insert("machine".into(), "microvm".into());
+        details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
         BackendInfo {
             kind: "qemu".into(),
@@ -194,6 +214,16 @@ impl Hypervisor for QemuBackend {
                 "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
                  QEMU's userspace, not the in-kernel path this workload measures"
             )),
+            BackendFeature::HypercallFromKernel
+                if self.accel == "kvm" && self.host.kvm_module == "kvm_pvm" =>
+            {
+                Err(
+                    "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
+                     disables KVM's hypercall-patching quirk, which QEMU does not"
+                        .into(),
+                )
+            }
+            BackendFeature::HypercallFromKernel => Ok(()),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"
@@ -212,6 +242,8 @@ impl Hypervisor for QemuBackend {
             self.options.binary.display().to_string(),
             "--qemu-accel".into(),
             self.accel.into(),
+            "--qemu-cpu".into(),
+            self.cpu.clone(),
         ]
     }
 

@@ -15,7 +15,7 @@ use reports::record::{GuestInfo, Record, RunParameters, ToolInfo};
 use reports::{ResultsError, ResultsWriter};
 use thiserror::Error;
 use workloads::cmdline::{self, GuestConfig};
-use workloads::protocol::Status;
+use workloads::protocol::{Hello, Status};
 use workloads::WorkloadId;
 
 use self::records::RecordContext;
@@ -163,11 +163,10 @@ pub fn run(
             image_sha256: image.sha256().to_string(),
             ..Default::default()
         };
-        // Host-side skips are written at once, with what is known before any boot.
-        let mut write_outcomes = |outcomes: &[WorkloadOutcome],
-                                  guest: &GuestInfo,
-                                  tsc_khz: Option<u64>,
-                                  summary: &mut RunSummary|
+        let native_here = backend.guest_runs_locally();
+        let mut write = |outcome: &WorkloadOutcome,
+                         guest: &GuestInfo,
+                         summary: &mut RunSummary|
          -> Result<(), RunError> {
             let ctx = RecordContext {
                 run_id: &run_id,
@@ -177,20 +176,23 @@ pub fn run(
                 guest,
                 parameters: &parameters,
                 tool: &tool,
-                tsc_khz,
-                native_here: backend.guest_runs_locally(),
+                tsc_khz: guest
+                    .tsc_khz
+                    .or(if native_here { host.tsc_khz } else { None }),
+                native_here,
                 reproduce: &reproduce,
             };
-            for outcome in outcomes {
-                for record in records::build(outcome, &ctx) {
-                    writer.write(&record)?;
-                    progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
-                    summary.records.push(record);
-                }
+            for record in records::build(outcome, &ctx) {
+                writer.write(&record)?;
+                progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
+                summary.records.push(record);
             }
             Ok(())
         };
-        write_outcomes(&outcomes, &guest, host.tsc_khz, &mut summary)?;
+        // Host-side skips are written at once, with what is known before any boot.
+        for outcome in &outcomes {
+            write(outcome, &guest, &mut summary)?;
+        }
 
         while !pending.is_empty() {
             if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
@@ -219,27 +221,48 @@ pub fn run(
                 backend: kind,
                 source,
             })?;
-            let report = session::drive(session.as_mut(), &pending, limits, interrupted);
+            // Each outcome is written the moment the guest settles it, except those whose
+            // native twin must run here: that waits until the guest is down, so the guest
+            // (busy on the next workload) cannot slow the native run (on SMT siblings it
+            // did, by 2.6x). A write error stops the run once the guest is down.
+            let mut write_error = None;
+            let mut deferred = Vec::new();
+            let mut sink = |outcome: &WorkloadOutcome, hello: Option<&Hello>| {
+                if let Some(hello) = hello {
+                    guest = guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
+                }
+                if native_here && outcome.workload.spec().native_twin {
+                    deferred.push(outcome.clone());
+                } else if write_error.is_none() {
+                    if let Err(e) = write(outcome, &guest, &mut summary) {
+                        write_error = Some(e);
+                    }
+                }
+            };
+            let report = session::drive(session.as_mut(), &pending, limits, interrupted, &mut sink);
             drop(session);
-
-            if let Some(hello) = &report.hello {
-                guest.hypervisor = hello.hypervisor.name().to_string();
-                guest.signature = hello.signature.clone();
-                guest.cpu_vendor = hello.cpu_vendor.clone();
-                guest.ram_bytes = hello.ram_bytes;
-                (guest.tsc_khz, guest.tsc_source) = match hello.tsc_khz {
-                    Some(khz) => (Some(khz), format!("guest: {}", hello.tsc_source)),
-                    None if backend.guest_runs_locally() => (
-                        host.tsc_khz,
-                        "host: measured (the guest's hypervisor advertises none)".into(),
-                    ),
-                    None => (None, "none".into()),
-                };
+            if let Some(e) = write_error {
+                return Err(e);
             }
-            let finished = settle(&report, &pending);
-            pending.retain(|w| !finished.iter().any(|o| o.workload == *w));
+            if let Some(hello) = &report.hello {
+                guest = guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
+            }
+            for outcome in &deferred {
+                write(outcome, &guest, &mut summary)?;
+            }
+            let reached: Vec<WorkloadId> = report.outcomes.iter().map(|o| o.workload).collect();
+            for outcome in settle(&report, &pending) {
+                if !reached.contains(&outcome.workload) {
+                    write(&outcome, &guest, &mut summary)?;
+                }
+            }
+            pending.retain(|w| {
+                !summary
+                    .records
+                    .iter()
+                    .any(|r| r.repeat == repeat && r.workload == w.name())
+            });
             summary.problems.extend(report.problems.iter().cloned());
-            write_outcomes(&finished, &guest, guest.tsc_khz, &mut summary)?;
             if report.interrupted {
                 summary.interrupted = true;
                 return Ok(summary);
@@ -247,6 +270,32 @@ pub fn run(
         }
     }
     Ok(summary)
+}
+
+/// What the guest said about itself, for its records.
+fn guest_info(
+    image: &GuestImage,
+    hello: &Hello,
+    local: bool,
+    host_tsc_khz: Option<u64>,
+) -> GuestInfo {
+    let (tsc_khz, tsc_source) = match hello.tsc_khz {
+        Some(khz) => (Some(khz), format!("guest: {}", hello.tsc_source)),
+        None if local => (
+            host_tsc_khz,
+            "host: measured (the guest's hypervisor advertises none)".into(),
+        ),
+        None => (None, "none".into()),
+    };
+    GuestInfo {
+        image_sha256: image.sha256().to_string(),
+        hypervisor: hello.hypervisor.name().to_string(),
+        signature: hello.signature.clone(),
+        cpu_vendor: hello.cpu_vendor.clone(),
+        tsc_khz,
+        tsc_source,
+        ram_bytes: hello.ram_bytes,
+    }
 }
 
 /// The outcomes a boot settled: those it reached, and, if it ended before reaching any
@@ -271,15 +320,28 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
         }
         GuestEnd::Stopped => "the guest never started it before the time limit".to_string(),
     };
-    let context = if report.problems.is_empty() {
+    let others: Vec<&String> = report
+        .problems
+        .iter()
+        .filter(|p| !why.contains(p.as_str()))
+        .collect();
+    let context = if others.is_empty() {
         String::new()
     } else {
-        format!(" ({})", report.problems.join("; "))
+        format!(
+            " ({})",
+            others
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
     };
-    let status = if report.hello.is_none() && report.end != GuestEnd::Stopped {
-        Status::Crash
-    } else {
-        Status::Error
+    // A guest that triple-faults before its first line crashed; a VMM that fails, or a
+    // guest that stops early, is an error of the run.
+    let status = match &report.end {
+        GuestEnd::TripleFault { .. } if report.hello.is_none() => Status::Crash,
+        _ => Status::Error,
     };
     for &w in plan {
         if !settled.iter().any(|o| o.workload == w) {

@@ -141,8 +141,13 @@ fn describe_crash(c: &CrashReport) -> String {
     )
 }
 
+/// Called with each workload's outcome the moment it is settled, so records reach the
+/// disk while the guest runs on.
+pub type OutcomeSink<'a> = &'a mut dyn FnMut(&WorkloadOutcome, Option<&Hello>);
+
 struct Driver<'a> {
     plan: &'a [WorkloadId],
+    sink: OutcomeSink<'a>,
     limits: Limits,
     report: BootReport,
     current: Option<(WorkloadOutcome, ExitCounts, Instant)>,
@@ -167,8 +172,13 @@ impl Driver<'_> {
                 outcome.status = outcome.status.ratchet(status);
             }
             outcome.exits = difference(&self.last_exits, &start_exits);
-            self.report.outcomes.push(outcome);
+            self.settled(outcome);
         }
+    }
+
+    fn settled(&mut self, outcome: WorkloadOutcome) {
+        (self.sink)(&outcome, self.report.hello.as_ref());
+        self.report.outcomes.push(outcome);
     }
 
     fn planned(&self, w: WorkloadId) -> bool {
@@ -396,15 +406,18 @@ impl Driver<'_> {
     }
 }
 
-/// Drives one booted guest to its end. `plan` is what the guest was asked to run.
+/// Drives one booted guest to its end. `plan` is what the guest was asked to run; `sink`
+/// sees every outcome as it is settled (they are in the report too).
 pub fn drive(
     session: &mut dyn GuestSession,
     plan: &[WorkloadId],
     limits: Limits,
     interrupted: &AtomicBool,
+    sink: OutcomeSink,
 ) -> BootReport {
     let mut d = Driver {
         plan,
+        sink,
         limits,
         report: BootReport {
             hello: None,
@@ -493,4 +506,275 @@ pub fn drive(
     }
     d.report.end = end;
     d.report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use workloads::protocol::{LineBuilder, LineKind};
+
+    /// A guest that says exactly what the test scripts, then ends (or hangs).
+    struct Scripted {
+        rx: Receiver<GuestMessage>,
+        _tx: Option<Sender<GuestMessage>>,
+        stopped: bool,
+    }
+
+    impl GuestSession for Scripted {
+        fn messages(&self) -> &Receiver<GuestMessage> {
+            &self.rx
+        }
+        fn stop(&mut self) -> Result<(), crate::backend::BackendError> {
+            self.stopped = true;
+            self._tx = None;
+            Ok(())
+        }
+    }
+
+    fn scripted(chunks: Vec<Vec<u8>>, end: Option<GuestEnd>) -> Scripted {
+        let (tx, rx) = channel();
+        for bytes in chunks {
+            tx.send(GuestMessage::Console { bytes, exits: None })
+                .unwrap();
+        }
+        let keep = match end {
+            Some(end) => {
+                tx.send(GuestMessage::Ended(end)).unwrap();
+                None
+            }
+            // No end: the guest hangs with the channel open.
+            None => Some(tx),
+        };
+        Scripted {
+            rx,
+            _tx: keep,
+            stopped: false,
+        }
+    }
+
+    fn line(b: &mut LineBuilder) -> Vec<u8> {
+        b.finish().to_vec()
+    }
+
+    fn hello() -> Vec<u8> {
+        line(
+            LineBuilder::new(LineKind::Hello)
+                .num("proto", 1)
+                .text("hv", "kvm")
+                .text("sig", "KVMKVMKVM")
+                .text("vendor", "AuthenticAMD")
+                .num("tsc_khz", 2_000_000)
+                .text("tsc_src", "test"),
+        )
+    }
+
+    fn start(w: &str) -> Vec<u8> {
+        line(LineBuilder::new(LineKind::Start).text("w", w))
+    }
+
+    fn sample(w: &str, n: u64) -> Vec<u8> {
+        line(
+            LineBuilder::new(LineKind::Sample)
+                .text("w", w)
+                .text("m", "latency")
+                .num("n", n)
+                .num("ops", 100)
+                .num("cycles", 1000 + n),
+        )
+    }
+
+    fn result(w: &str) -> Vec<u8> {
+        line(
+            LineBuilder::new(LineKind::Result)
+                .text("w", w)
+                .text("status", "success"),
+        )
+    }
+
+    const LIMITS: Limits = Limits {
+        boot: Duration::from_secs(5),
+        workload: Duration::from_secs(5),
+    };
+
+    fn drive_script(
+        chunks: Vec<Vec<u8>>,
+        end: Option<GuestEnd>,
+        plan: &[WorkloadId],
+        limits: Limits,
+    ) -> BootReport {
+        let mut s = scripted(chunks, end);
+        let flag = AtomicBool::new(false);
+        drive(&mut s, plan, limits, &flag, &mut |_, _| {})
+    }
+
+    #[test]
+    fn a_clean_run() {
+        let plan = [WorkloadId::CpuIdle, WorkloadId::CpuRdtsc];
+        let mut stream = hello();
+        stream.extend(start("cpu.idle"));
+        stream.extend(sample("cpu.idle", 0));
+        stream.extend(sample("cpu.idle", 1));
+        stream.extend(result("cpu.idle"));
+        stream.extend(start("cpu.rdtsc"));
+        stream.extend(sample("cpu.rdtsc", 0));
+        stream.extend(result("cpu.rdtsc"));
+        // Delivered in awkward pieces, as a console would.
+        let chunks = stream.chunks(7).map(|c| c.to_vec()).collect();
+        let r = drive_script(chunks, Some(GuestEnd::Exited { code: 0 }), &plan, LIMITS);
+        assert_eq!(r.outcomes.len(), 2);
+        assert!(
+            r.outcomes.iter().all(|o| o.status == Status::Success),
+            "{:?}",
+            r.outcomes
+        );
+        let idle = &r.outcomes[0].series[&("latency", String::new())];
+        assert_eq!(idle.measured, vec![(100, 1000), (100, 1001)]);
+        assert_eq!(r.hello.as_ref().map(|h| h.tsc_khz), Some(Some(2_000_000)));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn garbage_and_overlong_lines_are_errors_not_panics() {
+        let plan = [WorkloadId::CpuIdle];
+        let mut damaged = sample("cpu.idle", 0);
+        damaged[20] ^= 0x20;
+        let mut overlong = b"@hvb1 sample ".to_vec();
+        overlong.extend(std::iter::repeat_n(b'9', 100_000));
+        overlong.push(b'\n');
+        let chunks = vec![
+            hello(),
+            b"\xff\xfe\x00 random boot noise \x1b[0m\n".to_vec(),
+            start("cpu.idle"),
+            damaged,
+            overlong,
+            b"@hvb1 sample w=cpu.idle ~zzzzzzzz\n".to_vec(),
+            sample("cpu.idle", 0),
+            result("cpu.idle"),
+        ];
+        let r = drive_script(chunks, Some(GuestEnd::Exited { code: 0 }), &plan, LIMITS);
+        let o = &r.outcomes[0];
+        assert_eq!(o.status, Status::Error);
+        let reason = o.reason.as_deref().unwrap();
+        assert!(reason.contains("damaged result line"), "{reason}");
+        // The good sample still counts; the noise is kept for the log.
+        assert_eq!(o.series[&("latency", String::new())].measured.len(), 1);
+        assert_eq!(r.noise.len(), 1);
+    }
+
+    #[test]
+    fn a_guest_that_prints_forever_without_newline_is_bounded() {
+        let plan = [WorkloadId::CpuIdle];
+        let mut chunks = vec![hello(), start("cpu.idle")];
+        for _ in 0..256 {
+            chunks.push(vec![b'A'; 4096]);
+        }
+        let r = drive_script(chunks, Some(GuestEnd::Exited { code: 0 }), &plan, LIMITS);
+        assert_eq!(r.outcomes[0].status, Status::Error);
+    }
+
+    #[test]
+    fn crash_line_and_triple_fault_are_crashes() {
+        let plan = [WorkloadId::CpuIdle, WorkloadId::CpuRdtsc];
+        let crash = line(
+            LineBuilder::new(LineKind::Crash)
+                .text("w", "cpu.idle")
+                .num("vector", 14)
+                .hex("err", 2)
+                .hex("rip", 0x1234)
+                .hex("cs", 0x23)
+                .hex("rsp", 0x8000)
+                .hex("cr2", 0xdead),
+        );
+        let r = drive_script(
+            vec![hello(), start("cpu.idle"), crash],
+            Some(GuestEnd::Exited { code: 4 }),
+            &plan,
+            LIMITS,
+        );
+        assert_eq!(r.outcomes.len(), 1, "only the crashed workload is settled");
+        assert_eq!(r.outcomes[0].status, Status::Crash);
+        let reason = r.outcomes[0].reason.as_deref().unwrap();
+        assert!(
+            reason.contains("#PF") && reason.contains("0xdead"),
+            "{reason}"
+        );
+
+        let r = drive_script(
+            vec![hello(), start("cpu.rdtsc")],
+            Some(GuestEnd::TripleFault {
+                detail: "triple fault (test)".into(),
+            }),
+            &plan,
+            LIMITS,
+        );
+        assert_eq!(r.outcomes[0].status, Status::Crash);
+        assert_eq!(r.outcomes[0].reason.as_deref(), Some("triple fault (test)"));
+    }
+
+    #[test]
+    fn a_hang_is_a_timeout_and_the_session_is_stopped() {
+        let plan = [WorkloadId::SelftestHang];
+        let limits = Limits {
+            boot: Duration::from_secs(5),
+            workload: Duration::from_millis(300),
+        };
+        let mut s = scripted(vec![hello(), start("selftest.hang")], None);
+        let flag = AtomicBool::new(false);
+        let started = Instant::now();
+        let r = drive(&mut s, &plan, limits, &flag, &mut |_, _| {});
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(s.stopped);
+        assert_eq!(r.outcomes[0].status, Status::Timeout);
+    }
+
+    #[test]
+    fn out_of_order_and_unasked_lines_are_errors() {
+        let plan = [WorkloadId::CpuIdle];
+        let r = drive_script(
+            vec![
+                hello(),
+                start("cpu.rdtsc"),
+                start("cpu.idle"),
+                sample("cpu.rdtsc", 0),
+                sample("cpu.idle", 5),
+                result("cpu.idle"),
+            ],
+            Some(GuestEnd::Exited { code: 0 }),
+            &plan,
+            LIMITS,
+        );
+        assert!(
+            r.problems.iter().any(|p| p.contains("not asked for")),
+            "{:?}",
+            r.problems
+        );
+        let o = &r.outcomes[0];
+        assert_eq!(o.status, Status::Error);
+        assert!(o
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("cpu.rdtsc while cpu.idle runs"));
+    }
+
+    #[test]
+    fn interruption_keeps_samples() {
+        let plan = [WorkloadId::CpuIdle];
+        let mut s = scripted(
+            vec![hello(), start("cpu.idle"), sample("cpu.idle", 0)],
+            None,
+        );
+        let flag = AtomicBool::new(true);
+        let mut seen = Vec::new();
+        let r = drive(&mut s, &plan, LIMITS, &flag, &mut |o, _| {
+            seen.push(o.workload)
+        });
+        assert_eq!(seen, vec![WorkloadId::CpuIdle], "the sink saw the outcome");
+        assert!(r.interrupted);
+        // Nothing was read before the flag was seen; what the guest printed is drained.
+        let o = &r.outcomes[0];
+        assert_eq!(o.status, Status::Error);
+        assert_eq!(o.series[&("latency", String::new())].measured.len(), 1);
+    }
 }

@@ -87,7 +87,8 @@ impl Hypervisor for KvmBackend {
             BackendFeature::UserspacePioPort
             | BackendFeature::KernelIoeventfdPort
             | BackendFeature::UserspaceMmioPage
-            | BackendFeature::HltExitsToVmm => Ok(()),
+            | BackendFeature::HltExitsToVmm
+            | BackendFeature::HypercallFromKernel => Ok(()),
         }
     }
 

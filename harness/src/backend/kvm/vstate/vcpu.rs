@@ -122,6 +122,11 @@ impl Vcpu {
         })
     }
 
+    /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.
+    pub fn into_fd(self) -> VcpuFd {
+        self.fd
+    }
+
     fn registers(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(

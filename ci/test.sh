@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# hvbench's test command: installs the system packages the tests use (when missing and
+# allowed), then checks formatting and lints and runs every test. CI runs it through
+# .ci/run; on a fresh machine it is all the set-up the tests need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "ci/test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
+        exit 1
+    fi
+    echo "ci/test.sh: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Tests that need /dev/kvm, QEMU or a browser fail instead of skipping when these are set.
+export HVBENCH_REQUIRE_KVM=1 HVBENCH_REQUIRE_QEMU=1 HVBENCH_REQUIRE_BROWSER=1
+
+cargo fmt --all -- --check
+(cd guests && cargo fmt -- --check)
+cargo clippy --workspace --all-targets -- -D warnings
+(cd guests && cargo clippy --release -- -D warnings)
+cargo test --workspace

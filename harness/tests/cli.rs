@@ -1,0 +1,267 @@
+//! The `hvbench` binary as a user meets it: listing, fingerprint, a real run, and every
+//! kind of bad input answered with one clear sentence and a non-zero exit.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reports::read_results;
+use reports::record::Status;
+
+fn run(args: &[&str]) -> Output {
+    common::hvbench().args(args).output().expect("hvbench runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn list_names_every_workload() {
+    let o = run(&["list"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for w in workloads::WORKLOADS {
+        assert!(
+            text.lines().any(|l| l.starts_with(w.name)),
+            "{} missing",
+            w.name
+        );
+    }
+    assert!(text.contains("runs only when named"));
+}
+
+#[test]
+fn host_json_is_the_record_fingerprint() {
+    let o = run(&["host", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let host: reports::record::HostInfo = serde_json::from_slice(&o.stdout).expect("HostInfo JSON");
+    assert!(!host.class.is_empty());
+    assert!(host.cpus > 0);
+}
+
+fn assert_clear_error(o: &Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("hvbench: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error sentence: {err}");
+    assert!(lines[0].contains(needle), "expected {needle:?} in {err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+
+    let missing = dir.path().join("missing.elf");
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--guest",
+        missing.to_str().unwrap(),
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "cannot read guest image");
+    assert_clear_error(&o, "missing.elf");
+
+    let corrupt = dir.path().join("corrupt.elf");
+    std::fs::write(&corrupt, b"\x7fELF\x02\x01\x01 truncated").unwrap();
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--guest",
+        corrupt.to_str().unwrap(),
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "truncated or corrupt");
+
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--workload",
+        "cpu.nothing",
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "matches no workload");
+
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--memory-mib",
+        "1",
+        "-w",
+        "cpu.idle",
+        "--out",
+        out,
+    ]);
+    if common::kvm_available() {
+        assert_clear_error(&o, "guest memory of 1 MiB");
+    }
+
+    let o = run(&[
+        "run",
+        "--backend",
+        "qemu",
+        "--qemu",
+        "/nonexistent/qemu",
+        "-w",
+        "cpu.idle",
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "qemu-system-x86");
+
+    // Nothing was measured, so nothing is left half-written.
+    for name in ["results.jsonl", "results.csv"] {
+        if let Ok(text) = std::fs::read_to_string(dir.path().join("out").join(name)) {
+            assert!(text.lines().count() <= 1, "{name}: {text}");
+        }
+    }
+
+    let o = run(&["run", "--backend", "xen"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["run", "--backend", "kvm", "--samples", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn a_run_writes_records_and_a_summary_and_refuses_to_mix_runs() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let args = [
+        "run",
+        "--backend",
+        "kvm",
+        "-w",
+        "cpu.idle",
+        "-w",
+        "cpu.cpuid",
+        "--samples",
+        "3",
+        "--sample-us",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("WORKLOAD") && stdout.contains("cpu.cpuid"),
+        "{stdout}"
+    );
+    assert!(
+        stderr(&o).contains("cpu.idle latency: median"),
+        "progress on stderr"
+    );
+    let records = read_results(&out).unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r.status == Status::Success && r.samples.len() == 3));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    // Header, then 1 warm-up + 3 samples per workload.
+    assert_eq!(csv.lines().count(), 1 + 2 * 4);
+
+    let o = run(&args);
+    assert_clear_error(&o, "already exists");
+    let mut appended = args.to_vec();
+    appended.push("--append");
+    let o = run(&appended);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_results(&out).unwrap().len(), 4);
+}
+
+#[test]
+fn ctrl_c_keeps_every_record_already_measured() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let mut child = common::hvbench()
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "-w",
+            "cpu.idle",
+            "-w",
+            "selftest.hang",
+            "--samples",
+            "3",
+            "--sample-us",
+            "1000",
+            "--timeout-s",
+            "120",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until cpu.idle's record is on disk and the hang has begun.
+    let started = Instant::now();
+    loop {
+        let written = std::fs::read_to_string(out.join("results.jsonl")).unwrap_or_default();
+        if written.contains("\"cpu.idle\"") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cpu.idle never finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let stopped = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "Ctrl-C took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("interrupted"), "{err}");
+    // Every line is a whole record.
+    let records = read_results(&out).unwrap();
+    let idle = records.iter().find(|r| r.workload == "cpu.idle").unwrap();
+    assert_eq!(idle.status, Status::Success);
+    let hang = records
+        .iter()
+        .find(|r| r.workload == "selftest.hang")
+        .unwrap();
+    assert_eq!(hang.status, Status::Error);
+    assert!(hang.reason.as_deref().unwrap().contains("interrupted"));
+}

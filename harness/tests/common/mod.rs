@@ -1,0 +1,101 @@
+//! Shared by the integration tests: where the suite's external needs (/dev/kvm, QEMU)
+//! come from, and the rule that CI (HVBENCH_REQUIRE_*=1) must not skip them silently.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use hvbench::backend::Hypervisor;
+use hvbench::guest_image::GuestImage;
+use hvbench::run::{self, RunOptions, RunSummary};
+use reports::ResultsWriter;
+use workloads::WorkloadId;
+
+fn required(var: &str) -> bool {
+    std::env::var(var).map(|v| v == "1").unwrap_or(false)
+}
+
+/// Whether /dev/kvm can be used. Without it the test returns early, unless CI requires it.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            !required("HVBENCH_REQUIRE_KVM"),
+            "/dev/kvm cannot be opened, and HVBENCH_REQUIRE_KVM=1"
+        );
+        eprintln!("notice: /dev/kvm cannot be opened; skipping this test");
+    }
+    ok
+}
+
+/// qemu-system-x86_64, installed with apt-get when missing and allowed (root).
+pub fn qemu_binary() -> Option<PathBuf> {
+    let found = |name: &str| {
+        Command::new(name)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| PathBuf::from(name))
+    };
+    if let Some(p) = found("qemu-system-x86_64") {
+        return Some(p);
+    }
+    let is_root = nix::unistd::Uid::effective().is_root();
+    if is_root {
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-q", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        if let Some(p) = found("qemu-system-x86_64") {
+            return Some(p);
+        }
+    }
+    assert!(
+        !required("HVBENCH_REQUIRE_QEMU"),
+        "qemu-system-x86_64 is missing and could not be installed, and HVBENCH_REQUIRE_QEMU=1"
+    );
+    eprintln!("notice: qemu-system-x86_64 is not available; skipping this test");
+    None
+}
+
+/// Options for quick runs: few, short samples.
+pub fn quick_options(workloads: &[WorkloadId], out: &Path) -> RunOptions {
+    RunOptions {
+        workloads: workloads.to_vec(),
+        samples: 5,
+        warmup: 1,
+        sample_us: 2_000,
+        repeat: 1,
+        workload_timeout: Duration::from_secs(30),
+        boot_timeout: Duration::from_secs(30),
+        memory_mib: 64,
+        vcpus: 1,
+        guest_path: None,
+        out: out.to_path_buf(),
+    }
+}
+
+pub fn run_with(backend: &dyn Hypervisor, options: &RunOptions) -> RunSummary {
+    let image = GuestImage::embedded().expect("embedded guest image");
+    let mut writer = ResultsWriter::create(&options.out, false).expect("results directory");
+    let flag = std::sync::atomic::AtomicBool::new(false);
+    run::run(backend, &image, options, &mut writer, &flag).expect("run")
+}
+
+/// Tests in one binary run in parallel; guests measured side by side on two cores would
+/// disturb each other's figures (and the native twins'). Each VM-running test holds this.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn hvbench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hvbench"))
+}
