@@ -11,6 +11,9 @@ use workloads::WORKLOADS;
 
 use crate::backend::kvm::KvmBackend;
 use crate::backend::qemu::{QemuBackend, QemuOptions};
+use crate::backend::xen::transport::{SshTarget, Transport};
+use crate::backend::xen::xl::Paging;
+use crate::backend::xen::{XenBackend, XenHostSpec};
 use crate::backend::{BackendKind, Hypervisor};
 use crate::guest_image::GuestImage;
 use crate::run::{self, plan, RunOptions};
@@ -117,6 +120,13 @@ pub struct RunArgs {
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
     pub qemu_cpu: Option<String>,
+    /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
+    /// `local` (hvbench runs in dom0), or ssh://[user@]host[:port].
+    #[arg(long, default_value = "lab")]
+    pub xen_host: String,
+    /// Guest paging on Xen: hardware-assisted (hap=1) or shadow (hap=0).
+    #[arg(long, value_enum, default_value = "hap")]
+    pub paging: Paging,
 }
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
@@ -150,6 +160,23 @@ pub fn list() -> String {
     out
 }
 
+/// `--xen-host` to a transport.
+pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
+    Ok(match spec {
+        "local" => XenHostSpec {
+            transport: Transport::Local,
+            spec: spec.to_string(),
+            lab: None,
+        },
+        "lab" => crate::lab::xen_host()?,
+        url => XenHostSpec {
+            transport: Transport::Ssh(SshTarget::parse(url)?),
+            spec: spec.to_string(),
+            lab: None,
+        },
+    })
+}
+
 fn make_backend(
     args: &RunArgs,
     host_info: reports::record::HostInfo,
@@ -158,6 +185,10 @@ fn make_backend(
         BackendKind::Kvm => {
             Box::new(KvmBackend::new(host_info).context("the kvm backend cannot start")?)
         }
+        BackendKind::Xen => Box::new(
+            XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
+                .context("the xen backend cannot start")?,
+        ),
         BackendKind::Qemu => Box::new(
             QemuBackend::new(
                 QemuOptions {
@@ -176,8 +207,9 @@ fn make_backend(
 pub fn run(args: &RunArgs) -> Result<i32> {
     let workloads = plan::select(&args.workloads)?;
     let image = GuestImage::load(args.guest.as_deref())?;
-    let host_info = host::fingerprint();
-    let backend = make_backend(args, host_info.clone())?;
+    let backend = make_backend(args, host::fingerprint())?;
+    // The machine the guest runs on: this one, or the Xen host.
+    let host_info = backend.host();
     let mut writer = ResultsWriter::create(&args.out, args.append)?;
     let interrupted = interrupt::install();
     let options = RunOptions {
@@ -208,7 +240,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     for problem in &summary.problems {
         eprintln!("hvbench: note: {problem}");
     }
-    if host_info.cpl0 == "emulated" {
+    if host_info.class.contains("tcg") {
+        println!(
+            "\nNote: the guest ran under QEMU's TCG translator ({}): these figures are \
+             emulation artefacts. They prove that the path works, not how fast it is.",
+            host_info.class
+        );
+    } else if host_info.cpl0 == "emulated" {
         println!(
             "\nNote: this host ({}) emulates guest CPL0 code instruction by instruction; \
              cpl0 workloads measure that emulator, cpl3 workloads run natively.",

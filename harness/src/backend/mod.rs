@@ -7,6 +7,7 @@
 
 pub mod kvm;
 pub mod qemu;
+pub mod xen;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Receiver;
@@ -23,6 +24,8 @@ pub enum BackendKind {
     Kvm,
     /// QEMU's microvm machine with its own PVH loader (KVM acceleration where possible).
     Qemu,
+    /// Xen through `xl` on a dom0 (local, over SSH, or hvbench's lab).
+    Xen,
 }
 
 impl BackendKind {
@@ -30,6 +33,7 @@ impl BackendKind {
         match self {
             BackendKind::Kvm => "kvm",
             BackendKind::Qemu => "qemu",
+            BackendKind::Xen => "xen",
         }
     }
 }
@@ -94,6 +98,11 @@ pub trait Hypervisor {
     /// measured here, are comparable.
     fn guest_runs_locally(&self) -> bool;
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError>;
+    /// Why this backend can run nothing at all as configured (every workload is then
+    /// skipped with the reason), if so.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
     /// Options of `hvbench run` that select this backend as configured (beyond
     /// `--backend`), for the reproduce command of every record.
     fn reproduce_args(&self) -> Vec<String> {
@@ -107,4 +116,6 @@ pub enum BackendError {
     Kvm(#[from] kvm::VmmError),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Xen(#[from] xen::XenError),
 }

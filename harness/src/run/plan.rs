@@ -53,6 +53,9 @@ pub fn select(patterns: &[String]) -> Result<Vec<WorkloadId>, PlanError> {
 
 /// Why the backend cannot run a workload, if it cannot.
 pub fn backend_skip(id: WorkloadId, backend: &dyn Hypervisor) -> Option<String> {
+    if let Some(reason) = backend.unavailable() {
+        return Some(reason);
+    }
     id.spec().requires.iter().find_map(|req| match req {
         Requirement::Backend(feature) => backend.supports(*feature).err(),
         Requirement::OnHypervisor(_) => None,

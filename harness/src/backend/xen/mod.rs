@@ -1,0 +1,474 @@
+//! Xen through its own toolstack: `xl` on a dom0, reached locally or over SSH.
+//!
+//! Each boot follows XTF's runner: `xl create -p` (paused), attach `xl console`, start a
+//! watcher that reports the domain's shutdown with Xen's reason code, `xl unpause`. Every
+//! domain is configured to stay after it shuts down (so its reason can be read) and is
+//! destroyed by the session on every path: end, timeout, Ctrl-C, error, drop.
+
+pub mod transport;
+pub mod xl;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use reports::record::{BackendInfo, HostInfo};
+use thiserror::Error;
+use workloads::abi::ExitCode;
+use workloads::BackendFeature;
+
+use self::transport::{shell_quote, Transport, TransportError};
+use self::xl::{DomainConfig, Paging, ShutdownReason, XlInfo};
+use super::{
+    BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
+};
+
+/// Where images and configs go on the dom0.
+const REMOTE_DIR: &str = "/tmp/hvbench";
+/// Limit for one toolstack command (the TCG lab is slow; a real host answers in ms).
+const XL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit for the reachability check.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Error)]
+pub enum XenError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{target} answered `xl info` without a Xen version: is it a Xen dom0? ({detail})")]
+    NotXen { target: String, detail: String },
+    #[error("no Xen lab is running: start one with `hvbench lab up xen`")]
+    NoLab,
+    #[error("the Xen lab's state is unusable: {0}")]
+    Lab(String),
+}
+
+/// How the Xen host was reached and what it is.
+#[derive(Clone, Debug)]
+pub struct XenHostSpec {
+    pub transport: Transport,
+    /// The spelling of `--xen-host` (for reproduce commands).
+    pub spec: String,
+    /// A lab deployed by hvbench (nested in QEMU): figures are emulation artefacts.
+    pub lab: Option<LabKind>,
+}
+
+/// What kind of nested host a lab is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabKind {
+    /// `tcg` or `kvm`: QEMU's accelerator under the lab.
+    pub accel: String,
+}
+
+pub struct XenBackend {
+    host: XenHostSpec,
+    paging: Paging,
+    info: XlInfo,
+    fingerprint: HostInfo,
+    /// Why nothing can run (the paging mode is missing), if so.
+    unavailable: Option<String>,
+    /// Remote paths of uploaded images, by SHA-256.
+    uploaded: Mutex<BTreeMap<String, String>>,
+}
+
+impl XenBackend {
+    /// Connects, checks that the host runs Xen, and fingerprints it.
+    pub fn new(host: XenHostSpec, paging: Paging) -> Result<Self, XenError> {
+        let t = &host.transport;
+        let out = t.run("xl info", None, PROBE_TIMEOUT)?;
+        let info = XlInfo::parse(&String::from_utf8_lossy(&out.stdout));
+        if info.get("xen_major").is_none() {
+            return Err(XenError::NotXen {
+                target: t.describe(),
+                detail: String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
+            });
+        }
+        let dom0 = t
+            .run(
+                "uname -r; grep -m1 '^vendor_id' /proc/cpuinfo; grep -m1 '^model name' /proc/cpuinfo",
+                None,
+                PROBE_TIMEOUT,
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let fingerprint = xl::fingerprint(&info, &dom0, paging, host.lab.as_ref());
+        let unavailable = (!info.virt_caps().iter().any(|c| c == paging.virt_cap())).then(|| {
+            format!(
+                "this Xen cannot run {} guests (virt_caps: {}){}",
+                paging.name(),
+                info.virt_caps().join(" "),
+                if paging == Paging::Shadow {
+                    "; Debian's Xen 4.17 is built without CONFIG_SHADOW_PAGING"
+                } else {
+                    ""
+                }
+            )
+        });
+        Ok(XenBackend {
+            host,
+            paging,
+            info,
+            fingerprint,
+            unavailable,
+            uploaded: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn transport(&self) -> &Transport {
+        &self.host.transport
+    }
+
+    fn upload_image(&self, request: &BootRequest) -> Result<String, XenError> {
+        let sha = request.image.sha256();
+        if let Some(path) = self.uploaded.lock().ok().and_then(|m| m.get(sha).cloned()) {
+            return Ok(path);
+        }
+        let path = format!("{REMOTE_DIR}/guest-{}.elf", &sha[..16]);
+        self.transport().run(
+            &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(&path)),
+            Some(request.image.bytes()),
+            XL_TIMEOUT,
+        )?;
+        if let Ok(mut m) = self.uploaded.lock() {
+            m.insert(sha.to_string(), path.clone());
+        }
+        Ok(path)
+    }
+}
+
+impl Hypervisor for XenBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Xen
+    }
+
+    fn info(&self) -> BackendInfo {
+        let mut details = BTreeMap::new();
+        details.insert("xen_host".into(), self.host.spec.clone());
+        details.insert("guest_type".into(), "pvh".into());
+        details.insert("paging".into(), self.paging.name().into());
+        for key in [
+            "virt_caps",
+            "xen_scheduler",
+            "xen_commandline",
+            "xen_caps",
+            "cc_compiler",
+        ] {
+            if let Some(v) = self.info.get(key) {
+                details.insert(key.into(), v.to_string());
+            }
+        }
+        if let Some(lab) = &self.host.lab {
+            details.insert("lab".into(), format!("Xen nested in QEMU ({})", lab.accel));
+        }
+        BackendInfo {
+            kind: "xen".into(),
+            version: self.info.version(),
+            details,
+        }
+    }
+
+    fn host(&self) -> HostInfo {
+        self.fingerprint.clone()
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.unavailable.clone()
+    }
+
+    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+        match feature {
+            BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Err(
+                "a PVH guest has no device model behind its ports and unbacked pages: Xen \
+                 itself answers (or crashes the domain), which is not the VMM path this \
+                 workload measures on KVM"
+                    .into(),
+            ),
+            BackendFeature::KernelIoeventfdPort => Err(
+                "ioeventfd is a KVM interface; Xen has no equivalent for a PVH guest's ports"
+                    .into(),
+            ),
+            BackendFeature::HltExitsToVmm => Err(
+                "Xen blocks a vCPU that halts with interrupts off instead of returning to a \
+                 VMM; there is no VMM behind a PVH guest"
+                    .into(),
+            ),
+            BackendFeature::HypercallFromKernel => Ok(()),
+        }
+    }
+
+    fn guest_runs_locally(&self) -> bool {
+        // Native twins run where hvbench runs; that is the Xen host only when hvbench is
+        // in dom0 (and even then dom0 is itself a guest of Xen).
+        false
+    }
+
+    fn reproduce_args(&self) -> Vec<String> {
+        vec![
+            "--xen-host".into(),
+            self.host.spec.clone(),
+            "--paging".into(),
+            self.paging.name().into(),
+        ]
+    }
+
+    fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
+        let kernel = self.upload_image(request)?;
+        let config = DomainConfig {
+            name: request.name.clone(),
+            kernel,
+            cmdline: request.cmdline.to_string(),
+            memory_mib: request.memory_mib,
+            vcpus: request.vcpus,
+            paging: self.paging,
+        };
+        let cfg_path = format!("{REMOTE_DIR}/{}.cfg", request.name);
+        let t = self.transport().clone();
+        t.run(
+            &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(&cfg_path)),
+            Some(config.render().as_bytes()),
+            XL_TIMEOUT,
+        )
+        .map_err(XenError::from)?;
+        t.run(
+            &format!("xl create -p {}", shell_quote(&cfg_path)),
+            None,
+            XL_TIMEOUT,
+        )
+        .map_err(XenError::from)?;
+        // From here on the domain exists: the session destroys it on every path.
+        let mut session = XenSession::start(t, request.name.clone())?;
+        if let Err(e) = session.unpause() {
+            let _ = session.stop();
+            return Err(XenError::from(e).into());
+        }
+        Ok(Box::new(session))
+    }
+}
+
+/// A running domain: its console stream, its shutdown watcher, and its destruction.
+pub struct XenSession {
+    transport: Transport,
+    name: String,
+    messages: Receiver<GuestMessage>,
+    console: Arc<Mutex<Option<Child>>>,
+    watcher: Arc<Mutex<Option<Child>>>,
+    driver: Option<JoinHandle<()>>,
+    /// Set before the host destroys the domain, so the driver reports `Stopped` rather
+    /// than a vanished domain.
+    stopping: Arc<AtomicBool>,
+    destroyed: bool,
+}
+
+/// Shell loop run on the dom0: waits until the domain leaves the running states, then
+/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`.
+fn watcher_script(name: &str) -> String {
+    let n = shell_quote(name);
+    format!(
+        "while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2) || {{ echo GONE; exit 0; }}; \
+         [ -n \"$l\" ] || {{ echo GONE; exit 0; }}; \
+         set -- $l; case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; sleep 0.2; done"
+    )
+}
+
+impl XenSession {
+    fn start(transport: Transport, name: String) -> Result<Self, XenError> {
+        let (tx, rx) = channel();
+        let console_child =
+            transport.spawn(&format!("exec xl console {}", shell_quote(&name)), false)?;
+        let watcher_child = match transport.spawn(&watcher_script(&name), false) {
+            Ok(c) => c,
+            Err(e) => {
+                let mut c = console_child;
+                let _ = c.kill();
+                let _ = c.wait();
+                let _ = transport.run(
+                    &format!("xl destroy {}", shell_quote(&name)),
+                    None,
+                    XL_TIMEOUT,
+                );
+                return Err(e.into());
+            }
+        };
+        let console = Arc::new(Mutex::new(Some(console_child)));
+        let watcher = Arc::new(Mutex::new(Some(watcher_child)));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let driver = {
+            let session = DriverState {
+                console: console.clone(),
+                watcher: watcher.clone(),
+                transport: transport.clone(),
+                name: name.clone(),
+                stopping: stopping.clone(),
+            };
+            std::thread::spawn(move || drive(session, tx))
+        };
+        Ok(XenSession {
+            transport,
+            name,
+            messages: rx,
+            console,
+            watcher,
+            driver: Some(driver),
+            stopping,
+            destroyed: false,
+        })
+    }
+
+    fn unpause(&self) -> Result<(), TransportError> {
+        self.transport
+            .run(
+                &format!("xl unpause {}", shell_quote(&self.name)),
+                None,
+                XL_TIMEOUT,
+            )
+            .map(|_| ())
+    }
+}
+
+fn take_stdout(child: &Arc<Mutex<Option<Child>>>) -> Option<std::process::ChildStdout> {
+    child.lock().ok()?.as_mut()?.stdout.take()
+}
+
+/// What the driver thread shares with its session.
+struct DriverState {
+    console: Arc<Mutex<Option<Child>>>,
+    watcher: Arc<Mutex<Option<Child>>>,
+    transport: Transport,
+    name: String,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Pumps the console into the channel and turns the watcher's verdict into `Ended`.
+fn drive(state: DriverState, tx: Sender<GuestMessage>) {
+    let DriverState {
+        console,
+        watcher,
+        transport,
+        name,
+        stopping,
+    } = state;
+    let console_out = take_stdout(&console);
+    let console_tx = tx.clone();
+    let pump = std::thread::spawn(move || {
+        if let Some(mut out) = console_out {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = console_tx.send(GuestMessage::Console {
+                    bytes: buf[..n].to_vec(),
+                    exits: None,
+                });
+            }
+        }
+    });
+    let verdict = take_stdout(&watcher).and_then(|out| {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| !l.is_empty())
+    });
+    let end = match verdict
+        .as_deref()
+        .map(str::split_whitespace)
+        .map(|mut w| (w.next(), w.next()))
+    {
+        Some((Some("SHUTDOWN"), Some(code))) => match ShutdownReason::from_code(code) {
+            ShutdownReason::Poweroff => GuestEnd::Exited { code: 0 },
+            ShutdownReason::Crash => GuestEnd::Exited {
+                code: ExitCode::Crash as u32,
+            },
+            ShutdownReason::Reboot => GuestEnd::TripleFault {
+                detail: "Xen reported a reboot, which for a PVH guest is a triple fault".into(),
+            },
+            other => GuestEnd::Failed {
+                detail: format!("the domain shut down with reason {other:?}"),
+            },
+        },
+        Some((Some("GONE"), _)) => GuestEnd::Failed {
+            detail: "the domain disappeared without a shutdown reason".into(),
+        },
+        // The watcher was killed: the host stopped the guest.
+        _ => GuestEnd::Stopped,
+    };
+    let end = if stopping.load(Ordering::Acquire) {
+        GuestEnd::Stopped
+    } else {
+        end
+    };
+    // The guest drained its ring before shutting down; give xl console a moment to pass
+    // the last lines on, then destroy the domain, which ends the console.
+    if end != GuestEnd::Stopped {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = transport.run(
+            &format!("xl destroy {}", shell_quote(&name)),
+            None,
+            XL_TIMEOUT,
+        );
+    }
+    for child in [&console, &watcher] {
+        if let Ok(mut c) = child.lock() {
+            if let Some(c) = c.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _ = pump.join();
+    let _ = tx.send(GuestMessage::Ended(end));
+}
+
+impl GuestSession for XenSession {
+    fn messages(&self) -> &Receiver<GuestMessage> {
+        &self.messages
+    }
+
+    fn stop(&mut self) -> Result<(), BackendError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        self.destroyed = true;
+        self.stopping.store(true, Ordering::Release);
+        // Destroy first: the console and watcher then end on their own.
+        let name = shell_quote(&self.name);
+        let result = self
+            .transport
+            .run(&format!("xl destroy {name}"), None, XL_TIMEOUT);
+        let _ = self.transport.run(
+            &format!("rm -f {REMOTE_DIR}/{}.cfg", self.name),
+            None,
+            XL_TIMEOUT,
+        );
+        for child in [&self.watcher, &self.console] {
+            if let Ok(mut c) = child.lock() {
+                if let Some(c) = c.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.join();
+        }
+        match result {
+            // Already gone (it shut down and the driver destroyed it): nothing left behind.
+            Ok(_) | Err(TransportError::Failed { .. }) => Ok(()),
+            Err(e) => Err(XenError::from(e).into()),
+        }
+    }
+}
+
+impl Drop for XenSession {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,335 @@
+//! Starting the lab's QEMU (detached in its own session by `-daemonize`), telling our QEMU
+//! from any other process, and stopping it.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::tools::{require_tool, run_with_timeout, tail_lines};
+use super::{LabAccel, LabError};
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// dom0's share of the emulated machine; the rest is for guests.
+pub const DOM0_MEMORY_MIB: u32 = 1024;
+
+/// Everything one boot of the lab needs.
+pub struct XenBoot<'a> {
+    pub hypervisor: &'a Path,
+    pub dom0_kernel: &'a Path,
+    pub dom0_initramfs: &'a Path,
+    pub serial_log: &'a Path,
+    pub pid_file: &'a Path,
+    pub ssh_port: u16,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: LabAccel,
+}
+
+impl XenBoot<'_> {
+    /// QEMU's arguments. Fails on paths with a comma: `-initrd` separates multiboot modules
+    /// with commas (and a module's command line follows its path after a space).
+    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
+        for path in [
+            self.hypervisor,
+            self.dom0_kernel,
+            self.dom0_initramfs,
+            self.serial_log,
+            self.pid_file,
+        ] {
+            let text = path.to_string_lossy();
+            if text.contains(',') || text.contains(' ') {
+                return Err(LabError::InvalidOptions {
+                    reason: format!(
+                        "{} contains a comma or space, which QEMU's multiboot -initrd list \
+                         cannot carry; choose a cache directory without them",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        let (accel, cpu) = match self.accel {
+            LabAccel::Tcg => ("tcg", "max"),
+            LabAccel::Kvm => ("kvm", "host"),
+        };
+        // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
+        // stops the machine instead of looping through reboots.
+        let xen_command_line = format!(
+            "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
+             loglvl=all guest_loglvl=all noreboot smap=0"
+        );
+        let modules = format!(
+            "{} console=hvc0 earlyprintk=xen,{}",
+            self.dom0_kernel.display(),
+            self.dom0_initramfs.display()
+        );
+        let mut arguments: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| arguments.extend(items.iter().map(OsString::from));
+        push(&["-name", "hvbench-xen-lab"]);
+        push(&["-accel", accel, "-cpu", cpu]);
+        push(&[
+            "-m",
+            &self.memory_mib.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+        ]);
+        push(&[
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ]);
+        push(&["-kernel", &self.hypervisor.to_string_lossy()]);
+        push(&["-append", &xen_command_line]);
+        push(&["-initrd", &modules]);
+        // Only QEMU's forward on the host's loopback reaches dom0's sshd.
+        push(&[
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port),
+        ]);
+        push(&["-device", "virtio-net-pci,netdev=n0"]);
+        push(&["-serial", &format!("file:{}", self.serial_log.display())]);
+        push(&["-pidfile", &self.pid_file.to_string_lossy()]);
+        push(&["-daemonize"]);
+        Ok(arguments)
+    }
+
+    /// Starts QEMU; returns once it has daemonized, with its pid.
+    pub fn start(&self) -> Result<u32, LabError> {
+        let qemu = require_tool(QEMU_BINARY, QEMU_PACKAGE)?;
+        let _ = fs::remove_file(self.pid_file);
+        let _ = fs::remove_file(self.serial_log);
+        let mut command = Command::new(qemu);
+        command.args(self.arguments()?);
+        // The foreground QEMU exits as soon as the daemon is initialised.
+        let output =
+            run_with_timeout(&mut command, None, Duration::from_secs(60)).map_err(|e| {
+                LabError::Qemu {
+                    reason: format!("cannot run {QEMU_BINARY}: {e}"),
+                }
+            })?;
+        let Some(output) = output else {
+            // It may have daemonized after all: leave nothing behind.
+            if let Some(pid) = read_pid_file(self.pid_file) {
+                let _ = terminate(pid, self.pid_file);
+            }
+            return Err(LabError::Qemu {
+                reason: "qemu-system-x86_64 did not daemonize within 60 s".into(),
+            });
+        };
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(LabError::Qemu {
+                reason: format!("{}: {}", output.status, tail_lines(&stderr, 6)),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(pid) = read_pid_file(self.pid_file) {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::Qemu {
+                    reason: format!(
+                        "QEMU started but wrote no pid to {}",
+                        self.pid_file.display()
+                    ),
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// True when `pid` is a live (not zombie) QEMU whose command line names `pid_file`: our
+/// pid file path is unique to this cache directory, so a recycled pid never matches.
+pub fn is_our_qemu(pid: u32, pid_file: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(command_line) = fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    let arguments: Vec<&[u8]> = command_line.split(|&b| b == 0).collect();
+    let is_qemu = arguments
+        .first()
+        .map(|program| String::from_utf8_lossy(program).contains("qemu-system"))
+        .unwrap_or(false);
+    let names_pid_file = arguments.contains(&pid_file.as_os_str().as_encoded_bytes());
+    is_qemu && names_pid_file && !is_zombie(pid)
+}
+
+/// A killed QEMU whose parent never reaps it (a daemon's parent is init, and some
+/// containers' init does not reap) lingers as a zombie: dead for our purposes.
+fn is_zombie(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state follows the parenthesised command name, which may itself hold ") ".
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .map(|state| state == 'Z' || state == 'X')
+        .unwrap_or(true)
+}
+
+/// SIGTERM, then SIGKILL after 5 s; only if `pid` is still our QEMU. True if one was running.
+pub fn terminate(pid: u32, pid_file: &Path) -> Result<bool, LabError> {
+    if !is_our_qemu(pid, pid_file) {
+        return Ok(false);
+    }
+    let target = Pid::from_raw(i32::try_from(pid).map_err(|_| LabError::Qemu {
+        reason: format!("pid {pid} out of range"),
+    })?);
+    for (signal, grace) in [
+        (Signal::SIGTERM, Duration::from_secs(5)),
+        (Signal::SIGKILL, Duration::from_secs(5)),
+    ] {
+        match kill(target, signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => {
+                return Err(LabError::Qemu {
+                    reason: format!("cannot signal QEMU (pid {pid}): {e}"),
+                })
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !is_our_qemu(pid, pid_file) {
+                let _ = fs::remove_file(pid_file);
+                return Ok(true);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Err(LabError::Qemu {
+        reason: format!("QEMU (pid {pid}) survived SIGKILL"),
+    })
+}
+
+/// Kills the QEMU it holds when dropped, unless disarmed: every early return of a failed
+/// bring-up takes the machine down with it.
+pub struct QemuGuard {
+    pid: u32,
+    pid_file: PathBuf,
+    armed: bool,
+}
+
+impl QemuGuard {
+    pub fn new(pid: u32, pid_file: &Path) -> Self {
+        Self {
+            pid,
+            pid_file: pid_file.to_path_buf(),
+            armed: true,
+        }
+    }
+
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = terminate(self.pid, &self.pid_file);
+        }
+    }
+}
+
+/// Serial-log lines that mean the boot has failed for good.
+pub fn fatal_boot_line(serial_log: &str) -> Option<&str> {
+    const FATAL: &[&str] = &[
+        "Panic on CPU",
+        "Kernel panic",
+        "Reboot in five seconds",
+        "Manual reset required",
+        "(XEN) Fatal",
+    ];
+    serial_log
+        .lines()
+        .find(|line| FATAL.iter().any(|pattern| line.contains(pattern)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot<'a>(dir: &'a Path, paths: &'a [PathBuf; 5]) -> XenBoot<'a> {
+        let _ = dir;
+        XenBoot {
+            hypervisor: &paths[0],
+            dom0_kernel: &paths[1],
+            dom0_initramfs: &paths[2],
+            serial_log: &paths[3],
+            pid_file: &paths[4],
+            ssh_port: 10022,
+            memory_mib: 3072,
+            cpus: 2,
+            accel: LabAccel::Tcg,
+        }
+    }
+
+    #[test]
+    fn arguments_carry_the_known_good_command_line() {
+        let dir = Path::new("/cache/xen");
+        let paths =
+            ["xen", "vmlinuz", "initrd.cpio", "serial.log", "qemu.pid"].map(|n| dir.join(n));
+        let arguments: Vec<String> = boot(dir, &paths)
+            .arguments()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = arguments.join(" ");
+        assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
+        assert!(joined.contains("smap=0"), "{joined}");
+        assert!(
+            joined.contains("hostfwd=tcp:127.0.0.1:10022-:22"),
+            "{joined}"
+        );
+        assert!(arguments.contains(
+            &"/cache/xen/vmlinuz console=hvc0 earlyprintk=xen,/cache/xen/initrd.cpio".to_string()
+        ));
+        assert!(arguments.contains(&"-daemonize".to_string()));
+    }
+
+    #[test]
+    fn commas_in_paths_are_refused() {
+        let dir = Path::new("/cache,odd/xen");
+        let paths =
+            ["xen", "vmlinuz", "initrd.cpio", "serial.log", "qemu.pid"].map(|n| dir.join(n));
+        assert!(boot(dir, &paths).arguments().is_err());
+    }
+
+    #[test]
+    fn our_own_process_is_not_our_qemu() {
+        assert!(!is_our_qemu(
+            std::process::id(),
+            Path::new("/nonexistent/qemu.pid")
+        ));
+        assert!(!is_our_qemu(u32::MAX, Path::new("/nonexistent/qemu.pid")));
+        assert!(!terminate(std::process::id(), Path::new("/nonexistent/qemu.pid")).unwrap());
+    }
+
+    #[test]
+    fn fatal_lines_are_recognised() {
+        assert!(fatal_boot_line(
+            "(XEN) ****************************************\n(XEN) Panic on CPU 0:\n"
+        )
+        .is_some());
+        assert!(fatal_boot_line("[    1.0] Kernel panic - not syncing: VFS").is_some());
+        assert!(fatal_boot_line("(XEN) Xen version 4.17.7\nHVBENCH-XEN-LAB-READY\n").is_none());
+    }
+}

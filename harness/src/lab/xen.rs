@@ -1,0 +1,757 @@
+//! `lab up xen`: packages -> staging tree -> hypervisor, dom0 kernel and initramfs -> QEMU ->
+//! wait for the ready marker and for `xl info` over ssh.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::initramfs::{self, Dom0Config, READY_MARKER};
+use super::packages::{self, PackageManifest};
+use super::qemu::{self, QemuGuard, XenBoot};
+use super::tools::{require_tool, run_checked, tail_lines};
+use super::{
+    lab_down, lab_status, write_state, xen_version_over_ssh, LabAccel, LabError, LabState,
+    XenLabOptions, HOST_KEY_ALIAS,
+};
+
+pub use super::qemu::DOM0_MEMORY_MIB;
+
+/// Bump when the initramfs recipe changes in a way the inputs below do not capture.
+const BUILD_FORMAT: u32 = 1;
+const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const PORT_ATTEMPTS: usize = 3;
+
+/// Where everything lives under the cache directory.
+pub(super) struct Layout {
+    pub lock_file: PathBuf,
+    pub debs_dir: PathBuf,
+    pub stage_dir: PathBuf,
+    pub boot_dir: PathBuf,
+    pub hypervisor: PathBuf,
+    pub dom0_kernel: PathBuf,
+    pub dom0_initramfs: PathBuf,
+    pub build_stamp: PathBuf,
+    pub keys_dir: PathBuf,
+    pub client_key: PathBuf,
+    pub host_key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub run_dir: PathBuf,
+    pub pid_file: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+impl Layout {
+    pub fn new(cache_dir: &Path) -> Self {
+        let xen = cache_dir.join("xen");
+        let boot_dir = xen.join("boot");
+        let keys_dir = xen.join("keys");
+        let run_dir = xen.join("run");
+        Self {
+            lock_file: cache_dir.join("xen-lab.lock"),
+            debs_dir: cache_dir.join("debs"),
+            stage_dir: xen.join("stage"),
+            hypervisor: boot_dir.join("xen-4.17"),
+            dom0_kernel: boot_dir.join("vmlinuz"),
+            dom0_initramfs: boot_dir.join("dom0-initramfs.cpio"),
+            build_stamp: boot_dir.join("build.json"),
+            boot_dir,
+            client_key: keys_dir.join("id_ed25519"),
+            host_key: keys_dir.join("dropbear_ed25519_host_key"),
+            known_hosts: keys_dir.join("known_hosts"),
+            keys_dir,
+            pid_file: run_dir.join("qemu.pid"),
+            serial_log: run_dir.join("serial.log"),
+            run_dir,
+        }
+    }
+}
+
+/// Inputs of a build; a rebuild happens when any of them changes.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct BuildStamp {
+    format: u32,
+    inputs_sha256: String,
+    xen_package_version: String,
+    dom0_kernel_package: String,
+}
+
+fn now_rfc3339() -> String {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = seconds / 86_400;
+    let (hour, minute, second) = (seconds % 86_400 / 3600, seconds % 3600 / 60, seconds % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
+fn validate(options: &XenLabOptions) -> Result<(), LabError> {
+    let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
+    if options.memory_mib < DOM0_MEMORY_MIB + 512 {
+        return invalid(format!(
+            "memory_mib must be at least {} (dom0 takes {DOM0_MEMORY_MIB} MiB)",
+            DOM0_MEMORY_MIB + 512
+        ));
+    }
+    if options.cpus == 0 || options.cpus > 64 {
+        return invalid(format!("cpus must be 1..=64, not {}", options.cpus));
+    }
+    if options.ssh_port == Some(0) {
+        return invalid("ssh_port 0 is not a port; leave it None to pick a free one".into());
+    }
+    if options.accel == LabAccel::Kvm {
+        if let Some(reason) = super::kvm_unusable_reason() {
+            return Err(LabError::AccelUnavailable { reason });
+        }
+    }
+    Ok(())
+}
+
+fn check_cancelled(options: &XenLabOptions) -> Result<(), LabError> {
+    match options.cancel {
+        Some(flag) if flag.load(Ordering::SeqCst) => Err(LabError::Interrupted),
+        _ => Ok(()),
+    }
+}
+
+/// Holds `<cache>/xen-lab.lock` so two bring-ups never race over one cache.
+fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&layout.lock_file)
+        .map_err(|e| LabError::io(&layout.lock_file, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            progress("waiting for another `lab up` on the same cache directory");
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| LabError::io(&layout.lock_file, std::io::Error::from(e)))
+        }
+        Err((_, e)) => Err(LabError::io(&layout.lock_file, std::io::Error::from(e))),
+    }
+}
+
+/// Brings the Xen lab up, or returns the one already up and healthy.
+pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
+    validate(options)?;
+    let progress = options.progress;
+    fs::create_dir_all(&options.cache_dir).map_err(|e| LabError::io(&options.cache_dir, e))?;
+    // Absolute paths: QEMU chdirs to / when it daemonizes, and they go into the state file.
+    let cache_dir = options
+        .cache_dir
+        .canonicalize()
+        .map_err(|e| LabError::io(&options.cache_dir, e))?;
+    let layout = Layout::new(&cache_dir);
+    let _lock = lock_cache(&layout, progress)?;
+
+    if let Some(status) = lab_status(&cache_dir)? {
+        if status.healthy() {
+            progress(&format!(
+                "Xen {} lab already up (QEMU pid {}, ssh port {})",
+                status.state.xen_version, status.state.qemu_pid, status.state.ssh_port
+            ));
+            return Ok(status.state);
+        }
+        progress("a previous lab is not healthy; stopping it");
+    }
+    // Also catches a QEMU whose bring-up was killed before it saved any state.
+    lab_down(&cache_dir)?;
+
+    require_tool("ssh", "openssh-client")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
+
+    let started = Instant::now();
+    let manifest = packages::ensure_packages(&cache_dir, &|m| progress(m))?;
+    check_cancelled(options)?;
+    packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
+        progress(m)
+    })?;
+    check_cancelled(options)?;
+    let stamp = ensure_boot_files(&layout, &manifest, progress)?;
+    progress(&format!(
+        "boot files ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    check_cancelled(options)?;
+
+    fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
+    let (pid, port, guard, boot_started) = start_qemu(&layout, options)?;
+    progress(&format!(
+        "booting Xen under QEMU ({}, {} MiB, {} CPUs; QEMU pid {pid}, ssh on 127.0.0.1:{port}; serial log {})",
+        options.accel.as_str(),
+        options.memory_mib,
+        options.cpus,
+        layout.serial_log.display()
+    ));
+
+    let mut state = LabState {
+        kind: "xen".into(),
+        qemu_pid: pid,
+        qemu_pid_file: layout.pid_file.clone(),
+        ssh_port: port,
+        ssh_key: layout.client_key.clone(),
+        known_hosts: layout.known_hosts.clone(),
+        xen_version: String::new(),
+        xen_package_version: stamp.xen_package_version.clone(),
+        dom0_kernel_package: stamp.dom0_kernel_package.clone(),
+        accel: options.accel.as_str().into(),
+        memory_mib: options.memory_mib,
+        cpus: options.cpus,
+        started_at: now_rfc3339(),
+        boot_seconds: 0.0,
+        serial_log: layout.serial_log.clone(),
+    };
+    let deadline = boot_started + options.boot_timeout;
+    wait_for_marker(&layout, options, pid, deadline)?;
+    progress(&format!(
+        "dom0 ready after {:.1} s; asking `xl info` over ssh",
+        boot_started.elapsed().as_secs_f64()
+    ));
+    state.xen_version = wait_for_xl_info(&layout, options, &state, deadline)?;
+    state.boot_seconds = boot_started.elapsed().as_secs_f64();
+    write_state(&cache_dir, &state)?;
+    guard.disarm();
+    progress(&format!(
+        "Xen {} is up: {:.1} s from QEMU start to `xl info` over ssh ({:.1} s in all)",
+        state.xen_version,
+        state.boot_seconds,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(state)
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Hypervisor, dom0 kernel, keys and initramfs; rebuilt only when their inputs changed.
+fn ensure_boot_files(
+    layout: &Layout,
+    manifest: &PackageManifest,
+    progress: fn(&str),
+) -> Result<BuildStamp, LabError> {
+    let kernel_package = manifest
+        .kernel_package()
+        .ok_or_else(|| LabError::Packages {
+            reason: "no linux-image package among the downloads".into(),
+        })?;
+    let xen_package_version = manifest
+        .version_of("xen-hypervisor-4.17-amd64")
+        .ok_or_else(|| LabError::Packages {
+            reason: "xen-hypervisor-4.17-amd64 missing from the downloads".into(),
+        })?
+        .to_string();
+    ensure_keys(layout)?;
+    let host_key = fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?;
+    let client_public_path = layout.client_key.with_extension("pub");
+    let client_public =
+        fs::read(&client_public_path).map_err(|e| LabError::io(&client_public_path, e))?;
+    let modules = initramfs::DOM0_MODULES.join(",");
+    let expected = BuildStamp {
+        format: BUILD_FORMAT,
+        inputs_sha256: sha256_hex(&[
+            manifest.fingerprint().as_bytes(),
+            initramfs::RC_SCRIPT.as_bytes(),
+            initramfs::INITTAB.as_bytes(),
+            modules.as_bytes(),
+            &host_key,
+            &client_public,
+        ]),
+        xen_package_version,
+        dom0_kernel_package: format!("{} {}", kernel_package.name, kernel_package.version),
+    };
+    let current: Option<BuildStamp> = fs::read(&layout.build_stamp)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let outputs_present = [
+        &layout.hypervisor,
+        &layout.dom0_kernel,
+        &layout.dom0_initramfs,
+    ]
+    .iter()
+    .all(|path| path.is_file());
+    if current.as_ref() == Some(&expected) && outputs_present {
+        return Ok(expected);
+    }
+
+    fs::create_dir_all(&layout.boot_dir).map_err(|e| LabError::io(&layout.boot_dir, e))?;
+    let _ = fs::remove_file(&layout.build_stamp);
+    let stage = &layout.stage_dir;
+
+    // QEMU's multiboot loader takes Xen's uncompressed 32-bit ELF, not the .gz Debian ships.
+    let compressed = stage.join("boot/xen-4.17-amd64.gz");
+    progress("unpacking the hypervisor (boot/xen-4.17-amd64.gz)");
+    let mut gunzip = Command::new("gzip");
+    gunzip.arg("-dc").arg(&compressed);
+    let hypervisor = run_binary(&mut gunzip, "gzip -dc xen-4.17-amd64.gz", "gzip")?;
+    write_file(&layout.hypervisor, &hypervisor)?;
+
+    let release = initramfs::kernel_release(stage)?;
+    let kernel = stage.join(format!("boot/vmlinuz-{release}"));
+    fs::copy(&kernel, &layout.dom0_kernel).map_err(|e| LabError::io(&kernel, e))?;
+
+    progress("building the dom0 initramfs");
+    let authorized_key = String::from_utf8_lossy(&client_public).into_owned();
+    let summary = initramfs::build_dom0_initramfs(
+        &Dom0Config {
+            stage_dir: stage,
+            kernel_release: &release,
+            authorized_key: &authorized_key,
+            host_key: &host_key,
+        },
+        &layout.dom0_initramfs,
+    )?;
+    progress(&format!(
+        "dom0 initramfs: {} entries, {:.1} MiB, {} shared libraries, {} kernel modules ({})",
+        summary.entries,
+        summary.bytes as f64 / (1024.0 * 1024.0),
+        summary.libraries.len(),
+        summary.modules.len(),
+        summary
+            .modules
+            .iter()
+            .filter_map(|m| Path::new(m)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    packages::write_json(&layout.build_stamp, &expected)?;
+    Ok(expected)
+}
+
+/// Runs a program whose stdout is binary.
+fn run_binary(command: &mut Command, what: &str, package: &str) -> Result<Vec<u8>, LabError> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    require_tool(&program, package)?;
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| LabError::Command {
+            what: what.into(),
+            detail: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(LabError::Command {
+            what: what.into(),
+            detail: format!(
+                "{}: {}",
+                output.status,
+                tail_lines(&String::from_utf8_lossy(&output.stderr), 6)
+            ),
+        });
+    }
+    Ok(output.stdout)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
+    let mut file = fs::File::create(path).map_err(|e| LabError::io(path, e))?;
+    file.write_all(bytes).map_err(|e| LabError::io(path, e))
+}
+
+/// The client key pair (ssh-keygen) and dom0's host key (the downloaded dropbearkey, run
+/// through the downloaded loader since the host may lack its libraries); made once.
+fn ensure_keys(layout: &Layout) -> Result<(), LabError> {
+    fs::create_dir_all(&layout.keys_dir).map_err(|e| LabError::io(&layout.keys_dir, e))?;
+    if !layout.client_key.is_file() || !layout.client_key.with_extension("pub").is_file() {
+        let _ = fs::remove_file(&layout.client_key);
+        let _ = fs::remove_file(layout.client_key.with_extension("pub"));
+        let mut keygen = Command::new("ssh-keygen");
+        keygen
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "hvbench-lab", "-f"])
+            .arg(&layout.client_key);
+        run_checked(&mut keygen, "ssh-keygen (lab client key)")?;
+    }
+
+    let stage = &layout.stage_dir;
+    let loader = initramfs::resolve_in_stage(stage, "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+        .ok_or_else(|| LabError::Packages {
+            reason: "the downloaded libc6 has no ld-linux-x86-64.so.2".into(),
+        })?;
+    let library_path = format!(
+        "{}:{}",
+        stage.join("lib/x86_64-linux-gnu").display(),
+        stage.join("usr/lib/x86_64-linux-gnu").display()
+    );
+    let dropbearkey = |arguments: &[&str]| {
+        let mut command = Command::new(stage.join(&loader));
+        command
+            .arg("--library-path")
+            .arg(&library_path)
+            .arg(stage.join("usr/bin/dropbearkey"))
+            .args(arguments)
+            .arg(&layout.host_key);
+        command
+    };
+    if !layout.host_key.is_file() {
+        run_checked(
+            &mut dropbearkey(&["-t", "ed25519", "-f"]),
+            "dropbearkey (dom0 host key)",
+        )?;
+    }
+    let public = run_checked(&mut dropbearkey(&["-y", "-f"]), "dropbearkey -y")?;
+    let key_line = public
+        .lines()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .ok_or_else(|| LabError::Command {
+            what: "dropbearkey -y".into(),
+            detail: "printed no ssh-ed25519 public key".into(),
+        })?;
+    let mut fields = key_line.split_whitespace();
+    let (Some(kind), Some(key)) = (fields.next(), fields.next()) else {
+        return Err(LabError::Command {
+            what: "dropbearkey -y".into(),
+            detail: format!("unexpected public key line {key_line:?}"),
+        });
+    };
+    // Pinned under an alias, so the entry holds for any forwarded port.
+    write_file(
+        &layout.known_hosts,
+        format!("{HOST_KEY_ALIAS} {kind} {key}\n").as_bytes(),
+    )
+}
+
+fn pick_free_port() -> Result<u16, LabError> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| LabError::Qemu {
+        reason: format!("cannot find a free port on 127.0.0.1: {e}"),
+    })?;
+    listener
+        .local_addr()
+        .map(|address| address.port())
+        .map_err(|e| LabError::Qemu {
+            reason: format!("cannot find a free port on 127.0.0.1: {e}"),
+        })
+}
+
+/// Starts QEMU, retrying on another port when a picked port was taken in the meantime.
+fn start_qemu(
+    layout: &Layout,
+    options: &XenLabOptions,
+) -> Result<(u32, u16, QemuGuard, Instant), LabError> {
+    let mut last_error = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let port = match options.ssh_port {
+            Some(port) => port,
+            None => pick_free_port()?,
+        };
+        let boot = XenBoot {
+            hypervisor: &layout.hypervisor,
+            dom0_kernel: &layout.dom0_kernel,
+            dom0_initramfs: &layout.dom0_initramfs,
+            serial_log: &layout.serial_log,
+            pid_file: &layout.pid_file,
+            ssh_port: port,
+            memory_mib: options.memory_mib,
+            cpus: options.cpus,
+            accel: options.accel,
+        };
+        let started = Instant::now();
+        match boot.start() {
+            Ok(pid) => {
+                return Ok((pid, port, QemuGuard::new(pid, &layout.pid_file), started));
+            }
+            Err(LabError::Qemu { reason })
+                if options.ssh_port.is_none() && reason.contains("forwarding") =>
+            {
+                last_error = Some(LabError::Qemu { reason });
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or(LabError::Qemu {
+        reason: "could not start QEMU".into(),
+    }))
+}
+
+fn serial_text(layout: &Layout) -> String {
+    fs::read(&layout.serial_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
+fn boot_failed(layout: &Layout, reason: impl Into<String>) -> LabError {
+    let serial = serial_text(layout);
+    // The dom0 script's own failure lines say most; then the end of the log.
+    let mut tail: Vec<&str> = serial
+        .lines()
+        .filter(|line| line.contains("hvbench-lab: FAILED"))
+        .collect();
+    let last = tail_lines(&serial, 15);
+    tail.extend(last.lines());
+    LabError::BootFailed {
+        reason: reason.into(),
+        serial_log: layout.serial_log.clone(),
+        serial_tail: tail.join("\n"),
+    }
+}
+
+fn wait_for_marker(
+    layout: &Layout,
+    options: &XenLabOptions,
+    pid: u32,
+    deadline: Instant,
+) -> Result<(), LabError> {
+    loop {
+        check_cancelled(options)?;
+        let serial = serial_text(layout);
+        if serial.contains(READY_MARKER) {
+            return Ok(());
+        }
+        if let Some(line) = qemu::fatal_boot_line(&serial) {
+            return Err(boot_failed(layout, format!("crashed: {}", line.trim())));
+        }
+        if !qemu::is_our_qemu(pid, &layout.pid_file) {
+            return Err(boot_failed(layout, "QEMU exited"));
+        }
+        if Instant::now() >= deadline {
+            return Err(boot_failed(
+                layout,
+                format!(
+                    "no {READY_MARKER} line within {} s",
+                    options.boot_timeout.as_secs()
+                ),
+            ));
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn wait_for_xl_info(
+    layout: &Layout,
+    options: &XenLabOptions,
+    state: &LabState,
+    deadline: Instant,
+) -> Result<String, LabError> {
+    let mut last_error = String::new();
+    loop {
+        check_cancelled(options)?;
+        if !qemu::is_our_qemu(state.qemu_pid, &layout.pid_file) {
+            return Err(boot_failed(layout, "QEMU exited"));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(boot_failed(
+                layout,
+                format!(
+                    "`xl info` over ssh did not answer within {} s (last error: {last_error})",
+                    options.boot_timeout.as_secs()
+                ),
+            ));
+        }
+        match xen_version_over_ssh(state, SSH_ATTEMPT_TIMEOUT.min(remaining)) {
+            Ok(version) => return Ok(version),
+            Err(error) => last_error = error.to_string(),
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::xen::transport::Transport;
+    use crate::lab::ssh_target;
+
+    /// The flat image (0x100000..) of assets/pvh-test-guest.S: prints one line on the PV
+    /// console and port 0xE9, then SCHEDOP_shutdown(poweroff).
+    const PVH_TEST_GUEST_IMAGE_HEX: &str = concat!(
+        "04000000040000001200000058656e0014001000fabc00301000fcbe54011000ac84c07404e6e9eb",
+        "f7bf0000004089f80fa281fb58656e56751081f94d4d5865750881fa6e564d4d741381c700010000",
+        "81ff0000014072d6e9d30000008d47020fa289d9b80010100031d20f30c7053c01100011000000bb",
+        "01000000b938011000e8ba13000085c00f8593000000a140011000c1e00ca34c011000c7053c0110",
+        "0012000000bb01000000b938011000e88c13000085c07569a140011000a3480110008b2d4c011000",
+        "8b950c0c0000be54011000ac84c0741289d181e1ff07000088840d0004000042ebe90faef889950c",
+        "0c0000bb04000000b948011000e8fe1200008b2d4c0110008b85080c00003b850c0c0000740b31db",
+        "31c9e881120000ebe1bb02000000b950011000e870120000f4ebfd0000000000f07f000000000000",
+        "0000000000000000000000000000000000000000687662656e63682d7076682d746573743a206865",
+        "6c6c6f2066726f6d2061205056482067756573740a00",
+    );
+
+    /// Wraps the flat image in an ELF32 with a PT_LOAD and the PT_NOTE Xen reads
+    /// (XEN_ELFNOTE_PHYS32_ENTRY is the image's first 20 bytes).
+    fn pvh_test_guest_elf() -> Vec<u8> {
+        let image: Vec<u8> = (0..PVH_TEST_GUEST_IMAGE_HEX.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&PVH_TEST_GUEST_IMAGE_HEX[i..i + 2], 16).unwrap())
+            .collect();
+        let load_address: u32 = 0x10_0000;
+        let image_offset: u32 = 0x1000;
+        let mut elf = Vec::new();
+        elf.extend_from_slice(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+        for half in [2u16, 3] {
+            elf.extend_from_slice(&half.to_le_bytes()); // ET_EXEC, EM_386
+        }
+        for word in [1u32, load_address + 0x14, 52, 0, 0] {
+            elf.extend_from_slice(&word.to_le_bytes()); // version, entry, phoff, shoff, flags
+        }
+        for half in [52u16, 32, 2, 40, 0, 0] {
+            elf.extend_from_slice(&half.to_le_bytes());
+        }
+        let segments: [[u32; 8]; 2] = [
+            // PT_LOAD, RWX, with 0x3000 in memory for the hypercall page and the stack.
+            [
+                1,
+                image_offset,
+                load_address,
+                load_address,
+                image.len() as u32,
+                0x3000,
+                7,
+                0x1000,
+            ],
+            // PT_NOTE over the .note.Xen at the start of the image.
+            [
+                4,
+                image_offset,
+                load_address,
+                load_address,
+                0x14,
+                0x14,
+                4,
+                4,
+            ],
+        ];
+        for segment in segments {
+            for word in segment {
+                elf.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        elf.resize(image_offset as usize, 0);
+        elf.extend_from_slice(&image);
+        elf
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let stamp = now_rfc3339();
+        assert_eq!(stamp.len(), 20, "{stamp}");
+        assert!(
+            stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            "{stamp}"
+        );
+        assert!(stamp.as_str() > "2024-01-01T00:00:00Z", "{stamp}");
+    }
+
+    #[test]
+    fn small_machines_and_bad_ports_are_refused() {
+        let mut options = XenLabOptions::new("/tmp/unused");
+        options.memory_mib = 1024;
+        assert!(matches!(
+            validate(&options),
+            Err(LabError::InvalidOptions { .. })
+        ));
+        options.memory_mib = 3072;
+        options.ssh_port = Some(0);
+        assert!(validate(&options).is_err());
+        options.ssh_port = None;
+        options.cpus = 0;
+        assert!(validate(&options).is_err());
+        options.cpus = 2;
+        assert!(validate(&options).is_ok());
+    }
+
+    /// Boots the real lab: downloads ~81 MB of Debian packages on first use, then about
+    /// 10-20 s per boot under TCG. `cargo test -- --ignored lab_up_status_down`; the cache
+    /// is `HVBENCH_LAB_TEST_CACHE` or `~/.cache/hvbench/lab-test`.
+    #[test]
+    #[ignore = "boots a nested Xen under QEMU; needs network for the first download"]
+    fn lab_up_status_down() {
+        let cache_dir = std::env::var_os("HVBENCH_LAB_TEST_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| {
+                super::super::default_cache_dir()
+                    .and_then(|dir| dir.parent().map(|p| p.join("lab-test")))
+            })
+            .expect("HOME or HVBENCH_LAB_TEST_CACHE must be set");
+        let options = XenLabOptions::new(&cache_dir);
+        let state = lab_up_xen(&options).expect("lab up");
+        assert_eq!(state.kind, "xen");
+        assert!(
+            state.xen_version.starts_with("4.17"),
+            "{}",
+            state.xen_version
+        );
+
+        // Idempotent: the same lab comes back.
+        let again = lab_up_xen(&options).expect("second lab up");
+        assert_eq!(again.qemu_pid, state.qemu_pid);
+
+        let status = lab_status(&cache_dir).expect("status").expect("a lab");
+        assert!(status.healthy(), "{status:?}");
+        let dom0 = Transport::Ssh(ssh_target(&state));
+        let run = |command: &str, input: Option<&[u8]>| {
+            let output = dom0
+                .run(command, input, Duration::from_secs(120))
+                .unwrap_or_else(|e| panic!("`{command}`: {e}"));
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        let list = run("xl list", None);
+        assert!(list.contains("Domain-0"), "{list}");
+
+        // A PVH guest through the whole xl path: create paused, unpause, console, shutdown.
+        run("cat > /root/pvh-test.elf", Some(&pvh_test_guest_elf()));
+        let config = "type = \"pvh\"\nname = \"hvbench-pvh-test\"\n\
+                      kernel = \"/root/pvh-test.elf\"\nmemory = 32\nvcpus = 1\n\
+                      on_poweroff = \"destroy\"\non_crash = \"destroy\"\n\
+                      on_reboot = \"destroy\"\ncpuid = \"host,rdtscp=0\"\n";
+        run("cat > /root/pvh-test.cfg", Some(config.as_bytes()));
+        let log = "/var/log/xen/console/guest-hvbench-pvh-test.log";
+        run(
+            &format!("rm -f {log}; xl create -p /root/pvh-test.cfg && xl unpause hvbench-pvh-test"),
+            None,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let console = run(&format!("cat {log} 2>/dev/null; xl list"), None);
+            if console.contains("hello from a PVH guest") && !console.contains("hvbench-pvh-test ")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "guest did not finish: {console}");
+            thread::sleep(Duration::from_millis(500));
+        }
+
+        assert!(lab_down(&cache_dir).expect("down"));
+        assert!(!qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file));
+        assert!(lab_status(&cache_dir).expect("status").is_none());
+        assert!(!lab_down(&cache_dir).expect("second down"));
+    }
+}
