@@ -106,6 +106,7 @@ fn through_backend(
         vcpus: 1,
         guest_path: None,
         out: dir.clone(),
+        params: Vec::new(),
     };
     let mut writer = reports::ResultsWriter::create(&dir, false).expect("results dir");
     let flag = AtomicBool::new(false);

@@ -58,6 +58,33 @@ pub enum Syscall {
     TripleFault = 4,
     /// Writes a buffer (address, length) to the UART.
     ConsoleWrite = 5,
+    /// Flushes the TLB (reloads CR3).
+    FlushTlb = 6,
+    /// Sets the protection-fault window (virtual base, pages, first page table): a write
+    /// fault there makes the page writable again and resumes.
+    SetProtWindow = 7,
+}
+
+/// Pages of `mem.prot-fault` whose write faults the kernel repairs.
+#[derive(Clone, Copy)]
+struct ProtWindow {
+    va: u64,
+    pages: u64,
+    first_pt: u64,
+}
+
+static PROT_WINDOW: Global<Option<ProtWindow>> = Global::new(None);
+
+/// Arguments of the `mem.pt-update` kernel loop, in user memory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PtUpdateArgs {
+    /// The PTE rewritten each iteration.
+    pub pte: u64,
+    /// The address it maps.
+    pub va: u64,
+    /// The two physical pages it alternates between (with their flags).
+    pub entries: [u64; 2],
 }
 
 /// KernelLoop's answer when the instruction faulted (the host refuses it at CPL0).
@@ -110,12 +137,12 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     )
 }
 
-fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
+fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     match nr {
         n if n == Syscall::Exit as u64 => {
             exit(ExitCode::from_u8(a0 as u8).unwrap_or(ExitCode::Error))
         }
-        n if n == Syscall::KernelLoop as u64 => kernel_loop(a0, a1),
+        n if n == Syscall::KernelLoop as u64 => kernel_loop(a0, a1, a2),
         n if n == Syscall::ConsoleKick as u64 => {
             if xen::is_ready() {
                 xen::notify_console();
@@ -137,6 +164,18 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
             cpu::rep_outsb(UART_PORT, bytes);
             0
         }
+        n if n == Syscall::FlushTlb as u64 => {
+            cpu::write_cr3(cpu::read_cr3());
+            0
+        }
+        n if n == Syscall::SetProtWindow as u64 => {
+            PROT_WINDOW.set((a1 > 0).then_some(ProtWindow {
+                va: a0,
+                pages: a1,
+                first_pt: a2,
+            }));
+            0
+        }
         _ => u64::MAX,
     }
 }
@@ -151,8 +190,13 @@ fn timed(iterations: u64, mut op: impl FnMut()) -> u64 {
     rdtsc_fenced().wrapping_sub(start)
 }
 
+extern "C" {
+    static pml4: [u64; 512];
+    static pml4_alt: [u64; 512];
+}
+
 /// Kernel-mode workloads: the instruction runs in a loop at CPL0, timed at CPL0.
-fn kernel_loop(workload: u64, iterations: u64) -> u64 {
+fn kernel_loop(workload: u64, iterations: u64, arg: u64) -> u64 {
     let info = boot_info();
     let id = workloads::WORKLOADS.get(workload as usize).map(|w| w.id);
     match id {
@@ -183,8 +227,61 @@ fn kernel_loop(workload: u64, iterations: u64) -> u64 {
             }),
             _ => u64::MAX,
         },
+        Some(WorkloadId::MemPtUpdate) => {
+            // SAFETY: user mode passes a `PtUpdateArgs` it owns (all memory is mapped).
+            let a = unsafe { (arg as *const PtUpdateArgs).read_volatile() };
+            let pte = a.pte as *mut u64;
+            let mut which = 0;
+            timed(iterations, || {
+                which ^= 1;
+                // SAFETY: `pte` is a PTE of the caller's window; both entries map pages
+                // the caller allocated.
+                unsafe { pte.write_volatile(a.entries[which]) };
+                cpu::invlpg(a.va);
+                // SAFETY: the page is mapped by the entry just written.
+                core::hint::black_box(unsafe { (a.va as *const u64).read_volatile() });
+            })
+        }
+        Some(WorkloadId::MemCr3Switch) => {
+            let main = core::ptr::addr_of!(pml4) as u64;
+            let alt = core::ptr::addr_of!(pml4_alt) as *mut u64;
+            // The alternate root must map what the main one maps (the window too).
+            for i in 0..2 {
+                // SAFETY: both roots are statics of the boot code, 512 entries each.
+                unsafe {
+                    alt.add(i)
+                        .write_volatile((main as *const u64).add(i).read_volatile())
+                };
+            }
+            let roots = [alt as u64, main];
+            let mut which = 0;
+            let cycles = timed(iterations, || {
+                which ^= 1;
+                cpu::write_cr3(roots[which]);
+            });
+            cpu::write_cr3(main);
+            cycles
+        }
         _ => u64::MAX,
     }
+}
+
+/// A write fault in the protection-fault window: make the page writable and go on.
+fn repair_prot_fault(frame: &traps::ExceptionFrame) -> bool {
+    let Some(w) = PROT_WINDOW.get() else {
+        return false;
+    };
+    let cr2 = cpu::read_cr2();
+    // Error code: present (bit 0) and write (bit 1).
+    if frame.vector != 14 || frame.error_code & 3 != 3 || cr2 < w.va || cr2 >= w.va + w.pages * 4096
+    {
+        return false;
+    }
+    let pte = (w.first_pt + (cr2 - w.va) / 4096 * 8) as *mut u64;
+    // SAFETY: the window's page tables were set up by user mode for this purpose.
+    unsafe { pte.write_volatile(pte.read_volatile() | 2) };
+    cpu::invlpg(cr2);
+    true
 }
 
 /// Ends the run: the exit port on KVM-based hosts, SCHEDOP_shutdown on Xen. CPL0.
@@ -250,6 +347,9 @@ extern "C" fn exception_handler(frame: &mut traps::ExceptionFrame) {
         frame.rax = syscall_dispatch(frame.rax, frame.rdi, frame.rsi, frame.rdx);
         // Resume after the UD2.
         frame.rip += 2;
+        return;
+    }
+    if repair_prot_fault(frame) {
         return;
     }
     if frame.cs & 3 == 0 {

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod arch;
+mod builtins;
 mod console;
 mod global;
 mod hypervisor;

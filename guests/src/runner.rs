@@ -10,6 +10,7 @@ use crate::arch::cpu::rdtsc_fenced;
 use crate::arch::user::syscall;
 use crate::console;
 use crate::kernel::{self, BootInfo, Syscall};
+use crate::mem;
 use crate::start_info;
 use crate::workloads as guest_workloads;
 
@@ -73,10 +74,24 @@ fn end(status: Status) -> ! {
     })
 }
 
-fn config(info: &BootInfo) -> Result<GuestConfig, &'static str> {
+fn config(info: &BootInfo) -> Result<(GuestConfig, &'static str), &'static str> {
     let start = start_info::read(info.start_info).ok_or("no PVH start info (bad magic)")?;
     let line = start_info::cmdline(&start, MAX_CMDLINE).ok_or("no ASCII command line")?;
-    cmdline::parse(line).map_err(|e| e.message())
+    let config = cmdline::parse(line).map_err(|e| e.message())?;
+    Ok((config, line))
+}
+
+/// End of RAM from the PVH memory map (the highest usable byte below 4 GiB).
+fn ram_end(info: &BootInfo) -> u64 {
+    start_info::read(info.start_info)
+        .map(|s| {
+            start_info::ram_ranges(&s)
+                .map(|(base, size)| base.saturating_add(size))
+                .filter(|end| *end <= workloads::abi::MAX_LOW_RAM)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
 }
 
 /// Why a workload stopped: its status (skip for a host that cannot run it) and reason.
@@ -87,9 +102,65 @@ pub struct Sampler {
     pub workload: WorkloadId,
     pub config: GuestConfig,
     pub min_cycles: u64,
+    /// The command line, for the workload's own parameters.
+    pub cmdline: &'static str,
 }
 
 impl Sampler {
+    /// The workload's parameter `key`, if the host gave one.
+    pub fn param(&self, key: &str) -> Option<&'static str> {
+        cmdline::param(self.cmdline, self.workload, key)
+    }
+
+    /// Prints one sample line.
+    pub fn emit_sample(&self, params: &str, index: u64, warmup: bool, ops: u64, cycles: u64) {
+        let mut line = LineBuilder::new(LineKind::Sample);
+        line.text("w", self.workload.name())
+            .text("m", self.metric());
+        if !params.is_empty() {
+            line.text("p", params);
+        }
+        line.num("n", index).num("ops", ops).num("cycles", cycles);
+        if warmup {
+            line.num("warm", 1);
+        }
+        emit(&mut line);
+    }
+
+    fn metric(&self) -> &'static str {
+        self.workload
+            .spec()
+            .metrics
+            .first()
+            .map(|m| m.name)
+            .unwrap_or("latency")
+    }
+
+    /// As [`Sampler::latency`], for operations that count their own work: `op(n)` runs n
+    /// repetitions and returns (operations, cycles), where an operation may be a byte.
+    pub fn measure(
+        &self,
+        params: &str,
+        mut op: impl FnMut(u64) -> Result<(u64, u64), Refusal>,
+    ) -> Result<u64, Refusal> {
+        let mut iterations = 1u64;
+        loop {
+            let (_, cycles) = op(iterations)?;
+            if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
+                break;
+            }
+            iterations *= 2;
+        }
+        let total = self.config.warmup + self.config.samples;
+        for i in 0..total {
+            let (ops, cycles) = op(iterations)?;
+            let warmup = i < self.config.warmup;
+            let index = if warmup { i } else { i - self.config.warmup };
+            self.emit_sample(params, index as u64, warmup, ops, cycles);
+        }
+        Ok(iterations)
+    }
+
     /// Grows the iteration count until one run of `op` lasts `min_cycles` (kvm-unit-tests'
     /// method), then prints the warm-up samples (marked, kept) and the measured samples.
     /// `op(n)` runs n operations and returns the cycles they took, or why it cannot.
@@ -98,33 +169,7 @@ impl Sampler {
         params: &str,
         mut op: impl FnMut(u64) -> Result<u64, Refusal>,
     ) -> Result<u64, Refusal> {
-        let mut iterations = 1u64;
-        loop {
-            let cycles = op(iterations)?;
-            if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
-                break;
-            }
-            iterations *= 2;
-        }
-        let total = self.config.warmup + self.config.samples;
-        for i in 0..total {
-            let cycles = op(iterations)?;
-            let warmup = i < self.config.warmup;
-            let index = if warmup { i } else { i - self.config.warmup };
-            let mut line = LineBuilder::new(LineKind::Sample);
-            line.text("w", self.workload.name()).text("m", "latency");
-            if !params.is_empty() {
-                line.text("p", params);
-            }
-            line.num("n", index as u64)
-                .num("ops", iterations)
-                .num("cycles", cycles);
-            if warmup {
-                line.num("warm", 1);
-            }
-            emit(&mut line);
-        }
-        Ok(iterations)
+        self.measure(params, |n| op(n).map(|cycles| (n, cycles)))
     }
 
     pub fn note_hex(&self, key: &str, value: u64) {
@@ -179,7 +224,7 @@ pub extern "C" fn report_crash() -> ! {
 pub extern "C" fn user_main() -> ! {
     let info = kernel::boot_info();
     hello(&info);
-    let config = match config(&info) {
+    let (config, cmdline_text) = match config(&info) {
         Ok(c) => c,
         Err(reason) => {
             emit(
@@ -190,6 +235,7 @@ pub extern "C" fn user_main() -> ! {
             end(Status::Error);
         }
     };
+    mem::arena::init(ram_end(&info));
     let tsc_khz = if info.tsc_khz > 0 {
         info.tsc_khz
     } else {
@@ -214,12 +260,16 @@ pub extern "C" fn user_main() -> ! {
             workload: id,
             config,
             min_cycles,
+            cmdline: cmdline_text,
         };
         let (status, reason) = match guest_workloads::run(&sampler, &info) {
             Ok(()) => (Status::Success, None),
             Err((status, reason)) => (status, Some(reason)),
         };
         kernel::set_current(None);
+        // Whatever the workload mapped or allocated is given back.
+        mem::paging::unmap();
+        mem::arena::reset_work();
         let mut line = LineBuilder::new(LineKind::Result);
         line.text("w", name).text("status", status.name());
         if let Some(reason) = reason {

@@ -16,7 +16,7 @@ use crate::backend::xen::xl::Paging;
 use crate::backend::xen::{XenBackend, XenHostSpec};
 use crate::backend::{BackendKind, Hypervisor};
 use crate::guest_image::GuestImage;
-use crate::run::{self, plan, RunOptions};
+use crate::run::{self, plan, RunOptions, WorkloadParam};
 use crate::{host, interrupt, summary};
 
 #[derive(Debug, Parser)]
@@ -110,6 +110,10 @@ pub struct RunArgs {
     /// Guest image to boot instead of the one built into hvbench.
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// A workload's parameter, WORKLOAD.KEY=VALUE (repeatable), e.g.
+    /// mem.tlb-chase.ws=64k,16m or mem.first-touch.page=4k.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<WorkloadParam>,
     /// QEMU binary for `--backend qemu`.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
@@ -127,6 +131,10 @@ pub struct RunArgs {
     /// Guest paging on Xen: hardware-assisted (hap=1) or shadow (hap=0).
     #[arg(long, value_enum, default_value = "hap")]
     pub paging: Paging,
+}
+
+fn parse_param(text: &str) -> Result<WorkloadParam, String> {
+    WorkloadParam::parse(text)
 }
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
@@ -224,6 +232,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         vcpus: 1,
         guest_path: args.guest.clone(),
         out: args.out.clone(),
+        params: args.params.clone(),
     };
     eprintln!(
         "hvbench: {} workload(s) x {} on {} (host class {}, paging {}, guest CPL0 {}); results in {}",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hvbench::backend::kvm::KvmBackend;
 use reports::read_results;
 use reports::record::Status;
-use workloads::{WorkloadId, WORKLOADS};
+use workloads::{Group, WorkloadId, WORKLOADS};
 
 #[test]
 fn every_workload_succeeds_with_positive_figures() {
@@ -21,7 +21,8 @@ fn every_workload_succeeds_with_positive_figures() {
     let backend = KvmBackend::new(host.clone()).unwrap();
     let all: Vec<WorkloadId> = WORKLOADS
         .iter()
-        .filter(|w| !w.explicit_only)
+        // The CPU and I/O suite; memory workloads have their own test (tests/memory.rs).
+        .filter(|w| !w.explicit_only && matches!(w.group, Group::Cpu | Group::Io))
         .map(|w| w.id)
         .collect();
     let summary = common::run_with(&backend, &common::quick_options(&all, dir.path()));

@@ -107,13 +107,14 @@ impl std::fmt::Display for RecordKey {
     }
 }
 
-/// The same work run natively on the host: guest/native is the virtualisation overhead.
+/// The same work run natively on the host: how close the guest comes to native speed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NativeComparison {
     /// Native samples, in the record's unit.
     pub samples: Vec<f64>,
     pub median: f64,
-    /// Median of the guest's samples divided by the native median.
+    /// The guest's performance relative to native, from the medians: 1.0 is native speed,
+    /// below 1 the guest is slower (native/guest for times, guest/native for rates).
     pub ratio: f64,
 }
 
@@ -190,6 +191,9 @@ pub struct RunParameters {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub repeats: u32,
+    /// This workload's own parameters (`--param`), by key.
+    #[serde(default)]
+    pub workload_params: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,9 @@
 //! The guest command line: how the harness tells the guest what to run.
 //!
-//! `hvbench run=cpu.idle,cpu.cpuid samples=10 warmup=1 sample_us=10000`
+//! `hvbench run=cpu.idle,cpu.cpuid samples=10 warmup=1 sample_us=10000 p.mem.tlb-chase.ws=64k,1m`
+//!
+//! `p.<workload>.<key>=<value>` is a parameter of one workload; the workload reads it with
+//! [`param`] and checks its value itself.
 //!
 //! It travels in the PVH start info (our VMM, QEMU's `-append`, xl's `cmdline=`), so it is
 //! plain ASCII, space separated, and short enough for every loader (Xen takes 1 KiB).
@@ -19,6 +22,11 @@ pub const MAX_SAMPLE_US: u32 = 10_000_000;
 
 /// Longest command line the harness produces (Xen's limit).
 pub const MAX_CMDLINE: usize = 1024;
+/// Most workload parameters on one command line.
+pub const MAX_PARAMS: usize = 16;
+/// Longest parameter key and value.
+pub const MAX_PARAM_KEY: usize = 16;
+pub const MAX_PARAM_VALUE: usize = 128;
 
 /// What the guest is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +79,7 @@ pub enum CmdlineError {
     BadNumber,
     OutOfRange,
     NothingSelected,
+    BadParameter,
 }
 
 impl CmdlineError {
@@ -82,6 +91,9 @@ impl CmdlineError {
             CmdlineError::BadNumber => "malformed number on the command line",
             CmdlineError::OutOfRange => "number out of range on the command line",
             CmdlineError::NothingSelected => "no workload selected",
+            CmdlineError::BadParameter => {
+                "malformed or unknown workload parameter on the command line"
+            }
         }
     }
 }
@@ -93,8 +105,17 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
         return Err(CmdlineError::NotHvbench);
     }
     let mut config = GuestConfig::default();
+    let mut params = 0;
     for word in words {
         let (key, value) = word.split_once('=').ok_or(CmdlineError::UnknownKey)?;
+        if let Some(rest) = key.strip_prefix("p.") {
+            split_param(rest, value).ok_or(CmdlineError::BadParameter)?;
+            params += 1;
+            if params > MAX_PARAMS {
+                return Err(CmdlineError::BadParameter);
+            }
+            continue;
+        }
         match key {
             "run" => {
                 for name in value.split(',').filter(|n| !n.is_empty()) {
@@ -114,12 +135,70 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
     Ok(config)
 }
 
+fn is_param_text(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b',' | b':' | b'.'))
+}
+
+/// Splits `<workload>.<key>` (after `p.`) and checks both parts and the value.
+fn split_param<'a>(name: &'a str, value: &'a str) -> Option<(WorkloadId, &'a str, &'a str)> {
+    let (workload, key) = name.rsplit_once('.')?;
+    let id = WorkloadId::from_name(workload)?;
+    (is_param_text(key, MAX_PARAM_KEY) && is_param_text(value, MAX_PARAM_VALUE))
+        .then_some((id, key, value))
+}
+
+/// The value of parameter `key` of `workload` on a (parsed) command line, if given.
+pub fn param<'a>(line: &'a str, workload: WorkloadId, key: &str) -> Option<&'a str> {
+    line.split_ascii_whitespace().find_map(|word| {
+        let (name, value) = word.strip_prefix("p.")?.split_once('=')?;
+        let (id, k, v) = split_param(name, value)?;
+        (id == workload && k == key).then_some(v)
+    })
+}
+
+/// Parses a size such as `4096`, `64k`, `16m`, `1g` (binary multiples).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
+}
+
 fn number(text: &str, min: u32, max: u32) -> Result<u32, CmdlineError> {
     let v: u32 = text.parse().map_err(|_| CmdlineError::BadNumber)?;
     if v < min || v > max {
         return Err(CmdlineError::OutOfRange);
     }
     Ok(v)
+}
+
+/// Builds the command line for `config` and workload parameters (harness side).
+#[cfg(feature = "std")]
+pub fn encode_with_params(
+    config: &GuestConfig,
+    params: &[(WorkloadId, &str, &str)],
+) -> std::string::String {
+    let mut line = encode(config);
+    for (id, key, value) in params {
+        if config.is_selected(*id) {
+            line.push_str(&std::format!(" p.{}.{key}={value}", id.name()));
+        }
+    }
+    line
+}
+
+/// Checks one `--param` (harness side): known workload, safe key and value.
+#[cfg(feature = "std")]
+pub fn check_param(workload: &str, key: &str, value: &str) -> Option<WorkloadId> {
+    let name = std::format!("{workload}.{key}");
+    split_param(&name, value).map(|(id, _, _)| id)
 }
 
 /// Builds the command line for `config` (harness side).
@@ -202,5 +281,46 @@ mod tests {
             parse("hvbench run=cpu.idle bare"),
             Err(CmdlineError::UnknownKey)
         );
+    }
+
+    #[test]
+    fn workload_parameters() {
+        assert_eq!(
+            parse("hvbench run=cpu.idle p.cpu.nope.x=1"),
+            Err(CmdlineError::BadParameter)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle p.cpu.idle.x=a;b"),
+            Err(CmdlineError::BadParameter)
+        );
+        let mut c = GuestConfig::default();
+        c.select(WorkloadId::CpuIdle);
+        let line = encode_with_params(
+            &c,
+            &[
+                (WorkloadId::CpuIdle, "ws", "64k,1m"),
+                (WorkloadId::CpuCpuid, "x", "1"),
+            ],
+        );
+        assert_eq!(
+            line,
+            "hvbench run=cpu.idle samples=10 warmup=1 sample_us=10000 p.cpu.idle.ws=64k,1m"
+        );
+        assert_eq!(parse(&line), Ok(c));
+        assert_eq!(param(&line, WorkloadId::CpuIdle, "ws"), Some("64k,1m"));
+        assert_eq!(param(&line, WorkloadId::CpuIdle, "other"), None);
+        assert_eq!(param(&line, WorkloadId::CpuCpuid, "ws"), None);
+        assert_eq!(
+            check_param("cpu.idle", "ws", "1m"),
+            Some(WorkloadId::CpuIdle)
+        );
+        assert_eq!(check_param("cpu.idle", "w s", "1m"), None);
+        assert_eq!(check_param("nope", "ws", "1m"), None);
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("3m"), Some(3 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("k"), None);
+        assert_eq!(parse_size("99999999999999g"), None);
     }
 }

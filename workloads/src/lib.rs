@@ -16,10 +16,11 @@ pub mod abi;
 pub mod cmdline;
 pub mod compute;
 pub mod crc32;
+pub mod memory;
 pub mod protocol;
 pub mod table;
 
 pub use table::{
-    BackendFeature, Direction, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,
+    BackendFeature, Direction, Driver, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,
     Workload, WorkloadId, WORKLOADS,
 };

@@ -19,6 +19,15 @@ pub enum WorkloadId {
     IoPioOutKernel,
     IoMmioWrite,
     IoMmioRead,
+    MemFirstTouch,
+    MemProtFault,
+    MemTlbChase,
+    MemSeqRead,
+    MemCopy,
+    MemPtUpdate,
+    MemCr3Switch,
+    MemKsm,
+    MemBalloon,
     SelftestTripleFault,
     SelftestPageFault,
     SelftestHang,
@@ -84,7 +93,15 @@ impl Direction {
 pub enum Unit {
     /// Nanoseconds per operation (from TSC cycles and the TSC frequency).
     Ns,
-    /// Guest time divided by native time for the identical code.
+    /// Megabytes (10^6 bytes) per second; the guest counts bytes as operations.
+    MBps,
+    /// Seconds (host-measured durations).
+    Seconds,
+    /// Mebibytes (host-measured memory).
+    MiB,
+    /// A count of pages.
+    Pages,
+    /// A dimensionless ratio.
     Ratio,
 }
 
@@ -92,6 +109,10 @@ impl Unit {
     pub const fn name(self) -> &'static str {
         match self {
             Unit::Ns => "ns",
+            Unit::MBps => "MB/s",
+            Unit::Seconds => "s",
+            Unit::MiB => "MiB",
+            Unit::Pages => "pages",
             Unit::Ratio => "ratio",
         }
     }
@@ -111,6 +132,31 @@ pub const LATENCY: MetricSpec = MetricSpec {
     unit: Unit::Ns,
     direction: Direction::LowerIsBetter,
 };
+
+/// The metric of bandwidth workloads: bytes per second.
+pub const BANDWIDTH: MetricSpec = MetricSpec {
+    name: "bandwidth",
+    unit: Unit::MBps,
+    direction: Direction::HigherIsBetter,
+};
+
+const fn metric(name: &'static str, unit: Unit, direction: Direction) -> MetricSpec {
+    MetricSpec {
+        name,
+        unit,
+        direction,
+    }
+}
+
+/// Who drives a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Driver {
+    /// The guest runs it and reports samples; the host only collects them.
+    Guest,
+    /// The host orchestrates it (several guests, host-side measurements such as KSM
+    /// sharing or balloon reclaim); it runs in a module of its own in the harness.
+    Host,
+}
 
 /// A hypervisor as the guest detects it from CPUID 0x40000000.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -156,6 +202,10 @@ pub enum BackendFeature {
     /// A hypercall from guest CPL0 comes back (kvm_pvm hangs in KVM_RUN unless the VMM
     /// turns off KVM's hypercall-patching quirk).
     HypercallFromKernel,
+    /// The host merges identical guest pages (Linux KSM) and hvbench may drive it.
+    KernelSamePageMerging,
+    /// A balloon the guest can inflate and deflate (virtio-balloon, or Xen's reservation).
+    Balloon,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -182,6 +232,7 @@ pub struct Workload {
     pub explicit_only: bool,
     /// The harness runs the identical code natively for a guest/native ratio.
     pub native_twin: bool,
+    pub driver: Driver,
 }
 
 const KVM_OR_XEN: &[Hypervisor] = &[Hypervisor::Kvm, Hypervisor::Xen];
@@ -199,6 +250,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuRdtsc,
@@ -211,6 +263,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuCpuid,
@@ -223,6 +276,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuHypercall,
@@ -237,6 +291,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuHypercallKernel,
@@ -253,6 +308,7 @@ pub const WORKLOADS: &[Workload] = &[
         ],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuMsrRead,
@@ -265,6 +321,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuHlt,
@@ -277,6 +334,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::HltExitsToVmm)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::CpuCompute,
@@ -290,6 +348,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: false,
         native_twin: true,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::IoPioOut,
@@ -302,6 +361,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::IoPioIn,
@@ -314,6 +374,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::IoPioOutKernel,
@@ -326,6 +387,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::KernelIoeventfdPort)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::IoMmioWrite,
@@ -339,6 +401,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::IoMmioRead,
@@ -350,6 +413,147 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
         native_twin: false,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemFirstTouch,
+        name: "mem.first-touch",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "First write to guest pages never touched before, mapped by the guest with \
+                      4 KiB or 2 MiB pages (series `page`): on KVM the host allocates the page \
+                      and fills the EPT/NPT or shadow entry; Xen populates memory when it builds \
+                      the domain, so there only the guest's own TLB fill remains. Parameter \
+                      `pages` (per sample).",
+        requires: &[],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemProtFault,
+        name: "mem.prot-fault",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "Write from CPL3 to a page the guest made read-only: the #PF goes to the \
+                      guest kernel (through the hypervisor under shadow paging), whose CPL0 \
+                      handler makes the page writable again and returns. Parameter `pages`.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemTlbChase,
+        name: "mem.tlb-chase",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "Random pointer chase with one element per 4 KiB page, over a sweep of \
+                      working-set sizes (series `ws`), mapped with 4 KiB or 2 MiB guest pages \
+                      (series `page`): TLB reach and the cost of the 2D (EPT/NPT) or shadow \
+                      page walk. Identical code runs natively. Parameters `ws`, `page`.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: true,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemSeqRead,
+        name: "mem.seq-read",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[BANDWIDTH],
+        description: "Sequential read bandwidth over a buffer mapped with 2 MiB guest pages. \
+                      Identical code runs natively. Parameter `size`.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: true,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemCopy,
+        name: "mem.copy",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[BANDWIDTH],
+        description: "Memory copy bandwidth (bytes copied per second) between two buffers mapped \
+                      with 2 MiB guest pages. Identical code runs natively. Parameter `size`.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: true,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemPtUpdate,
+        name: "mem.pt-update",
+        group: Group::Memory,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "The guest rewrites one of its own page-table entries, invalidates it with \
+                      INVLPG and touches the page, at CPL0: shadow paging's costly case (the \
+                      write traps to the hypervisor), a plain store under EPT/NPT.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemCr3Switch,
+        name: "mem.cr3-switch",
+        group: Group::Memory,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "MOV to CR3 between two address spaces at CPL0 (HyperBench's set-cr3): an \
+                      exit under shadow paging, a native instruction under EPT/NPT.",
+        requires: &[],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::MemKsm,
+        name: "mem.ksm",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("time_to_90", Unit::Seconds, Direction::LowerIsBetter),
+            metric("saved", Unit::MiB, Direction::HigherIsBetter),
+            metric("pages_sharing", Unit::Pages, Direction::HigherIsBetter),
+            metric("ksmd_cpu", Unit::Seconds, Direction::LowerIsBetter),
+            metric("write_merged", Unit::Ns, Direction::LowerIsBetter),
+            metric("write_unmerged", Unit::Ns, Direction::LowerIsBetter),
+        ],
+        description: "Kernel samepage merging across several guests whose memory is partly \
+                      identical: the sharing curve, time to 90% of the final sharing, host \
+                      memory saved, ksmd's CPU time, and the cost of a guest write to a merged \
+                      page against an unmerged one. KVM only (KSM is a Linux feature).",
+        requires: &[Requirement::Backend(BackendFeature::KernelSamePageMerging)],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Host,
+    },
+    Workload {
+        id: WorkloadId::MemBalloon,
+        name: "mem.balloon",
+        group: Group::Memory,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("inflate", Unit::MBps, Direction::HigherIsBetter),
+            metric("reclaimed", Unit::Ratio, Direction::HigherIsBetter),
+            metric("deflate", Unit::MBps, Direction::HigherIsBetter),
+            metric("touch_after_deflate", Unit::Ns, Direction::LowerIsBetter),
+        ],
+        description: "Ballooning: the guest hands memory back (virtio-balloon on KVM, \
+                      XENMEM_decrease_reservation on Xen) and takes it again: inflate and \
+                      deflate rates, the share of the inflated size the host reclaimed, and \
+                      the cost of touching deflated pages again.",
+        requires: &[Requirement::Backend(BackendFeature::Balloon)],
+        explicit_only: false,
+        native_twin: false,
+        driver: Driver::Host,
     },
     Workload {
         id: WorkloadId::SelftestTripleFault,
@@ -362,6 +566,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: true,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::SelftestPageFault,
@@ -374,6 +579,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: true,
         native_twin: false,
+        driver: Driver::Guest,
     },
     Workload {
         id: WorkloadId::SelftestHang,
@@ -386,6 +592,7 @@ pub const WORKLOADS: &[Workload] = &[
         requires: &[],
         explicit_only: true,
         native_twin: false,
+        driver: Driver::Guest,
     },
 ];
 

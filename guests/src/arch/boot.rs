@@ -69,6 +69,11 @@ long_mode_entry:
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
+    /* A second root with the same low mapping, for mem.cr3-switch. */
+    .global pml4_alt
+pml4_alt:
+    .quad pdpt + 0x7
+    .fill 511, 8, 0
     .global pdpt
 pdpt:
     .quad pd + 0x0000 + 0x7

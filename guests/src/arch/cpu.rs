@@ -121,6 +121,29 @@ pub fn hlt() {
     unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) }
 }
 
+/// Reads CR3. CPL0 only.
+#[inline(always)]
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Loads CR3 (and so flushes the TLB). CPL0 only; `root` must map the running kernel.
+#[inline(always)]
+pub fn write_cr3(root: u64) {
+    // SAFETY: callers pass a PML4 that maps the kernel and user code identically.
+    unsafe { asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) }
+}
+
+/// Drops the TLB entry of one address. CPL0 only.
+#[inline(always)]
+pub fn invlpg(va: u64) {
+    // SAFETY: INVLPG only invalidates a translation.
+    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) }
+}
+
 #[inline(always)]
 pub fn read_cr2() -> u64 {
     let v: u64;

@@ -224,6 +224,11 @@ impl Hypervisor for QemuBackend {
                 )
             }
             BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::KernelSamePageMerging | BackendFeature::Balloon => Err(
+                "hvbench measures KSM and ballooning with its own VMM, whose processes and \
+                 devices it controls; run them with --backend kvm"
+                    .into(),
+            ),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"

@@ -1,11 +1,10 @@
 //! Labs: hypervisor hosts that hvbench deploys itself, nested in QEMU, where no such host
 //! exists. `hvbench lab up xen` boots a real Xen dom0 reachable over SSH on loopback.
 //!
-//! It boots Debian 12's Xen 4.17 with a busybox dom0 under QEMU (TCG by default)
-//! and reaches dom0 over ssh through a forward on 127.0.0.1. Everything it downloads and
-//! builds lives in a cache directory (default `~/.cache/hvbench/lab`). Numbers measured
-//! inside a TCG lab are emulation artefacts: it proves the Xen path works end to end, it
-//! does not say whether Xen is fast.
+//! The Xen lab is Debian 12's Xen 4.17 with a busybox dom0 under QEMU (TCG by default);
+//! only QEMU's forward on 127.0.0.1 reaches dom0's sshd. Downloads, builds, keys and logs
+//! live in a cache directory (default `~/.cache/hvbench/lab`). Numbers measured inside a
+//! TCG lab are emulation artefacts: it proves the Xen path end to end, never Xen's speed.
 
 mod cpio;
 mod elf;
@@ -229,6 +228,14 @@ impl LabStatus {
 const STATE_FILE: &str = "xen-lab.json";
 const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The cache directory as `lab_up_xen` recorded it (canonical), so that paths compare
+/// equal to those in QEMU's command line however the caller spelled it.
+fn absolute_cache_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cache_dir.to_path_buf())
+}
+
 fn state_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join(STATE_FILE)
 }
@@ -289,6 +296,7 @@ pub fn xen_host() -> Result<XenHostSpec, XenError> {
 
 /// The Xen lab brought up from `cache_dir` as a `--xen-host`; `NoLab` unless its QEMU runs.
 pub fn xen_host_in(cache_dir: &Path) -> Result<XenHostSpec, XenError> {
+    let cache_dir = &absolute_cache_dir(cache_dir);
     let state = read_state(cache_dir)
         .map_err(|e| XenError::Lab(e.to_string()))?
         .ok_or(XenError::NoLab)?;
@@ -306,6 +314,7 @@ pub fn xen_host_in(cache_dir: &Path) -> Result<XenHostSpec, XenError> {
 
 /// The lab's state and health; None when no lab was brought up from `cache_dir`.
 pub fn lab_status(cache_dir: &Path) -> Result<Option<LabStatus>, LabError> {
+    let cache_dir = &absolute_cache_dir(cache_dir);
     let Some(state) = read_state(cache_dir)? else {
         return Ok(None);
     };
@@ -321,6 +330,7 @@ pub fn lab_status(cache_dir: &Path) -> Result<Option<LabStatus>, LabError> {
 /// Stops the lab's QEMU (SIGTERM, then SIGKILL) and forgets its state. True if one was
 /// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
 pub fn lab_down(cache_dir: &Path) -> Result<bool, LabError> {
+    let cache_dir = &absolute_cache_dir(cache_dir);
     let mut stopped = false;
     // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
     if let Ok(Some(state)) = read_state(cache_dir) {

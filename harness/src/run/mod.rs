@@ -3,6 +3,7 @@
 //! a fresh guest for the rest. Records are written as each workload finishes, so an
 //! interrupted run keeps everything measured so far.
 
+pub mod host_driven;
 pub mod plan;
 pub mod records;
 pub mod session;
@@ -16,7 +17,7 @@ use reports::{ResultsError, ResultsWriter};
 use thiserror::Error;
 use workloads::cmdline::{self, GuestConfig};
 use workloads::protocol::{Hello, Status};
-use workloads::WorkloadId;
+use workloads::{Driver, WorkloadId};
 
 use self::records::RecordContext;
 use self::session::{BootReport, Limits, WorkloadOutcome};
@@ -37,6 +38,33 @@ pub struct RunOptions {
     pub vcpus: u32,
     pub guest_path: Option<PathBuf>,
     pub out: PathBuf,
+    /// Workload parameters (`--param WORKLOAD.KEY=VALUE`), checked.
+    pub params: Vec<WorkloadParam>,
+}
+
+/// One `--param`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadParam {
+    pub workload: WorkloadId,
+    pub key: String,
+    pub value: String,
+}
+
+impl WorkloadParam {
+    /// Parses `WORKLOAD.KEY=VALUE` (e.g. `mem.tlb-chase.ws=64k,1m`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("--param {text:?} is not WORKLOAD.KEY=VALUE with a known workload and a value of letters, digits and - _ , : .")
+        };
+        let (name, value) = text.split_once('=').ok_or_else(bad)?;
+        let (workload, key) = name.rsplit_once('.').ok_or_else(bad)?;
+        let id = cmdline::check_param(workload, key, value).ok_or_else(bad)?;
+        Ok(WorkloadParam {
+            workload: id,
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -136,6 +164,7 @@ pub fn run(
         memory_mib: options.memory_mib,
         vcpus: options.vcpus,
         repeats: options.repeat,
+        workload_params: Default::default(),
     };
     let reproduce = |w: WorkloadId| reproduce_command(backend, options, w);
     let limits = Limits {
@@ -153,9 +182,11 @@ pub fn run(
     for repeat in 0..options.repeat {
         let mut outcomes: Vec<WorkloadOutcome> = Vec::new();
         let mut pending: Vec<WorkloadId> = Vec::new();
+        let mut host_driven: Vec<WorkloadId> = Vec::new();
         for &w in &options.workloads {
             match plan::backend_skip(w, backend) {
                 Some(reason) => outcomes.push(WorkloadOutcome::skipped(w, reason)),
+                None if w.spec().driver == Driver::Host => host_driven.push(w),
                 None => pending.push(w),
             }
         }
@@ -181,6 +212,7 @@ pub fn run(
                     .or(if native_here { host.tsc_khz } else { None }),
                 native_here,
                 reproduce: &reproduce,
+                workload_params: &options.params,
             };
             for record in records::build(outcome, &ctx) {
                 writer.write(&record)?;
@@ -208,7 +240,12 @@ pub fn run(
             for &w in &pending {
                 config.select(w);
             }
-            let line = cmdline::encode(&config);
+            let params: Vec<(WorkloadId, &str, &str)> = options
+                .params
+                .iter()
+                .map(|p| (p.workload, p.key.as_str(), p.value.as_str()))
+                .collect();
+            let line = cmdline::encode_with_params(&config, &params);
             boots += 1;
             let request = BootRequest {
                 image,
@@ -267,6 +304,20 @@ pub fn run(
                 summary.interrupted = true;
                 return Ok(summary);
             }
+        }
+        for &w in &host_driven {
+            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+                summary.interrupted = true;
+                return Ok(summary);
+            }
+            let ctx = host_driven::HostContext {
+                backend,
+                image,
+                options,
+                interrupted,
+            };
+            let outcome = host_driven::run(w, &ctx);
+            write(&outcome, &guest, &mut summary)?;
         }
     }
     Ok(summary)
@@ -369,6 +420,9 @@ pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: Work
     for arg in backend.reproduce_args() {
         cmd.push(' ');
         cmd.push_str(&arg);
+    }
+    for p in options.params.iter().filter(|p| p.workload == w) {
+        cmd.push_str(&format!(" --param {}.{}={}", w.name(), p.key, p.value));
     }
     if let Some(path) = &options.guest_path {
         cmd.push_str(&format!(" --guest {}", path.display()));

@@ -10,7 +10,7 @@ use reports::record::{
 };
 use reports::stats::{median, summarize};
 use workloads::protocol::Status;
-use workloads::{Privilege, Unit, WorkloadId};
+use workloads::{Direction, Privilege, Unit, WorkloadId};
 
 use super::session::{SeriesSamples, WorkloadOutcome};
 use crate::native;
@@ -30,6 +30,7 @@ pub struct RecordContext<'a> {
     pub native_here: bool,
     /// The command that re-runs one workload.
     pub reproduce: &'a dyn Fn(WorkloadId) -> String,
+    pub workload_params: &'a [super::WorkloadParam],
 }
 
 /// UTC time as RFC 3339 (`2026-11-26T05:12:00Z`), without a date crate.
@@ -72,10 +73,15 @@ fn parse_hex(text: &str) -> Option<u64> {
     u64::from_str_radix(text.strip_prefix("0x")?, 16).ok()
 }
 
+/// Converts the guest's cycles per operation into the metric's unit.
 fn to_unit(cycles_per_op: f64, unit: Unit, tsc_khz: Option<u64>) -> Option<f64> {
+    let khz = tsc_khz? as f64;
     match unit {
-        Unit::Ns => tsc_khz.map(|khz| cycles_per_op * 1e6 / khz as f64),
-        Unit::Ratio => Some(cycles_per_op),
+        Unit::Ns => Some(cycles_per_op * 1e6 / khz),
+        // Operations are bytes: bytes per second / 1e6.
+        Unit::MBps => (cycles_per_op > 0.0).then(|| khz / (1000.0 * cycles_per_op)),
+        // Host-measured units never come as cycles.
+        Unit::Seconds | Unit::MiB | Unit::Pages | Unit::Ratio => None,
     }
 }
 
@@ -130,7 +136,12 @@ fn build_one(
             .collect()
     };
     let warmup_cycles: Vec<f64> = series.warmup.iter().map(per_op).collect();
-    let (samples, warmup_samples) = match (convert(&samples_cycles), convert(&warmup_cycles)) {
+    let converted = if series.direct.is_empty() {
+        (convert(&samples_cycles), convert(&warmup_cycles))
+    } else {
+        (Some(series.direct.clone()), Some(Vec::new()))
+    };
+    let (samples, warmup_samples) = match converted {
         (Some(s), Some(w)) => (s, w),
         _ => {
             verdict.ratchet(
@@ -144,14 +155,29 @@ fn build_one(
         verdict.ratchet(Status::Error, "the guest reported no samples".into());
     }
 
-    let mut native = None;
     if outcome.workload == WorkloadId::CpuCompute && verdict.status == Status::Success {
-        match verify_compute(outcome) {
-            Err(text) => verdict.ratchet(Status::Failure, text),
-            Ok(rounds) if ctx.native_here => {
-                native = native_compute(rounds, ctx, &samples);
-            }
-            Ok(_) => {}
+        if let Err(text) = verify_compute(outcome) {
+            verdict.ratchet(Status::Failure, text);
+        }
+    }
+    let series_map = parse_series(params);
+    let mut native = None;
+    if spec.native_twin && ctx.native_here && verdict.status == Status::Success {
+        let ops = series.measured.first().map(|(ops, _)| *ops).unwrap_or(0);
+        let direction = metric_spec
+            .map(|m| m.direction)
+            .unwrap_or(Direction::LowerIsBetter);
+        match native_twin(
+            outcome.workload,
+            &series_map,
+            ops,
+            unit,
+            direction,
+            ctx,
+            &samples,
+        ) {
+            Ok(n) => native = n,
+            Err(text) => verdict.ratchet(Status::Error, format!("native twin: {text}")),
         }
     }
 
@@ -174,7 +200,7 @@ fn build_one(
             .map(|m| m.direction.name())
             .unwrap_or("")
             .to_string(),
-        series: parse_series(params),
+        series: series_map,
         status: verdict.status,
         reason: verdict.reason,
         summary: summarize(&samples),
@@ -192,7 +218,15 @@ fn build_one(
         backend: ctx.backend.clone(),
         host: ctx.host.clone(),
         guest: ctx.guest.clone(),
-        parameters: ctx.parameters.clone(),
+        parameters: RunParameters {
+            workload_params: ctx
+                .workload_params
+                .iter()
+                .filter(|p| p.workload == outcome.workload)
+                .map(|p| (p.key.clone(), p.value.clone()))
+                .collect(),
+            ..ctx.parameters.clone()
+        },
         hvbench: ctx.tool.clone(),
         reproduce: (ctx.reproduce)(outcome.workload),
     }
@@ -234,24 +268,45 @@ fn verify_compute(outcome: &WorkloadOutcome) -> Result<u64, String> {
     Ok(rounds)
 }
 
-fn native_compute(
-    rounds: u64,
+/// Runs the workload's native twin for the same work per sample and compares: the ratio
+/// is the guest's performance relative to native (1.0 = native speed).
+fn native_twin(
+    workload: WorkloadId,
+    series: &BTreeMap<String, String>,
+    ops: u64,
+    unit: Unit,
+    direction: Direction,
     ctx: &RecordContext,
     guest_samples: &[f64],
-) -> Option<NativeComparison> {
-    let cycles =
-        native::compute_cycles_per_round(rounds, ctx.parameters.warmup, ctx.parameters.samples);
+) -> Result<Option<NativeComparison>, String> {
+    let Some(result) = native::twin(
+        workload,
+        series,
+        ops,
+        ctx.parameters.warmup,
+        ctx.parameters.samples,
+    ) else {
+        return Ok(None);
+    };
+    let cycles = result?;
     let samples: Vec<f64> = cycles
         .iter()
-        .map(|c| to_unit(*c, Unit::Ns, ctx.tsc_khz))
-        .collect::<Option<_>>()?;
-    let native_median = median(&samples)?;
-    let guest_median = median(guest_samples)?;
-    Some(NativeComparison {
+        .map(|c| to_unit(*c, unit, ctx.tsc_khz))
+        .collect::<Option<_>>()
+        .ok_or("no TSC frequency to convert native cycles")?;
+    let (Some(native_median), Some(guest_median)) = (median(&samples), median(guest_samples))
+    else {
+        return Ok(None);
+    };
+    let ratio = match direction {
+        Direction::LowerIsBetter => native_median / guest_median,
+        Direction::HigherIsBetter => guest_median / native_median,
+    };
+    Ok(Some(NativeComparison {
         samples,
         median: native_median,
-        ratio: guest_median / native_median,
-    })
+        ratio,
+    }))
 }
 
 #[cfg(test)]

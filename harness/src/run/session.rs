@@ -25,9 +25,12 @@ const POLL: Duration = Duration::from_millis(100);
 /// Samples of one metric of one series.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SeriesSamples {
-    /// (operations, cycles) per measured sample.
+    /// (operations, cycles) per measured sample, as the guest timed them.
     pub measured: Vec<(u64, u64)>,
     pub warmup: Vec<(u64, u64)>,
+    /// Values already in the metric's unit, measured by the host (host-driven workloads:
+    /// seconds, MiB, pages). Used instead of `measured` when not empty.
+    pub direct: Vec<f64>,
 }
 
 /// Everything one workload produced in one boot.

@@ -79,6 +79,7 @@ pub fn quick_options(workloads: &[WorkloadId], out: &Path) -> RunOptions {
         vcpus: 1,
         guest_path: None,
         out: out.to_path_buf(),
+        params: Vec::new(),
     }
 }
 

@@ -89,6 +89,14 @@ impl Hypervisor for KvmBackend {
             | BackendFeature::UserspaceMmioPage
             | BackendFeature::HltExitsToVmm
             | BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::KernelSamePageMerging => {
+                if std::path::Path::new("/sys/kernel/mm/ksm/run").exists() {
+                    Ok(())
+                } else {
+                    Err("this host's kernel has no KSM (/sys/kernel/mm/ksm is missing)".into())
+                }
+            }
+            BackendFeature::Balloon => Err("hvbench's VMM has no balloon device yet".into()),
         }
     }
 

@@ -201,6 +201,12 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::KernelSamePageMerging => Err(
+                "Xen has no KSM; its own page sharing (mem_sharing) is experimental and \
+                 compiled out of release builds"
+                    .into(),
+            ),
+            BackendFeature::Balloon => Err("Xen ballooning is not driven by hvbench yet".into()),
         }
     }
 

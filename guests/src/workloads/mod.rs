@@ -1,6 +1,8 @@
 //! The guest side of every workload: one arm per row of the workload table. The `match`
 //! is exhaustive, so a new row does not build until its guest function exists.
 
+mod memory;
+
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
 
@@ -25,8 +27,8 @@ const XEN_HYPERCALL_XEN_VERSION: u64 = 17;
 
 pub type Outcome = Result<(), Refusal>;
 
-fn kernel_loop(id: WorkloadId, n: u64) -> Result<u64, Refusal> {
-    match syscall(Syscall::KernelLoop as u64, id as u64, n, 0) {
+pub fn kernel_loop(id: WorkloadId, n: u64, arg: u64) -> Result<u64, Refusal> {
+    match syscall(Syscall::KernelLoop as u64, id as u64, n, arg) {
         KERNEL_LOOP_FAULTED => Err((
             Status::Skip,
             "the hypervisor raised #UD for the hypercall instruction at CPL0: this KVM does \
@@ -86,7 +88,7 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             s.note_hex("return", last);
         }
         WorkloadId::CpuHypercallKernel | WorkloadId::CpuMsrRead | WorkloadId::CpuHlt => {
-            s.latency("", |n| kernel_loop(id, n))?;
+            s.latency("", |n| kernel_loop(id, n, 0))?;
         }
         WorkloadId::CpuCompute => {
             let mut checksum = None;
@@ -149,6 +151,21 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
                 }))
             })?;
             s.note_hex("value", value as u64);
+        }
+        WorkloadId::MemFirstTouch => memory::first_touch(s)?,
+        WorkloadId::MemProtFault => memory::prot_fault(s)?,
+        WorkloadId::MemTlbChase => memory::tlb_chase(s)?,
+        WorkloadId::MemSeqRead => memory::seq_read(s)?,
+        WorkloadId::MemCopy => memory::copy(s)?,
+        WorkloadId::MemPtUpdate => memory::pt_update(s)?,
+        WorkloadId::MemCr3Switch => {
+            s.latency("", |n| kernel_loop(id, n, 0))?;
+        }
+        WorkloadId::MemKsm | WorkloadId::MemBalloon => {
+            return Err((
+                Status::Error,
+                "this workload is driven by the host, not by the guest's runner",
+            ));
         }
         WorkloadId::SelftestTripleFault => {
             syscall(Syscall::TripleFault as u64, 0, 0, 0);

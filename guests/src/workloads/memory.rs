@@ -1,0 +1,268 @@
+//! The memory workloads: faults, TLB reach, bandwidth, page-table updates. Buffers come
+//! from the arena; 2 MiB mappings are the boot identity map, 4 KiB ones the window.
+
+use core::ptr::write_volatile;
+
+use workloads::cmdline::parse_size;
+use workloads::memory::{build_chase, chase, copy_bytes, sum_words, CHASE_SEED};
+use workloads::protocol::Status;
+use workloads::WorkloadId;
+
+use super::kernel_loop;
+use crate::arch::cpu::rdtsc_fenced;
+use crate::arch::user::syscall;
+use crate::kernel::{PtUpdateArgs, Syscall};
+use crate::mem::arena::{alloc_fresh, alloc_work, reset_work, HUGE_PAGE, PAGE};
+use crate::mem::paging::{self, map_4k, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
+use crate::runner::{Refusal, Sampler};
+
+/// Default sweep of `mem.tlb-chase` working sets.
+const DEFAULT_WS: &str = "16k,256k,1m,4m,16m,64m";
+const DEFAULT_PAGES: &str = "4k,2m";
+const MAX_SERIES: usize = 16;
+
+fn refuse(reason: &'static str) -> Refusal {
+    (Status::Error, reason)
+}
+
+/// Writes "key:value" pairs into a small buffer for a sample's series parameters.
+struct Series {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Series {
+    fn new() -> Self {
+        Series {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+
+    fn push(mut self, key: &str, value: &str) -> Self {
+        for part in [if self.len > 0 { "," } else { "" }, key, ":", value] {
+            let n = part.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + n].copy_from_slice(&part.as_bytes()[..n]);
+            self.len += n;
+        }
+        self
+    }
+
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// The page sizes a workload is asked for (`page` parameter): `4k` and/or `2m`.
+fn page_kinds(s: &Sampler) -> Result<([bool; 2], [&'static str; 2]), Refusal> {
+    let text = s.param("page").unwrap_or(DEFAULT_PAGES);
+    let mut want = [false; 2];
+    for kind in text.split(',') {
+        match kind {
+            "4k" => want[0] = true,
+            "2m" => want[1] = true,
+            _ => return Err(refuse("parameter `page` takes 4k and/or 2m")),
+        }
+    }
+    Ok((want, ["4k", "2m"]))
+}
+
+fn size_param(s: &Sampler, key: &str, default: u64, max: u64) -> Result<u64, Refusal> {
+    match s.param(key) {
+        None => Ok(default),
+        Some(text) => match parse_size(text) {
+            Some(v) if v > 0 && v <= max => Ok(v),
+            _ => Err(refuse("size parameter malformed or too large")),
+        },
+    }
+}
+
+/// Maps `pages` pages at `phys` with the given page size; returns the virtual address.
+fn map(phys: u64, pages: u64, four_k: bool) -> Result<u64, Refusal> {
+    if four_k {
+        map_4k(phys, pages).map(|m| m.va).map_err(refuse)
+    } else {
+        Ok(phys)
+    }
+}
+
+/// Fresh pages, first write to each, 4 KiB and 2 MiB guest mappings.
+pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
+    let pages = size_param(s, "pages", 1024, 1 << 20)?;
+    let (want, names) = page_kinds(s)?;
+    let bytes = pages * PAGE;
+    for (k, four_k) in [true, false].into_iter().enumerate() {
+        if !want[k] {
+            continue;
+        }
+        let series = Series::new().push("page", names[k]);
+        let total = s.config.warmup + s.config.samples;
+        for i in 0..total {
+            let phys = alloc_fresh(bytes, HUGE_PAGE).ok_or(refuse(
+                "not enough untouched memory left: give the guest more (--memory-mib)",
+            ))?;
+            let va = map(phys, pages, four_k)?;
+            let start = rdtsc_fenced();
+            for p in 0..pages {
+                // SAFETY: the page belongs to the fresh range just mapped.
+                unsafe { write_volatile((va + p * PAGE) as *mut u64, p) };
+            }
+            let cycles = rdtsc_fenced().wrapping_sub(start);
+            let warmup = i < s.config.warmup;
+            let index = if warmup { i } else { i - s.config.warmup };
+            s.emit_sample(series.as_str(), index as u64, warmup, pages, cycles);
+            paging::unmap();
+            reset_work();
+        }
+    }
+    Ok(())
+}
+
+/// Writes to read-only pages; the kernel's #PF handler makes each writable again.
+pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
+    let pages = size_param(s, "pages", 256, 65536)?;
+    let phys = alloc_work(pages * PAGE, PAGE).ok_or(refuse("not enough memory for the pages"))?;
+    let mapping = map_4k(phys, pages).map_err(refuse)?;
+    syscall(
+        Syscall::SetProtWindow as u64,
+        mapping.va,
+        pages,
+        mapping.first_pt,
+    );
+    let total = s.config.warmup + s.config.samples;
+    let mut result = Ok(());
+    for i in 0..total {
+        for p in 0..pages {
+            // SAFETY: the window's PTE for page p; clearing RW makes the next write fault.
+            unsafe {
+                let pte = mapping.pte(p);
+                pte.write_volatile(pte.read_volatile() & !PTE_WRITABLE);
+            }
+        }
+        paging::flush_tlb();
+        let start = rdtsc_fenced();
+        for p in 0..pages {
+            // SAFETY: a page of the window; the fault it takes is repaired by the kernel.
+            unsafe { write_volatile((mapping.va + p * PAGE) as *mut u64, p) };
+        }
+        let cycles = rdtsc_fenced().wrapping_sub(start);
+        // Every page must have been repaired, or the handler did not run.
+        for p in 0..pages {
+            // SAFETY: as above.
+            if unsafe { mapping.pte(p).read_volatile() } & PTE_WRITABLE == 0 {
+                result = Err((
+                    Status::Failure,
+                    "a write to a read-only page completed without a fault",
+                ));
+            }
+        }
+        let warmup = i < s.config.warmup;
+        let index = if warmup { i } else { i - s.config.warmup };
+        s.emit_sample("", index as u64, warmup, pages, cycles);
+    }
+    syscall(Syscall::SetProtWindow as u64, 0, 0, 0);
+    result
+}
+
+/// Random pointer chase, one element per page, over a sweep of working sets.
+pub fn tlb_chase(s: &Sampler) -> Result<(), Refusal> {
+    let (want, names) = page_kinds(s)?;
+    let ws_text = s.param("ws").unwrap_or(DEFAULT_WS);
+    let mut sizes = [0u64; MAX_SERIES];
+    let mut count = 0;
+    for part in ws_text.split(',') {
+        let ws = parse_size(part).filter(|v| *v >= PAGE && *v <= (1 << 34));
+        if count == MAX_SERIES || ws.is_none() {
+            return Err(refuse("parameter `ws` takes up to 16 sizes of at least 4k"));
+        }
+        sizes[count] = ws.unwrap_or(PAGE);
+        count += 1;
+    }
+    let largest = sizes[..count].iter().copied().max().unwrap_or(PAGE);
+    let phys = alloc_work(largest, HUGE_PAGE)
+        .ok_or(refuse("not enough memory for the largest working set"))?;
+    for (k, four_k) in [true, false].into_iter().enumerate() {
+        if !want[k] {
+            continue;
+        }
+        for (ws, text) in sizes[..count].iter().zip(ws_text.split(',')) {
+            let pages = ws / PAGE;
+            let va = map(phys, pages, four_k)?;
+            // SAFETY: [va, va + ws) is mapped to the buffer allocated above.
+            let start = unsafe { build_chase(va as *mut u8, pages as usize, CHASE_SEED) };
+            let series = Series::new().push("ws", text).push("page", names[k]);
+            let mut p = start;
+            s.latency(series.as_str(), |n| {
+                let t0 = rdtsc_fenced();
+                // SAFETY: `p` is an element of the chain just built.
+                p = unsafe { chase(p, n) };
+                Ok(rdtsc_fenced().wrapping_sub(t0))
+            })?;
+            core::hint::black_box(p);
+            if four_k {
+                paging::unmap();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sequential read bandwidth.
+pub fn seq_read(s: &Sampler) -> Result<(), Refusal> {
+    let size = size_param(s, "size", 64 << 20, 1 << 31)?;
+    if size % 64 != 0 {
+        return Err(refuse("parameter `size` must be a multiple of 64 bytes"));
+    }
+    let buf = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffer"))?;
+    // Touch it once: the workload measures reads, not first touches.
+    // SAFETY: `buf` is `size` bytes of work memory, identity-mapped.
+    unsafe { core::ptr::write_bytes(buf as *mut u8, 1, size as usize) };
+    let series = Series::new().push("size", s.param("size").unwrap_or("64m"));
+    s.measure(series.as_str(), |n| {
+        let t0 = rdtsc_fenced();
+        for _ in 0..n {
+            // SAFETY: as above.
+            core::hint::black_box(unsafe { sum_words(buf as *const u64, size as usize) });
+        }
+        Ok((n * size, rdtsc_fenced().wrapping_sub(t0)))
+    })?;
+    Ok(())
+}
+
+/// Copy bandwidth.
+pub fn copy(s: &Sampler) -> Result<(), Refusal> {
+    let size = size_param(s, "size", 32 << 20, 1 << 30)?;
+    let src = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffers"))?;
+    let dst = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffers"))?;
+    // SAFETY: both are `size` bytes of work memory.
+    unsafe {
+        core::ptr::write_bytes(src as *mut u8, 1, size as usize);
+        core::ptr::write_bytes(dst as *mut u8, 2, size as usize);
+    }
+    let series = Series::new().push("size", s.param("size").unwrap_or("32m"));
+    s.measure(series.as_str(), |n| {
+        let t0 = rdtsc_fenced();
+        for _ in 0..n {
+            // SAFETY: disjoint buffers of `size` bytes.
+            unsafe { copy_bytes(dst as *mut u8, src as *const u8, size as usize) };
+        }
+        Ok((n * size, rdtsc_fenced().wrapping_sub(t0)))
+    })?;
+    Ok(())
+}
+
+/// A PTE rewritten, invalidated and used, in a kernel loop.
+pub fn pt_update(s: &Sampler) -> Result<(), Refusal> {
+    let pages = alloc_work(2 * PAGE, PAGE).ok_or(refuse("not enough memory"))?;
+    let mapping = map_4k(pages, 1).map_err(refuse)?;
+    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+    let args = PtUpdateArgs {
+        pte: mapping.pte(0) as u64,
+        va: mapping.va,
+        entries: [pages | flags, (pages + PAGE) | flags],
+    };
+    s.latency("", |n| {
+        kernel_loop(WorkloadId::MemPtUpdate, n, &args as *const _ as u64)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Workloads the host orchestrates (`Driver::Host` in the table): several guests, or
+//! measurements only the host can take (KSM sharing, reclaimed memory). Each has a module
+//! of its own; this is where the run hands them over.
+
+use std::sync::atomic::AtomicBool;
+
+use workloads::protocol::Status;
+use workloads::WorkloadId;
+
+use super::session::WorkloadOutcome;
+use super::RunOptions;
+use crate::backend::Hypervisor;
+use crate::guest_image::GuestImage;
+
+/// What a host-driven workload gets to work with.
+pub struct HostContext<'a> {
+    pub backend: &'a dyn Hypervisor,
+    pub image: &'a GuestImage,
+    pub options: &'a RunOptions,
+    pub interrupted: &'a AtomicBool,
+}
+
+/// Runs one host-driven workload to its outcome (never panics; failures are statuses).
+pub fn run(id: WorkloadId, ctx: &HostContext) -> WorkloadOutcome {
+    let _ = ctx;
+    let mut outcome = WorkloadOutcome::skipped(id, "");
+    outcome.status = Status::Error;
+    outcome.reason = Some(format!("{} is not implemented yet", id.name()));
+    outcome
+}
