@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "ci/test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
@@ -18,8 +19,10 @@ if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Tests that need /dev/kvm, QEMU or a browser fail instead of skipping when these are set.
-export HVBENCH_REQUIRE_KVM=1 HVBENCH_REQUIRE_QEMU=1 HVBENCH_REQUIRE_BROWSER=1
+# Tests that need /dev/kvm, QEMU, a browser or the Xen lab fail instead of skipping when
+# these are set. The Xen lab test deploys Xen nested in QEMU (packages from Debian's
+# registry, cached in ~/.cache/hvbench/lab) and takes it down again.
+export HVBENCH_REQUIRE_KVM=1 HVBENCH_REQUIRE_QEMU=1 HVBENCH_REQUIRE_BROWSER=1 HVBENCH_REQUIRE_XEN_LAB=1
 
 cargo fmt --all -- --check
 (cd guests && cargo fmt -- --check)

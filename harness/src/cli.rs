@@ -45,6 +45,70 @@ pub enum Command {
     /// Our VMM as a plain process: boot the guest with a command line, copy its console to
     /// stdout, exit with its status. For debugging guests and timing the VMM's start.
     Vmm(VmmArgs),
+    /// Deploy, inspect or remove a hypervisor host nested in QEMU (a lab), for machines
+    /// where none exists.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabAction {
+    /// Deploy a lab: Debian's Xen 4.17 with a busybox dom0, reachable over SSH on
+    /// 127.0.0.1 (`--xen-host lab` uses it). Idempotent.
+    Up {
+        #[arg(value_enum)]
+        kind: LabKindArg,
+        #[command(flatten)]
+        where_: LabDir,
+        /// Host port forwarded to dom0's SSH (default: a free one).
+        #[arg(long)]
+        ssh_port: Option<u16>,
+        /// QEMU accelerator under the lab: kvm needs nested VMX/SVM (never on kvm_pvm).
+        #[arg(long, value_parser = ["auto", "tcg", "kvm"], default_value = "auto")]
+        accel: String,
+        /// Seconds from QEMU's start until `xl info` must answer.
+        #[arg(long, default_value_t = 300)]
+        boot_timeout_s: u64,
+    },
+    /// Is the lab up, and does its dom0 answer?
+    Status {
+        #[arg(value_enum, default_value = "xen")]
+        kind: LabKindArg,
+        #[command(flatten)]
+        where_: LabDir,
+    },
+    /// Stop the lab's QEMU and forget it.
+    Down {
+        #[arg(value_enum, default_value = "xen")]
+        kind: LabKindArg,
+        #[command(flatten)]
+        where_: LabDir,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LabKindArg {
+    Xen,
+}
+
+#[derive(Debug, Args)]
+pub struct LabDir {
+    /// Where downloads, images, keys and the lab's state live (default
+    /// ~/.cache/hvbench/lab).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl LabDir {
+    fn resolve(&self) -> Result<PathBuf> {
+        match &self.cache_dir {
+            Some(d) => Ok(d.clone()),
+            None => crate::lab::default_cache_dir()
+                .context("neither XDG_CACHE_HOME nor HOME is set: pass --cache-dir"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +362,96 @@ pub fn main(cli: Cli) -> Result<i32> {
         }
         Command::Run(args) => run(&args),
         Command::Vmm(args) => vmm(&args),
+        Command::Lab { action } => lab(&action),
+    }
+}
+
+/// `hvbench lab ...`.
+pub fn lab(action: &LabAction) -> Result<i32> {
+    use crate::lab;
+    match action {
+        LabAction::Up {
+            kind: LabKindArg::Xen,
+            where_,
+            ssh_port,
+            accel,
+            boot_timeout_s,
+        } => {
+            let mut opts = lab::XenLabOptions::new(where_.resolve()?);
+            opts.ssh_port = *ssh_port;
+            opts.boot_timeout = Duration::from_secs(*boot_timeout_s);
+            opts.cancel = Some(interrupt::install());
+            opts.accel = match accel.as_str() {
+                "tcg" => lab::LabAccel::Tcg,
+                "kvm" => {
+                    if let Some(reason) = lab::kvm_unusable_reason() {
+                        bail!("--accel kvm: {reason}");
+                    }
+                    lab::LabAccel::Kvm
+                }
+                _ => lab::LabAccel::detect(),
+            };
+            let state = lab::lab_up_xen(&opts)?;
+            println!(
+                "Xen {} lab is up ({} under QEMU, booted in {:.1} s).",
+                state.xen_version, state.accel, state.boot_seconds
+            );
+            println!(
+                "dom0: ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias=hvbench-xen-lab root@127.0.0.1",
+                state.ssh_key.display(),
+                state.ssh_port,
+                state.known_hosts.display()
+            );
+            println!("run:  hvbench run --backend xen --xen-host lab");
+            if state.accel == "tcg" {
+                println!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
+            }
+            Ok(0)
+        }
+        LabAction::Status {
+            kind: LabKindArg::Xen,
+            where_,
+        } => match lab::lab_status(&where_.resolve()?)? {
+            None => {
+                println!("no Xen lab");
+                Ok(1)
+            }
+            Some(status) => {
+                println!(
+                    "Xen {} lab ({}), started {}, ssh port {}: QEMU {}, dom0 {}",
+                    status.state.xen_version,
+                    status.state.accel,
+                    status.state.started_at,
+                    status.state.ssh_port,
+                    if status.qemu_running {
+                        "running"
+                    } else {
+                        "not running"
+                    },
+                    if status.ssh_answers {
+                        "answers"
+                    } else {
+                        "does not answer"
+                    },
+                );
+                Ok(if status.healthy() { 0 } else { 1 })
+            }
+        },
+        LabAction::Down {
+            kind: LabKindArg::Xen,
+            where_,
+        } => {
+            let was_up = lab::lab_down(&where_.resolve()?)?;
+            println!(
+                "{}",
+                if was_up {
+                    "Xen lab stopped"
+                } else {
+                    "no Xen lab was running"
+                }
+            );
+            Ok(0)
+        }
     }
 }
 

@@ -64,6 +64,10 @@ pub struct Record {
     /// can count them).
     #[serde(default)]
     pub exits: BTreeMap<String, u64>,
+    /// Time series the host observed while the workload ran (KSM's sharing, a VMM's
+    /// resident memory), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub curves: BTreeMap<String, Curve>,
     pub backend: BackendInfo,
     pub host: HostInfo,
     pub guest: GuestInfo,
@@ -116,6 +120,14 @@ pub struct NativeComparison {
     /// The guest's performance relative to native, from the medians: 1.0 is native speed,
     /// below 1 the guest is slower (native/guest for times, guest/native for rates).
     pub ratio: f64,
+}
+
+/// A time series: (x, y) points in the stated units, x ascending.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Curve {
+    pub x_unit: String,
+    pub y_unit: String,
+    pub points: Vec<[f64; 2]>,
 }
 
 /// Which hypervisor stack ran the guest.

@@ -337,6 +337,7 @@ mod tests {
             native: None,
             notes: Default::default(),
             exits: Default::default(),
+            curves: Default::default(),
             backend: BackendInfo {
                 kind: "kvm".into(),
                 ..Default::default()

@@ -215,6 +215,12 @@ fn build_one(
             .iter()
             .map(|(k, v)| (k.to_string(), *v))
             .collect(),
+        curves: outcome
+            .curves
+            .iter()
+            .filter(|(_, (m, _))| m == metric)
+            .map(|(name, (_, c))| (name.clone(), c.clone()))
+            .collect(),
         backend: ctx.backend.clone(),
         host: ctx.host.clone(),
         guest: ctx.guest.clone(),

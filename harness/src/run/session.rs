@@ -44,10 +44,13 @@ pub struct WorkloadOutcome {
     pub notes: BTreeMap<String, String>,
     /// Exits between the workload's `start` and its end, where the backend counts them.
     pub exits: ExitCounts,
+    /// Host-observed time series (host-driven workloads), by name, with the metric whose
+    /// record carries each.
+    pub curves: BTreeMap<String, (String, reports::record::Curve)>,
 }
 
 impl WorkloadOutcome {
-    fn new(workload: WorkloadId) -> Self {
+    pub fn new(workload: WorkloadId) -> Self {
         WorkloadOutcome {
             workload,
             status: Status::Success,
@@ -55,6 +58,7 @@ impl WorkloadOutcome {
             series: BTreeMap::new(),
             notes: BTreeMap::new(),
             exits: ExitCounts::new(),
+            curves: BTreeMap::new(),
         }
     }
 

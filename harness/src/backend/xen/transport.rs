@@ -133,7 +133,10 @@ impl Transport {
                     c.arg("-i").arg(key).args(["-o", "IdentitiesOnly=yes"]);
                 }
                 if let Some(file) = &t.known_hosts {
-                    c.arg("-o")
+                    // A pinned host (the lab): the user's own ssh configuration and
+                    // known hosts must not change how it is reached.
+                    c.args(["-F", "/dev/null", "-o", "GlobalKnownHostsFile=/dev/null"])
+                        .arg("-o")
                         .arg(format!("UserKnownHostsFile={}", file.display()))
                         .args(["-o", "StrictHostKeyChecking=yes"]);
                 }
