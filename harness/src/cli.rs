@@ -171,6 +171,10 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory_mib: u32,
+    /// vCPUs of the guest. The guest runs on the first; the others are created and stay
+    /// offline (as application processors before their start-up IPI).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub vcpus: u32,
     /// Guest image to boot instead of the one built into hvbench.
     #[arg(long)]
     pub guest: Option<PathBuf>,
@@ -293,7 +297,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         workload_timeout: Duration::from_secs(args.timeout_s),
         boot_timeout: Duration::from_secs(args.boot_timeout_s),
         memory_mib: args.memory_mib,
-        vcpus: 1,
+        vcpus: args.vcpus,
         guest_path: args.guest.clone(),
         out: args.out.clone(),
         params: args.params.clone(),

@@ -408,7 +408,7 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
 /// One command that measures workload `w` again, as this run did.
 pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: WorkloadId) -> String {
     let mut cmd = format!(
-        "hvbench run --backend {} --workload {} --samples {} --warmup {} --sample-us {} --timeout-s {} --memory-mib {}",
+        "hvbench run --backend {} --workload {} --samples {} --warmup {} --sample-us {} --timeout-s {} --memory-mib {} --vcpus {}",
         backend.kind().name(),
         w.name(),
         options.samples,
@@ -416,6 +416,7 @@ pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: Work
         options.sample_us,
         options.workload_timeout.as_secs(),
         options.memory_mib,
+        options.vcpus,
     );
     for arg in backend.reproduce_args() {
         cmd.push(' ');

@@ -1,5 +1,6 @@
-//! hvbench's own VMM on /dev/kvm: one vCPU, no interrupt controller (the guest polls and
-//! never enables interrupts), a UART, an exit port and the test devices.
+//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest (further vCPUs are created
+//! and stay parked: the guest is uniprocessor), no interrupt controller (the guest polls
+//! and never enables interrupts), a UART, an exit port and the test devices.
 
 pub mod boot;
 pub mod devices;
@@ -18,7 +19,7 @@ use thiserror::Error;
 use vmm_sys_util::signal::Killable;
 use workloads::BackendFeature;
 
-use self::vstate::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
 
@@ -37,8 +38,8 @@ pub enum VmmError {
     Memory(String),
     #[error("loading the guest image: {0}")]
     Load(String),
-    #[error("hvbench's VMM runs one vCPU; {0} were asked for")]
-    Vcpus(u32),
+    #[error("{asked} vCPUs asked for; this KVM allows 1..={max}")]
+    Vcpus { asked: u32, max: u32 },
     #[error("the vCPU thread could not be started: {0}")]
     Thread(std::io::Error),
     #[error("the vCPU thread did not stop within {0:?}")]
@@ -105,12 +106,18 @@ impl Hypervisor for KvmBackend {
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        if request.vcpus != 1 {
-            return Err(VmmError::Vcpus(request.vcpus).into());
+        let max = self.kvm.get_max_vcpus() as u32;
+        if request.vcpus == 0 || request.vcpus > max {
+            return Err(VmmError::Vcpus {
+                asked: request.vcpus,
+                max,
+            }
+            .into());
         }
-        let vm = Vm::new(&self.kvm, request.memory_mib)?;
+        let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
         let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
         let vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        vm.secondary_vcpus = create_secondary(&self.kvm, &vm, request.vcpus - 1)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = channel();
         let thread_stop = stop.clone();

@@ -78,6 +78,30 @@ fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
     CpuId::from_entries(&entries).map_err(|e| VmmError::Memory(format!("building CPUID: {e:?}")))
 }
 
+/// Creates vCPU `id` with the guest's CPUID.
+fn create(kvm: &Kvm, vm: &Vm, id: u64) -> Result<VcpuFd, VmmError> {
+    let fd = vm.fd.create_vcpu(id).map_err(|source| VmmError::Kvm {
+        what: "KVM_CREATE_VCPU",
+        source,
+    })?;
+    let tsc_khz = fd.get_tsc_khz().map_err(|source| VmmError::Kvm {
+        what: "KVM_GET_TSC_KHZ",
+        source,
+    })?;
+    fd.set_cpuid2(&guest_cpuid(kvm, tsc_khz)?)
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_SET_CPUID2",
+            source,
+        })?;
+    Ok(fd)
+}
+
+/// vCPUs beyond the boot one. The guest is uniprocessor: like a real machine's
+/// application processors before their start-up IPI, they exist but never run.
+pub fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<VcpuFd>, VmmError> {
+    (1..=count as u64).map(|id| create(kvm, vm, id)).collect()
+}
+
 pub struct Vcpu {
     fd: VcpuFd,
     devices: Devices,
@@ -88,19 +112,11 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU 0 in the PVH entry state at `entry`.
     pub fn new(kvm: &Kvm, vm: &Vm, entry: u64) -> Result<Self, VmmError> {
-        let fd = vm.fd.create_vcpu(0).map_err(|source| VmmError::Kvm {
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
+        let fd = create(kvm, vm, 0)?;
         let tsc_khz = fd.get_tsc_khz().map_err(|source| VmmError::Kvm {
             what: "KVM_GET_TSC_KHZ",
             source,
         })?;
-        fd.set_cpuid2(&guest_cpuid(kvm, tsc_khz)?)
-            .map_err(|source| VmmError::Kvm {
-                what: "KVM_SET_CPUID2",
-                source,
-            })?;
         let sregs = fd.get_sregs().map_err(|source| VmmError::Kvm {
             what: "KVM_GET_SREGS",
             source,

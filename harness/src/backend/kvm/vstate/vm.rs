@@ -38,6 +38,8 @@ pub struct Vm {
     /// Signalled by KVM, in the kernel, on every write to `PIO_KERNEL_PORT`. Never read:
     /// its counter saturates long after any run ends.
     _kernel_port_event: EventFd,
+    /// vCPUs 1.. (created, never run).
+    pub secondary_vcpus: Vec<kvm_ioctls::VcpuFd>,
 }
 
 impl Vm {
@@ -71,6 +73,7 @@ impl Vm {
             fd,
             memory,
             _kernel_port_event: event,
+            secondary_vcpus: Vec::new(),
         })
     }
 }
