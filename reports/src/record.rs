@@ -191,6 +191,10 @@ pub struct GuestInfo {
     /// RAM the guest found in its PVH memory map, in bytes.
     #[serde(default)]
     pub ram_bytes: Option<u64>,
+    /// From asking the backend to boot (VMM start, `xl create`) to the guest's first line,
+    /// in milliseconds, for the boot that measured this record.
+    #[serde(default)]
+    pub boot_ms: Option<f64>,
 }
 
 /// Everything about the run that shapes a figure.

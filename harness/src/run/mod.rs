@@ -254,6 +254,7 @@ pub fn run(
                 vcpus: options.vcpus,
                 name: format!("hvbench-{}-{boots}", std::process::id()),
             };
+            let boot_started = std::time::Instant::now();
             let mut session = backend.boot(&request).map_err(|source| RunError::Boot {
                 backend: kind,
                 source,
@@ -264,25 +265,29 @@ pub fn run(
             // did, by 2.6x). A write error stops the run once the guest is down.
             let mut write_error = None;
             let mut deferred = Vec::new();
-            let mut sink = |outcome: &WorkloadOutcome, hello: Option<&Hello>| {
-                if let Some(hello) = hello {
-                    guest = guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
-                }
-                if native_here && outcome.workload.spec().native_twin {
-                    deferred.push(outcome.clone());
-                } else if write_error.is_none() {
-                    if let Err(e) = write(outcome, &guest, &mut summary) {
-                        write_error = Some(e);
+            let mut sink =
+                |outcome: &WorkloadOutcome, hello: Option<(&Hello, std::time::Instant)>| {
+                    if let Some((hello, at)) = hello {
+                        guest =
+                            guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
+                        guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
                     }
-                }
-            };
+                    if native_here && outcome.workload.spec().native_twin {
+                        deferred.push(outcome.clone());
+                    } else if write_error.is_none() {
+                        if let Err(e) = write(outcome, &guest, &mut summary) {
+                            write_error = Some(e);
+                        }
+                    }
+                };
             let report = session::drive(session.as_mut(), &pending, limits, interrupted, &mut sink);
             drop(session);
             if let Some(e) = write_error {
                 return Err(e);
             }
-            if let Some(hello) = &report.hello {
+            if let (Some(hello), Some(at)) = (&report.hello, report.hello_at) {
                 guest = guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
+                guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
             }
             for outcome in &deferred {
                 write(outcome, &guest, &mut summary)?;
@@ -346,6 +351,7 @@ fn guest_info(
         tsc_khz,
         tsc_source,
         ram_bytes: hello.ram_bytes,
+        boot_ms: None,
     }
 }
 

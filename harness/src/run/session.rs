@@ -90,6 +90,8 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct BootReport {
     pub hello: Option<Hello>,
+    /// When the hello line arrived.
+    pub hello_at: Option<Instant>,
     /// Outcomes of the workloads this boot reached, in order.
     pub outcomes: Vec<WorkloadOutcome>,
     /// How the guest ended.
@@ -150,7 +152,7 @@ fn describe_crash(c: &CrashReport) -> String {
 
 /// Called with each workload's outcome the moment it is settled, so records reach the
 /// disk while the guest runs on.
-pub type OutcomeSink<'a> = &'a mut dyn FnMut(&WorkloadOutcome, Option<&Hello>);
+pub type OutcomeSink<'a> = &'a mut dyn FnMut(&WorkloadOutcome, Option<(&Hello, Instant)>);
 
 struct Driver<'a> {
     plan: &'a [WorkloadId],
@@ -184,7 +186,8 @@ impl Driver<'_> {
     }
 
     fn settled(&mut self, outcome: WorkloadOutcome) {
-        (self.sink)(&outcome, self.report.hello.as_ref());
+        let hello = self.report.hello.as_ref().zip(self.report.hello_at);
+        (self.sink)(&outcome, hello);
         self.report.outcomes.push(outcome);
     }
 
@@ -234,6 +237,7 @@ impl Driver<'_> {
                     self.problem("guest said hello twice".into());
                 } else {
                     self.report.hello = Some(hello);
+                    self.report.hello_at = Some(Instant::now());
                 }
             }
             Event::Start(w) => {
@@ -428,6 +432,7 @@ pub fn drive(
         limits,
         report: BootReport {
             hello: None,
+            hello_at: None,
             outcomes: Vec::new(),
             end: GuestEnd::Stopped,
             guest_status: None,
