@@ -131,8 +131,28 @@ fn bad_input_is_one_clear_error() {
         }
     }
 
-    let o = run(&["run", "--backend", "xen"]);
-    assert_eq!(o.status.code(), Some(2));
+    let started = std::time::Instant::now();
+    let o = run(&[
+        "run",
+        "--backend",
+        "xen",
+        "--xen-host",
+        "ssh://root@127.0.0.1:1",
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "cannot reach");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let o = run(&[
+        "run",
+        "--backend",
+        "xen",
+        "--xen-host",
+        "http://nowhere",
+        "--out",
+        out,
+    ]);
+    assert_clear_error(&o, "is not `local`, `lab` or ssh://");
     let o = run(&["run", "--backend", "kvm", "--samples", "0"]);
     assert_eq!(o.status.code(), Some(2));
 }
@@ -187,6 +207,36 @@ fn a_run_writes_records_and_a_summary_and_refuses_to_mix_runs() {
     let o = run(&appended);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read_results(&out).unwrap().len(), 4);
+
+    // The report and the A/B check read what the runs wrote.
+    let page = dir.path().join("page");
+    let o = run(&[
+        "report",
+        out.to_str().unwrap(),
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(page.join("index.html")).unwrap();
+    assert!(html.contains("cpu.cpuid"));
+    let o = run(&["compare", out.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(!table.contains("REGRESSION"), "{table}");
+    assert!(table.contains("cpu.cpuid"), "{table}");
+    let o = run(&[
+        "report",
+        dir.path().join("nothing").to_str().unwrap(),
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "does not exist");
+    let o = run(&[
+        "compare",
+        out.to_str().unwrap(),
+        dir.path().join("nothing").to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "NEW results");
 }
 
 #[test]

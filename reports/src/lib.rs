@@ -3,9 +3,20 @@
 //!
 //! Data flows one way: records -> statistics -> report.
 
+pub mod abtest;
+pub mod bootstrap;
+pub mod compare;
+pub mod font;
+pub mod format;
+pub mod html;
+pub mod plot;
+pub mod pool;
 pub mod record;
+pub mod report;
 pub mod results;
+pub mod rng;
 pub mod stats;
+pub mod synthetic;
 
 pub use record::{Record, RecordKey, Status};
 pub use results::{read_results, ResultsError, ResultsWriter};

@@ -1,0 +1,965 @@
+//! `hvbench compare BASE NEW`: every measurement both results directories hold, judged
+//! with the A/B test of [`crate::abtest`] (permutation test and noise threshold), and the
+//! measurements only one side holds. [`Comparison::has_regression`] drives the exit status.
+//!
+//! Measurements match by [`RecordKey`]. When each side holds a single backend they match
+//! across backends (a kvm run against a qemu run compares the two); otherwise by backend
+//! and key, so a kvm figure is never judged against a xen one by accident.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::abtest::{ab_test, AbOptions, Change, Direction};
+use crate::bootstrap::{sorted_finite, StatsError};
+use crate::format::{self, terminal_safe};
+use crate::pool::{key_order, Pool, Pools};
+use crate::record::{Record, RecordKey, Status};
+use crate::results::{read_results, ResultsError};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompareOptions {
+    /// Noise threshold, p-value threshold and permutation count.
+    pub ab: AbOptions,
+}
+
+impl CompareOptions {
+    /// The options of `--noise` (a fraction: 0.05 = 5%) and `--p`.
+    pub fn with_thresholds(noise: f64, p_threshold: f64) -> Self {
+        CompareOptions {
+            ab: AbOptions {
+                noise,
+                p_threshold,
+                ..AbOptions::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CompareError {
+    #[error("cannot read the BASE results: {0}")]
+    Base(#[source] ResultsError),
+    #[error("cannot read the NEW results: {0}")]
+    New(#[source] ResultsError),
+    #[error("invalid compare option: {0}")]
+    Options(#[from] StatsError),
+}
+
+/// One side of a measurement.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Side {
+    /// Pooled samples.
+    pub n: usize,
+    pub median: Option<f64>,
+    pub mean: Option<f64>,
+    /// The worst status among its records.
+    pub status: Status,
+    pub reason: Option<String>,
+}
+
+impl Side {
+    fn of(pool: &Pool) -> Side {
+        let median = sorted_finite(&pool.samples)
+            .ok()
+            .map(|s| crate::bootstrap::median_of_sorted(&s));
+        let mean = (!pool.samples.is_empty())
+            .then(|| pool.samples.iter().sum::<f64>() / pool.samples.len() as f64);
+        Side {
+            n: pool.samples.len(),
+            median,
+            mean,
+            status: pool.worst_status,
+            reason: pool.reasons.iter().next().cloned(),
+        }
+    }
+}
+
+/// Which side lacks samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missing {
+    Base,
+    New,
+    Both,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum Verdict {
+    /// NEW is significantly worse than BASE, beyond the noise threshold.
+    Regression,
+    /// NEW is significantly better than BASE, beyond the noise threshold.
+    Improvement,
+    NoSignificantChange,
+    /// A significant change of a metric whose direction is unknown: counted as a
+    /// regression, since it cannot be shown harmless.
+    ChangedDirectionUnknown,
+    /// Skipped, failed, crashed or timed out on one side (or both): nothing to compare.
+    SkippedOrFailed {
+        missing: Missing,
+    },
+    /// The samples cannot be tested (not finite numbers).
+    Untestable {
+        message: String,
+    },
+    /// Too few runs on a side for the test to reach the p threshold at all: each run (one
+    /// boot) is one unit, since a boot shifts all its samples together.
+    Inconclusive {
+        base_runs: usize,
+        new_runs: usize,
+    },
+}
+
+/// The smallest two-sided p-value a permutation test of `a` against `b` units can give
+/// (all values distinct): 2 / C(a + b, a).
+pub fn smallest_attainable_p(a: usize, b: usize) -> f64 {
+    let mut combinations = 1.0f64;
+    for i in 0..a.min(b) {
+        combinations = combinations * (a + b - i) as f64 / (i + 1) as f64;
+    }
+    (2.0 / combinations).min(1.0)
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ComparisonRow {
+    /// The backend (or "base → new" when single-backend sides of different kinds match).
+    pub backend: String,
+    pub key: RecordKey,
+    pub unit: String,
+    pub direction: Direction,
+    pub base: Side,
+    pub new: Side,
+    /// (mean(new) - mean(base)) / |mean(base)| of the per-run medians: the change the
+    /// noise threshold applies to (the permutation test is on those means).
+    pub relative_change: Option<f64>,
+    /// The same for the medians, shown beside it: heavy-tailed latencies move the mean
+    /// more than the median.
+    pub median_change: Option<f64>,
+    /// The permutation test's p-value, Holm-adjusted over the comparison's measurements.
+    pub p_value: Option<f64>,
+    /// Runs (records with samples) on each side: the test's units.
+    pub base_runs: usize,
+    pub new_runs: usize,
+    pub verdict: Verdict,
+}
+
+/// A measurement that only one side holds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OneSided {
+    pub backend: String,
+    pub key: RecordKey,
+    pub status: Status,
+    pub n: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Comparison {
+    pub base: PathBuf,
+    pub new: PathBuf,
+    pub noise: f64,
+    pub p_threshold: f64,
+    pub permutations: usize,
+    pub rows: Vec<ComparisonRow>,
+    pub only_in_base: Vec<OneSided>,
+    pub only_in_new: Vec<OneSided>,
+    /// Why the figures may not be comparable (different hosts, emulation, backends).
+    pub notes: Vec<String>,
+}
+
+/// Compares the results in `new` with those in `base`.
+pub fn compare(
+    base: &Path,
+    new: &Path,
+    options: &CompareOptions,
+) -> Result<Comparison, CompareError> {
+    options.ab.validate()?;
+    let base_records = read_results(base).map_err(CompareError::Base)?;
+    let new_records = read_results(new).map_err(CompareError::New)?;
+    Ok(compare_records(
+        base,
+        new,
+        &base_records,
+        &new_records,
+        options,
+    ))
+}
+
+fn kinds(records: &[Record]) -> BTreeSet<&str> {
+    records.iter().map(|r| r.backend.kind.as_str()).collect()
+}
+
+fn compare_records(
+    base_dir: &Path,
+    new_dir: &Path,
+    base: &[Record],
+    new: &[Record],
+    options: &CompareOptions,
+) -> Comparison {
+    let (base_kinds, new_kinds) = (kinds(base), kinds(new));
+    let mut notes = Vec::new();
+    let (base_pools, new_pools) = match (
+        base_kinds.iter().collect::<Vec<_>>().as_slice(),
+        new_kinds.iter().collect::<Vec<_>>().as_slice(),
+    ) {
+        ([b], [n]) => {
+            let label = if b == n {
+                b.to_string()
+            } else {
+                notes.push(format!(
+                    "BASE ran on {b} and NEW on {n}: this compares the two backends, not two \
+                     builds of one."
+                ));
+                format!("{b} → {n}")
+            };
+            (
+                Pools::under_label(base, &label),
+                Pools::under_label(new, &label),
+            )
+        }
+        _ => (Pools::by_backend(base), Pools::by_backend(new)),
+    };
+    notes.extend(host_notes(base, new));
+
+    let base_ids: BTreeSet<(String, RecordKey)> = base_pools.pools.keys().cloned().collect();
+    let new_ids: BTreeSet<(String, RecordKey)> = new_pools.pools.keys().cloned().collect();
+    let one_sided = |ids: BTreeSet<&(String, RecordKey)>, pools: &Pools| -> Vec<OneSided> {
+        let mut list: Vec<(&Pool, OneSided)> = ids
+            .into_iter()
+            .filter_map(|id| pools.pools.get(id))
+            .map(|p| {
+                (
+                    p,
+                    OneSided {
+                        backend: p.backend.clone(),
+                        key: p.key.clone(),
+                        status: p.worst_status,
+                        n: p.samples.len(),
+                    },
+                )
+            })
+            .collect();
+        list.sort_by_cached_key(|(p, o)| (o.backend.clone(), key_order(&p.group, &p.key)));
+        list.into_iter().map(|(_, o)| o).collect()
+    };
+    let only_in_base = one_sided(base_ids.difference(&new_ids).collect(), &base_pools);
+    let only_in_new = one_sided(new_ids.difference(&base_ids).collect(), &new_pools);
+
+    let mut common: Vec<(&Pool, &Pool)> = base_ids
+        .intersection(&new_ids)
+        .filter_map(|id| Some((base_pools.pools.get(id)?, new_pools.pools.get(id)?)))
+        .collect();
+    common.sort_by_cached_key(|(b, _)| (b.backend.clone(), key_order(&b.group, &b.key)));
+    let mut rows: Vec<ComparisonRow> = common
+        .into_iter()
+        .map(|(b, n)| compare_pools(b, n, &options.ab))
+        .collect();
+    apply_holm(&mut rows, &options.ab);
+
+    Comparison {
+        base: base_dir.to_path_buf(),
+        new: new_dir.to_path_buf(),
+        noise: options.ab.noise,
+        p_threshold: options.ab.p_threshold,
+        permutations: options.ab.permutation.resamples,
+        rows,
+        only_in_base,
+        only_in_new,
+        notes,
+    }
+}
+
+fn compare_pools(base: &Pool, new: &Pool, options: &AbOptions) -> ComparisonRow {
+    let mut row = ComparisonRow {
+        backend: base.backend.clone(),
+        key: base.key.clone(),
+        unit: base.unit.clone(),
+        direction: base.direction,
+        base: Side::of(base),
+        new: Side::of(new),
+        relative_change: None,
+        median_change: None,
+        p_value: None,
+        base_runs: base.run_medians.len(),
+        new_runs: new.run_medians.len(),
+        verdict: Verdict::NoSignificantChange,
+    };
+    if let (Some(b), Some(n)) = (row.base.median, row.new.median) {
+        if b != 0.0 {
+            row.median_change = Some((n - b) / b.abs());
+        }
+    }
+    let missing = match (base.is_measured(), new.is_measured()) {
+        (true, true) => None,
+        (false, true) => Some(Missing::Base),
+        (true, false) => Some(Missing::New),
+        (false, false) => Some(Missing::Both),
+    };
+    if let Some(missing) = missing {
+        row.verdict = Verdict::SkippedOrFailed { missing };
+        return row;
+    }
+    // The units are runs: a boot moves all of its samples together, so a test on pooled
+    // samples mistakes the machine's run-to-run drift for a change of the build.
+    let (base_units, new_units) = (&base.run_medians, &new.run_medians);
+    if smallest_attainable_p(base_units.len(), new_units.len()) >= options.p_threshold {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (b, n) = (mean(base_units), mean(new_units));
+        if b != 0.0 && !base_units.is_empty() && !new_units.is_empty() {
+            row.relative_change = Some((n - b) / b.abs());
+        }
+        row.verdict = Verdict::Inconclusive {
+            base_runs: base_units.len(),
+            new_runs: new_units.len(),
+        };
+        return row;
+    }
+    // Each measurement gets its own permutation stream, reproducible run to run.
+    let mut options = options.clone();
+    options.permutation.seed ^= format::stable_hash(&format!("{}\u{1f}{}", base.backend, base.key));
+    match ab_test(base_units, new_units, base.direction, &options) {
+        Ok(result) => {
+            row.relative_change = Some(result.relative_change);
+            row.p_value = Some(result.p_value);
+            row.verdict = match result.change {
+                Change::Worse => Verdict::Regression,
+                Change::Better => Verdict::Improvement,
+                Change::Changed => Verdict::ChangedDirectionUnknown,
+                Change::NoSignificantChange => Verdict::NoSignificantChange,
+            };
+        }
+        Err(e) => {
+            row.verdict = Verdict::Untestable {
+                message: e.to_string(),
+            }
+        }
+    }
+    row
+}
+
+/// Holm's step-down correction over every tested measurement: with many measurements per
+/// comparison, a per-measurement p < 0.01 would still let runs of one build "regress"
+/// somewhere; corrected, the chance of any false verdict stays below the threshold.
+/// Replaces each tested row's p-value by its adjusted one and re-derives the verdict.
+fn apply_holm(rows: &mut [ComparisonRow], options: &AbOptions) {
+    let mut tested: Vec<(usize, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            matches!(
+                r.verdict,
+                Verdict::Regression
+                    | Verdict::Improvement
+                    | Verdict::NoSignificantChange
+                    | Verdict::ChangedDirectionUnknown
+            )
+        })
+        .filter_map(|(i, r)| r.p_value.map(|p| (i, p)))
+        .collect();
+    tested.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let m = tested.len();
+    // A measurement whose runs cannot give a p-value small enough to pass even Holm's
+    // first step says so, instead of passing for "no change".
+    for (i, _) in &tested {
+        let row = &mut rows[*i];
+        if smallest_attainable_p(row.base_runs, row.new_runs) * m as f64 >= options.p_threshold {
+            row.verdict = Verdict::Inconclusive {
+                base_runs: row.base_runs,
+                new_runs: row.new_runs,
+            };
+        }
+    }
+    let mut running_max = 0.0f64;
+    for (k, (i, p)) in tested.into_iter().enumerate() {
+        running_max = running_max.max(((m - k) as f64 * p).min(1.0));
+        let row = &mut rows[i];
+        row.p_value = Some(running_max);
+        if matches!(row.verdict, Verdict::Inconclusive { .. }) {
+            continue;
+        }
+        let change = row.relative_change.unwrap_or(0.0);
+        let significant = running_max < options.p_threshold && change.abs() > options.noise;
+        row.verdict = match (significant, row.direction) {
+            (false, _) => Verdict::NoSignificantChange,
+            (true, Direction::Unknown) => Verdict::ChangedDirectionUnknown,
+            (true, Direction::LowerIsBetter) if change > 0.0 => Verdict::Regression,
+            (true, Direction::HigherIsBetter) if change < 0.0 => Verdict::Regression,
+            (true, _) => Verdict::Improvement,
+        };
+    }
+}
+
+type RecordField = fn(&Record) -> &str;
+
+/// Notes where BASE and NEW ran on different host classes or CPU models, or emulated.
+fn host_notes(base: &[Record], new: &[Record]) -> Vec<String> {
+    let distinct = |records: &[Record], field: fn(&Record) -> &str| -> Vec<String> {
+        let set: BTreeSet<&str> = records
+            .iter()
+            .map(field)
+            .filter(|v| !v.is_empty())
+            .collect();
+        set.into_iter().map(str::to_string).collect()
+    };
+    let mut notes = Vec::new();
+    let fields: [(&str, RecordField); 2] = [
+        ("host classes", |r| r.host.class.as_str()),
+        ("CPU models", |r| r.host.cpu_model.as_str()),
+    ];
+    for (what, field) in fields {
+        let (b, n) = (distinct(base, field), distinct(new, field));
+        if b != n {
+            notes.push(format!(
+                "BASE and NEW ran on different {what} ({} vs {}): changes may come from the \
+                 hosts, not the build.",
+                b.join(" / "),
+                n.join(" / ")
+            ));
+        }
+    }
+    for (side, records) in [("BASE", base), ("NEW", new)] {
+        if records.iter().any(|r| r.host.class.contains("tcg")) {
+            notes.push(format!(
+                "{side} ran under TCG emulation: its figures measure QEMU's emulator."
+            ));
+        }
+        if records
+            .iter()
+            .any(|r| r.host.class.contains("pvm") && r.host.cpl0 == "emulated")
+        {
+            notes.push(format!(
+                "{side} ran on a kvm_pvm host, where guest CPL0 code is emulated: cpl0 \
+                 workloads measure that emulator."
+            ));
+        }
+    }
+    notes
+}
+
+impl Comparison {
+    /// Whether any measurement regressed (or changed significantly in an unknown
+    /// direction): the command's exit status 1.
+    pub fn has_regression(&self) -> bool {
+        self.rows.iter().any(|r| {
+            matches!(
+                r.verdict,
+                Verdict::Regression | Verdict::ChangedDirectionUnknown
+            )
+        })
+    }
+
+    /// Runs per side with which every measurement of this comparison could reach the
+    /// p threshold after Holm's correction.
+    pub fn runs_needed(&self) -> usize {
+        let m = self.rows.len().max(1) as f64;
+        (1..=64)
+            .find(|&n| smallest_attainable_p(n, n) * m < self.p_threshold)
+            .unwrap_or(64)
+    }
+
+    /// Measurements that had samples in BASE and have none in NEW (skipped, failed,
+    /// crashed or timed out there). Not regressions in the statistical sense, but worth
+    /// failing a pipeline on where the workload is expected to run.
+    pub fn newly_failing(&self) -> Vec<&ComparisonRow> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                r.verdict
+                    == Verdict::SkippedOrFailed {
+                        missing: Missing::New,
+                    }
+            })
+            .collect()
+    }
+
+    /// Number of rows with each verdict kind: (regressions, improvements, unchanged,
+    /// skipped or failed, untestable, inconclusive).
+    fn counts(&self) -> [usize; 6] {
+        let mut counts = [0; 6];
+        for r in &self.rows {
+            let i = match r.verdict {
+                Verdict::Regression | Verdict::ChangedDirectionUnknown => 0,
+                Verdict::Improvement => 1,
+                Verdict::NoSignificantChange => 2,
+                Verdict::SkippedOrFailed { .. } => 3,
+                Verdict::Untestable { .. } => 4,
+                Verdict::Inconclusive { .. } => 5,
+            };
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    /// The comparison as an aligned text table for a terminal. Text from the records is
+    /// made terminal-safe (no control characters or escape sequences pass through).
+    pub fn render_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "BASE {}\nNEW  {}\nA change counts where p < {} (permutation test, {} relabellings, on \
+             the mean of each run's median: a run is one unit, since a boot shifts all its \
+             samples together; P is Holm-adjusted over all measurements) and that mean moves \
+             by more than {:.1}% (Δ MEAN).",
+            terminal_safe(&self.base.display().to_string()),
+            terminal_safe(&self.new.display().to_string()),
+            self.p_threshold,
+            self.permutations,
+            self.noise * 100.0
+        );
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {}", terminal_safe(note));
+        }
+        out.push('\n');
+        let labels: BTreeSet<&str> = self.rows.iter().map(|r| r.backend.as_str()).collect();
+        let with_backend = labels.len() > 1;
+        let mut table: Vec<[String; 8]> = vec![[
+            "BACKEND".into(),
+            "MEASUREMENT".into(),
+            "BASE MEDIAN".into(),
+            "NEW MEDIAN".into(),
+            "Δ MEDIAN".into(),
+            "Δ MEAN".into(),
+            "P".into(),
+            "VERDICT".into(),
+        ]];
+        let median = |side: &Side, unit: &str| match side.median {
+            Some(m) => format!("{} {} (n={})", format::number(m), unit, side.n),
+            None => side.status.name().to_string(),
+        };
+        for r in &self.rows {
+            let verdict = match &r.verdict {
+                Verdict::Regression => "REGRESSION".to_string(),
+                Verdict::Improvement => "improvement".to_string(),
+                Verdict::NoSignificantChange => "no significant change".to_string(),
+                Verdict::ChangedDirectionUnknown => "CHANGED (direction unknown)".to_string(),
+                Verdict::SkippedOrFailed { missing } => {
+                    let (side, which) = match missing {
+                        Missing::Base => ("BASE", &r.base),
+                        Missing::New => ("NEW", &r.new),
+                        Missing::Both => ("both", &r.new),
+                    };
+                    let mut text = format!("{} on {side}", which.status.name());
+                    if let Some(reason) = &which.reason {
+                        text.push_str(": ");
+                        text.push_str(&format::label(reason, 60));
+                    }
+                    text
+                }
+                Verdict::Untestable { message } => format!("untestable: {message}"),
+                Verdict::Inconclusive {
+                    base_runs,
+                    new_runs,
+                } => format!("inconclusive: {base_runs} vs {new_runs} runs"),
+            };
+            table.push([
+                r.backend.clone(),
+                r.key.to_string(),
+                median(&r.base, &r.unit),
+                median(&r.new, &r.unit),
+                r.median_change.map(format::percent).unwrap_or_default(),
+                r.relative_change.map(format::percent).unwrap_or_default(),
+                r.p_value.map(format::p_value).unwrap_or_default(),
+                verdict,
+            ]);
+        }
+        let table: Vec<Vec<String>> = table
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .skip(usize::from(!with_backend))
+                    .map(|cell| terminal_safe(&cell))
+                    .collect()
+            })
+            .collect();
+        let columns = table.first().map(Vec::len).unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                table
+                    .iter()
+                    .map(|row| row[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        if self.rows.is_empty() {
+            out.push_str("No measurement is in both BASE and NEW.\n");
+        } else {
+            for row in &table {
+                let line: Vec<String> = row
+                    .iter()
+                    .zip(&widths)
+                    .map(|(cell, width)| {
+                        format!("{cell}{}", " ".repeat(width - cell.chars().count()))
+                    })
+                    .collect();
+                let _ = writeln!(out, "{}", line.join("  ").trim_end());
+            }
+        }
+        for (title, list) in [
+            ("Only in BASE", &self.only_in_base),
+            ("Only in NEW", &self.only_in_new),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "\n{title}:");
+            for o in list {
+                let _ = writeln!(
+                    out,
+                    "  {}{} ({}, n={})",
+                    if with_backend {
+                        format!("{} ", terminal_safe(&o.backend))
+                    } else {
+                        String::new()
+                    },
+                    terminal_safe(&o.key.to_string()),
+                    o.status.name(),
+                    o.n
+                );
+            }
+        }
+        let [regressions, improvements, unchanged, skipped, untestable, inconclusive] =
+            self.counts();
+        let _ = writeln!(
+            out,
+            "\n{regressions} regression{}, {improvements} improvement{}, {unchanged} without \
+             significant change, {skipped} skipped or failed on a side{}; {} only in BASE, {} \
+             only in NEW.",
+            if regressions == 1 { "" } else { "s" },
+            if improvements == 1 { "" } else { "s" },
+            if untestable > 0 {
+                format!(", {untestable} untestable")
+            } else {
+                String::new()
+            },
+            self.only_in_base.len(),
+            self.only_in_new.len()
+        );
+        if inconclusive > 0 {
+            let needed = self.runs_needed();
+            let _ = writeln!(
+                out,
+                "{inconclusive} inconclusive: too few runs on a side to reach p < {} over {} \
+                 measurements. Give each side at least {needed} runs (hvbench run --repeat \
+                 {needed}, or ci/ab-check.sh -r {}).",
+                self.p_threshold,
+                self.rows.len(),
+                needed.div_ceil(2)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{lognormal_samples, problem, record};
+
+    /// Runs (boots) per side: enough for the Holm-corrected per-run test over the four
+    /// measurements below to reach p < 0.01 (2 / C(16, 8) * 4 < 0.01).
+    const RUNS: u64 = 8;
+    /// Boot-to-boot drift of this host's medians (several percent).
+    const DRIFT: f64 = 0.05;
+
+    fn run(backend: &str, seed: u64, shift: f64) -> Vec<Record> {
+        run_with_drift(backend, seed, shift, DRIFT)
+    }
+
+    fn run_with_drift(backend: &str, seed: u64, shift: f64, drift_sigma: f64) -> Vec<Record> {
+        let mut records = Vec::new();
+        for (i, workload) in ["cpu.idle", "cpu.cpuid", "io.pio-out", "io.mmio-read"]
+            .iter()
+            .enumerate()
+        {
+            let median = 100.0 * (i + 1) as f64;
+            let factor = if *workload == "cpu.cpuid" { shift } else { 1.0 };
+            for repeat in 0..RUNS {
+                // Each boot shifts its samples together (as this host's boots do, by
+                // several percent): a drift the per-run test must absorb.
+                let drift = lognormal_samples(
+                    seed ^ 0xd21f7 ^ (repeat * 31 + i as u64),
+                    1,
+                    1.0,
+                    drift_sigma,
+                )[0];
+                let mut r = record(
+                    backend,
+                    workload,
+                    &lognormal_samples(
+                        seed + repeat * 100 + i as u64,
+                        20,
+                        median * factor * drift,
+                        0.02,
+                    ),
+                );
+                r.repeat = repeat as u32;
+                records.push(r);
+            }
+        }
+        records
+    }
+
+    fn compare_runs(base: &[Record], new: &[Record]) -> Comparison {
+        compare_records(
+            Path::new("base"),
+            Path::new("new"),
+            base,
+            new,
+            &CompareOptions::default(),
+        )
+    }
+
+    #[test]
+    fn attainable_p_values() {
+        assert_eq!(smallest_attainable_p(1, 1), 1.0);
+        assert!((smallest_attainable_p(3, 3) - 0.1).abs() < 1e-12);
+        assert!((smallest_attainable_p(5, 5) - 2.0 / 252.0).abs() < 1e-12);
+        assert!(smallest_attainable_p(6, 6) < 0.01);
+    }
+
+    #[test]
+    fn runs_of_one_build_do_not_regress_though_boots_drift() {
+        // The same build booted again and again: each boot shifts its samples by a few
+        // percent, samples within a boot are tight. Per-run units and Holm's correction
+        // keep false regressions at the test's level (1% per comparison); a test on
+        // pooled samples mistakes the drift for changes far more often.
+        let comparisons = 40;
+        let (mut false_regressions, mut flagged_by_samples) = (0, 0);
+        for seed in 0..comparisons {
+            let (base, new) = (run("kvm", seed * 31, 1.0), run("kvm", seed * 31 + 7, 1.0));
+            if compare_runs(&base, &new).has_regression() {
+                false_regressions += 1;
+            }
+            for w in ["cpu.idle", "cpu.cpuid", "io.pio-out", "io.mmio-read"] {
+                let pooled = |rs: &[Record]| -> Vec<f64> {
+                    rs.iter()
+                        .filter(|r| r.workload == w)
+                        .flat_map(|r| r.samples.clone())
+                        .collect()
+                };
+                let t = ab_test(
+                    &pooled(&base),
+                    &pooled(&new),
+                    Direction::LowerIsBetter,
+                    &AbOptions::default(),
+                )
+                .unwrap();
+                if t.change == Change::Worse {
+                    flagged_by_samples += 1;
+                }
+            }
+        }
+        assert!(
+            false_regressions <= 2,
+            "{false_regressions} of {comparisons} A/A comparisons regressed"
+        );
+        assert!(
+            flagged_by_samples >= 5 * false_regressions.max(1),
+            "pooled samples flagged {flagged_by_samples}: the drift in this data is too small to matter"
+        );
+    }
+
+    #[test]
+    fn single_runs_are_inconclusive_not_regressions() {
+        let one = |seed, shift| -> Vec<Record> {
+            run("kvm", seed, shift)
+                .into_iter()
+                .filter(|r| r.repeat == 0)
+                .collect()
+        };
+        let c = compare_runs(&one(1, 1.0), &one(2, 1.5));
+        assert!(!c.has_regression());
+        assert!(c.rows.iter().all(|r| matches!(
+            r.verdict,
+            Verdict::Inconclusive {
+                base_runs: 1,
+                new_runs: 1
+            }
+        )));
+        let cpuid = c
+            .rows
+            .iter()
+            .find(|r| r.key.workload == "cpu.cpuid")
+            .unwrap();
+        assert!(
+            cpuid.relative_change.unwrap() > 0.3,
+            "the change is still shown"
+        );
+        // Four measurements: 2 / C(12, 6) * 4 < 0.01 needs six runs a side.
+        assert_eq!(c.runs_needed(), 6);
+        assert!(
+            c.render_table().contains("at least 6 runs"),
+            "{}",
+            c.render_table()
+        );
+    }
+
+    #[test]
+    fn same_build_runs_report_no_regression() {
+        // Twenty pairs of runs drawn from the same distributions.
+        for seed in 0..20 {
+            let c = compare_runs(
+                &run("kvm", seed * 7919, 1.0),
+                &run("kvm", seed * 7919 + 1, 1.0),
+            );
+            assert_eq!(c.rows.len(), 4);
+            assert!(!c.has_regression(), "seed {seed}:\n{}", c.render_table());
+            assert!(c
+                .rows
+                .iter()
+                .all(|r| r.verdict == Verdict::NoSignificantChange));
+        }
+    }
+
+    #[test]
+    fn a_slower_new_build_is_a_regression_and_a_faster_one_an_improvement() {
+        let c = compare_runs(&run("kvm", 1, 1.0), &run("kvm", 2, 1.3));
+        assert!(c.has_regression());
+        let cpuid = c
+            .rows
+            .iter()
+            .find(|r| r.key.workload == "cpu.cpuid")
+            .unwrap();
+        assert_eq!(cpuid.verdict, Verdict::Regression);
+        assert!(cpuid.p_value.unwrap() < 0.01);
+        assert!((cpuid.relative_change.unwrap() - 0.3).abs() < 0.05);
+        let others = c.rows.iter().filter(|r| r.key.workload != "cpu.cpuid");
+        assert!(others
+            .into_iter()
+            .all(|r| r.verdict == Verdict::NoSignificantChange));
+        let table = c.render_table();
+        assert!(table.contains("REGRESSION"), "{table}");
+        assert!(table.contains("1 regression,"), "{table}");
+
+        let c = compare_runs(&run("kvm", 1, 1.0), &run("kvm", 2, 0.7));
+        assert!(!c.has_regression());
+        assert!(c.rows.iter().any(|r| r.verdict == Verdict::Improvement));
+    }
+
+    #[test]
+    fn a_shift_below_the_noise_threshold_is_not_a_regression() {
+        // A steady machine (0.2% drift), so a 3% shift is significant: it stays below
+        // the default 5% noise threshold and counts above a 1% one.
+        let (base, new) = (
+            run_with_drift("kvm", 1, 1.0, 0.002),
+            run_with_drift("kvm", 2, 1.03, 0.002),
+        );
+        let c = compare_runs(&base, &new);
+        assert!(!c.has_regression(), "{}", c.render_table());
+        let strict = compare_records(
+            Path::new("b"),
+            Path::new("n"),
+            &base,
+            &new,
+            &CompareOptions::with_thresholds(0.01, 0.01),
+        );
+        assert!(strict.has_regression(), "{}", strict.render_table());
+    }
+
+    #[test]
+    fn failures_and_one_sided_measurements_are_listed() {
+        let base = run("kvm", 1, 1.0);
+        let mut new: Vec<Record> = run("kvm", 2, 1.0)
+            .into_iter()
+            .filter(|r| r.workload != "io.mmio-read" && r.workload != "cpu.cpuid")
+            .collect();
+        new.push(problem(
+            "kvm",
+            "cpu.cpuid",
+            Status::Crash,
+            "triple fault \x1b[31m<evil>",
+        ));
+        new.push(record("kvm", "cpu.rdtsc", &[1.0, 2.0]));
+        let c = compare_runs(&base, &new);
+        let cpuid = c
+            .rows
+            .iter()
+            .find(|r| r.key.workload == "cpu.cpuid")
+            .unwrap();
+        assert_eq!(
+            cpuid.verdict,
+            Verdict::SkippedOrFailed {
+                missing: Missing::New
+            }
+        );
+        assert_eq!(c.newly_failing().len(), 1);
+        assert!(!c.has_regression());
+        assert_eq!(c.only_in_base.len(), 1);
+        assert_eq!(c.only_in_base[0].key.workload, "io.mmio-read");
+        assert_eq!(c.only_in_new.len(), 1);
+        assert_eq!(c.only_in_new[0].key.workload, "cpu.rdtsc");
+        let table = c.render_table();
+        assert!(table.contains("crash on NEW: triple fault"), "{table}");
+        assert!(
+            !table.contains('\x1b'),
+            "escape sequences must not reach the terminal"
+        );
+        assert!(table.contains("Only in BASE:\n  io.mmio-read"), "{table}");
+    }
+
+    #[test]
+    fn backends_match_by_kind_when_sides_hold_several() {
+        let mut base = run("kvm", 1, 1.0);
+        base.extend(run("xen", 3, 1.0));
+        let mut new = run("kvm", 2, 1.0);
+        new.extend(run("xen", 4, 1.5));
+        let c = compare_runs(&base, &new);
+        assert_eq!(c.rows.len(), 8);
+        let regressed: Vec<&str> = c
+            .rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Regression)
+            .map(|r| r.backend.as_str())
+            .collect();
+        assert_eq!(regressed, ["xen"]);
+        // Single-backend sides of different kinds match across backends, with a note.
+        let c = compare_runs(&run("kvm", 1, 1.0), &run("qemu", 2, 1.0));
+        assert_eq!(c.rows.len(), 4);
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.contains("compares the two backends")));
+    }
+
+    #[test]
+    fn bad_directories_and_options_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let e = compare(&missing, dir.path(), &CompareOptions::default()).unwrap_err();
+        assert!(matches!(
+            e,
+            CompareError::Base(ResultsError::MissingDir { .. })
+        ));
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        crate::synthetic::write_results(&dir.path().join("ok"), &run("kvm", 1, 1.0)).unwrap();
+        let e = compare(
+            &dir.path().join("ok"),
+            dir.path(),
+            &CompareOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, CompareError::New(ResultsError::MissingResults { .. })),
+            "{e}"
+        );
+        let e = compare(
+            &dir.path().join("ok"),
+            &dir.path().join("ok"),
+            &CompareOptions::with_thresholds(-0.1, 0.01),
+        )
+        .unwrap_err();
+        assert!(matches!(e, CompareError::Options(_)), "{e}");
+        let same = compare(
+            &dir.path().join("ok"),
+            &dir.path().join("ok"),
+            &CompareOptions::default(),
+        )
+        .unwrap();
+        assert!(!same.has_regression());
+        assert!(same.rows.iter().all(|r| r.p_value == Some(1.0)));
+    }
+}
