@@ -242,3 +242,63 @@ fn a_killed_runs_settings_are_restored_by_the_next_start_with_a_message() {
     assert_eq!(ksm.tunables().unwrap(), before, "{stderr}");
     assert!(!KsmPaths::system().state_file().exists());
 }
+
+#[test]
+fn ctrl_c_stops_the_guests_and_restores_the_settings_at_once() {
+    if !ksm_usable() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let _cleanup = RestoreOnExit;
+    let ksm = KsmSysfs::system();
+    let before = ksm.tunables().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "kvm", "-w", "mem.ksm", "--out"])
+        .arg(dir.path())
+        .args(SMALL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("KSM on")) {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the run never turned KSM on ({e}): {seen:#?}");
+            }
+        }
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    seen.extend(rx.iter());
+    assert_eq!(status.code(), Some(130), "{seen:#?}");
+    assert!(
+        seen.iter().any(|l| l.contains("KSM settings restored")),
+        "{seen:#?}"
+    );
+    assert_eq!(ksm.tunables().unwrap(), before);
+    assert!(!KsmPaths::system().state_file().exists());
+    assert_eq!(surviving_guest_vmms(), Vec::<String>::new());
+    // The interrupted workload's records say so.
+    let records = read_results(dir.path()).unwrap();
+    assert!(!records.is_empty());
+    for r in &records {
+        assert_eq!(r.status, Status::Error);
+        assert!(
+            r.reason.as_deref().unwrap_or("").contains("interrupted"),
+            "{:?}",
+            r.reason
+        );
+    }
+}

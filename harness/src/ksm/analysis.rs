@@ -1,5 +1,10 @@
 //! From KSM's counters over time to the workload's figures: when the sharing has stopped
-//! growing, and how long it took to reach 90% of it.
+//! growing, how long it took to reach 90% of it, and whether KSM's host-wide count of
+//! pages saved is the guests' alone.
+
+use workloads::ksm::PAGE_BYTES;
+
+use super::sysfs::KsmCounters;
 
 /// One sample, `t` seconds after KSM was started: how many pages are merged (the
 /// guests' own count where the kernel gives it, else KSM's pages_sharing) and KSM's
@@ -47,6 +52,45 @@ pub fn time_to_fraction(ticks: &[Tick], baseline: u64, fraction: f64) -> Option<
         .iter()
         .find(|t| t.merged.saturating_sub(baseline) as f64 >= fraction * gain)
         .map(|t| t.t)
+}
+
+/// KSM's own figure for the memory saved (pages_sharing's gain x 4 KiB), in MiB.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SavedByKsm {
+    /// Every mapping KSM merged or unmerged meanwhile was the guests'.
+    Guests(f64),
+    /// The kernel gives no per-process count, so this may include other processes.
+    HostWide(f64),
+    /// Other processes' merged mappings changed meanwhile (by `others` pages).
+    NotTheGuestsAlone { others: i64, sharing_gain: i64 },
+}
+
+/// Compares the host-wide merged mappings (pages_shared + pages_sharing, which count every
+/// page mapping KSM merged) with the guests' own count (`vmm_*`: their VMMs' summed
+/// ksm_merging_pages) over the same span.
+pub fn saved_by_pages_sharing(
+    before: &KsmCounters,
+    after: &KsmCounters,
+    vmm_before: Option<u64>,
+    vmm_after: Option<u64>,
+) -> SavedByKsm {
+    let mappings = |c: &KsmCounters| c.pages_shared as i64 + c.pages_sharing as i64;
+    let sharing_gain = after.pages_sharing as i64 - before.pages_sharing as i64;
+    let mib = (sharing_gain * PAGE_BYTES as i64) as f64 / (1 << 20) as f64;
+    match (vmm_before, vmm_after) {
+        (Some(b), Some(a)) => {
+            let others = (mappings(after) - mappings(before)) - (a as i64 - b as i64);
+            if others == 0 {
+                SavedByKsm::Guests(mib)
+            } else {
+                SavedByKsm::NotTheGuestsAlone {
+                    others,
+                    sharing_gain,
+                }
+            }
+        }
+        _ => SavedByKsm::HostWide(mib),
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +162,31 @@ mod tests {
         assert_eq!(time_to_fraction(&t, 1100, 0.9), None);
         assert_eq!(time_to_fraction(&t, 5000, 0.9), None);
         assert_eq!(time_to_fraction(&[], 0, 0.9), None);
+    }
+
+    #[test]
+    fn saved_by_ksm_counts_only_when_the_guests_alone_merged() {
+        let counters = |shared, sharing| KsmCounters {
+            pages_shared: shared,
+            pages_sharing: sharing,
+            ..Default::default()
+        };
+        let (before, after) = (counters(10, 30), counters(1010, 3030));
+        // Four guests, 1000 identical pages each: 4000 mappings merged, 3000 saved.
+        assert_eq!(
+            saved_by_pages_sharing(&before, &after, Some(0), Some(4000)),
+            SavedByKsm::Guests(3000.0 * 4096.0 / 1048576.0)
+        );
+        assert_eq!(
+            saved_by_pages_sharing(&before, &after, Some(0), Some(3990)),
+            SavedByKsm::NotTheGuestsAlone {
+                others: 10,
+                sharing_gain: 3000
+            }
+        );
+        assert_eq!(
+            saved_by_pages_sharing(&after, &before, None, Some(0)),
+            SavedByKsm::HostWide(-3000.0 * 4096.0 / 1048576.0)
+        );
     }
 }

@@ -141,7 +141,10 @@ fn spawn_one(
     if let Some(image) = &spec.guest_image {
         command.arg("--guest").arg(image);
     }
+    // A process group of its own: Ctrl-C reaches hvbench alone, which then stops the
+    // guests and restores KSM in order.
     command
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -13,7 +13,7 @@ use workloads::ksm::{PAGE_BYTES, RING_END, RING_MEASURE};
 use workloads::protocol::{CrashReport, Event, Hello, Status};
 use workloads::WorkloadId;
 
-use super::analysis::{self, Tick};
+use super::analysis::{self, SavedByKsm, Tick};
 use super::guard::{KsmGuard, KsmPaths};
 use super::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
 use super::params::KsmParams;
@@ -52,7 +52,14 @@ fn mib(kib: u64) -> f64 {
 pub fn run(ctx: &HostContext) -> WorkloadOutcome {
     let mut outcome = WorkloadOutcome::new(ID);
     if let Err(e) = measure(ctx, &mut outcome) {
-        outcome.ratchet(e.status(), e.to_string());
+        // After Ctrl-C, whatever failed first (a guest's console closing, say) is a
+        // consequence; the interruption is the reason.
+        let (status, reason) = if ctx.interrupted.load(Ordering::Relaxed) {
+            (Status::Error, format!("interrupted (Ctrl-C): {e}"))
+        } else {
+            (e.status(), e.to_string())
+        };
+        outcome.ratchet(status, reason);
     }
     outcome
 }
@@ -487,8 +494,8 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             "from the filled regions alone: {} guest pages merged, {} pages saved \
              (identical pages x guests, and x (guests - 1)); the guest kernel's own identical \
              pages add a few",
-            identical * p.guests as u64,
-            identical * (p.guests as u64 - 1)
+            identical.saturating_mul(p.guests as u64),
+            identical.saturating_mul(p.guests as u64 - 1)
         ),
     );
 
@@ -592,7 +599,7 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
         } else {
             "stopped at max_s"
         },
-        identical * p.guests as u64,
+        identical.saturating_mul(p.guests as u64),
     ));
     let notes = &mut outcome.notes;
     notes.insert("ksm_restored".into(), restored);
@@ -689,35 +696,28 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
         ("saved_pss", String::new()),
         direct(mib(base.memory.pss_kib) - mib(last.memory.pss_kib)),
     );
-    let mappings = |c: &KsmCounters| c.pages_shared as i64 + c.pages_sharing as i64;
-    let sharing_gain = e.pages_sharing as i64 - b.pages_sharing as i64;
-    match (base.vmm_merging, last.vmm_merging) {
-        (Some(ours_before), Some(ours_after)) => {
-            let others = (mappings(e) - mappings(b)) - (ours_after as i64 - ours_before as i64);
-            if others == 0 {
-                series.insert(
-                    ("saved_ksm", String::new()),
-                    direct((sharing_gain * PAGE_BYTES as i64) as f64 / (1 << 20) as f64),
-                );
-            } else {
-                outcome.notes.insert(
-                    "saved_ksm".into(),
-                    format!(
-                        "not recorded: while the guests merged, other processes' merged \
-                         mappings changed by {others} pages, so KSM's host-wide pages_sharing \
-                         gain ({sharing_gain}) is not the guests' alone; saved_pss is"
-                    ),
-                );
-            }
+    match analysis::saved_by_pages_sharing(b, e, base.vmm_merging, last.vmm_merging) {
+        SavedByKsm::Guests(saved) => {
+            series.insert(("saved_ksm", String::new()), direct(saved));
         }
-        _ => {
-            series.insert(
-                ("saved_ksm", String::new()),
-                direct((sharing_gain * PAGE_BYTES as i64) as f64 / (1 << 20) as f64),
-            );
+        SavedByKsm::HostWide(saved) => {
+            series.insert(("saved_ksm", String::new()), direct(saved));
             outcome.notes.insert(
                 "saved_ksm".into(),
                 "host-wide: this kernel cannot say whose pages merged".into(),
+            );
+        }
+        SavedByKsm::NotTheGuestsAlone {
+            others,
+            sharing_gain,
+        } => {
+            outcome.notes.insert(
+                "saved_ksm".into(),
+                format!(
+                    "not recorded: while the guests merged, other processes' merged mappings \
+                     changed by {others} pages, so KSM's host-wide pages_sharing gain \
+                     ({sharing_gain}) is not the guests' alone; saved_pss is"
+                ),
             );
         }
     }
