@@ -298,6 +298,8 @@ fn child_vmm(cmdline: &str) -> ! {
         memory_mib: 64,
         guest: None,
         timeout_s: 30,
+        mergeable: false,
+        doorbell_stdin: false,
     };
     let code = hvbench::cli::vmm(&args).unwrap_or(2);
     std::process::exit(code)

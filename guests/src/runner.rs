@@ -112,11 +112,23 @@ impl Sampler {
         cmdline::param(self.cmdline, self.workload, key)
     }
 
-    /// Prints one sample line.
+    /// Prints one sample line of the workload's first metric.
     pub fn emit_sample(&self, params: &str, index: u64, warmup: bool, ops: u64, cycles: u64) {
+        self.emit_metric_sample(self.metric(), params, index, warmup, ops, cycles);
+    }
+
+    /// Prints one sample line of `metric` (a metric of the workload's table row).
+    pub fn emit_metric_sample(
+        &self,
+        metric: &str,
+        params: &str,
+        index: u64,
+        warmup: bool,
+        ops: u64,
+        cycles: u64,
+    ) {
         let mut line = LineBuilder::new(LineKind::Sample);
-        line.text("w", self.workload.name())
-            .text("m", self.metric());
+        line.text("w", self.workload.name()).text("m", metric);
         if !params.is_empty() {
             line.text("p", params);
         }

@@ -171,6 +171,14 @@ pub struct VmmArgs {
     /// Seconds before the guest is stopped.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// Mark guest RAM MADV_MERGEABLE, so that KSM may merge it (`mem.ksm` uses this).
+    #[arg(long)]
+    pub mergeable: bool,
+    /// Read the doorbell from stdin: a line `ring N` sets the value the guest reads from
+    /// the doorbell port; end of input stops the guest (so a VMM never outlives whoever
+    /// drives it).
+    #[arg(long)]
+    pub doorbell_stdin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +332,13 @@ fn make_backend(
 
 /// `hvbench run`; returns the process exit status.
 pub fn run(args: &RunArgs) -> Result<i32> {
+    // A run that died while it drove KSM left its settings changed: put them back before
+    // anything is measured.
+    match crate::ksm::restore_stale_at_start() {
+        Ok(Some(message)) => eprintln!("hvbench: {message}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("hvbench: warning: {e}"),
+    }
     let workloads = plan::select(&args.workloads)?;
     let image = GuestImage::load(args.guest.as_deref())?;
     let backend = make_backend(args, host::fingerprint())?;
@@ -549,16 +564,53 @@ pub fn lab(action: &LabAction) -> Result<i32> {
     }
 }
 
+/// What `hvbench vmm --doorbell-stdin` understands on stdin: `ring N`.
+pub fn parse_doorbell_line(line: &str) -> Option<u32> {
+    let mut words = line.split_ascii_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("ring"), Some(value), None) => value.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Exit status of `hvbench vmm` when the guest ran past `--timeout-s`.
+pub const EXIT_VMM_TIMEOUT: i32 = 124;
+/// Exit status of `hvbench vmm` when the guest died without an exit code, or the
+/// doorbell's input ended first.
+pub const EXIT_VMM_NO_STATUS: i32 = 125;
+
 /// `hvbench vmm`; the exit status is the guest's (its exit code, 124 on timeout, 125 if
-/// it died without one).
+/// it died without one or, with `--doorbell-stdin`, stdin ended first).
 pub fn vmm(args: &VmmArgs) -> Result<i32> {
-    use std::io::Write;
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::sync::Arc;
 
     use crate::backend::{BootRequest, GuestEnd, GuestMessage};
 
     let image = GuestImage::load(args.guest.as_deref())?;
     // No fingerprint: it would only delay the boot being timed.
-    let backend = KvmBackend::new(reports::record::HostInfo::default())?;
+    let backend = KvmBackend::new(reports::record::HostInfo::default())?
+        .with_mergeable_memory(args.mergeable);
+    let input_ended = Arc::new(AtomicBool::new(false));
+    if args.doorbell_stdin {
+        let doorbell = backend.doorbell();
+        let ended = input_ended.clone();
+        std::thread::Builder::new()
+            .name("doorbell-stdin".into())
+            .spawn(move || {
+                for line in std::io::stdin().lock().lines() {
+                    let Ok(line) = line else { break };
+                    match parse_doorbell_line(&line) {
+                        Some(value) => doorbell.ring(value),
+                        None => eprintln!("hvbench: vmm: ignored doorbell input {line:?}"),
+                    }
+                }
+                ended.store(true, Ordering::Release);
+            })
+            .context("starting the doorbell reader")?;
+    }
     let mut session = backend.boot(&BootRequest {
         image: &image,
         cmdline: &args.cmdline,
@@ -569,8 +621,20 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
     let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout_s);
     let mut stdout = std::io::stdout().lock();
     let code = loop {
+        if input_ended.load(Ordering::Acquire) {
+            eprintln!("hvbench: vmm: the doorbell's input ended; stopping the guest");
+            break EXIT_VMM_NO_STATUS;
+        }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match session.messages().recv_timeout(left) {
+        if left.is_zero() {
+            eprintln!("hvbench: guest stopped after {} s", args.timeout_s);
+            break EXIT_VMM_TIMEOUT;
+        }
+        // Wake at least every 100 ms to look at the doorbell's input.
+        match session
+            .messages()
+            .recv_timeout(left.min(Duration::from_millis(100)))
+        {
             Ok(GuestMessage::Console { bytes, .. }) => {
                 stdout.write_all(&bytes)?;
                 stdout.flush()?;
@@ -578,14 +642,31 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
             Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code as i32,
             Ok(GuestMessage::Ended(end)) => {
                 eprintln!("hvbench: guest ended: {end:?}");
-                break 125;
+                break EXIT_VMM_NO_STATUS;
             }
-            Err(_) => {
-                eprintln!("hvbench: guest stopped after {} s", args.timeout_s);
-                break 124;
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                eprintln!("hvbench: the vCPU stopped without saying how the guest ended");
+                break EXIT_VMM_NO_STATUS;
             }
         }
     };
     session.stop()?;
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_lines() {
+        assert_eq!(parse_doorbell_line("ring 1"), Some(1));
+        assert_eq!(parse_doorbell_line("  ring   4294967295 "), Some(u32::MAX));
+        assert_eq!(parse_doorbell_line("ring"), None);
+        assert_eq!(parse_doorbell_line("ring -1"), None);
+        assert_eq!(parse_doorbell_line("ring 1 2"), None);
+        assert_eq!(parse_doorbell_line("ring 4294967296"), None);
+        assert_eq!(parse_doorbell_line("knock 1"), None);
+    }
 }

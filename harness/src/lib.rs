@@ -10,6 +10,7 @@ pub mod console;
 pub mod guest_image;
 pub mod host;
 pub mod interrupt;
+pub mod ksm;
 pub mod lab;
 pub mod native;
 pub mod run;

@@ -107,7 +107,12 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
     assert!(get("cpu.hypercall").notes.contains_key("return"));
     assert_eq!(get("io.pio-out").status, Status::Skip);
     assert_eq!(get("selftest.triple-fault").status, Status::Crash);
-    assert_eq!(get("selftest.hang").status, Status::Timeout);
+    assert_eq!(
+        get("selftest.hang").status,
+        Status::Timeout,
+        "{:?}",
+        get("selftest.hang").reason
+    );
 
     // No domain is left behind.
     let list = host

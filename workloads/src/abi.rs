@@ -21,6 +21,17 @@ pub const PIO_TEST_VALUE: u8 = 0x5a;
 /// I/O port the VMM registers as an ioeventfd (`io.pio-out-kernel`).
 pub const PIO_KERNEL_PORT: u16 = 0x4f4;
 
+/// Doorbell the host rings (`mem.ksm`): a 4-byte IN returns the value the host last set,
+/// [`DOORBELL_NOT_RUNG`] until it sets one. While it is not rung, hvbench's VMM may hold the
+/// read for up to [`DOORBELL_HOLD_MS`] before answering, so a guest that waits by reading
+/// in a loop costs the host one exit per hold instead of a busy vCPU. A VMM without the
+/// doorbell answers all-ones, as for any unclaimed port.
+pub const DOORBELL_PORT: u16 = 0x4f8;
+/// The doorbell's value before the host rings it.
+pub const DOORBELL_NOT_RUNG: u32 = 0;
+/// Longest time hvbench's VMM holds a read of an unrung doorbell.
+pub const DOORBELL_HOLD_MS: u64 = 100;
+
 /// Guest-physical page with no RAM behind it, emulated by the VMM (`io.mmio-*`). Below the
 /// 32-bit MMIO hole's devices and above any RAM hvbench gives a guest below 4 GiB.
 pub const MMIO_TEST_BASE: u64 = 0xd000_0000;

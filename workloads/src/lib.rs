@@ -4,7 +4,8 @@
 //! - [`abi`]: the ports, addresses and exit codes that connect the guest to its host;
 //! - [`cmdline`]: how the harness tells the guest what to run;
 //! - [`protocol`]: the result lines the guest prints and the harness decodes;
-//! - [`compute`]: the compute kernel that runs in the guest and natively on the host.
+//! - [`compute`]: the compute kernel that runs in the guest and natively on the host;
+//! - [`ksm`]: the page contents and doorbell values of `mem.ksm`, which the host checks.
 //!
 //! The guest builds this crate without features; the harness enables `std` for decoding.
 #![no_std]
@@ -16,6 +17,7 @@ pub mod abi;
 pub mod cmdline;
 pub mod compute;
 pub mod crc32;
+pub mod ksm;
 pub mod memory;
 pub mod protocol;
 pub mod table;

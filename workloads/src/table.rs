@@ -520,16 +520,26 @@ pub const WORKLOADS: &[Workload] = &[
         privilege: Privilege::User,
         metrics: &[
             metric("time_to_90", Unit::Seconds, Direction::LowerIsBetter),
-            metric("saved", Unit::MiB, Direction::HigherIsBetter),
-            metric("pages_sharing", Unit::Pages, Direction::HigherIsBetter),
+            metric("saved_pss", Unit::MiB, Direction::HigherIsBetter),
+            metric("saved_ksm", Unit::MiB, Direction::HigherIsBetter),
+            metric("pages_merged", Unit::Pages, Direction::HigherIsBetter),
             metric("ksmd_cpu", Unit::Seconds, Direction::LowerIsBetter),
             metric("write_merged", Unit::Ns, Direction::LowerIsBetter),
             metric("write_unmerged", Unit::Ns, Direction::LowerIsBetter),
         ],
-        description: "Kernel samepage merging across several guests whose memory is partly \
-                      identical: the sharing curve, time to 90% of the final sharing, host \
-                      memory saved, ksmd's CPU time, and the cost of a guest write to a merged \
-                      page against an unmerged one. KVM only (KSM is a Linux feature).",
+        description: "Kernel samepage merging across several guests (separate VMM processes \
+                      whose RAM is MADV_MERGEABLE) that fill their memory partly with pages \
+                      identical across guests. hvbench starts KSM with stated settings, samples \
+                      /sys/kernel/mm/ksm and the VMMs' procfs until the guests' merged pages \
+                      stop changing, and records the sharing curves, the time to 90% of the \
+                      final merged count, the guests' pages merged, the host memory saved (the \
+                      VMMs' summed PSS before minus after: saved_pss; KSM's pages_sharing gain \
+                      times 4 KiB: saved_ksm, only where no other process's pages merged \
+                      meanwhile), ksmd's CPU time, and the first write to a merged page \
+                      (copy-on-write through the hypervisor) against one to an unmerged page. \
+                      KVM only (KSM is a Linux feature). Parameters `guests`, `size`, \
+                      `identical`, `pages_to_scan`, `sleep_millisecs`, `max_s`, `sample_ms`; \
+                      guest RAM is --memory-mib.",
         requires: &[Requirement::Backend(BackendFeature::KernelSamePageMerging)],
         explicit_only: false,
         native_twin: false,

@@ -78,6 +78,17 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// IN of four bytes. Needs CPL0 or IOPL 3.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: port I/O touches no memory of this program.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// OUTSB repeated over `bytes`: one string I/O instruction for a whole buffer, which
 /// hypervisors hand to the device model as one exit.
 #[inline(always)]

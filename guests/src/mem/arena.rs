@@ -53,6 +53,14 @@ pub fn alloc_work(bytes: u64, align: u64) -> Option<u64> {
     Some(at)
 }
 
+/// How many bytes [`alloc_work`] could hand out at `align` right now.
+pub fn work_available(align: u64) -> u64 {
+    match ARENA.get() {
+        Some(a) => a.fresh_next.saturating_sub(align_up(a.work_next, align)),
+        None => 0,
+    }
+}
+
 /// Fresh memory: `bytes` aligned to `align` that nothing has touched since boot.
 pub fn alloc_fresh(bytes: u64, align: u64) -> Option<u64> {
     let mut a = ARENA.get()?;

@@ -1,6 +1,7 @@
 //! The guest side of every workload: one arm per row of the workload table. The `match`
 //! is exhaustive, so a new row does not build until its guest function exists.
 
+mod ksm;
 mod memory;
 
 use core::hint::black_box;
@@ -161,7 +162,8 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MemCr3Switch => {
             s.latency("", |n| kernel_loop(id, n, 0))?;
         }
-        WorkloadId::MemKsm | WorkloadId::MemBalloon => {
+        WorkloadId::MemKsm => ksm::ksm(s)?,
+        WorkloadId::MemBalloon => {
             return Err((
                 Status::Error,
                 "this workload is driven by the host, not by the guest's runner",

@@ -22,9 +22,13 @@ pub struct HostContext<'a> {
 
 /// Runs one host-driven workload to its outcome (never panics; failures are statuses).
 pub fn run(id: WorkloadId, ctx: &HostContext) -> WorkloadOutcome {
-    let _ = ctx;
-    let mut outcome = WorkloadOutcome::skipped(id, "");
-    outcome.status = Status::Error;
-    outcome.reason = Some(format!("{} is not implemented yet", id.name()));
-    outcome
+    match id {
+        WorkloadId::MemKsm => crate::ksm::run(ctx),
+        _ => {
+            let mut outcome = WorkloadOutcome::skipped(id, "");
+            outcome.status = Status::Error;
+            outcome.reason = Some(format!("{} is not implemented yet", id.name()));
+            outcome
+        }
+    }
 }

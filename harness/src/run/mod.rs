@@ -323,6 +323,10 @@ pub fn run(
             };
             let outcome = host_driven::run(w, &ctx);
             write(&outcome, &guest, &mut summary)?;
+            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+                summary.interrupted = true;
+                return Ok(summary);
+            }
         }
     }
     Ok(summary)

@@ -19,6 +19,7 @@ use thiserror::Error;
 use vmm_sys_util::signal::Killable;
 use workloads::BackendFeature;
 
+use self::devices::Doorbell;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
@@ -49,14 +50,50 @@ pub enum VmmError {
 pub struct KvmBackend {
     kvm: Kvm,
     host: HostInfo,
+    /// Guest RAM is marked MADV_MERGEABLE (`mem.ksm`'s guests).
+    mergeable: bool,
+    /// Answers the doorbell port of every guest this backend boots.
+    doorbell: Arc<Doorbell>,
 }
 
 impl KvmBackend {
     pub fn new(host: HostInfo) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Open)?;
         install_kick_handler()?;
-        Ok(KvmBackend { kvm, host })
+        Ok(KvmBackend {
+            kvm,
+            host,
+            mergeable: false,
+            doorbell: Doorbell::new(),
+        })
     }
+
+    /// Marks the RAM of guests booted from now on MADV_MERGEABLE (or not).
+    pub fn with_mergeable_memory(mut self, mergeable: bool) -> Self {
+        self.mergeable = mergeable;
+        self
+    }
+
+    /// The doorbell every guest of this backend reads; ringing it reaches them all.
+    pub fn doorbell(&self) -> Arc<Doorbell> {
+        self.doorbell.clone()
+    }
+}
+
+/// Why hvbench cannot drive KSM on this host, if it cannot.
+fn ksm_unusable_reason() -> Option<String> {
+    let run = std::path::Path::new("/sys/kernel/mm/ksm/run");
+    if !run.exists() {
+        return Some("this host's kernel has no KSM (/sys/kernel/mm/ksm is missing)".into());
+    }
+    if nix::unistd::access(run, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Some(
+            "hvbench may not change KSM's settings (/sys/kernel/mm/ksm/run is not writable: \
+             run as root)"
+                .into(),
+        );
+    }
+    None
 }
 
 impl Hypervisor for KvmBackend {
@@ -90,13 +127,10 @@ impl Hypervisor for KvmBackend {
             | BackendFeature::UserspaceMmioPage
             | BackendFeature::HltExitsToVmm
             | BackendFeature::HypercallFromKernel => Ok(()),
-            BackendFeature::KernelSamePageMerging => {
-                if std::path::Path::new("/sys/kernel/mm/ksm/run").exists() {
-                    Ok(())
-                } else {
-                    Err("this host's kernel has no KSM (/sys/kernel/mm/ksm is missing)".into())
-                }
-            }
+            BackendFeature::KernelSamePageMerging => match ksm_unusable_reason() {
+                None => Ok(()),
+                Some(reason) => Err(reason),
+            },
             BackendFeature::Balloon => Err("hvbench's VMM has no balloon device yet".into()),
         }
     }
@@ -115,8 +149,12 @@ impl Hypervisor for KvmBackend {
             .into());
         }
         let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
+        if self.mergeable {
+            vstate::memory::mark_mergeable(&vm.memory)?;
+        }
         let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
-        let vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        vcpu.attach_doorbell(self.doorbell.clone());
         vm.secondary_vcpus = create_secondary(&self.kvm, &vm, request.vcpus - 1)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = channel();

@@ -274,13 +274,18 @@ pub struct XenSession {
 }
 
 /// Shell loop run on the dom0: waits until the domain leaves the running states, then
-/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`.
+/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A failing `xl list`
+/// counts as gone only three times in a row: it also fails for a moment while another
+/// domain is being destroyed.
 fn watcher_script(name: &str) -> String {
     let n = shell_quote(name);
     format!(
-        "while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2) || {{ echo GONE; exit 0; }}; \
-         [ -n \"$l\" ] || {{ echo GONE; exit 0; }}; \
-         set -- $l; case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; sleep 0.2; done"
+        "misses=0; while :; do \
+         if l=$(xl list -v {n} 2>/dev/null); then misses=0; \
+         set -- $(echo \"$l\" | tail -n +2); \
+         case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; \
+         else misses=$((misses + 1)); [ $misses -ge 3 ] && {{ echo GONE; exit 0; }}; fi; \
+         sleep 0.2; done"
     )
 }
 

@@ -1,13 +1,17 @@
 //! The devices of hvbench's VMM, all emulated in userspace on the vCPU thread: the COM1
-//! UART, the exit port, and the test port and page behind `io.*` workloads. The guest is
+//! UART, the exit port, the test port and page behind `io.*` workloads, and the doorbell
+//! the host rings (`mem.ksm`). The guest is
 //! untrusted: every access is bounds-checked, and an access nothing claims is counted and
 //! answered with all-ones, as on a real bus.
 
 pub mod serial;
 
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
 use workloads::abi::{
-    EXIT_PORT, MMIO_TEST_BASE, MMIO_TEST_LEN, MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT,
-    PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
+    DOORBELL_HOLD_MS, DOORBELL_NOT_RUNG, DOORBELL_PORT, EXIT_PORT, MMIO_TEST_BASE, MMIO_TEST_LEN,
+    MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT, PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
 };
 
 use self::serial::ConsoleUart;
@@ -21,6 +25,8 @@ pub enum ExitReason {
     /// Writes to the ioeventfd port that reached userspace (none should).
     PioKernelPortFallback,
     PioUnclaimed,
+    /// Reads of the doorbell port (each may have been held while it was not rung).
+    PioDoorbell,
     MmioTest,
     MmioUnclaimed,
     Hlt,
@@ -29,12 +35,13 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 9] = [
+    pub const ALL: [ExitReason; 10] = [
         ExitReason::PioSerial,
         ExitReason::PioExitPort,
         ExitReason::PioTest,
         ExitReason::PioKernelPortFallback,
         ExitReason::PioUnclaimed,
+        ExitReason::PioDoorbell,
         ExitReason::MmioTest,
         ExitReason::MmioUnclaimed,
         ExitReason::Hlt,
@@ -48,6 +55,7 @@ impl ExitReason {
             ExitReason::PioTest => "pio_test",
             ExitReason::PioKernelPortFallback => "pio_kernel_port_fallback",
             ExitReason::PioUnclaimed => "pio_unclaimed",
+            ExitReason::PioDoorbell => "pio_doorbell",
             ExitReason::MmioTest => "mmio_test",
             ExitReason::MmioUnclaimed => "mmio_unclaimed",
             ExitReason::Hlt => "hlt",
@@ -85,8 +93,46 @@ pub enum PioAction {
     Exit(u32),
 }
 
+/// A value the host sets and the guest reads from [`DOORBELL_PORT`]; shared between the
+/// vCPU thread and whoever rings it.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    value: Mutex<u32>,
+    rung: Condvar,
+}
+
+impl Doorbell {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Sets the value the guest reads next, and wakes a read being held.
+    pub fn ring(&self, value: u32) {
+        // A poisoned lock still holds a valid u32.
+        let mut v = self.value.lock().unwrap_or_else(|p| p.into_inner());
+        *v = value;
+        self.rung.notify_all();
+    }
+
+    pub fn value(&self) -> u32 {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value, waiting up to `hold` while it is still [`DOORBELL_NOT_RUNG`], so that
+    /// a guest polling an unrung doorbell does not keep a host CPU busy.
+    fn read_holding(&self, hold: Duration) -> u32 {
+        let v = self.value.lock().unwrap_or_else(|p| p.into_inner());
+        let (v, _) = self
+            .rung
+            .wait_timeout_while(v, hold, |v| *v == DOORBELL_NOT_RUNG)
+            .unwrap_or_else(|p| p.into_inner());
+        *v
+    }
+}
+
 pub struct Devices {
     uart: ConsoleUart,
+    doorbell: Arc<Doorbell>,
     pub counters: ExitCounters,
 }
 
@@ -100,8 +146,14 @@ impl Devices {
     pub fn new() -> Self {
         Devices {
             uart: ConsoleUart::new(),
+            doorbell: Doorbell::new(),
             counters: ExitCounters::default(),
         }
+    }
+
+    /// Answers the doorbell port with `doorbell` (by default, one nobody rings).
+    pub fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+        self.doorbell = doorbell;
     }
 
     fn uart_offset(port: u16) -> Option<u8> {
@@ -152,6 +204,18 @@ impl Devices {
         if port == PIO_TEST_PORT {
             self.counters.count(ExitReason::PioTest);
             data.fill(PIO_TEST_VALUE);
+        } else if port == DOORBELL_PORT {
+            self.counters.count(ExitReason::PioDoorbell);
+            let value = self
+                .doorbell
+                .read_holding(Duration::from_millis(DOORBELL_HOLD_MS))
+                .to_le_bytes();
+            // A narrower read gets the low bytes; a wider one (string IN) is refused.
+            if data.len() <= value.len() {
+                data.copy_from_slice(&value[..data.len()]);
+            } else {
+                data.fill(0xff);
+            }
         } else {
             self.counters.count(ExitReason::PioUnclaimed);
             data.fill(0xff);
@@ -232,6 +296,37 @@ mod tests {
         d.mmio_write(MMIO_TEST_BASE + 8, &[1, 2, 3, 4]);
         assert_eq!(d.counters.get(ExitReason::MmioTest), 2);
         assert_eq!(d.counters.get(ExitReason::MmioUnclaimed), 2);
+    }
+
+    #[test]
+    fn the_doorbell_holds_reads_until_rung() {
+        let mut d = Devices::new();
+        let doorbell = Doorbell::new();
+        d.attach_doorbell(doorbell.clone());
+        let mut w = [0u8; 4];
+        let started = std::time::Instant::now();
+        d.pio_in(DOORBELL_PORT, &mut w);
+        assert_eq!(u32::from_le_bytes(w), DOORBELL_NOT_RUNG);
+        assert!(started.elapsed() >= Duration::from_millis(DOORBELL_HOLD_MS / 2));
+
+        // Rung from another thread while a read is held: the read returns at once.
+        let ringer = {
+            let doorbell = doorbell.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                doorbell.ring(0x0102_0304);
+            })
+        };
+        d.pio_in(DOORBELL_PORT, &mut w);
+        ringer.join().unwrap();
+        assert_eq!(u32::from_le_bytes(w), 0x0102_0304);
+        let mut b = [0u8; 1];
+        d.pio_in(DOORBELL_PORT, &mut b);
+        assert_eq!(b, [0x04]);
+        let mut wide = [0u8; 8];
+        d.pio_in(DOORBELL_PORT, &mut wide);
+        assert_eq!(wide, [0xff; 8]);
+        assert_eq!(d.counters.get(ExitReason::PioDoorbell), 4);
     }
 
     #[test]

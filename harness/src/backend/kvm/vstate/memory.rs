@@ -24,6 +24,27 @@ pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
         .map_err(|e| VmmError::Memory(e.to_string()))
 }
 
+/// Marks every region of `memory` MADV_MERGEABLE, so that KSM (when it runs) may merge
+/// its pages with identical pages of this or any other mergeable process.
+pub fn mark_mergeable(memory: &GuestMemory) -> Result<(), VmmError> {
+    for region in memory.iter() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let len = region.len() as usize;
+        // SAFETY: [host, host + len) is one live anonymous mapping owned by `memory`;
+        // MADV_MERGEABLE changes how the kernel may back it, never its contents.
+        let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_MERGEABLE) };
+        if rc != 0 {
+            return Err(VmmError::Memory(format!(
+                "madvise(MADV_MERGEABLE) on {len} bytes of guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Registers every region of `memory` with the VM, one memory slot each.
 pub fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<(), VmmError> {
     for (slot, region) in memory.iter().enumerate() {

@@ -13,7 +13,7 @@ use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;
 
 use super::vm::Vm;
 use crate::backend::kvm::boot;
-use crate::backend::kvm::devices::{Devices, ExitReason, PioAction};
+use crate::backend::kvm::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::backend::kvm::VmmError;
 use crate::backend::{GuestEnd, GuestMessage};
 
@@ -136,6 +136,11 @@ impl Vcpu {
             devices: Devices::new(),
             tsc_khz,
         })
+    }
+
+    /// Answers the doorbell port with `doorbell`, which the host rings.
+    pub fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+        self.devices.attach_doorbell(doorbell);
     }
 
     /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.

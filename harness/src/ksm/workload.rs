@@ -1,0 +1,773 @@
+//! The `mem.ksm` sequence: guests up and filled, KSM on with stated settings, counters
+//! sampled until the sharing settles, KSM's settings back, write costs timed, guests
+//! ended, figures into a [`WorkloadOutcome`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use reports::record::Curve;
+use workloads::cmdline::{encode_with_params, GuestConfig};
+use workloads::ksm::{PAGE_BYTES, RING_END, RING_MEASURE};
+use workloads::protocol::{CrashReport, Event, Hello, Status};
+use workloads::WorkloadId;
+
+use super::analysis::{self, SavedByKsm, Tick};
+use super::guard::{KsmGuard, KsmPaths};
+use super::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
+use super::params::KsmParams;
+use super::procstat::{self, SmapsRollup};
+use super::sysfs::{KsmCounters, KsmSysfs};
+use super::KsmError;
+use crate::run::host_driven::HostContext;
+use crate::run::session::{SeriesSamples, WorkloadOutcome};
+
+const ID: WorkloadId = WorkloadId::MemKsm;
+/// Most write samples kept per metric (the guest is untrusted).
+const MAX_SAMPLES: usize = 100_000;
+/// How long a run waits for another run that holds the KSM lock.
+const LOCK_WAIT: Duration = Duration::from_secs(600);
+/// The KSM tunables worth recording beside the ones hvbench sets.
+const OBSERVED_TUNABLES: &[&str] = &[
+    "run",
+    "pages_to_scan",
+    "sleep_millisecs",
+    "advisor_mode",
+    "smart_scan",
+    "use_zero_pages",
+    "max_page_sharing",
+    "merge_across_nodes",
+];
+
+fn progress(text: &str) {
+    eprintln!("hvbench: mem.ksm: {text}");
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Runs `mem.ksm` to its outcome; never panics, failures are statuses with reasons.
+pub fn run(ctx: &HostContext) -> WorkloadOutcome {
+    let mut outcome = WorkloadOutcome::new(ID);
+    if let Err(e) = measure(ctx, &mut outcome) {
+        // After Ctrl-C, whatever failed first (a guest's console closing, say) is a
+        // consequence; the interruption is the reason.
+        let (status, reason) = if ctx.interrupted.load(Ordering::Relaxed) {
+            (Status::Error, format!("interrupted (Ctrl-C): {e}"))
+        } else {
+            (e.status(), e.to_string())
+        };
+        outcome.ratchet(status, reason);
+    }
+    outcome
+}
+
+/// What hvbench knows about one guest from its console.
+#[derive(Debug, Default)]
+struct GuestState {
+    hello: Option<Hello>,
+    pages: Option<u64>,
+    identical_pages: Option<u64>,
+    ready: bool,
+    result: Option<(Status, Option<String>)>,
+    /// Its end was asked for: a result or a closed console is no longer an error.
+    may_end: bool,
+    closed: bool,
+}
+
+/// The guests and what their consoles said.
+struct Guests<'a> {
+    fleet: Fleet,
+    state: Vec<GuestState>,
+    /// Guest 0's write samples, by metric.
+    samples: BTreeMap<&'static str, SeriesSamples>,
+    interrupted: &'a AtomicBool,
+}
+
+fn parse_hex(text: &str) -> Option<u64> {
+    u64::from_str_radix(text.strip_prefix("0x")?, 16).ok()
+}
+
+fn describe_crash(c: &CrashReport) -> String {
+    format!(
+        "exception {} at rip={:#x} cr2={:#x} error={:#x}",
+        c.vector, c.rip, c.cr2, c.error_code
+    )
+}
+
+impl Guests<'_> {
+    fn died(&self, index: usize, what: &str) -> KsmError {
+        let stderr = self.fleet.stderr_tail(index);
+        KsmError::Guest {
+            index,
+            problem: if stderr.is_empty() {
+                what.to_string()
+            } else {
+                format!("{what} (its VMM said: {stderr})")
+            },
+        }
+    }
+
+    fn handle(&mut self, index: usize, event: ConsoleEvent) -> Result<(), KsmError> {
+        let Some(guest) = self.state.get_mut(index) else {
+            return Ok(());
+        };
+        let event = match event {
+            ConsoleEvent::Event(event) => event,
+            ConsoleEvent::Damaged(text) => {
+                return Err(KsmError::Guest {
+                    index,
+                    problem: format!("printed a damaged result line ({text})"),
+                })
+            }
+            ConsoleEvent::Closed => {
+                guest.closed = true;
+                if guest.may_end && guest.result.is_some() {
+                    return Ok(());
+                }
+                let what = match &guest.result {
+                    Some((status, reason)) => format!(
+                        "ended early with {}{}",
+                        status.name(),
+                        reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    ),
+                    None => "its VMM ended without a result".into(),
+                };
+                return Err(self.died(index, &what));
+            }
+        };
+        match event {
+            Event::Hello(hello) => guest.hello = Some(hello),
+            Event::Start(w) if w == ID => {}
+            Event::Start(w) | Event::Skip { workload: w, .. } if w != ID => {
+                return Err(KsmError::Guest {
+                    index,
+                    problem: format!("ran {}, which was not asked for", w.name()),
+                })
+            }
+            Event::Skip { reason, .. } => {
+                return Err(KsmError::Skipped { index, reason });
+            }
+            Event::Note { key, value, .. } => match key.as_str() {
+                "pages" => guest.pages = parse_hex(&value),
+                "identical_pages" => guest.identical_pages = parse_hex(&value),
+                "ready" => guest.ready = true,
+                _ => {}
+            },
+            Event::Sample(s) => {
+                if index != 0 || !matches!(s.metric, "write_merged" | "write_unmerged") {
+                    return Err(KsmError::Guest {
+                        index,
+                        problem: format!("sent a {} sample it was not asked for", s.metric),
+                    });
+                }
+                let series = self.samples.entry(s.metric).or_default();
+                let list = if s.warmup {
+                    &mut series.warmup
+                } else {
+                    &mut series.measured
+                };
+                if list.len() >= MAX_SAMPLES {
+                    return Err(KsmError::Guest {
+                        index,
+                        problem: "sent more samples than the host keeps".into(),
+                    });
+                }
+                list.push((s.ops, s.cycles));
+            }
+            Event::Result { status, reason, .. } => {
+                guest.result = Some((status, reason.clone()));
+                if !guest.may_end {
+                    return Err(KsmError::Guest {
+                        index,
+                        problem: format!(
+                            "ended before the host asked ({}{})",
+                            status.name(),
+                            reason.map(|r| format!(": {r}")).unwrap_or_default()
+                        ),
+                    });
+                }
+            }
+            Event::Crash(c) => {
+                return Err(KsmError::Crash {
+                    index,
+                    detail: describe_crash(&c),
+                })
+            }
+            // Starts of other workloads were refused above; `end` follows the result.
+            Event::Start(_) | Event::End(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Handles console events until `until`; an error as soon as a guest misbehaves.
+    fn pump_until(&mut self, until: Instant, doing: &str) -> Result<(), KsmError> {
+        loop {
+            if self.interrupted.load(Ordering::Relaxed) {
+                return Err(KsmError::Interrupted(doing.to_string()));
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            match self
+                .fleet
+                .next_event((until - now).min(Duration::from_millis(100)))
+            {
+                Ok((index, event)) => self.handle(index, event)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                // Every console closed and was handled; nothing more will come.
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep((until - now).min(Duration::from_millis(100)))
+                }
+            }
+        }
+    }
+
+    /// Handles events until `done` holds, or fails at `deadline`.
+    fn wait_for(
+        &mut self,
+        doing: &str,
+        deadline: Instant,
+        done: impl Fn(&[GuestState]) -> bool,
+    ) -> Result<(), KsmError> {
+        while !done(&self.state) {
+            if Instant::now() >= deadline {
+                return Err(KsmError::Timeout(format!(
+                    "no progress while {doing}: the guests did not get there in time"
+                )));
+            }
+            self.pump_until(
+                (Instant::now() + Duration::from_millis(100)).min(deadline),
+                doing,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The guest command line of guest `index`.
+fn guest_cmdline(ctx: &HostContext, p: &KsmParams, index: usize) -> String {
+    let mut config = GuestConfig {
+        samples: ctx.options.samples,
+        warmup: ctx.options.warmup,
+        sample_us: ctx.options.sample_us,
+        ..Default::default()
+    };
+    config.select(ID);
+    // Seeds from 1: each guest's unique pages differ from every other guest's.
+    let seed = (index + 1).to_string();
+    let mut params = vec![(ID, "seed", seed.as_str()), (ID, "identical", &p.identical)];
+    if let Some(size) = &p.size {
+        params.push((ID, "size", size));
+    }
+    encode_with_params(&config, &params)
+}
+
+fn sum_smaps(pids: &[u32]) -> Result<SmapsRollup, KsmError> {
+    pids.iter().try_fold(SmapsRollup::default(), |sum, pid| {
+        Ok(sum + procstat::smaps_rollup(*pid)?)
+    })
+}
+
+/// The curves of one run, each with the metric whose record carries it.
+#[derive(Default)]
+struct Curves {
+    by_name: BTreeMap<&'static str, (&'static str, Curve)>,
+}
+
+impl Curves {
+    fn push(&mut self, name: &'static str, metric: &'static str, unit: &str, t: f64, y: f64) {
+        let (_, curve) = self.by_name.entry(name).or_insert_with(|| {
+            (
+                metric,
+                Curve {
+                    x_unit: "s".into(),
+                    y_unit: unit.into(),
+                    points: Vec::new(),
+                },
+            )
+        });
+        curve.points.push([t, y]);
+    }
+
+    fn sample(&mut self, t: f64, s: &Snapshot, base: &Snapshot) {
+        let pages = |n: u64| n as f64;
+        let c = &s.counters;
+        self.push(
+            "ksm_pages_sharing",
+            "pages_merged",
+            "pages",
+            t,
+            pages(c.pages_sharing),
+        );
+        self.push(
+            "ksm_pages_shared",
+            "pages_merged",
+            "pages",
+            t,
+            pages(c.pages_shared),
+        );
+        self.push(
+            "ksm_pages_unshared",
+            "pages_merged",
+            "pages",
+            t,
+            pages(c.pages_unshared),
+        );
+        self.push(
+            "ksm_pages_volatile",
+            "pages_merged",
+            "pages",
+            t,
+            pages(c.pages_volatile),
+        );
+        self.push(
+            "ksm_full_scans",
+            "pages_merged",
+            "scans",
+            t,
+            pages(c.full_scans),
+        );
+        if let Some(scanned) = c.pages_scanned {
+            self.push(
+                "ksm_pages_scanned",
+                "pages_merged",
+                "pages",
+                t,
+                pages(scanned),
+            );
+        }
+        if let Some(ours) = s.vmm_merging {
+            self.push("vmm_merging_pages", "pages_merged", "pages", t, pages(ours));
+        }
+        self.push(
+            "merged_gained",
+            "time_to_90",
+            "pages",
+            t,
+            pages(s.merged().saturating_sub(base.merged())),
+        );
+        let sharing_gain = c.pages_sharing.saturating_sub(base.counters.pages_sharing);
+        self.push(
+            "saved_by_pages_sharing",
+            "saved_ksm",
+            "MiB",
+            t,
+            (sharing_gain * PAGE_BYTES) as f64 / (1 << 20) as f64,
+        );
+        self.push(
+            "vmm_pss_total",
+            "saved_pss",
+            "MiB",
+            t,
+            mib(s.memory.pss_kib),
+        );
+        self.push(
+            "vmm_rss_total",
+            "saved_pss",
+            "MiB",
+            t,
+            mib(s.memory.rss_kib),
+        );
+        self.push("ksmd_cpu", "ksmd_cpu", "s", t, s.ksmd_cpu - base.ksmd_cpu);
+    }
+}
+
+/// Everything sampled at one moment.
+#[derive(Clone, Copy, Debug)]
+struct Snapshot {
+    counters: KsmCounters,
+    /// The VMMs' pages that KSM merged, summed (`None`: the kernel does not say).
+    vmm_merging: Option<u64>,
+    memory: SmapsRollup,
+    ksmd_cpu: f64,
+}
+
+impl Snapshot {
+    fn take(sysfs: &KsmSysfs, pids: &[u32], ksmd: u32) -> Result<Self, KsmError> {
+        let counters = sysfs.counters()?;
+        let vmm_merging = pids
+            .iter()
+            .map(|pid| procstat::merging_pages(*pid))
+            .sum::<Option<u64>>();
+        Ok(Snapshot {
+            counters,
+            vmm_merging,
+            memory: sum_smaps(pids)?,
+            ksmd_cpu: procstat::cpu_seconds(ksmd)?,
+        })
+    }
+
+    /// The merged count the figures follow: the VMMs' own, else KSM's host-wide one.
+    fn merged(&self) -> u64 {
+        self.vmm_merging.unwrap_or(self.counters.pages_sharing)
+    }
+}
+
+fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmError> {
+    let options = ctx.options;
+    let p = KsmParams::from_run(&options.params, options.memory_mib)?;
+    let notes = &mut outcome.notes;
+    for (key, value) in p.describe() {
+        notes.insert(key.to_string(), value);
+    }
+    let need_mib = p.guests as u64 * p.guest_mib as u64;
+    if let Some(available) = procstat::mem_available_mib() {
+        if need_mib > available * 8 / 10 {
+            return Err(KsmError::Host(format!(
+                "{} guests of {} MiB need {need_mib} MiB before any merging; this host has \
+                 {available} MiB available (hvbench leaves a fifth free)",
+                p.guests, p.guest_mib
+            )));
+        }
+    }
+    let exe = hvbench_exe()?;
+    if !runs_vmm(&exe) {
+        return Err(KsmError::Host(format!(
+            "{} cannot start guests (`vmm --doorbell-stdin`): set HVBENCH_EXE to the hvbench \
+             binary",
+            exe.display()
+        )));
+    }
+    let ksmd = procstat::find_ksmd()
+        .ok_or_else(|| KsmError::Host("no ksmd kernel thread on this host".into()))?;
+    let paths = KsmPaths::system();
+    let sysfs: KsmSysfs = paths.sysfs.clone();
+
+    // The lock first: nothing of this run starts while another run drives KSM.
+    let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;
+    if let Some(message) = &guard.stale_restored {
+        eprintln!("hvbench: {message}");
+        notes.insert("stale_settings_restored".into(), message.clone());
+    }
+    let cmdlines: Vec<String> = (0..p.guests as usize)
+        .map(|i| guest_cmdline(ctx, &p, i))
+        .collect();
+    let ready_within = options.boot_timeout + options.workload_timeout;
+    let spec = GuestSpec {
+        exe,
+        guest_image: options.guest_path.clone(),
+        memory_mib: p.guest_mib,
+        // A backstop only: hvbench ends them itself.
+        timeout: ready_within + p.max + 2 * options.workload_timeout + Duration::from_secs(60),
+    };
+    progress(&format!(
+        "starting {} guests of {} MiB (identical fraction {})",
+        p.guests, p.guest_mib, p.identical
+    ));
+    let mut guests = Guests {
+        fleet: Fleet::spawn(&spec, &cmdlines)?,
+        state: (0..p.guests).map(|_| GuestState::default()).collect(),
+        samples: BTreeMap::new(),
+        interrupted: ctx.interrupted,
+    };
+    let filling = "waiting for the guests to fill their memory";
+    guests.wait_for(filling, Instant::now() + ready_within, |g| {
+        g.iter().all(|g| g.ready)
+    })?;
+
+    // What KSM should find: each identical page once per guest.
+    let pages = guests.state[0].pages.unwrap_or(0);
+    let identical = guests.state[0].identical_pages.unwrap_or(0);
+    if guests
+        .state
+        .iter()
+        .any(|g| g.pages != Some(pages) || g.identical_pages != Some(identical))
+    {
+        return Err(KsmError::Guest {
+            index: 0,
+            problem: "the guests disagree on how many pages they filled".into(),
+        });
+    }
+    let notes = &mut outcome.notes;
+    notes.insert("pages_per_guest".into(), pages.to_string());
+    notes.insert("identical_pages_per_guest".into(), identical.to_string());
+    notes.insert(
+        "expected".into(),
+        format!(
+            "from the filled regions alone: {} guest pages merged, {} pages saved \
+             (identical pages x guests, and x (guests - 1)); the guest kernel's own identical \
+             pages add a few",
+            identical.saturating_mul(p.guests as u64),
+            identical.saturating_mul(p.guests as u64 - 1)
+        ),
+    );
+
+    // The baseline, then KSM on.
+    let pids = guests.fleet.pids();
+    let before = sysfs.tunables()?;
+    let describe_tunables = |t: &BTreeMap<String, String>| {
+        OBSERVED_TUNABLES
+            .iter()
+            .filter_map(|name| t.get(*name).map(|v| format!("{name}={v}")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    notes.insert("ksm_before".into(), describe_tunables(&before));
+    let mut settings: Vec<(&str, String)> = Vec::new();
+    if before.get("advisor_mode").is_some_and(|m| m != "none") {
+        // The advisor would override pages_to_scan.
+        settings.push(("advisor_mode", "none".into()));
+    }
+    settings.push(("pages_to_scan", p.pages_to_scan.to_string()));
+    settings.push(("sleep_millisecs", p.sleep_millisecs.to_string()));
+    settings.push(("run", "1".into()));
+    notes.insert(
+        "ksm_applied".into(),
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    notes.insert("load_at_start".into(), procstat::load_average());
+    let others = procstat::other_mergeable_processes(&pids);
+    notes.insert(
+        "other_mergeable_processes".into(),
+        if others.is_empty() {
+            "none".into()
+        } else {
+            format!(
+                "{} (ksmd scans them too): {}",
+                others.len(),
+                others.join(", ")
+            )
+        },
+    );
+    let base = Snapshot::take(&sysfs, &pids, ksmd)?;
+    notes.insert(
+        "merged_count".into(),
+        if base.vmm_merging.is_some() {
+            "the VMM processes' /proc/PID/ksm_merging_pages, summed".into()
+        } else {
+            "KSM's host-wide pages_sharing (this kernel has no per-process count)".into()
+        },
+    );
+    guard.apply(&settings)?;
+    let t0 = Instant::now();
+    progress(&format!(
+        "KSM on (pages_to_scan {}, sleep_millisecs {}); sampling every {} ms until the merged \
+         pages settle (at most {} s)",
+        p.pages_to_scan,
+        p.sleep_millisecs,
+        p.sample_interval.as_millis(),
+        p.max.as_secs()
+    ));
+
+    let mut curves = Curves::default();
+    curves.sample(0.0, &base, &base);
+    let mut ticks = vec![Tick {
+        t: 0.0,
+        merged: base.merged(),
+        full_scans: base.counters.full_scans,
+    }];
+    let mut last = base;
+    let mut converged = false;
+    for k in 1u32.. {
+        guests.pump_until(t0 + p.sample_interval * k, "KSM was merging")?;
+        let t = t0.elapsed().as_secs_f64();
+        last = Snapshot::take(&sysfs, &pids, ksmd)?;
+        curves.sample(t, &last, &base);
+        ticks.push(Tick {
+            t,
+            merged: last.merged(),
+            full_scans: last.counters.full_scans,
+        });
+        if analysis::converged(&ticks, base.counters.full_scans) {
+            converged = true;
+            break;
+        }
+        if t0.elapsed() >= p.max {
+            break;
+        }
+    }
+    let observed = t0.elapsed().as_secs_f64();
+    // KSM goes back to how it was before the writes are timed, so ksmd does not compete.
+    let restored = guard.restore()?.unwrap_or_default();
+    let merged_gain = last.merged().saturating_sub(base.merged());
+    progress(&format!(
+        "{} after {observed:.1} s: {merged_gain} guest pages merged (expected about \
+         {}); KSM settings restored ({restored})",
+        if converged {
+            "merging settled"
+        } else {
+            "stopped at max_s"
+        },
+        identical.saturating_mul(p.guests as u64),
+    ));
+    let notes = &mut outcome.notes;
+    notes.insert("ksm_restored".into(), restored);
+    notes.insert("load_at_end".into(), procstat::load_average());
+    notes.insert("observed_s".into(), format!("{observed:.3}"));
+    notes.insert("converged".into(), converged.to_string());
+    let (b, e) = (&base.counters, &last.counters);
+    notes.insert(
+        "ksm_counters".into(),
+        format!(
+            "at the start: pages_shared={} pages_sharing={} pages_unshared={} full_scans={}; at \
+             the end: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} \
+             full_scans={}",
+            b.pages_shared,
+            b.pages_sharing,
+            b.pages_unshared,
+            b.full_scans,
+            e.pages_shared,
+            e.pages_sharing,
+            e.pages_unshared,
+            e.pages_volatile,
+            e.full_scans,
+        ),
+    );
+    notes.insert(
+        "vmm_memory".into(),
+        format!(
+            "before KSM: RSS {:.1} MiB, PSS {:.1} MiB; at the end: RSS {:.1} MiB, PSS {:.1} MiB \
+             (summed over the {} VMM processes)",
+            mib(base.memory.rss_kib),
+            mib(base.memory.pss_kib),
+            mib(last.memory.rss_kib),
+            mib(last.memory.pss_kib),
+            pids.len()
+        ),
+    );
+    for (i, pid) in pids.iter().enumerate() {
+        if let Some(merging) = procstat::merging_pages(*pid) {
+            notes.insert(format!("vmm{i}_ksm_merging_pages"), merging.to_string());
+        }
+    }
+    notes.insert(
+        "method".into(),
+        "time_to_90: seconds from KSM's start to the first sample at which the merged count \
+         had gained 90% of its final gain (resolution: sample_ms); pages_merged: the gain of \
+         the merged count (see merged_count); saved_pss: the VMM processes' summed PSS \
+         (smaps_rollup) just before KSM started minus the same sum at the end; saved_ksm: \
+         KSM's host-wide pages_sharing gain times 4 KiB, recorded only when the host-wide \
+         merged mappings (pages_shared + pages_sharing) grew exactly as the VMMs' did; \
+         ksmd_cpu: ksmd's utime+stime over the same span; write_*: guest 0's first write to \
+         each page, merged (identical across guests) or unmerged (unique), after KSM's \
+         settings were restored"
+            .into(),
+    );
+
+    // The write costs: guest 0 times them, then every guest ends.
+    guests.state[0].may_end = true;
+    guests.fleet.ring(0, RING_MEASURE)?;
+    guests.wait_for(
+        "guest 0 timed its writes",
+        Instant::now() + options.workload_timeout,
+        |g| g[0].result.is_some(),
+    )?;
+    for i in 1..guests.state.len() {
+        guests.state[i].may_end = true;
+        guests.fleet.ring(i, RING_END)?;
+    }
+    guests.wait_for(
+        "the guests ended",
+        Instant::now() + options.workload_timeout,
+        |g| g.iter().all(|g| g.result.is_some()),
+    )?;
+    guests.fleet.wait_all(Duration::from_secs(5));
+
+    // The figures.
+    let direct = |value: f64| SeriesSamples {
+        direct: vec![value],
+        ..Default::default()
+    };
+    let series = &mut outcome.series;
+    match analysis::time_to_fraction(&ticks, base.merged(), 0.9) {
+        Some(t) => {
+            series.insert(("time_to_90", String::new()), direct(t));
+        }
+        None => {
+            outcome.notes.insert(
+                "time_to_90".into(),
+                "undefined: KSM merged none of the guests' pages".into(),
+            );
+        }
+    }
+    series.insert(("pages_merged", String::new()), direct(merged_gain as f64));
+    series.insert(
+        ("saved_pss", String::new()),
+        direct(mib(base.memory.pss_kib) - mib(last.memory.pss_kib)),
+    );
+    match analysis::saved_by_pages_sharing(b, e, base.vmm_merging, last.vmm_merging) {
+        SavedByKsm::Guests(saved) => {
+            series.insert(("saved_ksm", String::new()), direct(saved));
+        }
+        SavedByKsm::HostWide(saved) => {
+            series.insert(("saved_ksm", String::new()), direct(saved));
+            outcome.notes.insert(
+                "saved_ksm".into(),
+                "host-wide: this kernel cannot say whose pages merged".into(),
+            );
+        }
+        SavedByKsm::NotTheGuestsAlone {
+            others,
+            sharing_gain,
+        } => {
+            outcome.notes.insert(
+                "saved_ksm".into(),
+                format!(
+                    "not recorded: while the guests merged, other processes' merged mappings \
+                     changed by {others} pages, so KSM's host-wide pages_sharing gain \
+                     ({sharing_gain}) is not the guests' alone; saved_pss is"
+                ),
+            );
+        }
+    }
+    let ksmd_cpu = last.ksmd_cpu - base.ksmd_cpu;
+    series.insert(("ksmd_cpu", String::new()), direct(ksmd_cpu));
+    outcome.notes.insert(
+        "ksmd_cpu_share".into(),
+        format!("{:.3}", ksmd_cpu / observed.max(1e-9)),
+    );
+    let tsc_khz = guests.state[0]
+        .hello
+        .as_ref()
+        .and_then(|h| h.tsc_khz)
+        .or(ctx.backend.host().tsc_khz);
+    if let Some(khz) = tsc_khz {
+        outcome
+            .notes
+            .insert("write_tsc_khz".into(), khz.to_string());
+    }
+    for (metric, mut samples) in std::mem::take(&mut guests.samples) {
+        if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
+            samples.direct = samples
+                .measured
+                .iter()
+                .map(|(ops, cycles)| *cycles as f64 / (*ops).max(1) as f64 * 1e6 / khz as f64)
+                .collect();
+        }
+        outcome.series.insert((metric, String::new()), samples);
+    }
+    outcome.curves = curves
+        .by_name
+        .into_iter()
+        .map(|(name, (metric, curve))| (name.to_string(), (metric.to_string(), curve)))
+        .collect();
+
+    if let Some((status, reason)) = &guests.state[0].result {
+        if *status != Status::Success {
+            let why = reason.clone().unwrap_or_else(|| "no reason given".into());
+            outcome.ratchet(*status, format!("guest 0 timing writes: {why}"));
+        }
+    }
+    if !converged {
+        outcome.ratchet(
+            Status::Timeout,
+            format!(
+                "the sharing was still changing after max_s = {} s; the figures are those at \
+                 the cut-off (raise mem.ksm.max_s or mem.ksm.pages_to_scan)",
+                p.max.as_secs()
+            ),
+        );
+    }
+    Ok(())
+}
