@@ -35,10 +35,13 @@ pub enum Command {
     /// List the workloads: id, group, unit, privilege level, description.
     List,
     /// Fingerprint this host: CPU, virtualization, KVM paging mode, TSC, THP, KSM.
+    #[command(args_conflicts_with_subcommands = true)]
     Host {
         /// Print the fingerprint as JSON (the `host` object of every record).
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<HostAction>,
     },
     /// Boot the guest on a backend, run workloads, write results.jsonl and results.csv.
     Run(RunArgs),
@@ -94,6 +97,27 @@ pub struct CompareArgs {
     /// or timed out in NEW.
     #[arg(long)]
     pub fail_on_new_failures: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// KVM's paging mode: print it, or run one command with EPT/NPT (`tdp`) or shadow
+    /// paging by reloading kvm_intel (ept=) or kvm_amd (npt=), restoring it afterwards.
+    /// Refused on kvm_pvm and while any VM runs; needs root.
+    Paging(PagingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PagingArgs {
+    /// The mode to run COMMAND with; without it, print the current mode.
+    #[arg(value_enum, requires = "command")]
+    pub mode: Option<crate::host_paging::PagingMode>,
+    /// Undo a switch whose `hvbench host paging` was killed before it could.
+    #[arg(long, conflicts_with_all = ["mode", "command"])]
+    pub restore: bool,
+    /// The command to run under MODE, after `--`.
+    #[arg(last = true, requires = "mode")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,9 +325,11 @@ fn make_backend(
     host_info: reports::record::HostInfo,
 ) -> Result<Box<dyn Hypervisor>> {
     Ok(match args.backend {
-        BackendKind::Kvm => {
-            Box::new(KvmBackend::new(host_info).context("the kvm backend cannot start")?)
-        }
+        BackendKind::Kvm => Box::new(
+            KvmBackend::new(host_info)
+                .context("the kvm backend cannot start")?
+                .with_paging_switch(crate::host_paging::mode_from_env()),
+        ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
                 .context("the xen backend cannot start")?,
@@ -398,7 +424,11 @@ pub fn main(cli: Cli) -> Result<i32> {
             print!("{}", list());
             Ok(0)
         }
-        Command::Host { json } => {
+        Command::Host {
+            action: Some(HostAction::Paging(args)),
+            ..
+        } => host_paging(&args),
+        Command::Host { json, action: None } => {
             let host = host::fingerprint();
             if json {
                 println!("{}", serde_json::to_string_pretty(&host)?);
@@ -458,6 +488,45 @@ pub fn compare(args: &CompareArgs) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// `hvbench host paging ...`; returns the command's exit status under a switch.
+pub fn host_paging(args: &PagingArgs) -> Result<i32> {
+    use crate::host_paging::{self as paging, HostPaths, SystemModules};
+    let paths = HostPaths::system();
+    let progress = |message: &str| eprintln!("hvbench host paging: {message}");
+    let mut control = SystemModules;
+    if args.restore {
+        match paging::restore_stale(&paths, &mut control, &progress)? {
+            Some(_) => {}
+            None => eprintln!("hvbench host paging: no switch to undo"),
+        }
+        println!("{}", paging::read_kvm_paging(&paths).describe());
+        return Ok(0);
+    }
+    let Some(mode) = args.mode else {
+        println!("{}", paging::read_kvm_paging(&paths).describe());
+        if let Some(state) = paging::read_state(&paths.state_file())? {
+            println!(
+                "switched by pid {} to {}={} for `{}`; `hvbench host paging --restore` undoes \
+                 it if that process is gone",
+                state.pid,
+                state.parameter,
+                u8::from(state.requested),
+                state.command.join(" ")
+            );
+        }
+        return Ok(0);
+    };
+    let cancel = interrupt::install();
+    Ok(paging::run_with_paging(
+        &paths,
+        &mut control,
+        mode,
+        &args.command,
+        cancel,
+        &progress,
+    )?)
 }
 
 /// `hvbench lab ...`.

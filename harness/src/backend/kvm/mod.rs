@@ -22,6 +22,7 @@ use workloads::BackendFeature;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
+use crate::host_paging::PagingMode;
 
 #[derive(Debug, Error)]
 pub enum VmmError {
@@ -49,13 +50,26 @@ pub enum VmmError {
 pub struct KvmBackend {
     kvm: Kvm,
     host: HostInfo,
+    /// The mode `hvbench host paging` switched KVM to for this run, if it did.
+    paging_switch: Option<PagingMode>,
 }
 
 impl KvmBackend {
     pub fn new(host: HostInfo) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Open)?;
         install_kick_handler()?;
-        Ok(KvmBackend { kvm, host })
+        Ok(KvmBackend {
+            kvm,
+            host,
+            paging_switch: None,
+        })
+    }
+
+    /// Records that this run was started by `hvbench host paging MODE --`, so that its
+    /// reproduce commands switch the same way.
+    pub fn with_paging_switch(mut self, mode: Option<PagingMode>) -> Self {
+        self.paging_switch = mode;
+        self
     }
 }
 
@@ -72,6 +86,9 @@ impl Hypervisor for KvmBackend {
             self.kvm.get_api_version().to_string(),
         );
         details.insert("irqchip".into(), "none".into());
+        if !self.host.paging.is_empty() {
+            details.insert("paging".into(), self.host.paging.clone());
+        }
         BackendInfo {
             kind: "kvm".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -103,6 +120,11 @@ impl Hypervisor for KvmBackend {
 
     fn guest_runs_locally(&self) -> bool {
         true
+    }
+
+    fn reproduce_prefix(&self) -> Option<String> {
+        self.paging_switch
+            .map(|mode| format!("hvbench host paging {} --", mode.name()))
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
