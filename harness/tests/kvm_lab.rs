@@ -64,6 +64,21 @@ fn qemu_alive(pid: u32, pid_file: &Path) -> bool {
     names_pid_file && !zombie
 }
 
+/// Takes down a lab this test brought up, also when an assertion fails on the way: a TCG
+/// QEMU left behind would eat a shared machine's CPU.
+struct LabDownOnDrop {
+    cache: std::path::PathBuf,
+    armed: bool,
+}
+
+impl Drop for LabDownOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = lab::kvm_lab_down(&self.cache);
+        }
+    }
+}
+
 #[test]
 fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     if !required() {
@@ -81,6 +96,11 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
     let already_up = matches!(lab::kvm_lab_status(&cache), Ok(Some(s)) if s.healthy());
+
+    let mut down_on_drop = LabDownOnDrop {
+        cache: cache.clone(),
+        armed: !already_up,
+    };
 
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
@@ -214,6 +234,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     assert!(stale.trim_end().ends_with("npt=Y"), "{stale}");
 
     if !already_up {
+        down_on_drop.armed = false;
         let down = common::hvbench()
             .args(["lab", "down", "kvm"])
             .output()
