@@ -9,10 +9,8 @@
 //! `nested-tcg`), and they prove the path, never the speed.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -51,8 +49,12 @@ const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copying hvbench (tens of MB) into the lab through QEMU's user network and an emulated
 /// sshd.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
-/// Where `lab run` keeps the remote run's pid, so that Ctrl-C can reach it.
-const REMOTE_PID_FILE: &str = "/run/hvbench-lab-run.pid";
+/// One short ssh command to the lab (a poll, a fetch, a kill).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a detached run in the lab is polled.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the lab may fail to answer polls before the run is given up.
+const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(180);
 const REMOTE_RUNS_DIR: &str = "/tmp/hvbench-lab-runs";
 /// After Ctrl-C, how long the remote run gets to save its records and restore paging.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(120);
@@ -750,7 +752,7 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
         })?;
     ensure_lab_hvbench(cache_dir, &mut state, run.hvbench, run.progress)?;
 
-    let remote_out = format!(
+    let remote_run = format!(
         "{REMOTE_RUNS_DIR}/{}-{}",
         now_rfc3339().replace(':', ""),
         std::process::id()
@@ -764,10 +766,7 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
         invocation.push(' ');
         invocation.push_str(&shell_quote(argument));
     }
-    invocation.push_str(&format!(" --out {remote_out}"));
-    // The shell's pid is the run's once it execs: Ctrl-C sends SIGINT there.
-    let command =
-        format!("mkdir -p {REMOTE_RUNS_DIR} && echo $$ > {REMOTE_PID_FILE} && exec {invocation}");
+    invocation.push_str(&format!(" --out {remote_run}/results"));
     (run.progress)(&format!(
         "in the KVM lab (QEMU {}{}): {invocation}",
         state.accel,
@@ -779,18 +778,27 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     ));
 
     let transport = lab_transport(&state);
-    let streamed = stream_remote(&transport, &state, &command, run)?;
+    let finished = run_detached(&transport, &state, &remote_run, &invocation, run)?;
 
     // Whatever the run wrote, even after a failure or Ctrl-C, comes back.
-    let jsonl = transport
-        .run(
-            &format!("cat {remote_out}/results.jsonl 2>/dev/null; true"),
-            None,
-            STATUS_SSH_TIMEOUT.max(Duration::from_secs(120)),
-        )
-        .map_err(ssh_error)?;
+    let fetch = |file: &str| {
+        transport
+            .run(
+                &format!("cat {remote_run}/{file} 2>/dev/null; true"),
+                None,
+                FETCH_TIMEOUT,
+            )
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .map_err(ssh_error)
+    };
+    let summary: String = fetch("stdout")?
+        .lines()
+        // Paths inside the lab mean nothing here; `lab run` prints its own.
+        .filter(|line| !line.starts_with("Records: "))
+        .map(|line| format!("{line}\n"))
+        .collect();
     let mut records = 0;
-    for line in String::from_utf8_lossy(&jsonl.stdout).lines() {
+    for line in fetch("results/results.jsonl")?.lines() {
         if line.trim().is_empty() {
             continue;
         }
@@ -806,163 +814,178 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
         records += 1;
     }
     // The lab's /tmp is memory: leave nothing behind.
-    let _ = transport.run(
-        &format!("rm -rf {remote_out}"),
-        None,
-        Duration::from_secs(60),
-    );
+    let _ = transport.run(&format!("rm -rf {remote_run}"), None, FETCH_TIMEOUT);
     Ok(KvmLabRunOutcome {
-        exit_code: streamed.exit_code,
+        exit_code: finished.exit_code,
         records,
         jsonl: writer.jsonl_path().to_path_buf(),
         csv: writer.csv_path().to_path_buf(),
-        summary: streamed.stdout,
-        interrupted: streamed.interrupted,
+        summary,
+        interrupted: finished.interrupted,
     })
 }
 
-struct Streamed {
+struct Finished {
     exit_code: i32,
-    stdout: String,
     interrupted: bool,
 }
 
-/// Runs `command` in the lab, copying its stderr to ours line by line as it comes, within
-/// `run.timeout`; Ctrl-C is passed on to the remote run as SIGINT.
-fn stream_remote(
+/// Separates the exit status from the new stderr bytes in a poll's output.
+const POLL_SEPARATOR: &str = "@@hvbench-lab-poll@@";
+
+/// What one poll of a detached run found: its exit status once it has one, and the
+/// stderr bytes after the offset asked for.
+fn parse_poll(output: &[u8]) -> Option<(Option<i32>, &[u8])> {
+    let separator = format!("\n{POLL_SEPARATOR}\n");
+    let at = output
+        .windows(separator.len())
+        .position(|window| window == separator.as_bytes())?;
+    let status = String::from_utf8_lossy(&output[..at]);
+    Some((status.trim().parse().ok(), &output[at + separator.len()..]))
+}
+
+/// Starts `invocation` in the lab detached from the ssh session (its own session, output
+/// to files under `remote_run`), then polls it over short ssh connections, copying its
+/// stderr to ours as it grows, until it has an exit status. A TCG lab on a loaded host
+/// can stall an ssh session past its keep-alive limit; a detached run does not care, and
+/// polls are retried. Ctrl-C is passed on as SIGINT; past `run.timeout` the run is
+/// stopped the same way.
+fn run_detached(
     transport: &Transport,
     state: &KvmLabState,
-    command: &str,
+    remote_run: &str,
+    invocation: &str,
     run: &KvmLabRun<'_>,
-) -> Result<Streamed, LabError> {
-    use std::os::unix::process::CommandExt;
-    use std::process::Stdio;
-    // Its own process group: a terminal's Ctrl-C must reach the run in the lab through
-    // us (a SIGINT over a second ssh), not kill the ssh the run's output flows through.
-    let mut child = transport
-        .command(command)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| LabError::Ssh {
-            reason: format!("cannot start ssh: {e}"),
-        })?;
-    let (sender, lines) = mpsc::channel::<(bool, String)>();
-    let mut readers = Vec::new();
-    for (is_stdout, pipe) in [
-        (
-            true,
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-        (
-            false,
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-    ] {
-        let Some(pipe) = pipe else { continue };
-        let sender = sender.clone();
-        readers.push(thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                if sender.send((is_stdout, line)).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-    drop(sender);
+) -> Result<Finished, LabError> {
+    let script = format!(
+        "{invocation} > stdout 2> stderr < /dev/null & echo $! > pid; wait $!; \
+         echo $? > status.tmp; mv status.tmp status"
+    );
+    transport
+        .run(
+            &format!(
+                "mkdir -p {remote_run} && cd {remote_run} && \
+                 setsid sh -c {} > /dev/null 2>&1 < /dev/null &",
+                shell_quote(&script)
+            ),
+            None,
+            FETCH_TIMEOUT,
+        )
+        .map_err(ssh_error)?;
 
-    let mut stdout = String::new();
-    let mut deadline = Instant::now() + run.timeout;
+    let started = Instant::now();
+    let mut deadline = started + run.timeout;
+    let mut interrupt_sent = false;
     let mut interrupted = false;
-    let mut ssh_stderr = String::new();
-    let status = loop {
-        while let Ok((is_stdout, line)) = lines.try_recv() {
-            if is_stdout {
-                // Paths inside the lab mean nothing here; `lab run` prints its own.
-                if !line.starts_with("Records: ") {
-                    stdout.push_str(&line);
-                    stdout.push('\n');
-                }
-            } else {
-                eprintln!("[lab] {line}");
-                ssh_stderr = line;
-            }
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                return Err(LabError::Ssh {
-                    reason: e.to_string(),
-                })
-            }
-        }
+    let mut timed_out = false;
+    let mut stderr_offset = 0usize;
+    let mut partial_line: Vec<u8> = Vec::new();
+    let mut last_answer = Instant::now();
+    let poll = format!(
+        "cat {remote_run}/status 2>/dev/null; echo; echo {POLL_SEPARATOR}; \
+         tail -c +OFFSET {remote_run}/stderr 2>/dev/null"
+    );
+    loop {
         if !interrupted && check_cancelled(run.cancel).is_err() {
             interrupted = true;
             (run.progress)("interrupted: asking the run in the lab to stop and save its records");
-            let _ = lab_transport(state).run(
-                &format!("kill -INT $(cat {REMOTE_PID_FILE}) 2>/dev/null; true"),
-                None,
-                Duration::from_secs(30),
-            );
             deadline = deadline.min(Instant::now() + INTERRUPT_GRACE);
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = lab_transport(state).run(
-                &format!("kill -INT $(cat {REMOTE_PID_FILE}) 2>/dev/null; true"),
-                None,
-                Duration::from_secs(30),
-            );
+        if !timed_out && Instant::now() >= deadline && !interrupted {
+            timed_out = true;
+            (run.progress)(&format!(
+                "the run in the lab took longer than {} s: stopping it",
+                run.timeout.as_secs()
+            ));
+            deadline = Instant::now() + INTERRUPT_GRACE;
+        }
+        if (interrupted || timed_out) && !interrupt_sent {
+            // The pid file may not be written yet: tried again on the next round.
+            interrupt_sent = transport
+                .run(
+                    &format!("kill -INT $(cat {remote_run}/pid)"),
+                    None,
+                    FETCH_TIMEOUT,
+                )
+                .is_ok();
+        }
+        if (interrupted || timed_out) && Instant::now() >= deadline {
             return Err(LabError::Command {
                 what: "the run in the KVM lab".into(),
                 detail: format!(
-                    "still running after {} s; it was asked to stop",
-                    run.timeout.as_secs()
+                    "it did not stop within {} s of SIGINT; it may still run in the lab ({remote_run})",
+                    INTERRUPT_GRACE.as_secs()
                 ),
             });
         }
-        thread::sleep(Duration::from_millis(50));
-    };
-    for reader in readers {
-        let _ = reader.join();
-    }
-    while let Ok((is_stdout, line)) = lines.try_recv() {
-        if is_stdout {
-            if !line.starts_with("Records: ") {
-                stdout.push_str(&line);
-                stdout.push('\n');
+        if !qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file) {
+            return Err(LabError::Command {
+                what: "the run in the KVM lab".into(),
+                detail: format!(
+                    "the lab's QEMU exited (serial log {})",
+                    state.serial_log.display()
+                ),
+            });
+        }
+        let answer = transport
+            .run(
+                &poll.replace("OFFSET", &(stderr_offset + 1).to_string()),
+                None,
+                FETCH_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|output| {
+                parse_poll(&output.stdout)
+                    .map(|(status, stderr)| (status, stderr.to_vec()))
+                    .ok_or_else(|| {
+                        format!(
+                            "unexpected answer {:?}",
+                            String::from_utf8_lossy(&output.stdout)
+                        )
+                    })
+            });
+        match answer {
+            Ok((status, stderr)) => {
+                last_answer = Instant::now();
+                stderr_offset += stderr.len();
+                partial_line.extend_from_slice(&stderr);
+                while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
+                    eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
+                    partial_line.drain(..=end);
+                }
+                if let Some(code) = status {
+                    if !partial_line.is_empty() {
+                        eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line));
+                    }
+                    if timed_out {
+                        return Err(LabError::Command {
+                            what: "the run in the KVM lab".into(),
+                            detail: format!(
+                                "it took longer than {} s and was stopped (exit status {code})",
+                                run.timeout.as_secs()
+                            ),
+                        });
+                    }
+                    return Ok(Finished {
+                        exit_code: code,
+                        interrupted,
+                    });
+                }
             }
-        } else {
-            eprintln!("[lab] {line}");
-            ssh_stderr = line;
+            Err(last_error) => {
+                if last_answer.elapsed() > LAB_SILENCE_LIMIT {
+                    return Err(LabError::Ssh {
+                        reason: format!(
+                            "the lab has not answered for {} s (last error: {last_error}); the \
+                             run may still be going there ({remote_run})",
+                            LAB_SILENCE_LIMIT.as_secs()
+                        ),
+                    });
+                }
+            }
         }
+        thread::sleep(POLL_INTERVAL);
     }
-    // ssh exits with 255 for its own failures (connection, authentication).
-    let exit_code = match status.code() {
-        Some(255) => {
-            return Err(LabError::Ssh {
-                reason: format!("ssh to the lab failed: {ssh_stderr}"),
-            })
-        }
-        Some(code) => code,
-        None => 128 + 9,
-    };
-    Ok(Streamed {
-        exit_code,
-        stdout,
-        interrupted,
-    })
 }
 
 #[cfg(test)]
@@ -1053,6 +1076,18 @@ mod tests {
             let error = check_lab_run_args(&args(bad)).unwrap_err().to_string();
             assert!(error.contains(bad[0].split('=').next().unwrap()), "{error}");
         }
+    }
+
+    #[test]
+    fn polls_parse() {
+        let running = format!("\n{POLL_SEPARATOR}\nhvbench: 2 workload(s)\nhalf");
+        assert_eq!(
+            parse_poll(running.as_bytes()),
+            Some((None, &b"hvbench: 2 workload(s)\nhalf"[..]))
+        );
+        let ended = format!("130\n\n{POLL_SEPARATOR}\n");
+        assert_eq!(parse_poll(ended.as_bytes()), Some((Some(130), &b""[..])));
+        assert_eq!(parse_poll(b"garbage"), None);
     }
 
     #[test]
