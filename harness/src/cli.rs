@@ -35,10 +35,13 @@ pub enum Command {
     /// List the workloads: id, group, unit, privilege level, description.
     List,
     /// Fingerprint this host: CPU, virtualization, KVM paging mode, TSC, THP, KSM.
+    #[command(args_conflicts_with_subcommands = true)]
     Host {
         /// Print the fingerprint as JSON (the `host` object of every record).
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<HostAction>,
     },
     /// Boot the guest on a backend, run workloads, write results.jsonl and results.csv.
     Run(RunArgs),
@@ -97,23 +100,77 @@ pub struct CompareArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// KVM's paging mode: print it, or run one command with EPT/NPT (`tdp`) or shadow
+    /// paging by reloading kvm_intel (ept=) or kvm_amd (npt=), restoring it afterwards.
+    /// Refused on kvm_pvm and while any VM runs; needs root.
+    Paging(PagingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PagingArgs {
+    /// The mode to run COMMAND with; without it, print the current mode.
+    #[arg(value_enum, requires = "command")]
+    pub mode: Option<crate::host_paging::PagingMode>,
+    /// Undo a switch whose `hvbench host paging` was killed before it could.
+    #[arg(long, conflicts_with_all = ["mode", "command"])]
+    pub restore: bool,
+    /// The command to run under MODE, after `--`.
+    #[arg(last = true, requires = "mode")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum LabAction {
-    /// Deploy a lab: Debian's Xen 4.17 with a busybox dom0, reachable over SSH on
-    /// 127.0.0.1 (`--xen-host lab` uses it). Idempotent.
+    /// Deploy a lab, reachable over SSH on 127.0.0.1. Idempotent. `xen`: Debian's Xen 4.17
+    /// with a busybox dom0 (`--xen-host lab` uses it). `kvm`: a Debian Linux host whose
+    /// kvm_amd/kvm_intel may be reloaded (npt/ept on or off), with this hvbench in it
+    /// (`hvbench lab run kvm` uses it).
     Up {
         #[arg(value_enum)]
         kind: LabKindArg,
         #[command(flatten)]
         where_: LabDir,
-        /// Host port forwarded to dom0's SSH (default: a free one).
+        /// Host port forwarded to the lab's SSH (default: a free one).
         #[arg(long)]
         ssh_port: Option<u16>,
         /// QEMU accelerator under the lab: kvm needs nested VMX/SVM (never on kvm_pvm).
         #[arg(long, value_parser = ["auto", "tcg", "kvm"], default_value = "auto")]
         accel: String,
-        /// Seconds from QEMU's start until `xl info` must answer.
+        /// The emulated machine's memory in MiB (default: 3072 for xen, 1536 for kvm).
+        #[arg(long)]
+        memory_mib: Option<u32>,
+        /// Its CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Seconds from QEMU's start until the lab must answer over SSH.
         #[arg(long, default_value_t = 300)]
         boot_timeout_s: u64,
+    },
+    /// Run `hvbench run --backend kvm` inside the KVM lab, optionally with KVM's paging
+    /// switched (`hvbench host paging MODE --` in the lab), and copy its records into
+    /// --out. Every figure is a TCG emulation artefact: it proves the path, not the speed.
+    Run {
+        #[arg(value_enum)]
+        kind: LabKindArg,
+        #[command(flatten)]
+        where_: LabDir,
+        /// KVM's paging for this run: tdp (npt=1/ept=1) or shadow (0); default as the lab
+        /// has it.
+        #[arg(long, value_enum)]
+        paging: Option<crate::host_paging::PagingMode>,
+        /// Local results directory for the copied records.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+        /// Add to an existing results directory.
+        #[arg(long)]
+        append: bool,
+        /// Seconds the whole run in the lab may take.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+        /// `hvbench run` arguments, after `--` (not --backend, --out, --guest, ...).
+        #[arg(last = true)]
+        run_args: Vec<String>,
     },
     /// Is the lab up, and does its dom0 answer?
     Status {
@@ -131,9 +188,10 @@ pub enum LabAction {
     },
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabKindArg {
     Xen,
+    Kvm,
 }
 
 #[derive(Debug, Args)]
@@ -309,9 +367,11 @@ fn make_backend(
     host_info: reports::record::HostInfo,
 ) -> Result<Box<dyn Hypervisor>> {
     Ok(match args.backend {
-        BackendKind::Kvm => {
-            Box::new(KvmBackend::new(host_info).context("the kvm backend cannot start")?)
-        }
+        BackendKind::Kvm => Box::new(
+            KvmBackend::new(host_info)
+                .context("the kvm backend cannot start")?
+                .with_paging_switch(crate::host_paging::mode_from_env()),
+        ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
                 .context("the xen backend cannot start")?,
@@ -413,7 +473,11 @@ pub fn main(cli: Cli) -> Result<i32> {
             print!("{}", list());
             Ok(0)
         }
-        Command::Host { json } => {
+        Command::Host {
+            action: Some(HostAction::Paging(args)),
+            ..
+        } => host_paging(&args),
+        Command::Host { json, action: None } => {
             let host = host::fingerprint();
             if json {
                 println!("{}", serde_json::to_string_pretty(&host)?);
@@ -475,31 +539,226 @@ pub fn compare(args: &CompareArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `hvbench lab ...`.
-pub fn lab(action: &LabAction) -> Result<i32> {
+/// `hvbench host paging ...`; returns the command's exit status under a switch.
+pub fn host_paging(args: &PagingArgs) -> Result<i32> {
+    use crate::host_paging::{self as paging, HostPaths, SystemModules};
+    let paths = HostPaths::system();
+    // Never a panic on a closed stderr (an ssh session gone): the restore must still run.
+    let progress = |message: &str| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "hvbench host paging: {message}");
+    };
+    let mut control = SystemModules;
+    if args.restore {
+        match paging::restore_stale(&paths, &mut control, &progress)? {
+            Some(_) => {}
+            None => eprintln!("hvbench host paging: no switch to undo"),
+        }
+        println!("{}", paging::read_kvm_paging(&paths).describe());
+        return Ok(0);
+    }
+    let Some(mode) = args.mode else {
+        println!("{}", paging::read_kvm_paging(&paths).describe());
+        if let Some(state) = paging::read_state(&paths.state_file())? {
+            println!(
+                "switched by pid {} to {}={} for `{}`; `hvbench host paging --restore` undoes \
+                 it if that process is gone",
+                state.pid,
+                state.parameter,
+                u8::from(state.requested),
+                state.command.join(" ")
+            );
+        }
+        return Ok(0);
+    };
+    let cancel = interrupt::install();
+    Ok(paging::run_with_paging(
+        &paths,
+        &mut control,
+        mode,
+        &args.command,
+        cancel,
+        &progress,
+    )?)
+}
+
+fn lab_accel(accel: &str) -> Result<crate::lab::LabAccel> {
+    use crate::lab;
+    Ok(match accel {
+        "tcg" => lab::LabAccel::Tcg,
+        "kvm" => {
+            if let Some(reason) = lab::kvm_unusable_reason() {
+                bail!("--accel kvm: {reason}");
+            }
+            lab::LabAccel::Kvm
+        }
+        _ => lab::LabAccel::detect(),
+    })
+}
+
+/// `hvbench lab ... kvm`.
+fn kvm_lab(action: &LabAction) -> Result<i32> {
     use crate::lab;
     match action {
         LabAction::Up {
-            kind: LabKindArg::Xen,
             where_,
             ssh_port,
             accel,
+            memory_mib,
+            cpus,
             boot_timeout_s,
+            ..
+        } => {
+            let mut opts = lab::KvmLabOptions::new(where_.resolve()?)?;
+            opts.ssh_port = *ssh_port;
+            opts.boot_timeout = Duration::from_secs(*boot_timeout_s);
+            opts.cancel = Some(interrupt::install());
+            opts.accel = lab_accel(accel)?;
+            opts.cpus = *cpus;
+            if let Some(memory_mib) = memory_mib {
+                opts.memory_mib = *memory_mib;
+            }
+            let state = lab::lab_up_kvm(&opts)?;
+            println!(
+                "KVM lab is up (Linux {} under QEMU {}, booted in {:.1} s): {}",
+                state.kernel_release, state.accel, state.boot_seconds, state.kvm_at_boot
+            );
+            println!(
+                "ssh:  ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={} root@127.0.0.1",
+                state.ssh_key.display(),
+                state.ssh_port,
+                state.known_hosts.display(),
+                lab::KVM_HOST_KEY_ALIAS
+            );
+            println!(
+                "run:  hvbench lab run kvm --paging tdp|shadow --out DIR -- <hvbench run options>"
+            );
+            if state.accel == "tcg" {
+                println!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
+            }
+            Ok(0)
+        }
+        LabAction::Status { where_, .. } => match lab::kvm_lab_status(&where_.resolve()?)? {
+            None => {
+                println!("no KVM lab");
+                Ok(1)
+            }
+            Some(status) => {
+                println!(
+                    "KVM lab (Linux {}, QEMU {}), started {}, ssh port {}: QEMU {}, {}",
+                    status.state.kernel_release,
+                    status.state.accel,
+                    status.state.started_at,
+                    status.state.ssh_port,
+                    if status.qemu_running {
+                        "running"
+                    } else {
+                        "not running"
+                    },
+                    status
+                        .kvm_now
+                        .as_deref()
+                        .unwrap_or("hvbench in the lab does not answer"),
+                );
+                Ok(if status.healthy() { 0 } else { 1 })
+            }
+        },
+        LabAction::Down { where_, .. } => {
+            let was_up = lab::kvm_lab_down(&where_.resolve()?)?;
+            println!(
+                "{}",
+                if was_up {
+                    "KVM lab stopped"
+                } else {
+                    "no KVM lab was running"
+                }
+            );
+            Ok(0)
+        }
+        LabAction::Run {
+            where_,
+            paging,
+            out,
+            append,
+            timeout_s,
+            run_args,
+            ..
+        } => {
+            lab::check_lab_run_args(run_args)?;
+            // The arguments must make a valid `hvbench run` before minutes go into the lab.
+            let mut probe = vec!["hvbench", "run", "--backend", "kvm"];
+            probe.extend(run_args.iter().map(String::as_str));
+            if let Err(error) = Cli::try_parse_from(probe) {
+                let text = error.to_string();
+                bail!(
+                    "the arguments after `--` are not valid for `hvbench run`: {}",
+                    text.lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ")
+                );
+            }
+            let hvbench = std::env::current_exe().context("hvbench's own executable")?;
+            let outcome = lab::lab_run_kvm(&lab::KvmLabRun {
+                cache_dir: &where_.resolve()?,
+                paging: *paging,
+                run_args,
+                out,
+                append: *append,
+                timeout: Duration::from_secs(*timeout_s),
+                hvbench: &hvbench,
+                progress: |m| eprintln!("hvbench lab: {m}"),
+                cancel: Some(interrupt::install()),
+            })?;
+            print!("{}", outcome.summary);
+            println!(
+                "\nRecords ({} copied from the KVM lab): {} and {}",
+                outcome.records,
+                outcome.jsonl.display(),
+                outcome.csv.display()
+            );
+            if outcome.interrupted {
+                eprintln!("hvbench: interrupted; every record measured so far is saved");
+            }
+            Ok(outcome.exit_code)
+        }
+    }
+}
+
+/// `hvbench lab ...`.
+pub fn lab(action: &LabAction) -> Result<i32> {
+    use crate::lab;
+    let kind = match action {
+        LabAction::Up { kind, .. }
+        | LabAction::Run { kind, .. }
+        | LabAction::Status { kind, .. }
+        | LabAction::Down { kind, .. } => *kind,
+    };
+    if kind == LabKindArg::Kvm {
+        return kvm_lab(action);
+    }
+    match action {
+        LabAction::Run { .. } => {
+            bail!("`lab run` is for the KVM lab; on the Xen lab use `hvbench run --backend xen --xen-host lab`")
+        }
+        LabAction::Up {
+            where_,
+            ssh_port,
+            accel,
+            memory_mib,
+            cpus,
+            boot_timeout_s,
+            ..
         } => {
             let mut opts = lab::XenLabOptions::new(where_.resolve()?);
             opts.ssh_port = *ssh_port;
             opts.boot_timeout = Duration::from_secs(*boot_timeout_s);
             opts.cancel = Some(interrupt::install());
-            opts.accel = match accel.as_str() {
-                "tcg" => lab::LabAccel::Tcg,
-                "kvm" => {
-                    if let Some(reason) = lab::kvm_unusable_reason() {
-                        bail!("--accel kvm: {reason}");
-                    }
-                    lab::LabAccel::Kvm
-                }
-                _ => lab::LabAccel::detect(),
-            };
+            opts.accel = lab_accel(accel)?;
+            opts.cpus = *cpus;
+            if let Some(memory_mib) = memory_mib {
+                opts.memory_mib = *memory_mib;
+            }
             let state = lab::lab_up_xen(&opts)?;
             println!(
                 "Xen {} lab is up ({} under QEMU, booted in {:.1} s).",
@@ -517,10 +776,7 @@ pub fn lab(action: &LabAction) -> Result<i32> {
             }
             Ok(0)
         }
-        LabAction::Status {
-            kind: LabKindArg::Xen,
-            where_,
-        } => match lab::lab_status(&where_.resolve()?)? {
+        LabAction::Status { where_, .. } => match lab::lab_status(&where_.resolve()?)? {
             None => {
                 println!("no Xen lab");
                 Ok(1)
@@ -546,10 +802,7 @@ pub fn lab(action: &LabAction) -> Result<i32> {
                 Ok(if status.healthy() { 0 } else { 1 })
             }
         },
-        LabAction::Down {
-            kind: LabKindArg::Xen,
-            where_,
-        } => {
+        LabAction::Down { where_, .. } => {
             let was_up = lab::lab_down(&where_.resolve()?)?;
             println!(
                 "{}",

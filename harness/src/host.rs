@@ -24,46 +24,34 @@ fn bracketed(text: &str) -> String {
         .to_string()
 }
 
-fn module_loaded(name: &str) -> bool {
-    Path::new("/sys/module").join(name).exists()
-}
-
-fn module_param(module: &str, param: &str) -> Option<String> {
-    read_trimmed(
-        Path::new("/sys/module")
-            .join(module)
-            .join("parameters")
-            .join(param),
-    )
-}
-
-fn is_yes(value: &str) -> bool {
-    matches!(value, "Y" | "y" | "1")
-}
-
-/// The KVM vendor module in use and the paging mode it gives guests.
+/// The KVM vendor module in use, the paging mode it gives guests (`ept`, `npt`, `shadow`;
+/// empty when unknown) and how guest CPL0 code runs.
 pub fn kvm_paging() -> (String, String, String) {
-    if module_loaded("kvm_pvm") {
-        // PVM: shadow paging, and guest CPL0 code is emulated instruction by instruction.
-        return ("kvm_pvm".into(), "shadow".into(), "emulated".into());
+    crate::host_paging::read_kvm_paging(&crate::host_paging::HostPaths::system()).fingerprint()
+}
+
+/// The host's class: what kind of machine the figures come from.
+///
+/// QEMU names its TCG CPU models after the translator ("QEMU TCG CPU version ..."): on
+/// such a host every instruction, a KVM guest's included, is emulated, so the figures
+/// are emulation artefacts whatever the paging mode.
+pub fn classify(
+    kvm_module: &str,
+    cpu_model: &str,
+    hypervisor_flag: bool,
+    vmx_or_svm: bool,
+) -> &'static str {
+    if kvm_module == "kvm_pvm" {
+        "pvm"
+    } else if cpu_model.contains("TCG") {
+        "nested-tcg"
+    } else if !hypervisor_flag {
+        "bare-metal"
+    } else if vmx_or_svm {
+        "nested"
+    } else {
+        "vm-without-kvm"
     }
-    if module_loaded("kvm_intel") {
-        let ept = module_param("kvm_intel", "ept").is_some_and(|v| is_yes(&v));
-        return (
-            "kvm_intel".into(),
-            if ept { "ept" } else { "shadow" }.into(),
-            "native".into(),
-        );
-    }
-    if module_loaded("kvm_amd") {
-        let npt = module_param("kvm_amd", "npt").is_some_and(|v| is_yes(&v));
-        return (
-            "kvm_amd".into(),
-            if npt { "npt" } else { "shadow" }.into(),
-            "native".into(),
-        );
-    }
-    (String::new(), String::new(), String::new())
 }
 
 /// Measures the TSC rate against CLOCK_MONOTONIC_RAW over `span`.
@@ -109,16 +97,13 @@ pub fn fingerprint() -> HostInfo {
         .unwrap_or_default();
     let has = |f: &str| flags.iter().any(|x| x == f);
     let (vmx, svm, hypervisor_flag) = (has("vmx"), has("svm"), has("hypervisor"));
-    let (kvm_module, paging, cpl0) = kvm_paging();
-    let class = if kvm_module == "kvm_pvm" {
-        "pvm"
-    } else if !hypervisor_flag {
-        "bare-metal"
-    } else if vmx || svm {
-        "nested"
-    } else {
-        "vm-without-kvm"
-    };
+    let (kvm_module, paging, mut cpl0) = kvm_paging();
+    let cpu_model = field("model name");
+    let class = classify(&kvm_module, &cpu_model, hypervisor_flag, vmx || svm);
+    if class == "nested-tcg" {
+        // QEMU's translator runs the guest's kernel code, as it does everything else.
+        cpl0 = "emulated".into();
+    }
     let uname = nix::sys::utsname::uname().ok();
     let uname_field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
         uname
@@ -150,7 +135,7 @@ pub fn fingerprint() -> HostInfo {
         class: class.to_string(),
         hostname: uname_field(|u| u.nodename()),
         cpu_vendor: field("vendor_id"),
-        cpu_model: field("model name"),
+        cpu_model,
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(0),
@@ -233,6 +218,21 @@ mod tests {
     }
 
     #[test]
+    fn classes() {
+        assert_eq!(classify("kvm_pvm", "AMD EPYC", true, false), "pvm");
+        assert_eq!(
+            classify("kvm_amd", "QEMU TCG CPU version 2.5+", true, true),
+            "nested-tcg"
+        );
+        assert_eq!(
+            classify("kvm_amd", "AMD EPYC 7B13", false, true),
+            "bare-metal"
+        );
+        assert_eq!(classify("kvm_intel", "Intel Xeon", true, true), "nested");
+        assert_eq!(classify("", "Intel Xeon", true, false), "vm-without-kvm");
+    }
+
+    #[test]
     fn fingerprint_is_consistent_with_this_machine() {
         let host = fingerprint();
         assert!(!host.cpu_model.is_empty());
@@ -248,6 +248,7 @@ mod tests {
             "bare-metal" => assert!(!host.hypervisor_flag),
             "nested" => assert!(host.vmx || host.svm),
             "vm-without-kvm" => assert!(host.hypervisor_flag),
+            "nested-tcg" => assert!(host.cpu_model.contains("TCG")),
             other => panic!("unexpected class {other}"),
         }
         assert!(describe(&host).contains(&host.cpu_model));

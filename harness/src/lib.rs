@@ -9,6 +9,7 @@ pub mod cli;
 pub mod console;
 pub mod guest_image;
 pub mod host;
+pub mod host_paging;
 pub mod interrupt;
 pub mod ksm;
 pub mod lab;

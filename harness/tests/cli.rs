@@ -315,3 +315,60 @@ fn ctrl_c_keeps_every_record_already_measured() {
     assert_eq!(hang.status, Status::Error);
     assert!(hang.reason.as_deref().unwrap().contains("interrupted"));
 }
+
+#[test]
+fn host_paging_prints_the_mode_and_refuses_to_switch_kvm_pvm() {
+    let o = run(&["host", "paging"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        ["kvm_pvm", "kvm_intel", "kvm_amd", "no KVM module"]
+            .iter()
+            .any(|w| text.contains(w)),
+        "{text}"
+    );
+
+    // A mode needs a command, and a command needs a mode.
+    assert_eq!(run(&["host", "paging", "shadow"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["host", "paging", "--", "true"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["host", "paging", "ept", "--", "true"]).status.code(),
+        Some(2)
+    );
+
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // On a real KVM host this test must not reload the host's modules.
+        eprintln!("notice: /dev/kvm is not kvm_pvm here; the refusal is not exercised");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let before = std::fs::read_dir("/sys/module/kvm_pvm/parameters")
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    let o = run(&[
+        "host",
+        "paging",
+        "shadow",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "kvm_pvm");
+    assert_clear_error(&o, "shadow paging only");
+    assert!(
+        !marker.exists(),
+        "the command ran although the switch was refused"
+    );
+    assert!(!std::path::Path::new("/run/hvbench/host-paging.json").exists());
+    assert!(std::path::Path::new("/sys/module/kvm_pvm").exists());
+    let after = std::fs::read_dir("/sys/module/kvm_pvm/parameters")
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(before, after);
+    let o = run(&["host", "paging", "tdp", "--", "true"]);
+    assert_clear_error(&o, "kvm_pvm");
+}

@@ -108,6 +108,11 @@ pub trait Hypervisor {
     fn reproduce_args(&self) -> Vec<String> {
         Vec::new()
     }
+    /// What must precede `hvbench run` to reproduce the host's set-up (e.g. `hvbench host
+    /// paging shadow --`), for the reproduce command of every record.
+    fn reproduce_prefix(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Error)]

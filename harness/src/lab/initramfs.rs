@@ -1,7 +1,7 @@
-//! Assembles the dom0 initramfs from the unpacked Debian packages: busybox as init and
-//! shell, the Xen toolstack in Debian's layout (libxl has compiled-in
-//! `/usr/lib/xen-4.17/bin` paths), every shared library they need, the kernel modules in
-//! dependency order, dropbear, and the boot script.
+//! Assembles a lab's initramfs from the unpacked Debian packages: busybox as init and
+//! shell, the lab's programs (the Xen toolstack in Debian's layout, since libxl has
+//! compiled-in `/usr/lib/xen-4.17/bin` paths; or hvbench itself), every shared library
+//! they need, the kernel modules in dependency order, dropbear, and the boot script.
 //!
 //! The archive is a plain (uncompressed) newc cpio: Linux takes it as is, and under TCG
 //! skipping the gunzip saves about two seconds of dom0 boot.
@@ -67,6 +67,28 @@ const STAGE_FILES: &[&str] = &[
 
 const MAX_SYMLINK_HOPS: usize = 16;
 
+/// What goes into a lab's initramfs.
+pub struct InitramfsSpec<'a> {
+    pub stage_dir: &'a Path,
+    pub kernel_release: &'a str,
+    /// Staging directories copied whole, keeping Debian's layout.
+    pub stage_trees: &'a [&'a str],
+    /// Single files from the staging tree (skipped when absent).
+    pub stage_files: &'a [&'a str],
+    /// Files of this machine, (path inside, path here): their shared libraries are
+    /// resolved in the staging tree like everyone else's.
+    pub host_files: &'a [(&'a str, &'a Path)],
+    /// Kernel modules to put in, with everything they depend on.
+    pub modules: &'a [&'a str],
+    /// The boot script, run by busybox init as `sysinit`.
+    pub rc_script: &'a str,
+    pub hostname: &'a str,
+    /// One `ssh-ed25519 AAAA... comment` line.
+    pub authorized_key: &'a str,
+    /// Dropbear's ed25519 host key (dropbearkey format).
+    pub host_key: &'a [u8],
+}
+
 /// What goes into dom0 besides the staging tree's files.
 pub struct Dom0Config<'a> {
     pub stage_dir: &'a Path,
@@ -106,6 +128,8 @@ enum Node {
 
 enum Content {
     FromStage(PathBuf),
+    /// A file of this machine (hvbench itself).
+    FromHost(PathBuf),
     Inline(Vec<u8>),
 }
 
@@ -172,7 +196,7 @@ impl Tree {
                     content,
                 } => {
                     let bytes = match content {
-                        Content::FromStage(source) => {
+                        Content::FromStage(source) | Content::FromHost(source) => {
                             fs::read(source).map_err(|e| LabError::io(source, e))?
                         }
                         Content::Inline(bytes) => bytes.clone(),
@@ -369,6 +393,14 @@ fn needed_libraries(stage_dir: &Path, relative: &str) -> Result<Vec<String>, Lab
         .map_err(|e| initramfs_error(format!("{relative}: {e}")))
 }
 
+/// DT_NEEDED of a file outside the staging tree, named `inside` in error messages.
+fn needed_libraries_of_file(path: &Path, inside: &str) -> Result<Vec<String>, LabError> {
+    let bytes = fs::read(path).map_err(|e| LabError::io(path, e))?;
+    ElfFile::parse(&bytes)
+        .and_then(|file| file.needed_libraries())
+        .map_err(|e| initramfs_error(format!("{inside} ({}): {e}", path.display())))
+}
+
 /// Adds a staging file or symlink at the same path.
 fn add_from_stage(tree: &mut Tree, stage_dir: &Path, relative: &str) -> Result<(), LabError> {
     let full = stage_dir.join(relative);
@@ -425,11 +457,69 @@ fn busybox_applets(stage_dir: &Path) -> Result<Vec<String>, LabError> {
         .collect())
 }
 
-/// Builds the initramfs at `out`.
+/// Builds the Xen lab's dom0 initramfs at `out`.
 pub fn build_dom0_initramfs(
     config: &Dom0Config<'_>,
     out: &Path,
 ) -> Result<InitramfsSummary, LabError> {
+    build_initramfs(
+        &InitramfsSpec {
+            stage_dir: config.stage_dir,
+            kernel_release: config.kernel_release,
+            stage_trees: STAGE_TREES,
+            stage_files: STAGE_FILES,
+            host_files: &[],
+            modules: DOM0_MODULES,
+            rc_script: RC_SCRIPT,
+            hostname: "hvbench-xen-dom0",
+            authorized_key: config.authorized_key,
+            host_key: config.host_key,
+        },
+        out,
+    )
+}
+
+/// `modules.dep` for the modules in `order` (dependencies first): each module with every
+/// module it needs, directly or not, nearest first, as depmod writes it; modprobe loads
+/// the list from its end.
+pub fn modules_dep(
+    order: &[String],
+    paths: &BTreeMap<String, String>,
+    dependencies_of: &dyn Fn(&str) -> Result<Vec<String>, LabError>,
+) -> Result<String, LabError> {
+    let mut text = String::new();
+    for name in order {
+        let mut needed: BTreeSet<String> = BTreeSet::new();
+        let mut pending = dependencies_of(name)?;
+        while let Some(dependency) = pending.pop() {
+            let dependency = canonical_module_name(&dependency);
+            if needed.insert(dependency.clone()) {
+                pending.extend(dependencies_of(&dependency)?);
+            }
+        }
+        // Later in the load order means nearer to the module.
+        let mut needed: Vec<&String> = order.iter().filter(|m| needed.contains(*m)).collect();
+        needed.reverse();
+        let path_of = |module: &str| {
+            paths
+                .get(module)
+                .cloned()
+                .ok_or_else(|| initramfs_error(format!("kernel module {module} has no path")))
+        };
+        text.push_str(&path_of(name)?);
+        text.push(':');
+        for dependency in needed {
+            text.push(' ');
+            text.push_str(&path_of(dependency)?);
+        }
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Builds a lab's initramfs at `out`.
+pub fn build_initramfs(spec: &InitramfsSpec<'_>, out: &Path) -> Result<InitramfsSummary, LabError> {
+    let config = spec;
     let stage = config.stage_dir;
     let mut tree = Tree::default();
 
@@ -462,24 +552,40 @@ pub fn build_dom0_initramfs(
     tree.symlink("sbin", "bin");
 
     let mut binaries = Vec::new();
-    for dir in STAGE_TREES {
+    for dir in config.stage_trees {
         binaries.extend(add_stage_tree(&mut tree, stage, dir)?);
     }
-    for file in STAGE_FILES {
+    for file in config.stage_files {
         if stage.join(file).exists() {
             add_from_stage(&mut tree, stage, file)?;
             binaries.push(file.to_string());
         }
     }
     binaries.push("bin/busybox".to_string());
+    let mut host_files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (inside, here) in config.host_files {
+        tree.insert(
+            inside,
+            Node::File {
+                permissions: 0o755,
+                content: Content::FromHost(here.to_path_buf()),
+            },
+        );
+        host_files.insert(inside.to_string(), here.to_path_buf());
+        binaries.push(inside.to_string());
+    }
 
-    // Shared libraries, resolved within the staging tree only: never the host's.
+    // Shared libraries, resolved within the staging tree only: never the host's, even
+    // for a file that came from the host.
     let locate = |soname: &str| {
         LIBRARY_DIRS
             .iter()
             .find_map(|dir| resolve_in_stage(stage, &format!("{dir}/{soname}")))
     };
-    let needed_of = |relative: &str| needed_libraries(stage, relative);
+    let needed_of = |relative: &str| match host_files.get(relative) {
+        Some(here) => needed_libraries_of_file(here, relative),
+        None => needed_libraries(stage, relative),
+    };
     let mut libraries = library_closure(&binaries, &needed_of, &locate)?;
     for soname in DLOPENED_LIBRARIES {
         let provider = locate(soname).ok_or_else(|| {
@@ -529,7 +635,7 @@ pub fn build_dom0_initramfs(
         let bytes = read_stage_file(stage, &format!("{modules_root}/{relative}"))?;
         elf::module_dependencies(&bytes).map_err(|e| initramfs_error(format!("{relative}: {e}")))
     };
-    let order = module_load_order(DOM0_MODULES, &dependencies_of)?;
+    let order = module_load_order(config.modules, &dependencies_of)?;
     let mut module_paths = Vec::new();
     for name in &order {
         let relative = index.get(name).ok_or_else(|| {
@@ -541,15 +647,21 @@ pub fn build_dom0_initramfs(
     let mut load_list = module_paths.join("\n");
     load_list.push('\n');
     tree.inline_file("etc/hvbench/modules.load", 0o644, load_list);
+    // So that modprobe (busybox's, which reads modules.dep) can reload a module later.
+    tree.inline_file(
+        &format!("{modules_root}/modules.dep"),
+        0o644,
+        modules_dep(&order, &index, &dependencies_of)?,
+    );
 
     // Boot script and the accounts dropbear needs. The password field must not be empty:
     // dropbear refuses users with a blank password for every authentication method.
-    tree.inline_file("etc/hvbench/rc", 0o755, RC_SCRIPT);
+    tree.inline_file("etc/hvbench/rc", 0o755, config.rc_script);
     tree.inline_file("etc/inittab", 0o644, INITTAB);
     tree.inline_file("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n");
     tree.inline_file("etc/group", 0o644, "root:x:0:\n");
     tree.inline_file("etc/shells", 0o644, "/bin/sh\n");
-    tree.inline_file("etc/hostname", 0o644, "hvbench-xen-dom0\n");
+    tree.inline_file("etc/hostname", 0o644, format!("{}\n", config.hostname));
     tree.inline_file(
         "etc/dropbear/dropbear_ed25519_host_key",
         0o600,
@@ -635,6 +747,27 @@ mod tests {
                 "net_failover",
                 "virtio_net"
             ]
+        );
+    }
+
+    #[test]
+    fn modules_dep_lists_every_dependency_nearest_first() {
+        let graph: HashMap<&str, Vec<&str>> =
+            HashMap::from([("kvm_amd", vec!["kvm", "ccp"]), ("kvm", vec!["irqbypass"])]);
+        let order = module_load_order(&["kvm_amd", "virtio_ring"], &needs(&graph)).unwrap();
+        assert_eq!(order, ["irqbypass", "kvm", "ccp", "kvm_amd", "virtio_ring"]);
+        let paths: BTreeMap<String, String> = order
+            .iter()
+            .map(|m| (m.clone(), format!("kernel/{}.ko", m.replace('_', "-"))))
+            .collect();
+        let text = modules_dep(&order, &paths, &needs(&graph)).unwrap();
+        assert_eq!(
+            text,
+            "kernel/irqbypass.ko:\n\
+             kernel/kvm.ko: kernel/irqbypass.ko\n\
+             kernel/ccp.ko:\n\
+             kernel/kvm-amd.ko: kernel/ccp.ko kernel/kvm.ko kernel/irqbypass.ko\n\
+             kernel/virtio-ring.ko:\n"
         );
     }
 

@@ -1,17 +1,21 @@
 //! Labs: hypervisor hosts that hvbench deploys itself, nested in QEMU, where no such host
-//! exists. `hvbench lab up xen` boots a real Xen dom0 reachable over SSH on loopback.
+//! exists. `hvbench lab up xen` boots a real Xen dom0 reachable over SSH on loopback;
+//! `hvbench lab up kvm` boots a Linux host whose kvm_amd hvbench may reload with npt=1 or
+//! npt=0, with hvbench inside it (see `kvm`).
 //!
 //! The Xen lab is Debian 12's Xen 4.17 with a busybox dom0 under QEMU (TCG by default);
 //! only QEMU's forward on 127.0.0.1 reaches dom0's sshd. Downloads, builds, keys and logs
 //! live in a cache directory (default `~/.cache/hvbench/lab`). Numbers measured inside a
 //! TCG lab are emulation artefacts: it proves the Xen path end to end, never Xen's speed.
 
+mod bringup;
 mod cpio;
 mod elf;
 mod initramfs;
+mod kvm;
 mod packages;
 mod qemu;
-mod tools;
+pub(crate) mod tools;
 mod xen;
 
 use std::fs;
@@ -27,6 +31,11 @@ use crate::backend::xen::xl::XlInfo;
 use crate::backend::xen::{LabKind, XenError, XenHostSpec};
 
 pub use initramfs::READY_MARKER;
+pub use kvm::{
+    check_lab_run_args, kvm_lab_down, kvm_lab_status, kvm_ssh_target, lab_reproduce, lab_run_kvm,
+    lab_up_kvm, BinaryIdentity, KvmLabOptions, KvmLabRun, KvmLabRunOutcome, KvmLabState,
+    KvmLabStatus, KVM_HOST_KEY_ALIAS, KVM_READY_MARKER, LAB_HVBENCH,
+};
 pub use xen::{lab_up_xen, DOM0_MEMORY_MIB};
 
 /// The name dom0's host key is pinned under in the lab's known_hosts, whatever the port.
@@ -47,12 +56,13 @@ pub enum LabError {
     Command { what: String, detail: String },
     #[error("downloading the lab's Debian packages: {reason}")]
     Packages { reason: String },
-    #[error("building the dom0 initramfs: {reason}")]
+    #[error("building the lab's initramfs: {reason}")]
     Initramfs { reason: String },
     #[error("QEMU: {reason}")]
     Qemu { reason: String },
-    #[error("the Xen lab failed to boot: {reason} (serial log {serial_log}):\n{serial_tail}")]
+    #[error("the {lab} lab failed to boot: {reason} (serial log {serial_log}):\n{serial_tail}")]
     BootFailed {
+        lab: String,
         reason: String,
         serial_log: PathBuf,
         serial_tail: String,
@@ -336,7 +346,7 @@ pub fn lab_down(cache_dir: &Path) -> Result<bool, LabError> {
     if let Ok(Some(state)) = read_state(cache_dir) {
         stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
     }
-    let pid_file = xen::Layout::new(cache_dir).pid_file;
+    let pid_file = bringup::Layout::xen(cache_dir).pid_file;
     if let Some(pid) = qemu::read_pid_file(&pid_file) {
         stopped |= qemu::terminate(pid, &pid_file)?;
     }

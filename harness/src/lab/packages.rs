@@ -1,4 +1,4 @@
-//! Fetches the Debian 12 packages the Xen lab is built from, with `apt-get download`, and
+//! Fetches the Debian 12 packages a lab is built from, with `apt-get download`, and
 //! unpacks them with `dpkg-deb -x`. Nothing is installed on the host.
 //!
 //! apt runs with its own sources, lists and cache under the lab's cache directory, so it
@@ -52,7 +52,29 @@ pub const XEN_LAB_PACKAGES: &[&str] = &[
     "libgcc-s1",
 ];
 
+/// The KVM lab's host userland: busybox, dropbear and the C runtime hvbench itself links
+/// (the kernel, with kvm.ko and kvm-amd.ko, is added by name as for Xen).
+pub const KVM_LAB_PACKAGES: &[&str] = &[
+    "busybox-static",
+    "dropbear-bin",
+    "libtomcrypt1",
+    "libtommath1",
+    "libgmp10",
+    "libcrypt1",
+    "zlib1g",
+    "libc6",
+    "libgcc-s1",
+];
+
 pub const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
+
+/// Where one lab's private apt state and its downloaded .deb files live.
+pub struct PackageCache {
+    /// apt's lists, cache and configuration.
+    pub apt_root: PathBuf,
+    /// The .deb files and their manifest.
+    pub debs_dir: PathBuf,
+}
 
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
@@ -188,20 +210,27 @@ impl PrivateApt {
     }
 }
 
-/// Downloads the lab's packages into `<cache>/debs` unless a complete manifest is already
-/// there; returns the manifest.
+/// Downloads `packages` and the current Debian kernel into `cache.debs_dir` unless a
+/// complete manifest of them is already there; returns the manifest. `size_hint` is for
+/// the progress line ("about 81 MB").
 pub fn ensure_packages(
-    cache_dir: &Path,
+    cache: &PackageCache,
+    packages: &[&str],
+    size_hint: &str,
     progress: &dyn Fn(&str),
 ) -> Result<PackageManifest, LabError> {
-    let debs_dir = cache_dir.join("debs");
+    let debs_dir = &cache.debs_dir;
     let manifest_path = debs_dir.join("manifest.json");
     if let Some(manifest) = read_manifest(&manifest_path)? {
-        if manifest
-            .packages
-            .iter()
-            .all(|p| debs_dir.join(&p.file).is_file())
-        {
+        let complete = manifest.kernel_package().is_some()
+            && packages
+                .iter()
+                .all(|name| manifest.version_of(name).is_some())
+            && manifest
+                .packages
+                .iter()
+                .all(|p| debs_dir.join(&p.file).is_file());
+        if complete {
             progress(&format!(
                 "packages: {} cached .deb files in {}",
                 manifest.packages.len(),
@@ -219,19 +248,19 @@ pub fn ensure_packages(
             package: "debian-archive-keyring".to_string(),
         });
     }
-    let apt = PrivateApt::prepare(&cache_dir.join("apt"))?;
+    let apt = PrivateApt::prepare(&cache.apt_root)?;
     progress("packages: apt-get update (private lists for Debian 12 bookworm)");
     apt.update()?;
     let kernel = apt.kernel_package()?;
-    let mut wanted: Vec<String> = XEN_LAB_PACKAGES.iter().map(|s| s.to_string()).collect();
+    let mut wanted: Vec<String> = packages.iter().map(|s| s.to_string()).collect();
     wanted.push(kernel);
 
     // Download into a fresh directory, then swap it in: never a half-filled cache.
-    let partial = cache_dir.join("debs.partial");
+    let partial = debs_dir.with_extension("partial");
     remove_dir_if_present(&partial)?;
     fs::create_dir_all(&partial).map_err(|e| LabError::io(&partial, e))?;
     progress(&format!(
-        "packages: apt-get download ({} packages, about 81 MB)",
+        "packages: apt-get download ({} packages, {size_hint})",
         wanted.len()
     ));
     apt.download(&wanted, &partial)?;
@@ -259,8 +288,8 @@ pub fn ensure_packages(
     }
     let manifest = PackageManifest { packages };
     write_json(&partial.join("manifest.json"), &manifest)?;
-    remove_dir_if_present(&debs_dir)?;
-    fs::rename(&partial, &debs_dir).map_err(|e| LabError::io(&debs_dir, e))?;
+    remove_dir_if_present(debs_dir)?;
+    fs::rename(&partial, debs_dir).map_err(|e| LabError::io(debs_dir, e))?;
     Ok(manifest)
 }
 

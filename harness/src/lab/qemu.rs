@@ -21,59 +21,46 @@ pub const QEMU_PACKAGE: &str = "qemu-system-x86";
 /// dom0's share of the emulated machine; the rest is for guests.
 pub const DOM0_MEMORY_MIB: u32 = 1024;
 
-/// Everything one boot of the lab needs.
-pub struct XenBoot<'a> {
-    pub hypervisor: &'a Path,
-    pub dom0_kernel: &'a Path,
-    pub dom0_initramfs: &'a Path,
-    pub serial_log: &'a Path,
-    pub pid_file: &'a Path,
-    pub ssh_port: u16,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub accel: LabAccel,
+/// Fails on paths QEMU's option syntax cannot carry: `-initrd` separates multiboot
+/// modules with commas (and a module's command line follows its path after a space).
+fn check_paths(paths: &[&Path]) -> Result<(), LabError> {
+    for path in paths {
+        let text = path.to_string_lossy();
+        if text.contains(',') || text.contains(' ') {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "{} contains a comma or space, which QEMU's -initrd option cannot carry; \
+                     choose a cache directory without them",
+                    path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
-impl XenBoot<'_> {
-    /// QEMU's arguments. Fails on paths with a comma: `-initrd` separates multiboot modules
-    /// with commas (and a module's command line follows its path after a space).
-    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
-        for path in [
-            self.hypervisor,
-            self.dom0_kernel,
-            self.dom0_initramfs,
-            self.serial_log,
-            self.pid_file,
-        ] {
-            let text = path.to_string_lossy();
-            if text.contains(',') || text.contains(' ') {
-                return Err(LabError::InvalidOptions {
-                    reason: format!(
-                        "{} contains a comma or space, which QEMU's multiboot -initrd list \
-                         cannot carry; choose a cache directory without them",
-                        path.display()
-                    ),
-                });
-            }
-        }
+/// What every lab machine shares: accelerator and CPU, size, no devices but one NIC whose
+/// user-mode network forwards 127.0.0.1:`ssh_port` to the guest's sshd, the serial port
+/// into a file, and a daemonized QEMU with a pid file.
+struct MachineBase<'a> {
+    name: &'a str,
+    serial_log: &'a Path,
+    pid_file: &'a Path,
+    ssh_port: u16,
+    memory_mib: u32,
+    cpus: u32,
+    accel: LabAccel,
+}
+
+impl MachineBase<'_> {
+    fn arguments(&self, kernel: &Path, append: &str, initrd: &str) -> Vec<OsString> {
         let (accel, cpu) = match self.accel {
             LabAccel::Tcg => ("tcg", "max"),
             LabAccel::Kvm => ("kvm", "host"),
         };
-        // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
-        // stops the machine instead of looping through reboots.
-        let xen_command_line = format!(
-            "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
-             loglvl=all guest_loglvl=all noreboot smap=0"
-        );
-        let modules = format!(
-            "{} console=hvc0 earlyprintk=xen,{}",
-            self.dom0_kernel.display(),
-            self.dom0_initramfs.display()
-        );
         let mut arguments: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| arguments.extend(items.iter().map(OsString::from));
-        push(&["-name", "hvbench-xen-lab"]);
+        push(&["-name", self.name]);
         push(&["-accel", accel, "-cpu", cpu]);
         push(&[
             "-m",
@@ -89,10 +76,10 @@ impl XenBoot<'_> {
             "-monitor",
             "none",
         ]);
-        push(&["-kernel", &self.hypervisor.to_string_lossy()]);
-        push(&["-append", &xen_command_line]);
-        push(&["-initrd", &modules]);
-        // Only QEMU's forward on the host's loopback reaches dom0's sshd.
+        push(&["-kernel", &kernel.to_string_lossy()]);
+        push(&["-append", append]);
+        push(&["-initrd", initrd]);
+        // Only QEMU's forward on the host's loopback reaches the lab's sshd.
         push(&[
             "-netdev",
             &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port),
@@ -101,16 +88,16 @@ impl XenBoot<'_> {
         push(&["-serial", &format!("file:{}", self.serial_log.display())]);
         push(&["-pidfile", &self.pid_file.to_string_lossy()]);
         push(&["-daemonize"]);
-        Ok(arguments)
+        arguments
     }
 
     /// Starts QEMU; returns once it has daemonized, with its pid.
-    pub fn start(&self) -> Result<u32, LabError> {
+    fn start(&self, arguments: Vec<OsString>) -> Result<u32, LabError> {
         let qemu = require_tool(QEMU_BINARY, QEMU_PACKAGE)?;
         let _ = fs::remove_file(self.pid_file);
         let _ = fs::remove_file(self.serial_log);
         let mut command = Command::new(qemu);
-        command.args(self.arguments()?);
+        command.args(arguments);
         // The foreground QEMU exits as soon as the daemon is initialised.
         let output =
             run_with_timeout(&mut command, None, Duration::from_secs(60)).map_err(|e| {
@@ -148,6 +135,109 @@ impl XenBoot<'_> {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A Linux host booted straight from its kernel and initramfs (the KVM lab).
+pub struct LinuxBoot<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    /// Kernel command-line words beyond the console.
+    pub extra_append: &'a str,
+    pub serial_log: &'a Path,
+    pub pid_file: &'a Path,
+    pub ssh_port: u16,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: LabAccel,
+}
+
+impl LinuxBoot<'_> {
+    fn base(&self) -> MachineBase<'_> {
+        MachineBase {
+            name: "hvbench-kvm-lab",
+            serial_log: self.serial_log,
+            pid_file: self.pid_file,
+            ssh_port: self.ssh_port,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            accel: self.accel,
+        }
+    }
+
+    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
+        check_paths(&[self.kernel, self.initramfs, self.serial_log, self.pid_file])?;
+        // panic=-1 with -no-reboot: a kernel panic stops QEMU instead of looping.
+        let append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
+            .trim()
+            .to_string();
+        Ok(self
+            .base()
+            .arguments(self.kernel, &append, &self.initramfs.to_string_lossy()))
+    }
+
+    pub fn start(&self) -> Result<u32, LabError> {
+        let arguments = self.arguments()?;
+        self.base().start(arguments)
+    }
+}
+
+/// Everything one boot of the Xen lab needs.
+pub struct XenBoot<'a> {
+    pub hypervisor: &'a Path,
+    pub dom0_kernel: &'a Path,
+    pub dom0_initramfs: &'a Path,
+    pub serial_log: &'a Path,
+    pub pid_file: &'a Path,
+    pub ssh_port: u16,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: LabAccel,
+}
+
+impl XenBoot<'_> {
+    fn base(&self) -> MachineBase<'_> {
+        MachineBase {
+            name: "hvbench-xen-lab",
+            serial_log: self.serial_log,
+            pid_file: self.pid_file,
+            ssh_port: self.ssh_port,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            accel: self.accel,
+        }
+    }
+
+    /// QEMU's arguments. Fails on paths with a comma: `-initrd` separates multiboot modules
+    /// with commas (and a module's command line follows its path after a space).
+    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
+        check_paths(&[
+            self.hypervisor,
+            self.dom0_kernel,
+            self.dom0_initramfs,
+            self.serial_log,
+            self.pid_file,
+        ])?;
+        // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
+        // stops the machine instead of looping through reboots.
+        let xen_command_line = format!(
+            "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
+             loglvl=all guest_loglvl=all noreboot smap=0"
+        );
+        let modules = format!(
+            "{} console=hvc0 earlyprintk=xen,{}",
+            self.dom0_kernel.display(),
+            self.dom0_initramfs.display()
+        );
+        Ok(self
+            .base()
+            .arguments(self.hypervisor, &xen_command_line, &modules))
+    }
+
+    /// Starts QEMU; returns once it has daemonized, with its pid.
+    pub fn start(&self) -> Result<u32, LabError> {
+        let arguments = self.arguments()?;
+        self.base().start(arguments)
     }
 }
 

@@ -2,23 +2,20 @@
 //! wait for the ready marker and for `xl info` over ssh.
 
 use std::fs;
-use std::io::Write;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::bringup::{
+    self, check_cancelled, lock_cache, now_rfc3339, sha256_hex, write_file, BootWatch, Layout,
+};
 use super::initramfs::{self, Dom0Config, READY_MARKER};
 use super::packages::{self, PackageManifest};
-use super::qemu::{self, QemuGuard, XenBoot};
-use super::tools::{require_tool, run_checked, tail_lines};
+use super::qemu::{self, XenBoot};
+use super::tools::{require_tool, tail_lines};
 use super::{
     lab_down, lab_status, write_state, xen_version_over_ssh, LabAccel, LabError, LabState,
     XenLabOptions, HOST_KEY_ALIAS,
@@ -29,52 +26,10 @@ pub use super::qemu::DOM0_MEMORY_MIB;
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
 const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
-const PORT_ATTEMPTS: usize = 3;
 
-/// Where everything lives under the cache directory.
-pub(super) struct Layout {
-    pub lock_file: PathBuf,
-    pub debs_dir: PathBuf,
-    pub stage_dir: PathBuf,
-    pub boot_dir: PathBuf,
-    pub hypervisor: PathBuf,
-    pub dom0_kernel: PathBuf,
-    pub dom0_initramfs: PathBuf,
-    pub build_stamp: PathBuf,
-    pub keys_dir: PathBuf,
-    pub client_key: PathBuf,
-    pub host_key: PathBuf,
-    pub known_hosts: PathBuf,
-    pub run_dir: PathBuf,
-    pub pid_file: PathBuf,
-    pub serial_log: PathBuf,
-}
-
-impl Layout {
-    pub fn new(cache_dir: &Path) -> Self {
-        let xen = cache_dir.join("xen");
-        let boot_dir = xen.join("boot");
-        let keys_dir = xen.join("keys");
-        let run_dir = xen.join("run");
-        Self {
-            lock_file: cache_dir.join("xen-lab.lock"),
-            debs_dir: cache_dir.join("debs"),
-            stage_dir: xen.join("stage"),
-            hypervisor: boot_dir.join("xen-4.17"),
-            dom0_kernel: boot_dir.join("vmlinuz"),
-            dom0_initramfs: boot_dir.join("dom0-initramfs.cpio"),
-            build_stamp: boot_dir.join("build.json"),
-            boot_dir,
-            client_key: keys_dir.join("id_ed25519"),
-            host_key: keys_dir.join("dropbear_ed25519_host_key"),
-            known_hosts: keys_dir.join("known_hosts"),
-            keys_dir,
-            pid_file: run_dir.join("qemu.pid"),
-            serial_log: run_dir.join("serial.log"),
-            run_dir,
-        }
-    }
+/// Xen's own image sits beside the dom0 kernel.
+fn hypervisor_path(layout: &Layout) -> std::path::PathBuf {
+    layout.boot_dir.join("xen-4.17")
 }
 
 /// Inputs of a build; a rebuild happens when any of them changes.
@@ -84,31 +39,6 @@ struct BuildStamp {
     inputs_sha256: String,
     xen_package_version: String,
     dom0_kernel_package: String,
-}
-
-fn now_rfc3339() -> String {
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = seconds / 86_400;
-    let (hour, minute, second) = (seconds % 86_400 / 3600, seconds % 3600 / 60, seconds % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
 }
 
 fn validate(options: &XenLabOptions) -> Result<(), LabError> {
@@ -133,32 +63,6 @@ fn validate(options: &XenLabOptions) -> Result<(), LabError> {
     Ok(())
 }
 
-fn check_cancelled(options: &XenLabOptions) -> Result<(), LabError> {
-    match options.cancel {
-        Some(flag) if flag.load(Ordering::SeqCst) => Err(LabError::Interrupted),
-        _ => Ok(()),
-    }
-}
-
-/// Holds `<cache>/xen-lab.lock` so two bring-ups never race over one cache.
-fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&layout.lock_file)
-        .map_err(|e| LabError::io(&layout.lock_file, e))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((file, Errno::EWOULDBLOCK)) => {
-            progress("waiting for another `lab up` on the same cache directory");
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| LabError::io(&layout.lock_file, std::io::Error::from(e)))
-        }
-        Err((_, e)) => Err(LabError::io(&layout.lock_file, std::io::Error::from(e))),
-    }
-}
-
 /// Brings the Xen lab up, or returns the one already up and healthy.
 pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     validate(options)?;
@@ -169,7 +73,7 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         .cache_dir
         .canonicalize()
         .map_err(|e| LabError::io(&options.cache_dir, e))?;
-    let layout = Layout::new(&cache_dir);
+    let layout = Layout::xen(&cache_dir);
     let _lock = lock_cache(&layout, progress)?;
 
     if let Some(status) = lab_status(&cache_dir)? {
@@ -190,21 +94,41 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
 
     let started = Instant::now();
-    let manifest = packages::ensure_packages(&cache_dir, &|m| progress(m))?;
-    check_cancelled(options)?;
+    let manifest = packages::ensure_packages(
+        &layout.package_cache(),
+        packages::XEN_LAB_PACKAGES,
+        "about 81 MB",
+        &|m| progress(m),
+    )?;
+    check_cancelled(options.cancel)?;
     packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
         progress(m)
     })?;
-    check_cancelled(options)?;
+    check_cancelled(options.cancel)?;
     let stamp = ensure_boot_files(&layout, &manifest, progress)?;
     progress(&format!(
         "boot files ready after {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    check_cancelled(options)?;
+    check_cancelled(options.cancel)?;
 
     fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
-    let (pid, port, guard, boot_started) = start_qemu(&layout, options)?;
+    let hypervisor = hypervisor_path(&layout);
+    let (pid, port, guard, boot_started) =
+        bringup::start_qemu(&layout, options.ssh_port, &|port| {
+            XenBoot {
+                hypervisor: &hypervisor,
+                dom0_kernel: &layout.kernel,
+                dom0_initramfs: &layout.initramfs,
+                serial_log: &layout.serial_log,
+                pid_file: &layout.pid_file,
+                ssh_port: port,
+                memory_mib: options.memory_mib,
+                cpus: options.cpus,
+                accel: options.accel,
+            }
+            .start()
+        })?;
     progress(&format!(
         "booting Xen under QEMU ({}, {} MiB, {} CPUs; QEMU pid {pid}, ssh on 127.0.0.1:{port}; serial log {})",
         options.accel.as_str(),
@@ -230,13 +154,20 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         boot_seconds: 0.0,
         serial_log: layout.serial_log.clone(),
     };
-    let deadline = boot_started + options.boot_timeout;
-    wait_for_marker(&layout, options, pid, deadline)?;
+    let watch = BootWatch {
+        layout: &layout,
+        lab: "Xen",
+        pid,
+        deadline: boot_started + options.boot_timeout,
+        boot_timeout: options.boot_timeout,
+        cancel: options.cancel,
+    };
+    watch.wait_for_marker(READY_MARKER)?;
     progress(&format!(
         "dom0 ready after {:.1} s; asking `xl info` over ssh",
         boot_started.elapsed().as_secs_f64()
     ));
-    state.xen_version = wait_for_xl_info(&layout, options, &state, deadline)?;
+    state.xen_version = wait_for_xl_info(&watch, &state)?;
     state.boot_seconds = boot_started.elapsed().as_secs_f64();
     write_state(&cache_dir, &state)?;
     guard.disarm();
@@ -247,19 +178,6 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         started.elapsed().as_secs_f64()
     ));
     Ok(state)
-}
-
-fn sha256_hex(parts: &[&[u8]]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
 }
 
 /// Hypervisor, dom0 kernel, keys and initramfs; rebuilt only when their inputs changed.
@@ -279,7 +197,7 @@ fn ensure_boot_files(
             reason: "xen-hypervisor-4.17-amd64 missing from the downloads".into(),
         })?
         .to_string();
-    ensure_keys(layout)?;
+    bringup::ensure_keys(layout, HOST_KEY_ALIAS)?;
     let host_key = fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?;
     let client_public_path = layout.client_key.with_extension("pub");
     let client_public =
@@ -301,13 +219,10 @@ fn ensure_boot_files(
     let current: Option<BuildStamp> = fs::read(&layout.build_stamp)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    let outputs_present = [
-        &layout.hypervisor,
-        &layout.dom0_kernel,
-        &layout.dom0_initramfs,
-    ]
-    .iter()
-    .all(|path| path.is_file());
+    let hypervisor_file = hypervisor_path(layout);
+    let outputs_present = [&hypervisor_file, &layout.kernel, &layout.initramfs]
+        .iter()
+        .all(|path| path.is_file());
     if current.as_ref() == Some(&expected) && outputs_present {
         return Ok(expected);
     }
@@ -322,11 +237,11 @@ fn ensure_boot_files(
     let mut gunzip = Command::new("gzip");
     gunzip.arg("-dc").arg(&compressed);
     let hypervisor = run_binary(&mut gunzip, "gzip -dc xen-4.17-amd64.gz", "gzip")?;
-    write_file(&layout.hypervisor, &hypervisor)?;
+    write_file(&hypervisor_file, &hypervisor)?;
 
     let release = initramfs::kernel_release(stage)?;
     let kernel = stage.join(format!("boot/vmlinuz-{release}"));
-    fs::copy(&kernel, &layout.dom0_kernel).map_err(|e| LabError::io(&kernel, e))?;
+    fs::copy(&kernel, &layout.kernel).map_err(|e| LabError::io(&kernel, e))?;
 
     progress("building the dom0 initramfs");
     let authorized_key = String::from_utf8_lossy(&client_public).into_owned();
@@ -337,7 +252,7 @@ fn ensure_boot_files(
             authorized_key: &authorized_key,
             host_key: &host_key,
         },
-        &layout.dom0_initramfs,
+        &layout.initramfs,
     )?;
     progress(&format!(
         "dom0 initramfs: {} entries, {:.1} MiB, {} shared libraries, {} kernel modules ({})",
@@ -382,200 +297,13 @@ fn run_binary(command: &mut Command, what: &str, package: &str) -> Result<Vec<u8
     Ok(output.stdout)
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
-    let mut file = fs::File::create(path).map_err(|e| LabError::io(path, e))?;
-    file.write_all(bytes).map_err(|e| LabError::io(path, e))
-}
-
-/// The client key pair (ssh-keygen) and dom0's host key (the downloaded dropbearkey, run
-/// through the downloaded loader since the host may lack its libraries); made once.
-fn ensure_keys(layout: &Layout) -> Result<(), LabError> {
-    fs::create_dir_all(&layout.keys_dir).map_err(|e| LabError::io(&layout.keys_dir, e))?;
-    if !layout.client_key.is_file() || !layout.client_key.with_extension("pub").is_file() {
-        let _ = fs::remove_file(&layout.client_key);
-        let _ = fs::remove_file(layout.client_key.with_extension("pub"));
-        let mut keygen = Command::new("ssh-keygen");
-        keygen
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "hvbench-lab", "-f"])
-            .arg(&layout.client_key);
-        run_checked(&mut keygen, "ssh-keygen (lab client key)")?;
-    }
-
-    let stage = &layout.stage_dir;
-    let loader = initramfs::resolve_in_stage(stage, "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
-        .ok_or_else(|| LabError::Packages {
-            reason: "the downloaded libc6 has no ld-linux-x86-64.so.2".into(),
-        })?;
-    let library_path = format!(
-        "{}:{}",
-        stage.join("lib/x86_64-linux-gnu").display(),
-        stage.join("usr/lib/x86_64-linux-gnu").display()
-    );
-    let dropbearkey = |arguments: &[&str]| {
-        let mut command = Command::new(stage.join(&loader));
-        command
-            .arg("--library-path")
-            .arg(&library_path)
-            .arg(stage.join("usr/bin/dropbearkey"))
-            .args(arguments)
-            .arg(&layout.host_key);
-        command
-    };
-    if !layout.host_key.is_file() {
-        run_checked(
-            &mut dropbearkey(&["-t", "ed25519", "-f"]),
-            "dropbearkey (dom0 host key)",
-        )?;
-    }
-    let public = run_checked(&mut dropbearkey(&["-y", "-f"]), "dropbearkey -y")?;
-    let key_line = public
-        .lines()
-        .find(|line| line.starts_with("ssh-ed25519 "))
-        .ok_or_else(|| LabError::Command {
-            what: "dropbearkey -y".into(),
-            detail: "printed no ssh-ed25519 public key".into(),
-        })?;
-    let mut fields = key_line.split_whitespace();
-    let (Some(kind), Some(key)) = (fields.next(), fields.next()) else {
-        return Err(LabError::Command {
-            what: "dropbearkey -y".into(),
-            detail: format!("unexpected public key line {key_line:?}"),
-        });
-    };
-    // Pinned under an alias, so the entry holds for any forwarded port.
-    write_file(
-        &layout.known_hosts,
-        format!("{HOST_KEY_ALIAS} {kind} {key}\n").as_bytes(),
-    )
-}
-
-fn pick_free_port() -> Result<u16, LabError> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| LabError::Qemu {
-        reason: format!("cannot find a free port on 127.0.0.1: {e}"),
-    })?;
-    listener
-        .local_addr()
-        .map(|address| address.port())
-        .map_err(|e| LabError::Qemu {
-            reason: format!("cannot find a free port on 127.0.0.1: {e}"),
-        })
-}
-
-/// Starts QEMU, retrying on another port when a picked port was taken in the meantime.
-fn start_qemu(
-    layout: &Layout,
-    options: &XenLabOptions,
-) -> Result<(u32, u16, QemuGuard, Instant), LabError> {
-    let mut last_error = None;
-    for _ in 0..PORT_ATTEMPTS {
-        let port = match options.ssh_port {
-            Some(port) => port,
-            None => pick_free_port()?,
-        };
-        let boot = XenBoot {
-            hypervisor: &layout.hypervisor,
-            dom0_kernel: &layout.dom0_kernel,
-            dom0_initramfs: &layout.dom0_initramfs,
-            serial_log: &layout.serial_log,
-            pid_file: &layout.pid_file,
-            ssh_port: port,
-            memory_mib: options.memory_mib,
-            cpus: options.cpus,
-            accel: options.accel,
-        };
-        let started = Instant::now();
-        match boot.start() {
-            Ok(pid) => {
-                return Ok((pid, port, QemuGuard::new(pid, &layout.pid_file), started));
-            }
-            Err(LabError::Qemu { reason })
-                if options.ssh_port.is_none() && reason.contains("forwarding") =>
-            {
-                last_error = Some(LabError::Qemu { reason });
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Err(last_error.unwrap_or(LabError::Qemu {
-        reason: "could not start QEMU".into(),
-    }))
-}
-
-fn serial_text(layout: &Layout) -> String {
-    fs::read(&layout.serial_log)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_default()
-}
-
-fn boot_failed(layout: &Layout, reason: impl Into<String>) -> LabError {
-    let serial = serial_text(layout);
-    // The dom0 script's own failure lines say most; then the end of the log.
-    let mut tail: Vec<&str> = serial
-        .lines()
-        .filter(|line| line.contains("hvbench-lab: FAILED"))
-        .collect();
-    let last = tail_lines(&serial, 15);
-    tail.extend(last.lines());
-    LabError::BootFailed {
-        reason: reason.into(),
-        serial_log: layout.serial_log.clone(),
-        serial_tail: tail.join("\n"),
-    }
-}
-
-fn wait_for_marker(
-    layout: &Layout,
-    options: &XenLabOptions,
-    pid: u32,
-    deadline: Instant,
-) -> Result<(), LabError> {
-    loop {
-        check_cancelled(options)?;
-        let serial = serial_text(layout);
-        if serial.contains(READY_MARKER) {
-            return Ok(());
-        }
-        if let Some(line) = qemu::fatal_boot_line(&serial) {
-            return Err(boot_failed(layout, format!("crashed: {}", line.trim())));
-        }
-        if !qemu::is_our_qemu(pid, &layout.pid_file) {
-            return Err(boot_failed(layout, "QEMU exited"));
-        }
-        if Instant::now() >= deadline {
-            return Err(boot_failed(
-                layout,
-                format!(
-                    "no {READY_MARKER} line within {} s",
-                    options.boot_timeout.as_secs()
-                ),
-            ));
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-}
-
-fn wait_for_xl_info(
-    layout: &Layout,
-    options: &XenLabOptions,
-    state: &LabState,
-    deadline: Instant,
-) -> Result<String, LabError> {
+fn wait_for_xl_info(watch: &BootWatch<'_>, state: &LabState) -> Result<String, LabError> {
     let mut last_error = String::new();
     loop {
-        check_cancelled(options)?;
-        if !qemu::is_our_qemu(state.qemu_pid, &layout.pid_file) {
-            return Err(boot_failed(layout, "QEMU exited"));
-        }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(boot_failed(
-                layout,
-                format!(
-                    "`xl info` over ssh did not answer within {} s (last error: {last_error})",
-                    options.boot_timeout.as_secs()
-                ),
-            ));
-        }
+        watch.check(&format!(
+            "`xl info` over ssh did not answer (last error: {last_error})"
+        ))?;
+        let remaining = watch.deadline.saturating_duration_since(Instant::now());
         match xen_version_over_ssh(state, SSH_ATTEMPT_TIMEOUT.min(remaining)) {
             Ok(version) => return Ok(version),
             Err(error) => last_error = error.to_string(),
@@ -589,6 +317,7 @@ mod tests {
     use super::*;
     use crate::backend::xen::transport::Transport;
     use crate::lab::ssh_target;
+    use std::path::PathBuf;
 
     /// The flat image (0x100000..) of assets/pvh-test-guest.S: prints one line on the PV
     /// console and port 0xE9, then SCHEDOP_shutdown(poweroff).

@@ -417,7 +417,11 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
 
 /// One command that measures workload `w` again, as this run did.
 pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: WorkloadId) -> String {
-    let mut cmd = format!(
+    let mut cmd = backend
+        .reproduce_prefix()
+        .map(|prefix| format!("{prefix} "))
+        .unwrap_or_default();
+    cmd += &format!(
         "hvbench run --backend {} --workload {} --samples {} --warmup {} --sample-us {} --timeout-s {} --memory-mib {} --vcpus {}",
         backend.kind().name(),
         w.name(),

@@ -23,6 +23,7 @@ use self::devices::Doorbell;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
+use crate::host_paging::PagingMode;
 
 #[derive(Debug, Error)]
 pub enum VmmError {
@@ -54,6 +55,8 @@ pub struct KvmBackend {
     mergeable: bool,
     /// Answers the doorbell port of every guest this backend boots.
     doorbell: Arc<Doorbell>,
+    /// The mode `hvbench host paging` switched KVM to for this run, if it did.
+    paging_switch: Option<PagingMode>,
 }
 
 impl KvmBackend {
@@ -65,7 +68,15 @@ impl KvmBackend {
             host,
             mergeable: false,
             doorbell: Doorbell::new(),
+            paging_switch: None,
         })
+    }
+
+    /// Records that this run was started by `hvbench host paging MODE --`, so that its
+    /// reproduce commands switch the same way.
+    pub fn with_paging_switch(mut self, mode: Option<PagingMode>) -> Self {
+        self.paging_switch = mode;
+        self
     }
 
     /// Marks the RAM of guests booted from now on MADV_MERGEABLE (or not).
@@ -109,6 +120,9 @@ impl Hypervisor for KvmBackend {
             self.kvm.get_api_version().to_string(),
         );
         details.insert("irqchip".into(), "none".into());
+        if !self.host.paging.is_empty() {
+            details.insert("paging".into(), self.host.paging.clone());
+        }
         BackendInfo {
             kind: "kvm".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -137,6 +151,11 @@ impl Hypervisor for KvmBackend {
 
     fn guest_runs_locally(&self) -> bool {
         true
+    }
+
+    fn reproduce_prefix(&self) -> Option<String> {
+        self.paging_switch
+            .map(|mode| format!("hvbench host paging {} --", mode.name()))
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {

@@ -1,0 +1,354 @@
+//! What every lab's bring-up shares: where its files live under the cache directory, the
+//! cache lock, ssh keys, QEMU started on a free loopback port, and waiting for the boot
+//! script's ready marker on the serial log.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+
+use super::initramfs;
+use super::qemu::{self, QemuGuard};
+use super::tools::{run_checked, tail_lines};
+use super::LabError;
+
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const PORT_ATTEMPTS: usize = 3;
+
+/// Where one lab's files live under the cache directory.
+pub(super) struct Layout {
+    pub lock_file: PathBuf,
+    pub apt_dir: PathBuf,
+    pub debs_dir: PathBuf,
+    pub stage_dir: PathBuf,
+    pub boot_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub build_stamp: PathBuf,
+    pub keys_dir: PathBuf,
+    pub client_key: PathBuf,
+    pub host_key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub run_dir: PathBuf,
+    pub pid_file: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+impl Layout {
+    /// The Xen lab: downloads in `<cache>/debs` and `<cache>/apt` (its first layout),
+    /// the rest under `<cache>/xen`.
+    pub fn xen(cache_dir: &Path) -> Self {
+        Self::build(
+            cache_dir,
+            "xen",
+            cache_dir.join("apt"),
+            cache_dir.join("debs"),
+            "dom0-initramfs.cpio",
+        )
+    }
+
+    /// The KVM lab: everything under `<cache>/kvm`, its own apt state included, so that
+    /// it never touches what the Xen lab downloaded.
+    pub fn kvm(cache_dir: &Path) -> Self {
+        let kvm = cache_dir.join("kvm");
+        Self::build(
+            cache_dir,
+            "kvm",
+            kvm.join("apt"),
+            kvm.join("debs"),
+            "initramfs.cpio",
+        )
+    }
+
+    fn build(
+        cache_dir: &Path,
+        kind: &str,
+        apt_dir: PathBuf,
+        debs_dir: PathBuf,
+        initramfs_name: &str,
+    ) -> Self {
+        let root = cache_dir.join(kind);
+        let boot_dir = root.join("boot");
+        let keys_dir = root.join("keys");
+        let run_dir = root.join("run");
+        Self {
+            lock_file: cache_dir.join(format!("{kind}-lab.lock")),
+            apt_dir,
+            debs_dir,
+            stage_dir: root.join("stage"),
+            kernel: boot_dir.join("vmlinuz"),
+            initramfs: boot_dir.join(initramfs_name),
+            build_stamp: boot_dir.join("build.json"),
+            boot_dir,
+            client_key: keys_dir.join("id_ed25519"),
+            host_key: keys_dir.join("dropbear_ed25519_host_key"),
+            known_hosts: keys_dir.join("known_hosts"),
+            keys_dir,
+            pid_file: run_dir.join("qemu.pid"),
+            serial_log: run_dir.join("serial.log"),
+            run_dir,
+        }
+    }
+
+    pub fn package_cache(&self) -> super::packages::PackageCache {
+        super::packages::PackageCache {
+            apt_root: self.apt_dir.clone(),
+            debs_dir: self.debs_dir.clone(),
+        }
+    }
+}
+
+pub(super) fn now_rfc3339() -> String {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = seconds / 86_400;
+    let (hour, minute, second) = (seconds % 86_400 / 3600, seconds % 3600 / 60, seconds % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
+pub(super) fn check_cancelled(cancel: Option<&AtomicBool>) -> Result<(), LabError> {
+    match cancel {
+        Some(flag) if flag.load(Ordering::SeqCst) => Err(LabError::Interrupted),
+        _ => Ok(()),
+    }
+}
+
+/// Holds the lab's lock file so two bring-ups never race over one cache.
+pub(super) fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&layout.lock_file)
+        .map_err(|e| LabError::io(&layout.lock_file, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            progress("waiting for another `lab up` on the same cache directory");
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| LabError::io(&layout.lock_file, std::io::Error::from(e)))
+        }
+        Err((_, e)) => Err(LabError::io(&layout.lock_file, std::io::Error::from(e))),
+    }
+}
+
+pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
+    let mut file = fs::File::create(path).map_err(|e| LabError::io(path, e))?;
+    file.write_all(bytes).map_err(|e| LabError::io(path, e))
+}
+
+/// The client key pair (ssh-keygen) and the lab's host key (the downloaded dropbearkey,
+/// run through the downloaded loader since the host may lack its libraries); made once.
+/// known_hosts pins the host key under `host_key_alias`, whatever the port.
+pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<(), LabError> {
+    fs::create_dir_all(&layout.keys_dir).map_err(|e| LabError::io(&layout.keys_dir, e))?;
+    if !layout.client_key.is_file() || !layout.client_key.with_extension("pub").is_file() {
+        let _ = fs::remove_file(&layout.client_key);
+        let _ = fs::remove_file(layout.client_key.with_extension("pub"));
+        let mut keygen = Command::new("ssh-keygen");
+        keygen
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "hvbench-lab", "-f"])
+            .arg(&layout.client_key);
+        run_checked(&mut keygen, "ssh-keygen (lab client key)")?;
+    }
+
+    let stage = &layout.stage_dir;
+    let loader = initramfs::resolve_in_stage(stage, "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+        .ok_or_else(|| LabError::Packages {
+            reason: "the downloaded libc6 has no ld-linux-x86-64.so.2".into(),
+        })?;
+    let library_path = format!(
+        "{}:{}",
+        stage.join("lib/x86_64-linux-gnu").display(),
+        stage.join("usr/lib/x86_64-linux-gnu").display()
+    );
+    let dropbearkey = |arguments: &[&str]| {
+        let mut command = Command::new(stage.join(&loader));
+        command
+            .arg("--library-path")
+            .arg(&library_path)
+            .arg(stage.join("usr/bin/dropbearkey"))
+            .args(arguments)
+            .arg(&layout.host_key);
+        command
+    };
+    if !layout.host_key.is_file() {
+        run_checked(
+            &mut dropbearkey(&["-t", "ed25519", "-f"]),
+            "dropbearkey (lab host key)",
+        )?;
+    }
+    let public = run_checked(&mut dropbearkey(&["-y", "-f"]), "dropbearkey -y")?;
+    let key_line = public
+        .lines()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .ok_or_else(|| LabError::Command {
+            what: "dropbearkey -y".into(),
+            detail: "printed no ssh-ed25519 public key".into(),
+        })?;
+    let mut fields = key_line.split_whitespace();
+    let (Some(kind), Some(key)) = (fields.next(), fields.next()) else {
+        return Err(LabError::Command {
+            what: "dropbearkey -y".into(),
+            detail: format!("unexpected public key line {key_line:?}"),
+        });
+    };
+    write_file(
+        &layout.known_hosts,
+        format!("{host_key_alias} {kind} {key}\n").as_bytes(),
+    )
+}
+
+fn pick_free_port() -> Result<u16, LabError> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| LabError::Qemu {
+        reason: format!("cannot find a free port on 127.0.0.1: {e}"),
+    })?;
+    listener
+        .local_addr()
+        .map(|address| address.port())
+        .map_err(|e| LabError::Qemu {
+            reason: format!("cannot find a free port on 127.0.0.1: {e}"),
+        })
+}
+
+/// Starts QEMU with `start(port)`, retrying on another port when a picked port was taken
+/// in the meantime. Returns (pid, port, the guard that kills it, when it started).
+pub(super) fn start_qemu(
+    layout: &Layout,
+    ssh_port: Option<u16>,
+    start: &dyn Fn(u16) -> Result<u32, LabError>,
+) -> Result<(u32, u16, QemuGuard, Instant), LabError> {
+    let mut last_error = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let port = match ssh_port {
+            Some(port) => port,
+            None => pick_free_port()?,
+        };
+        let started = Instant::now();
+        match start(port) {
+            Ok(pid) => {
+                return Ok((pid, port, QemuGuard::new(pid, &layout.pid_file), started));
+            }
+            Err(LabError::Qemu { reason })
+                if ssh_port.is_none() && reason.contains("forwarding") =>
+            {
+                last_error = Some(LabError::Qemu { reason });
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or(LabError::Qemu {
+        reason: "could not start QEMU".into(),
+    }))
+}
+
+pub(super) fn serial_text(layout: &Layout) -> String {
+    fs::read(&layout.serial_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
+/// A boot failure of the lab called `lab` ("Xen", "KVM"), with the serial log's telling
+/// lines.
+pub(super) fn boot_failed(layout: &Layout, lab: &str, reason: impl Into<String>) -> LabError {
+    let serial = serial_text(layout);
+    // The boot script's own failure lines say most; then the end of the log.
+    let mut tail: Vec<&str> = serial
+        .lines()
+        .filter(|line| line.contains("hvbench-lab: FAILED"))
+        .collect();
+    let last = tail_lines(&serial, 15);
+    tail.extend(last.lines());
+    LabError::BootFailed {
+        lab: lab.to_string(),
+        reason: reason.into(),
+        serial_log: layout.serial_log.clone(),
+        serial_tail: tail.join("\n"),
+    }
+}
+
+/// How a bring-up watches its machine boot.
+pub(super) struct BootWatch<'a> {
+    pub layout: &'a Layout,
+    /// "Xen" or "KVM", for messages.
+    pub lab: &'a str,
+    pub pid: u32,
+    pub deadline: Instant,
+    pub boot_timeout: Duration,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl BootWatch<'_> {
+    /// Fails when cancelled, when QEMU is gone, or past the deadline.
+    pub fn check(&self, waiting_for: &str) -> Result<(), LabError> {
+        check_cancelled(self.cancel)?;
+        if !qemu::is_our_qemu(self.pid, &self.layout.pid_file) {
+            return Err(boot_failed(self.layout, self.lab, "QEMU exited"));
+        }
+        if Instant::now() >= self.deadline {
+            return Err(boot_failed(
+                self.layout,
+                self.lab,
+                format!("{waiting_for} within {} s", self.boot_timeout.as_secs()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits for the boot script's `marker` line on the serial log.
+    pub fn wait_for_marker(&self, marker: &str) -> Result<(), LabError> {
+        loop {
+            let serial = serial_text(self.layout);
+            if serial.contains(marker) {
+                return Ok(());
+            }
+            if let Some(line) = qemu::fatal_boot_line(&serial) {
+                return Err(boot_failed(
+                    self.layout,
+                    self.lab,
+                    format!("crashed: {}", line.trim()),
+                ));
+            }
+            self.check(&format!("no {marker} line"))?;
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}

@@ -1,0 +1,1151 @@
+//! `lab up|status|down|run kvm`: a Linux host whose kvm_amd (or kvm_intel) is ours to
+//! reload, nested in QEMU, with hvbench inside it. It exercises the paging axis end to end
+//! where the real host's KVM is kvm_pvm: `lab run kvm --paging shadow` runs `hvbench host
+//! paging shadow -- hvbench run --backend kvm ...` in the lab over ssh and brings the
+//! records back.
+//!
+//! Under TCG (the default here) QEMU emulates AMD SVM with nested paging, and every figure
+//! measured in the lab is an emulation artefact: the records say so (host class
+//! `nested-tcg`), and they prove the path, never the speed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::thread;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use reports::record::Record;
+use reports::ResultsWriter;
+use serde::{Deserialize, Serialize};
+
+use super::bringup::{
+    self, check_cancelled, lock_cache, now_rfc3339, sha256_hex, BootWatch, Layout,
+};
+use super::initramfs::{self, InitramfsSpec};
+use super::packages::{self, PackageManifest};
+use super::qemu::{self, LinuxBoot};
+use super::tools::require_tool;
+use super::{progress_to_stderr, LabAccel, LabError};
+use crate::backend::xen::transport::{shell_quote, SshTarget, Transport, TransportError};
+use crate::host_paging::PagingMode;
+
+/// The line the boot script prints on the serial console once dropbear listens.
+pub const KVM_READY_MARKER: &str = "HVBENCH-KVM-LAB-READY";
+/// The name the lab's host key is pinned under in its known_hosts, whatever the port.
+pub const KVM_HOST_KEY_ALIAS: &str = "hvbench-kvm-lab";
+/// Where hvbench lives inside the lab (dropbear's PATH lacks /usr/local/bin: always use
+/// the full path).
+pub const LAB_HVBENCH: &str = "/usr/local/bin/hvbench";
+
+const RC_SCRIPT: &str = include_str!("assets/kvm-rc");
+/// The NIC for QEMU's user-mode network, and KVM with both vendor modules (the boot script
+/// loads the one the CPU takes).
+const LAB_MODULES: &[&str] = &["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel"];
+const STATE_FILE: &str = "kvm-lab.json";
+/// Bump when the initramfs recipe changes in a way the inputs below do not capture.
+const BUILD_FORMAT: u32 = 1;
+const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Copying hvbench (tens of MB) into the lab through QEMU's user network and an emulated
+/// sshd.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
+/// One short ssh command to the lab (a poll, a fetch, a kill).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a detached run in the lab is polled.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the lab may fail to answer polls before the run is given up.
+const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+const REMOTE_RUNS_DIR: &str = "/tmp/hvbench-lab-runs";
+/// After Ctrl-C, how long the remote run gets to save its records and restore paging.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(120);
+
+pub struct KvmLabOptions {
+    /// Downloads, builds, keys, logs and the state file live here (under `kvm/`).
+    pub cache_dir: PathBuf,
+    /// The emulated machine's memory: Linux, hvbench, and the guests it boots.
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Host port on 127.0.0.1 forwarded to the lab's sshd; None picks a free one.
+    pub ssh_port: Option<u16>,
+    pub accel: LabAccel,
+    /// From QEMU's start to hvbench answering over ssh.
+    pub boot_timeout: Duration,
+    /// The hvbench binary put into the lab (default: this process's own executable).
+    pub hvbench: PathBuf,
+    pub progress: fn(&str),
+    /// When set (e.g. by a Ctrl-C handler), bring-up stops and its QEMU is killed.
+    pub cancel: Option<&'static AtomicBool>,
+}
+
+impl KvmLabOptions {
+    /// Defaults, with hvbench taken from `std::env::current_exe()`.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Result<Self, LabError> {
+        let hvbench = std::env::current_exe().map_err(|e| LabError::InvalidOptions {
+            reason: format!("cannot find hvbench's own executable: {e}"),
+        })?;
+        Ok(Self {
+            cache_dir: cache_dir.into(),
+            memory_mib: 1536,
+            cpus: 2,
+            ssh_port: None,
+            accel: LabAccel::Tcg,
+            boot_timeout: Duration::from_secs(300),
+            hvbench,
+            progress: progress_to_stderr,
+            cancel: None,
+        })
+    }
+}
+
+/// Which hvbench binary is in the lab: enough to tell a rebuild without hashing tens of MB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinaryIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub modified_unix_ns: u64,
+}
+
+impl BinaryIdentity {
+    pub fn of(path: &Path) -> Result<Self, LabError> {
+        let metadata = fs::metadata(path).map_err(|e| LabError::io(path, e))?;
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Ok(Self {
+            path: path.to_path_buf(),
+            size: metadata.len(),
+            modified_unix_ns: modified,
+        })
+    }
+}
+
+/// A running KVM lab, as saved in `<cache_dir>/kvm-lab.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvmLabState {
+    /// "kvm".
+    pub kind: String,
+    pub qemu_pid: u32,
+    /// QEMU's `-pidfile`; its path in QEMU's command line identifies our QEMU.
+    pub qemu_pid_file: PathBuf,
+    pub ssh_port: u16,
+    pub ssh_key: PathBuf,
+    pub known_hosts: PathBuf,
+    /// The Debian kernel package the lab's Linux comes from, and its release.
+    pub kernel_package: String,
+    pub kernel_release: String,
+    /// What `hvbench host paging` said in the lab once it was up, e.g.
+    /// "kvm_amd: npt (npt=Y), not in use".
+    pub kvm_at_boot: String,
+    /// "tcg" or "kvm": with tcg, every timing inside the lab is an emulation artefact.
+    pub accel: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// From QEMU's start to hvbench answering over ssh.
+    pub boot_seconds: f64,
+    pub serial_log: PathBuf,
+    /// The hvbench binary the lab runs (put in at boot or copied in later).
+    pub hvbench: BinaryIdentity,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvmLabStatus {
+    pub state: KvmLabState,
+    /// The pid is alive, not a zombie, and its command line is our QEMU's.
+    pub qemu_running: bool,
+    /// `hvbench host paging` in the lab, when it answered over ssh.
+    pub kvm_now: Option<String>,
+}
+
+impl KvmLabStatus {
+    pub fn healthy(&self) -> bool {
+        self.qemu_running && self.kvm_now.is_some()
+    }
+}
+
+/// Inputs of a build; a rebuild happens when any of them changes.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct BuildStamp {
+    format: u32,
+    inputs_sha256: String,
+    kernel_package: String,
+    kernel_release: String,
+    hvbench: BinaryIdentity,
+}
+
+fn absolute(cache_dir: &Path) -> PathBuf {
+    cache_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cache_dir.to_path_buf())
+}
+
+fn state_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(STATE_FILE)
+}
+
+fn read_state(cache_dir: &Path) -> Result<Option<KvmLabState>, LabError> {
+    let path = state_path(cache_dir);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LabError::io(&path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| LabError::State {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {
+    packages::write_json(&state_path(cache_dir), state)
+}
+
+/// Where to ssh into the lab: root@127.0.0.1 on the forwarded port, with the lab's own
+/// key and its pinned host key.
+pub fn kvm_ssh_target(state: &KvmLabState) -> SshTarget {
+    SshTarget {
+        user: "root".into(),
+        host: "127.0.0.1".into(),
+        port: state.ssh_port,
+        identity: Some(state.ssh_key.clone()),
+        known_hosts: Some(state.known_hosts.clone()),
+        host_key_alias: Some(KVM_HOST_KEY_ALIAS.into()),
+    }
+}
+
+fn lab_transport(state: &KvmLabState) -> Transport {
+    Transport::Ssh(kvm_ssh_target(state))
+}
+
+fn ssh_error(error: TransportError) -> LabError {
+    LabError::Ssh {
+        reason: error.to_string(),
+    }
+}
+
+/// `hvbench host paging` run in the lab: its one line.
+fn kvm_over_ssh(state: &KvmLabState, timeout: Duration) -> Result<String, LabError> {
+    let output = lab_transport(state)
+        .run(&format!("{LAB_HVBENCH} host paging"), None, timeout)
+        .map_err(ssh_error)?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .next()
+        .map(|line| line.trim().to_string())
+        .filter(|line| !line.is_empty())
+        .ok_or_else(|| LabError::Ssh {
+            reason: "`hvbench host paging` printed nothing in the lab".into(),
+        })
+}
+
+/// The lab's state and health; None when no KVM lab was brought up from `cache_dir`.
+pub fn kvm_lab_status(cache_dir: &Path) -> Result<Option<KvmLabStatus>, LabError> {
+    let cache_dir = &absolute(cache_dir);
+    let Some(state) = read_state(cache_dir)? else {
+        return Ok(None);
+    };
+    let qemu_running = qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file);
+    let kvm_now = if qemu_running {
+        kvm_over_ssh(&state, STATUS_SSH_TIMEOUT).ok()
+    } else {
+        None
+    };
+    Ok(Some(KvmLabStatus {
+        state,
+        qemu_running,
+        kvm_now,
+    }))
+}
+
+/// Stops the lab's QEMU (SIGTERM, then SIGKILL) and forgets its state. True if one was
+/// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
+pub fn kvm_lab_down(cache_dir: &Path) -> Result<bool, LabError> {
+    let cache_dir = &absolute(cache_dir);
+    let mut stopped = false;
+    // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
+    if let Ok(Some(state)) = read_state(cache_dir) {
+        stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
+    }
+    let pid_file = Layout::kvm(cache_dir).pid_file;
+    if let Some(pid) = qemu::read_pid_file(&pid_file) {
+        stopped |= qemu::terminate(pid, &pid_file)?;
+    }
+    let path = state_path(cache_dir);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LabError::io(&path, e)),
+    }
+    Ok(stopped)
+}
+
+fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
+    let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
+    if options.memory_mib < 768 {
+        return invalid(format!(
+            "memory_mib must be at least 768 (Linux, hvbench and a guest), not {}",
+            options.memory_mib
+        ));
+    }
+    if options.cpus == 0 || options.cpus > 64 {
+        return invalid(format!("cpus must be 1..=64, not {}", options.cpus));
+    }
+    if options.ssh_port == Some(0) {
+        return invalid("ssh_port 0 is not a port; leave it None to pick a free one".into());
+    }
+    if !options.hvbench.is_file() {
+        return invalid(format!(
+            "the hvbench binary {} does not exist",
+            options.hvbench.display()
+        ));
+    }
+    if options.accel == LabAccel::Kvm {
+        if let Some(reason) = super::kvm_unusable_reason() {
+            return Err(LabError::AccelUnavailable { reason });
+        }
+    }
+    Ok(())
+}
+
+/// Brings the KVM lab up, or returns the one already up and healthy (with the current
+/// hvbench copied in if it changed).
+pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
+    validate(options)?;
+    let progress = options.progress;
+    fs::create_dir_all(&options.cache_dir).map_err(|e| LabError::io(&options.cache_dir, e))?;
+    // Absolute paths: QEMU chdirs to / when it daemonizes, and they go into the state file.
+    let cache_dir = options
+        .cache_dir
+        .canonicalize()
+        .map_err(|e| LabError::io(&options.cache_dir, e))?;
+    let layout = Layout::kvm(&cache_dir);
+    let _lock = lock_cache(&layout, progress)?;
+
+    if let Some(status) = kvm_lab_status(&cache_dir)? {
+        if status.healthy() {
+            progress(&format!(
+                "KVM lab already up (QEMU pid {}, ssh port {}): {}",
+                status.state.qemu_pid,
+                status.state.ssh_port,
+                status.kvm_now.as_deref().unwrap_or_default()
+            ));
+            let mut state = status.state;
+            ensure_lab_hvbench(&cache_dir, &mut state, &options.hvbench, progress)?;
+            return Ok(state);
+        }
+        progress("a previous KVM lab is not healthy; stopping it");
+    }
+    // Also catches a QEMU whose bring-up was killed before it saved any state.
+    kvm_lab_down(&cache_dir)?;
+
+    require_tool("ssh", "openssh-client")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
+
+    let started = Instant::now();
+    let manifest = packages::ensure_packages(
+        &layout.package_cache(),
+        packages::KVM_LAB_PACKAGES,
+        "about 75 MB, the kernel most of it",
+        &|m| progress(m),
+    )?;
+    check_cancelled(options.cancel)?;
+    packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
+        progress(m)
+    })?;
+    check_cancelled(options.cancel)?;
+    let stamp = ensure_boot_files(&layout, &manifest, &options.hvbench, progress)?;
+    progress(&format!(
+        "boot files ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    check_cancelled(options.cancel)?;
+
+    fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
+    let (pid, port, guard, boot_started) =
+        bringup::start_qemu(&layout, options.ssh_port, &|port| {
+            LinuxBoot {
+                kernel: &layout.kernel,
+                initramfs: &layout.initramfs,
+                // Under TCG every mitigation is emulated work for nothing.
+                extra_append: "loglevel=4 mitigations=off",
+                serial_log: &layout.serial_log,
+                pid_file: &layout.pid_file,
+                ssh_port: port,
+                memory_mib: options.memory_mib,
+                cpus: options.cpus,
+                accel: options.accel,
+            }
+            .start()
+        })?;
+    progress(&format!(
+        "booting Linux {} under QEMU ({}, {} MiB, {} CPUs; QEMU pid {pid}, ssh on 127.0.0.1:{port}; serial log {})",
+        stamp.kernel_release,
+        options.accel.as_str(),
+        options.memory_mib,
+        options.cpus,
+        layout.serial_log.display()
+    ));
+
+    let mut state = KvmLabState {
+        kind: "kvm".into(),
+        qemu_pid: pid,
+        qemu_pid_file: layout.pid_file.clone(),
+        ssh_port: port,
+        ssh_key: layout.client_key.clone(),
+        known_hosts: layout.known_hosts.clone(),
+        kernel_package: stamp.kernel_package.clone(),
+        kernel_release: stamp.kernel_release.clone(),
+        kvm_at_boot: String::new(),
+        accel: options.accel.as_str().into(),
+        memory_mib: options.memory_mib,
+        cpus: options.cpus,
+        started_at: now_rfc3339(),
+        boot_seconds: 0.0,
+        serial_log: layout.serial_log.clone(),
+        hvbench: stamp.hvbench.clone(),
+    };
+    let watch = BootWatch {
+        layout: &layout,
+        lab: "KVM",
+        pid,
+        deadline: boot_started + options.boot_timeout,
+        boot_timeout: options.boot_timeout,
+        cancel: options.cancel,
+    };
+    watch.wait_for_marker(KVM_READY_MARKER)?;
+    // Every step of the boot script is needed (network, sshd, KVM): fail at once rather
+    // than wait for an ssh that cannot come.
+    if bringup::serial_text(&layout).contains("hvbench-lab: FAILED") {
+        return Err(bringup::boot_failed(
+            &layout,
+            "KVM",
+            "the boot script reported failures",
+        ));
+    }
+    progress(&format!(
+        "Linux ready after {:.1} s; asking `hvbench host paging` over ssh",
+        boot_started.elapsed().as_secs_f64()
+    ));
+    state.kvm_at_boot = wait_for_hvbench(&watch, &state)?;
+    state.boot_seconds = boot_started.elapsed().as_secs_f64();
+    write_state(&cache_dir, &state)?;
+    guard.disarm();
+    progress(&format!(
+        "KVM lab is up: {:.1} s from QEMU start to hvbench answering over ssh ({:.1} s in all); {}",
+        state.boot_seconds,
+        started.elapsed().as_secs_f64(),
+        state.kvm_at_boot
+    ));
+    Ok(state)
+}
+
+fn wait_for_hvbench(watch: &BootWatch<'_>, state: &KvmLabState) -> Result<String, LabError> {
+    let mut last_error = String::new();
+    loop {
+        watch.check(&format!(
+            "`hvbench host paging` over ssh did not answer (last error: {last_error})"
+        ))?;
+        let remaining = watch.deadline.saturating_duration_since(Instant::now());
+        match kvm_over_ssh(state, SSH_ATTEMPT_TIMEOUT.min(remaining)) {
+            Ok(line) if line.starts_with("kvm_amd") || line.starts_with("kvm_intel") => {
+                return Ok(line)
+            }
+            // Up, but without a KVM module: the boot script's FAILED lines say why.
+            Ok(line) => {
+                return Err(bringup::boot_failed(
+                    watch.layout,
+                    watch.lab,
+                    format!("the lab has no usable KVM: {line}"),
+                ))
+            }
+            Err(error) => last_error = error.to_string(),
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Kernel, keys and initramfs (with hvbench in it); rebuilt only when their inputs changed.
+fn ensure_boot_files(
+    layout: &Layout,
+    manifest: &PackageManifest,
+    hvbench: &Path,
+    progress: fn(&str),
+) -> Result<BuildStamp, LabError> {
+    let kernel_package = manifest
+        .kernel_package()
+        .ok_or_else(|| LabError::Packages {
+            reason: "no linux-image package among the downloads".into(),
+        })?;
+    bringup::ensure_keys(layout, KVM_HOST_KEY_ALIAS)?;
+    let host_key = fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?;
+    let client_public_path = layout.client_key.with_extension("pub");
+    let client_public =
+        fs::read(&client_public_path).map_err(|e| LabError::io(&client_public_path, e))?;
+    let release = initramfs::kernel_release(&layout.stage_dir)?;
+    let identity = BinaryIdentity::of(hvbench)?;
+    let modules = LAB_MODULES.join(",");
+    let expected = BuildStamp {
+        format: BUILD_FORMAT,
+        inputs_sha256: sha256_hex(&[
+            manifest.fingerprint().as_bytes(),
+            RC_SCRIPT.as_bytes(),
+            initramfs::INITTAB.as_bytes(),
+            modules.as_bytes(),
+            &host_key,
+            &client_public,
+        ]),
+        kernel_package: format!("{} {}", kernel_package.name, kernel_package.version),
+        kernel_release: release.clone(),
+        hvbench: identity,
+    };
+    let current: Option<BuildStamp> = fs::read(&layout.build_stamp)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    if current.as_ref() == Some(&expected) && layout.kernel.is_file() && layout.initramfs.is_file()
+    {
+        return Ok(expected);
+    }
+
+    fs::create_dir_all(&layout.boot_dir).map_err(|e| LabError::io(&layout.boot_dir, e))?;
+    let _ = fs::remove_file(&layout.build_stamp);
+    let kernel = layout.stage_dir.join(format!("boot/vmlinuz-{release}"));
+    fs::copy(&kernel, &layout.kernel).map_err(|e| LabError::io(&kernel, e))?;
+
+    progress(&format!(
+        "building the lab's initramfs (with {})",
+        hvbench.display()
+    ));
+    let authorized_key = String::from_utf8_lossy(&client_public).into_owned();
+    let summary = initramfs::build_initramfs(
+        &InitramfsSpec {
+            stage_dir: &layout.stage_dir,
+            kernel_release: &release,
+            stage_trees: &[],
+            stage_files: &["usr/sbin/dropbear", "usr/bin/dropbearkey"],
+            host_files: &[(LAB_HVBENCH.trim_start_matches('/'), hvbench)],
+            modules: LAB_MODULES,
+            rc_script: RC_SCRIPT,
+            hostname: "hvbench-kvm-lab",
+            authorized_key: &authorized_key,
+            host_key: &host_key,
+        },
+        &layout.initramfs,
+    )?;
+    progress(&format!(
+        "initramfs: {} entries, {:.1} MiB, shared libraries {}, kernel modules {}",
+        summary.entries,
+        summary.bytes as f64 / (1024.0 * 1024.0),
+        summary
+            .libraries
+            .iter()
+            .filter_map(|l| Path::new(l)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        summary
+            .modules
+            .iter()
+            .filter_map(|m| Path::new(m)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    packages::write_json(&layout.build_stamp, &expected)?;
+    Ok(expected)
+}
+
+/// Copies `hvbench` into the running lab when it is not the binary the lab has.
+fn ensure_lab_hvbench(
+    cache_dir: &Path,
+    state: &mut KvmLabState,
+    hvbench: &Path,
+    progress: fn(&str),
+) -> Result<(), LabError> {
+    let identity = BinaryIdentity::of(hvbench)?;
+    if identity == state.hvbench {
+        return Ok(());
+    }
+    let started = Instant::now();
+    // The lab's sshd is emulated and slow (about 3 MB/s): gzip -1 (a second here) more
+    // than halves the copy; busybox gunzips it in the lab.
+    let (bytes, unpack) = match gzip_fast(hvbench) {
+        Some(compressed) => (compressed, "gunzip -c"),
+        None => (
+            fs::read(hvbench).map_err(|e| LabError::io(hvbench, e))?,
+            "cat",
+        ),
+    };
+    progress(&format!(
+        "copying {} ({:.1} MiB{}) into the lab: it changed since the lab was booted",
+        hvbench.display(),
+        bytes.len() as f64 / (1024.0 * 1024.0),
+        if unpack == "cat" { "" } else { " gzipped" }
+    ));
+    let staging = format!("{LAB_HVBENCH}.new");
+    lab_transport(state)
+        .run(
+            &format!(
+                "{unpack} > {staging} && chmod 755 {staging} && mv -f {staging} {LAB_HVBENCH}"
+            ),
+            Some(&bytes),
+            PUSH_TIMEOUT,
+        )
+        .map_err(ssh_error)?;
+    progress(&format!(
+        "copied in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    state.hvbench = identity;
+    write_state(cache_dir, state)
+}
+
+/// `file` compressed by the host's gzip -1; None when gzip is missing or fails (the copy
+/// then goes uncompressed).
+fn gzip_fast(file: &Path) -> Option<Vec<u8>> {
+    let gzip = super::tools::find_tool("gzip")?;
+    let mut command = std::process::Command::new(gzip);
+    command.arg("-1").arg("-c").arg(file);
+    let output = super::tools::run_with_timeout(&mut command, None, Duration::from_secs(120))
+        .ok()
+        .flatten()?;
+    (output.status.success() && !output.stdout.is_empty()).then_some(output.stdout)
+}
+
+/// `hvbench run` options that `lab run` sets itself, or that name things outside the lab.
+const OPTIONS_LAB_RUN_OWNS: &[(&str, &str)] = &[
+    ("--backend", "the lab runs --backend kvm"),
+    (
+        "--out",
+        "give `lab run` its --out: records are copied back there",
+    ),
+    ("--append", "give `lab run` its --append"),
+    (
+        "--guest",
+        "the image must be inside the lab; the embedded guest is used",
+    ),
+    ("--qemu", "the lab runs hvbench's own VMM"),
+    ("--qemu-accel", "the lab runs hvbench's own VMM"),
+    ("--qemu-cpu", "the lab runs hvbench's own VMM"),
+    ("--xen-host", "the lab runs KVM"),
+    (
+        "--paging",
+        "that is Xen's; KVM's paging is `lab run kvm --paging tdp|shadow`",
+    ),
+];
+
+/// Refuses `hvbench run` arguments that `lab run` owns; Err names the option and why.
+pub fn check_lab_run_args(arguments: &[String]) -> Result<(), LabError> {
+    for argument in arguments {
+        for (option, why) in OPTIONS_LAB_RUN_OWNS {
+            if argument == option || argument.starts_with(&format!("{option}=")) {
+                return Err(LabError::InvalidOptions {
+                    reason: format!("{option} cannot be passed to the run in the lab: {why}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reproduce command of a record made in the lab, as one would run it from outside:
+/// `[hvbench host paging M --] hvbench run --backend kvm ARGS --out DIR` becomes
+/// `hvbench lab run kvm [--paging M] --out DIR -- ARGS`. Anything else is kept as is.
+pub fn lab_reproduce(inner: &str) -> String {
+    let (mode, rest) = match inner.strip_prefix("hvbench host paging ") {
+        Some(after) => match after.split_once(" -- ") {
+            Some((mode, rest)) => (Some(mode), rest),
+            None => return inner.to_string(),
+        },
+        None => (None, inner),
+    };
+    let Some(arguments) = rest.strip_prefix("hvbench run --backend kvm") else {
+        return inner.to_string();
+    };
+    let (arguments, out) = match arguments.rsplit_once(" --out ") {
+        Some((arguments, out)) => (arguments.trim(), Some(out.trim())),
+        None => (arguments.trim(), None),
+    };
+    let mut command = "hvbench lab run kvm".to_string();
+    if let Some(mode) = mode {
+        command.push_str(&format!(" --paging {mode}"));
+    }
+    if let Some(out) = out {
+        command.push_str(&format!(" --out {out}"));
+    }
+    command.push_str(" --");
+    if !arguments.is_empty() {
+        command.push(' ');
+        command.push_str(arguments);
+    }
+    command
+}
+
+/// Marks a record made in the lab as such: the lab in the backend's details, and a
+/// reproduce command that goes through the lab.
+fn relabel(record: &mut Record, state: &KvmLabState) {
+    record.backend.details.insert(
+        "lab".into(),
+        format!(
+            "hvbench KVM lab: Linux {} under QEMU {} ({} MiB, {} CPUs)",
+            state.kernel_release, state.accel, state.memory_mib, state.cpus
+        ),
+    );
+    record.reproduce = lab_reproduce(&record.reproduce);
+}
+
+pub struct KvmLabRun<'a> {
+    pub cache_dir: &'a Path,
+    /// None: KVM's paging as the lab has it; else switched for this run.
+    pub paging: Option<PagingMode>,
+    /// `hvbench run` arguments (without --backend, --out, ...: see `check_lab_run_args`).
+    pub run_args: &'a [String],
+    /// Local results directory the records are copied into.
+    pub out: &'a Path,
+    pub append: bool,
+    /// The whole run in the lab.
+    pub timeout: Duration,
+    /// The hvbench to run in the lab (copied in if it changed).
+    pub hvbench: &'a Path,
+    pub progress: fn(&str),
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+#[derive(Debug)]
+pub struct KvmLabRunOutcome {
+    /// The exit status of `hvbench run` in the lab (130 after Ctrl-C).
+    pub exit_code: i32,
+    pub records: usize,
+    pub jsonl: PathBuf,
+    pub csv: PathBuf,
+    /// What the run printed on stdout (the summary table), less its lines about paths
+    /// inside the lab.
+    pub summary: String,
+    pub interrupted: bool,
+}
+
+/// Runs `hvbench run --backend kvm` in the lab (under `hvbench host paging` when a mode is
+/// asked), streaming its progress to stderr, and copies its records into `out`.
+pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
+    check_lab_run_args(run.run_args)?;
+    let cache_dir = &absolute(run.cache_dir);
+    let mut state = read_state(cache_dir)?
+        .filter(|s| qemu::is_our_qemu(s.qemu_pid, &s.qemu_pid_file))
+        .ok_or_else(|| LabError::InvalidOptions {
+            reason: format!(
+                "no KVM lab is up from {}: run `hvbench lab up kvm` first",
+                cache_dir.display()
+            ),
+        })?;
+    // Refuse to mix with earlier results before spending minutes in the lab.
+    let mut writer =
+        ResultsWriter::create(run.out, run.append).map_err(|e| LabError::InvalidOptions {
+            reason: e.to_string(),
+        })?;
+    ensure_lab_hvbench(cache_dir, &mut state, run.hvbench, run.progress)?;
+
+    let remote_run = format!(
+        "{REMOTE_RUNS_DIR}/{}-{}",
+        now_rfc3339().replace(':', ""),
+        std::process::id()
+    );
+    let mut invocation = String::new();
+    if let Some(mode) = run.paging {
+        invocation.push_str(&format!("{LAB_HVBENCH} host paging {} -- ", mode.name()));
+    }
+    invocation.push_str(&format!("{LAB_HVBENCH} run --backend kvm"));
+    for argument in run.run_args {
+        invocation.push(' ');
+        invocation.push_str(&shell_quote(argument));
+    }
+    invocation.push_str(&format!(" --out {remote_run}/results"));
+    (run.progress)(&format!(
+        "in the KVM lab (QEMU {}{}): {invocation}",
+        state.accel,
+        if state.accel == "tcg" {
+            ", every figure an emulation artefact"
+        } else {
+            ""
+        }
+    ));
+
+    let transport = lab_transport(&state);
+    let finished = run_detached(&transport, &state, &remote_run, &invocation, run)?;
+
+    // Whatever the run wrote, even after a failure or Ctrl-C, comes back.
+    let fetch = |file: &str| {
+        transport
+            .run(
+                &format!("cat {remote_run}/{file} 2>/dev/null; true"),
+                None,
+                FETCH_TIMEOUT,
+            )
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .map_err(ssh_error)
+    };
+    let summary: String = fetch("stdout")?
+        .lines()
+        // Paths inside the lab mean nothing here; `lab run` prints its own.
+        .filter(|line| !line.starts_with("Records: "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let mut records = 0;
+    for line in fetch("results/results.jsonl")?.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut record: Record = serde_json::from_str(line).map_err(|e| LabError::Command {
+            what: "reading the lab's results.jsonl".into(),
+            detail: e.to_string(),
+        })?;
+        relabel(&mut record, &state);
+        writer.write(&record).map_err(|e| LabError::Command {
+            what: "writing the copied records".into(),
+            detail: e.to_string(),
+        })?;
+        records += 1;
+    }
+    // The lab's /tmp is memory: leave nothing behind.
+    let _ = transport.run(&format!("rm -rf {remote_run}"), None, FETCH_TIMEOUT);
+    Ok(KvmLabRunOutcome {
+        exit_code: finished.exit_code,
+        records,
+        jsonl: writer.jsonl_path().to_path_buf(),
+        csv: writer.csv_path().to_path_buf(),
+        summary,
+        interrupted: finished.interrupted,
+    })
+}
+
+struct Finished {
+    exit_code: i32,
+    interrupted: bool,
+}
+
+/// Separates the exit status from the new stderr bytes in a poll's output.
+const POLL_SEPARATOR: &str = "@@hvbench-lab-poll@@";
+
+/// What one poll of a detached run found: its exit status once it has one, and the
+/// stderr bytes after the offset asked for.
+fn parse_poll(output: &[u8]) -> Option<(Option<i32>, &[u8])> {
+    let separator = format!("\n{POLL_SEPARATOR}\n");
+    let at = output
+        .windows(separator.len())
+        .position(|window| window == separator.as_bytes())?;
+    let status = String::from_utf8_lossy(&output[..at]);
+    Some((status.trim().parse().ok(), &output[at + separator.len()..]))
+}
+
+/// Starts `invocation` in the lab detached from the ssh session (its own session, output
+/// to files under `remote_run`), then polls it over short ssh connections, copying its
+/// stderr to ours as it grows, until it has an exit status. A TCG lab on a loaded host
+/// can stall an ssh session past its keep-alive limit; a detached run does not care, and
+/// polls are retried. Ctrl-C is passed on as SIGINT; past `run.timeout` the run is
+/// stopped the same way.
+fn run_detached(
+    transport: &Transport,
+    state: &KvmLabState,
+    remote_run: &str,
+    invocation: &str,
+    run: &KvmLabRun<'_>,
+) -> Result<Finished, LabError> {
+    let script = format!(
+        "{invocation} > stdout 2> stderr < /dev/null & echo $! > pid; wait $!; \
+         echo $? > status.tmp; mv status.tmp status"
+    );
+    transport
+        .run(
+            &format!(
+                "mkdir -p {remote_run} && cd {remote_run} && \
+                 setsid sh -c {} > /dev/null 2>&1 < /dev/null &",
+                shell_quote(&script)
+            ),
+            None,
+            FETCH_TIMEOUT,
+        )
+        .map_err(ssh_error)?;
+
+    let started = Instant::now();
+    let mut deadline = started + run.timeout;
+    let mut interrupt_sent = false;
+    let mut interrupted = false;
+    let mut timed_out = false;
+    let mut stderr_offset = 0usize;
+    let mut partial_line: Vec<u8> = Vec::new();
+    let mut last_answer = Instant::now();
+    let poll = format!(
+        "cat {remote_run}/status 2>/dev/null; echo; echo {POLL_SEPARATOR}; \
+         tail -c +OFFSET {remote_run}/stderr 2>/dev/null"
+    );
+    loop {
+        if !interrupted && check_cancelled(run.cancel).is_err() {
+            interrupted = true;
+            (run.progress)("interrupted: asking the run in the lab to stop and save its records");
+            deadline = deadline.min(Instant::now() + INTERRUPT_GRACE);
+        }
+        if !timed_out && Instant::now() >= deadline && !interrupted {
+            timed_out = true;
+            (run.progress)(&format!(
+                "the run in the lab took longer than {} s: stopping it",
+                run.timeout.as_secs()
+            ));
+            deadline = Instant::now() + INTERRUPT_GRACE;
+        }
+        if (interrupted || timed_out) && !interrupt_sent {
+            // The pid file may not be written yet: tried again on the next round.
+            interrupt_sent = transport
+                .run(
+                    &format!("kill -INT $(cat {remote_run}/pid)"),
+                    None,
+                    FETCH_TIMEOUT,
+                )
+                .is_ok();
+        }
+        if (interrupted || timed_out) && Instant::now() >= deadline {
+            return Err(LabError::Command {
+                what: "the run in the KVM lab".into(),
+                detail: format!(
+                    "it did not stop within {} s of SIGINT; it may still run in the lab ({remote_run})",
+                    INTERRUPT_GRACE.as_secs()
+                ),
+            });
+        }
+        if !qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file) {
+            return Err(LabError::Command {
+                what: "the run in the KVM lab".into(),
+                detail: format!(
+                    "the lab's QEMU exited (serial log {})",
+                    state.serial_log.display()
+                ),
+            });
+        }
+        let answer = transport
+            .run(
+                &poll.replace("OFFSET", &(stderr_offset + 1).to_string()),
+                None,
+                FETCH_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|output| {
+                parse_poll(&output.stdout)
+                    .map(|(status, stderr)| (status, stderr.to_vec()))
+                    .ok_or_else(|| {
+                        format!(
+                            "unexpected answer {:?}",
+                            String::from_utf8_lossy(&output.stdout)
+                        )
+                    })
+            });
+        match answer {
+            Ok((status, stderr)) => {
+                last_answer = Instant::now();
+                stderr_offset += stderr.len();
+                partial_line.extend_from_slice(&stderr);
+                while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
+                    eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
+                    partial_line.drain(..=end);
+                }
+                if let Some(code) = status {
+                    if !partial_line.is_empty() {
+                        eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line));
+                    }
+                    if timed_out {
+                        return Err(LabError::Command {
+                            what: "the run in the KVM lab".into(),
+                            detail: format!(
+                                "it took longer than {} s and was stopped (exit status {code})",
+                                run.timeout.as_secs()
+                            ),
+                        });
+                    }
+                    return Ok(Finished {
+                        exit_code: code,
+                        interrupted,
+                    });
+                }
+            }
+            Err(last_error) => {
+                if last_answer.elapsed() > LAB_SILENCE_LIMIT {
+                    return Err(LabError::Ssh {
+                        reason: format!(
+                            "the lab has not answered for {} s (last error: {last_error}); the \
+                             run may still be going there ({remote_run})",
+                            LAB_SILENCE_LIMIT.as_secs()
+                        ),
+                    });
+                }
+            }
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_state(cache_dir: &Path) -> KvmLabState {
+        KvmLabState {
+            kind: "kvm".into(),
+            qemu_pid: u32::MAX,
+            qemu_pid_file: cache_dir.join("kvm/run/qemu.pid"),
+            ssh_port: 10023,
+            ssh_key: cache_dir.join("kvm/keys/id_ed25519"),
+            known_hosts: cache_dir.join("kvm/keys/known_hosts"),
+            kernel_package: "linux-image-6.1.0-56-amd64 6.1.192-2".into(),
+            kernel_release: "6.1.0-56-amd64".into(),
+            kvm_at_boot: "kvm_amd: npt (npt=Y), not in use".into(),
+            accel: "tcg".into(),
+            memory_mib: 1536,
+            cpus: 2,
+            started_at: "2026-11-26T05:00:00Z".into(),
+            boot_seconds: 9.0,
+            serial_log: cache_dir.join("kvm/run/serial.log"),
+            hvbench: BinaryIdentity {
+                path: "/x/hvbench".into(),
+                size: 1,
+                modified_unix_ns: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_a_dead_lab_is_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(kvm_lab_status(dir.path()).unwrap().is_none());
+        let state = sample_state(dir.path());
+        write_state(dir.path(), &state).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), Some(state));
+        let status = kvm_lab_status(dir.path()).unwrap().unwrap();
+        assert!(!status.qemu_running && status.kvm_now.is_none() && !status.healthy());
+        assert!(!kvm_lab_down(dir.path()).unwrap());
+        assert!(kvm_lab_status(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn down_never_kills_a_foreign_pid_and_survives_a_corrupt_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample_state(dir.path());
+        state.qemu_pid = std::process::id();
+        write_state(dir.path(), &state).unwrap();
+        assert!(!kvm_lab_down(dir.path()).unwrap());
+        fs::write(state_path(dir.path()), "{not json").unwrap();
+        assert!(matches!(
+            kvm_lab_status(dir.path()),
+            Err(LabError::State { .. })
+        ));
+        assert!(!kvm_lab_down(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn the_kvm_lab_keeps_apart_from_the_xen_lab() {
+        let kvm = Layout::kvm(Path::new("/c"));
+        let xen = Layout::xen(Path::new("/c"));
+        assert_eq!(kvm.debs_dir, PathBuf::from("/c/kvm/debs"));
+        assert_eq!(kvm.apt_dir, PathBuf::from("/c/kvm/apt"));
+        assert_eq!(kvm.lock_file, PathBuf::from("/c/kvm-lab.lock"));
+        assert_ne!(kvm.pid_file, xen.pid_file);
+        assert_ne!(kvm.stage_dir, xen.stage_dir);
+        assert_eq!(xen.debs_dir, PathBuf::from("/c/debs"));
+        assert_eq!(
+            state_path(Path::new("/c")),
+            PathBuf::from("/c/kvm-lab.json")
+        );
+    }
+
+    #[test]
+    fn options_lab_run_owns_are_refused() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_lab_run_args(&args(&["-w", "mem.*", "--samples", "3"])).is_ok());
+        for bad in [
+            &["--out", "x"][..],
+            &["--out=x"],
+            &["--backend", "qemu"],
+            &["--guest", "g.elf"],
+            &["--paging", "shadow"],
+            &["--append"],
+        ] {
+            let error = check_lab_run_args(&args(bad)).unwrap_err().to_string();
+            assert!(error.contains(bad[0].split('=').next().unwrap()), "{error}");
+        }
+    }
+
+    #[test]
+    fn polls_parse() {
+        let running = format!("\n{POLL_SEPARATOR}\nhvbench: 2 workload(s)\nhalf");
+        assert_eq!(
+            parse_poll(running.as_bytes()),
+            Some((None, &b"hvbench: 2 workload(s)\nhalf"[..]))
+        );
+        let ended = format!("130\n\n{POLL_SEPARATOR}\n");
+        assert_eq!(parse_poll(ended.as_bytes()), Some((Some(130), &b""[..])));
+        assert_eq!(parse_poll(b"garbage"), None);
+    }
+
+    #[test]
+    fn reproduce_commands_go_through_the_lab() {
+        assert_eq!(
+            lab_reproduce(
+                "hvbench host paging shadow -- hvbench run --backend kvm --workload mem.pt-update \
+                 --samples 3 --memory-mib 64 --out hvbench-reproduce-mem.pt-update"
+            ),
+            "hvbench lab run kvm --paging shadow --out hvbench-reproduce-mem.pt-update -- \
+             --workload mem.pt-update --samples 3 --memory-mib 64"
+        );
+        assert_eq!(
+            lab_reproduce("hvbench run --backend kvm --workload cpu.cpuid --out o"),
+            "hvbench lab run kvm --out o -- --workload cpu.cpuid"
+        );
+        assert_eq!(
+            lab_reproduce("hvbench run --backend xen --out o"),
+            "hvbench run --backend xen --out o"
+        );
+    }
+
+    #[test]
+    fn small_machines_and_missing_binaries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = KvmLabOptions::new(dir.path()).unwrap();
+        assert!(
+            validate(&options).is_ok(),
+            "the test binary itself is a file"
+        );
+        options.memory_mib = 256;
+        assert!(validate(&options).is_err());
+        options.memory_mib = 1536;
+        options.ssh_port = Some(0);
+        assert!(validate(&options).is_err());
+        options.ssh_port = None;
+        options.hvbench = dir.path().join("missing");
+        assert!(validate(&options).is_err());
+    }
+
+    #[test]
+    fn a_run_needs_a_lab() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let error = lab_run_kvm(&KvmLabRun {
+            cache_dir: dir.path(),
+            paging: Some(PagingMode::Shadow),
+            run_args: &[],
+            out: &out,
+            append: false,
+            timeout: Duration::from_secs(10),
+            hvbench: Path::new("/bin/true"),
+            progress: |_| {},
+            cancel: None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("hvbench lab up kvm"), "{error}");
+        assert!(!out.exists(), "nothing written without a lab");
+    }
+}
