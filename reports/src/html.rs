@@ -106,6 +106,9 @@ pub(crate) fn render_page(page: &Page) -> String {
             escape(&group)
         ));
     }
+    if !page.charts.curves.is_empty() {
+        nav.push("<a href=\"#curves\">curves</a>".into());
+    }
     nav.push(format!(
         "<a href=\"#problems\">skipped and failed ({})</a>",
         model.problems.len()
@@ -129,6 +132,7 @@ pub(crate) fn render_page(page: &Page) -> String {
     for (group, measurements) in model.groups() {
         group_section(&mut html, page, &group, &measurements);
     }
+    curves_section(&mut html, page);
     problems_section(&mut html, model);
     raw_section(&mut html, page);
     method_section(&mut html, page.options, backends.len());
@@ -624,6 +628,25 @@ fn group_section(html: &mut String, page: &Page, group: &str, measurements: &[&M
             sample_figures.concat()
         );
     }
+}
+
+/// Time series the host observed (KSM's sharing, a VMM's memory), one chart per curve.
+fn curves_section(html: &mut String, page: &Page) {
+    if page.charts.curves.is_empty() {
+        return;
+    }
+    html.push_str(
+        "<h2 id=\"curves\">Curves over time</h2>\n<p>What the host observed while a \
+         host-driven workload ran, one line per run.</p>\n<div class=\"samples\">\n",
+    );
+    for ((workload, name), files) in &page.charts.curves {
+        html.push_str(&figure_html(
+            files,
+            &format!("{name} of {workload} over time, one line per run"),
+            &format!("{workload}: {name}"),
+        ));
+    }
+    html.push_str("</div>\n");
 }
 
 fn problems_section(html: &mut String, model: &Model) {

@@ -573,6 +573,96 @@ impl Chart for SamplesChart {
     }
 }
 
+/// Time series the host observed while a workload ran (KSM's sharing, a VMM's resident
+/// memory), one line per run.
+#[derive(Clone, Debug)]
+pub struct CurveChart {
+    pub title: String,
+    pub x_unit: String,
+    pub y_unit: String,
+    /// (label, points, colour index) per line.
+    pub series: Vec<(String, Vec<[f64; 2]>, usize)>,
+    pub width: u32,
+}
+
+impl CurveChart {
+    fn range(&self, axis: usize) -> Range<f64> {
+        let (low, high) = self
+            .series
+            .iter()
+            .flat_map(|(_, points, _)| points.iter().map(move |p| p[axis]))
+            .filter(|v| v.is_finite())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        match Axis::fit(low.min(0.0), high, true) {
+            Axis::Linear(r) => r,
+            Axis::Log(r) => 0.0..r.end,
+        }
+    }
+}
+
+impl Chart for CurveChart {
+    fn size(&self) -> (u32, u32) {
+        (self.width, 340)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.draw_text(
+            &format::label(&self.title, 70),
+            &label_style(LABEL_SIZE + 1.0),
+            (10, 10),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(root)
+            .margin_top(40)
+            .margin_right(24)
+            .x_label_area_size(46)
+            .y_label_area_size(72)
+            .build_cartesian_2d(self.range(0), self.range(1))
+            .map_err(|e| e.to_string())?;
+        let formatter = |v: &f64| format::tick(*v);
+        chart
+            .configure_mesh()
+            .x_labels(8)
+            .y_labels(6)
+            .x_label_formatter(&formatter)
+            .y_label_formatter(&formatter)
+            .x_desc(format::label(&self.x_unit, 20))
+            .y_desc(format::label(&self.y_unit, 20))
+            .label_style(label_style(LABEL_SIZE))
+            .axis_desc_style(label_style(LABEL_SIZE))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (label, points, color) in &self.series {
+            let color = backend_color(*color);
+            let finite: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p[0].is_finite() && p[1].is_finite())
+                .map(|p| (p[0], p[1]))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(finite, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(format::label(label, 40))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(label_style(LABEL_SIZE))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,9 @@ use crate::abtest::{ab_test, AbOptions, AbResult};
 use crate::bootstrap::{median_ci, ratio_of_medians_ci, BootstrapOptions, Estimate, StatsError};
 use crate::format;
 use crate::html;
-use crate::plot::{self, BarRow, ChartError, ChartFile, ChartFormat, GroupChart, SamplesChart};
+use crate::plot::{
+    self, BarRow, ChartError, ChartFile, ChartFormat, CurveChart, GroupChart, SamplesChart,
+};
 use crate::pool::{group_rank, Pool, Pools, Problem};
 use crate::record::{BackendInfo, GuestInfo, HostInfo, Record, RecordKey, RunParameters, ToolInfo};
 use crate::results::{read_results, ResultsError, CSV_NAME, JSONL_NAME};
@@ -144,7 +146,8 @@ pub fn render(
         source,
     })?;
     let raw = copy_raw_files(&inputs, &model.backend_names(), out)?;
-    let charts = draw_charts(&model, &charts_dir, options)?;
+    let curves = collect_curves(&inputs, &model.backend_names());
+    let charts = draw_charts(&model, &curves, &charts_dir, options)?;
 
     let page = html::render_page(&html::Page {
         title: &options.title,
@@ -214,9 +217,31 @@ fn push_distinct<T: PartialEq + Clone>(values: &mut Vec<T>, value: &T) {
     }
 }
 
+/// What makes a host the same host: not the figures measured each run (TSC rate, KSM
+/// state), which vary from run to run on one machine.
+fn host_identity(h: &HostInfo) -> impl PartialEq + '_ {
+    (
+        (&h.class, &h.hostname, &h.cpu_vendor, &h.cpu_model),
+        (
+            h.cpus,
+            h.memory_mib,
+            &h.kernel,
+            &h.kvm_module,
+            &h.paging,
+            &h.cpl0,
+        ),
+    )
+}
+
 impl BackendView {
     fn add(&mut self, record: &Record, source: usize) {
-        push_distinct(&mut self.hosts, &record.host);
+        if !self
+            .hosts
+            .iter()
+            .any(|h| host_identity(h) == host_identity(&record.host))
+        {
+            self.hosts.push(record.host.clone());
+        }
         push_distinct(&mut self.infos, &record.backend);
         push_distinct(&mut self.guests, &record.guest);
         push_distinct(&mut self.parameters, &record.parameters);
@@ -748,6 +773,8 @@ pub(crate) struct Charts {
     pub groups: BTreeMap<(String, String), Vec<Vec<ChartFile>>>,
     /// measurement anchor -> files.
     pub samples: BTreeMap<String, Vec<ChartFile>>,
+    /// (workload, curve name) -> files, for host-observed time series.
+    pub curves: BTreeMap<(String, String), Vec<ChartFile>>,
 }
 
 impl Charts {
@@ -756,6 +783,7 @@ impl Charts {
             .values()
             .flatten()
             .chain(self.samples.values())
+            .chain(self.curves.values())
             .flatten()
             .cloned()
             .collect()
@@ -774,6 +802,7 @@ enum ChartJob {
         chart: GroupChart,
     },
     Samples(String, SamplesChart),
+    Curve((String, String), CurveChart),
 }
 
 impl ChartJob {
@@ -788,6 +817,12 @@ impl ChartJob {
                 format::stable_hash(&format!("{group}\u{1f}{unit}")) as u32
             ),
             ChartJob::Samples(anchor, _) => format!("samples-{anchor}"),
+            ChartJob::Curve((workload, name), _) => format!(
+                "curve-{}-{}-{:08x}",
+                format::slug(workload, 24),
+                format::slug(name, 24),
+                format::stable_hash(&format!("{workload}\u{1f}{name}")) as u32
+            ),
         }
     }
 }
@@ -797,7 +832,51 @@ pub(crate) fn level_text(level: f64) -> String {
     format!("{}%", format::tick(level * 100.0))
 }
 
-fn draw_charts(model: &Model, dir: &Path, options: &ReportOptions) -> Result<Charts, ReportError> {
+/// One host-observed time series across runs: the lines of one curve chart.
+pub(crate) struct CurveSet {
+    pub x_unit: String,
+    pub y_unit: String,
+    /// (label, points, backend index) per record that carried the curve.
+    pub lines: Vec<(String, Vec<[f64; 2]>, usize)>,
+}
+
+/// Most lines one curve chart draws (one per run); further runs are left out, and the
+/// chart's title says so.
+const MAX_CURVE_LINES: usize = 12;
+
+/// Every curve the records carry, by (workload, curve name).
+fn collect_curves(inputs: &[Input], backends: &[String]) -> BTreeMap<(String, String), CurveSet> {
+    let mut sets: BTreeMap<(String, String), CurveSet> = BTreeMap::new();
+    for record in inputs.iter().flat_map(|i| &i.records) {
+        let backend = backends
+            .iter()
+            .position(|b| *b == record.backend.kind)
+            .unwrap_or(0);
+        for (name, curve) in &record.curves {
+            let set = sets
+                .entry((record.workload.clone(), name.clone()))
+                .or_insert_with(|| CurveSet {
+                    x_unit: curve.x_unit.clone(),
+                    y_unit: curve.y_unit.clone(),
+                    lines: Vec::new(),
+                });
+            let short_run: String = record.run_id.chars().take(16).collect();
+            set.lines.push((
+                format!("{} {short_run} #{}", record.backend.kind, record.repeat),
+                curve.points.clone(),
+                backend,
+            ));
+        }
+    }
+    sets
+}
+
+fn draw_charts(
+    model: &Model,
+    curves: &BTreeMap<(String, String), CurveSet>,
+    dir: &Path,
+    options: &ReportOptions,
+) -> Result<Charts, ReportError> {
     let backends = model.backend_names();
     let level = level_text(options.bootstrap.level);
     let mut jobs = Vec::new();
@@ -860,6 +939,25 @@ fn draw_charts(model: &Model, dir: &Path, options: &ReportOptions) -> Result<Cha
             jobs.push(ChartJob::Samples(m.anchor(), chart));
         }
     }
+    for ((workload, name), set) in curves {
+        let mut title = format!("{workload}: {name} over time");
+        if set.lines.len() > MAX_CURVE_LINES {
+            title.push_str(&format!(
+                " (first {MAX_CURVE_LINES} of {} runs)",
+                set.lines.len()
+            ));
+        }
+        jobs.push(ChartJob::Curve(
+            (workload.clone(), name.clone()),
+            CurveChart {
+                title,
+                x_unit: set.x_unit.clone(),
+                y_unit: set.y_unit.clone(),
+                series: set.lines.iter().take(MAX_CURVE_LINES).cloned().collect(),
+                width: options.sample_chart_width,
+            },
+        ));
+    }
     if options.formats.is_empty() {
         jobs.clear();
     }
@@ -872,6 +970,9 @@ fn draw_charts(model: &Model, dir: &Path, options: &ReportOptions) -> Result<Cha
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
                 ChartJob::Samples(_, chart) => {
+                    plot::write_chart(chart, dir, &stem, &options.formats)?
+                }
+                ChartJob::Curve(_, chart) => {
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
             };
@@ -887,6 +988,9 @@ fn draw_charts(model: &Model, dir: &Path, options: &ReportOptions) -> Result<Cha
             }
             ChartJob::Samples(anchor, _) => {
                 charts.samples.insert(anchor, files);
+            }
+            ChartJob::Curve(id, _) => {
+                charts.curves.insert(id, files);
             }
         }
     }
@@ -905,7 +1009,9 @@ fn remove_stale_charts(dir: &Path, charts: &Charts) {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = (name.starts_with("group-") || name.starts_with("samples-"))
+        let ours = (name.starts_with("group-")
+            || name.starts_with("samples-")
+            || name.starts_with("curve-"))
             && (name.ends_with(".png") || name.ends_with(".svg"));
         if ours && !current.contains(&path) {
             let _ = std::fs::remove_file(&path);
