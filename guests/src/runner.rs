@@ -82,7 +82,7 @@ fn config(info: &BootInfo) -> Result<(GuestConfig, &'static str), &'static str> 
 }
 
 /// End of RAM from the PVH memory map (the highest usable byte below 4 GiB).
-fn ram_end(info: &BootInfo) -> u64 {
+pub fn ram_end(info: &BootInfo) -> u64 {
     start_info::read(info.start_info)
         .map(|s| {
             start_info::ram_ranges(&s)
@@ -112,11 +112,23 @@ impl Sampler {
         cmdline::param(self.cmdline, self.workload, key)
     }
 
-    /// Prints one sample line.
+    /// Prints one sample line of the workload's first metric.
     pub fn emit_sample(&self, params: &str, index: u64, warmup: bool, ops: u64, cycles: u64) {
+        self.emit_metric_sample(self.metric(), params, index, warmup, ops, cycles);
+    }
+
+    /// Prints one sample line of `metric` (workloads with several metrics).
+    pub fn emit_metric_sample(
+        &self,
+        metric: &str,
+        params: &str,
+        index: u64,
+        warmup: bool,
+        ops: u64,
+        cycles: u64,
+    ) {
         let mut line = LineBuilder::new(LineKind::Sample);
-        line.text("w", self.workload.name())
-            .text("m", self.metric());
+        line.text("w", self.workload.name()).text("m", metric);
         if !params.is_empty() {
             line.text("p", params);
         }
@@ -170,6 +182,15 @@ impl Sampler {
         mut op: impl FnMut(u64) -> Result<u64, Refusal>,
     ) -> Result<u64, Refusal> {
         self.measure(params, |n| op(n).map(|cycles| (n, cycles)))
+    }
+
+    pub fn note_text(&self, key: &str, value: &str) {
+        emit(
+            LineBuilder::new(LineKind::Note)
+                .text("w", self.workload.name())
+                .text("k", key)
+                .text("v", value),
+        );
     }
 
     pub fn note_hex(&self, key: &str, value: u64) {

@@ -4,7 +4,8 @@
 //! - [`abi`]: the ports, addresses and exit codes that connect the guest to its host;
 //! - [`cmdline`]: how the harness tells the guest what to run;
 //! - [`protocol`]: the result lines the guest prints and the harness decodes;
-//! - [`compute`]: the compute kernel that runs in the guest and natively on the host.
+//! - [`compute`]: the compute kernel that runs in the guest and natively on the host;
+//! - [`virtio`]: the virtio-mmio balloon's registers, shared by the guest's driver and the VMM.
 //!
 //! The guest builds this crate without features; the harness enables `std` for decoding.
 #![no_std]
@@ -19,6 +20,7 @@ pub mod crc32;
 pub mod memory;
 pub mod protocol;
 pub mod table;
+pub mod virtio;
 
 pub use table::{
     BackendFeature, Direction, Driver, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,

@@ -5,6 +5,7 @@
 //! console bytes and, at the end, how the guest ended. Everything after that (lines,
 //! events, records) is common to all backends.
 
+pub mod balloon;
 pub mod kvm;
 pub mod qemu;
 pub mod xen;
@@ -107,6 +108,11 @@ pub trait Hypervisor {
     /// `--backend`), for the reproduce command of every record.
     fn reproduce_args(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// The balloon the host drives for `mem.balloon`, where this backend has one (it then
+    /// also answers `supports(BackendFeature::Balloon)` with `Ok`).
+    fn balloon(&self) -> Option<&dyn balloon::BalloonBackend> {
+        None
     }
 }
 

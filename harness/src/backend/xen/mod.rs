@@ -24,6 +24,7 @@ use workloads::BackendFeature;
 
 use self::transport::{shell_quote, Transport, TransportError};
 use self::xl::{DomainConfig, Paging, ShutdownReason, XlInfo};
+use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{
     BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
 };
@@ -45,6 +46,8 @@ pub enum XenError {
     NoLab,
     #[error("the Xen lab's state is unusable: {0}")]
     Lab(String),
+    #[error("ballooning domain {domain}: {detail}")]
+    Balloon { domain: String, detail: String },
 }
 
 /// How the Xen host was reached and what it is.
@@ -206,8 +209,17 @@ impl Hypervisor for XenBackend {
                  compiled out of release builds"
                     .into(),
             ),
-            BackendFeature::Balloon => Err("Xen ballooning is not driven by hvbench yet".into()),
+            BackendFeature::Balloon => Ok(()),
+            BackendFeature::VirtioBalloon => Err(
+                "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
+                 VMM queue of hvbench's to corrupt"
+                    .into(),
+            ),
         }
+    }
+
+    fn balloon(&self) -> Option<&dyn BalloonBackend> {
+        Some(self)
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -256,6 +268,107 @@ impl Hypervisor for XenBackend {
             return Err(XenError::from(e).into());
         }
         Ok(Box::new(session))
+    }
+}
+
+impl BalloonBackend for XenBackend {
+    fn boot_with_balloon(&self, request: &BootRequest) -> Result<BalloonBoot, BackendError> {
+        let session = self.boot(request)?;
+        // The target xl wrote at creation (KiB) is the balloon's zero; the guest reads the
+        // same key and measures its balloon from it. The session destroys the domain if
+        // this fails.
+        let name = shell_quote(&request.name);
+        let out = self
+            .transport()
+            .run(
+                &format!("xenstore-read /local/domain/$(xl domid {name})/memory/target"),
+                None,
+                XL_TIMEOUT,
+            )
+            .map_err(XenError::from)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let initial_kib = text.trim().parse::<u64>().map_err(|_| XenError::Balloon {
+            domain: request.name.clone(),
+            detail: format!("memory/target in xenstore is {:?}, not KiB", text.trim()),
+        })?;
+        Ok(BalloonBoot {
+            session,
+            control: Box::new(XenBalloon {
+                transport: self.transport().clone(),
+                name: request.name.clone(),
+                initial_kib,
+            }),
+        })
+    }
+}
+
+/// The host's side of a Xen balloon: `xl mem-set` sets the target (which xl writes to the
+/// domain's `memory/target` in xenstore), `xl list` and `xl info` say what the domain
+/// holds and what Xen has free.
+pub struct XenBalloon {
+    transport: Transport,
+    name: String,
+    initial_kib: u64,
+}
+
+impl XenBalloon {
+    fn error(&self, detail: String) -> BackendError {
+        XenError::Balloon {
+            domain: self.name.clone(),
+            detail,
+        }
+        .into()
+    }
+}
+
+impl BalloonControl for XenBalloon {
+    fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError> {
+        let target_kib = self
+            .initial_kib
+            .checked_sub(bytes / 1024)
+            .filter(|kib| *kib > 0)
+            .ok_or_else(|| {
+                self.error(format!(
+                    "a balloon of {bytes} bytes leaves nothing of its {} KiB",
+                    self.initial_kib
+                ))
+            })?;
+        self.transport
+            .run(
+                &format!("xl mem-set {} {target_kib}k", shell_quote(&self.name)),
+                None,
+                XL_TIMEOUT,
+            )
+            .map_err(XenError::from)?;
+        Ok(())
+    }
+
+    fn measure(&mut self) -> Result<HostMemory, BackendError> {
+        let out = self
+            .transport
+            .run(
+                &format!(
+                    "xl list {} | tail -n 1; xl info | grep '^free_memory'",
+                    shell_quote(&self.name)
+                ),
+                None,
+                XL_TIMEOUT,
+            )
+            .map_err(XenError::from)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        xl::parse_balloon_memory(&text, &self.name).map_err(|detail| self.error(detail))
+    }
+
+    fn method(&self) -> &'static str {
+        "the domain's memory in `xl list` (Mem, MiB) and Xen's free memory in `xl info`"
+    }
+
+    fn curve_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    fn refusals(&self) -> Option<Refusals> {
+        None
     }
 }
 

@@ -1,15 +1,17 @@
 //! The devices of hvbench's VMM, all emulated in userspace on the vCPU thread: the COM1
-//! UART, the exit port, and the test port and page behind `io.*` workloads. The guest is
-//! untrusted: every access is bounds-checked, and an access nothing claims is counted and
-//! answered with all-ones, as on a real bus.
+//! UART, the exit port, the test port and page behind `io.*` workloads, and (for
+//! `mem.balloon`) a virtio-balloon. The guest is untrusted: every access is bounds-checked,
+//! and an access nothing claims is counted and answered with all-ones, as on a real bus.
 
+pub mod balloon;
 pub mod serial;
 
 use workloads::abi::{
     EXIT_PORT, MMIO_TEST_BASE, MMIO_TEST_LEN, MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT,
-    PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
+    PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN, VIRTIO_BALLOON_BASE, VIRTIO_BALLOON_LEN,
 };
 
+use self::balloon::VirtioBalloon;
 use self::serial::ConsoleUart;
 
 /// Exit reasons the VMM counts, in the order they appear in records.
@@ -22,6 +24,7 @@ pub enum ExitReason {
     PioKernelPortFallback,
     PioUnclaimed,
     MmioTest,
+    MmioBalloon,
     MmioUnclaimed,
     Hlt,
     /// KVM_RUN interrupted by a signal (a kick from the host).
@@ -29,13 +32,14 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 9] = [
+    pub const ALL: [ExitReason; 10] = [
         ExitReason::PioSerial,
         ExitReason::PioExitPort,
         ExitReason::PioTest,
         ExitReason::PioKernelPortFallback,
         ExitReason::PioUnclaimed,
         ExitReason::MmioTest,
+        ExitReason::MmioBalloon,
         ExitReason::MmioUnclaimed,
         ExitReason::Hlt,
         ExitReason::Interrupted,
@@ -49,6 +53,7 @@ impl ExitReason {
             ExitReason::PioKernelPortFallback => "pio_kernel_port_fallback",
             ExitReason::PioUnclaimed => "pio_unclaimed",
             ExitReason::MmioTest => "mmio_test",
+            ExitReason::MmioBalloon => "mmio_balloon",
             ExitReason::MmioUnclaimed => "mmio_unclaimed",
             ExitReason::Hlt => "hlt",
             ExitReason::Interrupted => "interrupted",
@@ -88,6 +93,8 @@ pub enum PioAction {
 pub struct Devices {
     uart: ConsoleUart,
     pub counters: ExitCounters,
+    /// Present only in VMs booted for `mem.balloon`; elsewhere its page is unclaimed.
+    balloon: Option<VirtioBalloon>,
 }
 
 impl Default for Devices {
@@ -101,7 +108,13 @@ impl Devices {
         Devices {
             uart: ConsoleUart::new(),
             counters: ExitCounters::default(),
+            balloon: None,
         }
+    }
+
+    /// Puts the virtio-balloon at `VIRTIO_BALLOON_BASE`.
+    pub fn attach_balloon(&mut self, balloon: VirtioBalloon) {
+        self.balloon = Some(balloon);
     }
 
     fn uart_offset(port: u16) -> Option<u8> {
@@ -164,7 +177,21 @@ impl Devices {
         (end <= MMIO_TEST_LEN).then_some(offset)
     }
 
+    fn balloon_offset(addr: u64, len: usize) -> Option<u64> {
+        let offset = addr.checked_sub(VIRTIO_BALLOON_BASE)?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= VIRTIO_BALLOON_LEN).then_some(offset)
+    }
+
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let (Some(offset), Some(balloon)) = (
+            Self::balloon_offset(addr, data.len()),
+            self.balloon.as_mut(),
+        ) {
+            self.counters.count(ExitReason::MmioBalloon);
+            balloon.read(offset, data);
+            return;
+        }
         match Self::test_page_offset(addr, data.len()) {
             Some(offset) => {
                 self.counters.count(ExitReason::MmioTest);
@@ -181,6 +208,14 @@ impl Devices {
     }
 
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        if let (Some(offset), Some(balloon)) = (
+            Self::balloon_offset(addr, data.len()),
+            self.balloon.as_mut(),
+        ) {
+            self.counters.count(ExitReason::MmioBalloon);
+            balloon.write(offset, data);
+            return;
+        }
         match Self::test_page_offset(addr, data.len()) {
             Some(_) => self.counters.count(ExitReason::MmioTest),
             None => self.counters.count(ExitReason::MmioUnclaimed),
