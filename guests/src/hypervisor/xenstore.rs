@@ -1,8 +1,13 @@
 //! A minimal xenstore client over the shared ring (`struct xenstore_domain_interface` and
-//! `struct xsd_sockmsg`, xen/include/public/io/xs_wire.h): one request at a time, no
-//! transactions, no watches. Runs in user mode; only the event-channel kick needs the
-//! kernel. The guest has no interrupts, so replies are polled for, giving the CPU back to
-//! Xen between looks (xenstored runs in dom0 and needs it).
+//! `struct xsd_sockmsg`, xen/include/public/io/xs_wire.h): one request at a time, reads and
+//! one watch, no transactions. Runs in user mode; only the event-channel kick needs the
+//! kernel. The guest has no interrupts, so replies and watch events are polled for in the
+//! ring itself (memory reads, no hypercall), giving the CPU back to Xen between looks
+//! (xenstored runs in dom0 and needs it).
+//!
+//! Traffic is kept low on purpose: a guest that re-reads a key in a loop makes dom0 take
+//! an event per request, and in the TCG-nested lab a storm of them made dom0's processes
+//! crash. A watch costs nothing until the key changes.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -21,6 +26,7 @@ const RSP_CONS: u64 = 2056;
 const RSP_PROD: u64 = 2060;
 
 const XS_READ: u32 = 2;
+const XS_WATCH: u32 = 4;
 const XS_WATCH_EVENT: u32 = 15;
 const XS_ERROR: u32 = 16;
 const HEADER_LEN: u32 = 16;
@@ -34,6 +40,15 @@ pub struct Xenstore {
     ring: u64,
     port: u32,
     next_id: u32,
+    /// A watch event arrived (while a reply was awaited) and was not yet reported.
+    fired: bool,
+}
+
+/// A message's header fields: type, request id, payload length.
+struct Header {
+    kind: u32,
+    id: u32,
+    len: usize,
 }
 
 fn index(ring: u64, offset: u64) -> *mut u32 {
@@ -67,6 +82,7 @@ impl Xenstore {
             ring,
             port,
             next_id: 1,
+            fired: false,
         })
     }
 
@@ -133,7 +149,10 @@ impl Xenstore {
                 *slot = unsafe { ((self.ring + RSP + at) as *const u8).read_volatile() };
             }
             store(self.ring, RSP_CONS, cons.wrapping_add(n as u32));
-            self.kick();
+            // xenstored only waits for room when the ring was full: kick only then.
+            if avail == RING_SIZE {
+                self.kick();
+            }
             done += n;
         }
         Ok(())
@@ -150,42 +169,95 @@ impl Xenstore {
         Ok(())
     }
 
+    fn request(&mut self, kind: u32, parts: &[&[u8]]) -> Result<u32, &'static str> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[4..8].copy_from_slice(&id.to_le_bytes());
+        header[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut all: [&[u8]; 5] = [&header, &[], &[], &[], &[]];
+        for (slot, part) in all[1..].iter_mut().zip(parts) {
+            *slot = part;
+        }
+        self.write_request(&all)?;
+        Ok(id)
+    }
+
+    /// Reads one whole message; its payload goes to `out` (or is discarded if longer).
+    fn message(&mut self, out: &mut [u8; MAX_REPLY]) -> Result<Header, &'static str> {
+        let mut raw = [0u8; HEADER_LEN as usize];
+        self.read_reply(&mut raw)?;
+        let word = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+        let header = Header {
+            kind: word(0),
+            id: word(4),
+            len: word(12) as usize,
+        };
+        if header.len > 4096 {
+            return Err("xenstore sent a message longer than its protocol allows");
+        }
+        if header.len > MAX_REPLY {
+            self.skip_reply(header.len)?;
+        } else {
+            self.read_reply(&mut out[..header.len])?;
+        }
+        Ok(header)
+    }
+
+    /// Waits for the reply to request `id`; watch events met on the way are remembered.
+    fn reply(
+        &mut self,
+        id: u32,
+        kind: u32,
+        out: &mut [u8; MAX_REPLY],
+    ) -> Result<usize, &'static str> {
+        loop {
+            let header = self.message(out)?;
+            if header.kind == XS_WATCH_EVENT {
+                self.fired = true;
+                continue;
+            }
+            if header.id != id {
+                continue;
+            }
+            if header.kind == XS_ERROR {
+                return Err("xenstore answered with an error");
+            }
+            if header.kind != kind || header.len > MAX_REPLY {
+                return Err("xenstore answered with an unexpected reply");
+            }
+            return Ok(header.len);
+        }
+    }
+
     /// Reads the value at `path` (relative paths are under /local/domain/<own id>) into
     /// `out`; returns its length.
     pub fn read(&mut self, path: &str, out: &mut [u8; MAX_REPLY]) -> Result<usize, &'static str> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let len = path.len() as u32 + 1;
-        let mut header = [0u8; HEADER_LEN as usize];
-        header[0..4].copy_from_slice(&XS_READ.to_le_bytes());
-        header[4..8].copy_from_slice(&id.to_le_bytes());
-        header[12..16].copy_from_slice(&len.to_le_bytes());
-        self.write_request(&[&header, path.as_bytes(), &[0]])?;
-        loop {
-            let mut reply = [0u8; HEADER_LEN as usize];
-            self.read_reply(&mut reply)?;
-            let word =
-                |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
-            let (kind, reply_id, reply_len) = (word(0), word(4), word(12) as usize);
-            if reply_len > 4096 {
-                return Err("xenstore sent a reply longer than its protocol allows");
-            }
-            // Watch events cannot come (no watch is set), but are skipped if they do.
-            if kind == XS_WATCH_EVENT || reply_id != id {
-                self.skip_reply(reply_len)?;
-                continue;
-            }
-            if kind == XS_ERROR {
-                self.skip_reply(reply_len)?;
-                return Err("xenstore answered with an error");
-            }
-            if kind != XS_READ || reply_len > MAX_REPLY {
-                self.skip_reply(reply_len)?;
-                return Err("xenstore answered with an unexpected reply");
-            }
-            self.read_reply(&mut out[..reply_len])?;
-            return Ok(reply_len);
+        let id = self.request(XS_READ, &[path.as_bytes(), &[0]])?;
+        self.reply(id, XS_READ, out)
+    }
+
+    /// Watches `path`: xenstored sends an event when it changes (and one at once).
+    pub fn watch(&mut self, path: &str, token: &str) -> Result<(), &'static str> {
+        let id = self.request(XS_WATCH, &[path.as_bytes(), &[0], token.as_bytes(), &[0]])?;
+        let mut out = [0u8; MAX_REPLY];
+        self.reply(id, XS_WATCH, &mut out).map(|_| ())
+    }
+
+    /// Whether a watch event has arrived since the last call, without waiting.
+    pub fn watch_fired(&mut self) -> Result<bool, &'static str> {
+        if core::mem::take(&mut self.fired) {
+            return Ok(true);
         }
+        let mut fired = false;
+        while load(self.ring, RSP_PROD) != load(self.ring, RSP_CONS) {
+            let mut out = [0u8; MAX_REPLY];
+            // Only watch events arrive unasked; a stray reply is dropped.
+            fired |= self.message(&mut out)?.kind == XS_WATCH_EVENT;
+        }
+        Ok(fired)
     }
 
     /// Reads a decimal number at `path`.

@@ -32,6 +32,8 @@ use crate::runner::{ram_end, Refusal, Sampler};
 use crate::virtio::{Balloon, Descriptor, TransferError, QUEUE_SIZE};
 
 const DEFAULT_SIZE: u64 = 64 << 20;
+/// Yields between re-reads of Xen's target when no watch event comes.
+const XEN_PAUSE_YIELDS: u32 = 100_000;
 /// The note key of the phase lines the host waits for.
 const PHASE: &str = "balloon";
 
@@ -50,7 +52,7 @@ trait BalloonPort {
     /// Tells the host how many pages the balloon holds (where the interface has a place).
     fn report(&mut self, pages: u64);
     /// Waits a little between looks at the target.
-    fn pause(&mut self);
+    fn pause(&mut self) -> Result<(), Refusal>;
 }
 
 struct VirtioPort {
@@ -79,12 +81,13 @@ impl BalloonPort for VirtioPort {
         self.device.set_actual(pages as u32);
     }
 
-    fn pause(&mut self) {
+    fn pause(&mut self) -> Result<(), Refusal> {
         // Each look at the target is an exit: space them out.
         let start = rdtsc_fenced();
         while rdtsc_fenced().wrapping_sub(start) < self.pause_cycles {
             core::hint::spin_loop();
         }
+        Ok(())
     }
 }
 
@@ -151,10 +154,16 @@ impl BalloonPort for XenPort {
         // The host reads what the domain holds from Xen itself (`xl list`).
     }
 
-    fn pause(&mut self) {
-        for _ in 0..16 {
+    fn pause(&mut self) -> Result<(), Refusal> {
+        // Until the watch on memory/target fires, looking only at the ring's indexes; the
+        // bound re-reads the target now and then should an event ever be missed.
+        for _ in 0..XEN_PAUSE_YIELDS {
+            if self.store.watch_fired().map_err(error)? {
+                break;
+            }
             syscall(Syscall::Yield as u64, 0, 0, 0);
         }
+        Ok(())
     }
 }
 
@@ -175,7 +184,7 @@ fn wait_for(port: &mut dyn BalloonPort, done: impl Fn(u64) -> bool) -> Result<u6
         if done(target) {
             return Ok(target);
         }
-        port.pause();
+        port.pause()?;
     }
 }
 
@@ -255,6 +264,7 @@ pub fn balloon(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
         Hypervisor::Xen => {
             let mut store = Xenstore::open().ok_or(error("Xen named no xenstore ring"))?;
             let initial_kib = store.read_number("memory/target").map_err(error)?;
+            store.watch("memory/target", "hvbench").map_err(error)?;
             let extents = alloc_work(PAGE, PAGE).ok_or(error("no memory for the extent array"))?;
             let mut port = XenPort {
                 store,

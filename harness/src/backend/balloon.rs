@@ -41,6 +41,17 @@ pub trait BalloonControl {
     fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError>;
     /// The host's view of the guest's memory now.
     fn measure(&mut self) -> Result<HostMemory, BackendError>;
+    /// Measures, then sets the target: one step at a phase boundary (one round trip where
+    /// the backend is remote).
+    fn measure_then_set(&mut self, bytes: u64) -> Result<HostMemory, BackendError> {
+        let memory = self.measure()?;
+        self.set_balloon(bytes)?;
+        Ok(memory)
+    }
+    /// Anything about how the host got its figures that the record should say (retries).
+    fn diagnostics(&self) -> Option<String> {
+        None
+    }
     /// What [`BalloonControl::measure`] reads, in a few words, for the record's notes.
     fn method(&self) -> &'static str;
     /// How often the memory curve may be sampled while the guest works; `None` where a

@@ -420,30 +420,27 @@ impl Driver {
         }
     }
 
-    /// The host's measurement at a phase boundary; a failure ends the workload.
-    fn measure(&mut self) -> Option<HostMemory> {
-        match self.control.measure() {
+    /// The host's measurement at a phase boundary, then (if given) the new target; a
+    /// failure ends the workload.
+    fn measure(&mut self, then_set: Option<u64>) -> Option<HostMemory> {
+        let result = match then_set {
+            Some(bytes) => self.control.measure_then_set(bytes),
+            None => self.control.measure(),
+        };
+        match result {
             Ok(m) => {
                 self.push_curve(&m);
                 Some(m)
             }
             Err(e) => {
-                self.outcome
-                    .ratchet(Status::Error, format!("measuring the guest's memory: {e}"));
+                let what = match then_set {
+                    Some(bytes) => format!(
+                        "measuring the guest's memory and setting the balloon to {bytes} bytes"
+                    ),
+                    None => "measuring the guest's memory".to_string(),
+                };
+                self.outcome.ratchet(Status::Error, format!("{what}: {e}"));
                 None
-            }
-        }
-    }
-
-    fn set_balloon(&mut self, bytes: u64) -> bool {
-        match self.control.set_balloon(bytes) {
-            Ok(()) => true,
-            Err(e) => {
-                self.outcome.ratchet(
-                    Status::Error,
-                    format!("setting the balloon target to {bytes} bytes: {e}"),
-                );
-                false
             }
         }
     }
@@ -452,18 +449,17 @@ impl Driver {
     fn phase(&mut self, value: &str) -> bool {
         match (value, self.phase) {
             ("ready", Phase::Waiting) => {
-                let Some(before) = self.measure() else {
+                let Some(before) = self.measure(Some(self.size)) else {
                     return false;
                 };
-                let since = Instant::now();
-                if !self.set_balloon(self.size) {
-                    return false;
-                }
-                self.phase = Phase::Inflating { before, since };
+                self.phase = Phase::Inflating {
+                    before,
+                    since: Instant::now(),
+                };
             }
             ("inflated", Phase::Inflating { before, since }) => {
                 self.host_inflate_s.push(since.elapsed().as_secs_f64());
-                let Some(after) = self.measure() else {
+                let Some(after) = self.measure(Some(0)) else {
                     return false;
                 };
                 let fell = before.guest_bytes as f64 - after.guest_bytes as f64;
@@ -478,15 +474,13 @@ impl Driver {
                 if let (Some(b), Some(a)) = (before.host_free_bytes, after.host_free_bytes) {
                     self.free_gained.push(a as f64 - b as f64);
                 }
-                let since = Instant::now();
-                if !self.set_balloon(0) {
-                    return false;
-                }
-                self.phase = Phase::Deflating { since };
+                self.phase = Phase::Deflating {
+                    since: Instant::now(),
+                };
             }
             ("deflated", Phase::Deflating { since }) => {
                 self.host_deflate_s.push(since.elapsed().as_secs_f64());
-                if self.measure().is_none() {
+                if self.measure(None).is_none() {
                     return false;
                 }
                 self.cycles_done += 1;
@@ -605,12 +599,16 @@ impl Driver {
         };
         let mut notes = BTreeMap::new();
         notes.insert("host_memory".to_string(), self.control.method().to_string());
+        if let Some(text) = self.control.diagnostics() {
+            notes.insert("host_retries".to_string(), text);
+        }
         notes.insert("size_bytes".to_string(), self.size.to_string());
         notes.insert("cycles".to_string(), self.cycles_done.to_string());
         notes.insert(
             "host_inflate_s".to_string(),
             format!(
-                "{} (target set -> guest's note, per cycle, warm-up included)",
+                "{} (target set -> guest's note, per cycle, warm-up included; over SSH, from \
+                 the toolstack command's return)",
                 list(&self.host_inflate_s)
             ),
         );

@@ -277,27 +277,24 @@ impl BalloonBackend for XenBackend {
         // The target xl wrote at creation (KiB) is the balloon's zero; the guest reads the
         // same key and measures its balloon from it. The session destroys the domain if
         // this fails.
-        let name = shell_quote(&request.name);
-        let out = self
-            .transport()
-            .run(
-                &format!("xenstore-read /local/domain/$(xl domid {name})/memory/target"),
-                None,
-                XL_TIMEOUT,
-            )
-            .map_err(XenError::from)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let initial_kib = text.trim().parse::<u64>().map_err(|_| XenError::Balloon {
-            domain: request.name.clone(),
-            detail: format!("memory/target in xenstore is {:?}, not KiB", text.trim()),
+        let command = format!(
+            "xenstore-read /local/domain/$(xl domid {})/memory/target",
+            shell_quote(&request.name)
+        );
+        let mut control = XenBalloon {
+            transport: self.transport().clone(),
+            name: request.name.clone(),
+            initial_kib: 0,
+            retries: 0,
+        };
+        control.initial_kib = control.run_retrying(&command, |text| {
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("memory/target in xenstore is {:?}, not KiB", text.trim()))
         })?;
         Ok(BalloonBoot {
             session,
-            control: Box::new(XenBalloon {
-                transport: self.transport().clone(),
-                name: request.name.clone(),
-                initial_kib,
-            }),
+            control: Box::new(control),
         })
     }
 }
@@ -305,11 +302,21 @@ impl BalloonBackend for XenBackend {
 /// The host's side of a Xen balloon: `xl mem-set` sets the target (which xl writes to the
 /// domain's `memory/target` in xenstore), `xl list` and `xl info` say what the domain
 /// holds and what Xen has free.
+///
+/// Each phase is one SSH command (measure, then set), and a command that fails is run
+/// again, up to [`BALLOON_ATTEMPTS`] times: both halves are idempotent, and in the TCG lab
+/// dom0 loses a process now and then while a guest runs. Retries are counted and noted.
 pub struct XenBalloon {
     transport: Transport,
     name: String,
     initial_kib: u64,
+    retries: u32,
 }
+
+/// Tries per toolstack command of the balloon.
+const BALLOON_ATTEMPTS: u32 = 3;
+/// Printed after `xl mem-set` succeeded in a combined command.
+const SET_DONE: &str = "HVBENCH-MEM-SET-DONE";
 
 impl XenBalloon {
     fn error(&self, detail: String) -> BackendError {
@@ -319,10 +326,8 @@ impl XenBalloon {
         }
         .into()
     }
-}
 
-impl BalloonControl for XenBalloon {
-    fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError> {
+    fn mem_set_command(&self, bytes: u64) -> Result<String, BackendError> {
         let target_kib = self
             .initial_kib
             .checked_sub(bytes / 1024)
@@ -333,30 +338,88 @@ impl BalloonControl for XenBalloon {
                     self.initial_kib
                 ))
             })?;
-        self.transport
-            .run(
-                &format!("xl mem-set {} {target_kib}k", shell_quote(&self.name)),
-                None,
-                XL_TIMEOUT,
-            )
-            .map_err(XenError::from)?;
-        Ok(())
+        Ok(format!(
+            "xl mem-set {} {target_kib}k",
+            shell_quote(&self.name)
+        ))
+    }
+
+    fn measure_command(&self) -> String {
+        format!(
+            "xl list {} | tail -n 1; xl info | grep '^free_memory'",
+            shell_quote(&self.name)
+        )
+    }
+
+    /// Runs `command` (idempotent) until it succeeds and `parse` accepts its output.
+    fn run_retrying<T>(
+        &mut self,
+        command: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, BackendError> {
+        let mut last = String::new();
+        for attempt in 0..BALLOON_ATTEMPTS {
+            if attempt > 0 {
+                self.retries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            match self.transport.run(command, None, XL_TIMEOUT) {
+                Ok(out) => match parse(&String::from_utf8_lossy(&out.stdout)) {
+                    Ok(value) => return Ok(value),
+                    Err(detail) => last = detail,
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(self.error(format!(
+            "{BALLOON_ATTEMPTS} tries of `{command}` failed; the last: {last}"
+        )))
+    }
+}
+
+impl BalloonControl for XenBalloon {
+    fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError> {
+        let command = self.mem_set_command(bytes)?;
+        self.run_retrying(&command, |_| Ok(()))
     }
 
     fn measure(&mut self) -> Result<HostMemory, BackendError> {
-        let out = self
-            .transport
-            .run(
-                &format!(
-                    "xl list {} | tail -n 1; xl info | grep '^free_memory'",
-                    shell_quote(&self.name)
-                ),
-                None,
-                XL_TIMEOUT,
+        let command = self.measure_command();
+        let name = self.name.clone();
+        self.run_retrying(&command, |text| xl::parse_balloon_memory(text, &name))
+    }
+
+    fn measure_then_set(&mut self, bytes: u64) -> Result<HostMemory, BackendError> {
+        // One SSH round trip where all goes well. The target changes only after a whole
+        // measurement was taken (else a retry would measure after the guest moved), and a
+        // measurement once read is kept: a retry then only sets the target again.
+        let set = self.mem_set_command(bytes)?;
+        let name = shell_quote(&self.name);
+        let both = format!(
+            "m=$(xl list {name} | tail -n 1); f=$(xl info | grep '^free_memory'); \
+             printf '%s\\n%s\\n' \"$m\" \"$f\"; \
+             case \"$m\" in {name}*) {set} && echo {SET_DONE};; esac"
+        );
+        let domain = self.name.clone();
+        let (memory, done) = self.run_retrying(&both, |text| {
+            let memory = xl::parse_balloon_memory(text, &domain)?;
+            Ok((memory, text.lines().any(|l| l.trim() == SET_DONE)))
+        })?;
+        if !done {
+            self.retries += 1;
+            self.set_balloon(bytes)?;
+        }
+        Ok(memory)
+    }
+
+    fn diagnostics(&self) -> Option<String> {
+        (self.retries > 0).then(|| {
+            format!(
+                "{} toolstack command(s) failed once and were run again (dom0 lost a process \
+                 or the SSH connection)",
+                self.retries
             )
-            .map_err(XenError::from)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        xl::parse_balloon_memory(&text, &self.name).map_err(|detail| self.error(detail))
+        })
     }
 
     fn method(&self) -> &'static str {
@@ -387,12 +450,15 @@ pub struct XenSession {
 }
 
 /// Shell loop run on the dom0: waits until the domain leaves the running states, then
-/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`.
+/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A domain is gone only if
+/// a second look a second later misses it too: one `xl` that dies (the TCG lab's dom0
+/// loses a process now and then while a guest runs) must not get a live domain destroyed.
 fn watcher_script(name: &str) -> String {
     let n = shell_quote(name);
     format!(
-        "while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2) || {{ echo GONE; exit 0; }}; \
-         [ -n \"$l\" ] || {{ echo GONE; exit 0; }}; \
+        "while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
+         if [ -z \"$l\" ]; then sleep 1; l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
+         [ -n \"$l\" ] || {{ echo GONE; exit 0; }}; fi; \
          set -- $l; case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; sleep 0.2; done"
     )
 }
