@@ -572,3 +572,491 @@ fn drop_pages(addr: u64, host: *mut u8, len: u64) -> Result<(), RequestError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The device driven the way a guest drives it: registers through `read`/`write`, rings
+    //! and buffers written into guest memory by hand (not with the crate the device uses).
+
+    use super::*;
+    use crate::backend::kvm::vstate::memory;
+    use workloads::virtio::{
+        DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
+    };
+
+    const MIB: u64 = 1 << 20;
+    const QUEUE_SIZE: u16 = 16;
+    /// Where the test driver keeps each queue's areas and its PFN lists.
+    const RINGS: [u64; 2] = [0x10_0000, 0x11_0000];
+    const LIST: u64 = 0x20_0000;
+    /// Pages the tests hand over; their contents show whether they were released.
+    const VICTIM_PFN: u32 = 0x300;
+
+    struct TestDriver {
+        device: VirtioBalloon,
+        handle: BalloonHandle,
+        mem: GuestMemory,
+        next_avail: [u16; 2],
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    }
+
+    impl TestDriver {
+        fn new() -> Self {
+            let mem = memory::allocate(16).unwrap();
+            let (device, handle) = VirtioBalloon::new(mem.clone()).unwrap();
+            let mut d = TestDriver {
+                device,
+                handle,
+                mem,
+                next_avail: [0; 2],
+            };
+            d.start(true);
+            d
+        }
+
+        fn set(&mut self, offset: u64, value: u32) {
+            self.device.write(offset, &value.to_le_bytes());
+        }
+
+        fn get(&mut self, offset: u64) -> u32 {
+            let mut b = [0u8; 4];
+            self.device.read(offset, &mut b);
+            u32::from_le_bytes(b)
+        }
+
+        /// Virtio 1.2, 3.1.1, with VERSION_1 accepted (or not).
+        fn start(&mut self, modern: bool) {
+            self.set(REG_STATUS, 0);
+            self.next_avail = [0; 2];
+            for (i, base) in RINGS.iter().enumerate() {
+                self.mem
+                    .write_slice(&[0u8; 0x3000], GuestAddress(*base))
+                    .unwrap();
+                let _ = i;
+            }
+            self.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            self.set(REG_DRIVER_FEATURES_SEL, 1);
+            self.set(REG_DRIVER_FEATURES, if modern { 1 } else { 0 });
+            self.set(
+                REG_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            );
+            for (q, base) in RINGS.iter().enumerate() {
+                self.set(REG_QUEUE_SEL, q as u32);
+                self.set(REG_QUEUE_NUM, QUEUE_SIZE as u32);
+                self.set(REG_QUEUE_DESC_LOW, *base as u32);
+                self.set(REG_QUEUE_DRIVER_LOW, (*base + 0x1000) as u32);
+                self.set(REG_QUEUE_DEVICE_LOW, (*base + 0x2000) as u32);
+                self.set(REG_QUEUE_READY, 1);
+            }
+            self.set(
+                REG_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            );
+        }
+
+        /// Writes `descs` at table slots 0.., offers `head` and notifies queue `q`.
+        fn offer(&mut self, q: usize, descs: &[[u8; 16]], head: u16) {
+            for (i, d) in descs.iter().enumerate() {
+                self.mem
+                    .write_slice(d, GuestAddress(RINGS[q] + 16 * i as u64))
+                    .unwrap();
+            }
+            let slot = self.next_avail[q] % QUEUE_SIZE;
+            let avail = RINGS[q] + 0x1000;
+            self.mem
+                .write_obj(head, GuestAddress(avail + 4 + 2 * slot as u64))
+                .unwrap();
+            self.next_avail[q] = self.next_avail[q].wrapping_add(1);
+            self.mem
+                .write_obj(self.next_avail[q], GuestAddress(avail + 2))
+                .unwrap();
+            self.set(REG_QUEUE_NOTIFY, q as u32);
+        }
+
+        fn pfn_list(&self, pfns: &[u32]) -> u64 {
+            for (i, p) in pfns.iter().enumerate() {
+                self.mem
+                    .write_obj(*p, GuestAddress(LIST + 4 * i as u64))
+                    .unwrap();
+            }
+            LIST
+        }
+
+        fn used_idx(&self, q: usize) -> u16 {
+            self.mem
+                .read_obj(GuestAddress(RINGS[q] + 0x2000 + 2))
+                .unwrap()
+        }
+
+        fn needs_reset(&mut self) -> bool {
+            self.get(REG_STATUS) & STATUS_DEVICE_NEEDS_RESET != 0
+        }
+
+        fn mark(&self, pfn: u32) {
+            let addr = GuestAddress((pfn as u64) << 12);
+            self.mem.write_slice(&[0xa5; 4096], addr).unwrap();
+        }
+
+        fn marked(&self, pfn: u32) -> bool {
+            let mut page = [0u8; 4096];
+            self.mem
+                .read_slice(&mut page, GuestAddress((pfn as u64) << 12))
+                .unwrap();
+            page.iter().all(|b| *b == 0xa5)
+        }
+    }
+
+    #[test]
+    fn identifies_itself_as_a_modern_balloon() {
+        let mut d = TestDriver::new();
+        assert_eq!(d.get(REG_MAGIC), MAGIC);
+        assert_eq!(d.get(REG_VERSION), 2);
+        assert_eq!(d.get(REG_DEVICE_ID), 5);
+        d.set(REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(d.get(REG_DEVICE_FEATURES), FEATURE_VERSION_1_BIT);
+        d.set(REG_QUEUE_SEL, 0);
+        assert_eq!(d.get(REG_QUEUE_NUM_MAX), QUEUE_SIZE_MAX as u32);
+        d.set(REG_QUEUE_SEL, 2);
+        assert_eq!(d.get(REG_QUEUE_NUM_MAX), 0, "only two queues");
+        assert_ne!(d.get(REG_STATUS) & STATUS_DRIVER_OK, 0);
+        // Registers are whole words: other widths read as zero and write nothing.
+        let mut odd = [0xffu8; 2];
+        d.device.read(REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        d.device.write(REG_STATUS, &[0]);
+        assert_ne!(d.get(REG_STATUS), 0);
+    }
+
+    #[test]
+    fn a_driver_without_version_1_is_refused() {
+        let mut d = TestDriver::new();
+        d.start(false);
+        assert_eq!(
+            d.get(REG_STATUS) & (STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+            0
+        );
+        // Features the device never offered are refused too.
+        d.set(REG_STATUS, 0);
+        d.set(REG_DRIVER_FEATURES_SEL, 0);
+        d.set(REG_DRIVER_FEATURES, 1 << 2);
+        d.set(REG_DRIVER_FEATURES_SEL, 1);
+        d.set(REG_DRIVER_FEATURES, 1);
+        d.set(REG_STATUS, STATUS_FEATURES_OK);
+        assert_eq!(d.get(REG_STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn config_space_carries_the_target_and_actual() {
+        let mut d = TestDriver::new();
+        let generation = d.get(REG_CONFIG_GENERATION);
+        d.handle.set_target_pages(16384);
+        assert_eq!(d.get(REG_CONFIG + CONFIG_NUM_PAGES), 16384);
+        assert_ne!(d.get(REG_CONFIG_GENERATION), generation);
+        d.set(REG_CONFIG + CONFIG_ACTUAL, 77);
+        assert_eq!(d.handle.actual_pages(), 77);
+        // num_pages is the host's: the driver cannot write it.
+        d.set(REG_CONFIG + CONFIG_NUM_PAGES, 5);
+        assert_eq!(d.handle.target_pages(), 16384);
+        // Byte reads of the config space work; beyond it, zeros.
+        let mut b = [0u8; 2];
+        d.device.read(REG_CONFIG + CONFIG_NUM_PAGES + 1, &mut b);
+        assert_eq!(b, [0x40, 0]);
+        d.device.read(0xffe, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn inflate_releases_the_pages_and_deflate_only_acknowledges() {
+        let mut d = TestDriver::new();
+        // 1 MiB touched, then handed over: residency falls by at least that much.
+        let first = VICTIM_PFN;
+        let pages = (MIB / 4096) as u32;
+        for p in first..first + pages {
+            d.mark(p);
+        }
+        let pfns: Vec<u32> = (first..first + pages).collect();
+        let list = d.pfn_list(&pfns);
+        let before = d.handle.resident_bytes().unwrap();
+        d.offer(0, &[desc(list, 4 * pages, 0, 0)], 0);
+        assert_eq!(d.used_idx(0), 1, "the buffer came back");
+        assert!(!d.needs_reset());
+        // Measured before the pages are read again (a read maps the zero page back in).
+        let after = d.handle.resident_bytes().unwrap();
+        assert_eq!(before - after, MIB, "{before} -> {after}");
+        assert!(
+            !d.marked(first) && !d.marked(first + pages - 1),
+            "released pages read as zeros"
+        );
+        assert_eq!(d.handle.inflated_pages(), pages as u64);
+
+        d.mark(first);
+        let list = d.pfn_list(&[first]);
+        d.offer(1, &[desc(list, 4, 0, 0)], 0);
+        assert_eq!(d.used_idx(1), 1);
+        assert!(d.marked(first), "deflate leaves memory alone");
+        assert_eq!(d.handle.deflated_pages(), 1);
+        assert_eq!(d.handle.refusals(), Refusals::default());
+    }
+
+    #[test]
+    fn a_request_split_over_a_chain_is_served_whole() {
+        let mut d = TestDriver::new();
+        d.mark(VICTIM_PFN);
+        d.mark(VICTIM_PFN + 1);
+        let list = d.pfn_list(&[VICTIM_PFN, VICTIM_PFN + 1]);
+        d.offer(
+            0,
+            &[desc(list, 4, DESC_F_NEXT, 1), desc(list + 4, 4, 0, 0)],
+            0,
+        );
+        assert_eq!(d.used_idx(0), 1);
+        assert!(!d.marked(VICTIM_PFN) && !d.marked(VICTIM_PFN + 1));
+    }
+
+    /// One malformed request on a fresh device: refused, nothing released, nothing used.
+    fn refused(setup: impl FnOnce(&mut TestDriver), expect: &str) {
+        let mut d = TestDriver::new();
+        d.mark(VICTIM_PFN);
+        setup(&mut d);
+        assert!(d.needs_reset(), "{expect}: no DEVICE_NEEDS_RESET");
+        assert_eq!(d.used_idx(0), 0, "{expect}: a buffer came back");
+        assert_eq!(d.used_idx(1), 0, "{expect}: a buffer came back");
+        assert!(d.marked(VICTIM_PFN), "{expect}: a page was released");
+        assert_eq!(d.handle.inflated_pages(), 0);
+        let r = d.handle.refusals();
+        assert_eq!(r.total, 1, "{expect}: {r:?}");
+        assert!(
+            r.kept[0].contains(expect),
+            "{:?} lacks {expect:?}",
+            r.kept[0]
+        );
+        // Until it is reset, the device serves nothing, not even a valid request.
+        let list = d.pfn_list(&[VICTIM_PFN]);
+        d.offer(0, &[desc(list, 4, 0, 0)], 0);
+        assert!(d.marked(VICTIM_PFN));
+        // After a reset it serves again.
+        d.start(true);
+        assert!(!d.needs_reset());
+        let list = d.pfn_list(&[VICTIM_PFN]);
+        d.offer(0, &[desc(list, 4, 0, 0)], 0);
+        assert_eq!(d.used_idx(0), 1, "{expect}: no recovery after reset");
+        assert!(!d.marked(VICTIM_PFN));
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_without_releasing_anything() {
+        let outside = 64 * MIB;
+        let outside_pfn = (outside >> 12) as u32;
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(0, &[desc(l, 4, 0, 0)], QUEUE_SIZE + 3)
+            },
+            "outside the queue",
+        );
+        refused(
+            |d| d.offer(0, &[desc(outside, 4, 0, 0)], 0),
+            "buffer at 0x4000000 (4 bytes) on queue 0 is outside guest RAM",
+        );
+        refused(
+            |d| d.offer(0, &[desc(16 * MIB - 4, 8, 0, 0)], 0),
+            "outside guest RAM",
+        );
+        refused(
+            |d| d.offer(0, &[desc(u64::MAX - 3, 8, 0, 0)], 0),
+            "outside guest RAM",
+        );
+        // The victim first: a device that released page by page would lose it.
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN, outside_pfn]);
+                d.offer(0, &[desc(l, 8, 0, 0)], 0)
+            },
+            "PFN 0x4000 (guest-physical 0x4000000) on queue 0 is outside guest RAM",
+        );
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN, u32::MAX]);
+                d.offer(0, &[desc(l, 8, 0, 0)], 0)
+            },
+            "PFN 0xffffffff",
+        );
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(0, &[desc(l, 4, DESC_F_WRITE, 0)], 0)
+            },
+            "device-writable",
+        );
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(0, &[desc(l, 6, 0, 0)], 0)
+            },
+            "not a whole number",
+        );
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(0, &[desc(l, 0, 0, 0)], 0)
+            },
+            "not a whole number",
+        );
+        refused(
+            |d| {
+                d.offer(
+                    0,
+                    &[desc(LIST, 4 * MAX_PFNS_PER_REQUEST as u32 + 4, 0, 0)],
+                    0,
+                )
+            },
+            "larger than the 16384 bytes",
+        );
+        // Many small descriptors add up to too much too.
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                let big = (4 * MAX_PFNS_PER_REQUEST / 2) as u32;
+                d.offer(
+                    0,
+                    &[desc(l, big, DESC_F_NEXT, 1), desc(l, big + 4, 0, 0)],
+                    0,
+                )
+            },
+            "larger than",
+        );
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(0, &[desc(l, 4, DESC_F_NEXT, QUEUE_SIZE * 4)], 0)
+            },
+            "is broken",
+        );
+        // A loop: 0 -> 1 -> 0 -> ...
+        refused(
+            |d| {
+                let l = d.pfn_list(&[VICTIM_PFN]);
+                d.offer(
+                    0,
+                    &[desc(l, 4, DESC_F_NEXT, 1), desc(l, 4, DESC_F_NEXT, 0)],
+                    0,
+                )
+            },
+            "is broken",
+        );
+        // An indirect table outside RAM (the feature is not offered either).
+        refused(
+            |d| d.offer(0, &[desc(outside, 32, DESC_F_INDIRECT, 0)], 0),
+            "is broken",
+        );
+        refused(
+            |d| {
+                d.mem
+                    .write_obj(200u16, GuestAddress(RINGS[1] + 0x1000 + 2))
+                    .unwrap();
+                d.set(REG_QUEUE_NOTIFY, 1);
+            },
+            "moved by 200",
+        );
+        refused(
+            |d| d.set(REG_QUEUE_NOTIFY, 7),
+            "queue 7, which does not exist",
+        );
+        refused(
+            |d| {
+                d.set(REG_STATUS, 0);
+                d.set(REG_QUEUE_NOTIFY, 0);
+            },
+            "before finishing its set-up",
+        );
+        refused(
+            |d| {
+                // Rings beyond RAM, set before the queue is made ready.
+                d.set(REG_STATUS, 0);
+                d.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+                d.set(REG_DRIVER_FEATURES_SEL, 1);
+                d.set(REG_DRIVER_FEATURES, 1);
+                d.set(
+                    REG_STATUS,
+                    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+                );
+                d.set(REG_QUEUE_SEL, 0);
+                d.set(REG_QUEUE_NUM, QUEUE_SIZE as u32);
+                d.set(REG_QUEUE_DESC_LOW, 0);
+                d.set(REG_QUEUE_DESC_HIGH, 1);
+                d.set(REG_QUEUE_DRIVER_LOW, (RINGS[0] + 0x1000) as u32);
+                d.set(REG_QUEUE_DEVICE_LOW, (RINGS[0] + 0x2000) as u32);
+                d.set(REG_QUEUE_READY, 1);
+                d.set(
+                    REG_STATUS,
+                    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+                );
+                d.set(REG_QUEUE_NOTIFY, 0);
+            },
+            "rings lie outside guest RAM",
+        );
+    }
+
+    #[test]
+    fn queue_set_up_is_frozen_while_the_driver_runs() {
+        let mut d = TestDriver::new();
+        d.set(REG_QUEUE_SEL, 0);
+        d.set(REG_QUEUE_DESC_LOW, 0x7000_0000);
+        // Still served from the rings set up before DRIVER_OK.
+        let list = d.pfn_list(&[VICTIM_PFN]);
+        d.offer(0, &[desc(list, 4, 0, 0)], 0);
+        assert_eq!(d.used_idx(0), 1);
+        assert!(!d.needs_reset());
+    }
+
+    #[test]
+    fn random_register_and_ring_garbage_never_panics() {
+        let mut d = TestDriver::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let r = next();
+            match r % 5 {
+                0 => {
+                    // Garbage in the rings, the descriptor table and the PFN list.
+                    let at = RINGS[(r >> 8) as usize % 2] + (next() % 0x3000);
+                    let _ = d.mem.write_obj(next() as u32, GuestAddress(at));
+                    let _ = d
+                        .mem
+                        .write_obj(next() as u32, GuestAddress(LIST + next() % 64));
+                }
+                1 => d.set(REG_QUEUE_NOTIFY, (next() % 3) as u32),
+                2 => {
+                    let offset = next() % 0x1100;
+                    d.set(offset & !3, next() as u32);
+                }
+                3 => {
+                    let mut buf = [0u8; 8];
+                    let len = 1 + (next() % 8) as usize;
+                    d.device.read(next() % 0x1100, &mut buf[..len]);
+                }
+                _ => {
+                    if next() % 50 == 0 {
+                        d.start(true);
+                    }
+                }
+            }
+        }
+        // The guest RAM mapping survived: it can still be measured.
+        assert!(d.handle.resident_bytes().is_ok());
+    }
+}
