@@ -450,15 +450,16 @@ pub struct XenSession {
 }
 
 /// Shell loop run on the dom0: waits until the domain leaves the running states, then
-/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A domain is gone only if
-/// a second look a second later misses it too: one `xl` that dies (the TCG lab's dom0
-/// loses a process now and then while a guest runs) must not get a live domain destroyed.
+/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A domain is gone only
+/// when three looks a second apart miss it: an `xl` that dies (the TCG lab's dom0 loses a
+/// freshly started process now and then while a guest runs) must not get a live domain
+/// destroyed.
 fn watcher_script(name: &str) -> String {
     let n = shell_quote(name);
     format!(
-        "while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
-         if [ -z \"$l\" ]; then sleep 1; l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
-         [ -n \"$l\" ] || {{ echo GONE; exit 0; }}; fi; \
+        "miss=0; while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
+         if [ -z \"$l\" ]; then miss=$((miss + 1)); [ $miss -lt 3 ] || {{ echo GONE; exit 0; }}; \
+         sleep 1; continue; fi; miss=0; \
          set -- $l; case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; sleep 0.2; done"
     )
 }
@@ -655,5 +656,57 @@ impl GuestSession for XenSession {
 impl Drop for XenSession {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Runs the watcher against a fake `xl` that prints, for each call, the next line of
+    /// `answers` ("" for a domain it cannot see; the last answer repeats).
+    fn watch(answers: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let script = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{i}) printf 'header\\n{a}\\n' | grep -v '^$' ;;"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let last = answers.len() - 1;
+        let xl = format!(
+            "#!/bin/sh\nn=$(cat {d}/n 2>/dev/null || echo 0); echo $((n + 1)) > {d}/n\n\
+             [ $n -gt {last} ] && n={last}\ncase $n in {script} esac\n",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("xl");
+        std::fs::write(&path, xl).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(watcher_script("dom"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    dir.path().display(),
+                    std::env::var("PATH").unwrap()
+                ),
+            )
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn the_watcher_reports_shutdowns_and_survives_a_lost_look() {
+        let running = "dom 3 128 1 -b---- 1.0 uuid - -";
+        let off = "dom 3 128 1 ---s-- 1.0 uuid 0 -";
+        assert_eq!(watch(&[running, off]), "SHUTDOWN 0");
+        // Two looks that miss the domain (an xl that died) are not its end.
+        assert_eq!(watch(&[running, "", "", running, off]), "SHUTDOWN 0");
+        // Three are.
+        assert_eq!(watch(&[running, "", "", ""]), "GONE");
     }
 }
