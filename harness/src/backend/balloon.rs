@@ -48,6 +48,11 @@ pub trait BalloonControl {
         self.set_balloon(bytes)?;
         Ok(memory)
     }
+    /// The pages the guest's driver says the balloon holds, where the interface has such a
+    /// field (virtio-balloon's `actual`; Xen has none).
+    fn reported_pages(&self) -> Option<u64> {
+        None
+    }
     /// Anything about how the host got its figures that the record should say (retries).
     fn diagnostics(&self) -> Option<String> {
         None

@@ -459,6 +459,16 @@ impl Driver {
             }
             ("inflated", Phase::Inflating { before, since }) => {
                 self.host_inflate_s.push(since.elapsed().as_secs_f64());
+                let pages = self.size / 4096;
+                if let Some(reported) = self.control.reported_pages().filter(|r| *r != pages) {
+                    self.outcome.ratchet(
+                        Status::Error,
+                        format!(
+                            "the guest said it inflated, but its driver reports {reported} of \
+                             {pages} pages in the balloon"
+                        ),
+                    );
+                }
                 let Some(after) = self.measure(Some(0)) else {
                     return false;
                 };

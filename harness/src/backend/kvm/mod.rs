@@ -132,6 +132,10 @@ impl BalloonControl for KvmBalloon {
         "resident pages of the guest's RAM mapping in the VMM process (mincore)"
     }
 
+    fn reported_pages(&self) -> Option<u64> {
+        Some(self.handle.actual_pages() as u64)
+    }
+
     fn curve_interval(&self) -> Option<Duration> {
         Some(Duration::from_millis(5))
     }
