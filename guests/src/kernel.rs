@@ -63,6 +63,12 @@ pub enum Syscall {
     /// Sets the protection-fault window (virtual base, pages, first page table): a write
     /// fault there makes the page writable again and resumes.
     SetProtWindow = 7,
+    /// Xen `memory_op` (command, address of a `xen::MemoryReservation` in user memory),
+    /// for the balloon: only decrease_reservation and populate_physmap are passed on.
+    /// Returns Xen's answer (extents done, or a negative errno) as a u64.
+    XenMemoryOp = 8,
+    /// Signals a Xen event channel (port): the xenstore ring's, for the balloon.
+    XenEventSend = 9,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -166,6 +172,18 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
         }
         n if n == Syscall::FlushTlb as u64 => {
             cpu::write_cr3(cpu::read_cr3());
+            0
+        }
+        n if n == Syscall::XenMemoryOp as u64 => match a0 {
+            xen::XENMEM_DECREASE_RESERVATION | xen::XENMEM_POPULATE_PHYSMAP if xen::is_ready() => {
+                xen::memory_op(a0, a1) as u64
+            }
+            _ => u64::MAX,
+        },
+        n if n == Syscall::XenEventSend as u64 => {
+            if xen::is_ready() {
+                xen::send_event(a0 as u32);
+            }
             0
         }
         n if n == Syscall::SetProtWindow as u64 => {

@@ -14,6 +14,7 @@ mod kernel;
 mod mem;
 mod runner;
 mod start_info;
+mod virtio;
 mod workloads;
 
 use core::fmt::Write;

@@ -82,7 +82,7 @@ fn config(info: &BootInfo) -> Result<(GuestConfig, &'static str), &'static str> 
 }
 
 /// End of RAM from the PVH memory map (the highest usable byte below 4 GiB).
-fn ram_end(info: &BootInfo) -> u64 {
+pub fn ram_end(info: &BootInfo) -> u64 {
     start_info::read(info.start_info)
         .map(|s| {
             start_info::ram_ranges(&s)
@@ -182,6 +182,15 @@ impl Sampler {
         mut op: impl FnMut(u64) -> Result<u64, Refusal>,
     ) -> Result<u64, Refusal> {
         self.measure(params, |n| op(n).map(|cycles| (n, cycles)))
+    }
+
+    pub fn note_text(&self, key: &str, value: &str) {
+        emit(
+            LineBuilder::new(LineKind::Note)
+                .text("w", self.workload.name())
+                .text("k", key)
+                .text("v", value),
+        );
     }
 
     pub fn note_hex(&self, key: &str, value: u64) {

@@ -302,7 +302,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub qemu_cpu: Option<String>,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
-    /// `local` (hvbench runs in dom0), or ssh://[user@]host[:port].
+    /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
+    /// ssh://[user@]host[:port].
     #[arg(long, default_value = "lab")]
     pub xen_host: String,
     /// Guest paging on Xen: hardware-assisted (hap=1) or shadow (hap=0).
@@ -354,6 +355,11 @@ pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
             lab: None,
         },
         "lab" => crate::lab::xen_host()?,
+        // A lab brought up with `lab up xen --cache-dir DIR`.
+        lab if lab.starts_with("lab:") => XenHostSpec {
+            spec: spec.to_string(),
+            ..crate::lab::xen_host_in(std::path::Path::new(&lab["lab:".len()..]))?
+        },
         url => XenHostSpec {
             transport: Transport::Ssh(SshTarget::parse(url)?),
             spec: spec.to_string(),

@@ -39,6 +39,12 @@ pub const MMIO_TEST_LEN: u64 = 0x1000;
 /// What a VMM that implements [`MMIO_TEST_BASE`] answers to a 4-byte read.
 pub const MMIO_TEST_VALUE: u32 = 0x5a5a_a5a5;
 
+/// virtio-mmio (version 2) balloon device of hvbench's VMM (`mem.balloon`): the page after
+/// [`MMIO_TEST_BASE`], in the range the guest maps uncached. Its registers are in
+/// [`crate::virtio`].
+pub const VIRTIO_BALLOON_BASE: u64 = MMIO_TEST_BASE + MMIO_TEST_LEN;
+pub const VIRTIO_BALLOON_LEN: u64 = 0x1000;
+
 /// Most RAM hvbench gives a guest below the MMIO hole (the guest maps 0..4 GiB).
 pub const MAX_LOW_RAM: u64 = 0xc000_0000;
 

@@ -5,7 +5,8 @@
 //! - [`cmdline`]: how the harness tells the guest what to run;
 //! - [`protocol`]: the result lines the guest prints and the harness decodes;
 //! - [`compute`]: the compute kernel that runs in the guest and natively on the host;
-//! - [`ksm`]: the page contents and doorbell values of `mem.ksm`, which the host checks.
+//! - [`ksm`]: the page contents and doorbell values of `mem.ksm`, which the host checks;
+//! - [`virtio`]: the virtio-mmio balloon's registers, shared by the guest's driver and the VMM.
 //!
 //! The guest builds this crate without features; the harness enables `std` for decoding.
 #![no_std]
@@ -21,6 +22,7 @@ pub mod ksm;
 pub mod memory;
 pub mod protocol;
 pub mod table;
+pub mod virtio;
 
 pub use table::{
     BackendFeature, Direction, Driver, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,

@@ -31,6 +31,7 @@ pub enum WorkloadId {
     SelftestTripleFault,
     SelftestPageFault,
     SelftestHang,
+    SelftestBalloonCorrupt,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -206,6 +207,9 @@ pub enum BackendFeature {
     KernelSamePageMerging,
     /// A balloon the guest can inflate and deflate (virtio-balloon, or Xen's reservation).
     Balloon,
+    /// hvbench's own virtio-balloon device, whose queues the VMM validates (a guest that
+    /// corrupts them must get an error, never a crashed or corrupted VMM).
+    VirtioBalloon,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -556,10 +560,15 @@ pub const WORKLOADS: &[Workload] = &[
             metric("deflate", Unit::MBps, Direction::HigherIsBetter),
             metric("touch_after_deflate", Unit::Ns, Direction::LowerIsBetter),
         ],
-        description: "Ballooning: the guest hands memory back (virtio-balloon on KVM, \
-                      XENMEM_decrease_reservation on Xen) and takes it again: inflate and \
-                      deflate rates, the share of the inflated size the host reclaimed, and \
-                      the cost of touching deflated pages again.",
+        description: "Ballooning driven by the host: it sets a target (virtio-balloon's \
+                      num_pages on KVM, `xl mem-set` on Xen), the guest hands the pages back in \
+                      1 MiB requests (the virtio inflate queue, whose VMM drops them with \
+                      MADV_DONTNEED; XENMEM_decrease_reservation on Xen), then takes them again \
+                      (deflate queue; XENMEM_populate_physmap) and touches them. Inflate and \
+                      deflate rates (guest-timed), the share of the inflated size the host \
+                      got back (KVM: resident pages of guest RAM; Xen: the domain's memory in \
+                      `xl list`), the cost per page of the first touch after deflating. \
+                      Parameter `size` (default 64m).",
         requires: &[Requirement::Backend(BackendFeature::Balloon)],
         explicit_only: false,
         native_twin: false,
@@ -603,6 +612,22 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: true,
         native_twin: false,
         driver: Driver::Guest,
+    },
+    Workload {
+        id: WorkloadId::SelftestBalloonCorrupt,
+        name: "selftest.balloon-corrupt",
+        group: Group::Selftest,
+        privilege: Privilege::User,
+        metrics: &[],
+        description: "Sends the VMM's virtio-balloon malformed requests (a head index outside \
+                      the queue, a buffer or a PFN outside guest RAM, a broken chain, a \
+                      write-only buffer, a ragged length): the VMM must refuse each without \
+                      releasing any page, the record must be an error naming what it refused, \
+                      and the device must work again after a reset.",
+        requires: &[Requirement::Backend(BackendFeature::VirtioBalloon)],
+        explicit_only: true,
+        native_twin: false,
+        driver: Driver::Host,
     },
 ];
 
@@ -663,7 +688,10 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(WORKLOADS.len(), WorkloadId::SelftestHang as usize + 1);
+        assert_eq!(
+            WORKLOADS.len(),
+            WorkloadId::SelftestBalloonCorrupt as usize + 1
+        );
     }
 
     #[test]

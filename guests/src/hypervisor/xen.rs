@@ -1,8 +1,11 @@
-//! The guest's side of Xen: the hypercall page, the PV console ring, shutdown.
+//! The guest's side of Xen: the hypercall page, the PV console ring, the xenstore ring's
+//! whereabouts, memory reservation, shutdown.
 //!
 //! Layouts and numbers from Xen's public headers (xen/include/public): xen.h (hypercall
-//! numbers), hvm/hvm_op.h and hvm/params.h (HVMOP_get_param, CONSOLE_PFN/EVTCHN),
-//! io/console.h (struct xencons_interface), sched.h (SCHEDOP_*), event_channel.h.
+//! numbers), hvm/hvm_op.h and hvm/params.h (HVMOP_get_param, CONSOLE_PFN/EVTCHN,
+//! STORE_PFN/EVTCHN), io/console.h (struct xencons_interface), memory.h
+//! (XENMEM_decrease_reservation, XENMEM_populate_physmap, struct xen_memory_reservation),
+//! sched.h (SCHEDOP_*), event_channel.h.
 //! Hypercalls need CPL0 (Xen refuses them from CPL3), so user mode reaches them through
 //! the kernel's system call.
 
@@ -13,6 +16,7 @@ use super::Detected;
 use crate::arch::cpu::{cpuid, wrmsr};
 use crate::global::Global;
 
+const HYPERVISOR_MEMORY_OP: u64 = 12;
 const HYPERVISOR_SCHED_OP: u64 = 29;
 const HYPERVISOR_XEN_VERSION: u64 = 17;
 const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
@@ -22,10 +26,27 @@ const SCHEDOP_YIELD: u64 = 0;
 const SCHEDOP_SHUTDOWN: u64 = 2;
 const EVTCHNOP_SEND: u64 = 4;
 const HVMOP_GET_PARAM: u64 = 1;
+const HVM_PARAM_STORE_PFN: u32 = 1;
+const HVM_PARAM_STORE_EVTCHN: u32 = 2;
 const HVM_PARAM_CONSOLE_PFN: u32 = 17;
 const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
-const DOMID_SELF: u16 = 0x7ff0;
+pub const DOMID_SELF: u16 = 0x7ff0;
 pub const XENVER_VERSION: u64 = 0;
+
+/// `memory_op` commands the kernel passes on for user mode (balloon).
+pub const XENMEM_DECREASE_RESERVATION: u64 = 1;
+pub const XENMEM_POPULATE_PHYSMAP: u64 = 6;
+
+/// `struct xen_memory_reservation` (64-bit layout): the GFN array (`xen_pfn_t`, 64-bit
+/// each), how many extents, their order, flags, and the domain.
+#[repr(C)]
+pub struct MemoryReservation {
+    pub extent_start: u64,
+    pub nr_extents: u64,
+    pub extent_order: u32,
+    pub mem_flags: u32,
+    pub domid: u16,
+}
 
 /// `SCHEDOP_shutdown` reasons.
 #[derive(Clone, Copy)]
@@ -46,12 +67,17 @@ struct XenState {
     ready: bool,
     console_page: u64,
     console_port: u32,
+    /// The xenstore ring (0 if Xen named none below 4 GiB) and its event channel.
+    store_page: u64,
+    store_port: u32,
 }
 
 static STATE: Global<XenState> = Global::new(XenState {
     ready: false,
     console_page: 0,
     console_port: 0,
+    store_page: 0,
+    store_port: 0,
 });
 
 global_asm!(
@@ -136,10 +162,20 @@ pub fn init(hv: &Detected) -> Result<(), &'static str> {
         // The boot page tables map the low 4 GiB only.
         return Err("console ring outside the low 4 GiB");
     }
+    // Only `mem.balloon` needs xenstore: without it the console still works.
+    let (store_page, store_port) = match (
+        get_param(HVM_PARAM_STORE_PFN),
+        get_param(HVM_PARAM_STORE_EVTCHN),
+    ) {
+        (Ok(pfn), Ok(port)) if pfn != 0 && pfn < (1 << 20) => (pfn << 12, port as u32),
+        _ => (0, 0),
+    };
     STATE.set(XenState {
         ready: true,
         console_page: pfn << 12,
         console_port: port as u32,
+        store_page,
+        store_port,
     });
     Ok(())
 }
@@ -148,15 +184,30 @@ pub fn is_ready() -> bool {
     STATE.get().ready
 }
 
-/// Signals the console's event channel. CPL0.
-pub fn notify_console() {
-    let port = STATE.get().console_port;
+/// The xenstore ring's address and event channel, if Xen named them.
+pub fn store() -> Option<(u64, u32)> {
+    let state = STATE.get();
+    (state.ready && state.store_page != 0).then_some((state.store_page, state.store_port))
+}
+
+/// Signals event channel `port` (EVTCHNOP_send). CPL0.
+pub fn send_event(port: u32) {
     let send = port;
     hypercall(
         HYPERVISOR_EVENT_CHANNEL_OP,
         EVTCHNOP_SEND,
         &send as *const u32 as u64,
     );
+}
+
+/// Signals the console's event channel. CPL0.
+pub fn notify_console() {
+    send_event(STATE.get().console_port);
+}
+
+/// `memory_op(cmd, reservation)`: the number of extents done, or a negative errno. CPL0.
+pub fn memory_op(cmd: u64, reservation: u64) -> i64 {
+    hypercall(HYPERVISOR_MEMORY_OP, cmd, reservation)
 }
 
 /// Gives the CPU back to Xen once. CPL0.

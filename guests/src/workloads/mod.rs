@@ -1,6 +1,7 @@
 //! The guest side of every workload: one arm per row of the workload table. The `match`
 //! is exhaustive, so a new row does not build until its guest function exists.
 
+mod balloon;
 mod ksm;
 mod memory;
 
@@ -163,12 +164,8 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             s.latency("", |n| kernel_loop(id, n, 0))?;
         }
         WorkloadId::MemKsm => ksm::ksm(s)?,
-        WorkloadId::MemBalloon => {
-            return Err((
-                Status::Error,
-                "this workload is driven by the host, not by the guest's runner",
-            ));
-        }
+        WorkloadId::MemBalloon => balloon::balloon(s, info)?,
+        WorkloadId::SelftestBalloonCorrupt => balloon::corrupt(s, info)?,
         WorkloadId::SelftestTripleFault => {
             syscall(Syscall::TripleFault as u64, 0, 0, 0);
             return Err((Status::Error, "the triple fault did not stop the guest"));

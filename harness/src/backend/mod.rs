@@ -5,6 +5,7 @@
 //! console bytes and, at the end, how the guest ended. Everything after that (lines,
 //! events, records) is common to all backends.
 
+pub mod balloon;
 pub mod kvm;
 pub mod qemu;
 pub mod xen;
@@ -111,6 +112,12 @@ pub trait Hypervisor {
     /// What must precede `hvbench run` to reproduce the host's set-up (e.g. `hvbench host
     /// paging shadow --`), for the reproduce command of every record.
     fn reproduce_prefix(&self) -> Option<String> {
+        None
+    }
+
+    /// The balloon the host drives for `mem.balloon`, where this backend has one (it then
+    /// also answers `supports(BackendFeature::Balloon)` with `Ok`).
+    fn balloon(&self) -> Option<&dyn balloon::BalloonBackend> {
         None
     }
 }

@@ -224,7 +224,9 @@ impl Hypervisor for QemuBackend {
                 )
             }
             BackendFeature::HypercallFromKernel => Ok(()),
-            BackendFeature::KernelSamePageMerging | BackendFeature::Balloon => Err(
+            BackendFeature::KernelSamePageMerging
+            | BackendFeature::Balloon
+            | BackendFeature::VirtioBalloon => Err(
                 "hvbench measures KSM and ballooning with its own VMM, whose processes and \
                  devices it controls; run them with --backend kvm"
                     .into(),

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use workloads::protocol::Status;
+use workloads::protocol::{Hello, Status};
 use workloads::WorkloadId;
 
 use super::session::WorkloadOutcome;
@@ -20,15 +20,30 @@ pub struct HostContext<'a> {
     pub interrupted: &'a AtomicBool,
 }
 
+/// What a host-driven workload produced: its outcome, and what the guest it booted said
+/// about itself (for the record's guest section and TSC conversion), if it booted one.
+pub struct HostDriven {
+    pub outcome: WorkloadOutcome,
+    pub hello: Option<Hello>,
+}
+
 /// Runs one host-driven workload to its outcome (never panics; failures are statuses).
-pub fn run(id: WorkloadId, ctx: &HostContext) -> WorkloadOutcome {
+pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
     match id {
-        WorkloadId::MemKsm => crate::ksm::run(ctx),
+        WorkloadId::MemKsm => HostDriven {
+            // KSM's guests run in VMM processes of their own; their words are in the notes.
+            outcome: crate::ksm::run(ctx),
+            hello: None,
+        },
+        WorkloadId::MemBalloon | WorkloadId::SelftestBalloonCorrupt => super::balloon::run(id, ctx),
         _ => {
             let mut outcome = WorkloadOutcome::skipped(id, "");
             outcome.status = Status::Error;
             outcome.reason = Some(format!("{} is not implemented yet", id.name()));
-            outcome
+            HostDriven {
+                outcome,
+                hello: None,
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! a fresh guest for the rest. Records are written as each workload finishes, so an
 //! interrupted run keeps everything measured so far.
 
+pub mod balloon;
 pub mod host_driven;
 pub mod plan;
 pub mod records;
@@ -321,8 +322,17 @@ pub fn run(
                 options,
                 interrupted,
             };
-            let outcome = host_driven::run(w, &ctx);
-            write(&outcome, &guest, &mut summary)?;
+            let done = host_driven::run(w, &ctx);
+            // The guest this workload booted describes itself; else the last one's words.
+            let booted = done
+                .hello
+                .as_ref()
+                .map(|hello| guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz));
+            write(
+                &done.outcome,
+                booted.as_ref().unwrap_or(&guest),
+                &mut summary,
+            )?;
             if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
                 summary.interrupted = true;
                 return Ok(summary);

@@ -19,9 +19,11 @@ use thiserror::Error;
 use vmm_sys_util::signal::Killable;
 use workloads::BackendFeature;
 
+use self::devices::balloon::{BalloonHandle, VirtioBalloon};
 use self::devices::Doorbell;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
+use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
 use crate::host_paging::PagingMode;
 
@@ -46,6 +48,8 @@ pub enum VmmError {
     Thread(std::io::Error),
     #[error("the vCPU thread did not stop within {0:?}")]
     StopTimeout(Duration),
+    #[error("virtio-balloon: {0}")]
+    Balloon(String),
 }
 
 pub struct KvmBackend {
@@ -89,6 +93,51 @@ impl KvmBackend {
     pub fn doorbell(&self) -> Arc<Doorbell> {
         self.doorbell.clone()
     }
+
+    /// Boots the guest, with the virtio-balloon if asked; the balloon's handle comes back
+    /// beside the session.
+    pub fn start(
+        &self,
+        request: &BootRequest,
+        with_balloon: bool,
+    ) -> Result<(KvmSession, Option<BalloonHandle>), VmmError> {
+        let max = self.kvm.get_max_vcpus() as u32;
+        if request.vcpus == 0 || request.vcpus > max {
+            return Err(VmmError::Vcpus {
+                asked: request.vcpus,
+                max,
+            });
+        }
+        let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
+        if self.mergeable {
+            vstate::memory::mark_mergeable(&vm.memory)?;
+        }
+        let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
+        let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        vcpu.attach_doorbell(self.doorbell.clone());
+        vm.secondary_vcpus = create_secondary(&self.kvm, &vm, request.vcpus - 1)?;
+        let handle = if with_balloon {
+            let (device, handle) = VirtioBalloon::new(vm.memory.clone())
+                .map_err(|e| VmmError::Balloon(e.to_string()))?;
+            vcpu.attach_balloon(device);
+            Some(handle)
+        } else {
+            None
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu0-{}", request.name))
+            .spawn(move || vcpu.run(vm, thread_stop, tx))
+            .map_err(VmmError::Thread)?;
+        let session = KvmSession {
+            messages: rx,
+            stop,
+            thread: Some(thread),
+        };
+        Ok((session, handle))
+    }
 }
 
 /// Why hvbench cannot drive KSM on this host, if it cannot.
@@ -105,6 +154,64 @@ fn ksm_unusable_reason() -> Option<String> {
         );
     }
     None
+}
+
+/// The host's side of the KVM balloon: the device's `num_pages`, and guest RAM residency.
+pub struct KvmBalloon {
+    handle: BalloonHandle,
+}
+
+impl KvmBalloon {
+    pub fn handle(&self) -> &BalloonHandle {
+        &self.handle
+    }
+}
+
+impl BalloonControl for KvmBalloon {
+    fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError> {
+        let pages = u32::try_from(bytes / 4096)
+            .map_err(|_| VmmError::Balloon(format!("a target of {bytes} bytes is too large")))?;
+        self.handle.set_target_pages(pages);
+        Ok(())
+    }
+
+    fn measure(&mut self) -> Result<HostMemory, BackendError> {
+        let guest_bytes = self
+            .handle
+            .resident_bytes()
+            .map_err(|e| VmmError::Balloon(format!("mincore over guest RAM: {e}")))?;
+        Ok(HostMemory {
+            guest_bytes,
+            host_free_bytes: None,
+        })
+    }
+
+    fn method(&self) -> &'static str {
+        "resident pages of the guest's RAM mapping in the VMM process (mincore)"
+    }
+
+    fn reported_pages(&self) -> Option<u64> {
+        Some(self.handle.actual_pages() as u64)
+    }
+
+    fn curve_interval(&self) -> Option<Duration> {
+        Some(Duration::from_millis(5))
+    }
+
+    fn refusals(&self) -> Option<Refusals> {
+        Some(self.handle.refusals())
+    }
+}
+
+impl BalloonBackend for KvmBackend {
+    fn boot_with_balloon(&self, request: &BootRequest) -> Result<BalloonBoot, BackendError> {
+        let (session, handle) = self.start(request, true)?;
+        let handle = handle.ok_or_else(|| VmmError::Balloon("no balloon was attached".into()))?;
+        Ok(BalloonBoot {
+            session: Box::new(session),
+            control: Box::new(KvmBalloon { handle }),
+        })
+    }
 }
 
 impl Hypervisor for KvmBackend {
@@ -145,8 +252,12 @@ impl Hypervisor for KvmBackend {
                 None => Ok(()),
                 Some(reason) => Err(reason),
             },
-            BackendFeature::Balloon => Err("hvbench's VMM has no balloon device yet".into()),
+            BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
         }
+    }
+
+    fn balloon(&self) -> Option<&dyn BalloonBackend> {
+        Some(self)
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -159,34 +270,8 @@ impl Hypervisor for KvmBackend {
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        let max = self.kvm.get_max_vcpus() as u32;
-        if request.vcpus == 0 || request.vcpus > max {
-            return Err(VmmError::Vcpus {
-                asked: request.vcpus,
-                max,
-            }
-            .into());
-        }
-        let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
-        if self.mergeable {
-            vstate::memory::mark_mergeable(&vm.memory)?;
-        }
-        let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
-        let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
-        vcpu.attach_doorbell(self.doorbell.clone());
-        vm.secondary_vcpus = create_secondary(&self.kvm, &vm, request.vcpus - 1)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = channel();
-        let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu0-{}", request.name))
-            .spawn(move || vcpu.run(vm, thread_stop, tx))
-            .map_err(VmmError::Thread)?;
-        Ok(Box::new(KvmSession {
-            messages: rx,
-            stop,
-            thread: Some(thread),
-        }))
+        let (session, _) = self.start(request, false)?;
+        Ok(Box::new(session))
     }
 }
 

@@ -24,6 +24,7 @@ use workloads::BackendFeature;
 
 use self::transport::{shell_quote, Transport, TransportError};
 use self::xl::{DomainConfig, Paging, ShutdownReason, XlInfo};
+use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{
     BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
 };
@@ -45,6 +46,8 @@ pub enum XenError {
     NoLab,
     #[error("the Xen lab's state is unusable: {0}")]
     Lab(String),
+    #[error("ballooning domain {domain}: {detail}")]
+    Balloon { domain: String, detail: String },
 }
 
 /// How the Xen host was reached and what it is.
@@ -206,8 +209,17 @@ impl Hypervisor for XenBackend {
                  compiled out of release builds"
                     .into(),
             ),
-            BackendFeature::Balloon => Err("Xen ballooning is not driven by hvbench yet".into()),
+            BackendFeature::Balloon => Ok(()),
+            BackendFeature::VirtioBalloon => Err(
+                "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
+                 VMM queue of hvbench's to corrupt"
+                    .into(),
+            ),
         }
+    }
+
+    fn balloon(&self) -> Option<&dyn BalloonBackend> {
+        Some(self)
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -259,6 +271,170 @@ impl Hypervisor for XenBackend {
     }
 }
 
+impl BalloonBackend for XenBackend {
+    fn boot_with_balloon(&self, request: &BootRequest) -> Result<BalloonBoot, BackendError> {
+        let session = self.boot(request)?;
+        // The target xl wrote at creation (KiB) is the balloon's zero; the guest reads the
+        // same key and measures its balloon from it. The session destroys the domain if
+        // this fails.
+        let command = format!(
+            "xenstore-read /local/domain/$(xl domid {})/memory/target",
+            shell_quote(&request.name)
+        );
+        let mut control = XenBalloon {
+            transport: self.transport().clone(),
+            name: request.name.clone(),
+            initial_kib: 0,
+            retries: 0,
+        };
+        control.initial_kib = control.run_retrying(&command, |text| {
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("memory/target in xenstore is {:?}, not KiB", text.trim()))
+        })?;
+        Ok(BalloonBoot {
+            session,
+            control: Box::new(control),
+        })
+    }
+}
+
+/// The host's side of a Xen balloon: `xl mem-set` sets the target (which xl writes to the
+/// domain's `memory/target` in xenstore), `xl list` and `xl info` say what the domain
+/// holds and what Xen has free.
+///
+/// Each phase is one SSH command (measure, then set), and a command that fails is run
+/// again, up to [`BALLOON_ATTEMPTS`] times: both halves are idempotent, and in the TCG lab
+/// dom0 loses a process now and then while a guest runs. Retries are counted and noted.
+pub struct XenBalloon {
+    transport: Transport,
+    name: String,
+    initial_kib: u64,
+    retries: u32,
+}
+
+/// Tries per toolstack command of the balloon.
+const BALLOON_ATTEMPTS: u32 = 3;
+/// Printed after `xl mem-set` succeeded in a combined command.
+const SET_DONE: &str = "HVBENCH-MEM-SET-DONE";
+
+impl XenBalloon {
+    fn error(&self, detail: String) -> BackendError {
+        XenError::Balloon {
+            domain: self.name.clone(),
+            detail,
+        }
+        .into()
+    }
+
+    fn mem_set_command(&self, bytes: u64) -> Result<String, BackendError> {
+        let target_kib = self
+            .initial_kib
+            .checked_sub(bytes / 1024)
+            .filter(|kib| *kib > 0)
+            .ok_or_else(|| {
+                self.error(format!(
+                    "a balloon of {bytes} bytes leaves nothing of its {} KiB",
+                    self.initial_kib
+                ))
+            })?;
+        Ok(format!(
+            "xl mem-set {} {target_kib}k",
+            shell_quote(&self.name)
+        ))
+    }
+
+    fn measure_command(&self) -> String {
+        format!(
+            "xl list {} | tail -n 1; xl info | grep '^free_memory'",
+            shell_quote(&self.name)
+        )
+    }
+
+    /// Runs `command` (idempotent) until it succeeds and `parse` accepts its output.
+    fn run_retrying<T>(
+        &mut self,
+        command: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, BackendError> {
+        let mut last = String::new();
+        for attempt in 0..BALLOON_ATTEMPTS {
+            if attempt > 0 {
+                self.retries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            match self.transport.run(command, None, XL_TIMEOUT) {
+                Ok(out) => match parse(&String::from_utf8_lossy(&out.stdout)) {
+                    Ok(value) => return Ok(value),
+                    Err(detail) => last = detail,
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(self.error(format!(
+            "{BALLOON_ATTEMPTS} tries of `{command}` failed; the last: {last}"
+        )))
+    }
+}
+
+impl BalloonControl for XenBalloon {
+    fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError> {
+        let command = self.mem_set_command(bytes)?;
+        self.run_retrying(&command, |_| Ok(()))
+    }
+
+    fn measure(&mut self) -> Result<HostMemory, BackendError> {
+        let command = self.measure_command();
+        let name = self.name.clone();
+        self.run_retrying(&command, |text| xl::parse_balloon_memory(text, &name))
+    }
+
+    fn measure_then_set(&mut self, bytes: u64) -> Result<HostMemory, BackendError> {
+        // One SSH round trip where all goes well. The target changes only after a whole
+        // measurement was taken (else a retry would measure after the guest moved), and a
+        // measurement once read is kept: a retry then only sets the target again.
+        let set = self.mem_set_command(bytes)?;
+        let name = shell_quote(&self.name);
+        let both = format!(
+            "m=$(xl list {name} | tail -n 1); f=$(xl info | grep '^free_memory'); \
+             printf '%s\\n%s\\n' \"$m\" \"$f\"; \
+             case \"$m\" in {name}*) {set} && echo {SET_DONE};; esac"
+        );
+        let domain = self.name.clone();
+        let (memory, done) = self.run_retrying(&both, |text| {
+            let memory = xl::parse_balloon_memory(text, &domain)?;
+            Ok((memory, text.lines().any(|l| l.trim() == SET_DONE)))
+        })?;
+        if !done {
+            self.retries += 1;
+            self.set_balloon(bytes)?;
+        }
+        Ok(memory)
+    }
+
+    fn diagnostics(&self) -> Option<String> {
+        (self.retries > 0).then(|| {
+            format!(
+                "{} toolstack command(s) failed once and were run again (dom0 lost a process \
+                 or the SSH connection)",
+                self.retries
+            )
+        })
+    }
+
+    fn method(&self) -> &'static str {
+        "the domain's memory in `xl list` (Mem, MiB) and Xen's free memory in `xl info`"
+    }
+
+    fn curve_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    fn refusals(&self) -> Option<Refusals> {
+        None
+    }
+}
+
 /// A running domain: its console stream, its shutdown watcher, and its destruction.
 pub struct XenSession {
     transport: Transport,
@@ -274,18 +450,17 @@ pub struct XenSession {
 }
 
 /// Shell loop run on the dom0: waits until the domain leaves the running states, then
-/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A failing `xl list`
-/// counts as gone only three times in a row: it also fails for a moment while another
-/// domain is being destroyed.
+/// prints `SHUTDOWN <reason code>` (from `xl list -v`) or `GONE`. A domain is gone only
+/// when three looks a second apart miss it: an `xl` that dies (the TCG lab's dom0 loses a
+/// freshly started process now and then while a guest runs) must not get a live domain
+/// destroyed.
 fn watcher_script(name: &str) -> String {
     let n = shell_quote(name);
     format!(
-        "misses=0; while :; do \
-         if l=$(xl list -v {n} 2>/dev/null); then misses=0; \
-         set -- $(echo \"$l\" | tail -n +2); \
-         case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; \
-         else misses=$((misses + 1)); [ $misses -ge 3 ] && {{ echo GONE; exit 0; }}; fi; \
-         sleep 0.2; done"
+        "miss=0; while :; do l=$(xl list -v {n} 2>/dev/null | tail -n +2); \
+         if [ -z \"$l\" ]; then miss=$((miss + 1)); [ $miss -lt 3 ] || {{ echo GONE; exit 0; }}; \
+         sleep 1; continue; fi; miss=0; \
+         set -- $l; case $5 in *s*|*c*) echo \"SHUTDOWN $8\"; exit 0;; esac; sleep 0.2; done"
     )
 }
 
@@ -481,5 +656,57 @@ impl GuestSession for XenSession {
 impl Drop for XenSession {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Runs the watcher against a fake `xl` that prints, for each call, the next line of
+    /// `answers` ("" for a domain it cannot see; the last answer repeats).
+    fn watch(answers: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let script = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{i}) printf 'header\\n{a}\\n' | grep -v '^$' ;;"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let last = answers.len() - 1;
+        let xl = format!(
+            "#!/bin/sh\nn=$(cat {d}/n 2>/dev/null || echo 0); echo $((n + 1)) > {d}/n\n\
+             [ $n -gt {last} ] && n={last}\ncase $n in {script} esac\n",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("xl");
+        std::fs::write(&path, xl).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(watcher_script("dom"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    dir.path().display(),
+                    std::env::var("PATH").unwrap()
+                ),
+            )
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn the_watcher_reports_shutdowns_and_survives_a_lost_look() {
+        let running = "dom 3 128 1 -b---- 1.0 uuid - -";
+        let off = "dom 3 128 1 ---s-- 1.0 uuid 0 -";
+        assert_eq!(watch(&[running, off]), "SHUTDOWN 0");
+        // Two looks that miss the domain (an xl that died) are not its end.
+        assert_eq!(watch(&[running, "", "", running, off]), "SHUTDOWN 0");
+        // Three are.
+        assert_eq!(watch(&[running, "", "", ""]), "GONE");
     }
 }

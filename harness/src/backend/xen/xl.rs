@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use reports::record::HostInfo;
 
 use super::LabKind;
+use crate::backend::balloon::HostMemory;
 
 /// Guest paging on Xen: hardware-assisted (EPT/NPT) or shadow page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -133,6 +134,27 @@ impl DomainConfig {
     }
 }
 
+/// Reads what `xl list <domain> | tail -n 1; xl info | grep '^free_memory'` printed: the
+/// domain's memory (MiB, the list's third column) and Xen's free memory (MiB).
+pub fn parse_balloon_memory(text: &str, domain: &str) -> Result<HostMemory, String> {
+    let mib = 1u64 << 20;
+    let mut guest = None;
+    let mut free = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [name, _id, mem, ..] if *name == domain => guest = mem.parse::<u64>().ok(),
+            ["free_memory", ":", value] => free = value.parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    let guest = guest.ok_or_else(|| format!("`xl list` printed no memory for it: {text:?}"))?;
+    Ok(HostMemory {
+        guest_bytes: guest * mib,
+        host_free_bytes: free.map(|f| f * mib),
+    })
+}
+
 /// The fingerprint of a Xen host: Xen's own view (`xl info`) and dom0's
 /// (`uname -r`, /proc/cpuinfo).
 pub fn fingerprint(info: &XlInfo, dom0: &str, paging: Paging, lab: Option<&LabKind>) -> HostInfo {
@@ -246,6 +268,21 @@ mod tests {
         assert_eq!(remote.class, "nested-tcg");
         let real = fingerprint(&info, "6.1\nmodel name\t: Intel Xeon\n", Paging::Hap, None);
         assert_eq!(real.class, "xen-host");
+    }
+
+    #[test]
+    fn parses_balloon_memory() {
+        let text =
+            "hvbench-7-1                                  3   192     1     -b----       4.1\n\
+                    free_memory            : 2078\n";
+        let m = parse_balloon_memory(text, "hvbench-7-1").unwrap();
+        assert_eq!(m.guest_bytes, 192 << 20);
+        assert_eq!(m.host_free_bytes, Some(2078 << 20));
+        // Another domain's line, or none at all, is an error, not a zero.
+        assert!(parse_balloon_memory(text, "hvbench-7-2").is_err());
+        assert!(parse_balloon_memory("", "hvbench-7-1").is_err());
+        let without_free = parse_balloon_memory("hvbench-7-1 3 256 1 r----- 1.0\n", "hvbench-7-1");
+        assert_eq!(without_free.unwrap().host_free_bytes, None);
     }
 
     #[test]

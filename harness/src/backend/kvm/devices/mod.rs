@@ -1,9 +1,10 @@
 //! The devices of hvbench's VMM, all emulated in userspace on the vCPU thread: the COM1
-//! UART, the exit port, the test port and page behind `io.*` workloads, and the doorbell
-//! the host rings (`mem.ksm`). The guest is
+//! UART, the exit port, the test port and page behind `io.*` workloads, the doorbell the
+//! host rings (`mem.ksm`) and (for `mem.balloon`) a virtio-balloon. The guest is
 //! untrusted: every access is bounds-checked, and an access nothing claims is counted and
 //! answered with all-ones, as on a real bus.
 
+pub mod balloon;
 pub mod serial;
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,8 +13,10 @@ use std::time::Duration;
 use workloads::abi::{
     DOORBELL_HOLD_MS, DOORBELL_NOT_RUNG, DOORBELL_PORT, EXIT_PORT, MMIO_TEST_BASE, MMIO_TEST_LEN,
     MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT, PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
+    VIRTIO_BALLOON_BASE, VIRTIO_BALLOON_LEN,
 };
 
+use self::balloon::VirtioBalloon;
 use self::serial::ConsoleUart;
 
 /// Exit reasons the VMM counts, in the order they appear in records.
@@ -28,6 +31,7 @@ pub enum ExitReason {
     /// Reads of the doorbell port (each may have been held while it was not rung).
     PioDoorbell,
     MmioTest,
+    MmioBalloon,
     MmioUnclaimed,
     Hlt,
     /// KVM_RUN interrupted by a signal (a kick from the host).
@@ -35,7 +39,7 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 10] = [
+    pub const ALL: [ExitReason; 11] = [
         ExitReason::PioSerial,
         ExitReason::PioExitPort,
         ExitReason::PioTest,
@@ -43,6 +47,7 @@ impl ExitReason {
         ExitReason::PioUnclaimed,
         ExitReason::PioDoorbell,
         ExitReason::MmioTest,
+        ExitReason::MmioBalloon,
         ExitReason::MmioUnclaimed,
         ExitReason::Hlt,
         ExitReason::Interrupted,
@@ -57,6 +62,7 @@ impl ExitReason {
             ExitReason::PioUnclaimed => "pio_unclaimed",
             ExitReason::PioDoorbell => "pio_doorbell",
             ExitReason::MmioTest => "mmio_test",
+            ExitReason::MmioBalloon => "mmio_balloon",
             ExitReason::MmioUnclaimed => "mmio_unclaimed",
             ExitReason::Hlt => "hlt",
             ExitReason::Interrupted => "interrupted",
@@ -134,6 +140,8 @@ pub struct Devices {
     uart: ConsoleUart,
     doorbell: Arc<Doorbell>,
     pub counters: ExitCounters,
+    /// Present only in VMs booted for `mem.balloon`; elsewhere its page is unclaimed.
+    balloon: Option<VirtioBalloon>,
 }
 
 impl Default for Devices {
@@ -148,12 +156,18 @@ impl Devices {
             uart: ConsoleUart::new(),
             doorbell: Doorbell::new(),
             counters: ExitCounters::default(),
+            balloon: None,
         }
     }
 
     /// Answers the doorbell port with `doorbell` (by default, one nobody rings).
     pub fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
         self.doorbell = doorbell;
+    }
+
+    /// Puts the virtio-balloon at `VIRTIO_BALLOON_BASE`.
+    pub fn attach_balloon(&mut self, balloon: VirtioBalloon) {
+        self.balloon = Some(balloon);
     }
 
     fn uart_offset(port: u16) -> Option<u8> {
@@ -228,7 +242,21 @@ impl Devices {
         (end <= MMIO_TEST_LEN).then_some(offset)
     }
 
+    fn balloon_offset(addr: u64, len: usize) -> Option<u64> {
+        let offset = addr.checked_sub(VIRTIO_BALLOON_BASE)?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= VIRTIO_BALLOON_LEN).then_some(offset)
+    }
+
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let (Some(offset), Some(balloon)) = (
+            Self::balloon_offset(addr, data.len()),
+            self.balloon.as_mut(),
+        ) {
+            self.counters.count(ExitReason::MmioBalloon);
+            balloon.read(offset, data);
+            return;
+        }
         match Self::test_page_offset(addr, data.len()) {
             Some(offset) => {
                 self.counters.count(ExitReason::MmioTest);
@@ -245,6 +273,14 @@ impl Devices {
     }
 
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        if let (Some(offset), Some(balloon)) = (
+            Self::balloon_offset(addr, data.len()),
+            self.balloon.as_mut(),
+        ) {
+            self.counters.count(ExitReason::MmioBalloon);
+            balloon.write(offset, data);
+            return;
+        }
         match Self::test_page_offset(addr, data.len()) {
             Some(_) => self.counters.count(ExitReason::MmioTest),
             None => self.counters.count(ExitReason::MmioUnclaimed),

@@ -143,6 +143,14 @@ impl Vcpu {
         self.devices.attach_doorbell(doorbell);
     }
 
+    /// Adds the virtio-balloon to this vCPU's devices (`mem.balloon`).
+    pub fn attach_balloon(
+        &mut self,
+        balloon: crate::backend::kvm::devices::balloon::VirtioBalloon,
+    ) {
+        self.devices.attach_balloon(balloon);
+    }
+
     /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.
     pub fn into_fd(self) -> VcpuFd {
         self.fd
