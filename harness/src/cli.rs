@@ -291,6 +291,10 @@ pub struct RunArgs {
     /// mem.tlb-chase.ws=64k,16m or mem.first-touch.page=4k.
     #[arg(long = "param", value_parser = parse_param)]
     pub params: Vec<WorkloadParam>,
+    /// `--backend kvm`: back guest RAM with transparent huge pages (MADV_HUGEPAGE), so
+    /// that the guest's 2 MiB mappings can meet 2 MiB host pages.
+    #[arg(long)]
+    pub host_hugepages: bool,
     /// QEMU binary for `--backend qemu`.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
@@ -376,7 +380,8 @@ fn make_backend(
         BackendKind::Kvm => Box::new(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
-                .with_paging_switch(crate::host_paging::mode_from_env()),
+                .with_paging_switch(crate::host_paging::mode_from_env())
+                .with_huge_pages(args.host_hugepages),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)

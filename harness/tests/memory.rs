@@ -134,3 +134,28 @@ fn first_touch_refuses_to_reuse_touched_memory() {
         r.reason
     );
 }
+
+#[test]
+fn host_huge_pages_are_recorded_and_reproduced() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = KvmBackend::new(hvbench::host::fingerprint())
+        .unwrap()
+        .with_huge_pages(true);
+    let mut options = common::quick_options(&[WorkloadId::MemTlbChase], dir.path());
+    options.samples = 2;
+    options
+        .params
+        .push(WorkloadParam::parse("mem.tlb-chase.ws=4m").unwrap());
+    options
+        .params
+        .push(WorkloadParam::parse("mem.tlb-chase.page=2m").unwrap());
+    let summary = common::run_with(&backend, &options);
+    let r = &summary.records[0];
+    assert_eq!(r.status, Status::Success, "{:?}", r.reason);
+    assert!(r.backend.details["guest_ram"].contains("MADV_HUGEPAGE"));
+    assert!(r.reproduce.contains("--host-hugepages"), "{}", r.reproduce);
+}

@@ -57,6 +57,8 @@ pub struct KvmBackend {
     host: HostInfo,
     /// Guest RAM is marked MADV_MERGEABLE (`mem.ksm`'s guests).
     mergeable: bool,
+    /// Guest RAM is backed by transparent huge pages (MADV_HUGEPAGE).
+    huge_pages: bool,
     /// Answers the doorbell port of every guest this backend boots.
     doorbell: Arc<Doorbell>,
     /// The mode `hvbench host paging` switched KVM to for this run, if it did.
@@ -71,6 +73,7 @@ impl KvmBackend {
             kvm,
             host,
             mergeable: false,
+            huge_pages: false,
             doorbell: Doorbell::new(),
             paging_switch: None,
         })
@@ -86,6 +89,12 @@ impl KvmBackend {
     /// Marks the RAM of guests booted from now on MADV_MERGEABLE (or not).
     pub fn with_mergeable_memory(mut self, mergeable: bool) -> Self {
         self.mergeable = mergeable;
+        self
+    }
+
+    /// Backs the RAM of guests booted from now on with transparent huge pages (or not).
+    pub fn with_huge_pages(mut self, huge_pages: bool) -> Self {
+        self.huge_pages = huge_pages;
         self
     }
 
@@ -110,7 +119,10 @@ impl KvmBackend {
         }
         let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
         if self.mergeable {
-            vstate::memory::mark_mergeable(&vm.memory)?;
+            vstate::memory::advise(&vm.memory, vstate::memory::Advice::Mergeable)?;
+        }
+        if self.huge_pages {
+            vstate::memory::advise(&vm.memory, vstate::memory::Advice::HugePages)?;
         }
         let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
         let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
@@ -227,6 +239,15 @@ impl Hypervisor for KvmBackend {
             self.kvm.get_api_version().to_string(),
         );
         details.insert("irqchip".into(), "none".into());
+        details.insert(
+            "guest_ram".into(),
+            if self.huge_pages {
+                "transparent huge pages (MADV_HUGEPAGE)"
+            } else {
+                "anonymous memory, no huge-page advice"
+            }
+            .into(),
+        );
         if !self.host.paging.is_empty() {
             details.insert("paging".into(), self.host.paging.clone());
         }
@@ -262,6 +283,14 @@ impl Hypervisor for KvmBackend {
 
     fn guest_runs_locally(&self) -> bool {
         true
+    }
+
+    fn reproduce_args(&self) -> Vec<String> {
+        if self.huge_pages {
+            vec!["--host-hugepages".into()]
+        } else {
+            Vec::new()
+        }
     }
 
     fn reproduce_prefix(&self) -> Option<String> {

@@ -24,20 +24,38 @@ pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
         .map_err(|e| VmmError::Memory(e.to_string()))
 }
 
-/// Marks every region of `memory` MADV_MERGEABLE, so that KSM (when it runs) may merge
-/// its pages with identical pages of this or any other mergeable process.
-pub fn mark_mergeable(memory: &GuestMemory) -> Result<(), VmmError> {
+/// How the host may back guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// KSM may merge identical pages (`mem.ksm`'s guests).
+    Mergeable,
+    /// Transparent huge pages: a guest's 2 MiB mappings then meet 2 MiB host pages.
+    HugePages,
+}
+
+impl Advice {
+    fn flag(self) -> (libc::c_int, &'static str) {
+        match self {
+            Advice::Mergeable => (libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+            Advice::HugePages => (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+        }
+    }
+}
+
+/// Gives the kernel `advice` on every region of guest RAM.
+pub fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
+    let (flag, name) = advice.flag();
     for region in memory.iter() {
         let host = memory
             .get_host_address(region.start_addr())
             .map_err(|e| VmmError::Memory(e.to_string()))?;
         let len = region.len() as usize;
         // SAFETY: [host, host + len) is one live anonymous mapping owned by `memory`;
-        // MADV_MERGEABLE changes how the kernel may back it, never its contents.
-        let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_MERGEABLE) };
+        // the advice changes how the kernel may back it, never its contents.
+        let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, flag) };
         if rc != 0 {
             return Err(VmmError::Memory(format!(
-                "madvise(MADV_MERGEABLE) on {len} bytes of guest RAM: {}",
+                "madvise({name}) on {len} bytes of guest RAM: {}",
                 std::io::Error::last_os_error()
             )));
         }
