@@ -89,6 +89,13 @@ fn record_git_revision(root: &Path) {
         None => "unknown".to_string(),
     };
     println!("cargo:rustc-env=HVBENCH_GIT_REVISION={revision}");
+    // The revision says "-dirty" when any source differs from it, so the script must
+    // run again whenever one changes, not only when git's state does.
+    for crate_dir in ["harness", "workloads", "reports"] {
+        for path in ["src", "Cargo.toml"] {
+            println!("cargo:rerun-if-changed={}", root.join(crate_dir).join(path).display());
+        }
+    }
     let git_dir = root.join(".git");
     for path in ["HEAD", "index"] {
         if git_dir.join(path).exists() {
