@@ -93,7 +93,10 @@ fn record_git_revision(root: &Path) {
     // run again whenever one changes, not only when git's state does.
     for crate_dir in ["harness", "workloads", "reports"] {
         for path in ["src", "Cargo.toml"] {
-            println!("cargo:rerun-if-changed={}", root.join(crate_dir).join(path).display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                root.join(crate_dir).join(path).display()
+            );
         }
     }
     let git_dir = root.join(".git");

@@ -76,12 +76,18 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
             WorkloadId::CpuHypercall,
             WorkloadId::CpuCompute,
             WorkloadId::IoPioOut,
+            WorkloadId::MemFirstTouch,
+            WorkloadId::MemTlbChase,
             WorkloadId::SelftestTripleFault,
             WorkloadId::SelftestHang,
         ],
         dir.path(),
     );
     options.samples = 3;
+    options.params = ["mem.first-touch.pages=64", "mem.tlb-chase.ws=16k,1m"]
+        .iter()
+        .map(|p| hvbench::run::WorkloadParam::parse(p).unwrap())
+        .collect();
     options.workload_timeout = Duration::from_secs(10);
     options.boot_timeout = Duration::from_secs(120);
     let summary = common::run_with(&backend, &options);
@@ -105,6 +111,25 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
         assert!(r.reproduce.contains("--xen-host lab"));
     }
     assert!(get("cpu.hypercall").notes.contains_key("return"));
+    // Memory on Xen: both page sizes of first touch, the sweep, with Xen's paging named.
+    for r in summary.records.iter().filter(|r| r.group == "mem") {
+        assert_eq!(
+            r.status,
+            Status::Success,
+            "{} {:?}: {:?}",
+            r.workload,
+            r.series,
+            r.reason
+        );
+        assert!(r.samples.iter().all(|s| *s > 0.0));
+        assert_eq!(r.host.paging, "xen-hap");
+    }
+    let mem_series = summary.records.iter().filter(|r| r.group == "mem").count();
+    assert_eq!(
+        mem_series,
+        2 + 4,
+        "first-touch 4k/2m and the chase's 2 sizes x 2 pages"
+    );
     assert_eq!(get("io.pio-out").status, Status::Skip);
     assert_eq!(get("selftest.triple-fault").status, Status::Crash);
     assert_eq!(
