@@ -21,6 +21,49 @@ use super::tools::{run_checked, tail_lines};
 use super::LabError;
 
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The cache directory as bring-up recorded it (canonical), so that paths compare equal
+/// to those in QEMU's command line however the caller spelled it.
+pub(super) fn absolute_cache_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cache_dir.to_path_buf())
+}
+
+/// A lab's saved state at `path`; `None` when no lab saved one.
+pub(super) fn read_json_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, LabError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LabError::io(path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| LabError::State {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Where to ssh into a lab: root@127.0.0.1 on the forwarded port, with the lab's own key
+/// and its host key pinned under `alias`.
+pub(super) fn loopback_ssh_target(
+    port: u16,
+    key: &Path,
+    known_hosts: &Path,
+    alias: &str,
+) -> crate::backend::xen::transport::SshTarget {
+    crate::backend::xen::transport::SshTarget {
+        user: "root".into(),
+        host: "127.0.0.1".into(),
+        port,
+        identity: Some(key.to_path_buf()),
+        known_hosts: Some(known_hosts.to_path_buf()),
+        host_key_alias: Some(alias.into()),
+    }
+}
 const PORT_ATTEMPTS: usize = 3;
 
 /// Where one lab's files live under the cache directory.

@@ -177,29 +177,12 @@ struct BuildStamp {
     hvbench: BinaryIdentity,
 }
 
-fn absolute(cache_dir: &Path) -> PathBuf {
-    cache_dir
-        .canonicalize()
-        .unwrap_or_else(|_| cache_dir.to_path_buf())
-}
-
 fn state_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join(STATE_FILE)
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<KvmLabState>, LabError> {
-    let path = state_path(cache_dir);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(LabError::io(&path, e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| LabError::State {
-            path,
-            reason: e.to_string(),
-        })
+    super::bringup::read_json_state(&state_path(cache_dir))
 }
 
 fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {
@@ -209,14 +192,12 @@ fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {
 /// Where to ssh into the lab: root@127.0.0.1 on the forwarded port, with the lab's own
 /// key and its pinned host key.
 pub fn kvm_ssh_target(state: &KvmLabState) -> SshTarget {
-    SshTarget {
-        user: "root".into(),
-        host: "127.0.0.1".into(),
-        port: state.ssh_port,
-        identity: Some(state.ssh_key.clone()),
-        known_hosts: Some(state.known_hosts.clone()),
-        host_key_alias: Some(KVM_HOST_KEY_ALIAS.into()),
-    }
+    super::bringup::loopback_ssh_target(
+        state.ssh_port,
+        &state.ssh_key,
+        &state.known_hosts,
+        KVM_HOST_KEY_ALIAS,
+    )
 }
 
 fn lab_transport(state: &KvmLabState) -> Transport {
@@ -246,7 +227,7 @@ fn kvm_over_ssh(state: &KvmLabState, timeout: Duration) -> Result<String, LabErr
 
 /// The lab's state and health; None when no KVM lab was brought up from `cache_dir`.
 pub fn kvm_lab_status(cache_dir: &Path) -> Result<Option<KvmLabStatus>, LabError> {
-    let cache_dir = &absolute(cache_dir);
+    let cache_dir = &super::bringup::absolute_cache_dir(cache_dir);
     let Some(state) = read_state(cache_dir)? else {
         return Ok(None);
     };
@@ -266,7 +247,7 @@ pub fn kvm_lab_status(cache_dir: &Path) -> Result<Option<KvmLabStatus>, LabError
 /// Stops the lab's QEMU (SIGTERM, then SIGKILL) and forgets its state. True if one was
 /// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
 pub fn kvm_lab_down(cache_dir: &Path) -> Result<bool, LabError> {
-    let cache_dir = &absolute(cache_dir);
+    let cache_dir = &super::bringup::absolute_cache_dir(cache_dir);
     let mut stopped = false;
     // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
     if let Ok(Some(state)) = read_state(cache_dir) {
@@ -736,7 +717,7 @@ pub struct KvmLabRunOutcome {
 /// asked), streaming its progress to stderr, and copies its records into `out`.
 pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     check_lab_run_args(run.run_args)?;
-    let cache_dir = &absolute(run.cache_dir);
+    let cache_dir = &super::bringup::absolute_cache_dir(run.cache_dir);
     let mut state = read_state(cache_dir)?
         .filter(|s| qemu::is_our_qemu(s.qemu_pid, &s.qemu_pid_file))
         .ok_or_else(|| LabError::InvalidOptions {

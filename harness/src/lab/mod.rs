@@ -238,31 +238,14 @@ impl LabStatus {
 const STATE_FILE: &str = "xen-lab.json";
 const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The cache directory as `lab_up_xen` recorded it (canonical), so that paths compare
-/// equal to those in QEMU's command line however the caller spelled it.
-fn absolute_cache_dir(cache_dir: &Path) -> PathBuf {
-    cache_dir
-        .canonicalize()
-        .unwrap_or_else(|_| cache_dir.to_path_buf())
-}
+use bringup::absolute_cache_dir;
 
 fn state_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join(STATE_FILE)
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<LabState>, LabError> {
-    let path = state_path(cache_dir);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(LabError::io(&path, e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| LabError::State {
-            path,
-            reason: e.to_string(),
-        })
+    bringup::read_json_state(&state_path(cache_dir))
 }
 
 fn write_state(cache_dir: &Path, state: &LabState) -> Result<(), LabError> {
@@ -272,14 +255,12 @@ fn write_state(cache_dir: &Path, state: &LabState) -> Result<(), LabError> {
 /// Where to ssh into the lab described by `state`: root@127.0.0.1 on the forwarded port,
 /// with the lab's own key and its pinned host key.
 pub fn ssh_target(state: &LabState) -> SshTarget {
-    SshTarget {
-        user: "root".into(),
-        host: "127.0.0.1".into(),
-        port: state.ssh_port,
-        identity: Some(state.ssh_key.clone()),
-        known_hosts: Some(state.known_hosts.clone()),
-        host_key_alias: Some(HOST_KEY_ALIAS.into()),
-    }
+    bringup::loopback_ssh_target(
+        state.ssh_port,
+        &state.ssh_key,
+        &state.known_hosts,
+        HOST_KEY_ALIAS,
+    )
 }
 
 /// `xen_version` from `xl info` run in the lab's dom0.
