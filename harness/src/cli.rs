@@ -903,6 +903,7 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
                 stdout.write_all(&bytes)?;
                 stdout.flush()?;
             }
+            Ok(GuestMessage::Notice(text)) => eprintln!("hvbench: {text}"),
             Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code as i32,
             Ok(GuestMessage::Ended(end)) => {
                 eprintln!("hvbench: guest ended: {end:?}");

@@ -221,6 +221,7 @@ fn a_refused_command_line_ends_with_an_error_status() {
             .unwrap()
         {
             GuestMessage::Console { bytes, .. } => text.extend(bytes),
+            GuestMessage::Notice(n) => panic!("the KVM backend's stream needs no notices: {n}"),
             GuestMessage::Ended(end) => break end,
         }
     };

@@ -75,6 +75,9 @@ pub enum GuestMessage {
         bytes: Vec<u8>,
         exits: Option<ExitCounts>,
     },
+    /// Something the host saw about the stream itself (a console that had to be
+    /// reattached), for the record of whatever was running.
+    Notice(String),
     /// The last message of every session.
     Ended(GuestEnd),
 }

@@ -185,6 +185,8 @@ struct Curves {
 enum Item {
     Event(Event),
     Problem(String),
+    /// What the host saw about the stream itself.
+    Notice(String),
     Ended(GuestEnd),
     Nothing,
 }
@@ -233,6 +235,7 @@ impl Stream {
                     self.take(line);
                 }
             }
+            Ok(GuestMessage::Notice(text)) => self.pending.push_back(Item::Notice(text)),
             Ok(GuestMessage::Ended(end)) => {
                 if let Some(rest) = self.lines.finish() {
                     self.take(rest);
@@ -319,6 +322,7 @@ impl Driver {
                 Item::Nothing => {}
                 Item::Ended(end) => return Stop::Ended(end),
                 Item::Problem(text) => self.outcome.ratchet(Status::Error, text),
+                Item::Notice(text) => self.outcome.note_console(&text),
                 Item::Event(Event::Hello(hello)) => self.hello = Some(hello),
                 Item::Event(Event::Start(w)) if w == self.id => {
                     workload_started = Some(Instant::now());

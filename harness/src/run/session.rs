@@ -21,6 +21,8 @@ const MAX_SAMPLES_PER_SERIES: usize = 100_000;
 const MAX_NOISE_BYTES: usize = 64 * 1024;
 /// How often a wait is cut short to look at the interrupt flag.
 const POLL: Duration = Duration::from_millis(100);
+/// The record note where the host says what happened to the console stream.
+const HOST_CONSOLE_NOTE: &str = "host_console";
 
 /// Samples of one metric of one series.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -50,6 +52,15 @@ pub struct WorkloadOutcome {
 }
 
 impl WorkloadOutcome {
+    /// Adds what the host saw about the console stream to the record's notes.
+    pub fn note_console(&mut self, text: &str) {
+        let note = self.notes.entry(HOST_CONSOLE_NOTE.to_string()).or_default();
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
+        note.push_str(text);
+    }
+
     pub fn new(workload: WorkloadId) -> Self {
         WorkloadOutcome {
             workload,
@@ -169,6 +180,16 @@ impl Driver<'_> {
     fn problem(&mut self, text: String) {
         match &mut self.current {
             Some((o, _, _)) => o.ratchet(Status::Error, text),
+            None => self.report.problems.push(text),
+        }
+    }
+
+    /// What the host saw about the stream: a note on the running workload's record (its
+    /// figures stand; a line the stream lost shows as a gap or damage on its own), else a
+    /// problem of the boot.
+    fn notice(&mut self, text: String) {
+        match &mut self.current {
+            Some((o, _, _)) => o.note_console(&text),
             None => self.report.problems.push(text),
         }
     }
@@ -473,6 +494,7 @@ pub fn drive(
                     d.line(line);
                 }
             }
+            Ok(GuestMessage::Notice(text)) => d.notice(text),
             Ok(GuestMessage::Ended(end)) => break Some(end),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -500,6 +522,7 @@ pub fn drive(
                             d.line(line);
                         }
                     }
+                    GuestMessage::Notice(text) => d.notice(text),
                     GuestMessage::Ended(e) => {
                         end = e;
                         break;
@@ -618,6 +641,47 @@ mod tests {
         let mut s = scripted(chunks, end);
         let flag = AtomicBool::new(false);
         drive(&mut s, plan, limits, &flag, &mut |_, _| {})
+    }
+
+    #[test]
+    fn console_notices_go_on_the_running_workload_or_the_boot() {
+        let plan = [WorkloadId::CpuRdtsc];
+        let (tx, rx) = channel();
+        let console = |bytes: Vec<u8>| GuestMessage::Console { bytes, exits: None };
+        let notice = |text: &str| GuestMessage::Notice(text.to_string());
+        for msg in [
+            notice("before hello"),
+            console(hello()),
+            console(start("cpu.rdtsc")),
+            console(sample("cpu.rdtsc", 0)),
+            notice("reattached once"),
+            notice("reattached twice"),
+            console(sample("cpu.rdtsc", 1)),
+            console(result("cpu.rdtsc")),
+            GuestMessage::Ended(GuestEnd::Exited { code: 0 }),
+        ] {
+            tx.send(msg).unwrap();
+        }
+        let mut s = Scripted {
+            rx,
+            _tx: None,
+            stopped: false,
+        };
+        let r = drive(
+            &mut s,
+            &plan,
+            LIMITS,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        );
+        let rdtsc = &r.outcomes[0];
+        // The figures stand (a lost line would show as a gap); the record says what happened.
+        assert_eq!(rdtsc.status, Status::Success, "{:?}", rdtsc.reason);
+        assert_eq!(
+            rdtsc.notes.get(HOST_CONSOLE_NOTE).map(String::as_str),
+            Some("reattached once; reattached twice")
+        );
+        assert_eq!(r.problems, vec!["before hello".to_string()]);
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! domain is configured to stay after it shuts down (so its reason can be read) and is
 //! destroyed by the session on every path: end, timeout, Ctrl-C, error, drop.
 
+pub mod console;
 pub mod transport;
 pub mod xl;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -22,6 +23,7 @@ use thiserror::Error;
 use workloads::abi::ExitCode;
 use workloads::BackendFeature;
 
+use self::console::ConsoleLink;
 use self::transport::{shell_quote, Transport, TransportError};
 use self::xl::{DomainConfig, Paging, ShutdownReason, XlInfo};
 use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
@@ -440,7 +442,7 @@ pub struct XenSession {
     transport: Transport,
     name: String,
     messages: Receiver<GuestMessage>,
-    console: Arc<Mutex<Option<Child>>>,
+    console: Arc<ConsoleLink>,
     watcher: Arc<Mutex<Option<Child>>>,
     driver: Option<JoinHandle<()>>,
     /// Set before the host destroys the domain, so the driver reports `Stopped` rather
@@ -467,14 +469,11 @@ fn watcher_script(name: &str) -> String {
 impl XenSession {
     fn start(transport: Transport, name: String) -> Result<Self, XenError> {
         let (tx, rx) = channel();
-        let console_child =
-            transport.spawn(&format!("exec xl console {}", shell_quote(&name)), false)?;
+        let console = Arc::new(ConsoleLink::attach(&transport, &name)?);
         let watcher_child = match transport.spawn(&watcher_script(&name), false) {
             Ok(c) => c,
             Err(e) => {
-                let mut c = console_child;
-                let _ = c.kill();
-                let _ = c.wait();
+                console.close();
                 let _ = transport.run(
                     &format!("xl destroy {}", shell_quote(&name)),
                     None,
@@ -483,7 +482,7 @@ impl XenSession {
                 return Err(e.into());
             }
         };
-        let console = Arc::new(Mutex::new(Some(console_child)));
+        console.start_reading(transport.clone(), tx.clone());
         let watcher = Arc::new(Mutex::new(Some(watcher_child)));
         let stopping = Arc::new(AtomicBool::new(false));
         let driver = {
@@ -525,14 +524,14 @@ fn take_stdout(child: &Arc<Mutex<Option<Child>>>) -> Option<std::process::ChildS
 
 /// What the driver thread shares with its session.
 struct DriverState {
-    console: Arc<Mutex<Option<Child>>>,
+    console: Arc<ConsoleLink>,
     watcher: Arc<Mutex<Option<Child>>>,
     transport: Transport,
     name: String,
     stopping: Arc<AtomicBool>,
 }
 
-/// Pumps the console into the channel and turns the watcher's verdict into `Ended`.
+/// Turns the watcher's verdict into `Ended`, once the console has passed everything on.
 fn drive(state: DriverState, tx: Sender<GuestMessage>) {
     let DriverState {
         console,
@@ -541,28 +540,13 @@ fn drive(state: DriverState, tx: Sender<GuestMessage>) {
         name,
         stopping,
     } = state;
-    let console_out = take_stdout(&console);
-    let console_tx = tx.clone();
-    let pump = std::thread::spawn(move || {
-        if let Some(mut out) = console_out {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let _ = console_tx.send(GuestMessage::Console {
-                    bytes: buf[..n].to_vec(),
-                    exits: None,
-                });
-            }
-        }
-    });
     let verdict = take_stdout(&watcher).and_then(|out| {
         BufReader::new(out)
             .lines()
             .map_while(Result::ok)
             .find(|l| !l.is_empty())
     });
+    let gone = verdict.as_deref() == Some("GONE");
     let end = match verdict
         .as_deref()
         .map(str::split_whitespace)
@@ -591,25 +575,26 @@ fn drive(state: DriverState, tx: Sender<GuestMessage>) {
     } else {
         end
     };
-    // The guest drained its ring before shutting down; give xl console a moment to pass
-    // the last lines on, then destroy the domain, which ends the console.
+    // The guest drained its ring before it stopped; once the console has passed that on,
+    // destroy the domain.
     if end != GuestEnd::Stopped {
-        std::thread::sleep(Duration::from_millis(300));
+        if !gone {
+            console.wait_drained();
+        }
+        console.shut();
         let _ = transport.run(
             &format!("xl destroy {}", shell_quote(&name)),
             None,
             XL_TIMEOUT,
         );
     }
-    for child in [&console, &watcher] {
-        if let Ok(mut c) = child.lock() {
-            if let Some(c) = c.as_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+    console.close();
+    if let Ok(mut c) = watcher.lock() {
+        if let Some(c) = c.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
-    let _ = pump.join();
     let _ = tx.send(GuestMessage::Ended(end));
 }
 
@@ -625,6 +610,7 @@ impl GuestSession for XenSession {
         self.destroyed = true;
         self.stopping.store(true, Ordering::Release);
         // Destroy first: the console and watcher then end on their own.
+        self.console.shut();
         let name = shell_quote(&self.name);
         let result = self
             .transport
@@ -634,12 +620,11 @@ impl GuestSession for XenSession {
             None,
             XL_TIMEOUT,
         );
-        for child in [&self.watcher, &self.console] {
-            if let Ok(mut c) = child.lock() {
-                if let Some(c) = c.as_mut() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
+        self.console.close();
+        if let Ok(mut c) = self.watcher.lock() {
+            if let Some(c) = c.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
             }
         }
         if let Some(driver) = self.driver.take() {
