@@ -181,8 +181,34 @@ pub(super) fn check_cancelled(cancel: Option<&AtomicBool>) -> Result<(), LabErro
     }
 }
 
+/// A cache directory opened for bring-up: created, made absolute (QEMU chdirs to / when it
+/// daemonizes, and the paths go into the state file), laid out, and locked.
+pub(super) struct OpenCache {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    _lock: Flock<fs::File>,
+}
+
+pub(super) fn open_cache(
+    cache_dir: &Path,
+    layout_of: fn(&Path) -> Layout,
+    progress: fn(&str),
+) -> Result<OpenCache, LabError> {
+    fs::create_dir_all(cache_dir).map_err(|e| LabError::io(cache_dir, e))?;
+    let dir = cache_dir
+        .canonicalize()
+        .map_err(|e| LabError::io(cache_dir, e))?;
+    let layout = layout_of(&dir);
+    let lock = lock_cache(&layout, progress)?;
+    Ok(OpenCache {
+        dir,
+        layout,
+        _lock: lock,
+    })
+}
+
 /// Holds the lab's lock file so two bring-ups never race over one cache.
-pub(super) fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
+fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -19,7 +19,7 @@ use reports::ResultsWriter;
 use serde::{Deserialize, Serialize};
 
 use super::bringup::{
-    self, check_cancelled, lock_cache, now_rfc3339, sha256_hex, BootWatch, Layout,
+    self, check_cancelled, now_rfc3339, open_cache, sha256_hex, BootWatch, Layout,
 };
 use super::initramfs::{self, InitramfsSpec};
 use super::packages::{self, PackageManifest};
@@ -299,16 +299,10 @@ fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
 pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
     validate(options)?;
     let progress = options.progress;
-    fs::create_dir_all(&options.cache_dir).map_err(|e| LabError::io(&options.cache_dir, e))?;
-    // Absolute paths: QEMU chdirs to / when it daemonizes, and they go into the state file.
-    let cache_dir = options
-        .cache_dir
-        .canonicalize()
-        .map_err(|e| LabError::io(&options.cache_dir, e))?;
-    let layout = Layout::kvm(&cache_dir);
-    let _lock = lock_cache(&layout, progress)?;
+    let cache = open_cache(&options.cache_dir, Layout::kvm, progress)?;
+    let (cache_dir, layout) = (&cache.dir, &cache.layout);
 
-    if let Some(status) = kvm_lab_status(&cache_dir)? {
+    if let Some(status) = kvm_lab_status(cache_dir)? {
         if status.healthy() {
             progress(&format!(
                 "KVM lab already up (QEMU pid {}, ssh port {}): {}",
@@ -317,13 +311,13 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
                 status.kvm_now.as_deref().unwrap_or_default()
             ));
             let mut state = status.state;
-            ensure_lab_hvbench(&cache_dir, &mut state, &options.hvbench, progress)?;
+            ensure_lab_hvbench(cache_dir, &mut state, &options.hvbench, progress)?;
             return Ok(state);
         }
         progress("a previous KVM lab is not healthy; stopping it");
     }
     // Also catches a QEMU whose bring-up was killed before it saved any state.
-    kvm_lab_down(&cache_dir)?;
+    kvm_lab_down(cache_dir)?;
 
     require_tool("ssh", "openssh-client")?;
     require_tool("ssh-keygen", "openssh-client")?;
@@ -341,7 +335,7 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
         progress(m)
     })?;
     check_cancelled(options.cancel)?;
-    let stamp = ensure_boot_files(&layout, &manifest, &options.hvbench, progress)?;
+    let stamp = ensure_boot_files(layout, &manifest, &options.hvbench, progress)?;
     progress(&format!(
         "boot files ready after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -350,7 +344,7 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
 
     fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
     let (pid, port, guard, boot_started) =
-        bringup::start_qemu(&layout, options.ssh_port, &|port| {
+        bringup::start_qemu(layout, options.ssh_port, &|port| {
             LinuxBoot {
                 kernel: &layout.kernel,
                 initramfs: &layout.initramfs,
@@ -393,7 +387,7 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
         hvbench: stamp.hvbench.clone(),
     };
     let watch = BootWatch {
-        layout: &layout,
+        layout,
         lab: "KVM",
         pid,
         deadline: boot_started + options.boot_timeout,
@@ -403,9 +397,9 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
     watch.wait_for_marker(KVM_READY_MARKER)?;
     // Every step of the boot script is needed (network, sshd, KVM): fail at once rather
     // than wait for an ssh that cannot come.
-    if bringup::serial_text(&layout).contains("hvbench-lab: FAILED") {
+    if bringup::serial_text(layout).contains("hvbench-lab: FAILED") {
         return Err(bringup::boot_failed(
-            &layout,
+            layout,
             "KVM",
             "the boot script reported failures",
         ));
@@ -416,7 +410,7 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
     ));
     state.kvm_at_boot = wait_for_hvbench(&watch, &state)?;
     state.boot_seconds = boot_started.elapsed().as_secs_f64();
-    write_state(&cache_dir, &state)?;
+    write_state(cache_dir, &state)?;
     guard.disarm();
     progress(&format!(
         "KVM lab is up: {:.1} s from QEMU start to hvbench answering over ssh ({:.1} s in all); {}",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::bringup::{
-    self, check_cancelled, lock_cache, now_rfc3339, sha256_hex, write_file, BootWatch, Layout,
+    self, check_cancelled, now_rfc3339, open_cache, sha256_hex, write_file, BootWatch, Layout,
 };
 use super::initramfs::{self, Dom0Config, READY_MARKER};
 use super::packages::{self, PackageManifest};
@@ -67,16 +67,10 @@ fn validate(options: &XenLabOptions) -> Result<(), LabError> {
 pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     validate(options)?;
     let progress = options.progress;
-    fs::create_dir_all(&options.cache_dir).map_err(|e| LabError::io(&options.cache_dir, e))?;
-    // Absolute paths: QEMU chdirs to / when it daemonizes, and they go into the state file.
-    let cache_dir = options
-        .cache_dir
-        .canonicalize()
-        .map_err(|e| LabError::io(&options.cache_dir, e))?;
-    let layout = Layout::xen(&cache_dir);
-    let _lock = lock_cache(&layout, progress)?;
+    let cache = open_cache(&options.cache_dir, Layout::xen, progress)?;
+    let (cache_dir, layout) = (&cache.dir, &cache.layout);
 
-    if let Some(status) = lab_status(&cache_dir)? {
+    if let Some(status) = lab_status(cache_dir)? {
         if status.healthy() {
             progress(&format!(
                 "Xen {} lab already up (QEMU pid {}, ssh port {})",
@@ -87,7 +81,7 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         progress("a previous lab is not healthy; stopping it");
     }
     // Also catches a QEMU whose bring-up was killed before it saved any state.
-    lab_down(&cache_dir)?;
+    lab_down(cache_dir)?;
 
     require_tool("ssh", "openssh-client")?;
     require_tool("ssh-keygen", "openssh-client")?;
@@ -105,7 +99,7 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         progress(m)
     })?;
     check_cancelled(options.cancel)?;
-    let stamp = ensure_boot_files(&layout, &manifest, progress)?;
+    let stamp = ensure_boot_files(layout, &manifest, progress)?;
     progress(&format!(
         "boot files ready after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -113,9 +107,9 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     check_cancelled(options.cancel)?;
 
     fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
-    let hypervisor = hypervisor_path(&layout);
+    let hypervisor = hypervisor_path(layout);
     let (pid, port, guard, boot_started) =
-        bringup::start_qemu(&layout, options.ssh_port, &|port| {
+        bringup::start_qemu(layout, options.ssh_port, &|port| {
             XenBoot {
                 hypervisor: &hypervisor,
                 dom0_kernel: &layout.kernel,
@@ -155,7 +149,7 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
         serial_log: layout.serial_log.clone(),
     };
     let watch = BootWatch {
-        layout: &layout,
+        layout,
         lab: "Xen",
         pid,
         deadline: boot_started + options.boot_timeout,
@@ -169,7 +163,7 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     ));
     state.xen_version = wait_for_xl_info(&watch, &state)?;
     state.boot_seconds = boot_started.elapsed().as_secs_f64();
-    write_state(&cache_dir, &state)?;
+    write_state(cache_dir, &state)?;
     guard.disarm();
     progress(&format!(
         "Xen {} is up: {:.1} s from QEMU start to `xl info` over ssh ({:.1} s in all)",
