@@ -184,6 +184,11 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
     let started = Instant::now();
     let cache = lab_cache_dir();
     let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop = common::LabDownOnDrop {
+        down: lab::lab_down,
+        cache: cache.clone(),
+        armed: !already_up,
+    };
     let up = common::hvbench()
         .args(["lab", "up", "xen", "--cache-dir"])
         .arg(&cache)
@@ -228,6 +233,7 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
         .collect();
     assert!(leftovers.is_empty(), "leftover domains: {leftovers:?}");
     if !already_up {
+        down_on_drop.armed = false;
         let down = common::hvbench()
             .args(["lab", "down", "--cache-dir"])
             .arg(&cache)

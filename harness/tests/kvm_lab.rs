@@ -66,19 +66,6 @@ fn qemu_alive(pid: u32, pid_file: &Path) -> bool {
 
 /// Takes down a lab this test brought up, also when an assertion fails on the way: a TCG
 /// QEMU left behind would eat a shared machine's CPU.
-struct LabDownOnDrop {
-    cache: std::path::PathBuf,
-    armed: bool,
-}
-
-impl Drop for LabDownOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = lab::kvm_lab_down(&self.cache);
-        }
-    }
-}
-
 #[test]
 fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     if !required() {
@@ -97,7 +84,8 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     let cache = lab::default_cache_dir().expect("HOME is set");
     let already_up = matches!(lab::kvm_lab_status(&cache), Ok(Some(s)) if s.healthy());
 
-    let mut down_on_drop = LabDownOnDrop {
+    let mut down_on_drop = common::LabDownOnDrop {
+        down: lab::kvm_lab_down,
         cache: cache.clone(),
         armed: !already_up,
     };

@@ -42,6 +42,11 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
     let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop = common::LabDownOnDrop {
+        down: lab::lab_down,
+        cache: cache.clone(),
+        armed: !already_up,
+    };
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
     let up = common::hvbench()
@@ -196,6 +201,7 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
         .contains("shadow"));
 
     if !already_up {
+        down_on_drop.armed = false;
         let down = common::hvbench().args(["lab", "down"]).output().unwrap();
         assert!(down.status.success());
         assert!(String::from_utf8_lossy(&down.stdout).contains("stopped"));

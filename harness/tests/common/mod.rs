@@ -100,3 +100,19 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 pub fn hvbench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hvbench"))
 }
+
+/// Brings a lab down when the test ends, a failed assertion included, unless the lab was
+/// up before the test (then it is someone's, and stays).
+pub struct LabDownOnDrop {
+    pub down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
+    pub cache: PathBuf,
+    pub armed: bool,
+}
+
+impl Drop for LabDownOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = (self.down)(&self.cache);
+        }
+    }
+}
