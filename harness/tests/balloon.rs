@@ -169,7 +169,7 @@ fn lab_cache_dir() -> std::path::PathBuf {
 
 #[test]
 fn mem_balloon_succeeds_on_xen_in_the_lab() {
-    if std::env::var("HVBENCH_REQUIRE_XEN_LAB").as_deref() != Ok("1") {
+    if !common::required("HVBENCH_REQUIRE_XEN_LAB") {
         eprintln!(
             "notice: mem.balloon on Xen needs the TCG-nested Xen lab; set \
              HVBENCH_REQUIRE_XEN_LAB=1 to run it (HVBENCH_XEN_LAB_CACHE_DIR picks the lab)"
@@ -184,11 +184,7 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
     let started = Instant::now();
     let cache = lab_cache_dir();
     let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop {
-        down: lab::lab_down,
-        cache: cache.clone(),
-        armed: !already_up,
-    };
+    let mut down_on_drop = common::LabDownOnDrop::new(lab::lab_down, &cache, already_up);
     let up = common::hvbench()
         .args(["lab", "up", "xen", "--cache-dir"])
         .arg(&cache)
@@ -233,7 +229,7 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
         .collect();
     assert!(leftovers.is_empty(), "leftover domains: {leftovers:?}");
     if !already_up {
-        down_on_drop.armed = false;
+        down_on_drop.disarm();
         let down = common::hvbench()
             .args(["lab", "down", "--cache-dir"])
             .arg(&cache)

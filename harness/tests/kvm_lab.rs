@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -17,24 +16,11 @@ use hvbench::lab;
 use reports::read_results;
 use reports::record::Status;
 
-fn required() -> bool {
-    std::env::var("HVBENCH_REQUIRE_KVM_LAB").as_deref() == Ok("1")
-}
-
 fn prerequisites_present() -> bool {
-    let have = |cmd: &str| {
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {cmd}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
     common::qemu_binary().is_some()
-        && have("apt-get")
-        && have("dpkg-deb")
-        && have("ssh")
-        && have("ssh-keygen")
+        && ["apt-get", "dpkg-deb", "ssh", "ssh-keygen"]
+            .iter()
+            .all(|cmd| common::on_path(cmd))
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -51,24 +37,9 @@ fn assert_ok(output: &Output, what: &str) {
     );
 }
 
-fn qemu_alive(pid: u32, pid_file: &Path) -> bool {
-    let Ok(command_line) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.contains(") Z "))
-        .unwrap_or(true);
-    let names_pid_file = command_line
-        .split(|&b| b == 0)
-        .any(|argument| argument == pid_file.as_os_str().as_encoded_bytes());
-    names_pid_file && !zombie
-}
-
-/// Takes down a lab this test brought up, also when an assertion fails on the way: a TCG
-/// QEMU left behind would eat a shared machine's CPU.
 #[test]
 fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
-    if !required() {
+    if !common::required("HVBENCH_REQUIRE_KVM_LAB") {
         eprintln!(
             "notice: the KVM lab test boots Linux nested in QEMU for a minute or two; \
              set HVBENCH_REQUIRE_KVM_LAB=1 to run it"
@@ -84,11 +55,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     let cache = lab::default_cache_dir().expect("HOME is set");
     let already_up = matches!(lab::kvm_lab_status(&cache), Ok(Some(s)) if s.healthy());
 
-    let mut down_on_drop = common::LabDownOnDrop {
-        down: lab::kvm_lab_down,
-        cache: cache.clone(),
-        armed: !already_up,
-    };
+    let mut down_on_drop = common::LabDownOnDrop::new(lab::kvm_lab_down, &cache, already_up);
 
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
@@ -222,7 +189,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     assert!(stale.trim_end().ends_with("npt=Y"), "{stale}");
 
     if !already_up {
-        down_on_drop.armed = false;
+        down_on_drop.disarm();
         let down = common::hvbench()
             .args(["lab", "down", "kvm"])
             .output()
@@ -230,7 +197,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
         assert_ok(&down, "lab down kvm");
         assert!(text(&down.stdout).contains("KVM lab stopped"));
         assert!(
-            !qemu_alive(state.qemu_pid, &state.qemu_pid_file),
+            !common::qemu_alive(state.qemu_pid, &state.qemu_pid_file),
             "the KVM lab's QEMU survived lab down"
         );
         assert!(lab::kvm_lab_status(&cache).unwrap().is_none());

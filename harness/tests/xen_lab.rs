@@ -15,18 +15,13 @@ use workloads::WorkloadId;
 
 /// Whether a lab can be deployed here (QEMU and Debian's apt); CI requires it.
 fn lab_possible() -> bool {
-    let have = |cmd: &str| {
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {cmd}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    let ok = common::qemu_binary().is_some() && have("apt-get") && have("dpkg-deb") && have("ssh");
+    let ok = common::qemu_binary().is_some()
+        && ["apt-get", "dpkg-deb", "ssh"]
+            .iter()
+            .all(|cmd| common::on_path(cmd));
     if !ok {
         assert!(
-            std::env::var("HVBENCH_REQUIRE_XEN_LAB").as_deref() != Ok("1"),
+            !common::required("HVBENCH_REQUIRE_XEN_LAB"),
             "the Xen lab cannot be deployed here (needs qemu-system-x86_64, apt-get, dpkg-deb, ssh)"
         );
         eprintln!("notice: cannot deploy the Xen lab here; skipping");
@@ -42,11 +37,7 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
     let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop {
-        down: lab::lab_down,
-        cache: cache.clone(),
-        armed: !already_up,
-    };
+    let mut down_on_drop = common::LabDownOnDrop::new(lab::lab_down, &cache, already_up);
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
     let up = common::hvbench()
@@ -201,15 +192,14 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
         .contains("shadow"));
 
     if !already_up {
-        down_on_drop.armed = false;
+        down_on_drop.disarm();
         let down = common::hvbench().args(["lab", "down"]).output().unwrap();
         assert!(down.status.success());
         assert!(String::from_utf8_lossy(&down.stdout).contains("stopped"));
-        let alive = std::path::Path::new(&format!("/proc/{}", state.qemu_pid)).exists()
-            && std::fs::read_to_string(format!("/proc/{}/stat", state.qemu_pid))
-                .map(|s| !s.contains(") Z "))
-                .unwrap_or(false);
-        assert!(!alive, "the lab's QEMU survived lab down");
+        assert!(
+            !common::qemu_alive(state.qemu_pid, &state.qemu_pid_file),
+            "the lab's QEMU survived lab down"
+        );
     }
 }
 

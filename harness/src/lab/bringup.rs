@@ -16,11 +16,14 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::initramfs;
+use super::packages::{self, PackageManifest};
 use super::qemu::{self, QemuGuard};
-use super::tools::{run_checked, tail_lines};
+use super::tools::{require_tool, run_checked, tail_lines};
 use super::LabError;
 
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Limit for one ssh attempt while a lab boots.
+const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The cache directory as bring-up recorded it (canonical), so that paths compare equal
 /// to those in QEMU's command line however the caller spelled it.
@@ -45,6 +48,38 @@ pub(super) fn read_json_state<T: serde::de::DeserializeOwned>(
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+}
+
+/// What stopping a lab needs of its saved state (the rest of it may not even parse).
+#[derive(serde::Deserialize)]
+struct QemuRef {
+    qemu_pid: u32,
+    qemu_pid_file: PathBuf,
+}
+
+/// Stops the QEMU of the lab whose state is in `state_file` (SIGTERM, then SIGKILL) and
+/// forgets that state. True if one was running. Also stops a QEMU left by a bring-up that
+/// was killed before saving its state.
+pub(super) fn stop_lab(
+    cache_dir: &Path,
+    state_file: &Path,
+    layout_of: fn(&Path) -> Layout,
+) -> Result<bool, LabError> {
+    let mut stopped = false;
+    // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
+    if let Ok(Some(state)) = read_json_state::<QemuRef>(state_file) {
+        stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
+    }
+    let pid_file = layout_of(cache_dir).pid_file;
+    if let Some(pid) = qemu::read_pid_file(&pid_file) {
+        stopped |= qemu::terminate(pid, &pid_file)?;
+    }
+    match fs::remove_file(state_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LabError::io(state_file, e)),
+    }
+    Ok(stopped)
 }
 
 /// Where to ssh into a lab: root@127.0.0.1 on the forwarded port, with the lab's own key
@@ -207,6 +242,29 @@ pub(super) fn open_cache(
     })
 }
 
+/// Checks the host tools a bring-up needs, then downloads `packages` (cached) and unpacks
+/// them into the layout's staging tree.
+pub(super) fn fetch_and_stage(
+    layout: &Layout,
+    packages: &[&str],
+    size_hint: &str,
+    cancel: Option<&AtomicBool>,
+    progress: fn(&str),
+) -> Result<PackageManifest, LabError> {
+    require_tool("ssh", "openssh-client")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
+    let manifest = packages::ensure_packages(&layout.package_cache(), packages, size_hint, &|m| {
+        progress(m)
+    })?;
+    check_cancelled(cancel)?;
+    packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
+        progress(m)
+    })?;
+    check_cancelled(cancel)?;
+    Ok(manifest)
+}
+
 /// Holds the lab's lock file so two bring-ups never race over one cache.
 fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
     let file = fs::OpenOptions::new()
@@ -244,10 +302,16 @@ pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
     file.write_all(bytes).map_err(|e| LabError::io(path, e))
 }
 
+/// What goes into a lab's image: its host key, and the client key it lets in.
+pub(super) struct LabKeys {
+    pub host_key: Vec<u8>,
+    pub client_public: Vec<u8>,
+}
+
 /// The client key pair (ssh-keygen) and the lab's host key (the downloaded dropbearkey,
 /// run through the downloaded loader since the host may lack its libraries); made once.
 /// known_hosts pins the host key under `host_key_alias`, whatever the port.
-pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<(), LabError> {
+pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<LabKeys, LabError> {
     fs::create_dir_all(&layout.keys_dir).map_err(|e| LabError::io(&layout.keys_dir, e))?;
     if !layout.client_key.is_file() || !layout.client_key.with_extension("pub").is_file() {
         let _ = fs::remove_file(&layout.client_key);
@@ -303,7 +367,13 @@ pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<(), L
     write_file(
         &layout.known_hosts,
         format!("{host_key_alias} {kind} {key}\n").as_bytes(),
-    )
+    )?;
+    let client_public_path = layout.client_key.with_extension("pub");
+    Ok(LabKeys {
+        host_key: fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?,
+        client_public: fs::read(&client_public_path)
+            .map_err(|e| LabError::io(&client_public_path, e))?,
+    })
 }
 
 fn pick_free_port() -> Result<u16, LabError> {
@@ -400,6 +470,27 @@ impl BootWatch<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// Retries `attempt` (given the time it may take) until it answers, while the boot
+    /// lasts; an ssh failure is retried, any other error ends the wait.
+    pub fn wait_for_ssh<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut(Duration) -> Result<T, LabError>,
+    ) -> Result<T, LabError> {
+        let mut last_error = String::new();
+        loop {
+            self.check(&format!(
+                "{what} over ssh did not answer (last error: {last_error})"
+            ))?;
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            match attempt(SSH_ATTEMPT_TIMEOUT.min(remaining)) {
+                Err(LabError::Ssh { reason }) => last_error = reason,
+                answer => return answer,
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Waits for the boot script's `marker` line on the serial log.

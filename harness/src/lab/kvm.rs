@@ -24,7 +24,6 @@ use super::bringup::{
 use super::initramfs::{self, InitramfsSpec};
 use super::packages::{self, PackageManifest};
 use super::qemu::{self, LinuxBoot};
-use super::tools::require_tool;
 use super::{progress_to_stderr, LabAccel, LabError};
 use crate::backend::xen::transport::{shell_quote, SshTarget, Transport, TransportError};
 use crate::host_paging::PagingMode;
@@ -44,7 +43,6 @@ const LAB_MODULES: &[&str] = &["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel
 const STATE_FILE: &str = "kvm-lab.json";
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
-const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
 const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copying hvbench (tens of MB) into the lab through QEMU's user network and an emulated
 /// sshd.
@@ -248,22 +246,7 @@ pub fn kvm_lab_status(cache_dir: &Path) -> Result<Option<KvmLabStatus>, LabError
 /// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
 pub fn kvm_lab_down(cache_dir: &Path) -> Result<bool, LabError> {
     let cache_dir = &super::bringup::absolute_cache_dir(cache_dir);
-    let mut stopped = false;
-    // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
-    if let Ok(Some(state)) = read_state(cache_dir) {
-        stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
-    }
-    let pid_file = Layout::kvm(cache_dir).pid_file;
-    if let Some(pid) = qemu::read_pid_file(&pid_file) {
-        stopped |= qemu::terminate(pid, &pid_file)?;
-    }
-    let path = state_path(cache_dir);
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LabError::io(&path, e)),
-    }
-    Ok(stopped)
+    bringup::stop_lab(cache_dir, &state_path(cache_dir), Layout::kvm)
 }
 
 fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
@@ -319,22 +302,14 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
     // Also catches a QEMU whose bring-up was killed before it saved any state.
     kvm_lab_down(cache_dir)?;
 
-    require_tool("ssh", "openssh-client")?;
-    require_tool("ssh-keygen", "openssh-client")?;
-    require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
-
     let started = Instant::now();
-    let manifest = packages::ensure_packages(
-        &layout.package_cache(),
+    let manifest = bringup::fetch_and_stage(
+        layout,
         packages::KVM_LAB_PACKAGES,
         "about 75 MB, the kernel most of it",
-        &|m| progress(m),
+        options.cancel,
+        progress,
     )?;
-    check_cancelled(options.cancel)?;
-    packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
-        progress(m)
-    })?;
-    check_cancelled(options.cancel)?;
     let stamp = ensure_boot_files(layout, &manifest, &options.hvbench, progress)?;
     progress(&format!(
         "boot files ready after {:.1} s",
@@ -422,27 +397,16 @@ pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
 }
 
 fn wait_for_hvbench(watch: &BootWatch<'_>, state: &KvmLabState) -> Result<String, LabError> {
-    let mut last_error = String::new();
-    loop {
-        watch.check(&format!(
-            "`hvbench host paging` over ssh did not answer (last error: {last_error})"
-        ))?;
-        let remaining = watch.deadline.saturating_duration_since(Instant::now());
-        match kvm_over_ssh(state, SSH_ATTEMPT_TIMEOUT.min(remaining)) {
-            Ok(line) if line.starts_with("kvm_amd") || line.starts_with("kvm_intel") => {
-                return Ok(line)
-            }
-            // Up, but without a KVM module: the boot script's FAILED lines say why.
-            Ok(line) => {
-                return Err(bringup::boot_failed(
-                    watch.layout,
-                    watch.lab,
-                    format!("the lab has no usable KVM: {line}"),
-                ))
-            }
-            Err(error) => last_error = error.to_string(),
-        }
-        thread::sleep(Duration::from_millis(500));
+    let line = watch.wait_for_ssh("`hvbench host paging`", |limit| kvm_over_ssh(state, limit))?;
+    if line.starts_with("kvm_amd") || line.starts_with("kvm_intel") {
+        Ok(line)
+    } else {
+        // Up, but without a KVM module: the boot script's FAILED lines say why.
+        Err(bringup::boot_failed(
+            watch.layout,
+            watch.lab,
+            format!("the lab has no usable KVM: {line}"),
+        ))
     }
 }
 
@@ -458,11 +422,7 @@ fn ensure_boot_files(
         .ok_or_else(|| LabError::Packages {
             reason: "no linux-image package among the downloads".into(),
         })?;
-    bringup::ensure_keys(layout, KVM_HOST_KEY_ALIAS)?;
-    let host_key = fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?;
-    let client_public_path = layout.client_key.with_extension("pub");
-    let client_public =
-        fs::read(&client_public_path).map_err(|e| LabError::io(&client_public_path, e))?;
+    let keys = bringup::ensure_keys(layout, KVM_HOST_KEY_ALIAS)?;
     let release = initramfs::kernel_release(&layout.stage_dir)?;
     let identity = BinaryIdentity::of(hvbench)?;
     let modules = LAB_MODULES.join(",");
@@ -473,8 +433,8 @@ fn ensure_boot_files(
             RC_SCRIPT.as_bytes(),
             initramfs::INITTAB.as_bytes(),
             modules.as_bytes(),
-            &host_key,
-            &client_public,
+            &keys.host_key,
+            &keys.client_public,
         ]),
         kernel_package: format!("{} {}", kernel_package.name, kernel_package.version),
         kernel_release: release.clone(),
@@ -497,7 +457,7 @@ fn ensure_boot_files(
         "building the lab's initramfs (with {})",
         hvbench.display()
     ));
-    let authorized_key = String::from_utf8_lossy(&client_public).into_owned();
+    let authorized_key = String::from_utf8_lossy(&keys.client_public).into_owned();
     let summary = initramfs::build_initramfs(
         &InitramfsSpec {
             stage_dir: &layout.stage_dir,
@@ -509,7 +469,7 @@ fn ensure_boot_files(
             rc_script: RC_SCRIPT,
             hostname: "hvbench-kvm-lab",
             authorized_key: &authorized_key,
-            host_key: &host_key,
+            host_key: &keys.host_key,
         },
         &layout.initramfs,
     )?;

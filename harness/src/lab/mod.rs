@@ -322,22 +322,7 @@ pub fn lab_status(cache_dir: &Path) -> Result<Option<LabStatus>, LabError> {
 /// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
 pub fn lab_down(cache_dir: &Path) -> Result<bool, LabError> {
     let cache_dir = &absolute_cache_dir(cache_dir);
-    let mut stopped = false;
-    // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
-    if let Ok(Some(state)) = read_state(cache_dir) {
-        stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
-    }
-    let pid_file = bringup::Layout::xen(cache_dir).pid_file;
-    if let Some(pid) = qemu::read_pid_file(&pid_file) {
-        stopped |= qemu::terminate(pid, &pid_file)?;
-    }
-    let path = state_path(cache_dir);
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LabError::io(&path, e)),
-    }
-    Ok(stopped)
+    bringup::stop_lab(cache_dir, &state_path(cache_dir), bringup::Layout::xen)
 }
 
 #[cfg(test)]

@@ -44,6 +44,11 @@ pub fn tail_lines(text: &str, count: usize) -> String {
 
 /// Runs to completion; a non-zero exit becomes an error carrying the end of its stderr.
 pub fn run_checked(command: &mut Command, what: &str) -> Result<String, LabError> {
+    run_checked_bytes(command, what).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// As `run_checked`, for a program whose stdout is binary.
+pub fn run_checked_bytes(command: &mut Command, what: &str) -> Result<Vec<u8>, LabError> {
     let output = command
         .stdin(Stdio::null())
         .output()
@@ -58,7 +63,7 @@ pub fn run_checked(command: &mut Command, what: &str) -> Result<String, LabError
             detail: format!("{}: {}", output.status, tail_lines(&stderr, 8)),
         });
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(output.stdout)
 }
 
 /// Runs `command` feeding it `stdin`, collecting stdout and stderr, and kills it when it

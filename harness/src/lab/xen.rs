@@ -4,8 +4,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +13,8 @@ use super::bringup::{
 };
 use super::initramfs::{self, Dom0Config, READY_MARKER};
 use super::packages::{self, PackageManifest};
-use super::qemu::{self, XenBoot};
-use super::tools::{require_tool, tail_lines};
+use super::qemu::XenBoot;
+use super::tools::{require_tool, run_checked_bytes};
 use super::{
     lab_down, lab_status, write_state, xen_version_over_ssh, LabAccel, LabError, LabState,
     XenLabOptions, HOST_KEY_ALIAS,
@@ -25,7 +24,6 @@ pub use super::qemu::DOM0_MEMORY_MIB;
 
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
-const SSH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Xen's own image sits beside the dom0 kernel.
 fn hypervisor_path(layout: &Layout) -> std::path::PathBuf {
@@ -83,22 +81,14 @@ pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
     // Also catches a QEMU whose bring-up was killed before it saved any state.
     lab_down(cache_dir)?;
 
-    require_tool("ssh", "openssh-client")?;
-    require_tool("ssh-keygen", "openssh-client")?;
-    require_tool(qemu::QEMU_BINARY, qemu::QEMU_PACKAGE)?;
-
     let started = Instant::now();
-    let manifest = packages::ensure_packages(
-        &layout.package_cache(),
+    let manifest = bringup::fetch_and_stage(
+        layout,
         packages::XEN_LAB_PACKAGES,
         "about 81 MB",
-        &|m| progress(m),
+        options.cancel,
+        progress,
     )?;
-    check_cancelled(options.cancel)?;
-    packages::ensure_staging_tree(&layout.debs_dir, &manifest, &layout.stage_dir, &|m| {
-        progress(m)
-    })?;
-    check_cancelled(options.cancel)?;
     let stamp = ensure_boot_files(layout, &manifest, progress)?;
     progress(&format!(
         "boot files ready after {:.1} s",
@@ -191,11 +181,7 @@ fn ensure_boot_files(
             reason: "xen-hypervisor-4.17-amd64 missing from the downloads".into(),
         })?
         .to_string();
-    bringup::ensure_keys(layout, HOST_KEY_ALIAS)?;
-    let host_key = fs::read(&layout.host_key).map_err(|e| LabError::io(&layout.host_key, e))?;
-    let client_public_path = layout.client_key.with_extension("pub");
-    let client_public =
-        fs::read(&client_public_path).map_err(|e| LabError::io(&client_public_path, e))?;
+    let keys = bringup::ensure_keys(layout, HOST_KEY_ALIAS)?;
     let modules = initramfs::DOM0_MODULES.join(",");
     let expected = BuildStamp {
         format: BUILD_FORMAT,
@@ -204,8 +190,8 @@ fn ensure_boot_files(
             initramfs::RC_SCRIPT.as_bytes(),
             initramfs::INITTAB.as_bytes(),
             modules.as_bytes(),
-            &host_key,
-            &client_public,
+            &keys.host_key,
+            &keys.client_public,
         ]),
         xen_package_version,
         dom0_kernel_package: format!("{} {}", kernel_package.name, kernel_package.version),
@@ -230,7 +216,8 @@ fn ensure_boot_files(
     progress("unpacking the hypervisor (boot/xen-4.17-amd64.gz)");
     let mut gunzip = Command::new("gzip");
     gunzip.arg("-dc").arg(&compressed);
-    let hypervisor = run_binary(&mut gunzip, "gzip -dc xen-4.17-amd64.gz", "gzip")?;
+    require_tool("gzip", "gzip")?;
+    let hypervisor = run_checked_bytes(&mut gunzip, "gzip -dc xen-4.17-amd64.gz")?;
     write_file(&hypervisor_file, &hypervisor)?;
 
     let release = initramfs::kernel_release(stage)?;
@@ -238,13 +225,13 @@ fn ensure_boot_files(
     fs::copy(&kernel, &layout.kernel).map_err(|e| LabError::io(&kernel, e))?;
 
     progress("building the dom0 initramfs");
-    let authorized_key = String::from_utf8_lossy(&client_public).into_owned();
+    let authorized_key = String::from_utf8_lossy(&keys.client_public).into_owned();
     let summary = initramfs::build_dom0_initramfs(
         &Dom0Config {
             stage_dir: stage,
             kernel_release: &release,
             authorized_key: &authorized_key,
-            host_key: &host_key,
+            host_key: &keys.host_key,
         },
         &layout.initramfs,
     )?;
@@ -267,51 +254,18 @@ fn ensure_boot_files(
     Ok(expected)
 }
 
-/// Runs a program whose stdout is binary.
-fn run_binary(command: &mut Command, what: &str, package: &str) -> Result<Vec<u8>, LabError> {
-    let program = command.get_program().to_string_lossy().into_owned();
-    require_tool(&program, package)?;
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| LabError::Command {
-            what: what.into(),
-            detail: e.to_string(),
-        })?;
-    if !output.status.success() {
-        return Err(LabError::Command {
-            what: what.into(),
-            detail: format!(
-                "{}: {}",
-                output.status,
-                tail_lines(&String::from_utf8_lossy(&output.stderr), 6)
-            ),
-        });
-    }
-    Ok(output.stdout)
-}
-
 fn wait_for_xl_info(watch: &BootWatch<'_>, state: &LabState) -> Result<String, LabError> {
-    let mut last_error = String::new();
-    loop {
-        watch.check(&format!(
-            "`xl info` over ssh did not answer (last error: {last_error})"
-        ))?;
-        let remaining = watch.deadline.saturating_duration_since(Instant::now());
-        match xen_version_over_ssh(state, SSH_ATTEMPT_TIMEOUT.min(remaining)) {
-            Ok(version) => return Ok(version),
-            Err(error) => last_error = error.to_string(),
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
+    watch.wait_for_ssh("`xl info`", |limit| xen_version_over_ssh(state, limit))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::xen::transport::Transport;
+    use crate::lab::qemu;
     use crate::lab::ssh_target;
     use std::path::PathBuf;
+    use std::time::Duration;
 
     /// The flat image (0x100000..) of assets/pvh-test-guest.S: prints one line on the PV
     /// console and port 0xE9, then SCHEDOP_shutdown(poweroff).
@@ -469,7 +423,7 @@ mod tests {
                 break;
             }
             assert!(Instant::now() < deadline, "guest did not finish: {console}");
-            thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(500));
         }
 
         assert!(lab_down(&cache_dir).expect("down"));

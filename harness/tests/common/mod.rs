@@ -13,8 +13,33 @@ use hvbench::run::{self, RunOptions, RunSummary};
 use reports::ResultsWriter;
 use workloads::WorkloadId;
 
-fn required(var: &str) -> bool {
+/// Whether CI asks for what `var` names (HVBENCH_REQUIRE_*=1).
+pub fn required(var: &str) -> bool {
     std::env::var(var).map(|v| v == "1").unwrap_or(false)
+}
+
+/// Whether `cmd` is on PATH.
+pub fn on_path(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Whether `pid` is a live QEMU started with `pid_file` (a recycled pid is not).
+pub fn qemu_alive(pid: u32, pid_file: &Path) -> bool {
+    let Ok(command_line) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| stat.contains(") Z "))
+        .unwrap_or(true);
+    let names_pid_file = command_line
+        .split(|&b| b == 0)
+        .any(|argument| argument == pid_file.as_os_str().as_encoded_bytes());
+    names_pid_file && !zombie
 }
 
 /// Whether /dev/kvm can be used. Without it the test returns early, unless CI requires it.
@@ -101,12 +126,32 @@ pub fn hvbench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hvbench"))
 }
 
-/// Brings a lab down when the test ends, a failed assertion included, unless the lab was
-/// up before the test (then it is someone's, and stays).
+/// Brings a lab down when the test ends, a failed assertion included (a TCG QEMU left
+/// behind would eat a shared machine's CPU), unless the lab was up before the test (then it
+/// is someone's, and stays).
 pub struct LabDownOnDrop {
-    pub down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
-    pub cache: PathBuf,
-    pub armed: bool,
+    down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
+    cache: PathBuf,
+    armed: bool,
+}
+
+impl LabDownOnDrop {
+    pub fn new(
+        down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
+        cache: &Path,
+        already_up: bool,
+    ) -> Self {
+        LabDownOnDrop {
+            down,
+            cache: cache.to_path_buf(),
+            armed: !already_up,
+        }
+    }
+
+    /// The test takes the lab down itself (and checks that it went).
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for LabDownOnDrop {

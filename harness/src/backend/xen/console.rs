@@ -189,38 +189,46 @@ fn read_until_closed(
         if reattaches == MAX_REATTACHES {
             lock(state).closed = true;
             let _ = tx.send(GuestMessage::Notice(format!(
-                "`xl console` ended ({how}) for the {} time while the domain ran; gave up on \
-                 the console",
-                reattaches + 1
+                "`xl console` ended ({how}) again after {MAX_REATTACHES} reattaches while the \
+                 domain ran; gave up on the console"
             )));
             return;
         }
         std::thread::sleep(REATTACH_PAUSE);
-        let spawned = {
+        let respawned = {
             let mut s = lock(state);
             if s.closed {
                 return;
             }
-            let spawned = transport.spawn(command, false).map(|child| {
-                s.child = Some(child);
-                s.attached_at = Instant::now();
-                s.last_bytes_at = None;
-            });
-            // Without a reader there is nothing more to wait for.
-            s.closed |= spawned.is_err();
-            spawned
+            match transport.spawn(command, false) {
+                Ok(child) => {
+                    s.child = Some(child);
+                    s.attached_at = Instant::now();
+                    s.last_bytes_at = None;
+                    Ok(())
+                }
+                Err(e) => {
+                    // Without a reader there is nothing more to wait for.
+                    s.closed = true;
+                    Err(e)
+                }
+            }
         };
         reattaches += 1;
-        let notice = match &spawned {
-            Ok(()) => format!(
-                "`xl console` ended ({how}) while the domain ran; reattached ({reattaches} \
-                 of {MAX_REATTACHES}): lines in flight may be lost, and are reported if so"
-            ),
-            Err(e) => format!("`xl console` ended ({how}) and could not be restarted: {e}"),
-        };
-        let _ = tx.send(GuestMessage::Notice(notice));
-        if spawned.is_err() {
-            return;
+        match respawned {
+            Ok(()) => {
+                let _ = tx.send(GuestMessage::Notice(format!(
+                    "`xl console` ended ({how}) while the domain ran; reattached \
+                     ({reattaches} of {MAX_REATTACHES}): lines in flight may be lost, and are \
+                     reported if so"
+                )));
+            }
+            Err(e) => {
+                let _ = tx.send(GuestMessage::Notice(format!(
+                    "`xl console` ended ({how}) and could not be restarted: {e}"
+                )));
+                return;
+            }
         }
     }
 }
