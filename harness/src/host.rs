@@ -10,7 +10,7 @@ use procfs::Current;
 use reports::record::HostInfo;
 
 /// Reads a sysfs/procfs file, trimmed; `None` if absent.
-fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
+pub(crate) fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
         .map(|s| s.trim().to_string())

@@ -20,6 +20,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::statefile;
+
 /// Set in the environment of the command run under a switch: the mode it runs with.
 pub const PAGING_ENV: &str = "HVBENCH_HOST_PAGING";
 
@@ -118,7 +120,7 @@ impl HostPaths {
         Self {
             sys_module: PathBuf::from("/sys/module"),
             cpuinfo: PathBuf::from("/proc/cpuinfo"),
-            state_dir: PathBuf::from("/run/hvbench"),
+            state_dir: PathBuf::from(statefile::SYSTEM_STATE_DIR),
         }
     }
 
@@ -235,6 +237,15 @@ pub enum PagingError {
     },
 }
 
+impl From<statefile::StateFileError> for PagingError {
+    fn from(e: statefile::StateFileError) -> Self {
+        match e {
+            statefile::StateFileError::Io { path, source, .. } => PagingError::Io { path, source },
+            statefile::StateFileError::Json { path, reason } => PagingError::State { path, reason },
+        }
+    }
+}
+
 impl PagingError {
     fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
@@ -251,10 +262,6 @@ pub fn parse_bool_parameter(text: &str) -> Option<bool> {
         "N" | "n" | "0" => Some(false),
         _ => None,
     }
-}
-
-fn read_trimmed(path: &Path) -> Option<String> {
-    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
 /// The vendor module this CPU takes, from the `flags` line of /proc/cpuinfo.
@@ -280,9 +287,9 @@ pub fn read_kvm_paging(paths: &HostPaths) -> KvmPaging {
         if dir.exists() {
             return KvmPaging::Vendor {
                 module,
-                tdp: read_trimmed(&dir.join("parameters").join(module.parameter()))
+                tdp: crate::host::read_trimmed(dir.join("parameters").join(module.parameter()))
                     .and_then(|v| parse_bool_parameter(&v)),
-                users: read_trimmed(&dir.join("refcnt")).and_then(|v| v.parse().ok()),
+                users: crate::host::read_trimmed(dir.join("refcnt")).and_then(|v| v.parse().ok()),
             };
         }
     }
@@ -327,41 +334,16 @@ impl SwitchState {
 }
 
 pub fn read_state(path: &Path) -> Result<Option<SwitchState>, PagingError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(PagingError::io(path, e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| PagingError::State {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+    Ok(statefile::read_json(path)?)
 }
 
-/// Writes the state file whole (temporary file, sync, rename): a crash leaves the old
-/// file or the new one, never half of one.
+/// Writes the state file whole: a crash leaves the old file or the new one, never half.
 pub fn write_state(path: &Path, state: &SwitchState) -> Result<(), PagingError> {
-    use std::io::Write;
-    let text = serde_json::to_vec_pretty(state).map_err(|e| PagingError::State {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let temporary = path.with_extension("json.tmp");
-    let mut file = fs::File::create(&temporary).map_err(|e| PagingError::io(&temporary, e))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| PagingError::io(&temporary, e))?;
-    fs::rename(&temporary, path).map_err(|e| PagingError::io(path, e))
+    Ok(statefile::write_json(path, state)?)
 }
 
 fn remove_state(path: &Path) -> Result<(), PagingError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(PagingError::io(path, e)),
-    }
+    Ok(statefile::remove(path)?)
 }
 
 /// Loading and unloading the vendor module: the kernel in `SystemModules`, a scratch
@@ -458,14 +440,8 @@ struct StateLock {
 }
 
 fn lock_state(paths: &HostPaths) -> Result<StateLock, PagingError> {
-    fs::create_dir_all(&paths.state_dir).map_err(|e| PagingError::io(&paths.state_dir, e))?;
     let path = paths.lock_file();
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| PagingError::io(&path, e))?;
+    let file = statefile::open_lock_file(&path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(StateLock { _lock: lock }),
         Err((_, Errno::EWOULDBLOCK)) => {

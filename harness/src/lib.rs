@@ -15,4 +15,5 @@ pub mod ksm;
 pub mod lab;
 pub mod native;
 pub mod run;
+pub mod statefile;
 pub mod summary;

@@ -9,7 +9,7 @@
 //! certain, one a dead run left. The files live in `/run`, which is emptied at boot, as are
 //! KSM's settings: a state file never outlives the settings it describes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,9 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::sysfs::KsmSysfs;
 use super::KsmError;
+use crate::statefile;
 
-/// Where the lock and the state file live on a real host.
-pub const SYSTEM_STATE_DIR: &str = "/run/hvbench";
 const LOCK_FILE: &str = "ksm.lock";
 const STATE_FILE: &str = "ksm-settings.json";
 const STATE_FORMAT: u32 = 1;
@@ -39,7 +38,7 @@ impl KsmPaths {
     pub fn system() -> Self {
         KsmPaths {
             sysfs: KsmSysfs::system(),
-            state_dir: PathBuf::from(SYSTEM_STATE_DIR),
+            state_dir: PathBuf::from(statefile::SYSTEM_STATE_DIR),
         }
     }
 
@@ -85,16 +84,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> KsmError {
 }
 
 fn open_lock(paths: &KsmPaths) -> Result<File, KsmError> {
-    std::fs::create_dir_all(&paths.state_dir)
-        .map_err(io(format!("creating {}", paths.state_dir.display())))?;
-    let path = paths.lock_file();
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(io(format!("opening {}", path.display())))
+    Ok(statefile::open_lock_file(&paths.lock_file())?)
 }
 
 /// The lock, or `None` while another process holds it.
@@ -119,35 +109,14 @@ fn lock_holder(paths: &KsmPaths) -> String {
 }
 
 fn write_state(paths: &KsmPaths, saved: &SavedSettings) -> Result<(), KsmError> {
-    let path = paths.state_file();
-    let temporary = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(saved).map_err(|e| KsmError::Parse {
-        what: "the KSM settings to save".into(),
-        text: e.to_string(),
-    })?;
-    let mut file =
-        File::create(&temporary).map_err(io(format!("creating {}", temporary.display())))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io(format!("writing {}", temporary.display())))?;
-    std::fs::rename(&temporary, &path).map_err(io(format!("renaming to {}", path.display())))?;
-    // The rename is durable once the directory is synced.
-    File::open(&paths.state_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("syncing {}", paths.state_dir.display())))
+    Ok(statefile::write_json(&paths.state_file(), saved)?)
 }
 
 fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
     let path = paths.state_file();
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    let Some(saved) = statefile::read_json::<SavedSettings>(&path)? else {
+        return Ok(None);
     };
-    let saved: SavedSettings = serde_json::from_str(&text).map_err(|e| KsmError::StateFile {
-        path: path.clone(),
-        problem: e.to_string(),
-    })?;
     if saved.format != STATE_FORMAT {
         return Err(KsmError::StateFile {
             path,
@@ -192,14 +161,22 @@ fn write_back(sysfs: &KsmSysfs, saved: &SavedSettings) -> Result<String, KsmErro
     }
 }
 
+/// Writes `saved` back, then removes the state file that held it (which must be there).
+/// On failure the state file stays, for the next run to try again.
+fn undo(paths: &KsmPaths, saved: &SavedSettings) -> Result<String, KsmError> {
+    let changes = write_back(&paths.sysfs, saved)?;
+    let path = paths.state_file();
+    std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+    Ok(changes)
+}
+
 /// With the lock held: restores a state file left by a dead run, if one is there.
 fn restore_stale_locked(paths: &KsmPaths) -> Result<Option<String>, KsmError> {
     let Some(saved) = read_state(paths)? else {
         return Ok(None);
     };
-    let changes = write_back(&paths.sysfs, &saved)?;
+    let changes = undo(paths, &saved)?;
     let path = paths.state_file();
-    std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
     Ok(Some(format!(
         "KSM settings left changed by hvbench pid {} (which did not finish; saved {}) were \
          restored from {}: {changes}",
@@ -292,21 +269,13 @@ impl KsmGuard {
         Ok(())
     }
 
-    /// The values saved before [`KsmGuard::apply`] wrote, if it did.
-    pub fn saved(&self) -> Option<&SavedSettings> {
-        self.saved.as_ref()
-    }
-
     /// Writes the saved values back and removes the state file; `None` if nothing was
     /// applied. On failure the state file stays, for the next run to try again.
     pub fn restore(&mut self) -> Result<Option<String>, KsmError> {
         let Some(saved) = self.saved.take() else {
             return Ok(None);
         };
-        let changes = write_back(&self.paths.sysfs, &saved)?;
-        let path = self.paths.state_file();
-        std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
-        Ok(Some(changes))
+        undo(&self.paths, &saved).map(Some)
     }
 
     /// Lets go of the lock without restoring, as a killed run would (tests only).

@@ -201,14 +201,6 @@ impl Fleet {
         Ok(fleet)
     }
 
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
-    }
-
     pub fn pids(&self) -> Vec<u32> {
         self.members.iter().map(|m| m.child.id()).collect()
     }

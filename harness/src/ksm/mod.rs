@@ -32,6 +32,26 @@ use workloads::protocol::Status;
 pub use self::guard::{restore_stale, KsmGuard, KsmPaths};
 pub use self::workload::run;
 
+impl From<crate::statefile::StateFileError> for KsmError {
+    fn from(e: crate::statefile::StateFileError) -> Self {
+        use crate::statefile::StateFileError;
+        match e {
+            StateFileError::Io {
+                action,
+                path,
+                source,
+            } => KsmError::Io {
+                what: format!("{action} {}", path.display()),
+                source,
+            },
+            StateFileError::Json { path, reason } => KsmError::StateFile {
+                path,
+                problem: reason,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum KsmError {
     #[error("{what}: {source}")]

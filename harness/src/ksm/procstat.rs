@@ -142,13 +142,6 @@ pub fn parse_ksm_stat(text: &str) -> BTreeMap<String, i64> {
         .collect()
 }
 
-/// KSM's view of one process (kernels from 6.1), empty where the file is missing.
-pub fn ksm_stat(pid: u32) -> BTreeMap<String, i64> {
-    std::fs::read_to_string(format!("/proc/{pid}/ksm_stat"))
-        .map(|t| parse_ksm_stat(&t))
-        .unwrap_or_default()
-}
-
 /// Whether `/proc/PID/ksm_stat` says the process has memory KSM may merge.
 pub fn ksm_stat_mergeable(text: &str) -> bool {
     text.lines()

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -20,6 +20,7 @@ use super::packages::{self, PackageManifest};
 use super::qemu::{self, QemuGuard};
 use super::tools::{require_tool, run_checked, tail_lines};
 use super::LabError;
+use crate::statefile;
 
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Limit for one ssh attempt while a lab boots.
@@ -31,23 +32,6 @@ pub(super) fn absolute_cache_dir(cache_dir: &Path) -> PathBuf {
     cache_dir
         .canonicalize()
         .unwrap_or_else(|_| cache_dir.to_path_buf())
-}
-
-/// A lab's saved state at `path`; `None` when no lab saved one.
-pub(super) fn read_json_state<T: serde::de::DeserializeOwned>(
-    path: &Path,
-) -> Result<Option<T>, LabError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(LabError::io(path, e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| LabError::State {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
 }
 
 /// What stopping a lab needs of its saved state (the rest of it may not even parse).
@@ -67,18 +51,14 @@ pub(super) fn stop_lab(
 ) -> Result<bool, LabError> {
     let mut stopped = false;
     // A corrupt state file must not keep a QEMU alive: fall back to the pid file.
-    if let Ok(Some(state)) = read_json_state::<QemuRef>(state_file) {
+    if let Ok(Some(state)) = statefile::read_json::<QemuRef>(state_file) {
         stopped |= qemu::terminate(state.qemu_pid, &state.qemu_pid_file)?;
     }
     let pid_file = layout_of(cache_dir).pid_file;
     if let Some(pid) = qemu::read_pid_file(&pid_file) {
         stopped |= qemu::terminate(pid, &pid_file)?;
     }
-    match fs::remove_file(state_file) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LabError::io(state_file, e)),
-    }
+    statefile::remove(state_file)?;
     Ok(stopped)
 }
 
@@ -185,28 +165,7 @@ impl Layout {
 }
 
 pub(super) fn now_rfc3339() -> String {
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = seconds / 86_400;
-    let (hour, minute, second) = (seconds % 86_400 / 3600, seconds % 3600 / 60, seconds % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+    crate::run::records::rfc3339(SystemTime::now())
 }
 
 pub(super) fn check_cancelled(cancel: Option<&AtomicBool>) -> Result<(), LabError> {
@@ -267,12 +226,7 @@ pub(super) fn fetch_and_stage(
 
 /// Holds the lab's lock file so two bring-ups never race over one cache.
 fn lock_cache(layout: &Layout, progress: fn(&str)) -> Result<Flock<fs::File>, LabError> {
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&layout.lock_file)
-        .map_err(|e| LabError::io(&layout.lock_file, e))?;
+    let file = statefile::open_lock_file(&layout.lock_file)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
         Err((file, Errno::EWOULDBLOCK)) => {

@@ -180,7 +180,7 @@ fn state_path(cache_dir: &Path) -> PathBuf {
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<KvmLabState>, LabError> {
-    super::bringup::read_json_state(&state_path(cache_dir))
+    Ok(crate::statefile::read_json(&state_path(cache_dir))?)
 }
 
 fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {

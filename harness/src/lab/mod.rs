@@ -79,6 +79,16 @@ pub enum LabError {
     State { path: PathBuf, reason: String },
 }
 
+impl From<crate::statefile::StateFileError> for LabError {
+    fn from(e: crate::statefile::StateFileError) -> Self {
+        use crate::statefile::StateFileError;
+        match e {
+            StateFileError::Io { path, source, .. } => LabError::Io { path, source },
+            StateFileError::Json { path, reason } => LabError::State { path, reason },
+        }
+    }
+}
+
 impl LabError {
     fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
@@ -245,7 +255,7 @@ fn state_path(cache_dir: &Path) -> PathBuf {
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<LabState>, LabError> {
-    bringup::read_json_state(&state_path(cache_dir))
+    Ok(crate::statefile::read_json(&state_path(cache_dir))?)
 }
 
 fn write_state(cache_dir: &Path, state: &LabState) -> Result<(), LabError> {

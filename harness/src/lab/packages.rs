@@ -334,13 +334,7 @@ fn read_manifest(path: &Path) -> Result<Option<PackageManifest>, LabError> {
 }
 
 pub(super) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), LabError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| LabError::State {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let temporary = path.with_extension("json.tmp");
-    fs::write(&temporary, text).map_err(|e| LabError::io(&temporary, e))?;
-    fs::rename(&temporary, path).map_err(|e| LabError::io(path, e))
+    Ok(crate::statefile::write_json(path, value)?)
 }
 
 pub(super) fn remove_dir_if_present(path: &Path) -> Result<(), LabError> {
