@@ -8,7 +8,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use reports::record::Curve;
-use workloads::cmdline::{encode_with_params, GuestConfig};
+use workloads::cmdline::encode_with_params;
 use workloads::ksm::{PAGE_BYTES, RING_END, RING_MEASURE};
 use workloads::protocol::{CrashReport, Event, Hello, Status};
 use workloads::WorkloadId;
@@ -253,13 +253,7 @@ impl Guests<'_> {
 
 /// The guest command line of guest `index`.
 fn guest_cmdline(ctx: &HostContext, p: &KsmParams, index: usize) -> String {
-    let mut config = GuestConfig {
-        samples: ctx.options.samples,
-        warmup: ctx.options.warmup,
-        sample_us: ctx.options.sample_us,
-        ..Default::default()
-    };
-    config.select(ID);
+    let config = ctx.options.guest_config(&[ID]);
     // Seeds from 1: each guest's unique pages differ from every other guest's.
     let seed = (index + 1).to_string();
     let mut params = vec![(ID, "seed", seed.as_str()), (ID, "identical", &p.identical)];

@@ -20,15 +20,15 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use reports::record::Curve;
-use workloads::cmdline::{self, parse_size, GuestConfig};
-use workloads::protocol::{decode_event, Event, Hello, Status};
+use workloads::cmdline::parse_size;
+use workloads::protocol::{Event, Hello, Status};
 use workloads::WorkloadId;
 
 use super::host_driven::{HostContext, HostDriven};
-use super::session::WorkloadOutcome;
+use super::session::{describe_crash, difference, interpret, LineMeaning, WorkloadOutcome};
 use crate::backend::balloon::{BalloonControl, HostMemory, Refusals};
 use crate::backend::{BootRequest, ExitCounts, GuestEnd, GuestMessage, GuestSession};
-use crate::console::{printable, ConsoleLine, LineAssembler};
+use crate::console::{ConsoleLine, LineAssembler};
 
 /// `mem.balloon.size` when none is given.
 pub const DEFAULT_SIZE: u64 = 64 << 20;
@@ -53,36 +53,17 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
             Status::Skip,
             "this backend has no balloon the host can drive",
         );
-        return HostDriven {
-            outcome,
-            hello: None,
-        };
+        return outcome.into();
     };
     let size = match balloon_size(ctx) {
         Ok(size) => size,
         Err(reason) => {
             outcome.ratchet(Status::Error, reason);
-            return HostDriven {
-                outcome,
-                hello: None,
-            };
+            return outcome.into();
         }
     };
     let options = ctx.options;
-    let mut config = GuestConfig {
-        samples: options.samples,
-        warmup: options.warmup,
-        sample_us: options.sample_us,
-        ..Default::default()
-    };
-    config.select(id);
-    let params: Vec<(WorkloadId, &str, &str)> = options
-        .params
-        .iter()
-        .filter(|p| p.workload == id)
-        .map(|p| (p.workload, p.key.as_str(), p.value.as_str()))
-        .collect();
-    let line = cmdline::encode_with_params(&config, &params);
+    let line = options.guest_cmdline(&[id]);
     let request = BootRequest {
         image: ctx.image,
         cmdline: &line,
@@ -101,10 +82,7 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
                 Status::Error,
                 format!("booting the guest with a balloon: {e}"),
             );
-            return HostDriven {
-                outcome,
-                hello: None,
-            };
+            return outcome.into();
         }
     };
     let mut driver = Driver {
@@ -198,22 +176,10 @@ struct Stream {
 
 impl Stream {
     fn take(&mut self, line: ConsoleLine) {
-        match line {
-            ConsoleLine::Line(bytes) => match decode_event(&bytes) {
-                Ok(Some(event)) => self.pending.push_back(Item::Event(event)),
-                Ok(None) => {}
-                Err(e) => self.pending.push_back(Item::Problem(format!(
-                    "guest printed a damaged result line ({e}): {}",
-                    printable(&bytes[..bytes.len().min(120)])
-                ))),
-            },
-            ConsoleLine::Overlong { head, length } => {
-                if head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
-                    self.pending.push_back(Item::Problem(format!(
-                        "guest printed a result line of {length} bytes, over the limit"
-                    )));
-                }
-            }
+        match interpret(line) {
+            LineMeaning::Event(event) => self.pending.push_back(Item::Event(event)),
+            LineMeaning::Noise(_) => {}
+            LineMeaning::Problem(text) => self.pending.push_back(Item::Problem(text)),
         }
     }
 
@@ -344,22 +310,8 @@ impl Driver {
 
     fn event(&mut self, event: Event) {
         match event {
-            Event::Sample(s) if s.workload == self.id => {
-                let series = self.outcome.series.entry((s.metric, s.params)).or_default();
-                let list = if s.warmup {
-                    &mut series.warmup
-                } else {
-                    &mut series.measured
-                };
-                if list.len() < 100_000 {
-                    list.push((s.ops, s.cycles));
-                }
-            }
-            Event::Note { key, value, .. } => {
-                if self.outcome.notes.len() < 64 {
-                    self.outcome.notes.insert(key, value);
-                }
-            }
+            Event::Sample(s) if s.workload == self.id => self.outcome.add_sample(s),
+            Event::Note { key, value, .. } => self.outcome.note(key, value),
             Event::Result {
                 workload,
                 status,
@@ -380,13 +332,7 @@ impl Driver {
             }
             Event::Crash(c) => {
                 self.result_seen = true;
-                self.outcome.ratchet(
-                    Status::Crash,
-                    format!(
-                        "guest exception {} at rip={:#x} cr2={:#x} error={:#x}",
-                        c.vector, c.rip, c.cr2, c.error_code
-                    ),
-                );
+                self.outcome.ratchet(Status::Crash, describe_crash(&c));
             }
             Event::End(_) | Event::Hello(_) | Event::Start(_) => {}
             other => self.outcome.ratchet(
@@ -543,11 +489,7 @@ impl Driver {
         }
         self.notes();
         if let (Some(after), Some(before)) = (&self.last_exits, &self.start_exits) {
-            self.outcome.exits = after
-                .iter()
-                .map(|(k, v)| (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
-                .filter(|(_, v)| *v > 0)
-                .collect();
+            self.outcome.exits = difference(after, before);
         }
         HostDriven {
             outcome: self.outcome,
@@ -574,11 +516,7 @@ impl Driver {
 
     fn judge_refusals(&mut self, refusals: &Refusals) {
         for (i, text) in refusals.kept.iter().enumerate() {
-            if self.outcome.notes.len() < 64 {
-                self.outcome
-                    .notes
-                    .insert(format!("vmm_refusal_{i}"), text.clone());
-            }
+            self.outcome.note(format!("vmm_refusal_{i}"), text.clone());
         }
         let listed = refusals.kept.join("; ");
         match (self.id, refusals.total) {

@@ -27,23 +27,27 @@ pub struct HostDriven {
     pub hello: Option<Hello>,
 }
 
+/// A workload that booted no guest of its own (or none that said hello).
+impl From<WorkloadOutcome> for HostDriven {
+    fn from(outcome: WorkloadOutcome) -> Self {
+        HostDriven {
+            outcome,
+            hello: None,
+        }
+    }
+}
+
 /// Runs one host-driven workload to its outcome (never panics; failures are statuses).
 pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
     match id {
-        WorkloadId::MemKsm => HostDriven {
-            // KSM's guests run in VMM processes of their own; their words are in the notes.
-            outcome: crate::ksm::run(ctx),
-            hello: None,
-        },
+        // KSM's guests run in VMM processes of their own; their words are in the notes.
+        WorkloadId::MemKsm => crate::ksm::run(ctx).into(),
         WorkloadId::MemBalloon | WorkloadId::SelftestBalloonCorrupt => super::balloon::run(id, ctx),
-        _ => {
-            let mut outcome = WorkloadOutcome::skipped(id, "");
-            outcome.status = Status::Error;
-            outcome.reason = Some(format!("{} is not implemented yet", id.name()));
-            HostDriven {
-                outcome,
-                hello: None,
-            }
-        }
+        _ => WorkloadOutcome::failed(
+            id,
+            Status::Error,
+            format!("{} is not implemented yet", id.name()),
+        )
+        .into(),
     }
 }

@@ -43,6 +43,33 @@ pub struct RunOptions {
     pub params: Vec<WorkloadParam>,
 }
 
+impl RunOptions {
+    /// The guest's configuration for `workloads`, with this run's sampling options.
+    pub fn guest_config(&self, workloads: &[WorkloadId]) -> GuestConfig {
+        let mut config = GuestConfig {
+            samples: self.samples,
+            warmup: self.warmup,
+            sample_us: self.sample_us,
+            ..Default::default()
+        };
+        for &w in workloads {
+            config.select(w);
+        }
+        config
+    }
+
+    /// The command line of a guest that runs `workloads` with this run's options and
+    /// parameters (those of workloads it does not run are left out).
+    pub fn guest_cmdline(&self, workloads: &[WorkloadId]) -> String {
+        let params: Vec<(WorkloadId, &str, &str)> = self
+            .params
+            .iter()
+            .map(|p| (p.workload, p.key.as_str(), p.value.as_str()))
+            .collect();
+        cmdline::encode_with_params(&self.guest_config(workloads), &params)
+    }
+}
+
 /// One `--param`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadParam {
@@ -232,21 +259,7 @@ pub fn run(
                 summary.interrupted = true;
                 return Ok(summary);
             }
-            let mut config = GuestConfig {
-                samples: options.samples,
-                warmup: options.warmup,
-                sample_us: options.sample_us,
-                ..Default::default()
-            };
-            for &w in &pending {
-                config.select(w);
-            }
-            let params: Vec<(WorkloadId, &str, &str)> = options
-                .params
-                .iter()
-                .map(|p| (p.workload, p.key.as_str(), p.value.as_str()))
-                .collect();
-            let line = cmdline::encode_with_params(&config, &params);
+            let line = options.guest_cmdline(&pending);
             boots += 1;
             let request = BootRequest {
                 image,
@@ -416,10 +429,11 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
     };
     for &w in plan {
         if !settled.iter().any(|o| o.workload == w) {
-            let mut o = WorkloadOutcome::skipped(w, "");
-            o.status = status;
-            o.reason = Some(format!("{why}{context}"));
-            settled.push(o);
+            settled.push(WorkloadOutcome::failed(
+                w,
+                status,
+                format!("{why}{context}"),
+            ));
         }
     }
     settled

@@ -23,6 +23,8 @@ const MAX_NOISE_BYTES: usize = 64 * 1024;
 const POLL: Duration = Duration::from_millis(100);
 /// The record note where the host says what happened to the console stream.
 const HOST_CONSOLE_NOTE: &str = "host_console";
+/// Most notes kept per record, so a guest cannot flood one.
+pub(crate) const MAX_NOTES: usize = 64;
 
 /// Samples of one metric of one series.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,6 +63,39 @@ impl WorkloadOutcome {
         note.push_str(text);
     }
 
+    /// Keeps a note, up to `MAX_NOTES` of them.
+    pub fn note(&mut self, key: String, value: String) {
+        if self.notes.len() < MAX_NOTES {
+            self.notes.insert(key, value);
+        }
+    }
+
+    /// Keeps one of this workload's samples: at most `MAX_SAMPLES_PER_SERIES` a series,
+    /// and measured samples in the order the guest numbered them (a gap means a lost line).
+    pub fn add_sample(&mut self, s: Sample) {
+        let series = self.series.entry((s.metric, s.params)).or_default();
+        let list = if s.warmup {
+            &mut series.warmup
+        } else {
+            &mut series.measured
+        };
+        let problem = if list.len() >= MAX_SAMPLES_PER_SERIES {
+            Some("guest sent more samples than the host keeps".to_string())
+        } else {
+            let expected = list.len() as u64;
+            list.push((s.ops, s.cycles));
+            (!s.warmup && s.index != expected).then(|| {
+                format!(
+                    "sample index {} arrived where {expected} was expected",
+                    s.index
+                )
+            })
+        };
+        if let Some(text) = problem {
+            self.ratchet(Status::Error, text);
+        }
+    }
+
     pub fn new(workload: WorkloadId) -> Self {
         WorkloadOutcome {
             workload,
@@ -82,8 +117,13 @@ impl WorkloadOutcome {
     }
 
     pub fn skipped(workload: WorkloadId, reason: impl Into<String>) -> Self {
+        Self::failed(workload, Status::Skip, reason)
+    }
+
+    /// An outcome that is `status` for `reason` without a sample.
+    pub fn failed(workload: WorkloadId, status: Status, reason: impl Into<String>) -> Self {
         let mut o = Self::new(workload);
-        o.ratchet(Status::Skip, reason);
+        o.ratchet(status, reason);
         o
     }
 }
@@ -95,6 +135,41 @@ pub struct Limits {
     pub boot: Duration,
     /// From a workload's `start` to its result.
     pub workload: Duration,
+}
+
+/// What one console line is to the host.
+pub(crate) enum LineMeaning {
+    Event(Event),
+    /// Not a protocol line: console output for the run log.
+    Noise(Vec<u8>),
+    /// A protocol line the host cannot use.
+    Problem(String),
+}
+
+/// Decodes one line of the guest's console: a protocol line becomes its event; a damaged
+/// or overlong protocol line a problem.
+pub(crate) fn interpret(line: ConsoleLine) -> LineMeaning {
+    let bytes = match line {
+        ConsoleLine::Line(bytes) => bytes,
+        ConsoleLine::Overlong { head, length } => {
+            return if head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
+                LineMeaning::Problem(format!(
+                    "guest printed a result line of {length} bytes, over the limit of {}",
+                    crate::console::LINE_LIMIT
+                ))
+            } else {
+                LineMeaning::Noise(head)
+            };
+        }
+    };
+    match decode_event(&bytes) {
+        Ok(None) => LineMeaning::Noise(bytes),
+        Ok(Some(event)) => LineMeaning::Event(event),
+        Err(e) => LineMeaning::Problem(format!(
+            "guest printed a damaged result line ({e}): {}",
+            printable(&bytes[..bytes.len().min(120)])
+        )),
+    }
 }
 
 /// How one boot went.
@@ -116,7 +191,8 @@ pub struct BootReport {
     pub interrupted: bool,
 }
 
-fn difference(after: &ExitCounts, before: &ExitCounts) -> ExitCounts {
+/// The exits counted between two snapshots (`before` taken at a workload's start).
+pub(crate) fn difference(after: &ExitCounts, before: &ExitCounts) -> ExitCounts {
     after
         .iter()
         .map(|(k, v)| (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
@@ -148,7 +224,7 @@ fn exception_name(vector: u64) -> &'static str {
     }
 }
 
-fn describe_crash(c: &CrashReport) -> String {
+pub(crate) fn describe_crash(c: &CrashReport) -> String {
     format!(
         "guest exception {} ({}) at rip={:#x} cs={:#x} rsp={:#x} error={:#x} cr2={:#x}",
         c.vector,
@@ -220,27 +296,10 @@ impl Driver<'_> {
 
     fn line(&mut self, line: ConsoleLine) {
         self.first_line_seen = true;
-        let bytes = match line {
-            ConsoleLine::Line(bytes) => bytes,
-            ConsoleLine::Overlong { head, length } => {
-                if head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
-                    self.problem(format!(
-                        "guest printed a result line of {length} bytes, over the limit of {}",
-                        crate::console::LINE_LIMIT
-                    ));
-                } else {
-                    self.noise(&head);
-                }
-                return;
-            }
-        };
-        match decode_event(&bytes) {
-            Ok(None) => self.noise(&bytes),
-            Ok(Some(event)) => self.event(event),
-            Err(e) => self.problem(format!(
-                "guest printed a damaged result line ({e}): {}",
-                printable(&bytes[..bytes.len().min(120)])
-            )),
+        match interpret(line) {
+            LineMeaning::Event(event) => self.event(event),
+            LineMeaning::Noise(bytes) => self.noise(&bytes),
+            LineMeaning::Problem(text) => self.problem(text),
         }
     }
 
@@ -328,9 +387,7 @@ impl Driver<'_> {
                 value,
             } => match &mut self.current {
                 Some((o, _, _)) if workload.is_none() || workload == Some(o.workload) => {
-                    if o.notes.len() < 64 {
-                        o.notes.insert(key, value);
-                    }
+                    o.note(key, value)
                 }
                 _ => self
                     .report
@@ -366,27 +423,7 @@ impl Driver<'_> {
             o.ratchet(Status::Error, text);
             return;
         }
-        let series = o.series.entry((s.metric, s.params)).or_default();
-        let list = if s.warmup {
-            &mut series.warmup
-        } else {
-            &mut series.measured
-        };
-        let problem = if list.len() >= MAX_SAMPLES_PER_SERIES {
-            Some("guest sent more samples than the host keeps".to_string())
-        } else {
-            let expected = list.len() as u64;
-            list.push((s.ops, s.cycles));
-            (!s.warmup && s.index != expected).then(|| {
-                format!(
-                    "sample index {} arrived where {expected} was expected",
-                    s.index
-                )
-            })
-        };
-        if let Some(text) = problem {
-            o.ratchet(Status::Error, text);
-        }
+        o.add_sample(s);
     }
 
     /// The guest is gone: settle the running workload from how it ended.

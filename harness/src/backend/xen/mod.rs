@@ -137,11 +137,7 @@ impl XenBackend {
             return Ok(path);
         }
         let path = format!("{REMOTE_DIR}/guest-{}.elf", &sha[..16]);
-        self.transport().run(
-            &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(&path)),
-            Some(request.image.bytes()),
-            XL_TIMEOUT,
-        )?;
+        put(self.transport(), &path, request.image.bytes())?;
         if let Ok(mut m) = self.uploaded.lock() {
             m.insert(sha.to_string(), path.clone());
         }
@@ -251,12 +247,7 @@ impl Hypervisor for XenBackend {
         };
         let cfg_path = format!("{REMOTE_DIR}/{}.cfg", request.name);
         let t = self.transport().clone();
-        t.run(
-            &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(&cfg_path)),
-            Some(config.render().as_bytes()),
-            XL_TIMEOUT,
-        )
-        .map_err(XenError::from)?;
+        put(&t, &cfg_path, config.render().as_bytes())?;
         t.run(
             &format!("xl create -p {}", shell_quote(&cfg_path)),
             None,
@@ -474,11 +465,7 @@ impl XenSession {
             Ok(c) => c,
             Err(e) => {
                 console.close();
-                let _ = transport.run(
-                    &format!("xl destroy {}", shell_quote(&name)),
-                    None,
-                    XL_TIMEOUT,
-                );
+                let _ = destroy(&transport, &name);
                 return Err(e.into());
             }
         };
@@ -515,6 +502,35 @@ impl XenSession {
                 XL_TIMEOUT,
             )
             .map(|_| ())
+    }
+}
+
+/// Writes `bytes` to `path` on the dom0, under `REMOTE_DIR`.
+fn put(transport: &Transport, path: &str, bytes: &[u8]) -> Result<(), XenError> {
+    transport.run(
+        &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(path)),
+        Some(bytes),
+        XL_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+/// `xl destroy` of the domain `name`.
+fn destroy(transport: &Transport, name: &str) -> Result<std::process::Output, TransportError> {
+    transport.run(
+        &format!("xl destroy {}", shell_quote(name)),
+        None,
+        XL_TIMEOUT,
+    )
+}
+
+/// Kills and reaps a helper process the session started, if it is still there.
+fn kill_child(child: &Mutex<Option<Child>>) {
+    if let Ok(mut c) = child.lock() {
+        if let Some(c) = c.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -582,19 +598,10 @@ fn drive(state: DriverState, tx: Sender<GuestMessage>) {
             console.wait_drained();
         }
         console.shut();
-        let _ = transport.run(
-            &format!("xl destroy {}", shell_quote(&name)),
-            None,
-            XL_TIMEOUT,
-        );
+        let _ = destroy(&transport, &name);
     }
     console.close();
-    if let Ok(mut c) = watcher.lock() {
-        if let Some(c) = c.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    kill_child(&watcher);
     let _ = tx.send(GuestMessage::Ended(end));
 }
 
@@ -611,22 +618,14 @@ impl GuestSession for XenSession {
         self.stopping.store(true, Ordering::Release);
         // Destroy first: the console and watcher then end on their own.
         self.console.shut();
-        let name = shell_quote(&self.name);
-        let result = self
-            .transport
-            .run(&format!("xl destroy {name}"), None, XL_TIMEOUT);
+        let result = destroy(&self.transport, &self.name);
         let _ = self.transport.run(
             &format!("rm -f {REMOTE_DIR}/{}.cfg", self.name),
             None,
             XL_TIMEOUT,
         );
         self.console.close();
-        if let Ok(mut c) = self.watcher.lock() {
-            if let Some(c) = c.as_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        kill_child(&self.watcher);
         if let Some(driver) = self.driver.take() {
             let _ = driver.join();
         }

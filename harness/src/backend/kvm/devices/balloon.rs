@@ -102,13 +102,16 @@ struct Shared {
     /// Pages released to the host and taken back, over the device's life.
     inflated_pages: AtomicU64,
     deflated_pages: AtomicU64,
-    refusals: Mutex<RefusalLog>,
+    refusals: Mutex<Refusals>,
 }
 
-#[derive(Debug, Default)]
-struct RefusalLog {
-    kept: Vec<String>,
-    total: u64,
+impl Shared {
+    fn refusal_log(&self) -> std::sync::MutexGuard<'_, Refusals> {
+        // The log is whole after any panic of a holder: a push and a count.
+        self.refusals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// The host's side of the balloon: sets the target, reads what the guest did, and measures
@@ -145,19 +148,7 @@ impl BalloonHandle {
     }
 
     pub fn refusals(&self) -> Refusals {
-        match self.shared.refusals.lock() {
-            Ok(log) => Refusals {
-                kept: log.kept.clone(),
-                total: log.total,
-            },
-            Err(poisoned) => {
-                let log = poisoned.into_inner();
-                Refusals {
-                    kept: log.kept.clone(),
-                    total: log.total,
-                }
-            }
-        }
+        self.shared.refusal_log().clone()
     }
 
     /// Bytes of guest RAM resident in this process now (mincore over the guest's mapping):
@@ -390,10 +381,7 @@ impl VirtioBalloon {
 
     fn refuse(&mut self, refusal: RequestError) {
         self.status |= STATUS_DEVICE_NEEDS_RESET;
-        let mut log = match self.shared.refusals.lock() {
-            Ok(log) => log,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut log = self.shared.refusal_log();
         log.total += 1;
         if log.kept.len() < MAX_ERRORS_KEPT {
             log.kept.push(refusal.to_string());
