@@ -191,21 +191,50 @@ pub fn ab_test(
     } else {
         test.observed.signum() * f64::INFINITY
     };
-    let significant = test.p_value < options.p_threshold && relative_change.abs() > options.noise;
-    let change = match (significant, direction) {
-        (false, _) => Change::NoSignificantChange,
-        (true, Direction::Unknown) => Change::Changed,
-        (true, Direction::LowerIsBetter) if relative_change > 0.0 => Change::Worse,
-        (true, Direction::HigherIsBetter) if relative_change < 0.0 => Change::Worse,
-        (true, _) => Change::Better,
-    };
     Ok(AbResult {
         mean_a,
         mean_b,
         relative_change,
         p_value: test.p_value,
-        change,
+        change: judge(test.p_value, relative_change, direction, options),
     })
+}
+
+/// The smallest two-sided p-value a permutation test of `a` against `b` units can give
+/// (all values distinct): 2 / C(a + b, a).
+pub fn smallest_attainable_p(a: usize, b: usize) -> f64 {
+    let mut combinations = 1.0f64;
+    for i in 0..a.min(b) {
+        combinations = combinations * (a + b - i) as f64 / (i + 1) as f64;
+    }
+    (2.0 / combinations).min(1.0)
+}
+
+/// Runs per side with which `tests` permutation tests on runs, Holm-corrected together,
+/// can each reach `p_threshold` (64 at most).
+pub fn runs_needed(p_threshold: f64, tests: usize) -> usize {
+    let m = tests.max(1) as f64;
+    (1..=64)
+        .find(|&n| smallest_attainable_p(n, n) * m < p_threshold)
+        .unwrap_or(64)
+}
+
+/// The verdict rule: a change counts only where p is below the threshold AND the relative
+/// change exceeds the noise threshold; then the metric's direction says which way it went.
+pub fn judge(
+    p_value: f64,
+    relative_change: f64,
+    direction: Direction,
+    options: &AbOptions,
+) -> Change {
+    let significant = p_value < options.p_threshold && relative_change.abs() > options.noise;
+    match (significant, direction) {
+        (false, _) => Change::NoSignificantChange,
+        (true, Direction::Unknown) => Change::Changed,
+        (true, Direction::LowerIsBetter) if relative_change > 0.0 => Change::Worse,
+        (true, Direction::HigherIsBetter) if relative_change < 0.0 => Change::Worse,
+        (true, _) => Change::Better,
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +244,15 @@ mod tests {
     /// Normal(mean, sd) samples.
     fn normal(rng: &mut Rng, n: usize, mean: f64, sd: f64) -> Vec<f64> {
         (0..n).map(|_| mean + sd * rng.normal()).collect()
+    }
+
+    #[test]
+    fn runs_needed_follows_the_threshold_and_the_number_of_tests() {
+        // 2 / C(10, 5) = 0.0079 < 0.01; with 4 tests Holm needs 2 / C(12, 6) * 4 < 0.01.
+        assert_eq!(runs_needed(0.01, 1), 5);
+        assert_eq!(runs_needed(0.01, 4), 6);
+        assert_eq!(runs_needed(0.05, 1), 4);
+        assert!(smallest_attainable_p(4, 4) >= 0.01);
     }
 
     #[test]

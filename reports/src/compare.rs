@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::abtest::{ab_test, AbOptions, Change, Direction};
+use crate::abtest::{
+    ab_test, judge, runs_needed, smallest_attainable_p, AbOptions, Change, Direction,
+};
 use crate::bootstrap::{sorted_finite, StatsError};
 use crate::format::{self, terminal_safe};
 use crate::pool::{key_order, Pool, Pools};
@@ -112,16 +114,6 @@ pub enum Verdict {
         base_runs: usize,
         new_runs: usize,
     },
-}
-
-/// The smallest two-sided p-value a permutation test of `a` against `b` units can give
-/// (all values distinct): 2 / C(a + b, a).
-pub fn smallest_attainable_p(a: usize, b: usize) -> f64 {
-    let mut combinations = 1.0f64;
-    for i in 0..a.min(b) {
-        combinations = combinations * (a + b - i) as f64 / (i + 1) as f64;
-    }
-    (2.0 / combinations).min(1.0)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -324,12 +316,7 @@ fn compare_pools(base: &Pool, new: &Pool, options: &AbOptions) -> ComparisonRow 
         Ok(result) => {
             row.relative_change = Some(result.relative_change);
             row.p_value = Some(result.p_value);
-            row.verdict = match result.change {
-                Change::Worse => Verdict::Regression,
-                Change::Better => Verdict::Improvement,
-                Change::Changed => Verdict::ChangedDirectionUnknown,
-                Change::NoSignificantChange => Verdict::NoSignificantChange,
-            };
+            row.verdict = result.change.into();
         }
         Err(e) => {
             row.verdict = Verdict::Untestable {
@@ -348,15 +335,7 @@ fn apply_holm(rows: &mut [ComparisonRow], options: &AbOptions) {
     let mut tested: Vec<(usize, f64)> = rows
         .iter()
         .enumerate()
-        .filter(|(_, r)| {
-            matches!(
-                r.verdict,
-                Verdict::Regression
-                    | Verdict::Improvement
-                    | Verdict::NoSignificantChange
-                    | Verdict::ChangedDirectionUnknown
-            )
-        })
+        // Only tested rows carry a p-value.
         .filter_map(|(i, r)| r.p_value.map(|p| (i, p)))
         .collect();
     tested.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -381,14 +360,18 @@ fn apply_holm(rows: &mut [ComparisonRow], options: &AbOptions) {
             continue;
         }
         let change = row.relative_change.unwrap_or(0.0);
-        let significant = running_max < options.p_threshold && change.abs() > options.noise;
-        row.verdict = match (significant, row.direction) {
-            (false, _) => Verdict::NoSignificantChange,
-            (true, Direction::Unknown) => Verdict::ChangedDirectionUnknown,
-            (true, Direction::LowerIsBetter) if change > 0.0 => Verdict::Regression,
-            (true, Direction::HigherIsBetter) if change < 0.0 => Verdict::Regression,
-            (true, _) => Verdict::Improvement,
-        };
+        row.verdict = judge(running_max, change, row.direction, options).into();
+    }
+}
+
+impl From<Change> for Verdict {
+    fn from(change: Change) -> Self {
+        match change {
+            Change::Worse => Verdict::Regression,
+            Change::Better => Verdict::Improvement,
+            Change::Changed => Verdict::ChangedDirectionUnknown,
+            Change::NoSignificantChange => Verdict::NoSignificantChange,
+        }
     }
 }
 
@@ -454,10 +437,7 @@ impl Comparison {
     /// Runs per side with which every measurement of this comparison could reach the
     /// p threshold after Holm's correction.
     pub fn runs_needed(&self) -> usize {
-        let m = self.rows.len().max(1) as f64;
-        (1..=64)
-            .find(|&n| smallest_attainable_p(n, n) * m < self.p_threshold)
-            .unwrap_or(64)
+        runs_needed(self.p_threshold, self.rows.len())
     }
 
     /// Measurements that had samples in BASE and have none in NEW (skipped, failed,

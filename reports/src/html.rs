@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::abtest::{Change, Direction};
+use crate::abtest::{runs_needed, Change, Direction};
 use crate::format;
 use crate::plot::{backend_color_hex, ChartFile, ChartFormat};
 use crate::record::{GuestInfo, HostInfo};
@@ -393,7 +393,8 @@ fn cell_html(cell: &Cell, backend: &BackendView, privilege: &str) -> String {
     out
 }
 
-fn verdict_html(versus: &Versus, a: &str, b: &str) -> String {
+/// `runs_needed`: runs per side with which the test takes runs as its units.
+fn verdict_html(versus: &Versus, a: &str, b: &str, runs_needed: usize) -> String {
     let Some(test) = &versus.test else {
         return "<span class=\"detail\">needs samples on both sides</span>".into();
     };
@@ -418,11 +419,13 @@ fn verdict_html(versus: &Versus, a: &str, b: &str) -> String {
         }
     };
     let caveat = if versus.per_run {
-        ""
+        String::new()
     } else {
-        "<span class=\"n\" title=\"the test pooled the samples of too few runs to see how \
-         much a boot shifts all its samples together; run --repeat 6 on each side for a test \
-         on runs\">too few runs: boot-to-boot drift not measured</span>"
+        format!(
+            "<span class=\"n\" title=\"the test pooled the samples of too few runs to see how \
+             much a boot shifts all its samples together; run --repeat {runs_needed} on each \
+             side for a test on runs\">too few runs: boot-to-boot drift not measured</span>"
+        )
     };
     format!("{verdict}{detail}{caveat}")
 }
@@ -590,7 +593,12 @@ fn group_section(html: &mut String, page: &Page, group: &str, measurements: &[&M
             let _ = write!(
                 html,
                 "<td class=\"num\">{ratio}</td><td>{}</td>",
-                verdict_html(versus, &backends[0], &backends[i + 1])
+                verdict_html(
+                    versus,
+                    &backends[0],
+                    &backends[i + 1],
+                    runs_needed(page.options.ab.p_threshold, 1),
+                )
             );
         }
         let _ = writeln!(html, "<td>{}</td></tr>", reproduce_html(m, &backends));
@@ -738,7 +746,7 @@ fn method_section(html: &mut String, options: &ReportOptions, backends: usize) {
                  independently. One backend is called faster only where a permutation test on \
                  the difference of means ({} relabellings) gives p &lt; {} and the means differ \
                  by more than {:.1}% (the noise threshold); otherwise there is no significant \
-                 difference. With enough runs on both sides (at least 6 each: --repeat 6) the \
+                 difference. With enough runs on both sides (at least {runs} each: --repeat {runs}) the \
                  test takes each run's median as one unit; with fewer it pools the samples of \
                  the runs there are, which cannot see how far a boot shifts all its samples \
                  together (several percent on some hosts), and the page says so. The test is \
@@ -746,7 +754,8 @@ fn method_section(html: &mut String, options: &ReportOptions, backends: usize) {
                  sides differ, the two can disagree.",
                 ab.permutation.resamples,
                 ab.p_threshold,
-                ab.noise * 100.0
+                ab.noise * 100.0,
+                runs = runs_needed(ab.p_threshold, 1),
             )
         } else {
             String::new()

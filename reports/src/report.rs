@@ -498,7 +498,7 @@ fn measure(
             let mut ab = options.ab.clone();
             ab.permutation.seed = seed_for(ab.permutation.seed, &[name, &key.to_string()]);
             let per_run =
-                crate::compare::smallest_attainable_p(a.run_medians.len(), b.run_medians.len())
+                crate::abtest::smallest_attainable_p(a.run_medians.len(), b.run_medians.len())
                     < ab.p_threshold;
             let test = if per_run {
                 ab_test(&a.run_medians, &b.run_medians, direction, &ab)

@@ -23,6 +23,8 @@ fn untrusted_text_shows_as_text_never_as_markup() {
     let out = root.path().join("report");
     let summary = render(&[kvm, xen], &out, &ReportOptions::default()).unwrap();
     let html = read(&summary.index);
+    // The run count the page asks for is the one the per-run test needs at its p (0.01).
+    assert!(html.contains("at least 5 each: --repeat 5"), "method text");
 
     // The page has exactly the markup it writes: no <script> at all (it uses none).
     assert!(!html.contains("<script"), "raw <script> in the page");
