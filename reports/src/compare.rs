@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::abtest::{
     ab_test, judge, runs_needed, smallest_attainable_p, AbOptions, Change, Direction,
 };
-use crate::bootstrap::{sorted_finite, StatsError};
+use crate::bootstrap::StatsError;
 use crate::format::{self, terminal_safe};
 use crate::pool::{key_order, Pool, Pools};
 use crate::record::{Record, RecordKey, Status};
@@ -65,11 +65,8 @@ pub struct Side {
 
 impl Side {
     fn of(pool: &Pool) -> Side {
-        let median = sorted_finite(&pool.samples)
-            .ok()
-            .map(|s| crate::bootstrap::median_of_sorted(&s));
-        let mean = (!pool.samples.is_empty())
-            .then(|| pool.samples.iter().sum::<f64>() / pool.samples.len() as f64);
+        let median = crate::stats::median(&pool.samples);
+        let mean = crate::stats::mean(&pool.samples);
         Side {
             n: pool.samples.len(),
             median,
@@ -298,10 +295,14 @@ fn compare_pools(base: &Pool, new: &Pool, options: &AbOptions) -> ComparisonRow 
     // samples mistakes the machine's run-to-run drift for a change of the build.
     let (base_units, new_units) = (&base.run_medians, &new.run_medians);
     if smallest_attainable_p(base_units.len(), new_units.len()) >= options.p_threshold {
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let (b, n) = (mean(base_units), mean(new_units));
-        if b != 0.0 && !base_units.is_empty() && !new_units.is_empty() {
-            row.relative_change = Some((n - b) / b.abs());
+        let (mean_base, mean_new) = (
+            crate::stats::mean(base_units),
+            crate::stats::mean(new_units),
+        );
+        if let (Some(b), Some(n)) = (mean_base, mean_new) {
+            if b != 0.0 {
+                row.relative_change = Some((n - b) / b.abs());
+            }
         }
         row.verdict = Verdict::Inconclusive {
             base_runs: base_units.len(),
@@ -404,15 +405,12 @@ fn host_notes(base: &[Record], new: &[Record]) -> Vec<String> {
         }
     }
     for (side, records) in [("BASE", base), ("NEW", new)] {
-        if records.iter().any(|r| r.host.class.contains("tcg")) {
+        if records.iter().any(Record::ran_under_tcg) {
             notes.push(format!(
                 "{side} ran under TCG emulation: its figures measure QEMU's emulator."
             ));
         }
-        if records
-            .iter()
-            .any(|r| r.host.class.contains("pvm") && r.host.cpl0 == "emulated")
-        {
+        if records.iter().any(|r| r.host.emulates_cpl0()) {
             notes.push(format!(
                 "{side} ran on a kvm_pvm host, where guest CPL0 code is emulated: cpl0 \
                  workloads measure that emulator."

@@ -218,6 +218,78 @@ fn label_style(size: f64) -> TextStyle<'static> {
 }
 
 /// Width of the left label area for `labels`, from the embedded font's metrics.
+/// A chart of horizontal bands, one per row label (`rows` of them, top to bottom), over
+/// the value axis `x_spec`: what the group and the samples charts share.
+struct BandLayout {
+    margin_top: u32,
+    x_labels: usize,
+}
+
+type BandedChart<'a, DB, X> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<
+        <X as plotters::coord::ranged1d::AsRangedCoord>::CoordDescType,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+fn banded_chart<'a, DB: DrawingBackend, X>(
+    root: &'a DrawingArea<DB, Shift>,
+    x_spec: X,
+    labels: &[String],
+    rows: f64,
+    unit: &str,
+    layout: BandLayout,
+) -> Result<BandedChart<'a, DB, X>, String>
+where
+    X: plotters::coord::ranged1d::AsRangedCoord<Value = f64>,
+    X::CoordDescType: plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(root)
+        .margin_top(layout.margin_top)
+        .margin_right(24)
+        .x_label_area_size(46)
+        .y_label_area_size(label_area_width(root, labels))
+        .build_cartesian_2d(x_spec, 0f64..rows)
+        .map_err(|e| e.to_string())?;
+    let formatter = |v: &f64| format::tick(*v);
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_labels(layout.x_labels)
+        .x_label_formatter(&formatter)
+        .x_desc(format::label(unit, 20))
+        .label_style(label_style(LABEL_SIZE))
+        .axis_desc_style(label_style(LABEL_SIZE))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(chart)
+}
+
+/// A band's label, centred on the band at height `y`, right-aligned against the axis.
+fn draw_band_label<DB: DrawingBackend, C: Ranged<ValueType = f64>>(
+    root: &DrawingArea<DB, Shift>,
+    chart: &ChartContext<'_, DB, Cartesian2d<C, plotters::coord::types::RangedCoordf64>>,
+    label: &str,
+    x: f64,
+    y: f64,
+) -> Result<(), String> {
+    let (_, centre_y) = chart.backend_coord(&(x, y));
+    let (plot_x, _) = chart.plotting_area().get_pixel_range();
+    root.draw_text(
+        label,
+        &label_style(LABEL_SIZE).pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Right,
+            plotters::style::text_anchor::VPos::Center,
+        )),
+        (plot_x.start - 8, centre_y),
+    )
+    .map_err(|e| e.to_string())
+}
+
 fn label_area_width<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, labels: &[String]) -> u32 {
     let style = label_style(LABEL_SIZE);
     let widest = labels
@@ -310,45 +382,23 @@ impl GroupChart {
             .map(|r| format::label(&r.label, LABEL_MAX_CHARS))
             .collect();
         let rows = self.rows.len().max(1) as f64;
-        let mut chart = ChartBuilder::on(root)
-            .margin_top(TOP)
-            .margin_right(24)
-            .x_label_area_size(BOTTOM - 10)
-            .y_label_area_size(label_area_width(root, &labels))
-            .build_cartesian_2d(x_spec, 0f64..rows)
-            .map_err(|e| e.to_string())?;
-        let formatter = |v: &f64| format::tick(*v);
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .y_labels(0)
-            .x_labels(8)
-            .x_label_formatter(&formatter)
-            .x_desc(format::label(&self.unit, 20))
-            .label_style(label_style(LABEL_SIZE))
-            .axis_desc_style(label_style(LABEL_SIZE))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let mut chart = banded_chart(
+            root,
+            x_spec,
+            &labels,
+            rows,
+            &self.unit,
+            BandLayout {
+                margin_top: TOP,
+                x_labels: 8,
+            },
+        )?;
 
         let backends = self.backends.len().max(1) as f64;
         let bar = 0.8 / backends;
-        let style = label_style(LABEL_SIZE);
         for (i, row) in self.rows.iter().enumerate() {
             let row_top = rows - i as f64;
-            // The label, centred on its band, right-aligned against the axis.
-            let (axis_x, centre_y) = chart.backend_coord(&(base, row_top - 0.5));
-            let (plot_x, _) = chart.plotting_area().get_pixel_range();
-            let _ = axis_x;
-            root.draw_text(
-                &labels[i],
-                &style.pos(plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Right,
-                    plotters::style::text_anchor::VPos::Center,
-                )),
-                (plot_x.start - 8, centre_y),
-            )
-            .map_err(|e| e.to_string())?;
+            draw_band_label(root, &chart, &labels[i], base, row_top - 0.5)?;
             for (j, median) in row.medians.iter().enumerate() {
                 let top = row_top - 0.1 - bar * j as f64;
                 let bottom = top - bar * 0.9;
@@ -492,40 +542,21 @@ impl SamplesChart {
             })
             .collect();
         let rows = self.series.len().max(1) as f64;
-        let mut chart = ChartBuilder::on(root)
-            .margin_top(40)
-            .margin_right(24)
-            .x_label_area_size(46)
-            .y_label_area_size(label_area_width(root, &labels))
-            .build_cartesian_2d(x_spec, 0f64..rows)
-            .map_err(|e| e.to_string())?;
-        let formatter = |v: &f64| format::tick(*v);
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .y_labels(0)
-            .x_labels(6)
-            .x_label_formatter(&formatter)
-            .x_desc(format::label(&self.unit, 20))
-            .label_style(label_style(LABEL_SIZE))
-            .axis_desc_style(label_style(LABEL_SIZE))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(|e| e.to_string())?;
-        let (plot_x, _) = chart.plotting_area().get_pixel_range();
+        let mut chart = banded_chart(
+            root,
+            x_spec,
+            &labels,
+            rows,
+            &self.unit,
+            BandLayout {
+                margin_top: 40,
+                x_labels: 6,
+            },
+        )?;
         let mut rng = Rng::new(self.seed);
         for (i, (_, samples, median)) in self.series.iter().enumerate() {
             let centre = rows - i as f64 - 0.5;
-            let (_, centre_px) = chart.backend_coord(&(0.0, centre));
-            root.draw_text(
-                &labels[i],
-                &label_style(LABEL_SIZE).pos(plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Right,
-                    plotters::style::text_anchor::VPos::Center,
-                )),
-                (plot_x.start - 8, centre_px),
-            )
-            .map_err(|e| e.to_string())?;
+            draw_band_label(root, &chart, &labels[i], 0.0, centre)?;
             let color = backend_color(self.colors.get(i).copied().unwrap_or(i));
             if let Some(e) = median {
                 chart

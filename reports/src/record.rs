@@ -92,6 +92,20 @@ impl Record {
                 .join(","),
         }
     }
+
+    /// Whether the guest ran under QEMU's TCG translator (the lab, or QEMU without KVM):
+    /// its figures measure the emulator.
+    pub fn ran_under_tcg(&self) -> bool {
+        self.host.class.contains("tcg")
+            || self.backend.details.get("accel").map(String::as_str) == Some("tcg")
+    }
+}
+
+impl HostInfo {
+    /// Whether this host emulates guest CPL0 code (kvm_pvm) rather than virtualising it.
+    pub fn emulates_cpl0(&self) -> bool {
+        self.class.contains("pvm") && self.cpl0 == "emulated"
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -250,15 +250,8 @@ impl BackendView {
         self.repeats.insert(record.repeat);
         self.records += 1;
         self.sources.insert(source);
-        let host = &record.host;
-        if host.class.contains("tcg")
-            || record.backend.details.get("accel").map(String::as_str) == Some("tcg")
-        {
-            self.emulated_all = true;
-        }
-        if host.class.contains("pvm") && host.cpl0 == "emulated" {
-            self.emulated_cpl0 = true;
-        }
+        self.emulated_all |= record.ran_under_tcg();
+        self.emulated_cpl0 |= record.host.emulates_cpl0();
     }
 
     /// Whether `privilege` code of this backend ran emulated rather than virtualised.

@@ -5,6 +5,7 @@
 //! distribution, deterministic (the same samples always give the same interval), and
 //! honest for small n, where it reports the confidence it actually reaches.
 
+use crate::bootstrap::median_of_sorted;
 use serde::{Deserialize, Serialize};
 
 /// A confidence interval and how it was obtained.
@@ -32,6 +33,11 @@ pub struct Summary {
     pub median_ci95: Interval,
 }
 
+/// Arithmetic mean; `None` for an empty slice.
+pub fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
 /// Median of a non-empty slice (the mean of the middle two for even n).
 pub fn median(values: &[f64]) -> Option<f64> {
     let sorted = sorted(values)?;
@@ -39,21 +45,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
 }
 
 fn sorted(values: &[f64]) -> Option<Vec<f64>> {
-    if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    Some(v)
-}
-
-fn median_of_sorted(v: &[f64]) -> f64 {
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    crate::bootstrap::sorted_finite(values).ok()
 }
 
 /// ln(n choose k), through ln-gamma-free summation (n is at most a few thousand).
