@@ -5,7 +5,7 @@
 use workloads::abi::{ExitCode, EXIT_PORT, UART_PORT};
 use workloads::{Hypervisor, WorkloadId};
 
-use crate::arch::cpu::{self, hlt, outl, rdmsr, rdtsc_fenced, HypercallInsn};
+use crate::arch::cpu::{self, hlt, outl, rdmsr, timed, HypercallInsn};
 use crate::arch::{traps, user};
 use crate::console::{self, Console};
 use crate::global::Global;
@@ -196,16 +196,6 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
         }
         _ => u64::MAX,
     }
-}
-
-/// Times `iterations` runs of `op` at CPL0.
-#[inline(always)]
-fn timed(iterations: u64, mut op: impl FnMut()) -> u64 {
-    let start = rdtsc_fenced();
-    for _ in 0..iterations {
-        op();
-    }
-    rdtsc_fenced().wrapping_sub(start)
 }
 
 extern "C" {

@@ -6,7 +6,6 @@ use workloads::cmdline::{self, GuestConfig, MAX_CMDLINE};
 use workloads::protocol::{LineBuilder, LineKind, Status, VERSION};
 use workloads::{Requirement, WorkloadId};
 
-use crate::arch::cpu::rdtsc_fenced;
 use crate::arch::user::syscall;
 use crate::console;
 use crate::kernel::{self, BootInfo, Syscall};
@@ -107,6 +106,13 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// The sample rounds of one series: the warm-ups, then the measured samples, each as
+    /// (its index among its kind, whether it is a warm-up).
+    pub fn rounds(&self) -> impl Iterator<Item = (u64, bool)> {
+        let warmups = (0..u64::from(self.config.warmup)).map(|i| (i, true));
+        warmups.chain((0..u64::from(self.config.samples)).map(|i| (i, false)))
+    }
+
     /// The workload's parameter `key`, if the host gave one.
     pub fn param(&self, key: &str) -> Option<&'static str> {
         cmdline::param(self.cmdline, self.workload, key)
@@ -163,12 +169,9 @@ impl Sampler {
             }
             iterations *= 2;
         }
-        let total = self.config.warmup + self.config.samples;
-        for i in 0..total {
+        for (index, warmup) in self.rounds() {
             let (ops, cycles) = op(iterations)?;
-            let warmup = i < self.config.warmup;
-            let index = if warmup { i } else { i - self.config.warmup };
-            self.emit_sample(params, index as u64, warmup, ops, cycles);
+            self.emit_sample(params, index, warmup, ops, cycles);
         }
         Ok(iterations)
     }
@@ -201,16 +204,6 @@ impl Sampler {
                 .hex("v", value),
         );
     }
-}
-
-/// Times `n` runs of `op` at the current privilege level.
-#[inline(always)]
-pub fn timed(n: u64, mut op: impl FnMut()) -> u64 {
-    let start = rdtsc_fenced();
-    for _ in 0..n {
-        op();
-    }
-    rdtsc_fenced().wrapping_sub(start)
 }
 
 fn guest_side_skip(id: WorkloadId, info: &BootInfo) -> Option<&'static str> {

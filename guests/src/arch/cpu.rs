@@ -19,6 +19,16 @@ pub fn rdtsc_fenced() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
+/// Times `n` runs of `op` at the current privilege level.
+#[inline(always)]
+pub fn timed(n: u64, mut op: impl FnMut()) -> u64 {
+    let start = rdtsc_fenced();
+    for _ in 0..n {
+        op();
+    }
+    rdtsc_fenced().wrapping_sub(start)
+}
+
 /// Plain RDTSC, unserialised: the instruction measured by `cpu.rdtsc`.
 #[inline(always)]
 pub fn rdtsc() -> u64 {
@@ -235,6 +245,7 @@ hypercall_probe_vmcall_insn:
     .global hypercall_probe_vmmcall
 hypercall_probe_vmmcall:
     movq %rdi, %rax
+    xorq %rbx, %rbx
     .global hypercall_probe_vmmcall_insn
 hypercall_probe_vmmcall_insn:
     vmmcall

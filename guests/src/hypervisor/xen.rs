@@ -18,7 +18,7 @@ use crate::global::Global;
 
 const HYPERVISOR_MEMORY_OP: u64 = 12;
 const HYPERVISOR_SCHED_OP: u64 = 29;
-const HYPERVISOR_XEN_VERSION: u64 = 17;
+pub const HYPERVISOR_XEN_VERSION: u64 = 17;
 const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
 const HYPERVISOR_HVM_OP: u64 = 34;
 

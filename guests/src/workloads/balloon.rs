@@ -206,10 +206,7 @@ fn move_pool(
 }
 
 fn cycles(s: &Sampler, port: &mut dyn BalloonPort, pool: u64, pages: u64) -> Result<(), Refusal> {
-    let total = s.config.warmup + s.config.samples;
-    for i in 0..total {
-        let warmup = i < s.config.warmup;
-        let index = if warmup { i } else { i - s.config.warmup } as u64;
+    for (index, warmup) in s.rounds() {
         s.note_text(PHASE, "ready");
         let target = wait_for(port, |t| t != 0)?;
         if target != pages {

@@ -97,13 +97,7 @@ pub fn ksm(s: &Sampler) -> Result<(), Refusal> {
     let list = unsafe { core::slice::from_raw_parts_mut(targets as *mut u64, batch as usize) };
     // Merged and unmerged samples alternate, so both see the same host conditions.
     let mut cursors = [0u64; 2];
-    for i in 0..total {
-        let warmup = i < s.config.warmup as u64;
-        let index = if warmup {
-            i
-        } else {
-            i - s.config.warmup as u64
-        };
+    for (index, warmup) in s.rounds() {
         for (k, (merged, metric)) in [(true, "write_merged"), (false, "write_unmerged")]
             .into_iter()
             .enumerate()

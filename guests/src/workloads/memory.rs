@@ -96,8 +96,7 @@ pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
             continue;
         }
         let series = Series::new().push("page", names[k]);
-        let total = s.config.warmup + s.config.samples;
-        for i in 0..total {
+        for (index, warmup) in s.rounds() {
             let phys = alloc_fresh(bytes, HUGE_PAGE).ok_or(refuse(
                 "not enough untouched memory left: give the guest more (--memory-mib)",
             ))?;
@@ -108,9 +107,7 @@ pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
                 unsafe { write_volatile((va + p * PAGE) as *mut u64, p) };
             }
             let cycles = rdtsc_fenced().wrapping_sub(start);
-            let warmup = i < s.config.warmup;
-            let index = if warmup { i } else { i - s.config.warmup };
-            s.emit_sample(series.as_str(), index as u64, warmup, pages, cycles);
+            s.emit_sample(series.as_str(), index, warmup, pages, cycles);
             paging::unmap();
             reset_work();
         }
@@ -129,9 +126,8 @@ pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
         pages,
         mapping.first_pt,
     );
-    let total = s.config.warmup + s.config.samples;
     let mut result = Ok(());
-    for i in 0..total {
+    for (index, warmup) in s.rounds() {
         for p in 0..pages {
             // SAFETY: the window's PTE for page p; clearing RW makes the next write fault.
             unsafe {
@@ -156,9 +152,7 @@ pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
                 ));
             }
         }
-        let warmup = i < s.config.warmup;
-        let index = if warmup { i } else { i - s.config.warmup };
-        s.emit_sample("", index as u64, warmup, pages, cycles);
+        s.emit_sample("", index, warmup, pages, cycles);
     }
     syscall(Syscall::SetProtWindow as u64, 0, 0, 0);
     result

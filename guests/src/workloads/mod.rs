@@ -13,19 +13,17 @@ use workloads::compute::{compute_init, compute_rounds, COMPUTE_WORDS};
 use workloads::protocol::Status;
 use workloads::{Hypervisor, WorkloadId};
 
+use crate::arch::cpu::timed;
 use crate::arch::cpu::{cpuid, hypercall, inb, outb, rdtsc, rdtsc_fenced};
 use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen::XENVER_VERSION;
 use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
 use crate::kernel::{BootInfo, Syscall, KERNEL_LOOP_FAULTED};
-use crate::runner::{timed, Refusal, Sampler};
+use crate::runner::{Refusal, Sampler};
 
 /// An address no page table maps (256 GiB), for `selftest.page-fault`.
 pub const SELFTEST_UNMAPPED_ADDRESS: u64 = 0x40_0000_0000;
-
-/// Xen's `xen_version` hypercall number.
-const XEN_HYPERCALL_XEN_VERSION: u64 = 17;
 
 pub type Outcome = Result<(), Refusal>;
 
@@ -77,7 +75,7 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         }
         WorkloadId::CpuHypercall => {
             let nr = match info.hypervisor.kind {
-                Hypervisor::Xen => XEN_HYPERCALL_XEN_VERSION,
+                Hypervisor::Xen => crate::hypervisor::xen::HYPERVISOR_XEN_VERSION,
                 _ => KVM_HC_VAPIC_POLL_IRQ,
             };
             let mut last = 0;
