@@ -263,7 +263,7 @@ pub struct RunArgs {
     pub samples: u32,
     /// Warm-up samples per workload, kept in the record but not in the statistics.
     #[arg(long, default_value_t = workloads::cmdline::DEFAULT_WARMUP,
-          value_parser = clap::value_parser!(u32).range(0..=100))]
+          value_parser = clap::value_parser!(u32).range(0..=workloads::cmdline::MAX_WARMUP as i64))]
     pub warmup: u32,
     /// Minimum duration of one sample, in microseconds; the iteration count doubles until
     /// a sample lasts this long.

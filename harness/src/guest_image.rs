@@ -47,7 +47,6 @@ pub enum ImageError {
 #[derive(Clone, Debug)]
 pub struct GuestImage {
     bytes: Cow<'static, [u8]>,
-    origin: String,
     sha256: String,
     pvh_entry: u32,
     /// Highest guest-physical address the image occupies (end of its last segment).
@@ -89,10 +88,6 @@ impl GuestImage {
         &self.bytes
     }
 
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
-
     pub fn sha256(&self) -> &str {
         &self.sha256
     }
@@ -120,7 +115,6 @@ impl GuestImage {
             .collect();
         Ok(GuestImage {
             bytes,
-            origin,
             sha256,
             pvh_entry,
             load_end,

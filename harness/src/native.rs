@@ -21,7 +21,7 @@ fn rdtsc_fenced() -> u64 {
 }
 
 /// One native sample of the compute kernel: (cycles, checksum) for `rounds` rounds.
-pub fn compute_sample(rounds: u64) -> (u64, u64) {
+fn compute_sample(rounds: u64) -> (u64, u64) {
     let mut buf = [0u64; COMPUTE_WORDS];
     compute_init(&mut buf);
     let start = rdtsc_fenced();
@@ -38,7 +38,7 @@ pub fn compute_checksum(rounds: u64) -> u64 {
 }
 
 /// `warmup` discarded and `samples` kept native samples, in cycles per round.
-pub fn compute_cycles_per_round(rounds: u64, warmup: u32, samples: u32) -> Vec<f64> {
+fn compute_cycles_per_round(rounds: u64, warmup: u32, samples: u32) -> Vec<f64> {
     for _ in 0..warmup {
         compute_sample(rounds);
     }

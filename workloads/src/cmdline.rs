@@ -17,6 +17,7 @@ pub const DEFAULT_SAMPLES: u32 = 10;
 pub const DEFAULT_WARMUP: u32 = 1;
 pub const DEFAULT_SAMPLE_US: u32 = 10_000;
 pub const MAX_SAMPLES: u32 = 10_000;
+pub const MAX_WARMUP: u32 = 100;
 pub const MIN_SAMPLE_US: u32 = 100;
 pub const MAX_SAMPLE_US: u32 = 10_000_000;
 
@@ -124,7 +125,7 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
                 }
             }
             "samples" => config.samples = number(value, 1, MAX_SAMPLES)?,
-            "warmup" => config.warmup = number(value, 0, 100)?,
+            "warmup" => config.warmup = number(value, 0, MAX_WARMUP)?,
             "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
             _ => return Err(CmdlineError::UnknownKey),
         }

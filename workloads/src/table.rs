@@ -634,15 +634,8 @@ pub const WORKLOADS: &[Workload] = &[
 impl WorkloadId {
     /// The table row of this workload.
     pub fn spec(self) -> &'static Workload {
-        // The table has one row per variant; `table_has_one_row_per_id` checks it.
-        let mut i = 0;
-        while i < WORKLOADS.len() {
-            if WORKLOADS[i].id as usize == self as usize {
-                return &WORKLOADS[i];
-            }
-            i += 1;
-        }
-        unreachable!()
+        // Row i is the variant with discriminant i; `table_has_one_row_per_id` checks it.
+        &WORKLOADS[self as usize]
     }
 
     pub fn name(self) -> &'static str {
