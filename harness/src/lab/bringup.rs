@@ -201,6 +201,27 @@ pub(super) fn open_cache(
     })
 }
 
+/// The checks every lab's machine options get (each lab checks its memory itself).
+pub(super) fn check_machine(
+    cpus: u32,
+    ssh_port: Option<u16>,
+    accel: super::LabAccel,
+) -> Result<(), LabError> {
+    let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
+    if cpus == 0 || cpus > 64 {
+        return invalid(format!("cpus must be 1..=64, not {cpus}"));
+    }
+    if ssh_port == Some(0) {
+        return invalid("ssh_port 0 is not a port; leave it None to pick a free one".into());
+    }
+    if accel == super::LabAccel::Kvm {
+        if let Some(reason) = super::kvm_unusable_reason() {
+            return Err(LabError::AccelUnavailable { reason });
+        }
+    }
+    Ok(())
+}
+
 /// Checks the host tools a bring-up needs, then downloads `packages` (cached) and unpacks
 /// them into the layout's staging tree.
 pub(super) fn fetch_and_stage(

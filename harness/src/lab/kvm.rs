@@ -257,24 +257,13 @@ fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
             options.memory_mib
         ));
     }
-    if options.cpus == 0 || options.cpus > 64 {
-        return invalid(format!("cpus must be 1..=64, not {}", options.cpus));
-    }
-    if options.ssh_port == Some(0) {
-        return invalid("ssh_port 0 is not a port; leave it None to pick a free one".into());
-    }
     if !options.hvbench.is_file() {
         return invalid(format!(
             "the hvbench binary {} does not exist",
             options.hvbench.display()
         ));
     }
-    if options.accel == LabAccel::Kvm {
-        if let Some(reason) = super::kvm_unusable_reason() {
-            return Err(LabError::AccelUnavailable { reason });
-        }
-    }
-    Ok(())
+    bringup::check_machine(options.cpus, options.ssh_port, options.accel)
 }
 
 /// Brings the KVM lab up, or returns the one already up and healthy (with the current

@@ -16,8 +16,8 @@ use super::packages::{self, PackageManifest};
 use super::qemu::XenBoot;
 use super::tools::{require_tool, run_checked_bytes};
 use super::{
-    lab_down, lab_status, write_state, xen_version_over_ssh, LabAccel, LabError, LabState,
-    XenLabOptions, HOST_KEY_ALIAS,
+    lab_down, lab_status, write_state, xen_version_over_ssh, LabError, LabState, XenLabOptions,
+    HOST_KEY_ALIAS,
 };
 
 pub use super::qemu::DOM0_MEMORY_MIB;
@@ -47,18 +47,7 @@ fn validate(options: &XenLabOptions) -> Result<(), LabError> {
             DOM0_MEMORY_MIB + 512
         ));
     }
-    if options.cpus == 0 || options.cpus > 64 {
-        return invalid(format!("cpus must be 1..=64, not {}", options.cpus));
-    }
-    if options.ssh_port == Some(0) {
-        return invalid("ssh_port 0 is not a port; leave it None to pick a free one".into());
-    }
-    if options.accel == LabAccel::Kvm {
-        if let Some(reason) = super::kvm_unusable_reason() {
-            return Err(LabError::AccelUnavailable { reason });
-        }
-    }
-    Ok(())
+    bringup::check_machine(options.cpus, options.ssh_port, options.accel)
 }
 
 /// Brings the Xen lab up, or returns the one already up and healthy.
