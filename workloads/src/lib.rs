@@ -5,6 +5,7 @@
 //! - [`cmdline`]: how the harness tells the guest what to run;
 //! - [`protocol`]: the result lines the guest prints and the harness decodes;
 //! - [`compute`]: the compute kernel that runs in the guest and natively on the host;
+//! - [`balloon`]: the pool size and phase notes of `mem.balloon`;
 //! - [`ksm`]: the page contents and doorbell values of `mem.ksm`, which the host checks;
 //! - [`virtio`]: the virtio-mmio balloon's registers, shared by the guest's driver and the VMM.
 //!
@@ -15,6 +16,7 @@
 extern crate std;
 
 pub mod abi;
+pub mod balloon;
 pub mod cmdline;
 pub mod compute;
 pub mod crc32;

@@ -12,6 +12,7 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
+use workloads::balloon::{DEFAULT_SIZE, PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
 use workloads::cmdline::parse_size;
 use workloads::protocol::Status;
 use workloads::virtio::{
@@ -31,11 +32,8 @@ use crate::mem::arena::{alloc_work, HUGE_PAGE, PAGE};
 use crate::runner::{ram_end, Refusal, Sampler};
 use crate::virtio::{Balloon, Descriptor, TransferError, QUEUE_SIZE};
 
-const DEFAULT_SIZE: u64 = 64 << 20;
 /// Yields between re-reads of Xen's target when no watch event comes.
 const XEN_PAUSE_YIELDS: u32 = 100_000;
-/// The note key of the phase lines the host waits for.
-const PHASE: &str = "balloon";
 
 fn error(reason: &'static str) -> Refusal {
     (Status::Error, reason)
@@ -207,7 +205,7 @@ fn move_pool(
 
 fn cycles(s: &Sampler, port: &mut dyn BalloonPort, pool: u64, pages: u64) -> Result<(), Refusal> {
     for (index, warmup) in s.rounds() {
-        s.note_text(PHASE, "ready");
+        s.note_text(PHASE_KEY, PHASE_READY);
         let target = wait_for(port, |t| t != 0)?;
         if target != pages {
             return Err(error(
@@ -217,14 +215,14 @@ fn cycles(s: &Sampler, port: &mut dyn BalloonPort, pool: u64, pages: u64) -> Res
         let inflate = move_pool(pool, pages, |pfn, n| port.give(pfn, n))?;
         port.report(pages);
         s.emit_metric_sample("inflate", "", index, warmup, pages * PAGE, inflate);
-        s.note_text(PHASE, "inflated");
+        s.note_text(PHASE_KEY, PHASE_INFLATED);
         wait_for(port, |t| t == 0)?;
         let deflate = move_pool(pool, pages, |pfn, n| port.take(pfn, n))?;
         port.report(0);
         s.emit_metric_sample("deflate", "", index, warmup, pages * PAGE, deflate);
         let touched = touch(pool, pages);
         s.emit_metric_sample("touch_after_deflate", "", index, warmup, pages, touched);
-        s.note_text(PHASE, "deflated");
+        s.note_text(PHASE_KEY, PHASE_DEFLATED);
     }
     Ok(())
 }

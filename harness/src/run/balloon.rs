@@ -20,6 +20,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use reports::record::Curve;
+use workloads::balloon::{DEFAULT_SIZE, PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
 use workloads::cmdline::parse_size;
 use workloads::protocol::{Event, Hello, Status};
 use workloads::WorkloadId;
@@ -30,13 +31,9 @@ use crate::backend::balloon::{BalloonControl, HostMemory, Refusals};
 use crate::backend::{BootRequest, ExitCounts, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{ConsoleLine, LineAssembler};
 
-/// `mem.balloon.size` when none is given.
-pub const DEFAULT_SIZE: u64 = 64 << 20;
 /// Guest memory the guest needs besides the pool: image, stacks, queues, the pool's 2 MiB
 /// alignment.
 const GUEST_RESERVE: u64 = 24 << 20;
-/// The note key of the guest's phase lines.
-const PHASE_KEY: &str = "balloon";
 /// Longest wait for one console message before the loop looks at the clock again.
 const POLL: Duration = Duration::from_millis(50);
 /// Points kept per curve (a few per phase at the KVM interval for a default run).
@@ -398,7 +395,7 @@ impl Driver {
     /// Reacts to the guest's phase note; false when the host cannot go on.
     fn phase(&mut self, value: &str) -> bool {
         match (value, self.phase) {
-            ("ready", Phase::Waiting) => {
+            (PHASE_READY, Phase::Waiting) => {
                 let Some(before) = self.measure(Some(self.size)) else {
                     return false;
                 };
@@ -407,7 +404,7 @@ impl Driver {
                     since: Instant::now(),
                 };
             }
-            ("inflated", Phase::Inflating { before, since }) => {
+            (PHASE_INFLATED, Phase::Inflating { before, since }) => {
                 self.host_inflate_s.push(since.elapsed().as_secs_f64());
                 let pages = self.size / 4096;
                 if let Some(reported) = self.control.reported_pages().filter(|r| *r != pages) {
@@ -438,7 +435,7 @@ impl Driver {
                     since: Instant::now(),
                 };
             }
-            ("deflated", Phase::Deflating { since }) => {
+            (PHASE_DEFLATED, Phase::Deflating { since }) => {
                 self.host_deflate_s.push(since.elapsed().as_secs_f64());
                 if self.measure(None).is_none() {
                     return false;
