@@ -1,12 +1,12 @@
 //! The report page: one self-contained HTML file (inline CSS, no script, no external
 //! resource), with the charts beside it referenced relatively.
 //!
-//! Every string that came from a record goes through [`escape`]: the guest and the records
-//! are untrusted input, and a workload name or a reason must show as text, never act as
-//! markup. Numbers are formatted here and escaped all the same.
+//! The page is a maud template: every value spliced into it is escaped by the template
+//! engine (the guest and the records are untrusted input, and a workload name or a reason
+//! must show as text, never act as markup). The only unescaped text is the style sheet,
+//! a constant of this file.
 
-use std::fmt::Write as _;
-use std::path::Path;
+use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use crate::abtest::{runs_needed, Change, Direction};
 use crate::format;
@@ -16,22 +16,7 @@ use crate::report::{
     measurement_anchor, BackendView, Cell, Charts, Measurement, Model, RawCopy, ReportOptions,
     Versus, CHARTS_DIR,
 };
-
-/// Escapes text for HTML element content and quoted attribute values alike.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 8);
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
+use std::path::Path;
 
 pub(crate) struct Page<'a> {
     pub title: &'a str,
@@ -68,83 +53,83 @@ details summary{cursor:pointer;color:#333}
 
 pub(crate) fn render_page(page: &Page) -> String {
     let model = page.model;
-    let mut html = String::with_capacity(64 * 1024 + model.measurements.len() * 2048);
     let backends = model.backend_names();
-    let _ = write!(
-        html,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{}</h1>\n",
-        escape(page.title),
-        escape(page.title)
-    );
-    let legend: Vec<String> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{}{}", swatch(i), escape(b)))
-        .collect();
-    let _ = writeln!(
-        html,
-        "<p class=\"sub\">Backends: {}{}. {} records, {} measurements.</p>",
-        legend.join(", "),
-        if backends.len() > 1 {
-            format!(
-                " (backend A is {}; ratios are A / other)",
-                escape(&backends[0])
-            )
-        } else {
-            String::new()
-        },
-        model.inputs.iter().map(|i| i.records).sum::<usize>(),
-        model.measurements.len()
-    );
-    let mut nav = vec!["<a href=\"#hosts\">hosts</a>".to_string()];
-    for (group, _) in model.groups() {
-        nav.push(format!(
-            "<a href=\"#group-{}\">{}</a>",
-            escape(&format::slug(&group, 40)),
-            escape(&group)
-        ));
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (page.title) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { (page.title) }
+                (summary_line(model, &backends))
+                (navigation(page))
+                @for notice in &model.notices {
+                    div.notice { (notice) }
+                }
+                @for warning in &model.warnings {
+                    div.warning role="alert" { b { "Warning: " (warning.title) } (warning.detail) }
+                }
+                (hosts_section(&model.backends))
+                @for (group, measurements) in model.groups() {
+                    (group_section(page, &group, &measurements))
+                }
+                (curves_section(page))
+                (problems_section(model))
+                (raw_section(page))
+                (method_section(page.options, backends.len()))
+            }
+        }
     }
-    if !page.charts.curves.is_empty() {
-        nav.push("<a href=\"#curves\">curves</a>".into());
-    }
-    nav.push(format!(
-        "<a href=\"#problems\">skipped and failed ({})</a>",
-        model.problems.len()
-    ));
-    nav.push("<a href=\"#raw\">raw results</a>".into());
-    nav.push("<a href=\"#method\">method</a>".into());
-    let _ = writeln!(html, "<nav>{}</nav>", nav.join(" · "));
-    for notice in &model.notices {
-        let _ = writeln!(html, "<div class=\"notice\">{}</div>", escape(notice));
-    }
-    for warning in &model.warnings {
-        let _ = writeln!(
-            html,
-            "<div class=\"warning\" role=\"alert\"><b>Warning: {}</b>{}</div>",
-            escape(&warning.title),
-            escape(&warning.detail)
-        );
-    }
-
-    hosts_section(&mut html, &model.backends);
-    for (group, measurements) in model.groups() {
-        group_section(&mut html, page, &group, &measurements);
-    }
-    curves_section(&mut html, page);
-    problems_section(&mut html, model);
-    raw_section(&mut html, page);
-    method_section(&mut html, page.options, backends.len());
-    html.push_str("</body>\n</html>\n");
-    html
+    .into_string()
 }
 
-fn swatch(index: usize) -> String {
-    format!(
-        "<span class=\"swatch\" style=\"background:{}\"></span>",
-        backend_color_hex(index)
-    )
+fn summary_line(model: &Model, backends: &[String]) -> Markup {
+    let records: usize = model.inputs.iter().map(|i| i.records).sum();
+    html! {
+        p.sub {
+            "Backends: "
+            @for (i, b) in backends.iter().enumerate() {
+                @if i > 0 { ", " }
+                (swatch(i)) (b)
+            }
+            @if let (true, Some(first)) = (backends.len() > 1, backends.first()) {
+                " (backend A is " (first) "; ratios are A / other)"
+            }
+            ". " (records) " records, " (model.measurements.len()) " measurements."
+        }
+    }
+}
+
+fn navigation(page: &Page) -> Markup {
+    let model = page.model;
+    let mut links: Vec<Markup> = vec![html! { a href="#hosts" { "hosts" } }];
+    for (group, _) in model.groups() {
+        let anchor = format!("#group-{}", format::slug(&group, 40));
+        links.push(html! { a href=(anchor) { (group) } });
+    }
+    if !page.charts.curves.is_empty() {
+        links.push(html! { a href="#curves" { "curves" } });
+    }
+    links.push(html! { a href="#problems" { "skipped and failed (" (model.problems.len()) ")" } });
+    links.push(html! { a href="#raw" { "raw results" } });
+    links.push(html! { a href="#method" { "method" } });
+    html! {
+        nav {
+            @for (i, link) in links.into_iter().enumerate() {
+                @if i > 0 { " · " }
+                (link)
+            }
+        }
+    }
+}
+
+fn swatch(index: usize) -> Markup {
+    let style = format!("background:{}", backend_color_hex(index));
+    html! { span.swatch style=(style) {} }
 }
 
 /// Distinct non-empty values, in order, joined.
@@ -182,88 +167,81 @@ const HOST_FIELDS: &[HostField] = &[
     ("KSM", |h| h.ksm.clone()),
 ];
 
-fn hosts_section(html: &mut String, backends: &[BackendView]) {
-    html.push_str(
-        "<h2 id=\"hosts\">Hosts and backends</h2>\n<table class=\"hosts\">\n<tr><th></th>",
-    );
-    for (i, b) in backends.iter().enumerate() {
-        let _ = write!(html, "<th>{}{}</th>", swatch(i), escape(&b.name));
-    }
-    html.push_str("</tr>\n");
-    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
-    for (label, field) in HOST_FIELDS {
-        rows.push((
-            label.to_string(),
-            backends
-                .iter()
-                .map(|b| join_distinct(b.hosts.iter().map(field)))
-                .collect(),
-        ));
-    }
+const GUEST_FIELDS: &[GuestField] = &[
+    ("guest saw hypervisor", |g| {
+        format!("{} ({})", g.hypervisor, g.signature)
+    }),
+    ("guest image sha256", |g| g.image_sha256.clone()),
+    ("guest TSC", |g| match g.tsc_khz {
+        Some(khz) => format!("{khz} kHz ({})", g.tsc_source),
+        None => format!("unknown ({})", g.tsc_source),
+    }),
+    ("guest RAM", |g| {
+        g.ram_bytes
+            .map(|b| format!("{} MiB", b / (1024 * 1024)))
+            .unwrap_or_default()
+    }),
+];
+
+/// One row of the hosts table: a label and one value per backend.
+type HostRow = (String, Vec<String>);
+
+/// Per backend, the distinct values of `field` over what `items` picks from it.
+fn per_backend<T>(
+    backends: &[BackendView],
+    items: impl Fn(&BackendView) -> &[T],
+    field: impl Fn(&T) -> String,
+) -> Vec<String> {
+    backends
+        .iter()
+        .map(|b| join_distinct(items(b).iter().map(&field)))
+        .collect()
+}
+
+fn host_rows(backends: &[BackendView]) -> Vec<HostRow> {
+    let mut rows: Vec<HostRow> = HOST_FIELDS
+        .iter()
+        .map(|(label, field)| {
+            (
+                label.to_string(),
+                per_backend(backends, |b| &b.hosts, field),
+            )
+        })
+        .collect();
     let extra_keys: std::collections::BTreeSet<&String> = backends
         .iter()
         .flat_map(|b| b.hosts.iter().flat_map(|h| h.extra.keys()))
         .collect();
     for key in extra_keys {
-        rows.push((
-            key.clone(),
-            backends
-                .iter()
-                .map(|b| {
-                    join_distinct(
-                        b.hosts
-                            .iter()
-                            .map(|h| h.extra.get(key).cloned().unwrap_or_default()),
-                    )
-                })
-                .collect(),
-        ));
+        let values = per_backend(
+            backends,
+            |b| &b.hosts,
+            |h| h.extra.get(key).cloned().unwrap_or_default(),
+        );
+        rows.push((key.clone(), values));
     }
-    rows.push((
-        "backend version".into(),
-        backends
-            .iter()
-            .map(|b| join_distinct(b.infos.iter().map(|i| i.version.clone())))
-            .collect(),
-    ));
+    let version = per_backend(backends, |b| &b.infos, |i| i.version.clone());
+    rows.push(("backend version".into(), version));
     let detail_keys: std::collections::BTreeSet<&String> = backends
         .iter()
         .flat_map(|b| b.infos.iter().flat_map(|i| i.details.keys()))
         .collect();
     for key in detail_keys {
-        rows.push((
-            format!("backend {key}"),
-            backends
-                .iter()
-                .map(|b| {
-                    join_distinct(
-                        b.infos
-                            .iter()
-                            .map(|i| i.details.get(key).cloned().unwrap_or_default()),
-                    )
-                })
-                .collect(),
-        ));
+        let values = per_backend(
+            backends,
+            |b| &b.infos,
+            |i| i.details.get(key).cloned().unwrap_or_default(),
+        );
+        rows.push((format!("backend {key}"), values));
     }
-    let guest_rows: [GuestField; 4] = [
-        ("guest saw hypervisor", |g| {
-            format!("{} ({})", g.hypervisor, g.signature)
-        }),
-        ("guest image sha256", |g| g.image_sha256.clone()),
-        ("guest TSC", |g| match g.tsc_khz {
-            Some(khz) => format!("{khz} kHz ({})", g.tsc_source),
-            None => format!("unknown ({})", g.tsc_source),
-        }),
-        ("guest RAM", |g| {
-            g.ram_bytes
-                .map(|b| format!("{} MiB", b / (1024 * 1024)))
-                .unwrap_or_default()
-        }),
-    ];
-    for (label, field) in guest_rows {
-        rows.push((
-            label.into(),
-            backends
+    rows
+}
+
+fn guest_and_run_rows(backends: &[BackendView]) -> Vec<HostRow> {
+    let mut rows: Vec<HostRow> = GUEST_FIELDS
+        .iter()
+        .map(|(label, field)| {
+            let values = backends
                 .iter()
                 .map(|b| {
                     // Records skipped before any boot carry no guest's view.
@@ -274,229 +252,177 @@ fn hosts_section(html: &mut String, backends: &[BackendView]) {
                             .map(field),
                     )
                 })
-                .collect(),
-        ));
-    }
-    rows.push((
-        "run parameters".into(),
-        backends
-            .iter()
-            .map(|b| {
-                join_distinct(b.parameters.iter().map(|p| {
-                    format!(
-                        "{} samples, {} warm-up, {} µs/sample, {} vCPU, {} MiB",
-                        p.samples, p.warmup, p.sample_us, p.vcpus, p.memory_mib
-                    )
-                }))
-            })
-            .collect(),
-    ));
-    rows.push((
-        "hvbench".into(),
-        backends
-            .iter()
-            .map(|b| {
-                join_distinct(
-                    b.tools
-                        .iter()
-                        .map(|t| format!("{} ({})", t.version, t.git_revision)),
-                )
-            })
-            .collect(),
-    ));
-    rows.push((
-        "runs × repeats, records".into(),
-        backends
-            .iter()
-            .map(|b| format!("{} × {}, {}", b.run_ids.len(), b.repeats.len(), b.records))
-            .collect(),
-    ));
-    for (label, values) in rows {
-        let differs = values.windows(2).any(|w| w[0] != w[1]);
-        let _ = write!(
-            html,
-            "<tr{}><th>{}</th>",
-            if differs && values.len() > 1 {
-                " class=\"differs\""
-            } else {
-                ""
-            },
-            escape(&label)
-        );
-        for v in values {
-            let _ = write!(html, "<td>{}</td>", escape(&v));
+                .collect();
+            (label.to_string(), values)
+        })
+        .collect();
+    let parameters = per_backend(
+        backends,
+        |b| &b.parameters,
+        |p| {
+            format!(
+                "{} samples, {} warm-up, {} µs/sample, {} vCPU, {} MiB",
+                p.samples, p.warmup, p.sample_us, p.vcpus, p.memory_mib
+            )
+        },
+    );
+    rows.push(("run parameters".into(), parameters));
+    let tools = per_backend(
+        backends,
+        |b| &b.tools,
+        |t| format!("{} ({})", t.version, t.git_revision),
+    );
+    rows.push(("hvbench".into(), tools));
+    let counts = backends
+        .iter()
+        .map(|b| format!("{} × {}, {}", b.run_ids.len(), b.repeats.len(), b.records))
+        .collect();
+    rows.push(("runs × repeats, records".into(), counts));
+    rows
+}
+
+fn hosts_section(backends: &[BackendView]) -> Markup {
+    let mut rows = host_rows(backends);
+    rows.extend(guest_and_run_rows(backends));
+    html! {
+        h2 id="hosts" { "Hosts and backends" }
+        table.hosts {
+            tr {
+                th {}
+                @for (i, b) in backends.iter().enumerate() {
+                    th { (swatch(i)) (b.name) }
+                }
+            }
+            @for (label, values) in &rows {
+                @let differs = values.len() > 1 && values.windows(2).any(|w| w[0] != w[1]);
+                tr class=[differs.then_some("differs")] {
+                    th { (label) }
+                    @for v in values { td { (v) } }
+                }
+            }
         }
-        html.push_str("</tr>\n");
-    }
-    html.push_str("</table>\n");
-    if backends.len() > 1 {
-        html.push_str("<p class=\"detail\">Rows where the backends differ are highlighted.</p>\n");
+        @if backends.len() > 1 {
+            p.detail { "Rows where the backends differ are highlighted." }
+        }
     }
 }
 
-fn estimate_html(e: &crate::bootstrap::Estimate) -> String {
-    format!(
-        "<span class=\"est\">{} <span class=\"ci\">[{}, {}]</span></span>",
-        escape(&format::number(e.value)),
-        escape(&format::number(e.low)),
-        escape(&format::number(e.high))
-    )
+fn estimate_html(e: &crate::bootstrap::Estimate) -> Markup {
+    html! {
+        span.est {
+            (format::number(e.value)) " "
+            span.ci { "[" (format::number(e.low)) ", " (format::number(e.high)) "]" }
+        }
+    }
 }
 
-fn cell_html(cell: &Cell, backend: &BackendView, privilege: &str) -> String {
+fn cell_html(cell: &Cell, backend: &BackendView, privilege: &str) -> Markup {
     let Some(pool) = &cell.pool else {
-        return "<span class=\"detail\">not run</span>".into();
+        return html! { span.detail { "not run" } };
     };
-    let mut out = String::new();
-    match (&cell.median, &cell.error) {
-        (Some(e), _) => out.push_str(&estimate_html(e)),
-        (None, Some(error)) => {
-            let _ = write!(out, "<span class=\"status\">{}</span>", escape(error));
+    let status = pool.worst_status.name();
+    let unsuccessful = pool.records - pool.measured_records;
+    html! {
+        @match (&cell.median, &cell.error) {
+            (Some(e), _) => (estimate_html(e)),
+            (None, Some(error)) => span.status { (error) },
+            (None, None) => {
+                span class=(format!("status status-{status}")) { (status) }
+                @if let Some(reason) = pool.reasons.iter().next() {
+                    div.detail.reason { (reason) }
+                }
+            }
         }
-        (None, None) => {
-            let status = pool.worst_status.name();
-            let _ = write!(
-                out,
-                "<span class=\"status status-{}\">{}</span>",
-                escape(status),
-                escape(status)
-            );
-            if let Some(reason) = pool.reasons.iter().next() {
-                let _ = write!(out, "<div class=\"detail reason\">{}</div>", escape(reason));
+        @if pool.is_measured() {
+            span.n {
+                "n = " (pool.samples.len()) " from " (pool.measured_records) " record"
+                @if pool.measured_records != 1 { "s" }
+                @if unsuccessful > 0 { ", " (unsuccessful) " not successful (" (status) ")" }
+            }
+        }
+        @if backend.emulates(privilege) {
+            span.badge title="this code ran under emulation, not hardware virtualization" {
+                "emulated"
             }
         }
     }
-    if pool.is_measured() {
-        let _ = write!(
-            out,
-            "<span class=\"n\">n = {} from {} record{}",
-            pool.samples.len(),
-            pool.measured_records,
-            if pool.measured_records == 1 { "" } else { "s" }
-        );
-        if pool.records > pool.measured_records {
-            let _ = write!(
-                out,
-                ", {} not successful ({})",
-                pool.records - pool.measured_records,
-                escape(pool.worst_status.name())
-            );
-        }
-        out.push_str("</span>");
-    }
-    if backend.emulates(privilege) {
-        out.push_str(
-            "<span class=\"badge\" title=\"this code ran under emulation, not hardware \
-             virtualization\">emulated</span>",
-        );
-    }
-    out
 }
 
 /// `runs_needed`: runs per side with which the test takes runs as its units.
-fn verdict_html(versus: &Versus, a: &str, b: &str, runs_needed: usize) -> String {
+fn verdict_html(versus: &Versus, a: &str, b: &str, runs_needed: usize) -> Markup {
     let Some(test) = &versus.test else {
-        return "<span class=\"detail\">needs samples on both sides</span>".into();
+        return html! { span.detail { "needs samples on both sides" } };
     };
-    let detail = format!(
-        "<span class=\"n\">Δmean {} · p {}</span>",
-        escape(&format::percent(test.relative_change)),
-        escape(&if test.p_value < 0.001 {
-            format::p_value(test.p_value)
-        } else {
-            format!("= {}", format::p_value(test.p_value))
-        })
-    );
-    let faster = |name: &str| format!("<span class=\"faster\">{} faster</span>", escape(name));
-    let verdict = match test.change {
-        Change::Worse => faster(a),
-        Change::Better => faster(b),
-        Change::Changed => {
-            "<span class=\"faster\">differ (which is better is unknown)</span>".into()
-        }
-        Change::NoSignificantChange => {
-            "<span class=\"same\">no significant difference</span>".into()
-        }
-    };
-    let caveat = if versus.per_run {
-        String::new()
+    let p = if test.p_value < 0.001 {
+        format::p_value(test.p_value)
     } else {
-        format!(
-            "<span class=\"n\" title=\"the test pooled the samples of too few runs to see how \
-             much a boot shifts all its samples together; run --repeat {runs_needed} on each \
-             side for a test on runs\">too few runs: boot-to-boot drift not measured</span>"
-        )
+        format!("= {}", format::p_value(test.p_value))
     };
-    format!("{verdict}{detail}{caveat}")
+    let caveat_title = format!(
+        "the test pooled the samples of too few runs to see how much a boot shifts all its \
+         samples together; run --repeat {runs_needed} on each side for a test on runs"
+    );
+    html! {
+        @match test.change {
+            Change::Worse => span.faster { (a) " faster" },
+            Change::Better => span.faster { (b) " faster" },
+            Change::Changed => span.faster { "differ (which is better is unknown)" },
+            Change::NoSignificantChange => span.same { "no significant difference" },
+        }
+        span.n { "Δmean " (format::percent(test.relative_change)) " · p " (p) }
+        @if !versus.per_run {
+            span.n title=(caveat_title) { "too few runs: boot-to-boot drift not measured" }
+        }
+    }
 }
 
-fn workload_html(m: &Measurement) -> String {
+fn workload_html(m: &Measurement) -> Markup {
     let direction = match m.direction {
         Direction::LowerIsBetter => ", lower is better",
         Direction::HigherIsBetter => ", higher is better",
         Direction::Unknown => "",
     };
-    let mut out = format!(
-        "<b>{}</b><span class=\"n\">{}, {}{direction}{}</span>",
-        escape(&m.key.workload),
-        escape(&m.key.metric),
-        escape(&m.unit),
-        if m.key.series.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", escape(&m.key.series))
-        }
-    );
-    if !m.privilege.is_empty() {
-        let _ = write!(out, "<span class=\"n\">{}</span>", escape(&m.privilege));
-    }
     let notes: Vec<String> = m
         .cells
         .iter()
         .filter_map(|c| c.pool.as_ref())
         .flat_map(|p| {
             p.notes.iter().map(move |(name, values)| {
-                format!(
-                    "{} {}={}",
-                    p.backend,
-                    name,
-                    values.iter().cloned().collect::<Vec<_>>().join("|")
-                )
+                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                format!("{} {}={}", p.backend, name, values.join("|"))
             })
         })
         .collect();
-    if !m.description.is_empty() || !notes.is_empty() {
-        let _ = write!(
-            out,
-            "<details><summary class=\"detail\">about</summary><span class=\"detail\">{}</span>",
-            escape(&m.description)
-        );
-        for note in notes {
-            let _ = write!(out, "<span class=\"n\">note: {}</span>", escape(&note));
+    html! {
+        b { (m.key.workload) }
+        span.n {
+            (m.key.metric) ", " (m.unit) (direction)
+            @if !m.key.series.is_empty() { ", " (m.key.series) }
         }
-        out.push_str("</details>");
+        @if !m.privilege.is_empty() { span.n { (m.privilege) } }
+        @if !m.description.is_empty() || !notes.is_empty() {
+            details {
+                summary.detail { "about" }
+                span.detail { (m.description) }
+                @for note in &notes { span.n { "note: " (note) } }
+            }
+        }
     }
-    out
 }
 
-fn reproduce_html(m: &Measurement, backends: &[String]) -> String {
-    let mut out = String::new();
-    for (i, cell) in m.cells.iter().enumerate() {
-        let Some(pool) = &cell.pool else { continue };
-        for command in &pool.reproduce {
-            let _ = write!(
-                out,
-                "<div class=\"cmd\">{}<code>{}</code></div>",
-                if backends.len() > 1 {
-                    swatch(i)
-                } else {
-                    String::new()
-                },
-                escape(command)
-            );
+fn reproduce_html(m: &Measurement, backends: &[String]) -> Markup {
+    html! {
+        @for (i, cell) in m.cells.iter().enumerate() {
+            @if let Some(pool) = &cell.pool {
+                @for command in &pool.reproduce {
+                    div.cmd {
+                        @if backends.len() > 1 { (swatch(i)) }
+                        code { (command) }
+                    }
+                }
+            }
         }
     }
-    out
 }
 
 fn chart_src(file: &ChartFile) -> String {
@@ -508,259 +434,226 @@ fn chart_src(file: &ChartFile) -> String {
     format!("{CHARTS_DIR}/{name}")
 }
 
-fn figure_html(files: &[ChartFile], alt: &str, caption: &str) -> String {
+fn figure_html(files: &[ChartFile], alt: &str, caption: &str) -> Markup {
     let Some(shown) = files
         .iter()
         .find(|f| f.format == ChartFormat::Png)
         .or_else(|| files.first())
     else {
-        return String::new();
+        return html! {};
     };
-    let links: Vec<String> = files
-        .iter()
-        .map(|f| {
-            format!(
-                "<a href=\"{}\">{}</a>",
-                escape(&chart_src(f)),
-                f.format.extension().to_uppercase()
-            )
-        })
-        .collect();
-    format!(
-        "<figure><img src=\"{}\" width=\"{}\" height=\"{}\" alt=\"{}\" loading=\"lazy\">\
-         <figcaption>{} · {}</figcaption></figure>\n",
-        escape(&chart_src(shown)),
-        shown.width,
-        shown.height,
-        escape(alt),
-        escape(caption),
-        links.join(" · ")
-    )
+    html! {
+        figure {
+            img src=(chart_src(shown)) width=(shown.width) height=(shown.height) alt=(alt)
+                loading="lazy";
+            figcaption {
+                (caption) " · "
+                @for (i, f) in files.iter().enumerate() {
+                    @if i > 0 { " · " }
+                    a href=(chart_src(f)) { (f.format.extension().to_uppercase()) }
+                }
+            }
+        }
+        "\n"
+    }
 }
 
-fn group_section(html: &mut String, page: &Page, group: &str, measurements: &[&Measurement]) {
+fn measurements_table(page: &Page, measurements: &[&Measurement]) -> Markup {
     let model = page.model;
     let backends = model.backend_names();
     let level = crate::report::level_text(page.options.bootstrap.level);
-    let _ = writeln!(
-        html,
-        "<h2 id=\"group-{}\">Group {}</h2>",
-        escape(&format::slug(group, 40)),
-        escape(group)
-    );
-    html.push_str("<table class=\"measurements\">\n<tr><th>measurement</th>");
-    for (i, b) in backends.iter().enumerate() {
-        let _ = write!(
-            html,
-            "<th>{}{} median <span class=\"ci\">[{} CI]</span></th>",
-            swatch(i),
-            escape(b),
-            escape(&level)
-        );
-    }
-    for b in backends.iter().skip(1) {
-        let _ = write!(
-            html,
-            "<th>{} / {} <span class=\"ci\">[{} CI]</span></th><th>{} vs {}</th>",
-            escape(&backends[0]),
-            escape(b),
-            escape(&level),
-            escape(&backends[0]),
-            escape(b)
-        );
-    }
-    html.push_str("<th>reproduce</th></tr>\n");
-    for m in measurements {
-        let _ = write!(
-            html,
-            "<tr id=\"{}\"><td>{}</td>",
-            escape(&m.anchor()),
-            workload_html(m)
-        );
-        for (i, cell) in m.cells.iter().enumerate() {
-            let _ = write!(
-                html,
-                "<td class=\"num\">{}</td>",
-                cell_html(cell, &model.backends[i], &m.privilege)
-            );
+    let first = backends.first().map(String::as_str).unwrap_or_default();
+    let runs = runs_needed(page.options.ab.p_threshold, 1);
+    html! {
+        table.measurements {
+            tr {
+                th { "measurement" }
+                @for (i, b) in backends.iter().enumerate() {
+                    th { (swatch(i)) (b) " median " span.ci { "[" (level) " CI]" } }
+                }
+                @for b in backends.iter().skip(1) {
+                    th { (first) " / " (b) " " span.ci { "[" (level) " CI]" } }
+                    th { (first) " vs " (b) }
+                }
+                th { "reproduce" }
+            }
+            @for m in measurements {
+                tr id=(m.anchor()) {
+                    td { (workload_html(m)) }
+                    @for (cell, backend) in m.cells.iter().zip(&model.backends) {
+                        td.num { (cell_html(cell, backend, &m.privilege)) }
+                    }
+                    @for (versus, other) in m.versus.iter().zip(backends.iter().skip(1)) {
+                        td.num {
+                            @match &versus.ratio {
+                                Some(ratio) => (estimate_html(ratio)),
+                                None => span.detail { "—" },
+                            }
+                        }
+                        td { (verdict_html(versus, first, other, runs)) }
+                    }
+                    td { (reproduce_html(m, &backends)) }
+                }
+            }
         }
-        for (i, versus) in m.versus.iter().enumerate() {
-            let ratio = versus
-                .ratio
-                .as_ref()
-                .map(estimate_html)
-                .unwrap_or_else(|| "<span class=\"detail\">—</span>".into());
-            let _ = write!(
-                html,
-                "<td class=\"num\">{ratio}</td><td>{}</td>",
-                verdict_html(
-                    versus,
-                    &backends[0],
-                    &backends[i + 1],
-                    runs_needed(page.options.ab.p_threshold, 1),
-                )
-            );
-        }
-        let _ = writeln!(html, "<td>{}</td></tr>", reproduce_html(m, &backends));
     }
-    html.push_str("</table>\n");
+}
 
+fn group_section(page: &Page, group: &str, measurements: &[&Measurement]) -> Markup {
     let level = crate::report::level_text(page.options.bootstrap.level);
-    for ((chart_group, unit), parts) in &page.charts.groups {
-        if chart_group != group {
-            continue;
-        }
-        for files in parts {
-            html.push_str(&figure_html(
+    let group_charts = page
+        .charts
+        .groups
+        .iter()
+        .filter(|((chart_group, _), _)| chart_group == group)
+        .flat_map(|((_, unit), parts)| parts.iter().map(move |files| (unit, files)));
+    let sample_charts: Vec<(&Measurement, &Vec<ChartFile>)> = measurements
+        .iter()
+        .filter_map(|m| Some((*m, page.charts.samples.get(&m.anchor())?)))
+        .collect();
+    html! {
+        h2 id=(format!("group-{}", format::slug(group, 40))) { "Group " (group) }
+        (measurements_table(page, measurements))
+        @for (unit, files) in group_charts {
+            (figure_html(
                 files,
                 &format!("median {unit} of each {group} measurement per backend, with {level} CI"),
                 &format!("{group}: medians with {level} bootstrap intervals ({unit})"),
-            ));
-        }
-    }
-    let sample_figures: Vec<String> = measurements
-        .iter()
-        .filter_map(|m| {
-            let files = page.charts.samples.get(&m.anchor())?;
-            Some(figure_html(
-                files,
-                &format!("every sample of {} per backend", m.key),
-                &m.key.to_string(),
             ))
-        })
-        .collect();
-    if !sample_figures.is_empty() {
-        let _ = write!(
-            html,
-            "<h3>Every sample, per measurement</h3>\n<div class=\"samples\">\n{}</div>\n",
-            sample_figures.concat()
-        );
+        }
+        @if !sample_charts.is_empty() {
+            h3 { "Every sample, per measurement" }
+            div.samples {
+                @for (m, files) in &sample_charts {
+                    (figure_html(files, &format!("every sample of {} per backend", m.key), &m.key.to_string()))
+                }
+            }
+        }
     }
 }
 
 /// Time series the host observed (KSM's sharing, a VMM's memory), one chart per curve.
-fn curves_section(html: &mut String, page: &Page) {
+fn curves_section(page: &Page) -> Markup {
     if page.charts.curves.is_empty() {
-        return;
+        return html! {};
     }
-    html.push_str(
-        "<h2 id=\"curves\">Curves over time</h2>\n<p>What the host observed while a \
-         host-driven workload ran, one line per run.</p>\n<div class=\"samples\">\n",
-    );
-    for ((workload, name), files) in &page.charts.curves {
-        html.push_str(&figure_html(
-            files,
-            &format!("{name} of {workload} over time, one line per run"),
-            &format!("{workload}: {name}"),
-        ));
+    html! {
+        h2 id="curves" { "Curves over time" }
+        p { "What the host observed while a host-driven workload ran, one line per run." }
+        div.samples {
+            @for ((workload, name), files) in &page.charts.curves {
+                (figure_html(
+                    files,
+                    &format!("{name} of {workload} over time, one line per run"),
+                    &format!("{workload}: {name}"),
+                ))
+            }
+        }
     }
-    html.push_str("</div>\n");
 }
 
-fn problems_section(html: &mut String, model: &Model) {
-    html.push_str("<h2 id=\"problems\">Skipped and failed workloads</h2>\n");
-    if model.problems.is_empty() {
-        html.push_str("<p>Every record succeeded.</p>\n");
-        return;
+fn problems_section(model: &Model) -> Markup {
+    html! {
+        h2 id="problems" { "Skipped and failed workloads" }
+        @if model.problems.is_empty() {
+            p { "Every record succeeded." }
+        } @else {
+            table.problems {
+                tr {
+                    th { "backend" } th { "measurement" } th { "status" } th { "reason" }
+                    th { "records" } th { "notes" } th { "reproduce" }
+                }
+                @for group in &model.problems {
+                    (problem_row(model, group))
+                }
+            }
+        }
     }
-    html.push_str(
-        "<table class=\"problems\">\n<tr><th>backend</th><th>measurement</th><th>status</th>\
-         <th>reason</th><th>records</th><th>notes</th><th>reproduce</th></tr>\n",
-    );
-    for group in &model.problems {
-        let p = &group.problem;
-        let index = model
-            .backends
-            .iter()
-            .position(|b| b.name == p.backend)
-            .unwrap_or(0);
-        let repeats: Vec<String> = group.repeats.iter().map(u32::to_string).collect();
-        let notes: Vec<String> = p.notes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(
-            html,
-            "<tr><td>{}{}</td><td><a href=\"#{}\">{}</a></td>\
-             <td><span class=\"status status-{}\">{}</span></td><td>{}</td>\
-             <td class=\"num\">{} <span class=\"n\">repeat {}</span></td><td>{}</td>\
-             <td><div class=\"cmd\"><code>{}</code></div></td></tr>",
-            swatch(index),
-            escape(&p.backend),
-            escape(&measurement_anchor(&p.key)),
-            escape(&p.key.to_string()),
-            escape(p.status.name()),
-            escape(p.status.name()),
-            escape(p.reason.as_deref().unwrap_or("no reason given")),
-            group.count,
-            escape(&repeats.join(", ")),
-            escape(&notes.join(", ")),
-            escape(&p.reproduce)
-        );
-    }
-    html.push_str("</table>\n");
 }
 
-fn raw_section(html: &mut String, page: &Page) {
-    html.push_str(
-        "<h2 id=\"raw\">Raw results</h2>\n<p>Copies of every input, beside this page:</p>\n<ul>\n",
-    );
-    for copy in page.raw {
-        let Some(input) = page.model.inputs.get(copy.input) else {
-            continue;
-        };
-        let csv = match &copy.csv {
-            Some(name) => format!("<a href=\"{}\">{}</a>", escape(name), escape(name)),
-            None => "no CSV in the input".into(),
-        };
-        let _ = writeln!(
-            html,
-            "<li><a href=\"{}\">{}</a>, {} — {} records of {} from <code>{}</code></li>",
-            escape(&copy.jsonl),
-            escape(&copy.jsonl),
-            csv,
-            input.records,
-            escape(&input.backends.join(", ")),
-            escape(&input.dir.display().to_string())
-        );
+fn problem_row(model: &Model, group: &crate::report::ProblemGroup) -> Markup {
+    let p = &group.problem;
+    let index = model
+        .backends
+        .iter()
+        .position(|b| b.name == p.backend)
+        .unwrap_or(0);
+    let repeats: Vec<String> = group.repeats.iter().map(u32::to_string).collect();
+    let notes: Vec<String> = p.notes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let status = p.status.name();
+    html! {
+        tr {
+            td { (swatch(index)) (p.backend) }
+            td { a href=(format!("#{}", measurement_anchor(&p.key))) { (p.key.to_string()) } }
+            td { span class=(format!("status status-{status}")) { (status) } }
+            td { (p.reason.as_deref().unwrap_or("no reason given")) }
+            td.num { (group.count) " " span.n { "repeat " (repeats.join(", ")) } }
+            td { (notes.join(", ")) }
+            td { div.cmd { code { (p.reproduce) } } }
+        }
+        "\n"
     }
-    let _ = writeln!(
-        html,
-        "</ul>\n<p class=\"detail\">Report directory when written: <code>{}</code></p>",
-        escape(&page.out.display().to_string())
-    );
 }
 
-fn method_section(html: &mut String, options: &ReportOptions, backends: usize) {
+fn raw_section(page: &Page) -> Markup {
+    let copies = page
+        .raw
+        .iter()
+        .filter_map(|copy| Some((copy, page.model.inputs.get(copy.input)?)));
+    html! {
+        h2 id="raw" { "Raw results" }
+        p { "Copies of every input, beside this page:" }
+        ul {
+            @for (copy, input) in copies {
+                li {
+                    a href=(copy.jsonl) { (copy.jsonl) } ", "
+                    @match &copy.csv {
+                        Some(name) => a href=(name) { (name) },
+                        None => "no CSV in the input",
+                    }
+                    " — " (input.records) " records of " (input.backends.join(", "))
+                    " from " code { (input.dir.display().to_string()) }
+                }
+            }
+        }
+        p.detail {
+            "Report directory when written: " code { (page.out.display().to_string()) }
+        }
+    }
+}
+
+fn method_section(options: &ReportOptions, backends: usize) -> Markup {
     let b = &options.bootstrap;
     let ab = &options.ab;
-    let _ = writeln!(
-        html,
-        "<h2 id=\"method\">Method</h2>\n<p>Samples of every repeat and run pool by backend and \
-         measurement (workload, metric, series); n counts the pooled samples. Medians carry a \
-         {level:.0}% percentile-bootstrap interval ({resamples} resamples, seed {seed:#x}, so \
-         the page is reproducible).{ratio}</p>",
+    let intro = format!(
+        "Samples of every repeat and run pool by backend and measurement (workload, metric, \
+         series); n counts the pooled samples. Medians carry a {level:.0}% \
+         percentile-bootstrap interval ({resamples} resamples, seed {seed:#x}, so the page is \
+         reproducible).",
         level = b.level * 100.0,
         resamples = b.resamples,
         seed = b.seed,
-        ratio = if backends > 1 {
-            format!(
-                " The ratio of medians A / B has its own interval, each side resampled \
-                 independently. One backend is called faster only where a permutation test on \
-                 the difference of means ({} relabellings) gives p &lt; {} and the means differ \
-                 by more than {:.1}% (the noise threshold); otherwise there is no significant \
-                 difference. With enough runs on both sides (at least {runs} each: --repeat {runs}) the \
-                 test takes each run's median as one unit; with fewer it pools the samples of \
-                 the runs there are, which cannot see how far a boot shifts all its samples \
-                 together (several percent on some hosts), and the page says so. The test is \
-                 on the means and the ratio on the medians, so where the tails of the two \
-                 sides differ, the two can disagree.",
-                ab.permutation.resamples,
-                ab.p_threshold,
-                ab.noise * 100.0,
-                runs = runs_needed(ab.p_threshold, 1),
-            )
-        } else {
-            String::new()
-        }
     );
+    let ratio = format!(
+        " The ratio of medians A / B has its own interval, each side resampled \
+         independently. One backend is called faster only where a permutation test on the \
+         difference of means ({} relabellings) gives p < {} and the means differ by more \
+         than {:.1}% (the noise threshold); otherwise there is no significant difference. \
+         With enough runs on both sides (at least {runs} each: --repeat {runs}) the test \
+         takes each run's median as one unit; with fewer it pools the samples of the runs \
+         there are, which cannot see how far a boot shifts all its samples together \
+         (several percent on some hosts), and the page says so. The test is on the means \
+         and the ratio on the medians, so where the tails of the two sides differ, the two \
+         can disagree.",
+        ab.permutation.resamples,
+        ab.p_threshold,
+        ab.noise * 100.0,
+        runs = runs_needed(ab.p_threshold, 1),
+    );
+    html! {
+        h2 id="method" { "Method" }
+        p { (intro) @if backends > 1 { (ratio) } }
+    }
 }
 
 #[cfg(test)]
@@ -768,11 +661,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escape_neutralises_markup() {
+    fn spliced_text_is_escaped() {
+        let hostile = "<script>alert(1)</script> & \"q\"";
+        let markup = html! { td title=(hostile) { (hostile) } }.into_string();
         assert_eq!(
-            escape("<script>alert(1)</script> & \"q\" 'a'"),
-            "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;q&quot; &#39;a&#39;"
+            markup,
+            "<td title=\"&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;q&quot;\">\
+             &lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;q&quot;</td>"
         );
-        assert_eq!(escape("plain"), "plain");
     }
 }
