@@ -389,7 +389,7 @@ fn needed_libraries(stage_dir: &Path, relative: &str) -> Result<Vec<String>, Lab
         return Ok(Vec::new());
     }
     ElfFile::parse(&bytes)
-        .and_then(|file| file.needed_libraries())
+        .map(|file| file.needed_libraries())
         .map_err(|e| initramfs_error(format!("{relative}: {e}")))
 }
 
@@ -397,7 +397,7 @@ fn needed_libraries(stage_dir: &Path, relative: &str) -> Result<Vec<String>, Lab
 fn needed_libraries_of_file(path: &Path, inside: &str) -> Result<Vec<String>, LabError> {
     let bytes = fs::read(path).map_err(|e| LabError::io(path, e))?;
     ElfFile::parse(&bytes)
-        .and_then(|file| file.needed_libraries())
+        .map(|file| file.needed_libraries())
         .map_err(|e| initramfs_error(format!("{inside} ({}): {e}", path.display())))
 }
 
