@@ -404,14 +404,9 @@ impl Snapshot {
     }
 }
 
-fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmError> {
-    let options = ctx.options;
-    let p = KsmParams::from_run(&options.params, options.memory_mib)?;
-    let notes = &mut outcome.notes;
-    for (key, value) in p.describe() {
-        notes.insert(key.to_string(), value);
-    }
-    let need_mib = p.guests as u64 * p.guest_mib as u64;
+/// Fails early where this host cannot run the workload: memory, the hvbench binary, ksmd.
+fn preflight(p: &KsmParams) -> Result<(std::path::PathBuf, u32), KsmError> {
+    let need_mib = u64::from(p.guests) * u64::from(p.guest_mib);
     if let Some(available) = procstat::mem_available_mib() {
         if need_mib > available * 8 / 10 {
             return Err(KsmError::Host(format!(
@@ -431,17 +426,18 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     }
     let ksmd = procstat::find_ksmd()
         .ok_or_else(|| KsmError::Host("no ksmd kernel thread on this host".into()))?;
-    let paths = KsmPaths::system();
-    let sysfs: KsmSysfs = paths.sysfs.clone();
+    Ok((exe, ksmd))
+}
 
-    // The lock first: nothing of this run starts while another run drives KSM.
-    let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;
-    if let Some(message) = &guard.stale_restored {
-        eprintln!("hvbench: {message}");
-        notes.insert("stale_settings_restored".into(), message.clone());
-    }
+/// Starts the guests and waits until each has filled its memory.
+fn start_guests<'a>(
+    ctx: &HostContext<'a>,
+    p: &KsmParams,
+    exe: std::path::PathBuf,
+) -> Result<Guests<'a>, KsmError> {
+    let options = ctx.options;
     let cmdlines: Vec<String> = (0..p.guests as usize)
-        .map(|i| guest_cmdline(ctx, &p, i))
+        .map(|i| guest_cmdline(ctx, p, i))
         .collect();
     let ready_within = options.boot_timeout + options.workload_timeout;
     let spec = GuestSpec {
@@ -465,8 +461,16 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     guests.wait_for(filling, Instant::now() + ready_within, |g| {
         g.iter().all(|g| g.ready)
     })?;
+    Ok(guests)
+}
 
-    // What KSM should find: each identical page once per guest.
+/// What KSM should find (each identical page once per guest), checked to be the same for
+/// every guest; returns the identical pages per guest.
+fn note_expected(
+    guests: &Guests,
+    p: &KsmParams,
+    notes: &mut BTreeMap<String, String>,
+) -> Result<u64, KsmError> {
     let pages = guests.state[0].pages.unwrap_or(0);
     let identical = guests.state[0].identical_pages.unwrap_or(0);
     if guests
@@ -479,7 +483,7 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             problem: "the guests disagree on how many pages they filled".into(),
         });
     }
-    let notes = &mut outcome.notes;
+    let guest_count = u64::from(p.guests);
     notes.insert("pages_per_guest".into(), pages.to_string());
     notes.insert("identical_pages_per_guest".into(), identical.to_string());
     notes.insert(
@@ -488,22 +492,23 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             "from the filled regions alone: {} guest pages merged, {} pages saved \
              (identical pages x guests, and x (guests - 1)); the guest kernel's own identical \
              pages add a few",
-            identical.saturating_mul(p.guests as u64),
-            identical.saturating_mul(p.guests as u64 - 1)
+            identical.saturating_mul(guest_count),
+            identical.saturating_mul(guest_count.saturating_sub(1))
         ),
     );
+    Ok(identical)
+}
 
-    // The baseline, then KSM on.
-    let pids = guests.fleet.pids();
-    let before = sysfs.tunables()?;
-    let describe_tunables = |t: &BTreeMap<String, String>| {
-        OBSERVED_TUNABLES
-            .iter()
-            .filter_map(|name| t.get(*name).map(|v| format!("{name}={v}")))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    notes.insert("ksm_before".into(), describe_tunables(&before));
+fn describe_tunables(t: &BTreeMap<String, String>) -> String {
+    OBSERVED_TUNABLES
+        .iter()
+        .filter_map(|name| t.get(*name).map(|v| format!("{name}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The settings this run applies, given KSM's settings before it.
+fn ksm_settings(p: &KsmParams, before: &BTreeMap<String, String>) -> Vec<(&'static str, String)> {
     let mut settings: Vec<(&str, String)> = Vec::new();
     if before.get("advisor_mode").is_some_and(|m| m != "none") {
         // The advisor would override pages_to_scan.
@@ -512,95 +517,96 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     settings.push(("pages_to_scan", p.pages_to_scan.to_string()));
     settings.push(("sleep_millisecs", p.sleep_millisecs.to_string()));
     settings.push(("run", "1".into()));
-    notes.insert(
-        "ksm_applied".into(),
-        settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
-    notes.insert("load_at_start".into(), procstat::load_average());
-    let others = procstat::other_mergeable_processes(&pids);
-    notes.insert(
-        "other_mergeable_processes".into(),
-        if others.is_empty() {
-            "none".into()
-        } else {
-            format!(
-                "{} (ksmd scans them too): {}",
-                others.len(),
-                others.join(", ")
-            )
-        },
-    );
-    let base = Snapshot::take(&sysfs, &pids, ksmd)?;
-    notes.insert(
-        "merged_count".into(),
-        if base.vmm_merging.is_some() {
-            "the VMM processes' /proc/PID/ksm_merging_pages, summed".into()
-        } else {
-            "KSM's host-wide pages_sharing (this kernel has no per-process count)".into()
-        },
-    );
-    guard.apply(&settings)?;
-    let t0 = Instant::now();
-    progress(&format!(
-        "KSM on (pages_to_scan {}, sleep_millisecs {}); sampling every {} ms until the merged \
-         pages settle (at most {} s)",
-        p.pages_to_scan,
-        p.sleep_millisecs,
-        p.sample_interval.as_millis(),
-        p.max.as_secs()
-    ));
+    settings
+}
 
+/// Notes on the state before KSM starts: its settings, the load, who else is mergeable.
+fn note_baseline(
+    notes: &mut BTreeMap<String, String>,
+    before: &BTreeMap<String, String>,
+    settings: &[(&str, String)],
+    pids: &[u32],
+    base: &Snapshot,
+) {
+    notes.insert("ksm_before".into(), describe_tunables(before));
+    let applied: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    notes.insert("ksm_applied".into(), applied.join(" "));
+    notes.insert("load_at_start".into(), procstat::load_average());
+    let others = procstat::other_mergeable_processes(pids);
+    let others = if others.is_empty() {
+        "none".to_string()
+    } else {
+        format!(
+            "{} (ksmd scans them too): {}",
+            others.len(),
+            others.join(", ")
+        )
+    };
+    notes.insert("other_mergeable_processes".into(), others);
+    let merged_count = if base.vmm_merging.is_some() {
+        "the VMM processes' /proc/PID/ksm_merging_pages, summed"
+    } else {
+        "KSM's host-wide pages_sharing (this kernel has no per-process count)"
+    };
+    notes.insert("merged_count".into(), merged_count.into());
+}
+
+/// What sampling KSM's merging from its start produced.
+struct Sampling {
+    curves: Curves,
+    ticks: Vec<Tick>,
+    last: Snapshot,
+    converged: bool,
+    /// Seconds from KSM's start to the last sample.
+    observed: f64,
+}
+
+/// Samples every `sample_interval` until the merged count settles or `max` passes.
+fn sample_merging(
+    guests: &mut Guests,
+    p: &KsmParams,
+    sysfs: &KsmSysfs,
+    ksmd: u32,
+    base: &Snapshot,
+) -> Result<Sampling, KsmError> {
+    let pids = guests.fleet.pids();
+    let t0 = Instant::now();
+    let tick = |t: f64, s: &Snapshot| Tick {
+        t,
+        merged: s.merged(),
+        full_scans: s.counters.full_scans,
+    };
     let mut curves = Curves::default();
-    curves.sample(0.0, &base, &base);
-    let mut ticks = vec![Tick {
-        t: 0.0,
-        merged: base.merged(),
-        full_scans: base.counters.full_scans,
-    }];
-    let mut last = base;
+    curves.sample(0.0, base, base);
+    let mut ticks = vec![tick(0.0, base)];
+    let mut last = *base;
     let mut converged = false;
     for k in 1u32.. {
         guests.pump_until(t0 + p.sample_interval * k, "KSM was merging")?;
         let t = t0.elapsed().as_secs_f64();
-        last = Snapshot::take(&sysfs, &pids, ksmd)?;
-        curves.sample(t, &last, &base);
-        ticks.push(Tick {
-            t,
-            merged: last.merged(),
-            full_scans: last.counters.full_scans,
-        });
-        if analysis::converged(&ticks, base.counters.full_scans) {
-            converged = true;
-            break;
-        }
-        if t0.elapsed() >= p.max {
+        last = Snapshot::take(sysfs, &pids, ksmd)?;
+        curves.sample(t, &last, base);
+        ticks.push(tick(t, &last));
+        converged = analysis::converged(&ticks, base.counters.full_scans);
+        if converged || t0.elapsed() >= p.max {
             break;
         }
     }
-    let observed = t0.elapsed().as_secs_f64();
-    // KSM goes back to how it was before the writes are timed, so ksmd does not compete.
-    let restored = guard.restore()?.unwrap_or_default();
-    let merged_gain = last.merged().saturating_sub(base.merged());
-    progress(&format!(
-        "{} after {observed:.1} s: {merged_gain} guest pages merged (expected about \
-         {}); KSM settings restored ({restored})",
-        if converged {
-            "merging settled"
-        } else {
-            "stopped at max_s"
-        },
-        identical.saturating_mul(p.guests as u64),
-    ));
-    let notes = &mut outcome.notes;
-    notes.insert("ksm_restored".into(), restored);
+    Ok(Sampling {
+        curves,
+        ticks,
+        last,
+        converged,
+        observed: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Notes on the state at the end: KSM's counters and the VMMs' memory, both ends.
+fn note_end(notes: &mut BTreeMap<String, String>, base: &Snapshot, s: &Sampling, pids: &[u32]) {
     notes.insert("load_at_end".into(), procstat::load_average());
-    notes.insert("observed_s".into(), format!("{observed:.3}"));
-    notes.insert("converged".into(), converged.to_string());
-    let (b, e) = (&base.counters, &last.counters);
+    notes.insert("observed_s".into(), format!("{:.3}", s.observed));
+    notes.insert("converged".into(), s.converged.to_string());
+    let (b, e) = (&base.counters, &s.last.counters);
     notes.insert(
         "ksm_counters".into(),
         format!(
@@ -618,15 +624,16 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             e.full_scans,
         ),
     );
+    let (m0, m1) = (&base.memory, &s.last.memory);
     notes.insert(
         "vmm_memory".into(),
         format!(
             "before KSM: RSS {:.1} MiB, PSS {:.1} MiB; at the end: RSS {:.1} MiB, PSS {:.1} MiB \
              (summed over the {} VMM processes)",
-            mib(base.memory.rss_kib),
-            mib(base.memory.pss_kib),
-            mib(last.memory.rss_kib),
-            mib(last.memory.pss_kib),
+            mib(m0.rss_kib),
+            mib(m0.pss_kib),
+            mib(m1.rss_kib),
+            mib(m1.pss_kib),
             pids.len()
         ),
     );
@@ -635,77 +642,78 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             notes.insert(format!("vmm{i}_ksm_merging_pages"), merging.to_string());
         }
     }
-    notes.insert(
-        "method".into(),
-        "time_to_90: seconds from KSM's start to the first sample at which the merged count \
-         had gained 90% of its final gain (resolution: sample_ms); pages_merged: the gain of \
-         the merged count (see merged_count); saved_pss: the VMM processes' summed PSS \
-         (smaps_rollup) just before KSM started minus the same sum at the end; saved_ksm: \
-         KSM's host-wide pages_sharing gain times 4 KiB, recorded only when the host-wide \
-         merged mappings (pages_shared + pages_sharing) grew exactly as the VMMs' did; \
-         ksmd_cpu: ksmd's utime+stime over the same span; write_*: guest 0's first write to \
-         each page, merged (identical across guests) or unmerged (unique), after KSM's \
-         settings were restored"
-            .into(),
-    );
+    notes.insert("method".into(), METHOD.into());
+}
 
-    // The write costs: guest 0 times them, then every guest ends.
+const METHOD: &str = "time_to_90: seconds from KSM's start to the first sample at which the \
+     merged count had gained 90% of its final gain (resolution: sample_ms); pages_merged: the \
+     gain of the merged count (see merged_count); saved_pss: the VMM processes' summed PSS \
+     (smaps_rollup) just before KSM started minus the same sum at the end; saved_ksm: KSM's \
+     host-wide pages_sharing gain times 4 KiB, recorded only when the host-wide merged \
+     mappings (pages_shared + pages_sharing) grew exactly as the VMMs' did; ksmd_cpu: ksmd's \
+     utime+stime over the same span; write_*: guest 0's first write to each page, merged \
+     (identical across guests) or unmerged (unique), after KSM's settings were restored";
+
+/// Guest 0 times its writes, then every guest ends.
+fn time_writes(guests: &mut Guests, workload_timeout: Duration) -> Result<(), KsmError> {
     guests.state[0].may_end = true;
     guests.fleet.ring(0, RING_MEASURE)?;
     guests.wait_for(
         "guest 0 timed its writes",
-        Instant::now() + options.workload_timeout,
+        Instant::now() + workload_timeout,
         |g| g[0].result.is_some(),
     )?;
     for i in 1..guests.state.len() {
         guests.state[i].may_end = true;
         guests.fleet.ring(i, RING_END)?;
     }
-    guests.wait_for(
-        "the guests ended",
-        Instant::now() + options.workload_timeout,
-        |g| g.iter().all(|g| g.result.is_some()),
-    )?;
+    guests.wait_for("the guests ended", Instant::now() + workload_timeout, |g| {
+        g.iter().all(|g| g.result.is_some())
+    })?;
     guests.fleet.wait_all(Duration::from_secs(5));
+    Ok(())
+}
 
-    // The figures.
-    let direct = |value: f64| SeriesSamples {
+fn direct(value: f64) -> SeriesSamples {
+    SeriesSamples {
         direct: vec![value],
         ..Default::default()
-    };
+    }
+}
+
+/// The sharing figures: time to 90%, pages merged, memory saved, ksmd's CPU time.
+fn sharing_figures(outcome: &mut WorkloadOutcome, base: &Snapshot, s: &Sampling) {
+    let last = &s.last;
     let series = &mut outcome.series;
-    match analysis::time_to_fraction(&ticks, base.merged(), 0.9) {
+    let notes = &mut outcome.notes;
+    match analysis::time_to_fraction(&s.ticks, base.merged(), 0.9) {
         Some(t) => {
             series.insert(("time_to_90", String::new()), direct(t));
         }
         None => {
-            outcome.notes.insert(
-                "time_to_90".into(),
-                "undefined: KSM merged none of the guests' pages".into(),
-            );
+            let why = "undefined: KSM merged none of the guests' pages";
+            notes.insert("time_to_90".into(), why.into());
         }
     }
+    let merged_gain = last.merged().saturating_sub(base.merged());
     series.insert(("pages_merged", String::new()), direct(merged_gain as f64));
-    series.insert(
-        ("saved_pss", String::new()),
-        direct(mib(base.memory.pss_kib) - mib(last.memory.pss_kib)),
-    );
+    let saved_pss = mib(base.memory.pss_kib) - mib(last.memory.pss_kib);
+    series.insert(("saved_pss", String::new()), direct(saved_pss));
+    let (b, e) = (&base.counters, &last.counters);
     match analysis::saved_by_pages_sharing(b, e, base.vmm_merging, last.vmm_merging) {
         SavedByKsm::Guests(saved) => {
             series.insert(("saved_ksm", String::new()), direct(saved));
         }
         SavedByKsm::HostWide(saved) => {
             series.insert(("saved_ksm", String::new()), direct(saved));
-            outcome.notes.insert(
-                "saved_ksm".into(),
-                "host-wide: this kernel cannot say whose pages merged".into(),
-            );
+            let why = "host-wide: this kernel cannot say whose pages merged";
+            notes.insert("saved_ksm".into(), why.into());
         }
         SavedByKsm::NotTheGuestsAlone {
             others,
             sharing_gain,
         } => {
-            outcome.notes.insert(
+            notes.insert(
                 "saved_ksm".into(),
                 format!(
                     "not recorded: while the guests merged, other processes' merged mappings \
@@ -717,19 +725,20 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     }
     let ksmd_cpu = last.ksmd_cpu - base.ksmd_cpu;
     series.insert(("ksmd_cpu", String::new()), direct(ksmd_cpu));
-    outcome.notes.insert(
-        "ksmd_cpu_share".into(),
-        format!("{:.3}", ksmd_cpu / observed.max(1e-9)),
-    );
+    let share = format!("{:.3}", ksmd_cpu / s.observed.max(1e-9));
+    notes.insert("ksmd_cpu_share".into(), share);
+}
+
+/// Guest 0's write samples, converted to nanoseconds with the TSC frequency it reported.
+fn write_figures(outcome: &mut WorkloadOutcome, guests: &mut Guests, host_tsc_khz: Option<u64>) {
     let tsc_khz = guests.state[0]
         .hello
         .as_ref()
         .and_then(|h| h.tsc_khz)
-        .or(ctx.backend.host().tsc_khz);
+        .or(host_tsc_khz);
     if let Some(khz) = tsc_khz {
-        outcome
-            .notes
-            .insert("write_tsc_khz".into(), khz.to_string());
+        let khz = khz.to_string();
+        outcome.notes.insert("write_tsc_khz".into(), khz);
     }
     for (metric, mut samples) in std::mem::take(&mut guests.samples) {
         if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
@@ -741,12 +750,10 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
         }
         outcome.series.insert((metric, String::new()), samples);
     }
-    outcome.curves = curves
-        .by_name
-        .into_iter()
-        .map(|(name, (metric, curve))| (name.to_string(), (metric.to_string(), curve)))
-        .collect();
+}
 
+/// The outcome's status from guest 0's result and whether the sharing settled.
+fn judge(outcome: &mut WorkloadOutcome, guests: &Guests, p: &KsmParams, converged: bool) {
     if let Some((status, reason)) = &guests.state[0].result {
         if *status != Status::Success {
             let why = reason.clone().unwrap_or_else(|| "no reason given".into());
@@ -763,5 +770,69 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
             ),
         );
     }
+}
+
+fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmError> {
+    let options = ctx.options;
+    let p = KsmParams::from_run(&options.params, options.memory_mib)?;
+    for (key, value) in p.describe() {
+        outcome.notes.insert(key.to_string(), value);
+    }
+    let (exe, ksmd) = preflight(&p)?;
+    let paths = KsmPaths::system();
+    let sysfs: KsmSysfs = paths.sysfs.clone();
+    // The lock first: nothing of this run starts while another run drives KSM.
+    let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;
+    if let Some(message) = &guard.stale_restored {
+        eprintln!("hvbench: {message}");
+        let message = message.clone();
+        outcome
+            .notes
+            .insert("stale_settings_restored".into(), message);
+    }
+    let mut guests = start_guests(ctx, &p, exe)?;
+    let identical = note_expected(&guests, &p, &mut outcome.notes)?;
+
+    // The baseline, then KSM on.
+    let pids = guests.fleet.pids();
+    let before = sysfs.tunables()?;
+    let settings = ksm_settings(&p, &before);
+    let base = Snapshot::take(&sysfs, &pids, ksmd)?;
+    note_baseline(&mut outcome.notes, &before, &settings, &pids, &base);
+    guard.apply(&settings)?;
+    progress(&format!(
+        "KSM on (pages_to_scan {}, sleep_millisecs {}); sampling every {} ms until the merged \
+         pages settle (at most {} s)",
+        p.pages_to_scan,
+        p.sleep_millisecs,
+        p.sample_interval.as_millis(),
+        p.max.as_secs()
+    ));
+    let mut sampling = sample_merging(&mut guests, &p, &sysfs, ksmd, &base)?;
+    // KSM goes back to how it was before the writes are timed, so ksmd does not compete.
+    let restored = guard.restore()?.unwrap_or_default();
+    progress(&format!(
+        "{} after {:.1} s: {} guest pages merged (expected about {}); KSM settings restored \
+         ({restored})",
+        if sampling.converged {
+            "merging settled"
+        } else {
+            "stopped at max_s"
+        },
+        sampling.observed,
+        sampling.last.merged().saturating_sub(base.merged()),
+        identical.saturating_mul(u64::from(p.guests)),
+    ));
+    outcome.notes.insert("ksm_restored".into(), restored);
+    note_end(&mut outcome.notes, &base, &sampling, &pids);
+
+    time_writes(&mut guests, options.workload_timeout)?;
+    sharing_figures(outcome, &base, &sampling);
+    write_figures(outcome, &mut guests, ctx.backend.host().tsc_khz);
+    outcome.curves = std::mem::take(&mut sampling.curves.by_name)
+        .into_iter()
+        .map(|(name, (metric, curve))| (name.to_string(), (metric.to_string(), curve)))
+        .collect();
+    judge(outcome, &guests, &p, sampling.converged);
     Ok(())
 }
