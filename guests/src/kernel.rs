@@ -199,8 +199,8 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
 }
 
 extern "C" {
-    static pml4: [u64; 512];
-    static pml4_alt: [u64; 512];
+    /// The alternate root `mem.cr3-switch` fills in: `mut`, because it is written.
+    static mut pml4_alt: [u64; 512];
 }
 
 /// Kernel-mode workloads: the instruction runs in a loop at CPL0, timed at CPL0.
@@ -251,8 +251,8 @@ fn kernel_loop(workload: u64, iterations: u64, arg: u64) -> u64 {
             })
         }
         Some(WorkloadId::MemCr3Switch) => {
-            let main = core::ptr::addr_of!(pml4) as u64;
-            let alt = core::ptr::addr_of!(pml4_alt) as *mut u64;
+            let main = crate::mem::paging::root() as u64;
+            let alt = core::ptr::addr_of_mut!(pml4_alt).cast::<u64>();
             // The alternate root must map what the main one maps (the window too).
             for i in 0..2 {
                 // SAFETY: both roots are statics of the boot code, 512 entries each.

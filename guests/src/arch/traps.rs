@@ -110,7 +110,9 @@ static TABLES: CpuTables = CpuTables {
 };
 
 extern "C" {
-    static gdt_tss: [u64; 2];
+    /// The TSS descriptor slot of the boot GDT, which `init` fills in: `mut`, because it
+    /// is written.
+    static mut gdt_tss: [u64; 2];
     static exception_stubs: [u64; 32];
     static kernel_stack_top: u8;
     static ist_stack_top: u8;
@@ -153,7 +155,7 @@ pub fn init() {
             | (0x89 << 40)
             | (((limit >> 16) & 0xf) << 48)
             | (((base >> 24) & 0xff) << 56);
-        let descriptor = core::ptr::addr_of!(gdt_tss) as *mut u64;
+        let descriptor = core::ptr::addr_of_mut!(gdt_tss).cast::<u64>();
         descriptor.write_volatile(low);
         descriptor.add(1).write_volatile(base >> 32);
         asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));

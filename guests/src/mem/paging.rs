@@ -17,7 +17,8 @@ const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
 const ENTRIES: u64 = 512;
 
 extern "C" {
-    static pml4: [u64; 512];
+    /// The boot code's root page table: `mut`, because the window's entry is written.
+    static mut pml4: [u64; 512];
 }
 
 /// A window of 4 KiB pages over a physical range.
@@ -35,9 +36,14 @@ impl Mapping {
     }
 }
 
+/// The boot code's root page table (what CR3 holds), 512 entries.
+pub fn root() -> *mut u64 {
+    // Takes the address only (no access).
+    core::ptr::addr_of_mut!(pml4).cast::<u64>()
+}
+
 fn pml4_entry() -> *mut u64 {
-    // SAFETY-free pointer arithmetic: the PML4 is a static of the boot code.
-    (core::ptr::addr_of!(pml4) as *mut u64).wrapping_add(PML4_WINDOW_INDEX)
+    root().wrapping_add(PML4_WINDOW_INDEX)
 }
 
 fn zero_page(phys: u64) {
