@@ -4,6 +4,9 @@
 //! workload table -> guest -> result lines (console) -> records (run) -> statistics
 //! (reports) -> report
 
+// Progress goes through `say!`: `eprintln!` panics on a closed stderr.
+#![deny(clippy::print_stderr)]
+
 pub mod backend;
 pub mod cli;
 pub mod console;
@@ -16,4 +19,5 @@ pub mod lab;
 pub mod native;
 pub mod run;
 pub mod statefile;
+pub mod stderr;
 pub mod summary;

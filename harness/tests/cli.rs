@@ -372,3 +372,74 @@ fn host_paging_prints_the_mode_and_refuses_to_switch_kvm_pvm() {
     let o = run(&["host", "paging", "tdp", "--", "true"]);
     assert_clear_error(&o, "kvm_pvm");
 }
+
+#[test]
+fn an_error_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.elf");
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--guest",
+        missing.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "missing.elf");
+    let err = stderr(&o);
+    let cause = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    assert_eq!(err.matches(&cause).count(), 1, "{err}");
+}
+
+/// Runs hvbench with its stderr a pipe whose reader is already gone: every write fails
+/// with EPIPE.
+fn run_with_stderr_closed(args: &[&str]) -> Output {
+    let mut child = common::hvbench()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hvbench runs");
+    drop(child.stderr.take());
+    child.wait_with_output().expect("hvbench ends")
+}
+
+#[test]
+fn a_closed_stderr_never_panics_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.elf");
+    let out = dir.path().join("r");
+    let o = run_with_stderr_closed(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--guest",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // The error's exit status, not a panic's (101).
+    assert_eq!(o.status.code(), Some(2));
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let o = run_with_stderr_closed(&[
+        "run",
+        "--backend",
+        "kvm",
+        "-w",
+        "cpu.idle",
+        "--samples",
+        "3",
+        "--sample-us",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let records = read_results(&out).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].status, Status::Success);
+}

@@ -221,7 +221,7 @@ impl KsmGuard {
                 });
             }
             if !announced {
-                eprintln!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
+                crate::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -290,8 +290,8 @@ impl Drop for KsmGuard {
     fn drop(&mut self) {
         match self.restore() {
             Ok(None) => {}
-            Ok(Some(changes)) => eprintln!("hvbench: KSM settings restored: {changes}"),
-            Err(e) => eprintln!(
+            Ok(Some(changes)) => crate::say!("hvbench: KSM settings restored: {changes}"),
+            Err(e) => crate::say!(
                 "hvbench: restoring KSM's settings failed: {e}; {} keeps the old values for \
                  the next run to restore",
                 self.paths.state_file().display()

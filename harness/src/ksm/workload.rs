@@ -41,7 +41,7 @@ const OBSERVED_TUNABLES: &[&str] = &[
 ];
 
 fn progress(text: &str) {
-    eprintln!("hvbench: mem.ksm: {text}");
+    crate::say!("hvbench: mem.ksm: {text}");
 }
 
 fn mib(kib: u64) -> f64 {
@@ -437,7 +437,7 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     // The lock first: nothing of this run starts while another run drives KSM.
     let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;
     if let Some(message) = &guard.stale_restored {
-        eprintln!("hvbench: {message}");
+        crate::say!("hvbench: {message}");
         notes.insert("stale_settings_restored".into(), message.clone());
     }
     let cmdlines: Vec<String> = (0..p.guests as usize)

@@ -141,7 +141,7 @@ fn run_id(backend: &str) -> String {
 
 /// Progress lines on stderr.
 fn progress(text: &str) {
-    eprintln!("hvbench: {text}");
+    crate::say!("hvbench: {text}");
 }
 
 fn one_line(record: &Record) -> String {
