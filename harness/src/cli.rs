@@ -278,7 +278,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub boot_timeout_s: u64,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(GUEST_MEMORY_MIB))]
     pub memory_mib: u32,
     /// vCPUs of the guest. The guest runs on the first; the others are created and stay
     /// offline (as application processors before their start-up IPI).
@@ -320,6 +320,12 @@ fn parse_param(text: &str) -> Result<WorkloadParam, String> {
 }
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
+/// Guest memory `--memory-mib` accepts, checked before anything is created: what the
+/// image and its boot data need, up to the MMIO hole below 4 GiB (the guest maps 0..4 GiB).
+const GUEST_MEMORY_MIB: std::ops::RangeInclusive<i64> =
+    crate::backend::kvm::vstate::memory::MIN_MEMORY_MIB as i64
+        ..=(workloads::abi::MAX_LOW_RAM >> 20) as i64;
+
 pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
 /// Exit status after Ctrl-C (records so far written).
 pub const EXIT_INTERRUPTED: i32 = 130;

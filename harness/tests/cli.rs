@@ -99,21 +99,6 @@ fn bad_input_is_one_clear_error() {
     let o = run(&[
         "run",
         "--backend",
-        "kvm",
-        "--memory-mib",
-        "1",
-        "-w",
-        "cpu.idle",
-        "--out",
-        out,
-    ]);
-    if common::kvm_available() {
-        assert_clear_error(&o, "guest memory of 1 MiB");
-    }
-
-    let o = run(&[
-        "run",
-        "--backend",
         "qemu",
         "--qemu",
         "/nonexistent/qemu",
@@ -442,4 +427,30 @@ fn a_closed_stderr_never_panics_the_run() {
     let records = read_results(&out).unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].status, Status::Success);
+}
+
+#[test]
+fn bad_options_are_refused_before_the_results_directory_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (backend, mib) in [("kvm", "0"), ("kvm", "1"), ("qemu", "0"), ("kvm", "3073")] {
+        let o = run(&[
+            "run",
+            "--backend",
+            backend,
+            "--memory-mib",
+            mib,
+            "-w",
+            "cpu.idle",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("16..=3072"), "{}", stderr(&o));
+        assert!(
+            !out.exists(),
+            "--memory-mib {mib} created {}",
+            out.display()
+        );
+    }
 }
