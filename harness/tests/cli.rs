@@ -454,3 +454,58 @@ fn bad_options_are_refused_before_the_results_directory_exists() {
         );
     }
 }
+
+/// `--xen-host local` against a fake `xl` that records where the domain config is and
+/// then refuses to create the domain.
+#[test]
+fn xen_images_go_to_a_private_directory_of_the_run_removed_at_the_end() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&tmp).unwrap();
+    let log = dir.path().join("xl.log");
+    let xl = bin.join("xl");
+    std::fs::write(
+        &xl,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n\
+             info) printf 'xen_major : 4\\nxen_minor : 17\\nxen_extra : .0\\nvirt_caps : pv hvm hap\\n' ;;\n\
+             create) d=$(dirname \"$3\"); echo \"$d $(stat -c %a \"$d\") $(ls \"$d\" | wc -l)\" >> {log}; \
+             echo 'no domain today' >&2; exit 1 ;;\n\
+             *) exit 1 ;;\nesac\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = common::hvbench()
+        .args(["run", "--backend", "xen", "--xen-host", "local"])
+        .args(["-w", "cpu.idle", "--samples", "1", "--out"])
+        .arg(dir.path().join("out"))
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let first = logged.lines().next().unwrap_or_else(|| {
+        panic!("xl create never ran: {}", stderr(&o));
+    });
+    let fields: Vec<&str> = first.split(' ').collect();
+    let used = std::path::Path::new(fields[0]);
+    assert!(used.starts_with(&tmp), "{first}");
+    assert_ne!(used, tmp.join("hvbench"), "a predictable name: {first}");
+    assert_eq!(fields[1], "700", "{first}");
+    assert_eq!(fields[2], "2", "the image and the config: {first}");
+    assert!(
+        !used.exists(),
+        "{} left behind: {}",
+        used.display(),
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+}
