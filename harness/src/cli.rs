@@ -448,25 +448,25 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         args.out.display()
     );
     let summary = run::run(backend.as_ref(), &image, &options, &mut writer, interrupted)?;
-    print!("{}", summary::table(&summary.records));
+    crate::tell!("{}", summary::table(&summary.records));
     for problem in &summary.problems {
         crate::say!("hvbench: note: {problem}");
     }
     if host_info.class.contains("tcg") {
-        println!(
+        crate::tell!(
             "\nNote: the guest ran under QEMU's TCG translator ({}): these figures are \
-             emulation artefacts. They prove that the path works, not how fast it is.",
+             emulation artefacts. They prove that the path works, not how fast it is.\n",
             host_info.class
         );
     } else if host_info.cpl0 == "emulated" {
-        println!(
+        crate::tell!(
             "\nNote: this host ({}) emulates guest CPL0 code instruction by instruction; \
-             cpl0 workloads measure that emulator, cpl3 workloads run natively.",
+             cpl0 workloads measure that emulator, cpl3 workloads run natively.\n",
             host_info.kvm_module
         );
     }
-    println!(
-        "\nRecords: {} and {}",
+    crate::tell!(
+        "\nRecords: {} and {}\n",
         writer.jsonl_path().display(),
         writer.csv_path().display()
     );

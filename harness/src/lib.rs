@@ -17,7 +17,7 @@ pub mod interrupt;
 pub mod ksm;
 pub mod lab;
 pub mod native;
+pub mod output;
 pub mod run;
 pub mod statefile;
-pub mod stderr;
 pub mod summary;

@@ -377,9 +377,9 @@ fn an_error_says_each_cause_once() {
     assert_eq!(err.matches(&cause).count(), 1, "{err}");
 }
 
-/// Runs hvbench with its stderr a pipe whose reader is already gone: every write fails
-/// with EPIPE.
-fn run_with_stderr_closed(args: &[&str]) -> Output {
+/// Runs hvbench with its stderr (and its stdout, if `stdout_too`) a pipe whose reader is
+/// already gone: every write fails with EPIPE.
+fn run_with_output_closed(args: &[&str], stdout_too: bool) -> Output {
     let mut child = common::hvbench()
         .args(args)
         .stdout(Stdio::piped())
@@ -387,6 +387,9 @@ fn run_with_stderr_closed(args: &[&str]) -> Output {
         .spawn()
         .expect("hvbench runs");
     drop(child.stderr.take());
+    if stdout_too {
+        drop(child.stdout.take());
+    }
     child.wait_with_output().expect("hvbench ends")
 }
 
@@ -395,38 +398,48 @@ fn a_closed_stderr_never_panics_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.elf");
     let out = dir.path().join("r");
-    let o = run_with_stderr_closed(&[
-        "run",
-        "--backend",
-        "kvm",
-        "--guest",
-        missing.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_with_output_closed(
+        &[
+            "run",
+            "--backend",
+            "kvm",
+            "--guest",
+            missing.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        false,
+    );
     // The error's exit status, not a panic's (101).
     assert_eq!(o.status.code(), Some(2));
     if !common::kvm_available() {
         return;
     }
     let _serial = common::exclusive();
-    let o = run_with_stderr_closed(&[
-        "run",
-        "--backend",
-        "kvm",
-        "-w",
-        "cpu.idle",
-        "--samples",
-        "3",
-        "--sample-us",
-        "1000",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0));
-    let records = read_results(&out).unwrap();
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0].status, Status::Success);
+    // Progress on stderr, then also the summary table on stdout (a closed terminal).
+    for stdout_too in [false, true] {
+        let _ = std::fs::remove_dir_all(&out);
+        let o = run_with_output_closed(
+            &[
+                "run",
+                "--backend",
+                "kvm",
+                "-w",
+                "cpu.idle",
+                "--samples",
+                "3",
+                "--sample-us",
+                "1000",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            stdout_too,
+        );
+        assert_eq!(o.status.code(), Some(0), "stdout closed too: {stdout_too}");
+        let records = read_results(&out).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].status, Status::Success);
+    }
 }
 
 #[test]
