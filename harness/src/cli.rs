@@ -278,7 +278,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub boot_timeout_s: u64,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(GUEST_MEMORY_MIB))]
     pub memory_mib: u32,
     /// vCPUs of the guest. The guest runs on the first; the others are created and stay
     /// offline (as application processors before their start-up IPI).
@@ -318,6 +318,12 @@ pub struct RunArgs {
 fn parse_param(text: &str) -> Result<WorkloadParam, String> {
     WorkloadParam::parse(text)
 }
+
+/// Guest memory `--memory-mib` accepts, checked before anything is created: what the
+/// image and its boot data need, up to the MMIO hole below 4 GiB (the guest maps 0..4 GiB).
+const GUEST_MEMORY_MIB: std::ops::RangeInclusive<i64> =
+    crate::backend::kvm::vstate::memory::MIN_MEMORY_MIB as i64
+        ..=(workloads::abi::MAX_LOW_RAM >> 20) as i64;
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
 pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
@@ -406,9 +412,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // A run that died while it drove KSM left its settings changed: put them back before
     // anything is measured.
     match crate::ksm::restore_stale_at_start() {
-        Ok(Some(message)) => eprintln!("hvbench: {message}"),
+        Ok(Some(message)) => crate::say!("hvbench: {message}"),
         Ok(None) => {}
-        Err(e) => eprintln!("hvbench: warning: {e}"),
+        Err(e) => crate::say!("hvbench: warning: {e}"),
     }
     let workloads = plan::select(&args.workloads)?;
     let image = GuestImage::load(args.guest.as_deref())?;
@@ -431,7 +437,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         out: args.out.clone(),
         params: args.params.clone(),
     };
-    eprintln!(
+    crate::say!(
         "hvbench: {} workload(s) x {} on {} (host class {}, paging {}, guest CPL0 {}); results in {}",
         options.workloads.len(),
         options.repeat,
@@ -442,30 +448,30 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         args.out.display()
     );
     let summary = run::run(backend.as_ref(), &image, &options, &mut writer, interrupted)?;
-    print!("{}", summary::table(&summary.records));
+    crate::tell!("{}", summary::table(&summary.records));
     for problem in &summary.problems {
-        eprintln!("hvbench: note: {problem}");
+        crate::say!("hvbench: note: {problem}");
     }
     if host_info.class.contains("tcg") {
-        println!(
+        crate::tell!(
             "\nNote: the guest ran under QEMU's TCG translator ({}): these figures are \
-             emulation artefacts. They prove that the path works, not how fast it is.",
+             emulation artefacts. They prove that the path works, not how fast it is.\n",
             host_info.class
         );
     } else if host_info.cpl0 == "emulated" {
-        println!(
+        crate::tell!(
             "\nNote: this host ({}) emulates guest CPL0 code instruction by instruction; \
-             cpl0 workloads measure that emulator, cpl3 workloads run natively.",
+             cpl0 workloads measure that emulator, cpl3 workloads run natively.\n",
             host_info.kvm_module
         );
     }
-    println!(
-        "\nRecords: {} and {}",
+    crate::tell!(
+        "\nRecords: {} and {}\n",
         writer.jsonl_path().display(),
         writer.csv_path().display()
     );
     if summary.interrupted {
-        eprintln!("hvbench: interrupted; every record measured so far is saved");
+        crate::say!("hvbench: interrupted; every record measured so far is saved");
         return Ok(EXIT_INTERRUPTED);
     }
     if summary.records.is_empty() {
@@ -517,7 +523,7 @@ pub fn report(args: &ReportArgs) -> Result<i32> {
     }
     let summary = reports::report::render(&args.dirs, &args.out, &options)?;
     for warning in &summary.warnings {
-        eprintln!("hvbench: warning: {warning}");
+        crate::say!("hvbench: warning: {warning}");
     }
     println!(
         "{}: {} records, {} measurements, backends {} ({} charts, {} not successful)",
@@ -541,7 +547,7 @@ pub fn compare(args: &CompareArgs) -> Result<i32> {
         return Ok(1);
     }
     if args.fail_on_new_failures && !failing.is_empty() {
-        eprintln!(
+        crate::say!(
             "hvbench: {} measurement(s) succeeded in BASE and not in NEW",
             failing.len()
         );
@@ -563,7 +569,7 @@ pub fn host_paging(args: &PagingArgs) -> Result<i32> {
     if args.restore {
         match paging::restore_stale(&paths, &mut control, &progress)? {
             Some(_) => {}
-            None => eprintln!("hvbench host paging: no switch to undo"),
+            None => crate::say!("hvbench host paging: no switch to undo"),
         }
         println!("{}", paging::read_kvm_paging(&paths).describe());
         return Ok(0);
@@ -718,7 +724,7 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
                 append: *append,
                 timeout: Duration::from_secs(*timeout_s),
                 hvbench: &hvbench,
-                progress: |m| eprintln!("hvbench lab: {m}"),
+                progress: |m| crate::say!("hvbench lab: {m}"),
                 cancel: Some(interrupt::install()),
             })?;
             print!("{}", outcome.summary);
@@ -729,7 +735,7 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
                 outcome.csv.display()
             );
             if outcome.interrupted {
-                eprintln!("hvbench: interrupted; every record measured so far is saved");
+                crate::say!("hvbench: interrupted; every record measured so far is saved");
             }
             Ok(outcome.exit_code)
         }
@@ -868,7 +874,7 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
                     let Ok(line) = line else { break };
                     match parse_doorbell_line(&line) {
                         Some(value) => doorbell.ring(value),
-                        None => eprintln!("hvbench: vmm: ignored doorbell input {line:?}"),
+                        None => crate::say!("hvbench: vmm: ignored doorbell input {line:?}"),
                     }
                 }
                 ended.store(true, Ordering::Release);
@@ -886,12 +892,12 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
     let mut stdout = std::io::stdout().lock();
     let code = loop {
         if input_ended.load(Ordering::Acquire) {
-            eprintln!("hvbench: vmm: the doorbell's input ended; stopping the guest");
+            crate::say!("hvbench: vmm: the doorbell's input ended; stopping the guest");
             break EXIT_VMM_NO_STATUS;
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            eprintln!("hvbench: guest stopped after {} s", args.timeout_s);
+            crate::say!("hvbench: guest stopped after {} s", args.timeout_s);
             break EXIT_VMM_TIMEOUT;
         }
         // Wake at least every 100 ms to look at the doorbell's input.
@@ -903,15 +909,15 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
                 stdout.write_all(&bytes)?;
                 stdout.flush()?;
             }
-            Ok(GuestMessage::Notice(text)) => eprintln!("hvbench: {text}"),
+            Ok(GuestMessage::Notice(text)) => crate::say!("hvbench: {text}"),
             Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code as i32,
             Ok(GuestMessage::Ended(end)) => {
-                eprintln!("hvbench: guest ended: {end:?}");
+                crate::say!("hvbench: guest ended: {end:?}");
                 break EXIT_VMM_NO_STATUS;
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                eprintln!("hvbench: the vCPU stopped without saying how the guest ended");
+                crate::say!("hvbench: the vCPU stopped without saying how the guest ended");
                 break EXIT_VMM_NO_STATUS;
             }
         }

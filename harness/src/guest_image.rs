@@ -3,6 +3,8 @@
 //! file is one clear error instead of a failure deep inside a loader.
 
 use std::borrow::Cow;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -25,8 +27,10 @@ pub enum ImageError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("guest image {path} is {size} bytes, more than the {MAX_IMAGE_BYTES} accepted")]
-    TooLarge { path: PathBuf, size: u64 },
+    #[error("guest image {path} is more than the {MAX_IMAGE_BYTES} bytes accepted")]
+    TooLarge { path: PathBuf },
+    #[error("guest image {path} is not a regular file (it is {kind})")]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("guest image {origin} is not an ELF file (bad magic)")]
     NotElf { origin: String },
     #[error("guest image {origin} is not a 64-bit little-endian x86-64 executable")]
@@ -59,20 +63,37 @@ impl GuestImage {
         Self::check(Cow::Borrowed(EMBEDDED), "(embedded)".to_string())
     }
 
-    /// An image from a file.
+    /// An image from a file: a regular file of at most [`MAX_IMAGE_BYTES`]. A device
+    /// (`/dev/zero`) or a FIFO is refused before anything is read.
     pub fn from_file(path: &Path) -> Result<Self, ImageError> {
         let read_error = |source| ImageError::Read {
             path: path.to_path_buf(),
             source,
         };
-        let size = std::fs::metadata(path).map_err(read_error)?.len();
-        if size > MAX_IMAGE_BYTES {
-            return Err(ImageError::TooLarge {
+        // Non-blocking, so that opening a FIFO does not wait for a writer; the type is
+        // checked on what was opened, not on a name that may change in between.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_error)?;
+        let metadata = file.metadata().map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(ImageError::NotRegular {
                 path: path.to_path_buf(),
-                size,
+                kind: describe(metadata.file_type()),
             });
         }
-        let bytes = std::fs::read(path).map_err(read_error)?;
+        if metadata.len() > MAX_IMAGE_BYTES {
+            return Err(ImageError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        let bytes = read_bounded(file, MAX_IMAGE_BYTES)
+            .map_err(read_error)?
+            .ok_or_else(|| ImageError::TooLarge {
+                path: path.to_path_buf(),
+            })?;
         Self::check(Cow::Owned(bytes), path.display().to_string())
     }
 
@@ -162,6 +183,33 @@ impl Reader<'_> {
 
 /// Checks the ELF header, the program headers and the PVH note, with every offset
 /// bounds-checked. Returns the PVH entry and the end of the loaded image.
+/// What a file that is not a regular file is, for the error.
+fn describe(file_type: std::fs::FileType) -> &'static str {
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Reads everything from `reader` if it holds at most `limit` bytes; `None` if it holds
+/// more (a file that grew after it was opened), having read only `limit + 1`.
+fn read_bounded(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut bytes = Vec::new();
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 fn parse(bytes: &[u8], origin: &str) -> Result<(u32, u64), ImageError> {
     let r = Reader { bytes, origin };
     if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
@@ -263,6 +311,63 @@ mod tests {
         assert_eq!(image.pvh_entry(), 0x10_0000);
         assert_eq!(image.sha256().len(), 64);
         assert!(image.load_end() > 0x10_0000);
+    }
+
+    /// `GuestImage::from_file`, failing the test if it does not return within seconds.
+    fn load_promptly(path: &Path) -> Result<GuestImage, ImageError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(GuestImage::from_file(&path));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading returns within seconds")
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let e = load_promptly(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImageError::NotRegular {
+                    kind: "a character device",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/dev/zero"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let e = GuestImage::from_file(dir.path()).unwrap_err();
+        assert!(matches!(e, ImageError::NotRegular { .. }), "{e}");
+
+        // A FIFO with no writer: refused at once, not waited on.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = load_promptly(&fifo).unwrap_err();
+        assert!(
+            matches!(e, ImageError::NotRegular { kind: "a FIFO", .. }),
+            "{e}"
+        );
+
+        // One byte over the limit (sparse: nothing is written).
+        let big = dir.path().join("big.elf");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_IMAGE_BYTES + 1)
+            .unwrap();
+        let e = load_promptly(&big).unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_read_stops_at_the_limit() {
+        let endless = std::io::repeat(0);
+        assert_eq!(read_bounded(endless, 1000).unwrap(), None);
+        let exact = read_bounded(&[7u8; 1000][..], 1000).unwrap().unwrap();
+        assert_eq!(exact.len(), 1000);
     }
 
     #[test]

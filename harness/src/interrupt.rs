@@ -1,9 +1,14 @@
-//! Ctrl-C and SIGTERM: the first one asks the run to stop after saving what it measured;
-//! a second one ends the process at once (the handler resets itself).
+//! Ctrl-C, SIGTERM and SIGHUP (the terminal closed, the ssh session gone): the first one
+//! asks the run to stop after saving what it measured and restoring what it changed (KSM's
+//! settings, the host's paging mode); a second one ends the process at once (the handler
+//! resets itself).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+/// The signals that interrupt a run.
+pub const INTERRUPTS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -18,7 +23,7 @@ pub fn install() -> &'static AtomicBool {
         SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
         SigSet::empty(),
     );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+    for signal in INTERRUPTS {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         let _ = unsafe { sigaction(signal, &action) };
     }

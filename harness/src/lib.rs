@@ -4,6 +4,9 @@
 //! workload table -> guest -> result lines (console) -> records (run) -> statistics
 //! (reports) -> report
 
+// Progress goes through `say!`: `eprintln!` panics on a closed stderr.
+#![deny(clippy::print_stderr)]
+
 pub mod backend;
 pub mod cli;
 pub mod console;
@@ -14,6 +17,7 @@ pub mod interrupt;
 pub mod ksm;
 pub mod lab;
 pub mod native;
+pub mod output;
 pub mod run;
 pub mod statefile;
 pub mod summary;

@@ -99,21 +99,6 @@ fn bad_input_is_one_clear_error() {
     let o = run(&[
         "run",
         "--backend",
-        "kvm",
-        "--memory-mib",
-        "1",
-        "-w",
-        "cpu.idle",
-        "--out",
-        out,
-    ]);
-    if common::kvm_available() {
-        assert_clear_error(&o, "guest memory of 1 MiB");
-    }
-
-    let o = run(&[
-        "run",
-        "--backend",
         "qemu",
         "--qemu",
         "/nonexistent/qemu",
@@ -371,4 +356,169 @@ fn host_paging_prints_the_mode_and_refuses_to_switch_kvm_pvm() {
     assert_eq!(before, after);
     let o = run(&["host", "paging", "tdp", "--", "true"]);
     assert_clear_error(&o, "kvm_pvm");
+}
+
+#[test]
+fn an_error_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.elf");
+    let o = run(&[
+        "run",
+        "--backend",
+        "kvm",
+        "--guest",
+        missing.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "missing.elf");
+    let err = stderr(&o);
+    let cause = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    assert_eq!(err.matches(&cause).count(), 1, "{err}");
+}
+
+/// Runs hvbench with its stderr (and its stdout, if `stdout_too`) a pipe whose reader is
+/// already gone: every write fails with EPIPE.
+fn run_with_output_closed(args: &[&str], stdout_too: bool) -> Output {
+    let mut child = common::hvbench()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hvbench runs");
+    drop(child.stderr.take());
+    if stdout_too {
+        drop(child.stdout.take());
+    }
+    child.wait_with_output().expect("hvbench ends")
+}
+
+#[test]
+fn a_closed_stderr_never_panics_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.elf");
+    let out = dir.path().join("r");
+    let o = run_with_output_closed(
+        &[
+            "run",
+            "--backend",
+            "kvm",
+            "--guest",
+            missing.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        false,
+    );
+    // The error's exit status, not a panic's (101).
+    assert_eq!(o.status.code(), Some(2));
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    // Progress on stderr, then also the summary table on stdout (a closed terminal).
+    for stdout_too in [false, true] {
+        let _ = std::fs::remove_dir_all(&out);
+        let o = run_with_output_closed(
+            &[
+                "run",
+                "--backend",
+                "kvm",
+                "-w",
+                "cpu.idle",
+                "--samples",
+                "3",
+                "--sample-us",
+                "1000",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            stdout_too,
+        );
+        assert_eq!(o.status.code(), Some(0), "stdout closed too: {stdout_too}");
+        let records = read_results(&out).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].status, Status::Success);
+    }
+}
+
+#[test]
+fn bad_options_are_refused_before_the_results_directory_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (backend, mib) in [("kvm", "0"), ("kvm", "1"), ("qemu", "0"), ("kvm", "3073")] {
+        let o = run(&[
+            "run",
+            "--backend",
+            backend,
+            "--memory-mib",
+            mib,
+            "-w",
+            "cpu.idle",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("16..=3072"), "{}", stderr(&o));
+        assert!(
+            !out.exists(),
+            "--memory-mib {mib} created {}",
+            out.display()
+        );
+    }
+}
+
+/// `--xen-host local` against a fake `xl` that records where the domain config is and
+/// then refuses to create the domain.
+#[test]
+fn xen_images_go_to_a_private_directory_of_the_run_removed_at_the_end() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&tmp).unwrap();
+    let log = dir.path().join("xl.log");
+    let xl = bin.join("xl");
+    std::fs::write(
+        &xl,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n\
+             info) printf 'xen_major : 4\\nxen_minor : 17\\nxen_extra : .0\\nvirt_caps : pv hvm hap\\n' ;;\n\
+             create) d=$(dirname \"$3\"); echo \"$d $(stat -c %a \"$d\") $(ls \"$d\" | wc -l)\" >> {log}; \
+             echo 'no domain today' >&2; exit 1 ;;\n\
+             *) exit 1 ;;\nesac\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = common::hvbench()
+        .args(["run", "--backend", "xen", "--xen-host", "local"])
+        .args(["-w", "cpu.idle", "--samples", "1", "--out"])
+        .arg(dir.path().join("out"))
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let first = logged.lines().next().unwrap_or_else(|| {
+        panic!("xl create never ran: {}", stderr(&o));
+    });
+    let fields: Vec<&str> = first.split(' ').collect();
+    let used = std::path::Path::new(fields[0]);
+    assert!(used.starts_with(&tmp), "{first}");
+    assert_ne!(used, tmp.join("hvbench"), "a predictable name: {first}");
+    assert_eq!(fields[1], "700", "{first}");
+    assert_eq!(fields[2], "2", "the image and the config: {first}");
+    assert!(
+        !used.exists(),
+        "{} left behind: {}",
+        used.display(),
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
 }

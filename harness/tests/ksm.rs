@@ -245,6 +245,17 @@ fn a_killed_runs_settings_are_restored_by_the_next_start_with_a_message() {
 
 #[test]
 fn ctrl_c_stops_the_guests_and_restores_the_settings_at_once() {
+    stops_the_guests_and_restores_the_settings_at_once(nix::sys::signal::Signal::SIGINT);
+}
+
+/// A closed terminal (SIGHUP) is an interruption like Ctrl-C, not a death that leaves KSM
+/// changed until the next run.
+#[test]
+fn a_closed_terminal_stops_the_guests_and_restores_the_settings_at_once() {
+    stops_the_guests_and_restores_the_settings_at_once(nix::sys::signal::Signal::SIGHUP);
+}
+
+fn stops_the_guests_and_restores_the_settings_at_once(signal: nix::sys::signal::Signal) {
     if !ksm_usable() {
         return;
     }
@@ -279,7 +290,7 @@ fn ctrl_c_stops_the_guests_and_restores_the_settings_at_once() {
         }
     }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(pid, signal).unwrap();
     let status = child.wait().unwrap();
     seen.extend(rx.iter());
     assert_eq!(status.code(), Some(130), "{seen:#?}");

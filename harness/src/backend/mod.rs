@@ -112,10 +112,10 @@ pub trait Hypervisor {
     fn reproduce_args(&self) -> Vec<String> {
         Vec::new()
     }
-    /// What must precede `hvbench run` to reproduce the host's set-up (e.g. `hvbench host
-    /// paging shadow --`), for the reproduce command of every record.
-    fn reproduce_prefix(&self) -> Option<String> {
-        None
+    /// The words that must precede `hvbench run` to reproduce the host's set-up (e.g.
+    /// `hvbench host paging shadow --`), for the reproduce command of every record.
+    fn reproduce_prefix(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// The balloon the host drives for `mem.balloon`, where this backend has one (it then

@@ -129,35 +129,63 @@ fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
     Ok(Some(saved))
 }
 
-/// Writes the saved values back, last change first, and checks they read back. Tries
-/// every setting even when one fails. Returns what changed (`run 1 -> 0, ...`).
+/// Writes the saved values back, last change first, and checks they read back. A setting
+/// that no longer reads what hvbench applied was changed since by someone else: it is left
+/// as it is, and said so. Tries every setting even when one fails. Returns what changed
+/// (`run 1 -> 0, ...`) and what was left alone.
 fn write_back(sysfs: &KsmSysfs, saved: &SavedSettings) -> Result<String, KsmError> {
     let mut changes = Vec::new();
+    let mut left_alone = Vec::new();
     let mut failures = Vec::new();
     for s in saved.settings.iter().rev() {
-        let now = sysfs.read(&s.name).unwrap_or_else(|_| "?".into());
-        match sysfs.write(&s.name, &s.before) {
-            Ok(()) => match sysfs.read(&s.name) {
-                Ok(v) if v == s.before => {
-                    if now != s.before {
-                        changes.push(format!("{} {now} -> {}", s.name, s.before));
-                    }
-                }
-                Ok(v) => failures.push(format!("{} reads {v} after writing {}", s.name, s.before)),
-                Err(e) => failures.push(e.to_string()),
-            },
-            Err(e) => failures.push(e.to_string()),
+        let now = match sysfs.read(&s.name) {
+            Ok(now) => now,
+            Err(e) => {
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        if now == s.before {
+            continue;
+        }
+        if now != s.applied {
+            left_alone.push(format!(
+                "{} (now {now}; hvbench set {}, it was {} before)",
+                s.name, s.applied, s.before
+            ));
+            continue;
+        }
+        match write_checked(sysfs, &s.name, &s.before) {
+            Ok(()) => changes.push(format!("{} {now} -> {}", s.name, s.before)),
+            Err(e) => failures.push(e),
         }
     }
-    if failures.is_empty() {
-        changes.reverse();
-        Ok(if changes.is_empty() {
-            "nothing differed".into()
-        } else {
-            changes.join(", ")
-        })
+    if !failures.is_empty() {
+        return Err(KsmError::Restore(failures.join("; ")));
+    }
+    changes.reverse();
+    left_alone.reverse();
+    let mut message = if changes.is_empty() {
+        "nothing differed".to_string()
     } else {
-        Err(KsmError::Restore(failures.join("; ")))
+        changes.join(", ")
+    };
+    if !left_alone.is_empty() {
+        message.push_str(&format!(
+            "; left alone, as someone changed them since: {}",
+            left_alone.join(", ")
+        ));
+    }
+    Ok(message)
+}
+
+/// Writes `value` to the tunable `name` and checks that it reads back.
+fn write_checked(sysfs: &KsmSysfs, name: &str, value: &str) -> Result<(), String> {
+    sysfs.write(name, value).map_err(|e| e.to_string())?;
+    match sysfs.read(name) {
+        Ok(v) if v == value => Ok(()),
+        Ok(v) => Err(format!("{name} reads {v} after writing {value}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -221,7 +249,7 @@ impl KsmGuard {
                 });
             }
             if !announced {
-                eprintln!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
+                crate::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -290,8 +318,8 @@ impl Drop for KsmGuard {
     fn drop(&mut self) {
         match self.restore() {
             Ok(None) => {}
-            Ok(Some(changes)) => eprintln!("hvbench: KSM settings restored: {changes}"),
-            Err(e) => eprintln!(
+            Ok(Some(changes)) => crate::say!("hvbench: KSM settings restored: {changes}"),
+            Err(e) => crate::say!(
                 "hvbench: restoring KSM's settings failed: {e}; {} keeps the old values for \
                  the next run to restore",
                 self.paths.state_file().display()
@@ -441,6 +469,44 @@ mod tests {
     }
 
     #[test]
+    fn settings_changed_since_by_someone_else_are_left_alone() {
+        let (_dir, paths) = fake();
+        let mut guard = KsmGuard::acquire(paths.clone(), Duration::ZERO, &NEVER).unwrap();
+        guard.apply(&settings()).unwrap();
+        guard.die();
+        // While the dead run's state file waits, an administrator tunes KSM.
+        paths.sysfs.write("pages_to_scan", "500").unwrap();
+        paths.sysfs.write("advisor_mode", "scan-time").unwrap();
+
+        let message = restore_stale(&paths).unwrap().unwrap();
+        assert_eq!(paths.sysfs.read("pages_to_scan").unwrap(), "500");
+        assert_eq!(paths.sysfs.read("advisor_mode").unwrap(), "scan-time");
+        // What still read as hvbench left it is restored.
+        assert_eq!(paths.sysfs.read("run").unwrap(), "0");
+        assert_eq!(paths.sysfs.read("sleep_millisecs").unwrap(), "20");
+        assert!(
+            message.contains("sleep_millisecs 10 -> 20, run 1 -> 0"),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "left alone, as someone changed them since: pages_to_scan (now 500; \
+                 hvbench set 1000, it was 100 before)"
+            ),
+            "{message}"
+        );
+        assert!(!paths.state_file().exists());
+
+        // The same for a live run's own restore.
+        let mut guard = KsmGuard::acquire(paths.clone(), Duration::ZERO, &NEVER).unwrap();
+        guard.apply(&[("run", "1".into())]).unwrap();
+        paths.sysfs.write("run", "2").unwrap();
+        let message = guard.restore().unwrap().unwrap();
+        assert!(message.contains("left alone"), "{message}");
+        assert_eq!(paths.sysfs.read("run").unwrap(), "2");
+    }
+
+    #[test]
     fn a_failed_write_is_undone_and_a_bad_state_file_is_refused() {
         let (_dir, paths) = fake();
         let before = tunables(&paths);
@@ -451,12 +517,31 @@ mod tests {
         bad.push(("stuck", "1".into()));
         assert!(guard.apply(&bad).is_err());
         assert_eq!(paths.sysfs.read("run").unwrap(), "1");
-        // Every other setting is restored; the one that cannot be keeps the state file.
-        let e = guard.restore().unwrap_err().to_string();
-        assert!(e.contains("stuck"), "{e}");
+        // Every setting written is restored.
+        guard.restore().unwrap();
         assert_eq!(tunables(&paths), before);
-        assert!(paths.state_file().exists());
+        assert!(!paths.state_file().exists());
         drop(guard);
+
+        // One that reads what hvbench applied but cannot be written back keeps the state
+        // file, for the next run to try again (even root cannot write a 0444 sysctl).
+        std::os::unix::fs::symlink("/proc/sys/kernel/ostype", paths.sysfs.dir().join("ro"))
+            .unwrap();
+        let applied = paths.sysfs.read("ro").unwrap();
+        let stuck = SavedSettings {
+            format: STATE_FORMAT,
+            pid: 1,
+            saved_at: "then".into(),
+            settings: vec![SavedSetting {
+                name: "ro".into(),
+                before: "Unix".into(),
+                applied,
+            }],
+        };
+        write_state(&paths, &stuck).unwrap();
+        let e = restore_stale(&paths).unwrap_err().to_string();
+        assert!(e.contains("ksm/ro"), "{e}");
+        assert!(paths.state_file().exists());
         std::fs::remove_file(paths.state_file()).unwrap();
 
         std::fs::write(paths.state_file(), "{ not json").unwrap();

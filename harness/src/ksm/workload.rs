@@ -41,7 +41,7 @@ const OBSERVED_TUNABLES: &[&str] = &[
 ];
 
 fn progress(text: &str) {
-    eprintln!("hvbench: mem.ksm: {text}");
+    crate::say!("hvbench: mem.ksm: {text}");
 }
 
 fn mib(kib: u64) -> f64 {
@@ -784,7 +784,7 @@ fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmEr
     // The lock first: nothing of this run starts while another run drives KSM.
     let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;
     if let Some(message) = &guard.stale_restored {
-        eprintln!("hvbench: {message}");
+        crate::say!("hvbench: {message}");
         let message = message.clone();
         outcome
             .notes

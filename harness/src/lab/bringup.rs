@@ -288,6 +288,7 @@ pub(super) struct LabKeys {
 /// known_hosts pins the host key under `host_key_alias`, whatever the port.
 pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<LabKeys, LabError> {
     fs::create_dir_all(&layout.keys_dir).map_err(|e| LabError::io(&layout.keys_dir, e))?;
+    keep_private(layout)?;
     if !layout.client_key.is_file() || !layout.client_key.with_extension("pub").is_file() {
         let _ = fs::remove_file(&layout.client_key);
         let _ = fs::remove_file(layout.client_key.with_extension("pub"));
@@ -349,6 +350,22 @@ pub(super) fn ensure_keys(layout: &Layout, host_key_alias: &str) -> Result<LabKe
         client_public: fs::read(&client_public_path)
             .map_err(|e| LabError::io(&client_public_path, e))?,
     })
+}
+
+/// Narrows what holds the lab's private keys to its owner: the keys directory, and a boot
+/// image that an older hvbench left readable by all (every image holds the host key; new
+/// ones are written 0600). What is not there yet is skipped.
+fn keep_private(layout: &Layout) -> Result<(), LabError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(&layout.keys_dir, 0o700), (&layout.initramfs, 0o600)] {
+        match fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LabError::io(path, e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn pick_free_port() -> Result<u16, LabError> {
@@ -485,5 +502,30 @@ impl BootWatch<'_> {
             self.check(&format!("no {marker} line"))?;
             thread::sleep(POLL_INTERVAL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn keys_and_an_old_world_readable_image_become_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::kvm(dir.path());
+        fs::create_dir_all(&layout.keys_dir).unwrap();
+        // Nothing built yet: nothing to narrow, no error.
+        keep_private(&layout).unwrap();
+        assert_eq!(mode(&layout.keys_dir), 0o700);
+        fs::create_dir_all(&layout.boot_dir).unwrap();
+        fs::write(&layout.initramfs, b"an image with a host key").unwrap();
+        fs::set_permissions(&layout.initramfs, fs::Permissions::from_mode(0o644)).unwrap();
+        keep_private(&layout).unwrap();
+        assert_eq!(mode(&layout.initramfs), 0o600);
     }
 }

@@ -294,7 +294,7 @@ mod tests {
             .stderr(Stdio::null())
             .spawn()
         else {
-            eprintln!("cpio not installed; skipping");
+            crate::say!("cpio not installed; skipping");
             return;
         };
         let archive = sample_archive();

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::BufWriter;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -133,6 +133,9 @@ enum Content {
     Inline(Vec<u8>),
 }
 
+/// Mode of a file that holds a private key.
+const PRIVATE_FILE_MODE: u32 = 0o600;
+
 /// The initramfs as a sorted map, so parents always precede children in the archive.
 #[derive(Default)]
 struct Tree {
@@ -182,8 +185,18 @@ impl Tree {
         );
     }
 
+    /// Writes the archive to `out`, readable by its owner only: every lab image holds the
+    /// lab's private host key (also when `out` was there before, with another mode).
     fn write(&self, out: &Path) -> Result<u64, LabError> {
-        let file = fs::File::create(out).map_err(|e| LabError::io(out, e))?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(out)
+            .map_err(|e| LabError::io(out, e))?;
+        file.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(|e| LabError::io(out, e))?;
         let mut writer = CpioWriter::new(BufWriter::new(file));
         let io_error = |e| LabError::io(out, e);
         for (path, node) in &self.nodes {
@@ -808,6 +821,21 @@ mod tests {
         assert_eq!(resolve_in_stage(root, "loop"), None);
         assert_eq!(resolve_in_stage(root, "lib64/escape"), None);
         assert_eq!(resolve_in_stage(root, "nope"), None);
+    }
+
+    #[test]
+    fn images_holding_the_host_key_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("initrd.img");
+        let mut tree = Tree::default();
+        tree.inline_file("etc/dropbear/dropbear_ed25519_host_key", 0o600, "secret");
+        tree.write(&out).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&out), 0o600);
+        // A rebuild over an image an older hvbench left world-readable.
+        fs::set_permissions(&out, fs::Permissions::from_mode(0o644)).unwrap();
+        tree.write(&out).unwrap();
+        assert_eq!(mode(&out), 0o600);
     }
 
     #[test]

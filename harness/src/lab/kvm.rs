@@ -874,12 +874,12 @@ fn run_detached(
                 stderr_offset += stderr.len();
                 partial_line.extend_from_slice(&stderr);
                 while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
-                    eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
+                    crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
                     partial_line.drain(..=end);
                 }
                 if let Some(code) = status {
                     if !partial_line.is_empty() {
-                        eprintln!("[lab] {}", String::from_utf8_lossy(&partial_line));
+                        crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
                     }
                     if timed_out {
                         return Err(LabError::Command {

@@ -160,7 +160,7 @@ pub fn kvm_unusable_reason() -> Option<String> {
 
 /// Progress lines for the person waiting (the CLI prints them on stderr).
 pub fn progress_to_stderr(message: &str) {
-    eprintln!("hvbench lab: {message}");
+    crate::say!("hvbench lab: {message}");
 }
 
 pub struct XenLabOptions {

@@ -141,7 +141,7 @@ fn run_id(backend: &str) -> String {
 
 /// Progress lines on stderr.
 fn progress(text: &str) {
-    eprintln!("hvbench: {text}");
+    crate::say!("hvbench: {text}");
 }
 
 fn one_line(record: &Record) -> String {
@@ -439,33 +439,171 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
     settled
 }
 
-/// One command that measures workload `w` again, as this run did.
+/// One command that measures workload `w` again, as this run did: each argument quoted
+/// for a POSIX shell, so that it can be pasted as it is.
 pub fn reproduce_command(backend: &dyn Hypervisor, options: &RunOptions, w: WorkloadId) -> String {
-    let mut cmd = backend
-        .reproduce_prefix()
-        .map(|prefix| format!("{prefix} "))
-        .unwrap_or_default();
-    cmd += &format!(
-        "hvbench run --backend {} --workload {} --samples {} --warmup {} --sample-us {} --timeout-s {} --memory-mib {} --vcpus {}",
-        backend.kind().name(),
-        w.name(),
-        options.samples,
-        options.warmup,
-        options.sample_us,
-        options.workload_timeout.as_secs(),
-        options.memory_mib,
-        options.vcpus,
+    let mut words = backend.reproduce_prefix();
+    words.extend(
+        [
+            "hvbench",
+            "run",
+            "--backend",
+            backend.kind().name(),
+            "--workload",
+            w.name(),
+        ]
+        .map(String::from),
     );
-    for arg in backend.reproduce_args() {
-        cmd.push(' ');
-        cmd.push_str(&arg);
+    for (option, value) in [
+        ("--samples", u64::from(options.samples)),
+        ("--warmup", u64::from(options.warmup)),
+        ("--sample-us", u64::from(options.sample_us)),
+        ("--timeout-s", options.workload_timeout.as_secs()),
+        ("--memory-mib", u64::from(options.memory_mib)),
+        ("--vcpus", u64::from(options.vcpus)),
+    ] {
+        words.extend([option.to_string(), value.to_string()]);
     }
+    words.extend(backend.reproduce_args());
     for p in options.params.iter().filter(|p| p.workload == w) {
-        cmd.push_str(&format!(" --param {}.{}={}", w.name(), p.key, p.value));
+        words.extend([
+            "--param".to_string(),
+            format!("{}.{}={}", w.name(), p.key, p.value),
+        ]);
     }
     if let Some(path) = &options.guest_path {
-        cmd.push_str(&format!(" --guest {}", path.display()));
+        words.extend(["--guest".to_string(), path.to_string_lossy().into_owned()]);
     }
-    cmd.push_str(&format!(" --out hvbench-reproduce-{}", w.name()));
-    cmd
+    words.extend([
+        "--out".to_string(),
+        format!("hvbench-reproduce-{}", w.name()),
+    ]);
+    words
+        .iter()
+        .map(|word| shell_word(word))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `word` as one word of a POSIX shell command: as it is when it holds only characters
+/// no shell treats specially, else in single quotes (a `'` inside becomes `'\''`).
+pub fn shell_word(word: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./,:=@%+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        std::borrow::Cow::Borrowed(word)
+    } else {
+        std::borrow::Cow::Owned(format!("'{}'", word.replace('\'', r"'\''")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendKind, GuestSession};
+    use reports::record::{BackendInfo, HostInfo};
+    use workloads::BackendFeature;
+
+    /// A backend that only says how it is reproduced.
+    struct Awkward;
+
+    impl Hypervisor for Awkward {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Xen
+        }
+        fn info(&self) -> BackendInfo {
+            BackendInfo::default()
+        }
+        fn host(&self) -> HostInfo {
+            HostInfo::default()
+        }
+        fn supports(&self, _: BackendFeature) -> Result<(), String> {
+            Ok(())
+        }
+        fn guest_runs_locally(&self) -> bool {
+            false
+        }
+        fn boot(&self, _: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
+            unimplemented!("never booted")
+        }
+        fn reproduce_args(&self) -> Vec<String> {
+            [
+                "--xen-host",
+                "ssh://it's a \"host\" $HOME `id`",
+                "--paging",
+                "",
+            ]
+            .map(String::from)
+            .to_vec()
+        }
+        fn reproduce_prefix(&self) -> Vec<String> {
+            ["env", "A=$PATH", "--"].map(String::from).to_vec()
+        }
+    }
+
+    /// The words a POSIX shell makes of `command`.
+    fn shell_words(command: &str) -> Vec<String> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("set -- {command}; printf '%s\\0' \"$@\""))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn reproduce_commands_survive_the_shell() {
+        let options = RunOptions {
+            workloads: vec![WorkloadId::CpuIdle],
+            samples: 3,
+            warmup: 1,
+            sample_us: 100,
+            repeat: 1,
+            workload_timeout: Duration::from_secs(60),
+            boot_timeout: Duration::from_secs(60),
+            memory_mib: 64,
+            vcpus: 1,
+            guest_path: Some(PathBuf::from("/tmp/my guest's $HOME\\.elf")),
+            out: PathBuf::from("o"),
+            params: Vec::new(),
+        };
+        let command = reproduce_command(&Awkward, &options, WorkloadId::CpuIdle);
+        let words = shell_words(&command);
+        assert_eq!(words[..3], ["env", "A=$PATH", "--"], "{command}");
+        assert!(
+            words
+                .windows(2)
+                .any(|w| w == ["--xen-host", "ssh://it's a \"host\" $HOME `id`"]),
+            "{command}"
+        );
+        assert!(words.windows(2).any(|w| w == ["--paging", ""]), "{command}");
+        assert!(
+            words
+                .windows(2)
+                .any(|w| w == ["--guest", "/tmp/my guest's $HOME\\.elf"]),
+            "{command}"
+        );
+        // Plain words stay readable.
+        assert!(
+            command.contains("hvbench run --backend xen --workload cpu.idle --samples 3"),
+            "{command}"
+        );
+    }
+
+    #[test]
+    fn shell_words_quote_only_what_needs_it() {
+        assert_eq!(
+            shell_word("mem.tlb-chase.ws=64k,16m"),
+            "mem.tlb-chase.ws=64k,16m"
+        );
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("$x"), "'$x'");
+        assert_eq!(shell_word("~"), "'~'");
+    }
 }

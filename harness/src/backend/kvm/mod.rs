@@ -293,9 +293,10 @@ impl Hypervisor for KvmBackend {
         }
     }
 
-    fn reproduce_prefix(&self) -> Option<String> {
+    fn reproduce_prefix(&self) -> Vec<String> {
         self.paging_switch
-            .map(|mode| format!("hvbench host paging {} --", mode.name()))
+            .map(|mode| ["hvbench", "host", "paging", mode.name(), "--"].map(String::from))
+            .map_or_else(Vec::new, Vec::from)
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {

@@ -31,8 +31,8 @@ use super::{
     BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
 };
 
-/// Where images and configs go on the dom0.
-const REMOTE_DIR: &str = "/tmp/hvbench";
+/// `mktemp -d` template of the run's directory for images and configs on the dom0.
+const REMOTE_DIR_TEMPLATE: &str = "${TMPDIR:-/tmp}/hvbench.XXXXXXXXXX";
 /// Limit for one toolstack command (the TCG lab is slow; a real host answers in ms).
 const XL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Limit for the reachability check.
@@ -50,6 +50,66 @@ pub enum XenError {
     Lab(String),
     #[error("ballooning domain {domain}: {detail}")]
     Balloon { domain: String, detail: String },
+    #[error("`mktemp -d` on {target} printed {printed:?}, not a directory hvbench can use")]
+    RemoteDir { target: String, printed: String },
+}
+
+/// This run's directory on the dom0, for images and domain configs: made by `mktemp -d`
+/// (a fresh name nobody else can have made first, mode 0700, owned by the user hvbench
+/// runs `xl` as) and removed with everything in it when dropped, on every path out of the
+/// run. A fixed name such as `/tmp/hvbench` could be made first by another user, who
+/// would then own the images and configs Xen boots.
+#[derive(Debug)]
+pub struct RemoteDir {
+    transport: Transport,
+    path: String,
+}
+
+impl RemoteDir {
+    pub fn create(transport: &Transport) -> Result<Self, XenError> {
+        let out = transport.run(
+            &format!(
+                "d=$(mktemp -d \"{REMOTE_DIR_TEMPLATE}\") && chmod 0700 \"$d\" && printf '%s\\n' \"$d\""
+            ),
+            None,
+            XL_TIMEOUT,
+        )?;
+        let printed = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        // It goes into xl configs and shell commands: an absolute path of plain characters.
+        let plain = printed.starts_with('/')
+            && printed
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+        if !plain {
+            return Err(XenError::RemoteDir {
+                target: transport.describe(),
+                printed,
+            });
+        }
+        Ok(RemoteDir {
+            transport: transport.clone(),
+            path: printed,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The path of `name` in the directory.
+    pub fn file(&self, name: &str) -> String {
+        format!("{}/{name}", self.path)
+    }
+}
+
+impl Drop for RemoteDir {
+    fn drop(&mut self) {
+        let _ = self.transport.run(
+            &format!("rm -rf -- {}", shell_quote(&self.path)),
+            None,
+            XL_TIMEOUT,
+        );
+    }
 }
 
 /// How the Xen host was reached and what it is.
@@ -78,6 +138,8 @@ pub struct XenBackend {
     unavailable: Option<String>,
     /// Remote paths of uploaded images, by SHA-256.
     uploaded: Mutex<BTreeMap<String, String>>,
+    /// Where they and the domain configs go; removed when the backend goes.
+    remote_dir: RemoteDir,
 }
 
 impl XenBackend {
@@ -117,6 +179,7 @@ impl XenBackend {
                 }
             )
         });
+        let remote_dir = RemoteDir::create(t)?;
         Ok(XenBackend {
             host,
             paging,
@@ -124,6 +187,7 @@ impl XenBackend {
             fingerprint,
             unavailable,
             uploaded: Mutex::new(BTreeMap::new()),
+            remote_dir,
         })
     }
 
@@ -136,7 +200,7 @@ impl XenBackend {
         if let Some(path) = self.uploaded.lock().ok().and_then(|m| m.get(sha).cloned()) {
             return Ok(path);
         }
-        let path = format!("{REMOTE_DIR}/guest-{}.elf", &sha[..16]);
+        let path = self.remote_dir.file(&format!("guest-{}.elf", &sha[..16]));
         put(self.transport(), &path, request.image.bytes())?;
         if let Ok(mut m) = self.uploaded.lock() {
             m.insert(sha.to_string(), path.clone());
@@ -245,7 +309,7 @@ impl Hypervisor for XenBackend {
             vcpus: request.vcpus,
             paging: self.paging,
         };
-        let cfg_path = format!("{REMOTE_DIR}/{}.cfg", request.name);
+        let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();
         put(&t, &cfg_path, config.render().as_bytes())?;
         t.run(
@@ -255,7 +319,7 @@ impl Hypervisor for XenBackend {
         )
         .map_err(XenError::from)?;
         // From here on the domain exists: the session destroys it on every path.
-        let mut session = XenSession::start(t, request.name.clone())?;
+        let mut session = XenSession::start(t, request.name.clone(), cfg_path)?;
         if let Err(e) = session.unpause() {
             let _ = session.stop();
             return Err(XenError::from(e).into());
@@ -436,6 +500,8 @@ pub struct XenSession {
     console: Arc<ConsoleLink>,
     watcher: Arc<Mutex<Option<Child>>>,
     driver: Option<JoinHandle<()>>,
+    /// The domain's config on the dom0, removed with the domain.
+    config_path: String,
     /// Set before the host destroys the domain, so the driver reports `Stopped` rather
     /// than a vanished domain.
     stopping: Arc<AtomicBool>,
@@ -458,7 +524,7 @@ fn watcher_script(name: &str) -> String {
 }
 
 impl XenSession {
-    fn start(transport: Transport, name: String) -> Result<Self, XenError> {
+    fn start(transport: Transport, name: String, config_path: String) -> Result<Self, XenError> {
         let (tx, rx) = channel();
         let console = Arc::new(ConsoleLink::attach(&transport, &name)?);
         let watcher_child = match transport.spawn(&watcher_script(&name), false) {
@@ -489,6 +555,7 @@ impl XenSession {
             console,
             watcher,
             driver: Some(driver),
+            config_path,
             stopping,
             destroyed: false,
         })
@@ -505,10 +572,10 @@ impl XenSession {
     }
 }
 
-/// Writes `bytes` to `path` on the dom0, under `REMOTE_DIR`.
+/// Writes `bytes` to `path` on the dom0 (in the run's [`RemoteDir`]).
 fn put(transport: &Transport, path: &str, bytes: &[u8]) -> Result<(), XenError> {
     transport.run(
-        &format!("mkdir -p {REMOTE_DIR} && cat > {}", shell_quote(path)),
+        &format!("cat > {}", shell_quote(path)),
         Some(bytes),
         XL_TIMEOUT,
     )?;
@@ -620,7 +687,7 @@ impl GuestSession for XenSession {
         self.console.shut();
         let result = destroy(&self.transport, &self.name);
         let _ = self.transport.run(
-            &format!("rm -f {REMOTE_DIR}/{}.cfg", self.name),
+            &format!("rm -f -- {}", shell_quote(&self.config_path)),
             None,
             XL_TIMEOUT,
         );
@@ -681,6 +748,30 @@ mod tests {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn each_run_gets_a_private_directory_that_goes_with_it() {
+        let first = RemoteDir::create(&Transport::Local).unwrap();
+        let second = RemoteDir::create(&Transport::Local).unwrap();
+        assert_ne!(first.path(), second.path());
+        for dir in [&first, &second] {
+            assert_ne!(dir.path(), "/tmp/hvbench");
+            let meta = std::fs::metadata(dir.path()).unwrap();
+            assert!(meta.is_dir());
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o700, "{}", dir.path());
+            assert_eq!(
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                nix::unistd::Uid::effective().as_raw()
+            );
+        }
+        let image = first.file("guest-0123.elf");
+        put(&Transport::Local, &image, b"image").unwrap();
+        assert_eq!(std::fs::read(&image).unwrap(), b"image");
+        let path = first.path().to_string();
+        drop(first);
+        assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
+        assert!(std::path::Path::new(second.path()).exists());
     }
 
     #[test]
