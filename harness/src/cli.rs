@@ -487,7 +487,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 pub fn main(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::List => {
-            print!("{}", list());
+            crate::tell!("{}", list());
             Ok(0)
         }
         Command::Host {
@@ -497,9 +497,9 @@ pub fn main(cli: Cli) -> Result<i32> {
         Command::Host { json, action: None } => {
             let host = host::fingerprint();
             if json {
-                println!("{}", serde_json::to_string_pretty(&host)?);
+                crate::tell_line!("{}", serde_json::to_string_pretty(&host)?);
             } else {
-                print!("{}", host::describe(&host));
+                crate::tell!("{}", host::describe(&host));
             }
             Ok(0)
         }
@@ -525,7 +525,7 @@ pub fn report(args: &ReportArgs) -> Result<i32> {
     for warning in &summary.warnings {
         crate::say!("hvbench: warning: {warning}");
     }
-    println!(
+    crate::tell_line!(
         "{}: {} records, {} measurements, backends {} ({} charts, {} not successful)",
         summary.index.display(),
         summary.records,
@@ -541,7 +541,7 @@ pub fn report(args: &ReportArgs) -> Result<i32> {
 pub fn compare(args: &CompareArgs) -> Result<i32> {
     let options = reports::compare::CompareOptions::with_thresholds(args.noise, args.p);
     let comparison = reports::compare::compare(&args.base, &args.new, &options)?;
-    print!("{}", comparison.render_table());
+    crate::tell!("{}", comparison.render_table());
     let failing = comparison.newly_failing();
     if comparison.has_regression() {
         return Ok(1);
@@ -571,13 +571,13 @@ pub fn host_paging(args: &PagingArgs) -> Result<i32> {
             Some(_) => {}
             None => crate::say!("hvbench host paging: no switch to undo"),
         }
-        println!("{}", paging::read_kvm_paging(&paths).describe());
+        crate::tell_line!("{}", paging::read_kvm_paging(&paths).describe());
         return Ok(0);
     }
     let Some(mode) = args.mode else {
-        println!("{}", paging::read_kvm_paging(&paths).describe());
+        crate::tell_line!("{}", paging::read_kvm_paging(&paths).describe());
         if let Some(state) = paging::read_state(&paths.state_file())? {
-            println!(
+            crate::tell_line!(
                 "switched by pid {} to {}={} for `{}`; `hvbench host paging --restore` undoes \
                  it if that process is gone",
                 state.pid,
@@ -636,32 +636,35 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
                 opts.memory_mib = *memory_mib;
             }
             let state = lab::lab_up_kvm(&opts)?;
-            println!(
+            crate::tell_line!(
                 "KVM lab is up (Linux {} under QEMU {}, booted in {:.1} s): {}",
-                state.kernel_release, state.accel, state.boot_seconds, state.kvm_at_boot
+                state.kernel_release,
+                state.accel,
+                state.boot_seconds,
+                state.kvm_at_boot
             );
-            println!(
+            crate::tell_line!(
                 "ssh:  ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={} root@127.0.0.1",
                 state.ssh_key.display(),
                 state.ssh_port,
                 state.known_hosts.display(),
                 lab::KVM_HOST_KEY_ALIAS
             );
-            println!(
+            crate::tell_line!(
                 "run:  hvbench lab run kvm --paging tdp|shadow --out DIR -- <hvbench run options>"
             );
             if state.accel == "tcg" {
-                println!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
+                crate::tell_line!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
             }
             Ok(0)
         }
         LabAction::Status { where_, .. } => match lab::kvm_lab_status(&where_.resolve()?)? {
             None => {
-                println!("no KVM lab");
+                crate::tell_line!("no KVM lab");
                 Ok(1)
             }
             Some(status) => {
-                println!(
+                crate::tell_line!(
                     "KVM lab (Linux {}, QEMU {}), started {}, ssh port {}: QEMU {}, {}",
                     status.state.kernel_release,
                     status.state.accel,
@@ -682,7 +685,7 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
         },
         LabAction::Down { where_, .. } => {
             let was_up = lab::kvm_lab_down(&where_.resolve()?)?;
-            println!(
+            crate::tell_line!(
                 "{}",
                 if was_up {
                     "KVM lab stopped"
@@ -727,8 +730,8 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
                 progress: |m| crate::say!("hvbench lab: {m}"),
                 cancel: Some(interrupt::install()),
             })?;
-            print!("{}", outcome.summary);
-            println!(
+            crate::tell!("{}", outcome.summary);
+            crate::tell_line!(
                 "\nRecords ({} copied from the KVM lab): {} and {}",
                 outcome.records,
                 outcome.jsonl.display(),
@@ -777,29 +780,31 @@ pub fn lab(action: &LabAction) -> Result<i32> {
                 opts.memory_mib = *memory_mib;
             }
             let state = lab::lab_up_xen(&opts)?;
-            println!(
+            crate::tell_line!(
                 "Xen {} lab is up ({} under QEMU, booted in {:.1} s).",
-                state.xen_version, state.accel, state.boot_seconds
+                state.xen_version,
+                state.accel,
+                state.boot_seconds
             );
-            println!(
+            crate::tell_line!(
                 "dom0: ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias=hvbench-xen-lab root@127.0.0.1",
                 state.ssh_key.display(),
                 state.ssh_port,
                 state.known_hosts.display()
             );
-            println!("run:  hvbench run --backend xen --xen-host lab");
+            crate::tell_line!("run:  hvbench run --backend xen --xen-host lab");
             if state.accel == "tcg" {
-                println!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
+                crate::tell_line!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
             }
             Ok(0)
         }
         LabAction::Status { where_, .. } => match lab::lab_status(&where_.resolve()?)? {
             None => {
-                println!("no Xen lab");
+                crate::tell_line!("no Xen lab");
                 Ok(1)
             }
             Some(status) => {
-                println!(
+                crate::tell_line!(
                     "Xen {} lab ({}), started {}, ssh port {}: QEMU {}, dom0 {}",
                     status.state.xen_version,
                     status.state.accel,
@@ -821,7 +826,7 @@ pub fn lab(action: &LabAction) -> Result<i32> {
         },
         LabAction::Down { where_, .. } => {
             let was_up = lab::lab_down(&where_.resolve()?)?;
-            println!(
+            crate::tell_line!(
                 "{}",
                 if was_up {
                     "Xen lab stopped"

@@ -4,8 +4,9 @@
 //! workload table -> guest -> result lines (console) -> records (run) -> statistics
 //! (reports) -> report
 
-// Progress goes through `say!`: `eprintln!` panics on a closed stderr.
-#![deny(clippy::print_stderr)]
+// Progress goes through `say!`, output through `tell!`/`tell_line!`: `eprintln!` and
+// `println!` panic on a closed stream (`hvbench list | head -1`).
+#![deny(clippy::print_stderr, clippy::print_stdout)]
 
 pub mod backend;
 pub mod cli;

@@ -29,6 +29,14 @@ macro_rules! say {
     };
 }
 
+/// `println!` that cannot panic: see [`write_out`].
+#[macro_export]
+macro_rules! tell_line {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// `print!` that cannot panic: see [`write_out`].
 #[macro_export]
 macro_rules! tell {

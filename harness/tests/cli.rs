@@ -522,3 +522,12 @@ fn xen_images_go_to_a_private_directory_of_the_run_removed_at_the_end() {
     );
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
 }
+
+/// `hvbench list | head -1` and the like: a reader that went away is no panic (101).
+#[test]
+fn listing_into_a_closed_pipe_never_panics() {
+    for args in [&["list"][..], &["host"][..], &["host", "--json"][..]] {
+        let o = run_with_output_closed(args, true);
+        assert_eq!(o.status.code(), Some(0), "hvbench {args:?}: {o:?}");
+    }
+}
