@@ -7,6 +7,9 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use goblin::elf::header::{ELFCLASS64, ELFDATA2LSB, EM_X86_64, ET_EXEC};
+use goblin::elf::program_header::PT_LOAD;
+use goblin::elf::Elf;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -15,8 +18,8 @@ static EMBEDDED: &[u8] = include_bytes!(env!("HVBENCH_GUEST_ELF"));
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the PVH entry point note.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-const PT_LOAD: u32 = 1;
-const PT_NOTE: u32 = 4;
+/// Most program headers accepted (the real image has a handful).
+const MAX_PROGRAM_HEADERS: usize = 64;
 /// Largest image accepted: the real one is well under 1 MiB.
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
@@ -36,7 +39,7 @@ pub enum ImageError {
     #[error("guest image {origin} is not a 64-bit little-endian x86-64 executable")]
     WrongKind { origin: String },
     #[error("guest image {origin} is truncated or corrupt: {what}")]
-    Corrupt { origin: String, what: &'static str },
+    Corrupt { origin: String, what: String },
     #[error("guest image {origin} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvhEntry { origin: String },
     #[error("guest image {origin} loads outside 1 MiB..3 GiB (segment at {paddr:#x}+{size:#x})")]
@@ -143,46 +146,6 @@ impl GuestImage {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    origin: &'a str,
-}
-
-impl Reader<'_> {
-    fn slice(&self, offset: u64, len: u64, what: &'static str) -> Result<&[u8], ImageError> {
-        let start = usize::try_from(offset).ok();
-        let end = offset
-            .checked_add(len)
-            .and_then(|e| usize::try_from(e).ok());
-        match (start, end) {
-            (Some(s), Some(e)) if e <= self.bytes.len() => Ok(&self.bytes[s..e]),
-            _ => Err(ImageError::Corrupt {
-                origin: self.origin.to_string(),
-                what,
-            }),
-        }
-    }
-
-    fn u16(&self, offset: u64, what: &'static str) -> Result<u16, ImageError> {
-        let b = self.slice(offset, 2, what)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&self, offset: u64, what: &'static str) -> Result<u32, ImageError> {
-        let b = self.slice(offset, 4, what)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&self, offset: u64, what: &'static str) -> Result<u64, ImageError> {
-        let b = self.slice(offset, 8, what)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-}
-
-/// Checks the ELF header, the program headers and the PVH note, with every offset
-/// bounds-checked. Returns the PVH entry and the end of the loaded image.
 /// What a file that is not a regular file is, for the error.
 fn describe(file_type: std::fs::FileType) -> &'static str {
     if file_type.is_dir() {
@@ -210,95 +173,67 @@ fn read_bounded(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>
     Ok((bytes.len() as u64 <= limit).then_some(bytes))
 }
 
+/// Checks the ELF header, the program headers and the PVH note (goblin reads them with
+/// every offset bounds-checked). Returns the PVH entry and the end of the loaded image.
 fn parse(bytes: &[u8], origin: &str) -> Result<(u32, u64), ImageError> {
-    let r = Reader { bytes, origin };
-    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+    let corrupt = |what: String| ImageError::Corrupt {
+        origin: origin.to_string(),
+        what,
+    };
+    let wrong_kind = || ImageError::WrongKind {
+        origin: origin.to_string(),
+    };
+    if !bytes.starts_with(b"\x7fELF") {
         return Err(ImageError::NotElf {
             origin: origin.to_string(),
         });
     }
-    let header = r.slice(0, 64, "ELF header")?;
-    // ELFCLASS64, little-endian, ET_EXEC, EM_X86_64.
-    if header[4] != 2
-        || header[5] != 1
-        || r.u16(16, "e_type")? != 2
-        || r.u16(18, "e_machine")? != 62
-    {
-        return Err(ImageError::WrongKind {
-            origin: origin.to_string(),
-        });
+    // ELFCLASS64 and little-endian, before the parser reads the rest as such.
+    if bytes.len() >= 6 && (bytes[4] != ELFCLASS64 || bytes[5] != ELFDATA2LSB) {
+        return Err(wrong_kind());
     }
-    let phoff = r.u64(32, "e_phoff")?;
-    let phentsize = r.u16(54, "e_phentsize")? as u64;
-    let phnum = r.u16(56, "e_phnum")? as u64;
-    if phentsize < 56 || phnum == 0 || phnum > 64 {
-        return Err(ImageError::Corrupt {
-            origin: origin.to_string(),
-            what: "program header table",
-        });
+    let elf = Elf::parse(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if elf.header.e_type != ET_EXEC || elf.header.e_machine != EM_X86_64 {
+        return Err(wrong_kind());
     }
-    let mut entry = None;
+    if elf.program_headers.is_empty() || elf.program_headers.len() > MAX_PROGRAM_HEADERS {
+        return Err(corrupt("program header table".into()));
+    }
     let mut load_end = 0u64;
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        r.slice(ph, 56, "program header")?;
-        let kind = r.u32(ph, "p_type")?;
-        let offset = r.u64(ph + 8, "p_offset")?;
-        let paddr = r.u64(ph + 24, "p_paddr")?;
-        let filesz = r.u64(ph + 32, "p_filesz")?;
-        let memsz = r.u64(ph + 40, "p_memsz")?;
-        match kind {
-            PT_LOAD => {
-                r.slice(offset, filesz, "segment data beyond end of file")?;
-                let end = paddr.checked_add(memsz);
-                if paddr < 0x10_0000
-                    || end.is_none_or(|e| e > workloads::abi::MAX_LOW_RAM)
-                    || filesz > memsz
-                {
-                    return Err(ImageError::BadSegment {
-                        origin: origin.to_string(),
-                        paddr,
-                        size: memsz,
-                    });
-                }
-                load_end = load_end.max(end.unwrap_or(0));
-            }
-            PT_NOTE => {
-                let notes = r.slice(offset, filesz, "note segment")?;
-                if let Some(e) = find_pvh_entry(notes) {
-                    entry = Some(e);
-                }
-            }
-            _ => {}
+    for ph in elf.program_headers.iter().filter(|ph| ph.p_type == PT_LOAD) {
+        let in_file = usize::try_from(ph.p_offset)
+            .ok()
+            .zip(usize::try_from(ph.p_filesz).ok())
+            .and_then(|(start, len)| bytes.get(start..start.checked_add(len)?));
+        if in_file.is_none() {
+            return Err(corrupt("segment data beyond end of file".into()));
         }
+        let end = ph.p_paddr.checked_add(ph.p_memsz);
+        if ph.p_paddr < 0x10_0000
+            || end.is_none_or(|e| e > workloads::abi::MAX_LOW_RAM)
+            || ph.p_filesz > ph.p_memsz
+        {
+            return Err(ImageError::BadSegment {
+                origin: origin.to_string(),
+                paddr: ph.p_paddr,
+                size: ph.p_memsz,
+            });
+        }
+        load_end = load_end.max(end.unwrap_or(0));
     }
-    let entry = entry.ok_or_else(|| ImageError::NoPvhEntry {
+    let entry = pvh_entry(&elf, bytes).ok_or_else(|| ImageError::NoPvhEntry {
         origin: origin.to_string(),
     })?;
     Ok((entry, load_end))
 }
 
-/// Walks ELF notes for ("Xen", PHYS32_ENTRY) and returns its 32-bit address.
-fn find_pvh_entry(mut notes: &[u8]) -> Option<u32> {
-    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
-    while notes.len() >= 12 {
-        let namesz = u32::from_le_bytes(notes[0..4].try_into().ok()?) as usize;
-        let descsz = u32::from_le_bytes(notes[4..8].try_into().ok()?) as usize;
-        let kind = u32::from_le_bytes(notes[8..12].try_into().ok()?);
-        let name_end = 12usize.checked_add(align4(namesz)?)?;
-        let desc_end = name_end.checked_add(align4(descsz)?)?;
-        if desc_end > notes.len() {
-            return None;
-        }
-        let name = &notes[12..12 + namesz];
-        if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" && descsz >= 4 {
-            return Some(u32::from_le_bytes(
-                notes[name_end..name_end + 4].try_into().ok()?,
-            ));
-        }
-        notes = &notes[desc_end..];
-    }
-    None
+/// The 32-bit address of the ("Xen", PHYS32_ENTRY) note, from the note segments.
+fn pvh_entry(elf: &Elf, bytes: &[u8]) -> Option<u32> {
+    elf.iter_note_headers(bytes)?
+        .filter_map(Result::ok)
+        .find(|n| n.n_type == XEN_ELFNOTE_PHYS32_ENTRY && n.name == "Xen")
+        .and_then(|n| n.desc.get(..4)?.try_into().ok())
+        .map(u32::from_le_bytes)
 }
 
 #[cfg(test)]
