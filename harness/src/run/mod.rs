@@ -312,6 +312,7 @@ pub fn run(
                     write(&outcome, &guest, &mut summary)?;
                 }
             }
+            let before = pending.len();
             pending.retain(|w| {
                 !summary
                     .records
@@ -322,6 +323,14 @@ pub fn run(
             if report.interrupted {
                 summary.interrupted = true;
                 return Ok(summary);
+            }
+            // Every boot makes progress or ends the plan: one that settled nothing would be
+            // booted again for the same workloads, forever.
+            if pending.len() == before {
+                for outcome in no_progress(&pending, boots) {
+                    write(&outcome, &guest, &mut summary)?;
+                }
+                pending.clear();
             }
         }
         for &w in &host_driven {
@@ -353,6 +362,23 @@ pub fn run(
         }
     }
     Ok(summary)
+}
+
+/// The outcomes of `pending` after boot number `boot` settled none of them.
+fn no_progress(pending: &[WorkloadId], boot: u32) -> Vec<WorkloadOutcome> {
+    pending
+        .iter()
+        .map(|&w| {
+            WorkloadOutcome::failed(
+                w,
+                Status::Error,
+                format!(
+                    "boot {boot} settled none of the workloads it was asked for; the run gives \
+                     up on them rather than boot the guest again"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// What the guest said about itself, for its records.
@@ -399,9 +425,10 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
     // stream, a guest that stopped early. Everything left gets the reason.
     let why = match &report.end {
         GuestEnd::Exited { code } => format!("the guest exited (code {code}) before running it"),
-        GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => {
-            format!("the guest died before running it: {detail}")
-        }
+        GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => format!(
+            "the guest died before running it: {}",
+            crate::console::escape_text(detail)
+        ),
         GuestEnd::Stopped => "the guest never started it before the time limit".to_string(),
     };
     let others: Vec<&String> = report
