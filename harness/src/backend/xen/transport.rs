@@ -3,6 +3,7 @@
 //! a hang.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -105,8 +106,16 @@ impl Transport {
         }
     }
 
-    /// A `Command` that runs the shell command `remote` on the target.
+    /// A `Command` that runs the shell command `remote` on the target, in a process group
+    /// of its own: Ctrl-C reaches hvbench alone, which then stops the guest and records
+    /// the interruption, instead of every `xl` and `ssh` dying under it.
     pub fn command(&self, remote: &str) -> Command {
+        let mut command = self.bare_command(remote);
+        command.process_group(0);
+        command
+    }
+
+    fn bare_command(&self, remote: &str) -> Command {
         match self {
             Transport::Local => {
                 let mut c = Command::new("sh");
