@@ -274,6 +274,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dom0_commands_run_in_their_own_process_group() {
+        let mut child = Transport::Local.spawn("exec sleep 5", false).unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let group = nix::unistd::getpgid(Some(pid));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Ctrl-C at the terminal goes to hvbench's group, not to xl or ssh.
+        assert_eq!(group, Ok(pid));
+        assert_ne!(group, nix::unistd::getpgid(None));
+    }
+
+    #[test]
     fn parses_ssh_urls() {
         let t = SshTarget::parse("ssh://alice@dom0.example:2222").unwrap();
         assert_eq!(
