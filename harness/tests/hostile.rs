@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::hostile::{run_hostile, Lines, Script};
+use workloads::protocol::LineKind;
 
 /// A run that should finish long before this is a hang.
 const BOUND: Duration = Duration::from_secs(60);
@@ -195,4 +196,187 @@ fn guest_text_never_reaches_the_terminal_raw() {
             );
         }
     }
+}
+
+/// `start`, one measured sample of `metric` in series `p` with `ops` and `cycles`, `result`.
+fn one_series(lines: Lines, w: &str, metric: &str, p: &str, ops: u64, cycles: u64) -> Lines {
+    lines
+        .start(w)
+        .line(
+            |b| {
+                b.text("w", w)
+                    .text("m", metric)
+                    .text("p", p)
+                    .num("n", 0)
+                    .num("ops", ops)
+                    .num("cycles", cycles)
+            },
+            LineKind::Sample,
+        )
+        .result(w, "success")
+}
+
+/// Defect 2: a 15-byte line whose checksum trailer overlaps the prefix panicked the host.
+#[test]
+#[ignore = "defect 2: fixed on another branch"]
+fn a_line_of_only_prefix_and_trailer_is_an_error_not_a_panic() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let guest = Lines::new()
+        .hello()
+        .start("cpu.idle")
+        .raw(b"@hvb1 ~362a6d45\n")
+        .sample("cpu.idle", 0)
+        .result("cpu.idle", "success")
+        .end("success")
+        .bytes();
+    let run = run_hostile(&Script::once(guest), &["-w", "cpu.idle"], BOUND);
+    let stderr = run.stderr_text();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(run.code(), Some(3), "{stderr}");
+    let idle = run.of("cpu.idle");
+    assert_eq!(idle.len(), 1, "{:?}", run.records);
+    assert_eq!(idle[0]["status"], "error", "{:?}", idle[0]);
+}
+
+/// Defect 3: native twins sized their buffers and loops from the guest's numbers: `ws:0`
+/// and `ws:2^64-1` crashed the host, a huge `ops` pinned it.
+#[test]
+#[ignore = "defect 3: fixed on another branch"]
+fn guest_sizes_never_size_the_native_twins() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let mut guest = Lines::new().hello();
+    for (p, ops) in [
+        ("ws:0,page:4k", 100),
+        ("ws:18446744073709551615,page:4k", 100),
+        ("ws:16k,page:4k", u64::MAX / 2),
+    ] {
+        guest = one_series(guest, "mem.tlb-chase", "latency", p, ops, 1_000_000);
+    }
+    let mut seq = Lines::new();
+    for (p, ops) in [
+        ("size:0", 64),
+        ("size:18446744073709551615", 64),
+        ("size:64m", u64::MAX / 2),
+    ] {
+        seq = one_series(seq, "mem.seq-read", "bandwidth", p, ops, 1_000_000);
+    }
+    let mut bytes = guest.bytes();
+    bytes.extend(seq.end("success").bytes());
+    let run = run_hostile(
+        &Script::once(bytes),
+        &["-w", "mem.tlb-chase", "-w", "mem.seq-read"],
+        Duration::from_secs(60),
+    );
+    assert!(run.status.is_some(), "still running after 60 s");
+    assert!(run.elapsed < Duration::from_secs(30), "{:?}", run.elapsed);
+    // An exit status, not a signal.
+    assert_eq!(
+        run.code(),
+        Some(3),
+        "{:?}\n{}",
+        run.status,
+        run.stderr_text()
+    );
+}
+
+/// Defect 6: series were keyed by guest text without limit: 3,000 distinct `p=` values made
+/// 3,000 records.
+#[test]
+#[ignore = "defect 6: fixed on another branch"]
+fn a_guest_cannot_invent_series() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let mut guest = Lines::new().hello().start("mem.tlb-chase");
+    for k in 1..=3000u64 {
+        guest = guest.line(
+            |b| {
+                b.text("w", "mem.tlb-chase")
+                    .text("m", "latency")
+                    .text("p", &format!("ws:{k}k,page:4k"))
+                    .num("n", 0)
+                    .num("ops", 100)
+                    .num("cycles", 10_000)
+            },
+            LineKind::Sample,
+        );
+    }
+    let guest = guest
+        .result("mem.tlb-chase", "success")
+        .end("success")
+        .bytes();
+    let run = run_hostile(
+        &Script::once(guest),
+        &["-w", "mem.tlb-chase"],
+        Duration::from_secs(120),
+    );
+    assert!(run.status.is_some(), "still running after 120 s");
+    // The host's default parameters define 6 working sets x 2 page sizes.
+    let chase = run.of("mem.tlb-chase");
+    assert!(chase.len() <= 12, "{} records", chase.len());
+}
+
+/// Defect 7: a guest median of 0 made the native ratio infinite, written as `null`, and
+/// `hvbench report` then refused the whole directory.
+#[test]
+#[ignore = "defect 7: fixed on another branch"]
+fn a_zero_guest_median_still_leaves_a_readable_directory() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let mut guest = Lines::new().hello().start("mem.tlb-chase");
+    for n in 0..5 {
+        guest = guest.line(
+            |b| {
+                b.text("w", "mem.tlb-chase")
+                    .text("m", "latency")
+                    .text("p", "ws:16k,page:4k")
+                    .num("n", n)
+                    .num("ops", 100)
+                    .num("cycles", 0)
+            },
+            LineKind::Sample,
+        );
+    }
+    let guest = guest
+        .result("mem.tlb-chase", "success")
+        .end("success")
+        .bytes();
+    let run = run_hostile(
+        &Script::once(guest),
+        &[
+            "-w",
+            "mem.tlb-chase",
+            "--param",
+            "mem.tlb-chase.ws=16k",
+            "--param",
+            "mem.tlb-chase.page=4k",
+            "--samples",
+            "5",
+        ],
+        BOUND,
+    );
+    assert!(run.status.is_some(), "{}", run.stderr_text());
+    assert!(!run.records.is_empty(), "{}", run.stderr_text());
+    let html = run.out.with_file_name("report");
+    let report = common::hvbench()
+        .arg("report")
+        .arg(&run.out)
+        .arg("--out")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
 }
