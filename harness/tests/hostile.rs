@@ -300,7 +300,7 @@ fn a_guest_cannot_invent_series() {
             |b| {
                 b.text("w", "mem.tlb-chase")
                     .text("m", "latency")
-                    .text("p", &format!("ws:{k}k,page:4k"))
+                    .text("p", &format!("ws:{}k,page:4k", 4 * k))
                     .num("n", 0)
                     .num("ops", 100)
                     .num("cycles", 10_000)
@@ -318,6 +318,7 @@ fn a_guest_cannot_invent_series() {
         Duration::from_secs(120),
     );
     assert!(run.status.is_some(), "still running after 120 s");
+    assert!(run.code().is_some(), "{:?}", run.status);
     // The host's default parameters define 6 working sets x 2 page sizes.
     let chase = run.of("mem.tlb-chase");
     assert!(chase.len() <= 12, "{} records", chase.len());

@@ -302,12 +302,19 @@ struct Driver<'a> {
     /// The hello line or the last settled workload: between workloads the workload limit
     /// counts from here.
     last_progress: Option<Instant>,
+    /// Lines the host could not use while the current workload ran.
+    current_problems: u64,
 }
 
 impl Driver<'_> {
+    /// A line the host cannot use: the running workload's error (its record keeps the first
+    /// reason and counts the rest), else a problem of the boot.
     fn problem(&mut self, text: String) {
         match &mut self.current {
-            Some((o, _, _)) => o.ratchet(Status::Error, escape_text(&text)),
+            Some((o, _, _)) => {
+                self.current_problems += 1;
+                o.ratchet(Status::Error, escape_text(&text));
+            }
             None => self.report.problem(&text),
         }
     }
@@ -330,6 +337,12 @@ impl Driver<'_> {
                 outcome.status = outcome.status.ratchet(status);
             }
             outcome.exits = difference(&self.last_exits, &start_exits);
+            let problems = std::mem::take(&mut self.current_problems);
+            if problems > 1 {
+                outcome.note_console(&format!(
+                    "{problems} lines the host could not use while it ran; the reason is the first"
+                ));
+            }
             self.settled(outcome);
         }
     }
@@ -586,6 +599,7 @@ pub fn drive(
         noise_bytes: 0,
         last_exits: ExitCounts::new(),
         last_progress: None,
+        current_problems: 0,
     };
     let mut lines = LineAssembler::new();
     let booted_at = Instant::now();
@@ -850,6 +864,11 @@ mod tests {
         assert_eq!(o.status, Status::Error);
         let reason = o.reason.as_deref().unwrap();
         assert!(reason.contains("damaged result line"), "{reason}");
+        // The first is the reason; the record counts them all.
+        assert_eq!(
+            o.notes.get(HOST_CONSOLE_NOTE).map(String::as_str),
+            Some("3 lines the host could not use while it ran; the reason is the first")
+        );
         // The good sample still counts; the noise is kept for the log.
         assert_eq!(o.series[&("latency", String::new())].measured.len(), 1);
         assert_eq!(r.noise.len(), 1);
