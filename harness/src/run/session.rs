@@ -299,8 +299,8 @@ struct Driver<'a> {
     current: Option<(WorkloadOutcome, ExitCounts, Instant)>,
     noise_bytes: usize,
     last_exits: ExitCounts,
-    /// The hello line or the last settled workload: between workloads the workload limit
-    /// counts from here.
+    /// The guest's first line, its hello, or the last settled workload: between workloads
+    /// the workload limit counts from here.
     last_progress: Option<Instant>,
     /// Lines the host could not use while the current workload ran.
     current_problems: u64,
@@ -361,6 +361,8 @@ impl Driver<'_> {
     }
 
     fn line(&mut self, line: ConsoleLine) {
+        // The guest is up: from now on the workload limit applies.
+        self.last_progress.get_or_insert_with(Instant::now);
         match interpret(line) {
             LineMeaning::Event(event) => self.event(event),
             LineMeaning::Noise(bytes) => self.noise(&bytes),
@@ -495,9 +497,9 @@ impl Driver<'_> {
         match (&self.current, self.last_progress) {
             (Some((_, _, started)), _) => (Waiting::Result, *started + self.limits.workload),
             // Between workloads the guest goes on at once: the limit counts from its last
-            // step forward (hello, or the last settled workload), not from the last poll.
+            // step forward (first line, hello, last settled workload), not from the last poll.
             (None, Some(at)) => (Waiting::NextWorkload, at + self.limits.workload),
-            (None, None) => (Waiting::Hello, booted_at + self.limits.boot),
+            (None, None) => (Waiting::FirstLine, booted_at + self.limits.boot),
         }
     }
 
@@ -526,7 +528,7 @@ impl Driver<'_> {
                     None => self.report.problem(&text),
                 }
             }
-            Waiting::Hello => self
+            Waiting::FirstLine => self
                 .report
                 .problem(&text("first line from the guest", self.limits.boot)),
         }
@@ -535,12 +537,11 @@ impl Driver<'_> {
     /// The guest is gone: settle the running workload from how it ended.
     fn ended(&mut self, end: &GuestEnd, timed_out: Option<Waiting>) {
         let crashed_code = ExitCode::Crash as u32;
+        if let (GuestEnd::Stopped, Some(waiting)) = (end, timed_out) {
+            self.timed_out(waiting);
+            return;
+        }
         match end {
-            GuestEnd::Stopped if timed_out.is_some() => {
-                if let Some(waiting) = timed_out {
-                    self.timed_out(waiting);
-                }
-            }
             GuestEnd::Stopped => self.finish_current(
                 Status::Error,
                 Some("interrupted (Ctrl-C); samples so far kept".into()),
@@ -574,7 +575,7 @@ impl Driver<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Waiting {
     /// Its first line (the boot limit).
-    Hello,
+    FirstLine,
     /// The running workload's result (the workload limit, from its start).
     Result,
     /// The next workload (the workload limit, from the last step forward).
