@@ -2,7 +2,14 @@
 //! guest is untrusted, and a guest that never prints a newline must not make the host
 //! buffer without limit.
 
-use workloads::protocol::MAX_LINE;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use workloads::protocol::{decode_event, Event, Hello, Sample, MAX_LINE};
+
+use crate::backend::GuestMessage;
 
 /// Longest line kept. Protocol lines are at most `MAX_LINE`; noise lines get the same room.
 pub const LINE_LIMIT: usize = MAX_LINE;
@@ -69,6 +76,125 @@ pub fn printable(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Whether a terminal could act on `c` rather than show it: C0 and C1 controls (ESC, CSI
+/// 0x9b, BEL, CR, ...), DEL, and the bidirectional overrides that reorder what follows.
+fn acts_on_terminal(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text that came from the guest, safe to print: every character a terminal could act on
+/// is escaped (`\u{1b}`, `\r`), the rest kept.
+pub fn escape_text(text: &str) -> String {
+    if !text.chars().any(acts_on_terminal) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if acts_on_terminal(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every text field of a guest's event, escaped (`escape_text`).
+fn escape_event(event: Event) -> Event {
+    let e = |s: String| escape_text(&s);
+    match event {
+        Event::Hello(h) => Event::Hello(Hello {
+            signature: e(h.signature),
+            cpu_vendor: e(h.cpu_vendor),
+            tsc_source: e(h.tsc_source),
+            ..h
+        }),
+        Event::Sample(s) => Event::Sample(Sample {
+            params: e(s.params),
+            ..s
+        }),
+        Event::Skip { workload, reason } => Event::Skip {
+            workload,
+            reason: e(reason),
+        },
+        Event::Result {
+            workload,
+            status,
+            reason,
+        } => Event::Result {
+            workload,
+            status,
+            reason: reason.map(e),
+        },
+        Event::Note {
+            workload,
+            key,
+            value,
+        } => Event::Note {
+            workload,
+            key: e(key),
+            value: e(value),
+        },
+        other @ (Event::Start(_) | Event::Crash(_) | Event::End(_)) => other,
+    }
+}
+
+/// The one way a guest's console line enters the host: decoded strictly, and every text it
+/// carries escaped, so no later print of a note, reason or name can reach a terminal raw.
+/// `Err` holds the reason the line was refused, escaped too.
+pub fn decode(line: &[u8]) -> Result<Option<Event>, String> {
+    decode_event(line)
+        .map(|event| event.map(escape_event))
+        .map_err(|e| escape_text(&e.to_string()))
+}
+
+/// Messages a backend may have in flight to its session. A console message is at most a
+/// read or an exit's worth of bytes (a page or so), so a guest that floods the console
+/// holds at most a few MiB of the host's memory; past that its VMM or reader waits.
+pub const CHANNEL_CAPACITY: usize = 256;
+/// How long a backend waits before it looks again at a full channel.
+const FULL_WAIT: Duration = Duration::from_millis(1);
+
+/// A backend's end of the bounded console channel to its session.
+#[derive(Clone)]
+pub struct GuestSender {
+    tx: SyncSender<GuestMessage>,
+    /// Set when the host stops the session: it then reads no more than what is queued.
+    stop: Arc<AtomicBool>,
+}
+
+/// The bounded channel from a backend to its session; `stop` is the flag the session's
+/// `stop` sets before it waits for the backend's threads.
+pub fn guest_channel(stop: Arc<AtomicBool>) -> (GuestSender, Receiver<GuestMessage>) {
+    let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+    (GuestSender { tx, stop }, rx)
+}
+
+impl GuestSender {
+    /// Sends `message`, waiting while the channel is full: a guest that prints faster than
+    /// the host reads is slowed, never buffered without limit. Once the host has stopped
+    /// the session, a full channel is not waited on (nobody would empty it, and `stop`
+    /// waits for this thread): the message is dropped, and the session, which has stopped
+    /// the guest itself, takes the closed channel as the guest's `Stopped` end. Returns
+    /// whether the message was sent.
+    pub fn send(&self, message: GuestMessage) -> bool {
+        let mut message = message;
+        loop {
+            match self.tx.try_send(message) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return false;
+                    }
+                    message = back;
+                    std::thread::sleep(FULL_WAIT);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +236,79 @@ mod tests {
             a.push(&[b'y'; 4096]);
         }
         assert!(a.pending.len() <= LINE_LIMIT);
+    }
+
+    #[test]
+    fn a_full_channel_makes_the_backend_wait_until_read_or_stopped() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = guest_channel(stop.clone());
+        let console = || GuestMessage::Console {
+            bytes: vec![b'\n'; 8],
+            exits: None,
+        };
+        let writer = std::thread::spawn(move || {
+            let sent = (0..CHANNEL_CAPACITY * 4)
+                .filter(|_| tx.send(console()))
+                .count();
+            (
+                sent,
+                tx.send(GuestMessage::Ended(crate::backend::GuestEnd::Stopped)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // Bounded: the writer waits with the channel full.
+        assert_eq!(
+            rx.try_iter().take(CHANNEL_CAPACITY * 4).count(),
+            CHANNEL_CAPACITY
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !writer.is_finished(),
+            "the writer waits instead of dropping"
+        );
+        // Read on, everything arrives, the end last.
+        let mut got = CHANNEL_CAPACITY;
+        while got < CHANNEL_CAPACITY * 4 {
+            if let Ok(GuestMessage::Console { .. }) = rx.recv_timeout(Duration::from_secs(5)) {
+                got += 1;
+            }
+        }
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(GuestMessage::Ended(_))
+        ));
+        assert_eq!(writer.join().unwrap(), (CHANNEL_CAPACITY * 4, true));
+
+        // Stopped with a full channel: the writer gives up instead of blocking `stop`.
+        let (tx, rx) = guest_channel(stop.clone());
+        let writer =
+            std::thread::spawn(move || (0..CHANNEL_CAPACITY * 2).all(|_| tx.send(console())));
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Release);
+        assert!(!writer.join().unwrap(), "later messages were dropped");
+        assert_eq!(rx.try_iter().count(), CHANNEL_CAPACITY);
+    }
+
+    #[test]
+    fn guest_text_is_escaped_where_it_enters() {
+        assert_eq!(escape_text("plain: ok é"), "plain: ok é");
+        assert_eq!(
+            escape_text("a\x1b[2Jb\x07c\rd\u{9b}31m\u{202e}"),
+            "a\\u{1b}[2Jb\\u{7}c\\rd\\u{9b}31m\\u{202e}"
+        );
+        let line = workloads::protocol::LineBuilder::new(workloads::protocol::LineKind::Note)
+            .text("w", "cpu.idle")
+            .text("k", "k\x1b")
+            .text("v", "\x1b[2J\x07\r\u{9b}")
+            .finish()
+            .to_vec();
+        match decode(&line[..line.len() - 1]) {
+            Ok(Some(Event::Note { key, value, .. })) => {
+                assert_eq!(key, "k\\u{1b}");
+                assert!(!value.chars().any(acts_on_terminal), "{value:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

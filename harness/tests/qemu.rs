@@ -73,3 +73,162 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         .unwrap_or_default();
     assert!(leftover.is_empty(), "QEMU processes left: {leftover}");
 }
+
+/// Defect 1, as found: the real guest skips `cpu.hypercall*` under TCG, and the skip was
+/// never written, so `hvbench run` booted QEMU again for it forever.
+#[test]
+fn a_tcg_run_whose_guest_skips_everything_ends() {
+    let Some(binary) = common::qemu_binary() else {
+        return;
+    };
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "qemu", "--qemu-accel", "tcg", "--qemu"])
+        .arg(&binary)
+        .args(["-w", "cpu.hypercall*", "--memory-mib", "64", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "still running after 120 s"
+    );
+    let records = reports::read_results(&out).unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(
+        records.iter().all(|r| r.status == Status::Skip),
+        "{records:?}"
+    );
+}
+
+/// Defect 9: QEMU shared hvbench's process group, so Ctrl-C reached it too; it exited 0,
+/// which read as a triple fault, and the interrupted workload was recorded as a crash.
+#[test]
+fn ctrl_c_on_qemu_is_an_interruption_not_a_crash() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let Some(binary) = common::qemu_binary() else {
+        return;
+    };
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    // cpu.idle finishes at once; selftest.hang then runs until it is stopped.
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "qemu", "--qemu"])
+        .arg(&binary)
+        .args(["-w", "cpu.idle", "-w", "selftest.hang", "--samples", "5"])
+        .args(["--sample-us", "1000", "--memory-mib", "64", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        // As in a terminal: hvbench and whatever shares its group get the Ctrl-C.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut text = String::new();
+    loop {
+        let line = seen
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no result of cpu.idle: {text}"));
+        text.push_str(&line);
+        text.push('\n');
+        if line.contains("cpu.idle latency") {
+            break;
+        }
+    }
+    // Let selftest.hang start; its QEMU must be in a group of its own.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let qemu = children(child.id());
+    assert!(!qemu.is_empty(), "no QEMU under hvbench");
+    for pid in qemu {
+        assert_ne!(
+            process_group(pid),
+            Some(child.id()),
+            "QEMU {pid} shares hvbench's group"
+        );
+    }
+    // Ctrl-C.
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "hvbench did not stop after Ctrl-C"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    while let Ok(line) = seen.recv_timeout(std::time::Duration::from_secs(1)) {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    assert_eq!(status.code(), Some(130), "{text}");
+    let records = reports::read_results(&out).unwrap();
+    assert!(
+        records.iter().all(|r| r.status != Status::Crash),
+        "{:?}\n{text}",
+        records
+            .iter()
+            .map(|r| (&r.workload, r.status, &r.reason))
+            .collect::<Vec<_>>()
+    );
+    if let Some(hang) = records.iter().find(|r| r.workload == "selftest.hang") {
+        assert!(
+            hang.reason.as_deref().unwrap_or("").contains("interrupted"),
+            "{:?}",
+            hang.reason
+        );
+    }
+}
+
+/// The children of `pid` (of all its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The process group of `pid`, from /proc/PID/stat.
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state, ppid, pgrp.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}

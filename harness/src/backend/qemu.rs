@@ -8,7 +8,8 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -264,7 +265,11 @@ impl Hypervisor for QemuBackend {
             .args(self.arguments(request, &kernel))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // A process group of its own: Ctrl-C reaches hvbench alone, which stops QEMU
+            // and records the interruption (QEMU exits 0 on SIGINT, which would read as a
+            // triple fault).
+            .process_group(0);
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill QEMU when
         // hvbench dies, so no QEMU outlives the run.
         unsafe {
@@ -279,7 +284,9 @@ impl Hypervisor for QemuBackend {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let child = Arc::new(Mutex::new(child));
-        let (tx, rx) = channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        // Bounded: a guest that floods the console makes QEMU wait on its stdout.
+        let (tx, rx) = crate::console::guest_channel(stopping.clone());
 
         let stderr_text = Arc::new(Mutex::new(String::new()));
         let stderr_reader = {
@@ -298,6 +305,7 @@ impl Hypervisor for QemuBackend {
         };
         let reader = {
             let child = child.clone();
+            let stopping = stopping.clone();
             std::thread::spawn(move || {
                 if let Some(mut out) = stdout {
                     let mut buf = [0u8; 4096];
@@ -352,6 +360,12 @@ impl Hypervisor for QemuBackend {
                         detail: "lost track of the QEMU process".into(),
                     },
                 };
+                // Whatever QEMU's status says, a QEMU the host stopped was stopped.
+                let end = if stopping.load(Ordering::Acquire) {
+                    GuestEnd::Stopped
+                } else {
+                    end
+                };
                 let _ = tx.send(GuestMessage::Ended(end));
             })
         };
@@ -359,6 +373,7 @@ impl Hypervisor for QemuBackend {
             messages: rx,
             child,
             reader: Some(reader),
+            stopping,
         }))
     }
 }
@@ -367,6 +382,9 @@ pub struct QemuSession {
     messages: Receiver<GuestMessage>,
     child: Arc<Mutex<Child>>,
     reader: Option<JoinHandle<()>>,
+    /// Set before the host kills QEMU: the reader then neither waits on a full channel
+    /// nor reads QEMU's status as the guest's.
+    stopping: Arc<AtomicBool>,
 }
 
 impl GuestSession for QemuSession {
@@ -375,6 +393,8 @@ impl GuestSession for QemuSession {
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
+        // First, so that a reader waiting on a full channel gives up before it is joined.
+        self.stopping.store(true, Ordering::Release);
         if let Ok(mut child) = self.child.lock() {
             if let Ok(None) = child.try_wait() {
                 let _ = child.kill();

@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use workloads::protocol::{decode_event, Event};
+use workloads::protocol::Event;
 
 use super::KsmError;
 use crate::console::{printable, ConsoleLine, LineAssembler};
@@ -71,7 +71,8 @@ fn read_console(index: usize, stdout: impl Read, tx: Sender<(usize, ConsoleEvent
     let mut buf = [0u8; 4096];
     let send = |line: ConsoleLine| {
         let event = match line {
-            ConsoleLine::Line(bytes) => match decode_event(&bytes) {
+            // Decoded with every guest text escaped, as for any other guest.
+            ConsoleLine::Line(bytes) => match crate::console::decode(&bytes) {
                 Ok(Some(event)) => ConsoleEvent::Event(event),
                 Ok(None) => return true,
                 Err(e) => ConsoleEvent::Damaged(format!(

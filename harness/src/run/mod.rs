@@ -312,6 +312,7 @@ pub fn run(
                     write(&outcome, &guest, &mut summary)?;
                 }
             }
+            let before = pending.len();
             pending.retain(|w| {
                 !summary
                     .records
@@ -322,6 +323,14 @@ pub fn run(
             if report.interrupted {
                 summary.interrupted = true;
                 return Ok(summary);
+            }
+            // Every boot makes progress or ends the plan: one that settled nothing would be
+            // booted again for the same workloads, forever.
+            if pending.len() == before {
+                for outcome in no_progress(&pending, boots) {
+                    write(&outcome, &guest, &mut summary)?;
+                }
+                pending.clear();
             }
         }
         for &w in &host_driven {
@@ -353,6 +362,23 @@ pub fn run(
         }
     }
     Ok(summary)
+}
+
+/// The outcomes of `pending` after boot number `boot` settled none of them.
+fn no_progress(pending: &[WorkloadId], boot: u32) -> Vec<WorkloadOutcome> {
+    pending
+        .iter()
+        .map(|&w| {
+            WorkloadOutcome::failed(
+                w,
+                Status::Error,
+                format!(
+                    "boot {boot} settled none of the workloads it was asked for; the run gives \
+                     up on them rather than boot the guest again"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// What the guest said about itself, for its records.
@@ -399,9 +425,10 @@ fn settle(report: &BootReport, plan: &[WorkloadId]) -> Vec<WorkloadOutcome> {
     // stream, a guest that stopped early. Everything left gets the reason.
     let why = match &report.end {
         GuestEnd::Exited { code } => format!("the guest exited (code {code}) before running it"),
-        GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => {
-            format!("the guest died before running it: {detail}")
-        }
+        GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => format!(
+            "the guest died before running it: {}",
+            crate::console::escape_text(detail)
+        ),
         GuestEnd::Stopped => "the guest never started it before the time limit".to_string(),
     };
     let others: Vec<&String> = report
@@ -497,7 +524,7 @@ pub fn shell_word(word: &str) -> std::borrow::Cow<'_, str> {
 }
 
 #[cfg(test)]
-mod tests {
+mod reproduce_tests {
     use super::*;
     use crate::backend::{BackendKind, GuestSession};
     use reports::record::{BackendInfo, HostInfo};
@@ -605,5 +632,139 @@ mod tests {
         assert_eq!(shell_word("it's"), r"'it'\''s'");
         assert_eq!(shell_word("$x"), "'$x'");
         assert_eq!(shell_word("~"), "'~'");
+    }
+}
+
+#[cfg(test)]
+mod run_loop_tests {
+    use super::*;
+    use crate::backend::{GuestMessage, GuestSession};
+    use std::cell::Cell;
+    use std::sync::mpsc::{channel, Receiver};
+    use workloads::protocol::{LineBuilder, LineKind};
+
+    /// A guest that prints `console`, then exits.
+    struct Printed(Receiver<GuestMessage>);
+
+    impl GuestSession for Printed {
+        fn messages(&self) -> &Receiver<GuestMessage> {
+            &self.0
+        }
+        fn stop(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    /// A backend whose every boot prints the same lines; it refuses a boot past `max_boots`,
+    /// so a run that would boot forever ends with an error instead of hanging the test.
+    struct Scripted {
+        console: Vec<u8>,
+        boots: Cell<u32>,
+        max_boots: u32,
+    }
+
+    impl Hypervisor for Scripted {
+        fn kind(&self) -> crate::backend::BackendKind {
+            crate::backend::BackendKind::Kvm
+        }
+        fn info(&self) -> reports::record::BackendInfo {
+            Default::default()
+        }
+        fn host(&self) -> reports::record::HostInfo {
+            Default::default()
+        }
+        fn supports(&self, _: workloads::BackendFeature) -> Result<(), String> {
+            Ok(())
+        }
+        fn guest_runs_locally(&self) -> bool {
+            false
+        }
+        fn boot(&self, _: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
+            self.boots.set(self.boots.get() + 1);
+            if self.boots.get() > self.max_boots {
+                return Err(crate::backend::kvm::VmmError::Load("booted again".into()).into());
+            }
+            let (tx, rx) = channel();
+            let _ = tx.send(GuestMessage::Console {
+                bytes: self.console.clone(),
+                exits: None,
+            });
+            let _ = tx.send(GuestMessage::Ended(GuestEnd::Exited { code: 1 }));
+            Ok(Box::new(Printed(rx)))
+        }
+    }
+
+    fn line(b: &mut LineBuilder) -> Vec<u8> {
+        b.finish().to_vec()
+    }
+
+    #[test]
+    fn a_guest_that_skips_everything_is_booted_once() {
+        let mut console = line(
+            LineBuilder::new(LineKind::Hello)
+                .num("proto", 1)
+                .text("hv", "kvm")
+                .text("sig", "KVMKVMKVM")
+                .text("vendor", "test")
+                .text("tsc_src", "none"),
+        );
+        for w in ["cpu.idle", "cpu.rdtsc"] {
+            console.extend(line(
+                LineBuilder::new(LineKind::Skip)
+                    .text("w", w)
+                    .text("reason", "not here"),
+            ));
+        }
+        let backend = Scripted {
+            console,
+            boots: Cell::new(0),
+            max_boots: 3,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let options = RunOptions {
+            workloads: vec![WorkloadId::CpuIdle, WorkloadId::CpuRdtsc],
+            samples: 5,
+            warmup: 1,
+            sample_us: 1000,
+            repeat: 1,
+            workload_timeout: Duration::from_secs(5),
+            boot_timeout: Duration::from_secs(5),
+            memory_mib: 64,
+            vcpus: 1,
+            guest_path: None,
+            out: dir.path().to_path_buf(),
+            params: Vec::new(),
+        };
+        let image = GuestImage::embedded().unwrap();
+        let mut writer = ResultsWriter::create(dir.path(), false).unwrap();
+        let summary = run(
+            &backend,
+            &image,
+            &options,
+            &mut writer,
+            &AtomicBool::new(false),
+        )
+        .unwrap_or_else(|e| panic!("after {} boots: {e}", backend.boots.get()));
+        assert_eq!(backend.boots.get(), 1);
+        let statuses: Vec<_> = summary
+            .records
+            .iter()
+            .map(|r| (r.workload.as_str(), r.status))
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![("cpu.idle", Status::Skip), ("cpu.rdtsc", Status::Skip)]
+        );
+    }
+
+    #[test]
+    fn a_boot_that_settles_nothing_ends_the_plan() {
+        let outcomes = no_progress(&[WorkloadId::CpuIdle, WorkloadId::CpuRdtsc], 7);
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes.iter().all(|o| o.status == Status::Error
+            && o.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("boot 7 settled none")));
     }
 }

@@ -8,17 +8,20 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use workloads::abi::ExitCode;
-use workloads::protocol::{decode_event, CrashReport, Event, Hello, Sample, Status};
+use workloads::protocol::{CrashReport, Event, Hello, Sample, Status};
 use workloads::WorkloadId;
 
 use crate::backend::{ExitCounts, GuestEnd, GuestMessage, GuestSession};
-use crate::console::{printable, ConsoleLine, LineAssembler};
+use crate::console::{escape_text, printable, ConsoleLine, LineAssembler};
 
 /// Most samples kept per series: far above any sane `--samples`, so a guest that floods
 /// the console cannot exhaust the host's memory.
 const MAX_SAMPLES_PER_SERIES: usize = 100_000;
-/// Console noise kept for the run log.
+/// Console noise kept for the run log (each line counts at least one byte, so a flood of
+/// empty lines is bounded too).
 const MAX_NOISE_BYTES: usize = 64 * 1024;
+/// Problems of one boot kept for the user; the rest are counted.
+pub(crate) const MAX_PROBLEMS: usize = 64;
 /// How often a wait is cut short to look at the interrupt flag.
 const POLL: Duration = Duration::from_millis(100);
 /// The record note where the host says what happened to the console stream.
@@ -162,7 +165,7 @@ pub(crate) fn interpret(line: ConsoleLine) -> LineMeaning {
             };
         }
     };
-    match decode_event(&bytes) {
+    match crate::console::decode(&bytes) {
         Ok(None) => LineMeaning::Noise(bytes),
         Ok(Some(event)) => LineMeaning::Event(event),
         Err(e) => LineMeaning::Problem(format!(
@@ -184,11 +187,58 @@ pub struct BootReport {
     pub end: GuestEnd,
     /// The guest's own final status line, if it printed one.
     pub guest_status: Option<Status>,
-    /// Problems not tied to a workload (damaged lines before the first workload, ...).
+    /// Problems not tied to a workload (damaged lines before the first workload, ...), at
+    /// most `MAX_PROBLEMS`; the last says how many more were dropped, if any.
     pub problems: Vec<String>,
-    /// Console lines that were not protocol lines.
+    /// Console lines that were not protocol lines, up to `MAX_NOISE_BYTES`.
     pub noise: Vec<String>,
+    /// Noise lines and problems seen but not kept.
+    pub dropped_noise: u64,
+    pub dropped_problems: u64,
     pub interrupted: bool,
+}
+
+impl BootReport {
+    fn new() -> Self {
+        BootReport {
+            hello: None,
+            hello_at: None,
+            outcomes: Vec::new(),
+            end: GuestEnd::Stopped,
+            guest_status: None,
+            problems: Vec::new(),
+            noise: Vec::new(),
+            dropped_noise: 0,
+            dropped_problems: 0,
+            interrupted: false,
+        }
+    }
+
+    /// Keeps a problem of the boot (escaped: it may quote the guest), up to `MAX_PROBLEMS`.
+    fn problem(&mut self, text: &str) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(escape_text(text));
+        } else {
+            self.dropped_problems += 1;
+        }
+    }
+
+    /// Says what was dropped, once the boot is over.
+    fn count_dropped(&mut self) {
+        if self.dropped_problems > 0 {
+            self.problems.push(format!(
+                "{} more problems of this boot were counted but not kept",
+                self.dropped_problems
+            ));
+        }
+        if self.dropped_noise > 0 {
+            self.problems.push(format!(
+                "the guest printed {} more console lines than the host keeps ({} bytes); \
+                 they were counted but not kept",
+                self.dropped_noise, MAX_NOISE_BYTES
+            ));
+        }
+    }
 }
 
 /// The exits counted between two snapshots (`before` taken at a workload's start).
@@ -249,14 +299,23 @@ struct Driver<'a> {
     current: Option<(WorkloadOutcome, ExitCounts, Instant)>,
     noise_bytes: usize,
     last_exits: ExitCounts,
-    first_line_seen: bool,
+    /// The guest's first line, its hello, or the last settled workload: between workloads
+    /// the workload limit counts from here.
+    last_progress: Option<Instant>,
+    /// Lines the host could not use while the current workload ran.
+    current_problems: u64,
 }
 
 impl Driver<'_> {
+    /// A line the host cannot use: the running workload's error (its record keeps the first
+    /// reason and counts the rest), else a problem of the boot.
     fn problem(&mut self, text: String) {
         match &mut self.current {
-            Some((o, _, _)) => o.ratchet(Status::Error, text),
-            None => self.report.problems.push(text),
+            Some((o, _, _)) => {
+                self.current_problems += 1;
+                o.ratchet(Status::Error, escape_text(&text));
+            }
+            None => self.report.problem(&text),
         }
     }
 
@@ -265,8 +324,8 @@ impl Driver<'_> {
     /// problem of the boot.
     fn notice(&mut self, text: String) {
         match &mut self.current {
-            Some((o, _, _)) => o.note_console(&text),
-            None => self.report.problems.push(text),
+            Some((o, _, _)) => o.note_console(&escape_text(&text)),
+            None => self.report.problem(&text),
         }
     }
 
@@ -278,11 +337,18 @@ impl Driver<'_> {
                 outcome.status = outcome.status.ratchet(status);
             }
             outcome.exits = difference(&self.last_exits, &start_exits);
+            let problems = std::mem::take(&mut self.current_problems);
+            if problems > 1 {
+                outcome.note_console(&format!(
+                    "{problems} lines the host could not use while it ran; the reason is the first"
+                ));
+            }
             self.settled(outcome);
         }
     }
 
     fn settled(&mut self, outcome: WorkloadOutcome) {
+        self.last_progress = Some(Instant::now());
         let hello = self.report.hello.as_ref().zip(self.report.hello_at);
         (self.sink)(&outcome, hello);
         self.report.outcomes.push(outcome);
@@ -295,7 +361,8 @@ impl Driver<'_> {
     }
 
     fn line(&mut self, line: ConsoleLine) {
-        self.first_line_seen = true;
+        // The guest is up: from now on the workload limit applies.
+        self.last_progress.get_or_insert_with(Instant::now);
         match interpret(line) {
             LineMeaning::Event(event) => self.event(event),
             LineMeaning::Noise(bytes) => self.noise(&bytes),
@@ -305,8 +372,10 @@ impl Driver<'_> {
 
     fn noise(&mut self, bytes: &[u8]) {
         if self.noise_bytes < MAX_NOISE_BYTES {
-            self.noise_bytes += bytes.len();
+            self.noise_bytes += bytes.len().max(1);
             self.report.noise.push(printable(bytes));
+        } else {
+            self.report.dropped_noise += 1;
         }
     }
 
@@ -318,6 +387,7 @@ impl Driver<'_> {
                 } else {
                     self.report.hello = Some(hello);
                     self.report.hello_at = Some(Instant::now());
+                    self.last_progress = self.report.hello_at;
                 }
             }
             Event::Start(w) => {
@@ -331,8 +401,7 @@ impl Driver<'_> {
                         )),
                     );
                     self.report
-                        .problems
-                        .push(format!("{previous} had no result line"));
+                        .problem(&format!("{previous} had no result line"));
                 }
                 if self.planned(w) {
                     self.current = Some((
@@ -355,9 +424,9 @@ impl Driver<'_> {
                         workload.name()
                     ));
                 } else if self.planned(workload) {
-                    self.report
-                        .outcomes
-                        .push(WorkloadOutcome::skipped(workload, reason));
+                    // Settled like any other outcome, so its record is written and the run
+                    // does not boot the guest again for it.
+                    self.settled(WorkloadOutcome::skipped(workload, reason));
                 } else {
                     self.problem(format!(
                         "guest skipped {}, which was not asked for",
@@ -389,17 +458,14 @@ impl Driver<'_> {
                 Some((o, _, _)) if workload.is_none() || workload == Some(o.workload) => {
                     o.note(key, value)
                 }
-                _ => self
-                    .report
-                    .problems
-                    .push(format!("guest note {key}={value}")),
+                _ => self.report.problem(&format!("guest note {key}={value}")),
             },
             Event::Crash(c) => {
                 let text = describe_crash(&c);
                 if self.current.is_some() {
                     self.finish_current(Status::Crash, Some(text));
                 } else {
-                    self.report.problems.push(text);
+                    self.report.problem(&text);
                 }
             }
             Event::End(status) => self.report.guest_status = Some(status),
@@ -426,35 +492,65 @@ impl Driver<'_> {
         o.add_sample(s);
     }
 
-    /// The guest is gone: settle the running workload from how it ended.
-    fn ended(&mut self, end: &GuestEnd, timed_out: bool) {
-        let crashed_code = ExitCode::Crash as u32;
-        match end {
-            GuestEnd::Stopped if timed_out => {
-                let limit = if self.current.is_some() {
-                    self.limits.workload
-                } else {
-                    self.limits.boot
-                };
-                let text = format!(
-                    "no result within {:.1} s; the host stopped the guest",
-                    limit.as_secs_f64()
+    /// What the host waits for now, and until when.
+    fn deadline(&self, booted_at: Instant) -> (Waiting, Instant) {
+        match (&self.current, self.last_progress) {
+            (Some((_, _, started)), _) => (Waiting::Result, *started + self.limits.workload),
+            // Between workloads the guest goes on at once: the limit counts from its last
+            // step forward (first line, hello, last settled workload), not from the last poll.
+            (None, Some(at)) => (Waiting::NextWorkload, at + self.limits.workload),
+            (None, None) => (Waiting::FirstLine, booted_at + self.limits.boot),
+        }
+    }
+
+    /// The host stopped the guest for taking too long while it waited for `waiting`.
+    fn timed_out(&mut self, waiting: Waiting) {
+        let text = |what: &str, limit: Duration| {
+            format!(
+                "no {what} within {:.1} s; the host stopped the guest",
+                limit.as_secs_f64()
+            )
+        };
+        match waiting {
+            Waiting::Result => {
+                let text = text("result", self.limits.workload);
+                self.finish_current(Status::Timeout, Some(text));
+            }
+            // The guest hangs between workloads: the next it was asked for is charged, so
+            // the boot makes progress and the rest get a fresh guest.
+            Waiting::NextWorkload => {
+                let text = text(
+                    "next workload after the guest's last step",
+                    self.limits.workload,
                 );
-                if self.current.is_some() {
-                    self.finish_current(Status::Timeout, Some(text));
-                } else {
-                    self.report.problems.push(text);
+                match self.plan.iter().copied().find(|&w| self.planned(w)) {
+                    Some(w) => self.settled(WorkloadOutcome::failed(w, Status::Timeout, text)),
+                    None => self.report.problem(&text),
                 }
             }
+            Waiting::FirstLine => self
+                .report
+                .problem(&text("first line from the guest", self.limits.boot)),
+        }
+    }
+
+    /// The guest is gone: settle the running workload from how it ended.
+    fn ended(&mut self, end: &GuestEnd, timed_out: Option<Waiting>) {
+        let crashed_code = ExitCode::Crash as u32;
+        if let (GuestEnd::Stopped, Some(waiting)) = (end, timed_out) {
+            self.timed_out(waiting);
+            return;
+        }
+        match end {
             GuestEnd::Stopped => self.finish_current(
                 Status::Error,
                 Some("interrupted (Ctrl-C); samples so far kept".into()),
             ),
             GuestEnd::TripleFault { detail } | GuestEnd::Failed { detail } => {
                 if self.current.is_some() {
-                    self.finish_current(Status::Crash, Some(detail.clone()));
+                    self.finish_current(Status::Crash, Some(escape_text(detail)));
                 } else {
-                    self.report.problems.push(detail.clone());
+                    self.report.problem(detail);
                 }
             }
             GuestEnd::Exited { code } if self.current.is_some() => {
@@ -475,6 +571,17 @@ impl Driver<'_> {
     }
 }
 
+/// What the host waits for from a running guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// Its first line (the boot limit).
+    FirstLine,
+    /// The running workload's result (the workload limit, from its start).
+    Result,
+    /// The next workload (the workload limit, from the last step forward).
+    NextWorkload,
+}
+
 /// Drives one booted guest to its end. `plan` is what the guest was asked to run; `sink`
 /// sees every outcome as it is settled (they are in the report too).
 pub fn drive(
@@ -488,38 +595,25 @@ pub fn drive(
         plan,
         sink,
         limits,
-        report: BootReport {
-            hello: None,
-            hello_at: None,
-            outcomes: Vec::new(),
-            end: GuestEnd::Stopped,
-            guest_status: None,
-            problems: Vec::new(),
-            noise: Vec::new(),
-            interrupted: false,
-        },
+        report: BootReport::new(),
         current: None,
         noise_bytes: 0,
         last_exits: ExitCounts::new(),
-        first_line_seen: false,
+        last_progress: None,
+        current_problems: 0,
     };
     let mut lines = LineAssembler::new();
     let booted_at = Instant::now();
-    let mut timed_out = false;
+    let mut timed_out = None;
     let end = loop {
-        let deadline = match &d.current {
-            Some((_, _, started)) => *started + limits.workload,
-            // Between workloads the guest prints at once; before its first line it boots.
-            None if d.first_line_seen => Instant::now().max(booted_at) + limits.workload,
-            None => booted_at + limits.boot,
-        };
+        let (waiting, deadline) = d.deadline(booted_at);
         if interrupted.load(Ordering::Relaxed) {
             d.report.interrupted = true;
             break None;
         }
         let now = Instant::now();
         if now >= deadline {
-            timed_out = true;
+            timed_out = Some(waiting);
             break None;
         }
         match session.messages().recv_timeout((deadline - now).min(POLL)) {
@@ -545,7 +639,7 @@ pub fn drive(
         Some(end) => end,
         None => {
             if let Err(e) = session.stop() {
-                d.report.problems.push(format!("stopping the guest: {e}"));
+                d.report.problem(&format!("stopping the guest: {e}"));
             }
             // Whatever the guest printed before it was stopped still counts.
             let mut end = GuestEnd::Stopped;
@@ -574,8 +668,9 @@ pub fn drive(
     }
     d.ended(&end, timed_out);
     if let Err(e) = session.stop() {
-        d.report.problems.push(format!("stopping the guest: {e}"));
+        d.report.problem(&format!("stopping the guest: {e}"));
     }
+    d.report.count_dropped();
     d.report.end = end;
     d.report
 }
@@ -770,6 +865,11 @@ mod tests {
         assert_eq!(o.status, Status::Error);
         let reason = o.reason.as_deref().unwrap();
         assert!(reason.contains("damaged result line"), "{reason}");
+        // The first is the reason; the record counts them all.
+        assert_eq!(
+            o.notes.get(HOST_CONSOLE_NOTE).map(String::as_str),
+            Some("3 lines the host could not use while it ran; the reason is the first")
+        );
         // The good sample still counts; the noise is kept for the log.
         assert_eq!(o.series[&("latency", String::new())].measured.len(), 1);
         assert_eq!(r.noise.len(), 1);
@@ -869,6 +969,169 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("cpu.rdtsc while cpu.idle runs"));
+    }
+
+    /// Drives `s` on another thread; `None` if it has not finished within `bound` (a hang).
+    fn drive_bounded(
+        mut s: Scripted,
+        plan: Vec<WorkloadId>,
+        limits: Limits,
+        bound: Duration,
+    ) -> Option<(BootReport, Vec<WorkloadId>)> {
+        let (done, result) = channel();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let flag = AtomicBool::new(false);
+            let r = drive(&mut s, &plan, limits, &flag, &mut |o, _| {
+                seen.push(o.workload)
+            });
+            let _ = done.send((r, seen));
+        });
+        result.recv_timeout(bound).ok()
+    }
+
+    fn skip(w: &str, reason: &str) -> Vec<u8> {
+        line(
+            LineBuilder::new(LineKind::Skip)
+                .text("w", w)
+                .text("reason", reason),
+        )
+    }
+
+    #[test]
+    fn a_skip_is_settled_where_the_run_sees_it() {
+        let plan = [WorkloadId::CpuIdle, WorkloadId::CpuRdtsc];
+        let mut s = scripted(
+            vec![
+                hello(),
+                skip("cpu.idle", "not here"),
+                start("cpu.rdtsc"),
+                sample("cpu.rdtsc", 0),
+                result("cpu.rdtsc"),
+            ],
+            Some(GuestEnd::Exited { code: 0 }),
+        );
+        let mut seen = Vec::new();
+        let r = drive(
+            &mut s,
+            &plan,
+            LIMITS,
+            &AtomicBool::new(false),
+            &mut |o, _| seen.push((o.workload, o.status)),
+        );
+        assert_eq!(
+            seen,
+            vec![
+                (WorkloadId::CpuIdle, Status::Skip),
+                (WorkloadId::CpuRdtsc, Status::Success)
+            ],
+            "the sink (which writes records) saw the skip"
+        );
+        assert_eq!(r.outcomes[0].reason.as_deref(), Some("not here"));
+    }
+
+    #[test]
+    fn a_guest_that_hangs_between_workloads_times_out() {
+        let plan = vec![WorkloadId::CpuIdle, WorkloadId::CpuRdtsc];
+        let limits = Limits {
+            boot: Duration::from_secs(5),
+            workload: Duration::from_millis(300),
+        };
+        // Hello, one workload, then silence with the guest alive.
+        let s = scripted(
+            vec![
+                hello(),
+                start("cpu.idle"),
+                sample("cpu.idle", 0),
+                result("cpu.idle"),
+            ],
+            None,
+        );
+        let started = Instant::now();
+        let (r, seen) = drive_bounded(s, plan, limits, Duration::from_secs(10))
+            .expect("the workload limit ends a guest that hangs between workloads");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(seen, vec![WorkloadId::CpuIdle, WorkloadId::CpuRdtsc]);
+        assert_eq!(r.outcomes[1].status, Status::Timeout);
+        assert!(
+            r.outcomes[1]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("next workload"),
+            "{:?}",
+            r.outcomes[1].reason
+        );
+
+        // Hello and nothing more: the limit counts from the hello.
+        let s = scripted(vec![hello()], None);
+        let (r, _) = drive_bounded(
+            s,
+            vec![WorkloadId::CpuIdle],
+            limits,
+            Duration::from_secs(10),
+        )
+        .expect("a guest that only says hello is stopped");
+        assert_eq!(r.outcomes[0].status, Status::Timeout);
+    }
+
+    #[test]
+    fn console_floods_are_counted_not_kept() {
+        let plan = vec![WorkloadId::CpuIdle];
+        let stray_note = line(
+            LineBuilder::new(LineKind::Note)
+                .text("w", "cpu.rdtsc")
+                .text("k", "k")
+                .text("v", "v"),
+        );
+        let mut chunks = vec![hello()];
+        // A million empty lines and ten thousand problems, in console-sized pieces.
+        chunks.extend(std::iter::repeat_n(vec![b'\n'; 4096], 250));
+        chunks.extend(std::iter::repeat_n(stray_note.repeat(100), 100));
+        let s = scripted(chunks, Some(GuestEnd::Exited { code: 0 }));
+        let (r, _) = drive_bounded(s, plan, LIMITS, Duration::from_secs(60)).expect("ends");
+        assert!(r.noise.len() <= MAX_NOISE_BYTES, "{}", r.noise.len());
+        assert!(
+            r.dropped_noise >= 1_000_000 - MAX_NOISE_BYTES as u64,
+            "{}",
+            r.dropped_noise
+        );
+        assert!(r.problems.len() <= MAX_PROBLEMS + 3, "{}", r.problems.len());
+        assert_eq!(r.dropped_problems, 10_000 - MAX_PROBLEMS as u64);
+        assert!(
+            r.problems.iter().any(|p| p.contains("9936 more problems")),
+            "{:?}",
+            &r.problems[MAX_PROBLEMS - 1..]
+        );
+    }
+
+    #[test]
+    fn guest_text_in_problems_and_reasons_is_escaped() {
+        let plan = [WorkloadId::CpuIdle, WorkloadId::CpuRdtsc];
+        let evil = "\x1b[2J\x07\r\u{9b}31m";
+        let stray = line(
+            LineBuilder::new(LineKind::Note)
+                .text("k", evil)
+                .text("v", evil),
+        );
+        let r = drive_script(
+            vec![hello(), stray, skip("cpu.idle", evil), start("cpu.rdtsc")],
+            Some(GuestEnd::Failed {
+                detail: format!("VMM says {evil}"),
+            }),
+            &plan,
+            LIMITS,
+        );
+        let raw = |t: &str| t.chars().any(|c| c.is_control());
+        assert!(!r.problems.iter().any(|p| raw(p)), "{:?}", r.problems);
+        for o in &r.outcomes {
+            assert!(!raw(o.reason.as_deref().unwrap_or("")), "{:?}", o.reason);
+        }
+        assert_eq!(r.outcomes.len(), 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod vstate;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -137,7 +137,8 @@ impl KvmBackend {
             None
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = channel();
+        // Bounded: a guest that floods the console makes its vCPU wait for the host.
+        let (tx, rx) = crate::console::guest_channel(stop.clone());
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu0-{}", request.name))

@@ -9,13 +9,13 @@
 
 use std::io::Read;
 use std::process::Child;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::transport::{shell_quote, Transport, TransportError};
 use crate::backend::GuestMessage;
+use crate::console::GuestSender;
 
 /// Reattaches allowed per boot before the link gives up.
 const MAX_REATTACHES: u32 = 5;
@@ -78,7 +78,7 @@ impl ConsoleLink {
     }
 
     /// Passes the console on to `tx` until the link is closed, reattaching as needed.
-    pub fn start_reading(&self, transport: Transport, tx: Sender<GuestMessage>) {
+    pub fn start_reading(&self, transport: Transport, tx: GuestSender) {
         let state = self.state.clone();
         let command = self.command.clone();
         let reader =
@@ -159,7 +159,7 @@ fn read_until_closed(
     state: &Mutex<LinkState>,
     transport: &Transport,
     command: &str,
-    tx: &Sender<GuestMessage>,
+    tx: &GuestSender,
 ) {
     let mut reattaches = 0;
     loop {
@@ -236,7 +236,12 @@ fn read_until_closed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::Receiver;
+
+    fn channel() -> (GuestSender, Receiver<GuestMessage>) {
+        crate::console::guest_channel(Arc::new(AtomicBool::new(false)))
+    }
 
     /// A reader whose first `deaths` runs print `part<n>` and die; the next prints `last`
     /// and stays, as `xl console` does on a live domain.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -525,7 +525,9 @@ fn watcher_script(name: &str) -> String {
 
 impl XenSession {
     fn start(transport: Transport, name: String, config_path: String) -> Result<Self, XenError> {
-        let (tx, rx) = channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        // Bounded: a guest that floods the console makes the console reader wait.
+        let (tx, rx) = crate::console::guest_channel(stopping.clone());
         let console = Arc::new(ConsoleLink::attach(&transport, &name)?);
         let watcher_child = match transport.spawn(&watcher_script(&name), false) {
             Ok(c) => c,
@@ -537,7 +539,6 @@ impl XenSession {
         };
         console.start_reading(transport.clone(), tx.clone());
         let watcher = Arc::new(Mutex::new(Some(watcher_child)));
-        let stopping = Arc::new(AtomicBool::new(false));
         let driver = {
             let session = DriverState {
                 console: console.clone(),
@@ -615,7 +616,7 @@ struct DriverState {
 }
 
 /// Turns the watcher's verdict into `Ended`, once the console has passed everything on.
-fn drive(state: DriverState, tx: Sender<GuestMessage>) {
+fn drive(state: DriverState, tx: crate::console::GuestSender) {
     let DriverState {
         console,
         watcher,

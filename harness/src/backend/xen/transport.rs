@@ -3,6 +3,7 @@
 //! a hang.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -105,8 +106,16 @@ impl Transport {
         }
     }
 
-    /// A `Command` that runs the shell command `remote` on the target.
+    /// A `Command` that runs the shell command `remote` on the target, in a process group
+    /// of its own: Ctrl-C reaches hvbench alone, which then stops the guest and records
+    /// the interruption, instead of every `xl` and `ssh` dying under it.
     pub fn command(&self, remote: &str) -> Command {
+        let mut command = self.bare_command(remote);
+        command.process_group(0);
+        command
+    }
+
+    fn bare_command(&self, remote: &str) -> Command {
         match self {
             Transport::Local => {
                 let mut c = Command::new("sh");
@@ -263,6 +272,18 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dom0_commands_run_in_their_own_process_group() {
+        let mut child = Transport::Local.spawn("exec sleep 5", false).unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let group = nix::unistd::getpgid(Some(pid));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Ctrl-C at the terminal goes to hvbench's group, not to xl or ssh.
+        assert_eq!(group, Ok(pid));
+        assert_ne!(group, nix::unistd::getpgid(None));
+    }
 
     #[test]
     fn parses_ssh_urls() {

@@ -2,8 +2,8 @@
 //! the devices. The loop runs on its own thread, which owns the whole VM; the host stops
 //! it by setting a flag and interrupting KVM_RUN with a signal.
 
+use crate::console::GuestSender;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -166,7 +166,7 @@ impl Vcpu {
         }
     }
 
-    fn flush_console(&mut self, tx: &Sender<GuestMessage>, force: bool) {
+    fn flush_console(&mut self, tx: &GuestSender, force: bool) {
         if let Some(bytes) = self.devices.take_console_output(force) {
             let _ = tx.send(GuestMessage::Console {
                 bytes,
@@ -177,14 +177,14 @@ impl Vcpu {
 
     /// Runs until the guest ends or `stop` is set; the last message is always `Ended`.
     /// Takes the VM so that it lives exactly as long as its vCPU runs.
-    pub fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: Sender<GuestMessage>) {
+    pub fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender) {
         let end = self.run_loop(&stop, &tx);
         self.flush_console(&tx, true);
         let _ = tx.send(GuestMessage::Ended(end));
         drop(vm);
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool, tx: &Sender<GuestMessage>) -> GuestEnd {
+    fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender) -> GuestEnd {
         loop {
             if stop.load(Ordering::Acquire) {
                 return GuestEnd::Stopped;
