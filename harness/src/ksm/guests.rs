@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,7 @@ pub fn hvbench_exe() -> Result<PathBuf, KsmError> {
     }
 }
 
-fn read_console(index: usize, stdout: impl Read, tx: Sender<(usize, ConsoleEvent)>) {
+fn read_console(index: usize, stdout: impl Read, tx: SyncSender<(usize, ConsoleEvent)>) {
     let mut stdout = stdout;
     let mut lines = LineAssembler::new();
     let mut buf = [0u8; 4096];
@@ -126,7 +126,7 @@ fn spawn_one(
     spec: &GuestSpec,
     cmdline: &str,
     index: usize,
-    tx: Sender<(usize, ConsoleEvent)>,
+    tx: SyncSender<(usize, ConsoleEvent)>,
 ) -> Result<Member, KsmError> {
     let mut command = Command::new(&spec.exe);
     command
@@ -188,7 +188,9 @@ impl Fleet {
     /// Starts one VMM per command line. Call from the thread that also drops the fleet:
     /// the VMMs die with that thread.
     pub fn spawn(spec: &GuestSpec, cmdlines: &[String]) -> Result<Self, KsmError> {
-        let (tx, events) = channel();
+        // Bounded: a guest that floods its console makes its reader wait (and so its
+        // VMM, on a full pipe); dropping the fleet drops the receiver and ends the readers.
+        let (tx, events) = sync_channel(crate::console::CHANNEL_CAPACITY);
         let mut fleet = Fleet {
             members: Vec::new(),
             events,
