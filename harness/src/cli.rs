@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use reports::ResultsWriter;
+use workloads::params::SetBy;
 use workloads::protocol::Status;
 use workloads::WORKLOADS;
 
@@ -346,6 +347,18 @@ pub fn list() -> String {
                 ""
             },
         ));
+        for p in w.params.iter().filter(|p| p.set_by == SetBy::User) {
+            out.push_str(&format!(
+                "{:<width$}    --param {}.{}={}  ({}, {}) {}\n",
+                "",
+                w.name,
+                p.key,
+                p.default.unwrap_or("VALUE"),
+                p.kind.name(),
+                p.bounds(),
+                p.description
+            ));
+        }
     }
     out
 }
@@ -411,6 +424,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Err(e) => eprintln!("hvbench: warning: {e}"),
     }
     let workloads = plan::select(&args.workloads)?;
+    plan::check_params(&args.params)?;
     let image = GuestImage::load(args.guest.as_deref())?;
     let backend = make_backend(args, host::fingerprint())?;
     // The machine the guest runs on: this one, or the Xen host.
