@@ -433,4 +433,111 @@ mod tests {
             .unwrap_err()
             .contains("the guest's median is 0"));
     }
+
+    /// A record context for tests: local, 1 GHz, 3 samples of 100 us.
+    fn with_context(params: &[super::super::WorkloadParam], test: impl FnOnce(&RecordContext)) {
+        let parameters = RunParameters {
+            samples: 3,
+            warmup: 0,
+            sample_us: 100,
+            ..Default::default()
+        };
+        let host = HostInfo {
+            tsc_khz: Some(1_000_000),
+            ..Default::default()
+        };
+        let ctx = RecordContext {
+            run_id: "test",
+            repeat: 0,
+            backend: &BackendInfo::default(),
+            host: &host,
+            guest: &GuestInfo::default(),
+            parameters: &parameters,
+            tool: &ToolInfo::default(),
+            tsc_khz: Some(1_000_000),
+            native_here: true,
+            reproduce: &|_| String::new(),
+            workload_params: params,
+            guest_ram: Some(HugePageAdvice::NoAdvice),
+        };
+        test(&ctx);
+    }
+
+    fn chase_outcome(series: &str, ops: u64) -> WorkloadOutcome {
+        let mut o = WorkloadOutcome::new(WorkloadId::MemTlbChase);
+        o.series.insert(
+            ("latency", series.to_string()),
+            SeriesSamples {
+                measured: vec![(ops, 5000); 3],
+                ..Default::default()
+            },
+        );
+        o
+    }
+
+    #[test]
+    fn native_twins_ignore_the_guests_sizes_and_counts() {
+        with_context(&[], |ctx| {
+            // Hostile series (never kept by the session, but here directly): no twin runs.
+            for series in ["ws:0,page:4k", "ws:18446744073709551615,page:4k"] {
+                let records = build(&chase_outcome(series, u64::MAX), ctx);
+                assert_eq!(records[0].status, Status::Error, "{series}");
+                assert!(records[0].native.is_none());
+                let reason = records[0].reason.as_deref().unwrap_or("");
+                assert!(reason.contains("no such series"), "{reason}");
+            }
+            // A series the host asked for, with a hostile `ops`: the twin is sized by the
+            // host (16 KiB, calibrated to 100 us), so it ends at once.
+            let started = std::time::Instant::now();
+            let records = build(&chase_outcome("ws:16k,page:4k", u64::MAX), ctx);
+            assert_eq!(
+                records[0].status,
+                Status::Success,
+                "{:?}",
+                records[0].reason
+            );
+            assert!(records[0].native.is_some());
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            assert_eq!(
+                records[0]
+                    .notes
+                    .get(NOTE_NATIVE)
+                    .map(String::as_str)
+                    .map(|n| n.starts_with("no huge-page advice")),
+                Some(true)
+            );
+            assert_eq!(
+                records[0]
+                    .parameters
+                    .workload_params
+                    .get("ws")
+                    .map(String::as_str),
+                Some("16k,256k,1m,4m,16m,64m")
+            );
+        });
+    }
+
+    #[test]
+    fn a_zero_guest_median_leaves_the_ratio_out_with_a_note() {
+        with_context(&[], |ctx| {
+            let mut o = chase_outcome("ws:16k,page:4k", 1);
+            if let Some(s) = o.series.values_mut().next() {
+                s.measured = vec![(1, 0); 3];
+            }
+            let records = build(&o, ctx);
+            assert_eq!(
+                records[0].status,
+                Status::Success,
+                "{:?}",
+                records[0].reason
+            );
+            assert!(records[0].native.is_none());
+            let note = records[0]
+                .notes
+                .get(NOTE_RATIO)
+                .cloned()
+                .unwrap_or_default();
+            assert!(note.contains("the guest's median is 0"), "{note}");
+        });
+    }
 }
