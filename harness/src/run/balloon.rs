@@ -28,6 +28,7 @@ use workloads::WorkloadId;
 use super::host_driven::{HostContext, HostDriven};
 use super::plan::{param_value, ExpectedSeries};
 use super::session::{describe_crash, difference, interpret, LineMeaning, WorkloadOutcome};
+use super::WorkloadParam;
 use crate::backend::balloon::{BalloonControl, HostMemory, Refusals};
 use crate::backend::{BootRequest, ExitCounts, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{ConsoleLine, LineAssembler};
@@ -53,7 +54,7 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
         );
         return outcome.into();
     };
-    let size = match balloon_size(ctx) {
+    let size = match balloon_size(&ctx.options.params, ctx.options.memory_mib) {
         Ok(size) => size,
         Err(reason) => {
             outcome.ratchet(Status::Error, reason);
@@ -114,10 +115,10 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
 }
 
 /// The pool size: `--param mem.balloon.size`, checked against the guest's memory.
-fn balloon_size(ctx: &HostContext) -> Result<u64, String> {
+pub fn balloon_size(params: &[WorkloadParam], memory_mib: u32) -> Result<u64, String> {
     let spec = &BALLOON_SIZE;
-    let text = param_value(&ctx.options.params, WorkloadId::MemBalloon, spec)
-        .ok_or("mem.balloon.size has no value")?;
+    let text =
+        param_value(params, WorkloadId::MemBalloon, spec).ok_or("mem.balloon.size has no value")?;
     let size = spec.parse_one(text).map_err(|e| {
         format!(
             "mem.balloon.size={text}: {}; it takes {}",
@@ -125,7 +126,7 @@ fn balloon_size(ctx: &HostContext) -> Result<u64, String> {
             spec.bounds()
         )
     })?;
-    let memory = (ctx.options.memory_mib as u64) << 20;
+    let memory = u64::from(memory_mib) << 20;
     if size.saturating_add(GUEST_RESERVE) > memory {
         return Err(format!(
             "a balloon of {} MiB leaves the guest too little of its {} MiB (it needs about {} \

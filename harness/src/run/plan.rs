@@ -20,10 +20,18 @@ pub enum PlanError {
     Empty,
     #[error("--param {0}.{1} is given twice")]
     DuplicateParam(&'static str, String),
+    #[error("{0}")]
+    Param(String),
 }
 
-/// Refuses a parameter given twice (each was checked against its row when parsed).
-pub fn check_params(params: &[WorkloadParam]) -> Result<(), PlanError> {
+/// Refuses a parameter given twice (each was checked against its row when parsed) and the
+/// sizes of selected workloads that do not fit in the guest's `memory_mib`, before
+/// anything starts.
+pub fn check_params(
+    params: &[WorkloadParam],
+    workloads: &[WorkloadId],
+    memory_mib: u32,
+) -> Result<(), PlanError> {
     for (i, p) in params.iter().enumerate() {
         if params[..i]
             .iter()
@@ -31,6 +39,13 @@ pub fn check_params(params: &[WorkloadParam]) -> Result<(), PlanError> {
         {
             return Err(PlanError::DuplicateParam(p.workload.name(), p.key.clone()));
         }
+    }
+    if workloads.contains(&WorkloadId::MemKsm) {
+        crate::ksm::params::KsmParams::from_run(params, memory_mib)
+            .map_err(|e| PlanError::Param(e.to_string()))?;
+    }
+    if workloads.contains(&WorkloadId::MemBalloon) {
+        super::balloon::balloon_size(params, memory_mib).map_err(PlanError::Param)?;
     }
     Ok(())
 }
@@ -57,6 +72,7 @@ pub fn effective_params(
         .spec()
         .params
         .iter()
+        .filter(|spec| spec.set_by == workloads::params::SetBy::User)
         .filter_map(|spec| {
             Some((
                 spec.key.to_string(),
@@ -251,11 +267,22 @@ mod tests {
     fn parameters_given_twice_are_refused_and_defaults_fill_the_rest() {
         let twice = params(&["mem.copy.size=1m", "mem.copy.size=2m"]);
         assert_eq!(
-            check_params(&twice),
+            check_params(&twice, &[], 256),
             Err(PlanError::DuplicateParam("mem.copy", "size".into()))
         );
+        // Sizes that cannot fit in the guest are refused before anything starts.
+        let ksm = params(&["mem.ksm.size=64m"]);
+        assert!(check_params(&ksm, &[WorkloadId::MemKsm], 256).is_ok());
+        assert!(check_params(&ksm, &[WorkloadId::MemKsm], 64).is_err());
+        assert!(check_params(&ksm, &[WorkloadId::CpuIdle], 64).is_ok());
+        let balloon = params(&["mem.balloon.size=3g"]);
+        assert!(check_params(&balloon, &[WorkloadId::MemBalloon], 256).is_err());
         assert_eq!(
-            check_params(&params(&["mem.copy.size=1m", "mem.seq-read.size=1m"])),
+            check_params(
+                &params(&["mem.copy.size=1m", "mem.seq-read.size=1m"]),
+                &[],
+                256
+            ),
             Ok(())
         );
         let effective = effective_params(&params(&["mem.ksm.guests=2"]), WorkloadId::MemKsm);
