@@ -212,6 +212,11 @@ pub fn compute_checksum(rounds: u64, plan: &TwinPlan) -> Result<u64, TwinError> 
     Ok(compute_run(rounds))
 }
 
+/// A byte count as u64 (lossless on the 64-bit hosts hvbench runs on; saturating else).
+fn bytes(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
 /// An anonymous mapping of `len` bytes, 2 MiB aligned, with the guest RAM's advice,
 /// touched once (the twin measures the workload, not first touches).
 struct Buffer {
@@ -226,7 +231,7 @@ impl Buffer {
         let mapping_len = len
             .checked_add(HUGE_PAGE)
             .filter(|_| len > 0)
-            .ok_or(TwinError::BadSize(len as u64))?;
+            .ok_or(TwinError::BadSize(bytes(len)))?;
         // SAFETY: a fresh private anonymous mapping; checked for failure below.
         let mapping = unsafe {
             libc::mmap(
@@ -273,7 +278,7 @@ fn tlb_chase(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
     let ws = plan.size(&TLB_CHASE_WS)?;
     let pages = ws / CHASE_STRIDE;
     if pages == 0 {
-        return Err(TwinError::BadSize(ws as u64));
+        return Err(TwinError::BadSize(bytes(ws)));
     }
     let buf = Buffer::new(ws, plan.backing)?;
     // SAFETY: the buffer holds `pages` strides and stays alive while chased.
@@ -287,7 +292,7 @@ fn tlb_chase(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
 fn seq_read(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
     let size = plan.size(&SEQ_READ_SIZE)?;
     let buf = Buffer::new(size, plan.backing)?;
-    measure(plan, buf.len as u64, |passes| {
+    measure(plan, bytes(buf.len), |passes| {
         for _ in 0..passes {
             // SAFETY: the buffer holds `size` bytes, 2 MiB aligned.
             std::hint::black_box(unsafe { sum_words(buf.base as *const u64, buf.len) });
@@ -299,7 +304,7 @@ fn copy(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
     let size = plan.size(&COPY_SIZE)?;
     let src = Buffer::new(size, plan.backing)?;
     let dst = Buffer::new(size, plan.backing)?;
-    measure(plan, size as u64, |passes| {
+    measure(plan, bytes(size), |passes| {
         for _ in 0..passes {
             // SAFETY: two distinct buffers of `size` bytes.
             unsafe { copy_bytes(dst.base, src.base, size) };
