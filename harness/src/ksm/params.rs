@@ -86,17 +86,20 @@ impl KsmParams {
     /// Every effective value, for the records' notes.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("guests", self.guests.to_string()),
+            (KSM_GUESTS.key, self.guests.to_string()),
             ("guest_mib", self.guest_mib.to_string()),
             (
-                "size",
+                KSM_SIZE.key,
                 self.size.clone().unwrap_or_else(|| "all free RAM".into()),
             ),
-            ("identical", self.identical.clone()),
-            ("pages_to_scan", self.pages_to_scan.to_string()),
-            ("sleep_millisecs", self.sleep_millisecs.to_string()),
-            ("max_s", self.max.as_secs().to_string()),
-            ("sample_ms", self.sample_interval.as_millis().to_string()),
+            (KSM_IDENTICAL.key, self.identical.clone()),
+            (KSM_PAGES_TO_SCAN.key, self.pages_to_scan.to_string()),
+            (KSM_SLEEP_MILLISECS.key, self.sleep_millisecs.to_string()),
+            (KSM_MAX_S.key, self.max.as_secs().to_string()),
+            (
+                KSM_SAMPLE_MS.key,
+                self.sample_interval.as_millis().to_string(),
+            ),
         ]
     }
 }
