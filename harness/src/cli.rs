@@ -948,4 +948,32 @@ mod tests {
         assert_eq!(parse_doorbell_line("ring 4294967296"), None);
         assert_eq!(parse_doorbell_line("knock 1"), None);
     }
+
+    #[test]
+    fn bad_params_are_refused_when_the_arguments_are_parsed() {
+        let out = std::env::temp_dir().join(format!("hvbench-param-{}", std::process::id()));
+        let out_arg = out.display().to_string();
+        for (param, says) in [
+            ("mem.tlb-chase.ws=0", "4k..=3g"),
+            ("mem.tlb-chase.wss=1m", "mem.tlb-chase takes ws"),
+            ("cpu.idle.p=1", "cpu.idle takes no parameters"),
+        ] {
+            let args = [
+                "hvbench",
+                "run",
+                "--backend",
+                "kvm",
+                "--param",
+                param,
+                "--out",
+                &out_arg,
+            ];
+            let e = Cli::try_parse_from(args).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(says)),
+                "{param}: {e:?}"
+            );
+        }
+        assert!(!out.exists(), "the results directory was created");
+    }
 }
