@@ -47,8 +47,8 @@ pub enum Syscall {
     /// Ends the run with the exit code in the first argument.
     Exit = 0,
     /// Runs `iterations` of a kernel-mode workload; returns the cycles taken,
-    /// `KERNEL_LOOP_FAULTED` if the host refused the instruction, or `u64::MAX` for a
-    /// workload with no kernel loop.
+    /// `KERNEL_LOOP_FAULTED` if the host refused the instruction, or `NO_KERNEL_LOOP` for a
+    /// workload with no kernel loop (on this hypervisor).
     KernelLoop = 1,
     /// Signals the console backend (Xen).
     ConsoleKick = 2,
@@ -95,6 +95,8 @@ pub struct PtUpdateArgs {
 
 /// KernelLoop's answer when the instruction faulted (the host refuses it at CPL0).
 pub const KERNEL_LOOP_FAULTED: u64 = u64::MAX - 1;
+/// What `KernelLoop` returns for a workload without a kernel loop (on this hypervisor).
+pub const NO_KERNEL_LOOP: u64 = u64::MAX;
 
 /// Longest buffer one ConsoleWrite takes (a result line is at most 513 bytes).
 const MAX_CONSOLE_WRITE: u64 = 4096;
@@ -233,7 +235,7 @@ fn kernel_loop(workload: u64, iterations: u64, arg: u64) -> u64 {
             Hypervisor::Xen if xen::is_ready() => timed(iterations, || {
                 core::hint::black_box(xen::version());
             }),
-            _ => u64::MAX,
+            _ => NO_KERNEL_LOOP,
         },
         Some(WorkloadId::MemPtUpdate) => {
             // SAFETY: user mode passes a `PtUpdateArgs` it owns (all memory is mapped).
@@ -270,7 +272,32 @@ fn kernel_loop(workload: u64, iterations: u64, arg: u64) -> u64 {
             cpu::write_cr3(main);
             cycles
         }
-        _ => u64::MAX,
+        // Workloads without a kernel loop, listed rather than `_`, so that a new workload
+        // does not build until it says whether it has one.
+        Some(
+            WorkloadId::CpuIdle
+            | WorkloadId::CpuRdtsc
+            | WorkloadId::CpuCpuid
+            | WorkloadId::CpuHypercall
+            | WorkloadId::CpuCompute
+            | WorkloadId::IoPioOut
+            | WorkloadId::IoPioIn
+            | WorkloadId::IoPioOutKernel
+            | WorkloadId::IoMmioWrite
+            | WorkloadId::IoMmioRead
+            | WorkloadId::MemFirstTouch
+            | WorkloadId::MemProtFault
+            | WorkloadId::MemTlbChase
+            | WorkloadId::MemSeqRead
+            | WorkloadId::MemCopy
+            | WorkloadId::MemKsm
+            | WorkloadId::MemBalloon
+            | WorkloadId::SelftestTripleFault
+            | WorkloadId::SelftestPageFault
+            | WorkloadId::SelftestHang
+            | WorkloadId::SelftestBalloonCorrupt,
+        )
+        | None => NO_KERNEL_LOOP,
     }
 }
 

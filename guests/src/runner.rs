@@ -4,7 +4,7 @@
 use workloads::abi::ExitCode;
 use workloads::cmdline::{self, GuestConfig, MAX_CMDLINE};
 use workloads::protocol::{LineBuilder, LineKind, Status, VERSION};
-use workloads::{Requirement, WorkloadId};
+use workloads::{ParamSpec, Requirement, WorkloadId};
 
 use crate::arch::user::syscall;
 use crate::console;
@@ -113,9 +113,11 @@ impl Sampler {
         warmups.chain((0..u64::from(self.config.samples)).map(|i| (i, false)))
     }
 
-    /// The workload's parameter `key`, if the host gave one.
-    pub fn param(&self, key: &str) -> Option<&'static str> {
-        cmdline::param(self.cmdline, self.workload, key)
+    /// The workload's parameter `spec` (one of its row's): the host's value, else the
+    /// row's default. The command line was checked against the row when it was parsed.
+    pub fn param(&self, spec: &ParamSpec) -> Option<&'static str> {
+        debug_assert!(self.workload.spec().param(spec.key) == Some(spec));
+        cmdline::param_or_default(self.cmdline, self.workload, spec)
     }
 
     /// Prints one sample line of the workload's first metric.

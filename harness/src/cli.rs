@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use reports::ResultsWriter;
+use workloads::params::SetBy;
 use workloads::protocol::Status;
 use workloads::WORKLOADS;
 
@@ -352,6 +353,18 @@ pub fn list() -> String {
                 ""
             },
         ));
+        for p in w.params.iter().filter(|p| p.set_by == SetBy::User) {
+            out.push_str(&format!(
+                "{:<width$}    --param {}.{}={}  ({}, {}) {}\n",
+                "",
+                w.name,
+                p.key,
+                p.default.unwrap_or("VALUE"),
+                p.kind.name(),
+                p.bounds(),
+                p.description
+            ));
+        }
     }
     out
 }
@@ -417,6 +430,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Err(e) => crate::say!("hvbench: warning: {e}"),
     }
     let workloads = plan::select(&args.workloads)?;
+    plan::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
     let backend = make_backend(args, host::fingerprint())?;
     // The machine the guest runs on: this one, or the Xen host.
@@ -944,5 +958,33 @@ mod tests {
         assert_eq!(parse_doorbell_line("ring 1 2"), None);
         assert_eq!(parse_doorbell_line("ring 4294967296"), None);
         assert_eq!(parse_doorbell_line("knock 1"), None);
+    }
+
+    #[test]
+    fn bad_params_are_refused_when_the_arguments_are_parsed() {
+        let out = std::env::temp_dir().join(format!("hvbench-param-{}", std::process::id()));
+        let out_arg = out.display().to_string();
+        for (param, says) in [
+            ("mem.tlb-chase.ws=0", "4k..=3g"),
+            ("mem.tlb-chase.wss=1m", "mem.tlb-chase takes ws"),
+            ("cpu.idle.p=1", "cpu.idle takes no parameters"),
+        ] {
+            let args = [
+                "hvbench",
+                "run",
+                "--backend",
+                "kvm",
+                "--param",
+                param,
+                "--out",
+                &out_arg,
+            ];
+            let e = Cli::try_parse_from(args).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(says)),
+                "{param}: {e:?}"
+            );
+        }
+        assert!(!out.exists(), "the results directory was created");
     }
 }

@@ -1,14 +1,145 @@
 //! Native twins: the identical code of a guest workload, run here on the host, so a
 //! record can give the guest's performance relative to native. Timed the way the guest
-//! times itself (TSC reads fenced with LFENCE), and run only while no guest runs (on SMT
-//! siblings a busy guest slowed the native run 2.6-fold).
+//! times itself (TSC reads fenced with LFENCE, the iteration count doubled until one run
+//! lasts a sample), and run only while no guest runs (on SMT siblings a busy guest slowed
+//! the native run 2.6-fold).
+//!
+//! Everything a twin sizes or loops over comes from the host's own parameters (the series
+//! the host asked for, bounded by the workload's row, and `--sample-us`), never from a
+//! guest line; a twin checks the interrupt flag between runs. Its buffers get the same
+//! huge-page advice as the guest's RAM, so the ratio compares like with like.
 
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use workloads::cmdline::parse_size;
+use thiserror::Error;
 use workloads::compute::{compute_init, compute_rounds, COMPUTE_WORDS};
 use workloads::memory::{build_chase, chase, copy_bytes, sum_words, CHASE_SEED, CHASE_STRIDE};
-use workloads::WorkloadId;
+use workloads::table::param::{COPY_SIZE, SEQ_READ_SIZE, TLB_CHASE_WS};
+use workloads::{ParamSpec, WorkloadId};
+
+use crate::run::plan::SeriesPoint;
+
+/// Most iterations of one timed run, as in the guest.
+pub const MAX_ITERATIONS: u64 = 1 << 32;
+/// A guest may report at most this many times the rounds the host needs for one sample
+/// before the host refuses to verify its checksum (a guest twice as fast as native, with
+/// the doubling's factor of two).
+const VERIFY_ROUNDS_FACTOR: u64 = 4;
+const HUGE_PAGE: usize = 2 << 20;
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TwinError {
+    #[error("interrupted")]
+    Interrupted,
+    #[error("the series has no `{0}` value the host asked for")]
+    NoSeriesValue(&'static str),
+    #[error("a buffer of {0} bytes is not possible here")]
+    BadSize(u64),
+    #[error("cannot map {len} bytes for the native twin: {error}")]
+    Map { len: usize, error: String },
+    #[error(
+        "the guest reports {reported} rounds; the host, which needs {needed} for one sample, \
+         verifies at most {allowed}"
+    )]
+    TooManyRounds {
+        reported: u64,
+        needed: u64,
+        allowed: u64,
+    },
+}
+
+/// The huge-page advice a buffer (guest RAM, or a twin's buffer) is mapped with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePageAdvice {
+    /// `madvise(MADV_HUGEPAGE)`: transparent huge pages where the host's THP mode is
+    /// `always` or `madvise` (hvbench's VMM with `--host-hugepages`; QEMU always).
+    HugePages,
+    /// No advice: transparent huge pages only where the host's THP mode is `always`
+    /// (hvbench's VMM by default).
+    NoAdvice,
+}
+
+impl HugePageAdvice {
+    pub fn name(self) -> &'static str {
+        match self {
+            HugePageAdvice::HugePages => "MADV_HUGEPAGE",
+            HugePageAdvice::NoAdvice => "no huge-page advice",
+        }
+    }
+
+    /// Whether the host backs such memory with transparent huge pages, given its THP
+    /// mode (`always`, `madvise`, `never`).
+    pub fn gets_huge_pages(self, thp_mode: &str) -> bool {
+        matches!(
+            (self, thp_mode),
+            (_, "always") | (HugePageAdvice::HugePages, "madvise")
+        )
+    }
+
+    /// For a record: the advice and what this host makes of it.
+    pub fn describe(self, thp_mode: Option<&str>) -> String {
+        match thp_mode {
+            Some(mode) => format!(
+                "{} (THP mode {mode}: {} pages)",
+                self.name(),
+                if self.gets_huge_pages(mode) {
+                    "2 MiB"
+                } else {
+                    "4 KiB"
+                }
+            ),
+            None => format!("{} (THP mode unknown)", self.name()),
+        }
+    }
+}
+
+/// This host's transparent-huge-page mode (the bracketed choice in sysfs).
+pub fn thp_mode() -> Option<String> {
+    let text = std::fs::read_to_string(THP_ENABLED).ok()?;
+    let start = text.find('[')?;
+    let end = start + text[start..].find(']')?;
+    Some(text[start + 1..end].to_string())
+}
+
+/// What one twin run is asked for, all of it the host's own.
+pub struct TwinPlan<'a> {
+    /// The series, as the host derived it from its parameters.
+    pub point: &'a SeriesPoint,
+    /// The advice the guest's RAM was mapped with.
+    pub backing: HugePageAdvice,
+    /// TSC cycles one sample must last at least (`--sample-us` at the host's TSC rate).
+    pub min_cycles: u64,
+    pub warmup: u32,
+    pub samples: u32,
+    pub interrupted: &'a AtomicBool,
+}
+
+impl TwinPlan<'_> {
+    fn check_interrupt(&self) -> Result<(), TwinError> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Err(TwinError::Interrupted);
+        }
+        Ok(())
+    }
+
+    fn size(&self, spec: &ParamSpec) -> Result<usize, TwinError> {
+        let v = self
+            .point
+            .value(spec)
+            .ok_or(TwinError::NoSeriesValue(spec.key))?;
+        // The row's bounds hold already; a size of 0 or beyond the address space is refused.
+        usize::try_from(v)
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or(TwinError::BadSize(v))
+    }
+}
+
+/// TSC cycles in `sample_us` microseconds at `tsc_khz`.
+pub fn cycles_from_tsc_khz(sample_us: u32, tsc_khz: u64) -> u64 {
+    u64::from(sample_us).saturating_mul(tsc_khz) / 1000
+}
 
 fn rdtsc_fenced() -> u64 {
     // SAFETY: LFENCE and RDTSC only order execution and read the time stamp counter.
@@ -20,34 +151,74 @@ fn rdtsc_fenced() -> u64 {
     }
 }
 
-/// One native sample of the compute kernel: (cycles, checksum) for `rounds` rounds.
-fn compute_sample(rounds: u64) -> (u64, u64) {
-    let mut buf = [0u64; COMPUTE_WORDS];
-    compute_init(&mut buf);
-    let start = rdtsc_fenced();
-    let checksum = compute_rounds(&mut buf, std::hint::black_box(rounds));
-    let cycles = rdtsc_fenced().wrapping_sub(start);
-    (cycles, std::hint::black_box(checksum))
+fn timed(n: u64, op: &mut impl FnMut(u64)) -> u64 {
+    let t0 = rdtsc_fenced();
+    op(n);
+    rdtsc_fenced().wrapping_sub(t0)
 }
 
-/// The checksum the guest must report for `rounds` rounds.
-pub fn compute_checksum(rounds: u64) -> u64 {
-    let mut buf = [0u64; COMPUTE_WORDS];
-    compute_init(&mut buf);
-    compute_rounds(&mut buf, rounds)
-}
-
-/// `warmup` discarded and `samples` kept native samples, in cycles per round.
-fn compute_cycles_per_round(rounds: u64, warmup: u32, samples: u32) -> Vec<f64> {
-    for _ in 0..warmup {
-        compute_sample(rounds);
+/// The iteration count at which one run of `op` lasts `min_cycles` (doubling from 1, at
+/// most [`MAX_ITERATIONS`]), the guest's method.
+fn calibrate(plan: &TwinPlan, op: &mut impl FnMut(u64)) -> Result<u64, TwinError> {
+    let mut n = 1u64;
+    loop {
+        plan.check_interrupt()?;
+        if timed(n, op) >= plan.min_cycles || n >= MAX_ITERATIONS {
+            return Ok(n);
+        }
+        n = n.saturating_mul(2).min(MAX_ITERATIONS);
     }
-    (0..samples)
-        .map(|_| compute_sample(rounds).0 as f64 / rounds.max(1) as f64)
+}
+
+/// Calibrates `op`, then times `warmup` discarded and `samples` kept runs; returns cycles
+/// per unit of work, where one iteration is `units` units (bytes, or 1).
+fn measure(plan: &TwinPlan, units: u64, mut op: impl FnMut(u64)) -> Result<Vec<f64>, TwinError> {
+    let n = calibrate(plan, &mut op)?;
+    let per_run = n as f64 * units.max(1) as f64;
+    for _ in 0..plan.warmup {
+        plan.check_interrupt()?;
+        timed(n, &mut op);
+    }
+    (0..plan.samples)
+        .map(|_| {
+            plan.check_interrupt()?;
+            Ok(timed(n, &mut op) as f64 / per_run)
+        })
         .collect()
 }
 
-/// An anonymous mapping, 2 MiB aligned, with huge pages asked for or refused.
+fn compute_run(rounds: u64) -> u64 {
+    let mut buf = [0u64; COMPUTE_WORDS];
+    compute_init(&mut buf);
+    compute_rounds(&mut buf, std::hint::black_box(rounds))
+}
+
+/// The checksum the guest must report for `rounds` rounds, computed only when `rounds` is
+/// within what the host itself needs for one sample (times a margin): a guest cannot make
+/// the host loop for as long as it likes.
+pub fn compute_checksum(rounds: u64, plan: &TwinPlan) -> Result<u64, TwinError> {
+    let needed = calibrate(plan, &mut |n| {
+        std::hint::black_box(compute_run(n));
+    })?;
+    let allowed = needed.saturating_mul(VERIFY_ROUNDS_FACTOR);
+    if rounds > allowed {
+        return Err(TwinError::TooManyRounds {
+            reported: rounds,
+            needed,
+            allowed,
+        });
+    }
+    plan.check_interrupt()?;
+    Ok(compute_run(rounds))
+}
+
+/// A byte count as u64 (lossless on the 64-bit hosts hvbench runs on; saturating else).
+fn bytes(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+/// An anonymous mapping of `len` bytes, 2 MiB aligned, with the guest RAM's advice,
+/// touched once (the twin measures the workload, not first touches).
 struct Buffer {
     base: *mut u8,
     len: usize,
@@ -56,40 +227,43 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn new(len: usize, huge: bool) -> Result<Self, String> {
-        const HUGE: usize = 2 << 20;
-        let mapping_len = len + HUGE;
+    fn new(len: usize, advice: HugePageAdvice) -> Result<Self, TwinError> {
+        let mapping_len = len
+            .checked_add(HUGE_PAGE)
+            .filter(|_| len > 0)
+            .ok_or(TwinError::BadSize(bytes(len)))?;
         // SAFETY: a fresh private anonymous mapping; checked for failure below.
         let mapping = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 mapping_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
         if mapping == libc::MAP_FAILED {
-            return Err(format!("cannot map {len} bytes for the native twin"));
+            return Err(TwinError::Map {
+                len,
+                error: std::io::Error::last_os_error().to_string(),
+            });
         }
-        let base = ((mapping as usize).div_ceil(HUGE) * HUGE) as *mut u8;
-        let advice = if huge {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        };
-        // SAFETY: advice on our own mapping; it changes only how the kernel backs it.
-        unsafe { libc::madvise(base as *mut libc::c_void, len, advice) };
-        // Touch every page: the twin measures the workload, not first touches.
-        // SAFETY: [base, base + len) lies inside the mapping.
-        unsafe { std::ptr::write_bytes(base, 1, len) };
-        Ok(Buffer {
-            base,
+        let offset = (mapping as usize).next_multiple_of(HUGE_PAGE) - mapping as usize;
+        let buffer = Buffer {
+            // The offset is below HUGE_PAGE, so [base, base + len) lies inside the mapping.
+            base: mapping.cast::<u8>().wrapping_add(offset),
             len,
             mapping,
             mapping_len,
-        })
+        };
+        if advice == HugePageAdvice::HugePages {
+            // SAFETY: advice on our own mapping; it changes only how the kernel backs it.
+            unsafe { libc::madvise(buffer.base.cast(), len, libc::MADV_HUGEPAGE) };
+        }
+        // SAFETY: [base, base + len) lies inside the mapping.
+        unsafe { std::ptr::write_bytes(buffer.base, 1, len) };
+        Ok(buffer)
     }
 }
 
@@ -100,78 +274,78 @@ impl Drop for Buffer {
     }
 }
 
-fn size_of(series: &BTreeMap<String, String>, key: &str) -> Result<u64, String> {
-    series
-        .get(key)
-        .and_then(|v| parse_size(v))
-        .ok_or_else(|| format!("the record has no usable `{key}` series parameter"))
-}
-
-/// Times `samples` runs (after `warmup` discarded ones) of `op`, which does `ops`
-/// operations and returns nothing; returns cycles per operation.
-fn time(warmup: u32, samples: u32, ops: u64, mut op: impl FnMut()) -> Vec<f64> {
-    for _ in 0..warmup {
-        op();
+fn tlb_chase(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
+    let ws = plan.size(&TLB_CHASE_WS)?;
+    let pages = ws / CHASE_STRIDE;
+    if pages == 0 {
+        return Err(TwinError::BadSize(bytes(ws)));
     }
-    (0..samples)
-        .map(|_| {
-            let t0 = rdtsc_fenced();
-            op();
-            rdtsc_fenced().wrapping_sub(t0) as f64 / ops.max(1) as f64
-        })
-        .collect()
+    let buf = Buffer::new(ws, plan.backing)?;
+    // SAFETY: the buffer holds `pages` strides and stays alive while chased.
+    let mut p = unsafe { build_chase(buf.base, pages, CHASE_SEED) };
+    measure(plan, 1, |n| {
+        // SAFETY: `p` is an element of the chain in `buf`.
+        p = unsafe { chase(p, n) };
+    })
 }
 
-/// The native twin of a workload's series: cycles per operation for the same amount of
-/// work per sample as the guest's (`ops`). `None` for workloads without a twin.
-pub fn twin(
-    workload: WorkloadId,
-    series: &BTreeMap<String, String>,
-    ops: u64,
-    warmup: u32,
-    samples: u32,
-) -> Option<Result<Vec<f64>, String>> {
+fn seq_read(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
+    let size = plan.size(&SEQ_READ_SIZE)?;
+    let buf = Buffer::new(size, plan.backing)?;
+    measure(plan, bytes(buf.len), |passes| {
+        for _ in 0..passes {
+            // SAFETY: the buffer holds `size` bytes, 2 MiB aligned.
+            std::hint::black_box(unsafe { sum_words(buf.base as *const u64, buf.len) });
+        }
+    })
+}
+
+fn copy(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
+    let size = plan.size(&COPY_SIZE)?;
+    let src = Buffer::new(size, plan.backing)?;
+    let dst = Buffer::new(size, plan.backing)?;
+    measure(plan, bytes(size), |passes| {
+        for _ in 0..passes {
+            // SAFETY: two distinct buffers of `size` bytes.
+            unsafe { copy_bytes(dst.base, src.base, size) };
+        }
+    })
+}
+
+/// The native twin of a workload's series: cycles per operation (per round, per chase
+/// step, per byte). `None` for workloads without a twin; which those are is the table's
+/// `native_twin` (a test checks the two agree).
+pub fn twin(workload: WorkloadId, plan: &TwinPlan) -> Option<Result<Vec<f64>, TwinError>> {
+    use WorkloadId::*;
     let result = match workload {
-        WorkloadId::CpuCompute => Ok(compute_cycles_per_round(ops, warmup, samples)),
-        WorkloadId::MemTlbChase => (|| {
-            let ws = size_of(series, "ws")?;
-            let huge = series.get("page").map(String::as_str) == Some("2m");
-            let buf = Buffer::new(ws as usize, huge)?;
-            let pages = buf.len / CHASE_STRIDE;
-            // SAFETY: the buffer holds `pages` strides and stays alive while chased.
-            let start = unsafe { build_chase(buf.base, pages, CHASE_SEED) };
-            let mut p = start;
-            Ok(time(warmup, samples, ops, || {
-                // SAFETY: `p` is an element of the chain in `buf`.
-                p = unsafe { chase(p, ops) };
-            }))
-        })(),
-        WorkloadId::MemSeqRead => (|| {
-            let size = size_of(series, "size")?;
-            let buf = Buffer::new(size as usize, true)?;
-            let passes = (ops / size.max(1)).max(1);
-            Ok(time(warmup, samples, passes * size, || {
-                for _ in 0..passes {
-                    // SAFETY: the buffer holds `size` bytes.
-                    std::hint::black_box(unsafe {
-                        sum_words(buf.base as *const u64, size as usize)
-                    });
-                }
-            }))
-        })(),
-        WorkloadId::MemCopy => (|| {
-            let size = size_of(series, "size")?;
-            let src = Buffer::new(size as usize, true)?;
-            let dst = Buffer::new(size as usize, true)?;
-            let passes = (ops / size.max(1)).max(1);
-            Ok(time(warmup, samples, passes * size, || {
-                for _ in 0..passes {
-                    // SAFETY: two distinct buffers of `size` bytes.
-                    unsafe { copy_bytes(dst.base, src.base, size as usize) };
-                }
-            }))
-        })(),
-        _ => return None,
+        CpuCompute => measure(plan, 1, |n| {
+            std::hint::black_box(compute_run(n));
+        }),
+        MemTlbChase => tlb_chase(plan),
+        MemSeqRead => seq_read(plan),
+        MemCopy => copy(plan),
+        CpuIdle
+        | CpuRdtsc
+        | CpuCpuid
+        | CpuHypercall
+        | CpuHypercallKernel
+        | CpuMsrRead
+        | CpuHlt
+        | IoPioOut
+        | IoPioIn
+        | IoPioOutKernel
+        | IoMmioWrite
+        | IoMmioRead
+        | MemFirstTouch
+        | MemProtFault
+        | MemPtUpdate
+        | MemCr3Switch
+        | MemKsm
+        | MemBalloon
+        | SelftestTripleFault
+        | SelftestPageFault
+        | SelftestHang
+        | SelftestBalloonCorrupt => return None,
     };
     Some(result)
 }
@@ -179,62 +353,124 @@ pub fn twin(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::plan::series_points;
+    use crate::run::WorkloadParam;
+    use workloads::WORKLOADS;
 
-    #[test]
-    fn compute_twin_is_deterministic_and_positive() {
-        let (cycles, sum) = compute_sample(1000);
-        assert!(cycles > 0);
-        assert_eq!(sum, compute_checksum(1000));
-        let per_round = compute_cycles_per_round(1000, 1, 3);
-        assert_eq!(per_round.len(), 3);
-        assert!(per_round.iter().all(|c| *c > 0.0));
+    fn point(workload: WorkloadId, params: &[&str]) -> SeriesPoint {
+        let params: Vec<WorkloadParam> = params
+            .iter()
+            .map(|t| WorkloadParam::parse(t).unwrap())
+            .collect();
+        series_points(&params, workload).remove(0)
+    }
+
+    fn plan<'a>(point: &'a SeriesPoint, flag: &'a AtomicBool) -> TwinPlan<'a> {
+        TwinPlan {
+            point,
+            backing: HugePageAdvice::NoAdvice,
+            min_cycles: 100_000,
+            warmup: 0,
+            samples: 2,
+            interrupted: flag,
+        }
     }
 
     #[test]
-    fn memory_twins_run() {
-        let series = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let chase = twin(
-            WorkloadId::MemTlbChase,
-            &series(&[("ws", "64k"), ("page", "4k")]),
-            1000,
-            0,
-            2,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(chase.len(), 2);
-        assert!(chase.iter().all(|c| *c > 0.0));
-        let read = twin(
-            WorkloadId::MemSeqRead,
-            &series(&[("size", "1m")]),
-            2 << 20,
-            0,
-            2,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(
-            read.iter().all(|c| *c > 0.0 && *c < 100.0),
-            "{read:?} cycles per byte"
-        );
-        let copy = twin(
-            WorkloadId::MemCopy,
-            &series(&[("size", "1m")]),
-            1 << 20,
-            0,
-            1,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(copy.len(), 1);
-        assert!(twin(WorkloadId::MemSeqRead, &series(&[]), 1, 0, 1)
+    fn every_row_with_a_twin_has_one_and_no_other() {
+        let flag = AtomicBool::new(true);
+        let p = point(WorkloadId::CpuIdle, &[]);
+        for w in WORKLOADS {
+            assert_eq!(
+                twin(w.id, &plan(&p, &flag)).is_some(),
+                w.native_twin,
+                "{}",
+                w.name
+            );
+        }
+    }
+
+    #[test]
+    fn twins_run_on_the_hosts_series() {
+        let flag = AtomicBool::new(false);
+        let compute = point(WorkloadId::CpuCompute, &[]);
+        let c = twin(WorkloadId::CpuCompute, &plan(&compute, &flag))
             .unwrap()
-            .is_err());
-        assert!(twin(WorkloadId::CpuIdle, &series(&[]), 1, 0, 1).is_none());
+            .unwrap();
+        assert!(c.len() == 2 && c.iter().all(|c| *c > 0.0), "{c:?}");
+        let chase = point(WorkloadId::MemTlbChase, &["mem.tlb-chase.ws=64k"]);
+        let c = twin(WorkloadId::MemTlbChase, &plan(&chase, &flag))
+            .unwrap()
+            .unwrap();
+        assert!(c.iter().all(|c| *c > 0.0), "{c:?}");
+        let read = point(WorkloadId::MemSeqRead, &["mem.seq-read.size=1m"]);
+        let r = twin(WorkloadId::MemSeqRead, &plan(&read, &flag))
+            .unwrap()
+            .unwrap();
+        assert!(
+            r.iter().all(|c| *c > 0.0 && *c < 100.0),
+            "{r:?} cycles per byte"
+        );
+        let copy = point(WorkloadId::MemCopy, &["mem.copy.size=1m"]);
+        assert_eq!(
+            twin(WorkloadId::MemCopy, &plan(&copy, &flag))
+                .unwrap()
+                .unwrap()
+                .len(),
+            2
+        );
+        // A series without the value the twin needs is an error, not a guess.
+        let none = point(WorkloadId::CpuIdle, &[]);
+        assert_eq!(
+            twin(WorkloadId::MemTlbChase, &plan(&none, &flag)).unwrap(),
+            Err(TwinError::NoSeriesValue("ws"))
+        );
+    }
+
+    #[test]
+    fn hostile_sizes_are_errors_not_crashes() {
+        // What `ws:0` and `ws:18446744073709551615` used to size: refused before mmap.
+        assert_eq!(
+            Buffer::new(0, HugePageAdvice::NoAdvice).err(),
+            Some(TwinError::BadSize(0))
+        );
+        assert_eq!(
+            Buffer::new(usize::MAX, HugePageAdvice::NoAdvice).err(),
+            Some(TwinError::BadSize(u64::MAX))
+        );
+        assert!(matches!(
+            Buffer::new(usize::MAX - (4 << 20), HugePageAdvice::NoAdvice),
+            Err(TwinError::Map { .. })
+        ));
+    }
+
+    #[test]
+    fn a_huge_round_count_is_refused_and_an_interrupt_stops_the_twin() {
+        let flag = AtomicBool::new(false);
+        let p = point(WorkloadId::CpuCompute, &[]);
+        let plan = plan(&p, &flag);
+        assert_eq!(compute_checksum(1000, &plan), Ok(compute_run(1000)));
+        assert!(matches!(
+            compute_checksum(u64::MAX, &plan),
+            Err(TwinError::TooManyRounds { .. })
+        ));
+        flag.store(true, Ordering::Relaxed);
+        assert_eq!(
+            twin(WorkloadId::CpuCompute, &plan).unwrap(),
+            Err(TwinError::Interrupted)
+        );
+        assert_eq!(compute_checksum(1000, &plan), Err(TwinError::Interrupted));
+    }
+
+    #[test]
+    fn huge_page_advice_follows_the_thp_mode() {
+        use HugePageAdvice::*;
+        assert!(HugePages.gets_huge_pages("madvise") && HugePages.gets_huge_pages("always"));
+        assert!(!NoAdvice.gets_huge_pages("madvise") && NoAdvice.gets_huge_pages("always"));
+        assert!(!HugePages.gets_huge_pages("never"));
+        assert_eq!(
+            HugePages.describe(Some("madvise")),
+            "MADV_HUGEPAGE (THP mode madvise: 2 MiB pages)"
+        );
     }
 }

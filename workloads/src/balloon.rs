@@ -1,8 +1,6 @@
-//! `mem.balloon`: the pool size and the phase notes by which the host and the guest take
+//! `mem.balloon`: the phase notes by which the host and the guest take
 //! turns (the guest says `ready`, the host sets the target, the guest says `inflated`, ...).
 
-/// `mem.balloon.size` when none is given.
-pub const DEFAULT_SIZE: u64 = 64 << 20;
 /// The note key of the guest's phase lines.
 pub const PHASE_KEY: &str = "balloon";
 /// Phase: the pool is back in the guest; the host may set the target.

@@ -2,12 +2,16 @@
 //!
 //! `hvbench run=cpu.idle,cpu.cpuid samples=10 warmup=1 sample_us=10000 p.mem.tlb-chase.ws=64k,1m`
 //!
-//! `p.<workload>.<key>=<value>` is a parameter of one workload; the workload reads it with
-//! [`param`] and checks its value itself.
+//! `p.<workload>.<key>=<value>` is a parameter of one workload: its key must be one of the
+//! workload's row ([`crate::table::Workload::params`]) and its value within the row's
+//! bounds, or the whole line is refused. The workload reads it with [`param_or_default`].
 //!
 //! It travels in the PVH start info (our VMM, QEMU's `-append`, xl's `cmdline=`), so it is
 //! plain ASCII, space separated, and short enough for every loader (Xen takes 1 KiB).
 
+#[cfg(feature = "std")]
+use crate::params::SetBy;
+use crate::params::{ParamError, ParamSpec};
 use crate::table::{WorkloadId, WORKLOADS};
 
 /// First word of every hvbench command line, so a stray command line is recognised.
@@ -143,21 +147,62 @@ fn is_param_text(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b',' | b':' | b'.'))
 }
 
+/// Why a workload parameter was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamRefusal {
+    /// `WORKLOAD.KEY=VALUE` with characters outside the safe set, or too long.
+    BadText,
+    UnknownWorkload,
+    /// The workload's row has no parameter of that key.
+    UnknownKey(WorkloadId),
+    /// The key is the harness's to set, not the user's.
+    HostOnly(WorkloadId, &'static ParamSpec),
+    /// The value breaks the parameter's kind or bounds.
+    Value(WorkloadId, &'static ParamSpec, ParamError),
+}
+
+/// Looks `<workload>.<key>=<value>` up in the table and checks the value against the row.
+pub fn lookup_param(
+    workload: &str,
+    key: &str,
+    value: &str,
+) -> Result<(WorkloadId, &'static ParamSpec), ParamRefusal> {
+    let id = WorkloadId::from_name(workload).ok_or(ParamRefusal::UnknownWorkload)?;
+    if !is_param_text(key, MAX_PARAM_KEY) || !is_param_text(value, MAX_PARAM_VALUE) {
+        return Err(ParamRefusal::BadText);
+    }
+    let spec = id.spec().param(key).ok_or(ParamRefusal::UnknownKey(id))?;
+    spec.check(value)
+        .map_err(|e| ParamRefusal::Value(id, spec, e))?;
+    Ok((id, spec))
+}
+
 /// Splits `<workload>.<key>` (after `p.`) and checks both parts and the value.
-fn split_param<'a>(name: &'a str, value: &'a str) -> Option<(WorkloadId, &'a str, &'a str)> {
+fn split_param<'a>(
+    name: &'a str,
+    value: &'a str,
+) -> Option<(WorkloadId, &'static ParamSpec, &'a str)> {
     let (workload, key) = name.rsplit_once('.')?;
-    let id = WorkloadId::from_name(workload)?;
-    (is_param_text(key, MAX_PARAM_KEY) && is_param_text(value, MAX_PARAM_VALUE))
-        .then_some((id, key, value))
+    let (id, spec) = lookup_param(workload, key, value).ok()?;
+    Some((id, spec, value))
 }
 
 /// The value of parameter `key` of `workload` on a (parsed) command line, if given.
 pub fn param<'a>(line: &'a str, workload: WorkloadId, key: &str) -> Option<&'a str> {
     line.split_ascii_whitespace().find_map(|word| {
         let (name, value) = word.strip_prefix("p.")?.split_once('=')?;
-        let (id, k, v) = split_param(name, value)?;
-        (id == workload && k == key).then_some(v)
+        let (id, spec, v) = split_param(name, value)?;
+        (id == workload && spec.key == key).then_some(v)
     })
+}
+
+/// The value of `spec` for `workload`: the command line's, else the row's default.
+pub fn param_or_default<'a>(
+    line: &'a str,
+    workload: WorkloadId,
+    spec: &ParamSpec,
+) -> Option<&'a str> {
+    param(line, workload, spec.key).or(spec.default)
 }
 
 /// Parses a size such as `4096`, `64k`, `16m`, `1g` (binary multiples).
@@ -195,11 +240,61 @@ pub fn encode_with_params(
     line
 }
 
-/// Checks one `--param` (harness side): known workload, safe key and value.
+/// Checks one `--param` (harness side): a known workload, a key of its row that the user
+/// may set, a value within the row's bounds.
 #[cfg(feature = "std")]
-pub fn check_param(workload: &str, key: &str, value: &str) -> Option<WorkloadId> {
-    let name = std::format!("{workload}.{key}");
-    split_param(&name, value).map(|(id, _, _)| id)
+pub fn check_param(workload: &str, key: &str, value: &str) -> Result<WorkloadId, ParamRefusal> {
+    let (id, spec) = lookup_param(workload, key, value)?;
+    if spec.set_by == SetBy::Host {
+        return Err(ParamRefusal::HostOnly(id, spec));
+    }
+    Ok(id)
+}
+
+#[cfg(feature = "std")]
+impl ParamRefusal {
+    /// What is wrong with `--param TEXT`, naming the valid keys and bounds.
+    pub fn explain(&self, text: &str) -> std::string::String {
+        use std::format;
+        let keys = |id: WorkloadId| {
+            let keys: std::vec::Vec<std::string::String> = id
+                .spec()
+                .params
+                .iter()
+                .filter(|p| p.set_by == SetBy::User)
+                .map(|p| format!("{} ({}, {})", p.key, p.kind.name(), p.bounds()))
+                .collect();
+            if keys.is_empty() {
+                format!("{} takes no parameters", id.name())
+            } else {
+                format!("{} takes {}", id.name(), keys.join("; "))
+            }
+        };
+        match self {
+            ParamRefusal::BadText => format!(
+                "--param {text:?}: expected WORKLOAD.KEY=VALUE, the key up to {MAX_PARAM_KEY} and \
+                 the value up to {MAX_PARAM_VALUE} letters, digits and - _ , : ."
+            ),
+            ParamRefusal::UnknownWorkload => {
+                format!("--param {text:?}: no such workload (see `hvbench list`)")
+            }
+            ParamRefusal::UnknownKey(id) => format!("--param {text:?}: unknown key; {}", keys(*id)),
+            ParamRefusal::HostOnly(id, spec) => format!(
+                "--param {text:?}: {}.{} is set by hvbench itself; {}",
+                id.name(),
+                spec.key,
+                keys(*id)
+            ),
+            ParamRefusal::Value(id, spec, e) => format!(
+                "--param {text:?}: {}; {}.{} takes {}, {}",
+                e.message(),
+                id.name(),
+                spec.key,
+                spec.kind.name(),
+                spec.bounds()
+            ),
+        }
+    }
 }
 
 /// Builds the command line for `config` (harness side).
@@ -294,29 +389,79 @@ mod tests {
             parse("hvbench run=cpu.idle p.cpu.idle.x=a;b"),
             Err(CmdlineError::BadParameter)
         );
+        // Keys and values are the row's: unknown keys and out-of-bounds values are refused.
+        assert_eq!(
+            parse("hvbench run=cpu.idle p.cpu.idle.ws=64k"),
+            Err(CmdlineError::BadParameter)
+        );
+        assert_eq!(
+            parse("hvbench run=mem.tlb-chase p.mem.tlb-chase.ws=0"),
+            Err(CmdlineError::BadParameter)
+        );
         let mut c = GuestConfig::default();
-        c.select(WorkloadId::CpuIdle);
+        c.select(WorkloadId::MemTlbChase);
         let line = encode_with_params(
             &c,
             &[
-                (WorkloadId::CpuIdle, "ws", "64k,1m"),
+                (WorkloadId::MemTlbChase, "ws", "64k,1m"),
                 (WorkloadId::CpuCpuid, "x", "1"),
             ],
         );
         assert_eq!(
             line,
-            "hvbench run=cpu.idle samples=10 warmup=1 sample_us=10000 p.cpu.idle.ws=64k,1m"
+            "hvbench run=mem.tlb-chase samples=10 warmup=1 sample_us=10000 p.mem.tlb-chase.ws=64k,1m"
         );
         assert_eq!(parse(&line), Ok(c));
-        assert_eq!(param(&line, WorkloadId::CpuIdle, "ws"), Some("64k,1m"));
-        assert_eq!(param(&line, WorkloadId::CpuIdle, "other"), None);
+        let ws = &crate::table::param::TLB_CHASE_WS;
+        let page = &crate::table::param::PAGE_SIZES;
+        assert_eq!(param(&line, WorkloadId::MemTlbChase, "ws"), Some("64k,1m"));
+        assert_eq!(param(&line, WorkloadId::MemTlbChase, "page"), None);
         assert_eq!(param(&line, WorkloadId::CpuCpuid, "ws"), None);
         assert_eq!(
-            check_param("cpu.idle", "ws", "1m"),
-            Some(WorkloadId::CpuIdle)
+            param_or_default(&line, WorkloadId::MemTlbChase, ws),
+            Some("64k,1m")
         );
-        assert_eq!(check_param("cpu.idle", "w s", "1m"), None);
-        assert_eq!(check_param("nope", "ws", "1m"), None);
+        assert_eq!(
+            param_or_default(&line, WorkloadId::MemTlbChase, page),
+            Some("4k,2m")
+        );
+    }
+
+    #[test]
+    fn check_param_refuses_unknown_keys_and_out_of_bounds_values_naming_the_valid_ones() {
+        assert_eq!(
+            check_param("mem.tlb-chase", "ws", "1m"),
+            Ok(WorkloadId::MemTlbChase)
+        );
+        let refusal = |w: &str, k: &str, v: &str| {
+            check_param(w, k, v)
+                .map(|_| ())
+                .map_err(|e| e.explain(&std::format!("{w}.{k}={v}")))
+        };
+        let e = refusal("mem.tlb-chase", "wss", "1m").unwrap_err();
+        assert!(e.contains("unknown key") && e.contains("ws (sizes"), "{e}");
+        assert!(
+            e.contains("4k..=3g, a multiple of 4k, at most 16 entries"),
+            "{e}"
+        );
+        let e = refusal("mem.tlb-chase", "ws", "0").unwrap_err();
+        assert!(e.contains("out of bounds") && e.contains("4k..=3g"), "{e}");
+        let e = refusal("mem.tlb-chase", "ws", "18446744073709551615").unwrap_err();
+        assert!(e.contains("out of bounds"), "{e}");
+        let e = refusal("mem.tlb-chase", "page", "1g").unwrap_err();
+        assert!(e.contains("4k and/or 2m"), "{e}");
+        let e = refusal("cpu.idle", "ws", "1m").unwrap_err();
+        assert!(e.contains("cpu.idle takes no parameters"), "{e}");
+        let e = refusal("mem.ksm", "seed", "3").unwrap_err();
+        assert!(e.contains("set by hvbench"), "{e}");
+        let e = refusal("mem.ksm", "guests", "17").unwrap_err();
+        assert!(e.contains("2..=16"), "{e}");
+        assert!(refusal("nope", "ws", "1m")
+            .unwrap_err()
+            .contains("no such workload"));
+        assert!(refusal("mem.copy", "size", "a;b")
+            .unwrap_err()
+            .contains("letters"));
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("3m"), Some(3 << 20));
         assert_eq!(parse_size("1G"), Some(1 << 30));

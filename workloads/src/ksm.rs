@@ -12,8 +12,6 @@ const WORDS_PER_PAGE: u64 = PAGE_BYTES / 8;
 
 /// Parts per million: the unit of the identical fraction, so the guest needs no floats.
 pub const PPM: u64 = 1_000_000;
-/// The identical fraction when the host gives none.
-pub const DEFAULT_IDENTICAL_PPM: u32 = 500_000;
 
 /// Doorbell values (see [`crate::abi::DOORBELL_PORT`]): time first writes, then end.
 pub const RING_MEASURE: u32 = 1;

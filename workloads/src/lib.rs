@@ -22,10 +22,12 @@ pub mod compute;
 pub mod crc32;
 pub mod ksm;
 pub mod memory;
+pub mod params;
 pub mod protocol;
 pub mod table;
 pub mod virtio;
 
+pub use params::{ParamKind, ParamSpec};
 pub use table::{
     BackendFeature, Direction, Driver, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,
     Workload, WorkloadId, WORKLOADS,

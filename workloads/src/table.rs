@@ -2,6 +2,10 @@
 //!
 //! A new workload is one [`WorkloadId`] variant, one row in [`WORKLOADS`] and one guest
 //! function (the guest's dispatch `match` is exhaustive, so the compiler asks for it).
+//! A row carries its parameters ([`ParamSpec`]): the harness checks `--param` against
+//! them, and the guest and the host read keys and defaults from them alone.
+
+pub use crate::params::{ParamError, ParamKind, ParamSpec, SetBy};
 
 /// Identity of a workload. The string form (`cpu.cpuid`) is [`WorkloadId::name`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -237,9 +241,194 @@ pub struct Workload {
     /// The harness runs the identical code natively for a guest/native ratio.
     pub native_twin: bool,
     pub driver: Driver,
+    /// The parameters it takes (`--param WORKLOAD.KEY=VALUE`), the only ones it takes.
+    pub params: &'static [ParamSpec],
+}
+
+impl Workload {
+    /// The parameter `key` of this workload, if it takes one.
+    pub fn param(&self, key: &str) -> Option<&'static ParamSpec> {
+        self.params.iter().find(|p| p.key == key)
+    }
+
+    /// The parameters whose values make series, in the order series names list them.
+    pub fn series_params(&self) -> impl Iterator<Item = &'static ParamSpec> {
+        self.params.iter().filter(|p| p.series)
+    }
 }
 
 const KVM_OR_XEN: &[Hypervisor] = &[Hypervisor::Kvm, Hypervisor::Xen];
+
+/// The parameters of the rows, one constant each, so the guest names them by value.
+pub mod param {
+    use super::{ParamKind, ParamSpec, SetBy};
+    use crate::abi::MAX_LOW_RAM;
+    use crate::params::{PAGE_2M, PAGE_4K};
+
+    const fn spec(
+        key: &'static str,
+        kind: ParamKind,
+        default: Option<&'static str>,
+        (min, max): (u64, u64),
+        description: &'static str,
+    ) -> ParamSpec {
+        ParamSpec {
+            key,
+            kind,
+            default,
+            min,
+            max,
+            multiple_of: 1,
+            max_items: 1,
+            series: false,
+            set_by: SetBy::User,
+            description,
+        }
+    }
+
+    /// The guest page sizes a buffer is mapped with (`mem.first-touch`, `mem.tlb-chase`).
+    pub const PAGE_SIZES: ParamSpec = ParamSpec {
+        max_items: 2,
+        series: true,
+        ..spec(
+            "page",
+            ParamKind::PageSizes,
+            Some("4k,2m"),
+            (PAGE_4K, PAGE_2M),
+            "Guest page sizes the buffer is mapped with, each a series.",
+        )
+    };
+    pub const FIRST_TOUCH_PAGES: ParamSpec = spec(
+        "pages",
+        ParamKind::Count,
+        Some("1024"),
+        (1, 1 << 20),
+        "Fresh 4 KiB pages written per sample.",
+    );
+    pub const PROT_FAULT_PAGES: ParamSpec = spec(
+        "pages",
+        ParamKind::Count,
+        Some("256"),
+        (1, 65_536),
+        "Read-only pages written (one fault each) per sample.",
+    );
+    pub const TLB_CHASE_WS: ParamSpec = ParamSpec {
+        multiple_of: PAGE_4K,
+        max_items: 16,
+        series: true,
+        ..spec(
+            "ws",
+            ParamKind::SizeList,
+            Some("16k,256k,1m,4m,16m,64m"),
+            (PAGE_4K, MAX_LOW_RAM),
+            "Working-set sizes chased (one element per 4 KiB page), each a series.",
+        )
+    };
+    pub const SEQ_READ_SIZE: ParamSpec = ParamSpec {
+        multiple_of: 64,
+        series: true,
+        ..spec(
+            "size",
+            ParamKind::Size,
+            Some("64m"),
+            (64, 2 << 30),
+            "Bytes of the buffer read sequentially per pass.",
+        )
+    };
+    pub const COPY_SIZE: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "size",
+            ParamKind::Size,
+            Some("32m"),
+            (1, 1 << 30),
+            "Bytes copied per pass (each of the two buffers holds as many).",
+        )
+    };
+    pub const BALLOON_SIZE: ParamSpec = ParamSpec {
+        multiple_of: PAGE_4K,
+        ..spec(
+            "size",
+            ParamKind::Size,
+            Some("64m"),
+            (PAGE_4K, 3 << 30),
+            "Bytes of the pool the guest inflates and deflates each cycle.",
+        )
+    };
+    pub const KSM_GUESTS: ParamSpec = spec(
+        "guests",
+        ParamKind::Count,
+        Some("4"),
+        (2, 16),
+        "Guests, each a VMM process of its own.",
+    );
+    pub const KSM_SIZE: ParamSpec = ParamSpec {
+        multiple_of: PAGE_4K,
+        ..spec(
+            "size",
+            ParamKind::Size,
+            None,
+            (PAGE_4K, MAX_LOW_RAM),
+            "Bytes each guest fills, less than its RAM (default: all of its free RAM).",
+        )
+    };
+    pub const KSM_IDENTICAL: ParamSpec = spec(
+        "identical",
+        ParamKind::Fraction,
+        Some("0.5"),
+        (0, 1_000_000),
+        "Fraction of the filled pages identical across guests.",
+    );
+    pub const KSM_PAGES_TO_SCAN: ParamSpec = spec(
+        "pages_to_scan",
+        ParamKind::Count,
+        Some("1000"),
+        (1, 100_000),
+        "KSM's pages_to_scan while the workload runs.",
+    );
+    pub const KSM_SLEEP_MILLISECS: ParamSpec = spec(
+        "sleep_millisecs",
+        ParamKind::Count,
+        Some("20"),
+        (0, 10_000),
+        "KSM's sleep_millisecs while the workload runs.",
+    );
+    pub const KSM_MAX_S: ParamSpec = spec(
+        "max_s",
+        ParamKind::Count,
+        Some("300"),
+        (5, 7200),
+        "Seconds to wait for the sharing to settle.",
+    );
+    pub const KSM_SAMPLE_MS: ParamSpec = spec(
+        "sample_ms",
+        ParamKind::Count,
+        Some("1000"),
+        (100, 10_000),
+        "Milliseconds between samples of the counters.",
+    );
+    /// Set by the harness for each guest (1, 2, ...), so unique pages differ across guests.
+    pub const KSM_SEED: ParamSpec = ParamSpec {
+        set_by: SetBy::Host,
+        ..spec(
+            "seed",
+            ParamKind::Count,
+            Some("0"),
+            (0, u64::MAX),
+            "The guest's seed for its unique pages (set by the harness per guest).",
+        )
+    };
+    pub const KSM: &[ParamSpec] = &[
+        KSM_GUESTS,
+        KSM_SIZE,
+        KSM_IDENTICAL,
+        KSM_PAGES_TO_SCAN,
+        KSM_SLEEP_MILLISECS,
+        KSM_MAX_S,
+        KSM_SAMPLE_MS,
+        KSM_SEED,
+    ];
+}
 
 /// Every workload hvbench knows, in the order a full run executes them.
 pub const WORKLOADS: &[Workload] = &[
@@ -255,6 +444,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuRdtsc,
@@ -268,6 +458,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuCpuid,
@@ -281,6 +472,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuHypercall,
@@ -296,6 +488,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuHypercallKernel,
@@ -313,6 +506,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuMsrRead,
@@ -326,6 +520,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuHlt,
@@ -339,6 +534,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::CpuCompute,
@@ -353,6 +549,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: true,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::IoPioOut,
@@ -366,6 +563,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::IoPioIn,
@@ -379,6 +577,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::IoPioOutKernel,
@@ -392,6 +591,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::IoMmioWrite,
@@ -406,6 +606,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::IoMmioRead,
@@ -418,6 +619,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::MemFirstTouch,
@@ -434,6 +636,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[param::FIRST_TOUCH_PAGES, param::PAGE_SIZES],
     },
     Workload {
         id: WorkloadId::MemProtFault,
@@ -448,6 +651,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[param::PROT_FAULT_PAGES],
     },
     Workload {
         id: WorkloadId::MemTlbChase,
@@ -463,6 +667,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: true,
         driver: Driver::Guest,
+        params: &[param::TLB_CHASE_WS, param::PAGE_SIZES],
     },
     Workload {
         id: WorkloadId::MemSeqRead,
@@ -476,6 +681,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: true,
         driver: Driver::Guest,
+        params: &[param::SEQ_READ_SIZE],
     },
     Workload {
         id: WorkloadId::MemCopy,
@@ -489,6 +695,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: true,
         driver: Driver::Guest,
+        params: &[param::COPY_SIZE],
     },
     Workload {
         id: WorkloadId::MemPtUpdate,
@@ -503,6 +710,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::MemCr3Switch,
@@ -516,6 +724,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::MemKsm,
@@ -548,6 +757,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Host,
+        params: param::KSM,
     },
     Workload {
         id: WorkloadId::MemBalloon,
@@ -573,6 +783,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: false,
         native_twin: false,
         driver: Driver::Host,
+        params: &[param::BALLOON_SIZE],
     },
     Workload {
         id: WorkloadId::SelftestTripleFault,
@@ -586,6 +797,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: true,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::SelftestPageFault,
@@ -599,6 +811,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: true,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::SelftestHang,
@@ -612,6 +825,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: true,
         native_twin: false,
         driver: Driver::Guest,
+        params: &[],
     },
     Workload {
         id: WorkloadId::SelftestBalloonCorrupt,
@@ -628,6 +842,7 @@ pub const WORKLOADS: &[Workload] = &[
         explicit_only: true,
         native_twin: false,
         driver: Driver::Host,
+        params: &[],
     },
 ];
 
@@ -699,6 +914,37 @@ mod tests {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'));
             assert!(!w.description.is_empty());
             assert_eq!(w.explicit_only, w.group == Group::Selftest, "{}", w.name);
+        }
+    }
+
+    #[test]
+    fn every_parameter_default_parses_within_its_bounds() {
+        for w in WORKLOADS {
+            for (i, p) in w.params.iter().enumerate() {
+                assert!(
+                    w.params[..i].iter().all(|q| q.key != p.key),
+                    "{}.{} twice",
+                    w.name,
+                    p.key
+                );
+                assert!(p.min <= p.max && p.multiple_of >= 1, "{}.{}", w.name, p.key);
+                assert!(p.max_items >= 1 && (p.max_items == 1 || p.kind.is_list()));
+                assert!(!p.description.is_empty());
+                assert!(!p.key.is_empty() && p.key.len() <= crate::cmdline::MAX_PARAM_KEY);
+                if let Some(default) = p.default {
+                    assert!(
+                        p.check(default).is_ok(),
+                        "{}.{}={default}: {:?}",
+                        w.name,
+                        p.key,
+                        p.check(default)
+                    );
+                    assert!(default.len() <= crate::cmdline::MAX_PARAM_VALUE);
+                }
+                if p.series {
+                    assert!(p.default.is_some(), "a series parameter needs a default");
+                }
+            }
         }
     }
 

@@ -12,9 +12,9 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use workloads::balloon::{DEFAULT_SIZE, PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
-use workloads::cmdline::parse_size;
+use workloads::balloon::{PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
 use workloads::protocol::Status;
+use workloads::table::param::BALLOON_SIZE;
 use workloads::virtio::{
     DESC_F_NEXT, DESC_F_WRITE, PFNS_PER_BUFFER, QUEUE_DEFLATE, QUEUE_INFLATE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -229,12 +229,10 @@ fn cycles(s: &Sampler, port: &mut dyn BalloonPort, pool: u64, pages: u64) -> Res
 
 /// `mem.balloon`.
 pub fn balloon(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
-    let size = match s.param("size") {
-        None => DEFAULT_SIZE,
-        Some(text) => parse_size(text)
-            .filter(|v| *v >= PAGE && v.is_multiple_of(PAGE) && *v <= (3 << 30))
-            .ok_or(error("parameter `size` must be a multiple of 4k up to 3g"))?,
-    };
+    let size = s
+        .param(&BALLOON_SIZE)
+        .ok_or(error("parameter `size` has no value"))
+        .and_then(|text| BALLOON_SIZE.parse_one(text).map_err(|e| error(e.message())))?;
     let pages = size / PAGE;
     let pool = alloc_work(size, HUGE_PAGE).ok_or(error(
         "not enough guest memory for the balloon's pool: give the guest more (--memory-mib)",

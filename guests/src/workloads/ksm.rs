@@ -6,12 +6,12 @@
 use core::ptr::write_volatile;
 
 use workloads::abi::{DOORBELL_NOT_RUNG, DOORBELL_PORT};
-use workloads::cmdline::parse_size;
 use workloads::ksm::{
-    fill_page, identical_pages, is_identical, page_key, parse_fraction_ppm, DEFAULT_IDENTICAL_PPM,
-    PAGE_BYTES, RING_END, RING_MEASURE,
+    fill_page, identical_pages, is_identical, page_key, PAGE_BYTES, RING_END, RING_MEASURE,
 };
 use workloads::protocol::Status;
+use workloads::table::param::{KSM_IDENTICAL, KSM_SEED, KSM_SIZE};
+use workloads::ParamSpec;
 
 use crate::arch::cpu::{inl, rdtsc_fenced};
 use crate::mem::arena::{alloc_fresh, alloc_work, work_available, HUGE_PAGE, PAGE};
@@ -43,29 +43,23 @@ fn wait_for_doorbell() -> Result<u32, Refusal> {
 }
 
 pub fn ksm(s: &Sampler) -> Result<(), Refusal> {
-    let seed = match s.param("seed") {
-        None => 0,
-        Some(text) => text
-            .parse::<u64>()
-            .map_err(|_| refuse("parameter `seed` must be a decimal number"))?,
+    let number = |spec: &ParamSpec| -> Result<Option<u64>, Refusal> {
+        s.param(spec)
+            .map(|text| spec.parse_one(text).map_err(|e| refuse(e.message())))
+            .transpose()
     };
-    let ppm = match s.param("identical") {
-        None => DEFAULT_IDENTICAL_PPM,
-        Some(text) => parse_fraction_ppm(text).ok_or(refuse(
-            "parameter `identical` must be a fraction from 0 to 1",
-        ))?,
-    };
+    let seed = number(&KSM_SEED)?.unwrap_or(0);
+    let ppm = number(&KSM_IDENTICAL)?
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or(refuse("parameter `identical` has no value"))?;
     // The addresses a sample writes to, gathered before its clock starts; taken from the
     // top of RAM first, so that the region may have everything else.
     let targets = alloc_fresh(MAX_BATCH * 8, PAGE).ok_or(refuse("not enough memory"))?;
     let available = work_available(HUGE_PAGE) & !(PAGE - 1);
-    let size = match s.param("size") {
+    let size = match number(&KSM_SIZE)? {
         None => available,
-        Some(text) => parse_size(text)
-            .filter(|v| *v >= PAGE && *v % PAGE == 0 && *v <= available)
-            .ok_or(refuse(
-                "parameter `size` must be whole pages that fit in the guest's free RAM",
-            ))?,
+        Some(v) if v <= available => v,
+        Some(_) => return Err(refuse("parameter `size` must fit in the guest's free RAM")),
     };
     let pages = size / PAGE_BYTES;
     let identical = identical_pages(pages, ppm);

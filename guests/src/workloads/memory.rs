@@ -3,9 +3,12 @@
 
 use core::ptr::write_volatile;
 
-use workloads::cmdline::parse_size;
 use workloads::memory::{build_chase, chase, copy_bytes, sum_words, CHASE_SEED};
+use workloads::params::{ParamSpec, PAGE_4K};
 use workloads::protocol::Status;
+use workloads::table::param::{
+    COPY_SIZE, FIRST_TOUCH_PAGES, PAGE_SIZES, PROT_FAULT_PAGES, SEQ_READ_SIZE, TLB_CHASE_WS,
+};
 use workloads::WorkloadId;
 
 use super::kernel_loop;
@@ -16,10 +19,8 @@ use crate::mem::arena::{alloc_fresh, alloc_work, reset_work, HUGE_PAGE, PAGE};
 use crate::mem::paging::{self, map_4k, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 use crate::runner::{Refusal, Sampler};
 
-/// Default sweep of `mem.tlb-chase` working sets.
-const DEFAULT_WS: &str = "16k,256k,1m,4m,16m,64m";
-const DEFAULT_PAGES: &str = "4k,2m";
-const MAX_SERIES: usize = 16;
+/// Most working sets of one sweep (the row's bound).
+const MAX_SERIES: usize = TLB_CHASE_WS.max_items;
 
 fn refuse(reason: &'static str) -> Refusal {
     (Status::Error, reason)
@@ -53,28 +54,27 @@ impl Series {
     }
 }
 
-/// The page sizes a workload is asked for (`page` parameter): `4k` and/or `2m`.
-fn page_kinds(s: &Sampler) -> Result<([bool; 2], [&'static str; 2]), Refusal> {
-    let text = s.param("page").unwrap_or(DEFAULT_PAGES);
-    let mut want = [false; 2];
-    for kind in text.split(',') {
-        match kind {
-            "4k" => want[0] = true,
-            "2m" => want[1] = true,
-            _ => return Err(refuse("parameter `page` takes 4k and/or 2m")),
-        }
+/// The page sizes a workload is asked for (`page` parameter): whether 4 KiB and 2 MiB
+/// mappings are wanted, and the text each series is named by.
+fn page_kinds(s: &Sampler) -> Result<[Option<&'static str>; 2], Refusal> {
+    let text = s
+        .param(&PAGE_SIZES)
+        .ok_or(refuse("parameter `page` has no value"))?;
+    PAGE_SIZES.check(text).map_err(|e| refuse(e.message()))?;
+    let mut want = [None; 2];
+    for entry in PAGE_SIZES.entries(text) {
+        let four_k = PAGE_SIZES.parse_one(entry) == Ok(PAGE_4K);
+        want[usize::from(!four_k)] = Some(entry);
     }
-    Ok((want, ["4k", "2m"]))
+    Ok(want)
 }
 
-fn size_param(s: &Sampler, key: &str, default: u64, max: u64) -> Result<u64, Refusal> {
-    match s.param(key) {
-        None => Ok(default),
-        Some(text) => match parse_size(text) {
-            Some(v) if v > 0 && v <= max => Ok(v),
-            _ => Err(refuse("size parameter malformed or too large")),
-        },
-    }
+/// A single-valued parameter, checked against its row (the host checked it too), with
+/// the text it was written as (for the series name).
+fn value_param(s: &Sampler, spec: &ParamSpec) -> Result<(u64, &'static str), Refusal> {
+    let text = s.param(spec).ok_or(refuse("a parameter has no value"))?;
+    let value = spec.parse_one(text).map_err(|e| refuse(e.message()))?;
+    Ok((value, text))
 }
 
 /// Maps `pages` pages at `phys` with the given page size; returns the virtual address.
@@ -88,14 +88,14 @@ fn map(phys: u64, pages: u64, four_k: bool) -> Result<u64, Refusal> {
 
 /// Fresh pages, first write to each, 4 KiB and 2 MiB guest mappings.
 pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
-    let pages = size_param(s, "pages", 1024, 1 << 20)?;
-    let (want, names) = page_kinds(s)?;
+    let (pages, _) = value_param(s, &FIRST_TOUCH_PAGES)?;
+    let want = page_kinds(s)?;
     let bytes = pages * PAGE;
     for (k, four_k) in [true, false].into_iter().enumerate() {
-        if !want[k] {
+        let Some(name) = want[k] else {
             continue;
-        }
-        let series = Series::new().push("page", names[k]);
+        };
+        let series = Series::new().push(PAGE_SIZES.key, name);
         for (index, warmup) in s.rounds() {
             let phys = alloc_fresh(bytes, HUGE_PAGE).ok_or(refuse(
                 "not enough untouched memory left: give the guest more (--memory-mib)",
@@ -117,7 +117,7 @@ pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
 
 /// Writes to read-only pages; the kernel's #PF handler makes each writable again.
 pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
-    let pages = size_param(s, "pages", 256, 65536)?;
+    let (pages, _) = value_param(s, &PROT_FAULT_PAGES)?;
     let phys = alloc_work(pages * PAGE, PAGE).ok_or(refuse("not enough memory for the pages"))?;
     let mapping = map_4k(phys, pages).map_err(refuse)?;
     syscall(
@@ -160,31 +160,34 @@ pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
 
 /// Random pointer chase, one element per page, over a sweep of working sets.
 pub fn tlb_chase(s: &Sampler) -> Result<(), Refusal> {
-    let (want, names) = page_kinds(s)?;
-    let ws_text = s.param("ws").unwrap_or(DEFAULT_WS);
+    let want = page_kinds(s)?;
+    let ws_text = s
+        .param(&TLB_CHASE_WS)
+        .ok_or(refuse("parameter `ws` has no value"))?;
+    let count = TLB_CHASE_WS
+        .check(ws_text)
+        .map_err(|e| refuse(e.message()))?;
     let mut sizes = [0u64; MAX_SERIES];
-    let mut count = 0;
-    for part in ws_text.split(',') {
-        let ws = parse_size(part).filter(|v| *v >= PAGE && *v <= (1 << 34));
-        if count == MAX_SERIES || ws.is_none() {
-            return Err(refuse("parameter `ws` takes up to 16 sizes of at least 4k"));
-        }
-        sizes[count] = ws.unwrap_or(PAGE);
-        count += 1;
+    for (size, entry) in sizes.iter_mut().zip(TLB_CHASE_WS.entries(ws_text)) {
+        *size = TLB_CHASE_WS
+            .parse_one(entry)
+            .map_err(|e| refuse(e.message()))?;
     }
     let largest = sizes[..count].iter().copied().max().unwrap_or(PAGE);
     let phys = alloc_work(largest, HUGE_PAGE)
         .ok_or(refuse("not enough memory for the largest working set"))?;
     for (k, four_k) in [true, false].into_iter().enumerate() {
-        if !want[k] {
+        let Some(name) = want[k] else {
             continue;
-        }
-        for (ws, text) in sizes[..count].iter().zip(ws_text.split(',')) {
+        };
+        for (ws, text) in sizes[..count].iter().zip(TLB_CHASE_WS.entries(ws_text)) {
             let pages = ws / PAGE;
             let va = map(phys, pages, four_k)?;
             // SAFETY: [va, va + ws) is mapped to the buffer allocated above.
             let start = unsafe { build_chase(va as *mut u8, pages as usize, CHASE_SEED) };
-            let series = Series::new().push("ws", text).push("page", names[k]);
+            let series = Series::new()
+                .push(TLB_CHASE_WS.key, text)
+                .push(PAGE_SIZES.key, name);
             let mut p = start;
             s.latency(series.as_str(), |n| {
                 let t0 = rdtsc_fenced();
@@ -203,15 +206,12 @@ pub fn tlb_chase(s: &Sampler) -> Result<(), Refusal> {
 
 /// Sequential read bandwidth.
 pub fn seq_read(s: &Sampler) -> Result<(), Refusal> {
-    let size = size_param(s, "size", 64 << 20, 1 << 31)?;
-    if size % 64 != 0 {
-        return Err(refuse("parameter `size` must be a multiple of 64 bytes"));
-    }
+    let (size, size_text) = value_param(s, &SEQ_READ_SIZE)?;
     let buf = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffer"))?;
     // Touch it once: the workload measures reads, not first touches.
     // SAFETY: `buf` is `size` bytes of work memory, identity-mapped.
     unsafe { core::ptr::write_bytes(buf as *mut u8, 1, size as usize) };
-    let series = Series::new().push("size", s.param("size").unwrap_or("64m"));
+    let series = Series::new().push(SEQ_READ_SIZE.key, size_text);
     s.measure(series.as_str(), |n| {
         let t0 = rdtsc_fenced();
         for _ in 0..n {
@@ -225,7 +225,7 @@ pub fn seq_read(s: &Sampler) -> Result<(), Refusal> {
 
 /// Copy bandwidth.
 pub fn copy(s: &Sampler) -> Result<(), Refusal> {
-    let size = size_param(s, "size", 32 << 20, 1 << 30)?;
+    let (size, size_text) = value_param(s, &COPY_SIZE)?;
     let src = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffers"))?;
     let dst = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffers"))?;
     // SAFETY: both are `size` bytes of work memory.
@@ -233,7 +233,7 @@ pub fn copy(s: &Sampler) -> Result<(), Refusal> {
         core::ptr::write_bytes(src as *mut u8, 1, size as usize);
         core::ptr::write_bytes(dst as *mut u8, 2, size as usize);
     }
-    let series = Series::new().push("size", s.param("size").unwrap_or("32m"));
+    let series = Series::new().push(COPY_SIZE.key, size_text);
     s.measure(series.as_str(), |n| {
         let t0 = rdtsc_fenced();
         for _ in 0..n {

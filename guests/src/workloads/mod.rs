@@ -19,7 +19,7 @@ use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen::XENVER_VERSION;
 use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
-use crate::kernel::{BootInfo, Syscall, KERNEL_LOOP_FAULTED};
+use crate::kernel::{BootInfo, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
 use crate::runner::{Refusal, Sampler};
 
 /// An address no page table maps (256 GiB), for `selftest.page-fault`.
@@ -34,7 +34,7 @@ pub fn kernel_loop(id: WorkloadId, n: u64, arg: u64) -> Result<u64, Refusal> {
             "the hypervisor raised #UD for the hypercall instruction at CPL0: this KVM does \
              not accept hypercalls from guest kernel mode",
         )),
-        u64::MAX => Err((
+        NO_KERNEL_LOOP => Err((
             Status::Error,
             "the kernel has no loop for this workload on this hypervisor",
         )),

@@ -123,6 +123,12 @@ pub trait Hypervisor {
     fn balloon(&self) -> Option<&dyn balloon::BalloonBackend> {
         None
     }
+
+    /// The huge-page advice guest RAM is mapped with on this machine, where the backend
+    /// maps it here (native twins map their buffers the same way).
+    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
+        None
+    }
 }
 
 #[derive(Debug, Error)]

@@ -183,6 +183,12 @@ impl Hypervisor for QemuBackend {
         BackendKind::Qemu
     }
 
+    /// QEMU advises MADV_HUGEPAGE on every RAM block it allocates (`ram_block_add` in
+    /// `system/physmem.c`), with no option to turn it off.
+    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
+        Some(crate::native::HugePageAdvice::HugePages)
+    }
+
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
         details.insert("accel".into(), self.accel.into());

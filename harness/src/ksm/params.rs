@@ -2,44 +2,15 @@
 
 use std::time::Duration;
 
-use workloads::cmdline::parse_size;
-use workloads::ksm::{parse_fraction_ppm, DEFAULT_IDENTICAL_PPM, PAGE_BYTES};
-use workloads::WorkloadId;
+use workloads::table::param::{
+    KSM_GUESTS, KSM_IDENTICAL, KSM_MAX_S, KSM_PAGES_TO_SCAN, KSM_SAMPLE_MS, KSM_SIZE,
+    KSM_SLEEP_MILLISECS,
+};
+use workloads::{ParamSpec, WorkloadId};
 
 use super::KsmError;
+use crate::run::plan::param_value;
 use crate::run::WorkloadParam;
-
-/// Every key `mem.ksm` takes, with what it means (for error messages and the README).
-pub const KEYS: &[(&str, &str)] = &[
-    (
-        "guests",
-        "number of guests, each a VMM process (2..=16, default 4)",
-    ),
-    (
-        "size",
-        "bytes each guest fills, e.g. 128m (default: all of its free RAM)",
-    ),
-    (
-        "identical",
-        "fraction of the filled pages identical across guests (0..=1, default 0.5)",
-    ),
-    (
-        "pages_to_scan",
-        "KSM pages_to_scan while the workload runs (1..=100000, default 1000)",
-    ),
-    (
-        "sleep_millisecs",
-        "KSM sleep_millisecs while the workload runs (0..=10000, default 20)",
-    ),
-    (
-        "max_s",
-        "seconds to wait for the sharing to settle (5..=7200, default 300)",
-    ),
-    (
-        "sample_ms",
-        "milliseconds between samples of the counters (100..=10000, default 1000)",
-    ),
-];
 
 /// What one `mem.ksm` run does.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,93 +29,77 @@ pub struct KsmParams {
     pub sample_interval: Duration,
 }
 
-fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    key: &str,
-    value: &str,
-    min: T,
-    max: T,
-) -> Result<T, KsmError> {
-    match value.parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(KsmError::Param(format!(
-            "mem.ksm.{key}={value}: expected a number from {min} to {max}"
-        ))),
-    }
+/// The value of `spec` in this run (the user's, else the row's default), parsed; `None`
+/// where the row has no default and none was given.
+fn value(params: &[WorkloadParam], spec: &ParamSpec) -> Result<Option<(u64, String)>, KsmError> {
+    let Some(text) = param_value(params, WorkloadId::MemKsm, spec) else {
+        return Ok(None);
+    };
+    let v = spec.parse_one(text).map_err(|e| {
+        KsmError::Param(format!(
+            "mem.ksm.{}={text}: {}; it takes {}, {}",
+            spec.key,
+            e.message(),
+            spec.kind.name(),
+            spec.bounds()
+        ))
+    })?;
+    Ok(Some((v, text.to_string())))
+}
+
+/// A parameter the row gives a default for.
+fn number<T: TryFrom<u64>>(params: &[WorkloadParam], spec: &ParamSpec) -> Result<T, KsmError> {
+    value(params, spec)?
+        .and_then(|(v, _)| T::try_from(v).ok())
+        .ok_or_else(|| KsmError::Param(format!("mem.ksm.{} has no usable value", spec.key)))
 }
 
 impl KsmParams {
-    /// The defaults, overridden by the run's `--param mem.ksm.*`.
+    /// The row's defaults, overridden by the run's `--param mem.ksm.*` (checked against the
+    /// row when parsed; the size is checked here against the guest's RAM).
     pub fn from_run(params: &[WorkloadParam], guest_mib: u32) -> Result<Self, KsmError> {
-        let mut p = KsmParams {
-            guests: 4,
-            guest_mib,
-            size: None,
-            identical: "0.5".into(),
-            identical_ppm: DEFAULT_IDENTICAL_PPM,
-            pages_to_scan: 1000,
-            sleep_millisecs: 20,
-            max: Duration::from_secs(300),
-            sample_interval: Duration::from_millis(1000),
-        };
-        for param in params.iter().filter(|p| p.workload == WorkloadId::MemKsm) {
-            let (key, value) = (param.key.as_str(), param.value.as_str());
-            match key {
-                "guests" => p.guests = number(key, value, 2, 16)?,
-                "size" => {
-                    let guest_bytes = (guest_mib as u64) << 20;
-                    match parse_size(value) {
-                        Some(v) if v >= PAGE_BYTES && v % PAGE_BYTES == 0 && v < guest_bytes => {
-                            p.size = Some(value.to_string())
-                        }
-                        _ => {
-                            return Err(KsmError::Param(format!(
-                                "mem.ksm.size={value}: expected whole 4 KiB pages, less than \
-                                 the guest's {guest_mib} MiB (--memory-mib)"
-                            )))
-                        }
-                    }
-                }
-                "identical" => {
-                    p.identical_ppm = parse_fraction_ppm(value).ok_or_else(|| {
-                        KsmError::Param(format!(
-                            "mem.ksm.identical={value}: expected a fraction from 0 to 1 \
-                             (e.g. 0.5)"
-                        ))
-                    })?;
-                    p.identical = value.to_string();
-                }
-                "pages_to_scan" => p.pages_to_scan = number(key, value, 1, 100_000)?,
-                "sleep_millisecs" => p.sleep_millisecs = number(key, value, 0, 10_000)?,
-                "max_s" => p.max = Duration::from_secs(number(key, value, 5, 7200)?),
-                "sample_ms" => {
-                    p.sample_interval = Duration::from_millis(number(key, value, 100, 10_000)?)
-                }
-                _ => {
-                    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                    return Err(KsmError::Param(format!(
-                        "mem.ksm has no parameter {key:?} (it takes {})",
-                        known.join(", ")
-                    )));
-                }
+        let size = value(params, &KSM_SIZE)?;
+        if let Some((bytes, text)) = &size {
+            if *bytes >= u64::from(guest_mib) << 20 {
+                return Err(KsmError::Param(format!(
+                    "mem.ksm.size={text}: expected less than the guest's {guest_mib} MiB \
+                     (--memory-mib)"
+                )));
             }
         }
-        Ok(p)
+        let (identical_ppm, identical) = value(params, &KSM_IDENTICAL)?
+            .ok_or_else(|| KsmError::Param("mem.ksm.identical has no value".into()))?;
+        Ok(KsmParams {
+            guests: number(params, &KSM_GUESTS)?,
+            guest_mib,
+            size: size.map(|(_, text)| text),
+            identical,
+            identical_ppm: u32::try_from(identical_ppm)
+                .map_err(|_| KsmError::Param("mem.ksm.identical out of range".into()))?,
+            pages_to_scan: number(params, &KSM_PAGES_TO_SCAN)?,
+            sleep_millisecs: number(params, &KSM_SLEEP_MILLISECS)?,
+            max: Duration::from_secs(number(params, &KSM_MAX_S)?),
+            sample_interval: Duration::from_millis(number(params, &KSM_SAMPLE_MS)?),
+        })
     }
 
     /// Every effective value, for the records' notes.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("guests", self.guests.to_string()),
+            (KSM_GUESTS.key, self.guests.to_string()),
             ("guest_mib", self.guest_mib.to_string()),
             (
-                "size",
+                KSM_SIZE.key,
                 self.size.clone().unwrap_or_else(|| "all free RAM".into()),
             ),
-            ("identical", self.identical.clone()),
-            ("pages_to_scan", self.pages_to_scan.to_string()),
-            ("sleep_millisecs", self.sleep_millisecs.to_string()),
-            ("max_s", self.max.as_secs().to_string()),
-            ("sample_ms", self.sample_interval.as_millis().to_string()),
+            (KSM_IDENTICAL.key, self.identical.clone()),
+            (KSM_PAGES_TO_SCAN.key, self.pages_to_scan.to_string()),
+            (KSM_SLEEP_MILLISECS.key, self.sleep_millisecs.to_string()),
+            (KSM_MAX_S.key, self.max.as_secs().to_string()),
+            (
+                KSM_SAMPLE_MS.key,
+                self.sample_interval.as_millis().to_string(),
+            ),
         ]
     }
 }
@@ -187,23 +142,32 @@ mod tests {
         assert_eq!((p.pages_to_scan, p.sleep_millisecs), (5000, 0));
         assert_eq!(p.max, Duration::from_secs(60));
         assert_eq!(p.sample_interval, Duration::from_millis(250));
-        assert_eq!(p.describe().len(), KEYS.len() + 1);
+        // Every key the row lets the user set, and the guest's RAM.
+        let user_keys = WorkloadId::MemKsm
+            .spec()
+            .params
+            .iter()
+            .filter(|p| p.set_by == workloads::params::SetBy::User)
+            .count();
+        assert_eq!(p.describe().len(), user_keys + 1);
     }
 
     #[test]
     fn bad_values_are_refused_with_the_key() {
-        for (text, expect) in [
-            ("mem.ksm.guests=1", "mem.ksm.guests=1"),
-            ("mem.ksm.guests=many", "from 2 to 16"),
-            ("mem.ksm.size=32m", "less than the guest's 32 MiB"),
-            ("mem.ksm.size=1000", "whole 4 KiB pages"),
-            ("mem.ksm.identical=1.5", "fraction"),
-            ("mem.ksm.pages_to_scan=0", "pages_to_scan"),
-            ("mem.ksm.max_s=1", "max_s"),
-            ("mem.ksm.seed=3", "no parameter \"seed\""),
+        // Bounds are checked when `--param` is parsed (the row's); the guest's RAM here.
+        for text in [
+            "mem.ksm.guests=1",
+            "mem.ksm.guests=many",
+            "mem.ksm.size=1000",
+            "mem.ksm.identical=1.5",
+            "mem.ksm.pages_to_scan=0",
+            "mem.ksm.max_s=1",
+            "mem.ksm.seed=3",
+            "mem.ksm.nope=3",
         ] {
-            let e = parse(&[text], 32).unwrap_err();
-            assert!(e.contains(expect), "{text}: {e}");
+            assert!(WorkloadParam::parse(text).is_err(), "{text}");
         }
+        let e = parse(&["mem.ksm.size=32m"], 32).unwrap_err();
+        assert!(e.contains("less than the guest's 32 MiB"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ use reports::record::Curve;
 use workloads::cmdline::encode_with_params;
 use workloads::ksm::{PAGE_BYTES, RING_END, RING_MEASURE};
 use workloads::protocol::{CrashReport, Event, Hello, Status};
+use workloads::table::param::{KSM_IDENTICAL, KSM_SEED, KSM_SIZE};
 use workloads::WorkloadId;
 
 use super::analysis::{self, SavedByKsm, Tick};
@@ -256,9 +257,12 @@ fn guest_cmdline(ctx: &HostContext, p: &KsmParams, index: usize) -> String {
     let config = ctx.options.guest_config(&[ID]);
     // Seeds from 1: each guest's unique pages differ from every other guest's.
     let seed = (index + 1).to_string();
-    let mut params = vec![(ID, "seed", seed.as_str()), (ID, "identical", &p.identical)];
+    let mut params = vec![
+        (ID, KSM_SEED.key, seed.as_str()),
+        (ID, KSM_IDENTICAL.key, &p.identical),
+    ];
     if let Some(size) = &p.size {
-        params.push((ID, "size", size));
+        params.push((ID, KSM_SIZE.key, size));
     }
     encode_with_params(&config, &params)
 }

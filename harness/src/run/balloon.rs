@@ -20,13 +20,15 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use reports::record::Curve;
-use workloads::balloon::{DEFAULT_SIZE, PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
-use workloads::cmdline::parse_size;
+use workloads::balloon::{PHASE_DEFLATED, PHASE_INFLATED, PHASE_KEY, PHASE_READY};
 use workloads::protocol::{Event, Hello, Status};
+use workloads::table::param::BALLOON_SIZE;
 use workloads::WorkloadId;
 
 use super::host_driven::{HostContext, HostDriven};
+use super::plan::{param_value, ExpectedSeries};
 use super::session::{describe_crash, difference, interpret, LineMeaning, WorkloadOutcome};
+use super::WorkloadParam;
 use crate::backend::balloon::{BalloonControl, HostMemory, Refusals};
 use crate::backend::{BootRequest, ExitCounts, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{ConsoleLine, LineAssembler};
@@ -52,7 +54,7 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
         );
         return outcome.into();
     };
-    let size = match balloon_size(ctx) {
+    let size = match balloon_size(&ctx.options.params, ctx.options.memory_mib) {
         Ok(size) => size,
         Err(reason) => {
             outcome.ratchet(Status::Error, reason);
@@ -113,20 +115,18 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
 }
 
 /// The pool size: `--param mem.balloon.size`, checked against the guest's memory.
-fn balloon_size(ctx: &HostContext) -> Result<u64, String> {
-    let text = ctx
-        .options
-        .params
-        .iter()
-        .find(|p| p.workload == WorkloadId::MemBalloon && p.key == "size")
-        .map(|p| p.value.as_str());
-    let size = match text {
-        None => DEFAULT_SIZE,
-        Some(text) => parse_size(text)
-            .filter(|v| *v >= 4096 && v.is_multiple_of(4096))
-            .ok_or_else(|| format!("mem.balloon.size={text} is not a multiple of 4k"))?,
-    };
-    let memory = (ctx.options.memory_mib as u64) << 20;
+pub fn balloon_size(params: &[WorkloadParam], memory_mib: u32) -> Result<u64, String> {
+    let spec = &BALLOON_SIZE;
+    let text =
+        param_value(params, WorkloadId::MemBalloon, spec).ok_or("mem.balloon.size has no value")?;
+    let size = spec.parse_one(text).map_err(|e| {
+        format!(
+            "mem.balloon.size={text}: {}; it takes {}",
+            e.message(),
+            spec.bounds()
+        )
+    })?;
+    let memory = u64::from(memory_mib) << 20;
     if size.saturating_add(GUEST_RESERVE) > memory {
         return Err(format!(
             "a balloon of {} MiB leaves the guest too little of its {} MiB (it needs about {} \
@@ -300,14 +300,17 @@ impl Driver {
                         return Stop::HostFailed;
                     }
                 }
-                Item::Event(event) => self.event(event),
+                Item::Event(event) => self.event(event, ctx),
             }
         }
     }
 
-    fn event(&mut self, event: Event) {
+    fn event(&mut self, event: Event, ctx: &HostContext) {
         match event {
-            Event::Sample(s) if s.workload == self.id => self.outcome.add_sample(s),
+            Event::Sample(s) if s.workload == self.id => {
+                let expected = ExpectedSeries::new(&[self.id], &ctx.options.params);
+                self.outcome.add_sample(s, &expected)
+            }
             Event::Note { key, value, .. } => self.outcome.note(key, value),
             Event::Result {
                 workload,

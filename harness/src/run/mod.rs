@@ -79,14 +79,13 @@ pub struct WorkloadParam {
 }
 
 impl WorkloadParam {
-    /// Parses `WORKLOAD.KEY=VALUE` (e.g. `mem.tlb-chase.ws=64k,1m`).
+    /// Parses `WORKLOAD.KEY=VALUE` (e.g. `mem.tlb-chase.ws=64k,1m`) and checks it against
+    /// the workload's row: a known key, a value within its bounds.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("--param {text:?} is not WORKLOAD.KEY=VALUE with a known workload and a value of letters, digits and - _ , : .")
-        };
+        let bad = || format!("--param {text:?} is not WORKLOAD.KEY=VALUE");
         let (name, value) = text.split_once('=').ok_or_else(bad)?;
         let (workload, key) = name.rsplit_once('.').ok_or_else(bad)?;
-        let id = cmdline::check_param(workload, key, value).ok_or_else(bad)?;
+        let id = cmdline::check_param(workload, key, value).map_err(|e| e.explain(text))?;
         Ok(WorkloadParam {
             workload: id,
             key: key.to_string(),
@@ -241,6 +240,7 @@ pub fn run(
                 native_here,
                 reproduce: &reproduce,
                 workload_params: &options.params,
+                guest_ram: backend.guest_ram_advice(),
             };
             for record in records::build(outcome, &ctx) {
                 writer.write(&record)?;
@@ -294,7 +294,15 @@ pub fn run(
                         }
                     }
                 };
-            let report = session::drive(session.as_mut(), &pending, limits, interrupted, &mut sink);
+            let expected = plan::ExpectedSeries::new(&pending, &options.params);
+            let report = session::drive(
+                session.as_mut(),
+                &pending,
+                &expected,
+                limits,
+                interrupted,
+                &mut sink,
+            );
             drop(session);
             if let Some(e) = write_error {
                 return Err(e);

@@ -12,8 +12,17 @@ use reports::stats::{median, summarize};
 use workloads::protocol::Status;
 use workloads::{Direction, Privilege, Unit, WorkloadId};
 
+use super::plan::{effective_params, series_points, SeriesPoint};
 use super::session::{SeriesSamples, WorkloadOutcome};
-use crate::native;
+use crate::native::{self, HugePageAdvice, TwinPlan};
+
+/// TSC rate assumed for sizing native runs where this host gives none (as the guest does).
+const FALLBACK_TSC_KHZ: u64 = 1_000_000;
+/// Record notes where the host says how guest RAM and the native twin's buffers were
+/// backed, and why a ratio is absent.
+const NOTE_GUEST_RAM: &str = "host_backing_guest_ram";
+const NOTE_NATIVE: &str = "host_backing_native";
+const NOTE_RATIO: &str = "native_ratio";
 
 /// What every record of one boot shares.
 pub struct RecordContext<'a> {
@@ -31,6 +40,8 @@ pub struct RecordContext<'a> {
     /// The command that re-runs one workload.
     pub reproduce: &'a dyn Fn(WorkloadId) -> String,
     pub workload_params: &'a [super::WorkloadParam],
+    /// The huge-page advice the guest's RAM was mapped with, where the backend says.
+    pub guest_ram: Option<HugePageAdvice>,
 }
 
 /// UTC time as RFC 3339 (`2026-11-26T05:12:00Z`), without a date crate.
@@ -155,28 +166,47 @@ fn build_one(
         verdict.ratchet(Status::Error, "the guest reported no samples".into());
     }
 
+    // The series the host asked for that this record is of (only those are kept).
+    let point = series_points(ctx.workload_params, outcome.workload)
+        .into_iter()
+        .find(|p| p.name == params);
+    let interrupted = crate::interrupt::flag();
     if outcome.workload == WorkloadId::CpuCompute && verdict.status == Status::Success {
-        if let Err(text) = verify_compute(outcome) {
+        let check = point
+            .as_ref()
+            .ok_or_else(|| "the host asked for no such series".to_string())
+            .and_then(|point| verify_compute(outcome, &twin_plan(ctx, point, interrupted)));
+        if let Err(text) = check {
             verdict.ratchet(Status::Failure, text);
         }
     }
     let series_map = parse_series(params);
+    let mut notes = outcome.notes.clone();
     let mut native = None;
     if spec.native_twin && ctx.native_here && verdict.status == Status::Success {
-        let ops = series.measured.first().map(|(ops, _)| *ops).unwrap_or(0);
         let direction = metric_spec
             .map(|m| m.direction)
             .unwrap_or(Direction::LowerIsBetter);
-        match native_twin(
-            outcome.workload,
-            &series_map,
-            ops,
-            unit,
-            direction,
-            ctx,
-            &samples,
-        ) {
-            Ok(n) => native = n,
+        let result = match &point {
+            Some(point) => {
+                let plan = twin_plan(ctx, point, interrupted);
+                let thp = native::thp_mode();
+                notes.insert(
+                    NOTE_GUEST_RAM.into(),
+                    ctx.guest_ram
+                        .map_or("unknown".into(), |a| a.describe(thp.as_deref())),
+                );
+                notes.insert(NOTE_NATIVE.into(), plan.backing.describe(thp.as_deref()));
+                native_twin(outcome.workload, &plan, unit, direction, ctx, &samples)
+            }
+            None => Err("the host asked for no such series".into()),
+        };
+        match result {
+            Ok(Comparison::Ratio(n)) => native = Some(n),
+            Ok(Comparison::NoRatio(why)) => {
+                notes.insert(NOTE_RATIO.into(), why);
+            }
+            Ok(Comparison::NoTwin) => {}
             Err(text) => verdict.ratchet(Status::Error, format!("native twin: {text}")),
         }
     }
@@ -209,7 +239,7 @@ fn build_one(
         ops_per_sample: series.measured.iter().map(|(ops, _)| *ops).collect(),
         warmup_samples,
         native,
-        notes: outcome.notes.clone(),
+        notes,
         exits: outcome
             .exits
             .iter()
@@ -225,12 +255,8 @@ fn build_one(
         host: ctx.host.clone(),
         guest: ctx.guest.clone(),
         parameters: RunParameters {
-            workload_params: ctx
-                .workload_params
-                .iter()
-                .filter(|p| p.workload == outcome.workload)
-                .map(|p| (p.key.clone(), p.value.clone()))
-                .collect(),
+            // Every parameter of the row, the user's value or the row's default.
+            workload_params: effective_params(ctx.workload_params, outcome.workload),
             ..ctx.parameters.clone()
         },
         hvbench: ctx.tool.clone(),
@@ -253,8 +279,27 @@ impl Verdict {
     }
 }
 
-/// Checks the guest's compute checksum against the host's for the rounds it reported.
-fn verify_compute(outcome: &WorkloadOutcome) -> Result<(), String> {
+/// What a native run of `point` is sized by: the host's series, `--sample-us` at this
+/// host's TSC rate, the guest RAM's huge-page advice.
+fn twin_plan<'a>(
+    ctx: &RecordContext,
+    point: &'a SeriesPoint,
+    interrupted: &'a std::sync::atomic::AtomicBool,
+) -> TwinPlan<'a> {
+    let khz = ctx.host.tsc_khz.unwrap_or(FALLBACK_TSC_KHZ);
+    TwinPlan {
+        point,
+        backing: ctx.guest_ram.unwrap_or(HugePageAdvice::NoAdvice),
+        min_cycles: native::cycles_from_tsc_khz(ctx.parameters.sample_us, khz),
+        warmup: ctx.parameters.warmup,
+        samples: ctx.parameters.samples,
+        interrupted,
+    }
+}
+
+/// Checks the guest's compute checksum against the host's for the rounds it reported
+/// (bounded by what the host needs for one sample).
+fn verify_compute(outcome: &WorkloadOutcome, plan: &TwinPlan) -> Result<(), String> {
     let rounds = outcome
         .notes
         .get("rounds")
@@ -265,7 +310,8 @@ fn verify_compute(outcome: &WorkloadOutcome) -> Result<(), String> {
         .get("checksum")
         .and_then(|c| parse_hex(c))
         .ok_or("the guest did not report its checksum")?;
-    let expected = native::compute_checksum(rounds);
+    let expected = native::compute_checksum(rounds, plan)
+        .map_err(|e| format!("the checksum was not verified: {e}"))?;
     if reported != expected {
         return Err(format!(
             "wrong result: the guest's checksum {reported:#x} differs from the host's {expected:#x} for {rounds} rounds"
@@ -274,27 +320,57 @@ fn verify_compute(outcome: &WorkloadOutcome) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the workload's native twin for the same work per sample and compares: the ratio
-/// is the guest's performance relative to native (1.0 = native speed).
+/// What a native twin gave the record.
+#[derive(Debug, PartialEq)]
+enum Comparison {
+    /// The workload has no twin.
+    NoTwin,
+    Ratio(NativeComparison),
+    /// The twin ran but no ratio is a finite number; why (for the record's notes).
+    NoRatio(String),
+}
+
+/// The guest's performance relative to native from the medians (1.0 = native speed), or
+/// why there is none: never an infinite or NaN ratio.
+fn ratio(native_median: f64, guest_median: f64, direction: Direction) -> Result<f64, String> {
+    let usable = |v: f64| v.is_finite() && v > 0.0;
+    if !usable(guest_median) {
+        return Err(format!(
+            "no guest/native ratio: the guest's median is {guest_median}"
+        ));
+    }
+    if !usable(native_median) {
+        return Err(format!(
+            "no guest/native ratio: the native median is {native_median}"
+        ));
+    }
+    let ratio = match direction {
+        Direction::LowerIsBetter => native_median / guest_median,
+        Direction::HigherIsBetter => guest_median / native_median,
+    };
+    if ratio.is_finite() && ratio > 0.0 {
+        Ok(ratio)
+    } else {
+        Err(format!(
+            "no guest/native ratio: {native_median} native against {guest_median} in the guest"
+        ))
+    }
+}
+
+/// Runs the workload's native twin on the host's series and compares: the ratio is the
+/// guest's performance relative to native (1.0 = native speed).
 fn native_twin(
     workload: WorkloadId,
-    series: &BTreeMap<String, String>,
-    ops: u64,
+    plan: &TwinPlan,
     unit: Unit,
     direction: Direction,
     ctx: &RecordContext,
     guest_samples: &[f64],
-) -> Result<Option<NativeComparison>, String> {
-    let Some(result) = native::twin(
-        workload,
-        series,
-        ops,
-        ctx.parameters.warmup,
-        ctx.parameters.samples,
-    ) else {
-        return Ok(None);
+) -> Result<Comparison, String> {
+    let Some(result) = native::twin(workload, plan) else {
+        return Ok(Comparison::NoTwin);
     };
-    let cycles = result?;
+    let cycles = result.map_err(|e| e.to_string())?;
     let samples: Vec<f64> = cycles
         .iter()
         .map(|c| to_unit(*c, unit, ctx.tsc_khz))
@@ -302,17 +378,18 @@ fn native_twin(
         .ok_or("no TSC frequency to convert native cycles")?;
     let (Some(native_median), Some(guest_median)) = (median(&samples), median(guest_samples))
     else {
-        return Ok(None);
+        return Ok(Comparison::NoRatio(
+            "no guest/native ratio: no samples on one side".into(),
+        ));
     };
-    let ratio = match direction {
-        Direction::LowerIsBetter => native_median / guest_median,
-        Direction::HigherIsBetter => guest_median / native_median,
-    };
-    Ok(Some(NativeComparison {
-        samples,
-        median: native_median,
-        ratio,
-    }))
+    Ok(match ratio(native_median, guest_median, direction) {
+        Ok(ratio) => Comparison::Ratio(NativeComparison {
+            samples,
+            median: native_median,
+            ratio,
+        }),
+        Err(why) => Comparison::NoRatio(why),
+    })
 }
 
 #[cfg(test)]
@@ -333,5 +410,134 @@ mod tests {
         assert_eq!(s.get("ws").map(String::as_str), Some("64k"));
         assert_eq!(s.get("page").map(String::as_str), Some("4k"));
         assert!(parse_series("").is_empty());
+    }
+
+    #[test]
+    fn a_zero_or_non_finite_median_gives_no_ratio() {
+        use Direction::*;
+        assert_eq!(ratio(2.0, 4.0, LowerIsBetter), Ok(0.5));
+        assert_eq!(ratio(2.0, 4.0, HigherIsBetter), Ok(2.0));
+        for (native, guest) in [
+            (2.0, 0.0),
+            (0.0, 2.0),
+            (2.0, f64::NAN),
+            (f64::INFINITY, 2.0),
+            (f64::MAX, f64::MIN_POSITIVE),
+        ] {
+            for d in [LowerIsBetter, HigherIsBetter] {
+                let r = ratio(native, guest, d);
+                assert!(r.is_err(), "{native} {guest} {d:?}: {r:?}");
+            }
+        }
+        assert!(ratio(2.0, 0.0, LowerIsBetter)
+            .unwrap_err()
+            .contains("the guest's median is 0"));
+    }
+
+    /// A record context for tests: local, 1 GHz, 3 samples of 100 us.
+    fn with_context(params: &[super::super::WorkloadParam], test: impl FnOnce(&RecordContext)) {
+        let parameters = RunParameters {
+            samples: 3,
+            warmup: 0,
+            sample_us: 100,
+            ..Default::default()
+        };
+        let host = HostInfo {
+            tsc_khz: Some(1_000_000),
+            ..Default::default()
+        };
+        let ctx = RecordContext {
+            run_id: "test",
+            repeat: 0,
+            backend: &BackendInfo::default(),
+            host: &host,
+            guest: &GuestInfo::default(),
+            parameters: &parameters,
+            tool: &ToolInfo::default(),
+            tsc_khz: Some(1_000_000),
+            native_here: true,
+            reproduce: &|_| String::new(),
+            workload_params: params,
+            guest_ram: Some(HugePageAdvice::NoAdvice),
+        };
+        test(&ctx);
+    }
+
+    fn chase_outcome(series: &str, ops: u64) -> WorkloadOutcome {
+        let mut o = WorkloadOutcome::new(WorkloadId::MemTlbChase);
+        o.series.insert(
+            ("latency", series.to_string()),
+            SeriesSamples {
+                measured: vec![(ops, 5000); 3],
+                ..Default::default()
+            },
+        );
+        o
+    }
+
+    #[test]
+    fn native_twins_ignore_the_guests_sizes_and_counts() {
+        with_context(&[], |ctx| {
+            // Hostile series (never kept by the session, but here directly): no twin runs.
+            for series in ["ws:0,page:4k", "ws:18446744073709551615,page:4k"] {
+                let records = build(&chase_outcome(series, u64::MAX), ctx);
+                assert_eq!(records[0].status, Status::Error, "{series}");
+                assert!(records[0].native.is_none());
+                let reason = records[0].reason.as_deref().unwrap_or("");
+                assert!(reason.contains("no such series"), "{reason}");
+            }
+            // A series the host asked for, with a hostile `ops`: the twin is sized by the
+            // host (16 KiB, calibrated to 100 us), so it ends at once.
+            let started = std::time::Instant::now();
+            let records = build(&chase_outcome("ws:16k,page:4k", u64::MAX), ctx);
+            assert_eq!(
+                records[0].status,
+                Status::Success,
+                "{:?}",
+                records[0].reason
+            );
+            assert!(records[0].native.is_some());
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            assert_eq!(
+                records[0]
+                    .notes
+                    .get(NOTE_NATIVE)
+                    .map(String::as_str)
+                    .map(|n| n.starts_with("no huge-page advice")),
+                Some(true)
+            );
+            assert_eq!(
+                records[0]
+                    .parameters
+                    .workload_params
+                    .get("ws")
+                    .map(String::as_str),
+                Some("16k,256k,1m,4m,16m,64m")
+            );
+        });
+    }
+
+    #[test]
+    fn a_zero_guest_median_leaves_the_ratio_out_with_a_note() {
+        with_context(&[], |ctx| {
+            let mut o = chase_outcome("ws:16k,page:4k", 1);
+            if let Some(s) = o.series.values_mut().next() {
+                s.measured = vec![(1, 0); 3];
+            }
+            let records = build(&o, ctx);
+            assert_eq!(
+                records[0].status,
+                Status::Success,
+                "{:?}",
+                records[0].reason
+            );
+            assert!(records[0].native.is_none());
+            let note = records[0]
+                .notes
+                .get(NOTE_RATIO)
+                .cloned()
+                .unwrap_or_default();
+            assert!(note.contains("the guest's median is 0"), "{note}");
+        });
     }
 }

@@ -11,6 +11,7 @@ use workloads::abi::ExitCode;
 use workloads::protocol::{CrashReport, Event, Hello, Sample, Status};
 use workloads::WorkloadId;
 
+use super::plan::ExpectedSeries;
 use crate::backend::{ExitCounts, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{escape_text, printable, ConsoleLine, LineAssembler};
 
@@ -73,9 +74,22 @@ impl WorkloadOutcome {
         }
     }
 
-    /// Keeps one of this workload's samples: at most `MAX_SAMPLES_PER_SERIES` a series,
-    /// and measured samples in the order the guest numbered them (a gap means a lost line).
-    pub fn add_sample(&mut self, s: Sample) {
+    /// Keeps one of this workload's samples: only of a series the host asked for (any other
+    /// is an error and is not kept, so the guest cannot make series without end), at most
+    /// `MAX_SAMPLES_PER_SERIES` a series, and measured samples in the order the guest
+    /// numbered them (a gap means a lost line).
+    pub fn add_sample(&mut self, s: Sample, expected: &ExpectedSeries) {
+        if !expected.allows(self.workload, s.metric, &s.params) {
+            let text = format!(
+                "the guest sent a sample of metric {} for series {:?}, which the host did not ask \
+                 for (it asked for {} series); not kept",
+                s.metric,
+                s.params,
+                expected.count(self.workload)
+            );
+            self.ratchet(Status::Error, text);
+            return;
+        }
         let series = self.series.entry((s.metric, s.params)).or_default();
         let list = if s.warmup {
             &mut series.warmup
@@ -293,6 +307,7 @@ pub type OutcomeSink<'a> = &'a mut dyn FnMut(&WorkloadOutcome, Option<(&Hello, I
 
 struct Driver<'a> {
     plan: &'a [WorkloadId],
+    expected: &'a ExpectedSeries,
     sink: OutcomeSink<'a>,
     limits: Limits,
     report: BootReport,
@@ -489,7 +504,7 @@ impl Driver<'_> {
             o.ratchet(Status::Error, text);
             return;
         }
-        o.add_sample(s);
+        o.add_sample(s, self.expected);
     }
 
     /// What the host waits for now, and until when.
@@ -587,12 +602,14 @@ enum Waiting {
 pub fn drive(
     session: &mut dyn GuestSession,
     plan: &[WorkloadId],
+    expected: &ExpectedSeries,
     limits: Limits,
     interrupted: &AtomicBool,
     sink: OutcomeSink,
 ) -> BootReport {
     let mut d = Driver {
         plan,
+        expected,
         sink,
         limits,
         report: BootReport::new(),
@@ -772,7 +789,8 @@ mod tests {
     ) -> BootReport {
         let mut s = scripted(chunks, end);
         let flag = AtomicBool::new(false);
-        drive(&mut s, plan, limits, &flag, &mut |_, _| {})
+        let expected = ExpectedSeries::new(plan, &[]);
+        drive(&mut s, plan, &expected, limits, &flag, &mut |_, _| {})
     }
 
     #[test]
@@ -802,6 +820,7 @@ mod tests {
         let r = drive(
             &mut s,
             &plan,
+            &ExpectedSeries::new(&plan, &[]),
             LIMITS,
             &AtomicBool::new(false),
             &mut |_, _| {},
@@ -935,7 +954,14 @@ mod tests {
         let mut s = scripted(vec![hello(), start("selftest.hang")], None);
         let flag = AtomicBool::new(false);
         let started = Instant::now();
-        let r = drive(&mut s, &plan, limits, &flag, &mut |_, _| {});
+        let r = drive(
+            &mut s,
+            &plan,
+            &ExpectedSeries::new(&plan, &[]),
+            limits,
+            &flag,
+            &mut |_, _| {},
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(s.stopped);
         assert_eq!(r.outcomes[0].status, Status::Timeout);
@@ -1143,14 +1169,47 @@ mod tests {
         );
         let flag = AtomicBool::new(true);
         let mut seen = Vec::new();
-        let r = drive(&mut s, &plan, LIMITS, &flag, &mut |o, _| {
-            seen.push(o.workload)
-        });
+        let r = drive(
+            &mut s,
+            &plan,
+            &ExpectedSeries::new(&plan, &[]),
+            LIMITS,
+            &flag,
+            &mut |o, _| seen.push(o.workload),
+        );
         assert_eq!(seen, vec![WorkloadId::CpuIdle], "the sink saw the outcome");
         assert!(r.interrupted);
         // Nothing was read before the flag was seen; what the guest printed is drained.
         let o = &r.outcomes[0];
         assert_eq!(o.status, Status::Error);
         assert_eq!(o.series[&("latency", String::new())].measured.len(), 1);
+    }
+
+    #[test]
+    fn samples_of_series_the_host_did_not_ask_for_are_errors_and_not_kept() {
+        let expected = ExpectedSeries::new(&[WorkloadId::MemTlbChase], &[]);
+        let mut o = WorkloadOutcome::new(WorkloadId::MemTlbChase);
+        let sample = |params: &str, n: u64| Sample {
+            workload: WorkloadId::MemTlbChase,
+            metric: "latency",
+            params: params.to_string(),
+            index: n,
+            ops: 1,
+            cycles: 1,
+            warmup: false,
+        };
+        o.add_sample(sample("ws:16k,page:4k", 0), &expected);
+        assert_eq!(o.status, Status::Success);
+        for p in 0..3000 {
+            o.add_sample(sample(&format!("p={p}"), 0), &expected);
+        }
+        o.add_sample(sample("ws:32k,page:4k", 0), &expected);
+        assert_eq!(o.series.len(), 1, "only the asked-for series is kept");
+        assert_eq!(o.status, Status::Error);
+        let reason = o.reason.as_deref().unwrap_or("");
+        assert!(
+            reason.contains("\"p=0\"") && reason.contains("12 series"),
+            "{reason}"
+        );
     }
 }

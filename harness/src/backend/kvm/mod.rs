@@ -232,6 +232,10 @@ impl Hypervisor for KvmBackend {
         BackendKind::Kvm
     }
 
+    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
+        Some(vstate::memory::huge_page_advice(self.huge_pages))
+    }
+
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
         details.insert("vmm".into(), "hvbench (kvm-ioctls)".into());

@@ -42,6 +42,17 @@ impl Advice {
     }
 }
 
+/// The huge-page advice guest RAM gets: MADV_HUGEPAGE with `--host-hugepages`, none
+/// otherwise (so transparent huge pages only where the host's THP mode is `always`; QEMU,
+/// by contrast, always advises MADV_HUGEPAGE).
+pub fn huge_page_advice(huge_pages: bool) -> crate::native::HugePageAdvice {
+    if huge_pages {
+        crate::native::HugePageAdvice::HugePages
+    } else {
+        crate::native::HugePageAdvice::NoAdvice
+    }
+}
+
 /// Gives the kernel `advice` on every region of guest RAM.
 pub fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
     let (flag, name) = advice.flag();
