@@ -244,7 +244,6 @@ fn a_line_of_only_prefix_and_trailer_is_an_error_not_a_panic() {
 /// Defect 3: native twins sized their buffers and loops from the guest's numbers: `ws:0`
 /// and `ws:2^64-1` crashed the host, a huge `ops` pinned it.
 #[test]
-#[ignore = "defect 3: fixed on another branch"]
 fn guest_sizes_never_size_the_native_twins() {
     if !common::kvm_available() {
         return;
@@ -288,7 +287,6 @@ fn guest_sizes_never_size_the_native_twins() {
 /// Defect 6: series were keyed by guest text without limit: 3,000 distinct `p=` values made
 /// 3,000 records.
 #[test]
-#[ignore = "defect 6: fixed on another branch"]
 fn a_guest_cannot_invent_series() {
     if !common::kvm_available() {
         return;

@@ -1008,7 +1008,8 @@ mod tests {
         std::thread::spawn(move || {
             let mut seen = Vec::new();
             let flag = AtomicBool::new(false);
-            let r = drive(&mut s, &plan, limits, &flag, &mut |o, _| {
+            let expected = ExpectedSeries::new(&plan, &[]);
+            let r = drive(&mut s, &plan, &expected, limits, &flag, &mut |o, _| {
                 seen.push(o.workload)
             });
             let _ = done.send((r, seen));
@@ -1041,6 +1042,7 @@ mod tests {
         let r = drive(
             &mut s,
             &plan,
+            &ExpectedSeries::new(&plan, &[]),
             LIMITS,
             &AtomicBool::new(false),
             &mut |o, _| seen.push((o.workload, o.status)),
