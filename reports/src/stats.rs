@@ -33,6 +33,25 @@ pub struct Summary {
     pub median_ci95: Interval,
 }
 
+impl Summary {
+    /// Whether every figure is a finite number (JSON can hold it).
+    pub fn is_finite(&self) -> bool {
+        [
+            self.median,
+            self.mean,
+            self.stddev,
+            self.min,
+            self.max,
+            self.cv,
+            self.median_ci95.low,
+            self.median_ci95.high,
+            self.median_ci95.level,
+        ]
+        .iter()
+        .all(|v| v.is_finite())
+    }
+}
+
 /// Arithmetic mean; `None` for an empty slice.
 pub fn mean(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)

@@ -311,7 +311,7 @@ fn native_twin(
     Ok(Some(NativeComparison {
         samples,
         median: native_median,
-        ratio,
+        ratio: Some(ratio),
     }))
 }
 
