@@ -1,6 +1,7 @@
 //! Statistics over the most samples a run allows (10,000 per measurement): the summary
 //! with its order-statistic median interval (what the summary table computes for every
-//! measurement, once the records are on disk), and the bootstrap interval the report uses.
+//! measurement, once the records are on disk), the bootstrap interval and the permutation
+//! test the report uses.
 //!
 //! `cargo bench -p hvbench-bench --bench stats`. Not a test: criterion prints the figures
 //! and nothing is asserted.
@@ -8,6 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use reports::abtest::{permutation_test, PermutationOptions};
 use reports::bootstrap::{median_ci, BootstrapOptions};
 use reports::stats::{median_ci_ranks, summarize};
 
@@ -42,6 +44,15 @@ fn median_interval(c: &mut Criterion) {
     c.bench_function("bootstrap/median_ci 10000 samples", |b| {
         b.iter(|| black_box(median_ci(black_box(&xs), &BootstrapOptions::default())))
     });
+    // The report's test on pooled samples where there are too few runs for the per-run
+    // test: linear in the samples, times 9,999 relabellings.
+    let ys: Vec<f64> = samples(10_001).into_iter().skip(1).collect();
+    let mut group = c.benchmark_group("abtest/permutation_test");
+    group.sample_size(10);
+    group.bench_function("10000 vs 10000 samples", |b| {
+        b.iter(|| black_box(permutation_test(&xs, &ys, &PermutationOptions::default())))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, median_interval);
