@@ -436,6 +436,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // The machine the guest runs on: this one, or the Xen host.
     let host_info = backend.host();
     let mut writer = ResultsWriter::create(&args.out, args.append)?;
+    for repair in writer.repairs() {
+        crate::say!("hvbench: warning: {repair}");
+    }
     let interrupted = interrupt::install();
     let options = RunOptions {
         workloads,

@@ -52,7 +52,7 @@ pub fn table(records: &[Record]) -> String {
             row.medians.push(s.median);
         }
         if let Some(n) = &r.native {
-            row.ratio = Some(n.ratio);
+            row.ratio = n.ratio.or(row.ratio);
         }
     }
     // Table order (the order of `hvbench list`), whatever order the records came in.

@@ -218,7 +218,6 @@ fn one_series(lines: Lines, w: &str, metric: &str, p: &str, ops: u64, cycles: u6
 
 /// Defect 2: a 15-byte line whose checksum trailer overlaps the prefix panicked the host.
 #[test]
-#[ignore = "defect 2: fixed on another branch"]
 fn a_line_of_only_prefix_and_trailer_is_an_error_not_a_panic() {
     if !common::kvm_available() {
         return;
@@ -325,7 +324,6 @@ fn a_guest_cannot_invent_series() {
 /// Defect 7: a guest median of 0 made the native ratio infinite, written as `null`, and
 /// `hvbench report` then refused the whole directory.
 #[test]
-#[ignore = "defect 7: fixed on another branch"]
 fn a_zero_guest_median_still_leaves_a_readable_directory() {
     if !common::kvm_available() {
         return;

@@ -20,7 +20,7 @@ use crate::bootstrap::StatsError;
 use crate::format::{self, terminal_safe};
 use crate::pool::{key_order, Pool, Pools};
 use crate::record::{Record, RecordKey, Status};
-use crate::results::{read_results, ResultsError};
+use crate::results::{read_results_with_warnings, ResultsError};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CompareOptions {
@@ -166,15 +166,17 @@ pub fn compare(
     options: &CompareOptions,
 ) -> Result<Comparison, CompareError> {
     options.ab.validate()?;
-    let base_records = read_results(base).map_err(CompareError::Base)?;
-    let new_records = read_results(new).map_err(CompareError::New)?;
-    Ok(compare_records(
-        base,
-        new,
-        &base_records,
-        &new_records,
-        options,
-    ))
+    let base_read = read_results_with_warnings(base).map_err(CompareError::Base)?;
+    let new_read = read_results_with_warnings(new).map_err(CompareError::New)?;
+    let mut comparison = compare_records(base, new, &base_read.records, &new_read.records, options);
+    // Lines the reader skipped are said first: the comparison is of the rest.
+    let skipped = base_read
+        .warnings
+        .iter()
+        .chain(&new_read.warnings)
+        .map(|w| format!("warning: {w}"));
+    comparison.notes.splice(0..0, skipped);
+    Ok(comparison)
 }
 
 fn kinds(records: &[Record]) -> BTreeSet<&str> {

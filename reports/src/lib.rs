@@ -19,5 +19,8 @@ pub mod stats;
 pub mod synthetic;
 
 pub use record::{Record, RecordKey, Status};
-pub use results::{read_results, ResultsError, ResultsWriter};
+pub use results::{
+    read_results, read_results_with_warnings, ResultsError, ResultsRead, ResultsWarning,
+    ResultsWriter,
+};
 pub use stats::{summarize, Summary};

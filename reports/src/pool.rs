@@ -110,8 +110,8 @@ impl Pool {
         }
         self.run_ids.insert(record.run_id.clone());
         self.repeats.insert(record.repeat);
-        if let Some(native) = &record.native {
-            self.native_ratios.push(native.ratio);
+        if let Some(ratio) = record.native.as_ref().and_then(|n| n.ratio) {
+            self.native_ratios.push(ratio);
         }
     }
 

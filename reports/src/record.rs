@@ -3,10 +3,16 @@
 //! Everything needed to judge and to reproduce a figure travels with it: every sample,
 //! the host it ran on, the backend, the guest image, the parameters and one command that
 //! measures it again.
+//!
+//! JSON has no NaN or infinity (serde_json writes them as `null`, which a required number
+//! cannot read back), so a record is written through [`Record::to_finite`]: an optional
+//! figure that is not finite is left out, a required one makes the record an error.
+//! Optional fields are optional in the schema: absent or `null`, they read as `None`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 pub use workloads::protocol::Status;
 
@@ -93,6 +99,39 @@ impl Record {
         }
     }
 
+    /// This record as it may be written to JSON, where NaN and infinity do not exist.
+    /// Optional figures that are not finite are left out: the native ratio, the boot time,
+    /// the summary (its figures are derived from the samples) and single points of a
+    /// curve. A required figure that is not finite (a sample, a native sample or median)
+    /// is an error: the record cannot be written truthfully.
+    pub fn to_finite(&self) -> Result<Record, NonFinite> {
+        let required = |field: &'static str, values: &[f64]| {
+            if values.iter().all(|v| v.is_finite()) {
+                Ok(())
+            } else {
+                Err(NonFinite {
+                    workload: self.workload.clone(),
+                    field,
+                })
+            }
+        };
+        required("samples", &self.samples)?;
+        required("samples_cycles", &self.samples_cycles)?;
+        required("warmup_samples", &self.warmup_samples)?;
+        let mut record = self.clone();
+        if let Some(native) = &mut record.native {
+            required("native.samples", &native.samples)?;
+            required("native.median", &[native.median])?;
+            native.ratio = native.ratio.filter(|r| r.is_finite());
+        }
+        record.guest.boot_ms = record.guest.boot_ms.filter(|b| b.is_finite());
+        record.summary = record.summary.filter(Summary::is_finite);
+        for curve in record.curves.values_mut() {
+            curve.points.retain(|p| p.iter().all(|v| v.is_finite()));
+        }
+        Ok(record)
+    }
+
     /// Whether the guest ran under QEMU's TCG translator (the lab, or QEMU without KVM):
     /// its figures measure the emulator.
     pub fn ran_under_tcg(&self) -> bool {
@@ -106,6 +145,14 @@ impl HostInfo {
     pub fn emulates_cpl0(&self) -> bool {
         self.class.contains("pvm") && self.cpl0 == "emulated"
     }
+}
+
+/// A figure a record cannot do without is not a finite number.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("record of {workload}: {field} holds a value that is not a finite number")]
+pub struct NonFinite {
+    pub workload: String,
+    pub field: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -133,7 +180,10 @@ pub struct NativeComparison {
     pub median: f64,
     /// The guest's performance relative to native, from the medians: 1.0 is native speed,
     /// below 1 the guest is slower (native/guest for times, guest/native for rates).
-    pub ratio: f64,
+    /// Absent where it is not a finite number (a median of 0); `null`, as hvbench wrote
+    /// such a ratio before, reads as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
 }
 
 /// A time series: (x, y) points in the stated units, x ascending.
@@ -179,6 +229,7 @@ pub struct HostInfo {
     pub paging: String,
     /// How guest CPL0 code runs: `native`, or `emulated` (kvm_pvm).
     pub cpl0: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tsc_khz: Option<u64>,
     /// How `tsc_khz` was obtained.
     pub tsc_source: String,
@@ -200,14 +251,15 @@ pub struct GuestInfo {
     pub signature: String,
     pub cpu_vendor: String,
     /// TSC frequency used to convert cycles, and where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tsc_khz: Option<u64>,
     pub tsc_source: String,
     /// RAM the guest found in its PVH memory map, in bytes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_bytes: Option<u64>,
     /// From asking the backend to boot (VMM start, `xl create`) to the guest's first line,
     /// in milliseconds, for the boot that measured this record.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_ms: Option<f64>,
 }
 

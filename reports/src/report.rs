@@ -23,7 +23,9 @@ use crate::plot::{
 };
 use crate::pool::{group_rank, Pool, Pools, Problem};
 use crate::record::{BackendInfo, GuestInfo, HostInfo, Record, RecordKey, RunParameters, ToolInfo};
-use crate::results::{read_results, ResultsError, CSV_NAME, JSONL_NAME};
+use crate::results::{
+    read_results_with_warnings, ResultsError, ResultsWarning, CSV_NAME, JSONL_NAME,
+};
 
 pub const INDEX_NAME: &str = "index.html";
 pub const CHARTS_DIR: &str = "charts";
@@ -131,9 +133,11 @@ pub fn render(
     let inputs = dirs
         .iter()
         .map(|dir| {
+            let read = read_results_with_warnings(dir)?;
             Ok(Input {
                 dir: dir.clone(),
-                records: read_results(dir)?,
+                records: read.records,
+                read_warnings: read.warnings,
             })
         })
         .collect::<Result<Vec<_>, ResultsError>>()?;
@@ -188,6 +192,8 @@ pub fn render(
 pub(crate) struct Input {
     pub dir: PathBuf,
     pub records: Vec<Record>,
+    /// Lines the reader skipped (a torn last line, a damaged one).
+    pub read_warnings: Vec<ResultsWarning>,
 }
 
 /// Everything known about one backend's side of the report.
@@ -420,7 +426,13 @@ fn analyze(inputs: &[Input], options: &ReportOptions) -> Result<Model, ReportErr
         })
         .collect();
 
-    let (warnings, notices) = warnings(&backends, &measurements);
+    let (mut warnings, notices) = warnings(&backends, &measurements);
+    warnings.extend(inputs.iter().flat_map(|input| {
+        input.read_warnings.iter().map(|w| Warning {
+            title: "A line of the results could not be read and was left out".to_string(),
+            detail: w.to_string(),
+        })
+    }));
     Ok(Model {
         inputs: inputs_view,
         backends,

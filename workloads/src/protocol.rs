@@ -369,7 +369,7 @@ mod decode {
 
     fn parse_u64(text: &str) -> Option<u64> {
         if let Some(hex) = text.strip_prefix("0x") {
-            if hex.is_empty() || hex.len() > 16 {
+            if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return None;
             }
             u64::from_str_radix(hex, 16).ok()
@@ -387,7 +387,11 @@ mod decode {
         while i < bytes.len() {
             match bytes[i] {
                 b'%' => {
+                    // Two hex digits exactly (`from_str_radix` alone would take a sign).
                     let hex = text.get(i + 1..i + 3)?;
+                    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return None;
+                    }
                     out.push(u8::from_str_radix(hex, 16).ok()?);
                     i += 3;
                 }
@@ -416,17 +420,24 @@ mod decode {
         }
         // All bytes are ASCII now, so this cannot fail.
         let line = core::str::from_utf8(line).map_err(|_| ProtocolError::NotAscii)?;
-        let (body, crc_text) = line
-            .rsplit_once(" ~")
+        // The trailer is searched for after the prefix only: the prefix ends in a space,
+        // so a search over the whole line could split inside it (`@hvb1 ~...`).
+        let (fields_text, crc_text) = line
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.rsplit_once(" ~"))
             .ok_or(ProtocolError::MissingChecksum)?;
+        let body = &line[..PREFIX.len() + fields_text.len()];
         let expected = crc32(body.as_bytes());
-        if crc_text.len() != 8 || u32::from_str_radix(crc_text, 16).ok() != Some(expected) {
+        let crc_ok = crc_text.len() == 8
+            && crc_text.bytes().all(|b| b.is_ascii_hexdigit())
+            && u32::from_str_radix(crc_text, 16).ok() == Some(expected);
+        if !crc_ok {
             return Err(ProtocolError::BadChecksum {
                 expected,
                 found: crc_text.to_string(),
             });
         }
-        let mut words = body[PREFIX.len()..].split(' ');
+        let mut words = fields_text.split(' ');
         let kind_text = words.next().unwrap_or("");
         let kind = LineKind::from_name(kind_text)
             .ok_or_else(|| ProtocolError::UnknownKind(kind_text.to_string()))?;
@@ -809,6 +820,37 @@ mod tests {
         assert!(decode_line(bignum).is_err()); // no checksum either
     }
 
+    /// Issue 8, defect 2: the trailer search matched the space that ends the prefix, and
+    /// slicing the fields after the prefix then panicked.
+    #[test]
+    fn trailer_inside_the_prefix_is_refused_not_a_panic() {
+        let line = b"@hvb1 ~362a6d45";
+        assert_eq!(line.len(), 15);
+        assert_eq!(decode_line(line), Err(ProtocolError::MissingChecksum));
+        assert_eq!(decode_event(line), Err(ProtocolError::MissingChecksum));
+        // The CRC there is that of `@hvb1`: still no line, whatever the trailer says.
+        assert_eq!(crc32(b"@hvb1"), 0x362a_6d45);
+        assert!(decode_line(b"@hvb1  ~00000000").is_err());
+    }
+
+    #[test]
+    fn signs_are_not_hex_digits() {
+        let body = b"@hvb1 note k=a%+5 v=b";
+        let mut l = body.to_vec();
+        l.extend_from_slice(std::format!(" ~{:08x}", crc32(body)).as_bytes());
+        assert!(matches!(
+            decode_line(&l),
+            Err(ProtocolError::MalformedField(_))
+        ));
+        let body = b"@hvb1 end status=success";
+        let mut l = body.to_vec();
+        l.extend_from_slice(std::format!(" ~+{:07x}", crc32(body) & 0x0fff_ffff).as_bytes());
+        assert!(matches!(
+            decode_line(&l),
+            Err(ProtocolError::BadChecksum { .. })
+        ));
+    }
+
     #[test]
     fn status_ratchets() {
         assert_eq!(Status::Success.ratchet(Status::Skip), Status::Skip);
@@ -816,6 +858,392 @@ mod tests {
         assert_eq!(Status::Timeout.ratchet(Status::Crash), Status::Crash);
         for s in Status::ALL {
             assert_eq!(Status::from_name(s.name()), Some(s));
+        }
+    }
+}
+
+/// Property tests of the decoder (issue 8, defect 2): no input panics it, and every line
+/// the guest's [`LineBuilder`] can print decodes back to what was encoded. The case counts
+/// are fixed so that `cargo test` runs them in a bounded time (well under a second each).
+#[cfg(all(test, feature = "std"))]
+mod props {
+    use super::*;
+    use crate::table::{Hypervisor, WorkloadId, WORKLOADS};
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+    use std::string::String;
+    use std::vec::Vec;
+
+    const CASES: u32 = 1024;
+    /// Fewer for the properties that generate whole lines byte by byte (the slow part).
+    const LONG_CASES: u32 = 384;
+
+    /// Runs every public decoder on `line`; a panic fails the property.
+    fn decode_all(line: &[u8]) {
+        let event = decode_event(line);
+        let raw = decode_line(line);
+        match (&raw, &event) {
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) | (Ok(Some(_)), _) => {}
+            _ => panic!("decode_line {raw:?} and decode_event {event:?} disagree"),
+        }
+        if let Ok(Some(raw)) = raw {
+            let _ = Event::from_raw(&raw);
+        }
+        if let Err(e) = event {
+            let _ = std::format!("{e}");
+        }
+    }
+
+    /// `body` with the trailer a guest would print (so the fuzzing gets past the CRC).
+    fn with_crc(body: &[u8]) -> Vec<u8> {
+        let mut l = body.to_vec();
+        l.extend_from_slice(std::format!(" ~{:08x}", crc32(body)).as_bytes());
+        l
+    }
+
+    /// Bytes that matter to the protocol, mixed with anything.
+    fn protocol_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            4 => prop::sample::select(b" =~%@hvb1wmpx0123456789abcdefABCDEF.-_\\r".to_vec()),
+            2 => 0x20u8..0x7f,
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn kind() -> impl Strategy<Value = LineKind> {
+        prop::sample::select(LineKind::ALL.to_vec())
+    }
+
+    fn workload() -> impl Strategy<Value = WorkloadId> {
+        prop::sample::select(WORKLOADS.iter().map(|w| w.id).collect::<Vec<_>>())
+    }
+
+    fn text(max_chars: usize) -> impl Strategy<Value = String> {
+        let ch = prop_oneof![
+            4 => (0u8..0x80).prop_map(char::from),
+            1 => any::<char>(),
+        ];
+        prop::collection::vec(ch, 0..max_chars).prop_map(|v| v.into_iter().collect())
+    }
+
+    /// ASCII text (one byte per character, three at most encoded): lines with several
+    /// text fields stay under [`MAX_LINE`], so the builder never cuts them.
+    fn ascii(max_chars: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec((0u8..0x80).prop_map(char::from), 0..max_chars)
+            .prop_map(|v| v.into_iter().collect())
+    }
+
+    fn status() -> impl Strategy<Value = Status> {
+        prop::sample::select(Status::ALL.to_vec())
+    }
+
+    fn hypervisor() -> impl Strategy<Value = Hypervisor> {
+        prop::sample::select(std::vec![
+            Hypervisor::Kvm,
+            Hypervisor::Xen,
+            Hypervisor::Other,
+            Hypervisor::None
+        ])
+    }
+
+    /// Any event the decoder accepts (numbers through the whole `u64` range).
+    fn event() -> impl Strategy<Value = Event> {
+        let sample_workloads: Vec<WorkloadId> = WORKLOADS
+            .iter()
+            .filter(|w| !w.metrics.is_empty())
+            .map(|w| w.id)
+            .collect();
+        let sample = (
+            prop::sample::select(sample_workloads),
+            any::<prop::sample::Index>(),
+            ascii(60),
+            (any::<u64>(), any::<bool>(), 1..=u64::MAX, any::<u64>()),
+        )
+            .prop_map(|(w, m, params, (index, warmup, ops, cycles))| {
+                let metrics = w.spec().metrics;
+                Event::Sample(Sample {
+                    workload: w,
+                    metric: metrics[m.index(metrics.len())].name,
+                    params,
+                    index,
+                    warmup,
+                    ops,
+                    cycles,
+                })
+            });
+        let hello = (
+            any::<u64>(),
+            hypervisor(),
+            ascii(16),
+            ascii(16),
+            prop::option::of(1..=u64::MAX),
+            ascii(32),
+            prop::option::of(any::<u64>()),
+        )
+            .prop_map(
+                |(proto, hypervisor, signature, cpu_vendor, tsc_khz, tsc_source, ram_bytes)| {
+                    Event::Hello(Hello {
+                        proto,
+                        hypervisor,
+                        signature,
+                        cpu_vendor,
+                        tsc_khz,
+                        tsc_source,
+                        ram_bytes,
+                    })
+                },
+            );
+        let crash = (prop::option::of(workload()), [any::<u64>(); 6]).prop_map(|(workload, n)| {
+            Event::Crash(CrashReport {
+                workload,
+                vector: n[0],
+                error_code: n[1],
+                rip: n[2],
+                cs: n[3],
+                rsp: n[4],
+                cr2: n[5],
+            })
+        });
+        prop_oneof![
+            hello,
+            workload().prop_map(Event::Start),
+            sample,
+            (workload(), text(30)).prop_map(|(workload, reason)| Event::Skip { workload, reason }),
+            (workload(), status(), prop::option::of(text(30))).prop_map(
+                |(workload, status, reason)| Event::Result {
+                    workload,
+                    status,
+                    reason
+                }
+            ),
+            (prop::option::of(workload()), text(12), text(12)).prop_map(
+                |(workload, key, value)| Event::Note {
+                    workload,
+                    key,
+                    value
+                }
+            ),
+            crash,
+            status().prop_map(Event::End),
+        ]
+    }
+
+    /// Prints `event` as the guest would; `hex` picks `0x` numbers where the guest may.
+    fn encode(event: &Event, hex: bool) -> Vec<u8> {
+        let number = |b: &mut LineBuilder, key: &str, v: u64| {
+            if hex {
+                b.hex(key, v);
+            } else {
+                b.num(key, v);
+            }
+        };
+        let mut b;
+        match event {
+            Event::Hello(h) => {
+                b = LineBuilder::new(LineKind::Hello);
+                number(&mut b, "proto", h.proto);
+                b.text("hv", h.hypervisor.name())
+                    .text("sig", &h.signature)
+                    .text("vendor", &h.cpu_vendor)
+                    .text("tsc_src", &h.tsc_source);
+                if let Some(k) = h.tsc_khz {
+                    number(&mut b, "tsc_khz", k);
+                }
+                if let Some(r) = h.ram_bytes {
+                    number(&mut b, "ram", r);
+                }
+            }
+            Event::Start(w) => {
+                b = LineBuilder::new(LineKind::Start);
+                b.text("w", w.name());
+            }
+            Event::Sample(s) => {
+                b = LineBuilder::new(LineKind::Sample);
+                b.text("w", s.workload.name()).text("m", s.metric);
+                if !s.params.is_empty() {
+                    b.text("p", &s.params);
+                }
+                number(&mut b, "n", s.index);
+                if s.warmup {
+                    b.num("warm", 1);
+                }
+                number(&mut b, "ops", s.ops);
+                number(&mut b, "cycles", s.cycles);
+            }
+            Event::Skip { workload, reason } => {
+                b = LineBuilder::new(LineKind::Skip);
+                b.text("w", workload.name()).text("reason", reason);
+            }
+            Event::Result {
+                workload,
+                status,
+                reason,
+            } => {
+                b = LineBuilder::new(LineKind::Result);
+                b.text("w", workload.name()).text("status", status.name());
+                if let Some(r) = reason {
+                    b.text("reason", r);
+                }
+            }
+            Event::Note {
+                workload,
+                key,
+                value,
+            } => {
+                b = LineBuilder::new(LineKind::Note);
+                if let Some(w) = workload {
+                    b.text("w", w.name());
+                }
+                b.text("k", key).text("v", value);
+            }
+            Event::Crash(c) => {
+                b = LineBuilder::new(LineKind::Crash);
+                if let Some(w) = c.workload {
+                    b.text("w", w.name());
+                }
+                number(&mut b, "vector", c.vector);
+                number(&mut b, "err", c.error_code);
+                number(&mut b, "rip", c.rip);
+                number(&mut b, "cs", c.cs);
+                number(&mut b, "rsp", c.rsp);
+                number(&mut b, "cr2", c.cr2);
+            }
+            Event::End(s) => {
+                b = LineBuilder::new(LineKind::End);
+                b.text("status", s.name());
+            }
+        }
+        let mut line = b.finish().to_vec();
+        line.pop(); // the newline
+        line
+    }
+
+    /// One change to a valid line: cut it, flip, overwrite, insert or delete a byte.
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        Truncate(prop::sample::Index),
+        Flip(prop::sample::Index, u8),
+        Set(prop::sample::Index, u8),
+        Insert(prop::sample::Index, u8),
+        Delete(prop::sample::Index),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let at = any::<prop::sample::Index>;
+        prop_oneof![
+            at().prop_map(Mutation::Truncate),
+            (at(), 1u8..).prop_map(|(i, x)| Mutation::Flip(i, x)),
+            (at(), protocol_byte()).prop_map(|(i, b)| Mutation::Set(i, b)),
+            (at(), protocol_byte()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+            at().prop_map(Mutation::Delete),
+        ]
+    }
+
+    fn apply(line: &mut Vec<u8>, m: &Mutation) {
+        if line.is_empty() {
+            return;
+        }
+        match m {
+            Mutation::Truncate(i) => line.truncate(i.index(line.len())),
+            Mutation::Flip(i, x) => {
+                let i = i.index(line.len());
+                line[i] ^= x;
+            }
+            Mutation::Set(i, b) => {
+                let i = i.index(line.len());
+                line[i] = *b;
+            }
+            Mutation::Insert(i, b) => line.insert(i.index(line.len() + 1), *b),
+            Mutation::Delete(i) => {
+                line.remove(i.index(line.len()));
+            }
+        }
+    }
+
+    /// Strips a trailer the line may still have (so a CRC can be recomputed over a body).
+    fn body_of(line: &[u8]) -> &[u8] {
+        match line.windows(2).rposition(|w| w == b" ~") {
+            Some(i) if i >= PREFIX.len() => &line[..i],
+            _ => line,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(Config { cases: CASES, failure_persistence: None, ..Config::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            decode_all(&bytes);
+        }
+
+        #[test]
+        fn valid_lines_round_trip(ev in event(), hex in any::<bool>()) {
+            let line = encode(&ev, hex);
+            prop_assert!(line.len() <= MAX_LINE, "builder cut the line: {line:?}");
+            let decoded = decode_event(&line);
+            prop_assert_eq!(decoded, Ok(Some(ev.clone())));
+            // A carriage return from the console is tolerated.
+            let mut crlf = line.clone();
+            crlf.push(b'\r');
+            prop_assert_eq!(decode_event(&crlf), Ok(Some(ev)));
+        }
+
+        #[test]
+        fn mutated_lines_never_panic(
+            ev in event(),
+            hex in any::<bool>(),
+            mutations in prop::collection::vec(mutation(), 1..4),
+            recrc in any::<bool>(),
+        ) {
+            let mut line = encode(&ev, hex);
+            for m in &mutations {
+                apply(&mut line, m);
+            }
+            decode_all(&line);
+            if recrc {
+                // Damage the checksum would catch, re-signed: the field checks must hold.
+                let body = body_of(&line).to_vec();
+                decode_all(&with_crc(&body));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(Config { cases: LONG_CASES, failure_persistence: None, ..Config::default() })]
+
+        #[test]
+        fn prefixed_lines_never_panic(
+            rest in prop::collection::vec(protocol_byte(), 0..(MAX_LINE + 8)),
+            cut in any::<prop::sample::Index>(),
+            short in 0..=PREFIX.len(),
+        ) {
+            let mut line = Vec::from(PREFIX.as_bytes());
+            line.extend_from_slice(&rest);
+            decode_all(&line);
+            decode_all(&with_crc(&line));
+            // Signed at any cut, the prefix's own space included.
+            decode_all(&with_crc(&line[..cut.index(line.len() + 1)]));
+            decode_all(&with_crc(&line[..short]));
+        }
+
+        #[test]
+        fn prefixed_field_lines_never_panic(
+            k in kind(),
+            words in prop::collection::vec(
+                (prop::collection::vec(protocol_byte(), 0..6),
+                 prop::collection::vec(protocol_byte(), 0..24)),
+                0..12,
+            ),
+        ) {
+            let mut body = std::format!("{PREFIX}{}", k.name()).into_bytes();
+            for (key, value) in &words {
+                body.push(b' ');
+                body.extend_from_slice(key);
+                body.push(b'=');
+                body.extend_from_slice(value);
+            }
+            decode_all(&body);
+            decode_all(&with_crc(&body));
         }
     }
 }

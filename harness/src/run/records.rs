@@ -202,7 +202,12 @@ fn build_one(
             None => Err("the host asked for no such series".into()),
         };
         match result {
-            Ok(Comparison::Ratio(n)) => native = Some(n),
+            Ok(Comparison::Twin(n, why)) => {
+                native = Some(n);
+                if let Some(why) = why {
+                    notes.insert(NOTE_RATIO.into(), why);
+                }
+            }
             Ok(Comparison::NoRatio(why)) => {
                 notes.insert(NOTE_RATIO.into(), why);
             }
@@ -325,8 +330,10 @@ fn verify_compute(outcome: &WorkloadOutcome, plan: &TwinPlan) -> Result<(), Stri
 enum Comparison {
     /// The workload has no twin.
     NoTwin,
-    Ratio(NativeComparison),
-    /// The twin ran but no ratio is a finite number; why (for the record's notes).
+    /// The twin ran; its ratio is absent where it would not be a finite positive number,
+    /// and the reason is given (for the record's notes).
+    Twin(NativeComparison, Option<String>),
+    /// No medians to compare (no samples on one side); why.
     NoRatio(String),
 }
 
@@ -382,14 +389,16 @@ fn native_twin(
             "no guest/native ratio: no samples on one side".into(),
         ));
     };
-    Ok(match ratio(native_median, guest_median, direction) {
-        Ok(ratio) => Comparison::Ratio(NativeComparison {
-            samples,
-            median: native_median,
-            ratio,
-        }),
-        Err(why) => Comparison::NoRatio(why),
-    })
+    let (ratio, why) = match ratio(native_median, guest_median, direction) {
+        Ok(ratio) => (Some(ratio), None),
+        Err(why) => (None, Some(why)),
+    };
+    let native = NativeComparison {
+        samples,
+        median: native_median,
+        ratio,
+    };
+    Ok(Comparison::Twin(native, why))
 }
 
 #[cfg(test)]
@@ -531,7 +540,9 @@ mod tests {
                 "{:?}",
                 records[0].reason
             );
-            assert!(records[0].native.is_none());
+            // The twin's own figures stand; only the ratio is left out.
+            let native = records[0].native.as_ref().expect("the twin ran");
+            assert!(native.median > 0.0 && native.ratio.is_none(), "{native:?}");
             let note = records[0]
                 .notes
                 .get(NOTE_RATIO)
