@@ -974,7 +974,7 @@ fn run_detached(
         }
         let command = poll_command(remote_run, copy.offset, stderr_offset);
         let answer = transport
-            .run(&command, None, FETCH_TIMEOUT.min(silence_limit))
+            .run(&command, None, poll_timeout(silence_limit))
             .map_err(|e| e.to_string());
         let answer = answer.and_then(|output| {
             parse_poll(&output.stdout, copy.offset).ok_or_else(|| {
@@ -1027,6 +1027,12 @@ fn run_detached(
         }
         thread::sleep(POLL_INTERVAL);
     }
+}
+
+/// One poll's ssh: a quarter of the silence limit, 5 to 30 s, so a poll that hangs on a
+/// stalled lab is retried several times before the run is given up.
+fn poll_timeout(silence_limit: Duration) -> Duration {
+    (silence_limit / 4).clamp(Duration::from_secs(5), Duration::from_secs(30))
 }
 
 /// How long the lab may stay silent before a run is given up: `LAB_SILENCE_LIMIT`, or
