@@ -265,7 +265,7 @@ fn assert_no_duplicates(records: &[reports::record::Record]) {
 /// Issue 8, defect 13: the lab went silent for good (hvbench run inside it rebooted its
 /// guest without end, the guest having skipped cpu.hypercall* for want of CPUID's
 /// hypervisor bit, and multi-threaded TCG wedged the lab's Linux after a few boots) and
-/// `lab run` came back with an empty results.jsonl. Now the reproduction finishes, 30
+/// `lab run` came back with an empty results.jsonl. Now the reproduction finishes, 20
 /// boots in a row keep the lab answering; a lab that stops answering for longer than a poll's ssh timeout loses
 /// nothing; and one lost for good keeps what was measured before and says how to fetch
 /// the rest, which works once the lab answers again.
@@ -331,18 +331,18 @@ fn a_silent_lab_loses_no_records() {
     assert_eq!(records.len(), 21);
 
     // Back-to-back guest boots: with a TCG thread per vCPU the lab stopped answering for
-    // good after about 7 (both vCPUs looping on an INT3 in __schedule).
+    // good after 7 in one try (both vCPUs looping on an INT3 in __schedule).
     let out = dir.path().join("boots");
     let started = Instant::now();
     let run = common::hvbench()
         .args(["lab", "run", "kvm", "--out"])
         .arg(&out)
-        .args(["--", "-w", "cpu.idle", "--repeat", "30", "--samples", "1"])
+        .args(["--", "-w", "cpu.idle", "--repeat", "20", "--samples", "1"])
         .output()
         .unwrap();
-    assert_ok(&run, "30 boots in the lab");
-    assert_eq!(read_results(&out).unwrap().len(), 30);
-    eprintln!("30 boots: {:.1} s", started.elapsed().as_secs_f64());
+    assert_ok(&run, "20 boots in the lab");
+    assert_eq!(read_results(&out).unwrap().len(), 20);
+    eprintln!("20 boots: {:.1} s", started.elapsed().as_secs_f64());
 
     let args = [
         "-w",
@@ -354,14 +354,14 @@ fn a_silent_lab_loses_no_records() {
         "--samples",
         "3",
     ];
-    // Silent for longer than a poll's ssh timeout (15 s with a 60 s limit), then back.
+    // Silent for longer than a poll's ssh timeout (6 s with a 24 s limit), then back.
     let out = dir.path().join("paused");
-    let child = start_run_and_wait_for_a_record(&out, 60, &args);
+    let child = start_run_and_wait_for_a_record(&out, 24, &args);
     signal_qemu(state.qemu_pid, "STOP");
-    std::thread::sleep(Duration::from_secs(25));
+    std::thread::sleep(Duration::from_secs(12));
     signal_qemu(state.qemu_pid, "CONT");
     let run = child.wait_with_output().unwrap();
-    assert_ok(&run, "a run whose lab was stopped for 25 s");
+    assert_ok(&run, "a run whose lab was stopped for 12 s");
     let records = read_results(&out).unwrap();
     assert_eq!(records.len(), 8, "{records:#?}");
     assert_no_duplicates(&records);
