@@ -670,7 +670,7 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
             ),
         })?;
     // Refuse to mix with earlier results before spending minutes in the lab.
-    let mut writer =
+    let writer =
         ResultsWriter::create(run.out, run.append).map_err(|e| LabError::InvalidOptions {
             reason: e.to_string(),
         })?;
@@ -702,51 +702,133 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     ));
 
     let transport = lab_transport(&state);
-    let finished = run_detached(&transport, &state, &remote_run, &invocation, run)?;
-
-    // Whatever the run wrote, even after a failure or Ctrl-C, comes back.
-    let fetch = |file: &str| {
-        transport
-            .run(
-                &format!("cat {remote_run}/{file} 2>/dev/null; true"),
-                None,
-                FETCH_TIMEOUT,
-            )
-            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-            .map_err(ssh_error)
+    let mut copy = RecordCopy::new(writer, &state);
+    let finished = run_detached(&transport, &state, &remote_run, &invocation, run, &mut copy);
+    let finished = match finished {
+        Ok(finished) => finished,
+        Err(error) => return Err(lost_run_error(error, &copy, &state, &remote_run, run.out)),
     };
-    let summary: String = fetch("stdout")?
+
+    // The summary table; the records came back while the run went on.
+    let summary: String = transport
+        .run(
+            &format!("cat {remote_run}/stdout 2>/dev/null; true"),
+            None,
+            FETCH_TIMEOUT,
+        )
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_else(|error| {
+            (run.progress)(&format!(
+                "cannot fetch the run's summary from the lab ({error}); the records are saved"
+            ));
+            String::new()
+        })
         .lines()
         // Paths inside the lab mean nothing here; `lab run` prints its own.
         .filter(|line| !line.starts_with("Records: "))
         .map(|line| format!("{line}\n"))
         .collect();
-    let mut records = 0;
-    for line in fetch("results/results.jsonl")?.lines() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut record: Record = serde_json::from_str(line).map_err(|e| LabError::Command {
-            what: "reading the lab's results.jsonl".into(),
-            detail: e.to_string(),
-        })?;
-        relabel(&mut record, &state);
-        writer.write(&record).map_err(|e| LabError::Command {
-            what: "writing the copied records".into(),
-            detail: e.to_string(),
-        })?;
-        records += 1;
-    }
     // The lab's /tmp is memory: leave nothing behind.
     let _ = transport.run(&format!("rm -rf {remote_run}"), None, FETCH_TIMEOUT);
     Ok(KvmLabRunOutcome {
         exit_code: finished.exit_code,
-        records,
-        jsonl: writer.jsonl_path().to_path_buf(),
-        csv: writer.csv_path().to_path_buf(),
+        records: copy.records,
+        jsonl: copy.writer.jsonl_path().to_path_buf(),
+        csv: copy.writer.csv_path().to_path_buf(),
         summary,
         interrupted: finished.interrupted,
     })
+}
+
+/// The error of a run whose lab stopped answering (or whose records could not be
+/// written): it says how many records are saved and exactly how to fetch the rest.
+fn lost_run_error(
+    error: LabError,
+    copy: &RecordCopy<'_>,
+    state: &KvmLabState,
+    remote_run: &str,
+    out: &Path,
+) -> LabError {
+    let target = kvm_ssh_target(state);
+    let ssh = format!(
+        "ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={KVM_HOST_KEY_ALIAS} root@127.0.0.1",
+        shell_quote(&state.ssh_key.to_string_lossy()),
+        target.port,
+        shell_quote(&state.known_hosts.to_string_lossy()),
+    );
+    let rest = format!(
+        "tail -c +{} {remote_run}/results/results.jsonl",
+        copy.offset.saturating_add(1)
+    );
+    let jsonl = copy.writer.jsonl_path().to_string_lossy().into_owned();
+    LabError::Command {
+        what: "the run in the KVM lab".into(),
+        detail: format!(
+            "{error}. The {} record(s) measured before are saved in {}. If the lab answers \
+             again, the rest (without the lab's label) is fetched by: {ssh} {} >> {}; \
+             `hvbench lab down kvm` stops the lab",
+            copy.records,
+            out.display(),
+            shell_quote(&rest),
+            shell_quote(&jsonl),
+        ),
+    }
+}
+
+/// Copies the records of the lab's results.jsonl into the local results while the run
+/// goes on: whole lines only (a line still being written waits for the next poll), each
+/// exactly once, relabelled as made in the lab. What was measured before the lab went
+/// silent is then already here.
+struct RecordCopy<'a> {
+    writer: ResultsWriter,
+    state: &'a KvmLabState,
+    /// Bytes of the remote results.jsonl consumed: whole lines, copied or reported.
+    offset: u64,
+    records: usize,
+}
+
+impl<'a> RecordCopy<'a> {
+    fn new(writer: ResultsWriter, state: &'a KvmLabState) -> Self {
+        Self {
+            writer,
+            state,
+            offset: 0,
+            records: 0,
+        }
+    }
+
+    /// `bytes`: the remote file from `self.offset` on. Writes the record of every whole
+    /// line and moves past it; a line that is not a record is reported through `warn`
+    /// and skipped, so one bad line loses nothing else. Err only when the local results
+    /// cannot be written (the offset then stays at the line that failed).
+    fn take(&mut self, bytes: &[u8], warn: &dyn Fn(&str)) -> Result<usize, LabError> {
+        let mut written = 0;
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = &rest[..end];
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                match serde_json::from_slice::<Record>(line) {
+                    Ok(mut record) => {
+                        relabel(&mut record, self.state);
+                        self.writer.write(&record).map_err(|e| LabError::Command {
+                            what: "writing the records copied from the lab".into(),
+                            detail: e.to_string(),
+                        })?;
+                        self.records += 1;
+                        written += 1;
+                    }
+                    Err(e) => warn(&format!(
+                        "skipped a line of the lab's results.jsonl at byte {} that is not a \
+                         record: {e}",
+                        self.offset
+                    )),
+                }
+            }
+            self.offset = self.offset.saturating_add(end as u64 + 1);
+            rest = &rest[end + 1..];
+        }
+        Ok(written)
+    }
 }
 
 struct Finished {
@@ -754,32 +836,74 @@ struct Finished {
     interrupted: bool,
 }
 
-/// Separates the exit status from the new stderr bytes in a poll's output.
+/// Separates the exit status from the rest in a poll's output.
 const POLL_SEPARATOR: &str = "@@hvbench-lab-poll@@";
 
-/// What one poll of a detached run found: its exit status once it has one, and the
-/// stderr bytes after the offset asked for.
-fn parse_poll(output: &[u8]) -> Option<(Option<i32>, &[u8])> {
+/// What one poll of a detached run found.
+#[derive(Debug, PartialEq)]
+struct Poll {
+    /// The run's exit status, once it has one.
+    status: Option<i32>,
+    /// The remote results.jsonl from the offset asked for to its size when polled.
+    records: Vec<u8>,
+    /// The stderr bytes after the offset asked for.
+    stderr: Vec<u8>,
+}
+
+/// The shell command of one poll. The status is read before the results' size: once the
+/// run has a status, the records in the same answer are all it wrote.
+fn poll_command(remote_run: &str, records_offset: u64, stderr_offset: usize) -> String {
+    format!(
+        "cd {remote_run} 2>/dev/null; cat status 2>/dev/null; echo; echo {POLL_SEPARATOR}; \
+         n=$(( $(wc -c < results/results.jsonl 2>/dev/null || echo 0) + 0 )); echo $n; \
+         if [ $n -gt {records_offset} ]; then tail -c +{} results/results.jsonl | \
+         head -c $(( n - {records_offset} )); fi; tail -c +{} stderr 2>/dev/null",
+        records_offset.saturating_add(1),
+        stderr_offset.saturating_add(1)
+    )
+}
+
+/// Parses the answer to `poll_command(_, records_offset, _)`: `STATUS\n@@SEP@@\nSIZE\n`,
+/// then `SIZE - records_offset` bytes of records, then stderr. None when the answer is
+/// cut short or malformed (the poll is then as good as unanswered).
+fn parse_poll(output: &[u8], records_offset: u64) -> Option<Poll> {
     let separator = format!("\n{POLL_SEPARATOR}\n");
     let at = output
         .windows(separator.len())
         .position(|window| window == separator.as_bytes())?;
-    let status = String::from_utf8_lossy(&output[..at]);
-    Some((status.trim().parse().ok(), &output[at + separator.len()..]))
+    let status = String::from_utf8_lossy(&output[..at]).trim().parse().ok();
+    let after = &output[at + separator.len()..];
+    let size_end = after.iter().position(|&b| b == b'\n')?;
+    let size: u64 = std::str::from_utf8(&after[..size_end])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let body = &after[size_end + 1..];
+    let records_len = usize::try_from(size.saturating_sub(records_offset)).ok()?;
+    if body.len() < records_len {
+        return None;
+    }
+    Some(Poll {
+        status,
+        records: body[..records_len].to_vec(),
+        stderr: body[records_len..].to_vec(),
+    })
 }
 
 /// Starts `invocation` in the lab detached from the ssh session (its own session, output
 /// to files under `remote_run`), then polls it over short ssh connections, copying its
-/// stderr to ours as it grows, until it has an exit status. A TCG lab on a loaded host
-/// can stall an ssh session past its keep-alive limit; a detached run does not care, and
-/// polls are retried. Ctrl-C is passed on as SIGINT; past `run.timeout` the run is
-/// stopped the same way.
+/// stderr to ours and its records into `copy` as they grow, until it has an exit status.
+/// A TCG lab on a loaded host can stall an ssh session past its keep-alive limit; a
+/// detached run does not care, and polls are retried. Ctrl-C is passed on as SIGINT;
+/// past `run.timeout` the run is stopped the same way.
 fn run_detached(
     transport: &Transport,
     state: &KvmLabState,
     remote_run: &str,
     invocation: &str,
     run: &KvmLabRun<'_>,
+    copy: &mut RecordCopy<'_>,
 ) -> Result<Finished, LabError> {
     let script = format!(
         "{invocation} > stdout 2> stderr < /dev/null & echo $! > pid; wait $!; \
@@ -805,10 +929,7 @@ fn run_detached(
     let mut stderr_offset = 0usize;
     let mut partial_line: Vec<u8> = Vec::new();
     let mut last_answer = Instant::now();
-    let poll = format!(
-        "cat {remote_run}/status 2>/dev/null; echo; echo {POLL_SEPARATOR}; \
-         tail -c +OFFSET {remote_run}/stderr 2>/dev/null"
-    );
+    let silence_limit = lab_silence_limit();
     loop {
         if !interrupted && check_cancelled(run.cancel).is_err() {
             interrupted = true;
@@ -851,33 +972,29 @@ fn run_detached(
                 ),
             });
         }
+        let command = poll_command(remote_run, copy.offset, stderr_offset);
         let answer = transport
-            .run(
-                &poll.replace("OFFSET", &(stderr_offset + 1).to_string()),
-                None,
-                FETCH_TIMEOUT,
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|output| {
-                parse_poll(&output.stdout)
-                    .map(|(status, stderr)| (status, stderr.to_vec()))
-                    .ok_or_else(|| {
-                        format!(
-                            "unexpected answer {:?}",
-                            String::from_utf8_lossy(&output.stdout)
-                        )
-                    })
-            });
+            .run(&command, None, poll_timeout(silence_limit))
+            .map_err(|e| e.to_string());
+        let answer = answer.and_then(|output| {
+            parse_poll(&output.stdout, copy.offset).ok_or_else(|| {
+                format!(
+                    "unexpected answer {:?}",
+                    String::from_utf8_lossy(&output.stdout)
+                )
+            })
+        });
         match answer {
-            Ok((status, stderr)) => {
+            Ok(poll) => {
                 last_answer = Instant::now();
-                stderr_offset += stderr.len();
-                partial_line.extend_from_slice(&stderr);
+                copy.take(&poll.records, &|m| (run.progress)(m))?;
+                stderr_offset += poll.stderr.len();
+                partial_line.extend_from_slice(&poll.stderr);
                 while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
                     crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
                     partial_line.drain(..=end);
                 }
-                if let Some(code) = status {
+                if let Some(code) = poll.status {
                     if !partial_line.is_empty() {
                         crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
                     }
@@ -897,12 +1014,12 @@ fn run_detached(
                 }
             }
             Err(last_error) => {
-                if last_answer.elapsed() > LAB_SILENCE_LIMIT {
+                if last_answer.elapsed() > silence_limit {
                     return Err(LabError::Ssh {
                         reason: format!(
                             "the lab has not answered for {} s (last error: {last_error}); the \
                              run may still be going there ({remote_run})",
-                            LAB_SILENCE_LIMIT.as_secs()
+                            silence_limit.as_secs()
                         ),
                     });
                 }
@@ -910,6 +1027,23 @@ fn run_detached(
         }
         thread::sleep(POLL_INTERVAL);
     }
+}
+
+/// One poll's ssh: a quarter of the silence limit, 5 to 30 s, so a poll that hangs on a
+/// stalled lab is retried several times before the run is given up.
+fn poll_timeout(silence_limit: Duration) -> Duration {
+    (silence_limit / 4).clamp(Duration::from_secs(5), Duration::from_secs(30))
+}
+
+/// How long the lab may stay silent before a run is given up: `LAB_SILENCE_LIMIT`, or
+/// `HVBENCH_LAB_SILENCE_S` seconds (1 to 3600; the tests use a short one).
+fn lab_silence_limit() -> Duration {
+    std::env::var("HVBENCH_LAB_SILENCE_S")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .map(Duration::from_secs)
+        .unwrap_or(LAB_SILENCE_LIMIT)
 }
 
 #[cfg(test)]
@@ -1004,14 +1138,160 @@ mod tests {
 
     #[test]
     fn polls_parse() {
-        let running = format!("\n{POLL_SEPARATOR}\nhvbench: 2 workload(s)\nhalf");
+        let running = format!("\n{POLL_SEPARATOR}\n0\nhvbench: 2 workload(s)\nhalf");
         assert_eq!(
-            parse_poll(running.as_bytes()),
-            Some((None, &b"hvbench: 2 workload(s)\nhalf"[..]))
+            parse_poll(running.as_bytes(), 0),
+            Some(Poll {
+                status: None,
+                records: Vec::new(),
+                stderr: b"hvbench: 2 workload(s)\nhalf".to_vec(),
+            })
         );
-        let ended = format!("130\n\n{POLL_SEPARATOR}\n");
-        assert_eq!(parse_poll(ended.as_bytes()), Some((Some(130), &b""[..])));
-        assert_eq!(parse_poll(b"garbage"), None);
+        // 11 bytes of records after the 4 already copied, then stderr.
+        let ended = format!("130\n\n{POLL_SEPARATOR}\n15\n{{\"a\":1}}\n{{\"bdone\n");
+        assert_eq!(
+            parse_poll(ended.as_bytes(), 4),
+            Some(Poll {
+                status: Some(130),
+                records: b"{\"a\":1}\n{\"b".to_vec(),
+                stderr: b"done\n".to_vec(),
+            })
+        );
+        // Cut short: fewer record bytes than the size says; no size; garbage.
+        let cut = format!("\n{POLL_SEPARATOR}\n100\n{{\"a\"");
+        assert_eq!(parse_poll(cut.as_bytes(), 0), None);
+        assert_eq!(
+            parse_poll(format!("\n{POLL_SEPARATOR}\n").as_bytes(), 0),
+            None
+        );
+        assert_eq!(parse_poll(b"garbage", 0), None);
+    }
+
+    #[test]
+    fn the_poll_command_asks_from_the_offsets() {
+        let command = poll_command("/tmp/r", 41, 7);
+        assert!(
+            command.contains("tail -c +42 results/results.jsonl"),
+            "{command}"
+        );
+        assert!(command.contains("head -c $(( n - 41 ))"), "{command}");
+        assert!(command.contains("tail -c +8 stderr"), "{command}");
+        // The status is read before the size of the results.
+        assert!(
+            command.find("cat status") < command.find("wc -c"),
+            "{command}"
+        );
+    }
+
+    fn jsonl_line(workload: &str) -> String {
+        let record = reports::synthetic::record("kvm", workload, &[1.0, 2.0, 3.0]);
+        format!("{}\n", serde_json::to_string(&record).unwrap())
+    }
+
+    /// Feeds `remote` to a copy the way polls do: each poll sees the file from the
+    /// copy's offset to `cuts[i]` bytes (a growing file, cut anywhere).
+    fn copy_in_polls(out: &Path, state: &KvmLabState, remote: &[u8], cuts: &[usize]) -> usize {
+        let writer = ResultsWriter::create(out, false).unwrap();
+        let mut copy = RecordCopy::new(writer, state);
+        let warnings = std::cell::Cell::new(0);
+        for &cut in cuts {
+            let from = usize::try_from(copy.offset).unwrap();
+            copy.take(&remote[from..cut], &|_| warnings.set(warnings.get() + 1))
+                .unwrap();
+        }
+        assert_eq!(
+            copy.offset,
+            remote.len() as u64,
+            "every whole line consumed"
+        );
+        warnings.get()
+    }
+
+    #[test]
+    fn records_are_copied_once_each_and_a_torn_line_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state(dir.path());
+        let lines = [
+            jsonl_line("cpu.idle"),
+            jsonl_line("cpu.cpuid"),
+            jsonl_line("mem.tlb-chase"),
+        ];
+        let remote = lines.concat().into_bytes();
+        let first = lines[0].len();
+        // Polls: nothing yet; half of the first line; the first line and half of the
+        // second; the same again (nothing new); all of it; all of it again.
+        let cuts = [
+            0,
+            first / 2,
+            first + 10,
+            first + 10,
+            remote.len(),
+            remote.len(),
+        ];
+        let out = dir.path().join("out");
+        assert_eq!(copy_in_polls(&out, &state, &remote, &cuts), 0);
+        let records = reports::read_results(&out).unwrap();
+        let names: Vec<&str> = records.iter().map(|r| r.workload.as_str()).collect();
+        assert_eq!(names, ["cpu.idle", "cpu.cpuid", "mem.tlb-chase"]);
+        assert!(records.iter().all(|r| r
+            .backend
+            .details
+            .get("lab")
+            .is_some_and(|l| l.contains("KVM lab"))));
+    }
+
+    #[test]
+    fn a_line_that_is_no_record_is_reported_and_loses_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state(dir.path());
+        let remote = [
+            jsonl_line("cpu.idle"),
+            "{not a record\n\n".to_string(),
+            jsonl_line("cpu.hlt"),
+        ]
+        .concat()
+        .into_bytes();
+        let out = dir.path().join("out");
+        assert_eq!(copy_in_polls(&out, &state, &remote, &[remote.len()]), 1);
+        let records = reports::read_results(&out).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].workload, "cpu.hlt");
+    }
+
+    #[test]
+    fn a_lost_run_says_what_is_saved_and_how_to_fetch_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample_state(dir.path());
+        let out = dir.path().join("out");
+        let mut copy = RecordCopy::new(ResultsWriter::create(&out, false).unwrap(), &state);
+        let line = jsonl_line("cpu.idle");
+        copy.take(line.as_bytes(), &|_| {}).unwrap();
+        let error = lost_run_error(
+            LabError::Ssh {
+                reason: "the lab has not answered for 180 s".into(),
+            },
+            &copy,
+            &state,
+            "/tmp/hvbench-lab-runs/x",
+            &out,
+        )
+        .to_string();
+        assert!(
+            error.contains("The 1 record(s) measured before are saved"),
+            "{error}"
+        );
+        assert!(
+            error.contains(&format!(
+                "'tail -c +{} /tmp/hvbench-lab-runs/x/results/results.jsonl'",
+                line.len() + 1
+            )),
+            "{error}"
+        );
+        assert!(error.contains("-p 10023"), "{error}");
+        assert!(
+            error.contains("results.jsonl' >>") || error.contains("results.jsonl >>"),
+            "{error}"
+        );
     }
 
     #[test]

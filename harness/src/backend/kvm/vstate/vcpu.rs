@@ -38,6 +38,9 @@ pub fn install_kick_handler() -> Result<(), VmmError> {
 }
 
 const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
+/// CPUID.1:ECX bit 31, "running under a hypervisor": guests read the 0x40000000 leaves
+/// only when it is set. KVM_GET_SUPPORTED_CPUID leaves it to the VMM (QEMU sets it too).
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 
 /// CPUID for the guest: what KVM supports, with KVM's hypervisor leaves extended by the
 /// TSC-frequency leaf (0x40000010) so the guest can convert cycles without calibrating.
@@ -48,12 +51,20 @@ fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
             what: "KVM_GET_SUPPORTED_CPUID",
             source,
         })?;
+    let entries = guest_cpuid_entries(supported.as_slice(), tsc_khz);
+    CpuId::from_entries(&entries).map_err(|e| VmmError::Memory(format!("building CPUID: {e:?}")))
+}
+
+/// `guest_cpuid` from the entries KVM supports.
+fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], tsc_khz: u32) -> Vec<kvm_cpuid_entry2> {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
-        .as_slice()
         .iter()
         .copied()
         .filter(|e| e.function != CPUID_KVM_TSC_KHZ_LEAF)
         .collect();
+    for entry in entries.iter_mut().filter(|e| e.function == 1) {
+        entry.ecx |= CPUID_1_ECX_HYPERVISOR;
+    }
     let word =
         |i: usize| u32::from_le_bytes(KVM_SIGNATURE[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
     match entries.iter_mut().find(|e| e.function == 0x4000_0000) {
@@ -75,7 +86,7 @@ fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
         eax: tsc_khz,
         ..Default::default()
     });
-    CpuId::from_entries(&entries).map_err(|e| VmmError::Memory(format!("building CPUID: {e:?}")))
+    entries
 }
 
 /// Creates vCPU `id` with the guest's CPUID.
@@ -260,5 +271,47 @@ impl Vcpu {
             internal.suberror,
             &internal.data[..n]
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the hypervisor bit the guest never reads KVM's leaves: it said `hv=none`
+    /// and skipped cpu.hypercall* where KVM_GET_SUPPORTED_CPUID lacks the bit (the KVM
+    /// lab's kvm_amd on Linux 6.1; kvm_pvm here sets it).
+    #[test]
+    fn the_guest_is_told_it_runs_under_kvm() {
+        let leaf1 = kvm_cpuid_entry2 {
+            function: 1,
+            ecx: 0x0080_2001,
+            ..Default::default()
+        };
+        let entries = guest_cpuid_entries(&[leaf1], 2_000_000);
+        let leaf = |function: u32| entries.iter().find(|e| e.function == function).copied();
+        assert_eq!(
+            leaf(1).map(|e| e.ecx),
+            Some(0x0080_2001 | CPUID_1_ECX_HYPERVISOR)
+        );
+        let signature = leaf(0x4000_0000).unwrap();
+        let bytes: Vec<u8> = [signature.ebx, signature.ecx, signature.edx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        assert_eq!(bytes, KVM_SIGNATURE);
+        assert_eq!(leaf(CPUID_KVM_TSC_KHZ_LEAF).map(|e| e.eax), Some(2_000_000));
+    }
+
+    /// What this host's KVM gives, through the real ioctl.
+    #[test]
+    fn this_kvm_gives_the_guest_the_hypervisor_bit() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let cpuid = guest_cpuid(&kvm, 2_000_000).unwrap();
+        let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).copied();
+        assert!(leaf1.is_some_and(|e| e.ecx & CPUID_1_ECX_HYPERVISOR != 0));
     }
 }
