@@ -324,7 +324,7 @@ fn parse_param(text: &str) -> Result<WorkloadParam, String> {
 /// image and its boot data need, up to the MMIO hole below 4 GiB (the guest maps 0..4 GiB).
 const GUEST_MEMORY_MIB: std::ops::RangeInclusive<i64> =
     crate::backend::kvm::vstate::memory::MIN_MEMORY_MIB as i64
-        ..=(workloads::abi::MAX_LOW_RAM >> 20) as i64;
+        ..=(workloads::abi::MAX_LOW_RAM >> 20).cast_signed();
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
 pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
@@ -932,7 +932,7 @@ pub fn vmm(args: &VmmArgs) -> Result<i32> {
                 stdout.flush()?;
             }
             Ok(GuestMessage::Notice(text)) => crate::say!("hvbench: {text}"),
-            Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code as i32,
+            Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => break code.cast_signed(),
             Ok(GuestMessage::Ended(end)) => {
                 crate::say!("hvbench: guest ended: {end:?}");
                 break EXIT_VMM_NO_STATUS;

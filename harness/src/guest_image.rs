@@ -360,7 +360,7 @@ mod tests {
                 state ^= state >> 17;
                 state ^= state << 5;
                 let at = 4 + (state as usize % 250);
-                noisy[at] = (state >> 8) as u8;
+                noisy[at] = ((state >> 8) & 0xff) as u8;
             }
             let _ = GuestImage::from_file(&write(&format!("noisy{round}"), &noisy));
         }

@@ -70,7 +70,10 @@ pub fn measure_tsc_khz(span: Duration) -> Option<u64> {
         if ns <= 0.0 || c1 <= c0 {
             return None;
         }
-        Some(((c1 - c0) as f64 / ns * 1e6).round() as u64)
+        let khz = ((c1 - c0) as f64 / ns * 1e6).round();
+        // Finite and positive (c1 > c0, ns > 0); `as` saturates at u64::MAX.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(khz as u64)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -137,7 +140,7 @@ pub fn fingerprint() -> HostInfo {
         cpu_vendor: field("vendor_id"),
         cpu_model,
         cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
             .unwrap_or(0),
         memory_mib,
         vmx,

@@ -358,6 +358,7 @@ pub trait ModuleControl {
 /// The running kernel: `delete_module(2)` for the vendor module alone (`modprobe -r` would
 /// also unload kvm.ko and reset its parameters), `modprobe` to load it with one parameter
 /// (it finds compressed modules, dependencies and /etc/modprobe.d options).
+#[derive(Debug)]
 pub struct SystemModules;
 
 impl ModuleControl for SystemModules {
@@ -1019,10 +1020,10 @@ mod tests {
         write_state(&path, &state).unwrap();
         assert_eq!(read_state(&path).unwrap(), Some(state.clone()));
         assert!(!path.with_extension("json.tmp").exists());
-        assert!(state.vendor(&path).is_ok());
+        state.vendor(&path).unwrap();
         let mut wrong = state;
         wrong.parameter = "ept".into();
-        assert!(wrong.vendor(&path).is_err());
+        wrong.vendor(&path).unwrap_err();
         fs::write(&path, "{half").unwrap();
         assert!(matches!(read_state(&path), Err(PagingError::State { .. })));
     }

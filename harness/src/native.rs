@@ -103,6 +103,7 @@ pub fn thp_mode() -> Option<String> {
 }
 
 /// What one twin run is asked for, all of it the host's own.
+#[derive(Debug)]
 pub struct TwinPlan<'a> {
     /// The series, as the host derived it from its parameters.
     pub point: &'a SeriesPoint,

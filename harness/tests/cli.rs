@@ -269,7 +269,7 @@ fn ctrl_c_keeps_every_record_already_measured() {
     }
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.id().cast_signed()),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();

@@ -289,7 +289,7 @@ fn stops_the_guests_and_restores_the_settings_at_once(signal: nix::sys::signal::
             }
         }
     }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(child.id().cast_signed());
     nix::sys::signal::kill(pid, signal).unwrap();
     let status = child.wait().unwrap();
     seen.extend(rx.iter());

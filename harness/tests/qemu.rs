@@ -143,7 +143,7 @@ fn ctrl_c_on_qemu_is_an_interruption_not_a_crash() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let group = nix::unistd::Pid::from_raw(child.id().cast_signed());
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let (lines, seen) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -211,9 +211,7 @@ fn an_unreachable_or_wrong_xen_host_is_a_clear_error_within_seconds() {
         spec: "ssh://root@127.0.0.1:1".into(),
         lab: None,
     };
-    let e = XenBackend::new(unreachable, Paging::Hap)
-        .err()
-        .expect("refused");
+    let e = XenBackend::new(unreachable, Paging::Hap).expect_err("refused");
     assert!(
         e.to_string()
             .contains("cannot reach ssh://root@127.0.0.1:1"),
@@ -225,7 +223,7 @@ fn an_unreachable_or_wrong_xen_host_is_a_clear_error_within_seconds() {
         spec: "local".into(),
         lab: None,
     };
-    let e = XenBackend::new(local, Paging::Hap).err().expect("refused");
+    let e = XenBackend::new(local, Paging::Hap).expect_err("refused");
     assert!(e.to_string().contains("xl"), "{e}");
     assert!(
         started.elapsed() < Duration::from_secs(15),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{BackendError, BootRequest, GuestSession};
 
 /// A guest booted with a balloon, and the host's handle on it.
+#[derive(Debug)]
 pub struct BalloonBoot {
     pub session: Box<dyn GuestSession>,
     pub control: Box<dyn BalloonControl>,
@@ -36,7 +37,7 @@ pub struct Refusals {
 }
 
 /// The running guest's balloon, as the host drives it.
-pub trait BalloonControl {
+pub trait BalloonControl: std::fmt::Debug {
     /// Asks the guest to hand `bytes` of its memory back (0: take everything back).
     fn set_balloon(&mut self, bytes: u64) -> Result<(), BackendError>;
     /// The host's view of the guest's memory now.

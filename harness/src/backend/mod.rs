@@ -83,14 +83,14 @@ pub enum GuestMessage {
 }
 
 /// A booted guest.
-pub trait GuestSession {
+pub trait GuestSession: std::fmt::Debug {
     fn messages(&self) -> &Receiver<GuestMessage>;
     /// Stops the guest and releases everything it holds. Idempotent; also run on drop.
     fn stop(&mut self) -> Result<(), BackendError>;
 }
 
 /// A way of running the guest.
-pub trait Hypervisor {
+pub trait Hypervisor: std::fmt::Debug {
     fn kind(&self) -> BackendKind;
     /// The backend section of every record.
     fn info(&self) -> BackendInfo;

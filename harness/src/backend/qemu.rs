@@ -60,6 +60,7 @@ pub fn default_cpu_model(accel: &str, kvm_module: &str) -> String {
     }
 }
 
+#[derive(Debug)]
 pub struct QemuBackend {
     options: QemuOptions,
     accel: &'static str,
@@ -73,6 +74,7 @@ pub struct QemuBackend {
 mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
+    #[derive(Debug)]
     pub struct TempDir(PathBuf);
 
     impl TempDir {
@@ -343,7 +345,7 @@ impl Hypervisor for QemuBackend {
                     Ok(Ok(status)) => match (status.code(), status.signal()) {
                         // isa-debug-exit: QEMU exits with (code << 1) | 1.
                         (Some(code), _) if code & 1 == 1 => GuestEnd::Exited {
-                            code: (code >> 1) as u32,
+                            code: (code >> 1).cast_unsigned(),
                         },
                         (Some(0), _) => GuestEnd::TripleFault {
                             detail:
@@ -384,6 +386,7 @@ impl Hypervisor for QemuBackend {
     }
 }
 
+#[derive(Debug)]
 pub struct QemuSession {
     messages: Receiver<GuestMessage>,
     child: Arc<Mutex<Child>>,

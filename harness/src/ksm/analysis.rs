@@ -62,7 +62,7 @@ pub enum SavedByKsm {
     /// The kernel gives no per-process count, so this may include other processes.
     HostWide(f64),
     /// Other processes' merged mappings changed meanwhile (by `others` pages).
-    NotTheGuestsAlone { others: i64, sharing_gain: i64 },
+    NotTheGuestsAlone { others: i128, sharing_gain: i128 },
 }
 
 /// Compares the host-wide merged mappings (pages_shared + pages_sharing, which count every
@@ -74,12 +74,13 @@ pub fn saved_by_pages_sharing(
     vmm_before: Option<u64>,
     vmm_after: Option<u64>,
 ) -> SavedByKsm {
-    let mappings = |c: &KsmCounters| c.pages_shared as i64 + c.pages_sharing as i64;
-    let sharing_gain = after.pages_sharing as i64 - before.pages_sharing as i64;
-    let mib = (sharing_gain * PAGE_BYTES as i64) as f64 / (1 << 20) as f64;
+    // Differences of kernel counters, in i128: no u64 value can overflow or wrap there.
+    let mappings = |c: &KsmCounters| i128::from(c.pages_shared) + i128::from(c.pages_sharing);
+    let sharing_gain = i128::from(after.pages_sharing) - i128::from(before.pages_sharing);
+    let mib = (sharing_gain * i128::from(PAGE_BYTES)) as f64 / f64::from(1u32 << 20);
     match (vmm_before, vmm_after) {
         (Some(b), Some(a)) => {
-            let others = (mappings(after) - mappings(before)) - (a as i64 - b as i64);
+            let others = (mappings(after) - mappings(before)) - (i128::from(a) - i128::from(b));
             if others == 0 {
                 SavedByKsm::Guests(mib)
             } else {

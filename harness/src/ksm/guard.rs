@@ -71,6 +71,7 @@ pub struct SavedSettings {
 }
 
 /// Holds the KSM lock; restores what it changed when dropped.
+#[derive(Debug)]
 pub struct KsmGuard {
     paths: KsmPaths,
     lock: Option<Flock<File>>,
@@ -547,6 +548,6 @@ mod tests {
         std::fs::write(paths.state_file(), "{ not json").unwrap();
         let e = restore_stale(&paths).unwrap_err().to_string();
         assert!(e.contains("ksm-settings.json"), "{e}");
-        assert!(KsmGuard::acquire(paths.clone(), Duration::ZERO, &NEVER).is_err());
+        KsmGuard::acquire(paths.clone(), Duration::ZERO, &NEVER).unwrap_err();
     }
 }

@@ -38,6 +38,7 @@ pub struct GuestSpec {
     pub timeout: Duration,
 }
 
+#[derive(Debug)]
 struct Member {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -45,6 +46,7 @@ struct Member {
 }
 
 /// The running guests.
+#[derive(Debug)]
 pub struct Fleet {
     members: Vec<Member>,
     events: Receiver<(usize, ConsoleEvent)>,
@@ -158,7 +160,7 @@ fn spawn_one(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::getppid() as u32 != parent {
+            if libc::getppid().cast_unsigned() != parent {
                 return Err(std::io::Error::other("hvbench exited"));
             }
             Ok(())

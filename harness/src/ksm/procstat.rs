@@ -120,7 +120,7 @@ pub fn find_ksmd() -> Option<u32> {
 /// Clock ticks per second, the unit of `utime` and `stime`.
 pub fn ticks_per_second() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as u64,
+        Ok(Some(t)) if t > 0 => t.cast_unsigned(),
         // Linux has used 100 on every architecture hvbench runs on.
         _ => 100,
     }

@@ -787,7 +787,7 @@ mod tests {
     #[test]
     fn module_cycles_are_errors() {
         let graph: HashMap<&str, Vec<&str>> = HashMap::from([("a", vec!["b"]), ("b", vec!["a"])]);
-        assert!(module_load_order(&["a"], &needs(&graph)).is_err());
+        module_load_order(&["a"], &needs(&graph)).unwrap_err();
     }
 
     #[test]

@@ -57,6 +57,7 @@ const REMOTE_RUNS_DIR: &str = "/tmp/hvbench-lab-runs";
 /// After Ctrl-C, how long the remote run gets to save its records and restore paging.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(120);
 
+#[derive(Debug)]
 pub struct KvmLabOptions {
     /// Downloads, builds, keys, logs and the state file live here (under `kvm/`).
     pub cache_dir: PathBuf,
@@ -626,6 +627,7 @@ fn relabel(record: &mut Record, state: &KvmLabState) {
     record.reproduce = lab_reproduce(&record.reproduce);
 }
 
+#[derive(Debug)]
 pub struct KvmLabRun<'a> {
     pub cache_dir: &'a Path,
     /// None: KVM's paging as the lab has it; else switched for this run.
@@ -1122,7 +1124,7 @@ mod tests {
     #[test]
     fn options_lab_run_owns_are_refused() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(check_lab_run_args(&args(&["-w", "mem.*", "--samples", "3"])).is_ok());
+        check_lab_run_args(&args(&["-w", "mem.*", "--samples", "3"])).unwrap();
         for bad in [
             &["--out", "x"][..],
             &["--out=x"],

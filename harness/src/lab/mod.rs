@@ -163,6 +163,7 @@ pub fn progress_to_stderr(message: &str) {
     crate::say!("hvbench lab: {message}");
 }
 
+#[derive(Debug)]
 pub struct XenLabOptions {
     /// Downloads, builds, keys, logs and the state file live here.
     pub cache_dir: PathBuf,

@@ -447,7 +447,7 @@ mod tests {
         let dir = Path::new("/cache,odd/xen");
         let paths =
             ["xen", "vmlinuz", "initrd.cpio", "serial.log", "qemu.pid"].map(|n| dir.join(n));
-        assert!(boot(dir, &paths).arguments().is_err());
+        boot(dir, &paths).arguments().unwrap_err();
     }
 
     #[test]

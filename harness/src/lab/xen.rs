@@ -298,7 +298,7 @@ mod tests {
                 image_offset,
                 load_address,
                 load_address,
-                image.len() as u32,
+                u32::try_from(image.len()).expect("the test guest is a few bytes"),
                 0x3000,
                 7,
                 0x1000,
@@ -351,7 +351,7 @@ mod tests {
         options.cpus = 0;
         assert!(validate(&options).is_err());
         options.cpus = 2;
-        assert!(validate(&options).is_ok());
+        validate(&options).unwrap();
     }
 
     /// Boots the real lab: downloads ~81 MB of Debian packages on first use, then about

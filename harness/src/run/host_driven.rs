@@ -13,6 +13,7 @@ use crate::backend::Hypervisor;
 use crate::guest_image::GuestImage;
 
 /// What a host-driven workload gets to work with.
+#[derive(Debug)]
 pub struct HostContext<'a> {
     pub backend: &'a dyn Hypervisor,
     pub image: &'a GuestImage,
@@ -22,6 +23,7 @@ pub struct HostContext<'a> {
 
 /// What a host-driven workload produced: its outcome, and what the guest it booted said
 /// about itself (for the record's guest section and TSC conversion), if it booted one.
+#[derive(Debug)]
 pub struct HostDriven {
     pub outcome: WorkloadOutcome,
     pub hello: Option<Hello>,

@@ -106,6 +106,7 @@ pub enum RunError {
 }
 
 /// What a finished (or interrupted) run produced.
+#[derive(Debug)]
 pub struct RunSummary {
     pub run_id: String,
     pub records: Vec<Record>,
@@ -539,6 +540,7 @@ mod reproduce_tests {
     use workloads::BackendFeature;
 
     /// A backend that only says how it is reproduced.
+    #[derive(Debug)]
     struct Awkward;
 
     impl Hypervisor for Awkward {
@@ -652,6 +654,7 @@ mod run_loop_tests {
     use workloads::protocol::{LineBuilder, LineKind};
 
     /// A guest that prints `console`, then exits.
+    #[derive(Debug)]
     struct Printed(Receiver<GuestMessage>);
 
     impl GuestSession for Printed {
@@ -665,6 +668,7 @@ mod run_loop_tests {
 
     /// A backend whose every boot prints the same lines; it refuses a boot past `max_boots`,
     /// so a run that would boot forever ends with an error instead of hanging the test.
+    #[derive(Debug)]
     struct Scripted {
         console: Vec<u8>,
         boots: Cell<u32>,

@@ -2,7 +2,7 @@
 //! sample kept, statistics, the native twin, and the command that reproduces the figure.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use reports::record::{
     BackendInfo, GuestInfo, HostInfo, NativeComparison, Record, RunParameters, ToolInfo,
@@ -44,29 +44,19 @@ pub struct RecordContext<'a> {
     pub guest_ram: Option<HugePageAdvice>,
 }
 
-/// UTC time as RFC 3339 (`2026-11-26T05:12:00Z`), without a date crate.
+impl std::fmt::Debug for RecordContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordContext")
+            .field("run_id", &self.run_id)
+            .field("repeat", &self.repeat)
+            .field("backend", &self.backend.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// UTC time as RFC 3339 to the second (`2026-11-26T05:12:00Z`).
 pub fn rfc3339(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn parse_series(params: &str) -> BTreeMap<String, String> {
@@ -407,7 +397,7 @@ mod tests {
 
     #[test]
     fn rfc3339_known_dates() {
-        let at = |s: u64| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(s));
+        let at = |s: u64| rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
         assert_eq!(at(0), "1970-01-01T00:00:00Z");
         assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(at(1_795_664_096), "2026-11-26T03:34:56Z");

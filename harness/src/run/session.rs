@@ -699,6 +699,7 @@ mod tests {
     use workloads::protocol::{LineBuilder, LineKind};
 
     /// A guest that says exactly what the test scripts, then ends (or hangs).
+    #[derive(Debug)]
     struct Scripted {
         rx: Receiver<GuestMessage>,
         _tx: Option<Sender<GuestMessage>>,

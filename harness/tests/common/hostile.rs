@@ -86,13 +86,11 @@ fn code(script: &Script, blob_addr: u32) -> Vec<u8> {
     c.extend([0xf3, 0x6e]);
     if script.repeat == 0 {
         // jmp top (rel8, back to the top of the loop)
-        let rel = top as isize - (c.len() + 2) as isize;
-        c.extend([0xeb, rel as i8 as u8]);
+        c.extend([0xeb, rel8(top, c.len() + 2)]);
     } else {
         // dec ebx ; jnz top
         c.push(0x4b);
-        let rel = top as isize - (c.len() + 2) as isize;
-        c.extend([0x75, rel as i8 as u8]);
+        c.extend([0x75, rel8(top, c.len() + 2)]);
     }
     if let Ending::Exit(code) = script.ending {
         // mov eax, code ; out EXIT_PORT, eax
@@ -105,12 +103,18 @@ fn code(script: &Script, blob_addr: u32) -> Vec<u8> {
     c
 }
 
+/// The rel8 displacement of a jump back to `target` from the instruction ending at `next`.
+fn rel8(target: usize, next: usize) -> u8 {
+    let back = i8::try_from(next - target).expect("a short jump back");
+    (-back).to_le_bytes()[0]
+}
+
 /// The ELF image (64-bit ELF, as PVH loaders want, holding 32-bit code).
 pub fn elf(script: &Script) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
     let note_offset = EHDR + 2 * PHDR;
-    let entry = LOAD_ADDR + CODE_OFFSET as u32;
+    let entry = LOAD_ADDR + u32::try_from(CODE_OFFSET).unwrap();
     let mut note = Vec::new();
     note.extend(4u32.to_le_bytes()); // namesz
     note.extend(4u32.to_le_bytes()); // descsz
@@ -120,7 +124,7 @@ pub fn elf(script: &Script) -> Vec<u8> {
     assert!(note_offset + note.len() <= CODE_OFFSET);
     // The code is at most 40 bytes; the blob follows it, 16-byte aligned.
     let blob_offset = CODE_OFFSET + 64;
-    let code = code(script, LOAD_ADDR + blob_offset as u32);
+    let code = code(script, LOAD_ADDR + u32::try_from(blob_offset).unwrap());
     assert!(code.len() <= 64, "code of {} bytes", code.len());
     let file_len = blob_offset + script.blob.len();
 
@@ -134,8 +138,8 @@ pub fn elf(script: &Script) -> Vec<u8> {
     f.extend((EHDR as u64).to_le_bytes()); // e_phoff
     f.extend(0u64.to_le_bytes()); // e_shoff
     f.extend(0u32.to_le_bytes()); // e_flags
-    f.extend((EHDR as u16).to_le_bytes());
-    f.extend((PHDR as u16).to_le_bytes());
+    f.extend(u16::try_from(EHDR).unwrap().to_le_bytes());
+    f.extend(u16::try_from(PHDR).unwrap().to_le_bytes());
     f.extend(2u16.to_le_bytes()); // e_phnum
     f.extend([0u8; 6]); // e_shentsize, e_shnum, e_shstrndx
     assert_eq!(f.len(), EHDR);

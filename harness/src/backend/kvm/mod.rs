@@ -38,8 +38,27 @@ pub enum VmmError {
     },
     #[error("guest memory of {mib} MiB is outside {min}..={max} MiB")]
     MemorySize { mib: u32, min: u32, max: u32 },
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error("mapping {mib} MiB of guest memory: {source}")]
+    Allocate {
+        mib: u32,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("finding guest memory in the VMM: {0}")]
+    HostAddress(vm_memory::GuestMemoryError),
+    #[error("madvise({advice}) on {len} bytes of guest RAM: {source}")]
+    Madvise {
+        advice: &'static str,
+        len: usize,
+        source: std::io::Error,
+    },
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("installing the vCPU kick signal handler: {0}")]
+    KickSignal(vmm_sys_util::errno::Error),
+    #[error("building the guest's CPUID: {0:?}")]
+    Cpuid(vmm_sys_util::fam::Error),
+    #[error("guest memory has more regions than KVM has memory slots")]
+    TooManyRegions,
     #[error("loading the guest image: {0}")]
     Load(String),
     #[error("{asked} vCPUs asked for; this KVM allows 1..={max}")]
@@ -52,6 +71,7 @@ pub enum VmmError {
     Balloon(String),
 }
 
+#[derive(Debug)]
 pub struct KvmBackend {
     kvm: Kvm,
     host: HostInfo,
@@ -110,7 +130,7 @@ impl KvmBackend {
         request: &BootRequest,
         with_balloon: bool,
     ) -> Result<(KvmSession, Option<BalloonHandle>), VmmError> {
-        let max = self.kvm.get_max_vcpus() as u32;
+        let max = u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX);
         if request.vcpus == 0 || request.vcpus > max {
             return Err(VmmError::Vcpus {
                 asked: request.vcpus,
@@ -170,6 +190,7 @@ fn ksm_unusable_reason() -> Option<String> {
 }
 
 /// The host's side of the KVM balloon: the device's `num_pages`, and guest RAM residency.
+#[derive(Debug)]
 pub struct KvmBalloon {
     handle: BalloonHandle,
 }
@@ -310,6 +331,7 @@ impl Hypervisor for KvmBackend {
     }
 }
 
+#[derive(Debug)]
 pub struct KvmSession {
     messages: Receiver<GuestMessage>,
     stop: Arc<AtomicBool>,

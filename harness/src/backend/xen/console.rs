@@ -30,6 +30,7 @@ const CONNECT_GRACE: Duration = Duration::from_secs(3);
 const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 
 /// What the reader thread and the session share.
+#[derive(Debug)]
 struct LinkState {
     child: Option<Child>,
     /// Set once the host is done with the stream: no more reattaching.
@@ -40,6 +41,7 @@ struct LinkState {
 }
 
 /// The console link of one domain.
+#[derive(Debug)]
 pub struct ConsoleLink {
     state: Arc<Mutex<LinkState>>,
     /// The shell command that reads the console (`xl console <domain>`).

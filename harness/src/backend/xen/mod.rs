@@ -129,6 +129,7 @@ pub struct LabKind {
     pub accel: String,
 }
 
+#[derive(Debug)]
 pub struct XenBackend {
     host: XenHostSpec,
     paging: Paging,
@@ -363,6 +364,7 @@ impl BalloonBackend for XenBackend {
 /// Each phase is one SSH command (measure, then set), and a command that fails is run
 /// again, up to [`BALLOON_ATTEMPTS`] times: both halves are idempotent, and in the TCG lab
 /// dom0 loses a process now and then while a guest runs. Retries are counted and noted.
+#[derive(Debug)]
 pub struct XenBalloon {
     transport: Transport,
     name: String,
@@ -493,6 +495,7 @@ impl BalloonControl for XenBalloon {
 }
 
 /// A running domain: its console stream, its shutdown watcher, and its destruction.
+#[derive(Debug)]
 pub struct XenSession {
     transport: Transport,
     name: String,

@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn dom0_commands_run_in_their_own_process_group() {
         let mut child = Transport::Local.spawn("exec sleep 5", false).unwrap();
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(child.id().cast_signed());
         let group = nix::unistd::getpgid(Some(pid));
         let _ = child.kill();
         let _ = child.wait();

@@ -279,8 +279,8 @@ mod tests {
         assert_eq!(m.guest_bytes, 192 << 20);
         assert_eq!(m.host_free_bytes, Some(2078 << 20));
         // Another domain's line, or none at all, is an error, not a zero.
-        assert!(parse_balloon_memory(text, "hvbench-7-2").is_err());
-        assert!(parse_balloon_memory("", "hvbench-7-1").is_err());
+        parse_balloon_memory(text, "hvbench-7-2").unwrap_err();
+        parse_balloon_memory("", "hvbench-7-1").unwrap_err();
         let without_free = parse_balloon_memory("hvbench-7-1 3 256 1 r----- 1.0\n", "hvbench-7-1");
         assert_eq!(without_free.unwrap().host_free_bytes, None);
     }

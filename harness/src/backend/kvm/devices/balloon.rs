@@ -36,6 +36,7 @@ use workloads::virtio::{
 
 use crate::backend::balloon::Refusals;
 use crate::backend::kvm::vstate::memory::GuestMemory;
+use crate::cast::u64_to_usize;
 
 /// Most PFNs one request may carry (16 KiB of PFN array): bounds the work and the memory one
 /// notification can make the VMM spend. Linux sends 256.
@@ -117,7 +118,7 @@ impl Shared {
 /// The host's side of the balloon: sets the target, reads what the guest did, and measures
 /// how much of the guest's RAM is resident. Cheap to clone; it keeps the guest RAM mapping
 /// alive, so measuring it after the VM has stopped is still sound.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BalloonHandle {
     shared: Arc<Shared>,
     memory: GuestMemory,
@@ -158,7 +159,7 @@ impl BalloonHandle {
         let page = page_size();
         let mut resident = 0u64;
         for region in self.memory.iter() {
-            let len = region.len() as usize;
+            let len = u64_to_usize(region.len());
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -184,14 +185,14 @@ impl BalloonHandle {
 fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        size as usize
-    } else {
-        4096
-    }
+    usize::try_from(size)
+        .ok()
+        .filter(|s| *s > 0)
+        .unwrap_or(4096)
 }
 
 /// The device, owned by the vCPU thread.
+#[derive(Debug)]
 pub struct VirtioBalloon {
     memory: GuestMemory,
     shared: Arc<Shared>,
@@ -257,7 +258,7 @@ impl VirtioBalloon {
             let config = self.config_bytes();
             for (i, b) in data.iter_mut().enumerate() {
                 let at = (offset - REG_CONFIG).saturating_add(i as u64);
-                *b = config.get(at as usize).copied().unwrap_or(0);
+                *b = config.get(u64_to_usize(at)).copied().unwrap_or(0);
             }
             return;
         }
@@ -285,12 +286,12 @@ impl VirtioBalloon {
         data.copy_from_slice(&value.to_le_bytes());
     }
 
-    fn config_bytes(&self) -> [u8; CONFIG_LEN as usize] {
-        let mut config = [0u8; CONFIG_LEN as usize];
+    fn config_bytes(&self) -> [u8; u64_to_usize(CONFIG_LEN)] {
+        let mut config = [0u8; u64_to_usize(CONFIG_LEN)];
         let num = self.shared.target_pages.load(Ordering::Acquire);
         let actual = self.shared.actual_pages.load(Ordering::Acquire);
-        config[CONFIG_NUM_PAGES as usize..][..4].copy_from_slice(&num.to_le_bytes());
-        config[CONFIG_ACTUAL as usize..][..4].copy_from_slice(&actual.to_le_bytes());
+        config[u64_to_usize(CONFIG_NUM_PAGES)..][..4].copy_from_slice(&num.to_le_bytes());
+        config[u64_to_usize(CONFIG_ACTUAL)..][..4].copy_from_slice(&actual.to_le_bytes());
         config
     }
 
@@ -444,7 +445,7 @@ fn configure_queue(q: &mut Queue, offset: u64, value: u32) {
     match offset {
         // The crate keeps the old value (and logs) when a size or address is invalid; an
         // invalid set-up then fails `is_valid` at the first notification.
-        REG_QUEUE_NUM => q.set_size(value.min(u16::MAX as u32) as u16),
+        REG_QUEUE_NUM => q.set_size(u16::try_from(value).unwrap_or(u16::MAX)),
         REG_QUEUE_READY => q.set_ready(value == 1),
         REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
         REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
@@ -505,7 +506,7 @@ fn read_request(
     }
     for &pfn in &pfns {
         let addr = (pfn as u64) << BALLOON_PFN_SHIFT;
-        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), PAGE_SIZE as usize) {
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), u64_to_usize(PAGE_SIZE)) {
             return Err(RequestError::PfnOutsideRam { queue, pfn, addr });
         }
     }
@@ -522,17 +523,17 @@ fn release(mem: &GuestMemory, pfns: &[u32]) -> Result<(), RequestError> {
         }
         let addr = (pfns[i] as u64) << BALLOON_PFN_SHIFT;
         let len = run as u64 * PAGE_SIZE;
-        match mem.get_slice(GuestAddress(addr), len as usize) {
+        match mem.get_slice(GuestAddress(addr), u64_to_usize(len)) {
             Ok(slice) => drop_pages(addr, slice.ptr_guard_mut().as_ptr(), len)?,
             // A run across two regions: page by page (each page was checked to be RAM).
             Err(_) => {
                 for p in 0..run as u64 {
                     let page = addr + p * PAGE_SIZE;
                     let slice = mem
-                        .get_slice(GuestAddress(page), PAGE_SIZE as usize)
+                        .get_slice(GuestAddress(page), u64_to_usize(PAGE_SIZE))
                         .map_err(|_| RequestError::PfnOutsideRam {
                             queue: QUEUE_INFLATE,
-                            pfn: (page >> BALLOON_PFN_SHIFT) as u32,
+                            pfn: u32::try_from(page >> BALLOON_PFN_SHIFT).unwrap_or(u32::MAX),
                             addr: page,
                         })?;
                     drop_pages(page, slice.ptr_guard_mut().as_ptr(), PAGE_SIZE)?;
@@ -549,7 +550,7 @@ fn drop_pages(addr: u64, host: *mut u8, len: u64) -> Result<(), RequestError> {
     // range), a private anonymous mapping that `GuestMemory` keeps alive. MADV_DONTNEED only
     // replaces its contents with zero pages on the next access; nothing in the VMM holds a
     // Rust reference into guest RAM (all access is through volatile copies).
-    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    let rc = unsafe { libc::madvise(host.cast(), u64_to_usize(len), libc::MADV_DONTNEED) };
     if rc == 0 {
         Ok(())
     } else {
@@ -638,11 +639,11 @@ mod tests {
                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
             );
             for (q, base) in RINGS.iter().enumerate() {
-                self.set(REG_QUEUE_SEL, q as u32);
+                self.set(REG_QUEUE_SEL, u32::try_from(q).unwrap());
                 self.set(REG_QUEUE_NUM, QUEUE_SIZE as u32);
-                self.set(REG_QUEUE_DESC_LOW, *base as u32);
-                self.set(REG_QUEUE_DRIVER_LOW, (*base + 0x1000) as u32);
-                self.set(REG_QUEUE_DEVICE_LOW, (*base + 0x2000) as u32);
+                self.set(REG_QUEUE_DESC_LOW, u32::try_from(*base).unwrap());
+                self.set(REG_QUEUE_DRIVER_LOW, u32::try_from(*base + 0x1000).unwrap());
+                self.set(REG_QUEUE_DEVICE_LOW, u32::try_from(*base + 0x2000).unwrap());
                 self.set(REG_QUEUE_READY, 1);
             }
             self.set(
@@ -667,7 +668,7 @@ mod tests {
             self.mem
                 .write_obj(self.next_avail[q], GuestAddress(avail + 2))
                 .unwrap();
-            self.set(REG_QUEUE_NOTIFY, q as u32);
+            self.set(REG_QUEUE_NOTIFY, u32::try_from(q).unwrap());
         }
 
         fn pfn_list(&self, pfns: &[u32]) -> u64 {
@@ -767,7 +768,7 @@ mod tests {
         let mut d = TestDriver::new();
         // 1 MiB touched, then handed over: residency falls by at least that much.
         let first = VICTIM_PFN;
-        let pages = (MIB / 4096) as u32;
+        let pages = u32::try_from(MIB / 4096).unwrap();
         for p in first..first + pages {
             d.mark(p);
         }
@@ -843,7 +844,7 @@ mod tests {
     #[test]
     fn malformed_requests_are_refused_without_releasing_anything() {
         let outside = 64 * MIB;
-        let outside_pfn = (outside >> 12) as u32;
+        let outside_pfn = u32::try_from(outside >> 12).unwrap();
         refused(
             |d| {
                 let l = d.pfn_list(&[VICTIM_PFN]);
@@ -903,7 +904,12 @@ mod tests {
             |d| {
                 d.offer(
                     0,
-                    &[desc(LIST, 4 * MAX_PFNS_PER_REQUEST as u32 + 4, 0, 0)],
+                    &[desc(
+                        LIST,
+                        4 * u32::try_from(MAX_PFNS_PER_REQUEST).unwrap() + 4,
+                        0,
+                        0,
+                    )],
                     0,
                 )
             },
@@ -913,7 +919,7 @@ mod tests {
         refused(
             |d| {
                 let l = d.pfn_list(&[VICTIM_PFN]);
-                let big = (4 * MAX_PFNS_PER_REQUEST / 2) as u32;
+                let big = u32::try_from(4 * MAX_PFNS_PER_REQUEST / 2).unwrap();
                 d.offer(
                     0,
                     &[desc(l, big, DESC_F_NEXT, 1), desc(l, big + 4, 0, 0)],
@@ -981,8 +987,14 @@ mod tests {
                 d.set(REG_QUEUE_NUM, QUEUE_SIZE as u32);
                 d.set(REG_QUEUE_DESC_LOW, 0);
                 d.set(REG_QUEUE_DESC_HIGH, 1);
-                d.set(REG_QUEUE_DRIVER_LOW, (RINGS[0] + 0x1000) as u32);
-                d.set(REG_QUEUE_DEVICE_LOW, (RINGS[0] + 0x2000) as u32);
+                d.set(
+                    REG_QUEUE_DRIVER_LOW,
+                    u32::try_from(RINGS[0] + 0x1000).unwrap(),
+                );
+                d.set(
+                    REG_QUEUE_DEVICE_LOW,
+                    u32::try_from(RINGS[0] + 0x2000).unwrap(),
+                );
                 d.set(REG_QUEUE_READY, 1);
                 d.set(
                     REG_STATUS,
@@ -1022,15 +1034,18 @@ mod tests {
                 0 => {
                     // Garbage in the rings, the descriptor table and the PFN list.
                     let at = RINGS[(r >> 8) as usize % 2] + (next() % 0x3000);
-                    let _ = d.mem.write_obj(next() as u32, GuestAddress(at));
                     let _ = d
                         .mem
-                        .write_obj(next() as u32, GuestAddress(LIST + next() % 64));
+                        .write_obj((next() & 0xffff_ffff) as u32, GuestAddress(at));
+                    let _ = d.mem.write_obj(
+                        (next() & 0xffff_ffff) as u32,
+                        GuestAddress(LIST + next() % 64),
+                    );
                 }
                 1 => d.set(REG_QUEUE_NOTIFY, (next() % 3) as u32),
                 2 => {
                     let offset = next() % 0x1100;
-                    d.set(offset & !3, next() as u32);
+                    d.set(offset & !3, (next() & 0xffff_ffff) as u32);
                 }
                 3 => {
                     let mut buf = [0u8; 8];
@@ -1045,6 +1060,6 @@ mod tests {
             }
         }
         // The guest RAM mapping survived: it can still be measured.
-        assert!(d.handle.resident_bytes().is_ok());
+        d.handle.resident_bytes().unwrap();
     }
 }

@@ -136,6 +136,7 @@ impl Doorbell {
     }
 }
 
+#[derive(Debug)]
 pub struct Devices {
     uart: ConsoleUart,
     doorbell: Arc<Doorbell>,
@@ -173,7 +174,7 @@ impl Devices {
     fn uart_offset(port: u16) -> Option<u8> {
         port.checked_sub(UART_PORT)
             .filter(|o| *o < UART_PORT_LEN)
-            .map(|o| o as u8)
+            .and_then(|o| u8::try_from(o).ok())
     }
 
     /// An OUT (or a string OUT: `data` then holds every byte of the string).
@@ -262,7 +263,7 @@ impl Devices {
                 self.counters.count(ExitReason::MmioTest);
                 let value = MMIO_TEST_VALUE.to_le_bytes();
                 for (i, b) in data.iter_mut().enumerate() {
-                    *b = value[(offset as usize + i) % value.len()];
+                    *b = value[(crate::cast::u64_to_usize(offset) + i) % value.len()];
                 }
             }
             None => {

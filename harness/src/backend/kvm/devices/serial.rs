@@ -5,6 +5,7 @@ use std::io::Write;
 use vm_superio::{Serial, Trigger};
 
 /// The guest runs without interrupts, so the UART's interrupt line goes nowhere.
+#[derive(Debug)]
 pub struct NoInterrupt;
 
 impl Trigger for NoInterrupt {
@@ -16,7 +17,7 @@ impl Trigger for NoInterrupt {
 }
 
 /// Bytes the guest transmitted, until the vCPU loop collects them.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct OutputBuffer(Vec<u8>);
 
 /// Most console bytes held between two collections; the vCPU loop collects after every
@@ -39,6 +40,7 @@ impl Write for OutputBuffer {
 /// Pending output sent on even without a newline.
 const FLUSH_AT: usize = 4096;
 
+#[derive(Debug)]
 pub struct ConsoleUart {
     serial: Serial<NoInterrupt, vm_superio::serial::NoEvents, OutputBuffer>,
 }

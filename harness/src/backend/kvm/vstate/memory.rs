@@ -11,7 +11,7 @@ pub const MIN_MEMORY_MIB: u32 = 16;
 
 /// Allocates `mib` MiB of guest RAM at guest-physical 0 (below the 32-bit MMIO hole).
 pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
-    let max_mib = (workloads::abi::MAX_LOW_RAM >> 20) as u32;
+    let max_mib = u32::try_from(workloads::abi::MAX_LOW_RAM >> 20).unwrap_or(u32::MAX);
     if !(MIN_MEMORY_MIB..=max_mib).contains(&mib) {
         return Err(VmmError::MemorySize {
             mib,
@@ -19,9 +19,9 @@ pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
             max: max_mib,
         });
     }
-    let size = (mib as usize) << 20;
+    let size = crate::cast::u64_to_usize(u64::from(mib) << 20);
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-        .map_err(|e| VmmError::Memory(e.to_string()))
+        .map_err(|source| VmmError::Allocate { mib, source })
 }
 
 /// How the host may back guest RAM.
@@ -59,16 +59,17 @@ pub fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
     for region in memory.iter() {
         let host = memory
             .get_host_address(region.start_addr())
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
-        let len = region.len() as usize;
+            .map_err(VmmError::HostAddress)?;
+        let len = crate::cast::u64_to_usize(region.len());
         // SAFETY: [host, host + len) is one live anonymous mapping owned by `memory`;
         // the advice changes how the kernel may back it, never its contents.
         let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, flag) };
         if rc != 0 {
-            return Err(VmmError::Memory(format!(
-                "madvise({name}) on {len} bytes of guest RAM: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(VmmError::Madvise {
+                advice: name,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
@@ -79,9 +80,9 @@ pub fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<(), VmmEr
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
+            .map_err(VmmError::HostAddress)?;
         let descriptor = kvm_bindings::kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).map_err(|_| VmmError::TooManyRegions)?,
             flags: 0,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),

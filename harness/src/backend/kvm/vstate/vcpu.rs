@@ -31,8 +31,7 @@ pub fn install_kick_handler() -> Result<(), VmmError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| VmmError::Memory(format!("installing the vCPU kick signal handler: {e}")));
+        result = register_signal_handler(kick_signal(), on_kick).map_err(VmmError::KickSignal);
     });
     result
 }
@@ -52,7 +51,7 @@ fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
             source,
         })?;
     let entries = guest_cpuid_entries(supported.as_slice(), tsc_khz);
-    CpuId::from_entries(&entries).map_err(|e| VmmError::Memory(format!("building CPUID: {e:?}")))
+    CpuId::from_entries(&entries).map_err(VmmError::Cpuid)
 }
 
 /// `guest_cpuid` from the entries KVM supports.
@@ -113,6 +112,7 @@ pub fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<VcpuFd>, V
     (1..=count as u64).map(|id| create(kvm, vm, id)).collect()
 }
 
+#[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
     devices: Devices,

@@ -18,7 +18,8 @@ const KVM_X86_QUIRK_FIX_HYPERCALL_INSN: u64 = 1 << 5;
 
 fn disable_hypercall_patching(fd: &VmFd) -> Result<(), VmmError> {
     let supported = fd.check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2.into());
-    if supported <= 0 || (supported as u64) & KVM_X86_QUIRK_FIX_HYPERCALL_INSN == 0 {
+    let supported = u64::try_from(supported).unwrap_or(0);
+    if supported & KVM_X86_QUIRK_FIX_HYPERCALL_INSN == 0 {
         return Ok(());
     }
     let mut cap = kvm_bindings::kvm_enable_cap {
@@ -32,6 +33,7 @@ fn disable_hypercall_patching(fd: &VmFd) -> Result<(), VmmError> {
     })
 }
 
+#[derive(Debug)]
 pub struct Vm {
     pub fd: VmFd,
     pub memory: GuestMemory,
@@ -58,8 +60,7 @@ impl Vm {
         disable_hypercall_patching(&fd)?;
         let memory = memory::allocate(memory_mib)?;
         memory::register(&fd, &memory)?;
-        let event =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Memory(format!("eventfd: {e}")))?;
+        let event = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         fd.register_ioevent(
             &event,
             &IoEventAddress::Pio(PIO_KERNEL_PORT as u64),
