@@ -93,6 +93,39 @@ pub struct PtUpdateArgs {
     pub entries: [u64; 2],
 }
 
+/// The loops the kernel times at CPL0 for user mode (`Syscall::KernelLoop`). A workload
+/// whose instruction only the kernel may execute adds a variant here, and `kernel_loop`
+/// does not build until it has its arm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum KernelOp {
+    /// HLT with interrupts off.
+    Hlt = 0,
+    /// RDMSR of IA32_APIC_BASE (intercepted by KVM and Xen).
+    MsrRead = 1,
+    /// A no-op hypercall the hypervisor executes.
+    Hypercall = 2,
+    /// Rewrite a PTE, INVLPG, touch the page (the argument is a `PtUpdateArgs`).
+    PtUpdate = 3,
+    /// CR3 writes between two roots.
+    Cr3Switch = 4,
+}
+
+impl KernelOp {
+    const ALL: [KernelOp; 5] = [
+        KernelOp::Hlt,
+        KernelOp::MsrRead,
+        KernelOp::Hypercall,
+        KernelOp::PtUpdate,
+        KernelOp::Cr3Switch,
+    ];
+
+    /// The operation user mode named, if it names one.
+    fn from_raw(raw: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| *op as u64 == raw)
+    }
+}
+
 /// KernelLoop's answer when the instruction faulted (the host refuses it at CPL0).
 pub const KERNEL_LOOP_FAULTED: u64 = u64::MAX - 1;
 /// What `KernelLoop` returns for a workload without a kernel loop (on this hypervisor).
@@ -206,98 +239,88 @@ extern "C" {
 }
 
 /// Kernel-mode workloads: the instruction runs in a loop at CPL0, timed at CPL0.
-fn kernel_loop(workload: u64, iterations: u64, arg: u64) -> u64 {
-    let info = boot_info();
-    let id = workloads::WORKLOADS.get(workload as usize).map(|w| w.id);
-    match id {
-        Some(WorkloadId::CpuHlt) => timed(iterations, hlt),
-        Some(WorkloadId::CpuMsrRead) => timed(iterations, || {
+fn kernel_loop(op: u64, iterations: u64, arg: u64) -> u64 {
+    let Some(op) = KernelOp::from_raw(op) else {
+        return NO_KERNEL_LOOP;
+    };
+    match op {
+        KernelOp::Hlt => timed(iterations, hlt),
+        KernelOp::MsrRead => timed(iterations, || {
             // IA32_APIC_BASE: intercepted by KVM and Xen.
             core::hint::black_box(rdmsr(0x1b));
         }),
-        Some(WorkloadId::CpuHypercallKernel) => match info.hypervisor.kind {
-            Hypervisor::Kvm => {
-                // Some hosts (kvm_pvm) refuse hypercalls from CPL0 with #UD: try one first.
-                if cpu::probe_hypercall(info.hypercall, KVM_HC_VAPIC_POLL_IRQ) == cpu::PROBE_FAULTED
-                {
-                    return KERNEL_LOOP_FAULTED;
-                }
-                timed(iterations, || {
-                    core::hint::black_box(cpu::hypercall(
-                        info.hypercall,
-                        KVM_HC_VAPIC_POLL_IRQ,
-                        0,
-                        0,
-                        0,
-                    ));
-                })
+        KernelOp::Hypercall => hypercall_loop(iterations),
+        KernelOp::PtUpdate => pt_update_loop(iterations, arg),
+        KernelOp::Cr3Switch => cr3_switch_loop(iterations),
+    }
+}
+
+/// `KernelOp::Hypercall` on the hypervisor the kernel detected.
+fn hypercall_loop(iterations: u64) -> u64 {
+    let info = boot_info();
+    match info.hypervisor.kind {
+        Hypervisor::Kvm => {
+            // Some hosts (kvm_pvm) refuse hypercalls from CPL0 with #UD: try one first.
+            if cpu::probe_hypercall(info.hypercall, KVM_HC_VAPIC_POLL_IRQ) == cpu::PROBE_FAULTED {
+                return KERNEL_LOOP_FAULTED;
             }
-            Hypervisor::Xen if xen::is_ready() => timed(iterations, || {
-                core::hint::black_box(xen::version());
-            }),
-            _ => NO_KERNEL_LOOP,
-        },
-        Some(WorkloadId::MemPtUpdate) => {
-            // SAFETY: user mode passes a `PtUpdateArgs` it owns (all memory is mapped).
-            let a = unsafe { (arg as *const PtUpdateArgs).read_volatile() };
-            let pte = a.pte as *mut u64;
-            let mut which = 0;
             timed(iterations, || {
-                which ^= 1;
-                // SAFETY: `pte` is a PTE of the caller's window; both entries map pages
-                // the caller allocated.
-                unsafe { pte.write_volatile(a.entries[which]) };
-                cpu::invlpg(a.va);
-                // SAFETY: the page is mapped by the entry just written.
-                core::hint::black_box(unsafe { (a.va as *const u64).read_volatile() });
+                core::hint::black_box(cpu::hypercall(
+                    info.hypercall,
+                    KVM_HC_VAPIC_POLL_IRQ,
+                    0,
+                    0,
+                    0,
+                ));
             })
         }
-        Some(WorkloadId::MemCr3Switch) => {
-            let main = crate::mem::paging::root() as u64;
-            let alt = core::ptr::addr_of_mut!(pml4_alt).cast::<u64>();
-            // The alternate root must map what the main one maps (the window too).
-            for i in 0..2 {
-                // SAFETY: both roots are statics of the boot code, 512 entries each.
-                unsafe {
-                    alt.add(i)
-                        .write_volatile((main as *const u64).add(i).read_volatile())
-                };
-            }
-            let roots = [alt as u64, main];
-            let mut which = 0;
-            let cycles = timed(iterations, || {
-                which ^= 1;
-                cpu::write_cr3(roots[which]);
-            });
-            cpu::write_cr3(main);
-            cycles
+        Hypervisor::Xen if xen::is_ready() => timed(iterations, || {
+            core::hint::black_box(xen::version());
+        }),
+        _ => NO_KERNEL_LOOP,
+    }
+}
+
+/// `KernelOp::PtUpdate`: `arg` points at the caller's `PtUpdateArgs`.
+fn pt_update_loop(iterations: u64, arg: u64) -> u64 {
+    {
+        // SAFETY: user mode passes a `PtUpdateArgs` it owns (all memory is mapped).
+        let a = unsafe { (arg as *const PtUpdateArgs).read_volatile() };
+        let pte = a.pte as *mut u64;
+        let mut which = 0;
+        timed(iterations, || {
+            which ^= 1;
+            // SAFETY: `pte` is a PTE of the caller's window; both entries map pages
+            // the caller allocated.
+            unsafe { pte.write_volatile(a.entries[which]) };
+            cpu::invlpg(a.va);
+            // SAFETY: the page is mapped by the entry just written.
+            core::hint::black_box(unsafe { (a.va as *const u64).read_volatile() });
+        })
+    }
+}
+
+/// `KernelOp::Cr3Switch`: between the boot root and an alternate that maps the same.
+fn cr3_switch_loop(iterations: u64) -> u64 {
+    {
+        let main = crate::mem::paging::root() as u64;
+        let alt = core::ptr::addr_of_mut!(pml4_alt).cast::<u64>();
+        // The alternate root must map what the main one maps (the window too).
+        for i in 0..2 {
+            // SAFETY: both roots are statics of the boot code, 512 entries each.
+            unsafe {
+                alt.add(i)
+                    .write_volatile((main as *const u64).add(i).read_volatile())
+            };
         }
-        // Workloads without a kernel loop, listed rather than `_`, so that a new workload
-        // does not build until it says whether it has one.
-        Some(
-            WorkloadId::CpuIdle
-            | WorkloadId::CpuRdtsc
-            | WorkloadId::CpuCpuid
-            | WorkloadId::CpuHypercall
-            | WorkloadId::CpuCompute
-            | WorkloadId::IoPioOut
-            | WorkloadId::IoPioIn
-            | WorkloadId::IoPioOutKernel
-            | WorkloadId::IoMmioWrite
-            | WorkloadId::IoMmioRead
-            | WorkloadId::MemFirstTouch
-            | WorkloadId::MemProtFault
-            | WorkloadId::MemTlbChase
-            | WorkloadId::MemSeqRead
-            | WorkloadId::MemCopy
-            | WorkloadId::MemKsm
-            | WorkloadId::MemBalloon
-            | WorkloadId::SelftestTripleFault
-            | WorkloadId::SelftestPageFault
-            | WorkloadId::SelftestHang
-            | WorkloadId::SelftestBalloonCorrupt,
-        )
-        | None => NO_KERNEL_LOOP,
+        let roots = [alt as u64, main];
+        let mut which = 0;
+        let cycles = timed(iterations, || {
+            which ^= 1;
+            cpu::write_cr3(roots[which]);
+        });
+        cpu::write_cr3(main);
+        cycles
     }
 }
 

@@ -15,7 +15,7 @@ use thiserror::Error;
 use workloads::compute::{compute_init, compute_rounds, COMPUTE_WORDS};
 use workloads::memory::{build_chase, chase, copy_bytes, sum_words, CHASE_SEED, CHASE_STRIDE};
 use workloads::table::param::{COPY_SIZE, SEQ_READ_SIZE, TLB_CHASE_WS};
-use workloads::{ParamSpec, WorkloadId};
+use workloads::{NativeTwin, ParamSpec, WorkloadId};
 
 use crate::run::plan::SeriesPoint;
 
@@ -314,41 +314,16 @@ fn copy(plan: &TwinPlan) -> Result<Vec<f64>, TwinError> {
 }
 
 /// The native twin of a workload's series: cycles per operation (per round, per chase
-/// step, per byte). `None` for workloads without a twin; which those are is the table's
-/// `native_twin` (a test checks the two agree).
+/// step, per byte). `None` for a workload whose row names no twin.
 pub fn twin(workload: WorkloadId, plan: &TwinPlan) -> Option<Result<Vec<f64>, TwinError>> {
-    use WorkloadId::*;
-    let result = match workload {
-        CpuCompute => measure(plan, 1, |n| {
+    Some(match workload.spec().native_twin? {
+        NativeTwin::Compute => measure(plan, 1, |n| {
             std::hint::black_box(compute_run(n));
         }),
-        MemTlbChase => tlb_chase(plan),
-        MemSeqRead => seq_read(plan),
-        MemCopy => copy(plan),
-        CpuIdle
-        | CpuRdtsc
-        | CpuCpuid
-        | CpuHypercall
-        | CpuHypercallKernel
-        | CpuMsrRead
-        | CpuHlt
-        | IoPioOut
-        | IoPioIn
-        | IoPioOutKernel
-        | IoMmioWrite
-        | IoMmioRead
-        | MemFirstTouch
-        | MemProtFault
-        | MemPtUpdate
-        | MemCr3Switch
-        | MemKsm
-        | MemBalloon
-        | SelftestTripleFault
-        | SelftestPageFault
-        | SelftestHang
-        | SelftestBalloonCorrupt => return None,
-    };
-    Some(result)
+        NativeTwin::TlbChase => tlb_chase(plan),
+        NativeTwin::SeqRead => seq_read(plan),
+        NativeTwin::Copy => copy(plan),
+    })
 }
 
 #[cfg(test)]
@@ -356,7 +331,6 @@ mod tests {
     use super::*;
     use crate::run::plan::series_points;
     use crate::run::WorkloadParam;
-    use workloads::WORKLOADS;
 
     fn point(workload: WorkloadId, params: &[&str]) -> SeriesPoint {
         let params: Vec<WorkloadParam> = params
@@ -374,20 +348,6 @@ mod tests {
             warmup: 0,
             samples: 2,
             interrupted: flag,
-        }
-    }
-
-    #[test]
-    fn every_row_with_a_twin_has_one_and_no_other() {
-        let flag = AtomicBool::new(true);
-        let p = point(WorkloadId::CpuIdle, &[]);
-        for w in WORKLOADS {
-            assert_eq!(
-                twin(w.id, &plan(&p, &flag)).is_some(),
-                w.native_twin,
-                "{}",
-                w.name
-            );
         }
     }
 

@@ -29,6 +29,6 @@ pub mod virtio;
 
 pub use params::{ParamKind, ParamSpec};
 pub use table::{
-    BackendFeature, Direction, Driver, Group, Hypervisor, MetricSpec, Privilege, Requirement, Unit,
-    Workload, WorkloadId, WORKLOADS,
+    BackendFeature, Direction, Driver, Group, HostRunner, Hypervisor, MetricSpec, NativeTwin,
+    Privilege, Requirement, Unit, Workload, WorkloadId, WORKLOADS,
 };

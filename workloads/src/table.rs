@@ -159,8 +159,32 @@ pub enum Driver {
     /// The guest runs it and reports samples; the host only collects them.
     Guest,
     /// The host orchestrates it (several guests, host-side measurements such as KSM
-    /// sharing or balloon reclaim); it runs in a module of its own in the harness.
-    Host,
+    /// sharing or balloon reclaim) with this runner of the harness.
+    Host(HostRunner),
+}
+
+/// The harness's runners of host-driven workloads (`harness/src/run/host_driven.rs`
+/// matches on this exhaustively: a new runner does not build until it is there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostRunner {
+    /// Several guests with identical pages, Linux KSM driven from the host.
+    Ksm,
+    /// One guest with a balloon the host inflates and deflates.
+    Balloon,
+}
+
+/// The code a workload shares with its native twin, which the harness runs on the host
+/// for a guest/native ratio (`harness/src/native.rs` matches on this exhaustively).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NativeTwin {
+    /// [`crate::compute`]'s kernel, rounds per operation.
+    Compute,
+    /// [`crate::memory::chase`] over a working set, per page and page size.
+    TlbChase,
+    /// [`crate::memory::sum_words`] over a buffer.
+    SeqRead,
+    /// [`crate::memory::copy_bytes`] between two buffers.
+    Copy,
 }
 
 /// A hypervisor as the guest detects it from CPUID 0x40000000.
@@ -238,8 +262,8 @@ pub struct Workload {
     pub requires: &'static [Requirement],
     /// Runs only when named exactly (self-tests that crash or hang the guest on purpose).
     pub explicit_only: bool,
-    /// The harness runs the identical code natively for a guest/native ratio.
-    pub native_twin: bool,
+    /// The identical code the harness runs natively for a guest/native ratio, if any.
+    pub native_twin: Option<NativeTwin>,
     pub driver: Driver,
     /// The parameters it takes (`--param WORKLOAD.KEY=VALUE`), the only ones it takes.
     pub params: &'static [ParamSpec],
@@ -442,7 +466,7 @@ pub const WORKLOADS: &[Workload] = &[
                       measurement floor under every other figure.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -456,7 +480,7 @@ pub const WORKLOADS: &[Workload] = &[
                       the native instruction unless the hypervisor traps the TSC.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -470,7 +494,7 @@ pub const WORKLOADS: &[Workload] = &[
                       hypervisor (KVM's kernel module, or Xen) without reaching any VMM.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -486,7 +510,7 @@ pub const WORKLOADS: &[Workload] = &[
                       same path on KVM and Xen.",
         requires: &[Requirement::OnHypervisor(KVM_OR_XEN)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -504,7 +528,7 @@ pub const WORKLOADS: &[Workload] = &[
             Requirement::Backend(BackendFeature::HypercallFromKernel),
         ],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -518,7 +542,7 @@ pub const WORKLOADS: &[Workload] = &[
                       and emulated inside the hypervisor.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -532,7 +556,7 @@ pub const WORKLOADS: &[Workload] = &[
                       the vCPU at once: a round trip from the guest to the VMM process.",
         requires: &[Requirement::Backend(BackendFeature::HltExitsToVmm)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -547,7 +571,7 @@ pub const WORKLOADS: &[Workload] = &[
                       natively and the record gives the guest/native ratio.",
         requires: &[],
         explicit_only: false,
-        native_twin: true,
+        native_twin: Some(NativeTwin::Compute),
         driver: Driver::Guest,
         params: &[],
     },
@@ -561,7 +585,7 @@ pub const WORKLOADS: &[Workload] = &[
                       through the kernel to the VMM process and back.",
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -575,7 +599,7 @@ pub const WORKLOADS: &[Workload] = &[
                       as io.pio-out, with the value supplied by the VMM.",
         requires: &[Requirement::Backend(BackendFeature::UserspacePioPort)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -589,7 +613,7 @@ pub const WORKLOADS: &[Workload] = &[
                       eventfd and resumes the guest without returning to the VMM.",
         requires: &[Requirement::Backend(BackendFeature::KernelIoeventfdPort)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -604,7 +628,7 @@ pub const WORKLOADS: &[Workload] = &[
                       kernel) to the VMM and back.",
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -617,7 +641,7 @@ pub const WORKLOADS: &[Workload] = &[
         description: "A 32-bit load from the page of io.mmio-write; the VMM supplies the value.",
         requires: &[Requirement::Backend(BackendFeature::UserspaceMmioPage)],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -634,7 +658,7 @@ pub const WORKLOADS: &[Workload] = &[
                       `pages` (per sample).",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[param::FIRST_TOUCH_PAGES, param::PAGE_SIZES],
     },
@@ -649,7 +673,7 @@ pub const WORKLOADS: &[Workload] = &[
                       handler makes the page writable again and returns. Parameter `pages`.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[param::PROT_FAULT_PAGES],
     },
@@ -665,7 +689,7 @@ pub const WORKLOADS: &[Workload] = &[
                       page walk. Identical code runs natively. Parameters `ws`, `page`.",
         requires: &[],
         explicit_only: false,
-        native_twin: true,
+        native_twin: Some(NativeTwin::TlbChase),
         driver: Driver::Guest,
         params: &[param::TLB_CHASE_WS, param::PAGE_SIZES],
     },
@@ -679,7 +703,7 @@ pub const WORKLOADS: &[Workload] = &[
                       Identical code runs natively. Parameter `size`.",
         requires: &[],
         explicit_only: false,
-        native_twin: true,
+        native_twin: Some(NativeTwin::SeqRead),
         driver: Driver::Guest,
         params: &[param::SEQ_READ_SIZE],
     },
@@ -693,7 +717,7 @@ pub const WORKLOADS: &[Workload] = &[
                       with 2 MiB guest pages. Identical code runs natively. Parameter `size`.",
         requires: &[],
         explicit_only: false,
-        native_twin: true,
+        native_twin: Some(NativeTwin::Copy),
         driver: Driver::Guest,
         params: &[param::COPY_SIZE],
     },
@@ -708,7 +732,7 @@ pub const WORKLOADS: &[Workload] = &[
                       write traps to the hypervisor), a plain store under EPT/NPT.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -722,7 +746,7 @@ pub const WORKLOADS: &[Workload] = &[
                       exit under shadow paging, a native instruction under EPT/NPT.",
         requires: &[],
         explicit_only: false,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -755,8 +779,8 @@ pub const WORKLOADS: &[Workload] = &[
                       guest RAM is --memory-mib.",
         requires: &[Requirement::Backend(BackendFeature::KernelSamePageMerging)],
         explicit_only: false,
-        native_twin: false,
-        driver: Driver::Host,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Ksm),
         params: param::KSM,
     },
     Workload {
@@ -781,8 +805,8 @@ pub const WORKLOADS: &[Workload] = &[
                       Parameter `size` (default 64m).",
         requires: &[Requirement::Backend(BackendFeature::Balloon)],
         explicit_only: false,
-        native_twin: false,
-        driver: Driver::Host,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Balloon),
         params: &[param::BALLOON_SIZE],
     },
     Workload {
@@ -795,7 +819,7 @@ pub const WORKLOADS: &[Workload] = &[
                       fault) and carry on with the next workload.",
         requires: &[],
         explicit_only: true,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -809,7 +833,7 @@ pub const WORKLOADS: &[Workload] = &[
                       (vector, RIP, CR2) as a crash, and the run carries on.",
         requires: &[],
         explicit_only: true,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -823,7 +847,7 @@ pub const WORKLOADS: &[Workload] = &[
                       with the next workload.",
         requires: &[],
         explicit_only: true,
-        native_twin: false,
+        native_twin: None,
         driver: Driver::Guest,
         params: &[],
     },
@@ -840,8 +864,8 @@ pub const WORKLOADS: &[Workload] = &[
                       and the device must work again after a reset.",
         requires: &[Requirement::Backend(BackendFeature::VirtioBalloon)],
         explicit_only: true,
-        native_twin: false,
-        driver: Driver::Host,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Balloon),
         params: &[],
     },
 ];

@@ -9,12 +9,11 @@ use workloads::protocol::Status;
 use workloads::table::param::{
     COPY_SIZE, FIRST_TOUCH_PAGES, PAGE_SIZES, PROT_FAULT_PAGES, SEQ_READ_SIZE, TLB_CHASE_WS,
 };
-use workloads::WorkloadId;
 
 use super::kernel_loop;
 use crate::arch::cpu::rdtsc_fenced;
 use crate::arch::user::syscall;
-use crate::kernel::{PtUpdateArgs, Syscall};
+use crate::kernel::{KernelOp, PtUpdateArgs, Syscall};
 use crate::mem::arena::{alloc_fresh, alloc_work, reset_work, HUGE_PAGE, PAGE};
 use crate::mem::paging::{self, map_4k, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 use crate::runner::{Refusal, Sampler};
@@ -256,7 +255,7 @@ pub fn pt_update(s: &Sampler) -> Result<(), Refusal> {
         entries: [pages | flags, (pages + PAGE) | flags],
     };
     s.latency("", |n| {
-        kernel_loop(WorkloadId::MemPtUpdate, n, &args as *const _ as u64)
+        kernel_loop(KernelOp::PtUpdate, n, &args as *const _ as u64)
     })?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen::XENVER_VERSION;
 use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
-use crate::kernel::{BootInfo, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
+use crate::kernel::{BootInfo, KernelOp, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
 use crate::runner::{Refusal, Sampler};
 
 /// An address no page table maps (256 GiB), for `selftest.page-fault`.
@@ -27,8 +27,8 @@ pub const SELFTEST_UNMAPPED_ADDRESS: u64 = 0x40_0000_0000;
 
 pub type Outcome = Result<(), Refusal>;
 
-pub fn kernel_loop(id: WorkloadId, n: u64, arg: u64) -> Result<u64, Refusal> {
-    match syscall(Syscall::KernelLoop as u64, id as u64, n, arg) {
+pub fn kernel_loop(op: KernelOp, n: u64, arg: u64) -> Result<u64, Refusal> {
+    match syscall(Syscall::KernelLoop as u64, op as u64, n, arg) {
         KERNEL_LOOP_FAULTED => Err((
             Status::Skip,
             "the hypervisor raised #UD for the hypercall instruction at CPL0: this KVM does \
@@ -87,8 +87,14 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             // The hypervisor's answer from CPL3: an error code (-KVM_EPERM, -EPERM).
             s.note_hex("return", last);
         }
-        WorkloadId::CpuHypercallKernel | WorkloadId::CpuMsrRead | WorkloadId::CpuHlt => {
-            s.latency("", |n| kernel_loop(id, n, 0))?;
+        WorkloadId::CpuHypercallKernel => {
+            s.latency("", |n| kernel_loop(KernelOp::Hypercall, n, 0))?;
+        }
+        WorkloadId::CpuMsrRead => {
+            s.latency("", |n| kernel_loop(KernelOp::MsrRead, n, 0))?;
+        }
+        WorkloadId::CpuHlt => {
+            s.latency("", |n| kernel_loop(KernelOp::Hlt, n, 0))?;
         }
         WorkloadId::CpuCompute => {
             let mut checksum = None;
@@ -159,7 +165,7 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MemCopy => memory::copy(s)?,
         WorkloadId::MemPtUpdate => memory::pt_update(s)?,
         WorkloadId::MemCr3Switch => {
-            s.latency("", |n| kernel_loop(id, n, 0))?;
+            s.latency("", |n| kernel_loop(KernelOp::Cr3Switch, n, 0))?;
         }
         WorkloadId::MemKsm => ksm::ksm(s)?,
         WorkloadId::MemBalloon => balloon::balloon(s, info)?,

@@ -214,7 +214,7 @@ pub fn run(
         for &w in &options.workloads {
             match plan::backend_skip(w, backend) {
                 Some(reason) => outcomes.push(WorkloadOutcome::skipped(w, reason)),
-                None if w.spec().driver == Driver::Host => host_driven.push(w),
+                None if matches!(w.spec().driver, Driver::Host(_)) => host_driven.push(w),
                 None => pending.push(w),
             }
         }
@@ -287,7 +287,7 @@ pub fn run(
                             guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
                         guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
                     }
-                    if native_here && outcome.workload.spec().native_twin {
+                    if native_here && outcome.workload.spec().native_twin.is_some() {
                         deferred.push(outcome.clone());
                     } else if write_error.is_none() {
                         if let Err(e) = write(outcome, &guest, &mut summary) {

@@ -173,7 +173,7 @@ fn build_one(
     let series_map = parse_series(params);
     let mut notes = outcome.notes.clone();
     let mut native = None;
-    if spec.native_twin && ctx.native_here && verdict.status == Status::Success {
+    if spec.native_twin.is_some() && ctx.native_here && verdict.status == Status::Success {
         let direction = metric_spec
             .map(|m| m.direction)
             .unwrap_or(Direction::LowerIsBetter);
