@@ -10,7 +10,7 @@
 //! qemu-system-x86_64). Not a test: it prints figures and asserts nothing.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -292,7 +292,7 @@ fn cpuid_spread(image: &GuestImage) {
     println!("{}", describe("cpu.cpuid median", &medians, "ns"));
 }
 
-fn child_vmm(cmdline: &str) -> ! {
+fn child_vmm(cmdline: &str) -> ExitCode {
     let args = hvbench::cli::VmmArgs {
         cmdline: cmdline.to_string(),
         memory_mib: 64,
@@ -302,13 +302,14 @@ fn child_vmm(cmdline: &str) -> ! {
         doorbell_stdin: false,
     };
     let code = hvbench::cli::vmm(&args).unwrap_or(2);
-    std::process::exit(code)
+    // An exit status is one byte: a code outside it is a failure, not its low byte.
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
 }
 
-fn main() {
+fn main() -> ExitCode {
     if std::env::var(CHILD_ENV).as_deref() == Ok("vmm") {
         let cmdline = std::env::args().nth(1).unwrap_or_default();
-        child_vmm(&cmdline);
+        return child_vmm(&cmdline);
     }
     // `cargo bench` passes --bench; a filter argument selects sections.
     let filter: Vec<String> = std::env::args()
@@ -330,4 +331,5 @@ fn main() {
     if wanted("cpuid_spread") {
         cpuid_spread(&image);
     }
+    ExitCode::SUCCESS
 }

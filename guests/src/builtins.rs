@@ -37,9 +37,11 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// C `memset` contract: `n` bytes writable at `dst`.
 #[no_mangle]
 pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    // C stores `(unsigned char)value`: its low byte.
+    let byte = value.to_le_bytes()[0];
     // SAFETY: the caller upholds memset's contract; DF is clear.
     unsafe {
-        asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _, in("al") value as u8,
+        asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _, in("al") byte,
              options(nostack, preserves_flags));
     }
     dst

@@ -181,7 +181,8 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
 fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     match nr {
         n if n == Syscall::Exit as u64 => {
-            exit(ExitCode::from_u8(a0 as u8).unwrap_or(ExitCode::Error))
+            let code = u8::try_from(a0).ok().and_then(ExitCode::from_u8);
+            exit(code.unwrap_or(ExitCode::Error))
         }
         n if n == Syscall::KernelLoop as u64 => kernel_loop(a0, a1, a2),
         n if n == Syscall::ConsoleKick as u64 => {
@@ -211,15 +212,22 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
         }
         n if n == Syscall::XenMemoryOp as u64 => match a0 {
             xen::XENMEM_DECREASE_RESERVATION | xen::XENMEM_POPULATE_PHYSMAP if xen::is_ready() => {
-                xen::memory_op(a0, a1) as u64
+                // Xen's signed result travels as its bits: the caller compares them with the
+                // count it asked for, which an error (negative) never equals.
+                u64::from_ne_bytes(xen::memory_op(a0, a1).to_ne_bytes())
             }
             _ => u64::MAX,
         },
         n if n == Syscall::XenEventSend as u64 => {
-            if xen::is_ready() {
-                xen::send_event(a0 as u32);
+            // An event channel port is 32 bits (evtchn_port_t): anything wider names none.
+            match u32::try_from(a0) {
+                Ok(port) if xen::is_ready() => {
+                    xen::send_event(port);
+                    0
+                }
+                Ok(_) => 0,
+                Err(_) => u64::MAX,
             }
-            0
         }
         n if n == Syscall::SetProtWindow as u64 => {
             PROT_WINDOW.set((a1 > 0).then_some(ProtWindow {

@@ -8,6 +8,7 @@
 mod arch;
 mod builtins;
 mod console;
+mod convert;
 mod global;
 mod hypervisor;
 mod kernel;

@@ -59,6 +59,8 @@ pub enum TransferError {
     NoAnswer,
     /// The device returned a buffer the driver did not send.
     WrongBuffer,
+    /// A page's PFN does not fit the device's 32 bits (a page beyond 16 TiB).
+    PfnTooWide,
 }
 
 impl TransferError {
@@ -71,6 +73,7 @@ impl TransferError {
             TransferError::WrongBuffer => {
                 "the virtio-balloon device returned a buffer it was not given"
             }
+            TransferError::PfnTooWide => "a page's PFN is wider than the virtio-balloon's 32 bits",
         }
     }
 }
@@ -119,7 +122,7 @@ pub struct Balloon {
 
 fn zero(addr: u64, bytes: u64) {
     // SAFETY: work memory the caller just allocated, identity-mapped.
-    unsafe { core::ptr::write_bytes(addr as *mut u8, 0, bytes as usize) };
+    unsafe { core::ptr::write_bytes(addr as *mut u8, 0, crate::convert::usize_from(bytes)) };
 }
 
 /// Whether hvbench's VMM put a virtio-balloon at [`VIRTIO_BALLOON_BASE`].
@@ -145,7 +148,7 @@ impl Balloon {
             next_avail: 0,
             next_used: 0,
         }; BALLOON_QUEUES];
-        for (i, q) in queues.iter_mut().enumerate() {
+        for (i, q) in (0..).zip(queues.iter_mut()) {
             // One page per area keeps every alignment rule trivially true.
             let base = alloc_work(3 * PAGE, PAGE).ok_or("no memory for the balloon's queues")?;
             debug_assert!(desc_table_bytes(QUEUE_SIZE) <= PAGE);
@@ -153,7 +156,7 @@ impl Balloon {
                 avail_ring_bytes(QUEUE_SIZE) <= PAGE && used_ring_bytes(QUEUE_SIZE) <= PAGE
             );
             *q = SplitQueue {
-                index: i as u32,
+                index: i,
                 desc: base,
                 avail: base + PAGE,
                 used: base + 2 * PAGE,
@@ -205,7 +208,7 @@ impl Balloon {
                 (REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, q.avail),
                 (REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, q.used),
             ] {
-                write(low, addr as u32);
+                write(low, crate::convert::low32(addr));
                 write(high, (addr >> 32) as u32);
             }
             write(REG_QUEUE_READY, 1);
@@ -239,12 +242,16 @@ impl Balloon {
         let count = count.min(PFNS_PER_BUFFER);
         let pfns = self.buffer as *mut u32;
         for i in 0..count {
+            let pfn = u32::try_from(first_pfn + i as u64).map_err(|_| TransferError::PfnTooWide)?;
             // SAFETY: `buffer` is a page of ours; 256 u32s fill a quarter of it.
-            unsafe { write_volatile(pfns.add(i), (first_pfn + i as u64) as u32) };
+            unsafe { write_volatile(pfns.add(i), pfn) };
         }
+        // count <= PFNS_PER_BUFFER (256): at most 1 KiB.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = (count * 4) as u32;
         let desc = Descriptor {
             addr: self.buffer,
-            len: (count * 4) as u32,
+            len,
             flags: 0,
             next: 0,
         };
@@ -261,9 +268,9 @@ impl Balloon {
         head: Option<u16>,
     ) -> Result<(), TransferError> {
         let q = &mut self.queues[queue as usize % BALLOON_QUEUES];
-        for (i, d) in chain.iter().take(QUEUE_SIZE as usize).enumerate() {
+        for (i, d) in (0..QUEUE_SIZE).zip(chain) {
             // SAFETY: slot i of this queue's descriptor table (i < QUEUE_SIZE).
-            unsafe { write_volatile(q.desc_ptr(i as u16), *d) };
+            unsafe { write_volatile(q.desc_ptr(i), *d) };
         }
         let head = head.unwrap_or(0);
         // SAFETY: the next slot of this queue's available ring.

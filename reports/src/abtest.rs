@@ -354,7 +354,10 @@ mod tests {
             noise: -1.0,
             ..Default::default()
         };
-        assert!(ab_test(&[1.0], &[1.0], Direction::LowerIsBetter, &negative_noise).is_err());
+        assert!(matches!(
+            ab_test(&[1.0], &[1.0], Direction::LowerIsBetter, &negative_noise),
+            Err(StatsError::InvalidOption(_))
+        ));
         assert_eq!(Direction::parse("sideways"), Direction::Unknown);
         assert_eq!(
             Direction::parse("higher_is_better"),

@@ -109,6 +109,9 @@ pub(crate) fn median_of_sorted(sorted: &[f64]) -> f64 {
 }
 
 /// Index into n sorted values of the order statistic at uniform quantile `u`.
+// u is a beta or uniform variate in [0, 1], so u * n is in [0, n]: the cast neither wraps
+// nor loses a sign, and `min` keeps the index below n.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn index_at(u: f64, n: usize) -> usize {
     ((u * n as f64) as usize).min(n - 1)
 }
@@ -136,6 +139,8 @@ fn resample_median(sorted: &[f64], rng: &mut Rng) -> f64 {
 /// Quantile `q` of sorted values, interpolating linearly between order statistics.
 fn quantile_of_sorted(sorted: &[f64], q: f64) -> f64 {
     let position = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    // position is in [0, len - 1]: its floor is a valid index.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let below = position.floor() as usize;
     let above = (below + 1).min(sorted.len() - 1);
     let weight = position - below as f64;
@@ -350,6 +355,9 @@ mod tests {
             level: 1.0,
             ..Default::default()
         };
-        assert!(median_ci(&[1.0], &bad_level).is_err());
+        assert!(matches!(
+            median_ci(&[1.0], &bad_level),
+            Err(StatsError::InvalidOption(_))
+        ));
     }
 }

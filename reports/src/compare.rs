@@ -676,7 +676,7 @@ mod tests {
                         0.02,
                     ),
                 );
-                r.repeat = repeat as u32;
+                r.repeat = u32::try_from(repeat).unwrap();
                 records.push(r);
             }
         }

@@ -14,8 +14,10 @@ pub fn number(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
     }
+    // v is finite and non-zero: floor(log10 |v|) is within -324..=308.
+    #[allow(clippy::cast_possible_truncation)]
     let magnitude = v.abs().log10().floor() as i32;
-    let decimals = (3 - magnitude).clamp(0, 6) as usize;
+    let decimals = usize::try_from(3 - magnitude).map_or(0, |d| d.min(6));
     format!("{v:.decimals$}")
 }
 
@@ -71,6 +73,13 @@ pub fn slug(text: &str, max: usize) -> String {
 }
 
 /// FNV-1a, 64 bits: a stable short hash for file names (not for security).
+/// The low 32 bits of [`stable_hash`]: short enough for a file name or an anchor.
+// Keeping the low half is the point: the truncation is intended.
+#[allow(clippy::cast_possible_truncation)]
+pub fn short_hash(text: &str) -> u32 {
+    stable_hash(text) as u32
+}
+
 pub fn stable_hash(text: &str) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for byte in text.bytes() {

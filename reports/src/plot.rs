@@ -311,12 +311,13 @@ fn draw_legend<DB: DrawingBackend>(
 ) -> Result<(), String> {
     let style = label_style(LABEL_SIZE);
     let (width, _) = root.dim_in_pixel();
-    let mut x = width as i32 - 10;
+    let mut x = i32::try_from(width).unwrap_or(i32::MAX) - 10;
     for (i, backend) in backends.iter().enumerate().rev() {
         let text = format::label(backend, 20);
         let text_width = root
             .estimate_text_size(&text, &style)
-            .map(|(w, _)| w as i32)
+            .ok()
+            .and_then(|(w, _)| i32::try_from(w).ok())
             .unwrap_or(40);
         x -= text_width;
         root.draw_text(&text, &style, (x, 12))
@@ -353,9 +354,17 @@ pub struct GroupChart {
 const TOP: u32 = 56;
 const BOTTOM: u32 = 56;
 
+/// `count` bands of `band` pixels, saturating: the counts (backends, rows, series) come
+/// from records on disk.
+fn bands(count: usize, band: u32) -> u32 {
+    u32::try_from(count.max(1))
+        .unwrap_or(u32::MAX)
+        .saturating_mul(band)
+}
+
 impl GroupChart {
     fn band_height(&self) -> u32 {
-        self.backends.len().max(1) as u32 * 14 + 14
+        bands(self.backends.len(), 14).saturating_add(14)
     }
 
     fn axis(&self) -> Axis {
@@ -448,7 +457,7 @@ impl GroupChart {
 
 impl Chart for GroupChart {
     fn size(&self) -> (u32, u32) {
-        let height = TOP + BOTTOM + self.rows.len().max(1) as u32 * self.band_height();
+        let height = (TOP + BOTTOM).saturating_add(bands(self.rows.len(), self.band_height()));
         (self.width, height.max(160))
     }
 
@@ -586,7 +595,7 @@ impl SamplesChart {
 
 impl Chart for SamplesChart {
     fn size(&self) -> (u32, u32) {
-        (self.width, 96 + self.series.len().max(1) as u32 * 56)
+        (self.width, bands(self.series.len(), 56).saturating_add(96))
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
@@ -697,6 +706,15 @@ impl Chart for CurveChart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chart heights grow with counts read from records: they saturate, never wrap.
+    #[test]
+    fn band_heights_saturate() {
+        assert_eq!(bands(0, 14), 14);
+        assert_eq!(bands(3, 14), 42);
+        assert_eq!(bands(usize::MAX, 14), u32::MAX);
+        assert_eq!(bands(1 << 32, 1), u32::MAX);
+    }
 
     #[test]
     fn axes_fit_their_values() {

@@ -313,7 +313,7 @@ pub(crate) fn measurement_anchor(key: &RecordKey) -> String {
     format!(
         "m-{}-{:08x}",
         format::slug(&key.workload, 48),
-        format::stable_hash(&key.to_string()) as u32
+        format::short_hash(&key.to_string())
     )
 }
 
@@ -819,14 +819,14 @@ impl ChartJob {
                 "group-{}-{}-{:08x}-{part}",
                 format::slug(group, 24),
                 format::slug(unit, 16),
-                format::stable_hash(&format!("{group}\u{1f}{unit}")) as u32
+                format::short_hash(&format!("{group}\u{1f}{unit}"))
             ),
             ChartJob::Samples(anchor, _) => format!("samples-{anchor}"),
             ChartJob::Curve((workload, name), _) => format!(
                 "curve-{}-{}-{:08x}",
                 format::slug(workload, 24),
                 format::slug(name, 24),
-                format::stable_hash(&format!("{workload}\u{1f}{name}")) as u32
+                format::short_hash(&format!("{workload}\u{1f}{name}"))
             ),
         }
     }

@@ -99,6 +99,7 @@ pub struct ResultsRead {
 }
 
 /// Appends records to a results directory.
+#[derive(Debug)]
 pub struct ResultsWriter {
     jsonl_path: PathBuf,
     csv_path: PathBuf,

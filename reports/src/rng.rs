@@ -49,6 +49,8 @@ impl Rng {
 
     /// Uniform integer in `0..bound`; 0 when `bound` is 0. Lemire's multiply-shift: the bias
     /// is below bound / 2^64, far under anything a resampling test can see.
+    // (r * bound) >> 64 < bound, a usize: the cast cannot truncate.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn below(&mut self, bound: usize) -> usize {
         ((u128::from(self.next_u64()) * bound as u128) >> 64) as usize
     }

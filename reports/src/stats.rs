@@ -108,6 +108,11 @@ impl BinomialHalfCdf {
     }
 }
 
+/// 0.5^n, which underflows to 0 long before n leaves the range of `powi`'s exponent.
+fn half_pow(n: usize) -> f64 {
+    i32::try_from(n).map_or(0.0, |n| 0.5f64.powi(n))
+}
+
 /// Order-statistic confidence interval for the median at `target` confidence.
 /// Returns (low index, high index, achieved level) into the sorted samples.
 /// O(n): one binomial CDF term per candidate rank.
@@ -115,7 +120,7 @@ pub fn median_ci_ranks(n: usize, target: f64) -> (usize, usize, f64) {
     // The interval [x(j), x(n-1-j)] (0-based) covers the median with probability
     // 1 - 2 P(B <= j) where B ~ Binomial(n, 1/2). Take the largest j that keeps the
     // coverage at or above the target; with too few samples, the full range.
-    let mut best = (0, n.saturating_sub(1), 1.0 - 2.0 * 0.5f64.powi(n as i32));
+    let mut best = (0, n.saturating_sub(1), 1.0 - 2.0 * half_pow(n));
     let mut cdf = BinomialHalfCdf::new(n);
     let mut j = 0;
     while 2 * j + 1 < n {
@@ -167,6 +172,17 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// `0.5f64.powi(n as i32)` wrapped for n of 2^31 and more: 2^32 samples read as 0.5^0,
+    /// a coverage of -1 for the full range.
+    #[test]
+    fn half_pow_never_wraps() {
+        assert_eq!(half_pow(0), 1.0);
+        assert_eq!(half_pow(3), 0.125);
+        assert_eq!(half_pow(1 << 31), 0.0);
+        assert_eq!(half_pow(1 << 32), 0.0);
+        assert_eq!(half_pow(usize::MAX), 0.0);
+    }
+
     /// The former O(n^3) implementation, the reference the O(n) one must match exactly.
     mod reference {
         fn ln_binomial_pmf_half(n: usize, k: usize) -> f64 {
@@ -185,7 +201,11 @@ mod tests {
         }
 
         pub fn median_ci_ranks(n: usize, target: f64) -> (usize, usize, f64) {
-            let mut best = (0, n.saturating_sub(1), 1.0 - 2.0 * 0.5f64.powi(n as i32));
+            let mut best = (
+                0,
+                n.saturating_sub(1),
+                1.0 - 2.0 * crate::stats::half_pow(n),
+            );
             let mut j = 0;
             while 2 * j + 1 < n {
                 let level = 1.0 - 2.0 * binomial_half_cdf(n, j);

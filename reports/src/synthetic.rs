@@ -98,7 +98,7 @@ pub fn record(backend: &str, workload: &str, samples: &[f64]) -> Record {
             boot_ms: None,
         },
         parameters: RunParameters {
-            samples: samples.len() as u32,
+            samples: u32::try_from(samples.len()).unwrap_or(u32::MAX),
             warmup: 1,
             sample_us: 1000,
             timeout_s: 60,

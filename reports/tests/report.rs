@@ -255,7 +255,7 @@ fn records_pool_across_runs_and_directories() {
                 &lognormal_samples(seed + repeat, 10, 200.0, 0.02),
             );
             r.run_id = run_id.into();
-            r.repeat = repeat as u32;
+            r.repeat = u32::try_from(repeat).unwrap();
             records.push(r);
         }
         write_results(&root.path().join(dir), &records).unwrap();

@@ -24,9 +24,10 @@ pub fn compute_init(buf: &mut [u64; COMPUTE_WORDS]) {
 pub fn compute_rounds(buf: &mut [u64; COMPUTE_WORDS], rounds: u64) -> u64 {
     let mut acc = COMPUTE_SEED;
     let mut r = 0;
+    // One round is a fixed 64 words: 8 of them per 64-byte line, touched in order; round
+    // `r` starts at word `(r * 64) % COMPUTE_WORDS`, kept as a running offset.
+    let mut base = 0;
     while r < rounds {
-        // One round is a fixed 64 words: 8 of them per 64-byte line, touched in order.
-        let base = ((r as usize) * 64) % COMPUTE_WORDS;
         let mut i = 0;
         while i < 64 {
             let w = buf[base + i];
@@ -36,6 +37,7 @@ pub fn compute_rounds(buf: &mut [u64; COMPUTE_WORDS], rounds: u64) -> u64 {
             buf[base + i] = w.wrapping_add(acc);
             i += 1;
         }
+        base = (base + 64) % COMPUTE_WORDS;
         r += 1;
     }
     acc
@@ -58,5 +60,18 @@ mod tests {
         let mut c = [0u64; COMPUTE_WORDS];
         compute_init(&mut c);
         assert_ne!(compute_rounds(&mut c, 101), ca);
+    }
+
+    /// The kernel's result and final buffer for 1000 rounds (125 trips round the buffer),
+    /// as computed before its offset became a running one: the work is unchanged.
+    #[test]
+    fn golden_checksum() {
+        let mut a = [0u64; COMPUTE_WORDS];
+        compute_init(&mut a);
+        assert_eq!(compute_rounds(&mut a, 1000), 0x0c60_f505_f450_6928);
+        let digest = a
+            .iter()
+            .fold(0u64, |x, y| x.wrapping_mul(31).wrapping_add(*y));
+        assert_eq!(digest, 0x005a_56b8_fb27_8648);
     }
 }

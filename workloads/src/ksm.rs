@@ -9,6 +9,9 @@
 /// Bytes per page KSM merges (x86-64 base page).
 pub const PAGE_BYTES: u64 = 4096;
 const WORDS_PER_PAGE: u64 = PAGE_BYTES / 8;
+/// [`WORDS_PER_PAGE`] as an index bound.
+const WORDS_PER_PAGE_USIZE: usize = 4096 / 8;
+const _: () = assert!(WORDS_PER_PAGE_USIZE as u64 == WORDS_PER_PAGE);
 
 /// Parts per million: the unit of the identical fraction, so the guest needs no floats.
 pub const PPM: u64 = 1_000_000;
@@ -39,7 +42,7 @@ pub fn parse_fraction_ppm(text: &str) -> Option<u32> {
     };
     let mut scale = PPM / 10;
     for (i, b) in fraction.bytes().enumerate() {
-        let d = (b - b'0') as u64;
+        let d = u64::from(b - b'0');
         if i >= 6 {
             if d != 0 {
                 return None;
@@ -49,19 +52,19 @@ pub fn parse_fraction_ppm(text: &str) -> Option<u32> {
         ppm += d * scale;
         scale /= 10;
     }
-    (ppm <= PPM).then_some(ppm as u32)
+    u32::try_from(ppm).ok().filter(|_| ppm <= PPM)
 }
 
 /// Whether page `page` of the region is an identical one: exactly
 /// `floor(pages * ppm / 1e6)` of the first `pages` pages are, spread evenly.
 pub fn is_identical(page: u64, ppm: u32) -> bool {
-    let ppm = ppm as u64;
+    let ppm = u64::from(ppm);
     (page + 1) * ppm / PPM > page * ppm / PPM
 }
 
 /// How many of `pages` pages are identical ones.
 pub fn identical_pages(pages: u64, ppm: u32) -> u64 {
-    pages * ppm as u64 / PPM
+    pages * u64::from(ppm) / PPM
 }
 
 /// SplitMix64's finaliser: a cheap bijective mix, good enough to make pages distinct.
@@ -95,9 +98,9 @@ pub fn page_word(key: u64, word: u64) -> u64 {
 /// # Safety
 /// `page` must point to [`PAGE_BYTES`] writable bytes, 8-byte aligned.
 pub unsafe fn fill_page(page: *mut u64, key: u64) {
-    for w in 0..WORDS_PER_PAGE {
-        // SAFETY: w < WORDS_PER_PAGE, inside the caller's page.
-        unsafe { page.add(w as usize).write_volatile(page_word(key, w)) };
+    for (i, w) in (0..WORDS_PER_PAGE_USIZE).zip(0..WORDS_PER_PAGE) {
+        // SAFETY: i < WORDS_PER_PAGE_USIZE, inside the caller's page.
+        unsafe { page.add(i).write_volatile(page_word(key, w)) };
     }
 }
 
@@ -146,7 +149,7 @@ mod tests {
     fn identical_pages_match_across_guests_and_nothing_else_does() {
         let ppm = 500_000;
         let page = |seed: u64, p: u64| -> Vec<u64> {
-            let mut buf = std::vec![0u64; WORDS_PER_PAGE as usize];
+            let mut buf = std::vec![0u64; WORDS_PER_PAGE_USIZE];
             // SAFETY: the buffer holds one page.
             unsafe { fill_page(buf.as_mut_ptr(), page_key(seed, p, ppm)) };
             buf

@@ -23,7 +23,10 @@ pub fn chase_offset(i: usize) -> usize {
 /// # Safety
 /// `base` must point to `pages * CHASE_STRIDE` writable bytes, 8-byte aligned.
 pub unsafe fn build_chase(base: *mut u8, pages: usize, seed: u64) -> *const usize {
-    let slot = |i: usize| base.wrapping_add(i * CHASE_STRIDE + chase_offset(i)) as *mut usize;
+    let slot = |i: usize| {
+        base.wrapping_add(i * CHASE_STRIDE + chase_offset(i))
+            .cast::<usize>()
+    };
     // The permutation lives in each page's second word while it is shuffled.
     let perm = |i: usize| slot(i).wrapping_add(1);
     // SAFETY: every slot and perm word is inside the caller's buffer.
@@ -38,6 +41,8 @@ pub unsafe fn build_chase(base: *mut u8, pages: usize, seed: u64) -> *const usiz
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
+            // x % k < k, which is a usize: it cannot truncate.
+            #[allow(clippy::cast_possible_truncation)]
             let j = (x % k as u64) as usize;
             let (a, b) = (perm(k).read_volatile(), perm(j).read_volatile());
             perm(k).write_volatile(b);
@@ -143,7 +148,13 @@ mod tests {
         assert_eq!(unsafe { sum_words(src.as_ptr(), 8000) }, 500_500);
         let mut dst = vec![0u64; 1000];
         // SAFETY: both hold 8000 bytes and do not overlap.
-        unsafe { copy_bytes(dst.as_mut_ptr() as *mut u8, src.as_ptr() as *const u8, 8000) };
+        unsafe {
+            copy_bytes(
+                dst.as_mut_ptr().cast::<u8>(),
+                src.as_ptr().cast::<u8>(),
+                8000,
+            )
+        };
         assert_eq!(dst, src);
     }
 }

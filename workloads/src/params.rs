@@ -218,6 +218,7 @@ impl fmt::Display for Amount {
 }
 
 /// A parameter's bounds in words: `4k..=4g, a multiple of 4k, at most 16 entries`.
+#[derive(Debug)]
 pub struct Bounds<'a>(&'a ParamSpec);
 
 impl fmt::Display for Bounds<'_> {

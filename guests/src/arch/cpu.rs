@@ -130,7 +130,7 @@ pub fn rdmsr(msr: u32) -> u64 {
 pub fn wrmsr(msr: u32, value: u64) {
     // SAFETY: see above; used for hypervisor-defined MSRs (the Xen hypercall page).
     unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+        asm!("wrmsr", in("ecx") msr, in("eax") crate::convert::low32(value), in("edx") (value >> 32) as u32,
              options(nostack))
     }
 }

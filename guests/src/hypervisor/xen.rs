@@ -158,22 +158,27 @@ pub fn init(hv: &Detected) -> Result<(), &'static str> {
     let pfn = get_param(HVM_PARAM_CONSOLE_PFN).map_err(|_| "HVM_PARAM_CONSOLE_PFN failed")?;
     let port =
         get_param(HVM_PARAM_CONSOLE_EVTCHN).map_err(|_| "HVM_PARAM_CONSOLE_EVTCHN failed")?;
+    // An event channel port is 32 bits (evtchn_port_t).
+    let port = u32::try_from(port).map_err(|_| "HVM_PARAM_CONSOLE_EVTCHN is not a port")?;
     if pfn == 0 || pfn >= (1 << 20) {
         // The boot page tables map the low 4 GiB only.
         return Err("console ring outside the low 4 GiB");
     }
     // Only `mem.balloon` needs xenstore: without it the console still works.
-    let (store_page, store_port) = match (
+    let store = match (
         get_param(HVM_PARAM_STORE_PFN),
         get_param(HVM_PARAM_STORE_EVTCHN),
     ) {
-        (Ok(pfn), Ok(port)) if pfn != 0 && pfn < (1 << 20) => (pfn << 12, port as u32),
-        _ => (0, 0),
+        (Ok(pfn), Ok(port)) if pfn != 0 && pfn < (1 << 20) => {
+            u32::try_from(port).ok().map(|port| (pfn << 12, port))
+        }
+        _ => None,
     };
+    let (store_page, store_port) = store.unwrap_or((0, 0));
     STATE.set(XenState {
         ready: true,
         console_page: pfn << 12,
-        console_port: port as u32,
+        console_port: port,
         store_page,
         store_port,
     });
@@ -262,18 +267,18 @@ pub fn console_write(bytes: &[u8], kick: fn(), wait: fn()) {
             wait();
             continue;
         }
-        let room = (CONS_OUT_SIZE - used) as usize;
-        let n = room.min(rest.len());
-        for (i, &b) in rest[..n].iter().enumerate() {
-            let at = (prod.wrapping_add(i as u32) % CONS_OUT_SIZE) as usize;
+        let room = CONS_OUT_SIZE - used;
+        let n = room.min(u32::try_from(rest.len()).unwrap_or(u32::MAX));
+        for (i, &b) in (0..n).zip(rest) {
+            let at = (prod.wrapping_add(i) % CONS_OUT_SIZE) as usize;
             // SAFETY: `at` < CONS_OUT_SIZE, inside the ring's out[] array.
             unsafe { out.add(at).write_volatile(b) };
         }
         // The backend must see the bytes before the new producer index.
         fence(Ordering::Release);
         // SAFETY: as above.
-        unsafe { ring_index(CONS_OUT_PROD).write_volatile(prod.wrapping_add(n as u32)) };
-        rest = &rest[n..];
+        unsafe { ring_index(CONS_OUT_PROD).write_volatile(prod.wrapping_add(n)) };
+        rest = &rest[n as usize..];
     }
     kick();
 }

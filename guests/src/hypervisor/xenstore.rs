@@ -30,6 +30,8 @@ const XS_WATCH: u32 = 4;
 const XS_WATCH_EVENT: u32 = 15;
 const XS_ERROR: u32 = 16;
 const HEADER_LEN: u32 = 16;
+/// The longest payload of a message either way (XENSTORE_PAYLOAD_MAX).
+const PAYLOAD_MAX: u32 = 4096;
 /// Longest reply kept (a value hvbench reads is a decimal number).
 const MAX_REPLY: usize = 128;
 /// How many times the client gives the CPU away while waiting before it gives up: about
@@ -142,18 +144,18 @@ impl Xenstore {
                 wait();
                 continue;
             }
-            let n = (avail as usize).min(out.len() - done);
-            for (i, slot) in out[done..done + n].iter_mut().enumerate() {
-                let at = (cons.wrapping_add(i as u32) % RING_SIZE) as u64;
+            let n = avail.min(u32::try_from(out.len() - done).unwrap_or(u32::MAX));
+            for (i, slot) in (0..n).zip(&mut out[done..]) {
+                let at = u64::from(cons.wrapping_add(i) % RING_SIZE);
                 // SAFETY: `at` < 1024: inside the ring's rsp[] array.
                 *slot = unsafe { ((self.ring + RSP + at) as *const u8).read_volatile() };
             }
-            store(self.ring, RSP_CONS, cons.wrapping_add(n as u32));
+            store(self.ring, RSP_CONS, cons.wrapping_add(n));
             // xenstored only waits for room when the ring was full: kick only then.
             if avail == RING_SIZE {
                 self.kick();
             }
-            done += n;
+            done += n as usize;
         }
         Ok(())
     }
@@ -173,10 +175,14 @@ impl Xenstore {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = u32::try_from(len)
+            .ok()
+            .filter(|len| *len <= PAYLOAD_MAX)
+            .ok_or("xenstore request longer than its protocol allows")?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[0..4].copy_from_slice(&kind.to_le_bytes());
         header[4..8].copy_from_slice(&id.to_le_bytes());
-        header[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&len.to_le_bytes());
         let mut all: [&[u8]; 5] = [&header, &[], &[], &[], &[]];
         for (slot, part) in all[1..].iter_mut().zip(parts) {
             *slot = part;
@@ -195,7 +201,7 @@ impl Xenstore {
             id: word(4),
             len: word(12) as usize,
         };
-        if header.len > 4096 {
+        if header.len > PAYLOAD_MAX as usize {
             return Err("xenstore sent a message longer than its protocol allows");
         }
         if header.len > MAX_REPLY {

@@ -76,7 +76,9 @@ impl BalloonPort for VirtioPort {
     }
 
     fn report(&mut self, pages: u64) {
-        self.device.set_actual(pages as u32);
+        // The device's `actual` is 32 bits; a balloon that large is bigger than any guest.
+        self.device
+            .set_actual(u32::try_from(pages).unwrap_or(u32::MAX));
     }
 
     fn pause(&mut self) -> Result<(), Refusal> {
@@ -113,13 +115,14 @@ impl XenPort {
             mem_flags: 0,
             domid: DOMID_SELF,
         };
+        // Xen's signed result as its bits: an error, negative, never equals a count.
         let done = syscall(
             Syscall::XenMemoryOp as u64,
             cmd,
             &reservation as *const MemoryReservation as u64,
             0,
-        ) as i64;
-        if done == count as i64 {
+        );
+        if done == count as u64 {
             Ok(())
         } else if cmd == XENMEM_DECREASE_RESERVATION {
             Err(error(
@@ -196,9 +199,9 @@ fn move_pool(
     let start = rdtsc_fenced();
     let mut done = 0;
     while done < pages {
-        let n = (pages - done).min(PFNS_PER_BUFFER as u64);
-        step(first_pfn + done, n as usize)?;
-        done += n;
+        let n = usize::try_from(pages - done).map_or(PFNS_PER_BUFFER, |n| n.min(PFNS_PER_BUFFER));
+        step(first_pfn + done, n)?;
+        done += n as u64;
     }
     Ok(rdtsc_fenced().wrapping_sub(start))
 }
@@ -300,14 +303,16 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
     let mut device = Balloon::init().map_err(error)?;
     let victim = alloc_work(PAGE, PAGE).ok_or(error("no memory for the victim page"))?;
     let list = alloc_work(PAGE, PAGE).ok_or(error("no memory for the PFN list"))?;
-    let victim_pfn = victim / PAGE;
     let outside = ram_end(info).saturating_add(1 << 30);
-    let outside_pfn = outside / PAGE;
+    // The balloon's PFNs are 32 bits.
+    let pfn32 =
+        |addr: u64| u32::try_from(addr / PAGE).map_err(|_| error("a PFN wider than 32 bits"));
+    let (victim_pfn, outside_pfn) = (pfn32(victim)?, pfn32(outside)?);
     // The PFN list: the victim first, then a page beyond RAM.
     // SAFETY: `list` is a page of ours.
     unsafe {
-        write_volatile(list as *mut u32, victim_pfn as u32);
-        write_volatile((list + 4) as *mut u32, outside_pfn as u32);
+        write_volatile(list as *mut u32, victim_pfn);
+        write_volatile((list + 4) as *mut u32, outside_pfn);
     }
     let buffer = |len: u32, flags: u16, next: u16| Descriptor {
         addr: list,
@@ -374,6 +379,8 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
                 accepted = true;
                 "wrong_buffer_returned"
             }
+            // The driver's own refusal, before the device saw anything: no verdict.
+            Err(e @ TransferError::PfnTooWide) => return Err(error(e.message())),
         };
         s.note_text(name, verdict);
         if !intact(victim) {
@@ -387,19 +394,23 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
         return Err((Status::Failure, "the device still needs a reset after one"));
     }
     mark(victim);
-    device.transfer(QUEUE_INFLATE, victim_pfn, 1).map_err(|_| {
-        (
-            Status::Failure,
-            "after a reset the device refused a valid request",
-        )
-    })?;
+    device
+        .transfer(QUEUE_INFLATE, u64::from(victim_pfn), 1)
+        .map_err(|_| {
+            (
+                Status::Failure,
+                "after a reset the device refused a valid request",
+            )
+        })?;
     let dropped = !intact(victim);
-    device.transfer(QUEUE_DEFLATE, victim_pfn, 1).map_err(|_| {
-        (
-            Status::Failure,
-            "after a reset the device refused a valid deflate",
-        )
-    })?;
+    device
+        .transfer(QUEUE_DEFLATE, u64::from(victim_pfn), 1)
+        .map_err(|_| {
+            (
+                Status::Failure,
+                "after a reset the device refused a valid deflate",
+            )
+        })?;
     s.note_text(
         "recovered",
         if dropped { "yes" } else { "page_not_released" },

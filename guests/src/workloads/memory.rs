@@ -209,13 +209,15 @@ pub fn seq_read(s: &Sampler) -> Result<(), Refusal> {
     let buf = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffer"))?;
     // Touch it once: the workload measures reads, not first touches.
     // SAFETY: `buf` is `size` bytes of work memory, identity-mapped.
-    unsafe { core::ptr::write_bytes(buf as *mut u8, 1, size as usize) };
+    unsafe { core::ptr::write_bytes(buf as *mut u8, 1, crate::convert::usize_from(size)) };
     let series = Series::new().push(SEQ_READ_SIZE.key, size_text);
     s.measure(series.as_str(), |n| {
         let t0 = rdtsc_fenced();
         for _ in 0..n {
             // SAFETY: as above.
-            core::hint::black_box(unsafe { sum_words(buf as *const u64, size as usize) });
+            core::hint::black_box(unsafe {
+                sum_words(buf as *const u64, crate::convert::usize_from(size))
+            });
         }
         Ok((n * size, rdtsc_fenced().wrapping_sub(t0)))
     })?;
@@ -229,15 +231,21 @@ pub fn copy(s: &Sampler) -> Result<(), Refusal> {
     let dst = alloc_work(size, HUGE_PAGE).ok_or(refuse("not enough memory for the buffers"))?;
     // SAFETY: both are `size` bytes of work memory.
     unsafe {
-        core::ptr::write_bytes(src as *mut u8, 1, size as usize);
-        core::ptr::write_bytes(dst as *mut u8, 2, size as usize);
+        core::ptr::write_bytes(src as *mut u8, 1, crate::convert::usize_from(size));
+        core::ptr::write_bytes(dst as *mut u8, 2, crate::convert::usize_from(size));
     }
     let series = Series::new().push(COPY_SIZE.key, size_text);
     s.measure(series.as_str(), |n| {
         let t0 = rdtsc_fenced();
         for _ in 0..n {
             // SAFETY: disjoint buffers of `size` bytes.
-            unsafe { copy_bytes(dst as *mut u8, src as *const u8, size as usize) };
+            unsafe {
+                copy_bytes(
+                    dst as *mut u8,
+                    src as *const u8,
+                    crate::convert::usize_from(size),
+                )
+            };
         }
         Ok((n * size, rdtsc_fenced().wrapping_sub(t0)))
     })?;

@@ -36,7 +36,7 @@ pub fn two_backends(root: &Path) -> (PathBuf, PathBuf) {
                 "cpu.same",
                 &lognormal_samples(seed * 10 + repeat, 12, 500.0, 0.05),
             );
-            same.repeat = repeat as u32;
+            same.repeat = u32::try_from(repeat).unwrap();
             records.push(same);
         }
         let mut hostile = record(
