@@ -131,7 +131,7 @@ fn qemu_backend() -> Option<QemuBackend> {
     QemuBackend::new(
         QemuOptions {
             binary: "qemu-system-x86_64".into(),
-            accel: "kvm".into(),
+            accel: hvbench::backend::qemu::QemuAccel::Kvm,
             cpu: None,
         },
         hvbench::host::fingerprint(),
@@ -241,8 +241,8 @@ fn boot_time(image: &GuestImage, qemu_ok: bool) {
                     "kvm",
                     "-cpu",
                     &hvbench::backend::qemu::default_cpu_model(
-                        "kvm",
-                        &hvbench::host::kvm_paging().0,
+                        hvbench::backend::qemu::Accel::Kvm,
+                        hvbench::host::kvm_paging().module,
                     ),
                     "-m",
                     "64M",

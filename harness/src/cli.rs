@@ -300,8 +300,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
-    #[arg(long, value_parser = ["auto", "kvm", "tcg"], default_value = "auto")]
-    pub qemu_accel: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub qemu_accel: crate::backend::qemu::QemuAccel,
     /// QEMU `-cpu` model for `--backend qemu` (default: the host's CPU with an invariant
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
@@ -410,7 +410,7 @@ fn make_backend(
             QemuBackend::new(
                 QemuOptions {
                     binary: args.qemu.clone(),
-                    accel: args.qemu_accel.clone(),
+                    accel: args.qemu_accel,
                     cpu: args.qemu_cpu.clone(),
                 },
                 host_info,
@@ -469,13 +469,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     for problem in &summary.problems {
         crate::say!("hvbench: note: {problem}");
     }
-    if host_info.class.contains("tcg") {
+    if host_info.class().under_tcg {
         crate::tell!(
             "\nNote: the guest ran under QEMU's TCG translator ({}): these figures are \
              emulation artefacts. They prove that the path works, not how fast it is.\n",
             host_info.class
         );
-    } else if host_info.cpl0 == "emulated" {
+    } else if host_info.cpl0() == Some(reports::host::Cpl0::Emulated) {
         crate::tell!(
             "\nNote: this host ({}) emulates guest CPL0 code instruction by instruction; \
              cpl0 workloads measure that emulator, cpl3 workloads run natively.\n",

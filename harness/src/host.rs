@@ -7,7 +7,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use procfs::Current;
+use reports::host::{Class, Cpl0, HostClass};
 use reports::record::HostInfo;
+
+use crate::host_paging::KvmFingerprint;
 
 /// Reads a sysfs/procfs file, trimmed; `None` if absent.
 pub(crate) fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
@@ -24,9 +27,9 @@ fn bracketed(text: &str) -> String {
         .to_string()
 }
 
-/// The KVM vendor module in use, the paging mode it gives guests (`ept`, `npt`, `shadow`;
-/// empty when unknown) and how guest CPL0 code runs.
-pub fn kvm_paging() -> (String, String, String) {
+/// The KVM vendor module in use, the paging mode it gives guests and how guest CPL0 code
+/// runs.
+pub fn kvm_paging() -> KvmFingerprint {
     crate::host_paging::read_kvm_paging(&crate::host_paging::HostPaths::system()).fingerprint()
 }
 
@@ -40,17 +43,17 @@ pub fn classify(
     cpu_model: &str,
     hypervisor_flag: bool,
     vmx_or_svm: bool,
-) -> &'static str {
+) -> HostClass {
     if kvm_module == "kvm_pvm" {
-        "pvm"
+        HostClass::Pvm
     } else if cpu_model.contains("TCG") {
-        "nested-tcg"
+        HostClass::NestedTcg
     } else if !hypervisor_flag {
-        "bare-metal"
+        HostClass::BareMetal
     } else if vmx_or_svm {
-        "nested"
+        HostClass::Nested
     } else {
-        "vm-without-kvm"
+        HostClass::VmWithoutKvm
     }
 }
 
@@ -100,13 +103,15 @@ pub fn fingerprint() -> HostInfo {
         .unwrap_or_default();
     let has = |f: &str| flags.iter().any(|x| x == f);
     let (vmx, svm, hypervisor_flag) = (has("vmx"), has("svm"), has("hypervisor"));
-    let (kvm_module, paging, mut cpl0) = kvm_paging();
+    let kvm = kvm_paging();
     let cpu_model = field("model name");
-    let class = classify(&kvm_module, &cpu_model, hypervisor_flag, vmx || svm);
-    if class == "nested-tcg" {
+    let class = classify(kvm.module, &cpu_model, hypervisor_flag, vmx || svm);
+    let cpl0 = if class == HostClass::NestedTcg {
         // QEMU's translator runs the guest's kernel code, as it does everything else.
-        cpl0 = "emulated".into();
-    }
+        Some(Cpl0::Emulated)
+    } else {
+        kvm.cpl0
+    };
     let uname = nix::sys::utsname::uname().ok();
     let uname_field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
         uname
@@ -135,7 +140,7 @@ pub fn fingerprint() -> HostInfo {
     extra.insert("dev_kvm".into(), Path::new("/dev/kvm").exists().to_string());
     let tsc_khz = measure_tsc_khz(Duration::from_millis(50));
     HostInfo {
-        class: class.to_string(),
+        class: Class::of(class).to_string(),
         hostname: uname_field(|u| u.nodename()),
         cpu_vendor: field("vendor_id"),
         cpu_model,
@@ -151,9 +156,9 @@ pub fn fingerprint() -> HostInfo {
             uname_field(|u| u.release()),
             uname_field(|u| u.version())
         ),
-        kvm_module,
-        paging,
-        cpl0,
+        kvm_module: kvm.module.to_string(),
+        paging: kvm.paging.unwrap_or_default().to_string(),
+        cpl0: cpl0.map_or("", Cpl0::name).to_string(),
         tsc_khz,
         tsc_source: if tsc_khz.is_some() {
             "measured against CLOCK_MONOTONIC_RAW over 50 ms".into()
@@ -222,17 +227,15 @@ mod tests {
 
     #[test]
     fn classes() {
-        assert_eq!(classify("kvm_pvm", "AMD EPYC", true, false), "pvm");
+        use HostClass::*;
+        assert_eq!(classify("kvm_pvm", "AMD EPYC", true, false), Pvm);
         assert_eq!(
             classify("kvm_amd", "QEMU TCG CPU version 2.5+", true, true),
-            "nested-tcg"
+            NestedTcg
         );
-        assert_eq!(
-            classify("kvm_amd", "AMD EPYC 7B13", false, true),
-            "bare-metal"
-        );
-        assert_eq!(classify("kvm_intel", "Intel Xeon", true, true), "nested");
-        assert_eq!(classify("", "Intel Xeon", true, false), "vm-without-kvm");
+        assert_eq!(classify("kvm_amd", "AMD EPYC 7B13", false, true), BareMetal);
+        assert_eq!(classify("kvm_intel", "Intel Xeon", true, true), Nested);
+        assert_eq!(classify("", "Intel Xeon", true, false), VmWithoutKvm);
     }
 
     #[test]
@@ -243,16 +246,18 @@ mod tests {
         assert!(host.memory_mib > 0);
         let tsc = host.tsc_khz.expect("x86-64 hosts have a TSC");
         assert!((100_000..10_000_000).contains(&tsc), "{tsc} kHz");
-        match host.class.as_str() {
-            "pvm" => assert_eq!(
-                (host.paging.as_str(), host.cpl0.as_str()),
-                ("shadow", "emulated")
+        let class = host.class();
+        assert!(!class.under_tcg || class.machine == Some(HostClass::NestedTcg));
+        match class.machine {
+            Some(HostClass::Pvm) => assert_eq!(
+                (host.paging.as_str(), host.cpl0()),
+                ("shadow", Some(Cpl0::Emulated))
             ),
-            "bare-metal" => assert!(!host.hypervisor_flag),
-            "nested" => assert!(host.vmx || host.svm),
-            "vm-without-kvm" => assert!(host.hypervisor_flag),
-            "nested-tcg" => assert!(host.cpu_model.contains("TCG")),
-            other => panic!("unexpected class {other}"),
+            Some(HostClass::BareMetal) => assert!(!host.hypervisor_flag),
+            Some(HostClass::Nested) => assert!(host.vmx || host.svm),
+            Some(HostClass::VmWithoutKvm) => assert!(host.hypervisor_flag),
+            Some(HostClass::NestedTcg) => assert!(host.cpu_model.contains("TCG")),
+            other => panic!("unexpected class {other:?}"),
         }
         assert!(describe(&host).contains(&host.cpu_model));
     }

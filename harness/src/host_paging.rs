@@ -8,6 +8,7 @@
 //! exit path: the previous value is saved in a state file first, so a switch whose process
 //! was killed is undone by the next `hvbench host paging`, which says so.
 
+use reports::host::Cpl0;
 use std::ffi::CString;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -137,6 +138,17 @@ impl HostPaths {
     }
 }
 
+/// KVM as the host fingerprint records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmFingerprint {
+    /// `kvm_intel`, `kvm_amd`, `kvm_pvm`, or empty without KVM.
+    pub module: &'static str,
+    /// `ept`, `npt` or `shadow`; `None` when unknown.
+    pub paging: Option<&'static str>,
+    /// How guest CPL0 code runs; `None` without KVM.
+    pub cpl0: Option<Cpl0>,
+}
+
 /// What KVM on this host is, as far as paging goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvmPaging {
@@ -155,18 +167,24 @@ pub enum KvmPaging {
 }
 
 impl KvmPaging {
-    /// (module, paging, guest CPL0) as the host fingerprint records them.
-    pub fn fingerprint(&self) -> (String, String, String) {
+    /// What the host fingerprint records of KVM.
+    pub fn fingerprint(&self) -> KvmFingerprint {
         match self {
-            KvmPaging::Pvm => ("kvm_pvm".into(), "shadow".into(), "emulated".into()),
-            KvmPaging::Vendor { module, tdp, .. } => (
-                module.module_name().into(),
-                tdp.map(|t| module.paging_label(t))
-                    .unwrap_or_default()
-                    .into(),
-                "native".into(),
-            ),
-            KvmPaging::NotLoaded { .. } => (String::new(), String::new(), String::new()),
+            KvmPaging::Pvm => KvmFingerprint {
+                module: "kvm_pvm",
+                paging: Some("shadow"),
+                cpl0: Some(Cpl0::Emulated),
+            },
+            KvmPaging::Vendor { module, tdp, .. } => KvmFingerprint {
+                module: module.module_name(),
+                paging: tdp.map(|t| module.paging_label(t)),
+                cpl0: Some(Cpl0::Native),
+            },
+            KvmPaging::NotLoaded { .. } => KvmFingerprint {
+                module: "",
+                paging: None,
+                cpl0: None,
+            },
         }
     }
 
@@ -970,27 +988,38 @@ mod tests {
         );
         assert_eq!(
             amd.fingerprint(),
-            ("kvm_amd".into(), "npt".into(), "native".into())
+            KvmFingerprint {
+                module: "kvm_amd",
+                paging: Some("npt"),
+                cpl0: Some(Cpl0::Native)
+            }
         );
         sysfs.set_module("kvm_amd", "npt", "N", 2);
         let shadow = read_kvm_paging(&paths);
-        assert_eq!(shadow.fingerprint().1, "shadow");
+        assert_eq!(shadow.fingerprint().paging, Some("shadow"));
         assert!(
             shadow.describe().contains("in use by 2"),
             "{}",
             shadow.describe()
         );
         sysfs.set_module("kvm_amd", "npt", "garbage", 0);
-        assert_eq!(read_kvm_paging(&paths).fingerprint().1, "");
+        assert_eq!(read_kvm_paging(&paths).fingerprint().paging, None);
 
         let intel = FakeSysfs::new();
         intel.set_module("kvm_intel", "ept", "N", 0);
         assert_eq!(
             read_kvm_paging(&intel.paths()).fingerprint(),
-            ("kvm_intel".into(), "shadow".into(), "native".into())
+            KvmFingerprint {
+                module: "kvm_intel",
+                paging: Some("shadow"),
+                cpl0: Some(Cpl0::Native)
+            }
         );
         intel.set_module("kvm_intel", "ept", "Y", 0);
-        assert_eq!(read_kvm_paging(&intel.paths()).fingerprint().1, "ept");
+        assert_eq!(
+            read_kvm_paging(&intel.paths()).fingerprint().paging,
+            Some("ept")
+        );
 
         let pvm = FakeSysfs::new();
         fs::create_dir_all(pvm.paths().sys_module.join("kvm_pvm")).unwrap();
@@ -999,7 +1028,11 @@ mod tests {
         assert_eq!(read_kvm_paging(&pvm.paths()), KvmPaging::Pvm);
         assert_eq!(
             KvmPaging::Pvm.fingerprint(),
-            ("kvm_pvm".into(), "shadow".into(), "emulated".into())
+            KvmFingerprint {
+                module: "kvm_pvm",
+                paging: Some("shadow"),
+                cpl0: Some(Cpl0::Emulated)
+            }
         );
     }
 
@@ -1211,7 +1244,7 @@ mod tests {
             .iter()
             .any(|m| m.contains("restored to npt=1")));
         assert!(!paths.state_file().exists());
-        assert_eq!(read_kvm_paging(&paths).fingerprint().1, "npt");
+        assert_eq!(read_kvm_paging(&paths).fingerprint().paging, Some("npt"));
         assert_eq!(
             restore_stale(&paths, &mut control, &progress).unwrap(),
             None
@@ -1232,7 +1265,7 @@ mod tests {
         .unwrap();
         assert_eq!(code, 0);
         assert!(said.borrow().iter().any(|m| m.contains("never restored")));
-        assert_eq!(read_kvm_paging(&paths).fingerprint().1, "npt");
+        assert_eq!(read_kvm_paging(&paths).fingerprint().paging, Some("npt"));
     }
 
     #[test]
@@ -1306,7 +1339,7 @@ mod tests {
         setter.join().unwrap();
         assert_eq!(code, 128 + 2, "ended by SIGINT");
         assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(read_kvm_paging(&paths).fingerprint().1, "npt");
+        assert_eq!(read_kvm_paging(&paths).fingerprint().paging, Some("npt"));
     }
 
     #[test]

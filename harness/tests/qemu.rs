@@ -17,7 +17,7 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
     let backend = QemuBackend::new(
         QemuOptions {
             binary,
-            accel: "auto".into(),
+            accel: hvbench::backend::qemu::QemuAccel::Auto,
             cpu: None,
         },
         hvbench::host::fingerprint(),

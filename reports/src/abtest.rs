@@ -13,25 +13,10 @@ pub const DEFAULT_PERMUTATIONS: usize = 9_999;
 pub const DEFAULT_NOISE: f64 = 0.05;
 pub const DEFAULT_P_THRESHOLD: f64 = 0.01;
 
-/// Whether a smaller or a larger figure is the better one (a record's `direction`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    LowerIsBetter,
-    HigherIsBetter,
-    /// A direction this version does not know: changes are reported, never judged.
-    Unknown,
-}
-
-impl Direction {
-    pub fn parse(name: &str) -> Direction {
-        match name {
-            "lower_is_better" => Direction::LowerIsBetter,
-            "higher_is_better" => Direction::HigherIsBetter,
-            _ => Direction::Unknown,
-        }
-    }
-}
+/// Whether a smaller or a larger figure is the better one: the table's own type. Where a
+/// record names a direction this version does not know, it is `None`, and a change is
+/// reported, never judged.
+pub use workloads::Direction;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PermutationOptions {
@@ -177,7 +162,7 @@ pub struct AbResult {
 pub fn ab_test(
     a: &[f64],
     b: &[f64],
-    direction: Direction,
+    direction: Option<Direction>,
     options: &AbOptions,
 ) -> Result<AbResult, StatsError> {
     options.validate()?;
@@ -224,15 +209,15 @@ pub fn runs_needed(p_threshold: f64, tests: usize) -> usize {
 pub fn judge(
     p_value: f64,
     relative_change: f64,
-    direction: Direction,
+    direction: Option<Direction>,
     options: &AbOptions,
 ) -> Change {
     let significant = p_value < options.p_threshold && relative_change.abs() > options.noise;
     match (significant, direction) {
         (false, _) => Change::NoSignificantChange,
-        (true, Direction::Unknown) => Change::Changed,
-        (true, Direction::LowerIsBetter) if relative_change > 0.0 => Change::Worse,
-        (true, Direction::HigherIsBetter) if relative_change < 0.0 => Change::Worse,
+        (true, None) => Change::Changed,
+        (true, Some(Direction::LowerIsBetter)) if relative_change > 0.0 => Change::Worse,
+        (true, Some(Direction::HigherIsBetter)) if relative_change < 0.0 => Change::Worse,
         (true, _) => Change::Better,
     }
 }
@@ -262,7 +247,13 @@ mod tests {
         let test = permutation_test(&a, &a, &PermutationOptions::default()).unwrap();
         assert_eq!(test.observed, 0.0);
         assert_eq!(test.p_value, 1.0);
-        let r = ab_test(&a, &a, Direction::LowerIsBetter, &AbOptions::default()).unwrap();
+        let r = ab_test(
+            &a,
+            &a,
+            Some(Direction::LowerIsBetter),
+            &AbOptions::default(),
+        )
+        .unwrap();
         assert_eq!(r.change, Change::NoSignificantChange);
         assert_eq!(r.relative_change, 0.0);
     }
@@ -273,17 +264,17 @@ mod tests {
         let a = normal(&mut rng, 40, 100.0, 3.0);
         let b = normal(&mut rng, 40, 120.0, 3.0);
         let options = AbOptions::default();
-        let slower = ab_test(&a, &b, Direction::LowerIsBetter, &options).unwrap();
+        let slower = ab_test(&a, &b, Some(Direction::LowerIsBetter), &options).unwrap();
         assert!(slower.p_value < 0.01, "p = {}", slower.p_value);
         // Nothing of 9,999 relabellings reaches a 6-sigma shift: p is the floor 1/10,000.
         assert_eq!(slower.p_value, 1.0 / 10_000.0);
         assert!((slower.relative_change - 0.2).abs() < 0.03);
         assert_eq!(slower.change, Change::Worse);
-        let throughput = ab_test(&a, &b, Direction::HigherIsBetter, &options).unwrap();
+        let throughput = ab_test(&a, &b, Some(Direction::HigherIsBetter), &options).unwrap();
         assert_eq!(throughput.change, Change::Better);
-        let back = ab_test(&b, &a, Direction::LowerIsBetter, &options).unwrap();
+        let back = ab_test(&b, &a, Some(Direction::LowerIsBetter), &options).unwrap();
         assert_eq!(back.change, Change::Better);
-        let unknown = ab_test(&a, &b, Direction::Unknown, &options).unwrap();
+        let unknown = ab_test(&a, &b, None, &options).unwrap();
         assert_eq!(unknown.change, Change::Changed);
     }
 
@@ -293,7 +284,13 @@ mod tests {
         let mut rng = Rng::new(3);
         let a = normal(&mut rng, 200, 100.0, 0.5);
         let b = normal(&mut rng, 200, 102.0, 0.5);
-        let r = ab_test(&a, &b, Direction::LowerIsBetter, &AbOptions::default()).unwrap();
+        let r = ab_test(
+            &a,
+            &b,
+            Some(Direction::LowerIsBetter),
+            &AbOptions::default(),
+        )
+        .unwrap();
         assert!(r.p_value < 0.01);
         assert_eq!(r.change, Change::NoSignificantChange);
         // With a 1% threshold, the same data is a regression.
@@ -301,7 +298,7 @@ mod tests {
             noise: 0.01,
             ..Default::default()
         };
-        let r = ab_test(&a, &b, Direction::LowerIsBetter, &strict).unwrap();
+        let r = ab_test(&a, &b, Some(Direction::LowerIsBetter), &strict).unwrap();
         assert_eq!(r.change, Change::Worse);
     }
 
@@ -311,7 +308,13 @@ mod tests {
         // p < 0.01 (there are only 20 distinct relabellings).
         let a = [100.0, 60.0, 140.0];
         let b = [130.0, 80.0, 180.0];
-        let r = ab_test(&a, &b, Direction::LowerIsBetter, &AbOptions::default()).unwrap();
+        let r = ab_test(
+            &a,
+            &b,
+            Some(Direction::LowerIsBetter),
+            &AbOptions::default(),
+        )
+        .unwrap();
         assert!(r.p_value > 0.01, "p = {}", r.p_value);
         assert_eq!(r.change, Change::NoSignificantChange);
     }
@@ -332,7 +335,7 @@ mod tests {
         for _ in 0..100 {
             let a = normal(&mut rng, 30, 100.0, 3.0);
             let b = normal(&mut rng, 30, 100.0, 3.0);
-            let r = ab_test(&a, &b, Direction::LowerIsBetter, &options).unwrap();
+            let r = ab_test(&a, &b, Some(Direction::LowerIsBetter), &options).unwrap();
             p_small += usize::from(r.p_value < 0.01);
             assert_ne!(r.change, Change::Worse);
         }
@@ -343,11 +346,16 @@ mod tests {
     fn bad_input_is_an_error() {
         let options = AbOptions::default();
         assert_eq!(
-            ab_test(&[], &[1.0], Direction::LowerIsBetter, &options),
+            ab_test(&[], &[1.0], Some(Direction::LowerIsBetter), &options),
             Err(StatsError::NoSamples)
         );
         assert_eq!(
-            ab_test(&[f64::INFINITY], &[1.0], Direction::LowerIsBetter, &options),
+            ab_test(
+                &[f64::INFINITY],
+                &[1.0],
+                Some(Direction::LowerIsBetter),
+                &options
+            ),
             Err(StatsError::NotFinite)
         );
         let negative_noise = AbOptions {
@@ -355,13 +363,18 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            ab_test(&[1.0], &[1.0], Direction::LowerIsBetter, &negative_noise),
+            ab_test(
+                &[1.0],
+                &[1.0],
+                Some(Direction::LowerIsBetter),
+                &negative_noise
+            ),
             Err(StatsError::InvalidOption(_))
         ));
-        assert_eq!(Direction::parse("sideways"), Direction::Unknown);
+        assert_eq!(Direction::from_name("sideways"), None);
         assert_eq!(
-            Direction::parse("higher_is_better"),
-            Direction::HigherIsBetter
+            Direction::from_name("higher_is_better"),
+            Some(Direction::HigherIsBetter)
         );
     }
 }

@@ -119,7 +119,8 @@ pub struct ComparisonRow {
     pub backend: String,
     pub key: RecordKey,
     pub unit: String,
-    pub direction: Direction,
+    /// `None` where the records name a direction this version does not know.
+    pub direction: Option<Direction>,
     pub base: Side,
     pub new: Side,
     /// (mean(new) - mean(base)) / |mean(base)| of the per-run medians: the change the
@@ -724,7 +725,7 @@ mod tests {
                 let t = ab_test(
                     &pooled(&base),
                     &pooled(&new),
-                    Direction::LowerIsBetter,
+                    Some(Direction::LowerIsBetter),
                     &AbOptions::default(),
                 )
                 .unwrap();

@@ -378,9 +378,9 @@ fn verdict_html(versus: &Versus, a: &str, b: &str, runs_needed: usize) -> Markup
 
 fn workload_html(m: &Measurement) -> Markup {
     let direction = match m.direction {
-        Direction::LowerIsBetter => ", lower is better",
-        Direction::HigherIsBetter => ", higher is better",
-        Direction::Unknown => "",
+        Some(Direction::LowerIsBetter) => ", lower is better",
+        Some(Direction::HigherIsBetter) => ", higher is better",
+        None => "",
     };
     let notes: Vec<String> = m
         .cells

@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod compare;
 pub mod font;
 pub mod format;
+pub mod host;
 pub mod html;
 pub mod plot;
 pub mod pool;

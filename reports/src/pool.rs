@@ -27,7 +27,8 @@ pub struct Pool {
     pub key: RecordKey,
     pub group: String,
     pub unit: String,
-    pub direction: Direction,
+    /// `None` where the record names a direction this version does not know.
+    pub direction: Option<Direction>,
     /// `cpl0` or `cpl3`.
     pub privilege: String,
     pub description: String,
@@ -65,7 +66,7 @@ impl Pool {
             key: record.key(),
             group: record.group.clone(),
             unit: record.unit.clone(),
-            direction: Direction::parse(&record.direction),
+            direction: Direction::from_name(&record.direction),
             privilege: record.privilege.clone(),
             description: record.description.clone(),
             samples: Vec::new(),

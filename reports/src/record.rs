@@ -135,15 +135,8 @@ impl Record {
     /// Whether the guest ran under QEMU's TCG translator (the lab, or QEMU without KVM):
     /// its figures measure the emulator.
     pub fn ran_under_tcg(&self) -> bool {
-        self.host.class.contains("tcg")
+        self.host.class().under_tcg
             || self.backend.details.get("accel").map(String::as_str) == Some("tcg")
-    }
-}
-
-impl HostInfo {
-    /// Whether this host emulates guest CPL0 code (kvm_pvm) rather than virtualising it.
-    pub fn emulates_cpl0(&self) -> bool {
-        self.class.contains("pvm") && self.cpl0 == "emulated"
     }
 }
 
@@ -210,7 +203,8 @@ pub struct BackendInfo {
 /// The machine that produced a figure, as the harness fingerprinted it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
-    /// One word: `bare-metal`, `nested`, `pvm`, `nested-tcg`, `vm-without-kvm`.
+    /// One word ([`crate::host::HostClass`]), with `+tcg` where QEMU's TCG ran the guest
+    /// on that host; read it through [`HostInfo::class`].
     pub class: String,
     pub hostname: String,
     pub cpu_vendor: String,
@@ -227,7 +221,8 @@ pub struct HostInfo {
     pub kvm_module: String,
     /// How guest memory is translated: `ept`, `npt`, `shadow`, or empty if unknown.
     pub paging: String,
-    /// How guest CPL0 code runs: `native`, or `emulated` (kvm_pvm).
+    /// How guest CPL0 code runs: `native`, or `emulated` (kvm_pvm, TCG); read it through
+    /// [`HostInfo::cpl0`].
     pub cpl0: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tsc_khz: Option<u64>,

@@ -294,7 +294,7 @@ pub(crate) struct Measurement {
     pub key: RecordKey,
     pub group: String,
     pub unit: String,
-    pub direction: crate::abtest::Direction,
+    pub direction: Option<crate::abtest::Direction>,
     pub privilege: String,
     pub description: String,
     /// One per backend, in report order.
@@ -478,9 +478,7 @@ fn measure(
         .collect();
     let first = cells.iter().find_map(|c| c.pool.as_ref());
     let baseline = cells.first().and_then(|c| c.pool.as_ref());
-    let direction = first
-        .map(|p| p.direction)
-        .unwrap_or(crate::abtest::Direction::Unknown);
+    let direction = first.and_then(|p| p.direction);
     let versus = cells
         .iter()
         .enumerate()

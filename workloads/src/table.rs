@@ -79,6 +79,8 @@ impl Privilege {
 
 /// Whether a smaller or a larger figure is the better one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Direction {
     LowerIsBetter,
     HigherIsBetter,
@@ -90,6 +92,13 @@ impl Direction {
             Direction::LowerIsBetter => "lower_is_better",
             Direction::HigherIsBetter => "higher_is_better",
         }
+    }
+
+    /// The direction a record names; `None` for a word this version does not know.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::LowerIsBetter, Self::HigherIsBetter]
+            .into_iter()
+            .find(|d| d.name() == name)
     }
 }
 

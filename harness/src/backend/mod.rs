@@ -82,6 +82,24 @@ pub enum GuestMessage {
     Ended(GuestEnd),
 }
 
+/// Why a backend cannot provide a [`BackendFeature`]: one sentence, which becomes the
+/// reason of the workload's `skip` record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub std::borrow::Cow<'static, str>);
+
+impl From<&'static str> for Unsupported {
+    fn from(reason: &'static str) -> Self {
+        Unsupported(reason.into())
+    }
+}
+
+impl From<String> for Unsupported {
+    fn from(reason: String) -> Self {
+        Unsupported(reason.into())
+    }
+}
+
 /// A booted guest.
 pub trait GuestSession: std::fmt::Debug {
     fn messages(&self) -> &Receiver<GuestMessage>;
@@ -97,7 +115,7 @@ pub trait Hypervisor: std::fmt::Debug {
     /// Fingerprint of the machine the guest runs on.
     fn host(&self) -> HostInfo;
     /// Whether a workload's device or path exists on this backend; `Err` says why not.
-    fn supports(&self, feature: BackendFeature) -> Result<(), String>;
+    fn supports(&self, feature: BackendFeature) -> Result<(), Unsupported>;
     /// Whether the guest runs on this machine, so that native twins of a workload,
     /// measured here, are comparable.
     fn guest_runs_locally(&self) -> bool;

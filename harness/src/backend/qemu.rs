@@ -13,6 +13,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use reports::host::Cpl0;
 use reports::record::{BackendInfo, HostInfo};
 use thiserror::Error;
 use workloads::abi::{EXIT_PORT, PIO_KERNEL_PORT};
@@ -39,11 +40,37 @@ pub enum QemuError {
     Spawn(std::io::Error),
 }
 
+/// The accelerator asked for (`--qemu-accel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QemuAccel {
+    /// KVM where /dev/kvm opens, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator QEMU runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    /// QEMU's translator: every guest instruction is emulated.
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's `-accel` word, also what records and reproduce commands say.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct QemuOptions {
     pub binary: PathBuf,
-    /// `auto`, `kvm` or `tcg`.
-    pub accel: String,
+    pub accel: QemuAccel,
     /// `-cpu` model; `None` picks one (see `default_cpu_model`).
     pub cpu: Option<String>,
 }
@@ -52,18 +79,18 @@ pub struct QemuOptions {
 /// (so QEMU advertises the TSC frequency in leaf 0x40000010), or `max` under TCG.
 /// kvm_pvm refuses QEMU's write of IA32_ARCH_CAPABILITIES (QEMU then aborts), so that
 /// feature is left out there.
-pub fn default_cpu_model(accel: &str, kvm_module: &str) -> String {
+pub fn default_cpu_model(accel: Accel, kvm_module: &str) -> String {
     match (accel, kvm_module) {
-        ("kvm", "kvm_pvm") => "host,+invtsc,-arch-capabilities".into(),
-        ("kvm", _) => "host,+invtsc".into(),
-        _ => "max".into(),
+        (Accel::Kvm, "kvm_pvm") => "host,+invtsc,-arch-capabilities".into(),
+        (Accel::Kvm, _) => "host,+invtsc".into(),
+        (Accel::Tcg, _) => "max".into(),
     }
 }
 
 #[derive(Debug)]
 pub struct QemuBackend {
     options: QemuOptions,
-    accel: &'static str,
+    accel: Accel,
     cpu: String,
     version: String,
     host: HostInfo,
@@ -128,10 +155,10 @@ impl QemuBackend {
             .read(true)
             .write(true)
             .open("/dev/kvm");
-        let accel = match (options.accel.as_str(), kvm_opens) {
-            ("kvm", Err(e)) => return Err(QemuError::NoKvm(e)),
-            ("kvm", Ok(_)) | ("auto", Ok(_)) => "kvm",
-            _ => "tcg",
+        let accel = match (options.accel, kvm_opens) {
+            (QemuAccel::Kvm, Err(e)) => return Err(QemuError::NoKvm(e)),
+            (QemuAccel::Kvm | QemuAccel::Auto, Ok(_)) => Accel::Kvm,
+            (QemuAccel::Auto, Err(_)) | (QemuAccel::Tcg, _) => Accel::Tcg,
         };
         let image_dir = tempfile_dir::TempDir::new("hvbench-qemu").map_err(QemuError::Image)?;
         let cpu = options
@@ -153,7 +180,7 @@ impl QemuBackend {
             "-machine".into(),
             "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
             "-accel".into(),
-            self.accel.into(),
+            self.accel.name().into(),
             "-cpu".into(),
             self.cpu.clone(),
             "-m".into(),
@@ -193,7 +220,7 @@ impl Hypervisor for QemuBackend {
 
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
-        details.insert("accel".into(), self.accel.into());
+        details.insert("accel".into(), self.accel.name().into());
         details.insert("machine".into(), "microvm".into());
         details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
@@ -206,25 +233,26 @@ impl Hypervisor for QemuBackend {
 
     fn host(&self) -> HostInfo {
         let mut host = self.host.clone();
-        if self.accel == "tcg" {
+        if self.accel == Accel::Tcg {
             // Every guest instruction is translated by QEMU: figures are emulation, not
             // virtualisation.
-            host.class = format!("{}+tcg", host.class);
+            host.class = host.class().with_tcg().to_string();
             host.paging = "tcg-softmmu".into();
-            host.cpl0 = "emulated".into();
+            host.cpl0 = Cpl0::Emulated.name().into();
         }
         host
     }
 
-    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+    fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
             BackendFeature::KernelIoeventfdPort => Err(format!(
                 "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
                  QEMU's userspace, not the in-kernel path this workload measures"
-            )),
+            )
+            .into()),
             BackendFeature::HypercallFromKernel
-                if self.accel == "kvm" && self.host.kvm_module == "kvm_pvm" =>
+                if self.accel == Accel::Kvm && self.host.kvm_module == "kvm_pvm" =>
             {
                 Err(
                     "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
@@ -257,7 +285,7 @@ impl Hypervisor for QemuBackend {
             "--qemu".into(),
             self.options.binary.display().to_string(),
             "--qemu-accel".into(),
-            self.accel.into(),
+            self.accel.name().into(),
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]

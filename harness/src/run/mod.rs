@@ -553,7 +553,7 @@ mod reproduce_tests {
         fn host(&self) -> HostInfo {
             HostInfo::default()
         }
-        fn supports(&self, _: BackendFeature) -> Result<(), String> {
+        fn supports(&self, _: BackendFeature) -> Result<(), crate::backend::Unsupported> {
             Ok(())
         }
         fn guest_runs_locally(&self) -> bool {
@@ -685,7 +685,10 @@ mod run_loop_tests {
         fn host(&self) -> reports::record::HostInfo {
             Default::default()
         }
-        fn supports(&self, _: workloads::BackendFeature) -> Result<(), String> {
+        fn supports(
+            &self,
+            _: workloads::BackendFeature,
+        ) -> Result<(), crate::backend::Unsupported> {
             Ok(())
         }
         fn guest_runs_locally(&self) -> bool {

@@ -217,7 +217,7 @@ pub fn backend_skip(id: WorkloadId, backend: &dyn Hypervisor) -> Option<String> 
         return Some(reason);
     }
     id.spec().requires.iter().find_map(|req| match req {
-        Requirement::Backend(feature) => backend.supports(*feature).err(),
+        Requirement::Backend(feature) => backend.supports(*feature).err().map(|u| u.to_string()),
         Requirement::OnHypervisor(_) => None,
     })
 }

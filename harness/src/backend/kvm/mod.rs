@@ -288,7 +288,7 @@ impl Hypervisor for KvmBackend {
         self.host.clone()
     }
 
-    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+    fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort
             | BackendFeature::KernelIoeventfdPort
@@ -297,7 +297,7 @@ impl Hypervisor for KvmBackend {
             | BackendFeature::HypercallFromKernel => Ok(()),
             BackendFeature::KernelSamePageMerging => match ksm_unusable_reason() {
                 None => Ok(()),
-                Some(reason) => Err(reason),
+                Some(reason) => Err(reason.into()),
             },
             BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
         }

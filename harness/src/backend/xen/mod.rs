@@ -249,7 +249,7 @@ impl Hypervisor for XenBackend {
         self.unavailable.clone()
     }
 
-    fn supports(&self, feature: BackendFeature) -> Result<(), String> {
+    fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Err(
                 "a PVH guest has no device model behind its ports and unbacked pages: Xen \

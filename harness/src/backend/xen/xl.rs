@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use reports::host::{Class, Cpl0, HostClass};
 use reports::record::HostInfo;
 
 use super::LabKind;
@@ -189,13 +190,13 @@ pub fn fingerprint(info: &XlInfo, dom0: &str, paging: Paging, lab: Option<&LabKi
     let tcg = lab.is_some_and(|l| l.accel == "tcg") || cpu_model.contains("TCG");
     let (class, cpl0) = match lab {
         // Every instruction of Xen and its guests goes through QEMU's translator.
-        _ if tcg => ("nested-tcg".to_string(), "emulated".to_string()),
-        Some(_) => ("nested".to_string(), "native".to_string()),
+        _ if tcg => (HostClass::NestedTcg, Cpl0::Emulated),
+        Some(_) => (HostClass::Nested, Cpl0::Native),
         // Xen does not tell dom0 whether it runs on bare metal.
-        None => ("xen-host".to_string(), "native".to_string()),
+        None => (HostClass::XenHost, Cpl0::Native),
     };
     HostInfo {
-        class,
+        class: Class::of(class).to_string(),
         hostname: info.get("host").unwrap_or("").to_string(),
         cpu_vendor: field("vendor_id"),
         cpu_model,
@@ -213,7 +214,7 @@ pub fn fingerprint(info: &XlInfo, dom0: &str, paging: Paging, lab: Option<&LabKi
         kernel: format!("dom0 {kernel}"),
         kvm_module: String::new(),
         paging: format!("xen-{}", paging.name()),
-        cpl0,
+        cpl0: cpl0.name().to_string(),
         tsc_khz: None,
         tsc_source: "the guest's (Xen CPUID leaf 4)".into(),
         thp: "n/a".into(),
