@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime};
 
-use reports::record::{GuestInfo, Record, RunParameters, ToolInfo};
+use reports::record::{BackendInfo, GuestInfo, HostInfo, Record, RunParameters, ToolInfo};
 use reports::{ResultsError, ResultsWriter};
 use thiserror::Error;
 use workloads::cmdline::{self, GuestConfig};
@@ -179,198 +179,283 @@ pub fn run(
     writer: &mut ResultsWriter,
     interrupted: &AtomicBool,
 ) -> Result<RunSummary, RunError> {
-    let kind = backend.kind().name();
-    let run_id = run_id(kind);
-    let backend_info = backend.info();
-    let host = backend.host();
-    let tool = tool_info();
-    let parameters = RunParameters {
-        samples: options.samples,
-        warmup: options.warmup,
-        sample_us: options.sample_us,
-        timeout_s: options.workload_timeout.as_secs(),
-        memory_mib: options.memory_mib,
-        vcpus: options.vcpus,
-        repeats: options.repeat,
-        workload_params: Default::default(),
-    };
-    let reproduce = |w: WorkloadId| reproduce_command(backend, options, w);
-    let limits = Limits {
-        boot: options.boot_timeout,
-        workload: options.workload_timeout,
-    };
-    let mut summary = RunSummary {
-        run_id: run_id.clone(),
-        records: Vec::new(),
-        interrupted: false,
-        problems: Vec::new(),
-    };
-    let mut boots = 0u32;
-
+    let mut run = Run::new(backend, image, options, writer, interrupted);
     for repeat in 0..options.repeat {
-        let mut outcomes: Vec<WorkloadOutcome> = Vec::new();
+        if run.repeat(repeat)? == Flow::Interrupted {
+            run.summary.interrupted = true;
+            break;
+        }
+    }
+    Ok(run.summary)
+}
+
+/// Whether the run goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Interrupted,
+}
+
+/// What one run shares across its repeats and boots.
+struct Run<'a> {
+    backend: &'a dyn Hypervisor,
+    image: &'a GuestImage,
+    options: &'a RunOptions,
+    writer: &'a mut ResultsWriter,
+    interrupted: &'a AtomicBool,
+    backend_info: BackendInfo,
+    host: HostInfo,
+    tool: ToolInfo,
+    parameters: RunParameters,
+    native_here: bool,
+    summary: RunSummary,
+    boots: u32,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        backend: &'a dyn Hypervisor,
+        image: &'a GuestImage,
+        options: &'a RunOptions,
+        writer: &'a mut ResultsWriter,
+        interrupted: &'a AtomicBool,
+    ) -> Self {
+        let parameters = RunParameters {
+            samples: options.samples,
+            warmup: options.warmup,
+            sample_us: options.sample_us,
+            timeout_s: options.workload_timeout.as_secs(),
+            memory_mib: options.memory_mib,
+            vcpus: options.vcpus,
+            repeats: options.repeat,
+            workload_params: Default::default(),
+        };
+        Run {
+            backend,
+            image,
+            options,
+            writer,
+            interrupted,
+            backend_info: backend.info(),
+            host: backend.host(),
+            tool: tool_info(),
+            parameters,
+            native_here: backend.guest_runs_locally(),
+            summary: RunSummary {
+                run_id: run_id(backend.kind().name()),
+                records: Vec::new(),
+                interrupted: false,
+                problems: Vec::new(),
+            },
+            boots: 0,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The records of one outcome, written and kept for the summary.
+    fn write(
+        &mut self,
+        outcome: &WorkloadOutcome,
+        guest: &GuestInfo,
+        repeat: u32,
+    ) -> Result<(), RunError> {
+        let (backend, options) = (self.backend, self.options);
+        let reproduce = |w: WorkloadId| reproduce_command(backend, options, w);
+        let ctx = RecordContext {
+            run_id: &self.summary.run_id,
+            repeat,
+            backend: &self.backend_info,
+            host: &self.host,
+            guest,
+            parameters: &self.parameters,
+            tool: &self.tool,
+            tsc_khz: guest.tsc_khz.or(if self.native_here {
+                self.host.tsc_khz
+            } else {
+                None
+            }),
+            native_here: self.native_here,
+            reproduce: &reproduce,
+            workload_params: &options.params,
+            guest_ram: backend.guest_ram_advice(),
+        };
+        let kind = backend.kind().name();
+        for record in records::build(outcome, &ctx) {
+            self.writer.write(&record)?;
+            progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
+            self.summary.records.push(record);
+        }
+        Ok(())
+    }
+
+    fn guest_info(&self, hello: &Hello) -> GuestInfo {
+        guest_info(self.image, hello, self.native_here, self.host.tsc_khz)
+    }
+
+    /// One repeat of the selection: host-side skips, the guest-driven workloads over as
+    /// many boots as they take, then the host-driven ones.
+    fn repeat(&mut self, repeat: u32) -> Result<Flow, RunError> {
         let mut pending: Vec<WorkloadId> = Vec::new();
         let mut host_driven: Vec<WorkloadId> = Vec::new();
-        for &w in &options.workloads {
-            match plan::backend_skip(w, backend) {
-                Some(reason) => outcomes.push(WorkloadOutcome::skipped(w, reason)),
+        let mut guest = GuestInfo {
+            image_sha256: self.image.sha256().to_string(),
+            ..Default::default()
+        };
+        for &w in &self.options.workloads {
+            match plan::backend_skip(w, self.backend) {
+                // Written at once, with what is known before any boot.
+                Some(reason) => self.write(&WorkloadOutcome::skipped(w, reason), &guest, repeat)?,
                 None if matches!(w.spec().driver, Driver::Host(_)) => host_driven.push(w),
                 None => pending.push(w),
             }
         }
-        let mut guest = GuestInfo {
-            image_sha256: image.sha256().to_string(),
-            ..Default::default()
-        };
-        let native_here = backend.guest_runs_locally();
-        let mut write = |outcome: &WorkloadOutcome,
-                         guest: &GuestInfo,
-                         summary: &mut RunSummary|
-         -> Result<(), RunError> {
-            let ctx = RecordContext {
-                run_id: &run_id,
-                repeat,
-                backend: &backend_info,
-                host: &host,
-                guest,
-                parameters: &parameters,
-                tool: &tool,
-                tsc_khz: guest
-                    .tsc_khz
-                    .or(if native_here { host.tsc_khz } else { None }),
-                native_here,
-                reproduce: &reproduce,
-                workload_params: &options.params,
-                guest_ram: backend.guest_ram_advice(),
-            };
-            for record in records::build(outcome, &ctx) {
-                writer.write(&record)?;
-                progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
-                summary.records.push(record);
-            }
-            Ok(())
-        };
-        // Host-side skips are written at once, with what is known before any boot.
-        for outcome in &outcomes {
-            write(outcome, &guest, &mut summary)?;
-        }
-
         while !pending.is_empty() {
-            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-                summary.interrupted = true;
-                return Ok(summary);
+            if self.stopped() || self.boot(repeat, &mut pending, &mut guest)? == Flow::Interrupted {
+                return Ok(Flow::Interrupted);
             }
-            let line = options.guest_cmdline(&pending);
-            boots += 1;
-            let request = BootRequest {
-                image,
-                cmdline: &line,
-                memory_mib: options.memory_mib,
-                vcpus: options.vcpus,
-                name: format!("hvbench-{}-{boots}", std::process::id()),
-            };
-            let boot_started = std::time::Instant::now();
-            let mut session = backend.boot(&request).map_err(|source| RunError::Boot {
-                backend: kind,
-                source,
-            })?;
-            // Each outcome is written the moment the guest settles it, except those whose
-            // native twin must run here: that waits until the guest is down, so the guest
-            // (busy on the next workload) cannot slow the native run (on SMT siblings it
-            // did, by 2.6x). A write error stops the run once the guest is down.
-            let mut write_error = None;
-            let mut deferred = Vec::new();
-            let mut sink =
-                |outcome: &WorkloadOutcome, hello: Option<(&Hello, std::time::Instant)>| {
-                    if let Some((hello, at)) = hello {
-                        guest =
-                            guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
-                        guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
-                    }
-                    if native_here && outcome.workload.spec().native_twin.is_some() {
-                        deferred.push(outcome.clone());
-                    } else if write_error.is_none() {
-                        if let Err(e) = write(outcome, &guest, &mut summary) {
-                            write_error = Some(e);
-                        }
-                    }
-                };
-            let expected = plan::ExpectedSeries::new(&pending, &options.params);
-            let report = session::drive(
-                session.as_mut(),
-                &pending,
-                &expected,
-                limits,
-                interrupted,
-                &mut sink,
-            );
-            drop(session);
-            if let Some(e) = write_error {
-                return Err(e);
+        }
+        for w in host_driven {
+            if self.stopped() {
+                return Ok(Flow::Interrupted);
             }
-            if let (Some(hello), Some(at)) = (&report.hello, report.hello_at) {
-                guest = guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz);
+            self.host_driven(w, &guest, repeat)?;
+        }
+        Ok(if self.stopped() {
+            Flow::Interrupted
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// One boot for the `pending` workloads: drives it, writes what it settled and
+    /// removes those from `pending`. Every boot makes progress or ends the plan.
+    fn boot(
+        &mut self,
+        repeat: u32,
+        pending: &mut Vec<WorkloadId>,
+        guest: &mut GuestInfo,
+    ) -> Result<Flow, RunError> {
+        let (backend, image, options) = (self.backend, self.image, self.options);
+        let interrupted = self.interrupted;
+        let line = options.guest_cmdline(pending);
+        self.boots += 1;
+        let request = BootRequest {
+            image,
+            cmdline: &line,
+            memory_mib: options.memory_mib,
+            vcpus: options.vcpus,
+            name: format!("hvbench-{}-{}", std::process::id(), self.boots),
+        };
+        let boot_started = std::time::Instant::now();
+        let mut session = backend.boot(&request).map_err(|source| RunError::Boot {
+            backend: backend.kind().name(),
+            source,
+        })?;
+        // Each outcome is written the moment the guest settles it, except those whose
+        // native twin must run here: that waits until the guest is down, so the guest
+        // (busy on the next workload) cannot slow the native run (on SMT siblings it
+        // did, by 2.6x). A write error stops the run once the guest is down.
+        let mut write_error = None;
+        let mut deferred = Vec::new();
+        let mut sink = |outcome: &WorkloadOutcome, hello: Option<(&Hello, std::time::Instant)>| {
+            if let Some((hello, at)) = hello {
+                *guest = self.guest_info(hello);
                 guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
             }
-            for outcome in &deferred {
-                write(outcome, &guest, &mut summary)?;
+            if self.native_here && outcome.workload.spec().native_twin.is_some() {
+                deferred.push(outcome.clone());
+            } else if write_error.is_none() {
+                write_error = self.write(outcome, guest, repeat).err();
             }
-            let reached: Vec<WorkloadId> = report.outcomes.iter().map(|o| o.workload).collect();
-            for outcome in settle(&report, &pending) {
-                if !reached.contains(&outcome.workload) {
-                    write(&outcome, &guest, &mut summary)?;
-                }
-            }
-            let before = pending.len();
-            pending.retain(|w| {
-                !summary
-                    .records
-                    .iter()
-                    .any(|r| r.repeat == repeat && r.workload == w.name())
-            });
-            summary.problems.extend(report.problems.iter().cloned());
-            if report.interrupted {
-                summary.interrupted = true;
-                return Ok(summary);
-            }
-            // Every boot makes progress or ends the plan: one that settled nothing would be
-            // booted again for the same workloads, forever.
-            if pending.len() == before {
-                for outcome in no_progress(&pending, boots) {
-                    write(&outcome, &guest, &mut summary)?;
-                }
-                pending.clear();
-            }
+        };
+        let limits = Limits {
+            boot: options.boot_timeout,
+            workload: options.workload_timeout,
+        };
+        let expected = plan::ExpectedSeries::new(pending, &options.params);
+        let report = session::drive(
+            session.as_mut(),
+            pending,
+            &expected,
+            limits,
+            interrupted,
+            &mut sink,
+        );
+        drop(session);
+        if let Some(e) = write_error {
+            return Err(e);
         }
-        for &w in &host_driven {
-            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-                summary.interrupted = true;
-                return Ok(summary);
-            }
-            let ctx = host_driven::HostContext {
-                backend,
-                image,
-                options,
-                interrupted,
-            };
-            let done = host_driven::run(w, &ctx);
-            // The guest this workload booted describes itself; else the last one's words.
-            let booted = done
-                .hello
-                .as_ref()
-                .map(|hello| guest_info(image, hello, backend.guest_runs_locally(), host.tsc_khz));
-            write(
-                &done.outcome,
-                booted.as_ref().unwrap_or(&guest),
-                &mut summary,
-            )?;
-            if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-                summary.interrupted = true;
-                return Ok(summary);
-            }
+        if let (Some(hello), Some(at)) = (&report.hello, report.hello_at) {
+            *guest = self.guest_info(hello);
+            guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
         }
+        for outcome in &deferred {
+            self.write(outcome, guest, repeat)?;
+        }
+        self.settle_rest(&report, pending, guest, repeat)?;
+        self.summary
+            .problems
+            .extend(report.problems.iter().cloned());
+        Ok(if report.interrupted {
+            Flow::Interrupted
+        } else {
+            Flow::Continue
+        })
     }
-    Ok(summary)
+
+    /// Writes what the guest left unsettled, and takes what is written off `pending`. A
+    /// boot that settled nothing would be booted again for the same workloads, forever:
+    /// then the rest of the plan ends as errors.
+    fn settle_rest(
+        &mut self,
+        report: &BootReport,
+        pending: &mut Vec<WorkloadId>,
+        guest: &GuestInfo,
+        repeat: u32,
+    ) -> Result<(), RunError> {
+        let reached: Vec<WorkloadId> = report.outcomes.iter().map(|o| o.workload).collect();
+        for outcome in settle(report, pending) {
+            if !reached.contains(&outcome.workload) {
+                self.write(&outcome, guest, repeat)?;
+            }
+        }
+        let before = pending.len();
+        let records = &self.summary.records;
+        pending.retain(|w| {
+            !records
+                .iter()
+                .any(|r| r.repeat == repeat && r.workload == w.name())
+        });
+        if pending.len() == before && !report.interrupted {
+            for outcome in no_progress(pending, self.boots) {
+                self.write(&outcome, guest, repeat)?;
+            }
+            pending.clear();
+        }
+        Ok(())
+    }
+
+    /// One host-driven workload; the guest it booted describes itself in its records,
+    /// else the last guest's words stand.
+    fn host_driven(
+        &mut self,
+        w: WorkloadId,
+        guest: &GuestInfo,
+        repeat: u32,
+    ) -> Result<(), RunError> {
+        let ctx = host_driven::HostContext {
+            backend: self.backend,
+            image: self.image,
+            options: self.options,
+            interrupted: self.interrupted,
+        };
+        let done = host_driven::run(w, &ctx);
+        let booted = done.hello.as_ref().map(|hello| self.guest_info(hello));
+        self.write(&done.outcome, booted.as_ref().unwrap_or(guest), repeat)
+    }
 }
 
 /// The outcomes of `pending` after boot number `boot` settled none of them.
