@@ -477,13 +477,24 @@ impl Comparison {
     /// The comparison as an aligned text table for a terminal. Text from the records is
     /// made terminal-safe (no control characters or escape sequences pass through).
     pub fn render_table(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "BASE {}\nNEW  {}\nA change counts where p < {} (permutation test, {} relabellings, on \
-             the mean of each run's median: a run is one unit, since a boot shifts all its \
+        let mut out = self.render_header();
+        if self.rows.is_empty() {
+            out.push_str("No measurement is in both BASE and NEW.\n");
+        } else {
+            out.push_str(&layout(&self.table()));
+        }
+        out.push_str(&self.render_only_in());
+        out.push_str(&self.render_totals());
+        out
+    }
+
+    /// Which directories, the rule that makes a change count, and the notes.
+    fn render_header(&self) -> String {
+        let mut out = format!(
+            "BASE {}\nNEW  {}\nA change counts where p < {} (permutation test, {} relabellings, \
+             on the mean of each run's median: a run is one unit, since a boot shifts all its \
              samples together; P is Holm-adjusted over all measurements) and that mean moves \
-             by more than {:.1}% (Δ MEAN).",
+             by more than {:.1}% (Δ MEAN).\n",
             terminal_safe(&self.base.display().to_string()),
             terminal_safe(&self.new.display().to_string()),
             self.p_threshold,
@@ -494,48 +505,33 @@ impl Comparison {
             let _ = writeln!(out, "note: {}", terminal_safe(note));
         }
         out.push('\n');
+        out
+    }
+
+    fn with_backend(&self) -> bool {
         let labels: BTreeSet<&str> = self.rows.iter().map(|r| r.backend.as_str()).collect();
-        let with_backend = labels.len() > 1;
-        let mut table: Vec<[String; 8]> = vec![[
-            "BACKEND".into(),
-            "MEASUREMENT".into(),
-            "BASE MEDIAN".into(),
-            "NEW MEDIAN".into(),
-            "Δ MEDIAN".into(),
-            "Δ MEAN".into(),
-            "P".into(),
-            "VERDICT".into(),
-        ]];
+        labels.len() > 1
+    }
+
+    /// The header row and one row per measurement, terminal-safe; the backend column
+    /// only where the rows have more than one backend.
+    fn table(&self) -> Vec<Vec<String>> {
+        const HEADER: [&str; 8] = [
+            "BACKEND",
+            "MEASUREMENT",
+            "BASE MEDIAN",
+            "NEW MEDIAN",
+            "Δ MEDIAN",
+            "Δ MEAN",
+            "P",
+            "VERDICT",
+        ];
         let median = |side: &Side, unit: &str| match side.median {
             Some(m) => format!("{} {} (n={})", format::number(m), unit, side.n),
             None => side.status.name().to_string(),
         };
-        for r in &self.rows {
-            let verdict = match &r.verdict {
-                Verdict::Regression => "REGRESSION".to_string(),
-                Verdict::Improvement => "improvement".to_string(),
-                Verdict::NoSignificantChange => "no significant change".to_string(),
-                Verdict::ChangedDirectionUnknown => "CHANGED (direction unknown)".to_string(),
-                Verdict::SkippedOrFailed { missing } => {
-                    let (side, which) = match missing {
-                        Missing::Base => ("BASE", &r.base),
-                        Missing::New => ("NEW", &r.new),
-                        Missing::Both => ("both", &r.new),
-                    };
-                    let mut text = format!("{} on {side}", which.status.name());
-                    if let Some(reason) = &which.reason {
-                        text.push_str(": ");
-                        text.push_str(&format::label(reason, 60));
-                    }
-                    text
-                }
-                Verdict::Untestable { message } => format!("untestable: {message}"),
-                Verdict::Inconclusive {
-                    base_runs,
-                    new_runs,
-                } => format!("inconclusive: {base_runs} vs {new_runs} runs"),
-            };
-            table.push([
+        let rows = self.rows.iter().map(|r| {
+            [
                 r.backend.clone(),
                 r.key.to_string(),
                 median(&r.base, &r.unit),
@@ -543,42 +539,19 @@ impl Comparison {
                 r.median_change.map(format::percent).unwrap_or_default(),
                 r.relative_change.map(format::percent).unwrap_or_default(),
                 r.p_value.map(format::p_value).unwrap_or_default(),
-                verdict,
-            ]);
-        }
-        let table: Vec<Vec<String>> = table
-            .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .skip(usize::from(!with_backend))
-                    .map(|cell| terminal_safe(&cell))
-                    .collect()
-            })
-            .collect();
-        let columns = table.first().map(Vec::len).unwrap_or(0);
-        let widths: Vec<usize> = (0..columns)
-            .map(|c| {
-                table
-                    .iter()
-                    .map(|row| row[c].chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        if self.rows.is_empty() {
-            out.push_str("No measurement is in both BASE and NEW.\n");
-        } else {
-            for row in &table {
-                let line: Vec<String> = row
-                    .iter()
-                    .zip(&widths)
-                    .map(|(cell, width)| {
-                        format!("{cell}{}", " ".repeat(width - cell.chars().count()))
-                    })
-                    .collect();
-                let _ = writeln!(out, "{}", line.join("  ").trim_end());
-            }
-        }
+                verdict_text(r),
+            ]
+        });
+        let skip = usize::from(!self.with_backend());
+        std::iter::once(HEADER.map(String::from))
+            .chain(rows)
+            .map(|row| row.iter().skip(skip).map(|c| terminal_safe(c)).collect())
+            .collect()
+    }
+
+    /// The measurements only one side has.
+    fn render_only_in(&self) -> String {
+        let mut out = String::new();
         for (title, list) in [
             ("Only in BASE", &self.only_in_base),
             ("Only in NEW", &self.only_in_new),
@@ -588,34 +561,34 @@ impl Comparison {
             }
             let _ = writeln!(out, "\n{title}:");
             for o in list {
-                let _ = writeln!(
-                    out,
-                    "  {}{} ({}, n={})",
-                    if with_backend {
-                        format!("{} ", terminal_safe(&o.backend))
-                    } else {
-                        String::new()
-                    },
-                    terminal_safe(&o.key.to_string()),
-                    o.status.name(),
-                    o.n
-                );
+                let backend = if self.with_backend() {
+                    format!("{} ", terminal_safe(&o.backend))
+                } else {
+                    String::new()
+                };
+                let key = terminal_safe(&o.key.to_string());
+                let _ = writeln!(out, "  {backend}{key} ({}, n={})", o.status.name(), o.n);
             }
         }
+        out
+    }
+
+    /// The count of each verdict, and how many runs an inconclusive comparison needs.
+    fn render_totals(&self) -> String {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
         let [regressions, improvements, unchanged, skipped, untestable, inconclusive] =
             self.counts();
-        let _ = writeln!(
-            out,
+        let untestable = if untestable > 0 {
+            format!(", {untestable} untestable")
+        } else {
+            String::new()
+        };
+        let mut out = format!(
             "\n{regressions} regression{}, {improvements} improvement{}, {unchanged} without \
-             significant change, {skipped} skipped or failed on a side{}; {} only in BASE, {} \
-             only in NEW.",
-            if regressions == 1 { "" } else { "s" },
-            if improvements == 1 { "" } else { "s" },
-            if untestable > 0 {
-                format!(", {untestable} untestable")
-            } else {
-                String::new()
-            },
+             significant change, {skipped} skipped or failed on a side{untestable}; {} only in \
+             BASE, {} only in NEW.\n",
+            plural(regressions),
+            plural(improvements),
             self.only_in_base.len(),
             self.only_in_new.len()
         );
@@ -633,6 +606,58 @@ impl Comparison {
         }
         out
     }
+}
+
+/// A row's verdict as the table says it.
+fn verdict_text(r: &ComparisonRow) -> String {
+    match &r.verdict {
+        Verdict::Regression => "REGRESSION".to_string(),
+        Verdict::Improvement => "improvement".to_string(),
+        Verdict::NoSignificantChange => "no significant change".to_string(),
+        Verdict::ChangedDirectionUnknown => "CHANGED (direction unknown)".to_string(),
+        Verdict::SkippedOrFailed { missing } => {
+            let (side, which) = match missing {
+                Missing::Base => ("BASE", &r.base),
+                Missing::New => ("NEW", &r.new),
+                Missing::Both => ("both", &r.new),
+            };
+            let mut text = format!("{} on {side}", which.status.name());
+            if let Some(reason) = &which.reason {
+                text.push_str(": ");
+                text.push_str(&format::label(reason, 60));
+            }
+            text
+        }
+        Verdict::Untestable { message } => format!("untestable: {message}"),
+        Verdict::Inconclusive {
+            base_runs,
+            new_runs,
+        } => format!("inconclusive: {base_runs} vs {new_runs} runs"),
+    }
+}
+
+/// Left-aligned columns two spaces apart, each as wide as its widest cell.
+fn layout(table: &[Vec<String>]) -> String {
+    let columns = table.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell}{}", " ".repeat(width - cell.chars().count())))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
 }
 
 #[cfg(test)]
