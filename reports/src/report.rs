@@ -17,6 +17,7 @@ use thiserror::Error;
 use crate::abtest::{ab_test, AbOptions, AbResult};
 use crate::bootstrap::{median_ci, ratio_of_medians_ci, BootstrapOptions, Estimate, StatsError};
 use crate::format;
+use crate::host::HostClass;
 use crate::html;
 use crate::plot::{
     self, BarRow, ChartError, ChartFile, ChartFormat, CurveChart, GroupChart, SamplesChart,
@@ -579,138 +580,159 @@ fn warnings(backends: &[BackendView], measurements: &[Measurement]) -> (Vec<Warn
         )),
         [first, others @ ..] => {
             for other in others {
-                let classes = |b: &BackendView| distinct(b.hosts.iter().map(|h| h.class.as_str()));
-                let models =
-                    |b: &BackendView| distinct(b.hosts.iter().map(|h| h.cpu_model.as_str()));
-                if classes(first) != classes(other) {
-                    warnings.push(Warning {
-                        title: format!(
-                            "{} and {} ran on different kinds of host",
-                            first.name, other.name
-                        ),
-                        detail: format!(
-                            "{} ran on host class {}, {} on {}. The ratios mix the difference \
-                             between the hosts with the difference between the hypervisors.",
-                            first.name,
-                            classes(first).join(" / "),
-                            other.name,
-                            classes(other).join(" / ")
-                        ),
-                    });
-                }
-                if models(first) != models(other) {
-                    warnings.push(Warning {
-                        title: format!(
-                            "{} and {} ran on different CPU models",
-                            first.name, other.name
-                        ),
-                        detail: format!(
-                            "{} ran on {}, {} on {}. Exit costs depend on the CPU generation; \
-                             compare them only on the same CPU model.",
-                            first.name,
-                            models(first).join(" / "),
-                            other.name,
-                            models(other).join(" / ")
-                        ),
-                    });
-                }
+                warnings.extend(host_mismatches(first, other));
             }
         }
     }
     for (index, backend) in backends.iter().enumerate() {
-        let classes = distinct(backend.hosts.iter().map(|h| h.class.as_str()));
-        if backend.emulated_all {
-            warnings.push(Warning {
-                title: format!("{} ran under emulation (TCG)", backend.name),
-                detail: format!(
-                    "Host class {}: QEMU translated every guest instruction in software. Its \
-                     figures measure that emulator, not hardware virtualization, and cannot be \
-                     compared with a hardware-assisted backend.",
-                    classes.join(" / ")
-                ),
-            });
-        }
-        if backend.emulated_cpl0 {
-            let mut cpl0: Vec<&str> = measurements
-                .iter()
-                .filter(|m| {
-                    m.privilege == "cpl0" && m.cells.get(index).is_some_and(|c| c.pool.is_some())
-                })
-                .map(|m| m.key.workload.as_str())
-                .collect();
-            cpl0.dedup();
-            warnings.push(Warning {
-                title: format!(
-                    "{} ran on a kvm_pvm host: guest CPL0 is emulated",
-                    backend.name
-                ),
-                detail: format!(
-                    "On this host (class {}) KVM's PVM module runs guest kernel-mode code by \
-                     emulating it instruction by instruction. The CPL0 workloads ({}) measure \
-                     that emulator, not a hardware VM exit; CPL3 workloads run natively and \
-                     stay comparable.",
-                    classes.join(" / "),
-                    if cpl0.is_empty() {
-                        "none here".to_string()
-                    } else {
-                        cpl0.join(", ")
-                    }
-                ),
-            });
-        }
-        if classes.iter().any(|c| c == "nested") {
-            warnings.push(Warning {
-                title: format!(
-                    "{} ran nested, inside another virtual machine",
-                    backend.name
-                ),
-                detail: "Every exit of the guest is also handled by the outer hypervisor, which \
-                         inflates exit costs several times over what the same hypervisor costs \
-                         on bare metal."
-                    .into(),
-            });
-        }
-        if backend.hosts.len() > 1 {
-            warnings.push(Warning {
-                title: format!(
-                    "{} records come from {} different hosts",
-                    backend.name,
-                    backend.hosts.len()
-                ),
-                detail: format!(
-                    "Their samples are pooled as one backend ({}): the host fingerprints below \
-                     show every host. Report them separately unless the hosts are alike.",
-                    distinct(backend.hosts.iter().map(|h| h.hostname.as_str())).join(", ")
-                ),
-            });
-        }
+        warnings.extend(backend_caveats(index, backend, measurements));
     }
-    let conflicting: Vec<String> = measurements
-        .iter()
-        .filter(|m| {
-            m.cells.iter().any(|c| {
-                c.pool
-                    .as_ref()
-                    .is_some_and(|p| !p.conflicting_units.is_empty())
-            }) || m
-                .cells
-                .iter()
-                .filter_map(|c| c.pool.as_ref())
-                .any(|p| p.unit != m.unit)
-        })
-        .map(|m| m.key.to_string())
-        .collect();
-    if !conflicting.is_empty() {
+    warnings.extend(unit_conflicts(measurements));
+    (warnings, notices)
+}
+
+/// Where backend A and `other` ran on different kinds of host or CPU models.
+fn host_mismatches(first: &BackendView, other: &BackendView) -> Vec<Warning> {
+    let classes = |b: &BackendView| distinct(b.hosts.iter().map(|h| h.class.as_str()));
+    let models = |b: &BackendView| distinct(b.hosts.iter().map(|h| h.cpu_model.as_str()));
+    let mut warnings = Vec::new();
+    if classes(first) != classes(other) {
         warnings.push(Warning {
-            title: "Records of the same measurement carry different units".into(),
+            title: format!(
+                "{} and {} ran on different kinds of host",
+                first.name, other.name
+            ),
             detail: format!(
-                "{}: their samples should not be pooled or compared; regenerate the results \
-                 with one hvbench version.",
-                conflicting.join(", ")
+                "{} ran on host class {}, {} on {}. The ratios mix the difference between the \
+                 hosts with the difference between the hypervisors.",
+                first.name,
+                classes(first).join(" / "),
+                other.name,
+                classes(other).join(" / ")
             ),
         });
     }
-    (warnings, notices)
+    if models(first) != models(other) {
+        warnings.push(Warning {
+            title: format!(
+                "{} and {} ran on different CPU models",
+                first.name, other.name
+            ),
+            detail: format!(
+                "{} ran on {}, {} on {}. Exit costs depend on the CPU generation; compare them \
+                 only on the same CPU model.",
+                first.name,
+                models(first).join(" / "),
+                other.name,
+                models(other).join(" / ")
+            ),
+        });
+    }
+    warnings
+}
+
+/// What a reader must know about one backend's figures: emulation, nesting, pooled hosts.
+fn backend_caveats(
+    index: usize,
+    backend: &BackendView,
+    measurements: &[Measurement],
+) -> Vec<Warning> {
+    let classes = distinct(backend.hosts.iter().map(|h| h.class.as_str()));
+    let mut warnings = Vec::new();
+    if backend.emulated_all {
+        warnings.push(Warning {
+            title: format!("{} ran under emulation (TCG)", backend.name),
+            detail: format!(
+                "Host class {}: QEMU translated every guest instruction in software. Its \
+                 figures measure that emulator, not hardware virtualization, and cannot be \
+                 compared with a hardware-assisted backend.",
+                classes.join(" / ")
+            ),
+        });
+    }
+    if backend.emulated_cpl0 {
+        warnings.push(emulated_cpl0(index, backend, measurements, &classes));
+    }
+    let nested = |h: &HostInfo| h.class().machine == Some(HostClass::Nested);
+    if backend.hosts.iter().any(nested) {
+        warnings.push(Warning {
+            title: format!(
+                "{} ran nested, inside another virtual machine",
+                backend.name
+            ),
+            detail: "Every exit of the guest is also handled by the outer hypervisor, which \
+                     inflates exit costs several times over what the same hypervisor costs on \
+                     bare metal."
+                .into(),
+        });
+    }
+    if backend.hosts.len() > 1 {
+        warnings.push(Warning {
+            title: format!(
+                "{} records come from {} different hosts",
+                backend.name,
+                backend.hosts.len()
+            ),
+            detail: format!(
+                "Their samples are pooled as one backend ({}): the host fingerprints below show \
+                 every host. Report them separately unless the hosts are alike.",
+                distinct(backend.hosts.iter().map(|h| h.hostname.as_str())).join(", ")
+            ),
+        });
+    }
+    warnings
+}
+
+/// The kvm_pvm caveat, naming the CPL0 workloads it applies to.
+fn emulated_cpl0(
+    index: usize,
+    backend: &BackendView,
+    measurements: &[Measurement],
+    classes: &[String],
+) -> Warning {
+    let mut cpl0: Vec<&str> = measurements
+        .iter()
+        .filter(|m| m.privilege == "cpl0" && m.cells.get(index).is_some_and(|c| c.pool.is_some()))
+        .map(|m| m.key.workload.as_str())
+        .collect();
+    cpl0.dedup();
+    Warning {
+        title: format!(
+            "{} ran on a kvm_pvm host: guest CPL0 is emulated",
+            backend.name
+        ),
+        detail: format!(
+            "On this host (class {}) KVM's PVM module runs guest kernel-mode code by emulating \
+             it instruction by instruction. The CPL0 workloads ({}) measure that emulator, not \
+             a hardware VM exit; CPL3 workloads run natively and stay comparable.",
+            classes.join(" / "),
+            if cpl0.is_empty() {
+                "none here".to_string()
+            } else {
+                cpl0.join(", ")
+            }
+        ),
+    }
+}
+
+/// Measurements whose records disagree on the unit.
+fn unit_conflicts(measurements: &[Measurement]) -> Option<Warning> {
+    let conflicting: Vec<String> = measurements
+        .iter()
+        .filter(|m| {
+            let pools = || m.cells.iter().filter_map(|c| c.pool.as_ref());
+            pools().any(|p| !p.conflicting_units.is_empty() || p.unit != m.unit)
+        })
+        .map(|m| m.key.to_string())
+        .collect();
+    (!conflicting.is_empty()).then(|| Warning {
+        title: "Records of the same measurement carry different units".into(),
+        detail: format!(
+            "{}: their samples should not be pooled or compared; regenerate the results with \
+             one hvbench version.",
+            conflicting.join(", ")
+        ),
+    })
 }
 
 /// The copies of one input's raw files, named relative to the report directory.
