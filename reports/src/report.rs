@@ -902,87 +902,11 @@ fn draw_charts(
     dir: &Path,
     options: &ReportOptions,
 ) -> Result<Charts, ReportError> {
-    let backends = model.backend_names();
-    let level = level_text(options.bootstrap.level);
-    let mut jobs = Vec::new();
-    for (group, measurements) in model.groups() {
-        let mut units: Vec<&str> = measurements.iter().map(|m| m.unit.as_str()).collect();
-        units.sort();
-        units.dedup();
-        for unit in units {
-            let rows: Vec<BarRow> = measurements
-                .iter()
-                .filter(|m| m.unit == unit && m.cells.iter().any(|c| c.median.is_some()))
-                .map(|m| BarRow {
-                    label: short_label(&m.key),
-                    medians: m.cells.iter().map(|c| c.median).collect(),
-                })
-                .collect();
-            let parts = rows.len().div_ceil(ROWS_PER_GROUP_CHART);
-            for (part, chunk) in rows.chunks(ROWS_PER_GROUP_CHART).enumerate() {
-                let mut title = format!("{group}: median {unit} per measurement, {level} CI");
-                if parts > 1 {
-                    title.push_str(&format!(" ({} of {parts})", part + 1));
-                }
-                jobs.push(ChartJob::Group {
-                    group: group.clone(),
-                    unit: unit.to_string(),
-                    part,
-                    chart: GroupChart {
-                        title,
-                        unit: unit.to_string(),
-                        backends: backends.clone(),
-                        rows: chunk.to_vec(),
-                        width: options.group_chart_width,
-                    },
-                });
-            }
-        }
-    }
+    let mut jobs = group_chart_jobs(model, options);
     if options.sample_charts {
-        for m in &model.measurements {
-            let series: Vec<(String, Vec<f64>, Option<Estimate>, usize)> = m
-                .cells
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| {
-                    let pool = c.pool.as_ref().filter(|p| p.is_measured())?;
-                    Some((backends[i].clone(), pool.samples.clone(), c.median, i))
-                })
-                .collect();
-            if series.is_empty() {
-                continue;
-            }
-            let chart = SamplesChart {
-                title: format!("{}: every sample", m.key),
-                unit: m.unit.clone(),
-                colors: series.iter().map(|s| s.3).collect(),
-                series: series.into_iter().map(|(b, s, e, _)| (b, s, e)).collect(),
-                width: options.sample_chart_width,
-                seed: format::stable_hash(&m.key.to_string()),
-            };
-            jobs.push(ChartJob::Samples(m.anchor(), chart));
-        }
+        jobs.extend(sample_chart_jobs(model, options));
     }
-    for ((workload, name), set) in curves {
-        let mut title = format!("{workload}: {name} over time");
-        if set.lines.len() > MAX_CURVE_LINES {
-            title.push_str(&format!(
-                " (first {MAX_CURVE_LINES} of {} runs)",
-                set.lines.len()
-            ));
-        }
-        jobs.push(ChartJob::Curve(
-            (workload.clone(), name.clone()),
-            CurveChart {
-                title,
-                x_unit: set.x_unit.clone(),
-                y_unit: set.y_unit.clone(),
-                series: set.lines.iter().take(MAX_CURVE_LINES).cloned().collect(),
-                width: options.sample_chart_width,
-            },
-        ));
-    }
+    jobs.extend(curve_chart_jobs(curves, options));
     if options.formats.is_empty() {
         jobs.clear();
     }
@@ -1021,6 +945,106 @@ fn draw_charts(
     }
     remove_stale_charts(dir, &charts);
     Ok(charts)
+}
+
+/// One bar chart per group and unit (split in parts of `ROWS_PER_GROUP_CHART` rows).
+fn group_chart_jobs(model: &Model, options: &ReportOptions) -> Vec<ChartJob> {
+    let backends = model.backend_names();
+    let level = level_text(options.bootstrap.level);
+    let mut jobs = Vec::new();
+    for (group, measurements) in model.groups() {
+        let mut units: Vec<&str> = measurements.iter().map(|m| m.unit.as_str()).collect();
+        units.sort();
+        units.dedup();
+        for unit in units {
+            let rows: Vec<BarRow> = measurements
+                .iter()
+                .filter(|m| m.unit == unit && m.cells.iter().any(|c| c.median.is_some()))
+                .map(|m| BarRow {
+                    label: short_label(&m.key),
+                    medians: m.cells.iter().map(|c| c.median).collect(),
+                })
+                .collect();
+            let parts = rows.len().div_ceil(ROWS_PER_GROUP_CHART);
+            for (part, chunk) in rows.chunks(ROWS_PER_GROUP_CHART).enumerate() {
+                let mut title = format!("{group}: median {unit} per measurement, {level} CI");
+                if parts > 1 {
+                    title.push_str(&format!(" ({} of {parts})", part + 1));
+                }
+                jobs.push(ChartJob::Group {
+                    group: group.clone(),
+                    unit: unit.to_string(),
+                    part,
+                    chart: GroupChart {
+                        title,
+                        unit: unit.to_string(),
+                        backends: backends.clone(),
+                        rows: chunk.to_vec(),
+                        width: options.group_chart_width,
+                    },
+                });
+            }
+        }
+    }
+    jobs
+}
+
+/// One chart of every sample per measured measurement, a series per backend.
+fn sample_chart_jobs(model: &Model, options: &ReportOptions) -> Vec<ChartJob> {
+    let backends = model.backend_names();
+    let mut jobs = Vec::new();
+    for m in &model.measurements {
+        let series: Vec<(String, Vec<f64>, Option<Estimate>, usize)> = m
+            .cells
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let pool = c.pool.as_ref().filter(|p| p.is_measured())?;
+                Some((backends[i].clone(), pool.samples.clone(), c.median, i))
+            })
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let chart = SamplesChart {
+            title: format!("{}: every sample", m.key),
+            unit: m.unit.clone(),
+            colors: series.iter().map(|s| s.3).collect(),
+            series: series.into_iter().map(|(b, s, e, _)| (b, s, e)).collect(),
+            width: options.sample_chart_width,
+            seed: format::stable_hash(&m.key.to_string()),
+        };
+        jobs.push(ChartJob::Samples(m.anchor(), chart));
+    }
+    jobs
+}
+
+/// One line chart per host-observed curve, at most `MAX_CURVE_LINES` runs on it.
+fn curve_chart_jobs(
+    curves: &BTreeMap<(String, String), CurveSet>,
+    options: &ReportOptions,
+) -> Vec<ChartJob> {
+    let mut jobs = Vec::new();
+    for ((workload, name), set) in curves {
+        let mut title = format!("{workload}: {name} over time");
+        if set.lines.len() > MAX_CURVE_LINES {
+            title.push_str(&format!(
+                " (first {MAX_CURVE_LINES} of {} runs)",
+                set.lines.len()
+            ));
+        }
+        jobs.push(ChartJob::Curve(
+            (workload.clone(), name.clone()),
+            CurveChart {
+                title,
+                x_unit: set.x_unit.clone(),
+                y_unit: set.y_unit.clone(),
+                series: set.lines.iter().take(MAX_CURVE_LINES).cloned().collect(),
+                width: options.sample_chart_width,
+            },
+        ));
+    }
+    jobs
 }
 
 /// Removes charts an earlier report left in `dir` that this one did not draw, so the
