@@ -4,8 +4,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hvbench::backend::kvm::devices::Devices;
 use hvbench::console::LineAssembler;
+use vmm::Devices;
 use workloads::abi::{PIO_TEST_PORT, UART_PORT};
 use workloads::protocol::{decode_event, LineBuilder, LineKind};
 

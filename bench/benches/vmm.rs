@@ -14,16 +14,14 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use hvbench::backend::kvm::boot;
-use hvbench::backend::kvm::vstate::vcpu::Vcpu;
-use hvbench::backend::kvm::vstate::vm::Vm;
 use hvbench::backend::kvm::KvmBackend;
 use hvbench::backend::qemu::{QemuBackend, QemuOptions};
 use hvbench::backend::Hypervisor;
 use hvbench::guest_image::GuestImage;
 use hvbench::run::{self, RunOptions};
-use kvm_ioctls::{Kvm, VcpuExit};
+use kvm_ioctls::VcpuExit;
 use reports::stats::{median, summarize};
+use vmm::{BareVm, Vmm};
 use workloads::abi::{EXIT_PORT, PIO_TEST_VALUE, UART_PORT};
 use workloads::cmdline::{self, GuestConfig};
 use workloads::protocol::{decode_event, Event};
@@ -57,10 +55,9 @@ fn samples_from_console(text: &[u8]) -> Vec<f64> {
 /// The same image under a loop that does the least a VMM can: no device model, no
 /// counters, no channel; bytes for the UART are appended to a buffer.
 fn bare_loop(image: &GuestImage, cmdline: &str) -> Vec<f64> {
-    let kvm = Kvm::new().expect("/dev/kvm");
-    let vm = Vm::new(&kvm, 64).expect("vm");
-    let entry = boot::load(&vm.memory, image, cmdline).expect("load");
-    let mut fd = Vcpu::new(&kvm, &vm, entry).expect("vcpu").into_fd();
+    let vmm = Vmm::new().expect("/dev/kvm");
+    let mut vm = BareVm::new(&vmm, 64, image.bytes(), cmdline).expect("vm");
+    let fd = vm.vcpu();
     let mut console = Vec::new();
     loop {
         match fd.run() {

@@ -323,8 +323,7 @@ fn parse_param(text: &str) -> Result<WorkloadParam, String> {
 /// Guest memory `--memory-mib` accepts, checked before anything is created: what the
 /// image and its boot data need, up to the MMIO hole below 4 GiB (the guest maps 0..4 GiB).
 const GUEST_MEMORY_MIB: std::ops::RangeInclusive<i64> =
-    crate::backend::kvm::vstate::memory::MIN_MEMORY_MIB as i64
-        ..=(workloads::abi::MAX_LOW_RAM >> 20).cast_signed();
+    vmm::MIN_MEMORY_MIB as i64..=(workloads::abi::MAX_LOW_RAM >> 20).cast_signed();
 
 /// Exit status of `hvbench run` when some workloads did not succeed (records written).
 pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;

@@ -2,14 +2,11 @@
 //! guest is untrusted, and a guest that never prints a newline must not make the host
 //! buffer without limit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
-use std::time::Duration;
-
 use workloads::protocol::{decode_event, Event, Hello, Sample, MAX_LINE};
 
-use crate::backend::GuestMessage;
+// The bounded channel every backend sends its guest's messages on (the VMM's own, which
+// QEMU's and Xen's readers share), where the session reads them.
+pub use vmm::{guest_channel, GuestSender, CHANNEL_CAPACITY};
 
 /// Longest line kept. Protocol lines are at most `MAX_LINE`; noise lines get the same room.
 pub const LINE_LIMIT: usize = MAX_LINE;
@@ -148,53 +145,6 @@ pub fn decode(line: &[u8]) -> Result<Option<Event>, String> {
         .map_err(|e| escape_text(&e.to_string()))
 }
 
-/// Messages a backend may have in flight to its session. A console message is at most a
-/// read or an exit's worth of bytes (a page or so), so a guest that floods the console
-/// holds at most a few MiB of the host's memory; past that its VMM or reader waits.
-pub const CHANNEL_CAPACITY: usize = 256;
-/// How long a backend waits before it looks again at a full channel.
-const FULL_WAIT: Duration = Duration::from_millis(1);
-
-/// A backend's end of the bounded console channel to its session.
-#[derive(Clone, Debug)]
-pub struct GuestSender {
-    tx: SyncSender<GuestMessage>,
-    /// Set when the host stops the session: it then reads no more than what is queued.
-    stop: Arc<AtomicBool>,
-}
-
-/// The bounded channel from a backend to its session; `stop` is the flag the session's
-/// `stop` sets before it waits for the backend's threads.
-pub fn guest_channel(stop: Arc<AtomicBool>) -> (GuestSender, Receiver<GuestMessage>) {
-    let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
-    (GuestSender { tx, stop }, rx)
-}
-
-impl GuestSender {
-    /// Sends `message`, waiting while the channel is full: a guest that prints faster than
-    /// the host reads is slowed, never buffered without limit. Once the host has stopped
-    /// the session, a full channel is not waited on (nobody would empty it, and `stop`
-    /// waits for this thread): the message is dropped, and the session, which has stopped
-    /// the guest itself, takes the closed channel as the guest's `Stopped` end. Returns
-    /// whether the message was sent.
-    pub fn send(&self, message: GuestMessage) -> bool {
-        let mut message = message;
-        loop {
-            match self.tx.try_send(message) {
-                Ok(()) => return true,
-                Err(TrySendError::Disconnected(_)) => return false,
-                Err(TrySendError::Full(back)) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        return false;
-                    }
-                    message = back;
-                    std::thread::sleep(FULL_WAIT);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,58 +186,6 @@ mod tests {
             a.push(&[b'y'; 4096]);
         }
         assert!(a.pending.len() <= LINE_LIMIT);
-    }
-
-    #[test]
-    fn a_full_channel_makes_the_backend_wait_until_read_or_stopped() {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = guest_channel(stop.clone());
-        let console = || GuestMessage::Console {
-            bytes: vec![b'\n'; 8],
-            exits: None,
-        };
-        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = sent.clone();
-        let writer = std::thread::spawn(move || {
-            let delivered = (0..CHANNEL_CAPACITY * 4)
-                .filter(|_| tx.send(console()))
-                .inspect(|_| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                })
-                .count();
-            (
-                delivered,
-                tx.send(GuestMessage::Ended(crate::backend::GuestEnd::Stopped)),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        // Bounded: with nobody reading, the writer waits once the channel is full.
-        assert_eq!(sent.load(Ordering::SeqCst), CHANNEL_CAPACITY);
-        assert!(
-            !writer.is_finished(),
-            "the writer waits instead of dropping"
-        );
-        // Read on, everything arrives, the end last.
-        let mut got = 0;
-        while got < CHANNEL_CAPACITY * 4 {
-            if let Ok(GuestMessage::Console { .. }) = rx.recv_timeout(Duration::from_secs(5)) {
-                got += 1;
-            }
-        }
-        assert!(matches!(
-            rx.recv_timeout(Duration::from_secs(5)),
-            Ok(GuestMessage::Ended(_))
-        ));
-        assert_eq!(writer.join().unwrap(), (CHANNEL_CAPACITY * 4, true));
-
-        // Stopped with a full channel: the writer gives up instead of blocking `stop`.
-        let (tx, rx) = guest_channel(stop.clone());
-        let writer =
-            std::thread::spawn(move || (0..CHANNEL_CAPACITY * 2).all(|_| tx.send(console())));
-        std::thread::sleep(Duration::from_millis(100));
-        stop.store(true, Ordering::Release);
-        assert!(!writer.join().unwrap(), "later messages were dropped");
-        assert_eq!(rx.try_iter().count(), CHANNEL_CAPACITY);
     }
 
     #[test]

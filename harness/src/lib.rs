@@ -9,7 +9,6 @@
 #![deny(clippy::print_stderr, clippy::print_stdout)]
 
 pub mod backend;
-pub(crate) mod cast;
 pub mod cli;
 pub mod console;
 pub mod guest_image;

@@ -29,12 +29,8 @@ pub struct HostMemory {
     pub host_free_bytes: Option<u64>,
 }
 
-/// Requests the VMM refused (kept word for word up to a limit, and counted).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Refusals {
-    pub kept: Vec<String>,
-    pub total: u64,
-}
+// Requests a VMM refused, as hvbench's VMM's balloon keeps them.
+pub use vmm::Refusals;
 
 /// The running guest's balloon, as the host drives it.
 pub trait BalloonControl: std::fmt::Debug {

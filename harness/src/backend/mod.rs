@@ -10,7 +10,6 @@ pub mod kvm;
 pub mod qemu;
 pub mod xen;
 
-use std::collections::BTreeMap;
 use std::sync::mpsc::Receiver;
 
 use reports::record::{BackendInfo, HostInfo};
@@ -50,37 +49,8 @@ pub struct BootRequest<'a> {
     pub name: String,
 }
 
-/// VM exits the VMM handled, by reason, at one point in time.
-pub type ExitCounts = BTreeMap<&'static str, u64>;
-
-/// How a guest ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GuestEnd {
-    /// The guest reported a status through the exit port or its shutdown reason.
-    Exited { code: u32 },
-    /// The guest shut the vCPU down without a status: a triple fault, with its registers.
-    TripleFault { detail: String },
-    /// The hypervisor or VMM could not go on (emulation failure, failed entry, VMM died).
-    Failed { detail: String },
-    /// The host stopped it (timeout, Ctrl-C).
-    Stopped,
-}
-
-/// What a running guest sends back, in order.
-#[derive(Clone, Debug)]
-pub enum GuestMessage {
-    /// Console output, with the exit counters as they were when it was written (where the
-    /// backend counts exits), so exits can be charged to the workload that caused them.
-    Console {
-        bytes: Vec<u8>,
-        exits: Option<ExitCounts>,
-    },
-    /// Something the host saw about the stream itself (a console that had to be
-    /// reattached), for the record of whatever was running.
-    Notice(String),
-    /// The last message of every session.
-    Ended(GuestEnd),
-}
+// What every backend's guest sends back, defined where hvbench's own VMM produces it.
+pub use vmm::{ExitCounts, GuestEnd, GuestMessage};
 
 /// Why a backend cannot provide a [`BackendFeature`]: one sentence, which becomes the
 /// reason of the workload's `skip` record.

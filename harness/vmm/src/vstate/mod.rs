@@ -1,5 +1,5 @@
 //! VM, vCPU and memory state of hvbench's VMM, split as Firecracker splits `vstate`.
 
-pub mod memory;
-pub mod vcpu;
-pub mod vm;
+pub(crate) mod memory;
+pub(crate) mod vcpu;
+pub(crate) mod vm;

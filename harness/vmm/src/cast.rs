@@ -1,6 +1,6 @@
 //! Integer conversions that are lossless on the hosts hvbench builds for, named so that the
-//! cast lints stay on everywhere else (as Firecracker's `u64_to_usize`). hvbench drives
-//! x86-64 hypervisors from x86-64 hosts: a build where usize is not 64 bits fails here, at
+//! cast lints stay on everywhere else (as Firecracker's `u64_to_usize`). The VMM runs
+//! x86-64 guests on x86-64 hosts: a build where usize is not 64 bits fails here, at
 //! compile time, instead of truncating addresses somewhere.
 
 const _: () = assert!(
@@ -10,7 +10,7 @@ const _: () = assert!(
 
 /// `v` as a usize: lossless, usize is 64 bits (asserted above).
 #[allow(clippy::cast_possible_truncation)]
-pub const fn u64_to_usize(v: u64) -> usize {
+pub(crate) const fn u64_to_usize(v: u64) -> usize {
     v as usize
 }
 

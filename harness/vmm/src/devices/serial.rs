@@ -6,7 +6,7 @@ use vm_superio::{Serial, Trigger};
 
 /// The guest runs without interrupts, so the UART's interrupt line goes nowhere.
 #[derive(Debug)]
-pub struct NoInterrupt;
+pub(crate) struct NoInterrupt;
 
 impl Trigger for NoInterrupt {
     type E = std::convert::Infallible;
@@ -18,7 +18,7 @@ impl Trigger for NoInterrupt {
 
 /// Bytes the guest transmitted, until the vCPU loop collects them.
 #[derive(Default, Debug)]
-pub struct OutputBuffer(Vec<u8>);
+pub(crate) struct OutputBuffer(Vec<u8>);
 
 /// Most console bytes held between two collections; the vCPU loop collects after every
 /// exit, so only a guest writing megabytes in one string instruction could reach it.
@@ -41,7 +41,7 @@ impl Write for OutputBuffer {
 const FLUSH_AT: usize = 4096;
 
 #[derive(Debug)]
-pub struct ConsoleUart {
+pub(crate) struct ConsoleUart {
     serial: Serial<NoInterrupt, vm_superio::serial::NoEvents, OutputBuffer>,
 }
 
@@ -52,7 +52,7 @@ impl Default for ConsoleUart {
 }
 
 impl ConsoleUart {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         ConsoleUart {
             serial: Serial::new(NoInterrupt, OutputBuffer::default()),
         }
@@ -60,19 +60,19 @@ impl ConsoleUart {
 
     /// A write at `offset` from COM1. A string OUT (`rep outsb`) to the data register
     /// arrives as many bytes at once: each is one transmitted byte.
-    pub fn write(&mut self, offset: u8, data: &[u8]) {
+    pub(crate) fn write(&mut self, offset: u8, data: &[u8]) {
         for &byte in data {
             // Writes to our in-memory buffer cannot fail.
             let _ = self.serial.write(offset, byte);
         }
     }
 
-    pub fn read(&mut self, offset: u8) -> u8 {
+    pub(crate) fn read(&mut self, offset: u8) -> u8 {
         self.serial.read(offset)
     }
 
     /// Pending output, if a line is complete, much is pending, or `force` is set.
-    pub fn take_output(&mut self, force: bool) -> Option<Vec<u8>> {
+    pub(crate) fn take_output(&mut self, force: bool) -> Option<Vec<u8>> {
         let pending = &mut self.serial.writer_mut().0;
         let ready = force || pending.last() == Some(&b'\n') || pending.len() >= FLUSH_AT;
         (ready && !pending.is_empty()).then(|| std::mem::take(pending))

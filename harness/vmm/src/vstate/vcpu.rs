@@ -2,7 +2,6 @@
 //! the devices. The loop runs on its own thread, which owns the whole VM; the host stops
 //! it by setting a flag and interrupting KVM_RUN with a signal.
 
-use crate::console::GuestSender;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
@@ -12,13 +11,14 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;
 
 use super::vm::Vm;
-use crate::backend::kvm::boot;
-use crate::backend::kvm::devices::{Devices, Doorbell, ExitReason, PioAction};
-use crate::backend::kvm::VmmError;
-use crate::backend::{GuestEnd, GuestMessage};
+use crate::boot;
+use crate::channel::{GuestEnd, GuestMessage, GuestSender};
+use crate::devices::balloon::VirtioBalloon;
+use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
+use crate::VmmError;
 
 /// The signal that interrupts KVM_RUN when the host stops a guest.
-pub fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -27,7 +27,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 }
 
 /// Installs the kick handler once per process.
-pub fn install_kick_handler() -> Result<(), VmmError> {
+pub(crate) fn install_kick_handler() -> Result<(), VmmError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
@@ -108,26 +108,20 @@ fn create(kvm: &Kvm, vm: &Vm, id: u64) -> Result<VcpuFd, VmmError> {
 
 /// vCPUs beyond the boot one. The guest is uniprocessor: like a real machine's
 /// application processors before their start-up IPI, they exist but never run.
-pub fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<VcpuFd>, VmmError> {
+pub(crate) fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<VcpuFd>, VmmError> {
     (1..=count as u64).map(|id| create(kvm, vm, id)).collect()
 }
 
 #[derive(Debug)]
-pub struct Vcpu {
+pub(crate) struct Vcpu {
     fd: VcpuFd,
     devices: Devices,
-    /// TSC rate KVM gives this vCPU (the host's, without TSC scaling).
-    pub tsc_khz: u32,
 }
 
 impl Vcpu {
     /// Creates vCPU 0 in the PVH entry state at `entry`.
-    pub fn new(kvm: &Kvm, vm: &Vm, entry: u64) -> Result<Self, VmmError> {
+    pub(crate) fn new(kvm: &Kvm, vm: &Vm, entry: u64) -> Result<Self, VmmError> {
         let fd = create(kvm, vm, 0)?;
-        let tsc_khz = fd.get_tsc_khz().map_err(|source| VmmError::Kvm {
-            what: "KVM_GET_TSC_KHZ",
-            source,
-        })?;
         let sregs = fd.get_sregs().map_err(|source| VmmError::Kvm {
             what: "KVM_GET_SREGS",
             source,
@@ -145,25 +139,21 @@ impl Vcpu {
         Ok(Vcpu {
             fd,
             devices: Devices::new(),
-            tsc_khz,
         })
     }
 
     /// Answers the doorbell port with `doorbell`, which the host rings.
-    pub fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+    pub(crate) fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
         self.devices.attach_doorbell(doorbell);
     }
 
     /// Adds the virtio-balloon to this vCPU's devices (`mem.balloon`).
-    pub fn attach_balloon(
-        &mut self,
-        balloon: crate::backend::kvm::devices::balloon::VirtioBalloon,
-    ) {
+    pub(crate) fn attach_balloon(&mut self, balloon: VirtioBalloon) {
         self.devices.attach_balloon(balloon);
     }
 
     /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.
-    pub fn into_fd(self) -> VcpuFd {
+    pub(crate) fn into_fd(self) -> VcpuFd {
         self.fd
     }
 
@@ -188,7 +178,7 @@ impl Vcpu {
 
     /// Runs until the guest ends or `stop` is set; the last message is always `Ended`.
     /// Takes the VM so that it lives exactly as long as its vCPU runs.
-    pub fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender) {
+    pub(crate) fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender) {
         let end = self.run_loop(&stop, &tx);
         self.flush_console(&tx, true);
         let _ = tx.send(GuestMessage::Ended(end));

@@ -34,20 +34,26 @@ use workloads::virtio::{
     VENDOR_ID, VERSION,
 };
 
-use crate::backend::balloon::Refusals;
-use crate::backend::kvm::vstate::memory::GuestMemory;
 use crate::cast::u64_to_usize;
+use crate::vstate::memory::GuestMemory;
 
 /// Most PFNs one request may carry (16 KiB of PFN array): bounds the work and the memory one
 /// notification can make the VMM spend. Linux sends 256.
-pub const MAX_PFNS_PER_REQUEST: usize = 4096;
+pub(crate) const MAX_PFNS_PER_REQUEST: usize = 4096;
 /// Refusals kept word for word; later ones are only counted.
 const MAX_ERRORS_KEPT: usize = 16;
 const PAGE_SIZE: u64 = 1 << BALLOON_PFN_SHIFT;
 
+/// Requests the VMM refused (kept word for word up to a limit, and counted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    pub kept: Vec<String>,
+    pub total: u64,
+}
+
 /// Why the device refused a request or a notification.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     #[error("the guest notified queue {queue}, which does not exist")]
     NoSuchQueue { queue: u32 },
     #[error(
@@ -193,7 +199,7 @@ fn page_size() -> usize {
 
 /// The device, owned by the vCPU thread.
 #[derive(Debug)]
-pub struct VirtioBalloon {
+pub(crate) struct VirtioBalloon {
     memory: GuestMemory,
     shared: Arc<Shared>,
     status: u32,
@@ -207,7 +213,7 @@ pub struct VirtioBalloon {
 
 impl VirtioBalloon {
     /// A device over `memory`, and the host's handle on it.
-    pub fn new(memory: GuestMemory) -> Result<(Self, BalloonHandle), virtio_queue::Error> {
+    pub(crate) fn new(memory: GuestMemory) -> Result<(Self, BalloonHandle), virtio_queue::Error> {
         let shared = Arc::new(Shared::default());
         let handle = BalloonHandle {
             shared: shared.clone(),
@@ -253,7 +259,7 @@ impl VirtioBalloon {
     }
 
     /// A read of `data.len()` bytes at `offset` into the device's page.
-    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+    pub(crate) fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
             let config = self.config_bytes();
             for (i, b) in data.iter_mut().enumerate() {
@@ -296,7 +302,7 @@ impl VirtioBalloon {
     }
 
     /// A write of `data` at `offset` into the device's page.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
+    pub(crate) fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= REG_CONFIG {
             // Only `actual` is the driver's to write, as one 32-bit word.
             if offset == REG_CONFIG + CONFIG_ACTUAL && data.len() == 4 {
@@ -568,7 +574,7 @@ mod tests {
     //! and buffers written into guest memory by hand (not with the crate the device uses).
 
     use super::*;
-    use crate::backend::kvm::vstate::memory;
+    use crate::vstate::memory;
     use workloads::virtio::{
         DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
     };

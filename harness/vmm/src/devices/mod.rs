@@ -4,8 +4,8 @@
 //! untrusted: every access is bounds-checked, and an access nothing claims is counted and
 //! answered with all-ones, as on a real bus.
 
-pub mod balloon;
-pub mod serial;
+pub(crate) mod balloon;
+pub(crate) mod serial;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use self::serial::ConsoleUart;
 
 /// Exit reasons the VMM counts, in the order they appear in records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
+pub(crate) enum ExitReason {
     PioSerial,
     PioExitPort,
     PioTest,
@@ -39,7 +39,7 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 11] = [
+    pub(crate) const ALL: [ExitReason; 11] = [
         ExitReason::PioSerial,
         ExitReason::PioExitPort,
         ExitReason::PioTest,
@@ -53,7 +53,7 @@ impl ExitReason {
         ExitReason::Interrupted,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ExitReason::PioSerial => "pio_serial",
             ExitReason::PioExitPort => "pio_exit_port",
@@ -72,18 +72,18 @@ impl ExitReason {
 
 /// Exit counters, owned by the vCPU thread.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ExitCounters([u64; ExitReason::ALL.len()]);
+pub(crate) struct ExitCounters([u64; ExitReason::ALL.len()]);
 
 impl ExitCounters {
-    pub fn count(&mut self, reason: ExitReason) {
+    pub(crate) fn count(&mut self, reason: ExitReason) {
         self.0[reason as usize] += 1;
     }
 
-    pub fn get(&self, reason: ExitReason) -> u64 {
+    pub(crate) fn get(&self, reason: ExitReason) -> u64 {
         self.0[reason as usize]
     }
 
-    pub fn snapshot(&self) -> crate::backend::ExitCounts {
+    pub(crate) fn snapshot(&self) -> crate::ExitCounts {
         ExitReason::ALL
             .iter()
             .map(|r| (r.name(), self.get(*r)))
@@ -140,7 +140,7 @@ impl Doorbell {
 pub struct Devices {
     uart: ConsoleUart,
     doorbell: Arc<Doorbell>,
-    pub counters: ExitCounters,
+    pub(crate) counters: ExitCounters,
     /// Present only in VMs booted for `mem.balloon`; elsewhere its page is unclaimed.
     balloon: Option<VirtioBalloon>,
 }
@@ -162,12 +162,12 @@ impl Devices {
     }
 
     /// Answers the doorbell port with `doorbell` (by default, one nobody rings).
-    pub fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+    pub(crate) fn attach_doorbell(&mut self, doorbell: Arc<Doorbell>) {
         self.doorbell = doorbell;
     }
 
     /// Puts the virtio-balloon at `VIRTIO_BALLOON_BASE`.
-    pub fn attach_balloon(&mut self, balloon: VirtioBalloon) {
+    pub(crate) fn attach_balloon(&mut self, balloon: VirtioBalloon) {
         self.balloon = Some(balloon);
     }
 

@@ -5,7 +5,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use workloads::abi::PIO_KERNEL_PORT;
 
 use super::memory::{self, GuestMemory};
-use crate::backend::kvm::VmmError;
+use crate::VmmError;
 
 /// Where KVM may put the TSS it needs for real mode on Intel (unused by our guest, but
 /// KVM requires the address to be set before the first KVM_RUN on VMX).
@@ -34,18 +34,18 @@ fn disable_hypercall_patching(fd: &VmFd) -> Result<(), VmmError> {
 }
 
 #[derive(Debug)]
-pub struct Vm {
-    pub fd: VmFd,
-    pub memory: GuestMemory,
+pub(crate) struct Vm {
+    pub(crate) fd: VmFd,
+    pub(crate) memory: GuestMemory,
     /// Signalled by KVM, in the kernel, on every write to `PIO_KERNEL_PORT`. Never read:
     /// its counter saturates long after any run ends.
     _kernel_port_event: EventFd,
     /// vCPUs 1.. (created, never run).
-    pub secondary_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    pub(crate) secondary_vcpus: Vec<kvm_ioctls::VcpuFd>,
 }
 
 impl Vm {
-    pub fn new(kvm: &Kvm, memory_mib: u32) -> Result<Self, VmmError> {
+    pub(crate) fn new(kvm: &Kvm, memory_mib: u32) -> Result<Self, VmmError> {
         let fd = kvm.create_vm().map_err(|source| VmmError::Kvm {
             what: "KVM_CREATE_VM",
             source,

@@ -12,24 +12,24 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::vstate::memory::GuestMemory;
-use super::VmmError;
-use crate::guest_image::GuestImage;
+use crate::vstate::memory::GuestMemory;
+use crate::VmmError;
 
 /// Where the boot data goes: below the image at 1 MiB, in the layout Firecracker uses.
-pub const START_INFO_ADDR: u64 = 0x6000;
-pub const MEMMAP_ADDR: u64 = 0x7000;
-pub const CMDLINE_ADDR: u64 = 0x2_0000;
-pub const CMDLINE_MAX: usize = 4096;
+pub(crate) const START_INFO_ADDR: u64 = 0x6000;
+pub(crate) const MEMMAP_ADDR: u64 = 0x7000;
+pub(crate) const CMDLINE_ADDR: u64 = 0x2_0000;
+pub(crate) const CMDLINE_MAX: usize = 4096;
 /// End of conventional memory below the legacy hole.
 const LOW_RAM_END: u64 = 0x9_fc00;
 const HIGH_RAM_START: u64 = 0x10_0000;
 const E820_RAM: u32 = 1;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
-/// Loads the image and its boot data; returns the PVH entry point.
-pub fn load(memory: &GuestMemory, image: &GuestImage, cmdline: &str) -> Result<u64, VmmError> {
-    let mut reader = Cursor::new(image.bytes());
+/// Loads the image (an ELF with a PVH entry note) and its boot data; returns the PVH
+/// entry point.
+pub(crate) fn load(memory: &GuestMemory, image: &[u8], cmdline: &str) -> Result<u64, VmmError> {
+    let mut reader = Cursor::new(image);
     let loaded =
         Elf::load(memory, None, &mut reader, None).map_err(|e| VmmError::Load(e.to_string()))?;
     let entry = match loaded.pvh_boot_cap {
@@ -99,7 +99,7 @@ fn flat_segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
 }
 
 /// The PVH entry state: flat 32-bit segments, protected mode, paging off.
-pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+pub(crate) fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.cs = flat_segment(0x08, 0xb, 1);
     let data = flat_segment(0x10, 0x3, 1);
     sregs.ds = data;
@@ -122,7 +122,7 @@ pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
-pub fn entry_regs(entry: u64) -> kvm_regs {
+pub(crate) fn entry_regs(entry: u64) -> kvm_regs {
     kvm_regs {
         rip: entry,
         rbx: START_INFO_ADDR,
@@ -133,17 +133,71 @@ pub fn entry_regs(entry: u64) -> kvm_regs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::backend::kvm::vstate::memory;
+    use crate::vstate::memory;
     use vm_memory::Bytes;
+
+    /// Where the test image loads, and its PVH entry.
+    const LOAD_ADDR: u64 = 0x10_0000;
+    const ENTRY: u64 = LOAD_ADDR + 0x100;
+
+    /// The smallest image a PVH loader takes: a 64-bit ELF with one PT_LOAD (the whole
+    /// file at 1 MiB) and a PT_NOTE holding `XEN_ELFNOTE_PHYS32_ENTRY` (18), then `code`
+    /// (32-bit, protected mode, paging off) at the entry.
+    pub(crate) fn pvh_image(code: &[u8]) -> Vec<u8> {
+        const EHDR: u16 = 64;
+        const PHDR: u16 = 56;
+        let note_offset = u64::from(EHDR + 2 * PHDR);
+        let mut note = Vec::new();
+        note.extend(4u32.to_le_bytes()); // namesz
+        note.extend(4u32.to_le_bytes()); // descsz
+        note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        note.extend(b"Xen\0");
+        note.extend(u32::try_from(ENTRY).unwrap().to_le_bytes());
+        let file_len = ENTRY - LOAD_ADDR + code.len() as u64;
+
+        let mut f = Vec::new();
+        // ELFCLASS64, little-endian, version 1, ET_EXEC, EM_X86_64.
+        f.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        f.extend(2u16.to_le_bytes());
+        f.extend(62u16.to_le_bytes());
+        f.extend(1u32.to_le_bytes());
+        f.extend(ENTRY.to_le_bytes()); // e_entry
+        f.extend(u64::from(EHDR).to_le_bytes()); // e_phoff
+        f.extend(0u64.to_le_bytes()); // e_shoff
+        f.extend(0u32.to_le_bytes()); // e_flags
+        f.extend(EHDR.to_le_bytes());
+        f.extend(PHDR.to_le_bytes());
+        f.extend(2u16.to_le_bytes()); // e_phnum
+        f.extend([0u8; 6]); // e_shentsize, e_shnum, e_shstrndx
+        let phdr = |f: &mut Vec<u8>, kind: u32, offset: u64, size: u64| {
+            f.extend(kind.to_le_bytes());
+            f.extend(7u32.to_le_bytes()); // p_flags
+            f.extend(offset.to_le_bytes());
+            f.extend((LOAD_ADDR + offset).to_le_bytes()); // p_vaddr
+            f.extend((LOAD_ADDR + offset).to_le_bytes()); // p_paddr
+            f.extend(size.to_le_bytes()); // p_filesz
+            f.extend(size.to_le_bytes()); // p_memsz
+            f.extend(4u64.to_le_bytes()); // p_align
+        };
+        phdr(&mut f, 1, 0, file_len); // PT_LOAD
+        phdr(&mut f, 4, note_offset, note.len() as u64); // PT_NOTE
+        f.extend(&note);
+        f.resize(usize::try_from(ENTRY - LOAD_ADDR).unwrap(), 0);
+        f.extend(code);
+        f
+    }
 
     #[test]
     fn loads_image_cmdline_and_start_info() {
         let mem = memory::allocate(32).unwrap();
-        let image = GuestImage::embedded().unwrap();
+        let image = pvh_image(&[0xf4]); // hlt
         let entry = load(&mem, &image, "hvbench run=cpu.idle").unwrap();
-        assert_eq!(entry, image.pvh_entry() as u64);
+        assert_eq!(entry, ENTRY);
+        let mut first = [0u8; 4];
+        mem.read_slice(&mut first, GuestAddress(LOAD_ADDR)).unwrap();
+        assert_eq!(&first, b"\x7fELF", "the PT_LOAD segment is in guest RAM");
         let info: hvm_start_info = mem.read_obj(GuestAddress(START_INFO_ADDR)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.cmdline_paddr, CMDLINE_ADDR);
@@ -163,7 +217,7 @@ mod tests {
     #[test]
     fn refuses_bad_command_lines() {
         let mem = memory::allocate(32).unwrap();
-        let image = GuestImage::embedded().unwrap();
+        let image = pvh_image(&[0xf4]); // hlt
         load(&mem, &image, &"x".repeat(CMDLINE_MAX)).unwrap_err();
         load(&mem, &image, "a\0b").unwrap_err();
     }

@@ -2,15 +2,16 @@
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::backend::kvm::VmmError;
+use crate::cast::u64_to_usize;
+use crate::VmmError;
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub(crate) type GuestMemory = GuestMemoryMmap<()>;
 
 /// Smallest guest the image and its boot data fit in.
 pub const MIN_MEMORY_MIB: u32 = 16;
 
 /// Allocates `mib` MiB of guest RAM at guest-physical 0 (below the 32-bit MMIO hole).
-pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
+pub(crate) fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
     let max_mib = u32::try_from(workloads::abi::MAX_LOW_RAM >> 20).unwrap_or(u32::MAX);
     if !(MIN_MEMORY_MIB..=max_mib).contains(&mib) {
         return Err(VmmError::MemorySize {
@@ -19,14 +20,14 @@ pub fn allocate(mib: u32) -> Result<GuestMemory, VmmError> {
             max: max_mib,
         });
     }
-    let size = crate::cast::u64_to_usize(u64::from(mib) << 20);
+    let size = u64_to_usize(u64::from(mib) << 20);
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
         .map_err(|source| VmmError::Allocate { mib, source })
 }
 
 /// How the host may back guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Advice {
+pub(crate) enum Advice {
     /// KSM may merge identical pages (`mem.ksm`'s guests).
     Mergeable,
     /// Transparent huge pages: a guest's 2 MiB mappings then meet 2 MiB host pages.
@@ -42,25 +43,14 @@ impl Advice {
     }
 }
 
-/// The huge-page advice guest RAM gets: MADV_HUGEPAGE with `--host-hugepages`, none
-/// otherwise (so transparent huge pages only where the host's THP mode is `always`; QEMU,
-/// by contrast, always advises MADV_HUGEPAGE).
-pub fn huge_page_advice(huge_pages: bool) -> crate::native::HugePageAdvice {
-    if huge_pages {
-        crate::native::HugePageAdvice::HugePages
-    } else {
-        crate::native::HugePageAdvice::NoAdvice
-    }
-}
-
 /// Gives the kernel `advice` on every region of guest RAM.
-pub fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
+pub(crate) fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
     let (flag, name) = advice.flag();
     for region in memory.iter() {
         let host = memory
             .get_host_address(region.start_addr())
             .map_err(VmmError::HostAddress)?;
-        let len = crate::cast::u64_to_usize(region.len());
+        let len = u64_to_usize(region.len());
         // SAFETY: [host, host + len) is one live anonymous mapping owned by `memory`;
         // the advice changes how the kernel may back it, never its contents.
         let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), len, flag) };
@@ -76,7 +66,7 @@ pub fn advise(memory: &GuestMemory, advice: Advice) -> Result<(), VmmError> {
 }
 
 /// Registers every region of `memory` with the VM, one memory slot each.
-pub fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<(), VmmError> {
+pub(crate) fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<(), VmmError> {
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())

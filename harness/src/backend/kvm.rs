@@ -1,79 +1,27 @@
-//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest (further vCPUs are created
-//! and stay parked: the guest is uniprocessor), no interrupt controller (the guest polls
-//! and never enables interrupts), a UART, an exit port and the test devices.
-
-pub mod boot;
-pub mod devices;
-pub mod vstate;
+//! The `kvm` backend: hvbench's own VMM (the `vmm` crate) behind the [`Hypervisor`]
+//! trait. The VMM boots and runs the guest; this adapter adds what a run needs around it:
+//! the records' backend section, which features the VMM provides, KSM's and the balloon's
+//! host side, and the reproduce command's options.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvm_ioctls::Kvm;
 use reports::record::{BackendInfo, HostInfo};
-use thiserror::Error;
-use vmm_sys_util::signal::Killable;
+use vmm::{BalloonHandle, Doorbell, RunningVm, VmConfig, Vmm};
 use workloads::BackendFeature;
 
-use self::devices::balloon::{BalloonHandle, VirtioBalloon};
-use self::devices::Doorbell;
-use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
-use self::vstate::vm::Vm;
 use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
 use crate::host_paging::PagingMode;
+use crate::native::HugePageAdvice;
 
-#[derive(Debug, Error)]
-pub enum VmmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
-    Open(kvm_ioctls::Error),
-    #[error("{what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error("guest memory of {mib} MiB is outside {min}..={max} MiB")]
-    MemorySize { mib: u32, min: u32, max: u32 },
-    #[error("mapping {mib} MiB of guest memory: {source}")]
-    Allocate {
-        mib: u32,
-        source: vm_memory::mmap::FromRangesError,
-    },
-    #[error("finding guest memory in the VMM: {0}")]
-    HostAddress(vm_memory::GuestMemoryError),
-    #[error("madvise({advice}) on {len} bytes of guest RAM: {source}")]
-    Madvise {
-        advice: &'static str,
-        len: usize,
-        source: std::io::Error,
-    },
-    #[error("creating an eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("installing the vCPU kick signal handler: {0}")]
-    KickSignal(vmm_sys_util::errno::Error),
-    #[error("building the guest's CPUID: {0:?}")]
-    Cpuid(vmm_sys_util::fam::Error),
-    #[error("guest memory has more regions than KVM has memory slots")]
-    TooManyRegions,
-    #[error("loading the guest image: {0}")]
-    Load(String),
-    #[error("{asked} vCPUs asked for; this KVM allows 1..={max}")]
-    Vcpus { asked: u32, max: u32 },
-    #[error("the vCPU thread could not be started: {0}")]
-    Thread(std::io::Error),
-    #[error("the vCPU thread did not stop within {0:?}")]
-    StopTimeout(Duration),
-    #[error("virtio-balloon: {0}")]
-    Balloon(String),
-}
+pub use vmm::VmmError;
 
 #[derive(Debug)]
 pub struct KvmBackend {
-    kvm: Kvm,
+    vmm: Vmm,
     host: HostInfo,
     /// Guest RAM is marked MADV_MERGEABLE (`mem.ksm`'s guests).
     mergeable: bool,
@@ -87,10 +35,8 @@ pub struct KvmBackend {
 
 impl KvmBackend {
     pub fn new(host: HostInfo) -> Result<Self, VmmError> {
-        let kvm = Kvm::new().map_err(VmmError::Open)?;
-        install_kick_handler()?;
         Ok(KvmBackend {
-            kvm,
+            vmm: Vmm::new()?,
             host,
             mergeable: false,
             huge_pages: false,
@@ -123,53 +69,19 @@ impl KvmBackend {
         self.doorbell.clone()
     }
 
-    /// Boots the guest, with the virtio-balloon if asked; the balloon's handle comes back
-    /// beside the session.
-    pub fn start(
-        &self,
-        request: &BootRequest,
-        with_balloon: bool,
-    ) -> Result<(KvmSession, Option<BalloonHandle>), VmmError> {
-        let max = u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX);
-        if request.vcpus == 0 || request.vcpus > max {
-            return Err(VmmError::Vcpus {
-                asked: request.vcpus,
-                max,
-            });
-        }
-        let mut vm = Vm::new(&self.kvm, request.memory_mib)?;
-        if self.mergeable {
-            vstate::memory::advise(&vm.memory, vstate::memory::Advice::Mergeable)?;
-        }
-        if self.huge_pages {
-            vstate::memory::advise(&vm.memory, vstate::memory::Advice::HugePages)?;
-        }
-        let entry = boot::load(&vm.memory, request.image, request.cmdline)?;
-        let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
-        vcpu.attach_doorbell(self.doorbell.clone());
-        vm.secondary_vcpus = create_secondary(&self.kvm, &vm, request.vcpus - 1)?;
-        let handle = if with_balloon {
-            let (device, handle) = VirtioBalloon::new(vm.memory.clone())
-                .map_err(|e| VmmError::Balloon(e.to_string()))?;
-            vcpu.attach_balloon(device);
-            Some(handle)
-        } else {
-            None
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        // Bounded: a guest that floods the console makes its vCPU wait for the host.
-        let (tx, rx) = crate::console::guest_channel(stop.clone());
-        let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu0-{}", request.name))
-            .spawn(move || vcpu.run(vm, thread_stop, tx))
-            .map_err(VmmError::Thread)?;
-        let session = KvmSession {
-            messages: rx,
-            stop,
-            thread: Some(thread),
-        };
-        Ok((session, handle))
+    /// Boots the guest, with the virtio-balloon if asked.
+    fn start(&self, request: &BootRequest, balloon: bool) -> Result<RunningVm, VmmError> {
+        self.vmm.boot(&VmConfig {
+            image: request.image.bytes(),
+            cmdline: request.cmdline,
+            memory_mib: request.memory_mib,
+            vcpus: request.vcpus,
+            name: &request.name,
+            mergeable: self.mergeable,
+            huge_pages: self.huge_pages,
+            balloon,
+            doorbell: self.doorbell.clone(),
+        })
     }
 }
 
@@ -239,10 +151,12 @@ impl BalloonControl for KvmBalloon {
 
 impl BalloonBackend for KvmBackend {
     fn boot_with_balloon(&self, request: &BootRequest) -> Result<BalloonBoot, BackendError> {
-        let (session, handle) = self.start(request, true)?;
-        let handle = handle.ok_or_else(|| VmmError::Balloon("no balloon was attached".into()))?;
+        let mut vm = self.start(request, true)?;
+        let handle = vm
+            .take_balloon()
+            .ok_or_else(|| VmmError::Balloon("no balloon was attached".into()))?;
         Ok(BalloonBoot {
-            session: Box::new(session),
+            session: Box::new(KvmSession(vm)),
             control: Box::new(KvmBalloon { handle }),
         })
     }
@@ -253,17 +167,21 @@ impl Hypervisor for KvmBackend {
         BackendKind::Kvm
     }
 
-    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
-        Some(vstate::memory::huge_page_advice(self.huge_pages))
+    /// MADV_HUGEPAGE with `--host-hugepages`, none otherwise (so transparent huge pages
+    /// only where the host's THP mode is `always`; QEMU, by contrast, always advises
+    /// MADV_HUGEPAGE).
+    fn guest_ram_advice(&self) -> Option<HugePageAdvice> {
+        Some(if self.huge_pages {
+            HugePageAdvice::HugePages
+        } else {
+            HugePageAdvice::NoAdvice
+        })
     }
 
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
         details.insert("vmm".into(), "hvbench (kvm-ioctls)".into());
-        details.insert(
-            "kvm_api_version".into(),
-            self.kvm.get_api_version().to_string(),
-        );
+        details.insert("kvm_api_version".into(), self.vmm.api_version().to_string());
         details.insert("irqchip".into(), "none".into());
         details.insert(
             "guest_ram".into(),
@@ -288,7 +206,7 @@ impl Hypervisor for KvmBackend {
         self.host.clone()
     }
 
-    fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
+    fn supports(&self, feature: BackendFeature) -> Result<(), super::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort
             | BackendFeature::KernelIoeventfdPort
@@ -326,48 +244,20 @@ impl Hypervisor for KvmBackend {
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        let (session, _) = self.start(request, false)?;
-        Ok(Box::new(session))
+        Ok(Box::new(KvmSession(self.start(request, false)?)))
     }
 }
 
+/// A guest on hvbench's VMM, as a session.
 #[derive(Debug)]
-pub struct KvmSession {
-    messages: Receiver<GuestMessage>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// How long a stop may take before it is reported as a failure.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub struct KvmSession(RunningVm);
 
 impl GuestSession for KvmSession {
     fn messages(&self) -> &Receiver<GuestMessage> {
-        &self.messages
+        self.0.messages()
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
-        let Some(thread) = self.thread.take() else {
-            return Ok(());
-        };
-        self.stop.store(true, Ordering::Release);
-        let started = Instant::now();
-        // Kick until the thread notices: a signal that lands between its check of the flag
-        // and KVM_RUN would otherwise be lost.
-        while !thread.is_finished() {
-            if started.elapsed() > STOP_TIMEOUT {
-                return Err(VmmError::StopTimeout(STOP_TIMEOUT).into());
-            }
-            let _ = thread.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let _ = thread.join();
-        Ok(())
-    }
-}
-
-impl Drop for KvmSession {
-    fn drop(&mut self) {
-        let _ = self.stop();
+        Ok(self.0.stop()?)
     }
 }

@@ -1,0 +1,378 @@
+//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest (further vCPUs are created
+//! and stay parked: the guest is uniprocessor), no interrupt controller (the guest polls
+//! and never enables interrupts), a UART, an exit port and the test devices.
+//!
+//! [`Vmm::boot`] loads a PVH image into a fresh VM as a [`VmConfig`] says and runs its
+//! vCPU on a thread of its own; the [`RunningVm`] it returns carries the guest's messages
+//! ([`GuestMessage`]: console bytes with the exit counts, then how the guest ended) on a
+//! bounded channel, and stops the guest when asked or dropped. The guest is untrusted:
+//! every device access is bounds-checked, and what it prints is rate-limited by the
+//! channel, never buffered without limit.
+
+mod boot;
+mod cast;
+mod channel;
+mod devices;
+mod vstate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::signal::Killable;
+
+pub use self::channel::{
+    guest_channel, ExitCounts, GuestEnd, GuestMessage, GuestSender, CHANNEL_CAPACITY,
+};
+pub use self::devices::balloon::{BalloonHandle, Refusals};
+pub use self::devices::{Devices, Doorbell, PioAction};
+pub use self::vstate::memory::MIN_MEMORY_MIB;
+
+use self::devices::balloon::VirtioBalloon;
+use self::vstate::memory::{self as memory, Advice};
+use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
+use self::vstate::vm::Vm;
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
+    Open(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {mib} MiB is outside {min}..={max} MiB")]
+    MemorySize { mib: u32, min: u32, max: u32 },
+    #[error("mapping {mib} MiB of guest memory: {source}")]
+    Allocate {
+        mib: u32,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("finding guest memory in the VMM: {0}")]
+    HostAddress(vm_memory::GuestMemoryError),
+    #[error("madvise({advice}) on {len} bytes of guest RAM: {source}")]
+    Madvise {
+        advice: &'static str,
+        len: usize,
+        source: std::io::Error,
+    },
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("installing the vCPU kick signal handler: {0}")]
+    KickSignal(vmm_sys_util::errno::Error),
+    #[error("building the guest's CPUID: {0:?}")]
+    Cpuid(vmm_sys_util::fam::Error),
+    #[error("guest memory has more regions than KVM has memory slots")]
+    TooManyRegions,
+    #[error("loading the guest image: {0}")]
+    Load(String),
+    #[error("{asked} vCPUs asked for; this KVM allows 1..={max}")]
+    Vcpus { asked: u32, max: u32 },
+    #[error("the vCPU thread could not be started: {0}")]
+    Thread(std::io::Error),
+    #[error("the vCPU thread did not stop within {0:?}")]
+    StopTimeout(Duration),
+    #[error("virtio-balloon: {0}")]
+    Balloon(String),
+}
+
+/// /dev/kvm, opened once, from which VMs are booted.
+#[derive(Debug)]
+pub struct Vmm {
+    kvm: Kvm,
+}
+
+/// What one guest is booted with.
+#[derive(Clone, Debug)]
+pub struct VmConfig<'a> {
+    /// The guest: an ELF image with a PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`).
+    pub image: &'a [u8],
+    /// The guest's command line (under 4 KiB, no NUL).
+    pub cmdline: &'a str,
+    pub memory_mib: u32,
+    /// vCPUs created; the first runs the guest, the rest stay parked.
+    pub vcpus: u32,
+    /// Names the vCPU thread (`vcpu0-<name>`).
+    pub name: &'a str,
+    /// Guest RAM is marked MADV_MERGEABLE (KSM may merge it).
+    pub mergeable: bool,
+    /// Guest RAM is backed by transparent huge pages (MADV_HUGEPAGE).
+    pub huge_pages: bool,
+    /// Attaches the virtio-balloon; [`RunningVm::take_balloon`] then hands its handle out.
+    pub balloon: bool,
+    /// Answers the guest's doorbell port; whoever holds a clone rings it.
+    pub doorbell: Arc<Doorbell>,
+}
+
+impl Vmm {
+    /// Opens /dev/kvm and installs the signal handler that interrupts a running vCPU.
+    pub fn new() -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Open)?;
+        install_kick_handler()?;
+        Ok(Vmm { kvm })
+    }
+
+    /// KVM_GET_API_VERSION.
+    pub fn api_version(&self) -> i32 {
+        self.kvm.get_api_version()
+    }
+
+    /// Builds the VM `config` describes, loads the guest and starts its vCPU thread.
+    pub fn boot(&self, config: &VmConfig) -> Result<RunningVm, VmmError> {
+        let max = u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(VmmError::Vcpus {
+                asked: config.vcpus,
+                max,
+            });
+        }
+        let mut vm = Vm::new(&self.kvm, config.memory_mib)?;
+        if config.mergeable {
+            memory::advise(&vm.memory, Advice::Mergeable)?;
+        }
+        if config.huge_pages {
+            memory::advise(&vm.memory, Advice::HugePages)?;
+        }
+        let entry = boot::load(&vm.memory, config.image, config.cmdline)?;
+        let mut vcpu = Vcpu::new(&self.kvm, &vm, entry)?;
+        vcpu.attach_doorbell(config.doorbell.clone());
+        vm.secondary_vcpus = create_secondary(&self.kvm, &vm, config.vcpus - 1)?;
+        let balloon = if config.balloon {
+            let (device, handle) = VirtioBalloon::new(vm.memory.clone())
+                .map_err(|e| VmmError::Balloon(e.to_string()))?;
+            vcpu.attach_balloon(device);
+            Some(handle)
+        } else {
+            None
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        // Bounded: a guest that floods the console makes its vCPU wait for the host.
+        let (tx, rx) = guest_channel(stop.clone());
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu0-{}", config.name))
+            .spawn(move || vcpu.run(vm, thread_stop, tx))
+            .map_err(VmmError::Thread)?;
+        Ok(RunningVm {
+            messages: rx,
+            stop,
+            thread: Some(thread),
+            balloon,
+        })
+    }
+}
+
+/// A booted guest: its messages, its balloon (where it has one), and the way to stop it.
+#[derive(Debug)]
+pub struct RunningVm {
+    messages: Receiver<GuestMessage>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    balloon: Option<BalloonHandle>,
+}
+
+/// How long a stop may take before it is reported as a failure.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RunningVm {
+    /// The guest's messages, in order; the last is always [`GuestMessage::Ended`].
+    pub fn messages(&self) -> &Receiver<GuestMessage> {
+        &self.messages
+    }
+
+    /// The host's handle on the virtio-balloon, once, where the VM was booted with one.
+    pub fn take_balloon(&mut self) -> Option<BalloonHandle> {
+        self.balloon.take()
+    }
+
+    /// Stops the guest and waits for its vCPU thread, which releases the VM. Idempotent;
+    /// also run on drop.
+    pub fn stop(&mut self) -> Result<(), VmmError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.stop.store(true, Ordering::Release);
+        let started = Instant::now();
+        // Kick until the thread notices: a signal that lands between its check of the flag
+        // and KVM_RUN would otherwise be lost.
+        while !thread.is_finished() {
+            if started.elapsed() > STOP_TIMEOUT {
+                return Err(VmmError::StopTimeout(STOP_TIMEOUT));
+            }
+            let _ = thread.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = thread.join();
+        Ok(())
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// A VM with the guest loaded and vCPU 0 in the PVH entry state, but no devices and no run
+/// loop: for benchmarks that drive KVM_RUN themselves (the least a VMM can do per exit).
+#[derive(Debug)]
+pub struct BareVm {
+    vcpu: VcpuFd,
+    /// Outlives the vCPU's use: the VM and its memory stay until this is dropped.
+    _vm: Vm,
+}
+
+impl BareVm {
+    /// A VM of `memory_mib` MiB with `image` loaded and `cmdline` in place.
+    pub fn new(vmm: &Vmm, memory_mib: u32, image: &[u8], cmdline: &str) -> Result<Self, VmmError> {
+        let vm = Vm::new(&vmm.kvm, memory_mib)?;
+        let entry = boot::load(&vm.memory, image, cmdline)?;
+        let vcpu = Vcpu::new(&vmm.kvm, &vm, entry)?.into_fd();
+        Ok(BareVm { vcpu, _vm: vm })
+    }
+
+    /// vCPU 0, to run.
+    pub fn vcpu(&mut self) -> &mut VcpuFd {
+        &mut self.vcpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::RecvTimeoutError;
+
+    use workloads::abi::{EXIT_PORT, UART_PORT};
+
+    use super::*;
+    use crate::boot::tests::pvh_image;
+
+    /// /dev/kvm, or `None` where it does not open (then the test is skipped, unless the
+    /// run requires KVM, as CI does).
+    fn vmm() -> Option<Vmm> {
+        match Vmm::new() {
+            Ok(vmm) => Some(vmm),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("HVBENCH_REQUIRE_KVM").is_none(),
+                    "HVBENCH_REQUIRE_KVM is set but the VMM cannot start: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    fn config(image: &[u8]) -> VmConfig<'_> {
+        VmConfig {
+            image,
+            cmdline: "hvbench",
+            memory_mib: 32,
+            vcpus: 2,
+            name: "test",
+            mergeable: false,
+            huge_pages: false,
+            balloon: false,
+            doorbell: Doorbell::new(),
+        }
+    }
+
+    /// Every message until the guest's end (at most `wait` between two).
+    fn messages_until_end(vm: &RunningVm, wait: Duration) -> (Vec<u8>, Option<GuestEnd>) {
+        let mut console = Vec::new();
+        loop {
+            match vm.messages().recv_timeout(wait) {
+                Ok(GuestMessage::Console { bytes, exits }) => {
+                    assert!(exits.is_some_and(|e| e["pio_serial"] > 0));
+                    console.extend(bytes);
+                }
+                Ok(GuestMessage::Ended(end)) => return (console, Some(end)),
+                Ok(GuestMessage::Notice(_)) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    return (console, None)
+                }
+            }
+        }
+    }
+
+    /// `mov al, byte; out dx, al` for each byte to COM1, then `mov al, 7; out EXIT_PORT, al`.
+    fn print_then_exit(text: &[u8]) -> Vec<u8> {
+        let mut code = vec![0x66, 0xba];
+        code.extend(UART_PORT.to_le_bytes()); // mov dx, UART_PORT
+        for &b in text {
+            code.extend([0xb0, b, 0xee]); // mov al, b ; out dx, al
+        }
+        code.extend([0xb0, 7, 0xe6, u8::try_from(EXIT_PORT).unwrap()]);
+        code.extend([0xeb, 0xfe]); // jmp $
+        code
+    }
+
+    #[test]
+    fn a_guest_prints_and_exits_with_its_status() {
+        let Some(vmm) = vmm() else { return };
+        let image = pvh_image(&print_then_exit(b"hi\n"));
+        let mut vm = vmm.boot(&config(&image)).unwrap();
+        let (console, end) = messages_until_end(&vm, Duration::from_secs(10));
+        assert_eq!(console, b"hi\n");
+        assert_eq!(end, Some(GuestEnd::Exited { code: 7 }));
+        assert!(vm.take_balloon().is_none(), "booted without a balloon");
+        vm.stop().unwrap();
+        vm.stop().unwrap();
+    }
+
+    #[test]
+    fn a_spinning_guest_is_stopped_and_its_balloon_outlives_it() {
+        let Some(vmm) = vmm() else { return };
+        let image = pvh_image(&[0xeb, 0xfe]); // jmp $
+        let mut vm = vmm
+            .boot(&VmConfig {
+                balloon: true,
+                ..config(&image)
+            })
+            .unwrap();
+        let balloon = vm.take_balloon().unwrap();
+        assert!(vm.take_balloon().is_none(), "handed out once");
+        assert_eq!(
+            messages_until_end(&vm, Duration::from_millis(200)).1,
+            None,
+            "still running"
+        );
+        vm.stop().unwrap();
+        assert_eq!(
+            messages_until_end(&vm, Duration::from_secs(5)).1,
+            Some(GuestEnd::Stopped)
+        );
+        assert_eq!(balloon.ram_bytes(), 32 << 20);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_before_the_guest_runs() {
+        let Some(vmm) = vmm() else { return };
+        let image = pvh_image(&[0xf4]);
+        let refused = |c: VmConfig| vmm.boot(&c).err();
+        assert!(matches!(
+            refused(VmConfig {
+                vcpus: 0,
+                ..config(&image)
+            }),
+            Some(VmmError::Vcpus { asked: 0, .. })
+        ));
+        assert!(matches!(
+            refused(VmConfig {
+                memory_mib: MIN_MEMORY_MIB - 1,
+                ..config(&image)
+            }),
+            Some(VmmError::MemorySize { .. })
+        ));
+        assert!(matches!(
+            refused(VmConfig {
+                image: b"not an ELF",
+                ..config(&image)
+            }),
+            Some(VmmError::Load(_))
+        ));
+    }
+}
