@@ -481,7 +481,7 @@ impl Comparison {
         if self.rows.is_empty() {
             out.push_str("No measurement is in both BASE and NEW.\n");
         } else {
-            out.push_str(&layout(&self.table()));
+            out.push_str(&format::columns(&self.table()));
         }
         out.push_str(&self.render_only_in());
         out.push_str(&self.render_totals());
@@ -634,30 +634,6 @@ fn verdict_text(r: &ComparisonRow) -> String {
             new_runs,
         } => format!("inconclusive: {base_runs} vs {new_runs} runs"),
     }
-}
-
-/// Left-aligned columns two spaces apart, each as wide as its widest cell.
-fn layout(table: &[Vec<String>]) -> String {
-    let columns = table.first().map(Vec::len).unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            table
-                .iter()
-                .map(|row| row[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in table {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell}{}", " ".repeat(width - cell.chars().count())))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Small text helpers shared by the report, the charts and the comparison table.
 
+use std::fmt::Write as _;
+
 /// A number with about four significant digits: 23.46, 1235, 0.01234.
 pub fn number(v: f64) -> String {
     if !v.is_finite() {
@@ -116,6 +118,30 @@ pub fn label(text: &str, max: usize) -> String {
         cut.push('…');
         cut
     }
+}
+
+/// Left-aligned columns two spaces apart, each as wide as its widest cell.
+pub fn columns(table: &[Vec<String>]) -> String {
+    let columns = table.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell}{}", " ".repeat(width - cell.chars().count())))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
 }
 
 #[cfg(test)]
