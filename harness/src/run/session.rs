@@ -319,9 +319,78 @@ struct Driver<'a> {
     last_progress: Option<Instant>,
     /// Lines the host could not use while the current workload ran.
     current_problems: u64,
+    /// The console stream, cut into lines.
+    lines: LineAssembler,
 }
 
 impl Driver<'_> {
+    /// One message of the backend; the guest's end where it says how the guest ended.
+    fn message(&mut self, message: GuestMessage) -> Option<GuestEnd> {
+        match message {
+            GuestMessage::Console { bytes, exits } => {
+                if let Some(exits) = exits {
+                    self.last_exits = exits;
+                }
+                for line in self.lines.push(&bytes) {
+                    self.line(line);
+                }
+                None
+            }
+            GuestMessage::Notice(text) => {
+                self.notice(text);
+                None
+            }
+            GuestMessage::Ended(end) => Some(end),
+        }
+    }
+
+    /// Reads the guest until it ends (`Ok`), or until the host must stop it: `Err` with
+    /// what it was waiting for when a limit ran out, `Err(None)` on an interruption.
+    fn watch(
+        &mut self,
+        session: &dyn GuestSession,
+        interrupted: &AtomicBool,
+    ) -> Result<GuestEnd, Option<Waiting>> {
+        let booted_at = Instant::now();
+        loop {
+            let (waiting, deadline) = self.deadline(booted_at);
+            if interrupted.load(Ordering::Relaxed) {
+                self.report.interrupted = true;
+                return Err(None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Some(waiting));
+            }
+            match session.messages().recv_timeout((deadline - now).min(POLL)) {
+                Ok(message) => {
+                    if let Some(end) = self.message(message) {
+                        return Ok(end);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Ok(GuestEnd::Failed {
+                        detail: "the backend stopped without saying how the guest ended".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Stops the guest; whatever it printed before it was stopped still counts.
+    fn stop_and_drain(&mut self, session: &mut dyn GuestSession) -> GuestEnd {
+        if let Err(e) = session.stop() {
+            self.report.problem(&format!("stopping the guest: {e}"));
+        }
+        while let Ok(message) = session.messages().recv_timeout(Duration::from_millis(500)) {
+            if let Some(end) = self.message(message) {
+                return end;
+            }
+        }
+        GuestEnd::Stopped
+    }
+
     /// A line the host cannot use: the running workload's error (its record keeps the first
     /// reason and counts the rest), else a problem of the boot.
     fn problem(&mut self, text: String) {
@@ -618,69 +687,13 @@ pub fn drive(
         last_exits: ExitCounts::new(),
         last_progress: None,
         current_problems: 0,
+        lines: LineAssembler::new(),
     };
-    let mut lines = LineAssembler::new();
-    let booted_at = Instant::now();
-    let mut timed_out = None;
-    let end = loop {
-        let (waiting, deadline) = d.deadline(booted_at);
-        if interrupted.load(Ordering::Relaxed) {
-            d.report.interrupted = true;
-            break None;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            timed_out = Some(waiting);
-            break None;
-        }
-        match session.messages().recv_timeout((deadline - now).min(POLL)) {
-            Ok(GuestMessage::Console { bytes, exits }) => {
-                if let Some(exits) = exits {
-                    d.last_exits = exits;
-                }
-                for line in lines.push(&bytes) {
-                    d.line(line);
-                }
-            }
-            Ok(GuestMessage::Notice(text)) => d.notice(text),
-            Ok(GuestMessage::Ended(end)) => break Some(end),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                break Some(GuestEnd::Failed {
-                    detail: "the backend stopped without saying how the guest ended".into(),
-                })
-            }
-        }
+    let (end, timed_out) = match d.watch(session, interrupted) {
+        Ok(end) => (end, None),
+        Err(waiting) => (d.stop_and_drain(session), waiting),
     };
-    let end = match end {
-        Some(end) => end,
-        None => {
-            if let Err(e) = session.stop() {
-                d.report.problem(&format!("stopping the guest: {e}"));
-            }
-            // Whatever the guest printed before it was stopped still counts.
-            let mut end = GuestEnd::Stopped;
-            while let Ok(msg) = session.messages().recv_timeout(Duration::from_millis(500)) {
-                match msg {
-                    GuestMessage::Console { bytes, exits } => {
-                        if let Some(exits) = exits {
-                            d.last_exits = exits;
-                        }
-                        for line in lines.push(&bytes) {
-                            d.line(line);
-                        }
-                    }
-                    GuestMessage::Notice(text) => d.notice(text),
-                    GuestMessage::Ended(e) => {
-                        end = e;
-                        break;
-                    }
-                }
-            }
-            end
-        }
-    };
-    if let Some(rest) = lines.finish() {
+    if let Some(rest) = d.lines.finish() {
         d.line(rest);
     }
     d.ended(&end, timed_out);
