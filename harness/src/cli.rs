@@ -423,7 +423,7 @@ fn make_backend(
 pub fn run(args: &RunArgs) -> Result<i32> {
     // A run that died while it drove KSM left its settings changed: put them back before
     // anything is measured.
-    match crate::ksm::restore_stale_at_start() {
+    match crate::run::ksm::restore_stale_at_start() {
         Ok(Some(message)) => crate::say!("hvbench: {message}"),
         Ok(None) => {}
         Err(e) => crate::say!("hvbench: warning: {e}"),

@@ -15,7 +15,6 @@ pub mod guest_image;
 pub mod host;
 pub mod host_paging;
 pub mod interrupt;
-pub mod ksm;
 pub mod lab;
 pub mod native;
 pub mod output;

@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use hvbench::ksm::sysfs::KsmSysfs;
-use hvbench::ksm::KsmPaths;
+use hvbench::run::ksm::{restore_stale_at_start, system_paths};
+use ksm::KsmSysfs;
 use reports::read_results;
 use reports::record::{Record, Status};
 
@@ -55,7 +55,7 @@ struct RestoreOnExit;
 
 impl Drop for RestoreOnExit {
     fn drop(&mut self) {
-        if let Err(e) = hvbench::ksm::restore_stale(&KsmPaths::system()) {
+        if let Err(e) = restore_stale_at_start() {
             eprintln!("cleanup: {e}");
         }
     }
@@ -112,7 +112,7 @@ fn two_small_guests_merge_save_memory_and_leave_ksm_as_found() {
 
     // Everything KSM lets an owner write reads as it did before the run.
     assert_eq!(ksm.tunables().unwrap(), before, "{stderr}");
-    assert!(!KsmPaths::system().state_file().exists());
+    assert!(!system_paths().state_file().exists());
     assert_eq!(surviving_guest_vmms(), Vec::<String>::new());
 
     let records = read_results(dir.path()).unwrap();
@@ -210,7 +210,7 @@ fn a_killed_runs_settings_are_restored_by_the_next_start_with_a_message() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(ksm.read("run").unwrap(), "1", "the dead run left KSM on");
-    assert!(KsmPaths::system().state_file().exists());
+    assert!(system_paths().state_file().exists());
     // Its guests died with it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !surviving_guest_vmms().is_empty() && Instant::now() < deadline {
@@ -240,7 +240,7 @@ fn a_killed_runs_settings_are_restored_by_the_next_start_with_a_message() {
         "{stderr}"
     );
     assert_eq!(ksm.tunables().unwrap(), before, "{stderr}");
-    assert!(!KsmPaths::system().state_file().exists());
+    assert!(!system_paths().state_file().exists());
 }
 
 #[test]
@@ -299,7 +299,7 @@ fn stops_the_guests_and_restores_the_settings_at_once(signal: nix::sys::signal::
         "{seen:#?}"
     );
     assert_eq!(ksm.tunables().unwrap(), before);
-    assert!(!KsmPaths::system().state_file().exists());
+    assert!(!system_paths().state_file().exists());
     assert_eq!(surviving_guest_vmms(), Vec::<String>::new());
     // The interrupted workload's records say so.
     let records = read_results(dir.path()).unwrap();

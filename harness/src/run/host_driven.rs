@@ -44,7 +44,7 @@ pub type Runner = fn(WorkloadId, &HostContext) -> HostDriven;
 
 fn ksm(_: WorkloadId, ctx: &HostContext) -> HostDriven {
     // KSM's guests run in VMM processes of their own; their words are in the notes.
-    crate::ksm::run(ctx).into()
+    super::ksm::run(ctx).into()
 }
 
 /// The host's runner of `id`; `None` for workloads the guest drives.

@@ -5,6 +5,7 @@
 
 pub mod balloon;
 pub mod host_driven;
+pub mod ksm;
 pub mod plan;
 pub mod records;
 pub mod session;

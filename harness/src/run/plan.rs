@@ -41,7 +41,7 @@ pub fn check_params(
         }
     }
     if workloads.contains(&WorkloadId::MemKsm) {
-        crate::ksm::params::KsmParams::from_run(params, memory_mib)
+        super::ksm::params::KsmParams::from_run(params, memory_mib)
             .map_err(|e| PlanError::Param(e.to_string()))?;
     }
     if workloads.contains(&WorkloadId::MemBalloon) {

@@ -8,7 +8,7 @@ use workloads::table::param::{
 };
 use workloads::{ParamSpec, WorkloadId};
 
-use super::KsmError;
+use super::MemKsmError;
 use crate::run::plan::param_value;
 use crate::run::WorkloadParam;
 
@@ -31,12 +31,12 @@ pub struct KsmParams {
 
 /// The value of `spec` in this run (the user's, else the row's default), parsed; `None`
 /// where the row has no default and none was given.
-fn value(params: &[WorkloadParam], spec: &ParamSpec) -> Result<Option<(u64, String)>, KsmError> {
+fn value(params: &[WorkloadParam], spec: &ParamSpec) -> Result<Option<(u64, String)>, MemKsmError> {
     let Some(text) = param_value(params, WorkloadId::MemKsm, spec) else {
         return Ok(None);
     };
     let v = spec.parse_one(text).map_err(|e| {
-        KsmError::Param(format!(
+        MemKsmError::Param(format!(
             "mem.ksm.{}={text}: {}; it takes {}, {}",
             spec.key,
             e.message(),
@@ -48,34 +48,34 @@ fn value(params: &[WorkloadParam], spec: &ParamSpec) -> Result<Option<(u64, Stri
 }
 
 /// A parameter the row gives a default for.
-fn number<T: TryFrom<u64>>(params: &[WorkloadParam], spec: &ParamSpec) -> Result<T, KsmError> {
+fn number<T: TryFrom<u64>>(params: &[WorkloadParam], spec: &ParamSpec) -> Result<T, MemKsmError> {
     value(params, spec)?
         .and_then(|(v, _)| T::try_from(v).ok())
-        .ok_or_else(|| KsmError::Param(format!("mem.ksm.{} has no usable value", spec.key)))
+        .ok_or_else(|| MemKsmError::Param(format!("mem.ksm.{} has no usable value", spec.key)))
 }
 
 impl KsmParams {
     /// The row's defaults, overridden by the run's `--param mem.ksm.*` (checked against the
     /// row when parsed; the size is checked here against the guest's RAM).
-    pub fn from_run(params: &[WorkloadParam], guest_mib: u32) -> Result<Self, KsmError> {
+    pub fn from_run(params: &[WorkloadParam], guest_mib: u32) -> Result<Self, MemKsmError> {
         let size = value(params, &KSM_SIZE)?;
         if let Some((bytes, text)) = &size {
             if *bytes >= u64::from(guest_mib) << 20 {
-                return Err(KsmError::Param(format!(
+                return Err(MemKsmError::Param(format!(
                     "mem.ksm.size={text}: expected less than the guest's {guest_mib} MiB \
                      (--memory-mib)"
                 )));
             }
         }
         let (identical_ppm, identical) = value(params, &KSM_IDENTICAL)?
-            .ok_or_else(|| KsmError::Param("mem.ksm.identical has no value".into()))?;
+            .ok_or_else(|| MemKsmError::Param("mem.ksm.identical has no value".into()))?;
         Ok(KsmParams {
             guests: number(params, &KSM_GUESTS)?,
             guest_mib,
             size: size.map(|(_, text)| text),
             identical,
             identical_ppm: u32::try_from(identical_ppm)
-                .map_err(|_| KsmError::Param("mem.ksm.identical out of range".into()))?,
+                .map_err(|_| MemKsmError::Param("mem.ksm.identical out of range".into()))?,
             pages_to_scan: number(params, &KSM_PAGES_TO_SCAN)?,
             sleep_millisecs: number(params, &KSM_SLEEP_MILLISECS)?,
             max: Duration::from_secs(number(params, &KSM_MAX_S)?),

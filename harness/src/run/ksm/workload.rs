@@ -14,13 +14,13 @@ use workloads::protocol::{CrashReport, Event, Hello, Status};
 use workloads::table::param::{KSM_IDENTICAL, KSM_SEED, KSM_SIZE};
 use workloads::WorkloadId;
 
-use super::analysis::{self, SavedByKsm, Tick};
-use super::guard::{KsmGuard, KsmPaths};
+use ksm::analysis::{self, SavedByKsm, Tick};
+use ksm::procstat::{self, SmapsRollup};
+use ksm::{KsmCounters, KsmGuard, KsmSysfs};
+
 use super::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
 use super::params::KsmParams;
-use super::procstat::{self, SmapsRollup};
-use super::sysfs::{KsmCounters, KsmSysfs};
-use super::KsmError;
+use super::{system_paths, MemKsmError};
 use crate::run::host_driven::HostContext;
 use crate::run::session::{SeriesSamples, WorkloadOutcome};
 
@@ -50,7 +50,7 @@ fn mib(kib: u64) -> f64 {
 }
 
 /// Runs `mem.ksm` to its outcome; never panics, failures are statuses with reasons.
-pub fn run(ctx: &HostContext) -> WorkloadOutcome {
+pub(crate) fn run(ctx: &HostContext) -> WorkloadOutcome {
     let mut outcome = WorkloadOutcome::new(ID);
     if let Err(e) = measure(ctx, &mut outcome) {
         // After Ctrl-C, whatever failed first (a guest's console closing, say) is a
@@ -99,9 +99,9 @@ fn describe_crash(c: &CrashReport) -> String {
 }
 
 impl Guests<'_> {
-    fn died(&self, index: usize, what: &str) -> KsmError {
+    fn died(&self, index: usize, what: &str) -> MemKsmError {
         let stderr = self.fleet.stderr_tail(index);
-        KsmError::Guest {
+        MemKsmError::Guest {
             index,
             problem: if stderr.is_empty() {
                 what.to_string()
@@ -111,14 +111,14 @@ impl Guests<'_> {
         }
     }
 
-    fn handle(&mut self, index: usize, event: ConsoleEvent) -> Result<(), KsmError> {
+    fn handle(&mut self, index: usize, event: ConsoleEvent) -> Result<(), MemKsmError> {
         let Some(guest) = self.state.get_mut(index) else {
             return Ok(());
         };
         let event = match event {
             ConsoleEvent::Event(event) => event,
             ConsoleEvent::Damaged(text) => {
-                return Err(KsmError::Guest {
+                return Err(MemKsmError::Guest {
                     index,
                     problem: format!("printed a damaged result line ({text})"),
                 })
@@ -146,13 +146,13 @@ impl Guests<'_> {
             Event::Hello(hello) => guest.hello = Some(hello),
             Event::Start(w) if w == ID => {}
             Event::Start(w) | Event::Skip { workload: w, .. } if w != ID => {
-                return Err(KsmError::Guest {
+                return Err(MemKsmError::Guest {
                     index,
                     problem: format!("ran {}, which was not asked for", w.name()),
                 })
             }
             Event::Skip { reason, .. } => {
-                return Err(KsmError::Skipped { index, reason });
+                return Err(MemKsmError::Skipped { index, reason });
             }
             Event::Note { key, value, .. } => match key.as_str() {
                 "pages" => guest.pages = parse_hex(&value),
@@ -162,7 +162,7 @@ impl Guests<'_> {
             },
             Event::Sample(s) => {
                 if index != 0 || !matches!(s.metric, "write_merged" | "write_unmerged") {
-                    return Err(KsmError::Guest {
+                    return Err(MemKsmError::Guest {
                         index,
                         problem: format!("sent a {} sample it was not asked for", s.metric),
                     });
@@ -174,7 +174,7 @@ impl Guests<'_> {
                     &mut series.measured
                 };
                 if list.len() >= MAX_SAMPLES {
-                    return Err(KsmError::Guest {
+                    return Err(MemKsmError::Guest {
                         index,
                         problem: "sent more samples than the host keeps".into(),
                     });
@@ -184,7 +184,7 @@ impl Guests<'_> {
             Event::Result { status, reason, .. } => {
                 guest.result = Some((status, reason.clone()));
                 if !guest.may_end {
-                    return Err(KsmError::Guest {
+                    return Err(MemKsmError::Guest {
                         index,
                         problem: format!(
                             "ended before the host asked ({}{})",
@@ -195,7 +195,7 @@ impl Guests<'_> {
                 }
             }
             Event::Crash(c) => {
-                return Err(KsmError::Crash {
+                return Err(MemKsmError::Crash {
                     index,
                     detail: describe_crash(&c),
                 })
@@ -207,10 +207,10 @@ impl Guests<'_> {
     }
 
     /// Handles console events until `until`; an error as soon as a guest misbehaves.
-    fn pump_until(&mut self, until: Instant, doing: &str) -> Result<(), KsmError> {
+    fn pump_until(&mut self, until: Instant, doing: &str) -> Result<(), MemKsmError> {
         loop {
             if self.interrupted.load(Ordering::Relaxed) {
-                return Err(KsmError::Interrupted(doing.to_string()));
+                return Err(MemKsmError::Interrupted(doing.to_string()));
             }
             let now = Instant::now();
             if now >= until {
@@ -236,10 +236,10 @@ impl Guests<'_> {
         doing: &str,
         deadline: Instant,
         done: impl Fn(&[GuestState]) -> bool,
-    ) -> Result<(), KsmError> {
+    ) -> Result<(), MemKsmError> {
         while !done(&self.state) {
             if Instant::now() >= deadline {
-                return Err(KsmError::Timeout(format!(
+                return Err(MemKsmError::Timeout(format!(
                     "no progress while {doing}: the guests did not get there in time"
                 )));
             }
@@ -267,7 +267,7 @@ fn guest_cmdline(ctx: &HostContext, p: &KsmParams, index: usize) -> String {
     encode_with_params(&config, &params)
 }
 
-fn sum_smaps(pids: &[u32]) -> Result<SmapsRollup, KsmError> {
+fn sum_smaps(pids: &[u32]) -> Result<SmapsRollup, MemKsmError> {
     pids.iter().try_fold(SmapsRollup::default(), |sum, pid| {
         Ok(sum + procstat::smaps_rollup(*pid)?)
     })
@@ -388,7 +388,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(sysfs: &KsmSysfs, pids: &[u32], ksmd: u32) -> Result<Self, KsmError> {
+    fn take(sysfs: &KsmSysfs, pids: &[u32], ksmd: u32) -> Result<Self, MemKsmError> {
         let counters = sysfs.counters()?;
         let vmm_merging = pids
             .iter()
@@ -409,11 +409,11 @@ impl Snapshot {
 }
 
 /// Fails early where this host cannot run the workload: memory, the hvbench binary, ksmd.
-fn preflight(p: &KsmParams) -> Result<(std::path::PathBuf, u32), KsmError> {
+fn preflight(p: &KsmParams) -> Result<(std::path::PathBuf, u32), MemKsmError> {
     let need_mib = u64::from(p.guests) * u64::from(p.guest_mib);
     if let Some(available) = procstat::mem_available_mib() {
         if need_mib > available * 8 / 10 {
-            return Err(KsmError::Host(format!(
+            return Err(MemKsmError::Host(format!(
                 "{} guests of {} MiB need {need_mib} MiB before any merging; this host has \
                  {available} MiB available (hvbench leaves a fifth free)",
                 p.guests, p.guest_mib
@@ -422,14 +422,14 @@ fn preflight(p: &KsmParams) -> Result<(std::path::PathBuf, u32), KsmError> {
     }
     let exe = hvbench_exe()?;
     if !runs_vmm(&exe) {
-        return Err(KsmError::Host(format!(
+        return Err(MemKsmError::Host(format!(
             "{} cannot start guests (`vmm --doorbell-stdin`): set HVBENCH_EXE to the hvbench \
              binary",
             exe.display()
         )));
     }
     let ksmd = procstat::find_ksmd()
-        .ok_or_else(|| KsmError::Host("no ksmd kernel thread on this host".into()))?;
+        .ok_or_else(|| MemKsmError::Host("no ksmd kernel thread on this host".into()))?;
     Ok((exe, ksmd))
 }
 
@@ -438,7 +438,7 @@ fn start_guests<'a>(
     ctx: &HostContext<'a>,
     p: &KsmParams,
     exe: std::path::PathBuf,
-) -> Result<Guests<'a>, KsmError> {
+) -> Result<Guests<'a>, MemKsmError> {
     let options = ctx.options;
     let cmdlines: Vec<String> = (0..p.guests as usize)
         .map(|i| guest_cmdline(ctx, p, i))
@@ -474,7 +474,7 @@ fn note_expected(
     guests: &Guests,
     p: &KsmParams,
     notes: &mut BTreeMap<String, String>,
-) -> Result<u64, KsmError> {
+) -> Result<u64, MemKsmError> {
     let pages = guests.state[0].pages.unwrap_or(0);
     let identical = guests.state[0].identical_pages.unwrap_or(0);
     if guests
@@ -482,7 +482,7 @@ fn note_expected(
         .iter()
         .any(|g| g.pages != Some(pages) || g.identical_pages != Some(identical))
     {
-        return Err(KsmError::Guest {
+        return Err(MemKsmError::Guest {
             index: 0,
             problem: "the guests disagree on how many pages they filled".into(),
         });
@@ -572,7 +572,7 @@ fn sample_merging(
     sysfs: &KsmSysfs,
     ksmd: u32,
     base: &Snapshot,
-) -> Result<Sampling, KsmError> {
+) -> Result<Sampling, MemKsmError> {
     let pids = guests.fleet.pids();
     let t0 = Instant::now();
     let tick = |t: f64, s: &Snapshot| Tick {
@@ -659,7 +659,7 @@ const METHOD: &str = "time_to_90: seconds from KSM's start to the first sample a
      (identical across guests) or unmerged (unique), after KSM's settings were restored";
 
 /// Guest 0 times its writes, then every guest ends.
-fn time_writes(guests: &mut Guests, workload_timeout: Duration) -> Result<(), KsmError> {
+fn time_writes(guests: &mut Guests, workload_timeout: Duration) -> Result<(), MemKsmError> {
     guests.state[0].may_end = true;
     guests.fleet.ring(0, RING_MEASURE)?;
     guests.wait_for(
@@ -776,14 +776,14 @@ fn judge(outcome: &mut WorkloadOutcome, guests: &Guests, p: &KsmParams, converge
     }
 }
 
-fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), KsmError> {
+fn measure(ctx: &HostContext, outcome: &mut WorkloadOutcome) -> Result<(), MemKsmError> {
     let options = ctx.options;
     let p = KsmParams::from_run(&options.params, options.memory_mib)?;
     for (key, value) in p.describe() {
         outcome.notes.insert(key.to_string(), value);
     }
     let (exe, ksmd) = preflight(&p)?;
-    let paths = KsmPaths::system();
+    let paths = system_paths();
     let sysfs: KsmSysfs = paths.sysfs.clone();
     // The lock first: nothing of this run starts while another run drives KSM.
     let mut guard = KsmGuard::acquire(paths, LOCK_WAIT, ctx.interrupted)?;

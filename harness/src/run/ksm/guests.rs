@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use workloads::protocol::Event;
 
-use super::KsmError;
+use super::MemKsmError;
 use crate::console::{printable, ConsoleLine, LineAssembler};
 
 /// What one guest's console said, in order.
@@ -57,10 +57,10 @@ const STDERR_TAIL: usize = 4096;
 
 /// The hvbench binary to start VMMs from: `HVBENCH_EXE` where set (for callers that are
 /// not hvbench themselves), else this executable.
-pub fn hvbench_exe() -> Result<PathBuf, KsmError> {
+pub fn hvbench_exe() -> Result<PathBuf, MemKsmError> {
     match std::env::var_os("HVBENCH_EXE") {
         Some(path) => Ok(PathBuf::from(path)),
-        None => std::env::current_exe().map_err(|source| KsmError::Io {
+        None => std::env::current_exe().map_err(|source| MemKsmError::Io {
             what: "finding hvbench's own executable".into(),
             source,
         }),
@@ -129,7 +129,7 @@ fn spawn_one(
     cmdline: &str,
     index: usize,
     tx: SyncSender<(usize, ConsoleEvent)>,
-) -> Result<Member, KsmError> {
+) -> Result<Member, MemKsmError> {
     let mut command = Command::new(&spec.exe);
     command
         .args([
@@ -166,7 +166,7 @@ fn spawn_one(
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|source| KsmError::Io {
+    let mut child = command.spawn().map_err(|source| MemKsmError::Io {
         what: format!("starting {} vmm", spec.exe.display()),
         source,
     })?;
@@ -189,7 +189,7 @@ fn spawn_one(
 impl Fleet {
     /// Starts one VMM per command line. Call from the thread that also drops the fleet:
     /// the VMMs die with that thread.
-    pub fn spawn(spec: &GuestSpec, cmdlines: &[String]) -> Result<Self, KsmError> {
+    pub fn spawn(spec: &GuestSpec, cmdlines: &[String]) -> Result<Self, MemKsmError> {
         // Bounded: a guest that floods its console makes its reader wait (and so its
         // VMM, on a full pipe); dropping the fleet drops the receiver and ends the readers.
         let (tx, events) = sync_channel(crate::console::CHANNEL_CAPACITY);
@@ -211,18 +211,18 @@ impl Fleet {
     }
 
     /// Sets the value guest `index` reads from its doorbell.
-    pub fn ring(&mut self, index: usize, value: u32) -> Result<(), KsmError> {
+    pub fn ring(&mut self, index: usize, value: u32) -> Result<(), MemKsmError> {
         let stdin = self
             .members
             .get_mut(index)
             .and_then(|m| m.stdin.as_mut())
-            .ok_or(KsmError::Guest {
+            .ok_or(MemKsmError::Guest {
                 index,
                 problem: "its VMM has no input to ring the doorbell through".into(),
             })?;
         writeln!(stdin, "ring {value}")
             .and_then(|()| stdin.flush())
-            .map_err(|e| KsmError::Guest {
+            .map_err(|e| MemKsmError::Guest {
                 index,
                 problem: format!("ringing its doorbell: {e}"),
             })

@@ -34,7 +34,7 @@ impl std::ops::Add for SmapsRollup {
 }
 
 /// Parses `/proc/PID/smaps_rollup` (`Rss:   1234 kB` lines after a header line).
-pub fn parse_smaps_rollup(text: &str) -> Option<SmapsRollup> {
+pub(crate) fn parse_smaps_rollup(text: &str) -> Option<SmapsRollup> {
     let mut fields = BTreeMap::new();
     for line in text.lines() {
         let Some((key, rest)) = line.split_once(':') else {
@@ -65,7 +65,7 @@ pub fn smaps_rollup(pid: u32) -> Result<SmapsRollup, KsmError> {
 
 /// The fields of `/proc/PID/stat` that hvbench uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcStat {
+pub(crate) struct ProcStat {
     pub comm: String,
     pub ppid: i64,
     /// `PF_*` flags (`PF_KTHREAD` marks a kernel thread).
@@ -76,11 +76,11 @@ pub struct ProcStat {
 }
 
 /// The kernel-thread flag in `/proc/PID/stat`'s flags field.
-pub const PF_KTHREAD: u64 = 0x0020_0000;
+pub(crate) const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Parses `/proc/PID/stat`. The command name is in parentheses and may itself hold spaces
 /// and parentheses, so the fields are counted from the last `)`.
-pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+pub(crate) fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
@@ -96,7 +96,7 @@ pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
-pub fn proc_stat(pid: u32) -> Result<ProcStat, KsmError> {
+pub(crate) fn proc_stat(pid: u32) -> Result<ProcStat, KsmError> {
     let path = format!("/proc/{pid}/stat");
     let text = read(&path)?;
     parse_proc_stat(&text).ok_or_else(|| KsmError::Parse {
@@ -118,7 +118,7 @@ pub fn find_ksmd() -> Option<u32> {
 }
 
 /// Clock ticks per second, the unit of `utime` and `stime`.
-pub fn ticks_per_second() -> u64 {
+pub(crate) fn ticks_per_second() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t.cast_unsigned(),
         // Linux has used 100 on every architecture hvbench runs on.
@@ -133,7 +133,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, KsmError> {
 }
 
 /// Parses `/proc/PID/ksm_stat` (`ksm_merging_pages 123` lines) into its numeric fields.
-pub fn parse_ksm_stat(text: &str) -> BTreeMap<String, i64> {
+pub(crate) fn parse_ksm_stat(text: &str) -> BTreeMap<String, i64> {
     text.lines()
         .filter_map(|line| {
             let (key, value) = line.split_once(' ')?;
@@ -143,7 +143,7 @@ pub fn parse_ksm_stat(text: &str) -> BTreeMap<String, i64> {
 }
 
 /// Whether `/proc/PID/ksm_stat` says the process has memory KSM may merge.
-pub fn ksm_stat_mergeable(text: &str) -> bool {
+pub(crate) fn ksm_stat_mergeable(text: &str) -> bool {
     text.lines()
         .any(|l| matches!(l.trim(), "ksm_mergeable: yes" | "ksm_merge_any: yes"))
 }

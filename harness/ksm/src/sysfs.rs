@@ -1,5 +1,5 @@
 //! `/sys/kernel/mm/ksm`: KSM's counters and tunables, read and parsed. Writing goes
-//! through [`super::guard::KsmGuard`] alone, which saves what it changes first.
+//! through [`crate::KsmGuard`] alone, which saves what it changes first.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::KsmError;
 
 /// Where the kernel exposes KSM.
-pub const SYSTEM_DIR: &str = "/sys/kernel/mm/ksm";
+pub(crate) const SYSTEM_DIR: &str = "/sys/kernel/mm/ksm";
 
 /// KSM's sysfs directory (the real one, or a stand-in for tests).
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ pub struct KsmCounters {
 ///
 /// Choice files read as `[none] scan-time` and take `none`; plain files read and take
 /// the same text.
-pub fn current_value(raw: &str) -> String {
+pub(crate) fn current_value(raw: &str) -> String {
     let raw = raw.trim();
     match (raw.find('['), raw.find(']')) {
         (Some(open), Some(close)) if open < close => raw[open + 1..close].to_string(),
@@ -45,7 +45,7 @@ pub fn current_value(raw: &str) -> String {
 }
 
 /// Parses one counter file's contents.
-pub fn parse_count(raw: &str) -> Option<u64> {
+pub(crate) fn parse_count(raw: &str) -> Option<u64> {
     raw.trim().parse().ok()
 }
 
@@ -86,7 +86,7 @@ impl KsmSysfs {
     }
 
     /// Writes one tunable. Only the guard calls this, after saving the old value.
-    pub(super) fn write(&self, name: &str, value: &str) -> Result<(), KsmError> {
+    pub(crate) fn write(&self, name: &str, value: &str) -> Result<(), KsmError> {
         let path = self.dir.join(name);
         std::fs::write(&path, value).map_err(|source| KsmError::Io {
             what: format!("writing {value:?} to {}", path.display()),

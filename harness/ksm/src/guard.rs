@@ -8,10 +8,13 @@
 //! two runs never drive KSM at once, and a state file whose lock nobody holds is, for
 //! certain, one a dead run left. The files live in `/run`, which is emptied at boot, as are
 //! KSM's settings: a state file never outlives the settings it describes.
+//!
+//! How the state file is kept (written whole, read back) and how the guard speaks to the
+//! user are the holder's: [`GuardEnv`].
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,24 +24,39 @@ use serde::{Deserialize, Serialize};
 
 use super::sysfs::KsmSysfs;
 use super::KsmError;
-use crate::statefile;
 
 const LOCK_FILE: &str = "ksm.lock";
 const STATE_FILE: &str = "ksm-settings.json";
 const STATE_FORMAT: u32 = 1;
 
-/// KSM's sysfs directory and where the guard keeps its lock and state file.
+/// What the guard takes from the program that holds it: its state file kept so that a
+/// crash loses nothing (written whole: the old file or the new one, never half; read back
+/// as `None` when there is none), its lock file opened (created with its directory, never
+/// truncated), and a way to tell the user what it did.
+pub trait GuardEnv: std::fmt::Debug + Sync {
+    fn open_lock(&self, path: &Path) -> Result<File, KsmError>;
+    fn read_state(&self, path: &Path) -> Result<Option<SavedSettings>, KsmError>;
+    fn write_state(&self, path: &Path, saved: &SavedSettings) -> Result<(), KsmError>;
+    /// One line of progress for the user (`hvbench: ...`).
+    fn say(&self, line: &str);
+}
+
+/// KSM's sysfs directory, where the guard keeps its lock and state file, and the
+/// holder's [`GuardEnv`].
 #[derive(Clone, Debug)]
 pub struct KsmPaths {
     pub sysfs: KsmSysfs,
     pub state_dir: PathBuf,
+    pub env: &'static dyn GuardEnv,
 }
 
 impl KsmPaths {
-    pub fn system() -> Self {
+    /// The real `/sys/kernel/mm/ksm`, with the lock and state file in `state_dir`.
+    pub fn system(state_dir: impl Into<PathBuf>, env: &'static dyn GuardEnv) -> Self {
         KsmPaths {
             sysfs: KsmSysfs::system(),
-            state_dir: PathBuf::from(statefile::SYSTEM_STATE_DIR),
+            state_dir: state_dir.into(),
+            env,
         }
     }
 
@@ -85,7 +103,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> KsmError {
 }
 
 fn open_lock(paths: &KsmPaths) -> Result<File, KsmError> {
-    Ok(statefile::open_lock_file(&paths.lock_file())?)
+    paths.env.open_lock(&paths.lock_file())
 }
 
 /// The lock, or `None` while another process holds it.
@@ -110,12 +128,12 @@ fn lock_holder(paths: &KsmPaths) -> String {
 }
 
 fn write_state(paths: &KsmPaths, saved: &SavedSettings) -> Result<(), KsmError> {
-    Ok(statefile::write_json(&paths.state_file(), saved)?)
+    paths.env.write_state(&paths.state_file(), saved)
 }
 
 fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
     let path = paths.state_file();
-    let Some(saved) = statefile::read_json::<SavedSettings>(&path)? else {
+    let Some(saved) = paths.env.read_state(&path)? else {
         return Ok(None);
     };
     if saved.format != STATE_FORMAT {
@@ -128,6 +146,11 @@ fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
         });
     }
     Ok(Some(saved))
+}
+
+/// `time` as the records write it: `2026-11-26T03:34:56Z`.
+fn rfc3339(time: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Writes the saved values back, last change first, and checks they read back. A setting
@@ -250,7 +273,9 @@ impl KsmGuard {
                 });
             }
             if !announced {
-                crate::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
+                paths.env.say(&format!(
+                    "hvbench: waiting for hvbench pid {holder}, which is using KSM"
+                ));
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -280,7 +305,7 @@ impl KsmGuard {
         let mut saved = SavedSettings {
             format: STATE_FORMAT,
             pid: std::process::id(),
-            saved_at: crate::run::records::rfc3339(SystemTime::now()),
+            saved_at: rfc3339(SystemTime::now()),
             settings: Vec::new(),
         };
         for (name, value) in settings {
@@ -317,14 +342,15 @@ impl KsmGuard {
 
 impl Drop for KsmGuard {
     fn drop(&mut self) {
+        let env = self.paths.env;
         match self.restore() {
             Ok(None) => {}
-            Ok(Some(changes)) => crate::say!("hvbench: KSM settings restored: {changes}"),
-            Err(e) => crate::say!(
+            Ok(Some(changes)) => env.say(&format!("hvbench: KSM settings restored: {changes}")),
+            Err(e) => env.say(&format!(
                 "hvbench: restoring KSM's settings failed: {e}; {} keeps the old values for \
                  the next run to restore",
                 self.paths.state_file().display()
-            ),
+            )),
         }
         // The lock goes last, once the settings are back.
         self.lock = None;
@@ -335,6 +361,49 @@ impl Drop for KsmGuard {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::fs::OpenOptions;
+
+    /// Plain files for the state and lock, as a holder would keep them.
+    #[derive(Debug)]
+    struct TestEnv;
+
+    fn test_io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> KsmError {
+        let what = format!("{what} {}", path.display());
+        move |source| KsmError::Io { what, source }
+    }
+
+    impl GuardEnv for TestEnv {
+        fn open_lock(&self, path: &Path) -> Result<File, KsmError> {
+            let dir = path.parent().unwrap();
+            std::fs::create_dir_all(dir).map_err(test_io("creating", dir))?;
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(test_io("opening", path))
+        }
+
+        fn read_state(&self, path: &Path) -> Result<Option<SavedSettings>, KsmError> {
+            let Ok(bytes) = std::fs::read(path) else {
+                return Ok(None);
+            };
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| KsmError::StateFile {
+                    path: path.to_path_buf(),
+                    problem: e.to_string(),
+                })
+        }
+
+        fn write_state(&self, path: &Path, saved: &SavedSettings) -> Result<(), KsmError> {
+            let text = serde_json::to_vec(saved).unwrap();
+            std::fs::write(path, text).map_err(test_io("writing", path))
+        }
+
+        fn say(&self, _line: &str) {}
+    }
 
     /// A stand-in for /sys/kernel/mm/ksm and /run/hvbench in a temporary directory.
     fn fake() -> (tempfile::TempDir, KsmPaths) {
@@ -353,6 +422,7 @@ mod tests {
         let paths = KsmPaths {
             sysfs: KsmSysfs::at(sysfs),
             state_dir: dir.path().join("run"),
+            env: &TestEnv,
         };
         (dir, paths)
     }
@@ -388,6 +458,10 @@ mod tests {
         let saved = read_state(&paths).unwrap().unwrap();
         assert_eq!(saved.settings[0].before, "scan-time");
         assert_eq!(saved.settings[3].applied, "1");
+        assert_eq!(saved.pid, std::process::id());
+        // RFC 3339 to the second, in UTC: `2026-11-26T03:34:56Z`.
+        assert_eq!(saved.saved_at.len(), 20, "{}", saved.saved_at);
+        assert!(saved.saved_at.ends_with('Z'), "{}", saved.saved_at);
         drop(guard);
         assert_eq!(tunables(&paths), before);
         assert!(!paths.state_file().exists());
