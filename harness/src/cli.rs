@@ -12,13 +12,13 @@ use workloads::WORKLOADS;
 
 use crate::backend::kvm::KvmBackend;
 use crate::backend::qemu::{QemuBackend, QemuOptions};
-use crate::backend::xen::transport::{SshTarget, Transport};
 use crate::backend::xen::xl::Paging;
 use crate::backend::xen::{XenBackend, XenHostSpec};
 use crate::backend::{BackendKind, Hypervisor};
 use crate::guest_image::GuestImage;
 use crate::run::{self, plan, RunOptions, WorkloadParam};
 use crate::{host, interrupt, summary};
+use hostutil::transport::{SshTarget, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -207,7 +207,7 @@ impl LabDir {
     fn resolve(&self) -> Result<PathBuf> {
         match &self.cache_dir {
             Some(d) => Ok(d.clone()),
-            None => crate::lab::default_cache_dir()
+            None => lab::default_cache_dir()
                 .context("neither XDG_CACHE_HOME nor HOME is set: pass --cache-dir"),
         }
     }
@@ -376,12 +376,12 @@ pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
             spec: spec.to_string(),
             lab: None,
         },
-        "lab" => crate::lab::xen_host()?,
+        "lab" => XenHostSpec::lab(spec, lab::xen_host()?),
         // A lab brought up with `lab up xen --cache-dir DIR`.
-        lab if lab.starts_with("lab:") => XenHostSpec {
-            spec: spec.to_string(),
-            ..crate::lab::xen_host_in(std::path::Path::new(&lab["lab:".len()..]))?
-        },
+        dir if dir.starts_with("lab:") => XenHostSpec::lab(
+            spec,
+            lab::xen_host_in(std::path::Path::new(&dir["lab:".len()..]))?,
+        ),
         url => XenHostSpec {
             transport: Transport::Ssh(SshTarget::parse(url)?),
             spec: spec.to_string(),
@@ -615,8 +615,7 @@ pub fn host_paging(args: &PagingArgs) -> Result<i32> {
     )?)
 }
 
-fn lab_accel(accel: &str) -> Result<crate::lab::LabAccel> {
-    use crate::lab;
+fn lab_accel(accel: &str) -> Result<lab::LabAccel> {
     Ok(match accel {
         "tcg" => lab::LabAccel::Tcg,
         "kvm" => {
@@ -631,7 +630,6 @@ fn lab_accel(accel: &str) -> Result<crate::lab::LabAccel> {
 
 /// `hvbench lab ... kvm`.
 fn kvm_lab(action: &LabAction) -> Result<i32> {
-    use crate::lab;
     match action {
         LabAction::Up {
             where_,
@@ -763,7 +761,6 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
 
 /// `hvbench lab ...`.
 pub fn lab(action: &LabAction) -> Result<i32> {
-    use crate::lab;
     let kind = match action {
         LabAction::Up { kind, .. }
         | LabAction::Run { kind, .. }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use hvbench::backend::kvm::KvmBackend;
 use hvbench::backend::xen::xl::Paging;
-use hvbench::backend::xen::XenBackend;
-use hvbench::lab;
+use hvbench::backend::xen::{XenBackend, XenHostSpec};
 use hvbench::run::WorkloadParam;
 use reports::record::{Record, Status};
 use workloads::WorkloadId;
@@ -195,7 +194,10 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let host = lab::xen_host_in(&cache).expect("the lab as --xen-host");
+    let host = XenHostSpec::lab(
+        "lab",
+        lab::xen_host_in(&cache).expect("the lab as --xen-host"),
+    );
     let backend = XenBackend::new(host.clone(), Paging::Hap).expect("xen backend");
     let dir = tempfile::tempdir().unwrap();
     let mut options = common::quick_options(&[WorkloadId::MemBalloon], dir.path());

@@ -11,8 +11,7 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use hvbench::backend::xen::transport::Transport;
-use hvbench::lab;
+use hostutil::transport::Transport;
 use reports::read_results;
 use reports::record::Status;
 

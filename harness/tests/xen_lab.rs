@@ -6,10 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use hvbench::backend::xen::transport::{SshTarget, Transport};
+use hostutil::transport::{SshTarget, Transport};
 use hvbench::backend::xen::xl::Paging;
 use hvbench::backend::xen::{XenBackend, XenHostSpec};
-use hvbench::lab;
 use reports::record::Status;
 use workloads::WorkloadId;
 
@@ -56,7 +55,10 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
     );
     let state = lab::lab_status(&cache).unwrap().expect("state").state;
 
-    let host = lab::xen_host_in(&cache).expect("the lab as --xen-host");
+    let host = XenHostSpec::lab(
+        "lab",
+        lab::xen_host_in(&cache).expect("the lab as --xen-host"),
+    );
     let info = host
         .transport
         .run("xl info", None, Duration::from_secs(60))

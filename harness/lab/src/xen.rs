@@ -250,9 +250,9 @@ fn wait_for_xl_info(watch: &BootWatch<'_>, state: &LabState) -> Result<String, L
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::xen::transport::Transport;
-    use crate::lab::qemu;
-    use crate::lab::ssh_target;
+    use crate::qemu;
+    use crate::ssh_target;
+    use hostutil::transport::Transport;
     use std::path::PathBuf;
     use std::time::Duration;
 
@@ -363,8 +363,7 @@ mod tests {
         let cache_dir = std::env::var_os("HVBENCH_LAB_TEST_CACHE")
             .map(PathBuf::from)
             .or_else(|| {
-                super::super::default_cache_dir()
-                    .and_then(|dir| dir.parent().map(|p| p.join("lab-test")))
+                crate::default_cache_dir().and_then(|dir| dir.parent().map(|p| p.join("lab-test")))
             })
             .expect("HOME or HVBENCH_LAB_TEST_CACHE must be set");
         let options = XenLabOptions::new(&cache_dir);

@@ -294,7 +294,7 @@ mod tests {
             .stderr(Stdio::null())
             .spawn()
         else {
-            crate::say!("cpio not installed; skipping");
+            hostutil::say!("cpio not installed; skipping");
             return;
         };
         let archive = sample_archive();

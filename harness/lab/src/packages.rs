@@ -334,7 +334,7 @@ fn read_manifest(path: &Path) -> Result<Option<PackageManifest>, LabError> {
 }
 
 pub(super) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), LabError> {
-    Ok(crate::statefile::write_json(path, value)?)
+    Ok(hostutil::statefile::write_json(path, value)?)
 }
 
 pub(super) fn remove_dir_if_present(path: &Path) -> Result<(), LabError> {

@@ -25,8 +25,8 @@ use super::initramfs::{self, InitramfsSpec};
 use super::packages::{self, PackageManifest};
 use super::qemu::{self, LinuxBoot};
 use super::{progress_to_stderr, LabAccel, LabError};
-use crate::backend::xen::transport::{shell_quote, SshTarget, Transport, TransportError};
-use crate::host_paging::PagingMode;
+use hostutil::transport::{shell_quote, SshTarget, Transport, TransportError};
+use hostutil::PagingMode;
 
 /// The line the boot script prints on the serial console once dropbear listens.
 pub const KVM_READY_MARKER: &str = "HVBENCH-KVM-LAB-READY";
@@ -181,7 +181,7 @@ fn state_path(cache_dir: &Path) -> PathBuf {
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<KvmLabState>, LabError> {
-    Ok(crate::statefile::read_json(&state_path(cache_dir))?)
+    Ok(hostutil::statefile::read_json(&state_path(cache_dir))?)
 }
 
 fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {
@@ -993,12 +993,12 @@ fn run_detached(
                 stderr_offset += poll.stderr.len();
                 partial_line.extend_from_slice(&poll.stderr);
                 while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
-                    crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
+                    hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
                     partial_line.drain(..=end);
                 }
                 if let Some(code) = poll.status {
                     if !partial_line.is_empty() {
-                        crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
+                        hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
                     }
                     if timed_out {
                         return Err(LabError::Command {

@@ -20,7 +20,7 @@ use super::packages::{self, PackageManifest};
 use super::qemu::{self, QemuGuard};
 use super::tools::{require_tool, run_checked, tail_lines};
 use super::LabError;
-use crate::statefile;
+use hostutil::statefile;
 
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Limit for one ssh attempt while a lab boots.
@@ -69,8 +69,8 @@ pub(super) fn loopback_ssh_target(
     key: &Path,
     known_hosts: &Path,
     alias: &str,
-) -> crate::backend::xen::transport::SshTarget {
-    crate::backend::xen::transport::SshTarget {
+) -> hostutil::transport::SshTarget {
+    hostutil::transport::SshTarget {
         user: "root".into(),
         host: "127.0.0.1".into(),
         port,
@@ -165,7 +165,7 @@ impl Layout {
 }
 
 pub(super) fn now_rfc3339() -> String {
-    crate::run::records::rfc3339(SystemTime::now())
+    hostutil::rfc3339(SystemTime::now())
 }
 
 pub(super) fn check_cancelled(cancel: Option<&AtomicBool>) -> Result<(), LabError> {

@@ -26,9 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::backend::xen::transport::{SshTarget, Transport};
-use crate::backend::xen::xl::XlInfo;
-use crate::backend::xen::{LabKind, XenError, XenHostSpec};
+use hostutil::transport::{SshTarget, Transport};
 
 pub use initramfs::READY_MARKER;
 pub use kvm::{
@@ -77,11 +75,15 @@ pub enum LabError {
     AccelUnavailable { reason: String },
     #[error("lab state file {path}: {reason}")]
     State { path: PathBuf, reason: String },
+    #[error("no Xen lab is running: start one with `hvbench lab up xen`")]
+    NoLab,
+    #[error("the Xen lab's state is unusable: {reason}")]
+    Unusable { reason: String },
 }
 
-impl From<crate::statefile::StateFileError> for LabError {
-    fn from(e: crate::statefile::StateFileError) -> Self {
-        use crate::statefile::StateFileError;
+impl From<hostutil::statefile::StateFileError> for LabError {
+    fn from(e: hostutil::statefile::StateFileError) -> Self {
+        use hostutil::statefile::StateFileError;
         match e {
             StateFileError::Io { path, source, .. } => LabError::Io { path, source },
             StateFileError::Json { path, reason } => LabError::State { path, reason },
@@ -96,6 +98,20 @@ impl LabError {
             source,
         }
     }
+}
+
+/// What kind of nested host a lab is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabKind {
+    /// `tcg` or `kvm`: QEMU's accelerator under the lab.
+    pub accel: String,
+}
+
+/// A running lab as a host to measure on: how to reach it, and what it is.
+#[derive(Clone, Debug)]
+pub struct LabHost {
+    pub transport: Transport,
+    pub kind: LabKind,
 }
 
 /// How QEMU runs the lab's CPU.
@@ -160,7 +176,7 @@ pub fn kvm_unusable_reason() -> Option<String> {
 
 /// Progress lines for the person waiting (the CLI prints them on stderr).
 pub fn progress_to_stderr(message: &str) {
-    crate::say!("hvbench lab: {message}");
+    hostutil::say!("hvbench lab: {message}");
 }
 
 #[derive(Debug)]
@@ -256,7 +272,7 @@ fn state_path(cache_dir: &Path) -> PathBuf {
 }
 
 fn read_state(cache_dir: &Path) -> Result<Option<LabState>, LabError> {
-    Ok(crate::statefile::read_json(&state_path(cache_dir))?)
+    Ok(hostutil::statefile::read_json(&state_path(cache_dir))?)
 }
 
 fn write_state(cache_dir: &Path, state: &LabState) -> Result<(), LabError> {
@@ -281,36 +297,45 @@ fn xen_version_over_ssh(state: &LabState, timeout: Duration) -> Result<String, L
         .map_err(|e| LabError::Ssh {
             reason: e.to_string(),
         })?;
-    let info = XlInfo::parse(&String::from_utf8_lossy(&output.stdout));
-    info.get("xen_version")
-        .map(str::to_string)
-        .ok_or_else(|| LabError::Ssh {
+    xl_info_value(&String::from_utf8_lossy(&output.stdout), "xen_version").ok_or_else(|| {
+        LabError::Ssh {
             reason: "`xl info` printed no xen_version".into(),
-        })
+        }
+    })
 }
 
-/// The running Xen lab (default cache directory) as a `--xen-host`.
-pub fn xen_host() -> Result<XenHostSpec, XenError> {
-    let cache_dir = default_cache_dir()
-        .ok_or_else(|| XenError::Lab("neither XDG_CACHE_HOME nor HOME is set".into()))?;
+/// The value of `key` in `xl info`'s `key : value` lines.
+fn xl_info_value(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, value)| value.trim().to_string())
+}
+
+/// The running Xen lab (default cache directory) as a host to measure on.
+pub fn xen_host() -> Result<LabHost, LabError> {
+    let cache_dir = default_cache_dir().ok_or_else(|| LabError::Unusable {
+        reason: "neither XDG_CACHE_HOME nor HOME is set".into(),
+    })?;
     xen_host_in(&cache_dir)
 }
 
-/// The Xen lab brought up from `cache_dir` as a `--xen-host`; `NoLab` unless its QEMU runs.
-pub fn xen_host_in(cache_dir: &Path) -> Result<XenHostSpec, XenError> {
+/// The Xen lab brought up from `cache_dir` as a host; `NoLab` unless its QEMU runs.
+pub fn xen_host_in(cache_dir: &Path) -> Result<LabHost, LabError> {
     let cache_dir = &absolute_cache_dir(cache_dir);
     let state = read_state(cache_dir)
-        .map_err(|e| XenError::Lab(e.to_string()))?
-        .ok_or(XenError::NoLab)?;
+        .map_err(|e| LabError::Unusable {
+            reason: e.to_string(),
+        })?
+        .ok_or(LabError::NoLab)?;
     if !qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file) {
-        return Err(XenError::NoLab);
+        return Err(LabError::NoLab);
     }
-    Ok(XenHostSpec {
+    Ok(LabHost {
         transport: Transport::Ssh(ssh_target(&state)),
-        spec: "lab".into(),
-        lab: Some(LabKind {
+        kind: LabKind {
             accel: state.accel.clone(),
-        }),
+        },
     })
 }
 
@@ -412,8 +437,18 @@ mod tests {
     #[test]
     fn xen_host_needs_a_running_lab() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(xen_host_in(dir.path()), Err(XenError::NoLab)));
+        assert!(matches!(xen_host_in(dir.path()), Err(LabError::NoLab)));
         write_state(dir.path(), &sample_state(dir.path())).unwrap();
-        assert!(matches!(xen_host_in(dir.path()), Err(XenError::NoLab)));
+        assert!(matches!(xen_host_in(dir.path()), Err(LabError::NoLab)));
+    }
+
+    #[test]
+    fn xl_info_values_are_found_by_key() {
+        let text = "host : lab\nxen_version : 4.17.7\nxen caps : x\n";
+        assert_eq!(
+            xl_info_value(text, "xen_version").as_deref(),
+            Some("4.17.7")
+        );
+        assert_eq!(xl_info_value(text, "xen_major"), None);
     }
 }
