@@ -182,8 +182,10 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
     let _serial = common::exclusive();
     let started = Instant::now();
     let cache = lab_cache_dir();
-    let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop::new(lab::lab_down, &cache, already_up);
+    let already_up =
+        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop =
+        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
     let up = common::hvbench()
         .args(["lab", "up", "xen", "--cache-dir"])
         .arg(&cache)

@@ -2,155 +2,299 @@
 //! wait for the ready marker and for `xl info` over ssh.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::Duration;
 
+use hostutil::transport::{SshTarget, Transport};
 use serde::{Deserialize, Serialize};
 
-use super::bringup::{
-    self, check_cancelled, now_rfc3339, open_cache, sha256_hex, write_file, BootWatch, Layout,
-};
-use super::initramfs::{self, Dom0Config, READY_MARKER};
-use super::packages::{self, PackageManifest};
-use super::qemu::XenBoot;
-use super::tools::{require_tool, run_checked_bytes};
-use super::{
-    lab_down, lab_status, write_state, xen_version_over_ssh, LabError, LabState, XenLabOptions,
-    HOST_KEY_ALIAS,
-};
+use crate::bringup::{self, sha256_hex, write_file, Layout};
+use crate::initramfs::{self, Dom0Config, READY_MARKER};
+use crate::packages::{self, PackageManifest};
+use crate::qemu::XenBoot;
+use crate::recipe::{self, Booted, Lab, LabStatus, MachineOptions, Recipe};
+use crate::tools::{require_tool, run_checked_bytes};
+use crate::LabError;
 
-pub use super::qemu::DOM0_MEMORY_MIB;
+pub use crate::qemu::DOM0_MEMORY_MIB;
 
+/// The name dom0's host key is pinned under in the lab's known_hosts, whatever the port.
+pub const HOST_KEY_ALIAS: &str = "hvbench-xen-lab";
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
 
+/// The Xen lab: Debian 12's Xen 4.17 with a busybox dom0.
+#[derive(Debug, Clone, Copy)]
+pub struct XenLab;
+
+#[derive(Debug)]
+pub struct XenLabOptions {
+    /// The emulated machine (3072 MiB by default); dom0 gets `DOM0_MEMORY_MIB` of it.
+    pub machine: MachineOptions,
+}
+
+impl XenLabOptions {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            machine: MachineOptions::new(cache_dir, 3072),
+        }
+    }
+}
+
+/// A running Xen lab, as saved in `<cache_dir>/xen-lab.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct XenLabState {
+    /// "xen".
+    pub kind: String,
+    pub qemu_pid: u32,
+    /// QEMU's `-pidfile`; its path in QEMU's command line identifies our QEMU.
+    pub qemu_pid_file: PathBuf,
+    pub ssh_port: u16,
+    pub ssh_key: PathBuf,
+    pub known_hosts: PathBuf,
+    /// As `xl info` reports it, e.g. "4.17.7".
+    pub xen_version: String,
+    /// The Debian package versions the lab was built from.
+    pub xen_package_version: String,
+    pub dom0_kernel_package: String,
+    /// "tcg" or "kvm": with tcg, every timing inside the lab is an emulation artefact.
+    pub accel: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// From QEMU's start to `xl info` answering over ssh.
+    pub boot_seconds: f64,
+    pub serial_log: PathBuf,
+}
+
 /// Xen's own image sits beside the dom0 kernel.
-fn hypervisor_path(layout: &Layout) -> std::path::PathBuf {
+fn hypervisor_path(layout: &Layout) -> PathBuf {
     layout.boot_dir.join("xen-4.17")
 }
 
 /// Inputs of a build; a rebuild happens when any of them changes.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct BuildStamp {
+pub(crate) struct BuildStamp {
     format: u32,
     inputs_sha256: String,
     xen_package_version: String,
     dom0_kernel_package: String,
 }
 
-fn validate(options: &XenLabOptions) -> Result<(), LabError> {
-    let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
-    if options.memory_mib < DOM0_MEMORY_MIB + 512 {
-        return invalid(format!(
-            "memory_mib must be at least {} (dom0 takes {DOM0_MEMORY_MIB} MiB)",
-            DOM0_MEMORY_MIB + 512
-        ));
-    }
-    bringup::check_machine(options.cpus, options.ssh_port, options.accel)
+/// Where to ssh into the lab described by `state`: root@127.0.0.1 on the forwarded port,
+/// with the lab's own key and its pinned host key.
+pub(crate) fn ssh_target(state: &XenLabState) -> SshTarget {
+    bringup::loopback_ssh_target(
+        state.ssh_port,
+        &state.ssh_key,
+        &state.known_hosts,
+        HOST_KEY_ALIAS,
+    )
 }
 
-/// Brings the Xen lab up, or returns the one already up and healthy.
-pub fn lab_up_xen(options: &XenLabOptions) -> Result<LabState, LabError> {
-    validate(options)?;
-    let progress = options.progress;
-    let cache = open_cache(&options.cache_dir, Layout::xen, progress)?;
-    let (cache_dir, layout) = (&cache.dir, &cache.layout);
-
-    if let Some(status) = lab_status(cache_dir)? {
-        if status.healthy() {
-            progress(&format!(
-                "Xen {} lab already up (QEMU pid {}, ssh port {})",
-                status.state.xen_version, status.state.qemu_pid, status.state.ssh_port
-            ));
-            return Ok(status.state);
-        }
-        progress("a previous lab is not healthy; stopping it");
-    }
-    // Also catches a QEMU whose bring-up was killed before it saved any state.
-    lab_down(cache_dir)?;
-
-    let started = Instant::now();
-    let manifest = bringup::fetch_and_stage(
-        layout,
-        packages::XEN_LAB_PACKAGES,
-        "about 81 MB",
-        options.cancel,
-        progress,
-    )?;
-    let stamp = ensure_boot_files(layout, &manifest, progress)?;
-    progress(&format!(
-        "boot files ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    check_cancelled(options.cancel)?;
-
-    fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
-    let hypervisor = hypervisor_path(layout);
-    let (pid, port, guard, boot_started) =
-        bringup::start_qemu(layout, options.ssh_port, &|port| {
-            XenBoot {
-                hypervisor: &hypervisor,
-                dom0_kernel: &layout.kernel,
-                dom0_initramfs: &layout.initramfs,
-                serial_log: &layout.serial_log,
-                pid_file: &layout.pid_file,
-                ssh_port: port,
-                memory_mib: options.memory_mib,
-                cpus: options.cpus,
-                accel: options.accel,
-            }
-            .start()
+/// `xen_version` from `xl info` run in the lab's dom0.
+fn xen_version_over_ssh(state: &XenLabState, timeout: Duration) -> Result<String, LabError> {
+    let output = Transport::Ssh(ssh_target(state))
+        .run("xl info", None, timeout)
+        .map_err(|e| LabError::Ssh {
+            reason: e.to_string(),
         })?;
-    progress(&format!(
-        "booting Xen under QEMU ({}, {} MiB, {} CPUs; QEMU pid {pid}, ssh on 127.0.0.1:{port}; serial log {})",
-        options.accel.as_str(),
-        options.memory_mib,
-        options.cpus,
-        layout.serial_log.display()
-    ));
+    xl_info_value(&String::from_utf8_lossy(&output.stdout), "xen_version").ok_or_else(|| {
+        LabError::Ssh {
+            reason: "`xl info` printed no xen_version".into(),
+        }
+    })
+}
 
-    let mut state = LabState {
-        kind: "xen".into(),
-        qemu_pid: pid,
-        qemu_pid_file: layout.pid_file.clone(),
-        ssh_port: port,
-        ssh_key: layout.client_key.clone(),
-        known_hosts: layout.known_hosts.clone(),
-        xen_version: String::new(),
-        xen_package_version: stamp.xen_package_version.clone(),
-        dom0_kernel_package: stamp.dom0_kernel_package.clone(),
-        accel: options.accel.as_str().into(),
-        memory_mib: options.memory_mib,
-        cpus: options.cpus,
-        started_at: now_rfc3339(),
-        boot_seconds: 0.0,
-        serial_log: layout.serial_log.clone(),
-    };
-    let watch = BootWatch {
-        layout,
-        lab: "Xen",
-        pid,
-        deadline: boot_started + options.boot_timeout,
-        boot_timeout: options.boot_timeout,
-        cancel: options.cancel,
-    };
-    watch.wait_for_marker(READY_MARKER)?;
-    progress(&format!(
-        "dom0 ready after {:.1} s; asking `xl info` over ssh",
-        boot_started.elapsed().as_secs_f64()
-    ));
-    state.xen_version = wait_for_xl_info(&watch, &state)?;
-    state.boot_seconds = boot_started.elapsed().as_secs_f64();
-    write_state(cache_dir, &state)?;
-    guard.disarm();
-    progress(&format!(
-        "Xen {} is up: {:.1} s from QEMU start to `xl info` over ssh ({:.1} s in all)",
-        state.xen_version,
-        state.boot_seconds,
-        started.elapsed().as_secs_f64()
-    ));
-    Ok(state)
+/// The value of `key` in `xl info`'s `key : value` lines.
+fn xl_info_value(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, value)| value.trim().to_string())
+}
+
+impl Lab for XenLab {
+    const NAME: &'static str = "Xen";
+    type Options = XenLabOptions;
+    type State = XenLabState;
+
+    fn options(cache_dir: PathBuf) -> Result<XenLabOptions, LabError> {
+        Ok(XenLabOptions::new(cache_dir))
+    }
+
+    fn machine_mut(options: &mut XenLabOptions) -> &mut MachineOptions {
+        &mut options.machine
+    }
+
+    fn up(options: &XenLabOptions) -> Result<XenLabState, LabError> {
+        recipe::up::<Self>(options)
+    }
+
+    fn status(cache_dir: &Path) -> Result<Option<LabStatus<XenLabState>>, LabError> {
+        recipe::status::<Self>(cache_dir)
+    }
+
+    fn down(cache_dir: &Path) -> Result<bool, LabError> {
+        recipe::down::<Self>(cache_dir)
+    }
+
+    fn up_report(state: &XenLabState) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "Xen {} lab is up ({} under QEMU, booted in {:.1} s).",
+                state.xen_version, state.accel, state.boot_seconds
+            ),
+            format!(
+                "dom0: ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={HOST_KEY_ALIAS} root@127.0.0.1",
+                state.ssh_key.display(),
+                state.ssh_port,
+                state.known_hosts.display()
+            ),
+            "run:  hvbench run --backend xen --xen-host lab".to_string(),
+        ];
+        if state.accel == "tcg" {
+            lines.push(crate::TCG_CAVEAT.to_string());
+        }
+        lines
+    }
+
+    fn status_line(status: &LabStatus<XenLabState>) -> String {
+        format!(
+            "Xen {} lab ({}), started {}, ssh port {}: QEMU {}, dom0 {}",
+            status.state.xen_version,
+            status.state.accel,
+            status.state.started_at,
+            status.state.ssh_port,
+            if status.qemu_running {
+                "running"
+            } else {
+                "not running"
+            },
+            if status.answer.is_some() {
+                "answers"
+            } else {
+                "does not answer"
+            },
+        )
+    }
+}
+
+impl Recipe for XenLab {
+    const STATE_FILE: &'static str = "xen-lab.json";
+    const PACKAGES: &'static [&'static str] = packages::XEN_LAB_PACKAGES;
+    const DOWNLOAD_SIZE: &'static str = "about 81 MB";
+    const READY_MARKER: &'static str = READY_MARKER;
+    const BOOTED: &'static str = "dom0";
+    const PROBE: &'static str = "`xl info`";
+    type Stamp = BuildStamp;
+
+    fn machine(options: &XenLabOptions) -> &MachineOptions {
+        &options.machine
+    }
+
+    fn layout(cache_dir: &Path) -> Layout {
+        Layout::xen(cache_dir)
+    }
+
+    fn validate(options: &XenLabOptions) -> Result<(), LabError> {
+        if options.machine.memory_mib < DOM0_MEMORY_MIB + 512 {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "memory_mib must be at least {} (dom0 takes {DOM0_MEMORY_MIB} MiB)",
+                    DOM0_MEMORY_MIB + 512
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn ensure_boot_files(
+        layout: &Layout,
+        manifest: &PackageManifest,
+        _options: &XenLabOptions,
+        progress: fn(&str),
+    ) -> Result<BuildStamp, LabError> {
+        ensure_boot_files(layout, manifest, progress)
+    }
+
+    fn booting(_stamp: &BuildStamp) -> String {
+        "Xen".into()
+    }
+
+    fn start_qemu(
+        layout: &Layout,
+        machine: &MachineOptions,
+        ssh_port: u16,
+    ) -> Result<u32, LabError> {
+        XenBoot {
+            hypervisor: &hypervisor_path(layout),
+            dom0_kernel: &layout.kernel,
+            dom0_initramfs: &layout.initramfs,
+            serial_log: &layout.serial_log,
+            pid_file: &layout.pid_file,
+            ssh_port,
+            memory_mib: machine.memory_mib,
+            cpus: machine.cpus,
+            accel: machine.accel,
+        }
+        .start()
+    }
+
+    fn new_state(booted: &Booted<'_>, stamp: BuildStamp) -> XenLabState {
+        let (layout, machine) = (booted.layout, booted.machine);
+        XenLabState {
+            kind: "xen".into(),
+            qemu_pid: booted.qemu_pid,
+            qemu_pid_file: layout.pid_file.clone(),
+            ssh_port: booted.ssh_port,
+            ssh_key: layout.client_key.clone(),
+            known_hosts: layout.known_hosts.clone(),
+            xen_version: String::new(),
+            xen_package_version: stamp.xen_package_version,
+            dom0_kernel_package: stamp.dom0_kernel_package,
+            accel: machine.accel.as_str().into(),
+            memory_mib: machine.memory_mib,
+            cpus: machine.cpus,
+            started_at: booted.started_at.clone(),
+            boot_seconds: 0.0,
+            serial_log: layout.serial_log.clone(),
+        }
+    }
+
+    fn qemu(state: &XenLabState) -> (u32, &Path) {
+        (state.qemu_pid, &state.qemu_pid_file)
+    }
+
+    fn probe(state: &XenLabState, timeout: Duration) -> Result<String, LabError> {
+        xen_version_over_ssh(state, timeout)
+    }
+
+    fn finish(state: &mut XenLabState, answer: String, boot_seconds: f64) {
+        state.xen_version = answer;
+        state.boot_seconds = boot_seconds;
+    }
+
+    fn up_message(state: &XenLabState, total_seconds: f64) -> String {
+        format!(
+            "Xen {} is up: {:.1} s from QEMU start to `xl info` over ssh ({total_seconds:.1} s in all)",
+            state.xen_version, state.boot_seconds
+        )
+    }
+
+    fn reuse(
+        _cache_dir: &Path,
+        status: LabStatus<XenLabState>,
+        options: &XenLabOptions,
+    ) -> Result<XenLabState, LabError> {
+        (options.machine.progress)(&format!(
+            "Xen {} lab already up (QEMU pid {}, ssh port {})",
+            status.state.xen_version, status.state.qemu_pid, status.state.ssh_port
+        ));
+        Ok(status.state)
+    }
 }
 
 /// Hypervisor, dom0 kernel, keys and initramfs; rebuilt only when their inputs changed.
@@ -243,18 +387,12 @@ fn ensure_boot_files(
     Ok(expected)
 }
 
-fn wait_for_xl_info(watch: &BootWatch<'_>, state: &LabState) -> Result<String, LabError> {
-    watch.wait_for_ssh("`xl info`", |limit| xen_version_over_ssh(state, limit))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bringup::now_rfc3339;
     use crate::qemu;
-    use crate::ssh_target;
-    use hostutil::transport::Transport;
-    use std::path::PathBuf;
-    use std::time::Duration;
+    use std::time::Instant;
 
     /// The flat image (0x100000..) of assets/pvh-test-guest.S: prints one line on the PV
     /// console and port 0xE9, then SCHEDOP_shutdown(poweroff).
@@ -339,19 +477,19 @@ mod tests {
     #[test]
     fn small_machines_and_bad_ports_are_refused() {
         let mut options = XenLabOptions::new("/tmp/unused");
-        options.memory_mib = 1024;
+        options.machine.memory_mib = 1024;
         assert!(matches!(
-            validate(&options),
+            recipe::validate::<XenLab>(&options),
             Err(LabError::InvalidOptions { .. })
         ));
-        options.memory_mib = 3072;
-        options.ssh_port = Some(0);
-        assert!(validate(&options).is_err());
-        options.ssh_port = None;
-        options.cpus = 0;
-        assert!(validate(&options).is_err());
-        options.cpus = 2;
-        validate(&options).unwrap();
+        options.machine.memory_mib = 3072;
+        options.machine.ssh_port = Some(0);
+        assert!(recipe::validate::<XenLab>(&options).is_err());
+        options.machine.ssh_port = None;
+        options.machine.cpus = 0;
+        assert!(recipe::validate::<XenLab>(&options).is_err());
+        options.machine.cpus = 2;
+        recipe::validate::<XenLab>(&options).unwrap();
     }
 
     /// Boots the real lab: downloads ~81 MB of Debian packages on first use, then about
@@ -367,7 +505,7 @@ mod tests {
             })
             .expect("HOME or HVBENCH_LAB_TEST_CACHE must be set");
         let options = XenLabOptions::new(&cache_dir);
-        let state = lab_up_xen(&options).expect("lab up");
+        let state = XenLab::up(&options).expect("lab up");
         assert_eq!(state.kind, "xen");
         assert!(
             state.xen_version.starts_with("4.17"),
@@ -376,10 +514,10 @@ mod tests {
         );
 
         // Idempotent: the same lab comes back.
-        let again = lab_up_xen(&options).expect("second lab up");
+        let again = XenLab::up(&options).expect("second lab up");
         assert_eq!(again.qemu_pid, state.qemu_pid);
 
-        let status = lab_status(&cache_dir).expect("status").expect("a lab");
+        let status = XenLab::status(&cache_dir).expect("status").expect("a lab");
         assert!(status.healthy(), "{status:?}");
         let dom0 = Transport::Ssh(ssh_target(&state));
         let run = |command: &str, input: Option<&[u8]>| {
@@ -414,9 +552,119 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
         }
 
-        assert!(lab_down(&cache_dir).expect("down"));
+        assert!(XenLab::down(&cache_dir).expect("down"));
         assert!(!qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file));
-        assert!(lab_status(&cache_dir).expect("status").is_none());
-        assert!(!lab_down(&cache_dir).expect("second down"));
+        assert!(XenLab::status(&cache_dir).expect("status").is_none());
+        assert!(!XenLab::down(&cache_dir).expect("second down"));
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use crate::{xen_host_in, LabError};
+    use std::path::Path;
+
+    fn lab_status(cache_dir: &Path) -> Result<Option<LabStatus<XenLabState>>, LabError> {
+        crate::recipe::status::<XenLab>(cache_dir)
+    }
+    fn lab_down(cache_dir: &Path) -> Result<bool, LabError> {
+        crate::recipe::down::<XenLab>(cache_dir)
+    }
+    fn read_state(cache_dir: &Path) -> Result<Option<XenLabState>, LabError> {
+        crate::recipe::read_state::<XenLab>(cache_dir)
+    }
+    fn write_state(cache_dir: &Path, state: &XenLabState) -> Result<(), LabError> {
+        crate::recipe::write_state::<XenLab>(cache_dir, state)
+    }
+    fn state_path(cache_dir: &Path) -> PathBuf {
+        crate::recipe::state_path::<XenLab>(cache_dir)
+    }
+
+    fn sample_state(cache_dir: &Path) -> XenLabState {
+        XenLabState {
+            kind: "xen".into(),
+            qemu_pid: u32::MAX,
+            qemu_pid_file: cache_dir.join("xen/run/qemu.pid"),
+            ssh_port: 10022,
+            ssh_key: cache_dir.join("xen/keys/id_ed25519"),
+            known_hosts: cache_dir.join("xen/keys/known_hosts"),
+            xen_version: "4.17.7".into(),
+            xen_package_version: "4.17.7+13-g2445b30a44-0+deb12u1".into(),
+            dom0_kernel_package: "linux-image-6.1.0-56-amd64 6.1.192-2".into(),
+            accel: "tcg".into(),
+            memory_mib: 3072,
+            cpus: 2,
+            started_at: "2026-11-26T05:00:00Z".into(),
+            boot_seconds: 9.0,
+            serial_log: cache_dir.join("xen/run/serial.log"),
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_a_dead_lab_is_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(lab_status(dir.path()).unwrap().is_none());
+        let state = sample_state(dir.path());
+        write_state(dir.path(), &state).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), Some(state.clone()));
+        let status = lab_status(dir.path()).unwrap().unwrap();
+        assert!(!status.qemu_running && status.answer.is_none() && !status.healthy());
+        // Nothing of ours runs: down reports false and forgets the state.
+        assert!(!lab_down(dir.path()).unwrap());
+        assert!(lab_status(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn down_never_kills_a_foreign_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample_state(dir.path());
+        // This test process is alive but is not a QEMU naming our pid file.
+        state.qemu_pid = std::process::id();
+        write_state(dir.path(), &state).unwrap();
+        assert!(!lab_down(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_for_status_but_not_for_down() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(state_path(dir.path()), "{not json").unwrap();
+        assert!(matches!(
+            lab_status(dir.path()),
+            Err(LabError::State { .. })
+        ));
+        assert!(!lab_down(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn ssh_target_uses_the_state() {
+        let state = sample_state(Path::new("/c"));
+        let target = ssh_target(&state);
+        assert_eq!(target.port, 10022);
+        assert_eq!(target.user, "root");
+        assert_eq!(target.host, "127.0.0.1");
+        assert_eq!(
+            target.identity,
+            Some(PathBuf::from("/c/xen/keys/id_ed25519"))
+        );
+        assert_eq!(target.host_key_alias.as_deref(), Some(HOST_KEY_ALIAS));
+    }
+
+    #[test]
+    fn xen_host_needs_a_running_lab() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(xen_host_in(dir.path()), Err(LabError::NoLab)));
+        write_state(dir.path(), &sample_state(dir.path())).unwrap();
+        assert!(matches!(xen_host_in(dir.path()), Err(LabError::NoLab)));
+    }
+
+    #[test]
+    fn xl_info_values_are_found_by_key() {
+        let text = "host : lab\nxen_version : 4.17.7\nxen caps : x\n";
+        assert_eq!(
+            xl_info_value(text, "xen_version").as_deref(),
+            Some("4.17.7")
+        );
+        assert_eq!(xl_info_value(text, "xen_major"), None);
     }
 }
