@@ -12,13 +12,13 @@ use workloads::WORKLOADS;
 
 use crate::backend::kvm::KvmBackend;
 use crate::backend::qemu::{QemuBackend, QemuOptions};
-use crate::backend::xen::transport::{SshTarget, Transport};
 use crate::backend::xen::xl::Paging;
 use crate::backend::xen::{XenBackend, XenHostSpec};
 use crate::backend::{BackendKind, Hypervisor};
 use crate::guest_image::GuestImage;
 use crate::run::{self, plan, RunOptions, WorkloadParam};
 use crate::{host, interrupt, summary};
+use hostutil::transport::{SshTarget, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -207,7 +207,7 @@ impl LabDir {
     fn resolve(&self) -> Result<PathBuf> {
         match &self.cache_dir {
             Some(d) => Ok(d.clone()),
-            None => crate::lab::default_cache_dir()
+            None => lab::default_cache_dir()
                 .context("neither XDG_CACHE_HOME nor HOME is set: pass --cache-dir"),
         }
     }
@@ -376,12 +376,12 @@ pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
             spec: spec.to_string(),
             lab: None,
         },
-        "lab" => crate::lab::xen_host()?,
+        "lab" => XenHostSpec::lab(spec, lab::xen_host()?),
         // A lab brought up with `lab up xen --cache-dir DIR`.
-        lab if lab.starts_with("lab:") => XenHostSpec {
-            spec: spec.to_string(),
-            ..crate::lab::xen_host_in(std::path::Path::new(&lab["lab:".len()..]))?
-        },
+        dir if dir.starts_with("lab:") => XenHostSpec::lab(
+            spec,
+            lab::xen_host_in(std::path::Path::new(&dir["lab:".len()..]))?,
+        ),
         url => XenHostSpec {
             transport: Transport::Ssh(SshTarget::parse(url)?),
             spec: spec.to_string(),
@@ -615,8 +615,7 @@ pub fn host_paging(args: &PagingArgs) -> Result<i32> {
     )?)
 }
 
-fn lab_accel(accel: &str) -> Result<crate::lab::LabAccel> {
-    use crate::lab;
+fn lab_accel(accel: &str) -> Result<lab::LabAccel> {
     Ok(match accel {
         "tcg" => lab::LabAccel::Tcg,
         "kvm" => {
@@ -629,9 +628,8 @@ fn lab_accel(accel: &str) -> Result<crate::lab::LabAccel> {
     })
 }
 
-/// `hvbench lab ... kvm`.
-fn kvm_lab(action: &LabAction) -> Result<i32> {
-    use crate::lab;
+/// `hvbench lab up|status|down` on one kind of lab.
+fn lab_action<L: lab::Lab>(action: &LabAction) -> Result<i32> {
     match action {
         LabAction::Up {
             where_,
@@ -642,216 +640,116 @@ fn kvm_lab(action: &LabAction) -> Result<i32> {
             boot_timeout_s,
             ..
         } => {
-            let mut opts = lab::KvmLabOptions::new(where_.resolve()?)?;
-            opts.ssh_port = *ssh_port;
-            opts.boot_timeout = Duration::from_secs(*boot_timeout_s);
-            opts.cancel = Some(interrupt::install());
-            opts.accel = lab_accel(accel)?;
-            opts.cpus = *cpus;
+            let mut opts = L::options(where_.resolve()?)?;
+            let machine = L::machine_mut(&mut opts);
+            machine.ssh_port = *ssh_port;
+            machine.boot_timeout = Duration::from_secs(*boot_timeout_s);
+            machine.cancel = Some(interrupt::install());
+            machine.accel = lab_accel(accel)?;
+            machine.cpus = *cpus;
             if let Some(memory_mib) = memory_mib {
-                opts.memory_mib = *memory_mib;
+                machine.memory_mib = *memory_mib;
             }
-            let state = lab::lab_up_kvm(&opts)?;
-            crate::tell_line!(
-                "KVM lab is up (Linux {} under QEMU {}, booted in {:.1} s): {}",
-                state.kernel_release,
-                state.accel,
-                state.boot_seconds,
-                state.kvm_at_boot
-            );
-            crate::tell_line!(
-                "ssh:  ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={} root@127.0.0.1",
-                state.ssh_key.display(),
-                state.ssh_port,
-                state.known_hosts.display(),
-                lab::KVM_HOST_KEY_ALIAS
-            );
-            crate::tell_line!(
-                "run:  hvbench lab run kvm --paging tdp|shadow --out DIR -- <hvbench run options>"
-            );
-            if state.accel == "tcg" {
-                crate::tell_line!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
+            let state = L::up(&opts)?;
+            for line in L::up_report(&state) {
+                crate::tell_line!("{line}");
             }
             Ok(0)
         }
-        LabAction::Status { where_, .. } => match lab::kvm_lab_status(&where_.resolve()?)? {
+        LabAction::Status { where_, .. } => match L::status(&where_.resolve()?)? {
             None => {
-                crate::tell_line!("no KVM lab");
+                crate::tell_line!("no {} lab", L::NAME);
                 Ok(1)
             }
             Some(status) => {
-                crate::tell_line!(
-                    "KVM lab (Linux {}, QEMU {}), started {}, ssh port {}: QEMU {}, {}",
-                    status.state.kernel_release,
-                    status.state.accel,
-                    status.state.started_at,
-                    status.state.ssh_port,
-                    if status.qemu_running {
-                        "running"
-                    } else {
-                        "not running"
-                    },
-                    status
-                        .kvm_now
-                        .as_deref()
-                        .unwrap_or("hvbench in the lab does not answer"),
-                );
+                crate::tell_line!("{}", L::status_line(&status));
                 Ok(if status.healthy() { 0 } else { 1 })
             }
         },
         LabAction::Down { where_, .. } => {
-            let was_up = lab::kvm_lab_down(&where_.resolve()?)?;
-            crate::tell_line!(
-                "{}",
-                if was_up {
-                    "KVM lab stopped"
-                } else {
-                    "no KVM lab was running"
-                }
-            );
+            if L::down(&where_.resolve()?)? {
+                crate::tell_line!("{} lab stopped", L::NAME);
+            } else {
+                crate::tell_line!("no {} lab was running", L::NAME);
+            }
             Ok(0)
         }
+        LabAction::Run { .. } => bail!("`lab run` is for the KVM lab"),
+    }
+}
+
+/// `hvbench lab run kvm`.
+fn kvm_lab_run(
+    where_: &LabDir,
+    paging: Option<crate::host_paging::PagingMode>,
+    out: &std::path::Path,
+    append: bool,
+    timeout_s: u64,
+    run_args: &[String],
+) -> Result<i32> {
+    lab::check_lab_run_args(run_args)?;
+    // The arguments must make a valid `hvbench run` before minutes go into the lab.
+    let mut probe = vec!["hvbench", "run", "--backend", "kvm"];
+    probe.extend(run_args.iter().map(String::as_str));
+    if let Err(error) = Cli::try_parse_from(probe) {
+        let text = error.to_string();
+        bail!(
+            "the arguments after `--` are not valid for `hvbench run`: {}",
+            text.lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+        );
+    }
+    let hvbench = std::env::current_exe().context("hvbench's own executable")?;
+    let outcome = lab::lab_run_kvm(&lab::KvmLabRun {
+        cache_dir: &where_.resolve()?,
+        paging,
+        run_args,
+        out,
+        append,
+        timeout: Duration::from_secs(timeout_s),
+        hvbench: &hvbench,
+        progress: |m| crate::say!("hvbench lab: {m}"),
+        cancel: Some(interrupt::install()),
+    })?;
+    crate::tell!("{}", outcome.summary);
+    crate::tell_line!(
+        "\nRecords ({} copied from the KVM lab): {} and {}",
+        outcome.records,
+        outcome.jsonl.display(),
+        outcome.csv.display()
+    );
+    if outcome.interrupted {
+        crate::say!("hvbench: interrupted; every record measured so far is saved");
+    }
+    Ok(outcome.exit_code)
+}
+
+/// `hvbench lab ...`.
+pub fn lab(action: &LabAction) -> Result<i32> {
+    match action {
         LabAction::Run {
+            kind: LabKindArg::Kvm,
             where_,
             paging,
             out,
             append,
             timeout_s,
             run_args,
+        } => kvm_lab_run(where_, *paging, out, *append, *timeout_s, run_args),
+        LabAction::Run {
+            kind: LabKindArg::Xen,
             ..
         } => {
-            lab::check_lab_run_args(run_args)?;
-            // The arguments must make a valid `hvbench run` before minutes go into the lab.
-            let mut probe = vec!["hvbench", "run", "--backend", "kvm"];
-            probe.extend(run_args.iter().map(String::as_str));
-            if let Err(error) = Cli::try_parse_from(probe) {
-                let text = error.to_string();
-                bail!(
-                    "the arguments after `--` are not valid for `hvbench run`: {}",
-                    text.lines()
-                        .next()
-                        .unwrap_or_default()
-                        .trim_start_matches("error: ")
-                );
-            }
-            let hvbench = std::env::current_exe().context("hvbench's own executable")?;
-            let outcome = lab::lab_run_kvm(&lab::KvmLabRun {
-                cache_dir: &where_.resolve()?,
-                paging: *paging,
-                run_args,
-                out,
-                append: *append,
-                timeout: Duration::from_secs(*timeout_s),
-                hvbench: &hvbench,
-                progress: |m| crate::say!("hvbench lab: {m}"),
-                cancel: Some(interrupt::install()),
-            })?;
-            crate::tell!("{}", outcome.summary);
-            crate::tell_line!(
-                "\nRecords ({} copied from the KVM lab): {} and {}",
-                outcome.records,
-                outcome.jsonl.display(),
-                outcome.csv.display()
-            );
-            if outcome.interrupted {
-                crate::say!("hvbench: interrupted; every record measured so far is saved");
-            }
-            Ok(outcome.exit_code)
-        }
-    }
-}
-
-/// `hvbench lab ...`.
-pub fn lab(action: &LabAction) -> Result<i32> {
-    use crate::lab;
-    let kind = match action {
-        LabAction::Up { kind, .. }
-        | LabAction::Run { kind, .. }
-        | LabAction::Status { kind, .. }
-        | LabAction::Down { kind, .. } => *kind,
-    };
-    if kind == LabKindArg::Kvm {
-        return kvm_lab(action);
-    }
-    match action {
-        LabAction::Run { .. } => {
             bail!("`lab run` is for the KVM lab; on the Xen lab use `hvbench run --backend xen --xen-host lab`")
         }
-        LabAction::Up {
-            where_,
-            ssh_port,
-            accel,
-            memory_mib,
-            cpus,
-            boot_timeout_s,
-            ..
-        } => {
-            let mut opts = lab::XenLabOptions::new(where_.resolve()?);
-            opts.ssh_port = *ssh_port;
-            opts.boot_timeout = Duration::from_secs(*boot_timeout_s);
-            opts.cancel = Some(interrupt::install());
-            opts.accel = lab_accel(accel)?;
-            opts.cpus = *cpus;
-            if let Some(memory_mib) = memory_mib {
-                opts.memory_mib = *memory_mib;
-            }
-            let state = lab::lab_up_xen(&opts)?;
-            crate::tell_line!(
-                "Xen {} lab is up ({} under QEMU, booted in {:.1} s).",
-                state.xen_version,
-                state.accel,
-                state.boot_seconds
-            );
-            crate::tell_line!(
-                "dom0: ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias=hvbench-xen-lab root@127.0.0.1",
-                state.ssh_key.display(),
-                state.ssh_port,
-                state.known_hosts.display()
-            );
-            crate::tell_line!("run:  hvbench run --backend xen --xen-host lab");
-            if state.accel == "tcg" {
-                crate::tell_line!("Figures measured in this lab are TCG emulation artefacts: they prove function, not performance.");
-            }
-            Ok(0)
-        }
-        LabAction::Status { where_, .. } => match lab::lab_status(&where_.resolve()?)? {
-            None => {
-                crate::tell_line!("no Xen lab");
-                Ok(1)
-            }
-            Some(status) => {
-                crate::tell_line!(
-                    "Xen {} lab ({}), started {}, ssh port {}: QEMU {}, dom0 {}",
-                    status.state.xen_version,
-                    status.state.accel,
-                    status.state.started_at,
-                    status.state.ssh_port,
-                    if status.qemu_running {
-                        "running"
-                    } else {
-                        "not running"
-                    },
-                    if status.ssh_answers {
-                        "answers"
-                    } else {
-                        "does not answer"
-                    },
-                );
-                Ok(if status.healthy() { 0 } else { 1 })
-            }
+        LabAction::Up { kind, .. }
+        | LabAction::Status { kind, .. }
+        | LabAction::Down { kind, .. } => match kind {
+            LabKindArg::Xen => lab_action::<lab::XenLab>(action),
+            LabKindArg::Kvm => lab_action::<lab::KvmLab>(action),
         },
-        LabAction::Down { where_, .. } => {
-            let was_up = lab::lab_down(&where_.resolve()?)?;
-            crate::tell_line!(
-                "{}",
-                if was_up {
-                    "Xen lab stopped"
-                } else {
-                    "no Xen lab was running"
-                }
-            );
-            Ok(0)
-        }
     }
 }
 

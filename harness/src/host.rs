@@ -12,12 +12,7 @@ use reports::record::HostInfo;
 
 use crate::host_paging::KvmFingerprint;
 
-/// Reads a sysfs/procfs file, trimmed; `None` if absent.
-pub(crate) fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_string())
-}
+pub(crate) use hostutil::read_trimmed;
 
 /// The selected value of a sysfs choice file such as `always [madvise] never`.
 fn bracketed(text: &str) -> String {

@@ -32,37 +32,7 @@ const LOCK_FILE: &str = "host-paging.lock";
 const MODPROBE_TIMEOUT: Duration = Duration::from_secs(120);
 const CHILD_POLL: Duration = Duration::from_millis(50);
 
-/// The paging mode asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PagingMode {
-    /// Two-dimensional paging: EPT (kvm_intel ept=1) or NPT (kvm_amd npt=1).
-    Tdp,
-    /// Shadow page tables kept by KVM (ept=0 / npt=0).
-    Shadow,
-}
-
-impl PagingMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            PagingMode::Tdp => "tdp",
-            PagingMode::Shadow => "shadow",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "tdp" => Some(PagingMode::Tdp),
-            "shadow" => Some(PagingMode::Shadow),
-            _ => None,
-        }
-    }
-
-    /// The value of the module's `ept`/`npt` parameter that gives this mode.
-    pub fn tdp_enabled(self) -> bool {
-        self == PagingMode::Tdp
-    }
-}
+pub use hostutil::PagingMode;
 
 /// The KVM vendor module whose parameter picks the paging mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,9 +275,9 @@ pub fn read_kvm_paging(paths: &HostPaths) -> KvmPaging {
         if dir.exists() {
             return KvmPaging::Vendor {
                 module,
-                tdp: crate::host::read_trimmed(dir.join("parameters").join(module.parameter()))
+                tdp: hostutil::read_trimmed(dir.join("parameters").join(module.parameter()))
                     .and_then(|v| parse_bool_parameter(&v)),
-                users: crate::host::read_trimmed(dir.join("refcnt")).and_then(|v| v.parse().ok()),
+                users: hostutil::read_trimmed(dir.join("refcnt")).and_then(|v| v.parse().ok()),
             };
         }
     }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use hvbench::backend::kvm::KvmBackend;
 use hvbench::backend::xen::xl::Paging;
-use hvbench::backend::xen::XenBackend;
-use hvbench::lab;
+use hvbench::backend::xen::{XenBackend, XenHostSpec};
 use hvbench::run::WorkloadParam;
 use reports::record::{Record, Status};
 use workloads::WorkloadId;
@@ -183,8 +182,10 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
     let _serial = common::exclusive();
     let started = Instant::now();
     let cache = lab_cache_dir();
-    let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop::new(lab::lab_down, &cache, already_up);
+    let already_up =
+        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop =
+        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
     let up = common::hvbench()
         .args(["lab", "up", "xen", "--cache-dir"])
         .arg(&cache)
@@ -195,7 +196,10 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let host = lab::xen_host_in(&cache).expect("the lab as --xen-host");
+    let host = XenHostSpec::lab(
+        "lab",
+        lab::xen_host_in(&cache).expect("the lab as --xen-host"),
+    );
     let backend = XenBackend::new(host.clone(), Paging::Hap).expect("xen backend");
     let dir = tempfile::tempdir().unwrap();
     let mut options = common::quick_options(&[WorkloadId::MemBalloon], dir.path());

@@ -11,8 +11,7 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use hvbench::backend::xen::transport::Transport;
-use hvbench::lab;
+use hostutil::transport::Transport;
 use reports::read_results;
 use reports::record::Status;
 
@@ -53,9 +52,11 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     );
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
-    let already_up = matches!(lab::kvm_lab_status(&cache), Ok(Some(s)) if s.healthy());
+    let already_up =
+        matches!(<lab::KvmLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
 
-    let mut down_on_drop = common::LabDownOnDrop::new(lab::kvm_lab_down, &cache, already_up);
+    let mut down_on_drop =
+        common::LabDownOnDrop::new(<lab::KvmLab as lab::Lab>::down, &cache, already_up);
 
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
@@ -69,7 +70,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
         "lab up kvm in {:.1} s (already up: {already_up})",
         started.elapsed().as_secs_f64()
     );
-    let state = lab::kvm_lab_status(&cache)
+    let state = <lab::KvmLab as lab::Lab>::status(&cache)
         .unwrap()
         .expect("a KVM lab")
         .state;
@@ -151,9 +152,11 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     }
 
     // The switch was undone: the lab's kvm_amd is back at npt=1.
-    let status = lab::kvm_lab_status(&cache).unwrap().expect("a KVM lab");
+    let status = <lab::KvmLab as lab::Lab>::status(&cache)
+        .unwrap()
+        .expect("a KVM lab");
     assert_eq!(
-        status.kvm_now.as_deref(),
+        status.answer.as_deref(),
         Some("kvm_amd: npt (npt=Y), not in use")
     );
 
@@ -200,7 +203,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
             !common::qemu_alive(state.qemu_pid, &state.qemu_pid_file),
             "the KVM lab's QEMU survived lab down"
         );
-        assert!(lab::kvm_lab_status(&cache).unwrap().is_none());
+        assert!(<lab::KvmLab as lab::Lab>::status(&cache).unwrap().is_none());
     }
 }
 
@@ -281,14 +284,16 @@ fn a_silent_lab_loses_no_records() {
     );
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
-    let already_up = matches!(lab::kvm_lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop::new(lab::kvm_lab_down, &cache, already_up);
+    let already_up =
+        matches!(<lab::KvmLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop =
+        common::LabDownOnDrop::new(<lab::KvmLab as lab::Lab>::down, &cache, already_up);
     let up = common::hvbench()
         .args(["lab", "up", "kvm"])
         .output()
         .unwrap();
     assert_ok(&up, "lab up kvm");
-    let state = lab::kvm_lab_status(&cache)
+    let state = <lab::KvmLab as lab::Lab>::status(&cache)
         .unwrap()
         .expect("a KVM lab")
         .state;

@@ -6,10 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use hvbench::backend::xen::transport::{SshTarget, Transport};
+use hostutil::transport::{SshTarget, Transport};
 use hvbench::backend::xen::xl::Paging;
 use hvbench::backend::xen::{XenBackend, XenHostSpec};
-use hvbench::lab;
 use reports::record::Status;
 use workloads::WorkloadId;
 
@@ -36,8 +35,10 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
     }
     let _serial = common::exclusive();
     let cache = lab::default_cache_dir().expect("HOME is set");
-    let already_up = matches!(lab::lab_status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop = common::LabDownOnDrop::new(lab::lab_down, &cache, already_up);
+    let already_up =
+        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let mut down_on_drop =
+        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
     let up = common::hvbench()
@@ -54,9 +55,15 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
         "lab up in {:.1} s (already up: {already_up})",
         started.elapsed().as_secs_f64()
     );
-    let state = lab::lab_status(&cache).unwrap().expect("state").state;
+    let state = <lab::XenLab as lab::Lab>::status(&cache)
+        .unwrap()
+        .expect("state")
+        .state;
 
-    let host = lab::xen_host_in(&cache).expect("the lab as --xen-host");
+    let host = XenHostSpec::lab(
+        "lab",
+        lab::xen_host_in(&cache).expect("the lab as --xen-host"),
+    );
     let info = host
         .transport
         .run("xl info", None, Duration::from_secs(60))

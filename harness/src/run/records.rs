@@ -54,10 +54,7 @@ impl std::fmt::Debug for RecordContext<'_> {
     }
 }
 
-/// UTC time as RFC 3339 to the second (`2026-11-26T05:12:00Z`).
-pub fn rfc3339(time: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
+pub use hostutil::rfc3339;
 
 fn parse_series(params: &str) -> BTreeMap<String, String> {
     params

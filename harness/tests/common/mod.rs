@@ -132,14 +132,14 @@ pub fn hvbench() -> Command {
 /// behind would eat a shared machine's CPU), unless the lab was up before the test (then it
 /// is someone's, and stays).
 pub struct LabDownOnDrop {
-    down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
+    down: fn(&Path) -> Result<bool, lab::LabError>,
     cache: PathBuf,
     armed: bool,
 }
 
 impl LabDownOnDrop {
     pub fn new(
-        down: fn(&Path) -> Result<bool, hvbench::lab::LabError>,
+        down: fn(&Path) -> Result<bool, lab::LabError>,
         cache: &Path,
         already_up: bool,
     ) -> Self {

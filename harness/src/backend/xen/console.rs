@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::transport::{shell_quote, Transport, TransportError};
 use crate::backend::GuestMessage;
 use crate::console::GuestSender;
+use hostutil::transport::{shell_quote, Transport, TransportError};
 
 /// Reattaches allowed per boot before the link gives up.
 const MAX_REATTACHES: u32 = 5;

@@ -6,7 +6,6 @@
 //! destroyed by the session on every path: end, timeout, Ctrl-C, error, drop.
 
 pub mod console;
-pub mod transport;
 pub mod xl;
 
 use std::collections::BTreeMap;
@@ -24,12 +23,13 @@ use workloads::abi::ExitCode;
 use workloads::BackendFeature;
 
 use self::console::ConsoleLink;
-use self::transport::{shell_quote, Transport, TransportError};
 use self::xl::{DomainConfig, Paging, ShutdownReason, XlInfo};
 use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{
     BackendError, BackendKind, BootRequest, GuestEnd, GuestMessage, GuestSession, Hypervisor,
 };
+use hostutil::transport::{shell_quote, Transport, TransportError};
+use lab::LabKind;
 
 /// `mktemp -d` template of the run's directory for images and configs on the dom0.
 const REMOTE_DIR_TEMPLATE: &str = "${TMPDIR:-/tmp}/hvbench.XXXXXXXXXX";
@@ -44,10 +44,6 @@ pub enum XenError {
     Transport(#[from] TransportError),
     #[error("{target} answered `xl info` without a Xen version: is it a Xen dom0? ({detail})")]
     NotXen { target: String, detail: String },
-    #[error("no Xen lab is running: start one with `hvbench lab up xen`")]
-    NoLab,
-    #[error("the Xen lab's state is unusable: {0}")]
-    Lab(String),
     #[error("ballooning domain {domain}: {detail}")]
     Balloon { domain: String, detail: String },
     #[error("`mktemp -d` on {target} printed {printed:?}, not a directory hvbench can use")]
@@ -122,11 +118,15 @@ pub struct XenHostSpec {
     pub lab: Option<LabKind>,
 }
 
-/// What kind of nested host a lab is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LabKind {
-    /// `tcg` or `kvm`: QEMU's accelerator under the lab.
-    pub accel: String,
+impl XenHostSpec {
+    /// A running Xen lab as the `--xen-host` spelled `spec`.
+    pub fn lab(spec: &str, host: lab::LabHost) -> Self {
+        Self {
+            transport: host.transport,
+            spec: spec.to_string(),
+            lab: Some(host.kind),
+        }
+    }
 }
 
 #[derive(Debug)]

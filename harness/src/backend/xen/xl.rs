@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use reports::host::{Class, Cpl0, HostClass};
 use reports::record::HostInfo;
 
-use super::LabKind;
 use crate::backend::balloon::HostMemory;
+use lab::LabKind;
 
 /// Guest paging on Xen: hardware-assisted (EPT/NPT) or shadow page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

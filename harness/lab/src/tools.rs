@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::LabError;
 
 /// Finds `tool` on PATH (or takes it as a path when it contains a slash).
-pub fn find_tool(tool: &str) -> Option<PathBuf> {
+pub(crate) fn find_tool(tool: &str) -> Option<PathBuf> {
     if tool.contains('/') {
         let path = PathBuf::from(tool);
         return is_executable(&path).then_some(path);
@@ -29,7 +29,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Fails with one sentence naming the Debian package when `tool` is missing.
-pub fn require_tool(tool: &str, package: &str) -> Result<PathBuf, LabError> {
+pub(crate) fn require_tool(tool: &str, package: &str) -> Result<PathBuf, LabError> {
     find_tool(tool).ok_or_else(|| LabError::MissingTool {
         tool: tool.to_string(),
         package: package.to_string(),
@@ -37,18 +37,18 @@ pub fn require_tool(tool: &str, package: &str) -> Result<PathBuf, LabError> {
 }
 
 /// The last few lines of a program's output, for error messages.
-pub fn tail_lines(text: &str, count: usize) -> String {
+pub(crate) fn tail_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 /// Runs to completion; a non-zero exit becomes an error carrying the end of its stderr.
-pub fn run_checked(command: &mut Command, what: &str) -> Result<String, LabError> {
+pub(crate) fn run_checked(command: &mut Command, what: &str) -> Result<String, LabError> {
     run_checked_bytes(command, what).map(|out| String::from_utf8_lossy(&out).into_owned())
 }
 
 /// As `run_checked`, for a program whose stdout is binary.
-pub fn run_checked_bytes(command: &mut Command, what: &str) -> Result<Vec<u8>, LabError> {
+pub(crate) fn run_checked_bytes(command: &mut Command, what: &str) -> Result<Vec<u8>, LabError> {
     let output = command
         .stdin(Stdio::null())
         .output()
@@ -68,7 +68,7 @@ pub fn run_checked_bytes(command: &mut Command, what: &str) -> Result<Vec<u8>, L
 
 /// Runs `command` feeding it `stdin`, collecting stdout and stderr, and kills it when it
 /// is still running after `timeout`. `Ok(None)` means it timed out.
-pub fn run_with_timeout(
+pub(crate) fn run_with_timeout(
     command: &mut Command,
     stdin: Option<&[u8]>,
     timeout: Duration,

@@ -19,13 +19,13 @@ use super::tools::run_checked;
 use super::LabError;
 
 /// The dom0 boot script (run by busybox init as `sysinit`).
-pub const RC_SCRIPT: &str = include_str!("assets/rc");
-pub const INITTAB: &str = include_str!("assets/inittab");
+pub(crate) const RC_SCRIPT: &str = include_str!("assets/rc");
+pub(crate) const INITTAB: &str = include_str!("assets/inittab");
 /// The line the boot script prints on the serial console once dropbear listens.
 pub const READY_MARKER: &str = "HVBENCH-XEN-LAB-READY";
 
 /// Xen's backend drivers for dom0, then the NIC for QEMU's user-mode network.
-pub const DOM0_MODULES: &[&str] = &[
+pub(crate) const DOM0_MODULES: &[&str] = &[
     "xen-privcmd",
     "xenfs",
     "xen-evtchn",
@@ -68,7 +68,7 @@ const STAGE_FILES: &[&str] = &[
 const MAX_SYMLINK_HOPS: usize = 16;
 
 /// What goes into a lab's initramfs.
-pub struct InitramfsSpec<'a> {
+pub(crate) struct InitramfsSpec<'a> {
     pub stage_dir: &'a Path,
     pub kernel_release: &'a str,
     /// Staging directories copied whole, keeping Debian's layout.
@@ -90,7 +90,7 @@ pub struct InitramfsSpec<'a> {
 }
 
 /// What goes into dom0 besides the staging tree's files.
-pub struct Dom0Config<'a> {
+pub(crate) struct Dom0Config<'a> {
     pub stage_dir: &'a Path,
     pub kernel_release: &'a str,
     /// One `ssh-ed25519 AAAA... comment` line.
@@ -101,7 +101,7 @@ pub struct Dom0Config<'a> {
 
 /// What was put in, for the progress line and for FINDINGS-style reporting.
 #[derive(Debug, Clone)]
-pub struct InitramfsSummary {
+pub(crate) struct InitramfsSummary {
     pub entries: usize,
     pub bytes: u64,
     pub libraries: Vec<String>,
@@ -239,7 +239,7 @@ fn initramfs_error(reason: impl Into<String>) -> LabError {
 
 /// Follows symlinks inside the staging tree (absolute targets mean the tree's root) and
 /// returns the path, relative to the tree, of the regular file at the end.
-pub fn resolve_in_stage(stage_dir: &Path, relative: &str) -> Option<String> {
+pub(crate) fn resolve_in_stage(stage_dir: &Path, relative: &str) -> Option<String> {
     let mut current = relative.trim_start_matches('/').to_string();
     for _ in 0..MAX_SYMLINK_HOPS {
         let full = stage_dir.join(&current);
@@ -278,7 +278,7 @@ fn normalize(path: &Path) -> Option<String> {
 ///
 /// `needed_of` reads a file's DT_NEEDED list; `locate` maps a soname to the file that
 /// provides it. Returns soname -> providing file.
-pub fn library_closure(
+pub(crate) fn library_closure(
     roots: &[String],
     needed_of: &dyn Fn(&str) -> Result<Vec<String>, LabError>,
     locate: &dyn Fn(&str) -> Option<String>,
@@ -310,7 +310,7 @@ pub fn library_closure(
 
 /// Orders `wanted` modules so that each comes after everything it depends on.
 /// Module names compare with `-` and `_` as equal, as the kernel does.
-pub fn module_load_order(
+pub(crate) fn module_load_order(
     wanted: &[&str],
     dependencies_of: &dyn Fn(&str) -> Result<Vec<String>, LabError>,
 ) -> Result<Vec<String>, LabError> {
@@ -344,7 +344,7 @@ pub fn module_load_order(
     Ok(order)
 }
 
-pub fn canonical_module_name(name: &str) -> String {
+pub(crate) fn canonical_module_name(name: &str) -> String {
     name.replace('-', "_")
 }
 
@@ -373,7 +373,7 @@ fn index_modules(modules_dir: &Path) -> Result<BTreeMap<String, String>, LabErro
 }
 
 /// The single kernel release under `lib/modules` of the staging tree.
-pub fn kernel_release(stage_dir: &Path) -> Result<String, LabError> {
+pub(crate) fn kernel_release(stage_dir: &Path) -> Result<String, LabError> {
     let modules = stage_dir.join("lib/modules");
     let mut releases: Vec<String> = fs::read_dir(&modules)
         .map_err(|e| LabError::io(&modules, e))?
@@ -471,7 +471,7 @@ fn busybox_applets(stage_dir: &Path) -> Result<Vec<String>, LabError> {
 }
 
 /// Builds the Xen lab's dom0 initramfs at `out`.
-pub fn build_dom0_initramfs(
+pub(crate) fn build_dom0_initramfs(
     config: &Dom0Config<'_>,
     out: &Path,
 ) -> Result<InitramfsSummary, LabError> {
@@ -495,7 +495,7 @@ pub fn build_dom0_initramfs(
 /// `modules.dep` for the modules in `order` (dependencies first): each module with every
 /// module it needs, directly or not, nearest first, as depmod writes it; modprobe loads
 /// the list from its end.
-pub fn modules_dep(
+pub(crate) fn modules_dep(
     order: &[String],
     paths: &BTreeMap<String, String>,
     dependencies_of: &dyn Fn(&str) -> Result<Vec<String>, LabError>,
@@ -531,7 +531,10 @@ pub fn modules_dep(
 }
 
 /// Builds a lab's initramfs at `out`.
-pub fn build_initramfs(spec: &InitramfsSpec<'_>, out: &Path) -> Result<InitramfsSummary, LabError> {
+pub(crate) fn build_initramfs(
+    spec: &InitramfsSpec<'_>,
+    out: &Path,
+) -> Result<InitramfsSummary, LabError> {
     let config = spec;
     let stage = config.stage_dir;
     let mut tree = Tree::default();

@@ -14,7 +14,7 @@ const FILE_TYPE_CHAR_DEVICE: u32 = 0o020000;
 const PERMISSION_BITS: u32 = 0o7777;
 
 /// Writes entries one after another; parents must be written before their children.
-pub struct CpioWriter<W: Write> {
+pub(crate) struct CpioWriter<W: Write> {
     out: W,
     next_inode: u32,
     bytes_written: u64,
@@ -29,7 +29,7 @@ struct Header<'a> {
 }
 
 impl<W: Write> CpioWriter<W> {
-    pub fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         Self {
             out,
             // Inode 0 is left to the trailer, as GNU cpio does.
@@ -38,7 +38,7 @@ impl<W: Write> CpioWriter<W> {
         }
     }
 
-    pub fn directory(&mut self, name: &str, permissions: u32) -> io::Result<()> {
+    pub(crate) fn directory(&mut self, name: &str, permissions: u32) -> io::Result<()> {
         let mode = FILE_TYPE_DIRECTORY | (permissions & PERMISSION_BITS);
         self.entry(
             Header {
@@ -52,7 +52,7 @@ impl<W: Write> CpioWriter<W> {
         )
     }
 
-    pub fn file(&mut self, name: &str, permissions: u32, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn file(&mut self, name: &str, permissions: u32, data: &[u8]) -> io::Result<()> {
         let mode = FILE_TYPE_REGULAR | (permissions & PERMISSION_BITS);
         self.entry(
             Header {
@@ -66,7 +66,7 @@ impl<W: Write> CpioWriter<W> {
         )
     }
 
-    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
         let mode = FILE_TYPE_SYMLINK | 0o777;
         self.entry(
             Header {
@@ -80,7 +80,7 @@ impl<W: Write> CpioWriter<W> {
         )
     }
 
-    pub fn char_device(
+    pub(crate) fn char_device(
         &mut self,
         name: &str,
         permissions: u32,
@@ -101,7 +101,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// Writes the trailer and hands back the underlying writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.write_header(
             0,
             &Header {
@@ -184,7 +184,7 @@ fn validate_name(name: &str) -> io::Result<()> {
 /// One entry read back from a newc archive.
 #[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CpioEntry {
+pub(crate) struct CpioEntry {
     pub name: String,
     pub mode: u32,
     pub rdev: (u32, u32),
@@ -193,7 +193,7 @@ pub struct CpioEntry {
 
 /// Parses a newc archive up to its trailer.
 #[cfg(test)]
-pub fn parse_newc(archive: &[u8]) -> Result<Vec<CpioEntry>, String> {
+pub(crate) fn parse_newc(archive: &[u8]) -> Result<Vec<CpioEntry>, String> {
     let mut entries = Vec::new();
     let mut offset = 0usize;
     loop {
@@ -294,7 +294,7 @@ mod tests {
             .stderr(Stdio::null())
             .spawn()
         else {
-            crate::say!("cpio not installed; skipping");
+            hostutil::say!("cpio not installed; skipping");
             return;
         };
         let archive = sample_archive();

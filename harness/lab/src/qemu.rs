@@ -15,8 +15,8 @@ use nix::unistd::Pid;
 use super::tools::{require_tool, run_with_timeout, tail_lines};
 use super::{LabAccel, LabError};
 
-pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+pub(crate) const QEMU_BINARY: &str = "qemu-system-x86_64";
+pub(crate) const QEMU_PACKAGE: &str = "qemu-system-x86";
 
 /// dom0's share of the emulated machine; the rest is for guests.
 pub const DOM0_MEMORY_MIB: u32 = 1024;
@@ -142,7 +142,7 @@ impl MachineBase<'_> {
 }
 
 /// A Linux host booted straight from its kernel and initramfs (the KVM lab).
-pub struct LinuxBoot<'a> {
+pub(crate) struct LinuxBoot<'a> {
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
     /// Kernel command-line words beyond the console.
@@ -174,7 +174,7 @@ impl LinuxBoot<'_> {
         }
     }
 
-    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
+    pub(crate) fn arguments(&self) -> Result<Vec<OsString>, LabError> {
         check_paths(&[self.kernel, self.initramfs, self.serial_log, self.pid_file])?;
         // panic=-1 with -no-reboot: a kernel panic stops QEMU instead of looping.
         let append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
@@ -185,14 +185,14 @@ impl LinuxBoot<'_> {
             .arguments(self.kernel, &append, &self.initramfs.to_string_lossy()))
     }
 
-    pub fn start(&self) -> Result<u32, LabError> {
+    pub(crate) fn start(&self) -> Result<u32, LabError> {
         let arguments = self.arguments()?;
         self.base().start(arguments)
     }
 }
 
 /// Everything one boot of the Xen lab needs.
-pub struct XenBoot<'a> {
+pub(crate) struct XenBoot<'a> {
     pub hypervisor: &'a Path,
     pub dom0_kernel: &'a Path,
     pub dom0_initramfs: &'a Path,
@@ -220,7 +220,7 @@ impl XenBoot<'_> {
 
     /// QEMU's arguments. Fails on paths with a comma: `-initrd` separates multiboot modules
     /// with commas (and a module's command line follows its path after a space).
-    pub fn arguments(&self) -> Result<Vec<OsString>, LabError> {
+    pub(crate) fn arguments(&self) -> Result<Vec<OsString>, LabError> {
         check_paths(&[
             self.hypervisor,
             self.dom0_kernel,
@@ -245,19 +245,19 @@ impl XenBoot<'_> {
     }
 
     /// Starts QEMU; returns once it has daemonized, with its pid.
-    pub fn start(&self) -> Result<u32, LabError> {
+    pub(crate) fn start(&self) -> Result<u32, LabError> {
         let arguments = self.arguments()?;
         self.base().start(arguments)
     }
 }
 
-pub fn read_pid_file(path: &Path) -> Option<u32> {
+pub(crate) fn read_pid_file(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// True when `pid` is a live (not zombie) QEMU whose command line names `pid_file`: our
 /// pid file path is unique to this cache directory, so a recycled pid never matches.
-pub fn is_our_qemu(pid: u32, pid_file: &Path) -> bool {
+pub(crate) fn is_our_qemu(pid: u32, pid_file: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let Ok(command_line) = fs::read(proc_dir.join("cmdline")) else {
         return false;
@@ -285,7 +285,7 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// SIGTERM, then SIGKILL after 5 s; only if `pid` is still our QEMU. True if one was running.
-pub fn terminate(pid: u32, pid_file: &Path) -> Result<bool, LabError> {
+pub(crate) fn terminate(pid: u32, pid_file: &Path) -> Result<bool, LabError> {
     if !is_our_qemu(pid, pid_file) {
         return Ok(false);
     }
@@ -320,14 +320,14 @@ pub fn terminate(pid: u32, pid_file: &Path) -> Result<bool, LabError> {
 
 /// Kills the QEMU it holds when dropped, unless disarmed: every early return of a failed
 /// bring-up takes the machine down with it.
-pub struct QemuGuard {
+pub(crate) struct QemuGuard {
     pid: u32,
     pid_file: PathBuf,
     armed: bool,
 }
 
 impl QemuGuard {
-    pub fn new(pid: u32, pid_file: &Path) -> Self {
+    pub(crate) fn new(pid: u32, pid_file: &Path) -> Self {
         Self {
             pid,
             pid_file: pid_file.to_path_buf(),
@@ -335,7 +335,7 @@ impl QemuGuard {
         }
     }
 
-    pub fn disarm(mut self) {
+    pub(crate) fn disarm(mut self) {
         self.armed = false;
     }
 }
@@ -349,7 +349,7 @@ impl Drop for QemuGuard {
 }
 
 /// Serial-log lines that mean the boot has failed for good.
-pub fn fatal_boot_line(serial_log: &str) -> Option<&str> {
+pub(crate) fn fatal_boot_line(serial_log: &str) -> Option<&str> {
     const FATAL: &[&str] = &[
         "Panic on CPU",
         "Kernel panic",

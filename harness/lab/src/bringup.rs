@@ -20,7 +20,7 @@ use super::packages::{self, PackageManifest};
 use super::qemu::{self, QemuGuard};
 use super::tools::{require_tool, run_checked, tail_lines};
 use super::LabError;
-use crate::statefile;
+use hostutil::statefile;
 
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Limit for one ssh attempt while a lab boots.
@@ -69,8 +69,8 @@ pub(super) fn loopback_ssh_target(
     key: &Path,
     known_hosts: &Path,
     alias: &str,
-) -> crate::backend::xen::transport::SshTarget {
-    crate::backend::xen::transport::SshTarget {
+) -> hostutil::transport::SshTarget {
+    hostutil::transport::SshTarget {
         user: "root".into(),
         host: "127.0.0.1".into(),
         port,
@@ -103,7 +103,7 @@ pub(super) struct Layout {
 impl Layout {
     /// The Xen lab: downloads in `<cache>/debs` and `<cache>/apt` (its first layout),
     /// the rest under `<cache>/xen`.
-    pub fn xen(cache_dir: &Path) -> Self {
+    pub(crate) fn xen(cache_dir: &Path) -> Self {
         Self::build(
             cache_dir,
             "xen",
@@ -115,7 +115,7 @@ impl Layout {
 
     /// The KVM lab: everything under `<cache>/kvm`, its own apt state included, so that
     /// it never touches what the Xen lab downloaded.
-    pub fn kvm(cache_dir: &Path) -> Self {
+    pub(crate) fn kvm(cache_dir: &Path) -> Self {
         let kvm = cache_dir.join("kvm");
         Self::build(
             cache_dir,
@@ -156,7 +156,7 @@ impl Layout {
         }
     }
 
-    pub fn package_cache(&self) -> super::packages::PackageCache {
+    pub(crate) fn package_cache(&self) -> super::packages::PackageCache {
         super::packages::PackageCache {
             apt_root: self.apt_dir.clone(),
             debs_dir: self.debs_dir.clone(),
@@ -165,7 +165,7 @@ impl Layout {
 }
 
 pub(super) fn now_rfc3339() -> String {
-    crate::run::records::rfc3339(SystemTime::now())
+    hostutil::rfc3339(SystemTime::now())
 }
 
 pub(super) fn check_cancelled(cancel: Option<&AtomicBool>) -> Result<(), LabError> {
@@ -449,7 +449,7 @@ pub(super) struct BootWatch<'a> {
 
 impl BootWatch<'_> {
     /// Fails when cancelled, when QEMU is gone, or past the deadline.
-    pub fn check(&self, waiting_for: &str) -> Result<(), LabError> {
+    pub(crate) fn check(&self, waiting_for: &str) -> Result<(), LabError> {
         check_cancelled(self.cancel)?;
         if !qemu::is_our_qemu(self.pid, &self.layout.pid_file) {
             return Err(boot_failed(self.layout, self.lab, "QEMU exited"));
@@ -466,7 +466,7 @@ impl BootWatch<'_> {
 
     /// Retries `attempt` (given the time it may take) until it answers, while the boot
     /// lasts; an ssh failure is retried, any other error ends the wait.
-    pub fn wait_for_ssh<T>(
+    pub(crate) fn wait_for_ssh<T>(
         &self,
         what: &str,
         mut attempt: impl FnMut(Duration) -> Result<T, LabError>,
@@ -486,7 +486,7 @@ impl BootWatch<'_> {
     }
 
     /// Waits for the boot script's `marker` line on the serial log.
-    pub fn wait_for_marker(&self, marker: &str) -> Result<(), LabError> {
+    pub(crate) fn wait_for_marker(&self, marker: &str) -> Result<(), LabError> {
         loop {
             let serial = serial_text(self.layout);
             if serial.contains(marker) {

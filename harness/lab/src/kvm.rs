@@ -18,15 +18,14 @@ use reports::record::Record;
 use reports::ResultsWriter;
 use serde::{Deserialize, Serialize};
 
-use super::bringup::{
-    self, check_cancelled, now_rfc3339, open_cache, sha256_hex, BootWatch, Layout,
-};
-use super::initramfs::{self, InitramfsSpec};
-use super::packages::{self, PackageManifest};
-use super::qemu::{self, LinuxBoot};
-use super::{progress_to_stderr, LabAccel, LabError};
-use crate::backend::xen::transport::{shell_quote, SshTarget, Transport, TransportError};
-use crate::host_paging::PagingMode;
+use crate::bringup::{self, check_cancelled, now_rfc3339, sha256_hex, BootWatch, Layout};
+use crate::initramfs::{self, InitramfsSpec};
+use crate::packages::{self, PackageManifest};
+use crate::qemu::{self, LinuxBoot};
+use crate::recipe::{self, Booted, Lab, LabStatus, MachineOptions, Recipe};
+use crate::LabError;
+use hostutil::transport::{shell_quote, SshTarget, Transport, TransportError};
+use hostutil::PagingMode;
 
 /// The line the boot script prints on the serial console once dropbear listens.
 pub const KVM_READY_MARKER: &str = "HVBENCH-KVM-LAB-READY";
@@ -43,7 +42,6 @@ const LAB_MODULES: &[&str] = &["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel
 const STATE_FILE: &str = "kvm-lab.json";
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
-const STATUS_SSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copying hvbench (tens of MB) into the lab through QEMU's user network and an emulated
 /// sshd.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
@@ -59,21 +57,11 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub struct KvmLabOptions {
-    /// Downloads, builds, keys, logs and the state file live here (under `kvm/`).
-    pub cache_dir: PathBuf,
-    /// The emulated machine's memory: Linux, hvbench, and the guests it boots.
-    pub memory_mib: u32,
-    pub cpus: u32,
-    /// Host port on 127.0.0.1 forwarded to the lab's sshd; None picks a free one.
-    pub ssh_port: Option<u16>,
-    pub accel: LabAccel,
-    /// From QEMU's start to hvbench answering over ssh.
-    pub boot_timeout: Duration,
+    /// The emulated machine (1536 MiB by default): Linux, hvbench, and the guests it
+    /// boots. Its files live under `kvm/` in the cache directory.
+    pub machine: MachineOptions,
     /// The hvbench binary put into the lab (default: this process's own executable).
     pub hvbench: PathBuf,
-    pub progress: fn(&str),
-    /// When set (e.g. by a Ctrl-C handler), bring-up stops and its QEMU is killed.
-    pub cancel: Option<&'static AtomicBool>,
 }
 
 impl KvmLabOptions {
@@ -83,15 +71,8 @@ impl KvmLabOptions {
             reason: format!("cannot find hvbench's own executable: {e}"),
         })?;
         Ok(Self {
-            cache_dir: cache_dir.into(),
-            memory_mib: 1536,
-            cpus: 2,
-            ssh_port: None,
-            accel: LabAccel::Tcg,
-            boot_timeout: Duration::from_secs(300),
+            machine: MachineOptions::new(cache_dir, 1536),
             hvbench,
-            progress: progress_to_stderr,
-            cancel: None,
         })
     }
 }
@@ -151,24 +132,9 @@ pub struct KvmLabState {
     pub hvbench: BinaryIdentity,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct KvmLabStatus {
-    pub state: KvmLabState,
-    /// The pid is alive, not a zombie, and its command line is our QEMU's.
-    pub qemu_running: bool,
-    /// `hvbench host paging` in the lab, when it answered over ssh.
-    pub kvm_now: Option<String>,
-}
-
-impl KvmLabStatus {
-    pub fn healthy(&self) -> bool {
-        self.qemu_running && self.kvm_now.is_some()
-    }
-}
-
 /// Inputs of a build; a rebuild happens when any of them changes.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct BuildStamp {
+pub(crate) struct BuildStamp {
     format: u32,
     inputs_sha256: String,
     kernel_package: String,
@@ -176,22 +142,18 @@ struct BuildStamp {
     hvbench: BinaryIdentity,
 }
 
-fn state_path(cache_dir: &Path) -> PathBuf {
-    cache_dir.join(STATE_FILE)
-}
-
 fn read_state(cache_dir: &Path) -> Result<Option<KvmLabState>, LabError> {
-    Ok(crate::statefile::read_json(&state_path(cache_dir))?)
+    recipe::read_state::<KvmLab>(cache_dir)
 }
 
 fn write_state(cache_dir: &Path, state: &KvmLabState) -> Result<(), LabError> {
-    packages::write_json(&state_path(cache_dir), state)
+    recipe::write_state::<KvmLab>(cache_dir, state)
 }
 
 /// Where to ssh into the lab: root@127.0.0.1 on the forwarded port, with the lab's own
 /// key and its pinned host key.
 pub fn kvm_ssh_target(state: &KvmLabState) -> SshTarget {
-    super::bringup::loopback_ssh_target(
+    bringup::loopback_ssh_target(
         state.ssh_port,
         &state.ssh_key,
         &state.known_hosts,
@@ -224,179 +186,228 @@ fn kvm_over_ssh(state: &KvmLabState, timeout: Duration) -> Result<String, LabErr
         })
 }
 
-/// The lab's state and health; None when no KVM lab was brought up from `cache_dir`.
-pub fn kvm_lab_status(cache_dir: &Path) -> Result<Option<KvmLabStatus>, LabError> {
-    let cache_dir = &super::bringup::absolute_cache_dir(cache_dir);
-    let Some(state) = read_state(cache_dir)? else {
-        return Ok(None);
-    };
-    let qemu_running = qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file);
-    let kvm_now = if qemu_running {
-        kvm_over_ssh(&state, STATUS_SSH_TIMEOUT).ok()
-    } else {
-        None
-    };
-    Ok(Some(KvmLabStatus {
-        state,
-        qemu_running,
-        kvm_now,
-    }))
-}
+/// The KVM lab: a Debian Linux host whose kvm_amd/kvm_intel hvbench may reload, with
+/// hvbench in it.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmLab;
 
-/// Stops the lab's QEMU (SIGTERM, then SIGKILL) and forgets its state. True if one was
-/// running. Also stops a QEMU left by a bring-up that was killed before saving its state.
-pub fn kvm_lab_down(cache_dir: &Path) -> Result<bool, LabError> {
-    let cache_dir = &super::bringup::absolute_cache_dir(cache_dir);
-    bringup::stop_lab(cache_dir, &state_path(cache_dir), Layout::kvm)
-}
+impl Lab for KvmLab {
+    const NAME: &'static str = "KVM";
+    type Options = KvmLabOptions;
+    type State = KvmLabState;
 
-fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
-    let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
-    if options.memory_mib < 768 {
-        return invalid(format!(
-            "memory_mib must be at least 768 (Linux, hvbench and a guest), not {}",
-            options.memory_mib
-        ));
+    fn options(cache_dir: PathBuf) -> Result<KvmLabOptions, LabError> {
+        KvmLabOptions::new(cache_dir)
     }
-    if !options.hvbench.is_file() {
-        return invalid(format!(
-            "the hvbench binary {} does not exist",
-            options.hvbench.display()
-        ));
+
+    fn machine_mut(options: &mut KvmLabOptions) -> &mut MachineOptions {
+        &mut options.machine
     }
-    bringup::check_machine(options.cpus, options.ssh_port, options.accel)
-}
 
-/// Brings the KVM lab up, or returns the one already up and healthy (with the current
-/// hvbench copied in if it changed).
-pub fn lab_up_kvm(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
-    validate(options)?;
-    let progress = options.progress;
-    let cache = open_cache(&options.cache_dir, Layout::kvm, progress)?;
-    let (cache_dir, layout) = (&cache.dir, &cache.layout);
+    fn up(options: &KvmLabOptions) -> Result<KvmLabState, LabError> {
+        recipe::up::<Self>(options)
+    }
 
-    if let Some(status) = kvm_lab_status(cache_dir)? {
-        if status.healthy() {
-            progress(&format!(
-                "KVM lab already up (QEMU pid {}, ssh port {}): {}",
-                status.state.qemu_pid,
-                status.state.ssh_port,
-                status.kvm_now.as_deref().unwrap_or_default()
-            ));
-            let mut state = status.state;
-            ensure_lab_hvbench(cache_dir, &mut state, &options.hvbench, progress)?;
-            return Ok(state);
+    fn status(cache_dir: &Path) -> Result<Option<LabStatus<KvmLabState>>, LabError> {
+        recipe::status::<Self>(cache_dir)
+    }
+
+    fn down(cache_dir: &Path) -> Result<bool, LabError> {
+        recipe::down::<Self>(cache_dir)
+    }
+
+    fn up_report(state: &KvmLabState) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "KVM lab is up (Linux {} under QEMU {}, booted in {:.1} s): {}",
+                state.kernel_release, state.accel, state.boot_seconds, state.kvm_at_boot
+            ),
+            format!(
+                "ssh:  ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={KVM_HOST_KEY_ALIAS} root@127.0.0.1",
+                state.ssh_key.display(),
+                state.ssh_port,
+                state.known_hosts.display(),
+            ),
+            "run:  hvbench lab run kvm --paging tdp|shadow --out DIR -- <hvbench run options>"
+                .to_string(),
+        ];
+        if state.accel == "tcg" {
+            lines.push(crate::TCG_CAVEAT.to_string());
         }
-        progress("a previous KVM lab is not healthy; stopping it");
+        lines
     }
-    // Also catches a QEMU whose bring-up was killed before it saved any state.
-    kvm_lab_down(cache_dir)?;
 
-    let started = Instant::now();
-    let manifest = bringup::fetch_and_stage(
-        layout,
-        packages::KVM_LAB_PACKAGES,
-        "about 75 MB, the kernel most of it",
-        options.cancel,
-        progress,
-    )?;
-    let stamp = ensure_boot_files(layout, &manifest, &options.hvbench, progress)?;
-    progress(&format!(
-        "boot files ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    check_cancelled(options.cancel)?;
-
-    fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
-    let (pid, port, guard, boot_started) =
-        bringup::start_qemu(layout, options.ssh_port, &|port| {
-            LinuxBoot {
-                kernel: &layout.kernel,
-                initramfs: &layout.initramfs,
-                // Under TCG every mitigation is emulated work for nothing.
-                extra_append: "loglevel=4 mitigations=off",
-                serial_log: &layout.serial_log,
-                pid_file: &layout.pid_file,
-                ssh_port: port,
-                memory_mib: options.memory_mib,
-                cpus: options.cpus,
-                accel: options.accel,
-            }
-            .start()
-        })?;
-    progress(&format!(
-        "booting Linux {} under QEMU ({}, {} MiB, {} CPUs; QEMU pid {pid}, ssh on 127.0.0.1:{port}; serial log {})",
-        stamp.kernel_release,
-        options.accel.as_str(),
-        options.memory_mib,
-        options.cpus,
-        layout.serial_log.display()
-    ));
-
-    let mut state = KvmLabState {
-        kind: "kvm".into(),
-        qemu_pid: pid,
-        qemu_pid_file: layout.pid_file.clone(),
-        ssh_port: port,
-        ssh_key: layout.client_key.clone(),
-        known_hosts: layout.known_hosts.clone(),
-        kernel_package: stamp.kernel_package.clone(),
-        kernel_release: stamp.kernel_release.clone(),
-        kvm_at_boot: String::new(),
-        accel: options.accel.as_str().into(),
-        memory_mib: options.memory_mib,
-        cpus: options.cpus,
-        started_at: now_rfc3339(),
-        boot_seconds: 0.0,
-        serial_log: layout.serial_log.clone(),
-        hvbench: stamp.hvbench.clone(),
-    };
-    let watch = BootWatch {
-        layout,
-        lab: "KVM",
-        pid,
-        deadline: boot_started + options.boot_timeout,
-        boot_timeout: options.boot_timeout,
-        cancel: options.cancel,
-    };
-    watch.wait_for_marker(KVM_READY_MARKER)?;
-    // Every step of the boot script is needed (network, sshd, KVM): fail at once rather
-    // than wait for an ssh that cannot come.
-    if bringup::serial_text(layout).contains("hvbench-lab: FAILED") {
-        return Err(bringup::boot_failed(
-            layout,
-            "KVM",
-            "the boot script reported failures",
-        ));
+    fn status_line(status: &LabStatus<KvmLabState>) -> String {
+        format!(
+            "KVM lab (Linux {}, QEMU {}), started {}, ssh port {}: QEMU {}, {}",
+            status.state.kernel_release,
+            status.state.accel,
+            status.state.started_at,
+            status.state.ssh_port,
+            if status.qemu_running {
+                "running"
+            } else {
+                "not running"
+            },
+            status
+                .answer
+                .as_deref()
+                .unwrap_or("hvbench in the lab does not answer"),
+        )
     }
-    progress(&format!(
-        "Linux ready after {:.1} s; asking `hvbench host paging` over ssh",
-        boot_started.elapsed().as_secs_f64()
-    ));
-    state.kvm_at_boot = wait_for_hvbench(&watch, &state)?;
-    state.boot_seconds = boot_started.elapsed().as_secs_f64();
-    write_state(cache_dir, &state)?;
-    guard.disarm();
-    progress(&format!(
-        "KVM lab is up: {:.1} s from QEMU start to hvbench answering over ssh ({:.1} s in all); {}",
-        state.boot_seconds,
-        started.elapsed().as_secs_f64(),
-        state.kvm_at_boot
-    ));
-    Ok(state)
 }
 
-fn wait_for_hvbench(watch: &BootWatch<'_>, state: &KvmLabState) -> Result<String, LabError> {
-    let line = watch.wait_for_ssh("`hvbench host paging`", |limit| kvm_over_ssh(state, limit))?;
-    if line.starts_with("kvm_amd") || line.starts_with("kvm_intel") {
-        Ok(line)
-    } else {
-        // Up, but without a KVM module: the boot script's FAILED lines say why.
-        Err(bringup::boot_failed(
-            watch.layout,
-            watch.lab,
-            format!("the lab has no usable KVM: {line}"),
-        ))
+impl Recipe for KvmLab {
+    const STATE_FILE: &'static str = STATE_FILE;
+    const PACKAGES: &'static [&'static str] = packages::KVM_LAB_PACKAGES;
+    const DOWNLOAD_SIZE: &'static str = "about 75 MB, the kernel most of it";
+    const READY_MARKER: &'static str = KVM_READY_MARKER;
+    const BOOTED: &'static str = "Linux";
+    const PROBE: &'static str = "`hvbench host paging`";
+    type Stamp = BuildStamp;
+
+    fn machine(options: &KvmLabOptions) -> &MachineOptions {
+        &options.machine
+    }
+
+    fn layout(cache_dir: &Path) -> Layout {
+        Layout::kvm(cache_dir)
+    }
+
+    fn validate(options: &KvmLabOptions) -> Result<(), LabError> {
+        let invalid = |reason: String| Err(LabError::InvalidOptions { reason });
+        if options.machine.memory_mib < 768 {
+            return invalid(format!(
+                "memory_mib must be at least 768 (Linux, hvbench and a guest), not {}",
+                options.machine.memory_mib
+            ));
+        }
+        if !options.hvbench.is_file() {
+            return invalid(format!(
+                "the hvbench binary {} does not exist",
+                options.hvbench.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn ensure_boot_files(
+        layout: &Layout,
+        manifest: &PackageManifest,
+        options: &KvmLabOptions,
+        progress: fn(&str),
+    ) -> Result<BuildStamp, LabError> {
+        ensure_boot_files(layout, manifest, &options.hvbench, progress)
+    }
+
+    fn booting(stamp: &BuildStamp) -> String {
+        format!("Linux {}", stamp.kernel_release)
+    }
+
+    fn start_qemu(
+        layout: &Layout,
+        machine: &MachineOptions,
+        ssh_port: u16,
+    ) -> Result<u32, LabError> {
+        LinuxBoot {
+            kernel: &layout.kernel,
+            initramfs: &layout.initramfs,
+            // Under TCG every mitigation is emulated work for nothing.
+            extra_append: "loglevel=4 mitigations=off",
+            serial_log: &layout.serial_log,
+            pid_file: &layout.pid_file,
+            ssh_port,
+            memory_mib: machine.memory_mib,
+            cpus: machine.cpus,
+            accel: machine.accel,
+        }
+        .start()
+    }
+
+    fn new_state(booted: &Booted<'_>, stamp: BuildStamp) -> KvmLabState {
+        let (layout, machine) = (booted.layout, booted.machine);
+        KvmLabState {
+            kind: "kvm".into(),
+            qemu_pid: booted.qemu_pid,
+            qemu_pid_file: layout.pid_file.clone(),
+            ssh_port: booted.ssh_port,
+            ssh_key: layout.client_key.clone(),
+            known_hosts: layout.known_hosts.clone(),
+            kernel_package: stamp.kernel_package,
+            kernel_release: stamp.kernel_release,
+            kvm_at_boot: String::new(),
+            accel: machine.accel.as_str().into(),
+            memory_mib: machine.memory_mib,
+            cpus: machine.cpus,
+            started_at: booted.started_at.clone(),
+            boot_seconds: 0.0,
+            serial_log: layout.serial_log.clone(),
+            hvbench: stamp.hvbench,
+        }
+    }
+
+    fn qemu(state: &KvmLabState) -> (u32, &Path) {
+        (state.qemu_pid, &state.qemu_pid_file)
+    }
+
+    fn probe(state: &KvmLabState, timeout: Duration) -> Result<String, LabError> {
+        kvm_over_ssh(state, timeout)
+    }
+
+    /// Every step of the boot script is needed (network, sshd, KVM): fail at once rather
+    /// than wait for an ssh that cannot come.
+    fn check_boot_log(layout: &Layout) -> Result<(), LabError> {
+        if bringup::serial_text(layout).contains("hvbench-lab: FAILED") {
+            return Err(bringup::boot_failed(
+                layout,
+                "KVM",
+                "the boot script reported failures",
+            ));
+        }
+        Ok(())
+    }
+
+    fn accept(watch: &BootWatch<'_>, line: String) -> Result<String, LabError> {
+        if line.starts_with("kvm_amd") || line.starts_with("kvm_intel") {
+            Ok(line)
+        } else {
+            // Up, but without a KVM module: the boot script's FAILED lines say why.
+            Err(bringup::boot_failed(
+                watch.layout,
+                watch.lab,
+                format!("the lab has no usable KVM: {line}"),
+            ))
+        }
+    }
+
+    fn finish(state: &mut KvmLabState, answer: String, boot_seconds: f64) {
+        state.kvm_at_boot = answer;
+        state.boot_seconds = boot_seconds;
+    }
+
+    fn up_message(state: &KvmLabState, total_seconds: f64) -> String {
+        format!(
+            "KVM lab is up: {:.1} s from QEMU start to hvbench answering over ssh ({total_seconds:.1} s in all); {}",
+            state.boot_seconds, state.kvm_at_boot
+        )
+    }
+
+    /// With the current hvbench copied in if it changed.
+    fn reuse(
+        cache_dir: &Path,
+        status: LabStatus<KvmLabState>,
+        options: &KvmLabOptions,
+    ) -> Result<KvmLabState, LabError> {
+        let progress = options.machine.progress;
+        progress(&format!(
+            "KVM lab already up (QEMU pid {}, ssh port {}): {}",
+            status.state.qemu_pid,
+            status.state.ssh_port,
+            status.answer.as_deref().unwrap_or_default()
+        ));
+        let mut state = status.state;
+        ensure_lab_hvbench(cache_dir, &mut state, &options.hvbench, progress)?;
+        Ok(state)
     }
 }
 
@@ -662,7 +673,7 @@ pub struct KvmLabRunOutcome {
 /// asked), streaming its progress to stderr, and copies its records into `out`.
 pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     check_lab_run_args(run.run_args)?;
-    let cache_dir = &super::bringup::absolute_cache_dir(run.cache_dir);
+    let cache_dir = &bringup::absolute_cache_dir(run.cache_dir);
     let mut state = read_state(cache_dir)?
         .filter(|s| qemu::is_our_qemu(s.qemu_pid, &s.qemu_pid_file))
         .ok_or_else(|| LabError::InvalidOptions {
@@ -993,12 +1004,12 @@ fn run_detached(
                 stderr_offset += poll.stderr.len();
                 partial_line.extend_from_slice(&poll.stderr);
                 while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
-                    crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
+                    hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
                     partial_line.drain(..=end);
                 }
                 if let Some(code) = poll.status {
                     if !partial_line.is_empty() {
-                        crate::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
+                        hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
                     }
                     if timed_out {
                         return Err(LabError::Command {
@@ -1080,14 +1091,14 @@ mod tests {
     #[test]
     fn state_round_trips_and_a_dead_lab_is_unhealthy() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(kvm_lab_status(dir.path()).unwrap().is_none());
+        assert!(KvmLab::status(dir.path()).unwrap().is_none());
         let state = sample_state(dir.path());
         write_state(dir.path(), &state).unwrap();
         assert_eq!(read_state(dir.path()).unwrap(), Some(state));
-        let status = kvm_lab_status(dir.path()).unwrap().unwrap();
-        assert!(!status.qemu_running && status.kvm_now.is_none() && !status.healthy());
-        assert!(!kvm_lab_down(dir.path()).unwrap());
-        assert!(kvm_lab_status(dir.path()).unwrap().is_none());
+        let status = KvmLab::status(dir.path()).unwrap().unwrap();
+        assert!(!status.qemu_running && status.answer.is_none() && !status.healthy());
+        assert!(!KvmLab::down(dir.path()).unwrap());
+        assert!(KvmLab::status(dir.path()).unwrap().is_none());
     }
 
     #[test]
@@ -1096,13 +1107,13 @@ mod tests {
         let mut state = sample_state(dir.path());
         state.qemu_pid = std::process::id();
         write_state(dir.path(), &state).unwrap();
-        assert!(!kvm_lab_down(dir.path()).unwrap());
-        fs::write(state_path(dir.path()), "{not json").unwrap();
+        assert!(!KvmLab::down(dir.path()).unwrap());
+        fs::write(recipe::state_path::<KvmLab>(dir.path()), "{not json").unwrap();
         assert!(matches!(
-            kvm_lab_status(dir.path()),
+            KvmLab::status(dir.path()),
             Err(LabError::State { .. })
         ));
-        assert!(!kvm_lab_down(dir.path()).unwrap());
+        assert!(!KvmLab::down(dir.path()).unwrap());
     }
 
     #[test]
@@ -1116,7 +1127,7 @@ mod tests {
         assert_ne!(kvm.stage_dir, xen.stage_dir);
         assert_eq!(xen.debs_dir, PathBuf::from("/c/debs"));
         assert_eq!(
-            state_path(Path::new("/c")),
+            recipe::state_path::<KvmLab>(Path::new("/c")),
             PathBuf::from("/c/kvm-lab.json")
         );
     }
@@ -1321,17 +1332,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut options = KvmLabOptions::new(dir.path()).unwrap();
         assert!(
-            validate(&options).is_ok(),
+            recipe::validate::<KvmLab>(&options).is_ok(),
             "the test binary itself is a file"
         );
-        options.memory_mib = 256;
-        assert!(validate(&options).is_err());
-        options.memory_mib = 1536;
-        options.ssh_port = Some(0);
-        assert!(validate(&options).is_err());
-        options.ssh_port = None;
+        options.machine.memory_mib = 256;
+        assert!(recipe::validate::<KvmLab>(&options).is_err());
+        options.machine.memory_mib = 1536;
+        options.machine.ssh_port = Some(0);
+        assert!(recipe::validate::<KvmLab>(&options).is_err());
+        options.machine.ssh_port = None;
         options.hvbench = dir.path().join("missing");
-        assert!(validate(&options).is_err());
+        assert!(recipe::validate::<KvmLab>(&options).is_err());
     }
 
     #[test]

@@ -5,24 +5,24 @@ use goblin::elf::Elf;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum ElfError {
+pub(crate) enum ElfError {
     #[error("not an ELF file")]
     NotElf,
     #[error("malformed ELF: {0}")]
     Malformed(String),
 }
 
-pub fn is_elf(bytes: &[u8]) -> bool {
+pub(crate) fn is_elf(bytes: &[u8]) -> bool {
     bytes.starts_with(b"\x7fELF")
 }
 
-pub struct ElfFile<'a> {
+pub(crate) struct ElfFile<'a> {
     bytes: &'a [u8],
     elf: Elf<'a>,
 }
 
 impl<'a> ElfFile<'a> {
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, ElfError> {
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, ElfError> {
         if !is_elf(bytes) {
             return Err(ElfError::NotElf);
         }
@@ -31,7 +31,7 @@ impl<'a> ElfFile<'a> {
     }
 
     /// The contents of the section called `name`, if there is one.
-    pub fn section(&self, name: &str) -> Result<Option<&'a [u8]>, ElfError> {
+    pub(crate) fn section(&self, name: &str) -> Result<Option<&'a [u8]>, ElfError> {
         let Some(header) = self
             .elf
             .section_headers
@@ -51,13 +51,13 @@ impl<'a> ElfFile<'a> {
     }
 
     /// The DT_NEEDED entries (sonames), in order; empty for a static binary.
-    pub fn needed_libraries(&self) -> Vec<String> {
+    pub(crate) fn needed_libraries(&self) -> Vec<String> {
         self.elf.libraries.iter().map(|s| s.to_string()).collect()
     }
 }
 
 /// The `depends=` list of a kernel module (`.modinfo` holds NUL-separated `key=value`).
-pub fn module_dependencies(module: &[u8]) -> Result<Vec<String>, ElfError> {
+pub(crate) fn module_dependencies(module: &[u8]) -> Result<Vec<String>, ElfError> {
     let elf = ElfFile::parse(module)?;
     let Some(modinfo) = elf.section(".modinfo")? else {
         return Ok(Vec::new());

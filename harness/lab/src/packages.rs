@@ -16,7 +16,7 @@ use super::LabError;
 
 /// The packages the dom0 initramfs is assembled from (the kernel is added by name, resolved
 /// from `linux-image-amd64` at download time, since its ABI name changes with point releases).
-pub const XEN_LAB_PACKAGES: &[&str] = &[
+pub(crate) const XEN_LAB_PACKAGES: &[&str] = &[
     // The hypervisor and its toolstack.
     "xen-hypervisor-4.17-amd64",
     "xen-utils-4.17",
@@ -54,7 +54,7 @@ pub const XEN_LAB_PACKAGES: &[&str] = &[
 
 /// The KVM lab's host userland: busybox, dropbear and the C runtime hvbench itself links
 /// (the kernel, with kvm.ko and kvm-amd.ko, is added by name as for Xen).
-pub const KVM_LAB_PACKAGES: &[&str] = &[
+pub(crate) const KVM_LAB_PACKAGES: &[&str] = &[
     "busybox-static",
     "dropbear-bin",
     "libtomcrypt1",
@@ -66,10 +66,10 @@ pub const KVM_LAB_PACKAGES: &[&str] = &[
     "libgcc-s1",
 ];
 
-pub const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
+pub(crate) const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
 
 /// Where one lab's private apt state and its downloaded .deb files live.
-pub struct PackageCache {
+pub(crate) struct PackageCache {
     /// apt's lists, cache and configuration.
     pub apt_root: PathBuf,
     /// The .deb files and their manifest.
@@ -86,12 +86,12 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 
 /// What was downloaded: one .deb per package, with the version apt picked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PackageManifest {
+pub(crate) struct PackageManifest {
     pub packages: Vec<DownloadedPackage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DownloadedPackage {
+pub(crate) struct DownloadedPackage {
     pub name: String,
     pub version: String,
     pub file: String,
@@ -99,20 +99,20 @@ pub struct DownloadedPackage {
 
 impl PackageManifest {
     /// A short fingerprint of exactly which .deb files went into a build.
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         let mut files: Vec<&str> = self.packages.iter().map(|p| p.file.as_str()).collect();
         files.sort_unstable();
         files.join("\n")
     }
 
-    pub fn version_of(&self, name: &str) -> Option<&str> {
+    pub(crate) fn version_of(&self, name: &str) -> Option<&str> {
         self.packages
             .iter()
             .find(|p| p.name == name)
             .map(|p| p.version.as_str())
     }
 
-    pub fn kernel_package(&self) -> Option<&DownloadedPackage> {
+    pub(crate) fn kernel_package(&self) -> Option<&DownloadedPackage> {
         self.packages
             .iter()
             .find(|p| p.name.starts_with("linux-image-") && p.name != KERNEL_META_PACKAGE)
@@ -120,7 +120,7 @@ impl PackageManifest {
 }
 
 /// Splits `name_version_arch.deb` as `apt-get download` names files (epoch colon as `%3a`).
-pub fn parse_deb_file_name(file_name: &str) -> Option<(String, String)> {
+pub(crate) fn parse_deb_file_name(file_name: &str) -> Option<(String, String)> {
     let stem = file_name.strip_suffix(".deb")?;
     let mut parts = stem.splitn(3, '_');
     let name = parts.next()?;
@@ -133,7 +133,7 @@ pub fn parse_deb_file_name(file_name: &str) -> Option<(String, String)> {
 }
 
 /// Finds the versioned kernel package in `apt-cache depends linux-image-amd64` output.
-pub fn parse_kernel_dependency(apt_cache_depends: &str) -> Option<String> {
+pub(crate) fn parse_kernel_dependency(apt_cache_depends: &str) -> Option<String> {
     apt_cache_depends.lines().find_map(|line| {
         let target = line.trim().strip_prefix("Depends:")?.trim();
         (target.starts_with("linux-image-") && !target.starts_with('<')).then(|| target.to_string())
@@ -213,7 +213,7 @@ impl PrivateApt {
 /// Downloads `packages` and the current Debian kernel into `cache.debs_dir` unless a
 /// complete manifest of them is already there; returns the manifest. `size_hint` is for
 /// the progress line ("about 81 MB").
-pub fn ensure_packages(
+pub(crate) fn ensure_packages(
     cache: &PackageCache,
     packages: &[&str],
     size_hint: &str,
@@ -295,7 +295,7 @@ pub fn ensure_packages(
 
 /// Unpacks every .deb of the manifest into `stage_dir` (skipped when the stamp says this
 /// exact set is already there).
-pub fn ensure_staging_tree(
+pub(crate) fn ensure_staging_tree(
     debs_dir: &Path,
     manifest: &PackageManifest,
     stage_dir: &Path,
@@ -334,7 +334,7 @@ fn read_manifest(path: &Path) -> Result<Option<PackageManifest>, LabError> {
 }
 
 pub(super) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), LabError> {
-    Ok(crate::statefile::write_json(path, value)?)
+    Ok(hostutil::statefile::write_json(path, value)?)
 }
 
 pub(super) fn remove_dir_if_present(path: &Path) -> Result<(), LabError> {
