@@ -9,15 +9,16 @@
 //! certain, one a dead run left. The files live in `/run`, which is emptied at boot, as are
 //! KSM's settings: a state file never outlives the settings it describes.
 //!
-//! How the state file is kept (written whole, read back) and how the guard speaks to the
-//! user are the holder's: [`GuardEnv`].
+//! The state and lock files are hvbench's state files (`hostutil::statefile`: written whole,
+//! the old file or the new one, never half).
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use hostutil::{rfc3339, statefile};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -29,34 +30,20 @@ const LOCK_FILE: &str = "ksm.lock";
 const STATE_FILE: &str = "ksm-settings.json";
 const STATE_FORMAT: u32 = 1;
 
-/// What the guard takes from the program that holds it: its state file kept so that a
-/// crash loses nothing (written whole: the old file or the new one, never half; read back
-/// as `None` when there is none), its lock file opened (created with its directory, never
-/// truncated), and a way to tell the user what it did.
-pub trait GuardEnv: std::fmt::Debug + Sync {
-    fn open_lock(&self, path: &Path) -> Result<File, KsmError>;
-    fn read_state(&self, path: &Path) -> Result<Option<SavedSettings>, KsmError>;
-    fn write_state(&self, path: &Path, saved: &SavedSettings) -> Result<(), KsmError>;
-    /// One line of progress for the user (`hvbench: ...`).
-    fn say(&self, line: &str);
-}
-
-/// KSM's sysfs directory, where the guard keeps its lock and state file, and the
-/// holder's [`GuardEnv`].
+/// KSM's sysfs directory, and where the guard keeps its lock and state file.
 #[derive(Clone, Debug)]
 pub struct KsmPaths {
     pub sysfs: KsmSysfs,
     pub state_dir: PathBuf,
-    pub env: &'static dyn GuardEnv,
 }
 
 impl KsmPaths {
-    /// The real `/sys/kernel/mm/ksm`, with the lock and state file in `state_dir`.
-    pub fn system(state_dir: impl Into<PathBuf>, env: &'static dyn GuardEnv) -> Self {
+    /// The real `/sys/kernel/mm/ksm`, with the lock and state file in hvbench's state
+    /// directory.
+    pub fn system() -> Self {
         KsmPaths {
             sysfs: KsmSysfs::system(),
-            state_dir: state_dir.into(),
-            env,
+            state_dir: statefile::SYSTEM_STATE_DIR.into(),
         }
     }
 
@@ -103,7 +90,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> KsmError {
 }
 
 fn open_lock(paths: &KsmPaths) -> Result<File, KsmError> {
-    paths.env.open_lock(&paths.lock_file())
+    Ok(statefile::open_lock_file(&paths.lock_file())?)
 }
 
 /// The lock, or `None` while another process holds it.
@@ -128,12 +115,12 @@ fn lock_holder(paths: &KsmPaths) -> String {
 }
 
 fn write_state(paths: &KsmPaths, saved: &SavedSettings) -> Result<(), KsmError> {
-    paths.env.write_state(&paths.state_file(), saved)
+    Ok(statefile::write_json(&paths.state_file(), saved)?)
 }
 
 fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
     let path = paths.state_file();
-    let Some(saved) = paths.env.read_state(&path)? else {
+    let Some(saved) = statefile::read_json::<SavedSettings>(&path)? else {
         return Ok(None);
     };
     if saved.format != STATE_FORMAT {
@@ -146,11 +133,6 @@ fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
         });
     }
     Ok(Some(saved))
-}
-
-/// `time` as the records write it: `2026-11-26T03:34:56Z`.
-fn rfc3339(time: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Writes the saved values back, last change first, and checks they read back. A setting
@@ -273,9 +255,7 @@ impl KsmGuard {
                 });
             }
             if !announced {
-                paths.env.say(&format!(
-                    "hvbench: waiting for hvbench pid {holder}, which is using KSM"
-                ));
+                hostutil::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -342,15 +322,14 @@ impl KsmGuard {
 
 impl Drop for KsmGuard {
     fn drop(&mut self) {
-        let env = self.paths.env;
         match self.restore() {
             Ok(None) => {}
-            Ok(Some(changes)) => env.say(&format!("hvbench: KSM settings restored: {changes}")),
-            Err(e) => env.say(&format!(
+            Ok(Some(changes)) => hostutil::say!("hvbench: KSM settings restored: {changes}"),
+            Err(e) => hostutil::say!(
                 "hvbench: restoring KSM's settings failed: {e}; {} keeps the old values for \
                  the next run to restore",
                 self.paths.state_file().display()
-            )),
+            ),
         }
         // The lock goes last, once the settings are back.
         self.lock = None;
@@ -361,49 +340,6 @@ impl Drop for KsmGuard {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::fs::OpenOptions;
-
-    /// Plain files for the state and lock, as a holder would keep them.
-    #[derive(Debug)]
-    struct TestEnv;
-
-    fn test_io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> KsmError {
-        let what = format!("{what} {}", path.display());
-        move |source| KsmError::Io { what, source }
-    }
-
-    impl GuardEnv for TestEnv {
-        fn open_lock(&self, path: &Path) -> Result<File, KsmError> {
-            let dir = path.parent().unwrap();
-            std::fs::create_dir_all(dir).map_err(test_io("creating", dir))?;
-            OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(test_io("opening", path))
-        }
-
-        fn read_state(&self, path: &Path) -> Result<Option<SavedSettings>, KsmError> {
-            let Ok(bytes) = std::fs::read(path) else {
-                return Ok(None);
-            };
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| KsmError::StateFile {
-                    path: path.to_path_buf(),
-                    problem: e.to_string(),
-                })
-        }
-
-        fn write_state(&self, path: &Path, saved: &SavedSettings) -> Result<(), KsmError> {
-            let text = serde_json::to_vec(saved).unwrap();
-            std::fs::write(path, text).map_err(test_io("writing", path))
-        }
-
-        fn say(&self, _line: &str) {}
-    }
 
     /// A stand-in for /sys/kernel/mm/ksm and /run/hvbench in a temporary directory.
     fn fake() -> (tempfile::TempDir, KsmPaths) {
@@ -422,7 +358,6 @@ mod tests {
         let paths = KsmPaths {
             sysfs: KsmSysfs::at(sysfs),
             state_dir: dir.path().join("run"),
-            env: &TestEnv,
         };
         (dir, paths)
     }

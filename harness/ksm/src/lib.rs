@@ -4,8 +4,7 @@
 //! - [`KsmSysfs`]: `/sys/kernel/mm/ksm`, its [`KsmCounters`] and tunables, read only;
 //! - [`KsmGuard`]: the only writer of those tunables, which saves them to a state file
 //!   under a lock before it writes and puts them back when it goes; [`restore_stale`]
-//!   puts back what a dead run left changed. The program that holds it supplies the
-//!   state file's storage and its messages ([`GuardEnv`]);
+//!   puts back what a dead run left changed;
 //! - [`procstat`]: RSS/PSS, CPU time and per-process KSM figures from procfs;
 //! - [`analysis`]: when the sharing has settled, the time to 90%, the memory saved.
 //!
@@ -22,7 +21,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use self::guard::{restore_stale, GuardEnv, KsmGuard, KsmPaths, SavedSetting, SavedSettings};
+pub use self::guard::{restore_stale, KsmGuard, KsmPaths, SavedSetting, SavedSettings};
 pub use self::sysfs::{KsmCounters, KsmSysfs};
 
 #[derive(Debug, Error)]
@@ -43,4 +42,24 @@ pub enum KsmError {
     Restore(String),
     #[error("another hvbench run (pid {holder}) is using KSM; gave up after {waited:.0?}")]
     Busy { holder: String, waited: Duration },
+}
+
+impl From<hostutil::statefile::StateFileError> for KsmError {
+    fn from(e: hostutil::statefile::StateFileError) -> Self {
+        use hostutil::statefile::StateFileError;
+        match e {
+            StateFileError::Io {
+                action,
+                path,
+                source,
+            } => KsmError::Io {
+                what: format!("{action} {}", path.display()),
+                source,
+            },
+            StateFileError::Json { path, reason } => KsmError::StateFile {
+                path,
+                problem: reason,
+            },
+        }
+    }
 }
