@@ -2,6 +2,7 @@
 //! sample kept, statistics, the native twin, and the command that reproduces the figure.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use reports::record::{
@@ -124,34 +125,9 @@ fn build_one(
         status: outcome.status,
         reason: outcome.reason.clone(),
     };
-
-    let per_op = |(ops, cycles): &(u64, u64)| *cycles as f64 / (*ops).max(1) as f64;
-    let samples_cycles: Vec<f64> = series.measured.iter().map(per_op).collect();
-    let convert = |cycles: &[f64]| -> Option<Vec<f64>> {
-        cycles
-            .iter()
-            .map(|c| to_unit(*c, unit, ctx.tsc_khz))
-            .collect()
-    };
-    let warmup_cycles: Vec<f64> = series.warmup.iter().map(per_op).collect();
-    let converted = if series.direct.is_empty() {
-        (convert(&samples_cycles), convert(&warmup_cycles))
-    } else {
-        (Some(series.direct.clone()), Some(Vec::new()))
-    };
-    let (samples, warmup_samples) = match converted {
-        (Some(s), Some(w)) => (s, w),
-        _ => {
-            verdict.ratchet(
-                Status::Error,
-                "no TSC frequency is known (neither the guest's hypervisor nor this host gave one): only cycles are kept".into(),
-            );
-            (Vec::new(), Vec::new())
-        }
-    };
-    if verdict.status == Status::Success && samples.is_empty() {
-        verdict.ratchet(Status::Error, "the guest reported no samples".into());
-    }
+    let figures = Figures::of(series, unit, ctx.tsc_khz, &mut verdict);
+    let samples = figures.samples;
+    let (samples_cycles, warmup_samples) = (figures.cycles, figures.warmup);
 
     // The series the host asked for that this record is of (only those are kept).
     let point = series_points(ctx.workload_params, outcome.workload)
@@ -174,33 +150,13 @@ fn build_one(
         let direction = metric_spec
             .map(|m| m.direction)
             .unwrap_or(Direction::LowerIsBetter);
-        let result = match &point {
-            Some(point) => {
-                let plan = twin_plan(ctx, point, interrupted);
-                let thp = native::thp_mode();
-                notes.insert(
-                    NOTE_GUEST_RAM.into(),
-                    ctx.guest_ram
-                        .map_or("unknown".into(), |a| a.describe(thp.as_deref())),
-                );
-                notes.insert(NOTE_NATIVE.into(), plan.backing.describe(thp.as_deref()));
-                native_twin(outcome.workload, &plan, unit, direction, ctx, &samples)
-            }
-            None => Err("the host asked for no such series".into()),
+        let twin = Twin {
+            workload: outcome.workload,
+            unit,
+            direction,
+            guest_samples: &samples,
         };
-        match result {
-            Ok(Comparison::Twin(n, why)) => {
-                native = Some(n);
-                if let Some(why) = why {
-                    notes.insert(NOTE_RATIO.into(), why);
-                }
-            }
-            Ok(Comparison::NoRatio(why)) => {
-                notes.insert(NOTE_RATIO.into(), why);
-            }
-            Ok(Comparison::NoTwin) => {}
-            Err(text) => verdict.ratchet(Status::Error, format!("native twin: {text}")),
-        }
+        native = twin.compare(ctx, point.as_ref(), interrupted, &mut notes, &mut verdict);
     }
 
     Record {
@@ -253,6 +209,112 @@ fn build_one(
         },
         hvbench: ctx.tool.clone(),
         reproduce: (ctx.reproduce)(outcome.workload),
+    }
+}
+
+/// A series' samples: per operation in cycles, and in the metric's unit.
+struct Figures {
+    cycles: Vec<f64>,
+    samples: Vec<f64>,
+    warmup: Vec<f64>,
+}
+
+impl Figures {
+    /// Converts the guest's cycles with the TSC frequency (host-measured series are in
+    /// their unit already); without a frequency only cycles are kept, and that is an error.
+    fn of(series: &SeriesSamples, unit: Unit, tsc_khz: Option<u64>, verdict: &mut Verdict) -> Self {
+        let per_op = |(ops, cycles): &(u64, u64)| *cycles as f64 / (*ops).max(1) as f64;
+        let cycles: Vec<f64> = series.measured.iter().map(per_op).collect();
+        let convert = |cycles: &[f64]| -> Option<Vec<f64>> {
+            cycles.iter().map(|c| to_unit(*c, unit, tsc_khz)).collect()
+        };
+        let warmup_cycles: Vec<f64> = series.warmup.iter().map(per_op).collect();
+        let converted = if series.direct.is_empty() {
+            (convert(&cycles), convert(&warmup_cycles))
+        } else {
+            (Some(series.direct.clone()), Some(Vec::new()))
+        };
+        let (samples, warmup) = match converted {
+            (Some(s), Some(w)) => (s, w),
+            _ => {
+                verdict.ratchet(
+                    Status::Error,
+                    "no TSC frequency is known (neither the guest's hypervisor nor this host \
+                     gave one): only cycles are kept"
+                        .into(),
+                );
+                (Vec::new(), Vec::new())
+            }
+        };
+        if verdict.status == Status::Success && samples.is_empty() {
+            verdict.ratchet(Status::Error, "the guest reported no samples".into());
+        }
+        Figures {
+            cycles,
+            samples,
+            warmup,
+        }
+    }
+}
+
+/// What the native comparison of one series needs from its record.
+struct Twin<'a> {
+    workload: WorkloadId,
+    unit: Unit,
+    direction: Direction,
+    guest_samples: &'a [f64],
+}
+
+impl Twin<'_> {
+    /// Runs the native twin for the series the host asked for (`point`), with the guest
+    /// RAM's page backing; notes both backings and why a ratio is missing; a twin that
+    /// fails is an error of the record.
+    fn compare(
+        &self,
+        ctx: &RecordContext,
+        point: Option<&SeriesPoint>,
+        interrupted: &AtomicBool,
+        notes: &mut BTreeMap<String, String>,
+        verdict: &mut Verdict,
+    ) -> Option<NativeComparison> {
+        let result = match point {
+            Some(point) => {
+                let plan = twin_plan(ctx, point, interrupted);
+                let thp = native::thp_mode();
+                let guest_ram = ctx
+                    .guest_ram
+                    .map_or("unknown".into(), |a| a.describe(thp.as_deref()));
+                notes.insert(NOTE_GUEST_RAM.into(), guest_ram);
+                notes.insert(NOTE_NATIVE.into(), plan.backing.describe(thp.as_deref()));
+                let samples = self.guest_samples;
+                native_twin(
+                    self.workload,
+                    &plan,
+                    self.unit,
+                    self.direction,
+                    ctx,
+                    samples,
+                )
+            }
+            None => Err("the host asked for no such series".into()),
+        };
+        match result {
+            Ok(Comparison::Twin(n, why)) => {
+                if let Some(why) = why {
+                    notes.insert(NOTE_RATIO.into(), why);
+                }
+                Some(n)
+            }
+            Ok(Comparison::NoRatio(why)) => {
+                notes.insert(NOTE_RATIO.into(), why);
+                None
+            }
+            Ok(Comparison::NoTwin) => None,
+            Err(text) => {
+                verdict.ratchet(Status::Error, format!("native twin: {text}"));
+                None
+            }
+        }
     }
 }
 
