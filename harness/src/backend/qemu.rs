@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -296,9 +296,45 @@ impl Hypervisor for QemuBackend {
             .image
             .write_to(self.image_dir.path())
             .map_err(QemuError::Image)?;
+        let mut child = self.spawn(request, &kernel)?;
+        let stdout = child.stdout.take();
+        let complaints = keep_stderr(child.stderr.take());
+        let child = Arc::new(Mutex::new(child));
+        let stopping = Arc::new(AtomicBool::new(false));
+        // Bounded: a guest that floods the console makes QEMU wait on its stdout.
+        let (tx, rx) = crate::console::guest_channel(stopping.clone());
+        let reader = {
+            let child = child.clone();
+            let stopping = stopping.clone();
+            std::thread::spawn(move || {
+                if let Some(out) = stdout {
+                    forward_console(out, &tx);
+                }
+                let end = wait_for_end(&child, complaints);
+                // Whatever QEMU's status says, a QEMU the host stopped was stopped.
+                let end = if stopping.load(Ordering::Acquire) {
+                    GuestEnd::Stopped
+                } else {
+                    end
+                };
+                let _ = tx.send(GuestMessage::Ended(end));
+            })
+        };
+        Ok(Box::new(QemuSession {
+            messages: rx,
+            child,
+            reader: Some(reader),
+            stopping,
+        }))
+    }
+}
+
+impl QemuBackend {
+    /// Starts QEMU on `kernel`, in a process group of its own and killed with hvbench.
+    fn spawn(&self, request: &BootRequest, kernel: &std::path::Path) -> Result<Child, QemuError> {
         let mut command = Command::new(&self.options.binary);
         command
-            .args(self.arguments(request, &kernel))
+            .args(self.arguments(request, kernel))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -316,101 +352,73 @@ impl Hypervisor for QemuBackend {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(QemuError::Spawn)?;
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let child = Arc::new(Mutex::new(child));
-        let stopping = Arc::new(AtomicBool::new(false));
-        // Bounded: a guest that floods the console makes QEMU wait on its stdout.
-        let (tx, rx) = crate::console::guest_channel(stopping.clone());
+        command.spawn().map_err(QemuError::Spawn)
+    }
+}
 
-        let stderr_text = Arc::new(Mutex::new(String::new()));
-        let stderr_reader = {
-            let text = stderr_text.clone();
-            std::thread::spawn(move || {
-                if let Some(mut err) = stderr {
-                    let mut buf = Vec::new();
-                    // Keep at most 16 KiB of QEMU's complaints.
-                    let _ = err.by_ref().take(16 * 1024).read_to_end(&mut buf);
-                    if let Ok(mut t) = text.lock() {
-                        *t = String::from_utf8_lossy(&buf).into_owned();
-                    }
-                    let _ = std::io::copy(&mut err, &mut std::io::sink());
-                }
-            })
+/// QEMU's stderr, read on a thread of its own: the first 16 KiB kept, the rest drained.
+/// Joining the thread gives the text.
+fn keep_stderr(stderr: Option<ChildStderr>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let Some(mut err) = stderr else {
+            return String::new();
         };
-        let reader = {
-            let child = child.clone();
-            let stopping = stopping.clone();
-            std::thread::spawn(move || {
-                if let Some(mut out) = stdout {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = out.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        let _ = tx.send(GuestMessage::Console {
-                            bytes: buf[..n].to_vec(),
-                            exits: None,
-                        });
-                    }
-                }
-                let _ = stderr_reader.join();
-                // Poll rather than wait, so `stop` can always take the lock to kill QEMU.
-                let status = loop {
-                    match child.lock().map(|mut c| c.try_wait()) {
-                        Ok(Ok(Some(status))) => break Ok(Ok(status)),
-                        Ok(Ok(None)) => std::thread::sleep(std::time::Duration::from_millis(5)),
-                        Ok(Err(e)) => break Ok(Err(e)),
-                        Err(_) => break Err(()),
-                    }
-                };
-                let complaints = stderr_text
-                    .lock()
-                    .map(|t| t.trim().to_string())
-                    .unwrap_or_default();
-                let end = match status {
-                    Ok(Ok(status)) => match (status.code(), status.signal()) {
-                        // isa-debug-exit: QEMU exits with (code << 1) | 1.
-                        (Some(code), _) if code & 1 == 1 => GuestEnd::Exited {
-                            code: (code >> 1).cast_unsigned(),
-                        },
-                        (Some(0), _) => GuestEnd::TripleFault {
-                            detail:
-                                "QEMU reset the guest (a triple fault, with -no-reboot) and exited"
-                                    .into(),
-                        },
-                        (_, Some(libc::SIGKILL)) => GuestEnd::Stopped,
-                        (code, signal) => GuestEnd::Failed {
-                            detail: format!(
-                                "QEMU ended with status {code:?}, signal {signal:?}: {}",
-                                if complaints.is_empty() {
-                                    "no message"
-                                } else {
-                                    &complaints
-                                }
-                            ),
-                        },
-                    },
-                    _ => GuestEnd::Failed {
-                        detail: "lost track of the QEMU process".into(),
-                    },
-                };
-                // Whatever QEMU's status says, a QEMU the host stopped was stopped.
-                let end = if stopping.load(Ordering::Acquire) {
-                    GuestEnd::Stopped
+        let mut buf = Vec::new();
+        let _ = err.by_ref().take(16 * 1024).read_to_end(&mut buf);
+        let _ = std::io::copy(&mut err, &mut std::io::sink());
+        String::from_utf8_lossy(&buf).trim().to_string()
+    })
+}
+
+/// Copies QEMU's stdout (the guest's serial console) to the session until it closes.
+fn forward_console(mut out: ChildStdout, tx: &crate::console::GuestSender) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = out.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let _ = tx.send(GuestMessage::Console {
+            bytes: buf[..n].to_vec(),
+            exits: None,
+        });
+    }
+}
+
+/// How QEMU ended, once it has: polled rather than waited for, so `stop` can always take
+/// the lock to kill it.
+fn wait_for_end(child: &Mutex<Child>, complaints: std::thread::JoinHandle<String>) -> GuestEnd {
+    let status = loop {
+        match child.lock().map(|mut c| c.try_wait()) {
+            Ok(Ok(Some(status))) => break Some(status),
+            Ok(Ok(None)) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Ok(Err(_)) | Err(_) => break None,
+        }
+    };
+    let complaints = complaints.join().unwrap_or_default();
+    let Some(status) = status else {
+        return GuestEnd::Failed {
+            detail: "lost track of the QEMU process".into(),
+        };
+    };
+    match (status.code(), status.signal()) {
+        // isa-debug-exit: QEMU exits with (code << 1) | 1.
+        (Some(code), _) if code & 1 == 1 => GuestEnd::Exited {
+            code: (code >> 1).cast_unsigned(),
+        },
+        (Some(0), _) => GuestEnd::TripleFault {
+            detail: "QEMU reset the guest (a triple fault, with -no-reboot) and exited".into(),
+        },
+        (_, Some(libc::SIGKILL)) => GuestEnd::Stopped,
+        (code, signal) => GuestEnd::Failed {
+            detail: format!(
+                "QEMU ended with status {code:?}, signal {signal:?}: {}",
+                if complaints.is_empty() {
+                    "no message"
                 } else {
-                    end
-                };
-                let _ = tx.send(GuestMessage::Ended(end));
-            })
-        };
-        Ok(Box::new(QemuSession {
-            messages: rx,
-            child,
-            reader: Some(reader),
-            stopping,
-        }))
+                    &complaints
+                }
+            ),
+        },
     }
 }
 
