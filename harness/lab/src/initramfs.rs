@@ -535,10 +535,24 @@ pub(crate) fn build_initramfs(
     spec: &InitramfsSpec<'_>,
     out: &Path,
 ) -> Result<InitramfsSummary, LabError> {
-    let config = spec;
-    let stage = config.stage_dir;
-    let mut tree = Tree::default();
+    let mut tree = skeleton();
+    let (binaries, host_files) = add_programs(&mut tree, spec)?;
+    let libraries = add_libraries(&mut tree, spec.stage_dir, &binaries, &host_files)?;
+    let modules = add_modules(&mut tree, spec)?;
+    add_configuration(&mut tree, spec);
+    let entries = tree.nodes.len();
+    let bytes = tree.write(out)?;
+    Ok(InitramfsSummary {
+        entries,
+        bytes,
+        libraries,
+        modules,
+    })
+}
 
+/// The directories, device node and links every dom0 needs before any file.
+fn skeleton() -> Tree {
+    let mut tree = Tree::default();
     for dir in [
         "proc", "sys", "dev", "run", "tmp", "mnt", "var/lib", "var/log",
     ] {
@@ -558,9 +572,18 @@ pub(crate) fn build_initramfs(
     );
     tree.symlink("var/run", "../run");
     tree.symlink("var/lock", "../run/lock");
+    tree
+}
 
+/// busybox, the staged trees and files, and the host's own files; returns every program
+/// added (for their libraries) and which of them came from the host.
+fn add_programs(
+    tree: &mut Tree,
+    spec: &InitramfsSpec<'_>,
+) -> Result<(Vec<String>, BTreeMap<String, PathBuf>), LabError> {
+    let stage = spec.stage_dir;
     // busybox is PID 1 (it reaps orphans) and provides every shell tool.
-    add_from_stage(&mut tree, stage, "bin/busybox")?;
+    add_from_stage(tree, stage, "bin/busybox")?;
     for applet in busybox_applets(stage)? {
         tree.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -568,18 +591,18 @@ pub(crate) fn build_initramfs(
     tree.symlink("sbin", "bin");
 
     let mut binaries = Vec::new();
-    for dir in config.stage_trees {
-        binaries.extend(add_stage_tree(&mut tree, stage, dir)?);
+    for dir in spec.stage_trees {
+        binaries.extend(add_stage_tree(tree, stage, dir)?);
     }
-    for file in config.stage_files {
+    for file in spec.stage_files {
         if stage.join(file).exists() {
-            add_from_stage(&mut tree, stage, file)?;
+            add_from_stage(tree, stage, file)?;
             binaries.push(file.to_string());
         }
     }
     binaries.push("bin/busybox".to_string());
     let mut host_files: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for (inside, here) in config.host_files {
+    for (inside, here) in spec.host_files {
         tree.insert(
             inside,
             Node::File {
@@ -590,9 +613,18 @@ pub(crate) fn build_initramfs(
         host_files.insert(inside.to_string(), here.to_path_buf());
         binaries.push(inside.to_string());
     }
+    Ok((binaries, host_files))
+}
 
-    // Shared libraries, resolved within the staging tree only: never the host's, even
-    // for a file that came from the host.
+/// The shared libraries `binaries` need (and those glibc opens at run time), resolved
+/// within the staging tree only: never the host's, even for a file that came from the
+/// host. Returns where each was installed.
+fn add_libraries(
+    tree: &mut Tree,
+    stage: &Path,
+    binaries: &[String],
+    host_files: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<String>, LabError> {
     let locate = |soname: &str| {
         LIBRARY_DIRS
             .iter()
@@ -602,7 +634,7 @@ pub(crate) fn build_initramfs(
         Some(here) => needed_libraries_of_file(here, relative),
         None => needed_libraries(stage, relative),
     };
-    let mut libraries = library_closure(&binaries, &needed_of, &locate)?;
+    let mut libraries = library_closure(binaries, &needed_of, &locate)?;
     for soname in DLOPENED_LIBRARIES {
         let provider = locate(soname).ok_or_else(|| {
             initramfs_error(format!("{soname} is in none of the downloaded packages"))
@@ -639,11 +671,15 @@ pub(crate) fn build_initramfs(
         );
         library_list.push(path);
     }
+    Ok(library_list)
+}
 
-    // Kernel modules, in an order computed from each module's .modinfo depends=.
-    let modules_root = format!("lib/modules/{}", config.kernel_release);
-    let modules_dir = stage.join(&modules_root);
-    let index = index_modules(&modules_dir)?;
+/// The kernel modules, in an order computed from each module's .modinfo depends=, with
+/// the list init loads and a modules.dep; returns their paths.
+fn add_modules(tree: &mut Tree, spec: &InitramfsSpec<'_>) -> Result<Vec<String>, LabError> {
+    let stage = spec.stage_dir;
+    let modules_root = format!("lib/modules/{}", spec.kernel_release);
+    let index = index_modules(&stage.join(&modules_root))?;
     let dependencies_of = |name: &str| -> Result<Vec<String>, LabError> {
         let relative = index.get(&canonical_module_name(name)).ok_or_else(|| {
             initramfs_error(format!("kernel module {name} not in the kernel package"))
@@ -651,13 +687,13 @@ pub(crate) fn build_initramfs(
         let bytes = read_stage_file(stage, &format!("{modules_root}/{relative}"))?;
         elf::module_dependencies(&bytes).map_err(|e| initramfs_error(format!("{relative}: {e}")))
     };
-    let order = module_load_order(config.modules, &dependencies_of)?;
+    let order = module_load_order(spec.modules, &dependencies_of)?;
     let mut module_paths = Vec::new();
     for name in &order {
         let relative = index.get(name).ok_or_else(|| {
             initramfs_error(format!("kernel module {name} not in the kernel package"))
         })?;
-        add_from_stage(&mut tree, stage, &format!("{modules_root}/{relative}"))?;
+        add_from_stage(tree, stage, &format!("{modules_root}/{relative}"))?;
         module_paths.push(relative.clone());
     }
     let mut load_list = module_paths.join("\n");
@@ -669,34 +705,28 @@ pub(crate) fn build_initramfs(
         0o644,
         modules_dep(&order, &index, &dependencies_of)?,
     );
+    Ok(module_paths)
+}
 
-    // Boot script and the accounts dropbear needs. The password field must not be empty:
-    // dropbear refuses users with a blank password for every authentication method.
-    tree.inline_file("etc/hvbench/rc", 0o755, config.rc_script);
+/// The boot script and the accounts dropbear needs. The password field must not be
+/// empty: dropbear refuses users with a blank password for every authentication method.
+fn add_configuration(tree: &mut Tree, spec: &InitramfsSpec<'_>) {
+    tree.inline_file("etc/hvbench/rc", 0o755, spec.rc_script);
     tree.inline_file("etc/inittab", 0o644, INITTAB);
     tree.inline_file("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n");
     tree.inline_file("etc/group", 0o644, "root:x:0:\n");
     tree.inline_file("etc/shells", 0o644, "/bin/sh\n");
-    tree.inline_file("etc/hostname", 0o644, format!("{}\n", config.hostname));
+    tree.inline_file("etc/hostname", 0o644, format!("{}\n", spec.hostname));
     tree.inline_file(
         "etc/dropbear/dropbear_ed25519_host_key",
         0o600,
-        config.host_key.to_vec(),
+        spec.host_key.to_vec(),
     );
     tree.inline_file(
         "root/.ssh/authorized_keys",
         0o600,
-        format!("{}\n", config.authorized_key.trim()),
+        format!("{}\n", spec.authorized_key.trim()),
     );
-
-    let entries = tree.nodes.len();
-    let bytes = tree.write(out)?;
-    Ok(InitramfsSummary {
-        entries,
-        bytes,
-        libraries: library_list,
-        modules: module_paths,
-    })
 }
 
 #[cfg(test)]
