@@ -918,6 +918,29 @@ fn run_detached(
     run: &KvmLabRun<'_>,
     copy: &mut RecordCopy<'_>,
 ) -> Result<Finished, LabError> {
+    launch(transport, remote_run, invocation)?;
+    let mut watch = Watch::new(run);
+    loop {
+        watch.stop_if_asked(transport, remote_run, run)?;
+        if !qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file) {
+            return Err(LabError::Command {
+                what: "the run in the KVM lab".into(),
+                detail: format!(
+                    "the lab's QEMU exited (serial log {})",
+                    state.serial_log.display()
+                ),
+            });
+        }
+        if let Some(finished) = watch.poll(transport, remote_run, run, copy)? {
+            return Ok(finished);
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Starts `invocation` in the lab, detached from the ssh session, in `remote_run`: its
+/// output, pid and exit status go to files there.
+fn launch(transport: &Transport, remote_run: &str, invocation: &str) -> Result<(), LabError> {
     let script = format!(
         "{invocation} > stdout 2> stderr < /dev/null & echo $! > pid; wait $!; \
          echo $? > status.tmp; mv status.tmp status"
@@ -933,33 +956,61 @@ fn run_detached(
             FETCH_TIMEOUT,
         )
         .map_err(ssh_error)?;
+    Ok(())
+}
 
-    let started = Instant::now();
-    let mut deadline = started + run.timeout;
-    let mut interrupt_sent = false;
-    let mut interrupted = false;
-    let mut timed_out = false;
-    let mut stderr_offset = 0usize;
-    let mut partial_line: Vec<u8> = Vec::new();
-    let mut last_answer = Instant::now();
-    let silence_limit = lab_silence_limit();
-    loop {
-        if !interrupted && check_cancelled(run.cancel).is_err() {
-            interrupted = true;
-            (run.progress)("interrupted: asking the run in the lab to stop and save its records");
-            deadline = deadline.min(Instant::now() + INTERRUPT_GRACE);
+/// What the host knows of a detached run while it polls it.
+struct Watch {
+    deadline: Instant,
+    interrupt_sent: bool,
+    interrupted: bool,
+    timed_out: bool,
+    stderr_offset: usize,
+    /// The run's stderr after its last complete line.
+    partial_line: Vec<u8>,
+    last_answer: Instant,
+    silence_limit: Duration,
+}
+
+impl Watch {
+    fn new(run: &KvmLabRun<'_>) -> Self {
+        Watch {
+            deadline: Instant::now() + run.timeout,
+            interrupt_sent: false,
+            interrupted: false,
+            timed_out: false,
+            stderr_offset: 0,
+            partial_line: Vec::new(),
+            last_answer: Instant::now(),
+            silence_limit: lab_silence_limit(),
         }
-        if !timed_out && Instant::now() >= deadline && !interrupted {
-            timed_out = true;
+    }
+
+    /// On Ctrl-C or past the run's limit, asks the run in the lab to stop (SIGINT: it
+    /// saves its records) and gives it `INTERRUPT_GRACE`; an error once that has passed.
+    fn stop_if_asked(
+        &mut self,
+        transport: &Transport,
+        remote_run: &str,
+        run: &KvmLabRun<'_>,
+    ) -> Result<(), LabError> {
+        if !self.interrupted && check_cancelled(run.cancel).is_err() {
+            self.interrupted = true;
+            (run.progress)("interrupted: asking the run in the lab to stop and save its records");
+            self.deadline = self.deadline.min(Instant::now() + INTERRUPT_GRACE);
+        }
+        if !self.timed_out && Instant::now() >= self.deadline && !self.interrupted {
+            self.timed_out = true;
             (run.progress)(&format!(
                 "the run in the lab took longer than {} s: stopping it",
                 run.timeout.as_secs()
             ));
-            deadline = Instant::now() + INTERRUPT_GRACE;
+            self.deadline = Instant::now() + INTERRUPT_GRACE;
         }
-        if (interrupted || timed_out) && !interrupt_sent {
+        let stopping = self.interrupted || self.timed_out;
+        if stopping && !self.interrupt_sent {
             // The pid file may not be written yet: tried again on the next round.
-            interrupt_sent = transport
+            self.interrupt_sent = transport
                 .run(
                     &format!("kill -INT $(cat {remote_run}/pid)"),
                     None,
@@ -967,7 +1018,7 @@ fn run_detached(
                 )
                 .is_ok();
         }
-        if (interrupted || timed_out) && Instant::now() >= deadline {
+        if stopping && Instant::now() >= self.deadline {
             return Err(LabError::Command {
                 what: "the run in the KVM lab".into(),
                 detail: format!(
@@ -976,69 +1027,79 @@ fn run_detached(
                 ),
             });
         }
-        if !qemu::is_our_qemu(state.qemu_pid, &state.qemu_pid_file) {
+        Ok(())
+    }
+
+    /// One poll: new records copied, new stderr lines shown; the run's end once it has
+    /// one. A lab silent for longer than the limit is an error.
+    fn poll(
+        &mut self,
+        transport: &Transport,
+        remote_run: &str,
+        run: &KvmLabRun<'_>,
+        copy: &mut RecordCopy<'_>,
+    ) -> Result<Option<Finished>, LabError> {
+        let command = poll_command(remote_run, copy.offset, self.stderr_offset);
+        let answer = transport
+            .run(&command, None, poll_timeout(self.silence_limit))
+            .map_err(|e| e.to_string())
+            .and_then(|output| {
+                parse_poll(&output.stdout, copy.offset).ok_or_else(|| {
+                    format!(
+                        "unexpected answer {:?}",
+                        String::from_utf8_lossy(&output.stdout)
+                    )
+                })
+            });
+        let poll = match answer {
+            Ok(poll) => poll,
+            Err(last_error) if self.last_answer.elapsed() > self.silence_limit => {
+                return Err(LabError::Ssh {
+                    reason: format!(
+                        "the lab has not answered for {} s (last error: {last_error}); the \
+                         run may still be going there ({remote_run})",
+                        self.silence_limit.as_secs()
+                    ),
+                });
+            }
+            Err(_) => return Ok(None),
+        };
+        self.last_answer = Instant::now();
+        copy.take(&poll.records, &|m| (run.progress)(m))?;
+        self.show_stderr(&poll.stderr, poll.status.is_some());
+        let Some(code) = poll.status else {
+            return Ok(None);
+        };
+        if self.timed_out {
             return Err(LabError::Command {
                 what: "the run in the KVM lab".into(),
                 detail: format!(
-                    "the lab's QEMU exited (serial log {})",
-                    state.serial_log.display()
+                    "it took longer than {} s and was stopped (exit status {code})",
+                    run.timeout.as_secs()
                 ),
             });
         }
-        let command = poll_command(remote_run, copy.offset, stderr_offset);
-        let answer = transport
-            .run(&command, None, poll_timeout(silence_limit))
-            .map_err(|e| e.to_string());
-        let answer = answer.and_then(|output| {
-            parse_poll(&output.stdout, copy.offset).ok_or_else(|| {
-                format!(
-                    "unexpected answer {:?}",
-                    String::from_utf8_lossy(&output.stdout)
-                )
-            })
-        });
-        match answer {
-            Ok(poll) => {
-                last_answer = Instant::now();
-                copy.take(&poll.records, &|m| (run.progress)(m))?;
-                stderr_offset += poll.stderr.len();
-                partial_line.extend_from_slice(&poll.stderr);
-                while let Some(end) = partial_line.iter().position(|&b| b == b'\n') {
-                    hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line[..end]));
-                    partial_line.drain(..=end);
-                }
-                if let Some(code) = poll.status {
-                    if !partial_line.is_empty() {
-                        hostutil::say!("[lab] {}", String::from_utf8_lossy(&partial_line));
-                    }
-                    if timed_out {
-                        return Err(LabError::Command {
-                            what: "the run in the KVM lab".into(),
-                            detail: format!(
-                                "it took longer than {} s and was stopped (exit status {code})",
-                                run.timeout.as_secs()
-                            ),
-                        });
-                    }
-                    return Ok(Finished {
-                        exit_code: code,
-                        interrupted,
-                    });
-                }
-            }
-            Err(last_error) => {
-                if last_answer.elapsed() > silence_limit {
-                    return Err(LabError::Ssh {
-                        reason: format!(
-                            "the lab has not answered for {} s (last error: {last_error}); the \
-                             run may still be going there ({remote_run})",
-                            silence_limit.as_secs()
-                        ),
-                    });
-                }
-            }
+        Ok(Some(Finished {
+            exit_code: code,
+            interrupted: self.interrupted,
+        }))
+    }
+
+    /// Shows the run's stderr a whole line at a time (the rest too, at its end).
+    fn show_stderr(&mut self, bytes: &[u8], ended: bool) {
+        self.stderr_offset += bytes.len();
+        self.partial_line.extend_from_slice(bytes);
+        while let Some(end) = self.partial_line.iter().position(|&b| b == b'\n') {
+            hostutil::say!(
+                "[lab] {}",
+                String::from_utf8_lossy(&self.partial_line[..end])
+            );
+            self.partial_line.drain(..=end);
         }
-        thread::sleep(POLL_INTERVAL);
+        if ended && !self.partial_line.is_empty() {
+            hostutil::say!("[lab] {}", String::from_utf8_lossy(&self.partial_line));
+            self.partial_line.clear();
+        }
     }
 }
 
