@@ -291,6 +291,88 @@ fn intact(victim: u64) -> bool {
     })
 }
 
+/// One malformed request of `selftest.balloon-corrupt`: its name, and how to submit it.
+type Case<'a> = (
+    &'static str,
+    &'a dyn Fn(&mut Balloon) -> Result<(), TransferError>,
+);
+
+/// Submits each case on a freshly reset device and notes the device's verdict; returns
+/// whether any was accepted and whether any released the victim page.
+fn try_cases(
+    s: &Sampler,
+    device: &mut Balloon,
+    victim: u64,
+    cases: &[Case],
+) -> Result<(bool, bool), Refusal> {
+    let mut accepted = false;
+    let mut released = false;
+    for (name, case) in cases {
+        device.reset_and_start().map_err(error)?;
+        mark(victim);
+        let verdict = match case(device) {
+            Err(TransferError::Refused) => "refused",
+            Ok(()) => {
+                accepted = true;
+                "accepted"
+            }
+            Err(TransferError::NoAnswer) => {
+                accepted = true;
+                "no_answer_and_no_error"
+            }
+            Err(TransferError::WrongBuffer) => {
+                accepted = true;
+                "wrong_buffer_returned"
+            }
+            // The driver's own refusal, before the device saw anything: no verdict.
+            Err(e @ TransferError::PfnTooWide) => return Err(error(e.message())),
+        };
+        s.note_text(name, verdict);
+        if !intact(victim) {
+            released = true;
+            s.note_text(name, "victim_page_released");
+        }
+    }
+    Ok((accepted, released))
+}
+
+/// After a reset the device must serve a valid request again, and really release the
+/// page: returns whether the inflate dropped the victim's contents.
+fn recovers(
+    s: &Sampler,
+    device: &mut Balloon,
+    victim: u64,
+    victim_pfn: u32,
+) -> Result<bool, Refusal> {
+    device.reset_and_start().map_err(error)?;
+    if Balloon::status() & STATUS_DEVICE_NEEDS_RESET != 0 {
+        return Err((Status::Failure, "the device still needs a reset after one"));
+    }
+    mark(victim);
+    device
+        .transfer(QUEUE_INFLATE, u64::from(victim_pfn), 1)
+        .map_err(|_| {
+            (
+                Status::Failure,
+                "after a reset the device refused a valid request",
+            )
+        })?;
+    let dropped = !intact(victim);
+    device
+        .transfer(QUEUE_DEFLATE, u64::from(victim_pfn), 1)
+        .map_err(|_| {
+            (
+                Status::Failure,
+                "after a reset the device refused a valid deflate",
+            )
+        })?;
+    s.note_text(
+        "recovered",
+        if dropped { "yes" } else { "page_not_released" },
+    );
+    Ok(dropped)
+}
+
 /// `selftest.balloon-corrupt`: malformed requests the VMM must refuse, each on a freshly
 /// reset device, none of which may release the victim page they name.
 pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
@@ -320,10 +402,6 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
         flags,
         next,
     };
-    type Case<'a> = (
-        &'static str,
-        &'a dyn Fn(&mut Balloon) -> Result<(), TransferError>,
-    );
     let cases: [Case; 8] = [
         ("head_outside_queue", &|d| {
             d.submit(QUEUE_INFLATE, &[buffer(4, 0, 0)], Some(QUEUE_SIZE + 7))
@@ -360,61 +438,8 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
             d.bump_avail_index(QUEUE_DEFLATE, QUEUE_SIZE * 4)
         }),
     ];
-    let mut accepted = false;
-    let mut released = false;
-    for (name, case) in cases {
-        device.reset_and_start().map_err(error)?;
-        mark(victim);
-        let verdict = match case(&mut device) {
-            Err(TransferError::Refused) => "refused",
-            Ok(()) => {
-                accepted = true;
-                "accepted"
-            }
-            Err(TransferError::NoAnswer) => {
-                accepted = true;
-                "no_answer_and_no_error"
-            }
-            Err(TransferError::WrongBuffer) => {
-                accepted = true;
-                "wrong_buffer_returned"
-            }
-            // The driver's own refusal, before the device saw anything: no verdict.
-            Err(e @ TransferError::PfnTooWide) => return Err(error(e.message())),
-        };
-        s.note_text(name, verdict);
-        if !intact(victim) {
-            released = true;
-            s.note_text(name, "victim_page_released");
-        }
-    }
-    // After a reset the device must serve a valid request again, and really release.
-    device.reset_and_start().map_err(error)?;
-    if Balloon::status() & STATUS_DEVICE_NEEDS_RESET != 0 {
-        return Err((Status::Failure, "the device still needs a reset after one"));
-    }
-    mark(victim);
-    device
-        .transfer(QUEUE_INFLATE, u64::from(victim_pfn), 1)
-        .map_err(|_| {
-            (
-                Status::Failure,
-                "after a reset the device refused a valid request",
-            )
-        })?;
-    let dropped = !intact(victim);
-    device
-        .transfer(QUEUE_DEFLATE, u64::from(victim_pfn), 1)
-        .map_err(|_| {
-            (
-                Status::Failure,
-                "after a reset the device refused a valid deflate",
-            )
-        })?;
-    s.note_text(
-        "recovered",
-        if dropped { "yes" } else { "page_not_released" },
-    );
+    let (accepted, released) = try_cases(s, &mut device, victim, &cases)?;
+    let dropped = recovers(s, &mut device, victim, victim_pfn)?;
     if released {
         return Err((
             Status::Failure,
