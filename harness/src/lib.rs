@@ -13,11 +13,11 @@ pub mod cli;
 pub mod console;
 pub mod guest_image;
 pub mod host;
-pub mod host_paging;
-pub mod interrupt;
-pub mod native;
+pub(crate) mod host_paging;
+pub(crate) mod interrupt;
+pub(crate) mod native;
 pub mod run;
-pub mod summary;
+pub(crate) mod summary;
 
 // Below the runner and the labs both; re-exported where the runner always found them.
 pub use hostutil::{output, say, statefile, tell, tell_line};
