@@ -551,6 +551,7 @@ impl Comparison {
 
     /// The measurements only one side has.
     fn render_only_in(&self) -> String {
+        let with_backend = self.with_backend();
         let mut out = String::new();
         for (title, list) in [
             ("Only in BASE", &self.only_in_base),
@@ -561,7 +562,7 @@ impl Comparison {
             }
             let _ = writeln!(out, "\n{title}:");
             for o in list {
-                let backend = if self.with_backend() {
+                let backend = if with_backend {
                     format!("{} ", terminal_safe(&o.backend))
                 } else {
                     String::new()
