@@ -290,15 +290,15 @@ fn cpuid_spread(image: &GuestImage) {
 }
 
 fn child_vmm(cmdline: &str) -> ExitCode {
-    let args = hvbench::cli::VmmArgs {
+    let options = hvbench::standalone::Options {
         cmdline: cmdline.to_string(),
         memory_mib: 64,
         guest: None,
-        timeout_s: 30,
+        timeout: std::time::Duration::from_secs(30),
         mergeable: false,
         doorbell_stdin: false,
     };
-    let code = hvbench::cli::vmm(&args).unwrap_or(2);
+    let code = hvbench::standalone::run(&options).unwrap_or(2);
     // An exit status is one byte: a code outside it is a failure, not its low byte.
     ExitCode::from(u8::try_from(code).unwrap_or(2))
 }

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::statefile;
 
 /// Set in the environment of the command run under a switch: the mode it runs with.
-pub const PAGING_ENV: &str = "HVBENCH_HOST_PAGING";
+pub(crate) const PAGING_ENV: &str = "HVBENCH_HOST_PAGING";
 
 const STATE_FILE: &str = "host-paging.json";
 const LOCK_FILE: &str = "host-paging.lock";
@@ -244,7 +244,7 @@ impl PagingError {
 }
 
 /// Reads a boolean module parameter as sysfs prints it (`Y`/`N`, or `1`/`0`).
-pub fn parse_bool_parameter(text: &str) -> Option<bool> {
+pub(crate) fn parse_bool_parameter(text: &str) -> Option<bool> {
     match text.trim() {
         "Y" | "y" | "1" => Some(true),
         "N" | "n" | "0" => Some(false),
@@ -253,7 +253,7 @@ pub fn parse_bool_parameter(text: &str) -> Option<bool> {
 }
 
 /// The vendor module this CPU takes, from the `flags` line of /proc/cpuinfo.
-pub fn vendor_from_cpuinfo(cpuinfo: &str) -> Option<VendorModule> {
+pub(crate) fn vendor_from_cpuinfo(cpuinfo: &str) -> Option<VendorModule> {
     let flags = cpuinfo.lines().find(|line| line.starts_with("flags"))?;
     let has = |flag: &str| flags.split_whitespace().any(|word| word == flag);
     if has("vmx") {
@@ -326,7 +326,7 @@ pub fn read_state(path: &Path) -> Result<Option<SwitchState>, PagingError> {
 }
 
 /// Writes the state file whole: a crash leaves the old file or the new one, never half.
-pub fn write_state(path: &Path, state: &SwitchState) -> Result<(), PagingError> {
+pub(crate) fn write_state(path: &Path, state: &SwitchState) -> Result<(), PagingError> {
     Ok(statefile::write_json(path, state)?)
 }
 

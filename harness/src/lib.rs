@@ -9,15 +9,14 @@
 #![deny(clippy::print_stderr, clippy::print_stdout)]
 
 pub mod backend;
-pub mod cli;
 pub mod console;
 pub mod guest_image;
 pub mod host;
-pub(crate) mod host_paging;
-pub(crate) mod interrupt;
-pub(crate) mod native;
+pub mod host_paging;
+pub mod interrupt;
 pub mod run;
-pub(crate) mod summary;
+pub mod standalone;
+pub mod summary;
 
 // Below the runner and the labs both; re-exported where the runner always found them.
 pub use hostutil::{output, say, statefile, tell, tell_line};

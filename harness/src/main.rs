@@ -1,10 +1,15 @@
 //! The `hvbench` binary: the CLI's edge, where errors become one sentence and an exit code.
 
+// Output goes through `say!`/`tell!` (panic-free on a closed stream), as in the library.
+#![deny(clippy::print_stderr, clippy::print_stdout)]
+
+mod cli;
+
 use clap::Parser;
 
 fn main() {
-    let cli = hvbench::cli::Cli::parse();
-    match hvbench::cli::main(cli) {
+    let cli = cli::Cli::parse();
+    match cli::main(cli) {
         Ok(code) => std::process::exit(code),
         Err(error) => {
             hvbench::say!("hvbench: error: {}", sentence(&error));

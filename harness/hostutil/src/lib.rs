@@ -2,12 +2,13 @@
 //! both: running commands on a host, locally or over ssh, each with a time limit and in its
 //! own process group (`transport`); state files that survive a killed process
 //! (`statefile`); lines for the person watching that never panic (`output`, `say!`,
-//! `tell!`); RFC 3339 time; and the KVM paging mode.
+//! `tell!`); RFC 3339 time; the KVM paging mode; and transparent huge pages (`huge_pages`).
 
 // Progress goes through `say!`, output through `tell!`/`tell_line!`: `eprintln!` and
 // `println!` panic on a closed stream.
 #![deny(clippy::print_stderr, clippy::print_stdout)]
 
+pub mod huge_pages;
 pub mod output;
 mod paging;
 pub mod statefile;

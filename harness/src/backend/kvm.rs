@@ -15,7 +15,7 @@ use workloads::BackendFeature;
 use super::balloon::{BalloonBackend, BalloonBoot, BalloonControl, HostMemory, Refusals};
 use super::{BackendError, BackendKind, BootRequest, GuestMessage, GuestSession, Hypervisor};
 use crate::host_paging::PagingMode;
-use crate::native::HugePageAdvice;
+use hostutil::huge_pages::HugePageAdvice;
 
 pub use vmm::VmmError;
 

@@ -114,7 +114,7 @@ pub trait Hypervisor: std::fmt::Debug {
 
     /// The huge-page advice guest RAM is mapped with on this machine, where the backend
     /// maps it here (native twins map their buffers the same way).
-    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
+    fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {
         None
     }
 }

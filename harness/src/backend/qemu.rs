@@ -214,8 +214,8 @@ impl Hypervisor for QemuBackend {
 
     /// QEMU advises MADV_HUGEPAGE on every RAM block it allocates (`ram_block_add` in
     /// `system/physmem.c`), with no option to turn it off.
-    fn guest_ram_advice(&self) -> Option<crate::native::HugePageAdvice> {
-        Some(crate::native::HugePageAdvice::HugePages)
+    fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {
+        Some(hostutil::huge_pages::HugePageAdvice::HugePages)
     }
 
     fn info(&self) -> BackendInfo {

@@ -6,6 +6,7 @@
 pub mod balloon;
 pub mod host_driven;
 pub mod ksm;
+pub(crate) mod native;
 pub mod plan;
 pub mod records;
 pub mod session;

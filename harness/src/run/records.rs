@@ -15,7 +15,9 @@ use workloads::{Direction, Privilege, Unit, WorkloadId};
 
 use super::plan::{effective_params, series_points, SeriesPoint};
 use super::session::{SeriesSamples, WorkloadOutcome};
-use crate::native::{self, HugePageAdvice, TwinPlan};
+use hostutil::huge_pages::{self, HugePageAdvice};
+
+use super::native::{self, TwinPlan};
 
 /// TSC rate assumed for sizing native runs where this host gives none (as the guest does).
 const FALLBACK_TSC_KHZ: u64 = 1_000_000;
@@ -280,7 +282,7 @@ impl Twin<'_> {
         let result = match point {
             Some(point) => {
                 let plan = twin_plan(ctx, point, interrupted);
-                let thp = native::thp_mode();
+                let thp = huge_pages::thp_mode();
                 let guest_ram = ctx
                     .guest_ram
                     .map_or("unknown".into(), |a| a.describe(thp.as_deref()));

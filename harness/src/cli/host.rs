@@ -1,0 +1,83 @@
+//! `hvbench host`: the fingerprint, and `host paging` (KVM's paging mode switch).
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use hvbench::{host, interrupt};
+
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// KVM's paging mode: print it, or run one command with EPT/NPT (`tdp`) or shadow
+    /// paging by reloading kvm_intel (ept=) or kvm_amd (npt=), restoring it afterwards.
+    /// Refused on kvm_pvm and while any VM runs; needs root.
+    Paging(PagingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PagingArgs {
+    /// The mode to run COMMAND with; without it, print the current mode.
+    #[arg(value_enum, requires = "command")]
+    pub mode: Option<hvbench::host_paging::PagingMode>,
+    /// Undo a switch whose `hvbench host paging` was killed before it could.
+    #[arg(long, conflicts_with_all = ["mode", "command"])]
+    pub restore: bool,
+    /// The command to run under MODE, after `--`.
+    #[arg(last = true, requires = "mode")]
+    pub command: Vec<String>,
+}
+
+/// `hvbench host [--json]` and `hvbench host paging ...`.
+pub fn host(json: bool, action: Option<&HostAction>) -> Result<i32> {
+    if let Some(HostAction::Paging(args)) = action {
+        return host_paging(args);
+    }
+    let host = host::fingerprint();
+    if json {
+        hvbench::tell_line!("{}", serde_json::to_string_pretty(&host)?);
+    } else {
+        hvbench::tell!("{}", host::describe(&host));
+    }
+    Ok(0)
+}
+
+/// `hvbench host paging ...`; returns the command's exit status under a switch.
+pub fn host_paging(args: &PagingArgs) -> Result<i32> {
+    use hvbench::host_paging::{self as paging, HostPaths, SystemModules};
+    let paths = HostPaths::system();
+    // Never a panic on a closed stderr (an ssh session gone): the restore must still run.
+    let progress = |message: &str| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "hvbench host paging: {message}");
+    };
+    let mut control = SystemModules;
+    if args.restore {
+        match paging::restore_stale(&paths, &mut control, &progress)? {
+            Some(_) => {}
+            None => hvbench::say!("hvbench host paging: no switch to undo"),
+        }
+        hvbench::tell_line!("{}", paging::read_kvm_paging(&paths).describe());
+        return Ok(0);
+    }
+    let Some(mode) = args.mode else {
+        hvbench::tell_line!("{}", paging::read_kvm_paging(&paths).describe());
+        if let Some(state) = paging::read_state(&paths.state_file())? {
+            hvbench::tell_line!(
+                "switched by pid {} to {}={} for `{}`; `hvbench host paging --restore` undoes \
+                 it if that process is gone",
+                state.pid,
+                state.parameter,
+                u8::from(state.requested),
+                state.command.join(" ")
+            );
+        }
+        return Ok(0);
+    };
+    let cancel = interrupt::install();
+    Ok(paging::run_with_paging(
+        &paths,
+        &mut control,
+        mode,
+        &args.command,
+        cancel,
+        &progress,
+    )?)
+}
