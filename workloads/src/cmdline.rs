@@ -9,6 +9,8 @@
 //! It travels in the PVH start info (our VMM, QEMU's `-append`, xl's `cmdline=`), so it is
 //! plain ASCII, space separated, and short enough for every loader (Xen takes 1 KiB).
 
+#[cfg(test)]
+use crate::params::parse_size;
 #[cfg(feature = "std")]
 use crate::params::SetBy;
 use crate::params::{ParamError, ParamSpec};
@@ -203,18 +205,6 @@ pub fn param_or_default<'a>(
     spec: &ParamSpec,
 ) -> Option<&'a str> {
     param(line, workload, spec.key).or(spec.default)
-}
-
-/// Parses a size such as `4096`, `64k`, `16m`, `1g` (binary multiples).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 10),
-        b'm' | b'M' => (&text[..text.len() - 1], 20),
-        b'g' | b'G' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    let n: u64 = digits.parse().ok()?;
-    n.checked_mul(1 << shift)
 }
 
 fn number(text: &str, min: u32, max: u32) -> Result<u32, CmdlineError> {

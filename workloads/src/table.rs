@@ -183,7 +183,7 @@ pub enum HostRunner {
 }
 
 /// The code a workload shares with its native twin, which the harness runs on the host
-/// for a guest/native ratio (`harness/src/native.rs` matches on this exhaustively).
+/// for a guest/native ratio (`harness/src/run/native.rs` matches on this exhaustively).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NativeTwin {
     /// [`crate::compute`]'s kernel, rounds per operation.

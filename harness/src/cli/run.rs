@@ -168,7 +168,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Err(e) => hvbench::say!("hvbench: warning: {e}"),
     }
     let workloads = plan::select(&args.workloads)?;
-    plan::check_params(&args.params, &workloads, args.memory_mib)?;
+    run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
     let backend = make_backend(args, host::fingerprint())?;
     // The machine the guest runs on: this one, or the Xen host.

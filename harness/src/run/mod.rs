@@ -4,6 +4,7 @@
 //! interrupted run keeps everything measured so far.
 
 pub mod balloon;
+pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
 pub(crate) mod native;
@@ -170,6 +171,17 @@ fn one_line(record: &Record) -> String {
                 .unwrap_or_default()
         ),
     }
+}
+
+/// Refuses, before anything is created, parameters given twice and the parameters of the
+/// selected host-driven workloads that cannot work (sizes that do not fit in the guest).
+pub fn check_params(
+    params: &[WorkloadParam],
+    workloads: &[WorkloadId],
+    memory_mib: u32,
+) -> Result<(), plan::PlanError> {
+    plan::check_duplicates(params)?;
+    host_driven::check_params(workloads, params, memory_mib)
 }
 
 /// The run: boots, drives, records. Stops early (keeping what it wrote) when
@@ -448,7 +460,7 @@ impl<'a> Run<'a> {
         guest: &GuestInfo,
         repeat: u32,
     ) -> Result<(), RunError> {
-        let ctx = host_driven::HostContext {
+        let ctx = host_context::HostContext {
             backend: self.backend,
             image: self.image,
             options: self.options,

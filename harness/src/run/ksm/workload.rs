@@ -21,7 +21,7 @@ use ksm::{KsmCounters, KsmGuard, KsmSysfs};
 use super::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
 use super::params::KsmParams;
 use super::{system_paths, MemKsmError};
-use crate::run::host_driven::HostContext;
+use crate::run::host_context::HostContext;
 use crate::run::session::{SeriesSamples, WorkloadOutcome};
 
 const ID: WorkloadId = WorkloadId::MemKsm;
