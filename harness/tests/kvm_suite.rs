@@ -111,7 +111,11 @@ fn every_workload_succeeds_with_positive_figures() {
     let native = compute.native.as_ref().expect("native twin");
     assert_eq!(native.samples.len(), 5);
     let ratio = native.ratio.expect("a finite ratio");
-    assert!(ratio > 0.5 && ratio < 2.0, "guest/native {ratio}");
+    // Same work per operation on both sides: a twin that timed other work (a sample for
+    // an operation, another round count) is off by orders of magnitude. Guest and twin
+    // run one after the other, so a busy 2-core host (load average 5 and more) moves the
+    // ratio by up to 2x either way without anything being wrong.
+    assert!(ratio > 0.25 && ratio < 4.0, "guest/native {ratio}");
     // The guest saw the memory it was given.
     assert_eq!(
         by_name("cpu.idle").guest.ram_bytes,
