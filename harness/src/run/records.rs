@@ -225,6 +225,9 @@ impl Figures {
     /// Converts the guest's cycles with the TSC frequency (host-measured series are in
     /// their unit already); without a frequency only cycles are kept, and that is an error.
     fn of(series: &SeriesSamples, unit: Unit, tsc_khz: Option<u64>, verdict: &mut Verdict) -> Self {
+        if series.direct.is_empty() {
+            Self::check_clock(&series.measured, verdict);
+        }
         let per_op = |(ops, cycles): &(u64, u64)| *cycles as f64 / (*ops).max(1) as f64;
         let cycles: Vec<f64> = series.measured.iter().map(per_op).collect();
         let convert = |cycles: &[f64]| -> Option<Vec<f64>> {
@@ -255,6 +258,31 @@ impl Figures {
             cycles,
             samples,
             warmup,
+        }
+    }
+}
+
+impl Figures {
+    /// kvm-unit-tests' validity predicate for a timed sample: the guest's clock must have
+    /// advanced over it. A sample of zero cycles (a TSC too coarse for the operation, as
+    /// under some emulators) measured nothing: the series is an error, its samples kept.
+    fn check_clock(measured: &[(u64, u64)], verdict: &mut Verdict) {
+        let stopped: Vec<u64> = measured
+            .iter()
+            .filter(|(_, cycles)| *cycles == 0)
+            .map(|(ops, _)| *ops)
+            .collect();
+        if let Some(most_ops) = stopped.iter().max() {
+            verdict.ratchet(
+                Status::Error,
+                format!(
+                    "the guest's clock did not advance during {} of {} samples (0 cycles for \
+                     up to {most_ops} operations): too coarse a TSC to time this operation \
+                     here; the samples are kept",
+                    stopped.len(),
+                    measured.len()
+                ),
+            );
         }
     }
 }
@@ -473,6 +501,32 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_the_clock_did_not_time_is_an_error() {
+        let series = |measured: Vec<(u64, u64)>| SeriesSamples {
+            measured,
+            warmup: vec![(8, 0)],
+            direct: Vec::new(),
+        };
+        let mut verdict = Verdict {
+            status: Status::Success,
+            reason: None,
+        };
+        let timed = series(vec![(8, 100), (8, 120)]);
+        Figures::of(&timed, Unit::Ns, Some(1_000_000), &mut verdict);
+        assert_eq!(verdict.status, Status::Success, "{:?}", verdict.reason);
+        let untimed = series(vec![(8, 100), (1 << 20, 0), (1 << 20, 0)]);
+        let figures = Figures::of(&untimed, Unit::MBps, Some(1_000_000), &mut verdict);
+        assert_eq!(verdict.status, Status::Error);
+        let reason = verdict.reason.unwrap_or_default();
+        assert!(reason.contains("2 of 3 samples"), "{reason}");
+        assert_eq!(
+            figures.cycles,
+            [12.5, 0.0, 0.0],
+            "every sample is kept, as cycles"
+        );
+    }
+
+    #[test]
     fn a_zero_or_non_finite_median_gives_no_ratio() {
         use Direction::*;
         assert_eq!(ratio(2.0, 4.0, LowerIsBetter), Ok(0.5));
@@ -585,21 +639,14 @@ mod tests {
                 s.measured = vec![(1, 0); 3];
             }
             let records = build(&o, ctx);
-            assert_eq!(
-                records[0].status,
-                Status::Success,
-                "{:?}",
-                records[0].reason
-            );
-            // The twin's own figures stand; only the ratio is left out.
-            let native = records[0].native.as_ref().expect("the twin ran");
-            assert!(native.median > 0.0 && native.ratio.is_none(), "{native:?}");
-            let note = records[0]
-                .notes
-                .get(NOTE_RATIO)
-                .cloned()
-                .unwrap_or_default();
-            assert!(note.contains("the guest's median is 0"), "{note}");
+            // Zero cycles timed nothing: an error that says so, never a 0 ns figure.
+            assert_eq!(records[0].status, Status::Error);
+            let reason = records[0].reason.clone().unwrap_or_default();
+            assert!(reason.contains("clock did not advance"), "{reason}");
+            // Whatever the twin gave, no ratio is made from a zero median.
+            if let Some(native) = records[0].native.as_ref() {
+                assert!(native.ratio.is_none(), "{native:?}");
+            }
         });
     }
 }
