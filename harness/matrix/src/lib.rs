@@ -5,7 +5,9 @@
 //!
 //! matrix file -> plan (cells, shards) -> bundles (records + manifest) -> merge -> report
 
+pub mod bundle;
 pub mod file;
+pub mod merge;
 pub mod plan;
 
 pub use file::{MatrixError, MatrixFile};

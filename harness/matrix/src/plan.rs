@@ -696,7 +696,10 @@ reason = "not needed"
                 actual: 18
             })
         );
-        assert_eq!(plan.cell("cnope"), Err(PlanError::NoSuchCell("cnope".into())));
+        assert_eq!(
+            plan.cell("cnope"),
+            Err(PlanError::NoSuchCell("cnope".into()))
+        );
     }
 
     #[test]
