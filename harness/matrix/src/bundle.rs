@@ -278,6 +278,9 @@ pub(crate) mod tests {
         pub git_revision: String,
         pub cancel_after: Option<usize>,
         pub ran: Flag<usize>,
+        /// Multiplies every sample (a slower build).
+        pub scale: f64,
+        pub cpu_model: String,
     }
 
     impl Fake {
@@ -288,6 +291,8 @@ pub(crate) mod tests {
                 git_revision: "rev1".into(),
                 cancel_after: None,
                 ran: Flag::new(0),
+                scale: 1.0,
+                cpu_model: "cpu".into(),
             }
         }
     }
@@ -303,7 +308,13 @@ pub(crate) mod tests {
                 };
             }
             let mut writer = reports::ResultsWriter::create(out, false).unwrap();
-            let mut r = reports::synthetic::record(cell.kind.name(), "cpu.cpuid", &[1.0, 2.0]);
+            // Each run a little different, as boots are.
+            let base = 100.0 + f64::from(cell.repeat) * 0.5;
+            let samples: Vec<f64> = [base, base + 1.0, base + 2.0]
+                .map(|s| s * self.scale)
+                .to_vec();
+            let mut r = reports::synthetic::record(cell.kind.name(), "cpu.cpuid", &samples);
+            r.host.cpu_model = self.cpu_model.clone();
             r.run_id = format!("run-{}", cell.id);
             r.hvbench.git_revision = cell
                 .revision

@@ -661,4 +661,76 @@ mod tests {
         assert_eq!(merged.summary.cells[0].status, CellStatus::Failed);
         assert!(matches!(&merged.findings[..], [Finding::Failed { .. }]));
     }
+
+    /// Two merged matrices of one host label: NEW twice as slow is a regression, found
+    /// cell for cell; a host whose fingerprint changed is not compared at all.
+    #[test]
+    fn the_gate_compares_like_with_like() {
+        let text = SMALL.replace("repeats = 2", "repeats = 8");
+        let plan = plan_of(&text);
+        let tmp = tempfile::tempdir().unwrap();
+        let merged = |name: &str, fake: &mut Fake| {
+            let root = tmp.path().join(name);
+            let bundles = shards(&plan, 2, &root, fake);
+            let out = root.join("merged");
+            merge(&bundles, &out, &MergeOptions::default()).unwrap();
+            out
+        };
+        let base = merged("base", &mut Fake::new());
+        let mut slower = Fake::new();
+        slower.scale = 2.0;
+        let new = merged("new", &mut slower);
+        let options = reports::compare::CompareOptions::default();
+        let c = reports::compare::compare(&base, &new, &options).unwrap();
+        assert!(c.has_regression(), "{}", c.render_table());
+        assert!(c
+            .rows
+            .iter()
+            .all(|r| r.backend.starts_with("pvm ") || r.backend.starts_with("dom0 ")));
+        // Same label and backend, another CPU: nothing compared, and the note says why.
+        let mut moved = Fake::new();
+        moved.scale = 2.0;
+        moved.cpu_model = "another".into();
+        let other = merged("other", &mut moved);
+        let c = reports::compare::compare(&base, &other, &options).unwrap();
+        assert!(c.rows.is_empty() && !c.has_regression());
+        assert!(
+            c.notes.iter().any(|n| n.contains("fingerprint differs")),
+            "{:?}",
+            c.notes
+        );
+    }
+
+    #[test]
+    fn the_report_draws_the_grid() {
+        let plan = plan_of(SMALL);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fake = Fake::new();
+        fake.fail = vec![plan.cells[0].id.clone()];
+        let mut bundles = shards(&plan, 3, tmp.path(), &mut fake);
+        bundles.pop();
+        let out = tmp.path().join("merged");
+        let options = MergeOptions {
+            allow_missing: true,
+            ..Default::default()
+        };
+        merge(&bundles, &out, &options).unwrap();
+        let report = tmp.path().join("report");
+        let options = reports::report::ReportOptions {
+            sample_charts: false,
+            ..Default::default()
+        };
+        reports::report::render(&[out], &report, &options).unwrap();
+        let page = std::fs::read_to_string(report.join("index.html")).unwrap();
+        assert!(page.contains("id=\"matrix\"") && page.contains("Matrix t"));
+        assert!(
+            page.contains(">failed<") && page.contains(">missing<") && page.contains(">succeeded<")
+        );
+        let log = format!("cells/{}.log", plan.cells[1].id);
+        assert!(
+            page.contains(&log) && report.join(&log).exists(),
+            "logs linked and copied"
+        );
+        assert!(page.contains("kvm · paging shadow"));
+    }
 }
