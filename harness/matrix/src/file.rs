@@ -37,11 +37,13 @@ pub enum MatrixError {
 
 /// The hypervisor stack a backend entry runs (`hvbench run --backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
     Kvm,
     Qemu,
     Xen,
+    /// `hvbench lab run kvm`: KVM inside the KVM lab (TCG; the paging axis, not speed).
+    KvmLab,
 }
 
 impl BackendKind {
@@ -50,13 +52,14 @@ impl BackendKind {
             BackendKind::Kvm => "kvm",
             BackendKind::Qemu => "qemu",
             BackendKind::Xen => "xen",
+            BackendKind::KvmLab => "kvm-lab",
         }
     }
 
     /// The paging modes this backend can be asked for.
     pub const fn paging_modes(self) -> &'static [Paging] {
         match self {
-            BackendKind::Kvm => &[Paging::Host, Paging::Tdp, Paging::Shadow],
+            BackendKind::Kvm | BackendKind::KvmLab => &[Paging::Host, Paging::Tdp, Paging::Shadow],
             BackendKind::Qemu => &[Paging::Host],
             BackendKind::Xen => &[Paging::Hap, Paging::Shadow],
         }
@@ -180,6 +183,10 @@ pub struct Host {
     /// What `hvbench matrix run` checks on this machine before it runs this host's cells.
     #[serde(default)]
     pub needs: Vec<Need>,
+    /// The host class this machine's fingerprint must have for `hvbench matrix run`
+    /// (`bare-metal`, `nested`, `pvm`, `xen-host`, ...); absent: any.
+    #[serde(default)]
+    pub class: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -321,6 +328,15 @@ impl MatrixFile {
     fn check_references(&self) -> Result<(), String> {
         let backends: BTreeSet<&str> = self.backends.iter().map(|b| b.name.as_str()).collect();
         for h in &self.hosts {
+            if let Some(class) = &h.class {
+                if reports::host::HostClass::from_name(class).is_none() {
+                    return Err(format!(
+                        "host `{}`: class `{}` is not a host class hvbench knows",
+                        h.label,
+                        class.escape_debug()
+                    ));
+                }
+            }
             if h.backends.is_empty() {
                 return Err(format!("host `{}` runs no backend", h.label));
             }
@@ -364,7 +380,7 @@ impl MatrixFile {
             return backend.paging.clone();
         }
         vec![match backend.kind {
-            BackendKind::Kvm | BackendKind::Qemu => Paging::Host,
+            BackendKind::Kvm | BackendKind::Qemu | BackendKind::KvmLab => Paging::Host,
             BackendKind::Xen => Paging::Hap,
         }]
     }

@@ -329,10 +329,23 @@ fn cell(identity: &Identity<'_>, revision: Option<String>, file: &MatrixFile) ->
 /// The cell's `hvbench` command line.
 fn command(c: &Identity<'_>, id: &str, run: &RunOptions) -> Vec<String> {
     let mut argv: Vec<String> = vec!["hvbench".into()];
-    if c.kind == BackendKind::Kvm && matches!(c.paging, Paging::Tdp | Paging::Shadow) {
-        argv.extend(["host", "paging", c.paging.name(), "--", "hvbench"].map(String::from));
+    let switched = matches!(c.paging, Paging::Tdp | Paging::Shadow);
+    match c.kind {
+        BackendKind::KvmLab => {
+            argv.extend(["lab", "run", "kvm"].map(String::from));
+            if switched {
+                argv.extend(["--paging".into(), c.paging.name().into()]);
+            }
+            argv.extend(["--out".into(), format!("cells/{id}"), "--".into()]);
+        }
+        BackendKind::Kvm if switched => {
+            argv.extend(["host", "paging", c.paging.name(), "--", "hvbench"].map(String::from));
+        }
+        _ => {}
     }
-    argv.extend(["run", "--backend", c.kind.name()].map(String::from));
+    if c.kind != BackendKind::KvmLab {
+        argv.extend(["run", "--backend", c.kind.name()].map(String::from));
+    }
     if c.kind == BackendKind::Xen {
         argv.extend(["--paging".into(), c.paging.name().into()]);
     }
@@ -354,8 +367,15 @@ fn command(c: &Identity<'_>, id: &str, run: &RunOptions) -> Vec<String> {
             argv.extend([name.to_string(), v.to_string()]);
         }
     }
-    argv.extend(c.args.iter().cloned());
-    argv.extend(["--out".into(), format!("cells/{id}")]);
+    if c.kind == BackendKind::KvmLab {
+        // `lab run kvm` options come before `--`: after the run options they would be
+        // `hvbench run` options in the lab.
+        let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+        argv.splice(at..at, c.args.iter().cloned());
+    } else {
+        argv.extend(c.args.iter().cloned());
+        argv.extend(["--out".into(), format!("cells/{id}")]);
+    }
     argv
 }
 
@@ -584,6 +604,24 @@ reason = "not needed"
                 "hvbench run --backend xen --paging hap -w 'cpu.*' --samples 3 --xen-host \
                  ssh://root@dom0 --out cells/{}",
                 xen.id
+            )
+        );
+    }
+
+    #[test]
+    fn kvm_lab_cells_run_in_the_lab() {
+        let text = SMALL.replace("kind = \"qemu\"", "kind = \"kvm-lab\"\npaging = [\"tdp\"]");
+        let plan = plan_of(&text);
+        let c = plan
+            .cells
+            .iter()
+            .find(|c| c.kind == BackendKind::KvmLab)
+            .unwrap();
+        assert_eq!(
+            shell_line(&c.argv),
+            format!(
+                "hvbench lab run kvm --paging tdp --out cells/{} -- -w 'cpu.*' --samples 3",
+                c.id
             )
         );
     }
