@@ -141,6 +141,15 @@ impl Pools {
         Self::build(records, |_| label.to_string())
     }
 
+    /// Pools `records` under a label of the caller's (a merged matrix's host label,
+    /// backend, paging and host fingerprint).
+    pub fn by_label<'a>(
+        records: impl IntoIterator<Item = &'a Record>,
+        label: impl Fn(&Record) -> String,
+    ) -> Pools {
+        Self::build(records, label)
+    }
+
     fn build<'a>(
         records: impl IntoIterator<Item = &'a Record>,
         backend_of: impl Fn(&Record) -> String,

@@ -19,6 +19,7 @@ use crate::bootstrap::{median_ci, ratio_of_medians_ci, BootstrapOptions, Estimat
 use crate::format;
 use crate::host::HostClass;
 use crate::html;
+use crate::matrix::MatrixSummary;
 use crate::plot::{
     self, BarRow, ChartError, ChartFile, ChartFormat, CurveChart, GroupChart, SamplesChart,
 };
@@ -153,12 +154,14 @@ pub fn render(
     let raw = copy_raw_files(&inputs, &model.backend_names(), out)?;
     let curves = collect_curves(&inputs, &model.backend_names());
     let charts = draw_charts(&model, &curves, &charts_dir, options)?;
+    let matrices = read_matrices(dirs, out)?;
 
     let page = html::render_page(&html::Page {
         title: &options.title,
         model: &model,
         charts: &charts,
         raw: &raw,
+        matrices: &matrices,
         options,
         out,
     });
@@ -187,6 +190,35 @@ pub fn render(
             .map(|w| format!("{}: {}", w.title, w.detail))
             .collect(),
     })
+}
+
+/// The merged matrices among the inputs (`matrix.json`), with each cell's log copied
+/// to `out/cells/` so the grid's links work wherever the report goes. A log path that is
+/// not `cells/ID.log` of a plain cell id is dropped, not followed.
+fn read_matrices(dirs: &[PathBuf], out: &Path) -> Result<Vec<MatrixSummary>, ReportError> {
+    let mut matrices = Vec::new();
+    for dir in dirs {
+        let Some(mut summary) = MatrixSummary::read(dir)? else {
+            continue;
+        };
+        for cell in &mut summary.cells {
+            let Some(log) = cell.log.take() else { continue };
+            let plain = cell.id.bytes().all(|b| b.is_ascii_alphanumeric()) && !cell.id.is_empty();
+            if !plain || log != format!("cells/{}.log", cell.id) || !dir.join(&log).is_file() {
+                continue;
+            }
+            let cells = out.join("cells");
+            std::fs::create_dir_all(&cells).map_err(|source| ReportError::CreateDir {
+                path: cells.clone(),
+                source,
+            })?;
+            let (from, to) = (dir.join(&log), out.join(&log));
+            std::fs::copy(&from, &to).map_err(|source| ReportError::Copy { from, to, source })?;
+            cell.log = Some(log);
+        }
+        matrices.push(summary);
+    }
+    Ok(matrices)
 }
 
 /// One results directory and its records.

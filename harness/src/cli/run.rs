@@ -20,8 +20,16 @@ use workloads::protocol::Status;
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Which hypervisor stack runs the guest.
-    #[arg(long, value_enum)]
-    pub backend: BackendKind,
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "matrix",
+        conflicts_with = "matrix"
+    )]
+    pub backend: Option<BackendKind>,
+    /// A part of a benchmark matrix instead: its cells' commands say the rest.
+    #[command(flatten)]
+    pub part: super::matrix::PartArgs,
     /// Workloads to run, as globs over `hvbench list` (repeatable; default: all but
     /// self-tests, which run only when named exactly).
     #[arg(long = "workload", short = 'w')]
@@ -131,9 +139,10 @@ pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
 
 fn make_backend(
     args: &RunArgs,
+    kind: BackendKind,
     host_info: reports::record::HostInfo,
 ) -> Result<Box<dyn Hypervisor>> {
-    Ok(match args.backend {
+    Ok(match kind {
         BackendKind::Kvm => Box::new(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
@@ -167,10 +176,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Ok(None) => {}
         Err(e) => hvbench::say!("hvbench: warning: {e}"),
     }
+    let Some(kind) = args.backend else {
+        bail!("--backend is needed (or --matrix with --cell or --shard)");
+    };
     let workloads = plan::select(&args.workloads)?;
     run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
-    let backend = make_backend(args, host::fingerprint())?;
+    let backend = make_backend(args, kind, host::fingerprint())?;
     // The machine the guest runs on: this one, or the Xen host.
     let host_info = backend.host();
     let mut writer = ResultsWriter::create(&args.out, args.append)?;
