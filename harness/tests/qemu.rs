@@ -18,6 +18,7 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         QemuOptions {
             binary,
             accel: hvbench::backend::qemu::QemuAccel::Auto,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
         },
         hvbench::host::fingerprint(),
@@ -72,6 +73,59 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     assert!(leftover.is_empty(), "QEMU processes left: {leftover}");
+}
+
+/// The ladder's third rung: the same image on q35 (SeaBIOS, then QEMU's PVH option ROM),
+/// as libvirt would start it; what q35 lacks is skipped with the reason.
+#[test]
+fn q35_boots_the_same_image_and_skips_the_balloon() {
+    let Some(binary) = common::qemu_binary() else {
+        return;
+    };
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = QemuBackend::new(
+        QemuOptions {
+            binary,
+            accel: hvbench::backend::qemu::QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Q35,
+            cpu: None,
+        },
+        hvbench::host::fingerprint(),
+    )
+    .unwrap();
+    let mut options = common::quick_options(
+        &[
+            WorkloadId::CpuCpuid,
+            WorkloadId::IoPioOut,
+            WorkloadId::MemBalloon,
+        ],
+        dir.path(),
+    );
+    options.workload_timeout = std::time::Duration::from_secs(30);
+    let summary = common::run_with(&backend, &options);
+    let get = |name: &str| summary.records.iter().find(|r| r.workload == name).unwrap();
+    for name in ["cpu.cpuid", "io.pio-out"] {
+        let r = get(name);
+        assert_eq!(r.status, Status::Success, "{name}: {:?}", r.reason);
+        assert_eq!(r.backend.kind, "qemu-q35");
+        assert_eq!(r.backend.details["machine"], "q35");
+        assert!(
+            r.reproduce.contains("--qemu-machine q35"),
+            "{}",
+            r.reproduce
+        );
+    }
+    let balloon = get("mem.balloon");
+    assert_eq!(balloon.status, Status::Skip);
+    assert!(
+        balloon.reason.as_deref().unwrap().contains("virtio-mmio"),
+        "{:?}",
+        balloon.reason
+    );
 }
 
 /// Defect 1, as found: the real guest skips `cpu.hypercall*` under TCG, and the skip was

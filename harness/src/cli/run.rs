@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
     #[arg(long, value_enum, default_value = "auto")]
     pub qemu_accel: hvbench::backend::qemu::QemuAccel,
+    /// QEMU machine for `--backend qemu`: microvm, or q35 (the machine libvirt uses).
+    #[arg(long, value_enum, default_value = "microvm")]
+    pub qemu_machine: hvbench::backend::qemu::QemuMachine,
     /// QEMU `-cpu` model for `--backend qemu` (default: the host's CPU with an invariant
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
@@ -149,6 +152,7 @@ fn make_backend(
                 QemuOptions {
                     binary: args.qemu.clone(),
                     accel: args.qemu_accel,
+                    machine: args.qemu_machine,
                     cpu: args.qemu_cpu.clone(),
                 },
                 host_info,
