@@ -1,5 +1,6 @@
 //! One trait for every way of running the guest, one module per backend (Cloud
-//! Hypervisor's layout): `kvm` (hvbench's own VMM), `qemu`, `xen`.
+//! Hypervisor's layout): `kvm` (hvbench's own VMM), `qemu`, `xen`,
+//! `libvirt`.
 //!
 //! A backend boots the guest with a command line and hands back a session: a stream of
 //! console bytes and, at the end, how the guest ended. Everything after that (lines,
@@ -7,6 +8,7 @@
 
 pub mod balloon;
 pub mod kvm;
+pub mod libvirt;
 pub mod qemu;
 pub mod xen;
 
@@ -26,6 +28,8 @@ pub enum BackendKind {
     Qemu,
     /// Xen through `xl` on a dom0 (local, over SSH, or hvbench's lab).
     Xen,
+    /// A libvirt domain (QEMU q35 started by libvirt's QEMU driver), through `virsh`.
+    Libvirt,
 }
 
 impl BackendKind {
@@ -34,6 +38,7 @@ impl BackendKind {
             BackendKind::Kvm => "kvm",
             BackendKind::Qemu => "qemu",
             BackendKind::Xen => "xen",
+            BackendKind::Libvirt => "libvirt",
         }
     }
 }
@@ -127,4 +132,6 @@ pub enum BackendError {
     Qemu(#[from] qemu::QemuError),
     #[error(transparent)]
     Xen(#[from] xen::XenError),
+    #[error(transparent)]
+    Libvirt(#[from] libvirt::LibvirtError),
 }

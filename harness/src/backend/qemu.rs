@@ -142,7 +142,7 @@ pub struct QemuBackend {
 }
 
 /// A private directory removed on drop (for the guest image QEMU reads).
-mod tempfile_dir {
+pub(crate) mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
     #[derive(Debug)]

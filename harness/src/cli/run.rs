@@ -86,6 +86,9 @@ pub struct RunArgs {
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
     pub qemu_cpu: Option<String>,
+    /// libvirt connection for `--backend libvirt` (local URIs only).
+    #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
+    pub libvirt_uri: String,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
     /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
     /// ssh://[user@]host[:port].
@@ -158,6 +161,10 @@ fn make_backend(
                 host_info,
             )
             .context("the qemu backend cannot start")?,
+        ),
+        BackendKind::Libvirt => Box::new(
+            hvbench::backend::libvirt::LibvirtBackend::new(&args.libvirt_uri, host_info)
+                .context("the libvirt backend cannot start")?,
         ),
     })
 }
