@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use hostutil::transport::TransportError;
 use reports::record::{BackendInfo, HostInfo};
 use thiserror::Error;
 use workloads::abi::PIO_KERNEL_PORT;
@@ -45,8 +44,8 @@ pub enum LibvirtError {
     Unreachable { uri: String, detail: String },
     #[error("{uri} names another host: hvbench hands QEMU the guest image and console socket by their paths on this machine, which a remote libvirt cannot open")]
     Remote { uri: String },
-    #[error("virsh: {0}")]
-    Virsh(#[from] TransportError),
+    #[error(transparent)]
+    Virsh(#[from] virsh::VirshError),
     #[error("preparing the domain's files in {dir}: {source}")]
     Files {
         dir: PathBuf,

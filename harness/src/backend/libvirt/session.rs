@@ -225,8 +225,10 @@ fn end_status(line: &ConsoleLine) -> Option<u32> {
 pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
     match virsh.run(&["destroy", name], None, COMMAND_TIMEOUT) {
         Ok(_) => Ok(()),
-        Err(hostutil::transport::TransportError::Failed { stderr, .. })
-            if stderr.contains("ailed to get domain") || stderr.contains("not running") =>
+        Err(e)
+            if e.stderr().is_some_and(|s| {
+                s.contains("ailed to get domain") || s.contains("not running")
+            }) =>
         {
             Ok(())
         }

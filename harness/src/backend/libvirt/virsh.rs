@@ -6,6 +6,52 @@ use std::process::{Child, Output};
 use std::time::Duration;
 
 use hostutil::transport::{shell_quote, Transport, TransportError};
+use thiserror::Error;
+
+/// A `virsh` command that did not do its job.
+#[derive(Debug, Error)]
+pub enum VirshError {
+    #[error("cannot run virsh (install Debian's libvirt-clients): {0}")]
+    Spawn(String),
+    #[error("`virsh {command}` took longer than {limit:?}")]
+    Timeout { command: String, limit: Duration },
+    #[error("`virsh {command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+impl VirshError {
+    fn from_transport(args: &[&str], e: TransportError) -> Self {
+        let command = args.join(" ");
+        match e {
+            TransportError::Timeout { limit, .. } => VirshError::Timeout { command, limit },
+            TransportError::Failed { stderr, status, .. }
+                if stderr.contains("not found") && status.contains("127") =>
+            {
+                VirshError::Spawn(stderr)
+            }
+            TransportError::Failed { stderr, .. } => VirshError::Failed {
+                command,
+                stderr: crate::console::escape_text(
+                    &stderr
+                        .lines()
+                        .map(|l| l.trim().trim_start_matches("error: "))
+                        .filter(|l| !l.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            },
+            other => VirshError::Spawn(other.to_string()),
+        }
+    }
+
+    /// What virsh said on stderr, if it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            VirshError::Failed { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
 
 /// Limit for one ordinary command (create, resume, destroy, list).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,19 +82,23 @@ impl Virsh {
         args: &[&str],
         input: Option<&[u8]>,
         limit: Duration,
-    ) -> Result<Output, TransportError> {
-        Transport::Local.run(&self.command_line(args), input, limit)
+    ) -> Result<Output, VirshError> {
+        Transport::Local
+            .run(&self.command_line(args), input, limit)
+            .map_err(|e| VirshError::from_transport(args, e))
     }
 
     /// Runs `virsh ARGS` and returns its stdout as text.
-    pub fn text(&self, args: &[&str], limit: Duration) -> Result<String, TransportError> {
+    pub fn text(&self, args: &[&str], limit: Duration) -> Result<String, VirshError> {
         self.run(args, None, limit)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`).
-    pub fn spawn(&self, args: &[&str]) -> Result<Child, TransportError> {
-        Transport::Local.spawn(&self.command_line(args), false)
+    pub fn spawn(&self, args: &[&str]) -> Result<Child, VirshError> {
+        Transport::Local
+            .spawn(&self.command_line(args), false)
+            .map_err(|e| VirshError::from_transport(args, e))
     }
 }
 
