@@ -65,7 +65,15 @@ fn workloads_run_as_a_domain_and_a_hang_leaves_no_domain_behind() {
             "-w",
             "io.pio-out",
         ])
-        .args(["-w", "selftest.hang", "-w", "mem.balloon"])
+        .args([
+            "-w",
+            "selftest.hang",
+            "-w",
+            "mem.balloon",
+            "-w",
+            "vm.lifecycle",
+        ])
+        .args(["--param", "vm.lifecycle.boots=2"])
         .args(["--samples", "5", "--warmup", "1", "--sample-us", "2000"])
         .args(["--timeout-s", "10", "--out"])
         .arg(&out)
@@ -107,6 +115,22 @@ fn workloads_run_as_a_domain_and_a_hang_leaves_no_domain_behind() {
     for w in ["cpu.cpuid", "mem.seq-read", "io.pio-out", "selftest.hang"] {
         assert!(records.iter().any(|r| r.workload == w), "no record of {w}");
     }
+    // The lifecycle: two boots timed, and the daemons' memory on top of QEMU's.
+    let life = |metric: &str| {
+        let r = records
+            .iter()
+            .find(|r| r.workload == "vm.lifecycle" && r.metric == metric)
+            .unwrap_or_else(|| panic!("no vm.lifecycle {metric}"));
+        assert_eq!(r.samples.len(), 2, "{metric}: {r:?}");
+        r.samples.clone()
+    };
+    assert!(life("define_to_result").iter().all(|s| *s > 0.1));
+    assert!(life("destroy").iter().all(|s| *s > 0.0));
+    let (vmm, stack) = (life("vmm_pss"), life("stack_pss"));
+    assert!(
+        vmm.iter().zip(&stack).all(|(v, s)| s > v && *v > 1.0),
+        "{vmm:?} {stack:?}"
+    );
     assert!(ours(pid).is_empty(), "domains left: {:?}", ours(pid));
 }
 

@@ -34,10 +34,12 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
             WorkloadId::IoPioOutKernel,
             WorkloadId::CpuHlt,
             WorkloadId::SelftestTripleFault,
+            WorkloadId::VmLifecycle,
         ],
         dir.path(),
     );
     options.workload_timeout = std::time::Duration::from_secs(20);
+    options.params = vec![hvbench::run::WorkloadParam::parse("vm.lifecycle.boots=2").unwrap()];
     let summary = common::run_with(&backend, &options);
     let get = |name: &str| summary.records.iter().find(|r| r.workload == name).unwrap();
     for name in [
@@ -63,6 +65,20 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         assert_eq!(r.status, Status::Skip, "{name}");
         assert!(r.reason.as_deref().unwrap_or("").contains("QEMU"), "{name}");
     }
+    // The lifecycle: QEMU's own memory, and no daemons on top of it.
+    let life = |metric: &str| {
+        let r = summary
+            .records
+            .iter()
+            .find(|r| r.workload == "vm.lifecycle" && r.metric == metric)
+            .unwrap();
+        assert_eq!(r.status, Status::Success, "{metric}: {:?}", r.reason);
+        assert_eq!(r.samples.len(), 2, "{metric}");
+        r.samples.clone()
+    };
+    assert!(life("define_to_result").iter().all(|s| *s > 0.0));
+    assert!(life("vmm_rss").iter().all(|s| *s > 1.0));
+    assert_eq!(life("vmm_pss"), life("stack_pss"));
     let r = get("selftest.triple-fault");
     assert_eq!(r.status, Status::Crash);
     assert!(r.reason.as_deref().unwrap().contains("triple fault"));

@@ -75,9 +75,24 @@ impl From<String> for Unsupported {
     }
 }
 
+/// The host processes a guest's stack is made of, for the memory it costs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackProcesses {
+    /// The process that runs the guest (QEMU, hvbench's VMM), where it runs here.
+    pub vmm: Option<u32>,
+    /// Management daemons serving it (libvirtd, virtqemud, virtlogd).
+    pub daemons: Vec<u32>,
+    /// What the figures include besides the VMM, where that needs saying.
+    pub note: Option<&'static str>,
+}
+
 /// A booted guest.
 pub trait GuestSession: std::fmt::Debug {
     fn messages(&self) -> &Receiver<GuestMessage>;
+    /// The host processes running this guest (none known by default: a remote host).
+    fn stack_processes(&self) -> StackProcesses {
+        StackProcesses::default()
+    }
     /// Stops the guest and releases everything it holds. Idempotent; also run on drop.
     fn stop(&mut self) -> Result<(), BackendError>;
 }

@@ -488,6 +488,13 @@ impl GuestSession for QemuSession {
         &self.messages
     }
 
+    fn stack_processes(&self) -> super::StackProcesses {
+        super::StackProcesses {
+            vmm: self.child.lock().ok().map(|c| c.id()),
+            ..Default::default()
+        }
+    }
+
     fn stop(&mut self) -> Result<(), BackendError> {
         // First, so that a reader waiting on a full channel gives up before it is joined.
         self.stopping.store(true, Ordering::Release);

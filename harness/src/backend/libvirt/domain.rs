@@ -1,6 +1,6 @@
 //! The domain XML hvbench hands libvirt: a transient q35 domain with direct kernel boot
 //! (the PVH ELF as `<kernel>`, which QEMU boots through its PVH option ROM), the serial
-//! console on a unix socket hvbench listens on, and the exit device added through
+//! console in a file hvbench follows, and the exit device added through
 //! `<qemu:commandline>` (libvirt has no element for isa-debug-exit).
 
 use std::fmt::Write as _;
@@ -16,8 +16,8 @@ pub struct DomainSpec<'a> {
     pub cmdline: &'a str,
     pub memory_mib: u32,
     pub vcpus: u32,
-    /// The socket the guest's COM1 connects to (hvbench listens on it).
-    pub console_socket: &'a Path,
+    /// The file the guest's COM1 writes to (hvbench follows it).
+    pub console_file: &'a Path,
     /// CPU features QEMU must add (`require`) or leave out (`disable`) on top of the host's.
     pub cpu_features: &'a [(CpuPolicy, &'a str)],
 }
@@ -82,8 +82,8 @@ impl DomainSpec<'_> {
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <serial type='unix'>
-      <source mode='connect' path='{socket}'/>
+    <serial type='file'>
+      <source path='{console}'/>
       <target port='0'/>
     </serial>
     <memballoon model='none'/>
@@ -99,7 +99,7 @@ impl DomainSpec<'_> {
             vcpus = self.vcpus,
             kernel = escape(&self.kernel.display().to_string()),
             cmdline = escape(self.cmdline),
-            socket = escape(&self.console_socket.display().to_string()),
+            console = escape(&self.console_file.display().to_string()),
             exit = EXIT_PORT,
         )
     }
@@ -117,7 +117,7 @@ mod tests {
             cmdline: "hvbench run=cpu.idle samples=3",
             memory_mib: 256,
             vcpus: 2,
-            console_socket: Path::new("/tmp/d/console.sock"),
+            console_file: Path::new("/tmp/d/console.log"),
             cpu_features: &[(CpuPolicy::Require, "invtsc")],
         };
         let xml = spec.render();
@@ -128,7 +128,7 @@ mod tests {
             "<cmdline>hvbench run=cpu.idle samples=3</cmdline>",
             "<memory unit='MiB'>256</memory>",
             "<vcpu>2</vcpu>",
-            "<source mode='connect' path='/tmp/d/console.sock'/>",
+            "<serial type='file'>\n      <source path='/tmp/d/console.log'/>",
             "<feature policy='require' name='invtsc'/>",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "<on_reboot>destroy</on_reboot>",
@@ -146,7 +146,7 @@ mod tests {
             cmdline: "x</cmdline><devices>",
             memory_mib: 64,
             vcpus: 1,
-            console_socket: Path::new("/s"),
+            console_file: Path::new("/s"),
             cpu_features: &[],
         };
         let xml = spec.render();

@@ -1,12 +1,11 @@
-//! A running libvirt domain: its console (a unix socket QEMU connects to), a watcher of
-//! its lifecycle events (`virsh event`), and its destruction on every path.
+//! A running libvirt domain: its console (a file QEMU writes and hvbench follows), a
+//! watcher of its lifecycle events (`virsh event`), and its destruction on every path.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,10 +18,11 @@ use super::LibvirtError;
 use crate::backend::{BackendError, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{ConsoleLine, GuestSender, LineAssembler};
 
-/// How long the console reader waits for libvirt's word once the console has closed.
-const VERDICT_WAIT: Duration = Duration::from_secs(10);
-/// How often a reader that waits for QEMU to connect looks at the stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(2);
+/// How long the console reader sleeps when it has read everything QEMU wrote.
+const FOLLOW_POLL: Duration = Duration::from_millis(2);
+/// Most console bytes read from one guest: past this the domain is destroyed (a guest
+/// that floods its console would otherwise fill the disk; the other backends stall it).
+pub const MAX_CONSOLE_BYTES: u64 = 64 << 20;
 
 /// What the session's threads share.
 #[derive(Debug)]
@@ -31,6 +31,8 @@ struct Shared {
     /// gives up on a full channel.
     stopping: Arc<AtomicBool>,
     watcher: Mutex<Option<Child>>,
+    virsh: Virsh,
+    name: String,
 }
 
 #[derive(Debug)]
@@ -48,20 +50,17 @@ pub struct LibvirtSession {
 }
 
 impl LibvirtSession {
-    /// Watches the domain `name` (created paused), reads its console from `listener`,
-    /// then resumes it. From the first line on, the domain is destroyed on every path:
-    /// a failure here destroys it before returning.
-    pub fn start(
-        virsh: Virsh,
-        name: String,
-        listener: UnixListener,
-        files: Vec<PathBuf>,
-    ) -> Result<Self, BackendError> {
+    /// Watches the domain `name` (created paused), follows its console file (the first of
+    /// `files`), then resumes it. From the first line on, the domain is destroyed on
+    /// every path: a failure here destroys it before returning.
+    pub fn start(virsh: Virsh, name: String, files: Vec<PathBuf>) -> Result<Self, BackendError> {
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crate::console::guest_channel(stopping.clone());
         let shared = Arc::new(Shared {
             stopping,
             watcher: Mutex::new(None),
+            virsh: virsh.clone(),
+            name: name.clone(),
         });
         let mut session = LibvirtSession {
             virsh: virsh.clone(),
@@ -87,8 +86,9 @@ impl LibvirtSession {
         if let Ok(mut slot) = shared.watcher.lock() {
             *slot = Some(watcher);
         }
+        let console = session.files.first().cloned().unwrap_or_default();
         session.reader = Some(std::thread::spawn(move || {
-            read_console(listener, verdicts, &shared, tx)
+            read_console(&console, &verdicts, &shared, &tx)
         }));
         if let Err(e) = virsh.run(&["resume", &name], None, COMMAND_TIMEOUT) {
             let _ = session.stop();
@@ -112,45 +112,42 @@ fn read_verdicts(stdout: Option<std::process::ChildStdout>) -> Receiver<Stopped>
     rx
 }
 
-/// Waits for QEMU to connect to the console socket (or the host to give up on it).
-fn accept(listener: &UnixListener, stopping: &AtomicBool) -> Option<UnixStream> {
-    if listener.set_nonblocking(true).is_err() {
-        return None;
-    }
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                return stream.set_nonblocking(false).ok().map(|()| stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if stopping.load(Ordering::Acquire) {
-                    return None;
-                }
-                std::thread::sleep(ACCEPT_POLL);
-            }
-            Err(_) => return None,
-        }
-    }
+/// Follows the console file until the domain has stopped and everything QEMU wrote is
+/// read, then reports how the domain ended. The last complete line is kept (bounded by
+/// the line assembler), because libvirt does not pass on QEMU's exit status: the guest's
+/// `end` line says it.
+fn read_console(console: &Path, verdicts: &Receiver<Stopped>, shared: &Shared, tx: &GuestSender) {
+    let end = match std::fs::File::open(console) {
+        Ok(file) => follow(file, verdicts, shared, tx),
+        Err(e) => GuestEnd::Failed {
+            detail: format!("cannot read the console file {}: {e}", console.display()),
+        },
+    };
+    let end = if shared.stopping.load(Ordering::Acquire) {
+        GuestEnd::Stopped
+    } else {
+        end
+    };
+    let _ = tx.send(GuestMessage::Ended(end));
 }
 
-/// Copies the console to the session until QEMU closes it, then reports how the domain
-/// ended. The last complete line is kept (bounded by the line assembler), because
-/// libvirt does not pass on QEMU's exit status: the guest's `end` line says it.
-fn read_console(
-    listener: UnixListener,
-    verdicts: Receiver<Stopped>,
+/// Copies what QEMU appends to `file` to the session; returns once the domain stopped
+/// (libvirt's verdict, then the rest of the file) or the host stops it.
+fn follow(
+    mut file: std::fs::File,
+    verdicts: &Receiver<Stopped>,
     shared: &Shared,
-    tx: GuestSender,
-) {
+    tx: &GuestSender,
+) -> GuestEnd {
+    let mut lines = LineAssembler::new();
     let mut last_line = None;
-    if let Some(mut stream) = accept(&listener, &shared.stopping) {
-        drop(listener);
-        let mut lines = LineAssembler::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
+    let mut total = 0u64;
+    let mut verdict = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = file.read(&mut buf).unwrap_or(0);
+        if n > 0 {
+            total += n as u64;
             if let Some(line) = lines.push(&buf[..n]).pop() {
                 last_line = Some(line);
             }
@@ -158,19 +155,35 @@ fn read_console(
                 bytes: buf[..n].to_vec(),
                 exits: None,
             });
+            if total > MAX_CONSOLE_BYTES {
+                let _ = destroy(&shared.virsh, &shared.name);
+                return GuestEnd::Failed {
+                    detail: format!(
+                        "the guest wrote more than {MAX_CONSOLE_BYTES} bytes to its console; \
+                         the host destroyed it"
+                    ),
+                };
+            }
+            continue;
+        }
+        // Everything written so far is read: once libvirt said the domain stopped, QEMU
+        // writes no more.
+        if let Some(stopped) = verdict {
+            return end_of(&stopped, last_line.as_ref());
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return GuestEnd::Stopped;
+        }
+        match verdicts.try_recv() {
+            Ok(stopped) => verdict = Some(stopped),
+            Err(TryRecvError::Disconnected) => {
+                return GuestEnd::Failed {
+                    detail: "libvirt's event stream ended before the domain stopped".into(),
+                }
+            }
+            Err(TryRecvError::Empty) => std::thread::sleep(FOLLOW_POLL),
         }
     }
-    let end = if shared.stopping.load(Ordering::Acquire) {
-        GuestEnd::Stopped
-    } else {
-        match verdicts.recv_timeout(VERDICT_WAIT) {
-            Ok(stopped) => end_of(&stopped, last_line.as_ref()),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => GuestEnd::Failed {
-                detail: "the console closed but libvirt reported no stop of the domain".into(),
-            },
-        }
-    };
-    let _ = tx.send(GuestMessage::Ended(end));
 }
 
 /// How the guest ended, from libvirt's word and the guest's last line.
@@ -221,6 +234,24 @@ fn end_status(line: &ConsoleLine) -> Option<u32> {
     Some(code as u32)
 }
 
+/// libvirt's daemons running here (they serve every domain, so their memory is the
+/// management stack's cost).
+pub fn daemon_pids() -> Vec<u32> {
+    const DAEMONS: [&str; 4] = ["libvirtd", "virtqemud", "virtlogd", "virtlockd"];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            hostutil::read_trimmed(format!("/proc/{pid}/comm"))
+                .is_some_and(|comm| DAEMONS.contains(&comm.as_str()))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// `virsh destroy NAME`; a domain that is already gone is not an error.
 pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
     match virsh.run(&["destroy", name], None, COMMAND_TIMEOUT) {
@@ -239,6 +270,15 @@ pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
 impl GuestSession for LibvirtSession {
     fn messages(&self) -> &Receiver<GuestMessage> {
         &self.messages
+    }
+
+    fn stack_processes(&self) -> crate::backend::StackProcesses {
+        crate::backend::StackProcesses {
+            vmm: hostutil::read_trimmed(format!("/run/libvirt/qemu/{}.pid", self.name))
+                .and_then(|pid| pid.parse().ok()),
+            daemons: daemon_pids(),
+            note: None,
+        }
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
