@@ -129,6 +129,7 @@ fn qemu_backend() -> Option<QemuBackend> {
         QemuOptions {
             binary: "qemu-system-x86_64".into(),
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
         },
         hvbench::host::fingerprint(),

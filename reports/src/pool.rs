@@ -179,8 +179,8 @@ impl Pools {
         Pools { pools, problems }
     }
 
-    /// Backend kinds present, in the order reports show them: kvm, qemu, xen, then others
-    /// by name.
+    /// Backend kinds present, in the order reports show them: kvm, qemu, qemu-q35, libvirt, xen,
+    /// then others by name.
     pub fn backends(&self) -> Vec<String> {
         let kinds: BTreeSet<&String> = self.pools.keys().map(|(b, _)| b).collect();
         let mut kinds: Vec<String> = kinds.into_iter().cloned().collect();
@@ -206,10 +206,14 @@ impl Pools {
 
 fn backend_rank(kind: &str) -> usize {
     match kind {
+        // The KVM ladder first, layer by layer (our VMM, QEMU microvm, QEMU q35, q35 as a
+        // libvirt domain), then Xen.
         "kvm" => 0,
         "qemu" => 1,
-        "xen" => 2,
-        _ => 3,
+        "qemu-q35" => 2,
+        "libvirt" => 3,
+        "xen" => 4,
+        _ => 5,
     }
 }
 

@@ -36,6 +36,7 @@ pub enum WorkloadId {
     SelftestPageFault,
     SelftestHang,
     SelftestBalloonCorrupt,
+    VmLifecycle,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -45,6 +46,8 @@ pub enum Group {
     Io,
     Memory,
     Selftest,
+    /// The guest's whole life on a stack: boot, first result, destruction, host memory.
+    Vm,
 }
 
 impl Group {
@@ -54,6 +57,7 @@ impl Group {
             Group::Io => "io",
             Group::Memory => "mem",
             Group::Selftest => "selftest",
+            Group::Vm => "vm",
         }
     }
 }
@@ -180,6 +184,8 @@ pub enum HostRunner {
     Ksm,
     /// One guest with a balloon the host inflates and deflates.
     Balloon,
+    /// Guests booted and destroyed one after another, timed and measured from the host.
+    Lifecycle,
 }
 
 /// The code a workload shares with its native twin, which the harness runs on the host
@@ -388,6 +394,13 @@ pub mod param {
             "Bytes of the pool the guest inflates and deflates each cycle.",
         )
     };
+    pub const LIFECYCLE_BOOTS: ParamSpec = spec(
+        "boots",
+        ParamKind::Count,
+        Some("5"),
+        (1, 100),
+        "Guests booted and destroyed, one after another (each one sample).",
+    );
     pub const KSM_GUESTS: ParamSpec = spec(
         "guests",
         ParamKind::Count,
@@ -877,6 +890,30 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Host(HostRunner::Balloon),
         params: &[],
     },
+    Workload {
+        id: WorkloadId::VmLifecycle,
+        name: "vm.lifecycle",
+        group: Group::Vm,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("define_to_result", Unit::Seconds, Direction::LowerIsBetter),
+            metric("destroy", Unit::Seconds, Direction::LowerIsBetter),
+            metric("vmm_rss", Unit::MiB, Direction::LowerIsBetter),
+            metric("vmm_pss", Unit::MiB, Direction::LowerIsBetter),
+            metric("stack_pss", Unit::MiB, Direction::LowerIsBetter),
+        ],
+        description: "The guest's life as the host sees it, `boots` times: from asking the \
+                      backend for a guest (VMM start, QEMU start, `virsh create`) to the \
+                      guest's first result line; the VMM process's RSS and PSS then; the PSS \
+                      of the whole stack (the VMM plus management daemons: libvirtd, \
+                      virtqemud, virtlogd); and how long destroying the guest takes (VMM \
+                      stop, QEMU kill, `virsh destroy`).",
+        requires: &[],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Lifecycle),
+        params: &[param::LIFECYCLE_BOOTS],
+    },
 ];
 
 impl WorkloadId {
@@ -929,10 +966,7 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(
-            WORKLOADS.len(),
-            WorkloadId::SelftestBalloonCorrupt as usize + 1
-        );
+        assert_eq!(WORKLOADS.len(), WorkloadId::VmLifecycle as usize + 1);
     }
 
     #[test]

@@ -67,13 +67,57 @@ impl Accel {
     }
 }
 
+/// The machine type QEMU emulates (`--qemu-machine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QemuMachine {
+    /// microvm: no PCI, no firmware; QEMU's own PVH loader jumps to the guest.
+    Microvm,
+    /// q35 (ICH9, PCIe), the machine libvirt gives a `<type machine='q35'>` domain:
+    /// SeaBIOS runs, then QEMU's PVH option ROM boots the guest.
+    Q35,
+}
+
+impl QemuMachine {
+    /// QEMU's name for it, also what records and reproduce commands say.
+    pub const fn name(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "microvm",
+            QemuMachine::Q35 => "q35",
+        }
+    }
+
+    /// The `-machine` argument. microvm drops its option ROMs and RTC (nothing there
+    /// needs them); q35 keeps its defaults, as libvirt leaves them.
+    fn argument(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+            QemuMachine::Q35 => "q35",
+        }
+    }
+
+    /// The backend kind records carry: reports pool by it, so each machine is a column
+    /// of its own (the ladder: our VMM, microvm, q35, libvirt).
+    pub const fn record_kind(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "qemu",
+            QemuMachine::Q35 => "qemu-q35",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct QemuOptions {
     pub binary: PathBuf,
     pub accel: QemuAccel,
+    pub machine: QemuMachine,
     /// `-cpu` model; `None` picks one (see `default_cpu_model`).
     pub cpu: Option<String>,
 }
+
+/// Why a q35 guest has no balloon (QEMU q35 and libvirt alike).
+pub const Q35_NO_VIRTIO_MMIO: &str =
+    "the guest's balloon driver speaks virtio-mmio, which q35 does not have (q35 offers \
+     virtio-pci, a transport the guest lacks)";
 
 /// The CPU model QEMU gets unless told otherwise: the host's CPU with an invariant TSC
 /// (so QEMU advertises the TSC frequency in leaf 0x40000010), or `max` under TCG.
@@ -98,7 +142,7 @@ pub struct QemuBackend {
 }
 
 /// A private directory removed on drop (for the guest image QEMU reads).
-mod tempfile_dir {
+pub(crate) mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
     #[derive(Debug)]
@@ -178,7 +222,7 @@ impl QemuBackend {
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
         vec![
             "-machine".into(),
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
+            self.options.machine.argument().into(),
             "-accel".into(),
             self.accel.name().into(),
             "-cpu".into(),
@@ -221,11 +265,11 @@ impl Hypervisor for QemuBackend {
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
         details.insert("accel".into(), self.accel.name().into());
-        details.insert("machine".into(), "microvm".into());
+        details.insert("machine".into(), self.options.machine.name().into());
         details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
         BackendInfo {
-            kind: "qemu".into(),
+            kind: self.options.machine.record_kind().into(),
             version: self.version.clone(),
             details,
         }
@@ -261,6 +305,11 @@ impl Hypervisor for QemuBackend {
                 )
             }
             BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::VirtioBalloon | BackendFeature::Balloon
+                if self.options.machine == QemuMachine::Q35 =>
+            {
+                Err(Q35_NO_VIRTIO_MMIO.into())
+            }
             BackendFeature::KernelSamePageMerging
             | BackendFeature::Balloon
             | BackendFeature::VirtioBalloon => Err(
@@ -286,6 +335,8 @@ impl Hypervisor for QemuBackend {
             self.options.binary.display().to_string(),
             "--qemu-accel".into(),
             self.accel.name().into(),
+            "--qemu-machine".into(),
+            self.options.machine.name().into(),
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
@@ -435,6 +486,13 @@ pub struct QemuSession {
 impl GuestSession for QemuSession {
     fn messages(&self) -> &Receiver<GuestMessage> {
         &self.messages
+    }
+
+    fn stack_processes(&self) -> super::StackProcesses {
+        super::StackProcesses {
+            vmm: self.child.lock().ok().map(|c| c.id()),
+            ..Default::default()
+        }
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {

@@ -87,10 +87,16 @@ pub struct RunArgs {
     /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
     #[arg(long, value_enum, default_value = "auto")]
     pub qemu_accel: hvbench::backend::qemu::QemuAccel,
+    /// QEMU machine for `--backend qemu`: microvm, or q35 (the machine libvirt uses).
+    #[arg(long, value_enum, default_value = "microvm")]
+    pub qemu_machine: hvbench::backend::qemu::QemuMachine,
     /// QEMU `-cpu` model for `--backend qemu` (default: the host's CPU with an invariant
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
     pub qemu_cpu: Option<String>,
+    /// libvirt connection for `--backend libvirt` (local URIs only).
+    #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
+    pub libvirt_uri: String,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
     /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
     /// ssh://[user@]host[:port].
@@ -158,11 +164,16 @@ fn make_backend(
                 QemuOptions {
                     binary: args.qemu.clone(),
                     accel: args.qemu_accel,
+                    machine: args.qemu_machine,
                     cpu: args.qemu_cpu.clone(),
                 },
                 host_info,
             )
             .context("the qemu backend cannot start")?,
+        ),
+        BackendKind::Libvirt => Box::new(
+            hvbench::backend::libvirt::LibvirtBackend::new(&args.libvirt_uri, host_info)
+                .context("the libvirt backend cannot start")?,
         ),
     })
 }

@@ -21,6 +21,7 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Guest => None,
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
+        Driver::Host(HostRunner::Lifecycle) => Some(super::lifecycle::run),
     }
 }
 
@@ -42,6 +43,8 @@ pub fn check_params(
             HostRunner::Balloon => super::balloon::balloon_size(params, memory_mib)
                 .map(drop)
                 .map_err(PlanError::Param)?,
+            // `boots` is checked against its bounds with every parameter.
+            HostRunner::Lifecycle => {}
         }
     }
     Ok(())
