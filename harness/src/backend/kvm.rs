@@ -80,6 +80,7 @@ impl KvmBackend {
             mergeable: self.mergeable,
             huge_pages: self.huge_pages,
             balloon,
+            disk: None,
             doorbell: self.doorbell.clone(),
         })
     }
