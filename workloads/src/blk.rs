@@ -14,16 +14,34 @@ pub const fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The 8-byte word the guest writes at byte `offset` (a multiple of 8) of the disk.
+/// Bytes per stamped unit: the first word of every 512-byte sector names its offset.
+pub const STAMP_UNIT: u64 = 512;
+const STAMP_BYTES: usize = 512;
+
+/// The 8-byte word the guest writes at byte `offset` (a multiple of 8) of the disk: the
+/// first word of each sector is derived from the sector's offset (a block written to the
+/// wrong place is caught), the others from their place in the sector (so a buffer is
+/// filled once and only stamped per request).
 pub const fn pattern_word(offset: u64) -> u64 {
+    let within = offset % STAMP_UNIT;
+    let key = if within == 0 { offset } else { within };
     // Never zero, so a written word is never mistaken for an unwritten one.
-    mix(DATA_SEED ^ offset) | 1
+    mix(DATA_SEED ^ key) | 1
 }
 
-/// Fills `buf` with the pattern of the disk bytes from `offset` (a multiple of 8).
+/// Fills `buf` with the pattern of the disk bytes from `offset` (a multiple of 512).
 pub fn fill(buf: &mut [u8], offset: u64) {
     for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
         chunk.copy_from_slice(&pattern_word(offset + 8 * i as u64).to_le_bytes());
+    }
+}
+
+/// Re-stamps a buffer [`fill`]ed for any sector-aligned offset so that it holds the
+/// pattern of `offset` (a multiple of 512): only the first word of each sector changes.
+pub fn stamp(buf: &mut [u8], offset: u64) {
+    for (i, sector) in buf.chunks_exact_mut(STAMP_BYTES).enumerate() {
+        let at = offset + STAMP_UNIT * i as u64;
+        sector[..8].copy_from_slice(&pattern_word(at).to_le_bytes());
     }
 }
 
@@ -235,6 +253,12 @@ mod tests {
         assert_eq!(classify(&buf, 4096), BlockContent::Other);
         buf[100] ^= 1;
         assert_eq!(classify(&buf, 8192), BlockContent::Other);
+        // A buffer filled for one offset and stamped for another is that offset's pattern.
+        let mut other = [0u8; 4096];
+        fill(&mut other, 0);
+        stamp(&mut other, 12_288);
+        assert_eq!(classify(&other, 12_288), BlockContent::Pattern);
+        assert_eq!(classify(&other, 0), BlockContent::Other);
     }
 
     #[test]

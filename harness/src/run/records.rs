@@ -81,6 +81,8 @@ fn to_unit(cycles_per_op: f64, unit: Unit, tsc_khz: Option<u64>) -> Option<f64> 
         Unit::Ns => Some(cycles_per_op * 1e6 / khz),
         // Operations are bytes: bytes per second / 1e6.
         Unit::MBps => (cycles_per_op > 0.0).then(|| khz / (1000.0 * cycles_per_op)),
+        // Operations are requests: requests per second.
+        Unit::Iops => (cycles_per_op > 0.0).then(|| khz * 1000.0 / cycles_per_op),
         // Host-measured units never come as cycles.
         Unit::Seconds | Unit::MiB | Unit::Pages | Unit::Ratio => None,
     }

@@ -306,11 +306,7 @@ fn refused(d: &mut TestDriver, head: u16, slot: u16, status: u8) {
     assert_eq!(d.wait_used(1), vec![(u32::from(head), 1)]);
     assert_eq!(d.status(slot), status);
     assert_eq!(d.handle.refusals().total, refusals + 1);
-    assert_eq!(
-        d.disk_bytes(0, DISK_LEN),
-        before,
-        "the disk changed"
-    );
+    assert_eq!(d.disk_bytes(0, DISK_LEN), before, "the disk changed");
     assert_eq!(d.get(REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
     assert_eq!(d.read_back(0, 512).len(), 512);
 }
