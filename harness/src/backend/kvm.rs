@@ -209,9 +209,9 @@ impl Hypervisor for KvmBackend {
             details.extend(disk.clone());
             details.insert(
                 "blk".into(),
-                "virtio-blk (virtio-mmio v2): notify by ioeventfd, one I/O thread serving each \
-                 notification's requests in turn with preadv/pwritev, completions polled by the \
-                 guest (no interrupts)"
+                "virtio-blk (virtio-mmio v2): notify by ioeventfd, one I/O thread handing every \
+                 request to io_uring (preadv/pwritev one by one where the kernel has none), \
+                 completions polled by the guest (no interrupts)"
                     .into(),
             );
         }

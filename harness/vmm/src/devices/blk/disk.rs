@@ -119,7 +119,12 @@ impl Disk {
         }
     }
 
-    fn aligned(&self, request: &Request) -> bool {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Whether the request's buffers and offset suit the file's mode as they are.
+    pub(crate) fn aligned(&self, request: &Request) -> bool {
         !self.direct
             || (request.offset.is_multiple_of(DIRECT_ALIGN)
                 && request.data.iter().all(|s| {

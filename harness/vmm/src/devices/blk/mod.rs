@@ -20,6 +20,7 @@
 mod disk;
 mod request;
 mod transport;
+mod uring;
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,11 +49,24 @@ struct Shared {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     flushes: AtomicU64,
+    /// The I/O thread hands requests to io_uring (else it runs them one by one).
+    io_uring: AtomicBool,
     /// Requests answered with IOERR or UNSUPP, and refusals that reset the device.
     refusals: Mutex<Refusals>,
 }
 
 impl Shared {
+    /// Counts a request that succeeded.
+    fn count(&self, req: &request::Request) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        let _ = match req.kind {
+            request::Kind::Read => self.bytes_read.fetch_add(req.data_len, Ordering::AcqRel),
+            request::Kind::Write => self.bytes_written.fetch_add(req.data_len, Ordering::AcqRel),
+            request::Kind::Flush => self.flushes.fetch_add(1, Ordering::AcqRel),
+            request::Kind::GetId => 0,
+        };
+    }
+
     fn refuse(&self, why: String) {
         // The log is whole after any panic of a holder: a push and a count.
         let mut log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,6 +108,11 @@ impl BlkHandle {
     pub fn flushes(&self) -> u64 {
         self.shared.flushes.load(Ordering::Acquire)
     }
+
+    /// Whether the I/O thread serves requests through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.shared.io_uring.load(Ordering::Acquire)
+    }
 }
 
 /// The device's state, shared by the vCPU thread (registers) and the I/O thread (queue).
@@ -106,11 +125,15 @@ pub(crate) struct State {
     queue: Queue,
     /// Set by the device on a request it cannot answer; cleared by a reset.
     needs_reset: bool,
+    /// Resets so far: a request in flight across a reset is not completed.
+    generation: u64,
 }
 
 impl State {
-    /// Serves every request the driver made available; an error here resets the device.
-    fn serve(&mut self) -> Result<(), RequestError> {
+    /// Takes every request the driver made available: each well-formed one goes to
+    /// `out`, each refused one is answered (its status byte, the used ring) at once. An
+    /// error here is one the device cannot answer: it then needs a reset.
+    fn take(&mut self, out: &mut Vec<(u16, request::Request)>) -> Result<(), RequestError> {
         if self.needs_reset || !self.regs.driver_ok() || !self.queue.ready() {
             return Ok(());
         }
@@ -133,9 +156,8 @@ impl State {
                 .pop_descriptor_chain(mem)
                 .ok_or_else(|| broken.clone())?;
             let head = chain.head_index();
-            let capacity = self.disk.capacity_sectors();
-            let written = match request::parse(mem, chain, capacity) {
-                Ok(req) => complete(&mut self.disk, mem, &self.shared, &req),
+            match request::parse(mem, chain, self.disk.capacity_sectors()) {
+                Ok(req) => out.push((head, req)),
                 Err(Refused {
                     error,
                     status: Some(status),
@@ -143,18 +165,39 @@ impl State {
                     self.shared.refuse(error.to_string());
                     mem.write_obj(error.status(), status)
                         .map_err(|_| RequestError::NoStatus { head })?;
-                    1
+                    self.queue
+                        .add_used(mem, head, 1)
+                        .map_err(|_| RequestError::BrokenChain { head })?;
                 }
                 Err(Refused {
                     error,
                     status: None,
                 }) => return Err(error),
-            };
-            self.queue
-                .add_used(mem, head, written)
-                .map_err(|_| RequestError::BrokenChain { head })?;
+            }
         }
         Ok(())
+    }
+
+    /// Puts a finished request on the used ring (`written` bytes into its buffers).
+    fn finish(&mut self, head: u16, written: u32) {
+        if self.queue.add_used(&self.memory, head, written).is_err() {
+            self.needs_reset = true;
+            self.shared
+                .refuse(RequestError::BrokenChain { head }.to_string());
+        }
+    }
+
+    /// One synchronous pass: every request taken is run on the disk in turn.
+    fn serve_sync(&mut self) {
+        let mut batch = Vec::new();
+        if let Err(refusal) = self.take(&mut batch) {
+            self.needs_reset = true;
+            self.shared.refuse(refusal.to_string());
+        }
+        for (head, req) in batch {
+            let written = complete(&mut self.disk, &self.memory, &self.shared, &req);
+            self.finish(head, written);
+        }
     }
 }
 
@@ -236,6 +279,7 @@ impl VirtioBlk {
             regs,
             queue: Queue::new(workloads::virtio::QUEUE_SIZE_MAX).map_err(BlkError::Queue)?,
             needs_reset: false,
+            generation: 0,
         }));
         let notify = EventFd::new(EFD_NONBLOCK).map_err(BlkError::EventFd)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -273,7 +317,10 @@ impl VirtioBlk {
         let state = &mut *state;
         match state.regs.write(offset, data, &mut state.queue) {
             transport::Effect::None => {}
-            transport::Effect::Reset => state.needs_reset = false,
+            transport::Effect::Reset => {
+                state.needs_reset = false;
+                state.generation += 1;
+            }
             // A notify that reached userspace (no ioeventfd): hand it to the I/O thread.
             transport::Effect::Notify => {
                 let _ = self.notify.write(1);
@@ -292,8 +339,19 @@ impl Drop for VirtioBlk {
     }
 }
 
-/// Waits for notifications and serves the queue until `stop`.
+/// Serves the queue until `stop`: through io_uring where the kernel has it, else one
+/// request after another with preadv/pwritev.
 fn io_thread(state: &Mutex<State>, event: &EventFd, stop: &AtomicBool) {
+    match uring::Uring::new() {
+        Ok(mut ring) => {
+            lock(state).shared.io_uring.store(true, Ordering::Release);
+            ring.run(state, event, stop);
+        }
+        Err(_) => sync_thread(state, event, stop),
+    }
+}
+
+fn sync_thread(state: &Mutex<State>, event: &EventFd, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         let mut fds = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(event),
@@ -307,11 +365,7 @@ fn io_thread(state: &Mutex<State>, event: &EventFd, stop: &AtomicBool) {
         }
         // Resets the counter; every notification until now is covered by this pass.
         let _ = event.read();
-        let mut state = lock(state);
-        if let Err(refusal) = state.serve() {
-            state.needs_reset = true;
-            state.shared.refuse(refusal.to_string());
-        }
+        lock(state).serve_sync();
     }
 }
 

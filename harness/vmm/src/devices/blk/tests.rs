@@ -295,6 +295,29 @@ fn many_requests_in_one_notification_complete_with_their_data() {
         assert_eq!(d.disk_bytes(u64::from(i) * 4096, 4096), want);
     }
     assert_eq!(d.handle.requests(), 16);
+    // Where the kernel has io_uring, the I/O thread hands them all to it at once.
+    assert_eq!(d.handle.uses_io_uring(), uring::Uring::new().is_ok());
+}
+
+#[test]
+fn unaligned_buffers_go_through_a_bounce_buffer_under_o_direct() {
+    let mut d = TestDriver::new(true);
+    let data = pattern(1536, 3);
+    // 512-byte aligned in guest RAM, not 4 KiB: O_DIRECT cannot take it as it is.
+    d.mem.write_slice(&data, GuestAddress(DATA + 512)).unwrap();
+    let head = d.request(0, T_OUT, 3, DATA + 512, 1536);
+    d.offer(&[head]);
+    assert_eq!(d.wait_used(1), vec![(0, 1)]);
+    assert_eq!(d.status(0), S_OK);
+    assert_eq!(d.disk_bytes(3 * 512, 1536), data);
+    let head = d.request(1, T_IN, 3, DATA + 0x2_0200, 1536);
+    d.offer(&[head]);
+    assert_eq!(d.wait_used(1), vec![(u32::from(head), 1537)]);
+    let mut back = vec![0u8; 1536];
+    d.mem
+        .read_slice(&mut back, GuestAddress(DATA + 0x2_0200))
+        .unwrap();
+    assert_eq!(back, data);
 }
 
 /// Each malformed request gets `status`, leaves the disk and RAM alone, and the device
