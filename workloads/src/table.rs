@@ -226,6 +226,9 @@ pub enum NativeTwin {
     SeqRead,
     /// [`crate::memory::copy_bytes`] between two buffers.
     Copy,
+    /// The host's fio on the block workloads' disk file, with the same pattern, block size,
+    /// queue depth and region.
+    Fio,
 }
 
 /// A hypervisor as the guest detects it from CPUID 0x40000000.
@@ -766,7 +769,7 @@ pub const WORKLOADS: &[Workload] = &[
                       the native baseline. Parameters `bs`, `qd`, `region`, `random`.",
         requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
         explicit_only: false,
-        native_twin: None,
+        native_twin: Some(NativeTwin::Fio),
         driver: Driver::Guest,
         params: param::BLK_RAND,
     },
@@ -782,7 +785,7 @@ pub const WORKLOADS: &[Workload] = &[
                       `region`, `random`.",
         requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
         explicit_only: false,
-        native_twin: None,
+        native_twin: Some(NativeTwin::Fio),
         driver: Driver::Guest,
         params: param::BLK_RAND,
     },
@@ -797,7 +800,7 @@ pub const WORKLOADS: &[Workload] = &[
                       `region`, `random`.",
         requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
         explicit_only: false,
-        native_twin: None,
+        native_twin: Some(NativeTwin::Fio),
         driver: Driver::Guest,
         params: param::BLK_SEQ,
     },
@@ -812,7 +815,7 @@ pub const WORKLOADS: &[Workload] = &[
                       `region`, `random`.",
         requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
         explicit_only: false,
-        native_twin: None,
+        native_twin: Some(NativeTwin::Fio),
         driver: Driver::Guest,
         params: param::BLK_SEQ,
     },
@@ -827,7 +830,7 @@ pub const WORKLOADS: &[Workload] = &[
                       flush's own completion latency. Parameter `region`.",
         requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
         explicit_only: false,
-        native_twin: None,
+        native_twin: Some(NativeTwin::Fio),
         driver: Driver::Guest,
         params: param::BLK_FLUSH,
     },

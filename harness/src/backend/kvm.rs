@@ -249,6 +249,12 @@ impl Hypervisor for KvmBackend {
         Some(self)
     }
 
+    fn disk(&self) -> Option<(&std::path::Path, bool)> {
+        self.disk
+            .as_ref()
+            .map(|(config, _)| (config.path.as_path(), config.direct))
+    }
+
     fn guest_runs_locally(&self) -> bool {
         true
     }

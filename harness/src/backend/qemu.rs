@@ -353,6 +353,10 @@ impl Hypervisor for QemuBackend {
         true
     }
 
+    fn disk(&self) -> Option<(&Path, bool)> {
+        self.disk.as_ref().map(|d| (d.path.as_path(), d.direct))
+    }
+
     fn reproduce_args(&self) -> Vec<String> {
         vec![
             "--qemu".into(),
