@@ -114,9 +114,9 @@ fn every_block_workload_runs_on_the_vmm_and_the_data_reads_back() {
     let backend = KvmBackend::new(hvbench::host::fingerprint())
         .unwrap()
         .with_disk(Some(&disk));
-    assert!(backend
+    backend
         .supports(workloads::BackendFeature::VirtioBlk)
-        .is_ok());
+        .expect("the VMM with a disk has its virtio-blk");
     let summary = common::run_with(&backend, &options(&BLOCK_WORKLOADS, dir.path()));
     check_block_records(&summary.records);
     let r = &summary.records[0];
