@@ -17,6 +17,7 @@ command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon)
 [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] \
     || need+=(libvirt-daemon-driver-qemu)
+command -v fio >/dev/null 2>&1 || need+=(fio)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "ci/test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2

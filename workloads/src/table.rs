@@ -23,6 +23,11 @@ pub enum WorkloadId {
     IoPioOutKernel,
     IoMmioWrite,
     IoMmioRead,
+    IoBlkRandread,
+    IoBlkRandwrite,
+    IoBlkSeqread,
+    IoBlkSeqwrite,
+    IoBlkFlush,
     MemFirstTouch,
     MemProtFault,
     MemTlbChase,
@@ -37,6 +42,7 @@ pub enum WorkloadId {
     SelftestHang,
     SelftestBalloonCorrupt,
     VmLifecycle,
+    SelftestBlkCorrupt,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -121,6 +127,8 @@ pub enum Unit {
     Pages,
     /// A dimensionless ratio.
     Ratio,
+    /// Operations (I/O requests) per second; the guest counts requests as operations.
+    Iops,
 }
 
 impl Unit {
@@ -132,6 +140,7 @@ impl Unit {
             Unit::MiB => "MiB",
             Unit::Pages => "pages",
             Unit::Ratio => "ratio",
+            Unit::Iops => "IOPS",
         }
     }
 }
@@ -157,6 +166,29 @@ pub const BANDWIDTH: MetricSpec = MetricSpec {
     unit: Unit::MBps,
     direction: Direction::HigherIsBetter,
 };
+
+/// The metrics of the block workloads: requests and bytes per second over each sample,
+/// and percentiles of the completion latency of the sample's requests (submission to the
+/// driver seeing the used buffer), from the guest's log-bucket histogram.
+pub const BLK_METRICS: &[MetricSpec] = &[
+    metric("iops", Unit::Iops, Direction::HigherIsBetter),
+    BANDWIDTH,
+    metric("lat_p50", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p90", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p99", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p999", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_max", Unit::Ns, Direction::LowerIsBetter),
+];
+
+/// `io.blk-flush`: flushes per second (each after a 4 KiB write) and the flush's latency.
+pub const BLK_FLUSH_METRICS: &[MetricSpec] = &[
+    metric("iops", Unit::Iops, Direction::HigherIsBetter),
+    metric("lat_p50", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p90", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p99", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p999", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_max", Unit::Ns, Direction::LowerIsBetter),
+];
 
 const fn metric(name: &'static str, unit: Unit, direction: Direction) -> MetricSpec {
     MetricSpec {
@@ -200,6 +232,9 @@ pub enum NativeTwin {
     SeqRead,
     /// [`crate::memory::copy_bytes`] between two buffers.
     Copy,
+    /// The host's fio on the block workloads' disk file, with the same pattern, block size,
+    /// queue depth and region.
+    Fio,
 }
 
 /// A hypervisor as the guest detects it from CPUID 0x40000000.
@@ -253,6 +288,11 @@ pub enum BackendFeature {
     /// hvbench's own virtio-balloon device, whose queues the VMM validates (a guest that
     /// corrupts them must get an error, never a crashed or corrupted VMM).
     VirtioBalloon,
+    /// A paravirtual block device over hvbench's disk file (virtio-blk on KVM and QEMU).
+    BlockDevice,
+    /// hvbench's own virtio-blk, whose requests the VMM validates (a malformed chain must
+    /// get an error status, never a crashed VMM or a write outside the disk or guest RAM).
+    VirtioBlk,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -464,6 +504,68 @@ pub mod param {
             "The guest's seed for its unique pages (set by the harness per guest).",
         )
     };
+    const fn blk_bs(default: &'static str) -> ParamSpec {
+        ParamSpec {
+            multiple_of: 512,
+            max_items: 4,
+            series: true,
+            ..spec(
+                "bs",
+                ParamKind::SizeList,
+                Some(default),
+                (512, 1 << 20),
+                "Bytes per request (whole 512-byte sectors, at most 1m), each a series.",
+            )
+        }
+    }
+    pub const BLK_BS_RANDOM: ParamSpec = blk_bs("4k");
+    pub const BLK_BS_SEQUENTIAL: ParamSpec = blk_bs("128k,1m");
+    const fn blk_qd(default: &'static str) -> ParamSpec {
+        ParamSpec {
+            max_items: 4,
+            series: true,
+            ..spec(
+                "qd",
+                ParamKind::SizeList,
+                Some(default),
+                (1, 64),
+                "Requests kept in flight (queue depth), each a series.",
+            )
+        }
+    }
+    pub const BLK_QD_RANDOM: ParamSpec = blk_qd("1,32");
+    pub const BLK_QD_SEQUENTIAL: ParamSpec = blk_qd("1");
+    pub const BLK_REGION: ParamSpec = ParamSpec {
+        multiple_of: 1 << 20,
+        ..spec(
+            "region",
+            ParamKind::Size,
+            Some("64m"),
+            (1 << 20, 1 << 40),
+            "Bytes at the start of the disk the requests fall in (at most the disk's size).",
+        )
+    };
+    const fn blk_random(default: &'static str) -> ParamSpec {
+        spec(
+            "random",
+            ParamKind::Fraction,
+            Some(default),
+            (0, 1_000_000),
+            "Access pattern: the fraction of requests at a random block of the region; the \
+             rest follow the previous one (0: sequential, 1: random).",
+        )
+    }
+    pub const BLK_RANDOM: ParamSpec = blk_random("1");
+    pub const BLK_SEQUENTIAL: ParamSpec = blk_random("0");
+    pub const BLK_RAND: &[ParamSpec] = &[BLK_BS_RANDOM, BLK_QD_RANDOM, BLK_REGION, BLK_RANDOM];
+    pub const BLK_SEQ: &[ParamSpec] = &[
+        BLK_BS_SEQUENTIAL,
+        BLK_QD_SEQUENTIAL,
+        BLK_REGION,
+        BLK_SEQUENTIAL,
+    ];
+    pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION];
+
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
         KSM_SIZE,
@@ -666,6 +768,84 @@ pub const WORKLOADS: &[Workload] = &[
         native_twin: None,
         driver: Driver::Guest,
         params: &[],
+    },
+    Workload {
+        id: WorkloadId::IoBlkRandread,
+        name: "io.blk-randread",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Random reads of `bs` bytes at queue depth `qd` from hvbench's disk file \
+                      through the paravirtual block device (virtio-blk on KVM and QEMU; the \
+                      driver polls the used ring, no interrupts), over `region` bytes: IOPS, \
+                      MB/s and completion-latency percentiles. Host fio on the same file is \
+                      the native baseline. Parameters `bs`, `qd`, `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_RAND,
+    },
+    Workload {
+        id: WorkloadId::IoBlkRandwrite,
+        name: "io.blk-randwrite",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Random writes of `bs` bytes at queue depth `qd`, as io.blk-randread; \
+                      the guest writes a pattern derived from each byte's offset and reads \
+                      the blocks back to verify them afterwards. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_RAND,
+    },
+    Workload {
+        id: WorkloadId::IoBlkSeqread,
+        name: "io.blk-seqread",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Sequential reads of `bs` bytes (128 KiB and 1 MiB) at queue depth `qd`, \
+                      wrapping at `region`, as io.blk-randread. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_SEQ,
+    },
+    Workload {
+        id: WorkloadId::IoBlkSeqwrite,
+        name: "io.blk-seqwrite",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Sequential writes of `bs` bytes (128 KiB and 1 MiB) at queue depth `qd`, \
+                      verified afterwards as io.blk-randwrite. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_SEQ,
+    },
+    Workload {
+        id: WorkloadId::IoBlkFlush,
+        name: "io.blk-flush",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_FLUSH_METRICS,
+        description: "A 4 KiB write then a flush (VIRTIO_BLK_T_FLUSH: fdatasync on our VMM, \
+                      QEMU's flush to the file), one at a time: flushes per second and the \
+                      flush's own completion latency. Parameter `region`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_FLUSH,
     },
     Workload {
         id: WorkloadId::MemFirstTouch,
@@ -914,6 +1094,24 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Host(HostRunner::Lifecycle),
         params: &[param::LIFECYCLE_BOOTS],
     },
+    Workload {
+        id: WorkloadId::SelftestBlkCorrupt,
+        name: "selftest.blk-corrupt",
+        group: Group::Selftest,
+        privilege: Privilege::User,
+        metrics: &[],
+        description: "Sends the VMM's virtio-blk malformed requests (sectors past the disk, a \
+                      buffer outside guest RAM, a ragged or oversized length, a buffer of the \
+                      wrong direction, a bad header, an unknown type, a chain without a status \
+                      byte): each must be refused with IOERR/UNSUPP (or DEVICE_NEEDS_RESET), \
+                      the disk must be unchanged, the device must serve a good request after; \
+                      the record is an error naming what was refused.",
+        requires: &[Requirement::Backend(BackendFeature::VirtioBlk)],
+        explicit_only: true,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[],
+    },
 ];
 
 impl WorkloadId {
@@ -966,7 +1164,7 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(WORKLOADS.len(), WorkloadId::VmLifecycle as usize + 1);
+        assert_eq!(WORKLOADS.len(), WorkloadId::SelftestBlkCorrupt as usize + 1);
     }
 
     #[test]

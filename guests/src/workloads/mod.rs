@@ -2,6 +2,7 @@
 //! is exhaustive, so a new row does not build until its guest function exists.
 
 mod balloon;
+mod blk;
 mod ksm;
 mod memory;
 
@@ -160,6 +161,12 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             })?;
             s.note_hex("value", value as u64);
         }
+        WorkloadId::IoBlkRandread
+        | WorkloadId::IoBlkRandwrite
+        | WorkloadId::IoBlkSeqread
+        | WorkloadId::IoBlkSeqwrite => blk::transfer(s)?,
+        WorkloadId::IoBlkFlush => blk::flush(s)?,
+        WorkloadId::SelftestBlkCorrupt => blk::corrupt(s)?,
         WorkloadId::MemFirstTouch => memory::first_touch(s)?,
         WorkloadId::MemProtFault => memory::prot_fault(s)?,
         WorkloadId::MemTlbChase => memory::tlb_chase(s)?,

@@ -31,6 +31,8 @@ pub struct KvmBackend {
     doorbell: Arc<Doorbell>,
     /// The mode `hvbench host paging` switched KVM to for this run, if it did.
     paging_switch: Option<PagingMode>,
+    /// The disk every guest gets as a virtio-blk (`io.blk-*`), and what records say of it.
+    disk: Option<(vmm::DiskConfig, BTreeMap<String, String>)>,
 }
 
 impl KvmBackend {
@@ -42,7 +44,14 @@ impl KvmBackend {
             huge_pages: false,
             doorbell: Doorbell::new(),
             paging_switch: None,
+            disk: None,
         })
+    }
+
+    /// Gives every guest booted from now on a virtio-blk over `disk`.
+    pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Self {
+        self.disk = disk.map(|d| (d.config(), d.details()));
+        self
     }
 
     /// Records that this run was started by `hvbench host paging MODE --`, so that its
@@ -80,6 +89,7 @@ impl KvmBackend {
             mergeable: self.mergeable,
             huge_pages: self.huge_pages,
             balloon,
+            disk: self.disk.as_ref().map(|(config, _)| config),
             doorbell: self.doorbell.clone(),
         })
     }
@@ -195,6 +205,16 @@ impl Hypervisor for KvmBackend {
         if !self.host.paging.is_empty() {
             details.insert("paging".into(), self.host.paging.clone());
         }
+        if let Some((_, disk)) = &self.disk {
+            details.extend(disk.clone());
+            details.insert(
+                "blk".into(),
+                "virtio-blk (virtio-mmio v2): notify by ioeventfd, one I/O thread handing every \
+                 request to io_uring (preadv/pwritev one by one where the kernel has none), \
+                 completions polled by the guest (no interrupts)"
+                    .into(),
+            );
+        }
         BackendInfo {
             kind: "kvm".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -218,11 +238,21 @@ impl Hypervisor for KvmBackend {
                 Some(reason) => Err(reason.into()),
             },
             BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
+            BackendFeature::BlockDevice | BackendFeature::VirtioBlk => match self.disk {
+                Some(_) => Ok(()),
+                None => Err("this run made no disk for the guest".into()),
+            },
         }
     }
 
     fn balloon(&self) -> Option<&dyn BalloonBackend> {
         Some(self)
+    }
+
+    fn disk(&self) -> Option<(&std::path::Path, bool)> {
+        self.disk
+            .as_ref()
+            .map(|(config, _)| (config.path.as_path(), config.direct))
     }
 
     fn guest_runs_locally(&self) -> bool {

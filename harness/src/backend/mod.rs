@@ -132,6 +132,12 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// The block workloads' disk file on this machine and whether the backend opens it
+    /// with O_DIRECT, where the run has one (the native twin runs fio on it).
+    fn disk(&self) -> Option<(&std::path::Path, bool)> {
+        None
+    }
+
     /// The huge-page advice guest RAM is mapped with on this machine, where the backend
     /// maps it here (native twins map their buffers the same way).
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {

@@ -2,6 +2,7 @@
 //! arguments into a call on the hvbench library and its result into output and an exit
 //! status. Errors become `anyhow` here, at the binary's edge.
 
+mod disk;
 mod host;
 mod lab;
 mod list;

@@ -105,6 +105,8 @@ pub struct RunArgs {
     /// Guest paging on Xen: hardware-assisted (hap=1) or shadow (hap=0).
     #[arg(long, value_enum, default_value = "hap")]
     pub paging: Paging,
+    #[command(flatten)]
+    pub disk: super::disk::DiskArgs,
 }
 
 fn parse_param(text: &str) -> Result<WorkloadParam, String> {
@@ -147,13 +149,15 @@ fn make_backend(
     args: &RunArgs,
     kind: BackendKind,
     host_info: reports::record::HostInfo,
+    disk: Option<&hvbench::disk::TestDisk>,
 ) -> Result<Box<dyn Hypervisor>> {
     Ok(match kind {
         BackendKind::Kvm => Box::new(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
-                .with_huge_pages(args.host_hugepages),
+                .with_huge_pages(args.host_hugepages)
+                .with_disk(disk),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
@@ -169,7 +173,8 @@ fn make_backend(
                 },
                 host_info,
             )
-            .context("the qemu backend cannot start")?,
+            .context("the qemu backend cannot start")?
+            .with_disk(disk),
         ),
         BackendKind::Libvirt => Box::new(
             hvbench::backend::libvirt::LibvirtBackend::new(&args.libvirt_uri, host_info)
@@ -193,13 +198,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let workloads = plan::select(&args.workloads)?;
     run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
-    let backend = make_backend(args, kind, host::fingerprint())?;
-    // The machine the guest runs on: this one, or the Xen host.
-    let host_info = backend.host();
     let mut writer = ResultsWriter::create(&args.out, args.append)?;
     for repair in writer.repairs() {
         hvbench::say!("hvbench: warning: {repair}");
     }
+    // Made (and refused) before any guest boots; removed when this function returns.
+    let disk = super::disk::prepare(&args.disk, &workloads, &args.out)?;
+    let backend = make_backend(args, kind, host::fingerprint(), disk.as_ref())?;
+    // The machine the guest runs on: this one, or the Xen host.
+    let host_info = backend.host();
     let interrupted = interrupt::install();
     let options = RunOptions {
         workloads,
@@ -255,8 +262,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if summary.records.is_empty() {
         bail!("no records were produced");
     }
+    let disk_ok = disk.as_ref().is_none_or(super::disk::check);
     Ok(match summary.status() {
-        Status::Success | Status::Skip => 0,
+        Status::Success | Status::Skip if disk_ok => 0,
         _ => EXIT_NOT_ALL_SUCCEEDED,
     })
 }

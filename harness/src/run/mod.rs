@@ -4,6 +4,7 @@
 //! interrupted run keeps everything measured so far.
 
 pub mod balloon;
+mod fio;
 pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
@@ -296,6 +297,7 @@ impl<'a> Run<'a> {
             reproduce: &reproduce,
             workload_params: &options.params,
             guest_ram: backend.guest_ram_advice(),
+            disk: backend.disk(),
         };
         let kind = backend.kind().name();
         for record in records::build(outcome, &ctx) {

@@ -45,6 +45,8 @@ pub struct RecordContext<'a> {
     pub workload_params: &'a [super::WorkloadParam],
     /// The huge-page advice the guest's RAM was mapped with, where the backend says.
     pub guest_ram: Option<HugePageAdvice>,
+    /// The block workloads' disk file and whether it is used with O_DIRECT.
+    pub disk: Option<(&'a std::path::Path, bool)>,
 }
 
 impl std::fmt::Debug for RecordContext<'_> {
@@ -81,6 +83,8 @@ fn to_unit(cycles_per_op: f64, unit: Unit, tsc_khz: Option<u64>) -> Option<f64> 
         Unit::Ns => Some(cycles_per_op * 1e6 / khz),
         // Operations are bytes: bytes per second / 1e6.
         Unit::MBps => (cycles_per_op > 0.0).then(|| khz / (1000.0 * cycles_per_op)),
+        // Operations are requests: requests per second.
+        Unit::Iops => (cycles_per_op > 0.0).then(|| khz * 1000.0 / cycles_per_op),
         // Host-measured units never come as cycles.
         Unit::Seconds | Unit::MiB | Unit::Pages | Unit::Ratio => None,
     }
@@ -140,7 +144,7 @@ fn build_one(
         let check = point
             .as_ref()
             .ok_or_else(|| "the host asked for no such series".to_string())
-            .and_then(|point| verify_compute(outcome, &twin_plan(ctx, point, interrupted)));
+            .and_then(|point| verify_compute(outcome, &twin_plan(ctx, point, interrupted, metric)));
         if let Err(text) = check {
             verdict.ratchet(Status::Failure, text);
         }
@@ -153,6 +157,7 @@ fn build_one(
             .map(|m| m.direction)
             .unwrap_or(Direction::LowerIsBetter);
         let twin = Twin {
+            metric,
             workload: outcome.workload,
             unit,
             direction,
@@ -289,6 +294,7 @@ impl Figures {
 
 /// What the native comparison of one series needs from its record.
 struct Twin<'a> {
+    metric: &'a str,
     workload: WorkloadId,
     unit: Unit,
     direction: Direction,
@@ -309,7 +315,7 @@ impl Twin<'_> {
     ) -> Option<NativeComparison> {
         let result = match point {
             Some(point) => {
-                let plan = twin_plan(ctx, point, interrupted);
+                let plan = twin_plan(ctx, point, interrupted, self.metric);
                 let thp = huge_pages::thp_mode();
                 let guest_ram = ctx
                     .guest_ram
@@ -366,12 +372,20 @@ impl Verdict {
 /// What a native run of `point` is sized by: the host's series, `--sample-us` at this
 /// host's TSC rate, the guest RAM's huge-page advice.
 fn twin_plan<'a>(
-    ctx: &RecordContext,
+    ctx: &RecordContext<'a>,
     point: &'a SeriesPoint,
     interrupted: &'a std::sync::atomic::AtomicBool,
+    metric: &'a str,
 ) -> TwinPlan<'a> {
     let khz = ctx.host.tsc_khz.unwrap_or(FALLBACK_TSC_KHZ);
     TwinPlan {
+        metric,
+        sample_us: ctx.parameters.sample_us,
+        tsc_khz: ctx.tsc_khz.unwrap_or(khz),
+        run_id: ctx.run_id,
+        repeat: ctx.repeat,
+        params: ctx.workload_params,
+        disk: ctx.disk,
         point,
         backing: ctx.guest_ram.unwrap_or(HugePageAdvice::NoAdvice),
         min_cycles: native::cycles_from_tsc_khz(ctx.parameters.sample_us, khz),
@@ -456,7 +470,13 @@ fn native_twin(
     let Some(result) = native::twin(workload, plan) else {
         return Ok(Comparison::NoTwin);
     };
-    let cycles = result.map_err(|e| e.to_string())?;
+    let cycles = match result {
+        // A baseline this host cannot run (no fio) leaves the guest's figures standing.
+        Err(native::TwinError::Unavailable(why)) => {
+            return Ok(Comparison::NoRatio(format!("no native twin: {why}")))
+        }
+        other => other.map_err(|e| e.to_string())?,
+    };
     let samples: Vec<f64> = cycles
         .iter()
         .map(|c| to_unit(*c, unit, ctx.tsc_khz))
@@ -573,6 +593,7 @@ mod tests {
             reproduce: &|_| String::new(),
             workload_params: params,
             guest_ram: Some(HugePageAdvice::NoAdvice),
+            disk: None,
         };
         test(&ctx);
     }

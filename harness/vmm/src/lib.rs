@@ -29,10 +29,12 @@ pub use self::channel::{
     guest_channel, ExitCounts, GuestEnd, GuestMessage, GuestSender, CHANNEL_CAPACITY,
 };
 pub use self::devices::balloon::{BalloonHandle, Refusals};
+pub use self::devices::blk::{BlkError, BlkHandle, DiskConfig};
 pub use self::devices::{Devices, Doorbell, PioAction};
 pub use self::vstate::memory::MIN_MEMORY_MIB;
 
 use self::devices::balloon::VirtioBalloon;
+use self::devices::blk::VirtioBlk;
 use self::vstate::memory::{self as memory, Advice};
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
@@ -79,6 +81,8 @@ pub enum VmmError {
     StopTimeout(Duration),
     #[error("virtio-balloon: {0}")]
     Balloon(String),
+    #[error("virtio-blk: {0}")]
+    Blk(#[from] BlkError),
 }
 
 /// /dev/kvm, opened once, from which VMs are booted.
@@ -105,6 +109,8 @@ pub struct VmConfig<'a> {
     pub huge_pages: bool,
     /// Attaches the virtio-balloon; [`RunningVm::take_balloon`] then hands its handle out.
     pub balloon: bool,
+    /// Attaches a virtio-blk over this disk; [`RunningVm::blk`] then hands its handle out.
+    pub disk: Option<&'a DiskConfig>,
     /// Answers the guest's doorbell port; whoever holds a clone rings it.
     pub doorbell: Arc<Doorbell>,
 }
@@ -150,6 +156,10 @@ impl Vmm {
         } else {
             None
         };
+        let blk = match config.disk {
+            Some(disk) => Some(attach_blk(&vm, &mut vcpu, disk, config.name)?),
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         // Bounded: a guest that floods the console makes its vCPU wait for the host.
         let (tx, rx) = guest_channel(stop.clone());
@@ -163,8 +173,33 @@ impl Vmm {
             stop,
             thread: Some(thread),
             balloon,
+            blk,
         })
     }
+}
+
+/// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
+/// gives it to the vCPU's devices.
+fn attach_blk(
+    vm: &Vm,
+    vcpu: &mut Vcpu,
+    disk: &DiskConfig,
+    name: &str,
+) -> Result<BlkHandle, VmmError> {
+    let (device, handle) = VirtioBlk::new(vm.memory.clone(), disk, name)?;
+    let notify = workloads::virtio_blk::VIRTIO_BLK_BASE + workloads::virtio::REG_QUEUE_NOTIFY;
+    vm.fd
+        .register_ioevent(
+            device.notify_event(),
+            &kvm_ioctls::IoEventAddress::Mmio(notify),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_IOEVENTFD (virtio-blk queue notify)",
+            source,
+        })?;
+    vcpu.attach_blk(device);
+    Ok(handle)
 }
 
 /// A booted guest: its messages, its balloon (where it has one), and the way to stop it.
@@ -174,6 +209,7 @@ pub struct RunningVm {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     balloon: Option<BalloonHandle>,
+    blk: Option<BlkHandle>,
 }
 
 /// How long a stop may take before it is reported as a failure.
@@ -188,6 +224,11 @@ impl RunningVm {
     /// The host's handle on the virtio-balloon, once, where the VM was booted with one.
     pub fn take_balloon(&mut self) -> Option<BalloonHandle> {
         self.balloon.take()
+    }
+
+    /// The host's view of the virtio-blk, where the VM was booted with a disk.
+    pub fn blk(&self) -> Option<&BlkHandle> {
+        self.blk.as_ref()
     }
 
     /// Stops the guest and waits for its vCPU thread, which releases the VM. Idempotent;
@@ -276,6 +317,7 @@ mod tests {
             mergeable: false,
             huge_pages: false,
             balloon: false,
+            disk: None,
             doorbell: Doorbell::new(),
         }
     }

@@ -287,9 +287,10 @@ impl Hypervisor for LibvirtBackend {
                     .into(),
             ),
             BackendFeature::HypercallFromKernel => Ok(()),
-            BackendFeature::Balloon | BackendFeature::VirtioBalloon => {
-                Err(super::qemu::Q35_NO_VIRTIO_MMIO.into())
-            }
+            BackendFeature::Balloon
+            | BackendFeature::VirtioBalloon
+            | BackendFeature::BlockDevice
+            | BackendFeature::VirtioBlk => Err(super::qemu::Q35_NO_VIRTIO_MMIO.into()),
             BackendFeature::KernelSamePageMerging => Err(
                 "hvbench measures KSM with its own VMM, whose processes it controls; run it \
                  with --backend kvm"

@@ -284,6 +284,13 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::BlockDevice => Err(
+                "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
+                    .into(),
+            ),
+            BackendFeature::VirtioBlk => {
+                Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
+            }
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"

@@ -14,6 +14,7 @@ use super::vm::Vm;
 use crate::boot;
 use crate::channel::{GuestEnd, GuestMessage, GuestSender};
 use crate::devices::balloon::VirtioBalloon;
+use crate::devices::blk::VirtioBlk;
 use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::VmmError;
 
@@ -150,6 +151,11 @@ impl Vcpu {
     /// Adds the virtio-balloon to this vCPU's devices (`mem.balloon`).
     pub(crate) fn attach_balloon(&mut self, balloon: VirtioBalloon) {
         self.devices.attach_balloon(balloon);
+    }
+
+    /// Adds the virtio-blk to this vCPU's devices (`io.blk-*`).
+    pub(crate) fn attach_blk(&mut self, blk: VirtioBlk) {
+        self.devices.attach_blk(blk);
     }
 
     /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.
