@@ -36,6 +36,8 @@ pub enum WorkloadId {
     SelftestPageFault,
     SelftestHang,
     SelftestBalloonCorrupt,
+    SchedIpi,
+    SchedWakeup,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -45,6 +47,8 @@ pub enum Group {
     Io,
     Memory,
     Selftest,
+    /// vCPU scheduling: IPIs, timer wake-ups, steal time, fairness.
+    Sched,
 }
 
 impl Group {
@@ -54,6 +58,7 @@ impl Group {
             Group::Io => "io",
             Group::Memory => "mem",
             Group::Selftest => "selftest",
+            Group::Sched => "sched",
         }
     }
 }
@@ -247,6 +252,9 @@ pub enum BackendFeature {
     /// hvbench's own virtio-balloon device, whose queues the VMM validates (a guest that
     /// corrupts them must get an error, never a crashed or corrupted VMM).
     VirtioBalloon,
+    /// A local APIC per vCPU (IPIs, its timer) and application processors the guest
+    /// starts by INIT/SIPI, as on a real machine.
+    LocalApic,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -451,6 +459,13 @@ pub mod param {
             "The guest's seed for its unique pages (set by the harness per guest).",
         )
     };
+    pub const WAKEUP_DELAY_US: ParamSpec = spec(
+        "delay_us",
+        ParamKind::Count,
+        Some("100"),
+        (1, 1_000_000),
+        "Microseconds from arming the timer to its deadline.",
+    );
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
         KSM_SIZE,
@@ -877,6 +892,42 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Host(HostRunner::Balloon),
         params: &[],
     },
+    Workload {
+        id: WorkloadId::SchedIpi,
+        name: "sched.ipi",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "IPI round trip between two vCPUs: the boot vCPU (CPL3, the local APIC's \
+                      page mapped to user mode) writes a sequence number and the ICR; the \
+                      application processor, halted in its kernel, takes the interrupt, \
+                      copies the number back and signals EOI; the boot vCPU spins until it \
+                      sees it. On KVM this is the in-kernel LAPIC plus the wake-up of a \
+                      halted vCPU thread by the host scheduler. Needs 2 vCPUs; the AP's \
+                      handler runs at CPL0 (emulated on kvm_pvm).",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[],
+    },
+    Workload {
+        id: WorkloadId::SchedWakeup,
+        name: "sched.wakeup",
+        group: Group::Sched,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead and \
+                      halts (STI; HLT at CPL0); the figure is the time from the deadline to \
+                      the instruction after HLT (the timer's expiry in the hypervisor, the \
+                      host scheduler waking the vCPU thread, the interrupt's delivery and \
+                      handler). CPL0, so on kvm_pvm the handler and the reads are emulated.",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[param::WAKEUP_DELAY_US],
+    },
 ];
 
 impl WorkloadId {
@@ -929,10 +980,7 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(
-            WORKLOADS.len(),
-            WorkloadId::SelftestBalloonCorrupt as usize + 1
-        );
+        assert_eq!(WORKLOADS.len(), WorkloadId::SchedWakeup as usize + 1);
     }
 
     #[test]

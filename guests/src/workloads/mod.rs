@@ -4,6 +4,7 @@
 mod balloon;
 mod ksm;
 mod memory;
+mod sched;
 
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
@@ -181,6 +182,8 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             black_box(unsafe { read_volatile(unmapped) });
             return Err((Status::Error, "reading an unmapped address did not fault"));
         }
+        WorkloadId::SchedIpi => sched::ipi(s, info)?,
+        WorkloadId::SchedWakeup => sched::wakeup(s, info)?,
         WorkloadId::SelftestHang => loop {
             core::hint::spin_loop();
         },

@@ -268,6 +268,9 @@ impl Hypervisor for QemuBackend {
                  devices it controls; run them with --backend kvm"
                     .into(),
             ),
+            // microvm has a local APIC per vCPU (in KVM's irqchip with -accel kvm, QEMU's
+            // own under TCG) and -smp N APs waiting for INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"

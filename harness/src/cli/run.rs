@@ -58,8 +58,8 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(GUEST_MEMORY_MIB))]
     pub memory_mib: u32,
-    /// vCPUs of the guest. The guest runs on the first; the others are created and stay
-    /// offline (as application processors before their start-up IPI).
+    /// vCPUs of the guest. Workloads run on the first; `sched.*` start the others by
+    /// INIT/SIPI (hvbench's VMM then has KVM's in-kernel irqchip).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vcpus: u32,
     /// Guest image to boot instead of the one built into hvbench.
@@ -138,7 +138,8 @@ fn make_backend(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
-                .with_huge_pages(args.host_hugepages),
+                .with_huge_pages(args.host_hugepages)
+                .with_vcpus(args.vcpus),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)

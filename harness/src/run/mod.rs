@@ -53,6 +53,7 @@ impl RunOptions {
             samples: self.samples,
             warmup: self.warmup,
             sample_us: self.sample_us,
+            cpus: self.vcpus,
             ..Default::default()
         };
         for &w in workloads {

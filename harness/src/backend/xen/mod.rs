@@ -284,6 +284,11 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::LocalApic => Err(
+                "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
+                 VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
+                    .into(),
+            ),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"
