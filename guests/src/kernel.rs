@@ -24,6 +24,8 @@ pub struct BootInfo {
     pub platform_error: Option<&'static str>,
     /// The local APIC, as CPUID tells the kernel.
     pub lapic: apic::LapicCaps,
+    /// KVM's steal-time MSR is offered (KVM_FEATURE_STEAL_TIME).
+    pub steal_time: bool,
 }
 
 static BOOT: Global<Option<BootInfo>> = Global::new(None);
@@ -71,6 +73,11 @@ pub enum Syscall {
     XenMemoryOp = 8,
     /// Signals a Xen event channel (port): the xenstore ring's, for the balloon.
     XenEventSend = 9,
+    /// Registers the calling (boot) vCPU's KVM steal-time area; returns 0, or u64::MAX
+    /// where KVM offers no steal time.
+    EnableStealTime = 10,
+    /// From an AP's user mode: back to its kernel's halt loop (the argument: its index).
+    ApIdle = 11,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -178,6 +185,7 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         tsc_source,
         platform_error,
         lapic: apic::caps(),
+        steal_time: hypervisor::kvm_steal_time(&hv),
     }));
     user::enter_user(
         crate::runner::user_main,
@@ -235,6 +243,10 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
                 Ok(_) => 0,
                 Err(_) => u64::MAX,
             }
+        }
+        n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
+            smp::enable_steal_time(0);
+            0
         }
         n if n == Syscall::SetProtWindow as u64 => {
             PROT_WINDOW.set((a1 > 0).then_some(ProtWindow {
@@ -445,7 +457,14 @@ crash_stack_top:
 #[no_mangle]
 extern "C" fn exception_handler(frame: &mut traps::ExceptionFrame) {
     if smp::on_ap_stack(core::ptr::addr_of!(*frame) as u64) {
-        smp::ap_fault(frame.vector, frame.rip);
+        let ap_idle = frame.vector == traps::VECTOR_UD
+            && frame.rip == traps::syscall_trap_address()
+            && frame.cs & 3 == 3
+            && frame.rax == Syscall::ApIdle as u64;
+        match crate::convert::usize_from(frame.rdi) {
+            cpu if ap_idle && cpu > 0 && cpu < smp::MAX_CPUS => smp::ap_idle(cpu),
+            _ => smp::ap_fault(frame.vector, frame.rip),
+        }
     }
     if frame.vector == traps::VECTOR_UD
         && frame.rip == traps::syscall_trap_address()

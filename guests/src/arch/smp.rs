@@ -18,9 +18,75 @@ use super::traps;
 pub const MAX_CPUS: usize = 8;
 /// Where the trampoline is copied: a page below 1 MiB (the SIPI vector is its page number).
 pub const TRAMPOLINE_ADDR: u64 = 0x8000;
-/// Bytes of each AP stack: a kernel stack, an IST stack (exceptions, interrupts), #DF.
+/// Bytes of each AP stack: a kernel stack, an IST stack (exceptions, interrupts), #DF,
+/// and a user stack (the spinning and lock-contending loops run at CPL3).
 const AP_STACK: u64 = 16384;
-const STACKS_PER_CPU: u64 = 3;
+const STACKS_PER_CPU: u64 = 4;
+/// Which of a CPU's stacks `stack_top` names.
+pub const STACK_KERNEL: u64 = 0;
+pub const STACK_IST: u64 = 1;
+pub const STACK_DF: u64 = 2;
+pub const STACK_USER: u64 = 3;
+
+/// What the APs do: halt and answer IPIs, spin counting work, or contend for a lock.
+/// The boot vCPU sets it, then sends each AP an IPI to wake it from HLT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ApMode {
+    Halt = 0,
+    Spin = 1,
+    Lock = 2,
+}
+
+pub static AP_MODE: AtomicU32 = AtomicU32::new(ApMode::Halt as u32);
+
+pub fn ap_mode() -> ApMode {
+    match AP_MODE.load(Ordering::Acquire) {
+        1 => ApMode::Spin,
+        2 => ApMode::Lock,
+        _ => ApMode::Halt,
+    }
+}
+
+/// Work each CPU counted while spinning (`sched.steal`, `sched.fairness`), and lock
+/// acquisitions (`sched.lock-holder`), written by that CPU alone at CPL3.
+pub static WORK: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// KVM's steal-time area of each CPU (`struct kvm_steal_time`, 64-byte aligned): the
+/// steal in ns at word 0, the version (odd while KVM writes) in the low half of word 1.
+#[repr(C, align(64))]
+pub struct StealArea(pub [AtomicU64; 8]);
+
+pub static STEAL: [StealArea; MAX_CPUS] =
+    [const { StealArea([const { AtomicU64::new(0) }; 8]) }; MAX_CPUS];
+/// Set by the boot vCPU before the APs spin: each registers its area on the way.
+pub static STEAL_WANTED: AtomicU32 = AtomicU32::new(0);
+/// KVM's steal-time MSR; the value is the area's physical address | enable.
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
+
+/// Registers `cpu`'s steal-time area with KVM, on that CPU. CPL0.
+pub fn enable_steal_time(cpu: usize) {
+    if let Some(area) = STEAL.get(cpu) {
+        super::cpu::wrmsr(MSR_KVM_STEAL_TIME, area as *const StealArea as u64 | 1);
+    }
+}
+
+/// `cpu`'s steal time so far, in ns (a consistent read of KVM's versioned area). Any CPL.
+pub fn steal_ns(cpu: usize) -> u64 {
+    let Some(area) = STEAL.get(cpu) else {
+        return 0;
+    };
+    for _ in 0..1000 {
+        let before = area.0[1].load(Ordering::Acquire) & 0xffff_ffff;
+        let steal = area.0[0].load(Ordering::Acquire);
+        let after = area.0[1].load(Ordering::Acquire) & 0xffff_ffff;
+        if before == after && before % 2 == 0 {
+            return steal;
+        }
+        core::hint::spin_loop();
+    }
+    0
+}
 
 /// The trampoline's parameters, at the end of its copy (see the assembly below).
 #[repr(C)]
@@ -127,9 +193,22 @@ extern "C" fn ap_main(cpu: u64) -> ! {
     load_tables(cpu);
     apic::enable();
     ONLINE[cpu].store(u32::from(apic::id()) + 1, Ordering::Release);
+    ap_idle(cpu)
+}
+
+/// The AP's kernel loop: halt with interrupts on until the mode asks for user mode, then
+/// run `ap_user_main` at CPL3 on the AP's user stack (the kernel stack's frames are
+/// abandoned: a later `ApIdle` system call comes back here afresh). CPL0.
+pub fn ap_idle(cpu: usize) -> ! {
     loop {
-        // SAFETY: waits for an interrupt; the handlers touch only their own state.
-        unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+        if ap_mode() != ApMode::Halt {
+            // Registering again is harmless: KVM keeps adding to the same area.
+            if STEAL_WANTED.load(Ordering::Acquire) != 0 {
+                enable_steal_time(cpu);
+            }
+            super::user::enter_user(crate::workloads::ap_user_main, stack_top(cpu, STACK_USER));
+        }
+        super::cpu::sti_hlt_cli();
     }
 }
 
@@ -149,9 +228,9 @@ fn load_tables(cpu: usize) {
             tss.add(word).write_volatile(crate::convert::low32(value));
             tss.add(word + 1).write_volatile((value >> 32) as u32);
         };
-        set64(TSS_RSP0, stack_top(cpu, 0));
-        set64(TSS_IST1, stack_top(cpu, 1));
-        set64(TSS_IST1 + 2, stack_top(cpu, 2));
+        set64(TSS_RSP0, stack_top(cpu, STACK_KERNEL));
+        set64(TSS_IST1, stack_top(cpu, STACK_IST));
+        set64(TSS_IST1 + 2, stack_top(cpu, STACK_DF));
         tss.add(TSS_IOMAP)
             .write_volatile(u32::from(AP_TSS_SIZE) << 16);
         let [low, high] = traps::tss_descriptor(tss as u64, u64::from(AP_TSS_SIZE) - 1);
@@ -275,7 +354,7 @@ spurious_interrupt:
     .balign 4096
     .global ap_stacks
 ap_stacks:
-    .skip 8 * 3 * 16384
+    .skip 8 * 4 * 16384
     .global ap_stacks_end
 ap_stacks_end:
 "#,
@@ -291,4 +370,4 @@ pub fn params_offset() -> usize {
         - core::ptr::addr_of!(ap_trampoline_start) as usize
 }
 
-const _: () = assert!(MAX_CPUS as u64 * STACKS_PER_CPU * AP_STACK == 8 * 3 * 16384);
+const _: () = assert!(MAX_CPUS as u64 * STACKS_PER_CPU * AP_STACK == 8 * 4 * 16384);

@@ -6,6 +6,8 @@ mod ksm;
 mod memory;
 mod sched;
 
+pub use self::sched::ap_user_main;
+
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
 
@@ -184,6 +186,8 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         }
         WorkloadId::SchedIpi => sched::ipi(s, info)?,
         WorkloadId::SchedWakeup => sched::wakeup(s, info)?,
+        WorkloadId::SchedLockHolder => sched::lock_holder(s, info)?,
+        WorkloadId::SchedSteal | WorkloadId::SchedFairness => sched::spin_report(s, info)?,
         WorkloadId::SelftestHang => loop {
             core::hint::spin_loop();
         },

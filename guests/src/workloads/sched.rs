@@ -1,16 +1,17 @@
 //! `sched.*`: the application processors started by INIT/SIPI (from user mode: the local
 //! APIC's page is mapped to CPL3), the IPI round trip and the timer wake-up.
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use workloads::protocol::Status;
 use workloads::table::param;
 
 use crate::arch::apic;
 use crate::arch::cpu::rdtsc_fenced;
-use crate::arch::smp::{self, TrampolineParams, MAX_CPUS, TRAMPOLINE_ADDR};
+use crate::arch::smp::{self, ApMode, TrampolineParams, MAX_CPUS, TRAMPOLINE_ADDR};
+use crate::arch::user::syscall;
 use crate::global::Global;
-use crate::kernel::{BootInfo, KernelOp};
+use crate::kernel::{BootInfo, KernelOp, Syscall};
 use crate::runner::{Refusal, Sampler};
 use crate::start_info;
 
@@ -92,7 +93,7 @@ fn start_one(info: &BootInfo, cpu: usize) -> Result<(), Refusal> {
     unsafe {
         params.write_volatile(TrampolineParams {
             cr3: crate::mem::paging::root() as u64,
-            stack: smp::stack_top(cpu, 0),
+            stack: smp::stack_top(cpu, smp::STACK_KERNEL),
             cpu: cpu as u64,
             entry: smp::ap_entry as *const () as u64,
         })
@@ -204,4 +205,231 @@ pub fn wakeup(s: &Sampler, info: &BootInfo) -> Outcome {
         s.emit_sample("", index, warmup, n, late);
     }
     Ok(())
+}
+
+/// Sets the APs' mode and wakes those halted (an IPI each; APs in user mode poll it).
+fn set_ap_mode(mode: ApMode, cpus: usize) {
+    smp::AP_MODE.store(mode as u32, Ordering::Release);
+    for cpu in 1..cpus {
+        let online = smp::ONLINE[cpu].load(Ordering::Acquire);
+        if let Ok(id) = u8::try_from(online.saturating_sub(1)) {
+            apic::send_ipi(id, apic::IPI_VECTOR);
+        }
+    }
+}
+
+/// The AP's CPL3 loop: spin counting work, or contend for the lock, until the mode says
+/// halt; then back to the kernel's halt loop.
+pub extern "C" fn ap_user_main() -> ! {
+    let id = u32::from(apic::id()) + 1;
+    let cpu = (1..MAX_CPUS)
+        .find(|&c| smp::ONLINE[c].load(Ordering::Acquire) == id)
+        .unwrap_or(0);
+    let hold = LOCK_HOLD.load(Ordering::Acquire);
+    loop {
+        match smp::ap_mode() {
+            ApMode::Spin if cpu > 0 => spin_chunk(cpu),
+            ApMode::Lock if cpu > 0 => {
+                let _ = contend_once(hold);
+                bump(cpu, 1);
+            }
+            _ => {
+                syscall(Syscall::ApIdle as u64, cpu as u64, 0, 0);
+            }
+        }
+    }
+}
+
+/// Adds to `cpu`'s own counter (only that CPU writes it: no locked instruction).
+fn bump(cpu: usize, by: u64) {
+    let counter = &smp::WORK[cpu];
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+/// Work units between two looks at the clock or the mode.
+const SPIN_CHUNK: u64 = 100_000;
+
+fn spin_chunk(cpu: usize) {
+    let mut x = 0u64;
+    for i in 0..SPIN_CHUNK {
+        x = core::hint::black_box(x.wrapping_add(i));
+    }
+    bump(cpu, SPIN_CHUNK);
+}
+
+/// `sched.steal` and `sched.fairness` in each guest: every vCPU spins at CPL3 counting
+/// work for `duration_s`; every `window_ms` the boot vCPU reports each CPU's work and
+/// steal time (`tick` notes: `t:<tsc>;<cpu>:<work>:<steal ns>;...`, hexadecimal).
+pub fn spin_report(s: &Sampler, info: &BootInfo) -> Outcome {
+    let duration_s = count_param(s, &param::SPIN_DURATION_S, 10);
+    let window_ms = count_param(s, &param::SPIN_WINDOW_MS, 500);
+    if info.steal_time {
+        smp::STEAL_WANTED.store(1, Ordering::Release);
+        syscall(Syscall::EnableStealTime as u64, 0, 0, 0);
+    }
+    s.note_text("steal_msr", if info.steal_time { "kvm" } else { "none" });
+    smp::AP_MODE.store(ApMode::Spin as u32, Ordering::Release);
+    let cpus = if s.config.cpus > 1 {
+        start_aps(s, info)?
+    } else {
+        1
+    };
+    set_ap_mode(ApMode::Spin, cpus);
+    let window = cycles_in_ms(info, window_ms);
+    let end = rdtsc_fenced().wrapping_add(cycles_in_ms(info, duration_s.saturating_mul(1000)));
+    let mut next = rdtsc_fenced();
+    loop {
+        let now = rdtsc_fenced();
+        if now >= next {
+            tick(s, now, cpus);
+            next = now.wrapping_add(window);
+        }
+        if now >= end {
+            break;
+        }
+        spin_chunk(0);
+    }
+    set_ap_mode(ApMode::Halt, cpus);
+    report_fault(s);
+    ap_failed()
+}
+
+fn count_param(s: &Sampler, spec: &workloads::ParamSpec, default: u64) -> u64 {
+    s.param(spec)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(default)
+}
+
+/// One `tick` note: the TSC, then each CPU's work and steal.
+fn tick(s: &Sampler, now: u64, cpus: usize) {
+    let mut text = TextBuffer::new();
+    text.push(b"t:");
+    text.hex(now);
+    for cpu in 0..cpus {
+        text.push(b";");
+        text.hex(cpu as u64);
+        text.push(b":");
+        text.hex(smp::WORK[cpu].load(Ordering::Relaxed));
+        text.push(b":");
+        text.hex(smp::steal_ns(cpu));
+    }
+    s.note_text("tick", text.as_str());
+}
+
+/// A small fixed buffer for a note's value (no allocator in the guest).
+struct TextBuffer {
+    bytes: [u8; 384],
+    len: usize,
+}
+
+impl TextBuffer {
+    fn new() -> Self {
+        TextBuffer {
+            bytes: [0; 384],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn hex(&mut self, value: u64) {
+        let digits = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        let mut i = out.len();
+        let mut v = value;
+        loop {
+            i -= 1;
+            out[i] = digits[(v & 15) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&out[i..]);
+    }
+
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+/// The lock `sched.lock-holder` contends for, the data it guards, and the work per hold.
+static LOCK: AtomicU32 = AtomicU32::new(0);
+static LOCKED_DATA: AtomicU64 = AtomicU64::new(0);
+static LOCK_HOLD: AtomicU64 = AtomicU64::new(200);
+
+/// Acquires the lock (test-and-test-and-set), holds it for `hold` units, releases it;
+/// returns the cycles spent acquiring.
+fn contend_once(hold: u64) -> u64 {
+    let start = rdtsc_fenced();
+    while LOCK.swap(1, Ordering::Acquire) != 0 {
+        while LOCK.load(Ordering::Relaxed) != 0 {
+            core::hint::spin_loop();
+        }
+    }
+    let waited = rdtsc_fenced().wrapping_sub(start);
+    for _ in 0..hold {
+        let v = LOCKED_DATA.load(Ordering::Relaxed);
+        LOCKED_DATA.store(core::hint::black_box(v.wrapping_add(1)), Ordering::Relaxed);
+    }
+    LOCK.store(0, Ordering::Release);
+    waited
+}
+
+/// `sched.lock-holder`: every vCPU contends; the boot vCPU times its acquires.
+pub fn lock_holder(s: &Sampler, info: &BootInfo) -> Outcome {
+    if s.config.cpus < 2 {
+        return Err((Status::Skip, "needs 2 vCPUs or more (--vcpus 2)"));
+    }
+    let cpus = start_aps(s, info)?;
+    LOCK_HOLD.store(count_param(s, &param::LOCK_HOLD, 200), Ordering::Release);
+    let hold = LOCK_HOLD.load(Ordering::Acquire);
+    set_ap_mode(ApMode::Lock, cpus);
+    // As many acquisitions as fill one sample, found by doubling.
+    let mut n = 1u64;
+    loop {
+        let start = rdtsc_fenced();
+        for _ in 0..n {
+            contend_once(hold);
+        }
+        if rdtsc_fenced().wrapping_sub(start) >= s.min_cycles || n >= 1 << 24 {
+            break;
+        }
+        n *= 2;
+    }
+    let work_before: u64 = (0..cpus)
+        .map(|c| smp::WORK[c].load(Ordering::Relaxed))
+        .sum();
+    let started = rdtsc_fenced();
+    for (index, warmup) in s.rounds() {
+        let (mut total, mut worst) = (0u64, 0u64);
+        for _ in 0..n {
+            let waited = contend_once(hold);
+            total = total.wrapping_add(waited);
+            worst = worst.max(waited);
+        }
+        bump(0, n);
+        s.emit_metric_sample("acquire", "", index, warmup, n, total);
+        s.emit_metric_sample("acquire_max", "", index, warmup, 1, worst);
+    }
+    let elapsed = rdtsc_fenced().wrapping_sub(started).max(1);
+    set_ap_mode(ApMode::Halt, cpus);
+    let work_after: u64 = (0..cpus)
+        .map(|c| smp::WORK[c].load(Ordering::Relaxed))
+        .sum();
+    let per_second = work_after
+        .wrapping_sub(work_before)
+        .saturating_mul(info.tsc_khz.max(1) * 1000)
+        / elapsed;
+    s.note_hex("acquisitions_per_s", per_second);
+    s.note_hex("contenders", cpus as u64);
+    report_fault(s);
+    ap_failed()
 }

@@ -239,6 +239,8 @@ impl Hypervisor for KvmBackend {
                     .into(),
             ),
             BackendFeature::HltExitsToVmm => Ok(()),
+            // sched.steal and sched.fairness start VMM processes of their own.
+            BackendFeature::VcpuThreads => Ok(()),
             BackendFeature::LocalApic if self.irqchip() => Ok(()),
             BackendFeature::LocalApic => Err(
                 "hvbench's VMM creates the in-kernel irqchip (local APICs) only for an SMP guest: \

@@ -168,6 +168,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Ok(None) => {}
         Err(e) => hvbench::say!("hvbench: warning: {e}"),
     }
+    // Likewise the CPU cgroups of a killed sched.fairness run.
+    match hvbench::run::sched::remove_stale_at_start() {
+        Ok(Some(message)) => hvbench::say!("hvbench: {message}"),
+        Ok(None) => {}
+        Err(e) => hvbench::say!("hvbench: warning: {e}"),
+    }
     let workloads = plan::select(&args.workloads)?;
     run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;

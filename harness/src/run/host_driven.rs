@@ -21,6 +21,8 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Guest => None,
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
+        Driver::Host(HostRunner::SchedSteal) => Some(super::sched::run_steal),
+        Driver::Host(HostRunner::SchedFairness) => Some(super::sched::run_fairness),
     }
 }
 
@@ -42,6 +44,9 @@ pub fn check_params(
             HostRunner::Balloon => super::balloon::balloon_size(params, memory_mib)
                 .map(drop)
                 .map_err(PlanError::Param)?,
+            HostRunner::SchedSteal | HostRunner::SchedFairness => {
+                super::sched::check_params(*id, params).map_err(PlanError::Param)?
+            }
         }
     }
     Ok(())

@@ -10,6 +10,7 @@ pub mod ksm;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;
+pub mod sched;
 pub mod session;
 
 use std::path::PathBuf;

@@ -284,6 +284,12 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::VcpuThreads => Err(
+                "Xen's vCPUs are scheduled by Xen itself (credit2 or credit); weights through \
+                 `xl sched-credit2 -d DOM -w W`, steal through the runstate area, are not \
+                 implemented yet"
+                    .into(),
+            ),
             BackendFeature::LocalApic => Err(
                 "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
                  VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
