@@ -23,6 +23,8 @@ const ANSWER_MS: u64 = 1000;
 /// The SIPI vector: the trampoline's page number (0x8000 >> 12).
 const TRAMPOLINE_PAGE: u8 = 0x08;
 const _: () = assert!(TRAMPOLINE_PAGE as u64 == TRAMPOLINE_ADDR >> 12);
+/// Fewest acquisitions in one `sched.lock-holder` sample.
+const MIN_ACQUIRES: u64 = 16;
 /// Most timer wake-ups in one sample.
 const MAX_WAKES_PER_SAMPLE: u64 = 100_000;
 
@@ -360,26 +362,28 @@ impl TextBuffer {
     }
 }
 
-/// The lock `sched.lock-holder` contends for, the data it guards, and the work per hold.
-static LOCK: AtomicU32 = AtomicU32::new(0);
+/// The ticket lock `sched.lock-holder` contends for (FIFO, as Linux's spinlocks are: a
+/// test-and-set lock lets the CPU that just released it take it again, starving the
+/// others), the data it guards, and the work per hold.
+static NEXT_TICKET: AtomicU32 = AtomicU32::new(0);
+static NOW_SERVING: AtomicU32 = AtomicU32::new(0);
 static LOCKED_DATA: AtomicU64 = AtomicU64::new(0);
 static LOCK_HOLD: AtomicU64 = AtomicU64::new(200);
 
-/// Acquires the lock (test-and-test-and-set), holds it for `hold` units, releases it;
+/// Takes a ticket, waits for its turn, holds the lock for `hold` units, releases it;
 /// returns the cycles spent acquiring.
 fn contend_once(hold: u64) -> u64 {
     let start = rdtsc_fenced();
-    while LOCK.swap(1, Ordering::Acquire) != 0 {
-        while LOCK.load(Ordering::Relaxed) != 0 {
-            core::hint::spin_loop();
-        }
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    while NOW_SERVING.load(Ordering::Acquire) != ticket {
+        core::hint::spin_loop();
     }
     let waited = rdtsc_fenced().wrapping_sub(start);
     for _ in 0..hold {
         let v = LOCKED_DATA.load(Ordering::Relaxed);
         LOCKED_DATA.store(core::hint::black_box(v.wrapping_add(1)), Ordering::Relaxed);
     }
-    LOCK.store(0, Ordering::Release);
+    NOW_SERVING.store(ticket.wrapping_add(1), Ordering::Release);
     waited
 }
 
@@ -392,8 +396,9 @@ pub fn lock_holder(s: &Sampler, info: &BootInfo) -> Outcome {
     LOCK_HOLD.store(count_param(s, &param::LOCK_HOLD, 200), Ordering::Release);
     let hold = LOCK_HOLD.load(Ordering::Acquire);
     set_ap_mode(ApMode::Lock, cpus);
-    // As many acquisitions as fill one sample, found by doubling.
-    let mut n = 1u64;
+    // As many acquisitions as fill one sample, found by doubling; at least
+    // MIN_ACQUIRES, so that a sample's mean and its worst differ.
+    let mut n = MIN_ACQUIRES;
     loop {
         let start = rdtsc_fenced();
         for _ in 0..n {
