@@ -520,20 +520,27 @@ pub mod param {
         (0, 1024),
         "Pin every vCPU thread to host CPUs 0..pin-1 (0: no pinning).",
     );
-    pub const FAIRNESS_RATIO: ParamSpec = spec(
-        "ratio",
-        ParamKind::Count,
-        Some("2"),
-        (1, 64),
-        "Weight of the odd-numbered guests; the even-numbered ones weigh 1.",
-    );
-    pub const FAIRNESS_CAPPED: ParamSpec = spec(
-        "capped",
-        ParamKind::Count,
-        Some("0"),
-        (0, 1),
-        "1: each guest is also capped at its entitled share (cpu.max / cfs_quota).",
-    );
+    pub const FAIRNESS_RATIO: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "ratio",
+            ParamKind::Count,
+            Some("2"),
+            (1, 64),
+            "Weight of the odd-numbered guests (the even-numbered ones weigh 1); a series.",
+        )
+    };
+    pub const FAIRNESS_CAPPED: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "capped",
+            ParamKind::Count,
+            Some("0"),
+            (0, 1),
+            "1: each guest is also capped at its entitled share (cpu.max / cfs_quota); a \
+             series.",
+        )
+    };
     pub const STEAL: &[ParamSpec] = &[
         SPIN_GUESTS,
         SPIN_VCPUS,

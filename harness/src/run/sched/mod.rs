@@ -73,6 +73,8 @@ pub(crate) struct SpinParams {
     pub pin: usize,
     pub ratio: u32,
     pub capped: bool,
+    /// The series the figures belong to (`ratio:2,capped:0` for sched.fairness).
+    pub series: String,
 }
 
 fn number(id: WorkloadId, params: &[WorkloadParam], spec: &ParamSpec) -> Result<u64, String> {
@@ -98,6 +100,10 @@ impl SpinParams {
                 1
             },
             capped: has(&param::FAIRNESS_CAPPED) && n(&param::FAIRNESS_CAPPED)? == 1,
+            series: super::plan::series_points(params, id)
+                .first()
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -292,7 +298,7 @@ fn fairness_guests(
 
 fn fairness_figures(outcome: &mut WorkloadOutcome, o: &Observed, p: &SpinParams) {
     let weights: Vec<f64> = (0..p.guests).map(|i| f64::from(p.weight(i))).collect();
-    share_curves(outcome, o, &weights);
+    share_curves(outcome, o, &weights, p);
     // Windows: differences of consecutive host samples.
     let windows: Vec<Vec<f64>> = o
         .samples
@@ -312,11 +318,12 @@ fn fairness_figures(outcome: &mut WorkloadOutcome, o: &Observed, p: &SpinParams)
         );
         return;
     };
+    let name = &p.series;
     let series = &mut outcome.series;
-    series.insert(("share_error", String::new()), direct(vec![f.share_error]));
-    series.insert(("jain", String::new()), direct(vec![f.jain]));
+    series.insert(("share_error", name.clone()), direct(vec![f.share_error]));
+    series.insert(("jain", name.clone()), direct(vec![f.jain]));
     series.insert(
-        ("worst_window_share", String::new()),
+        ("worst_window_share", name.clone()),
         direct(vec![f.worst_window]),
     );
     let relative: Vec<String> = f.relative.iter().map(|r| format!("{r:.4}")).collect();
@@ -328,7 +335,7 @@ fn fairness_figures(outcome: &mut WorkloadOutcome, o: &Observed, p: &SpinParams)
 }
 
 /// Each guest's received/entitled share per window, over time.
-fn share_curves(outcome: &mut WorkloadOutcome, o: &Observed, weights: &[f64]) {
+fn share_curves(outcome: &mut WorkloadOutcome, o: &Observed, weights: &[f64], p: &SpinParams) {
     let mut curves: Vec<Vec<[f64; 2]>> = vec![Vec::new(); weights.len()];
     for w in o.samples.windows(2) {
         let used: Vec<f64> = w[1]
@@ -351,8 +358,14 @@ fn share_curves(outcome: &mut WorkloadOutcome, o: &Observed, weights: &[f64]) {
         };
         outcome
             .curves
-            .insert(format!("share_g{g}"), ("share_error".into(), curve));
+            .insert(curve_name(p, g), ("share_error".into(), curve));
     }
+}
+
+/// One chart per weight ratio (and cap) in reports: `share_g1_ratio2`, `..._capped`.
+fn curve_name(p: &SpinParams, guest: usize) -> String {
+    let capped = if p.capped { "_capped" } else { "" };
+    format!("share_g{guest}_ratio{}{capped}", p.ratio)
 }
 
 /// The guests' own view: each guest's share of all work counted (CPL3 spinning).
