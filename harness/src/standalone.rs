@@ -30,6 +30,8 @@ pub struct Options {
     pub mergeable: bool,
     /// Read `ring N` lines from stdin; end of input stops the guest.
     pub doorbell_stdin: bool,
+    /// vCPUs (more than one: KVM's in-kernel irqchip, APs started by the guest).
+    pub vcpus: u32,
 }
 
 #[derive(Debug, Error)]
@@ -67,7 +69,8 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
     let image = GuestImage::load(options.guest.as_deref())?;
     // No fingerprint: it would only delay the boot being timed.
     let backend = KvmBackend::new(reports::record::HostInfo::default())?
-        .with_mergeable_memory(options.mergeable);
+        .with_mergeable_memory(options.mergeable)
+        .with_vcpus(options.vcpus);
     let input_ended = Arc::new(AtomicBool::new(false));
     if options.doorbell_stdin {
         spawn_doorbell_reader(&backend, input_ended.clone())?;
@@ -76,7 +79,7 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
         image: &image,
         cmdline: &options.cmdline,
         memory_mib: options.memory_mib,
-        vcpus: 1,
+        vcpus: options.vcpus,
         name: "vmm".into(),
     })?;
     let code = pump(session.as_ref(), options.timeout, &input_ended);

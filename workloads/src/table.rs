@@ -43,6 +43,11 @@ pub enum WorkloadId {
     SelftestBalloonCorrupt,
     VmLifecycle,
     SelftestBlkCorrupt,
+    SchedIpi,
+    SchedWakeup,
+    SchedLockHolder,
+    SchedSteal,
+    SchedFairness,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -54,6 +59,8 @@ pub enum Group {
     Selftest,
     /// The guest's whole life on a stack: boot, first result, destruction, host memory.
     Vm,
+    /// vCPU scheduling: IPIs, timer wake-ups, steal time, fairness.
+    Sched,
 }
 
 impl Group {
@@ -64,6 +71,7 @@ impl Group {
             Group::Memory => "mem",
             Group::Selftest => "selftest",
             Group::Vm => "vm",
+            Group::Sched => "sched",
         }
     }
 }
@@ -218,6 +226,12 @@ pub enum HostRunner {
     Balloon,
     /// Guests booted and destroyed one after another, timed and measured from the host.
     Lifecycle,
+    /// Several SMP guests spinning on fewer host CPUs than vCPUs: steal time as the guest
+    /// reads it against the host's run delay of each vCPU thread.
+    SchedSteal,
+    /// Several SMP guests in CPU cgroups of different weights: CPU share received against
+    /// share entitled.
+    SchedFairness,
 }
 
 /// The code a workload shares with its native twin, which the harness runs on the host
@@ -293,6 +307,12 @@ pub enum BackendFeature {
     /// hvbench's own virtio-blk, whose requests the VMM validates (a malformed chain must
     /// get an error status, never a crashed VMM or a write outside the disk or guest RAM).
     VirtioBlk,
+    /// A local APIC per vCPU (IPIs, its timer) and application processors the guest
+    /// starts by INIT/SIPI, as on a real machine.
+    LocalApic,
+    /// hvbench's own SMP VMM processes whose vCPU threads the host can see, weigh
+    /// (cgroups), pin and account (schedstat).
+    VcpuThreads,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -566,6 +586,92 @@ pub mod param {
     ];
     pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION];
 
+    pub const WAKEUP_DELAY_US: ParamSpec = spec(
+        "delay_us",
+        ParamKind::Count,
+        Some("100"),
+        (1, 1_000_000),
+        "Microseconds from arming the timer to its deadline.",
+    );
+    pub const LOCK_HOLD: ParamSpec = spec(
+        "hold",
+        ParamKind::Count,
+        Some("200"),
+        (1, 1_000_000),
+        "Iterations of work inside the lock per acquisition.",
+    );
+    pub const SPIN_GUESTS: ParamSpec = spec(
+        "guests",
+        ParamKind::Count,
+        Some("2"),
+        (2, 8),
+        "Guests run at once, each a VMM process of its own.",
+    );
+    pub const SPIN_VCPUS: ParamSpec = spec(
+        "vcpus",
+        ParamKind::Count,
+        Some("2"),
+        (1, 8),
+        "vCPUs of each guest, every one spinning.",
+    );
+    pub const SPIN_DURATION_S: ParamSpec = spec(
+        "duration_s",
+        ParamKind::Count,
+        Some("10"),
+        (2, 600),
+        "Seconds the guests spin.",
+    );
+    pub const SPIN_WINDOW_MS: ParamSpec = spec(
+        "window_ms",
+        ParamKind::Count,
+        Some("500"),
+        (50, 10_000),
+        "Milliseconds of each short window (the guests report, the host samples).",
+    );
+    pub const SPIN_PIN: ParamSpec = spec(
+        "pin",
+        ParamKind::Count,
+        Some("0"),
+        (0, 1024),
+        "Pin every vCPU thread to host CPUs 0..pin-1 (0: no pinning).",
+    );
+    pub const FAIRNESS_RATIO: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "ratio",
+            ParamKind::Count,
+            Some("2"),
+            (1, 64),
+            "Weight of the odd-numbered guests (the even-numbered ones weigh 1); a series.",
+        )
+    };
+    pub const FAIRNESS_CAPPED: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "capped",
+            ParamKind::Count,
+            Some("0"),
+            (0, 1),
+            "1: each guest is also capped at its entitled share (cpu.max / cfs_quota); a \
+             series.",
+        )
+    };
+    pub const STEAL: &[ParamSpec] = &[
+        SPIN_GUESTS,
+        SPIN_VCPUS,
+        SPIN_DURATION_S,
+        SPIN_WINDOW_MS,
+        SPIN_PIN,
+    ];
+    pub const FAIRNESS: &[ParamSpec] = &[
+        SPIN_GUESTS,
+        SPIN_VCPUS,
+        SPIN_DURATION_S,
+        SPIN_WINDOW_MS,
+        SPIN_PIN,
+        FAIRNESS_RATIO,
+        FAIRNESS_CAPPED,
+    ];
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
         KSM_SIZE,
@@ -1112,6 +1218,109 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Guest,
         params: &[],
     },
+    Workload {
+        id: WorkloadId::SchedIpi,
+        name: "sched.ipi",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "IPI round trip between two vCPUs: the boot vCPU (CPL3, the local APIC's \
+                      page mapped to user mode) writes a sequence number and the ICR; the \
+                      application processor, halted in its kernel, takes the interrupt, \
+                      copies the number back and signals EOI; the boot vCPU spins until it \
+                      sees it. On KVM this is the in-kernel LAPIC plus the wake-up of a \
+                      halted vCPU thread by the host scheduler. Needs 2 vCPUs; the AP's \
+                      handler runs at CPL0 (emulated on kvm_pvm).",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[],
+    },
+    Workload {
+        id: WorkloadId::SchedWakeup,
+        name: "sched.wakeup",
+        group: Group::Sched,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead and \
+                      halts (STI; HLT at CPL0); the figure is the time from the deadline to \
+                      the instruction after HLT (the timer's expiry in the hypervisor, the \
+                      host scheduler waking the vCPU thread, the interrupt's delivery and \
+                      handler). CPL0, so on kvm_pvm the handler and the reads are emulated.",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[param::WAKEUP_DELAY_US],
+    },
+    Workload {
+        id: WorkloadId::SchedLockHolder,
+        name: "sched.lock-holder",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("acquire", Unit::Ns, Direction::LowerIsBetter),
+            metric("acquire_max", Unit::Ns, Direction::LowerIsBetter),
+        ],
+        description: "Every vCPU of the guest contends for one spinlock at CPL3, holding it \
+                      for `hold` iterations of work: the boot vCPU's mean time to acquire \
+                      (`acquire`) and the longest single acquire of each sample \
+                      (`acquire_max`, the tail where a descheduled holder shows). Overcommit \
+                      comes from --vcpus above the host's CPUs; the record notes \
+                      acquisitions per second of all vCPUs.",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[param::LOCK_HOLD],
+    },
+    Workload {
+        id: WorkloadId::SchedSteal,
+        name: "sched.steal",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("steal_guest", Unit::Seconds, Direction::LowerIsBetter),
+            metric("steal_host", Unit::Seconds, Direction::LowerIsBetter),
+            metric("steal_disagreement", Unit::Ratio, Direction::LowerIsBetter),
+        ],
+        description: "`guests` SMP guests (VMM processes) whose every vCPU spins at CPL3, on \
+                      fewer host CPUs than vCPUs: each vCPU's steal time as KVM reports it \
+                      to the guest (the steal-time MSR's area) against the host's own view, \
+                      the run delay of the vCPU thread (/proc/PID/task/TID/schedstat), over \
+                      the same span; samples are per vCPU, the disagreement is |guest/host - \
+                      1| of the sums. hvbench's VMM only (its thread IDs are the host's view).",
+        requires: &[Requirement::Backend(BackendFeature::VcpuThreads)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::SchedSteal),
+        params: param::STEAL,
+    },
+    Workload {
+        id: WorkloadId::SchedFairness,
+        name: "sched.fairness",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("share_error", Unit::Ratio, Direction::LowerIsBetter),
+            metric("jain", Unit::Ratio, Direction::HigherIsBetter),
+            metric("worst_window_share", Unit::Ratio, Direction::HigherIsBetter),
+        ],
+        description: "`guests` SMP guests spinning on every vCPU, each VMM process in a CPU \
+                      cgroup of its own weighted 1 or `ratio` (cgroup v2 cpu.weight, v1 \
+                      cpu.shares; with `capped`, also cpu.max / cfs_quota at its entitled \
+                      share): the CPU time of each guest's vCPU threads per window against \
+                      its entitled share. share_error: the largest |received/entitled - 1| \
+                      over the run; jain: Jain's index of received/entitled; \
+                      worst_window_share: the smallest received/entitled of any guest in \
+                      any window. Curves: each guest's share over time.",
+        requires: &[Requirement::Backend(BackendFeature::VcpuThreads)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::SchedFairness),
+        params: param::FAIRNESS,
+    },
 ];
 
 impl WorkloadId {
@@ -1164,7 +1373,7 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(WORKLOADS.len(), WorkloadId::SelftestBlkCorrupt as usize + 1);
+        assert_eq!(WORKLOADS.len(), WorkloadId::SchedFairness as usize + 1);
     }
 
     #[test]

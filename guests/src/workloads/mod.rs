@@ -5,6 +5,9 @@ mod balloon;
 mod blk;
 mod ksm;
 mod memory;
+mod sched;
+
+pub use self::sched::ap_user_main;
 
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
@@ -199,6 +202,10 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             black_box(unsafe { read_volatile(unmapped) });
             return Err((Status::Error, "reading an unmapped address did not fault"));
         }
+        WorkloadId::SchedIpi => sched::ipi(s, info)?,
+        WorkloadId::SchedWakeup => sched::wakeup(s, info)?,
+        WorkloadId::SchedLockHolder => sched::lock_holder(s, info)?,
+        WorkloadId::SchedSteal | WorkloadId::SchedFairness => sched::spin_report(s, info)?,
         WorkloadId::SelftestHang => loop {
             core::hint::spin_loop();
         },

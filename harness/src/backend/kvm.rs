@@ -33,6 +33,9 @@ pub struct KvmBackend {
     paging_switch: Option<PagingMode>,
     /// The disk every guest gets as a virtio-blk (`io.blk-*`), and what records say of it.
     disk: Option<(vmm::DiskConfig, BTreeMap<String, String>)>,
+    /// vCPUs of the guests this backend boots: with more than one, the VMM creates
+    /// KVM's in-kernel irqchip (local APICs; HLT is then handled inside KVM).
+    vcpus: u32,
 }
 
 impl KvmBackend {
@@ -45,6 +48,7 @@ impl KvmBackend {
             doorbell: Doorbell::new(),
             paging_switch: None,
             disk: None,
+            vcpus: 1,
         })
     }
 
@@ -52,6 +56,16 @@ impl KvmBackend {
     pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Self {
         self.disk = disk.map(|d| (d.config(), d.details()));
         self
+    }
+
+    /// The vCPUs of the guests this run boots (`--vcpus`), which decide the irqchip.
+    pub fn with_vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    fn irqchip(&self) -> bool {
+        self.vcpus > 1
     }
 
     /// Records that this run was started by `hvbench host paging MODE --`, so that its
@@ -192,7 +206,13 @@ impl Hypervisor for KvmBackend {
         let mut details = BTreeMap::new();
         details.insert("vmm".into(), "hvbench (kvm-ioctls)".into());
         details.insert("kvm_api_version".into(), self.vmm.api_version().to_string());
-        details.insert("irqchip".into(), "none".into());
+        let irqchip = if self.irqchip() {
+            "in-kernel (KVM_CREATE_IRQCHIP: PIC, IOAPIC, a local APIC per vCPU); APs started \
+             by the guest's INIT/SIPI"
+        } else {
+            "none"
+        };
+        details.insert("irqchip".into(), irqchip.into());
         details.insert(
             "guest_ram".into(),
             if self.huge_pages {
@@ -231,8 +251,22 @@ impl Hypervisor for KvmBackend {
             BackendFeature::UserspacePioPort
             | BackendFeature::KernelIoeventfdPort
             | BackendFeature::UserspaceMmioPage
-            | BackendFeature::HltExitsToVmm
             | BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::HltExitsToVmm if self.irqchip() => Err(
+                "with more than one vCPU the VMM has KVM's in-kernel irqchip, which handles HLT \
+                 itself (a vCPU that halts with interrupts off is parked in KVM): run cpu.hlt \
+                 with --vcpus 1"
+                    .into(),
+            ),
+            BackendFeature::HltExitsToVmm => Ok(()),
+            // sched.steal and sched.fairness start VMM processes of their own.
+            BackendFeature::VcpuThreads => Ok(()),
+            BackendFeature::LocalApic if self.irqchip() => Ok(()),
+            BackendFeature::LocalApic => Err(
+                "hvbench's VMM creates the in-kernel irqchip (local APICs) only for an SMP guest: \
+                 run with --vcpus 2 or more"
+                    .into(),
+            ),
             BackendFeature::KernelSamePageMerging => match ksm_unusable_reason() {
                 None => Ok(()),
                 Some(reason) => Err(reason.into()),

@@ -396,6 +396,15 @@ impl Hypervisor for QemuBackend {
                 "the self-test proves hvbench's own VMM's request checks; QEMU's are its own"
                     .into(),
             ),
+            // microvm has a local APIC per vCPU (in KVM's irqchip with -accel kvm, QEMU's
+            // own under TCG) and -smp N APs waiting for INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
+            BackendFeature::VcpuThreads => Err(
+                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
+                 processes (their vCPU threads by name, the guest's steal-time areas); QEMU's \
+                 are not driven yet: run them with --backend kvm"
+                    .into(),
+            ),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"

@@ -66,8 +66,8 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(GUEST_MEMORY_MIB))]
     pub memory_mib: u32,
-    /// vCPUs of the guest. The guest runs on the first; the others are created and stay
-    /// offline (as application processors before their start-up IPI).
+    /// vCPUs of the guest. Workloads run on the first; `sched.*` start the others by
+    /// INIT/SIPI (hvbench's VMM then has KVM's in-kernel irqchip).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vcpus: u32,
     /// Guest image to boot instead of the one built into hvbench.
@@ -157,7 +157,8 @@ fn make_backend(
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
                 .with_huge_pages(args.host_hugepages)
-                .with_disk(disk),
+                .with_disk(disk)
+                .with_vcpus(args.vcpus),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
@@ -195,6 +196,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let Some(kind) = args.backend else {
         bail!("--backend is needed (or --matrix with --cell or --shard)");
     };
+    // Likewise the CPU cgroups of a killed sched.fairness run.
+    match hvbench::run::sched::remove_stale_at_start() {
+        Ok(Some(message)) => hvbench::say!("hvbench: {message}"),
+        Ok(None) => {}
+        Err(e) => hvbench::say!("hvbench: warning: {e}"),
+    }
     let workloads = plan::select(&args.workloads)?;
     run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;

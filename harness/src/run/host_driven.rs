@@ -22,6 +22,8 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
         Driver::Host(HostRunner::Lifecycle) => Some(super::lifecycle::run),
+        Driver::Host(HostRunner::SchedSteal) => Some(super::sched::run_steal),
+        Driver::Host(HostRunner::SchedFairness) => Some(super::sched::run_fairness),
     }
 }
 
@@ -45,6 +47,9 @@ pub fn check_params(
                 .map_err(PlanError::Param)?,
             // `boots` is checked against its bounds with every parameter.
             HostRunner::Lifecycle => {}
+            HostRunner::SchedSteal | HostRunner::SchedFairness => {
+                super::sched::check_params(*id, params).map_err(PlanError::Param)?
+            }
         }
     }
     Ok(())

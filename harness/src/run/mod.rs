@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;
+pub mod sched;
 pub mod session;
 
 use std::path::PathBuf;
@@ -55,6 +56,7 @@ impl RunOptions {
             samples: self.samples,
             warmup: self.warmup,
             sample_us: self.sample_us,
+            cpus: self.vcpus,
             ..Default::default()
         };
         for &w in workloads {

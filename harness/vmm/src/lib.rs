@@ -1,6 +1,7 @@
-//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest (further vCPUs are created
-//! and stay parked: the guest is uniprocessor), no interrupt controller (the guest polls
-//! and never enables interrupts), a UART, an exit port and the test devices.
+//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest; with more than one vCPU
+//! the VM gets KVM's in-kernel irqchip and each application processor a thread of its own
+//! that the guest starts by INIT/SIPI (a uniprocessor guest gets no interrupt controller:
+//! it polls, and its HLT exits to the VMM); a UART, an exit port and the test devices.
 //!
 //! [`Vmm::boot`] loads a PVH image into a fresh VM as a [`VmConfig`] says and runs its
 //! vCPU on a thread of its own; the [`RunningVm`] it returns carries the guest's messages
@@ -36,6 +37,7 @@ pub use self::vstate::memory::MIN_MEMORY_MIB;
 use self::devices::balloon::VirtioBalloon;
 use self::devices::blk::VirtioBlk;
 use self::vstate::memory::{self as memory, Advice};
+pub use self::vstate::vcpu::MAX_VCPUS;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 
@@ -99,7 +101,9 @@ pub struct VmConfig<'a> {
     /// The guest's command line (under 4 KiB, no NUL).
     pub cmdline: &'a str,
     pub memory_mib: u32,
-    /// vCPUs created; the first runs the guest, the rest stay parked.
+    /// vCPUs created; the first runs the guest. With more than one, the VM gets KVM's
+    /// in-kernel irqchip and each further vCPU a thread that waits for the guest's
+    /// INIT/SIPI (HLT is then handled inside KVM and no longer exits to the VMM).
     pub vcpus: u32,
     /// Names the vCPU thread (`vcpu0-<name>`).
     pub name: &'a str,
@@ -131,13 +135,16 @@ impl Vmm {
     /// Builds the VM `config` describes, loads the guest and starts its vCPU thread.
     pub fn boot(&self, config: &VmConfig) -> Result<RunningVm, VmmError> {
         let max = u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+        let max = max.min(MAX_VCPUS);
         if config.vcpus == 0 || config.vcpus > max {
             return Err(VmmError::Vcpus {
                 asked: config.vcpus,
                 max,
             });
         }
-        let mut vm = Vm::new(&self.kvm, config.memory_mib)?;
+        // An SMP guest gets KVM's in-kernel irqchip (its APs start by INIT/SIPI through
+        // their local APICs); a uniprocessor guest gets none, so HLT exits to the VMM.
+        let mut vm = Vm::new(&self.kvm, config.memory_mib, config.vcpus > 1)?;
         if config.mergeable {
             memory::advise(&vm.memory, Advice::Mergeable)?;
         }
@@ -164,9 +171,10 @@ impl Vmm {
         // Bounded: a guest that floods the console makes its vCPU wait for the host.
         let (tx, rx) = guest_channel(stop.clone());
         let thread_stop = stop.clone();
+        let name = config.name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu0-{}", config.name))
-            .spawn(move || vcpu.run(vm, thread_stop, tx))
+            .spawn(move || vcpu.run(vm, thread_stop, tx, &name))
             .map_err(VmmError::Thread)?;
         Ok(RunningVm {
             messages: rx,
@@ -271,7 +279,7 @@ pub struct BareVm {
 impl BareVm {
     /// A VM of `memory_mib` MiB with `image` loaded and `cmdline` in place.
     pub fn new(vmm: &Vmm, memory_mib: u32, image: &[u8], cmdline: &str) -> Result<Self, VmmError> {
-        let vm = Vm::new(&vmm.kvm, memory_mib)?;
+        let vm = Vm::new(&vmm.kvm, memory_mib, false)?;
         let entry = boot::load(&vm.memory, image, cmdline)?;
         let vcpu = Vcpu::new(&vmm.kvm, &vm, entry)?.into_fd();
         Ok(BareVm { vcpu, _vm: vm })

@@ -291,6 +291,14 @@ impl Hypervisor for LibvirtBackend {
             | BackendFeature::VirtioBalloon
             | BackendFeature::BlockDevice
             | BackendFeature::VirtioBlk => Err(super::qemu::Q35_NO_VIRTIO_MMIO.into()),
+            // q35 has a local APIC per vCPU and the domain's <vcpu> APs wait for INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
+            BackendFeature::VcpuThreads => Err(
+                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
+                 processes; a libvirt domain's vCPU threads are QEMU's: run them with \
+                 --backend kvm"
+                    .into(),
+            ),
             BackendFeature::KernelSamePageMerging => Err(
                 "hvbench measures KSM with its own VMM, whose processes it controls; run it \
                  with --backend kvm"
