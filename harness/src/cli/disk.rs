@@ -55,7 +55,10 @@ pub fn prepare(args: &DiskArgs, workloads: &[WorkloadId], out: &Path) -> Result<
     if !workloads.iter().copied().any(needs_disk) {
         return Ok(None);
     }
-    let dir = args.disk_dir.clone().unwrap_or_else(|| on_the_filesystem_of(out));
+    let dir = args
+        .disk_dir
+        .clone()
+        .unwrap_or_else(|| on_the_filesystem_of(out));
     let disk = TestDisk::create(&DiskOptions {
         dir,
         size: args.disk_size,
