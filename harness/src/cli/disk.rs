@@ -59,6 +59,12 @@ pub fn prepare(args: &DiskArgs, workloads: &[WorkloadId], out: &Path) -> Result<
         .disk_dir
         .clone()
         .unwrap_or_else(|| on_the_filesystem_of(out));
+    for name in hvbench::disk::remove_stale(&dir) {
+        hvbench::say!(
+            "hvbench: removed {name} in {}, left by a run that was killed",
+            dir.display()
+        );
+    }
     let disk = TestDisk::create(&DiskOptions {
         dir,
         size: args.disk_size,
