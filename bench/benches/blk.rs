@@ -105,6 +105,7 @@ fn main() {
         QemuOptions {
             binary: "qemu-system-x86_64".into(),
             accel: QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
         },
         hvbench::host::fingerprint(),
