@@ -122,6 +122,34 @@ fn mount_of(path: &Path) -> (String, String) {
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()))
 }
 
+/// The process that made a disk file named as [`TestDisk::create`] names them.
+fn maker_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("hvbench-disk-")?.strip_suffix(".img")?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes the disk files in `dir` whose maker is gone (a run killed outright cannot
+/// remove its own); the names of those removed.
+pub fn remove_stale(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = maker_of(&name) else {
+            continue;
+        };
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 impl TestDisk {
     /// Checks the directory, creates the file, preallocates and writes it through with
     /// zeros. Every failure is an error before any guest boots.
@@ -291,6 +319,22 @@ mod tests {
             assert!(matches!(err, DiskError::Tmpfs(_)), "{err}");
             assert!(err.to_string().contains("tmpfs"));
         }
+    }
+
+    #[test]
+    fn disk_files_of_processes_that_are_gone_are_removed_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        // pid_max is at most 2^22: this process cannot exist.
+        let stale = dir.path().join("hvbench-disk-4294967-0.img");
+        let ours = dir
+            .path()
+            .join(format!("hvbench-disk-{}-7.img", std::process::id()));
+        let other = dir.path().join("hvbench-disk-notes.img");
+        for f in [&stale, &ours, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale(dir.path()), vec!["hvbench-disk-4294967-0.img"]);
+        assert!(!stale.exists() && ours.exists() && other.exists());
     }
 
     #[test]

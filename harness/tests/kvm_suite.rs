@@ -8,7 +8,7 @@ use std::time::Duration;
 use hvbench::backend::kvm::KvmBackend;
 use reports::read_results;
 use reports::record::Status;
-use workloads::{Group, WorkloadId, WORKLOADS};
+use workloads::{BackendFeature, Group, Requirement, WorkloadId, WORKLOADS};
 
 #[test]
 fn every_workload_succeeds_with_positive_figures() {
@@ -21,8 +21,13 @@ fn every_workload_succeeds_with_positive_figures() {
     let backend = KvmBackend::new(host.clone()).unwrap();
     let all: Vec<WorkloadId> = WORKLOADS
         .iter()
-        // The CPU and I/O suite; memory workloads have their own test (tests/memory.rs).
+        // The CPU and I/O suite; memory workloads have their own test (tests/memory.rs),
+        // and so have the block workloads, which need a disk (tests/blk.rs).
         .filter(|w| !w.explicit_only && matches!(w.group, Group::Cpu | Group::Io))
+        .filter(|w| {
+            !w.requires
+                .contains(&Requirement::Backend(BackendFeature::BlockDevice))
+        })
         .map(|w| w.id)
         .collect();
     let summary = common::run_with(&backend, &common::quick_options(&all, dir.path()));

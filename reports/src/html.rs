@@ -84,6 +84,7 @@ pub(crate) fn render_page(page: &Page) -> String {
                     (group_section(page, &group, &measurements))
                 }
                 (curves_section(page))
+                (cdf_section(page))
                 (problems_section(model))
                 (raw_section(page))
                 (method_section(page.options, backends.len()))
@@ -122,6 +123,9 @@ fn navigation(page: &Page) -> Markup {
     }
     if !page.charts.curves.is_empty() {
         links.push(html! { a href="#curves" { "curves" } });
+    }
+    if !page.charts.cdfs.is_empty() {
+        links.push(html! { a href="#latency-cdf" { "latency CDFs" } });
     }
     links.push(html! { a href="#problems" { "skipped and failed (" (model.problems.len()) ")" } });
     links.push(html! { a href="#raw" { "raw results" } });
@@ -555,6 +559,29 @@ fn curves_section(page: &Page) -> Markup {
                     files,
                     &format!("{name} of {workload} over time, one line per run"),
                     &format!("{workload}: {name}"),
+                ))
+            }
+        }
+    }
+}
+
+fn cdf_section(page: &Page) -> Markup {
+    if page.charts.cdfs.is_empty() {
+        return html! {};
+    }
+    html! {
+        h2 id="latency-cdf" { "Block I/O: completion-latency CDFs" }
+        p {
+            "Per block workload and series, a line per backend and one for the host's fio \
+             on the same file: the medians over every kept sample of the per-sample p50, p90, \
+             p99, p99.9 and maximum, at 0.5, 0.9, 0.99, 0.999 and 1."
+        }
+        div.samples {
+            @for ((workload, series), files) in &page.charts.cdfs {
+                (figure_html(
+                    files,
+                    &format!("completion-latency CDF of {workload} [{series}], a line per backend and native"),
+                    &format!("{workload} [{series}]"),
                 ))
             }
         }

@@ -577,14 +577,28 @@ pub mod param {
     }
     pub const BLK_RANDOM: ParamSpec = blk_random("1");
     pub const BLK_SEQUENTIAL: ParamSpec = blk_random("0");
-    pub const BLK_RAND: &[ParamSpec] = &[BLK_BS_RANDOM, BLK_QD_RANDOM, BLK_REGION, BLK_RANDOM];
+    pub const BLK_DURATION_MS: ParamSpec = spec(
+        "duration_ms",
+        ParamKind::Count,
+        None,
+        (1, 600_000),
+        "Milliseconds each sample lasts at least (default: --sample-us).",
+    );
+    pub const BLK_RAND: &[ParamSpec] = &[
+        BLK_BS_RANDOM,
+        BLK_QD_RANDOM,
+        BLK_REGION,
+        BLK_RANDOM,
+        BLK_DURATION_MS,
+    ];
     pub const BLK_SEQ: &[ParamSpec] = &[
         BLK_BS_SEQUENTIAL,
         BLK_QD_SEQUENTIAL,
         BLK_REGION,
         BLK_SEQUENTIAL,
+        BLK_DURATION_MS,
     ];
-    pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION];
+    pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION, BLK_DURATION_MS];
 
     pub const WAKEUP_DELAY_US: ParamSpec = spec(
         "delay_us",

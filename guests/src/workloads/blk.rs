@@ -15,8 +15,8 @@ use core::ptr::read_volatile;
 use workloads::blk::{classify, fill, stamp, BlockContent, Histogram, Rng, STAMP_UNIT};
 use workloads::protocol::Status;
 use workloads::table::param::{
-    BLK_BS_RANDOM, BLK_BS_SEQUENTIAL, BLK_QD_RANDOM, BLK_QD_SEQUENTIAL, BLK_RANDOM, BLK_REGION,
-    BLK_SEQUENTIAL,
+    BLK_BS_RANDOM, BLK_BS_SEQUENTIAL, BLK_DURATION_MS, BLK_QD_RANDOM, BLK_QD_SEQUENTIAL,
+    BLK_RANDOM, BLK_REGION, BLK_SEQUENTIAL,
 };
 use workloads::virtio::{DESC_F_NEXT, DESC_F_WRITE};
 use workloads::virtio_blk::{HEADER_LEN, S_IOERR, S_OK, S_UNSUPP, T_IN, T_OUT};
@@ -107,6 +107,19 @@ fn list(
         texts[i] = entry;
     }
     Ok((values, texts, count))
+}
+
+/// Cycles one sample lasts at least: `duration_ms` where given, else `--sample-us`.
+fn sample_cycles(s: &Sampler) -> u64 {
+    let Some(ms) = s
+        .param(&BLK_DURATION_MS)
+        .and_then(|t| BLK_DURATION_MS.parse_one(t).ok())
+    else {
+        return s.min_cycles;
+    };
+    // The TSC rate the sampler was sized with: min_cycles per --sample-us microseconds.
+    let per_us = s.min_cycles / (s.config.sample_us as u64).max(1);
+    per_us.saturating_mul(ms).saturating_mul(1000)
 }
 
 fn one(s: &Sampler, spec: &ParamSpec) -> Result<u64, Refusal> {
@@ -223,7 +236,7 @@ fn sample_series(
     loop {
         histogram.clear();
         let (_, cycles) = burst(dev, plan, n, buffers, cursor, histogram)?;
-        if (cycles >= s.min_cycles && n >= MIN_REQUESTS) || n >= MAX_REQUESTS {
+        if (cycles >= sample_cycles(s) && n >= MIN_REQUESTS) || n >= MAX_REQUESTS {
             break;
         }
         n *= 2;
@@ -458,7 +471,8 @@ pub fn flush(s: &Sampler) -> Result<(), Refusal> {
         Ok(rdtsc_fenced().wrapping_sub(start))
     };
     let mut n = 1;
-    while (pair(n, &mut histogram)? < s.min_cycles || n < MIN_REQUESTS) && n < MAX_REQUESTS {
+    let min_cycles = sample_cycles(s);
+    while (pair(n, &mut histogram)? < min_cycles || n < MIN_REQUESTS) && n < MAX_REQUESTS {
         n *= 2;
     }
     for (index, warmup) in s.rounds() {

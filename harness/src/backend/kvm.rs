@@ -333,6 +333,26 @@ impl GuestSession for KvmSession {
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
-        Ok(self.0.stop()?)
+        let stopped = self.0.stop();
+        if let Some(blk) = self.0.blk() {
+            report_blk_refusals(&blk.refusals());
+        }
+        Ok(stopped?)
+    }
+}
+
+/// Says what the VMM's virtio-blk refused during a boot (the host's own account, beside
+/// the guest's in `selftest.blk-corrupt`'s record); once per boot, after the guest stopped.
+fn report_blk_refusals(refusals: &vmm::Refusals) {
+    if refusals.total == 0 {
+        return;
+    }
+    crate::say!(
+        "hvbench: the VMM's virtio-blk refused {} request(s){}",
+        refusals.total,
+        if refusals.kept.is_empty() { "" } else { ":" }
+    );
+    for why in &refusals.kept {
+        crate::say!("hvbench:   {why}");
     }
 }

@@ -11,7 +11,8 @@ use workloads::{BackendFeature, Requirement, WorkloadId};
 #[derive(Debug, Args)]
 pub struct DiskArgs {
     /// Directory of the block workloads' disk file (created there, removed at the end;
-    /// default: the results directory, so the results' filesystem).
+    /// default: the results directory, or its nearest existing parent before it exists,
+    /// so the results' filesystem).
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
     /// Size of the disk file (preallocated and written through before the run).
@@ -40,12 +41,30 @@ fn needs_disk(id: WorkloadId) -> bool {
     })
 }
 
+/// The results directory, or (before it exists) its nearest existing ancestor: the
+/// filesystem the results will be on.
+fn on_the_filesystem_of(out: &Path) -> PathBuf {
+    out.ancestors()
+        .find(|p| p.is_dir())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// Makes the disk when a selected workload needs one (before any guest boots).
 pub fn prepare(args: &DiskArgs, workloads: &[WorkloadId], out: &Path) -> Result<Option<TestDisk>> {
     if !workloads.iter().copied().any(needs_disk) {
         return Ok(None);
     }
-    let dir = args.disk_dir.clone().unwrap_or_else(|| out.to_path_buf());
+    let dir = args
+        .disk_dir
+        .clone()
+        .unwrap_or_else(|| on_the_filesystem_of(out));
+    for name in hvbench::disk::remove_stale(&dir) {
+        hvbench::say!(
+            "hvbench: removed {name} in {}, left by a run that was killed",
+            dir.display()
+        );
+    }
     let disk = TestDisk::create(&DiskOptions {
         dir,
         size: args.disk_size,

@@ -205,15 +205,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let workloads = plan::select(&args.workloads)?;
     run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
-    let mut writer = ResultsWriter::create(&args.out, args.append)?;
-    for repair in writer.repairs() {
-        hvbench::say!("hvbench: warning: {repair}");
-    }
     // Made (and refused) before any guest boots; removed when this function returns.
     let disk = super::disk::prepare(&args.disk, &workloads, &args.out)?;
     let backend = make_backend(args, kind, host::fingerprint(), disk.as_ref())?;
     // The machine the guest runs on: this one, or the Xen host.
     let host_info = backend.host();
+    let mut writer = ResultsWriter::create(&args.out, args.append)?;
+    for repair in writer.repairs() {
+        hvbench::say!("hvbench: warning: {repair}");
+    }
     let interrupted = interrupt::install();
     let options = RunOptions {
         workloads,

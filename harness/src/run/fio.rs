@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 use workloads::table::param::{
-    BLK_BS_RANDOM, BLK_BS_SEQUENTIAL, BLK_QD_RANDOM, BLK_QD_SEQUENTIAL, BLK_RANDOM, BLK_REGION,
-    BLK_SEQUENTIAL,
+    BLK_BS_RANDOM, BLK_BS_SEQUENTIAL, BLK_DURATION_MS, BLK_QD_RANDOM, BLK_QD_SEQUENTIAL,
+    BLK_RANDOM, BLK_REGION, BLK_SEQUENTIAL,
 };
 use workloads::{ParamSpec, WorkloadId};
 
@@ -56,6 +56,10 @@ fn arguments(
             .ok_or(TwinError::NoSeriesValue(spec.key))
     };
     let region = value(&BLK_REGION)?;
+    // Each sample's length: `duration_ms` where given, as in the guest.
+    let runtime_us = param_value(plan.params, workload, &BLK_DURATION_MS)
+        .and_then(|t| BLK_DURATION_MS.parse_one(t).ok())
+        .map_or(u64::from(plan.sample_us), |ms| ms.saturating_mul(1000));
     let (rw, bs, qd, random) = match workload {
         WorkloadId::IoBlkRandread => (
             "randread",
@@ -100,7 +104,7 @@ fn arguments(
         "--randrepeat=0".into(),
         "--zero_buffers".into(),
         "--time_based".into(),
-        format!("--runtime={}us", plan.sample_us),
+        format!("--runtime={runtime_us}us"),
         "--percentile_list=50:90:99:99.9".into(),
         "--output-format=json".into(),
     ];

@@ -466,3 +466,30 @@ fn a_disk_that_cannot_be_opened_is_an_error() {
         Err(BlkError::Open { .. })
     ));
 }
+
+#[test]
+fn an_available_index_that_jumps_past_the_queue_makes_the_device_ask_for_a_reset() {
+    let mut d = TestDriver::new(false);
+    // The driver claims 300 new requests on a queue of 64 entries.
+    d.mem
+        .write_obj(300u16, GuestAddress(RING + 0x1000 + 2))
+        .unwrap();
+    d.set(REG_QUEUE_NOTIFY, QUEUE_REQUEST);
+    d.wait_needs_reset();
+    assert_eq!(d.used_idx(), 0, "nothing was served");
+    assert!(d.handle.refusals().total >= 1);
+    d.start();
+    assert_eq!(d.read_back(0, 4096).len(), 4096);
+}
+
+#[test]
+fn notifying_a_queue_that_is_not_set_up_serves_nothing() {
+    let mut d = TestDriver::new(false);
+    d.set(REG_STATUS, 0);
+    let head = d.request(0, T_IN, 0, DATA, 512);
+    d.offer(&[head]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(d.status(0), 0xee);
+    assert_eq!(d.handle.refusals().total, 0);
+}
