@@ -24,9 +24,12 @@ use super::plan::SeriesPoint;
 /// Most iterations of one timed run, as in the guest.
 pub const MAX_ITERATIONS: u64 = 1 << 32;
 /// A guest may report at most this many times the rounds the host needs for one sample
-/// before the host refuses to verify its checksum (a guest twice as fast as native, with
-/// the doubling's factor of two).
-const VERIFY_ROUNDS_FACTOR: u64 = 4;
+/// before the host refuses to verify its checksum: the doubling's factor of two, times a
+/// guest that looks up to four times as fast as native because the host's calibration
+/// was preempted (a busy host; the nested TCG lab) while the guest's was not.
+const VERIFY_ROUNDS_FACTOR: u64 = 8;
+/// Calibrations of the host's round count; the largest (the least preempted) counts.
+const VERIFY_CALIBRATIONS: usize = 3;
 const HUGE_PAGE: usize = 2 << 20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -163,9 +166,13 @@ fn compute_run(rounds: u64) -> u64 {
 /// within what the host itself needs for one sample (times a margin): a guest cannot make
 /// the host loop for as long as it likes.
 pub fn compute_checksum(rounds: u64, plan: &TwinPlan) -> Result<u64, TwinError> {
-    let needed = calibrate(plan, &mut |n| {
-        std::hint::black_box(compute_run(n));
-    })?;
+    let mut needed = 1;
+    for _ in 0..VERIFY_CALIBRATIONS {
+        let once = calibrate(plan, &mut |n| {
+            std::hint::black_box(compute_run(n));
+        })?;
+        needed = needed.max(once);
+    }
     let allowed = needed.saturating_mul(VERIFY_ROUNDS_FACTOR);
     if rounds > allowed {
         return Err(TwinError::TooManyRounds {
