@@ -143,6 +143,15 @@ impl Manifest {
         let bytes = std::fs::read(&path).map_err(|e| error(e.to_string()))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
+        let ids_ok = manifest
+            .cells
+            .iter()
+            .all(|c| c.id.len() == 13 && c.id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if !manifest.plan.well_formed() || !ids_ok {
+            return Err(error(
+                "it names cells or revisions hvbench does not make".into(),
+            ));
+        }
         if manifest.format != BUNDLE_FORMAT {
             return Err(error(format!(
                 "bundle format {} (this hvbench reads {BUNDLE_FORMAT})",
@@ -387,6 +396,13 @@ pub(crate) mod tests {
             "the manifest on disk is the last word"
         );
         assert!(cell_log(&dir, &plan.cells[1].id).exists());
+        // A manifest whose plan names odd files is refused.
+        let mut odd = m.clone();
+        odd.plan.cells[0].id = "../x".into();
+        odd.write(&dir).unwrap();
+        let e = Manifest::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("does not make"), "{e}");
+        m.write(&dir).unwrap();
         // A second run into the same directory is refused.
         let again = run_bundle(&plan, &[0], &dir, info("x"), &mut Fake::new(), &mut |_| {});
         assert!(matches!(again, Err(BundleError::Exists { .. })));

@@ -189,6 +189,29 @@ impl Plan {
         })
     }
 
+    /// Whether every id and revision label is one this module makes (`c` and 12 hex
+    /// digits; a revision label of the file's name rule): a plan read from a bundle
+    /// names files with them, and must not name any others.
+    pub fn well_formed(&self) -> bool {
+        let id_ok = |id: &str| {
+            id.len() == 13
+                && id.starts_with('c')
+                && id[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        self.cells.iter().all(|c| id_ok(&c.id))
+            && self
+                .revisions
+                .iter()
+                .all(|r| crate::file::check_name("", r).is_ok())
+            && self.cells.iter().all(|c| {
+                c.revision
+                    .as_deref()
+                    .is_none_or(|r| self.revisions.iter().any(|x| x == r))
+            })
+    }
+
     pub fn cell(&self, id: &str) -> Result<usize, PlanError> {
         self.cells
             .iter()
@@ -577,6 +600,10 @@ reason = "not needed"
             .iter()
             .all(|c| c.id.len() == 13 && c.id.starts_with('c')));
         assert_eq!(plan.hosts(), ["pvm", "dom0"]);
+        assert!(plan.well_formed());
+        let mut odd = plan.clone();
+        odd.cells[3].id = "../../etc".into();
+        assert!(!odd.well_formed());
     }
 
     #[test]

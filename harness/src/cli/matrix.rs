@@ -43,7 +43,8 @@ pub struct PlanArgs {
 #[derive(Debug, Args)]
 pub struct PartArgs {
     /// The matrix file the cell or shard is planned from.
-    #[arg(long, requires = "bundle")]
+    #[arg(long, requires = "bundle",
+          conflicts_with_all = ["workloads", "out", "append", "repeat", "params", "guest"])]
     pub matrix: Option<PathBuf>,
     /// Run one cell of the plan (its id from `hvbench plan`).
     #[arg(long, requires = "matrix", conflicts_with = "shard")]
@@ -476,5 +477,34 @@ mod tests {
             Ok(("base".into(), PathBuf::from("/x/hvbench")))
         );
         assert!(parse_binary("base").is_err() && parse_binary("=x").is_err());
+    }
+
+    #[test]
+    fn a_part_takes_its_options_from_the_plan() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["hvbench", "run"];
+            argv.extend(args);
+            super::super::Cli::try_parse_from(argv).map_err(|e| e.to_string())
+        };
+        let part = ["--matrix", "m.toml", "--shard", "1/2", "--bundle", "b"];
+        parse(&part).unwrap();
+        for extra in [
+            &["-w", "cpu.*"][..],
+            &["--backend", "kvm"],
+            &["--out", "x"],
+            &["--repeat", "2"],
+        ] {
+            let mut args = part.to_vec();
+            args.extend(extra);
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains("cannot be used with"), "{extra:?}: {e}");
+        }
+        assert!(
+            parse(&["--matrix", "m.toml", "--shard", "1/2"]).is_err(),
+            "--bundle is needed"
+        );
+        assert!(parse(&["--cell", "c1"]).is_err(), "--matrix is needed");
+        assert!(parse(&["-w", "cpu.*"]).is_err(), "--backend is needed");
     }
 }
