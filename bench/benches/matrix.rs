@@ -99,7 +99,10 @@ fn bundles(plan: &Plan, root: &Path) -> Vec<PathBuf> {
             let dir = root.join(s.bundle_name());
             let info = BundleInfo {
                 part: format!("shard {}", s.name()),
-                hvbench: ToolRef::default(),
+                hvbench: ToolRef {
+                    version: "0.1.0".into(),
+                    git_revision: "synthetic".into(),
+                },
                 host: reports::synthetic::host("bare-metal", "bench CPU"),
             };
             run_bundle(plan, &s.cells, &dir, info, &mut Synthetic, &mut |_| {}).expect("bundle");

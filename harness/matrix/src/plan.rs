@@ -212,6 +212,30 @@ impl Plan {
             })
     }
 
+    /// The plan of the cells of `hosts` alone (what one machine runs of it): its own
+    /// plan id, so its bundles never pass for the whole plan's.
+    pub fn restricted(&self, hosts: &[&str]) -> Plan {
+        let cells: Vec<Cell> = self
+            .cells
+            .iter()
+            .filter(|c| hosts.contains(&c.host.as_str()))
+            .cloned()
+            .collect();
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        Plan {
+            name: self.name.clone(),
+            plan_id: sha256_hex(ids.join("\n").as_bytes(), 16),
+            revisions: self.revisions.clone(),
+            excluded: self
+                .excluded
+                .iter()
+                .filter(|x| hosts.contains(&x.host.as_str()))
+                .cloned()
+                .collect(),
+            cells,
+        }
+    }
+
     pub fn cell(&self, id: &str) -> Result<usize, PlanError> {
         self.cells
             .iter()
@@ -741,6 +765,18 @@ reason = "not needed"
                 assert_eq!(&plan.shard(&s.name()).unwrap(), s);
             }
         }
+    }
+
+    #[test]
+    fn a_restricted_plan_keeps_its_hosts_cells_and_ids() {
+        let plan = plan_of(SMALL);
+        let local = plan.restricted(&["dom0"]);
+        assert_eq!(local.cells.len(), 8);
+        assert!(local.cells.iter().all(|c| c.host == "dom0"));
+        assert!(local.cells.iter().all(|c| plan.cells.contains(c)));
+        assert_ne!(local.plan_id, plan.plan_id);
+        assert!(local.excluded.is_empty());
+        assert_eq!(plan.restricted(&["pvm", "dom0"]), plan);
     }
 
     #[test]
