@@ -81,6 +81,7 @@ impl Executor for Synthetic {
         CellOutcome {
             exit_code: Some(if written.is_ok() { 0 } else { 2 }),
             message: written.err().map(|e| e.to_string()),
+            interrupted: false,
         }
     }
     fn now(&self) -> String {

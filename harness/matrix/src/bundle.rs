@@ -88,6 +88,9 @@ pub struct CellOutcome {
     /// `None`: it could not start, or died by a signal.
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// It was asked to stop (Ctrl-C) and ended, whatever its status: a cell told before
+    /// its own handler was in place dies of the signal.
+    pub interrupted: bool,
 }
 
 /// Runs cells for [`run_bundle`]: the harness spawns `hvbench`; tests fake it.
@@ -241,9 +244,11 @@ pub fn run_bundle(
         let run = &mut manifest.cells[n];
         run.ended = Some(exec.now());
         run.exit_code = outcome.exit_code;
-        run.status = outcome
-            .exit_code
-            .map_or(CellStatus::Failed, CellStatus::of_exit);
+        run.status = match outcome.exit_code {
+            _ if outcome.interrupted => CellStatus::Interrupted,
+            Some(code) => CellStatus::of_exit(code),
+            None => CellStatus::Failed,
+        };
         run.message = outcome.message;
         run.records = count_records(&out);
         progress(&format!(
@@ -314,6 +319,7 @@ pub(crate) mod tests {
                 return CellOutcome {
                     exit_code: Some(2),
                     message: None,
+                    interrupted: false,
                 };
             }
             let mut writer = reports::ResultsWriter::create(out, false).unwrap();
@@ -340,6 +346,7 @@ pub(crate) mod tests {
             CellOutcome {
                 exit_code: Some(code),
                 message: None,
+                interrupted: false,
             }
         }
         fn now(&self) -> String {

@@ -214,6 +214,7 @@ impl Executor for Spawner {
         let failed = |message: String| CellOutcome {
             exit_code: None,
             message: Some(message),
+            interrupted: false,
         };
         let argv = match self.argv(cell, out) {
             Ok(argv) => argv,
@@ -227,13 +228,14 @@ impl Executor for Spawner {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    return match status.code() {
-                        Some(code) => CellOutcome {
-                            exit_code: Some(code),
-                            message: None,
-                        },
-                        None => failed(format!("hvbench ended by a signal ({status})")),
-                    }
+                    return CellOutcome {
+                        exit_code: status.code(),
+                        message: status
+                            .code()
+                            .is_none()
+                            .then(|| format!("hvbench ended by a signal ({status})")),
+                        interrupted: asked.is_some(),
+                    };
                 }
                 Ok(None) => {}
                 Err(e) => return failed(format!("cannot wait for hvbench: {e}")),
