@@ -167,6 +167,206 @@ fn a_matrix_run_whole_and_in_shards_gives_the_same_records() {
     assert_eq!(missing, cells.into_iter().collect());
 }
 
+const XEN_LAB: &str = r#"
+name = "e2e-xen"
+repeats = 2
+[run]
+samples = 3
+warmup = 0
+sample_us = 200
+timeout_s = 60
+[[host]]
+label = "xen-lab"
+backends = ["xen"]
+needs = ["xen-lab"]
+[[backend]]
+name = "xen"
+kind = "xen"
+args = ["--xen-host", "lab"]
+[[workloads]]
+name = "cpuid"
+select = ["cpu.cpuid"]
+"#;
+
+/// The Xen lab as a matrix host: its cells run through `xl` in the lab, whole and as 2
+/// shards, with the same records. The lab comes up for the test and goes down after it
+/// (unless it was up before). Opt-in (HVBENCH_MATRIX_XEN_LAB=1): it took 206 s on this
+/// 2-core host under load (lab up, four Xen boots under TCG), beyond the CI budget, and
+/// the lab's emulated SVM now and then crashes a guest (README).
+#[test]
+fn the_xen_lab_is_a_matrix_host() {
+    if !common::required("HVBENCH_MATRIX_XEN_LAB") {
+        eprintln!("notice: HVBENCH_MATRIX_XEN_LAB=1 runs the Xen lab as a matrix host; skipping");
+        return;
+    }
+    let possible = common::qemu_binary().is_some()
+        && ["apt-get", "dpkg-deb", "ssh"]
+            .iter()
+            .all(|c| common::on_path(c));
+    if !possible {
+        assert!(
+            !common::required("HVBENCH_REQUIRE_XEN_LAB"),
+            "the Xen lab cannot be deployed here"
+        );
+        eprintln!("notice: cannot deploy the Xen lab here; skipping");
+        return;
+    }
+    let _serial = common::exclusive();
+    let cache = lab::default_cache_dir().expect("HOME is set");
+    let already_up =
+        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let _down = common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("m.toml"), XEN_LAB).unwrap();
+    // Without the lab, its host is not for this machine.
+    if !already_up {
+        let out = run(&["matrix", "run", "m.toml", "--out", "none"], dir);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("the Xen lab is not up"));
+    }
+    let started = Instant::now();
+    ok(&run(&["lab", "up", "xen"], dir));
+    ok(&run(&["matrix", "run", "m.toml", "--out", "whole"], dir));
+    let whole = record_set(&dir.join("whole/merged"));
+    assert_eq!(whole.len(), 2, "{whole:?}");
+    let mut merge = vec!["merge".to_string(), "--out".into(), "sharded".into()];
+    for (shard, bundle) in github_shards(dir, "2") {
+        ok(&run(
+            &[
+                "run", "--matrix", "m.toml", "--shard", &shard, "--bundle", &bundle,
+            ],
+            dir,
+        ));
+        merge.push(bundle);
+    }
+    ok(&run(
+        &merge.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir,
+    ));
+    assert_eq!(record_set(&dir.join("sharded")), whole);
+    eprintln!("xen lab matrix: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Ctrl-C (SIGINT) to a shard while a cell runs: the cell is told once, ends
+/// `interrupted` with what it measured, the rest stay `pending`, exit status 130.
+#[test]
+fn an_interrupted_shard_says_so_in_its_manifest() {
+    if !common::kvm_available() || common::qemu_binary().is_none() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("m.toml"), SMALL).unwrap();
+    let bundle = dir.join("b");
+    let mut child = common::hvbench()
+        .args(["run", "--matrix", "m.toml", "--shard", "1/1", "--bundle"])
+        .arg(&bundle)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matrix_manifest(&bundle)
+        .is_some_and(|m| m.cells.iter().any(|c| c.status == CellStatus::Running))
+    {
+        assert!(Instant::now() < deadline, "no cell started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let m = matrix_manifest(&bundle).unwrap();
+    let statuses: Vec<CellStatus> = m.cells.iter().map(|c| c.status).collect();
+    // The cell that ran may have finished just before the signal reached it.
+    let stopped = statuses
+        .iter()
+        .position(|s| *s == CellStatus::Interrupted)
+        .or_else(|| statuses.iter().position(|s| *s == CellStatus::Pending))
+        .expect("a cell interrupted or pending");
+    assert!(
+        statuses[..stopped]
+            .iter()
+            .all(|s| *s == CellStatus::Succeeded),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[stopped + 1..]
+            .iter()
+            .all(|s| *s == CellStatus::Pending),
+        "{statuses:?}"
+    );
+    assert!(m.ended.is_some());
+}
+
+/// Two revisions interleaved ABBA (here both this hvbench): each host runs A B B A, merge
+/// writes one directory per revision, and the gate compares them cell for cell.
+#[test]
+fn an_interleaved_matrix_gates_revision_against_revision() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let text = SMALL
+        .replace(
+            "backends = [\"kvm\", \"qemu\"]\nneeds = [\"kvm\", \"qemu\"]",
+            "backends = [\"kvm\"]\nneeds = [\"kvm\"]",
+        )
+        .replace(
+            "select = [\"cpu.cpuid\", \"io.pio-out\"]",
+            "select = [\"cpu.cpuid\"]",
+        )
+        + "[interleave]\nrevisions = [\"base\", \"new\"]\n";
+    std::fs::write(dir.join("m.toml"), text).unwrap();
+    let exe = env!("CARGO_BIN_EXE_hvbench");
+    let refused = run(&["matrix", "run", "m.toml", "--out", "none"], dir);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--hvbench base=PATH"));
+    let (base, new) = (format!("base={exe}"), format!("new={exe}"));
+    ok(&run(
+        &[
+            "matrix",
+            "run",
+            "m.toml",
+            "--out",
+            "ab",
+            "--hvbench",
+            &base,
+            "--hvbench",
+            &new,
+        ],
+        dir,
+    ));
+    let order: Vec<String> = MatrixSummary::read(&dir.join("ab/merged"))
+        .unwrap()
+        .unwrap()
+        .cells
+        .iter()
+        .map(|c| c.revision.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(order, ["base", "new", "new", "base"]);
+    let compared = run(
+        &[
+            "compare",
+            "ab/merged/revisions/base",
+            "ab/merged/revisions/new",
+        ],
+        dir,
+    );
+    let table = ok(&compared);
+    // Matched cell for cell (the matrix path of compare), two runs a side: A B B A.
+    assert!(
+        table.contains("compared only between cells of the same host label"),
+        "{table}"
+    );
+    assert!(table.contains("inconclusive: 2 vs 2 runs"), "{table}");
+    assert!(table.contains("0 only in BASE, 0 only in NEW"), "{table}");
+}
+
 /// Starts shard `shard` into `bundle`, kills hvbench (SIGKILL) once its manifest says a
 /// cell runs, and checks that the cell's own hvbench ended too. Returns the shard's cells.
 fn kill_while_running(dir: &Path, shard: &str, bundle: &Path) -> Vec<String> {

@@ -693,7 +693,7 @@ fn grid_cell(c: &GridCell) -> Markup {
     html! {
         (label) ": "
         span class=(class) { (c.status.name()) }
-        " (" (c.records) " records"
+        " (" (c.records) @if c.records == 1 { " record" } @else { " records" }
         @if !c.fingerprint.is_empty() { ", host " code { (c.fingerprint) } }
         ") "
         @match &c.log {

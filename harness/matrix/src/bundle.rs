@@ -88,6 +88,9 @@ pub struct CellOutcome {
     /// `None`: it could not start, or died by a signal.
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// It was asked to stop (Ctrl-C) and ended, whatever its status: a cell told before
+    /// its own handler was in place dies of the signal.
+    pub interrupted: bool,
 }
 
 /// Runs cells for [`run_bundle`]: the harness spawns `hvbench`; tests fake it.
@@ -143,6 +146,15 @@ impl Manifest {
         let bytes = std::fs::read(&path).map_err(|e| error(e.to_string()))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
+        let ids_ok = manifest
+            .cells
+            .iter()
+            .all(|c| c.id.len() == 13 && c.id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if !manifest.plan.well_formed() || !ids_ok {
+            return Err(error(
+                "it names cells or revisions hvbench does not make".into(),
+            ));
+        }
         if manifest.format != BUNDLE_FORMAT {
             return Err(error(format!(
                 "bundle format {} (this hvbench reads {BUNDLE_FORMAT})",
@@ -232,9 +244,11 @@ pub fn run_bundle(
         let run = &mut manifest.cells[n];
         run.ended = Some(exec.now());
         run.exit_code = outcome.exit_code;
-        run.status = outcome
-            .exit_code
-            .map_or(CellStatus::Failed, CellStatus::of_exit);
+        run.status = match outcome.exit_code {
+            _ if outcome.interrupted => CellStatus::Interrupted,
+            Some(code) => CellStatus::of_exit(code),
+            None => CellStatus::Failed,
+        };
         run.message = outcome.message;
         run.records = count_records(&out);
         progress(&format!(
@@ -305,6 +319,7 @@ pub(crate) mod tests {
                 return CellOutcome {
                     exit_code: Some(2),
                     message: None,
+                    interrupted: false,
                 };
             }
             let mut writer = reports::ResultsWriter::create(out, false).unwrap();
@@ -331,6 +346,7 @@ pub(crate) mod tests {
             CellOutcome {
                 exit_code: Some(code),
                 message: None,
+                interrupted: false,
             }
         }
         fn now(&self) -> String {
@@ -387,6 +403,13 @@ pub(crate) mod tests {
             "the manifest on disk is the last word"
         );
         assert!(cell_log(&dir, &plan.cells[1].id).exists());
+        // A manifest whose plan names odd files is refused.
+        let mut odd = m.clone();
+        odd.plan.cells[0].id = "../x".into();
+        odd.write(&dir).unwrap();
+        let e = Manifest::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("does not make"), "{e}");
+        m.write(&dir).unwrap();
         // A second run into the same directory is refused.
         let again = run_bundle(&plan, &[0], &dir, info("x"), &mut Fake::new(), &mut |_| {});
         assert!(matches!(again, Err(BundleError::Exists { .. })));

@@ -429,7 +429,7 @@ fn check_selection(s: &Selection) -> Result<(), String> {
 }
 
 /// Labels, names and revisions: they become runner labels, file names and JSON keys.
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

@@ -422,7 +422,15 @@ fn write_out(
             .filter(|(i, _)| plan.cells[*i].revision.as_ref() == Some(label))
             .flat_map(|(_, r)| r.iter().cloned())
             .collect();
-        ResultsWriter::create(&out.join("revisions").join(label), false)?.write_batch(&mine)?;
+        let dir = out.join("revisions").join(label);
+        ResultsWriter::create(&dir, false)?.write_batch(&mine)?;
+        // Its own cells' grid, so `compare revisions/A revisions/B` matches like with like.
+        let mut own = summary.clone();
+        own.cells.retain(|c| c.revision.as_ref() == Some(label));
+        for c in &mut own.cells {
+            c.log = None;
+        }
+        write_summary(&dir, &own)?;
     }
     let cells_dir = out.join("cells");
     std::fs::create_dir_all(&cells_dir).map_err(write_error(&cells_dir))?;
@@ -433,13 +441,18 @@ fn write_out(
             std::fs::copy(&log, &to).map_err(write_error(&to))?;
         }
     }
-    let path = out.join(MATRIX_SUMMARY_NAME);
-    let json = serde_json::to_vec_pretty(summary).map_err(|e| MergeError::Write {
-        path: path.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    std::fs::write(&path, json).map_err(write_error(&path))?;
+    write_summary(out, summary)?;
     Ok(all.len())
+}
+
+fn write_summary(dir: &Path, summary: &MatrixSummary) -> Result<(), MergeError> {
+    let path = dir.join(MATRIX_SUMMARY_NAME);
+    let error = |source| MergeError::Write {
+        path: path.clone(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(summary).map_err(|e| error(std::io::Error::other(e)))?;
+    std::fs::write(&path, json).map_err(error)
 }
 
 #[cfg(test)]
@@ -648,6 +661,20 @@ mod tests {
                 .iter()
                 .all(|r| r.hvbench.git_revision == format!("rev1-{label}")));
         }
+        // The gate between the two revisions matches cell for cell: the same samples, so
+        // nothing changed, and every row is a host label's.
+        let c = reports::compare::compare(
+            &out.join("revisions/base"),
+            &out.join("revisions/new"),
+            &reports::compare::CompareOptions::default(),
+        )
+        .unwrap();
+        assert!(!c.rows.is_empty() && !c.has_regression());
+        assert!(c
+            .rows
+            .iter()
+            .all(|r| r.backend.starts_with("pvm ") || r.backend.starts_with("dom0 ")));
+        assert!(c.only_in_base.is_empty() && c.only_in_new.is_empty());
     }
 
     #[test]

@@ -189,6 +189,53 @@ impl Plan {
         })
     }
 
+    /// Whether every id and revision label is one this module makes (`c` and 12 hex
+    /// digits; a revision label of the file's name rule): a plan read from a bundle
+    /// names files with them, and must not name any others.
+    pub fn well_formed(&self) -> bool {
+        let id_ok = |id: &str| {
+            id.len() == 13
+                && id.starts_with('c')
+                && id[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        self.cells.iter().all(|c| id_ok(&c.id))
+            && self
+                .revisions
+                .iter()
+                .all(|r| crate::file::check_name("", r).is_ok())
+            && self.cells.iter().all(|c| {
+                c.revision
+                    .as_deref()
+                    .is_none_or(|r| self.revisions.iter().any(|x| x == r))
+            })
+    }
+
+    /// The plan of the cells of `hosts` alone (what one machine runs of it): its own
+    /// plan id, so its bundles never pass for the whole plan's.
+    pub fn restricted(&self, hosts: &[&str]) -> Plan {
+        let cells: Vec<Cell> = self
+            .cells
+            .iter()
+            .filter(|c| hosts.contains(&c.host.as_str()))
+            .cloned()
+            .collect();
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        Plan {
+            name: self.name.clone(),
+            plan_id: sha256_hex(ids.join("\n").as_bytes(), 16),
+            revisions: self.revisions.clone(),
+            excluded: self
+                .excluded
+                .iter()
+                .filter(|x| hosts.contains(&x.host.as_str()))
+                .cloned()
+                .collect(),
+            cells,
+        }
+    }
+
     pub fn cell(&self, id: &str) -> Result<usize, PlanError> {
         self.cells
             .iter()
@@ -577,6 +624,10 @@ reason = "not needed"
             .iter()
             .all(|c| c.id.len() == 13 && c.id.starts_with('c')));
         assert_eq!(plan.hosts(), ["pvm", "dom0"]);
+        assert!(plan.well_formed());
+        let mut odd = plan.clone();
+        odd.cells[3].id = "../../etc".into();
+        assert!(!odd.well_formed());
     }
 
     #[test]
@@ -714,6 +765,18 @@ reason = "not needed"
                 assert_eq!(&plan.shard(&s.name()).unwrap(), s);
             }
         }
+    }
+
+    #[test]
+    fn a_restricted_plan_keeps_its_hosts_cells_and_ids() {
+        let plan = plan_of(SMALL);
+        let local = plan.restricted(&["dom0"]);
+        assert_eq!(local.cells.len(), 8);
+        assert!(local.cells.iter().all(|c| c.host == "dom0"));
+        assert!(local.cells.iter().all(|c| plan.cells.contains(c)));
+        assert_ne!(local.plan_id, plan.plan_id);
+        assert!(local.excluded.is_empty());
+        assert_eq!(plan.restricted(&["pvm", "dom0"]), plan);
     }
 
     #[test]

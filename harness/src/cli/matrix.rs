@@ -43,7 +43,8 @@ pub struct PlanArgs {
 #[derive(Debug, Args)]
 pub struct PartArgs {
     /// The matrix file the cell or shard is planned from.
-    #[arg(long, requires = "bundle")]
+    #[arg(long, requires = "bundle",
+          conflicts_with_all = ["workloads", "out", "append", "repeat", "params", "guest"])]
     pub matrix: Option<PathBuf>,
     /// Run one cell of the plan (its id from `hvbench plan`).
     #[arg(long, requires = "matrix", conflicts_with = "shard")]
@@ -213,6 +214,7 @@ impl Executor for Spawner {
         let failed = |message: String| CellOutcome {
             exit_code: None,
             message: Some(message),
+            interrupted: false,
         };
         let argv = match self.argv(cell, out) {
             Ok(argv) => argv,
@@ -226,13 +228,14 @@ impl Executor for Spawner {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    return match status.code() {
-                        Some(code) => CellOutcome {
-                            exit_code: Some(code),
-                            message: None,
-                        },
-                        None => failed(format!("hvbench ended by a signal ({status})")),
-                    }
+                    return CellOutcome {
+                        exit_code: status.code(),
+                        message: status
+                            .code()
+                            .is_none()
+                            .then(|| format!("hvbench ended by a signal ({status})")),
+                        interrupted: asked.is_some(),
+                    };
                 }
                 Ok(None) => {}
                 Err(e) => return failed(format!("cannot wait for hvbench: {e}")),
@@ -417,9 +420,9 @@ pub fn matrix_run(action: &MatrixAction) -> Result<i32> {
             );
         }
     }
-    let cells: Vec<usize> = (0..plan.cells.len())
-        .filter(|&i| here.contains(&plan.cells[i].host.as_str()))
-        .collect();
+    // The plan of this machine's hosts: the others' cells are not "missing" here.
+    let plan = plan.restricted(&here);
+    let cells: Vec<usize> = (0..plan.cells.len()).collect();
     if cells.is_empty() {
         bail!("no host of {} can run on this machine", path.display());
     }
@@ -476,5 +479,34 @@ mod tests {
             Ok(("base".into(), PathBuf::from("/x/hvbench")))
         );
         assert!(parse_binary("base").is_err() && parse_binary("=x").is_err());
+    }
+
+    #[test]
+    fn a_part_takes_its_options_from_the_plan() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["hvbench", "run"];
+            argv.extend(args);
+            super::super::Cli::try_parse_from(argv).map_err(|e| e.to_string())
+        };
+        let part = ["--matrix", "m.toml", "--shard", "1/2", "--bundle", "b"];
+        parse(&part).unwrap();
+        for extra in [
+            &["-w", "cpu.*"][..],
+            &["--backend", "kvm"],
+            &["--out", "x"],
+            &["--repeat", "2"],
+        ] {
+            let mut args = part.to_vec();
+            args.extend(extra);
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains("cannot be used with"), "{extra:?}: {e}");
+        }
+        assert!(
+            parse(&["--matrix", "m.toml", "--shard", "1/2"]).is_err(),
+            "--bundle is needed"
+        );
+        assert!(parse(&["--cell", "c1"]).is_err(), "--matrix is needed");
+        assert!(parse(&["-w", "cpu.*"]).is_err(), "--backend is needed");
     }
 }
