@@ -175,7 +175,7 @@ fn fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup() {
     let Some(root) = cgroup_root() else { return };
     let _serial = common::exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let params = ["sched.fairness.duration_s=6", "sched.fairness.ratio=2"];
+    let params = ["sched.fairness.duration_s=10", "sched.fairness.ratio=2"];
     let output = sched_run(dir.path(), "sched.fairness", &params)
         .output()
         .unwrap();
