@@ -131,7 +131,10 @@ fn host_notes(outcome: &mut WorkloadOutcome, p: &SpinParams) {
         .unwrap_or_default();
     outcome.note(
         "host_scheduler".into(),
-        format!("{} (Linux {release})", cgroup::linux_scheduler(&release)),
+        format!(
+            "{} (Linux {release})",
+            reports::sched::linux_scheduler(&release)
+        ),
     );
     let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     outcome.note(
