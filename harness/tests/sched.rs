@@ -143,7 +143,9 @@ fn steal_time_as_the_guest_reads_it_agrees_with_the_hosts_run_delay() {
     }
     let _serial = common::exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let output = sched_run(dir.path(), "sched.steal", &["sched.steal.duration_s=4"])
+    // Pinned to 2 host CPUs, so that 4 spinning vCPUs overcommit any host.
+    let params = ["sched.steal.duration_s=4", "sched.steal.pin=2"];
+    let output = sched_run(dir.path(), "sched.steal", &params)
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -151,7 +153,7 @@ fn steal_time_as_the_guest_reads_it_agrees_with_the_hosts_run_delay() {
     for metric in ["steal_guest", "steal_host"] {
         let r = only(&records, metric);
         assert_eq!(r.status, Status::Success, "{r:?}");
-        // 2 guests x 2 vCPUs, each spinning, on this host's CPUs (2 here): all steal.
+        // 2 guests x 2 vCPUs, each spinning, on 2 host CPUs: all steal.
         assert_eq!(r.samples.len(), 4, "{r:?}");
         assert!(
             r.samples.iter().all(|s| *s > 0.0),
@@ -175,7 +177,11 @@ fn fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup() {
     let Some(root) = cgroup_root() else { return };
     let _serial = common::exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let params = ["sched.fairness.duration_s=6", "sched.fairness.ratio=2"];
+    let params = [
+        "sched.fairness.duration_s=10",
+        "sched.fairness.ratio=2",
+        "sched.fairness.pin=2",
+    ];
     let output = sched_run(dir.path(), "sched.fairness", &params)
         .output()
         .unwrap();

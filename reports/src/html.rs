@@ -28,6 +28,8 @@ pub(crate) struct Page<'a> {
     pub matrices: &'a [MatrixSummary],
     pub options: &'a ReportOptions,
     pub out: &'a Path,
+    /// The scheduling summary (`sched.*` records), empty without any.
+    pub sched: &'a [crate::sched::SchedRow],
 }
 
 const STYLE: &str = r#"
@@ -83,6 +85,7 @@ pub(crate) fn render_page(page: &Page) -> String {
                 @for (group, measurements) in model.groups() {
                     (group_section(page, &group, &measurements))
                 }
+                (sched_section(page))
                 (curves_section(page))
                 (cdf_section(page))
                 (problems_section(model))
@@ -120,6 +123,9 @@ fn navigation(page: &Page) -> Markup {
     for (group, _) in model.groups() {
         let anchor = format!("#group-{}", format::slug(&group, 40));
         links.push(html! { a href=(anchor) { (group) } });
+    }
+    if !page.sched.is_empty() {
+        links.push(html! { a href="#scheduling" { "scheduling" } });
     }
     if !page.charts.curves.is_empty() {
         links.push(html! { a href="#curves" { "curves" } });
@@ -546,6 +552,37 @@ fn group_section(page: &Page, group: &str, measurements: &[&Measurement]) -> Mar
 }
 
 /// Time series the host observed (KSM's sharing, a VMM's memory), one chart per curve.
+/// IPI and wake-up latency per backend, steal agreement and fairness (Jain's index, share
+/// error) per weight ratio, beside the host scheduler and cgroup hierarchy under them.
+fn sched_section(page: &Page) -> Markup {
+    if page.sched.is_empty() {
+        return html! {};
+    }
+    html! {
+        h2 id="scheduling" { "vCPU scheduling by backend and host scheduler" }
+        p {
+            "The median over runs of each run's median, for every sched.* measurement, by \
+             the scheduler the records name. Fairness and steal figures are ratios of CPU \
+             time (meaningful under emulation too); IPI and wake-up latencies are timings, \
+             artefacts where the host class says CPL0 is emulated or the backend is TCG."
+        }
+        table {
+            tr {
+                th { "backend" } th { "host scheduler" } th { "cgroups" } th { "measurement" }
+                th { "series" } th { "runs" } th { "median" }
+            }
+            @for row in page.sched {
+                tr {
+                    td { (row.backend) } td { (row.scheduler) } td { (row.cgroups) }
+                    td { (row.key.workload) " " (row.key.metric) }
+                    td { (row.key.series) } td { (row.runs) }
+                    td { (format!("{:.4}", row.median)) " " (row.unit) }
+                }
+            }
+        }
+    }
+}
+
 fn curves_section(page: &Page) -> Markup {
     if page.charts.curves.is_empty() {
         return html! {};

@@ -18,6 +18,7 @@ pub mod record;
 pub mod report;
 pub mod results;
 pub mod rng;
+pub mod sched;
 pub mod stats;
 pub mod synthetic;
 

@@ -155,6 +155,7 @@ pub fn render(
     let curves = collect_curves(&inputs, &model.backend_names());
     let charts = draw_charts(&model, &inputs, &curves, &charts_dir, options)?;
     let matrices = read_matrices(dirs, out)?;
+    let sched = crate::sched::rows(inputs.iter().flat_map(|i| &i.records));
 
     let page = html::render_page(&html::Page {
         title: &options.title,
@@ -164,6 +165,7 @@ pub fn render(
         matrices: &matrices,
         options,
         out,
+        sched: &sched,
     });
     let index = out.join(INDEX_NAME);
     std::fs::write(&index, page).map_err(|source| ReportError::Write {

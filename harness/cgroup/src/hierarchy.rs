@@ -108,20 +108,6 @@ fn has_word(text: &str, word: &str) -> bool {
     text.split_ascii_whitespace().any(|w| w == word)
 }
 
-/// The host's CPU scheduler by kernel release: EEVDF from Linux 6.6, CFS before.
-pub fn linux_scheduler(release: &str) -> &'static str {
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version >= (6, 6) {
-        "EEVDF"
-    } else {
-        "CFS"
-    }
-}
-
 /// A group's directory: `hvbench-<pid>` under the hierarchy's root, children `g<i>`.
 pub(crate) fn parent_dir(hierarchy: &Hierarchy, pid: u32) -> PathBuf {
     hierarchy.root().join(format!("hvbench-{pid}"))
@@ -172,14 +158,5 @@ mod tests {
             e.contains("cgroup.controllers") && e.contains("cpu.shares"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn the_scheduler_is_named_by_kernel_release() {
-        assert_eq!(linux_scheduler("6.18.0-pvm"), "EEVDF");
-        assert_eq!(linux_scheduler("6.6.1"), "EEVDF");
-        assert_eq!(linux_scheduler("6.1.0-56-amd64"), "CFS");
-        assert_eq!(linux_scheduler("5.15.0"), "CFS");
-        assert_eq!(linux_scheduler("garbage"), "CFS");
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use self::guard::{remove_stale, CgroupGuard, CgroupPaths, GroupLimits, SavedGroups};
-pub use self::hierarchy::{linux_scheduler, Hierarchy, CAP_PERIOD_US};
+pub use self::hierarchy::{Hierarchy, CAP_PERIOD_US};
 
 #[derive(Debug, Error)]
 pub enum CgroupError {

@@ -398,6 +398,74 @@ mod tests {
         assert_eq!(balloon.ram_bytes(), 32 << 20);
     }
 
+    /// `mov dword [addr], value` (32-bit code, flat segments).
+    fn store32(addr: u32, value: u32) -> Vec<u8> {
+        let mut code = vec![0xc7, 0x05];
+        code.extend(addr.to_le_bytes());
+        code.extend(value.to_le_bytes());
+        code
+    }
+
+    /// Boot-vCPU code that copies real-mode code (padded to whole words) to 0x8000 and
+    /// starts vCPU 1 there with INIT and a start-up IPI through its local APIC, as
+    /// firmware does.
+    fn start_ap_at_0x8000(ap_code: &[u8]) -> Vec<u8> {
+        let mut code = Vec::new();
+        for (i, chunk) in ap_code.chunks(4).enumerate() {
+            let mut word = [0x90; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let at = 0x8000 + 4 * u32::try_from(i).unwrap();
+            code.extend(store32(at, u32::from_le_bytes(word)));
+        }
+        code.extend(store32(0xfee0_00f0, 0x1ff)); // SVR: APIC on, spurious vector 0xff
+        code.extend(store32(0xfee0_0310, 1 << 24)); // ICR high: APIC ID 1
+        code.extend(store32(0xfee0_0300, 0x4500)); // ICR low: INIT
+        code.extend(store32(0xfee0_0300, 0x4608)); // ICR low: SIPI, page 0x8
+        code
+    }
+
+    #[test]
+    fn a_second_vcpu_starts_by_init_and_sipi_on_a_thread_of_its_own() {
+        let Some(vmm) = vmm() else { return };
+        // The AP (real mode): mov byte [0x9000], 0x5a; hlt; jmp hlt.
+        let mut code = start_ap_at_0x8000(&[0xc6, 0x06, 0x00, 0x90, 0x5a, 0xf4, 0xeb, 0xfd]);
+        // The boot vCPU: cmp byte [0x9000], 0x5a; jne back; then print and exit.
+        code.extend([0x80, 0x3d, 0x00, 0x90, 0x00, 0x00, 0x5a, 0x75, 0xf7]);
+        code.extend(print_then_exit(b"up\n"));
+        let image = pvh_image(&code);
+        let mut vm = vmm.boot(&config(&image)).unwrap();
+        let (console, end) = messages_until_end(&vm, Duration::from_secs(10));
+        assert_eq!(console, b"up\n");
+        assert_eq!(end, Some(GuestEnd::Exited { code: 7 }));
+        vm.stop().unwrap();
+    }
+
+    #[test]
+    fn an_application_processors_triple_fault_ends_the_guest_and_names_it() {
+        let Some(vmm) = vmm() else { return };
+        // The AP: lidt [0x8020] (limit 0), into protected mode, a far jump through the
+        // empty GDT: #GP, which the empty IDT turns into #DF and a shutdown.
+        let mut code = start_ap_at_0x8000(&[
+            0x0f, 0x01, 0x1e, 0x20, 0x80, // lidt [0x8020]
+            0x0f, 0x01, 0x16, 0x20, 0x80, // lgdt [0x8020]
+            0x0f, 0x20, 0xc0, // mov eax, cr0
+            0x0c, 0x01, // or al, 1
+            0x0f, 0x22, 0xc0, // mov cr0, eax
+            0xea, 0x00, 0x00, 0x08, 0x00, // jmp far 0x08:0
+        ]);
+        code.extend([0xeb, 0xfe]); // the boot vCPU spins
+        let image = pvh_image(&code);
+        let mut vm = vmm.boot(&config(&image)).unwrap();
+        let (_, end) = messages_until_end(&vm, Duration::from_secs(10));
+        match end {
+            Some(GuestEnd::TripleFault { detail }) => {
+                assert!(detail.contains("vCPU 1"), "{detail}")
+            }
+            other => panic!("expected the AP's triple fault, got {other:?}"),
+        }
+        vm.stop().unwrap();
+    }
+
     #[test]
     fn bad_configurations_are_refused_before_the_guest_runs() {
         let Some(vmm) = vmm() else { return };

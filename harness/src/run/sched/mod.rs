@@ -42,6 +42,9 @@ pub(crate) enum SchedError {
     Interrupted(String),
     #[error("{0}")]
     Host(String),
+    /// This host cannot run the workload as asked (a `skip`, with the reason).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl SchedError {
@@ -49,9 +52,9 @@ impl SchedError {
         match self {
             SchedError::Timeout(_) => Status::Timeout,
             SchedError::Crash { .. } => Status::Crash,
-            SchedError::Skipped { .. } | SchedError::Cgroup(CgroupError::NoCpuController(_)) => {
-                Status::Skip
-            }
+            SchedError::Skipped { .. }
+            | SchedError::Unsupported(_)
+            | SchedError::Cgroup(CgroupError::NoCpuController(_)) => Status::Skip,
             _ => Status::Error,
         }
     }
@@ -131,7 +134,10 @@ fn host_notes(outcome: &mut WorkloadOutcome, p: &SpinParams) {
         .unwrap_or_default();
     outcome.note(
         "host_scheduler".into(),
-        format!("{} (Linux {release})", cgroup::linux_scheduler(&release)),
+        format!(
+            "{} (Linux {release})",
+            reports::sched::linux_scheduler(&release)
+        ),
     );
     let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     outcome.note(
@@ -258,6 +264,11 @@ fn fairness_guests(
     p: &SpinParams,
     outcome: &mut WorkloadOutcome,
 ) -> Result<Observed, SchedError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(SchedError::Unsupported(
+            "sched.fairness creates CPU cgroups, which needs root".into(),
+        ));
+    }
     // Declared before the guests: dropped after them, so it removes empty groups.
     let mut guard = CgroupGuard::acquire(
         CgroupPaths::system(),
