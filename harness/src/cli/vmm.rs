@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use hvbench::migration::Role;
 use hvbench::standalone;
+use vmm::migration::{MigrateOptions, MigrationAddr};
 
 #[derive(Debug, Args)]
 pub struct VmmArgs {
@@ -32,6 +34,22 @@ pub struct VmmArgs {
     /// drives it).
     #[arg(long)]
     pub doorbell_stdin: bool,
+    /// Receive a live-migrated guest on `tcp:HOST:PORT` or `unix:PATH` instead of
+    /// booting one (port 0: the kernel picks; stderr says which).
+    #[arg(long, value_name = "ADDR", conflicts_with = "migrate_to")]
+    pub incoming: Option<MigrationAddr>,
+    /// Live-migrate the guest to a `hvbench vmm --incoming` at this address.
+    #[arg(long, value_name = "ADDR")]
+    pub migrate_to: Option<MigrationAddr>,
+    /// Milliseconds after the boot at which the migration starts.
+    #[arg(long, default_value_t = 1000, requires = "migrate_to")]
+    pub migrate_after_ms: u64,
+    /// Stop the pre-copy rounds once what is left would be sent within this.
+    #[arg(long, default_value_t = 300, requires = "migrate_to")]
+    pub downtime_ms: u64,
+    /// Stop the pre-copy rounds after this many, whatever is left.
+    #[arg(long, default_value_t = 30, requires = "migrate_to", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_rounds: u32,
 }
 
 impl VmmArgs {
@@ -43,7 +61,23 @@ impl VmmArgs {
             timeout: Duration::from_secs(self.timeout_s),
             mergeable: self.mergeable,
             doorbell_stdin: self.doorbell_stdin,
+            migration: self.migration(),
         }
+    }
+
+    fn migration(&self) -> Option<Role> {
+        if let Some(addr) = &self.incoming {
+            return Some(Role::Incoming(addr.clone()));
+        }
+        self.migrate_to.as_ref().map(|to| Role::Outgoing {
+            to: to.clone(),
+            after: Duration::from_millis(self.migrate_after_ms),
+            options: MigrateOptions {
+                downtime_limit: Duration::from_millis(self.downtime_ms),
+                max_rounds: self.max_rounds,
+                ..MigrateOptions::default()
+            },
+        })
     }
 }
 
