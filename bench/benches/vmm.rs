@@ -297,6 +297,7 @@ fn child_vmm(cmdline: &str) -> ExitCode {
         timeout: std::time::Duration::from_secs(30),
         mergeable: false,
         doorbell_stdin: false,
+        migration: None,
     };
     let code = hvbench::standalone::run(&options).unwrap_or(2);
     // An exit status is one byte: a code outside it is a failure, not its low byte.

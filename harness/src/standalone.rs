@@ -92,9 +92,21 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
     };
     let code = std::thread::scope(|s| {
         let outgoing = match &options.migration {
-            Some(Role::Outgoing { to, after, options }) => {
+            Some(Role::Outgoing {
+                to,
+                after,
+                options,
+                pause,
+                on_stdin,
+            }) => {
                 let migrator = vm.migrator();
-                Some(s.spawn(move || crate::migration::send(migrator, to, *after, *options)))
+                Some(s.spawn(move || {
+                    if *on_stdin {
+                        crate::migration::send_on_commands(migrator, to, *options)
+                    } else {
+                        crate::migration::send(migrator, to, *after, *options, *pause)
+                    }
+                }))
             }
             _ => None,
         };

@@ -4,6 +4,7 @@
 mod balloon;
 mod ksm;
 mod memory;
+mod migration;
 
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
@@ -170,6 +171,10 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MemKsm => ksm::ksm(s)?,
         WorkloadId::MemBalloon => balloon::balloon(s, info)?,
         WorkloadId::SelftestBalloonCorrupt => balloon::corrupt(s, info)?,
+        WorkloadId::MigIdle => migration::run(s, info, migration::Pattern::Idle)?,
+        WorkloadId::MigDirty => migration::run(s, info, migration::Pattern::Sequential)?,
+        WorkloadId::MigDirtyRandom => migration::run(s, info, migration::Pattern::Random)?,
+        WorkloadId::MigDirtyHot => migration::run(s, info, migration::Pattern::Hot)?,
         WorkloadId::SelftestTripleFault => {
             syscall(Syscall::TripleFault as u64, 0, 0, 0);
             return Err((Status::Error, "the triple fault did not stop the guest"));

@@ -232,6 +232,7 @@ impl Hypervisor for KvmBackend {
                 Some(reason) => Err(reason.into()),
             },
             BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
+            BackendFeature::LiveMigration => Ok(()),
         }
     }
 

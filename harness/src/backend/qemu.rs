@@ -268,6 +268,11 @@ impl Hypervisor for QemuBackend {
                  devices it controls; run them with --backend kvm"
                     .into(),
             ),
+            BackendFeature::LiveMigration => Err(
+                "hvbench does not yet drive QEMU's migration (a second QEMU with -incoming, \
+                 QMP migrate); mig.* runs on --backend kvm"
+                    .into(),
+            ),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"

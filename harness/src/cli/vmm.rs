@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use hvbench::migration::Role;
+use hvbench::migration::{Pause, Role};
 use hvbench::standalone;
 use vmm::migration::{MigrateOptions, MigrationAddr};
 
@@ -50,6 +50,16 @@ pub struct VmmArgs {
     /// Stop the pre-copy rounds after this many, whatever is left.
     #[arg(long, default_value_t = 30, requires = "migrate_to", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_rounds: u32,
+    /// Before migrating, pause the guest for `--pause-ms` at this many ms after the boot
+    /// (the downtime ruler's calibration).
+    #[arg(long, requires_all = ["migrate_to", "pause_ms"])]
+    pub pause_at_ms: Option<u64>,
+    /// Length of that pause.
+    #[arg(long, requires = "pause_at_ms")]
+    pub pause_ms: Option<u64>,
+    /// Instead of the timers, wait for `pause MS` and `migrate` lines on stdin.
+    #[arg(long, requires = "migrate_to", conflicts_with_all = ["doorbell_stdin", "pause_at_ms"])]
+    pub control_stdin: bool,
 }
 
 impl VmmArgs {
@@ -77,6 +87,14 @@ impl VmmArgs {
                 max_rounds: self.max_rounds,
                 ..MigrateOptions::default()
             },
+            pause: self
+                .pause_at_ms
+                .zip(self.pause_ms)
+                .map(|(at, length)| Pause {
+                    at: Duration::from_millis(at),
+                    length: Duration::from_millis(length),
+                }),
+            on_stdin: self.control_stdin,
         })
     }
 }

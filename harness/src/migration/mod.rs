@@ -17,18 +17,65 @@ pub const LISTENING: &str = "hvbench: migration-listening ";
 pub const REPORT: &str = "hvbench: migration-report ";
 pub const INCOMING: &str = "hvbench: migration-incoming ";
 pub const FAILED: &str = "hvbench: migration-error ";
+pub const PAUSED: &str = "hvbench: migration-pause ";
+
+pub mod ruler;
+pub mod vmm_peer;
 
 /// What this `hvbench vmm` process does about migration.
 #[derive(Clone, Debug)]
 pub enum Role {
     /// Wait for a guest on this address instead of booting one.
     Incoming(MigrationAddr),
-    /// Boot, and migrate to this address once `after` has passed.
+    /// Boot, and migrate to this address once `after` has passed (first pausing the
+    /// guest as `pause` says, if it says).
     Outgoing {
         to: MigrationAddr,
         after: Duration,
         options: MigrateOptions,
+        pause: Option<Pause>,
+        /// Ignore the timers: wait for `pause MS` and `migrate` lines on stdin (how a
+        /// driver triggers both at moments it chooses, e.g. from the guest's heartbeat).
+        on_stdin: bool,
     },
+}
+
+/// What the driver of `hvbench vmm --migrate-to ADDR --control-stdin` may write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `pause MS`: park the guest for MS milliseconds (the ruler's calibration).
+    Pause(Duration),
+    /// `migrate`: start the migration now.
+    Migrate,
+}
+
+impl Command {
+    pub fn parse(line: &str) -> Option<Self> {
+        let mut words = line.split_ascii_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("migrate"), None, None) => Some(Command::Migrate),
+            (Some("pause"), Some(ms), None) => ms
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (1..=60_000).contains(ms))
+                .map(|ms| Command::Pause(Duration::from_millis(ms))),
+            _ => None,
+        }
+    }
+}
+
+/// A known pause for the ruler's calibration: `length`, `at` after the boot.
+#[derive(Clone, Copy, Debug)]
+pub struct Pause {
+    pub at: Duration,
+    pub length: Duration,
+}
+
+pub(crate) fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -122,17 +169,83 @@ pub fn send(
     to: &MigrationAddr,
     after: Duration,
     options: MigrateOptions,
+    pause: Option<Pause>,
 ) -> bool {
-    std::thread::sleep(after);
+    let booted = Instant::now();
+    if let (Some(pause), Ok(m)) = (pause, &migrator) {
+        calibration_pause(m, pause);
+    }
+    std::thread::sleep(after.saturating_sub(booted.elapsed()));
+    migrate_now(migrator, to, options)
+}
+
+fn migrate_now(
+    migrator: Result<Migrator<'_>, MigrationError>,
+    to: &MigrationAddr,
+    options: MigrateOptions,
+) -> bool {
+    let started_ns = realtime_ns();
     let result = migrator.and_then(|m| connect(to).and_then(|stream| m.migrate(stream, options)));
     match result {
         Ok(report) => {
-            crate::say!("{REPORT}{}", report_json(&report));
+            let mut line = report_json(&report);
+            line["started_realtime_ns"] = json!(started_ns);
+            crate::say!("{REPORT}{line}");
             true
         }
         Err(e) => {
             crate::say!("{FAILED}{}", crate::console::escape_text(&e.to_string()));
             false
         }
+    }
+}
+
+/// Waits for `pause MS` and `migrate` lines on stdin; migrates at `migrate` and says
+/// how it went; whether it did (not if stdin ends first).
+pub fn send_on_commands(
+    migrator: Result<Migrator<'_>, MigrationError>,
+    to: &MigrationAddr,
+    options: MigrateOptions,
+) -> bool {
+    use std::io::BufRead;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match (Command::parse(&line), &migrator) {
+            (Some(Command::Pause(length)), Ok(m)) => calibration_pause(
+                m,
+                Pause {
+                    at: Duration::ZERO,
+                    length,
+                },
+            ),
+            (Some(Command::Migrate), _) => return migrate_now(migrator, to, options),
+            (Some(Command::Pause(_)), Err(_)) => {}
+            (None, _) => crate::say!(
+                "hvbench: vmm: ignored control input {:?}",
+                crate::console::escape_text(&line)
+            ),
+        }
+    }
+    false
+}
+
+/// Sleeps until `pause.at`, parks the guest for `pause.length`, and says when and how long.
+fn calibration_pause(m: &Migrator<'_>, pause: Pause) {
+    std::thread::sleep(pause.at);
+    let requested_ns = realtime_ns();
+    match m.pause_for(pause.length) {
+        Ok((to_park, parked)) => crate::say!(
+            "{PAUSED}{}",
+            json!({
+                "requested_ns": requested_ns,
+                "asked_ms": ms(pause.length),
+                "to_park_ms": ms(to_park),
+                "parked_ms": ms(parked),
+            })
+        ),
+        Err(e) => crate::say!(
+            "{FAILED}pause: {}",
+            crate::console::escape_text(&e.to_string())
+        ),
     }
 }

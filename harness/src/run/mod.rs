@@ -7,6 +7,7 @@ pub mod balloon;
 pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
+pub mod migration;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;

@@ -244,6 +244,25 @@ pub struct Migrator<'a> {
 }
 
 impl Migrator<'_> {
+    /// Pauses the guest for `length` (vCPU parked, its state captured, then resumed as
+    /// it was; its TSC runs on, as the host's clock does): the downtime ruler's known
+    /// pause. Returns how long the vCPU took to park and how long it stayed parked.
+    pub fn pause_for(&self, length: Duration) -> Result<(Duration, Duration), MigrationError> {
+        let kick = || {
+            let _ = self.thread.kill(kick_signal());
+            !self.thread.is_finished()
+        };
+        let started = Instant::now();
+        self.handles
+            .park
+            .request(Vec::new(), Duration::from_secs(2), kick)
+            .map_err(MigrationError::Pause)?;
+        let parked = Instant::now();
+        std::thread::sleep(length);
+        self.handles.park.decide(migration::park::Verdict::Resume);
+        Ok((parked - started, parked.elapsed()))
+    }
+
     /// Live-migrates the guest over `stream` to a destination in [`Vmm::incoming`]. On
     /// success the guest runs there and this VM's vCPU thread ends (its last messages
     /// are a `Notice` and `Ended(Stopped)`); on an error the guest runs on here.

@@ -284,6 +284,11 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::LiveMigration => Err(
+                "xl migrate suspends a PVH guest through xenstore (control/shutdown = suspend), \
+                 which the hvbench guest does not answer yet"
+                    .into(),
+            ),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"
