@@ -9,19 +9,15 @@ use reports::read_results;
 use reports::record::{Record, Status};
 
 fn mig_run(workload: &str, extra: &[&str]) -> Vec<Record> {
+    mig_run_on("kvm", workload, extra)
+}
+
+fn mig_run_on(backend: &str, workload: &str, extra: &[&str]) -> Vec<Record> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r");
     let status = common::hvbench()
-        .args([
-            "run",
-            "--backend",
-            "kvm",
-            "-w",
-            workload,
-            "--memory-mib",
-            "64",
-        ])
-        .args(["--out", out.to_str().unwrap()])
+        .args(["run", "--backend", backend, "-w", workload])
+        .args(["--memory-mib", "64", "--out", out.to_str().unwrap()])
         .args(extra)
         .status()
         .unwrap();
@@ -94,4 +90,31 @@ fn out_of_range_migration_parameters_are_refused_before_anything_runs() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("migrate_at_ms"), "{stderr}");
+}
+
+#[test]
+fn qemu_migrates_the_same_guest_through_qmp_with_its_own_figures() {
+    if !common::kvm_available() || common::qemu_binary().is_none() {
+        return;
+    }
+    let _one = common::exclusive();
+    let records = mig_run_on(
+        "qemu",
+        "mig.dirty",
+        &[
+            "--param",
+            "mig.dirty.ws=16m",
+            "--param",
+            "mig.dirty.rate=200",
+            "--param",
+            "mig.dirty.duration_ms=2500",
+        ],
+    );
+    let downtime = metric(&records, "downtime");
+    assert_eq!(downtime.status, Status::Success, "{:?}", downtime.reason);
+    assert_eq!(downtime.backend.kind, "qemu");
+    assert_eq!(downtime.notes["memory_check"], "passed");
+    assert!(downtime.notes["qemu_query_migrate"].contains("\"completed\""));
+    assert!(downtime.notes["downtime_hypervisor_is"].starts_with("QEMU's"));
+    assert!(metric(&records, "total_time").samples[0] > 0.0);
 }

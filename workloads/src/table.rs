@@ -511,6 +511,18 @@ pub mod param {
         "The downtime limit given to the hypervisor (ours: --downtime-ms; QEMU: \
          downtime-limit).",
     );
+    /// Set by the harness: the host's TSC rate, for a guest its hypervisor does not tell
+    /// (QEMU without an invariant TSC, which it must drop to migrate).
+    pub const MIG_TSC_KHZ: ParamSpec = ParamSpec {
+        set_by: SetBy::Host,
+        ..spec(
+            "tsc_khz",
+            ParamKind::Count,
+            Some("0"),
+            (0, 100_000_000),
+            "The host's TSC rate in kHz (set by the harness; 0: the guest uses its hypervisor's).",
+        )
+    };
     pub const MIG_DIRTY: &[ParamSpec] = &[
         MIG_WS,
         MIG_RATE,
@@ -518,8 +530,15 @@ pub mod param {
         MIG_BEAT_MS,
         MIG_AT_MS,
         MIG_DOWNTIME_MS,
+        MIG_TSC_KHZ,
     ];
-    pub const MIG_IDLE: &[ParamSpec] = &[MIG_DURATION_MS, MIG_BEAT_MS, MIG_AT_MS, MIG_DOWNTIME_MS];
+    pub const MIG_IDLE: &[ParamSpec] = &[
+        MIG_DURATION_MS,
+        MIG_BEAT_MS,
+        MIG_AT_MS,
+        MIG_DOWNTIME_MS,
+        MIG_TSC_KHZ,
+    ];
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
         KSM_SIZE,

@@ -10,7 +10,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use workloads::protocol::{LineBuilder, LineKind, Status};
-use workloads::table::param::{MIG_BEAT_MS, MIG_DURATION_MS, MIG_RATE, MIG_WS};
+use workloads::table::param::{MIG_BEAT_MS, MIG_DURATION_MS, MIG_RATE, MIG_TSC_KHZ, MIG_WS};
 use workloads::ParamSpec;
 
 use crate::arch::cpu::rdtsc_fenced;
@@ -121,12 +121,15 @@ pub fn run(s: &Sampler, info: &BootInfo, pattern: Pattern) -> Result<(), Refusal
             .ok_or(refuse("a parameter has no value"))
             .and_then(|text| spec.parse_one(text).map_err(|e| refuse(e.message())))
     };
-    if info.tsc_khz == 0 {
-        return Err(refuse(
-            "the guest knows no TSC frequency to pace its heartbeat",
-        ));
-    }
-    let khz = info.tsc_khz;
+    let khz = match (info.tsc_khz, number(&MIG_TSC_KHZ)?) {
+        (0, 0) => {
+            return Err(refuse(
+                "the guest knows no TSC frequency to pace its heartbeat",
+            ))
+        }
+        (0, host) => host,
+        (own, _) => own,
+    };
     let beat_cycles = number(&MIG_BEAT_MS)? * khz;
     let run_cycles = number(&MIG_DURATION_MS)? * khz;
     let (ws, rate) = match pattern {

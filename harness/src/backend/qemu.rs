@@ -268,11 +268,7 @@ impl Hypervisor for QemuBackend {
                  devices it controls; run them with --backend kvm"
                     .into(),
             ),
-            BackendFeature::LiveMigration => Err(
-                "hvbench does not yet drive QEMU's migration (a second QEMU with -incoming, \
-                 QMP migrate); mig.* runs on --backend kvm"
-                    .into(),
-            ),
+            BackendFeature::LiveMigration => Ok(()),
             BackendFeature::HltExitsToVmm => Err(
                 "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
                  never resumes, so HLT cannot be timed there"
@@ -294,6 +290,28 @@ impl Hypervisor for QemuBackend {
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
+    }
+
+    fn migration_command(
+        &self,
+        request: &BootRequest,
+    ) -> Option<Result<(PathBuf, Vec<String>), BackendError>> {
+        let kernel = request.image.write_to(self.image_dir.path());
+        Some(
+            kernel
+                .map(|kernel| {
+                    let mut args = self.arguments(request, &kernel);
+                    // QEMU refuses to migrate a CPU with an invariant TSC (and cannot fix
+                    // its rate where KVM has no TSC scaling, as on kvm_pvm): drop it.
+                    if let Some(cpu) = args.iter().position(|a| a == "-cpu").map(|i| i + 1) {
+                        if let Some(model) = args.get_mut(cpu) {
+                            *model = model.replace("+invtsc", "-invtsc");
+                        }
+                    }
+                    (self.options.binary.clone(), args)
+                })
+                .map_err(|e| QemuError::Image(e).into()),
+        )
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {

@@ -19,6 +19,7 @@ pub const INCOMING: &str = "hvbench: migration-incoming ";
 pub const FAILED: &str = "hvbench: migration-error ";
 pub const PAUSED: &str = "hvbench: migration-pause ";
 
+mod qemu_peer;
 pub mod ruler;
 pub mod vmm_peer;
 

@@ -22,11 +22,23 @@ use super::ruler::Beat;
 use super::{realtime_ns, FAILED, INCOMING, LISTENING, PAUSED, REPORT};
 use crate::console::{printable, ConsoleLine, LineAssembler};
 
+/// Which pair of VMMs.
+#[derive(Clone, Debug)]
+pub enum PeerKind {
+    /// Two `hvbench vmm` processes.
+    Vmm {
+        exe: PathBuf,
+        guest_image: Option<PathBuf>,
+    },
+    /// Two QEMUs with these arguments (machine, memory, kernel, command line, console on
+    /// stdout); the destination gets `-incoming`, the source a QMP socket.
+    Qemu { binary: PathBuf, args: Vec<String> },
+}
+
 /// How one run is set up.
 #[derive(Clone, Debug)]
 pub struct PeerSpec {
-    pub exe: PathBuf,
-    pub guest_image: Option<PathBuf>,
+    pub kind: PeerKind,
     pub memory_mib: u32,
     pub cmdline: String,
     /// A backstop for both VMMs (each stops its guest after this).
@@ -41,7 +53,7 @@ pub struct PeerSpec {
 
 /// Which VMM a line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Source,
     Destination,
 }
@@ -73,7 +85,7 @@ const MAX_STDERR_LINE: usize = 1 << 20;
 /// Guest notes kept.
 const MAX_NOTES: usize = 64;
 
-enum Event {
+pub(crate) enum Event {
     Console(u64, Vec<u8>),
     Stderr(Side, String),
     Closed,
@@ -83,6 +95,7 @@ enum Event {
 struct Pair {
     children: Vec<Child>,
     socket: PathBuf,
+    qmp: Option<PathBuf>,
 }
 
 impl Drop for Pair {
@@ -94,10 +107,13 @@ impl Drop for Pair {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(qmp) = &self.qmp {
+            let _ = std::fs::remove_file(qmp);
+        }
     }
 }
 
-fn read_console(out: impl Read, tx: SyncSender<Event>) {
+pub(crate) fn read_console(out: impl Read, tx: SyncSender<Event>) {
     let mut out = out;
     let mut lines = LineAssembler::new();
     let mut buf = [0u8; 4096];
@@ -119,7 +135,7 @@ fn read_console(out: impl Read, tx: SyncSender<Event>) {
     let _ = tx.send(Event::Closed);
 }
 
-fn read_stderr(side: Side, err: impl Read, tx: SyncSender<Event>) {
+pub(crate) fn read_stderr(side: Side, err: impl Read, tx: SyncSender<Event>) {
     let mut reader = BufReader::new(err.take(64 << 20));
     let mut line = Vec::new();
     loop {
@@ -140,18 +156,14 @@ fn read_stderr(side: Side, err: impl Read, tx: SyncSender<Event>) {
     }
 }
 
-fn spawn(
-    spec: &PeerSpec,
-    side: Side,
+pub(crate) fn spawn(
+    program: &std::path::Path,
     args: &[String],
+    side: Side,
     tx: &SyncSender<Event>,
 ) -> Result<Child, String> {
-    let mut command = Command::new(&spec.exe);
-    command.arg("vmm").args(args);
-    command.args(["--timeout-s", &spec.timeout.as_secs().max(1).to_string()]);
-    if let Some(image) = &spec.guest_image {
-        command.arg("--guest").arg(image);
-    }
+    let mut command = Command::new(program);
+    command.args(args);
     command
         .process_group(0)
         .stdin(if side == Side::Source {
@@ -177,7 +189,7 @@ fn spawn(
     }
     let mut child = command
         .spawn()
-        .map_err(|e| format!("starting {} vmm: {e}", spec.exe.display()))?;
+        .map_err(|e| format!("starting {}: {e}", program.display()))?;
     if let Some(out) = child.stdout.take() {
         let tx = tx.clone();
         std::thread::spawn(move || read_console(out, tx));
@@ -189,9 +201,23 @@ fn spawn(
     Ok(child)
 }
 
+/// The arguments of `hvbench vmm` common to both sides.
+fn vmm_common(spec: &PeerSpec, guest_image: Option<&PathBuf>) -> Vec<String> {
+    let mut args = vec![
+        "vmm".to_string(),
+        "--timeout-s".into(),
+        spec.timeout.as_secs().max(1).to_string(),
+    ];
+    if let Some(image) = guest_image {
+        args.push("--guest".into());
+        args.push(image.display().to_string());
+    }
+    args
+}
+
 fn source_args(spec: &PeerSpec, socket: &str) -> Vec<String> {
     let ms = |d: Duration| d.as_millis().to_string();
-    vec![
+    [
         "--cmdline".into(),
         spec.cmdline.clone(),
         "--memory-mib".into(),
@@ -204,42 +230,56 @@ fn source_args(spec: &PeerSpec, socket: &str) -> Vec<String> {
         spec.max_rounds.to_string(),
         "--control-stdin".into(),
     ]
+    .into()
 }
 
 /// Runs the pair to its end (or `limit`, or an interrupt) and gathers what they said.
 pub fn run(spec: &PeerSpec, limit: Duration, interrupted: &AtomicBool) -> Result<PeerRun, String> {
-    let socket = std::env::temp_dir().join(format!(
-        "hvbench-mig-{}-{}.sock",
+    let base = std::env::temp_dir().join(format!(
+        "hvbench-mig-{}-{}",
         std::process::id(),
         realtime_ns()
     ));
+    let socket = base.with_extension("sock");
     let address = format!("unix:{}", socket.display());
     let (tx, rx) = sync_channel(crate::console::CHANNEL_CAPACITY);
     let mut pair = Pair {
         children: Vec::new(),
         socket,
+        qmp: None,
     };
-    let incoming_args = vec!["--incoming".to_string(), address.clone()];
-    pair.children
-        .push(spawn(spec, Side::Destination, &incoming_args, &tx)?);
     let mut run = PeerRun::default();
-    wait_listening(&rx, &mut run, Duration::from_secs(10))?;
-    pair.children.push(spawn(
-        spec,
-        Side::Source,
-        &source_args(spec, &address),
-        &tx,
-    )?);
+    let control = match &spec.kind {
+        PeerKind::Vmm { exe, guest_image } => {
+            let mut dest = vmm_common(spec, guest_image.as_ref());
+            dest.extend(["--incoming".to_string(), address.clone()]);
+            pair.children
+                .push(spawn(exe, &dest, Side::Destination, &tx)?);
+            wait_listening(&rx, &mut run, Duration::from_secs(10))?;
+            let mut source = vmm_common(spec, guest_image.as_ref());
+            source.extend(source_args(spec, &address));
+            pair.children.push(spawn(exe, &source, Side::Source, &tx)?);
+            let stdin = pair.children.last_mut().and_then(|c| c.stdin.take());
+            Control::new(spec, Sink::Stdin(stdin))
+        }
+        PeerKind::Qemu { binary, args } => {
+            let qmp = base.with_extension("qmp");
+            pair.qmp = Some(qmp.clone());
+            let control = super::qemu_peer::start(
+                spec,
+                binary,
+                args,
+                &address,
+                &pair.socket,
+                &qmp,
+                &tx,
+                &mut pair.children,
+            )?;
+            Control::new(spec, Sink::Thread(control))
+        }
+    };
     drop(tx);
-    let control = pair.children.last_mut().and_then(|c| c.stdin.take());
-    collect(
-        &rx,
-        &mut run,
-        &mut pair,
-        Control::new(spec, control),
-        limit,
-        interrupted,
-    );
+    collect(&rx, &mut run, &mut pair, control, limit, interrupted);
     run.beats.sort_by_key(|b| b.at_ns);
     Ok(run)
 }
@@ -263,17 +303,35 @@ fn wait_listening(rx: &Receiver<Event>, run: &mut PeerRun, limit: Duration) -> R
     }
 }
 
+/// Where the host's triggers go: the source VMM's stdin, or the thread that speaks QMP
+/// to the source QEMU.
+pub(crate) enum Sink {
+    Stdin(Option<ChildStdin>),
+    Thread(std::sync::mpsc::Sender<String>),
+    Closed,
+}
+
+impl Sink {
+    fn send(&mut self, line: &str) -> bool {
+        match self {
+            Sink::Stdin(Some(s)) => writeln!(s, "{line}").and_then(|()| s.flush()).is_ok(),
+            Sink::Thread(tx) => tx.send(line.to_string()).is_ok(),
+            Sink::Stdin(None) | Sink::Closed => false,
+        }
+    }
+}
+
 /// The host's triggers, timed from the guest's first heartbeat.
 struct Control {
-    stdin: Option<ChildStdin>,
+    sink: Sink,
     /// (after the first beat, the line), in order; sent as their time comes.
     due: Vec<(Duration, String)>,
 }
 
 impl Control {
-    fn new(spec: &PeerSpec, stdin: Option<ChildStdin>) -> Self {
+    fn new(spec: &PeerSpec, sink: Sink) -> Self {
         Control {
-            stdin,
+            sink,
             due: vec![
                 (spec.pause_at, format!("pause {}", spec.pause.as_millis())),
                 (spec.migrate_at, "migrate".into()),
@@ -285,11 +343,7 @@ impl Control {
     fn tick(&mut self, since: Duration, run: &mut PeerRun) {
         while self.due.first().is_some_and(|(at, _)| *at <= since) {
             let (_, line) = self.due.remove(0);
-            let sent = self
-                .stdin
-                .as_mut()
-                .map(|s| writeln!(s, "{line}").and_then(|()| s.flush()));
-            if !matches!(sent, Some(Ok(()))) {
+            if !self.sink.send(&line) {
                 run.errors
                     .push(format!("could not tell the source VMM `{line}`"));
             }
@@ -307,6 +361,7 @@ fn collect(
 ) {
     let deadline = Instant::now() + limit;
     let mut first_beat: Option<Instant> = None;
+    let mut finished: Option<Instant> = None;
     loop {
         if first_beat.is_none() && !run.beats.is_empty() {
             first_beat = Some(Instant::now());
@@ -326,11 +381,14 @@ fn collect(
             Ok(event) => take(event, run),
             // Every reader has finished: both processes closed their output.
             Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout)
-                if control.stdin.is_some() && control.due.is_empty() && run.result.is_some() =>
-            {
-                // The guest is done: closing the source's control input lets it end.
-                control.stdin = None;
+            Err(RecvTimeoutError::Timeout) if control.due.is_empty() && run.result.is_some() => {
+                // The guest is done: closing the source's control input lets it end, and
+                // a destination still waiting (the migration failed) is not waited for.
+                control.sink = Sink::Closed;
+                let done = *finished.get_or_insert_with(Instant::now);
+                if done.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
         }

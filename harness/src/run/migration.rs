@@ -15,7 +15,9 @@ use reports::record::Curve;
 use serde_json::Value;
 use std::time::Duration;
 use workloads::protocol::Status;
-use workloads::table::param::{MIG_AT_MS, MIG_BEAT_MS, MIG_DOWNTIME_MS, MIG_DURATION_MS};
+use workloads::table::param::{
+    MIG_AT_MS, MIG_BEAT_MS, MIG_DOWNTIME_MS, MIG_DURATION_MS, MIG_TSC_KHZ,
+};
 use workloads::{ParamSpec, WorkloadId};
 
 use super::host_context::{HostContext, HostDriven};
@@ -23,8 +25,9 @@ use super::ksm::guests::{hvbench_exe, runs_vmm};
 use super::plan::param_value;
 use super::session::{SeriesSamples, WorkloadOutcome};
 use crate::backend::BackendKind;
+use crate::backend::BootRequest;
 use crate::migration::ruler::{self, largest_gap};
-use crate::migration::vmm_peer::{self, PeerRun, PeerSpec};
+use crate::migration::vmm_peer::{self, PeerKind, PeerRun, PeerSpec};
 
 /// The calibration pause.
 pub const CALIBRATION_PAUSE: Duration = Duration::from_millis(200);
@@ -92,35 +95,81 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
             return outcome.into();
         }
     };
-    match ctx.backend.kind() {
-        BackendKind::Kvm => on_our_vmm(id, ctx, p, &mut outcome),
-        other => outcome.ratchet(
-            Status::Skip,
-            format!(
-                "hvbench drives live migration on kvm only, not {}",
-                other.name()
-            ),
-        ),
+    let kind = match ctx.backend.kind() {
+        BackendKind::Kvm => our_vmm(),
+        _ => other_backend(id, ctx),
+    };
+    match kind {
+        Ok(kind) => migrate(id, ctx, p, kind, &mut outcome),
+        Err((status, reason)) => outcome.ratchet(status, reason),
     }
     outcome.into()
 }
 
-fn on_our_vmm(id: WorkloadId, ctx: &HostContext, p: MigParams, outcome: &mut WorkloadOutcome) {
-    let exe = match hvbench_exe() {
-        Ok(exe) if runs_vmm(&exe) => exe,
-        Ok(exe) => {
-            return outcome.ratchet(
-                Status::Error,
-                format!("{} has no `vmm` command (set HVBENCH_EXE)", exe.display()),
-            )
-        }
-        Err(e) => return outcome.ratchet(Status::Error, e.to_string()),
+fn our_vmm() -> Result<PeerKind, (Status, String)> {
+    match hvbench_exe() {
+        Ok(exe) if runs_vmm(&exe) => Ok(PeerKind::Vmm {
+            exe,
+            guest_image: None,
+        }),
+        Ok(exe) => Err((
+            Status::Error,
+            format!("{} has no `vmm` command (set HVBENCH_EXE)", exe.display()),
+        )),
+        Err(e) => Err((Status::Error, e.to_string())),
+    }
+}
+
+/// The guest's command line, with the host's TSC rate for a guest not told one.
+fn guest_cmdline(id: WorkloadId, ctx: &HostContext) -> String {
+    let khz = ctx.backend.host().tsc_khz.unwrap_or(0).to_string();
+    let mut params: Vec<(WorkloadId, &str, &str)> = ctx
+        .options
+        .params
+        .iter()
+        .map(|p| (p.workload, p.key.as_str(), p.value.as_str()))
+        .collect();
+    params.push((id, MIG_TSC_KHZ.key, &khz));
+    workloads::cmdline::encode_with_params(&ctx.options.guest_config(&[id]), &params)
+}
+
+fn other_backend(id: WorkloadId, ctx: &HostContext) -> Result<PeerKind, (Status, String)> {
+    let cmdline = guest_cmdline(id, ctx);
+    let request = BootRequest {
+        image: ctx.image,
+        cmdline: &cmdline,
+        memory_mib: ctx.options.memory_mib,
+        vcpus: 1,
+        name: format!("hvbench-{}-mig", std::process::id()),
+    };
+    match ctx.backend.migration_command(&request) {
+        Some(Ok((binary, args))) => Ok(PeerKind::Qemu { binary, args }),
+        Some(Err(e)) => Err((Status::Error, e.to_string())),
+        None => Err((
+            Status::Skip,
+            format!("hvbench does not migrate on {}", ctx.backend.kind().name()),
+        )),
+    }
+}
+
+fn migrate(
+    id: WorkloadId,
+    ctx: &HostContext,
+    p: MigParams,
+    kind: PeerKind,
+    outcome: &mut WorkloadOutcome,
+) {
+    let kind = match kind {
+        PeerKind::Vmm { exe, .. } => PeerKind::Vmm {
+            exe,
+            guest_image: ctx.options.guest_path.clone(),
+        },
+        qemu => qemu,
     };
     let spec = PeerSpec {
-        exe,
-        guest_image: ctx.options.guest_path.clone(),
+        kind,
         memory_mib: ctx.options.memory_mib,
-        cmdline: ctx.options.guest_cmdline(&[id]),
+        cmdline: guest_cmdline(id, ctx),
         timeout: p.duration + Duration::from_secs(60),
         migrate_at: p.migrate_at,
         pause_at: p.migrate_at / 2,
@@ -312,12 +361,15 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut
         outcome
             .series
             .insert(("downtime_hypervisor", String::new()), direct(d / 1e3));
+        let is = report.get("downtime_is").and_then(Value::as_str).unwrap_or(
+            "hvbench's VMM: from asking the vCPU to park to the destination's Ack (the guest \
+             runs there by then; one round trip included)",
+        );
         outcome.notes.insert(
             "downtime_hypervisor_is".into(),
-            "hvbench's VMM: from asking the vCPU to park to the destination's Ack (the guest \
-             runs there by then; one round trip included); the ruler also sees the console's \
-             path to the host"
-                .into(),
+            format!(
+                "{is}; the ruler is the gap the guest's outside world saw, console path included"
+            ),
         );
     }
     if let Some(t) = num(r, "total_ms") {
@@ -381,17 +433,30 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         })
         .collect();
     let notes = &mut outcome.notes;
-    notes.insert("rounds".into(), rounds.len().to_string());
+    // QEMU reports no rounds, only how often it synchronised the dirty log.
+    let count = match report.get("dirty_sync_count").and_then(Value::as_u64) {
+        Some(syncs) if rounds.is_empty() => syncs,
+        _ => rounds.len() as u64,
+    };
+    notes.insert("rounds".into(), count.to_string());
     notes.insert("per_round".into(), text.join("; "));
+    if let Some(qemu) = report.get("qemu") {
+        let text = qemu.to_string();
+        notes.insert(
+            "qemu_query_migrate".into(),
+            text.chars().take(2000).collect(),
+        );
+    }
     for key in [
         "bytes",
         "converged",
         "setup_ms",
         "pause_ms",
         "msrs_unreadable",
+        "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {
-            notes.insert(format!("vmm_{key}"), v.to_string());
+            notes.insert(format!("hypervisor_{key}"), v.to_string());
         }
     }
     if let Some(incoming) = &peer.incoming {

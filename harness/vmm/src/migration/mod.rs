@@ -12,6 +12,7 @@
 
 pub(crate) mod dest;
 pub(crate) mod dirty;
+mod pagemap;
 pub(crate) mod park;
 mod source;
 pub mod state;

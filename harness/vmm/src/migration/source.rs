@@ -7,6 +7,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::dirty::{self, DirtyBitmap};
+use super::pagemap::Pagemap;
 use super::park::{Park, Verdict};
 use super::state::MachineState;
 use super::wire::{self, Hello, Kind, PAGE_SIZE};
@@ -117,8 +118,20 @@ impl Source<'_> {
             ..Default::default()
         };
         let mut buf = vec![0u8; u64_to_usize(u64::from(wire::MAX_RUN_PAGES) * PAGE_SIZE)];
+        let pagemap = Pagemap::open();
         for (first, count) in pages.runs(wire::MAX_RUN_PAGES) {
             let len = u64_to_usize(u64::from(count) * PAGE_SIZE);
+            let host = self
+                .memory
+                .get_host_address(GuestAddress(first * PAGE_SIZE))
+                .map_err(|e| MigrationError::State(format!("guest RAM address: {e}")))?;
+            if pagemap.all_untouched(host as u64, u64_to_usize(u64::from(count))) {
+                let header = wire::run_header(first, count);
+                report.zero_pages += u64::from(count);
+                report.bytes += wire::write_chunk(w, Kind::Zeros, &[&header])
+                    .map_err(io("sending pages"))? as u64;
+                continue;
+            }
             let data = &mut buf[..len];
             self.memory
                 .read_slice(data, GuestAddress(first * PAGE_SIZE))
