@@ -64,6 +64,11 @@ fn a_guest_dirtying_memory_migrates_with_its_memory_intact() {
     let downtime = metric(&records, "downtime");
     assert_eq!(downtime.status, Status::Success, "{:?}", downtime.reason);
     assert_eq!(downtime.notes["memory_check"], "passed");
+    assert_eq!(
+        downtime.series.get("rate").map(String::as_str),
+        Some("200"),
+        "each dirty rate is a series of its own"
+    );
     assert!(downtime.samples[0] >= 0.0);
     assert!(downtime.notes.contains_key("calibration"));
     assert_eq!(downtime.notes["ruler_resolution_ms"], "5");

@@ -473,14 +473,18 @@ pub mod param {
             "Working set the guest dirties (one 8-byte write per 4 KiB page).",
         )
     };
-    pub const MIG_RATE: ParamSpec = spec(
-        "rate",
-        ParamKind::Count,
-        Some("0"),
-        (0, 1_000_000),
-        "Dirty rate in MB/s of pages (10^6 bytes), paced by the guest's TSC; 0 = as fast as \
-         it can.",
-    );
+    /// A series: each rate is a measurement of its own (the convergence curve's x).
+    pub const MIG_RATE: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "rate",
+            ParamKind::Count,
+            Some("0"),
+            (0, 1_000_000),
+            "Dirty rate in MB/s of pages (10^6 bytes), paced by the guest's TSC; 0 = as fast \
+             as it can. A series.",
+        )
+    };
     pub const MIG_DURATION_MS: ParamSpec = spec(
         "duration_ms",
         ParamKind::Count,

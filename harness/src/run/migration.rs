@@ -16,7 +16,7 @@ use serde_json::Value;
 use std::time::Duration;
 use workloads::protocol::Status;
 use workloads::table::param::{
-    MIG_AT_MS, MIG_BEAT_MS, MIG_DOWNTIME_MS, MIG_DURATION_MS, MIG_TSC_KHZ,
+    MIG_AT_MS, MIG_BEAT_MS, MIG_DOWNTIME_MS, MIG_DURATION_MS, MIG_RATE, MIG_TSC_KHZ,
 };
 use workloads::{ParamSpec, WorkloadId};
 
@@ -36,8 +36,10 @@ pub const CALIBRATION_PAUSE: Duration = Duration::from_millis(200);
 const HOST_SLACK: Duration = Duration::from_millis(2);
 
 /// The `mig.*` parameters of this run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MigParams {
+    /// The series the figures belong to (`rate:N` for the dirtying rows).
+    pub series: String,
     pub duration: Duration,
     pub beat: Duration,
     pub migrate_at: Duration,
@@ -58,7 +60,12 @@ fn ms_param(
 
 impl MigParams {
     pub fn from_run(params: &[super::WorkloadParam], id: WorkloadId) -> Result<Self, String> {
+        let series = match param_value(params, id, &MIG_RATE) {
+            Some(rate) if id.spec().param(MIG_RATE.key).is_some() => format!("rate:{rate}"),
+            _ => String::new(),
+        };
         let p = MigParams {
+            series,
             duration: ms_param(params, id, &MIG_DURATION_MS)?,
             beat: ms_param(params, id, &MIG_BEAT_MS)?,
             migrate_at: ms_param(params, id, &MIG_AT_MS)?,
@@ -179,7 +186,7 @@ fn migrate(
     };
     let limit = p.duration + ctx.options.workload_timeout + Duration::from_secs(30);
     match vmm_peer::run(&spec, limit, ctx.interrupted) {
-        Ok(peer) => interpret(&peer, p, outcome),
+        Ok(peer) => interpret(&peer, &p, outcome),
         Err(e) => outcome.ratchet(Status::Error, e),
     }
 }
@@ -202,7 +209,7 @@ fn int(v: Option<&Value>, key: &str) -> Option<u64> {
 }
 
 /// Turns what the VMMs and the guest said into the record.
-pub fn interpret(peer: &PeerRun, p: MigParams, outcome: &mut WorkloadOutcome) {
+pub fn interpret(peer: &PeerRun, p: &MigParams, outcome: &mut WorkloadOutcome) {
     guest_outcome(peer, outcome);
     for e in &peer.errors {
         outcome.ratchet(Status::Error, format!("migration: {e}"));
@@ -273,7 +280,7 @@ fn guest_outcome(peer: &PeerRun, outcome: &mut WorkloadOutcome) {
 }
 
 /// The known pause, as the ruler read it.
-fn calibration(peer: &PeerRun, p: MigParams, outcome: &mut WorkloadOutcome) {
+fn calibration(peer: &PeerRun, p: &MigParams, outcome: &mut WorkloadOutcome) {
     let pause = peer.pause.as_ref();
     let (Some(requested), Some(parked_ms)) = (int(pause, "requested_ns"), num(pause, "parked_ms"))
     else {
@@ -322,7 +329,7 @@ fn calibration(peer: &PeerRun, p: MigParams, outcome: &mut WorkloadOutcome) {
         .insert("calibration_ok".into(), ok.to_string());
 }
 
-fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut WorkloadOutcome) {
+fn migration_figures(peer: &PeerRun, report: &Value, p: &MigParams, outcome: &mut WorkloadOutcome) {
     let r = Some(report);
     let started = int(r, "started_realtime_ns").unwrap_or(0);
     let resumed = int(r, "resumed_realtime_ns").unwrap_or(u64::MAX);
@@ -332,7 +339,7 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut
         u64::try_from((10 * p.beat).max(Duration::from_millis(100)).as_nanos()).unwrap_or(u64::MAX);
     if let Some(gap) = largest_gap(&peer.beats, p.beat, started, resumed.saturating_add(settle)) {
         outcome.series.insert(
-            ("downtime", String::new()),
+            ("downtime", p.series.clone()),
             direct(gap.downtime.as_secs_f64()),
         );
         let when = if gap.to_ns >= resumed {
@@ -360,7 +367,7 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut
     if let Some(d) = num(r, "downtime_ms") {
         outcome
             .series
-            .insert(("downtime_hypervisor", String::new()), direct(d / 1e3));
+            .insert(("downtime_hypervisor", p.series.clone()), direct(d / 1e3));
         let is = report.get("downtime_is").and_then(Value::as_str).unwrap_or(
             "hvbench's VMM: from asking the vCPU to park to the destination's Ack (the guest \
              runs there by then; one round trip included)",
@@ -375,7 +382,7 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut
     if let Some(t) = num(r, "total_ms") {
         outcome
             .series
-            .insert(("total_time", String::new()), direct(t / 1e3));
+            .insert(("total_time", p.series.clone()), direct(t / 1e3));
     }
     let before = ruler::pages_per_ms(
         &peer.beats,
@@ -387,7 +394,7 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: MigParams, outcome: &mut
         (Some(b), Some(d)) if b > 0.0 && d > 0.0 => {
             outcome
                 .series
-                .insert(("slowdown", String::new()), direct(b / d));
+                .insert(("slowdown", p.series.clone()), direct(b / d));
             outcome
                 .notes
                 .insert("pages_per_ms_before".into(), format!("{b:.1}"));
