@@ -43,6 +43,7 @@ fn boot(vmm: &Vmm, image: &[u8], mib: u32, cmdline: &str) -> RunningVm {
         huge_pages: false,
         balloon: false,
         doorbell: Doorbell::new(),
+        disk: None,
     })
     .expect("boot")
 }

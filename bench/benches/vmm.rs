@@ -129,6 +129,7 @@ fn qemu_backend() -> Option<QemuBackend> {
         QemuOptions {
             binary: "qemu-system-x86_64".into(),
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
         },
         hvbench::host::fingerprint(),
@@ -298,6 +299,7 @@ fn child_vmm(cmdline: &str) -> ExitCode {
         mergeable: false,
         doorbell_stdin: false,
         migration: None,
+        vcpus: 1,
     };
     let code = hvbench::standalone::run(&options).unwrap_or(2);
     // An exit status is one byte: a code outside it is a failure, not its low byte.

@@ -33,6 +33,8 @@ pub struct Options {
     pub doorbell_stdin: bool,
     /// Receive the guest from a migration, or migrate it away, instead of only running it.
     pub migration: Option<crate::migration::Role>,
+    /// vCPUs (more than one: KVM's in-kernel irqchip, APs started by the guest).
+    pub vcpus: u32,
 }
 
 #[derive(Debug, Error)]
@@ -74,7 +76,8 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
     let image = GuestImage::load(options.guest.as_deref())?;
     // No fingerprint: it would only delay the boot being timed.
     let backend = KvmBackend::new(reports::record::HostInfo::default())?
-        .with_mergeable_memory(options.mergeable);
+        .with_mergeable_memory(options.mergeable)
+        .with_vcpus(options.vcpus);
     let input_ended = Arc::new(AtomicBool::new(false));
     if options.doorbell_stdin {
         spawn_doorbell_reader(&backend, input_ended.clone())?;
@@ -83,7 +86,7 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
         image: &image,
         cmdline: &options.cmdline,
         memory_mib: options.memory_mib,
-        vcpus: 1,
+        vcpus: options.vcpus,
         name: "vmm".into(),
     };
     let mut vm = match &options.migration {

@@ -10,6 +10,8 @@ pub mod font;
 pub mod format;
 pub mod host;
 pub mod html;
+mod latency_cdf;
+pub mod matrix;
 pub mod plot;
 pub mod pool;
 pub mod record;

@@ -26,6 +26,8 @@ pub const MAX_SAMPLES: u32 = 10_000;
 pub const MAX_WARMUP: u32 = 100;
 pub const MIN_SAMPLE_US: u32 = 100;
 pub const MAX_SAMPLE_US: u32 = 10_000_000;
+/// Most vCPUs the guest is told it has (APIC IDs are 8 bits; 0xff is broadcast).
+pub const MAX_CPUS: u32 = 254;
 
 /// Longest command line the harness produces (Xen's limit).
 pub const MAX_CMDLINE: usize = 1024;
@@ -46,6 +48,9 @@ pub struct GuestConfig {
     pub warmup: u32,
     /// Minimum duration of one sample; the iteration count is doubled until reached.
     pub sample_us: u32,
+    /// vCPUs the guest was given (`cpus=`, 1 when absent): the boot vCPU and the
+    /// application processors the guest may start (APIC IDs 1..cpus).
+    pub cpus: u32,
 }
 
 impl Default for GuestConfig {
@@ -55,6 +60,7 @@ impl Default for GuestConfig {
             samples: DEFAULT_SAMPLES,
             warmup: DEFAULT_WARMUP,
             sample_us: DEFAULT_SAMPLE_US,
+            cpus: 1,
         }
     }
 }
@@ -133,6 +139,7 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
             "samples" => config.samples = number(value, 1, MAX_SAMPLES)?,
             "warmup" => config.warmup = number(value, 0, MAX_WARMUP)?,
             "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
+            "cpus" => config.cpus = number(value, 1, MAX_CPUS)?,
             _ => return Err(CmdlineError::UnknownKey),
         }
     }
@@ -302,6 +309,9 @@ pub fn encode(config: &GuestConfig) -> std::string::String {
         config.warmup,
         config.sample_us
     ));
+    if config.cpus != 1 {
+        line.push_str(&std::format!(" cpus={}", config.cpus));
+    }
     line
 }
 
@@ -325,6 +335,18 @@ mod tests {
             "hvbench run=cpu.cpuid,io.mmio-read samples=7 warmup=2 sample_us=5000"
         );
         assert_eq!(parse(&line), Ok(c));
+        c.cpus = 2;
+        let line = encode(&c);
+        assert!(line.ends_with(" cpus=2"), "{line}");
+        assert_eq!(parse(&line), Ok(c));
+        assert_eq!(
+            parse("hvbench run=cpu.idle cpus=0"),
+            Err(CmdlineError::OutOfRange)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle cpus=255"),
+            Err(CmdlineError::OutOfRange)
+        );
     }
 
     #[test]

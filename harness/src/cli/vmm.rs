@@ -60,6 +60,10 @@ pub struct VmmArgs {
     /// Instead of the timers, wait for `pause MS` and `migrate` lines on stdin.
     #[arg(long, requires = "migrate_to", conflicts_with_all = ["doorbell_stdin", "pause_at_ms"])]
     pub control_stdin: bool,
+    /// vCPUs; with more than one the VM has KVM's in-kernel irqchip and the guest starts
+    /// the others by INIT/SIPI (`sched.steal` and `sched.fairness` use this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=254))]
+    pub vcpus: u32,
 }
 
 impl VmmArgs {
@@ -72,6 +76,7 @@ impl VmmArgs {
             mergeable: self.mergeable,
             doorbell_stdin: self.doorbell_stdin,
             migration: self.migration(),
+            vcpus: self.vcpus,
         }
     }
 

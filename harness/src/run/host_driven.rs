@@ -22,6 +22,9 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
         Driver::Host(HostRunner::Migration) => Some(super::migration::run),
+        Driver::Host(HostRunner::Lifecycle) => Some(super::lifecycle::run),
+        Driver::Host(HostRunner::SchedSteal) => Some(super::sched::run_steal),
+        Driver::Host(HostRunner::SchedFairness) => Some(super::sched::run_fairness),
     }
 }
 
@@ -46,6 +49,11 @@ pub fn check_params(
             HostRunner::Migration => super::migration::MigParams::from_run(params, *id)
                 .map(drop)
                 .map_err(PlanError::Param)?,
+            // `boots` is checked against its bounds with every parameter.
+            HostRunner::Lifecycle => {}
+            HostRunner::SchedSteal | HostRunner::SchedFairness => {
+                super::sched::check_params(*id, params).map_err(PlanError::Param)?
+            }
         }
     }
     Ok(())

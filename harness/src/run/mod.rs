@@ -4,13 +4,16 @@
 //! interrupted run keeps everything measured so far.
 
 pub mod balloon;
+mod fio;
 pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
+pub mod lifecycle;
 pub mod migration;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;
+pub mod sched;
 pub mod session;
 
 use std::path::PathBuf;
@@ -54,6 +57,7 @@ impl RunOptions {
             samples: self.samples,
             warmup: self.warmup,
             sample_us: self.sample_us,
+            cpus: self.vcpus,
             ..Default::default()
         };
         for &w in workloads {
@@ -296,6 +300,7 @@ impl<'a> Run<'a> {
             reproduce: &reproduce,
             workload_params: &options.params,
             guest_ram: backend.guest_ram_advice(),
+            disk: backend.disk(),
         };
         let kind = backend.kind().name();
         for record in records::build(outcome, &ctx) {

@@ -289,6 +289,24 @@ impl Hypervisor for XenBackend {
                  which the hvbench guest does not answer yet"
                     .into(),
             ),
+            BackendFeature::BlockDevice => Err(
+                "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
+                    .into(),
+            ),
+            BackendFeature::VirtioBlk => {
+                Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
+            }
+            BackendFeature::VcpuThreads => Err(
+                "Xen's vCPUs are scheduled by Xen itself (credit2 or credit); weights through \
+                 `xl sched-credit2 -d DOM -w W`, steal through the runstate area, are not \
+                 implemented yet"
+                    .into(),
+            ),
+            BackendFeature::LocalApic => Err(
+                "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
+                 VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
+                    .into(),
+            ),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"

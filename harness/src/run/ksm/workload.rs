@@ -450,6 +450,8 @@ fn start_guests<'a>(
         memory_mib: p.guest_mib,
         // A backstop only: hvbench ends them itself.
         timeout: ready_within + p.max + 2 * options.workload_timeout + Duration::from_secs(60),
+        vcpus: 1,
+        mergeable: true,
     };
     progress(&format!(
         "starting {} guests of {} MiB (identical fraction {})",

@@ -48,7 +48,8 @@ pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, M
     }
     let mib = u32::try_from(hello.ram_bytes >> 20).unwrap_or(u32::MAX);
     // Vm::new bounds the size (as for a boot) before it maps anything.
-    let vm = Vm::new(kvm, mib)?;
+    // Uniprocessor without an irqchip: the only guests a source migrates (see `start`).
+    let vm = Vm::new(kvm, mib, false)?;
     let mut report = IncomingReport {
         ram_bytes: hello.ram_bytes,
         bytes: 44,

@@ -68,6 +68,7 @@ fn boot(vmm: &Vmm, image: &[u8]) -> RunningVm {
         huge_pages: false,
         balloon: false,
         doorbell: Doorbell::new(),
+        disk: None,
     })
     .unwrap()
 }
