@@ -298,6 +298,7 @@ fn child_vmm(cmdline: &str) -> ExitCode {
         timeout: std::time::Duration::from_secs(30),
         mergeable: false,
         doorbell_stdin: false,
+        migration: None,
         vcpus: 1,
     };
     let code = hvbench::standalone::run(&options).unwrap_or(2);

@@ -15,6 +15,7 @@ pub mod guest_image;
 pub mod host;
 pub mod host_paging;
 pub mod interrupt;
+pub mod migration;
 pub mod run;
 pub mod standalone;
 pub mod summary;

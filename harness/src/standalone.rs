@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::backend::kvm::{KvmBackend, VmmError};
-use crate::backend::{BackendError, BootRequest, GuestEnd, GuestMessage, Hypervisor};
+use crate::backend::{BackendError, BootRequest, GuestEnd, GuestMessage};
 use crate::guest_image::{GuestImage, ImageError};
+use crate::migration::Role;
 
 /// What `hvbench vmm` was asked to do.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct Options {
     pub mergeable: bool,
     /// Read `ring N` lines from stdin; end of input stops the guest.
     pub doorbell_stdin: bool,
+    /// Receive the guest from a migration, or migrate it away, instead of only running it.
+    pub migration: Option<crate::migration::Role>,
     /// vCPUs (more than one: KVM's in-kernel irqchip, APs started by the guest).
     pub vcpus: u32,
 }
@@ -46,6 +49,8 @@ pub enum StandaloneError {
     Doorbell(std::io::Error),
     #[error("writing the guest's console to stdout: {0}")]
     Stdout(std::io::Error),
+    #[error(transparent)]
+    Migration(#[from] vmm::migration::MigrationError),
 }
 
 /// What `hvbench vmm --doorbell-stdin` understands on stdin: `ring N`.
@@ -62,6 +67,8 @@ pub const EXIT_VMM_TIMEOUT: i32 = 124;
 /// Exit status of `hvbench vmm` when the guest died without an exit code, or the
 /// doorbell's input ended first.
 pub const EXIT_VMM_NO_STATUS: i32 = 125;
+/// Exit status of a `hvbench vmm --migrate-to` whose guest now runs at the destination.
+pub const EXIT_VMM_MIGRATED: i32 = 0;
 
 /// Boots the guest and pumps its console to stdout until it ends; returns the exit status
 /// (the guest's exit code, [`EXIT_VMM_TIMEOUT`] or [`EXIT_VMM_NO_STATUS`]).
@@ -75,15 +82,46 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
     if options.doorbell_stdin {
         spawn_doorbell_reader(&backend, input_ended.clone())?;
     }
-    let mut session = backend.boot(&BootRequest {
+    let request = BootRequest {
         image: &image,
         cmdline: &options.cmdline,
         memory_mib: options.memory_mib,
         vcpus: options.vcpus,
         name: "vmm".into(),
-    })?;
-    let code = pump(session.as_ref(), options.timeout, &input_ended);
-    session.stop()?;
+    };
+    let mut vm = match &options.migration {
+        Some(Role::Incoming(addr)) => crate::migration::receive(&backend, addr)?,
+        _ => backend.boot_vm(&request)?,
+    };
+    let code = std::thread::scope(|s| {
+        let outgoing = match &options.migration {
+            Some(Role::Outgoing {
+                to,
+                after,
+                options,
+                pause,
+                on_stdin,
+            }) => {
+                let migrator = vm.migrator();
+                Some(s.spawn(move || {
+                    if *on_stdin {
+                        crate::migration::send_on_commands(migrator, to, *options)
+                    } else {
+                        crate::migration::send(migrator, to, *after, *options, *pause)
+                    }
+                }))
+            }
+            _ => None,
+        };
+        let code = pump(vm.messages(), options.timeout, &input_ended);
+        let migrated = outgoing.is_some_and(|t| t.join().unwrap_or(false));
+        if migrated {
+            Ok(EXIT_VMM_MIGRATED)
+        } else {
+            code
+        }
+    });
+    vm.stop()?;
     code
 }
 
@@ -112,7 +150,7 @@ fn spawn_doorbell_reader(
 /// Copies the guest's console to stdout until it ends, the time is up or the doorbell's
 /// input ends; returns the exit status.
 fn pump(
-    session: &dyn crate::backend::GuestSession,
+    messages: &std::sync::mpsc::Receiver<GuestMessage>,
     timeout: Duration,
     input_ended: &AtomicBool,
 ) -> Result<i32, StandaloneError> {
@@ -130,10 +168,7 @@ fn pump(
             return Ok(EXIT_VMM_TIMEOUT);
         }
         // Wake at least every 100 ms to look at the doorbell's input.
-        match session
-            .messages()
-            .recv_timeout(left.min(Duration::from_millis(100)))
-        {
+        match messages.recv_timeout(left.min(Duration::from_millis(100))) {
             Ok(GuestMessage::Console { bytes, .. }) => {
                 sink.write(&bytes).map_err(StandaloneError::Stdout)?;
             }

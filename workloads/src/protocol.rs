@@ -331,7 +331,7 @@ mod decode {
     }
 
     impl RawLine {
-        fn get(&self, key: &str) -> Option<&str> {
+        pub fn get(&self, key: &str) -> Option<&str> {
             self.fields
                 .iter()
                 .find(|(k, _)| k == key)
@@ -342,7 +342,7 @@ mod decode {
             self.get(key).ok_or(ProtocolError::MissingField(key))
         }
 
-        fn number(&self, key: &'static str) -> Result<u64, ProtocolError> {
+        pub fn number(&self, key: &'static str) -> Result<u64, ProtocolError> {
             let text = self.require(key)?;
             parse_u64(text).ok_or_else(|| ProtocolError::BadValue {
                 key,
@@ -370,7 +370,7 @@ mod decode {
             }
         }
 
-        fn status(&self) -> Result<Status, ProtocolError> {
+        pub fn status(&self) -> Result<Status, ProtocolError> {
             let text = self.require("status")?;
             Status::from_name(text).ok_or_else(|| ProtocolError::BadValue {
                 key: "status",

@@ -37,6 +37,10 @@ pub enum WorkloadId {
     MemCr3Switch,
     MemKsm,
     MemBalloon,
+    MigIdle,
+    MigDirty,
+    MigDirtyRandom,
+    MigDirtyHot,
     SelftestTripleFault,
     SelftestPageFault,
     SelftestHang,
@@ -56,6 +60,8 @@ pub enum Group {
     Cpu,
     Io,
     Memory,
+    /// Live migration (host-driven: the host moves the running guest).
+    Migration,
     Selftest,
     /// The guest's whole life on a stack: boot, first result, destruction, host memory.
     Vm,
@@ -69,6 +75,7 @@ impl Group {
             Group::Cpu => "cpu",
             Group::Io => "io",
             Group::Memory => "mem",
+            Group::Migration => "mig",
             Group::Selftest => "selftest",
             Group::Vm => "vm",
             Group::Sched => "sched",
@@ -224,6 +231,8 @@ pub enum HostRunner {
     Ksm,
     /// One guest with a balloon the host inflates and deflates.
     Balloon,
+    /// One guest the host live-migrates while it runs (`mig.*`).
+    Migration,
     /// Guests booted and destroyed one after another, timed and measured from the host.
     Lifecycle,
     /// Several SMP guests spinning on fewer host CPUs than vCPUs: steal time as the guest
@@ -302,6 +311,9 @@ pub enum BackendFeature {
     /// hvbench's own virtio-balloon device, whose queues the VMM validates (a guest that
     /// corrupts them must get an error, never a crashed or corrupted VMM).
     VirtioBalloon,
+    /// The backend can live-migrate the running guest to a second instance of itself and
+    /// pause it for a set time (the downtime ruler's calibration).
+    LiveMigration,
     /// A paravirtual block device over hvbench's disk file (virtio-blk on KVM and QEMU).
     BlockDevice,
     /// hvbench's own virtio-blk, whose requests the VMM validates (a malformed chain must
@@ -524,6 +536,86 @@ pub mod param {
             "The guest's seed for its unique pages (set by the harness per guest).",
         )
     };
+    pub const MIG_WS: ParamSpec = ParamSpec {
+        multiple_of: PAGE_4K,
+        ..spec(
+            "ws",
+            ParamKind::Size,
+            Some("64m"),
+            (PAGE_4K, MAX_LOW_RAM),
+            "Working set the guest dirties (one 8-byte write per 4 KiB page).",
+        )
+    };
+    /// A series: each rate is a measurement of its own (the convergence curve's x).
+    pub const MIG_RATE: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "rate",
+            ParamKind::Count,
+            Some("0"),
+            (0, 1_000_000),
+            "Dirty rate in MB/s of pages (10^6 bytes), paced by the guest's TSC; 0 = as fast \
+             as it can. A series.",
+        )
+    };
+    pub const MIG_DURATION_MS: ParamSpec = spec(
+        "duration_ms",
+        ParamKind::Count,
+        Some("4000"),
+        (200, 600_000),
+        "How long the guest runs its loop (guest-timed); the migration happens inside it.",
+    );
+    pub const MIG_BEAT_MS: ParamSpec = spec(
+        "beat_ms",
+        ParamKind::Count,
+        Some("5"),
+        (1, 1000),
+        "Heartbeat interval (guest-timed): the downtime ruler's resolution.",
+    );
+    pub const MIG_AT_MS: ParamSpec = spec(
+        "migrate_at_ms",
+        ParamKind::Count,
+        Some("1000"),
+        (0, 600_000),
+        "When the host starts the migration (or, for calibration, the pause), after the \
+         guest's first heartbeat.",
+    );
+    pub const MIG_DOWNTIME_MS: ParamSpec = spec(
+        "downtime_ms",
+        ParamKind::Count,
+        Some("300"),
+        (1, 60_000),
+        "The downtime limit given to the hypervisor (ours: --downtime-ms; QEMU: \
+         downtime-limit).",
+    );
+    /// Set by the harness: the host's TSC rate, for a guest its hypervisor does not tell
+    /// (QEMU without an invariant TSC, which it must drop to migrate).
+    pub const MIG_TSC_KHZ: ParamSpec = ParamSpec {
+        set_by: SetBy::Host,
+        ..spec(
+            "tsc_khz",
+            ParamKind::Count,
+            Some("0"),
+            (0, 100_000_000),
+            "The host's TSC rate in kHz (set by the harness; 0: the guest uses its hypervisor's).",
+        )
+    };
+    pub const MIG_DIRTY: &[ParamSpec] = &[
+        MIG_WS,
+        MIG_RATE,
+        MIG_DURATION_MS,
+        MIG_BEAT_MS,
+        MIG_AT_MS,
+        MIG_DOWNTIME_MS,
+        MIG_TSC_KHZ,
+    ];
+    pub const MIG_IDLE: &[ParamSpec] = &[
+        MIG_DURATION_MS,
+        MIG_BEAT_MS,
+        MIG_AT_MS,
+        MIG_DOWNTIME_MS,
+        MIG_TSC_KHZ,
+    ];
     const fn blk_bs(default: &'static str) -> ParamSpec {
         ParamSpec {
             multiple_of: 512,
@@ -696,6 +788,41 @@ pub mod param {
         KSM_SAMPLE_MS,
         KSM_SEED,
     ];
+}
+
+/// What every `mig.*` record measures.
+const MIG_METRICS: &[MetricSpec] = &[
+    metric("downtime", Unit::Seconds, Direction::LowerIsBetter),
+    metric(
+        "downtime_hypervisor",
+        Unit::Seconds,
+        Direction::LowerIsBetter,
+    ),
+    metric("total_time", Unit::Seconds, Direction::LowerIsBetter),
+    metric("slowdown", Unit::Ratio, Direction::LowerIsBetter),
+];
+
+const MIG_REQUIRES: &[Requirement] = &[Requirement::Backend(BackendFeature::LiveMigration)];
+
+const fn mig_row(
+    id: WorkloadId,
+    name: &'static str,
+    description: &'static str,
+    params: &'static [ParamSpec],
+) -> Workload {
+    Workload {
+        id,
+        name,
+        group: Group::Migration,
+        privilege: Privilege::User,
+        metrics: MIG_METRICS,
+        description,
+        requires: MIG_REQUIRES,
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Migration),
+        params,
+    }
 }
 
 /// Every workload hvbench knows, in the order a full run executes them.
@@ -1131,6 +1258,39 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Host(HostRunner::Balloon),
         params: &[param::BALLOON_SIZE],
     },
+    mig_row(
+        WorkloadId::MigIdle,
+        "mig.idle",
+        "Live migration of a guest that only beats (a heartbeat line every `beat_ms`, \
+         guest-timed, which the host timestamps on arrival): the floor of downtime and total \
+         time. Downtime = the largest gap between heartbeats minus the interval (resolution: \
+         the interval), beside the hypervisor's own figure; total time; the guest's memory \
+         check.",
+        param::MIG_IDLE,
+    ),
+    mig_row(
+        WorkloadId::MigDirty,
+        "mig.dirty",
+        "Live migration while the guest at CPL3 rewrites one word of each page of a `ws` \
+         working set in order at `rate` MB/s (0: flat out), counting pages written per \
+         heartbeat before, during and after; it keeps a checksum of the working set as it \
+         writes and checks it against memory at the end. Downtime (heartbeat gap and the \
+         hypervisor's own), total time, rounds and bytes, slowdown.",
+        param::MIG_DIRTY,
+    ),
+    mig_row(
+        WorkloadId::MigDirtyRandom,
+        "mig.dirty-random",
+        "As mig.dirty, the pages chosen at random over the working set.",
+        param::MIG_DIRTY,
+    ),
+    mig_row(
+        WorkloadId::MigDirtyHot,
+        "mig.dirty-hot",
+        "As mig.dirty, the pages chosen at random from a hot eighth of the working set \
+         (the writes pile onto few pages: fewer to resend each round).",
+        param::MIG_DIRTY,
+    ),
     Workload {
         id: WorkloadId::SelftestTripleFault,
         name: "selftest.triple-fault",

@@ -5,6 +5,7 @@ mod balloon;
 mod blk;
 mod ksm;
 mod memory;
+mod migration;
 mod sched;
 
 pub use self::sched::ap_user_main;
@@ -182,6 +183,10 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MemKsm => ksm::ksm(s)?,
         WorkloadId::MemBalloon => balloon::balloon(s, info)?,
         WorkloadId::SelftestBalloonCorrupt => balloon::corrupt(s, info)?,
+        WorkloadId::MigIdle => migration::run(s, info, migration::Pattern::Idle)?,
+        WorkloadId::MigDirty => migration::run(s, info, migration::Pattern::Sequential)?,
+        WorkloadId::MigDirtyRandom => migration::run(s, info, migration::Pattern::Random)?,
+        WorkloadId::MigDirtyHot => migration::run(s, info, migration::Pattern::Hot)?,
         // The host times the boot to this note, reads the stack's memory and destroys the
         // guest while it holds here (about a second), so it is measured running.
         WorkloadId::VmLifecycle => {

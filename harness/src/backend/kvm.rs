@@ -92,6 +92,20 @@ impl KvmBackend {
         self.doorbell.clone()
     }
 
+    /// Boots the guest as a VM the caller holds (`hvbench vmm`, which may migrate it).
+    pub fn boot_vm(&self, request: &BootRequest) -> Result<RunningVm, VmmError> {
+        self.start(request, false)
+    }
+
+    /// Receives a guest migrated over `stream`, starts it and acknowledges it.
+    pub fn incoming(
+        &self,
+        stream: vmm::migration::MigrationStream,
+        name: &str,
+    ) -> Result<(RunningVm, vmm::migration::IncomingReport), vmm::migration::MigrationError> {
+        self.vmm.incoming(stream, name, self.doorbell.clone())
+    }
+
     /// Boots the guest, with the virtio-balloon if asked.
     fn start(&self, request: &BootRequest, balloon: bool) -> Result<RunningVm, VmmError> {
         self.vmm.boot(&VmConfig {
@@ -272,6 +286,7 @@ impl Hypervisor for KvmBackend {
                 Some(reason) => Err(reason.into()),
             },
             BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
+            BackendFeature::LiveMigration => Ok(()),
             BackendFeature::BlockDevice | BackendFeature::VirtioBlk => match self.disk {
                 Some(_) => Ok(()),
                 None => Err("this run made no disk for the guest".into()),

@@ -109,6 +109,16 @@ pub trait Hypervisor: std::fmt::Debug {
     /// Whether the guest runs on this machine, so that native twins of a workload,
     /// measured here, are comparable.
     fn guest_runs_locally(&self) -> bool;
+    /// For live migration (`mig.*`) between two processes of this backend: the program
+    /// and the arguments that run `request` (the guest image written where they name
+    /// it), to which the runner adds each side's own; `None` where the backend is not
+    /// migrated that way.
+    fn migration_command(
+        &self,
+        _request: &BootRequest,
+    ) -> Option<Result<(std::path::PathBuf, Vec<String>), BackendError>> {
+        None
+    }
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError>;
     /// Why this backend can run nothing at all as configured (every workload is then
     /// skipped with the reason), if so.

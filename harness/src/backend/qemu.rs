@@ -388,6 +388,7 @@ impl Hypervisor for QemuBackend {
                  devices it controls; run them with --backend kvm"
                     .into(),
             ),
+            BackendFeature::LiveMigration => Ok(()),
             BackendFeature::BlockDevice => match self.disk {
                 Some(_) => Ok(()),
                 None => Err("this run made no disk for the guest".into()),
@@ -432,6 +433,28 @@ impl Hypervisor for QemuBackend {
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
+    }
+
+    fn migration_command(
+        &self,
+        request: &BootRequest,
+    ) -> Option<Result<(PathBuf, Vec<String>), BackendError>> {
+        let kernel = request.image.write_to(self.image_dir.path());
+        Some(
+            kernel
+                .map(|kernel| {
+                    let mut args = self.arguments(request, &kernel);
+                    // QEMU refuses to migrate a CPU with an invariant TSC (and cannot fix
+                    // its rate where KVM has no TSC scaling, as on kvm_pvm): drop it.
+                    if let Some(cpu) = args.iter().position(|a| a == "-cpu").map(|i| i + 1) {
+                        if let Some(model) = args.get_mut(cpu) {
+                            *model = model.replace("+invtsc", "-invtsc");
+                        }
+                    }
+                    (self.options.binary.clone(), args)
+                })
+                .map_err(|e| QemuError::Image(e).into()),
+        )
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {

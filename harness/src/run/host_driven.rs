@@ -21,6 +21,7 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Guest => None,
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
+        Driver::Host(HostRunner::Migration) => Some(super::migration::run),
         Driver::Host(HostRunner::Lifecycle) => Some(super::lifecycle::run),
         Driver::Host(HostRunner::SchedSteal) => Some(super::sched::run_steal),
         Driver::Host(HostRunner::SchedFairness) => Some(super::sched::run_fairness),
@@ -43,6 +44,9 @@ pub fn check_params(
                 .map(drop)
                 .map_err(|e| PlanError::Param(e.to_string()))?,
             HostRunner::Balloon => super::balloon::balloon_size(params, memory_mib)
+                .map(drop)
+                .map_err(PlanError::Param)?,
+            HostRunner::Migration => super::migration::MigParams::from_run(params, *id)
                 .map(drop)
                 .map_err(PlanError::Param)?,
             // `boots` is checked against its bounds with every parameter.

@@ -9,6 +9,7 @@ pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
 pub mod lifecycle;
+pub mod migration;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;

@@ -14,6 +14,7 @@ mod boot;
 mod cast;
 mod channel;
 mod devices;
+pub mod migration;
 mod vstate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vmm_sys_util::signal::Killable;
 
@@ -36,7 +37,11 @@ pub use self::vstate::memory::MIN_MEMORY_MIB;
 
 use self::devices::balloon::VirtioBalloon;
 use self::devices::blk::VirtioBlk;
-use self::vstate::memory::{self as memory, Advice};
+use self::migration::park::Park;
+use self::migration::{
+    IncomingReport, MigrateOptions, MigrationError, MigrationReport, MigrationStream, Source,
+};
+use self::vstate::memory::{self as memory, Advice, GuestMemory};
 pub use self::vstate::vcpu::MAX_VCPUS;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
@@ -167,23 +172,155 @@ impl Vmm {
             Some(disk) => Some(attach_blk(&vm, &mut vcpu, disk, config.name)?),
             None => None,
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        // Bounded: a guest that floods the console makes its vCPU wait for the host.
-        let (tx, rx) = guest_channel(stop.clone());
-        let thread_stop = stop.clone();
-        let name = config.name.to_string();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu0-{}", config.name))
-            .spawn(move || vcpu.run(vm, thread_stop, tx, &name))
-            .map_err(VmmError::Thread)?;
-        Ok(RunningVm {
-            messages: rx,
-            stop,
-            thread: Some(thread),
-            balloon,
-            blk,
-        })
+        start(vcpu, vm, config.name, balloon, blk)
     }
+
+    /// Receives a guest migrated over `stream` (see [`migration`]), starts it, and
+    /// tells the source it runs. On an error the source is told why (as far as the
+    /// stream still carries it) and nothing is left running here.
+    pub fn incoming(
+        &self,
+        mut stream: MigrationStream,
+        name: &str,
+        doorbell: Arc<Doorbell>,
+    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
+        match self.restore(&stream, name, doorbell) {
+            Ok((vm, report)) => {
+                migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())?;
+                Ok((vm, report))
+            }
+            Err(e) => {
+                migration::dest::refuse(&mut stream, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn restore(
+        &self,
+        stream: &MigrationStream,
+        name: &str,
+        doorbell: Arc<Doorbell>,
+    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
+        let received = migration::dest::receive(&self.kvm, stream)?;
+        let restore_started = Instant::now();
+        let (vm, state, mut report) = (received.vm, received.state, received.report);
+        let fd = vstate::vcpu::create(&self.kvm, &vm, 0)?;
+        let xsave_size = vm
+            .fd
+            .check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into());
+        report.msrs_refused = state.vcpu.restore(&fd, xsave_size)?;
+        let here_khz = fd.get_tsc_khz().unwrap_or(0);
+        report.tsc_khz = (state.vcpu.tsc_khz, here_khz);
+        doorbell.ring(state.devices.doorbell);
+        let devices = Devices::restored(&state.devices.uart, &state.devices.exit_counts, doorbell)
+            .map_err(MigrationError::State)?;
+        let running = start(Vcpu::from_parts(fd, devices), vm, name, None, None)?;
+        report.restore = restore_started.elapsed();
+        report.total = received.started.elapsed();
+        Ok((running, report))
+    }
+}
+
+/// Starts the vCPU thread, which owns the VM from then on.
+fn start(
+    vcpu: Vcpu,
+    vm: Vm,
+    name: &str,
+    balloon: Option<BalloonHandle>,
+    blk: Option<BlkHandle>,
+) -> Result<RunningVm, VmmError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    // Bounded: a guest that floods the console makes its vCPU wait for the host.
+    let (tx, rx) = guest_channel(stop.clone());
+    let thread_stop = stop.clone();
+    let (vm_fd, memory, park) = (vm.fd.clone(), vm.memory.clone(), vcpu.park());
+    // Devices that write guest RAM themselves (their pages and queues are not migrated),
+    // and the irqchip with its APs (LAPIC and AP state are not migrated), refuse it.
+    let has_balloon = vcpu.has_balloon() || blk.is_some() || vm.irqchip;
+    let thread_name = name.to_string();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu0-{name}"))
+        .spawn(move || vcpu.run(vm, thread_stop, tx, &thread_name))
+        .map_err(VmmError::Thread)?;
+    Ok(RunningVm {
+        messages: rx,
+        stop,
+        thread: Some(thread),
+        balloon,
+        blk,
+        migration: MigrationHandles {
+            vm_fd,
+            memory,
+            park,
+            has_balloon,
+        },
+    })
+}
+
+/// Migrates one running guest; see [`RunningVm::migrator`].
+#[derive(Debug)]
+pub struct Migrator<'a> {
+    thread: &'a JoinHandle<()>,
+    handles: &'a MigrationHandles,
+}
+
+impl Migrator<'_> {
+    /// Pauses the guest for `length` (vCPU parked, its state captured, then resumed as
+    /// it was; its TSC runs on, as the host's clock does): the downtime ruler's known
+    /// pause. Returns how long the vCPU took to park and how long it stayed parked.
+    pub fn pause_for(&self, length: Duration) -> Result<(Duration, Duration), MigrationError> {
+        let kick = || {
+            let _ = self.thread.kill(kick_signal());
+            !self.thread.is_finished()
+        };
+        let started = Instant::now();
+        self.handles
+            .park
+            .request(Vec::new(), Duration::from_secs(2), kick)
+            .map_err(MigrationError::Pause)?;
+        let parked = Instant::now();
+        std::thread::sleep(length);
+        self.handles.park.decide(migration::park::Verdict::Resume);
+        Ok((parked - started, parked.elapsed()))
+    }
+
+    /// Live-migrates the guest over `stream` to a destination in [`Vmm::incoming`]. On
+    /// success the guest runs there and this VM's vCPU thread ends (its last messages
+    /// are a `Notice` and `Ended(Stopped)`); on an error the guest runs on here.
+    pub fn migrate(
+        &self,
+        stream: MigrationStream,
+        options: MigrateOptions,
+    ) -> Result<MigrationReport, MigrationError> {
+        let msr_indices = Kvm::new()
+            .and_then(|kvm| kvm.get_msr_index_list())
+            .map(|list| list.as_slice().to_vec())
+            .map_err(|source| MigrationError::Kvm {
+                what: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?;
+        let kick = || {
+            let _ = self.thread.kill(kick_signal());
+            !self.thread.is_finished()
+        };
+        let source = Source {
+            vm: &self.handles.vm_fd,
+            memory: &self.handles.memory,
+            park: &self.handles.park,
+            options,
+        };
+        source.run(stream, kick, msr_indices)
+    }
+}
+
+/// What a migration needs of a running VM besides its vCPU thread.
+#[derive(Debug)]
+struct MigrationHandles {
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    park: Arc<Park>,
+    has_balloon: bool,
 }
 
 /// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
@@ -218,6 +355,7 @@ pub struct RunningVm {
     thread: Option<JoinHandle<()>>,
     balloon: Option<BalloonHandle>,
     blk: Option<BlkHandle>,
+    migration: MigrationHandles,
 }
 
 /// How long a stop may take before it is reported as a failure.
@@ -232,6 +370,27 @@ impl RunningVm {
     /// The host's handle on the virtio-balloon, once, where the VM was booted with one.
     pub fn take_balloon(&mut self) -> Option<BalloonHandle> {
         self.balloon.take()
+    }
+
+    /// What migrates this guest ([`Migrator::migrate`]). It borrows only what can be
+    /// shared between threads, so that one thread migrates while another reads the
+    /// guest's messages (a guest whose console is not read would block, and could not
+    /// pause).
+    pub fn migrator(&self) -> Result<Migrator<'_>, MigrationError> {
+        if self.migration.has_balloon {
+            return Err(MigrationError::Unsupported(
+                "the virtio-balloon's and virtio-blk's queues, the pages they write, and the \
+                 irqchip and APs of an SMP guest are not migrated",
+            ));
+        }
+        let thread = self
+            .thread
+            .as_ref()
+            .ok_or_else(|| MigrationError::Pause("the guest was stopped".into()))?;
+        Ok(Migrator {
+            thread,
+            handles: &self.migration,
+        })
     }
 
     /// The host's view of the virtio-blk, where the VM was booted with a disk.

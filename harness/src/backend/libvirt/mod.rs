@@ -293,6 +293,11 @@ impl Hypervisor for LibvirtBackend {
             | BackendFeature::VirtioBlk => Err(super::qemu::Q35_NO_VIRTIO_MMIO.into()),
             // q35 has a local APIC per vCPU and the domain's <vcpu> APs wait for INIT/SIPI.
             BackendFeature::LocalApic => Ok(()),
+            BackendFeature::LiveMigration => Err(
+                "hvbench migrates with its own VMM and with plain QEMU (QMP); `virsh migrate` \
+                 is not driven yet"
+                    .into(),
+            ),
             BackendFeature::VcpuThreads => Err(
                 "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
                  processes; a libvirt domain's vCPU threads are QEMU's: run them with \

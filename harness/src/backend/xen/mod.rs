@@ -284,6 +284,11 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::LiveMigration => Err(
+                "xl migrate suspends a PVH guest through xenstore (control/shutdown = suspend), \
+                 which the hvbench guest does not answer yet"
+                    .into(),
+            ),
             BackendFeature::BlockDevice => Err(
                 "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
                     .into(),

@@ -91,6 +91,20 @@ impl ExitCounters {
         self.0[reason as usize]
     }
 
+    /// The counts in [`ExitReason::ALL`]'s order (a migration carries them over).
+    pub(crate) fn raw(&self) -> &[u64] {
+        &self.0
+    }
+
+    /// Counts carried over from a migration's source; extra or missing ones are ignored.
+    pub(crate) fn from_raw(counts: &[u64]) -> Self {
+        let mut c = ExitCounters::default();
+        for (to, from) in c.0.iter_mut().zip(counts) {
+            *to = *from;
+        }
+        c
+    }
+
     pub(crate) fn snapshot(&self) -> crate::ExitCounts {
         ExitReason::ALL
             .iter()
@@ -180,6 +194,34 @@ impl Devices {
     /// Puts the virtio-balloon at `VIRTIO_BALLOON_BASE`.
     pub(crate) fn attach_balloon(&mut self, balloon: VirtioBalloon) {
         self.balloon = Some(balloon);
+    }
+
+    pub(crate) fn has_balloon(&self) -> bool {
+        self.balloon.is_some()
+    }
+
+    /// The UART's registers and FIFO (a migration carries them over).
+    pub(crate) fn uart_state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
+    pub(crate) fn doorbell_value(&self) -> u32 {
+        self.doorbell.value()
+    }
+
+    /// Devices as a migration's source left them (the balloon never migrates).
+    pub(crate) fn restored(
+        uart: &vm_superio::serial::SerialState,
+        counts: &[u64],
+        doorbell: Arc<Doorbell>,
+    ) -> Result<Self, String> {
+        Ok(Devices {
+            uart: ConsoleUart::from_state(uart)?,
+            doorbell,
+            counters: ExitCounters::from_raw(counts),
+            balloon: None,
+            blk: None,
+        })
     }
 
     /// Puts the virtio-blk at `VIRTIO_BLK_BASE`.

@@ -58,6 +58,22 @@ impl ConsoleUart {
         }
     }
 
+    /// The UART as a migration's source left it (its FIFO bounded by vm-superio).
+    pub(crate) fn from_state(state: &vm_superio::serial::SerialState) -> Result<Self, String> {
+        Serial::from_state(
+            state,
+            NoInterrupt,
+            vm_superio::serial::NoEvents,
+            OutputBuffer::default(),
+        )
+        .map(|serial| ConsoleUart { serial })
+        .map_err(|e| format!("UART state: {e:?}"))
+    }
+
+    pub(crate) fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
     /// A write at `offset` from COM1. A string OUT (`rep outsb`) to the data register
     /// arrives as many bytes at once: each is one transmitted byte.
     pub(crate) fn write(&mut self, offset: u8, data: &[u8]) {

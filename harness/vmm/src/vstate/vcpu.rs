@@ -17,6 +17,7 @@ use crate::channel::{GuestEnd, GuestMessage, GuestSender};
 use crate::devices::balloon::VirtioBalloon;
 use crate::devices::blk::VirtioBlk;
 use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
+use crate::migration::park::{Park, Verdict};
 use crate::VmmError;
 
 /// The signal that interrupts KVM_RUN when the host stops a guest.
@@ -128,7 +129,7 @@ fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], this: CpuidFor) -> Vec<kv
 }
 
 /// Creates vCPU `id` with the guest's CPUID.
-fn create(kvm: &Kvm, vm: &Vm, id: u8) -> Result<VcpuFd, VmmError> {
+pub(crate) fn create(kvm: &Kvm, vm: &Vm, id: u8) -> Result<VcpuFd, VmmError> {
     let fd = vm
         .fd
         .create_vcpu(u64::from(id))
@@ -181,6 +182,8 @@ pub const MAX_VCPUS: u32 = 254;
 pub(crate) struct Vcpu {
     fd: VcpuFd,
     devices: Devices,
+    /// Where a migration asks this vCPU to pause.
+    park: Arc<Park>,
 }
 
 impl Vcpu {
@@ -204,7 +207,26 @@ impl Vcpu {
         Ok(Vcpu {
             fd,
             devices: Devices::new(),
+            park: Arc::default(),
         })
+    }
+
+    /// A vCPU already in its state (a migrated guest's), with its devices.
+    pub(crate) fn from_parts(fd: VcpuFd, devices: Devices) -> Self {
+        Vcpu {
+            fd,
+            devices,
+            park: Arc::default(),
+        }
+    }
+
+    /// The migration's handle on this vCPU's pause.
+    pub(crate) fn park(&self) -> Arc<Park> {
+        self.park.clone()
+    }
+
+    pub(crate) fn has_balloon(&self) -> bool {
+        self.devices.has_balloon()
     }
 
     /// Answers the doorbell port with `doorbell`, which the host rings.
@@ -278,6 +300,15 @@ impl Vcpu {
     fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender) -> GuestEnd {
         loop {
             if stop.load(Ordering::Acquire) {
+                return GuestEnd::Stopped;
+            }
+            if self.park.asked()
+                && self.park.park(&mut self.fd, &self.devices) == Verdict::HandedOver
+            {
+                self.flush_console(tx, true);
+                let _ = tx.send(GuestMessage::Notice(
+                    "migrated: the destination runs the guest".into(),
+                ));
                 return GuestEnd::Stopped;
             }
             let exit = match self.fd.run() {

@@ -1,5 +1,7 @@
 //! The VM: its file descriptor, its memory, and the ioeventfd behind `io.pio-out-kernel`.
 
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use workloads::abi::PIO_KERNEL_PORT;
@@ -35,7 +37,8 @@ fn disable_hypercall_patching(fd: &VmFd) -> Result<(), VmmError> {
 
 #[derive(Debug)]
 pub(crate) struct Vm {
-    pub(crate) fd: VmFd,
+    /// Shared with a migration, which reads the dirty log while the vCPU runs.
+    pub(crate) fd: Arc<VmFd>,
     pub(crate) memory: GuestMemory,
     /// Signalled by KVM, in the kernel, on every write to `PIO_KERNEL_PORT`. Never read:
     /// its counter saturates long after any run ends.
@@ -82,7 +85,7 @@ impl Vm {
             source,
         })?;
         Ok(Vm {
-            fd,
+            fd: Arc::new(fd),
             memory,
             _kernel_port_event: event,
             secondary_vcpus: Vec::new(),

@@ -1,0 +1,135 @@
+//! The receiving side: every chunk checked, RAM filled, the VM built from the state.
+
+use std::io::{BufReader, Write};
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::state::MachineState;
+use super::wire::{self, Hello, Kind, Run, WireError, PAGE_SIZE};
+use super::{IncomingReport, MigrationError, MigrationStream};
+use crate::cast::u64_to_usize;
+use crate::vstate::vm::Vm;
+
+const READ_BUFFER: usize = 4 << 20;
+
+/// RAM and state, received and checked, before the vCPU is built.
+pub(crate) struct Received {
+    pub(crate) vm: Vm,
+    pub(crate) state: MachineState,
+    pub(crate) report: IncomingReport,
+    pub(crate) started: Instant,
+}
+
+/// Reads the whole stream up to `Done`.
+pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, MigrationError> {
+    let started = Instant::now();
+    let reader = stream.try_clone().map_err(|source| MigrationError::Io {
+        what: "cloning the stream",
+        source,
+    })?;
+    let mut r = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut buf = Vec::new();
+    let kind = wire::read_chunk(&mut r, &mut buf)?;
+    if kind != Kind::Hello {
+        return Err(WireError::Unexpected {
+            expected: "Hello",
+            got: kind,
+        }
+        .into());
+    }
+    let hello = Hello::decode(&buf)?;
+    if hello.ram_bytes % (1 << 20) != 0 {
+        return Err(MigrationError::State(format!(
+            "RAM of {} bytes is not whole MiB",
+            hello.ram_bytes
+        )));
+    }
+    let mib = u32::try_from(hello.ram_bytes >> 20).unwrap_or(u32::MAX);
+    // Vm::new bounds the size (as for a boot) before it maps anything.
+    // Uniprocessor without an irqchip: the only guests a source migrates (see `start`).
+    let vm = Vm::new(kvm, mib, false)?;
+    let mut report = IncomingReport {
+        ram_bytes: hello.ram_bytes,
+        bytes: 44,
+        ..Default::default()
+    };
+    let state = fill(&vm, &mut r, &mut buf, &mut report)?;
+    Ok(Received {
+        vm,
+        state,
+        report,
+        started,
+    })
+}
+
+/// Page runs, rounds and the state, until `Done`.
+fn fill(
+    vm: &Vm,
+    r: &mut BufReader<MigrationStream>,
+    buf: &mut Vec<u8>,
+    report: &mut IncomingReport,
+) -> Result<MachineState, MigrationError> {
+    let ram_pages = report.ram_bytes / PAGE_SIZE;
+    // RAM starts zeroed: until the first round ends, a zero page needs no write.
+    let mut fresh = true;
+    let zeros = vec![0u8; u64_to_usize(u64::from(wire::MAX_RUN_PAGES) * PAGE_SIZE)];
+    let mut state = None;
+    loop {
+        let kind = wire::read_chunk(r, buf)?;
+        report.bytes += 12 + buf.len() as u64;
+        match kind {
+            Kind::Pages | Kind::Zeros => {
+                let run = Run::decode(kind, buf, ram_pages)?;
+                let len = u64_to_usize(u64::from(run.count) * PAGE_SIZE);
+                let data = if kind == Kind::Pages {
+                    report.pages += u64::from(run.count);
+                    run.data
+                } else {
+                    report.zero_pages += u64::from(run.count);
+                    if fresh {
+                        continue;
+                    }
+                    &zeros[..len]
+                };
+                vm.memory
+                    .write_slice(data, GuestAddress(run.first_pfn * PAGE_SIZE))
+                    .map_err(|e| MigrationError::State(format!("writing guest RAM: {e}")))?;
+            }
+            Kind::RoundEnd => fresh = false,
+            Kind::State => state = Some(MachineState::decode(buf)?),
+            Kind::Done => {
+                return state
+                    .ok_or_else(|| MigrationError::State("Done came before the state".into()))
+            }
+            got @ (Kind::Hello | Kind::Ack | Kind::Refuse) => {
+                return Err(WireError::Unexpected {
+                    expected: "pages, state or Done",
+                    got,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// Tells the source the guest runs here (with the realtime it started at).
+pub(crate) fn acknowledge(
+    stream: &mut MigrationStream,
+    resumed_ns: u64,
+) -> Result<(), MigrationError> {
+    wire::write_chunk(stream, Kind::Ack, &[&resumed_ns.to_le_bytes()])
+        .and_then(|_| stream.flush())
+        .map_err(|source| MigrationError::Io {
+            what: "acknowledging to the source",
+            source,
+        })
+}
+
+/// Tells the source why not (best effort: the source may be gone).
+pub(crate) fn refuse(stream: &mut MigrationStream, error: &MigrationError) {
+    let text = error.to_string();
+    let text = &text.as_bytes()[..text.len().min(512)];
+    let _ = wire::write_chunk(stream, Kind::Refuse, &[text]).and_then(|_| stream.flush());
+}

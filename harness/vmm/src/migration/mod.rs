@@ -1,0 +1,140 @@
+//! Pre-copy live migration between two VMMs (Clark et al., NSDI 2005).
+//!
+//! The source ([`crate::RunningVm::migrate`]) turns on KVM's dirty log, sends every page
+//! of RAM while the guest runs (round 0), then the pages written meanwhile, round after
+//! round, until what is left would go within the downtime limit at the bandwidth the
+//! last round reached (or the round limit is hit). It then parks the vCPU, sends the last
+//! dirty pages, the vCPU and device state and `Done`, and waits for the destination's
+//! `Ack`: only then does its vCPU thread end. Any failure before the `Ack` (a broken or
+//! refused stream, a destination that dies) resumes the guest on the source, which
+//! never loses it. The destination ([`crate::Vmm::incoming`]) checks every chunk (see
+//! [`wire`]), builds the VM from what it received and starts it before it acknowledges.
+
+pub(crate) mod dest;
+pub(crate) mod dirty;
+mod pagemap;
+pub(crate) mod park;
+mod source;
+pub mod state;
+mod transport;
+pub mod wire;
+
+pub(crate) use self::source::Source;
+pub use self::transport::{MigrationAddr, MigrationListener, MigrationStream};
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use self::wire::WireError;
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("migration stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("vCPU state: {0}")]
+    State(String),
+    #[error("cannot migrate this guest: {0}")]
+    Unsupported(&'static str),
+    #[error("pausing the guest: {0}")]
+    Pause(String),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("building the destination VM: {0}")]
+    Vmm(#[from] crate::VmmError),
+}
+
+/// How the source migrates.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrateOptions {
+    /// Stop iterating once the pages left would be sent within this (QEMU's default is
+    /// 300 ms).
+    pub downtime_limit: Duration,
+    /// Stop iterating after this many rounds, whatever is left.
+    pub max_rounds: u32,
+    /// How long the source waits for the destination's `Ack` after `Done`.
+    pub ack_timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            ack_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One round of page copying.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundReport {
+    /// Pages sent with their contents.
+    pub pages: u64,
+    /// Pages sent as "all zero" (no contents on the wire).
+    pub zero_pages: u64,
+    /// Bytes written to the stream in this round (frames included).
+    pub bytes: u64,
+    pub duration: Duration,
+    /// Pages the guest dirtied while this round was sent (the next round's work).
+    pub dirtied: u64,
+    /// Whether the guest was paused (the stop-and-copy round).
+    pub paused: bool,
+}
+
+/// What a migration did, as the source saw it.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationReport {
+    pub ram_bytes: u64,
+    /// From the call to the destination's `Ack`.
+    pub total: Duration,
+    /// From the call to the first page sent (dirty logging on, `Hello` sent).
+    pub setup: Duration,
+    /// The VMM's own downtime: from asking the vCPU to park to the destination's `Ack`
+    /// (the guest runs there by then), so it includes one network round trip.
+    pub downtime: Duration,
+    /// Of the downtime, how long the vCPU took to park and hand its state over.
+    pub pause: Duration,
+    /// The pre-copy rounds, then the stop-and-copy round.
+    pub rounds: Vec<RoundReport>,
+    /// Whether the pre-copy converged (what was left fit the downtime limit) rather than
+    /// hit the round limit.
+    pub converged: bool,
+    /// Bytes written to the stream.
+    pub bytes: u64,
+    /// MSRs KVM listed but would not read.
+    pub msrs_unreadable: u32,
+    /// The destination's CLOCK_REALTIME (ns) when its vCPU started.
+    pub resumed_realtime_ns: u64,
+}
+
+/// What the destination did.
+#[derive(Clone, Debug, Default)]
+pub struct IncomingReport {
+    pub ram_bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    /// From the first byte of `Hello` to the guest running.
+    pub total: Duration,
+    /// From `State` received to the vCPU thread started.
+    pub restore: Duration,
+    /// MSRs KVM would not take back (skipped).
+    pub msrs_refused: u32,
+    /// The source's and this host's TSC frequency (a guest told one frequency at boot
+    /// keeps it; KVM here cannot scale the TSC when they differ).
+    pub tsc_khz: (u32, u32),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+//! The hand-shake between the migration (on the caller's thread) and the vCPU thread:
+//! the migration asks the vCPU to park; the vCPU thread, at the top of its run loop,
+//! completes any pending I/O, captures its state and the devices', hands them over and
+//! waits for the verdict: resume (the migration failed: the guest runs on here) or
+//! handed over (the destination runs it: the vCPU thread ends).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+
+use super::state::{DeviceState, MachineState, VcpuState};
+use crate::devices::Devices;
+
+/// Where the hand-shake stands.
+#[derive(Debug, Default)]
+enum Stage {
+    #[default]
+    Running,
+    /// Asked to park, capturing these MSRs.
+    Asked(Vec<u32>),
+    /// Parked: the state it captured (or why it could not).
+    Parked(Result<Box<MachineState>, String>),
+    /// The migration's verdict, not yet seen by the vCPU thread.
+    Verdict(Verdict),
+}
+
+/// What the parked vCPU does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Resume,
+    HandedOver,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Park {
+    asked: AtomicBool,
+    stage: Mutex<Stage>,
+    changed: Condvar,
+}
+
+impl Park {
+    fn stage(&self) -> std::sync::MutexGuard<'_, Stage> {
+        // The stage is a plain value: a panic elsewhere leaves it usable.
+        self.stage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cheap check for the run loop.
+    pub(crate) fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// Asks the vCPU to park and capture `msr_indices`; `kick` interrupts KVM_RUN and
+    /// says whether the vCPU thread still lives. Waits up to `limit` for the state.
+    pub(crate) fn request(
+        &self,
+        msr_indices: Vec<u32>,
+        limit: Duration,
+        mut kick: impl FnMut() -> bool,
+    ) -> Result<Box<MachineState>, String> {
+        *self.stage() = Stage::Asked(msr_indices);
+        self.asked.store(true, Ordering::Release);
+        let started = Instant::now();
+        loop {
+            let stage = self.stage();
+            let (mut stage, _) = self
+                .changed
+                .wait_timeout(stage, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner());
+            if matches!(*stage, Stage::Parked(_)) {
+                let Stage::Parked(state) = std::mem::take(&mut *stage) else {
+                    unreachable!("matched above")
+                };
+                return state;
+            }
+            drop(stage);
+            let alive = kick();
+            if !alive || started.elapsed() > limit {
+                self.asked.store(false, Ordering::Release);
+                *self.stage() = Stage::Running;
+                return Err(if alive {
+                    format!("the vCPU did not pause within {limit:?}")
+                } else {
+                    "the guest ended before it could be paused".into()
+                });
+            }
+        }
+    }
+
+    /// Tells the parked vCPU what to do.
+    pub(crate) fn decide(&self, verdict: Verdict) {
+        *self.stage() = Stage::Verdict(verdict);
+        self.changed.notify_all();
+    }
+
+    /// On the vCPU thread, when [`Park::asked`]: parks and returns the verdict.
+    pub(crate) fn park(&self, fd: &mut VcpuFd, devices: &Devices) -> Verdict {
+        let indices = match std::mem::take(&mut *self.stage()) {
+            Stage::Asked(indices) => indices,
+            // Asked and withdrawn (a timed-out request): run on.
+            _ => {
+                self.asked.store(false, Ordering::Release);
+                return Verdict::Resume;
+            }
+        };
+        let state = complete_pending_io(fd)
+            .and_then(|()| VcpuState::capture(fd, &indices).map_err(|e| e.to_string()))
+            .map(|vcpu| {
+                Box::new(MachineState {
+                    vcpu,
+                    devices: DeviceState::capture(devices),
+                })
+            });
+        let failed = state.is_err();
+        *self.stage() = Stage::Parked(state);
+        self.changed.notify_all();
+        if failed {
+            self.asked.store(false, Ordering::Release);
+            return Verdict::Resume;
+        }
+        let mut stage = self.stage();
+        loop {
+            if let Stage::Verdict(v) = *stage {
+                *stage = Stage::Running;
+                self.asked.store(false, Ordering::Release);
+                return v;
+            }
+            stage = self.changed.wait(stage).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// An I/O exit is finished by the next KVM_RUN (an IN's value reaches RAX, RIP moves past
+/// the instruction): with `immediate_exit` set, KVM does that and returns at once
+/// without running the guest, so the captured registers are those after the I/O.
+fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
+    fd.set_kvm_immediate_exit(1);
+    let result = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        Err(e) => Err(format!("completing pending I/O before the pause: {e}")),
+    }
+}

@@ -1,0 +1,303 @@
+//! Migrations of a small guest on /dev/kvm, over a socket pair: the guest rewrites 64
+//! pages with its pass number and checks them all after each pass (a page the migration
+//! lost reads back stale: exit status 9); it prints `p\n` per pass and ends with 7.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
+use super::wire::{self, Kind};
+use super::{MigrateOptions, MigrationError, MigrationStream};
+use crate::boot::tests::pvh_image;
+use crate::{Doorbell, GuestEnd, GuestMessage, RunningVm, VmConfig, Vmm};
+
+const PASSES: u32 = 3000;
+const OK: u32 = 7;
+
+/// 32-bit protected mode, paging off (the PVH entry state). See the module comment.
+fn dirtying_guest() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend([0xbd, 1, 0, 0, 0]); // 04: mov ebp, 1
+    c.extend([0xbe, 0, 0, 0x20, 0]); // 09 outer: mov esi, 0x200000
+    c.extend([0xb9, 64, 0, 0, 0]); // 0e: mov ecx, 64
+    c.extend([0x89, 0x2e]); // 13 w: mov [esi], ebp
+    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 15: add esi, 0x1000
+    c.extend([0x49, 0x75, 0xf5]); // 1b: dec ecx; jnz w
+    c.extend([0xbe, 0, 0, 0x20, 0]); // 1e: mov esi, 0x200000
+    c.extend([0xb9, 64, 0, 0, 0]); // 23: mov ecx, 64
+    c.extend([0x39, 0x2e, 0x75, 0x1e]); // 28 v: cmp [esi], ebp; jne bad
+    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 2c: add esi, 0x1000
+    c.extend([0x49, 0x75, 0xf3]); // 32: dec ecx; jnz v
+    c.extend([0xb0, b'p', 0xee, 0xb0, b'\n', 0xee]); // 35: "p\n"
+    c.push(0x45); // 3b: inc ebp
+    c.extend([0x81, 0xfd]); // 3c: cmp ebp, PASSES + 1
+    c.extend((PASSES + 1).to_le_bytes());
+    c.extend([0x75, 0xc5]); // 42: jne outer
+    c.extend([0xb0, 7, 0xe6, 0xf4, 0xeb, 0xfe]); // 44: exit 7
+    assert_eq!(
+        c.len(),
+        0x4a,
+        "the jumps above are relative to these offsets"
+    );
+    c.extend([0xb0, 9, 0xe6, 0xf4, 0xeb, 0xfe]); // 4a bad: exit 9
+    c
+}
+
+fn vmm() -> Option<Vmm> {
+    match Vmm::new() {
+        Ok(vmm) => Some(vmm),
+        Err(e) => {
+            assert!(
+                std::env::var_os("HVBENCH_REQUIRE_KVM").is_none(),
+                "HVBENCH_REQUIRE_KVM is set but the VMM cannot start: {e}"
+            );
+            None
+        }
+    }
+}
+
+fn boot(vmm: &Vmm, image: &[u8]) -> RunningVm {
+    vmm.boot(&VmConfig {
+        image,
+        cmdline: "hvbench",
+        memory_mib: 32,
+        vcpus: 1,
+        name: "mig-test",
+        mergeable: false,
+        huge_pages: false,
+        balloon: false,
+        doorbell: Doorbell::new(),
+        disk: None,
+    })
+    .unwrap()
+}
+
+/// Console bytes and the end, reading until the end (at most `wait` between messages).
+fn drain(vm: &RunningVm, wait: Duration) -> (Vec<u8>, Option<GuestEnd>) {
+    let mut console = Vec::new();
+    loop {
+        match vm.messages().recv_timeout(wait) {
+            Ok(GuestMessage::Console { bytes, .. }) => console.extend(bytes),
+            Ok(GuestMessage::Ended(end)) => return (console, Some(end)),
+            Ok(GuestMessage::Notice(_)) => {}
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                return (console, None)
+            }
+        }
+    }
+}
+
+/// Reads console messages until `lines` lines have come.
+fn wait_lines(vm: &RunningVm, lines: usize) -> Vec<u8> {
+    let mut console = Vec::new();
+    while console.iter().filter(|b| **b == b'\n').count() < lines {
+        match vm.messages().recv_timeout(Duration::from_secs(10)) {
+            Ok(GuestMessage::Console { bytes, .. }) => console.extend(bytes),
+            other => panic!("the guest stopped early: {other:?}"),
+        }
+    }
+    console
+}
+
+fn expected_output() -> Vec<u8> {
+    b"p\n".repeat(PASSES as usize)
+}
+
+impl MigrationStream {
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        match self {
+            MigrationStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            MigrationStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
+fn pair() -> (MigrationStream, MigrationStream) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (MigrationStream::Unix(a), MigrationStream::Unix(b))
+}
+
+fn options() -> MigrateOptions {
+    MigrateOptions {
+        downtime_limit: Duration::from_millis(50),
+        max_rounds: 5,
+        ack_timeout: Duration::from_secs(5),
+    }
+}
+
+#[test]
+fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
+    let Some(vmm) = vmm() else { return };
+    let image = pvh_image(&dirtying_guest());
+    let source = boot(&vmm, &image);
+    let mut console = wait_lines(&source, 20);
+    let (to_dest, at_dest) = pair();
+    let (report, (dest, incoming), (before_end, source_end)) = std::thread::scope(|s| {
+        let dest = s.spawn(|| vmm.incoming(at_dest, "mig-dest", Doorbell::new()).unwrap());
+        let migrator = source.migrator().unwrap();
+        let migration = s.spawn(move || migrator.migrate(to_dest, options()).unwrap());
+        let before_end = drain(&source, Duration::from_secs(10));
+        (migration.join().unwrap(), dest.join().unwrap(), before_end)
+    });
+    assert_eq!(
+        source_end,
+        Some(GuestEnd::Stopped),
+        "the source ends once handed over"
+    );
+    console.extend(before_end);
+    let (after, end) = drain(&dest, Duration::from_secs(30));
+    console.extend(after);
+    assert_eq!(
+        end,
+        Some(GuestEnd::Exited { code: OK }),
+        "9: a page was lost"
+    );
+    assert_eq!(
+        console,
+        expected_output(),
+        "every line once, none lost or repeated"
+    );
+    assert!(report.downtime > Duration::ZERO && report.total >= report.downtime);
+    assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().paused);
+    assert_eq!(
+        report.rounds[0].pages + report.rounds[0].zero_pages,
+        32 * 256
+    );
+    assert!(report.rounds[0].pages >= 64, "the working set is not zero");
+    assert_eq!(incoming.ram_bytes, 32 << 20);
+    assert_eq!(
+        incoming.pages + incoming.zero_pages,
+        report
+            .rounds
+            .iter()
+            .map(|r| r.pages + r.zero_pages)
+            .sum::<u64>()
+    );
+}
+
+/// A destination that reads `keep` chunks (all of them when `None`), keeps their bytes,
+/// and goes away without a word.
+fn vanishing_destination(mut stream: MigrationStream, keep: Option<usize>) -> Vec<u8> {
+    let mut recorder = Recorder {
+        inner: &mut stream,
+        bytes: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    let mut chunks = 0;
+    while keep.is_none_or(|k| chunks < k) {
+        match wire::read_chunk(&mut recorder, &mut buf) {
+            Ok(Kind::Done) | Err(_) => break,
+            Ok(_) => chunks += 1,
+        }
+    }
+    recorder.bytes
+}
+
+struct Recorder<'a> {
+    inner: &'a mut MigrationStream,
+    bytes: Vec<u8>,
+}
+
+impl Read for Recorder<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes.extend(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Migrates to a destination that vanishes; the guest must run on at the source.
+fn migrate_to_vanishing(vmm: &Vmm, keep: Option<usize>) -> (MigrationError, Vec<u8>) {
+    let image = pvh_image(&dirtying_guest());
+    let source = boot(vmm, &image);
+    let mut console = wait_lines(&source, 20);
+    let (to_dest, at_dest) = pair();
+    let (error, recorded, (rest, end)) = std::thread::scope(|s| {
+        let dest = s.spawn(move || vanishing_destination(at_dest, keep));
+        let migrator = source.migrator().unwrap();
+        let migration = s.spawn(move || migrator.migrate(to_dest, options()).unwrap_err());
+        let rest = drain(&source, Duration::from_secs(30));
+        (migration.join().unwrap(), dest.join().unwrap(), rest)
+    });
+    console.extend(rest);
+    assert_eq!(end, Some(GuestEnd::Exited { code: OK }), "after {error}");
+    assert_eq!(
+        console,
+        expected_output(),
+        "the source ran on, losing nothing"
+    );
+    (error, recorded)
+}
+
+#[test]
+fn a_destination_that_dies_leaves_the_source_running_with_the_cause() {
+    let Some(vmm) = vmm() else { return };
+    let (mid_way, _) = migrate_to_vanishing(&vmm, Some(3));
+    assert!(
+        matches!(mid_way, MigrationError::Io { .. }),
+        "died mid-way: {mid_way}"
+    );
+    let (before_ack, _) = migrate_to_vanishing(&vmm, None);
+    assert!(
+        matches!(before_ack, MigrationError::Wire(_)),
+        "died before its Ack: {before_ack}"
+    );
+}
+
+/// Feeds `bytes` to a destination; what it answers.
+fn incoming_from(vmm: &Vmm, bytes: Vec<u8>) -> Result<RunningVm, MigrationError> {
+    let (mut feed, at_dest) = pair();
+    let writer = std::thread::spawn(move || {
+        let _ = feed.write_all(&bytes);
+        // The stream ends where the bytes end; the answer (Ack or Refuse) is read.
+        let _ = feed.shutdown_write();
+        let mut answer = Vec::new();
+        let _ = feed.read_to_end(&mut answer);
+    });
+    let result = vmm
+        .incoming(at_dest, "mig-replay", Doorbell::new())
+        .map(|(vm, _)| vm);
+    writer.join().unwrap();
+    result
+}
+
+#[test]
+fn a_corrupt_or_truncated_stream_is_refused_and_an_intact_one_restores() {
+    let Some(vmm) = vmm() else { return };
+    let (_, recorded) = migrate_to_vanishing(&vmm, None);
+    assert!(recorded.len() > 64 * 4096, "a whole stream was recorded");
+    let mut flipped = recorded.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x10;
+    assert!(
+        matches!(
+            incoming_from(&vmm, flipped),
+            Err(MigrationError::Wire(
+                wire::WireError::Checksum { .. }
+                    | wire::WireError::UnknownKind(_)
+                    | wire::WireError::TooLong { .. }
+                    | wire::WireError::Malformed { .. }
+            ))
+        ),
+        "a flipped bit"
+    );
+    for cut in [5, 100, recorded.len() / 3, recorded.len() - 1] {
+        let result = incoming_from(&vmm, recorded[..cut].to_vec());
+        assert!(
+            matches!(
+                result,
+                Err(MigrationError::Wire(
+                    wire::WireError::Truncated(_) | wire::WireError::Ended
+                ))
+            ),
+            "cut at {cut}: {:?}",
+            result.err()
+        );
+    }
+    // The recorded stream, intact, is a guest paused mid-run: it resumes and finishes.
+    let vm = incoming_from(&vmm, recorded).unwrap();
+    let (console, end) = drain(&vm, Duration::from_secs(30));
+    assert_eq!(end, Some(GuestEnd::Exited { code: OK }));
+    assert!(console.ends_with(b"p\n"));
+}
