@@ -174,7 +174,8 @@ impl XenBackend {
                 paging.name(),
                 info.virt_caps().join(" "),
                 if paging == Paging::Shadow {
-                    "; Debian's Xen 4.17 is built without CONFIG_SHADOW_PAGING"
+                    "; Debian's Xen 4.17 is built without CONFIG_SHADOW_PAGING (in the lab, \
+                     `hvbench lab up xen --hypervisor shadow` builds one with it)"
                 } else {
                     ""
                 }
@@ -233,6 +234,9 @@ impl Hypervisor for XenBackend {
         }
         if let Some(lab) = &self.host.lab {
             details.insert("lab".into(), format!("Xen nested in QEMU ({})", lab.accel));
+            if let Some(build) = &lab.hypervisor {
+                details.insert("lab_hypervisor".into(), build.clone());
+            }
         }
         BackendInfo {
             kind: "xen".into(),

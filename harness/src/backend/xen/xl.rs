@@ -253,6 +253,7 @@ mod tests {
             Paging::Hap,
             Some(&LabKind {
                 accel: "tcg".into(),
+                hypervisor: None,
             }),
         );
         assert_eq!(host.class, "nested-tcg");
