@@ -104,6 +104,7 @@ fn through_backend(
         guest_path: None,
         out: dir.clone(),
         params: Vec::new(),
+        insn_markers: true,
     };
     let mut writer = reports::ResultsWriter::create(&dir, false).expect("results dir");
     let flag = AtomicBool::new(false);
@@ -130,6 +131,7 @@ fn qemu_backend() -> Option<QemuBackend> {
             binary: "qemu-system-x86_64".into(),
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

@@ -13,6 +13,7 @@ pub mod console;
 pub mod guest_image;
 pub mod host;
 pub mod host_paging;
+pub mod insns;
 pub mod interrupt;
 pub mod run;
 pub mod standalone;

@@ -19,6 +19,7 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
             binary,
             accel: hvbench::backend::qemu::QemuAccel::Auto,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

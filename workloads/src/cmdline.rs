@@ -44,6 +44,9 @@ pub struct GuestConfig {
     pub warmup: u32,
     /// Minimum duration of one sample; the iteration count is doubled until reached.
     pub sample_us: u32,
+    /// Place the instruction-count markers (8-byte NOPs a TCG plugin counts between)
+    /// around each timed sample, and number them in the sample lines (`markers=1`).
+    pub markers: bool,
 }
 
 impl Default for GuestConfig {
@@ -53,6 +56,7 @@ impl Default for GuestConfig {
             samples: DEFAULT_SAMPLES,
             warmup: DEFAULT_WARMUP,
             sample_us: DEFAULT_SAMPLE_US,
+            markers: false,
         }
     }
 }
@@ -131,6 +135,7 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
             "samples" => config.samples = number(value, 1, MAX_SAMPLES)?,
             "warmup" => config.warmup = number(value, 0, MAX_WARMUP)?,
             "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
+            "markers" => config.markers = number(value, 0, 1)? == 1,
             _ => return Err(CmdlineError::UnknownKey),
         }
     }
@@ -312,6 +317,9 @@ pub fn encode(config: &GuestConfig) -> std::string::String {
         config.warmup,
         config.sample_us
     ));
+    if config.markers {
+        line.push_str(" markers=1");
+    }
     line
 }
 
@@ -335,6 +343,15 @@ mod tests {
             "hvbench run=cpu.cpuid,io.mmio-read samples=7 warmup=2 sample_us=5000"
         );
         assert_eq!(parse(&line), Ok(c));
+        // Markers are said only when on, and read back.
+        c.markers = true;
+        let line = encode(&c);
+        assert!(line.ends_with(" markers=1"), "{line}");
+        assert_eq!(parse(&line), Ok(c));
+        assert_eq!(
+            parse("hvbench run=cpu.idle markers=2"),
+            Err(CmdlineError::OutOfRange)
+        );
     }
 
     #[test]

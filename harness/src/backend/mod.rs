@@ -112,6 +112,13 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// The log the hvbench-insns TCG plugin appends instruction counts to, where this
+    /// backend loaded it (QEMU under TCG with `--insns`, a lab brought up with it). The
+    /// guest then places its markers, and records get an `insns` metric.
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// The huge-page advice guest RAM is mapped with on this machine, where the backend
     /// maps it here (native twins map their buffers the same way).
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {

@@ -38,6 +38,10 @@ pub enum QemuError {
     Image(std::io::Error),
     #[error("cannot start QEMU: {0}")]
     Spawn(std::io::Error),
+    #[error("--insns counts instructions with a TCG plugin: it needs --qemu-accel tcg")]
+    InsnsNeedTcg,
+    #[error(transparent)]
+    Insns(#[from] crate::insns::InsnsError),
 }
 
 /// The accelerator asked for (`--qemu-accel`).
@@ -73,6 +77,8 @@ pub struct QemuOptions {
     pub accel: QemuAccel,
     /// `-cpu` model; `None` picks one (see `default_cpu_model`).
     pub cpu: Option<String>,
+    /// Load the hvbench-insns plugin (TCG only) and count instructions per operation.
+    pub insns: bool,
 }
 
 /// The CPU model QEMU gets unless told otherwise: the host's CPU with an invariant TSC
@@ -95,6 +101,8 @@ pub struct QemuBackend {
     version: String,
     host: HostInfo,
     image_dir: tempfile_dir::TempDir,
+    /// The plugin, where instructions are counted.
+    insns_plugin: Option<PathBuf>,
 }
 
 /// A private directory removed on drop (for the guest image QEMU reads).
@@ -165,6 +173,11 @@ impl QemuBackend {
             .cpu
             .clone()
             .unwrap_or_else(|| default_cpu_model(accel, &host.kvm_module));
+        let insns_plugin = match (options.insns, accel) {
+            (false, _) => None,
+            (true, Accel::Kvm) => return Err(QemuError::InsnsNeedTcg),
+            (true, Accel::Tcg) => Some(crate::insns::find_plugin()?),
+        };
         Ok(QemuBackend {
             options,
             accel,
@@ -172,10 +185,26 @@ impl QemuBackend {
             version,
             host,
             image_dir,
+            insns_plugin,
         })
     }
 
+    fn insns_log_path(&self) -> PathBuf {
+        self.image_dir.path().join("insns.log")
+    }
+
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
+        let mut arguments = self.machine_arguments(request, kernel);
+        if let Some(plugin) = &self.insns_plugin {
+            // Checked for commas when the backend was made (its own temporary directory).
+            if let Ok(argument) = crate::insns::plugin_argument(plugin, &self.insns_log_path()) {
+                arguments.extend(["-plugin".to_string(), argument]);
+            }
+        }
+        arguments
+    }
+
+    fn machine_arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
         vec![
             "-machine".into(),
             "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
@@ -224,6 +253,9 @@ impl Hypervisor for QemuBackend {
         details.insert("machine".into(), "microvm".into());
         details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
+        if let Some(plugin) = &self.insns_plugin {
+            details.insert("insns_plugin".into(), plugin.display().to_string());
+        }
         BackendInfo {
             kind: "qemu".into(),
             version: self.version.clone(),
@@ -280,6 +312,10 @@ impl Hypervisor for QemuBackend {
         true
     }
 
+    fn insns_log(&self) -> Option<PathBuf> {
+        self.insns_plugin.as_ref().map(|_| self.insns_log_path())
+    }
+
     fn reproduce_args(&self) -> Vec<String> {
         vec![
             "--qemu".into(),
@@ -289,6 +325,9 @@ impl Hypervisor for QemuBackend {
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
+        .into_iter()
+        .chain(self.insns_plugin.as_ref().map(|_| "--insns".to_string()))
+        .collect()
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {

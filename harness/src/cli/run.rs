@@ -83,6 +83,15 @@ pub struct RunArgs {
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
     pub qemu_cpu: Option<String>,
+    /// Count instructions per operation with the hvbench-insns TCG plugin (`--backend
+    /// qemu --qemu-accel tcg`; a lab brought up with `--insns` counts without it): each
+    /// record gets an `insns` record beside it.
+    #[arg(long)]
+    pub insns: bool,
+    /// With instruction counting, tell the guest to place no markers (its `insns` records
+    /// then say there is no count): a check of the counting path.
+    #[arg(long, hide = true)]
+    pub no_insn_markers: bool,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
     /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
     /// ssh://[user@]host[:port].
@@ -150,6 +159,7 @@ fn make_backend(
                     binary: args.qemu.clone(),
                     accel: args.qemu_accel,
                     cpu: args.qemu_cpu.clone(),
+                    insns: args.insns,
                 },
                 host_info,
             )
@@ -191,6 +201,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         guest_path: args.guest.clone(),
         out: args.out.clone(),
         params: args.params.clone(),
+        insn_markers: !args.no_insn_markers,
     };
     hvbench::say!(
         "hvbench: {} workload(s) x {} on {} (host class {}, paging {}, guest CPL0 {}); results in {}",
