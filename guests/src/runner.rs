@@ -19,6 +19,12 @@ use crate::workloads as guest_workloads;
 /// numbers the stop markers it sees the same way.
 static MARKER_PAIRS: AtomicU64 = AtomicU64::new(0);
 
+/// Operations per sample when instructions are counted (`markers=1`): the same on every
+/// backend, so that a sample's fixed cost (the markers' neighbours, the TSC reads) is
+/// shared alike and counts of two machines compare; a calibrated count would follow each
+/// machine's speed.
+const MARKED_ITERATIONS: u64 = 64;
+
 /// Most iterations one sample may take, so a pathological host cannot spin forever.
 const MAX_ITERATIONS: u64 = 1 << 32;
 
@@ -185,20 +191,32 @@ impl Sampler {
         params: &str,
         mut op: impl FnMut(u64) -> Result<(u64, u64), Refusal>,
     ) -> Result<u64, Refusal> {
-        let mut iterations = 1u64;
-        loop {
-            let (_, cycles) = op(iterations)?;
-            if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
-                break;
-            }
-            iterations *= 2;
-        }
+        let iterations = if self.config.markers {
+            MARKED_ITERATIONS
+        } else {
+            self.calibrate(&mut op)?
+        };
         for round in self.rounds() {
             let (result, marker) = self.marked(|| op(iterations));
             let (ops, cycles) = result?;
             self.emit_full_sample(self.metric(), params, round, ops, cycles, marker);
         }
         Ok(iterations)
+    }
+
+    /// Doubles the iteration count from 1 until one run of `op` lasts `min_cycles`.
+    fn calibrate(
+        &self,
+        op: &mut impl FnMut(u64) -> Result<(u64, u64), Refusal>,
+    ) -> Result<u64, Refusal> {
+        let mut iterations = 1u64;
+        loop {
+            let (_, cycles) = op(iterations)?;
+            if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
+                return Ok(iterations);
+            }
+            iterations *= 2;
+        }
     }
 
     /// Runs `op` between the instruction-count markers when the host asked for them

@@ -45,7 +45,8 @@ pub struct GuestConfig {
     /// Minimum duration of one sample; the iteration count is doubled until reached.
     pub sample_us: u32,
     /// Place the instruction-count markers (8-byte NOPs a TCG plugin counts between)
-    /// around each timed sample, and number them in the sample lines (`markers=1`).
+    /// around each timed sample, number them in the sample lines, and run a fixed 64
+    /// operations per sample instead of calibrating, so counts compare (`markers=1`).
     pub markers: bool,
 }
 

@@ -112,6 +112,8 @@ pub struct LabKind {
     /// What the lab's hypervisor is, when it says (the Xen lab: Debian's binary, or a
     /// build from Debian's source with its configuration delta).
     pub hypervisor: Option<String>,
+    /// The log the lab's hvbench-insns plugin appends instruction counts to, when loaded.
+    pub insns_log: Option<PathBuf>,
 }
 
 /// A running lab as a host to measure on: how to reach it, and what it is.
@@ -223,6 +225,7 @@ pub fn xen_host_in(cache_dir: &Path) -> Result<LabHost, LabError> {
         kind: LabKind {
             accel: state.accel.clone(),
             hypervisor: state.hypervisor.as_ref().map(HypervisorBuild::describe),
+            insns_log: state.insns_log.clone(),
         },
     })
 }

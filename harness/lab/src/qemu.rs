@@ -52,6 +52,8 @@ struct MachineBase<'a> {
     accel: LabAccel,
     /// Under TCG, run every vCPU on one host thread (`thread=single`) instead of one each.
     single_threaded_tcg: bool,
+    /// The hvbench-insns TCG plugin and the log it appends to.
+    insns: Option<(&'a Path, &'a Path)>,
 }
 
 impl MachineBase<'_> {
@@ -91,6 +93,12 @@ impl MachineBase<'_> {
         push(&["-serial", &format!("file:{}", self.serial_log.display())]);
         push(&["-pidfile", &self.pid_file.to_string_lossy()]);
         push(&["-daemonize"]);
+        if let Some((plugin, log)) = self.insns {
+            push(&[
+                "-plugin",
+                &format!("{},out={}", plugin.display(), log.display()),
+            ]);
+        }
         arguments
     }
 
@@ -171,6 +179,7 @@ impl LinuxBoot<'_> {
             // good, after 7 back-to-back guest boots (issue 8): the lab never answered
             // again. One TCG thread for both vCPUs booted 60 guests in 20 s.
             single_threaded_tcg: true,
+            insns: None,
         }
     }
 
@@ -202,6 +211,8 @@ pub(crate) struct XenBoot<'a> {
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: LabAccel,
+    /// The hvbench-insns TCG plugin and its log, when instructions are counted.
+    pub insns: Option<(&'a Path, &'a Path)>,
 }
 
 impl XenBoot<'_> {
@@ -215,6 +226,7 @@ impl XenBoot<'_> {
             cpus: self.cpus,
             accel: self.accel,
             single_threaded_tcg: false,
+            insns: self.insns,
         }
     }
 
@@ -228,6 +240,9 @@ impl XenBoot<'_> {
             self.serial_log,
             self.pid_file,
         ])?;
+        if let Some((plugin, log)) = self.insns {
+            check_paths(&[plugin, log])?;
+        }
         // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
         // stops the machine instead of looping through reboots.
         let xen_command_line = format!(
@@ -378,6 +393,7 @@ mod tests {
             memory_mib: 3072,
             cpus: 2,
             accel: LabAccel::Tcg,
+            insns: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct MachineOptions {
     pub progress: fn(&str),
     /// When set (e.g. by a Ctrl-C handler), bring-up stops and its QEMU is killed.
     pub cancel: Option<&'static AtomicBool>,
+    /// The hvbench-insns QEMU plugin (TCG only): load it, and count instructions per
+    /// operation into the lab's `run/insns.log`.
+    pub insns_plugin: Option<PathBuf>,
 }
 
 impl MachineOptions {
@@ -52,6 +55,7 @@ impl MachineOptions {
             boot_timeout: Duration::from_secs(300),
             progress: progress_to_stderr,
             cancel: None,
+            insns_plugin: None,
         }
     }
 }

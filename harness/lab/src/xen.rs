@@ -66,6 +66,9 @@ pub struct XenLabState {
     /// saved before builds existed has none: Debian's binary).
     #[serde(default)]
     pub hypervisor: Option<HypervisorBuild>,
+    /// Where the hvbench-insns plugin appends its counts, when the lab loaded it.
+    #[serde(default)]
+    pub insns_log: Option<PathBuf>,
     /// "tcg" or "kvm": with tcg, every timing inside the lab is an emulation artefact.
     pub accel: String,
     pub memory_mib: u32,
@@ -167,6 +170,13 @@ impl Lab for XenLab {
         if let Some(build) = &state.hypervisor {
             lines.insert(1, format!("hypervisor: {}", build.describe()));
         }
+        if let Some(log) = &state.insns_log {
+            lines.push(format!(
+                "Instructions per operation are counted (hvbench-insns plugin, {}): records \
+                 of runs on this lab get an insns metric.",
+                log.display()
+            ));
+        }
         if state.accel == "tcg" {
             lines.push(crate::TCG_CAVEAT.to_string());
         }
@@ -212,6 +222,11 @@ impl Recipe for XenLab {
     }
 
     fn validate(options: &XenLabOptions) -> Result<(), LabError> {
+        if options.machine.insns_plugin.is_some() && options.machine.accel != crate::LabAccel::Tcg {
+            return Err(LabError::InvalidOptions {
+                reason: "the instruction-count plugin is a TCG plugin: it needs --accel tcg".into(),
+            });
+        }
         if options.machine.memory_mib < DOM0_MEMORY_MIB + 512 {
             return Err(LabError::InvalidOptions {
                 reason: format!(
@@ -251,6 +266,10 @@ impl Recipe for XenLab {
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
             accel: machine.accel,
+            insns: machine
+                .insns_plugin
+                .as_deref()
+                .map(|plugin| (plugin, layout.insns_log.as_path())),
         }
         .start()
     }
@@ -268,6 +287,10 @@ impl Recipe for XenLab {
             xen_package_version: stamp.xen_package_version,
             dom0_kernel_package: stamp.dom0_kernel_package,
             hypervisor: Some(stamp.hypervisor),
+            insns_log: machine
+                .insns_plugin
+                .as_ref()
+                .map(|_| layout.insns_log.clone()),
             accel: machine.accel.as_str().into(),
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
@@ -307,6 +330,24 @@ impl Recipe for XenLab {
             .hypervisor
             .as_ref()
             .map_or(XenHypervisor::Debian, |h| h.choice);
+        if status.state.insns_log.is_some() != options.machine.insns_plugin.is_some() {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "a Xen lab {} the instruction-count plugin is up; `hvbench lab down xen` \
+                     first to boot one {} it",
+                    if status.state.insns_log.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                    if options.machine.insns_plugin.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                ),
+            });
+        }
         if running != options.hypervisor {
             return Err(LabError::InvalidOptions {
                 reason: format!(
@@ -661,6 +702,7 @@ mod state_tests {
             xen_package_version: "4.17.7+13-g2445b30a44-0+deb12u1".into(),
             dom0_kernel_package: "linux-image-6.1.0-56-amd64 6.1.192-2".into(),
             hypervisor: None,
+            insns_log: None,
             accel: "tcg".into(),
             memory_mib: 3072,
             cpus: 2,

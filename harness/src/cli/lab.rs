@@ -41,6 +41,10 @@ pub enum LabAction {
         /// `--paging shadow` runs.
         #[arg(long, value_enum, default_value = "debian")]
         hypervisor: HypervisorArg,
+        /// Xen lab only: load the hvbench-insns TCG plugin into the lab's QEMU, so that
+        /// runs on the lab record instructions per operation (an `insns` metric).
+        #[arg(long)]
+        insns: bool,
     },
     /// Run `hvbench run --backend kvm` inside the KVM lab, optionally with KVM's paging
     /// switched (`hvbench host paging MODE --` in the lab), and copy its records into
@@ -258,6 +262,9 @@ pub fn lab(action: &LabAction) -> Result<i32> {
         | LabAction::Status { kind, .. }
         | LabAction::Down { kind, .. } => match kind {
             LabKindArg::Xen => lab_action::<lab::XenLab>(action, |options| {
+                if matches!(action, LabAction::Up { insns: true, .. }) {
+                    options.machine.insns_plugin = Some(hvbench::insns::find_plugin()?);
+                }
                 options.hypervisor = match hypervisor_of(action) {
                     HypervisorArg::Debian => lab::XenHypervisor::Debian,
                     HypervisorArg::Shadow => lab::XenHypervisor::Shadow,
@@ -267,6 +274,12 @@ pub fn lab(action: &LabAction) -> Result<i32> {
             LabKindArg::Kvm => lab_action::<lab::KvmLab>(action, |_| {
                 if hypervisor_of(action) != HypervisorArg::Debian {
                     bail!("--hypervisor is for the Xen lab (the KVM lab's KVM is Debian's kernel)");
+                }
+                if matches!(action, LabAction::Up { insns: true, .. }) {
+                    bail!(
+                        "--insns is for the Xen lab: in the KVM lab hvbench runs inside the lab, \
+                         where the plugin's counts on the host are out of its reach"
+                    );
                 }
                 Ok(())
             }),

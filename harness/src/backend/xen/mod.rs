@@ -253,6 +253,10 @@ impl Hypervisor for XenBackend {
         self.unavailable.clone()
     }
 
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        self.host.lab.as_ref()?.insns_log.clone()
+    }
+
     fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Err(

@@ -254,6 +254,7 @@ mod tests {
             Some(&LabKind {
                 accel: "tcg".into(),
                 hypervisor: None,
+                insns_log: None,
             }),
         );
         assert_eq!(host.class, "nested-tcg");
