@@ -245,10 +245,15 @@ impl XenBoot<'_> {
         }
         // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
         // stops the machine instead of looping through reboots.
-        let xen_command_line = format!(
+        let mut xen_command_line = format!(
             "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
              loglvl=all guest_loglvl=all noreboot smap=0"
         );
+        if self.insns.is_some() {
+            // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
+            // (the xen backend pins them), so neither moves nor mixes into the other's count.
+            xen_command_line.push_str(" dom0_max_vcpus=1 dom0_vcpus_pin");
+        }
         let modules = format!(
             "{} console=hvc0 earlyprintk=xen,{}",
             self.dom0_kernel.display(),

@@ -317,6 +317,10 @@ impl Hypervisor for XenBackend {
             memory_mib: request.memory_mib,
             vcpus: request.vcpus,
             paging: self.paging,
+            // Where instructions are counted (a lab with the plugin), the guest keeps to
+            // CPU 1 and dom0 to CPU 0 (the lab pins it): the plugin counts per CPU, and a
+            // guest that moved between them mid-sample would have no count.
+            cpus: self.insns_log().map(|_| 1),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();
