@@ -9,6 +9,13 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+# The Xen lab test builds the hypervisor from Debian's xen source (once per machine).
+command -v dpkg-source >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v bison >/dev/null 2>&1 || need+=(bison)
+command -v flex >/dev/null 2>&1 || need+=(flex)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "ci/test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
@@ -21,7 +28,9 @@ fi
 
 # Tests that need /dev/kvm, QEMU, a browser or the Xen lab fail instead of skipping when
 # these are set. The Xen lab test deploys Xen nested in QEMU (packages from Debian's
-# registry, cached in ~/.cache/hvbench/lab) and takes it down again.
+# registry, cached in ~/.cache/hvbench/lab) with a hypervisor built from Debian's xen
+# source with shadow paging (about 2-5 minutes the first time on a machine, then cached)
+# and the instruction-count plugin, and takes it down again.
 # The KVM lab test (run only when HVBENCH_REQUIRE_KVM_LAB=1) deploys Linux nested in QEMU,
 # runs the memory workloads with kvm_amd npt=1 and npt=0 there, and takes it down (~20 s).
 export HVBENCH_REQUIRE_KVM=1 HVBENCH_REQUIRE_QEMU=1 HVBENCH_REQUIRE_BROWSER=1 HVBENCH_REQUIRE_XEN_LAB=1
@@ -31,4 +40,6 @@ cargo fmt --all -- --check
 (cd guests && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd guests && cargo clippy --release -- -D warnings)
+# The QEMU plugin is a cdylib nothing links: build it before the tests load it.
+cargo build -p hvbench-insns-plugin
 cargo test --workspace
