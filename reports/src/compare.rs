@@ -41,8 +41,9 @@ impl Default for CompareOptions {
     }
 }
 
-/// 1%: the counts of one exit path agree to a fraction of that run to run.
-pub const DEFAULT_INSNS_THRESHOLD: f64 = 0.01;
+/// 2%: counts of one exit path agreed within 0.1-1.9% over 5 runs in the Xen lab (a timer
+/// tick inside a sample adds its handler's instructions), and a 3% change must count.
+pub const DEFAULT_INSNS_THRESHOLD: f64 = 0.02;
 /// The metric instruction-count records carry.
 pub const INSNS_METRIC: &str = "insns";
 
@@ -588,7 +589,8 @@ impl Comparison {
         if self.rows.iter().any(|r| r.key.metric == INSNS_METRIC) {
             let _ = writeln!(
                 out,
-                "Instruction counts (insns) whose spread on both sides is below {:.1}% count as                  changed where their median moves by more than that, without the permutation test.",
+                "Instruction counts (insns) whose spread on both sides is below {:.1}% count as \
+                 changed where their median moves by more than that, without the permutation test.",
                 self.insns_threshold * 100.0
             );
         }

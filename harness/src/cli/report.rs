@@ -38,7 +38,7 @@ pub struct CompareArgs {
     pub p: f64,
     /// Instruction counts (`insns`, from `--insns` runs under TCG): a change of the median
     /// beyond this fraction counts where both sides spread less than it, without the
-    /// permutation test (0.01 = 1%).
+    /// permutation test (0.02 = 2%).
     #[arg(long, default_value_t = reports::compare::DEFAULT_INSNS_THRESHOLD)]
     pub insns_threshold: f64,
     /// Also exit 1 when a measurement that succeeded in BASE was skipped, failed, crashed
