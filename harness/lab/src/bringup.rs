@@ -154,7 +154,8 @@ impl Layout {
             keys_dir,
             pid_file: run_dir.join("qemu.pid"),
             serial_log: run_dir.join("serial.log"),
-            insns_log: run_dir.join("insns.log"),
+            // In a directory of its own: the KVM lab shares it with its Linux (9p).
+            insns_log: run_dir.join("insns/insns.log"),
             run_dir,
         }
     }

@@ -54,7 +54,12 @@ struct MachineBase<'a> {
     single_threaded_tcg: bool,
     /// The hvbench-insns TCG plugin and the log it appends to.
     insns: Option<(&'a Path, &'a Path)>,
+    /// Share the log's directory read-only with the lab's Linux (9p, tag `INSNS_TAG`).
+    share_insns: bool,
 }
+
+/// The 9p mount tag of the instruction-count log's directory in the KVM lab.
+pub(crate) const INSNS_TAG: &str = "hvbinsns";
 
 impl MachineBase<'_> {
     fn arguments(&self, kernel: &Path, append: &str, initrd: &str) -> Vec<OsString> {
@@ -98,6 +103,15 @@ impl MachineBase<'_> {
                 "-plugin",
                 &format!("{},out={}", plugin.display(), log.display()),
             ]);
+            if let (true, Some(dir)) = (self.share_insns, log.parent()) {
+                push(&[
+                    "-virtfs",
+                    &format!(
+                        "local,path={},mount_tag={INSNS_TAG},security_model=none,readonly=on",
+                        dir.display()
+                    ),
+                ]);
+            }
         }
         arguments
     }
@@ -161,6 +175,8 @@ pub(crate) struct LinuxBoot<'a> {
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: LabAccel,
+    /// The hvbench-insns TCG plugin and its log, shared with the lab's Linux.
+    pub insns: Option<(&'a Path, &'a Path)>,
 }
 
 impl LinuxBoot<'_> {
@@ -179,12 +195,16 @@ impl LinuxBoot<'_> {
             // good, after 7 back-to-back guest boots (issue 8): the lab never answered
             // again. One TCG thread for both vCPUs booted 60 guests in 20 s.
             single_threaded_tcg: true,
-            insns: None,
+            insns: self.insns,
+            share_insns: true,
         }
     }
 
     pub(crate) fn arguments(&self) -> Result<Vec<OsString>, LabError> {
         check_paths(&[self.kernel, self.initramfs, self.serial_log, self.pid_file])?;
+        if let Some((plugin, log)) = self.insns {
+            check_paths(&[plugin, log])?;
+        }
         // panic=-1 with -no-reboot: a kernel panic stops QEMU instead of looping.
         let append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
             .trim()
@@ -227,6 +247,7 @@ impl XenBoot<'_> {
             accel: self.accel,
             single_threaded_tcg: false,
             insns: self.insns,
+            share_insns: false,
         }
     }
 
@@ -441,6 +462,7 @@ mod tests {
             memory_mib: 1536,
             cpus: 2,
             accel: LabAccel::Tcg,
+            insns: None,
         };
         let joined = |arguments: Vec<OsString>| {
             arguments
@@ -461,6 +483,30 @@ mod tests {
             .unwrap(),
         );
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+        assert!(
+            !tcg.contains("-plugin") && !tcg.contains("-virtfs"),
+            "{tcg}"
+        );
+        // Counting: the plugin writes its log, whose directory the lab's Linux mounts.
+        let log = Path::new("/c/kvm/run/insns/insns.log");
+        let counting = joined(
+            LinuxBoot {
+                insns: Some((Path::new("/t/libhvbench_insns.so"), log)),
+                ..linux
+            }
+            .arguments()
+            .unwrap(),
+        );
+        assert!(
+            counting.contains("-plugin /t/libhvbench_insns.so,out=/c/kvm/run/insns/insns.log"),
+            "{counting}"
+        );
+        assert!(
+            counting.contains(
+                "-virtfs local,path=/c/kvm/run/insns,mount_tag=hvbinsns,security_model=none,readonly=on"
+            ),
+            "{counting}"
+        );
     }
 
     #[test]

@@ -215,6 +215,11 @@ pub(crate) fn down<R: Recipe>(cache_dir: &Path) -> Result<bool, LabError> {
 pub(crate) fn validate<R: Recipe>(options: &R::Options) -> Result<(), LabError> {
     R::validate(options)?;
     let machine = R::machine(options);
+    if machine.insns_plugin.is_some() && machine.accel != LabAccel::Tcg {
+        return Err(LabError::InvalidOptions {
+            reason: "the instruction-count plugin is a TCG plugin: it needs --accel tcg".into(),
+        });
+    }
     bringup::check_machine(machine.cpus, machine.ssh_port, machine.accel)
 }
 
@@ -254,6 +259,9 @@ pub(crate) fn up<R: Recipe>(options: &R::Options) -> Result<R::State, LabError> 
     check_cancelled(machine.cancel)?;
 
     fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
+    if let (Some(_), Some(dir)) = (&machine.insns_plugin, layout.insns_log.parent()) {
+        fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
+    }
     let (pid, port, guard, boot_started) =
         bringup::start_qemu(layout, machine.ssh_port, &|port| {
             R::start_qemu(layout, machine, port)

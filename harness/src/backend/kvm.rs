@@ -31,6 +31,8 @@ pub struct KvmBackend {
     doorbell: Arc<Doorbell>,
     /// The mode `hvbench host paging` switched KVM to for this run, if it did.
     paging_switch: Option<PagingMode>,
+    /// The log an outer QEMU's hvbench-insns plugin writes (the KVM lab's, through 9p).
+    insns_log: Option<std::path::PathBuf>,
 }
 
 impl KvmBackend {
@@ -42,7 +44,16 @@ impl KvmBackend {
             huge_pages: false,
             doorbell: Doorbell::new(),
             paging_switch: None,
+            insns_log: None,
         })
+    }
+
+    /// Counts instructions per operation from `log`, written by the hvbench-insns plugin
+    /// of the QEMU this machine runs in (`--insns-log`; the KVM lab's `lab run` passes
+    /// it): the guest then places its markers.
+    pub fn with_insns_log(mut self, log: Option<std::path::PathBuf>) -> Self {
+        self.insns_log = log;
+        self
     }
 
     /// Records that this run was started by `hvbench host paging MODE --`, so that its
@@ -235,6 +246,10 @@ impl Hypervisor for KvmBackend {
         } else {
             Vec::new()
         }
+    }
+
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        self.insns_log.clone()
     }
 
     fn reproduce_prefix(&self) -> Vec<String> {

@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// then say there is no count): a check of the counting path.
     #[arg(long, hide = true)]
     pub no_insn_markers: bool,
+    /// `--backend kvm` inside a QEMU that counts instructions (the KVM lab with `--insns`;
+    /// `lab run kvm` passes it): the plugin's log as this machine sees it.
+    #[arg(long)]
+    pub insns_log: Option<PathBuf>,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
     /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
     /// ssh://[user@]host[:port].
@@ -147,7 +151,8 @@ fn make_backend(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
-                .with_huge_pages(args.host_hugepages),
+                .with_huge_pages(args.host_hugepages)
+                .with_insns_log(args.insns_log.clone()),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
