@@ -74,6 +74,7 @@ pub(crate) fn render_page(page: &Page) -> String {
                     div.warning role="alert" { b { "Warning: " (warning.title) } (warning.detail) }
                 }
                 (hosts_section(&model.backends))
+                (insns_section(model))
                 @for (group, measurements) in model.groups() {
                     (group_section(page, &group, &measurements))
                 }
@@ -107,6 +108,9 @@ fn summary_line(model: &Model, backends: &[String]) -> Markup {
 fn navigation(page: &Page) -> Markup {
     let model = page.model;
     let mut links: Vec<Markup> = vec![html! { a href="#hosts" { "hosts" } }];
+    if model.insns.is_some() {
+        links.push(html! { a href="#insns" { "instructions per operation" } });
+    }
     for (group, _) in model.groups() {
         let anchor = format!("#group-{}", format::slug(&group, 40));
         links.push(html! { a href=(anchor) { (group) } });
@@ -533,6 +537,44 @@ fn group_section(page: &Page, group: &str, measurements: &[&Measurement]) -> Mar
 }
 
 /// Time series the host observed (KSM's sharing, a VMM's memory), one chart per curve.
+/// Instructions per operation side by side (KVM npt/shadow, Xen hap/shadow), with the
+/// times of the same runs beside them.
+fn insns_section(model: &Model) -> Markup {
+    let Some(table) = &model.insns else {
+        return html! {};
+    };
+    html! {
+        h2 id="insns" { "Instructions per operation (TCG)" }
+        p.sub {
+            "Counted by the hvbench-insns QEMU plugin between the guest's markers: every \
+             instruction of the hypervisor and the guest per operation, the median of the \
+             runs' medians [their range] over the runs (n). Counts do not depend on the \
+             host's load; the times beside them (in parentheses) are TCG emulation artefacts."
+        }
+        table.hosts {
+            tr {
+                th { "workload" }
+                @for column in &table.columns { th { (column.label()) } }
+            }
+            @for (label, cells) in &table.rows {
+                tr {
+                    td { (label) }
+                    @for cell in cells {
+                        td {
+                            @if let Some(c) = cell {
+                                (format!("{:.1} [{:.1}-{:.1}] (n={})", c.median, c.low, c.high, c.runs))
+                                @if let Some((time, unit)) = &c.time {
+                                    br; span.sub { (format!("({time:.1} {unit})")) }
+                                }
+                            } @else { "-" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn curves_section(page: &Page) -> Markup {
     if page.charts.curves.is_empty() {
         return html! {};

@@ -10,6 +10,7 @@ pub mod font;
 pub mod format;
 pub mod host;
 pub mod html;
+pub mod insns;
 pub mod plot;
 pub mod pool;
 pub mod record;
