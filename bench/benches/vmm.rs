@@ -130,6 +130,7 @@ fn qemu_backend() -> Option<QemuBackend> {
         QemuOptions {
             binary: "qemu-system-x86_64".into(),
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
             insns: false,
         },
@@ -299,6 +300,7 @@ fn child_vmm(cmdline: &str) -> ExitCode {
         timeout: std::time::Duration::from_secs(30),
         mergeable: false,
         doorbell_stdin: false,
+        vcpus: 1,
     };
     let code = hvbench::standalone::run(&options).unwrap_or(2);
     // An exit status is one byte: a code outside it is a failure, not its low byte.

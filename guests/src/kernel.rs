@@ -6,7 +6,7 @@ use workloads::abi::{ExitCode, EXIT_PORT, UART_PORT};
 use workloads::{Hypervisor, WorkloadId};
 
 use crate::arch::cpu::{self, hlt, outl, rdmsr, timed, HypercallInsn};
-use crate::arch::{traps, user};
+use crate::arch::{apic, smp, traps, user};
 use crate::console::{self, Console};
 use crate::global::Global;
 use crate::hypervisor::{self, xen, KVM_HC_VAPIC_POLL_IRQ};
@@ -22,6 +22,10 @@ pub struct BootInfo {
     pub tsc_source: &'static str,
     /// Why the hypervisor's own interface could not be set up (Xen), if it could not.
     pub platform_error: Option<&'static str>,
+    /// The local APIC, as CPUID tells the kernel.
+    pub lapic: apic::LapicCaps,
+    /// KVM's steal-time MSR is offered (KVM_FEATURE_STEAL_TIME).
+    pub steal_time: bool,
 }
 
 static BOOT: Global<Option<BootInfo>> = Global::new(None);
@@ -69,11 +73,16 @@ pub enum Syscall {
     XenMemoryOp = 8,
     /// Signals a Xen event channel (port): the xenstore ring's, for the balloon.
     XenEventSend = 9,
+    /// Registers the calling (boot) vCPU's KVM steal-time area; returns 0, or u64::MAX
+    /// where KVM offers no steal time.
+    EnableStealTime = 10,
+    /// From an AP's user mode: back to its kernel's halt loop (the argument: its index).
+    ApIdle = 11,
     /// Links the mapping window's PDPT (its entry, flags included) into the live PML4, or
     /// unlinks it (0), and flushes the TLB. In the kernel because the live PML4 is a page
     /// table in use: Xen's shadow paging takes a user-mode write to a page table as a sign
     /// that it is no longer one, and crashes the domain when that table is the one in CR3.
-    SetWindow = 10,
+    SetWindow = 12,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -114,15 +123,19 @@ pub enum KernelOp {
     PtUpdate = 3,
     /// CR3 writes between two roots.
     Cr3Switch = 4,
+    /// Arm the TSC-deadline timer (the argument: cycles ahead), STI; HLT until it fires;
+    /// the cycles summed are deadline -> running again, not the whole loop.
+    TimerWake = 5,
 }
 
 impl KernelOp {
-    const ALL: [KernelOp; 5] = [
+    const ALL: [KernelOp; 6] = [
         KernelOp::Hlt,
         KernelOp::MsrRead,
         KernelOp::Hypercall,
         KernelOp::PtUpdate,
         KernelOp::Cr3Switch,
+        KernelOp::TimerWake,
     ];
 
     /// The operation user mode named, if it names one.
@@ -176,6 +189,8 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         tsc_khz,
         tsc_source,
         platform_error,
+        lapic: apic::caps(),
+        steal_time: hypervisor::kvm_steal_time(&hv),
     }));
     user::enter_user(
         crate::runner::user_main,
@@ -239,6 +254,10 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
                 Err(_) => u64::MAX,
             }
         }
+        n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
+            smp::enable_steal_time(0);
+            0
+        }
         n if n == Syscall::SetProtWindow as u64 => {
             PROT_WINDOW.set((a1 > 0).then_some(ProtWindow {
                 va: a0,
@@ -270,7 +289,38 @@ fn kernel_loop(op: u64, iterations: u64, arg: u64) -> u64 {
         KernelOp::Hypercall => hypercall_loop(iterations),
         KernelOp::PtUpdate => pt_update_loop(iterations, arg),
         KernelOp::Cr3Switch => cr3_switch_loop(iterations),
+        KernelOp::TimerWake => timer_wake_loop(iterations, arg),
     }
+}
+
+/// Most HLTs one wake-up may take before the deadline passes (a stray interrupt wakes the
+/// vCPU early; each HLT is then repeated), so a broken timer cannot hold the kernel.
+const MAX_EARLY_WAKES: u32 = 1000;
+
+/// `KernelOp::TimerWake`: the local APIC must be enabled and the TSC-deadline timer
+/// present (user mode checks both first).
+fn timer_wake_loop(iterations: u64, delay: u64) -> u64 {
+    apic::write(
+        apic::LVT_TIMER,
+        apic::LVT_TSC_DEADLINE | u32::from(apic::TIMER_VECTOR),
+    );
+    let mut late = 0u64;
+    for _ in 0..iterations {
+        let deadline = cpu::rdtsc_fenced().wrapping_add(delay);
+        cpu::wrmsr(apic::MSR_TSC_DEADLINE, deadline);
+        let mut now = deadline;
+        for _ in 0..MAX_EARLY_WAKES {
+            cpu::sti_hlt_cli();
+            now = cpu::rdtsc_fenced();
+            if now >= deadline {
+                break;
+            }
+        }
+        late = late.wrapping_add(now.saturating_sub(deadline));
+    }
+    cpu::wrmsr(apic::MSR_TSC_DEADLINE, 0);
+    apic::write(apic::LVT_TIMER, apic::LVT_MASKED);
+    late
 }
 
 /// `KernelOp::Hypercall` on the hypervisor the kernel detected.
@@ -416,6 +466,16 @@ crash_stack_top:
 /// fault there (their emulators lack most SSE instructions).
 #[no_mangle]
 extern "C" fn exception_handler(frame: &mut traps::ExceptionFrame) {
+    if smp::on_ap_stack(core::ptr::addr_of!(*frame) as u64) {
+        let ap_idle = frame.vector == traps::VECTOR_UD
+            && frame.rip == traps::syscall_trap_address()
+            && frame.cs & 3 == 3
+            && frame.rax == Syscall::ApIdle as u64;
+        match crate::convert::usize_from(frame.rdi) {
+            cpu if ap_idle && cpu > 0 && cpu < smp::MAX_CPUS => smp::ap_idle(cpu),
+            _ => smp::ap_fault(frame.vector, frame.rip),
+        }
+    }
     if frame.vector == traps::VECTOR_UD
         && frame.rip == traps::syscall_trap_address()
         && frame.cs & 3 == 3

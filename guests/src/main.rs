@@ -6,6 +6,7 @@
 #![no_main]
 
 mod arch;
+mod blk;
 mod builtins;
 mod console;
 mod convert;

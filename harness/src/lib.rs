@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod console;
+pub mod disk;
 pub mod guest_image;
 pub mod host;
 pub mod host_paging;

@@ -2,7 +2,7 @@
 //! its console to stdout, and end with its status. For debugging guests and timing the
 //! VMM's start; `mem.ksm` drives such processes through the doorbell.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -30,6 +30,8 @@ pub struct Options {
     pub mergeable: bool,
     /// Read `ring N` lines from stdin; end of input stops the guest.
     pub doorbell_stdin: bool,
+    /// vCPUs (more than one: KVM's in-kernel irqchip, APs started by the guest).
+    pub vcpus: u32,
 }
 
 #[derive(Debug, Error)]
@@ -67,7 +69,8 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
     let image = GuestImage::load(options.guest.as_deref())?;
     // No fingerprint: it would only delay the boot being timed.
     let backend = KvmBackend::new(reports::record::HostInfo::default())?
-        .with_mergeable_memory(options.mergeable);
+        .with_mergeable_memory(options.mergeable)
+        .with_vcpus(options.vcpus);
     let input_ended = Arc::new(AtomicBool::new(false));
     if options.doorbell_stdin {
         spawn_doorbell_reader(&backend, input_ended.clone())?;
@@ -76,7 +79,7 @@ pub fn run(options: &Options) -> Result<i32, StandaloneError> {
         image: &image,
         cmdline: &options.cmdline,
         memory_mib: options.memory_mib,
-        vcpus: 1,
+        vcpus: options.vcpus,
         name: "vmm".into(),
     })?;
     let code = pump(session.as_ref(), options.timeout, &input_ended);
@@ -114,7 +117,8 @@ fn pump(
     input_ended: &AtomicBool,
 ) -> Result<i32, StandaloneError> {
     let deadline = Instant::now() + timeout;
-    let mut stdout = std::io::stdout().lock();
+    let stdout = std::io::stdout();
+    let mut sink = ConsoleSink::new(stdout.is_terminal(), stdout.lock());
     loop {
         if input_ended.load(Ordering::Acquire) {
             crate::say!("hvbench: vmm: the doorbell's input ended; stopping the guest");
@@ -131,10 +135,7 @@ fn pump(
             .recv_timeout(left.min(Duration::from_millis(100)))
         {
             Ok(GuestMessage::Console { bytes, .. }) => {
-                stdout
-                    .write_all(&bytes)
-                    .and_then(|()| stdout.flush())
-                    .map_err(StandaloneError::Stdout)?;
+                sink.write(&bytes).map_err(StandaloneError::Stdout)?;
             }
             Ok(GuestMessage::Notice(text)) => crate::say!("hvbench: {text}"),
             Ok(GuestMessage::Ended(GuestEnd::Exited { code })) => return Ok(code.cast_signed()),
@@ -151,6 +152,39 @@ fn pump(
     }
 }
 
+/// Where the guest's console goes. A pipe gets the bytes as the guest wrote them (the
+/// reader decodes them with its own bounds, as `mem.ksm` does); a terminal gets whole
+/// lines with every character a terminal could act on escaped, so that a guest cannot
+/// move the cursor, retitle the window or hide text.
+struct ConsoleSink<W: Write> {
+    out: W,
+    lines: Option<crate::console::LineAssembler>,
+}
+
+impl<W: Write> ConsoleSink<W> {
+    fn new(terminal: bool, out: W) -> Self {
+        let lines = terminal.then(crate::console::LineAssembler::new);
+        ConsoleSink { out, lines }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.lines {
+            None => self.out.write_all(bytes)?,
+            Some(lines) => {
+                for line in lines.push(bytes) {
+                    let text = match line {
+                        crate::console::ConsoleLine::Line(bytes) => bytes,
+                        crate::console::ConsoleLine::Overlong { head, .. } => head,
+                    };
+                    let text = crate::console::escape_text(&String::from_utf8_lossy(&text));
+                    writeln!(self.out, "{text}")?;
+                }
+            }
+        }
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +198,18 @@ mod tests {
         assert_eq!(parse_doorbell_line("ring 1 2"), None);
         assert_eq!(parse_doorbell_line("ring 4294967296"), None);
         assert_eq!(parse_doorbell_line("knock 1"), None);
+    }
+
+    #[test]
+    fn a_terminal_gets_escaped_lines_and_a_pipe_the_bytes() {
+        let hostile = b"@hvb1 ok\n\x1b]0;owned\x07title\r\n\x1b[2Jpartial";
+        let mut terminal = ConsoleSink::new(true, Vec::new());
+        terminal.write(hostile).unwrap();
+        let shown = String::from_utf8(terminal.out).unwrap();
+        assert_eq!(shown, "@hvb1 ok\n\\u{1b}]0;owned\\u{7}title\\r\n");
+        assert!(!shown.contains('\x1b'));
+        let mut pipe = ConsoleSink::new(false, Vec::new());
+        pipe.write(hostile).unwrap();
+        assert_eq!(pipe.out, hostile);
     }
 }

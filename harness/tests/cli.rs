@@ -513,7 +513,10 @@ fn xen_images_go_to_a_private_directory_of_the_run_removed_at_the_end() {
     assert!(used.starts_with(&tmp), "{first}");
     assert_ne!(used, tmp.join("hvbench"), "a predictable name: {first}");
     assert_eq!(fields[1], "700", "{first}");
-    assert_eq!(fields[2], "2", "the image and the config: {first}");
+    assert_eq!(
+        fields[2], "3",
+        "the image, the config and the owner file: {first}"
+    );
     assert!(
         !used.exists(),
         "{} left behind: {}",

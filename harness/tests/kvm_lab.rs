@@ -392,6 +392,28 @@ fn a_silent_lab_loses_no_records() {
     let records = read_results(&out).unwrap();
     assert_eq!(records.len(), 8, "{records:#?}");
     assert_no_duplicates(&records);
+    // Fetched like the rest: labelled as the lab's, and in the CSV too.
+    assert!(
+        records
+            .iter()
+            .all(|r| r.backend.details.contains_key("lab")),
+        "{records:#?}"
+    );
+    // One CSV row per sample: every record (run, repeat, workload, metric, series) has some
+    // (the series of cpu.idle and cpu.cpuid are empty, so splitting at commas is safe).
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let in_csv: std::collections::BTreeSet<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|row| {
+            row.split(',')
+                .enumerate()
+                .filter(|(i, _)| [0, 1, 4, 6, 7].contains(i))
+                .map(|(_, f)| f)
+                .collect()
+        })
+        .collect();
+    assert_eq!(in_csv.len(), records.len(), "{csv}");
 
     // Silent past the limit (8 s): the run gives up, with what came back before.
     let out = dir.path().join("lost");
@@ -413,18 +435,20 @@ fn a_silent_lab_loses_no_records() {
         "{stderr}"
     );
     // The command it prints fetches the rest once the lab answers and the run ended.
-    let fetch = stderr
-        .split("the rest (without the lab's label) is fetched by: ")
+    let fetch: Vec<String> = stderr
+        .split("the rest is fetched (labelled as the lab's, into both files) by: hvbench ")
         .nth(1)
         .and_then(|rest| rest.split("; `hvbench lab down kvm`").next())
         .unwrap_or_else(|| panic!("no fetch command in: {stderr}"))
-        .to_string();
+        .split_whitespace()
+        .map(|word| word.trim_matches('\'').to_string())
+        .collect();
     let remote = fetch
-        .split(" +")
+        .iter()
+        .skip_while(|word| *word != "--run")
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .map(|file| file.trim_end_matches("/results/results.jsonl'").to_string())
-        .unwrap_or_else(|| panic!("no remote run in: {fetch}"));
+        .cloned()
+        .unwrap_or_else(|| panic!("no remote run in: {fetch:?}"));
     let in_lab = Transport::Ssh(lab::kvm_ssh_target(&state));
     let deadline = Instant::now() + Duration::from_secs(180);
     while in_lab
@@ -438,14 +462,33 @@ fn a_silent_lab_loses_no_records() {
         assert!(Instant::now() < deadline, "the run in the lab never ended");
         std::thread::sleep(Duration::from_secs(2));
     }
-    let fetched = std::process::Command::new("sh")
-        .args(["-c", &fetch])
-        .output()
-        .unwrap();
-    assert_ok(&fetched, &fetch);
+    let fetched = common::hvbench().args(&fetch).output().unwrap();
+    assert_ok(&fetched, &fetch.join(" "));
     let records = read_results(&out).unwrap();
     assert_eq!(records.len(), 8, "{records:#?}");
     assert_no_duplicates(&records);
+    // Fetched like the rest: labelled as the lab's, and in the CSV too.
+    assert!(
+        records
+            .iter()
+            .all(|r| r.backend.details.contains_key("lab")),
+        "{records:#?}"
+    );
+    // One CSV row per sample: every record (run, repeat, workload, metric, series) has some
+    // (the series of cpu.idle and cpu.cpuid are empty, so splitting at commas is safe).
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let in_csv: std::collections::BTreeSet<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|row| {
+            row.split(',')
+                .enumerate()
+                .filter(|(i, _)| [0, 1, 4, 6, 7].contains(i))
+                .map(|(_, f)| f)
+                .collect()
+        })
+        .collect();
+    assert_eq!(in_csv.len(), records.len(), "{csv}");
     let _ = in_lab.run(&format!("rm -rf {remote}"), None, Duration::from_secs(30));
 
     if !already_up {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hvbench::backend::kvm::KvmBackend;
 use reports::read_results;
 use reports::record::Status;
-use workloads::{Group, WorkloadId, WORKLOADS};
+use workloads::{BackendFeature, Group, Requirement, WorkloadId, WORKLOADS};
 
 #[test]
 fn every_workload_succeeds_with_positive_figures() {
@@ -21,8 +21,13 @@ fn every_workload_succeeds_with_positive_figures() {
     let backend = KvmBackend::new(host.clone()).unwrap();
     let all: Vec<WorkloadId> = WORKLOADS
         .iter()
-        // The CPU and I/O suite; memory workloads have their own test (tests/memory.rs).
+        // The CPU and I/O suite; memory workloads have their own test (tests/memory.rs),
+        // and so have the block workloads, which need a disk (tests/blk.rs).
         .filter(|w| !w.explicit_only && matches!(w.group, Group::Cpu | Group::Io))
+        .filter(|w| {
+            !w.requires
+                .contains(&Requirement::Backend(BackendFeature::BlockDevice))
+        })
         .map(|w| w.id)
         .collect();
     let summary = common::run_with(&backend, &common::quick_options(&all, dir.path()));
@@ -111,7 +116,11 @@ fn every_workload_succeeds_with_positive_figures() {
     let native = compute.native.as_ref().expect("native twin");
     assert_eq!(native.samples.len(), 5);
     let ratio = native.ratio.expect("a finite ratio");
-    assert!(ratio > 0.5 && ratio < 2.0, "guest/native {ratio}");
+    // Same work per operation on both sides: a twin that timed other work (a sample for
+    // an operation, another round count) is off by orders of magnitude. Guest and twin
+    // run one after the other, so a busy 2-core host (load average 5 and more) moves the
+    // ratio by up to 2x either way without anything being wrong.
+    assert!(ratio > 0.25 && ratio < 4.0, "guest/native {ratio}");
     // The guest saw the memory it was given.
     assert_eq!(
         by_name("cpu.idle").guest.ram_bytes,

@@ -18,6 +18,7 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         QemuOptions {
             binary,
             accel: hvbench::backend::qemu::QemuAccel::Auto,
+            machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
             insns: false,
         },
@@ -34,10 +35,12 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
             WorkloadId::IoPioOutKernel,
             WorkloadId::CpuHlt,
             WorkloadId::SelftestTripleFault,
+            WorkloadId::VmLifecycle,
         ],
         dir.path(),
     );
     options.workload_timeout = std::time::Duration::from_secs(20);
+    options.params = vec![hvbench::run::WorkloadParam::parse("vm.lifecycle.boots=2").unwrap()];
     let summary = common::run_with(&backend, &options);
     let get = |name: &str| summary.records.iter().find(|r| r.workload == name).unwrap();
     for name in [
@@ -63,6 +66,20 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         assert_eq!(r.status, Status::Skip, "{name}");
         assert!(r.reason.as_deref().unwrap_or("").contains("QEMU"), "{name}");
     }
+    // The lifecycle: QEMU's own memory, and no daemons on top of it.
+    let life = |metric: &str| {
+        let r = summary
+            .records
+            .iter()
+            .find(|r| r.workload == "vm.lifecycle" && r.metric == metric)
+            .unwrap();
+        assert_eq!(r.status, Status::Success, "{metric}: {:?}", r.reason);
+        assert_eq!(r.samples.len(), 2, "{metric}");
+        r.samples.clone()
+    };
+    assert!(life("define_to_result").iter().all(|s| *s > 0.0));
+    assert!(life("vmm_rss").iter().all(|s| *s > 1.0));
+    assert_eq!(life("vmm_pss"), life("stack_pss"));
     let r = get("selftest.triple-fault");
     assert_eq!(r.status, Status::Crash);
     assert!(r.reason.as_deref().unwrap().contains("triple fault"));
@@ -73,6 +90,60 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     assert!(leftover.is_empty(), "QEMU processes left: {leftover}");
+}
+
+/// The ladder's third rung: the same image on q35 (SeaBIOS, then QEMU's PVH option ROM),
+/// as libvirt would start it; what q35 lacks is skipped with the reason.
+#[test]
+fn q35_boots_the_same_image_and_skips_the_balloon() {
+    let Some(binary) = common::qemu_binary() else {
+        return;
+    };
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = QemuBackend::new(
+        QemuOptions {
+            binary,
+            accel: hvbench::backend::qemu::QemuAccel::Kvm,
+            machine: hvbench::backend::qemu::QemuMachine::Q35,
+            cpu: None,
+            insns: false,
+        },
+        hvbench::host::fingerprint(),
+    )
+    .unwrap();
+    let mut options = common::quick_options(
+        &[
+            WorkloadId::CpuCpuid,
+            WorkloadId::IoPioOut,
+            WorkloadId::MemBalloon,
+        ],
+        dir.path(),
+    );
+    options.workload_timeout = std::time::Duration::from_secs(30);
+    let summary = common::run_with(&backend, &options);
+    let get = |name: &str| summary.records.iter().find(|r| r.workload == name).unwrap();
+    for name in ["cpu.cpuid", "io.pio-out"] {
+        let r = get(name);
+        assert_eq!(r.status, Status::Success, "{name}: {:?}", r.reason);
+        assert_eq!(r.backend.kind, "qemu-q35");
+        assert_eq!(r.backend.details["machine"], "q35");
+        assert!(
+            r.reproduce.contains("--qemu-machine q35"),
+            "{}",
+            r.reproduce
+        );
+    }
+    let balloon = get("mem.balloon");
+    assert_eq!(balloon.status, Status::Skip);
+    assert!(
+        balloon.reason.as_deref().unwrap().contains("virtio-mmio"),
+        "{:?}",
+        balloon.reason
+    );
 }
 
 /// Defect 1, as found: the real guest skips `cpu.hypercall*` under TCG, and the skip was

@@ -18,6 +18,7 @@ use crate::abtest::{
 };
 use crate::bootstrap::StatsError;
 use crate::format::{self, terminal_safe};
+use crate::matrix::MatrixSummary;
 use crate::pool::{key_order, Pool, Pools};
 use crate::record::{Record, RecordKey, Status};
 use crate::results::{read_results_with_warnings, ResultsError};
@@ -196,7 +197,16 @@ pub fn compare(
     }
     let base_read = read_results_with_warnings(base).map_err(CompareError::Base)?;
     let new_read = read_results_with_warnings(new).map_err(CompareError::New)?;
-    let mut comparison = compare_records(base, new, &base_read.records, &new_read.records, options);
+    let base_matrix = MatrixSummary::read(base).map_err(CompareError::Base)?;
+    let new_matrix = MatrixSummary::read(new).map_err(CompareError::New)?;
+    let mut comparison = match (&base_matrix, &new_matrix) {
+        (Some(b), Some(n)) => compare_matrices(
+            (base, &base_read.records, b),
+            (new, &new_read.records, n),
+            options,
+        ),
+        _ => compare_records(base, new, &base_read.records, &new_read.records, options),
+    };
     // Lines the reader skipped are said first: the comparison is of the rest.
     let skipped = base_read
         .warnings
@@ -242,7 +252,72 @@ fn compare_records(
         _ => (Pools::by_backend(base), Pools::by_backend(new)),
     };
     notes.extend(host_notes(base, new));
+    compare_pooled(base_dir, new_dir, &base_pools, &new_pools, notes, options)
+}
 
+/// Two merged matrices, like with like: a measurement is compared only between cells of
+/// the same host label, backend, paging and host fingerprint. Host labels whose
+/// fingerprint changed are named, and their measurements stay one-sided.
+fn compare_matrices(
+    (base_dir, base, base_matrix): (&Path, &[Record], &MatrixSummary),
+    (new_dir, new, new_matrix): (&Path, &[Record], &MatrixSummary),
+    options: &CompareOptions,
+) -> Comparison {
+    let pools = |records: &[Record], matrix: &MatrixSummary| {
+        let labels = matrix.labels_by_run();
+        Pools::by_label(records, |r| {
+            labels
+                .get(r.run_id.as_str())
+                .cloned()
+                .unwrap_or_else(|| format!("{} (no matrix cell)", r.backend.kind))
+        })
+    };
+    let (base_pools, new_pools) = (pools(base, base_matrix), pools(new, new_matrix));
+    let fingerprints = |m: &MatrixSummary| {
+        let mut map: std::collections::BTreeMap<(String, String, String), BTreeSet<String>> =
+            Default::default();
+        for c in m.cells.iter().filter(|c| !c.fingerprint.is_empty()) {
+            map.entry((c.host.clone(), c.backend.clone(), c.paging.clone()))
+                .or_default()
+                .insert(c.fingerprint.clone());
+        }
+        map
+    };
+    let (b, n) = (fingerprints(base_matrix), fingerprints(new_matrix));
+    let mut notes = vec![
+        "Merged matrices: measurements are compared only between cells of the same host \
+         label, backend, paging and host fingerprint."
+            .to_string(),
+    ];
+    for (key, base_fp) in &b {
+        if let Some(new_fp) = n.get(key).filter(|f| *f != base_fp) {
+            notes.push(format!(
+                "host label {} ({} paging {}): the host fingerprint differs (BASE {}, NEW {}); \
+                 its measurements are not compared.",
+                key.0,
+                key.1,
+                key.2,
+                base_fp.iter().cloned().collect::<Vec<_>>().join("+"),
+                new_fp.iter().cloned().collect::<Vec<_>>().join("+")
+            ));
+        }
+    }
+    notes.extend(
+        host_notes(base, new)
+            .into_iter()
+            .filter(|n| !n.contains("different")),
+    );
+    compare_pooled(base_dir, new_dir, &base_pools, &new_pools, notes, options)
+}
+
+fn compare_pooled(
+    base_dir: &Path,
+    new_dir: &Path,
+    base_pools: &Pools,
+    new_pools: &Pools,
+    notes: Vec<String>,
+    options: &CompareOptions,
+) -> Comparison {
     let base_ids: BTreeSet<(String, RecordKey)> = base_pools.pools.keys().cloned().collect();
     let new_ids: BTreeSet<(String, RecordKey)> = new_pools.pools.keys().cloned().collect();
     let one_sided = |ids: BTreeSet<&(String, RecordKey)>, pools: &Pools| -> Vec<OneSided> {
@@ -264,8 +339,8 @@ fn compare_records(
         list.sort_by_cached_key(|(p, o)| (o.backend.clone(), key_order(&p.group, &p.key)));
         list.into_iter().map(|(_, o)| o).collect()
     };
-    let only_in_base = one_sided(base_ids.difference(&new_ids).collect(), &base_pools);
-    let only_in_new = one_sided(new_ids.difference(&base_ids).collect(), &new_pools);
+    let only_in_base = one_sided(base_ids.difference(&new_ids).collect(), base_pools);
+    let only_in_new = one_sided(new_ids.difference(&base_ids).collect(), new_pools);
 
     let mut common: Vec<(&Pool, &Pool)> = base_ids
         .intersection(&new_ids)

@@ -10,6 +10,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use crate::abtest::{runs_needed, Change, Direction};
 use crate::format;
+use crate::matrix::{GridCell, MatrixSummary};
 use crate::plot::{backend_color_hex, ChartFile, ChartFormat};
 use crate::record::{GuestInfo, HostInfo};
 use crate::report::{
@@ -23,6 +24,8 @@ pub(crate) struct Page<'a> {
     pub model: &'a Model,
     pub charts: &'a Charts,
     pub raw: &'a [RawCopy],
+    /// Merged benchmark matrices among the inputs: their grids.
+    pub matrices: &'a [MatrixSummary],
     pub options: &'a ReportOptions,
     pub out: &'a Path,
 }
@@ -73,12 +76,16 @@ pub(crate) fn render_page(page: &Page) -> String {
                 @for warning in &model.warnings {
                     div.warning role="alert" { b { "Warning: " (warning.title) } (warning.detail) }
                 }
+                @for m in page.matrices {
+                    (matrix_section(m))
+                }
                 (hosts_section(&model.backends))
                 (insns_section(model))
                 @for (group, measurements) in model.groups() {
                     (group_section(page, &group, &measurements))
                 }
                 (curves_section(page))
+                (cdf_section(page))
                 (problems_section(model))
                 (raw_section(page))
                 (method_section(page.options, backends.len()))
@@ -111,12 +118,18 @@ fn navigation(page: &Page) -> Markup {
     if model.insns.is_some() {
         links.push(html! { a href="#insns" { "instructions per operation" } });
     }
+    if !page.matrices.is_empty() {
+        links.insert(0, html! { a href="#matrix" { "matrix" } });
+    }
     for (group, _) in model.groups() {
         let anchor = format!("#group-{}", format::slug(&group, 40));
         links.push(html! { a href=(anchor) { (group) } });
     }
     if !page.charts.curves.is_empty() {
         links.push(html! { a href="#curves" { "curves" } });
+    }
+    if !page.charts.cdfs.is_empty() {
+        links.push(html! { a href="#latency-cdf" { "latency CDFs" } });
     }
     links.push(html! { a href="#problems" { "skipped and failed (" (model.problems.len()) ")" } });
     links.push(html! { a href="#raw" { "raw results" } });
@@ -594,6 +607,29 @@ fn curves_section(page: &Page) -> Markup {
     }
 }
 
+fn cdf_section(page: &Page) -> Markup {
+    if page.charts.cdfs.is_empty() {
+        return html! {};
+    }
+    html! {
+        h2 id="latency-cdf" { "Block I/O: completion-latency CDFs" }
+        p {
+            "Per block workload and series, a line per backend and one for the host's fio \
+             on the same file: the medians over every kept sample of the per-sample p50, p90, \
+             p99, p99.9 and maximum, at 0.5, 0.9, 0.99, 0.999 and 1."
+        }
+        div.samples {
+            @for ((workload, series), files) in &page.charts.cdfs {
+                (figure_html(
+                    files,
+                    &format!("completion-latency CDF of {workload} [{series}], a line per backend and native"),
+                    &format!("{workload} [{series}]"),
+                ))
+            }
+        }
+    }
+}
+
 fn problems_section(model: &Model) -> Markup {
     html! {
         h2 id="problems" { "Skipped and failed workloads" }
@@ -634,6 +670,78 @@ fn problem_row(model: &Model, group: &crate::report::ProblemGroup) -> Markup {
             td { div.cmd { code { (p.reproduce) } } }
         }
         "\n"
+    }
+}
+
+/// The grid of a merged matrix: a row per host label, a column per backend and paging,
+/// each cell's status (linked to its `hvbench run` output where the bundle had it).
+fn matrix_section(m: &MatrixSummary) -> Markup {
+    let mut columns: Vec<(&str, &str)> = Vec::new();
+    let mut rows: Vec<&str> = Vec::new();
+    for c in &m.cells {
+        if !columns.contains(&(c.backend.as_str(), c.paging.as_str())) {
+            columns.push((&c.backend, &c.paging));
+        }
+        if !rows.contains(&c.host.as_str()) {
+            rows.push(&c.host);
+        }
+    }
+    let ok = m.cells.iter().filter(|c| c.status.completed()).count();
+    html! {
+        h2 id="matrix" { "Matrix " (m.name) }
+        p.sub {
+            (m.cells.len()) " cells, " (ok) " ran to their end; plan " code { (m.plan_id) }
+            @if !m.revisions.is_empty() { "; revisions " (m.revisions.join(" / ")) " interleaved ABBA" }
+        }
+        @for note in &m.notes {
+            div.warning { (note) }
+        }
+        table.matrix {
+            tr {
+                th { "host label" }
+                @for (backend, paging) in &columns { th { (backend) " · paging " (paging) } }
+            }
+            @for host in &rows {
+                tr {
+                    th { (host) }
+                    @for (backend, paging) in &columns {
+                        td {
+                            @for c in m.cells.iter().filter(|c| c.host == *host && c.backend == *backend && c.paging == *paging) {
+                                (grid_cell(c)) br;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn grid_cell(c: &GridCell) -> Markup {
+    let class = if c.status.completed() {
+        "same"
+    } else {
+        "status"
+    };
+    let label = format!(
+        "{} r{}{}",
+        c.workloads,
+        c.repeat,
+        c.revision
+            .as_deref()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default()
+    );
+    html! {
+        (label) ": "
+        span class=(class) { (c.status.name()) }
+        " (" (c.records) " records"
+        @if !c.fingerprint.is_empty() { ", host " code { (c.fingerprint) } }
+        ") "
+        @match &c.log {
+            Some(log) => a href=(log) title=(c.id) { "log" },
+            None => code { (c.id) },
+        }
     }
 }
 

@@ -11,6 +11,8 @@ pub mod format;
 pub mod host;
 pub mod html;
 pub mod insns;
+mod latency_cdf;
+pub mod matrix;
 pub mod plot;
 pub mod pool;
 pub mod record;

@@ -141,6 +141,15 @@ impl Pools {
         Self::build(records, |_| label.to_string())
     }
 
+    /// Pools `records` under a label of the caller's (a merged matrix's host label,
+    /// backend, paging and host fingerprint).
+    pub fn by_label<'a>(
+        records: impl IntoIterator<Item = &'a Record>,
+        label: impl Fn(&Record) -> String,
+    ) -> Pools {
+        Self::build(records, label)
+    }
+
     fn build<'a>(
         records: impl IntoIterator<Item = &'a Record>,
         backend_of: impl Fn(&Record) -> String,
@@ -170,8 +179,8 @@ impl Pools {
         Pools { pools, problems }
     }
 
-    /// Backend kinds present, in the order reports show them: kvm, qemu, xen, then others
-    /// by name.
+    /// Backend kinds present, in the order reports show them: kvm, qemu, qemu-q35, libvirt, xen,
+    /// then others by name.
     pub fn backends(&self) -> Vec<String> {
         let kinds: BTreeSet<&String> = self.pools.keys().map(|(b, _)| b).collect();
         let mut kinds: Vec<String> = kinds.into_iter().cloned().collect();
@@ -197,10 +206,14 @@ impl Pools {
 
 fn backend_rank(kind: &str) -> usize {
     match kind {
+        // The KVM ladder first, layer by layer (our VMM, QEMU microvm, QEMU q35, q35 as a
+        // libvirt domain), then Xen.
         "kvm" => 0,
         "qemu" => 1,
-        "xen" => 2,
-        _ => 3,
+        "qemu-q35" => 2,
+        "libvirt" => 3,
+        "xen" => 4,
+        _ => 5,
     }
 }
 

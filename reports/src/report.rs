@@ -19,6 +19,7 @@ use crate::bootstrap::{median_ci, ratio_of_medians_ci, BootstrapOptions, Estimat
 use crate::format;
 use crate::host::HostClass;
 use crate::html;
+use crate::matrix::MatrixSummary;
 use crate::plot::{
     self, BarRow, ChartError, ChartFile, ChartFormat, CurveChart, GroupChart, SamplesChart,
 };
@@ -152,13 +153,15 @@ pub fn render(
     })?;
     let raw = copy_raw_files(&inputs, &model.backend_names(), out)?;
     let curves = collect_curves(&inputs, &model.backend_names());
-    let charts = draw_charts(&model, &curves, &charts_dir, options)?;
+    let charts = draw_charts(&model, &inputs, &curves, &charts_dir, options)?;
+    let matrices = read_matrices(dirs, out)?;
 
     let page = html::render_page(&html::Page {
         title: &options.title,
         model: &model,
         charts: &charts,
         raw: &raw,
+        matrices: &matrices,
         options,
         out,
     });
@@ -187,6 +190,35 @@ pub fn render(
             .map(|w| format!("{}: {}", w.title, w.detail))
             .collect(),
     })
+}
+
+/// The merged matrices among the inputs (`matrix.json`), with each cell's log copied
+/// to `out/cells/` so the grid's links work wherever the report goes. A log path that is
+/// not `cells/ID.log` of a plain cell id is dropped, not followed.
+fn read_matrices(dirs: &[PathBuf], out: &Path) -> Result<Vec<MatrixSummary>, ReportError> {
+    let mut matrices = Vec::new();
+    for dir in dirs {
+        let Some(mut summary) = MatrixSummary::read(dir)? else {
+            continue;
+        };
+        for cell in &mut summary.cells {
+            let Some(log) = cell.log.take() else { continue };
+            let plain = cell.id.bytes().all(|b| b.is_ascii_alphanumeric()) && !cell.id.is_empty();
+            if !plain || log != format!("cells/{}.log", cell.id) || !dir.join(&log).is_file() {
+                continue;
+            }
+            let cells = out.join("cells");
+            std::fs::create_dir_all(&cells).map_err(|source| ReportError::CreateDir {
+                path: cells.clone(),
+                source,
+            })?;
+            let (from, to) = (dir.join(&log), out.join(&log));
+            std::fs::copy(&from, &to).map_err(|source| ReportError::Copy { from, to, source })?;
+            cell.log = Some(log);
+        }
+        matrices.push(summary);
+    }
+    Ok(matrices)
 }
 
 /// One results directory and its records.
@@ -803,6 +835,8 @@ pub(crate) struct Charts {
     pub samples: BTreeMap<String, Vec<ChartFile>>,
     /// (workload, curve name) -> files, for host-observed time series.
     pub curves: BTreeMap<(String, String), Vec<ChartFile>>,
+    /// (workload, series) -> files, for the block workloads' completion-latency CDFs.
+    pub cdfs: BTreeMap<(String, String), Vec<ChartFile>>,
 }
 
 impl Charts {
@@ -812,6 +846,7 @@ impl Charts {
             .flatten()
             .chain(self.samples.values())
             .chain(self.curves.values())
+            .chain(self.cdfs.values())
             .flatten()
             .cloned()
             .collect()
@@ -831,6 +866,7 @@ enum ChartJob {
     },
     Samples(String, SamplesChart),
     Curve((String, String), CurveChart),
+    Cdf((String, String), CurveChart),
 }
 
 impl ChartJob {
@@ -845,6 +881,11 @@ impl ChartJob {
                 format::short_hash(&format!("{group}\u{1f}{unit}"))
             ),
             ChartJob::Samples(anchor, _) => format!("samples-{anchor}"),
+            ChartJob::Cdf((workload, series), _) => format!(
+                "cdf-{}-{:08x}",
+                format::slug(workload, 24),
+                format::short_hash(&format!("{workload}\u{1f}{series}"))
+            ),
             ChartJob::Curve((workload, name), _) => format!(
                 "curve-{}-{}-{:08x}",
                 format::slug(workload, 24),
@@ -901,6 +942,7 @@ fn collect_curves(inputs: &[Input], backends: &[String]) -> BTreeMap<(String, St
 
 fn draw_charts(
     model: &Model,
+    inputs: &[Input],
     curves: &BTreeMap<(String, String), CurveSet>,
     dir: &Path,
     options: &ReportOptions,
@@ -910,6 +952,7 @@ fn draw_charts(
         jobs.extend(sample_chart_jobs(model, options));
     }
     jobs.extend(curve_chart_jobs(curves, options));
+    jobs.extend(cdf_chart_jobs(model, inputs, options));
     if options.formats.is_empty() {
         jobs.clear();
     }
@@ -924,7 +967,7 @@ fn draw_charts(
                 ChartJob::Samples(_, chart) => {
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
-                ChartJob::Curve(_, chart) => {
+                ChartJob::Curve(_, chart) | ChartJob::Cdf(_, chart) => {
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
             };
@@ -943,6 +986,9 @@ fn draw_charts(
             }
             ChartJob::Curve(id, _) => {
                 charts.curves.insert(id, files);
+            }
+            ChartJob::Cdf(id, _) => {
+                charts.cdfs.insert(id, files);
             }
         }
     }
@@ -1050,6 +1096,28 @@ fn curve_chart_jobs(
     jobs
 }
 
+/// One completion-latency CDF per block workload and series: a line per backend and one
+/// for the native baseline.
+fn cdf_chart_jobs(model: &Model, inputs: &[Input], options: &ReportOptions) -> Vec<ChartJob> {
+    let records = inputs.iter().flat_map(|i| &i.records);
+    crate::latency_cdf::collect(records, &model.backend_names())
+        .into_iter()
+        .map(|((workload, series), cdf)| {
+            let title = format!("{workload} [{series}]: completion latency CDF");
+            ChartJob::Cdf(
+                (workload, series),
+                CurveChart {
+                    title,
+                    x_unit: "µs".into(),
+                    y_unit: "fraction of requests".into(),
+                    series: cdf.lines,
+                    width: options.sample_chart_width,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Removes charts an earlier report left in `dir` that this one did not draw, so the
 /// directory holds what the page shows. Only files named as this module names charts are
 /// touched; failing to remove one is harmless, so errors are ignored.
@@ -1063,7 +1131,8 @@ fn remove_stale_charts(dir: &Path, charts: &Charts) {
         let name = entry.file_name().to_string_lossy().into_owned();
         let ours = (name.starts_with("group-")
             || name.starts_with("samples-")
-            || name.starts_with("curve-"))
+            || name.starts_with("curve-")
+            || name.starts_with("cdf-"))
             && (name.ends_with(".png") || name.ends_with(".svg"));
         if ours && !current.contains(&path) {
             let _ = std::fs::remove_file(&path);

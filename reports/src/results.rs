@@ -226,6 +226,30 @@ impl ResultsWriter {
         let rows = csv_rows(record)?;
         self.append_whole(false, rows.as_bytes())
     }
+
+    /// Appends many records with one write and one sync per file (a merge of thousands
+    /// of records), with the same checks as [`ResultsWriter::write`]: every record is
+    /// checked before anything is written, so an error leaves the files as they were.
+    pub fn write_batch(&mut self, records: &[Record]) -> Result<(), ResultsError> {
+        let (mut lines, mut rows) = (String::new(), String::new());
+        for record in records {
+            let record = &record
+                .to_finite()
+                .map_err(|source| ResultsError::NonFinite {
+                    path: self.jsonl_path.clone(),
+                    source,
+                })?;
+            let line = serde_json::to_string(record).map_err(|e| ResultsError::Write {
+                path: self.jsonl_path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            lines.push_str(&line);
+            lines.push('\n');
+            rows.push_str(&csv_rows(record)?);
+        }
+        self.append_whole(true, lines.as_bytes())?;
+        self.append_whole(false, rows.as_bytes())
+    }
 }
 
 /// If `path` does not end in a newline, moves the bytes after its last newline into a new
@@ -546,6 +570,31 @@ mod tests {
             hvbench: ToolInfo::default(),
             reproduce: "hvbench run".into(),
         }
+    }
+
+    #[test]
+    fn a_batch_writes_what_single_writes_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let records = [record("cpu.cpuid", &[1.0, 2.0]), record("cpu.idle", &[3.0])];
+        let mut one = ResultsWriter::create(&tmp.path().join("one"), false).unwrap();
+        for r in &records {
+            one.write(r).unwrap();
+        }
+        let mut batch = ResultsWriter::create(&tmp.path().join("batch"), false).unwrap();
+        batch.write_batch(&records).unwrap();
+        for name in [JSONL_NAME, CSV_NAME] {
+            let read = |d: &str| std::fs::read(tmp.path().join(d).join(name)).unwrap();
+            assert_eq!(read("one"), read("batch"), "{name}");
+        }
+        // A record that cannot be written leaves the files as they were.
+        let mut bad = record("cpu.idle", &[1.0]);
+        bad.samples[0] = f64::NAN;
+        let before = std::fs::read(batch.jsonl_path()).unwrap();
+        assert!(matches!(
+            batch.write_batch(&[records[0].clone(), bad]),
+            Err(ResultsError::NonFinite { .. })
+        ));
+        assert_eq!(std::fs::read(batch.jsonl_path()).unwrap(), before);
     }
 
     #[test]

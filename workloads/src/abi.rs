@@ -75,3 +75,9 @@ impl ExitCode {
         })
     }
 }
+
+/// `vm.lifecycle`: the note the guest prints as soon as the workload runs (the host's
+/// "first result"), and how long it then stays up, in TSC cycles (about a second at
+/// 2-3 GHz), so the host reads its memory and destroys it while it runs.
+pub const LIFECYCLE_UP_KEY: &str = "up";
+pub const LIFECYCLE_HOLD_CYCLES: u64 = 1 << 31;

@@ -9,6 +9,8 @@
 //! It travels in the PVH start info (our VMM, QEMU's `-append`, xl's `cmdline=`), so it is
 //! plain ASCII, space separated, and short enough for every loader (Xen takes 1 KiB).
 
+#[cfg(test)]
+use crate::params::parse_size;
 #[cfg(feature = "std")]
 use crate::params::SetBy;
 use crate::params::{ParamError, ParamSpec};
@@ -24,6 +26,8 @@ pub const MAX_SAMPLES: u32 = 10_000;
 pub const MAX_WARMUP: u32 = 100;
 pub const MIN_SAMPLE_US: u32 = 100;
 pub const MAX_SAMPLE_US: u32 = 10_000_000;
+/// Most vCPUs the guest is told it has (APIC IDs are 8 bits; 0xff is broadcast).
+pub const MAX_CPUS: u32 = 254;
 
 /// Longest command line the harness produces (Xen's limit).
 pub const MAX_CMDLINE: usize = 1024;
@@ -48,6 +52,9 @@ pub struct GuestConfig {
     /// around each timed sample, number them in the sample lines, and run a fixed 64
     /// operations per sample instead of calibrating, so counts compare (`markers=1`).
     pub markers: bool,
+    /// vCPUs the guest was given (`cpus=`, 1 when absent): the boot vCPU and the
+    /// application processors the guest may start (APIC IDs 1..cpus).
+    pub cpus: u32,
 }
 
 impl Default for GuestConfig {
@@ -58,6 +65,7 @@ impl Default for GuestConfig {
             warmup: DEFAULT_WARMUP,
             sample_us: DEFAULT_SAMPLE_US,
             markers: false,
+            cpus: 1,
         }
     }
 }
@@ -137,6 +145,7 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
             "warmup" => config.warmup = number(value, 0, MAX_WARMUP)?,
             "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
             "markers" => config.markers = number(value, 0, 1)? == 1,
+            "cpus" => config.cpus = number(value, 1, MAX_CPUS)?,
             _ => return Err(CmdlineError::UnknownKey),
         }
     }
@@ -209,18 +218,6 @@ pub fn param_or_default<'a>(
     spec: &ParamSpec,
 ) -> Option<&'a str> {
     param(line, workload, spec.key).or(spec.default)
-}
-
-/// Parses a size such as `4096`, `64k`, `16m`, `1g` (binary multiples).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 10),
-        b'm' | b'M' => (&text[..text.len() - 1], 20),
-        b'g' | b'G' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    let n: u64 = digits.parse().ok()?;
-    n.checked_mul(1 << shift)
 }
 
 fn number(text: &str, min: u32, max: u32) -> Result<u32, CmdlineError> {
@@ -321,6 +318,9 @@ pub fn encode(config: &GuestConfig) -> std::string::String {
     if config.markers {
         line.push_str(" markers=1");
     }
+    if config.cpus != 1 {
+        line.push_str(&std::format!(" cpus={}", config.cpus));
+    }
     line
 }
 
@@ -344,10 +344,22 @@ mod tests {
             "hvbench run=cpu.cpuid,io.mmio-read samples=7 warmup=2 sample_us=5000"
         );
         assert_eq!(parse(&line), Ok(c));
+        c.cpus = 2;
+        let line = encode(&c);
+        assert!(line.ends_with(" cpus=2"), "{line}");
+        assert_eq!(parse(&line), Ok(c));
+        assert_eq!(
+            parse("hvbench run=cpu.idle cpus=0"),
+            Err(CmdlineError::OutOfRange)
+        );
+        assert_eq!(
+            parse("hvbench run=cpu.idle cpus=255"),
+            Err(CmdlineError::OutOfRange)
+        );
         // Markers are said only when on, and read back.
         c.markers = true;
         let line = encode(&c);
-        assert!(line.ends_with(" markers=1"), "{line}");
+        assert!(line.contains(" markers=1"), "{line}");
         assert_eq!(parse(&line), Ok(c));
         assert_eq!(
             parse("hvbench run=cpu.idle markers=2"),

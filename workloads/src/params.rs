@@ -7,8 +7,6 @@
 
 use core::fmt;
 
-use crate::cmdline::parse_size;
-
 /// How a parameter's value is written and what its bounds count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
@@ -320,4 +318,16 @@ mod tests {
             "0.05..=1"
         );
     }
+}
+
+/// Parses a size such as `4096`, `64k`, `16m`, `1g` (binary multiples).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
 }

@@ -23,6 +23,11 @@ pub enum WorkloadId {
     IoPioOutKernel,
     IoMmioWrite,
     IoMmioRead,
+    IoBlkRandread,
+    IoBlkRandwrite,
+    IoBlkSeqread,
+    IoBlkSeqwrite,
+    IoBlkFlush,
     MemFirstTouch,
     MemProtFault,
     MemTlbChase,
@@ -36,6 +41,13 @@ pub enum WorkloadId {
     SelftestPageFault,
     SelftestHang,
     SelftestBalloonCorrupt,
+    VmLifecycle,
+    SelftestBlkCorrupt,
+    SchedIpi,
+    SchedWakeup,
+    SchedLockHolder,
+    SchedSteal,
+    SchedFairness,
 }
 
 /// Which part of the machine a workload exercises; reports group rows by it.
@@ -45,6 +57,10 @@ pub enum Group {
     Io,
     Memory,
     Selftest,
+    /// The guest's whole life on a stack: boot, first result, destruction, host memory.
+    Vm,
+    /// vCPU scheduling: IPIs, timer wake-ups, steal time, fairness.
+    Sched,
 }
 
 impl Group {
@@ -54,6 +70,8 @@ impl Group {
             Group::Io => "io",
             Group::Memory => "mem",
             Group::Selftest => "selftest",
+            Group::Vm => "vm",
+            Group::Sched => "sched",
         }
     }
 }
@@ -117,6 +135,8 @@ pub enum Unit {
     Pages,
     /// A dimensionless ratio.
     Ratio,
+    /// Operations (I/O requests) per second; the guest counts requests as operations.
+    Iops,
 }
 
 impl Unit {
@@ -128,6 +148,7 @@ impl Unit {
             Unit::MiB => "MiB",
             Unit::Pages => "pages",
             Unit::Ratio => "ratio",
+            Unit::Iops => "IOPS",
         }
     }
 }
@@ -153,6 +174,29 @@ pub const BANDWIDTH: MetricSpec = MetricSpec {
     unit: Unit::MBps,
     direction: Direction::HigherIsBetter,
 };
+
+/// The metrics of the block workloads: requests and bytes per second over each sample,
+/// and percentiles of the completion latency of the sample's requests (submission to the
+/// driver seeing the used buffer), from the guest's log-bucket histogram.
+pub const BLK_METRICS: &[MetricSpec] = &[
+    metric("iops", Unit::Iops, Direction::HigherIsBetter),
+    BANDWIDTH,
+    metric("lat_p50", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p90", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p99", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p999", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_max", Unit::Ns, Direction::LowerIsBetter),
+];
+
+/// `io.blk-flush`: flushes per second (each after a 4 KiB write) and the flush's latency.
+pub const BLK_FLUSH_METRICS: &[MetricSpec] = &[
+    metric("iops", Unit::Iops, Direction::HigherIsBetter),
+    metric("lat_p50", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p90", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p99", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_p999", Unit::Ns, Direction::LowerIsBetter),
+    metric("lat_max", Unit::Ns, Direction::LowerIsBetter),
+];
 
 const fn metric(name: &'static str, unit: Unit, direction: Direction) -> MetricSpec {
     MetricSpec {
@@ -180,10 +224,18 @@ pub enum HostRunner {
     Ksm,
     /// One guest with a balloon the host inflates and deflates.
     Balloon,
+    /// Guests booted and destroyed one after another, timed and measured from the host.
+    Lifecycle,
+    /// Several SMP guests spinning on fewer host CPUs than vCPUs: steal time as the guest
+    /// reads it against the host's run delay of each vCPU thread.
+    SchedSteal,
+    /// Several SMP guests in CPU cgroups of different weights: CPU share received against
+    /// share entitled.
+    SchedFairness,
 }
 
 /// The code a workload shares with its native twin, which the harness runs on the host
-/// for a guest/native ratio (`harness/src/native.rs` matches on this exhaustively).
+/// for a guest/native ratio (`harness/src/run/native.rs` matches on this exhaustively).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NativeTwin {
     /// [`crate::compute`]'s kernel, rounds per operation.
@@ -194,6 +246,9 @@ pub enum NativeTwin {
     SeqRead,
     /// [`crate::memory::copy_bytes`] between two buffers.
     Copy,
+    /// The host's fio on the block workloads' disk file, with the same pattern, block size,
+    /// queue depth and region.
+    Fio,
 }
 
 /// A hypervisor as the guest detects it from CPUID 0x40000000.
@@ -247,6 +302,17 @@ pub enum BackendFeature {
     /// hvbench's own virtio-balloon device, whose queues the VMM validates (a guest that
     /// corrupts them must get an error, never a crashed or corrupted VMM).
     VirtioBalloon,
+    /// A paravirtual block device over hvbench's disk file (virtio-blk on KVM and QEMU).
+    BlockDevice,
+    /// hvbench's own virtio-blk, whose requests the VMM validates (a malformed chain must
+    /// get an error status, never a crashed VMM or a write outside the disk or guest RAM).
+    VirtioBlk,
+    /// A local APIC per vCPU (IPIs, its timer) and application processors the guest
+    /// starts by INIT/SIPI, as on a real machine.
+    LocalApic,
+    /// hvbench's own SMP VMM processes whose vCPU threads the host can see, weigh
+    /// (cgroups), pin and account (schedstat).
+    VcpuThreads,
 }
 
 /// A condition under which a workload is valid; otherwise it is reported as `skip`.
@@ -388,6 +454,13 @@ pub mod param {
             "Bytes of the pool the guest inflates and deflates each cycle.",
         )
     };
+    pub const LIFECYCLE_BOOTS: ParamSpec = spec(
+        "boots",
+        ParamKind::Count,
+        Some("5"),
+        (1, 100),
+        "Guests booted and destroyed, one after another (each one sample).",
+    );
     pub const KSM_GUESTS: ParamSpec = spec(
         "guests",
         ParamKind::Count,
@@ -451,6 +524,168 @@ pub mod param {
             "The guest's seed for its unique pages (set by the harness per guest).",
         )
     };
+    const fn blk_bs(default: &'static str) -> ParamSpec {
+        ParamSpec {
+            multiple_of: 512,
+            max_items: 4,
+            series: true,
+            ..spec(
+                "bs",
+                ParamKind::SizeList,
+                Some(default),
+                (512, 1 << 20),
+                "Bytes per request (whole 512-byte sectors, at most 1m), each a series.",
+            )
+        }
+    }
+    pub const BLK_BS_RANDOM: ParamSpec = blk_bs("4k");
+    pub const BLK_BS_SEQUENTIAL: ParamSpec = blk_bs("128k,1m");
+    const fn blk_qd(default: &'static str) -> ParamSpec {
+        ParamSpec {
+            max_items: 4,
+            series: true,
+            ..spec(
+                "qd",
+                ParamKind::SizeList,
+                Some(default),
+                (1, 64),
+                "Requests kept in flight (queue depth), each a series.",
+            )
+        }
+    }
+    pub const BLK_QD_RANDOM: ParamSpec = blk_qd("1,32");
+    pub const BLK_QD_SEQUENTIAL: ParamSpec = blk_qd("1");
+    pub const BLK_REGION: ParamSpec = ParamSpec {
+        multiple_of: 1 << 20,
+        ..spec(
+            "region",
+            ParamKind::Size,
+            Some("64m"),
+            (1 << 20, 1 << 40),
+            "Bytes at the start of the disk the requests fall in (at most the disk's size).",
+        )
+    };
+    const fn blk_random(default: &'static str) -> ParamSpec {
+        spec(
+            "random",
+            ParamKind::Fraction,
+            Some(default),
+            (0, 1_000_000),
+            "Access pattern: the fraction of requests at a random block of the region; the \
+             rest follow the previous one (0: sequential, 1: random).",
+        )
+    }
+    pub const BLK_RANDOM: ParamSpec = blk_random("1");
+    pub const BLK_SEQUENTIAL: ParamSpec = blk_random("0");
+    pub const BLK_DURATION_MS: ParamSpec = spec(
+        "duration_ms",
+        ParamKind::Count,
+        None,
+        (1, 600_000),
+        "Milliseconds each sample lasts at least (default: --sample-us).",
+    );
+    pub const BLK_RAND: &[ParamSpec] = &[
+        BLK_BS_RANDOM,
+        BLK_QD_RANDOM,
+        BLK_REGION,
+        BLK_RANDOM,
+        BLK_DURATION_MS,
+    ];
+    pub const BLK_SEQ: &[ParamSpec] = &[
+        BLK_BS_SEQUENTIAL,
+        BLK_QD_SEQUENTIAL,
+        BLK_REGION,
+        BLK_SEQUENTIAL,
+        BLK_DURATION_MS,
+    ];
+    pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION, BLK_DURATION_MS];
+
+    pub const WAKEUP_DELAY_US: ParamSpec = spec(
+        "delay_us",
+        ParamKind::Count,
+        Some("100"),
+        (1, 1_000_000),
+        "Microseconds from arming the timer to its deadline.",
+    );
+    pub const LOCK_HOLD: ParamSpec = spec(
+        "hold",
+        ParamKind::Count,
+        Some("200"),
+        (1, 1_000_000),
+        "Iterations of work inside the lock per acquisition.",
+    );
+    pub const SPIN_GUESTS: ParamSpec = spec(
+        "guests",
+        ParamKind::Count,
+        Some("2"),
+        (2, 8),
+        "Guests run at once, each a VMM process of its own.",
+    );
+    pub const SPIN_VCPUS: ParamSpec = spec(
+        "vcpus",
+        ParamKind::Count,
+        Some("2"),
+        (1, 8),
+        "vCPUs of each guest, every one spinning.",
+    );
+    pub const SPIN_DURATION_S: ParamSpec = spec(
+        "duration_s",
+        ParamKind::Count,
+        Some("10"),
+        (2, 600),
+        "Seconds the guests spin.",
+    );
+    pub const SPIN_WINDOW_MS: ParamSpec = spec(
+        "window_ms",
+        ParamKind::Count,
+        Some("500"),
+        (50, 10_000),
+        "Milliseconds of each short window (the guests report, the host samples).",
+    );
+    pub const SPIN_PIN: ParamSpec = spec(
+        "pin",
+        ParamKind::Count,
+        Some("0"),
+        (0, 1024),
+        "Pin every vCPU thread to host CPUs 0..pin-1 (0: no pinning).",
+    );
+    pub const FAIRNESS_RATIO: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "ratio",
+            ParamKind::Count,
+            Some("2"),
+            (1, 64),
+            "Weight of the odd-numbered guests (the even-numbered ones weigh 1); a series.",
+        )
+    };
+    pub const FAIRNESS_CAPPED: ParamSpec = ParamSpec {
+        series: true,
+        ..spec(
+            "capped",
+            ParamKind::Count,
+            Some("0"),
+            (0, 1),
+            "1: each guest is also capped at its entitled share (cpu.max / cfs_quota); a \
+             series.",
+        )
+    };
+    pub const STEAL: &[ParamSpec] = &[
+        SPIN_GUESTS,
+        SPIN_VCPUS,
+        SPIN_DURATION_S,
+        SPIN_WINDOW_MS,
+        SPIN_PIN,
+    ];
+    pub const FAIRNESS: &[ParamSpec] = &[
+        SPIN_GUESTS,
+        SPIN_VCPUS,
+        SPIN_DURATION_S,
+        SPIN_WINDOW_MS,
+        SPIN_PIN,
+        FAIRNESS_RATIO,
+        FAIRNESS_CAPPED,
+    ];
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
         KSM_SIZE,
@@ -653,6 +888,84 @@ pub const WORKLOADS: &[Workload] = &[
         native_twin: None,
         driver: Driver::Guest,
         params: &[],
+    },
+    Workload {
+        id: WorkloadId::IoBlkRandread,
+        name: "io.blk-randread",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Random reads of `bs` bytes at queue depth `qd` from hvbench's disk file \
+                      through the paravirtual block device (virtio-blk on KVM and QEMU; the \
+                      driver polls the used ring, no interrupts), over `region` bytes: IOPS, \
+                      MB/s and completion-latency percentiles. Host fio on the same file is \
+                      the native baseline. Parameters `bs`, `qd`, `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_RAND,
+    },
+    Workload {
+        id: WorkloadId::IoBlkRandwrite,
+        name: "io.blk-randwrite",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Random writes of `bs` bytes at queue depth `qd`, as io.blk-randread; \
+                      the guest writes a pattern derived from each byte's offset and reads \
+                      the blocks back to verify them afterwards. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_RAND,
+    },
+    Workload {
+        id: WorkloadId::IoBlkSeqread,
+        name: "io.blk-seqread",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Sequential reads of `bs` bytes (128 KiB and 1 MiB) at queue depth `qd`, \
+                      wrapping at `region`, as io.blk-randread. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_SEQ,
+    },
+    Workload {
+        id: WorkloadId::IoBlkSeqwrite,
+        name: "io.blk-seqwrite",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_METRICS,
+        description: "Sequential writes of `bs` bytes (128 KiB and 1 MiB) at queue depth `qd`, \
+                      verified afterwards as io.blk-randwrite. Parameters `bs`, `qd`, \
+                      `region`, `random`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_SEQ,
+    },
+    Workload {
+        id: WorkloadId::IoBlkFlush,
+        name: "io.blk-flush",
+        group: Group::Io,
+        privilege: Privilege::User,
+        metrics: BLK_FLUSH_METRICS,
+        description: "A 4 KiB write then a flush (VIRTIO_BLK_T_FLUSH: fdatasync on our VMM, \
+                      QEMU's flush to the file), one at a time: flushes per second and the \
+                      flush's own completion latency. Parameter `region`.",
+        requires: &[Requirement::Backend(BackendFeature::BlockDevice)],
+        explicit_only: false,
+        native_twin: Some(NativeTwin::Fio),
+        driver: Driver::Guest,
+        params: param::BLK_FLUSH,
     },
     Workload {
         id: WorkloadId::MemFirstTouch,
@@ -877,6 +1190,151 @@ pub const WORKLOADS: &[Workload] = &[
         driver: Driver::Host(HostRunner::Balloon),
         params: &[],
     },
+    Workload {
+        id: WorkloadId::VmLifecycle,
+        name: "vm.lifecycle",
+        group: Group::Vm,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("define_to_result", Unit::Seconds, Direction::LowerIsBetter),
+            metric("destroy", Unit::Seconds, Direction::LowerIsBetter),
+            metric("vmm_rss", Unit::MiB, Direction::LowerIsBetter),
+            metric("vmm_pss", Unit::MiB, Direction::LowerIsBetter),
+            metric("stack_pss", Unit::MiB, Direction::LowerIsBetter),
+        ],
+        description: "The guest's life as the host sees it, `boots` times: from asking the \
+                      backend for a guest (VMM start, QEMU start, `virsh create`) to the \
+                      guest's first result line; the VMM process's RSS and PSS then; the PSS \
+                      of the whole stack (the VMM plus management daemons: libvirtd, \
+                      virtqemud, virtlogd); and how long destroying the guest takes (VMM \
+                      stop, QEMU kill, `virsh destroy`).",
+        requires: &[],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::Lifecycle),
+        params: &[param::LIFECYCLE_BOOTS],
+    },
+    Workload {
+        id: WorkloadId::SelftestBlkCorrupt,
+        name: "selftest.blk-corrupt",
+        group: Group::Selftest,
+        privilege: Privilege::User,
+        metrics: &[],
+        description: "Sends the VMM's virtio-blk malformed requests (sectors past the disk, a \
+                      buffer outside guest RAM, a ragged or oversized length, a buffer of the \
+                      wrong direction, a bad header, an unknown type, a chain without a status \
+                      byte): each must be refused with IOERR/UNSUPP (or DEVICE_NEEDS_RESET), \
+                      the disk must be unchanged, the device must serve a good request after; \
+                      the record is an error naming what was refused.",
+        requires: &[Requirement::Backend(BackendFeature::VirtioBlk)],
+        explicit_only: true,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[],
+    },
+    Workload {
+        id: WorkloadId::SchedIpi,
+        name: "sched.ipi",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[LATENCY],
+        description: "IPI round trip between two vCPUs: the boot vCPU (CPL3, the local APIC's \
+                      page mapped to user mode) writes a sequence number and the ICR; the \
+                      application processor, halted in its kernel, takes the interrupt, \
+                      copies the number back and signals EOI; the boot vCPU spins until it \
+                      sees it. On KVM this is the in-kernel LAPIC plus the wake-up of a \
+                      halted vCPU thread by the host scheduler. Needs 2 vCPUs; the AP's \
+                      handler runs at CPL0 (emulated on kvm_pvm).",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[],
+    },
+    Workload {
+        id: WorkloadId::SchedWakeup,
+        name: "sched.wakeup",
+        group: Group::Sched,
+        privilege: Privilege::Kernel,
+        metrics: &[LATENCY],
+        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead and \
+                      halts (STI; HLT at CPL0); the figure is the time from the deadline to \
+                      the instruction after HLT (the timer's expiry in the hypervisor, the \
+                      host scheduler waking the vCPU thread, the interrupt's delivery and \
+                      handler). CPL0, so on kvm_pvm the handler and the reads are emulated.",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[param::WAKEUP_DELAY_US],
+    },
+    Workload {
+        id: WorkloadId::SchedLockHolder,
+        name: "sched.lock-holder",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("acquire", Unit::Ns, Direction::LowerIsBetter),
+            metric("acquire_max", Unit::Ns, Direction::LowerIsBetter),
+        ],
+        description: "Every vCPU of the guest contends for one spinlock at CPL3, holding it \
+                      for `hold` iterations of work: the boot vCPU's mean time to acquire \
+                      (`acquire`) and the longest single acquire of each sample \
+                      (`acquire_max`, the tail where a descheduled holder shows). Overcommit \
+                      comes from --vcpus above the host's CPUs; the record notes \
+                      acquisitions per second of all vCPUs.",
+        requires: &[Requirement::Backend(BackendFeature::LocalApic)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Guest,
+        params: &[param::LOCK_HOLD],
+    },
+    Workload {
+        id: WorkloadId::SchedSteal,
+        name: "sched.steal",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("steal_guest", Unit::Seconds, Direction::LowerIsBetter),
+            metric("steal_host", Unit::Seconds, Direction::LowerIsBetter),
+            metric("steal_disagreement", Unit::Ratio, Direction::LowerIsBetter),
+        ],
+        description: "`guests` SMP guests (VMM processes) whose every vCPU spins at CPL3, on \
+                      fewer host CPUs than vCPUs: each vCPU's steal time as KVM reports it \
+                      to the guest (the steal-time MSR's area) against the host's own view, \
+                      the run delay of the vCPU thread (/proc/PID/task/TID/schedstat), over \
+                      the same span; samples are per vCPU, the disagreement is |guest/host - \
+                      1| of the sums. hvbench's VMM only (its thread IDs are the host's view).",
+        requires: &[Requirement::Backend(BackendFeature::VcpuThreads)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::SchedSteal),
+        params: param::STEAL,
+    },
+    Workload {
+        id: WorkloadId::SchedFairness,
+        name: "sched.fairness",
+        group: Group::Sched,
+        privilege: Privilege::User,
+        metrics: &[
+            metric("share_error", Unit::Ratio, Direction::LowerIsBetter),
+            metric("jain", Unit::Ratio, Direction::HigherIsBetter),
+            metric("worst_window_share", Unit::Ratio, Direction::HigherIsBetter),
+        ],
+        description: "`guests` SMP guests spinning on every vCPU, each VMM process in a CPU \
+                      cgroup of its own weighted 1 or `ratio` (cgroup v2 cpu.weight, v1 \
+                      cpu.shares; with `capped`, also cpu.max / cfs_quota at its entitled \
+                      share): the CPU time of each guest's vCPU threads per window against \
+                      its entitled share. share_error: the largest |received/entitled - 1| \
+                      over the run; jain: Jain's index of received/entitled; \
+                      worst_window_share: the smallest received/entitled of any guest in \
+                      any window. Curves: each guest's share over time.",
+        requires: &[Requirement::Backend(BackendFeature::VcpuThreads)],
+        explicit_only: false,
+        native_twin: None,
+        driver: Driver::Host(HostRunner::SchedFairness),
+        params: param::FAIRNESS,
+    },
 ];
 
 impl WorkloadId {
@@ -929,10 +1387,7 @@ mod tests {
             assert_eq!(w.id.spec().name, w.name);
             assert_eq!(WorkloadId::from_name(w.name), Some(w.id));
         }
-        assert_eq!(
-            WORKLOADS.len(),
-            WorkloadId::SelftestBalloonCorrupt as usize + 1
-        );
+        assert_eq!(WORKLOADS.len(), WorkloadId::SchedFairness as usize + 1);
     }
 
     #[test]

@@ -142,6 +142,15 @@ pub fn hlt() {
     unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) }
 }
 
+/// STI; HLT; CLI: waits for an interrupt (STI's shadow makes the pair atomic: one that
+/// is already pending wakes the HLT), runs its handler, and turns interrupts off again.
+/// CPL0 only; the IDT must have a handler for every interrupt that may come.
+#[inline(always)]
+pub fn sti_hlt_cli() {
+    // SAFETY: the handlers are the kernel's own and return with every register intact.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+}
+
 /// Reads CR3. CPL0 only.
 #[inline(always)]
 pub fn read_cr3() -> u64 {

@@ -1,6 +1,8 @@
 //! x86-64 machinery: the PVH entry, descriptor tables, traps and single instructions.
 
+pub mod apic;
 pub mod boot;
 pub mod cpu;
+pub mod smp;
 pub mod traps;
 pub mod user;

@@ -8,6 +8,7 @@
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 
+use super::apic;
 use super::boot::{KERNEL_CS, TSS_SELECTOR};
 
 /// #UD: the system-call trap. It arrives from user mode, so it runs on the TSS's RSP0
@@ -96,7 +97,8 @@ struct CpuTables {
     idt: UnsafeCell<[IdtEntry; 256]>,
 }
 
-// SAFETY: one vCPU; the tables are written only by `init`, before anything else runs.
+// SAFETY: the tables are written only by `init`, on the boot vCPU, before anything else
+// runs and before any AP starts; afterwards every CPU only reads them.
 unsafe impl Sync for CpuTables {}
 
 static TABLES: CpuTables = CpuTables {
@@ -123,6 +125,9 @@ extern "C" {
     static ist_stack_top: u8;
     static df_stack_top: u8;
     static hvbench_syscall_trap: u8;
+    fn ipi_interrupt();
+    fn timer_interrupt();
+    fn spurious_interrupt();
 }
 
 /// Address of the UD2 that user mode executes to make a system call.
@@ -157,15 +162,10 @@ pub fn init() {
 
         let base = TABLES.tss.get() as u64;
         let limit = (core::mem::size_of::<Tss>() - 1) as u64;
-        // 64-bit available TSS descriptor, present.
-        let low = (limit & 0xffff)
-            | ((base & 0xff_ffff) << 16)
-            | (0x89 << 40)
-            | (((limit >> 16) & 0xf) << 48)
-            | (((base >> 24) & 0xff) << 56);
+        let [low, high] = tss_descriptor(base, limit);
         let descriptor = core::ptr::addr_of_mut!(gdt_tss).cast::<u64>();
         descriptor.write_volatile(low);
-        descriptor.add(1).write_volatile(base >> 32);
+        descriptor.add(1).write_volatile(high);
         asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
 
         let idt = &mut *TABLES.idt.get();
@@ -178,8 +178,44 @@ pub fn init() {
             };
             idt[vector] = gate(stub, ist);
         }
-        load_idt(TABLES.idt.get() as u64, IDT_LIMIT);
+        // Interrupts (local APIC), on the IST stack like exceptions: the kernel code they
+        // interrupt uses the red zone.
+        let interrupts = [
+            (apic::IPI_VECTOR, ipi_interrupt as *const () as usize),
+            (apic::TIMER_VECTOR, timer_interrupt as *const () as usize),
+            (
+                apic::SPURIOUS_VECTOR,
+                spurious_interrupt as *const () as usize,
+            ),
+        ];
+        for (vector, handler) in interrupts {
+            idt[usize::from(vector)] = gate(handler as u64, 1);
+        }
+        load_shared_idt();
     }
+}
+
+/// A 64-bit available TSS descriptor (two GDT slots) for a TSS at `base`.
+pub fn tss_descriptor(base: u64, limit: u64) -> [u64; 2] {
+    let low = (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56);
+    [low, base >> 32]
+}
+
+/// Loads the IDT every CPU shares (filled by `init`). CPL0.
+pub fn load_shared_idt() {
+    load_idt(TABLES.idt.get() as u64, IDT_LIMIT);
+}
+
+/// LGDT. CPL0; the table must hold the boot GDT's selectors.
+pub fn load_gdt(base: u64, limit: u16) {
+    let pointer = DescriptorPointer { limit, base };
+    // SAFETY: LGDT reads the 10-byte pointer; callers pass a static table whose code and
+    // data selectors match the ones loaded, so the segment registers stay valid.
+    unsafe { asm!("lgdt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) }
 }
 
 #[repr(C, packed)]

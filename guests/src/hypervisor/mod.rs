@@ -33,6 +33,11 @@ fn hypervisor_bit() -> bool {
     cpuid(1, 0).ecx & (1 << 31) != 0
 }
 
+/// KVM_FEATURE_STEAL_TIME (CPUID 0x40000001 EAX bit 5) under KVM. CPL0 for a true answer.
+pub fn kvm_steal_time(hv: &Detected) -> bool {
+    hv.kind == Hypervisor::Kvm && hv.max_leaf > hv.base && cpuid(hv.base + 1, 0).eax & (1 << 5) != 0
+}
+
 pub fn detect() -> Detected {
     let mut found = Detected {
         kind: Hypervisor::None,

@@ -26,20 +26,20 @@ fn refuse(reason: &'static str) -> Refusal {
 }
 
 /// Writes "key:value" pairs into a small buffer for a sample's series parameters.
-struct Series {
+pub(super) struct Series {
     buf: [u8; 64],
     len: usize,
 }
 
 impl Series {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Series {
             buf: [0; 64],
             len: 0,
         }
     }
 
-    fn push(mut self, key: &str, value: &str) -> Self {
+    pub(super) fn push(mut self, key: &str, value: &str) -> Self {
         for part in [if self.len > 0 { "," } else { "" }, key, ":", value] {
             let n = part.len().min(self.buf.len() - self.len);
             self.buf[self.len..self.len + n].copy_from_slice(&part.as_bytes()[..n]);
@@ -48,7 +48,7 @@ impl Series {
         self
     }
 
-    fn as_str(&self) -> &str {
+    pub(super) fn as_str(&self) -> &str {
         core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
 }

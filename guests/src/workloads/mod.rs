@@ -2,13 +2,19 @@
 //! is exhaustive, so a new row does not build until its guest function exists.
 
 mod balloon;
+mod blk;
 mod ksm;
 mod memory;
+mod sched;
+
+pub use self::sched::ap_user_main;
 
 use core::hint::black_box;
 use core::ptr::{read_volatile, write_volatile};
 
-use workloads::abi::{MMIO_TEST_BASE, PIO_KERNEL_PORT, PIO_TEST_PORT};
+use workloads::abi::{
+    LIFECYCLE_HOLD_CYCLES, LIFECYCLE_UP_KEY, MMIO_TEST_BASE, PIO_KERNEL_PORT, PIO_TEST_PORT,
+};
 use workloads::compute::{compute_init, compute_rounds, COMPUTE_WORDS};
 use workloads::protocol::Status;
 use workloads::{Hypervisor, WorkloadId};
@@ -158,6 +164,12 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             })?;
             s.note_hex("value", value as u64);
         }
+        WorkloadId::IoBlkRandread
+        | WorkloadId::IoBlkRandwrite
+        | WorkloadId::IoBlkSeqread
+        | WorkloadId::IoBlkSeqwrite => blk::transfer(s)?,
+        WorkloadId::IoBlkFlush => blk::flush(s)?,
+        WorkloadId::SelftestBlkCorrupt => blk::corrupt(s)?,
         WorkloadId::MemFirstTouch => memory::first_touch(s)?,
         WorkloadId::MemProtFault => memory::prot_fault(s)?,
         WorkloadId::MemTlbChase => memory::tlb_chase(s)?,
@@ -170,6 +182,15 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MemKsm => ksm::ksm(s)?,
         WorkloadId::MemBalloon => balloon::balloon(s, info)?,
         WorkloadId::SelftestBalloonCorrupt => balloon::corrupt(s, info)?,
+        // The host times the boot to this note, reads the stack's memory and destroys the
+        // guest while it holds here (about a second), so it is measured running.
+        WorkloadId::VmLifecycle => {
+            s.note_text(LIFECYCLE_UP_KEY, "1");
+            let start = rdtsc();
+            while rdtsc().wrapping_sub(start) < LIFECYCLE_HOLD_CYCLES {
+                core::hint::spin_loop();
+            }
+        }
         WorkloadId::SelftestTripleFault => {
             syscall(Syscall::TripleFault as u64, 0, 0, 0);
             return Err((Status::Error, "the triple fault did not stop the guest"));
@@ -181,6 +202,10 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
             black_box(unsafe { read_volatile(unmapped) });
             return Err((Status::Error, "reading an unmapped address did not fault"));
         }
+        WorkloadId::SchedIpi => sched::ipi(s, info)?,
+        WorkloadId::SchedWakeup => sched::wakeup(s, info)?,
+        WorkloadId::SchedLockHolder => sched::lock_holder(s, info)?,
+        WorkloadId::SchedSteal | WorkloadId::SchedFairness => sched::spin_report(s, info)?,
         WorkloadId::SelftestHang => loop {
             core::hint::spin_loop();
         },

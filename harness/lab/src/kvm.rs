@@ -763,7 +763,7 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     let finished = run_detached(&transport, &state, &remote_run, &invocation, run, &mut copy);
     let finished = match finished {
         Ok(finished) => finished,
-        Err(error) => return Err(lost_run_error(error, &copy, &state, &remote_run, run.out)),
+        Err(error) => return Err(lost_run_error(error, &copy, &remote_run, run.out)),
     };
 
     // The summary table; the records came back while the run went on.
@@ -802,34 +802,79 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
 fn lost_run_error(
     error: LabError,
     copy: &RecordCopy<'_>,
-    state: &KvmLabState,
     remote_run: &str,
     out: &Path,
 ) -> LabError {
-    let target = kvm_ssh_target(state);
-    let ssh = format!(
-        "ssh -i {} -p {} -o UserKnownHostsFile={} -o HostKeyAlias={KVM_HOST_KEY_ALIAS} root@127.0.0.1",
-        shell_quote(&state.ssh_key.to_string_lossy()),
-        target.port,
-        shell_quote(&state.known_hosts.to_string_lossy()),
-    );
-    let rest = format!(
-        "tail -c +{} {remote_run}/results/results.jsonl",
-        copy.offset.saturating_add(1)
-    );
-    let jsonl = copy.writer.jsonl_path().to_string_lossy().into_owned();
     LabError::Command {
         what: "the run in the KVM lab".into(),
         detail: format!(
             "{error}. The {} record(s) measured before are saved in {}. If the lab answers \
-             again, the rest (without the lab's label) is fetched by: {ssh} {} >> {}; \
+             again, the rest is fetched (labelled as the lab's, into both files) by: \
+             hvbench lab fetch kvm --run {remote_run} --offset {} --out {}; \
              `hvbench lab down kvm` stops the lab",
             copy.records,
             out.display(),
-            shell_quote(&rest),
-            shell_quote(&jsonl),
+            copy.offset,
+            shell_quote(&out.to_string_lossy()),
         ),
     }
+}
+
+/// `hvbench lab fetch kvm`: the records of a run whose lab went silent, from where the
+/// copy stopped.
+#[derive(Debug)]
+pub struct KvmLabFetch<'a> {
+    pub cache_dir: &'a Path,
+    /// The run's directory in the lab, as the lost run's error names it.
+    pub remote_run: &'a str,
+    /// Bytes of its results.jsonl already copied.
+    pub offset: u64,
+    /// The local results directory the run was copying into (appended to).
+    pub out: &'a Path,
+    pub progress: fn(&str),
+}
+
+/// Copies the rest of a lost run's records (whole lines after `offset`), relabelled, into
+/// `out`; returns how many. The run's directory in the lab is left for the user.
+pub fn lab_fetch_kvm(fetch: &KvmLabFetch<'_>) -> Result<usize, LabError> {
+    let name = fetch
+        .remote_run
+        .strip_prefix(REMOTE_RUNS_DIR)
+        .and_then(|r| r.strip_prefix('/'));
+    let plain = name.is_some_and(|n| {
+        !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+    });
+    if !plain {
+        return Err(LabError::InvalidOptions {
+            reason: format!(
+                "--run {:?} is not a run directory of the lab (a name under {REMOTE_RUNS_DIR})",
+                fetch.remote_run
+            ),
+        });
+    }
+    let cache_dir = &bringup::absolute_cache_dir(fetch.cache_dir);
+    let state = read_state(cache_dir)?.ok_or_else(|| LabError::InvalidOptions {
+        reason: format!("no KVM lab is up from {}", cache_dir.display()),
+    })?;
+    let writer = ResultsWriter::create(fetch.out, true).map_err(|e| LabError::InvalidOptions {
+        reason: e.to_string(),
+    })?;
+    let mut copy = RecordCopy::new(writer, &state);
+    copy.offset = fetch.offset;
+    let rest = lab_transport(&state)
+        .run(
+            &format!(
+                "tail -c +{} {}/results/results.jsonl",
+                fetch.offset.saturating_add(1),
+                fetch.remote_run
+            ),
+            None,
+            FETCH_TIMEOUT,
+        )
+        .map_err(ssh_error)?;
+    copy.take(&rest.stdout, &|m| (fetch.progress)(m))
 }
 
 /// Copies the records of the lab's results.jsonl into the local results while the run
@@ -1390,7 +1435,6 @@ mod tests {
                 reason: "the lab has not answered for 180 s".into(),
             },
             &copy,
-            &state,
             "/tmp/hvbench-lab-runs/x",
             &out,
         )
@@ -1401,16 +1445,38 @@ mod tests {
         );
         assert!(
             error.contains(&format!(
-                "'tail -c +{} /tmp/hvbench-lab-runs/x/results/results.jsonl'",
-                line.len() + 1
+                "hvbench lab fetch kvm --run /tmp/hvbench-lab-runs/x --offset {} --out {}",
+                line.len(),
+                shell_quote(&out.to_string_lossy())
             )),
             "{error}"
         );
-        assert!(error.contains("-p 10023"), "{error}");
-        assert!(
-            error.contains("results.jsonl' >>") || error.contains("results.jsonl >>"),
-            "{error}"
-        );
+    }
+
+    #[test]
+    fn fetch_refuses_a_run_outside_the_labs_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for run in [
+            "/etc",
+            "/tmp/hvbench-lab-runs/",
+            "/tmp/hvbench-lab-runs/x;rm -rf /",
+            "/tmp/hvbench-lab-runs/../x",
+        ] {
+            let error = lab_fetch_kvm(&KvmLabFetch {
+                cache_dir: dir.path(),
+                remote_run: run,
+                offset: 0,
+                out: &dir.path().join("out"),
+                progress: |_| {},
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains("is not a run directory of the lab"),
+                "{run}: {error}"
+            );
+        }
+        assert!(!dir.path().join("out").exists());
     }
 
     #[test]

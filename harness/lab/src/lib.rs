@@ -35,9 +35,9 @@ use hostutil::transport::Transport;
 
 pub use initramfs::READY_MARKER;
 pub use kvm::{
-    check_lab_run_args, kvm_ssh_target, lab_reproduce, lab_run_kvm, BinaryIdentity, KvmLab,
-    KvmLabOptions, KvmLabRun, KvmLabRunOutcome, KvmLabState, KVM_HOST_KEY_ALIAS, KVM_READY_MARKER,
-    LAB_HVBENCH,
+    check_lab_run_args, kvm_ssh_target, lab_fetch_kvm, lab_reproduce, lab_run_kvm, BinaryIdentity,
+    KvmLab, KvmLabFetch, KvmLabOptions, KvmLabRun, KvmLabRunOutcome, KvmLabState,
+    KVM_HOST_KEY_ALIAS, KVM_READY_MARKER, LAB_HVBENCH,
 };
 pub use recipe::{Lab, LabStatus, MachineOptions};
 pub use xen::{XenLab, XenLabOptions, XenLabState, DOM0_MEMORY_MIB, HOST_KEY_ALIAS};

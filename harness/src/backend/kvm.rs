@@ -31,6 +31,11 @@ pub struct KvmBackend {
     doorbell: Arc<Doorbell>,
     /// The mode `hvbench host paging` switched KVM to for this run, if it did.
     paging_switch: Option<PagingMode>,
+    /// The disk every guest gets as a virtio-blk (`io.blk-*`), and what records say of it.
+    disk: Option<(vmm::DiskConfig, BTreeMap<String, String>)>,
+    /// vCPUs of the guests this backend boots: with more than one, the VMM creates
+    /// KVM's in-kernel irqchip (local APICs; HLT is then handled inside KVM).
+    vcpus: u32,
     /// The log an outer QEMU's hvbench-insns plugin writes (the KVM lab's, through 9p).
     insns_log: Option<std::path::PathBuf>,
 }
@@ -44,8 +49,26 @@ impl KvmBackend {
             huge_pages: false,
             doorbell: Doorbell::new(),
             paging_switch: None,
+            disk: None,
             insns_log: None,
+            vcpus: 1,
         })
+    }
+
+    /// Gives every guest booted from now on a virtio-blk over `disk`.
+    pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Self {
+        self.disk = disk.map(|d| (d.config(), d.details()));
+        self
+    }
+
+    /// The vCPUs of the guests this run boots (`--vcpus`), which decide the irqchip.
+    pub fn with_vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    fn irqchip(&self) -> bool {
+        self.vcpus > 1
     }
 
     /// Counts instructions per operation from `log`, written by the hvbench-insns plugin
@@ -91,6 +114,7 @@ impl KvmBackend {
             mergeable: self.mergeable,
             huge_pages: self.huge_pages,
             balloon,
+            disk: self.disk.as_ref().map(|(config, _)| config),
             doorbell: self.doorbell.clone(),
         })
     }
@@ -193,7 +217,13 @@ impl Hypervisor for KvmBackend {
         let mut details = BTreeMap::new();
         details.insert("vmm".into(), "hvbench (kvm-ioctls)".into());
         details.insert("kvm_api_version".into(), self.vmm.api_version().to_string());
-        details.insert("irqchip".into(), "none".into());
+        let irqchip = if self.irqchip() {
+            "in-kernel (KVM_CREATE_IRQCHIP: PIC, IOAPIC, a local APIC per vCPU); APs started \
+             by the guest's INIT/SIPI"
+        } else {
+            "none"
+        };
+        details.insert("irqchip".into(), irqchip.into());
         details.insert(
             "guest_ram".into(),
             if self.huge_pages {
@@ -205,6 +235,16 @@ impl Hypervisor for KvmBackend {
         );
         if !self.host.paging.is_empty() {
             details.insert("paging".into(), self.host.paging.clone());
+        }
+        if let Some((_, disk)) = &self.disk {
+            details.extend(disk.clone());
+            details.insert(
+                "blk".into(),
+                "virtio-blk (virtio-mmio v2): notify by ioeventfd, one I/O thread handing every \
+                 request to io_uring (preadv/pwritev one by one where the kernel has none), \
+                 completions polled by the guest (no interrupts)"
+                    .into(),
+            );
         }
         BackendInfo {
             kind: "kvm".into(),
@@ -222,18 +262,42 @@ impl Hypervisor for KvmBackend {
             BackendFeature::UserspacePioPort
             | BackendFeature::KernelIoeventfdPort
             | BackendFeature::UserspaceMmioPage
-            | BackendFeature::HltExitsToVmm
             | BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::HltExitsToVmm if self.irqchip() => Err(
+                "with more than one vCPU the VMM has KVM's in-kernel irqchip, which handles HLT \
+                 itself (a vCPU that halts with interrupts off is parked in KVM): run cpu.hlt \
+                 with --vcpus 1"
+                    .into(),
+            ),
+            BackendFeature::HltExitsToVmm => Ok(()),
+            // sched.steal and sched.fairness start VMM processes of their own.
+            BackendFeature::VcpuThreads => Ok(()),
+            BackendFeature::LocalApic if self.irqchip() => Ok(()),
+            BackendFeature::LocalApic => Err(
+                "hvbench's VMM creates the in-kernel irqchip (local APICs) only for an SMP guest: \
+                 run with --vcpus 2 or more"
+                    .into(),
+            ),
             BackendFeature::KernelSamePageMerging => match ksm_unusable_reason() {
                 None => Ok(()),
                 Some(reason) => Err(reason.into()),
             },
             BackendFeature::Balloon | BackendFeature::VirtioBalloon => Ok(()),
+            BackendFeature::BlockDevice | BackendFeature::VirtioBlk => match self.disk {
+                Some(_) => Ok(()),
+                None => Err("this run made no disk for the guest".into()),
+            },
         }
     }
 
     fn balloon(&self) -> Option<&dyn BalloonBackend> {
         Some(self)
+    }
+
+    fn disk(&self) -> Option<(&std::path::Path, bool)> {
+        self.disk
+            .as_ref()
+            .map(|(config, _)| (config.path.as_path(), config.direct))
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -272,7 +336,38 @@ impl GuestSession for KvmSession {
         self.0.messages()
     }
 
+    fn stack_processes(&self) -> super::StackProcesses {
+        super::StackProcesses {
+            vmm: Some(std::process::id()),
+            daemons: Vec::new(),
+            note: Some(
+                "hvbench's VMM runs inside the hvbench process: its figures include the \
+                 harness (about what `hvbench vmm` would hold, plus the runner)",
+            ),
+        }
+    }
+
     fn stop(&mut self) -> Result<(), BackendError> {
-        Ok(self.0.stop()?)
+        let stopped = self.0.stop();
+        if let Some(blk) = self.0.blk() {
+            report_blk_refusals(&blk.refusals());
+        }
+        Ok(stopped?)
+    }
+}
+
+/// Says what the VMM's virtio-blk refused during a boot (the host's own account, beside
+/// the guest's in `selftest.blk-corrupt`'s record); once per boot, after the guest stopped.
+fn report_blk_refusals(refusals: &vmm::Refusals) {
+    if refusals.total == 0 {
+        return;
+    }
+    crate::say!(
+        "hvbench: the VMM's virtio-blk refused {} request(s){}",
+        refusals.total,
+        if refusals.kept.is_empty() { "" } else { ":" }
+    );
+    for why in &refusals.kept {
+        crate::say!("hvbench:   {why}");
     }
 }

@@ -1,5 +1,6 @@
 //! One trait for every way of running the guest, one module per backend (Cloud
-//! Hypervisor's layout): `kvm` (hvbench's own VMM), `qemu`, `xen`.
+//! Hypervisor's layout): `kvm` (hvbench's own VMM), `qemu`, `xen`,
+//! `libvirt`.
 //!
 //! A backend boots the guest with a command line and hands back a session: a stream of
 //! console bytes and, at the end, how the guest ended. Everything after that (lines,
@@ -7,6 +8,7 @@
 
 pub mod balloon;
 pub mod kvm;
+pub mod libvirt;
 pub mod qemu;
 pub mod xen;
 
@@ -26,6 +28,8 @@ pub enum BackendKind {
     Qemu,
     /// Xen through `xl` on a dom0 (local, over SSH, or hvbench's lab).
     Xen,
+    /// A libvirt domain (QEMU q35 started by libvirt's QEMU driver), through `virsh`.
+    Libvirt,
 }
 
 impl BackendKind {
@@ -34,6 +38,7 @@ impl BackendKind {
             BackendKind::Kvm => "kvm",
             BackendKind::Qemu => "qemu",
             BackendKind::Xen => "xen",
+            BackendKind::Libvirt => "libvirt",
         }
     }
 }
@@ -70,9 +75,24 @@ impl From<String> for Unsupported {
     }
 }
 
+/// The host processes a guest's stack is made of, for the memory it costs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackProcesses {
+    /// The process that runs the guest (QEMU, hvbench's VMM), where it runs here.
+    pub vmm: Option<u32>,
+    /// Management daemons serving it (libvirtd, virtqemud, virtlogd).
+    pub daemons: Vec<u32>,
+    /// What the figures include besides the VMM, where that needs saying.
+    pub note: Option<&'static str>,
+}
+
 /// A booted guest.
 pub trait GuestSession: std::fmt::Debug {
     fn messages(&self) -> &Receiver<GuestMessage>;
+    /// The host processes running this guest (none known by default: a remote host).
+    fn stack_processes(&self) -> StackProcesses {
+        StackProcesses::default()
+    }
     /// Stops the guest and releases everything it holds. Idempotent; also run on drop.
     fn stop(&mut self) -> Result<(), BackendError>;
 }
@@ -119,6 +139,12 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// The block workloads' disk file on this machine and whether the backend opens it
+    /// with O_DIRECT, where the run has one (the native twin runs fio on it).
+    fn disk(&self) -> Option<(&std::path::Path, bool)> {
+        None
+    }
+
     /// The huge-page advice guest RAM is mapped with on this machine, where the backend
     /// maps it here (native twins map their buffers the same way).
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {
@@ -134,4 +160,6 @@ pub enum BackendError {
     Qemu(#[from] qemu::QemuError),
     #[error(transparent)]
     Xen(#[from] xen::XenError),
+    #[error(transparent)]
+    Libvirt(#[from] libvirt::LibvirtError),
 }

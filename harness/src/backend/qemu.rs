@@ -71,15 +71,59 @@ impl Accel {
     }
 }
 
+/// The machine type QEMU emulates (`--qemu-machine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QemuMachine {
+    /// microvm: no PCI, no firmware; QEMU's own PVH loader jumps to the guest.
+    Microvm,
+    /// q35 (ICH9, PCIe), the machine libvirt gives a `<type machine='q35'>` domain:
+    /// SeaBIOS runs, then QEMU's PVH option ROM boots the guest.
+    Q35,
+}
+
+impl QemuMachine {
+    /// QEMU's name for it, also what records and reproduce commands say.
+    pub const fn name(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "microvm",
+            QemuMachine::Q35 => "q35",
+        }
+    }
+
+    /// The `-machine` argument. microvm drops its option ROMs and RTC (nothing there
+    /// needs them); q35 keeps its defaults, as libvirt leaves them.
+    fn argument(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+            QemuMachine::Q35 => "q35",
+        }
+    }
+
+    /// The backend kind records carry: reports pool by it, so each machine is a column
+    /// of its own (the ladder: our VMM, microvm, q35, libvirt).
+    pub const fn record_kind(self) -> &'static str {
+        match self {
+            QemuMachine::Microvm => "qemu",
+            QemuMachine::Q35 => "qemu-q35",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct QemuOptions {
     pub binary: PathBuf,
     pub accel: QemuAccel,
+    pub machine: QemuMachine,
     /// `-cpu` model; `None` picks one (see `default_cpu_model`).
     pub cpu: Option<String>,
     /// Load the hvbench-insns plugin (TCG only) and count instructions per operation.
     pub insns: bool,
 }
+
+/// Why a q35 guest has no balloon (QEMU q35 and libvirt alike).
+pub const Q35_NO_VIRTIO_MMIO: &str =
+    "the guest's balloon and block drivers speak virtio-mmio, which q35 does not have (q35 \
+     offers virtio-pci, a transport the guest lacks)";
 
 /// The CPU model QEMU gets unless told otherwise: the host's CPU with an invariant TSC
 /// (so QEMU advertises the TSC frequency in leaf 0x40000010), or `max` under TCG.
@@ -103,10 +147,11 @@ pub struct QemuBackend {
     image_dir: tempfile_dir::TempDir,
     /// The plugin, where instructions are counted.
     insns_plugin: Option<PathBuf>,
+    disk: Option<QemuDisk>,
 }
 
 /// A private directory removed on drop (for the guest image QEMU reads).
-mod tempfile_dir {
+pub(crate) mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
     #[derive(Debug)]
@@ -186,6 +231,7 @@ impl QemuBackend {
             host,
             image_dir,
             insns_plugin,
+            disk: None,
         })
     }
 
@@ -194,20 +240,9 @@ impl QemuBackend {
     }
 
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
-        let mut arguments = self.machine_arguments(request, kernel);
-        if let Some(plugin) = &self.insns_plugin {
-            // Checked for commas when the backend was made (its own temporary directory).
-            if let Ok(argument) = crate::insns::plugin_argument(plugin, &self.insns_log_path()) {
-                arguments.extend(["-plugin".to_string(), argument]);
-            }
-        }
-        arguments
-    }
-
-    fn machine_arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "-machine".into(),
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on".into(),
+            self.options.machine.argument().into(),
             "-accel".into(),
             self.accel.name().into(),
             "-cpu".into(),
@@ -232,8 +267,70 @@ impl QemuBackend {
             kernel.display().to_string(),
             "-append".into(),
             request.cmdline.to_string(),
-        ]
+        ];
+        if let Some(disk) = self
+            .disk
+            .as_ref()
+            .filter(|_| self.options.machine != QemuMachine::Q35)
+        {
+            args.extend(disk_arguments(disk));
+        }
+        if let Some(plugin) = &self.insns_plugin {
+            // Checked for commas when the backend was made (its own temporary directory).
+            if let Ok(argument) = crate::insns::plugin_argument(plugin, &self.insns_log_path()) {
+                args.extend(["-plugin".to_string(), argument]);
+            }
+        }
+        args
     }
+
+    /// Gives every guest booted from now on the disk as a virtio-blk on microvm's
+    /// virtio-mmio bus.
+    pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Self {
+        self.disk = disk.map(|d| QemuDisk {
+            path: d.path().to_path_buf(),
+            direct: d.direct(),
+            details: d.details(),
+        });
+        self
+    }
+}
+
+/// The disk QEMU is given.
+#[derive(Clone, Debug)]
+struct QemuDisk {
+    path: PathBuf,
+    direct: bool,
+    details: BTreeMap<String, String>,
+}
+
+impl QemuDisk {
+    /// `-drive` cache and AIO: O_DIRECT with Linux native AIO (cache=none), or the page
+    /// cache with QEMU's thread pool.
+    fn cache_aio(&self) -> &'static str {
+        if self.direct {
+            "cache=none,aio=native"
+        } else {
+            "cache=writeback,aio=threads"
+        }
+    }
+}
+
+/// The modern (version 2) virtio-mmio transport (microvm's default is legacy) and the
+/// drive; a comma in the path is doubled, as QEMU's option syntax wants.
+fn disk_arguments(disk: &QemuDisk) -> Vec<String> {
+    let path = disk.path.display().to_string().replace(',', ",,");
+    vec![
+        "-global".into(),
+        "virtio-mmio.force-legacy=false".into(),
+        "-drive".into(),
+        format!(
+            "file={path},if=none,id=hvbd,format=raw,{}",
+            disk.cache_aio()
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=hvbd".into(),
+    ]
 }
 
 impl Hypervisor for QemuBackend {
@@ -250,14 +347,25 @@ impl Hypervisor for QemuBackend {
     fn info(&self) -> BackendInfo {
         let mut details = BTreeMap::new();
         details.insert("accel".into(), self.accel.name().into());
-        details.insert("machine".into(), "microvm".into());
+        details.insert("machine".into(), self.options.machine.name().into());
         details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
         if let Some(plugin) = &self.insns_plugin {
             details.insert("insns_plugin".into(), plugin.display().to_string());
         }
+        if let Some(disk) = &self.disk {
+            details.extend(disk.details.clone());
+            details.insert(
+                "blk".into(),
+                format!(
+                    "virtio-blk-device on microvm's virtio-mmio, {}, completions polled by the \
+                     guest (no interrupts)",
+                    disk.cache_aio()
+                ),
+            );
+        }
         BackendInfo {
-            kind: "qemu".into(),
+            kind: self.options.machine.record_kind().into(),
             version: self.version.clone(),
             details,
         }
@@ -293,11 +401,35 @@ impl Hypervisor for QemuBackend {
                 )
             }
             BackendFeature::HypercallFromKernel => Ok(()),
+            BackendFeature::VirtioBalloon
+            | BackendFeature::Balloon
+            | BackendFeature::BlockDevice
+                if self.options.machine == QemuMachine::Q35 =>
+            {
+                Err(Q35_NO_VIRTIO_MMIO.into())
+            }
             BackendFeature::KernelSamePageMerging
             | BackendFeature::Balloon
             | BackendFeature::VirtioBalloon => Err(
                 "hvbench measures KSM and ballooning with its own VMM, whose processes and \
                  devices it controls; run them with --backend kvm"
+                    .into(),
+            ),
+            BackendFeature::BlockDevice => match self.disk {
+                Some(_) => Ok(()),
+                None => Err("this run made no disk for the guest".into()),
+            },
+            BackendFeature::VirtioBlk => Err(
+                "the self-test proves hvbench's own VMM's request checks; QEMU's are its own"
+                    .into(),
+            ),
+            // microvm has a local APIC per vCPU (in KVM's irqchip with -accel kvm, QEMU's
+            // own under TCG) and -smp N APs waiting for INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
+            BackendFeature::VcpuThreads => Err(
+                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
+                 processes (their vCPU threads by name, the guest's steal-time areas); QEMU's \
+                 are not driven yet: run them with --backend kvm"
                     .into(),
             ),
             BackendFeature::HltExitsToVmm => Err(
@@ -316,12 +448,18 @@ impl Hypervisor for QemuBackend {
         self.insns_plugin.as_ref().map(|_| self.insns_log_path())
     }
 
+    fn disk(&self) -> Option<(&Path, bool)> {
+        self.disk.as_ref().map(|d| (d.path.as_path(), d.direct))
+    }
+
     fn reproduce_args(&self) -> Vec<String> {
         vec![
             "--qemu".into(),
             self.options.binary.display().to_string(),
             "--qemu-accel".into(),
             self.accel.name().into(),
+            "--qemu-machine".into(),
+            self.options.machine.name().into(),
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
@@ -474,6 +612,13 @@ pub struct QemuSession {
 impl GuestSession for QemuSession {
     fn messages(&self) -> &Receiver<GuestMessage> {
         &self.messages
+    }
+
+    fn stack_processes(&self) -> super::StackProcesses {
+        super::StackProcesses {
+            vmm: self.child.lock().ok().map(|c| c.id()),
+            ..Default::default()
+        }
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {

@@ -10,6 +10,13 @@ pub enum HostAction {
     /// paging by reloading kvm_intel (ept=) or kvm_amd (npt=), restoring it afterwards.
     /// Refused on kvm_pvm and while any VM runs; needs root.
     Paging(PagingArgs),
+    /// Whether libvirt answers at URI, its and its hypervisor's versions, the domain types
+    /// it offers and the drivers installed here.
+    Libvirt {
+        /// The connection to probe.
+        #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
+        uri: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -27,16 +34,58 @@ pub struct PagingArgs {
 
 /// `hvbench host [--json]` and `hvbench host paging ...`.
 pub fn host(json: bool, action: Option<&HostAction>) -> Result<i32> {
-    if let Some(HostAction::Paging(args)) = action {
-        return host_paging(args);
+    match action {
+        Some(HostAction::Paging(args)) => return host_paging(args),
+        Some(HostAction::Libvirt { uri }) => {
+            let reach = hvbench::backend::libvirt::probe(uri);
+            hvbench::tell_line!("{}", describe_libvirt(&reach));
+            return Ok(if reach.versions.is_ok() { 0 } else { 1 });
+        }
+        None => {}
     }
     let host = host::fingerprint();
     if json {
         hvbench::tell_line!("{}", serde_json::to_string_pretty(&host)?);
     } else {
         hvbench::tell!("{}", host::describe(&host));
+        let reach = hvbench::backend::libvirt::probe(hvbench::backend::libvirt::DEFAULT_URI);
+        hvbench::tell_line!("{}", describe_libvirt(&reach));
     }
     Ok(0)
+}
+
+/// One line on libvirt: reachable or why not, versions, domain types, drivers here.
+fn describe_libvirt(reach: &hvbench::backend::libvirt::Reachability) -> String {
+    let drivers = if reach.installed_drivers.is_empty() {
+        "none".to_string()
+    } else {
+        reach.installed_drivers.join(", ")
+    };
+    match &reach.versions {
+        Ok(v) => {
+            format!(
+            "libvirt: {} reachable ({}{}; hypervisor {}; domain types {}); drivers installed: {}",
+            reach.uri,
+            v.library,
+            v.daemon
+                .as_deref()
+                .map(|d| format!(", daemon {d}"))
+                .unwrap_or_default(),
+            if v.hypervisor.is_empty() { "?" } else { &v.hypervisor },
+            if reach.domain_types.is_empty() {
+                "?".to_string()
+            } else {
+                reach.domain_types.join(", ")
+            },
+            drivers
+        )
+        }
+        Err(e) => format!(
+            "libvirt: {} not reachable ({}); drivers installed: {drivers}",
+            reach.uri,
+            hvbench::console::escape_text(e.lines().next().unwrap_or(""))
+        ),
+    }
 }
 
 /// `hvbench host paging ...`; returns the command's exit status under a switch.

@@ -72,6 +72,23 @@ pub enum LabAction {
         #[arg(last = true)]
         run_args: Vec<String>,
     },
+    /// Copy the rest of the records of a `lab run` whose lab went silent (its error says
+    /// this command, with the run and the offset), labelled as the lab's, into --out.
+    Fetch {
+        #[arg(value_enum)]
+        kind: LabKindArg,
+        #[command(flatten)]
+        where_: LabDir,
+        /// The run's directory in the lab.
+        #[arg(long = "run")]
+        remote_run: String,
+        /// Bytes of its results.jsonl already copied.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// The local results directory the run copied into (appended to).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Is the lab up, and does its dom0 answer?
     Status {
         #[arg(value_enum, default_value = "xen")]
@@ -181,7 +198,9 @@ fn lab_action<L: lab::Lab>(
             }
             Ok(0)
         }
-        LabAction::Run { .. } => bail!("`lab run` is for the KVM lab"),
+        LabAction::Run { .. } | LabAction::Fetch { .. } => {
+            bail!("`lab run` and `lab fetch` are for the KVM lab")
+        }
     }
 }
 
@@ -253,7 +272,31 @@ pub fn lab(action: &LabAction) -> Result<i32> {
             timeout_s,
             run_args,
         } => kvm_lab_run(where_, *paging, out, *append, *timeout_s, run_args),
+        LabAction::Fetch {
+            kind: LabKindArg::Kvm,
+            where_,
+            remote_run,
+            offset,
+            out,
+        } => {
+            let records = lab::lab_fetch_kvm(&lab::KvmLabFetch {
+                cache_dir: &where_.resolve()?,
+                remote_run,
+                offset: *offset,
+                out,
+                progress: |m| hvbench::say!("hvbench lab: {m}"),
+            })?;
+            hvbench::tell_line!(
+                "{records} record(s) fetched from the KVM lab into {}",
+                out.display()
+            );
+            Ok(0)
+        }
         LabAction::Run {
+            kind: LabKindArg::Xen,
+            ..
+        }
+        | LabAction::Fetch {
             kind: LabKindArg::Xen,
             ..
         } => {

@@ -2,9 +2,11 @@
 //! arguments into a call on the hvbench library and its result into output and an exit
 //! status. Errors become `anyhow` here, at the binary's edge.
 
+mod disk;
 mod host;
 mod lab;
 mod list;
+mod matrix;
 mod report;
 mod run;
 mod vmm;
@@ -14,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 pub use host::HostAction;
 pub use lab::LabAction;
+pub use matrix::{MatrixAction, MergeArgs, PlanArgs};
 pub use report::{CompareArgs, ReportArgs};
 pub use run::RunArgs;
 pub use vmm::VmmArgs;
@@ -43,7 +46,7 @@ pub enum Command {
         action: Option<HostAction>,
     },
     /// Boot the guest on a backend, run workloads, write results.jsonl and results.csv.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Our VMM as a plain process: boot the guest with a command line, copy its console to
     /// stdout, exit with its status. For debugging guests and timing the VMM's start.
     Vmm(VmmArgs),
@@ -53,6 +56,17 @@ pub enum Command {
     /// A/B check: every measurement common to BASE and NEW, with its change and verdict.
     /// Exit status 1 when any measurement regressed significantly.
     Compare(CompareArgs),
+    /// The cells of a benchmark matrix file, each with its id, host label and command,
+    /// packed into shards: as text, JSON, or a GitHub Actions matrix.
+    Plan(PlanArgs),
+    /// Merge the bundles of a matrix (`hvbench run --cell/--shard`) into one results
+    /// directory, checking that every planned cell is there exactly once.
+    Merge(MergeArgs),
+    /// A benchmark matrix on this machine: every cell it can run, merged and reported.
+    Matrix {
+        #[command(subcommand)]
+        action: MatrixAction,
+    },
     /// Deploy, inspect or remove a hypervisor host nested in QEMU (a lab), for machines
     /// where none exists.
     Lab {
@@ -69,10 +83,14 @@ pub fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Host { json, action } => host::host(json, action.as_ref()),
+        Command::Run(args) if args.part.given() => matrix::run_part(&args.part),
         Command::Run(args) => run::run(&args),
         Command::Vmm(args) => vmm::vmm(&args),
         Command::Lab { action } => lab::lab(&action),
         Command::Report(args) => report::report(&args),
         Command::Compare(args) => report::compare(&args),
+        Command::Plan(args) => matrix::plan(&args),
+        Command::Merge(args) => matrix::merge_cmd(&args),
+        Command::Matrix { action } => matrix::matrix_run(&action),
     }
 }

@@ -20,8 +20,16 @@ use workloads::protocol::Status;
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Which hypervisor stack runs the guest.
-    #[arg(long, value_enum)]
-    pub backend: BackendKind,
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "matrix",
+        conflicts_with = "matrix"
+    )]
+    pub backend: Option<BackendKind>,
+    /// A part of a benchmark matrix instead: its cells' commands say the rest.
+    #[command(flatten)]
+    pub part: super::matrix::PartArgs,
     /// Workloads to run, as globs over `hvbench list` (repeatable; default: all but
     /// self-tests, which run only when named exactly).
     #[arg(long = "workload", short = 'w')]
@@ -58,8 +66,8 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(GUEST_MEMORY_MIB))]
     pub memory_mib: u32,
-    /// vCPUs of the guest. The guest runs on the first; the others are created and stay
-    /// offline (as application processors before their start-up IPI).
+    /// vCPUs of the guest. Workloads run on the first; `sched.*` start the others by
+    /// INIT/SIPI (hvbench's VMM then has KVM's in-kernel irqchip).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vcpus: u32,
     /// Guest image to boot instead of the one built into hvbench.
@@ -79,6 +87,9 @@ pub struct RunArgs {
     /// QEMU accelerator for `--backend qemu`: kvm where /dev/kvm opens, else tcg.
     #[arg(long, value_enum, default_value = "auto")]
     pub qemu_accel: hvbench::backend::qemu::QemuAccel,
+    /// QEMU machine for `--backend qemu`: microvm, or q35 (the machine libvirt uses).
+    #[arg(long, value_enum, default_value = "microvm")]
+    pub qemu_machine: hvbench::backend::qemu::QemuMachine,
     /// QEMU `-cpu` model for `--backend qemu` (default: the host's CPU with an invariant
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
@@ -96,6 +107,9 @@ pub struct RunArgs {
     /// `lab run kvm` passes it): the plugin's log as this machine sees it.
     #[arg(long)]
     pub insns_log: Option<PathBuf>,
+    /// libvirt connection for `--backend libvirt` (local URIs only).
+    #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
+    pub libvirt_uri: String,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
     /// `lab:DIR` (one deployed with `--cache-dir DIR`), `local` (hvbench runs in dom0), or
     /// ssh://[user@]host[:port].
@@ -104,6 +118,8 @@ pub struct RunArgs {
     /// Guest paging on Xen: hardware-assisted (hap=1) or shadow (hap=0).
     #[arg(long, value_enum, default_value = "hap")]
     pub paging: Paging,
+    #[command(flatten)]
+    pub disk: super::disk::DiskArgs,
 }
 
 fn parse_param(text: &str) -> Result<WorkloadParam, String> {
@@ -144,15 +160,19 @@ pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
 
 fn make_backend(
     args: &RunArgs,
+    kind: BackendKind,
     host_info: reports::record::HostInfo,
+    disk: Option<&hvbench::disk::TestDisk>,
 ) -> Result<Box<dyn Hypervisor>> {
-    Ok(match args.backend {
+    Ok(match kind {
         BackendKind::Kvm => Box::new(
             KvmBackend::new(host_info)
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
                 .with_huge_pages(args.host_hugepages)
-                .with_insns_log(args.insns_log.clone()),
+                .with_insns_log(args.insns_log.clone())
+                .with_disk(disk)
+                .with_vcpus(args.vcpus),
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
@@ -163,12 +183,18 @@ fn make_backend(
                 QemuOptions {
                     binary: args.qemu.clone(),
                     accel: args.qemu_accel,
+                    machine: args.qemu_machine,
                     cpu: args.qemu_cpu.clone(),
                     insns: args.insns,
                 },
                 host_info,
             )
-            .context("the qemu backend cannot start")?,
+            .context("the qemu backend cannot start")?
+            .with_disk(disk),
+        ),
+        BackendKind::Libvirt => Box::new(
+            hvbench::backend::libvirt::LibvirtBackend::new(&args.libvirt_uri, host_info)
+                .context("the libvirt backend cannot start")?,
         ),
     })
 }
@@ -182,10 +208,21 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Ok(None) => {}
         Err(e) => hvbench::say!("hvbench: warning: {e}"),
     }
+    let Some(kind) = args.backend else {
+        bail!("--backend is needed (or --matrix with --cell or --shard)");
+    };
+    // Likewise the CPU cgroups of a killed sched.fairness run.
+    match hvbench::run::sched::remove_stale_at_start() {
+        Ok(Some(message)) => hvbench::say!("hvbench: {message}"),
+        Ok(None) => {}
+        Err(e) => hvbench::say!("hvbench: warning: {e}"),
+    }
     let workloads = plan::select(&args.workloads)?;
-    plan::check_params(&args.params, &workloads, args.memory_mib)?;
+    run::check_params(&args.params, &workloads, args.memory_mib)?;
     let image = GuestImage::load(args.guest.as_deref())?;
-    let backend = make_backend(args, host::fingerprint())?;
+    // Made (and refused) before any guest boots; removed when this function returns.
+    let disk = super::disk::prepare(&args.disk, &workloads, &args.out)?;
+    let backend = make_backend(args, kind, host::fingerprint(), disk.as_ref())?;
     // The machine the guest runs on: this one, or the Xen host.
     let host_info = backend.host();
     let mut writer = ResultsWriter::create(&args.out, args.append)?;
@@ -248,8 +285,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if summary.records.is_empty() {
         bail!("no records were produced");
     }
+    let disk_ok = disk.as_ref().is_none_or(super::disk::check);
     Ok(match summary.status() {
-        Status::Success | Status::Skip => 0,
+        Status::Success | Status::Skip if disk_ok => 0,
         _ => EXIT_NOT_ALL_SUCCEEDED,
     })
 }

@@ -32,6 +32,10 @@ pub struct VmmArgs {
     /// drives it).
     #[arg(long)]
     pub doorbell_stdin: bool,
+    /// vCPUs; with more than one the VM has KVM's in-kernel irqchip and the guest starts
+    /// the others by INIT/SIPI (`sched.steal` and `sched.fairness` use this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=254))]
+    pub vcpus: u32,
 }
 
 impl VmmArgs {
@@ -43,6 +47,7 @@ impl VmmArgs {
             timeout: Duration::from_secs(self.timeout_s),
             mergeable: self.mergeable,
             doorbell_stdin: self.doorbell_stdin,
+            vcpus: self.vcpus,
         }
     }
 }

@@ -25,7 +25,7 @@ use workloads::protocol::{Event, Hello, Status};
 use workloads::table::param::BALLOON_SIZE;
 use workloads::WorkloadId;
 
-use super::host_driven::{HostContext, HostDriven};
+use super::host_context::{HostContext, HostDriven};
 use super::plan::{param_value, ExpectedSeries};
 use super::session::{describe_crash, difference, interpret, LineMeaning, WorkloadOutcome};
 use super::WorkloadParam;

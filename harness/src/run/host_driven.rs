@@ -2,45 +2,13 @@
 //! measurements only the host can take (KSM sharing, reclaimed memory). Each has a module
 //! of its own; this is where the run hands them over.
 
-use std::sync::atomic::AtomicBool;
-
-use workloads::protocol::{Hello, Status};
+use workloads::protocol::Status;
 use workloads::{Driver, HostRunner, WorkloadId};
 
+use super::host_context::{HostContext, HostDriven, Runner};
+use super::plan::PlanError;
 use super::session::WorkloadOutcome;
-use super::RunOptions;
-use crate::backend::Hypervisor;
-use crate::guest_image::GuestImage;
-
-/// What a host-driven workload gets to work with.
-#[derive(Debug)]
-pub struct HostContext<'a> {
-    pub backend: &'a dyn Hypervisor,
-    pub image: &'a GuestImage,
-    pub options: &'a RunOptions,
-    pub interrupted: &'a AtomicBool,
-}
-
-/// What a host-driven workload produced: its outcome, and what the guest it booted said
-/// about itself (for the record's guest section and TSC conversion), if it booted one.
-#[derive(Debug)]
-pub struct HostDriven {
-    pub outcome: WorkloadOutcome,
-    pub hello: Option<Hello>,
-}
-
-/// A workload that booted no guest of its own (or none that said hello).
-impl From<WorkloadOutcome> for HostDriven {
-    fn from(outcome: WorkloadOutcome) -> Self {
-        HostDriven {
-            outcome,
-            hello: None,
-        }
-    }
-}
-
-/// How the host runs one workload it drives.
-pub type Runner = fn(WorkloadId, &HostContext) -> HostDriven;
+use super::WorkloadParam;
 
 fn ksm(_: WorkloadId, ctx: &HostContext) -> HostDriven {
     // KSM's guests run in VMM processes of their own; their words are in the notes.
@@ -53,7 +21,38 @@ pub fn runner(id: WorkloadId) -> Option<Runner> {
         Driver::Guest => None,
         Driver::Host(HostRunner::Ksm) => Some(ksm),
         Driver::Host(HostRunner::Balloon) => Some(super::balloon::run),
+        Driver::Host(HostRunner::Lifecycle) => Some(super::lifecycle::run),
+        Driver::Host(HostRunner::SchedSteal) => Some(super::sched::run_steal),
+        Driver::Host(HostRunner::SchedFairness) => Some(super::sched::run_fairness),
     }
+}
+
+/// Refuses, before anything starts, parameters of the selected host-driven workloads
+/// that cannot work together or do not fit in the guest's `memory_mib`.
+pub fn check_params(
+    workloads: &[WorkloadId],
+    params: &[WorkloadParam],
+    memory_mib: u32,
+) -> Result<(), PlanError> {
+    for id in workloads {
+        let Driver::Host(runner) = id.spec().driver else {
+            continue;
+        };
+        match runner {
+            HostRunner::Ksm => super::ksm::params::KsmParams::from_run(params, memory_mib)
+                .map(drop)
+                .map_err(|e| PlanError::Param(e.to_string()))?,
+            HostRunner::Balloon => super::balloon::balloon_size(params, memory_mib)
+                .map(drop)
+                .map_err(PlanError::Param)?,
+            // `boots` is checked against its bounds with every parameter.
+            HostRunner::Lifecycle => {}
+            HostRunner::SchedSteal | HostRunner::SchedFairness => {
+                super::sched::check_params(*id, params).map_err(PlanError::Param)?
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs one host-driven workload to its outcome (never panics; failures are statuses).

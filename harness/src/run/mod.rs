@@ -4,11 +4,15 @@
 //! interrupted run keeps everything measured so far.
 
 pub mod balloon;
+mod fio;
+pub mod host_context;
 pub mod host_driven;
 pub mod ksm;
+pub mod lifecycle;
 pub(crate) mod native;
 pub mod plan;
 pub mod records;
+pub mod sched;
 pub mod session;
 
 use std::path::PathBuf;
@@ -56,6 +60,7 @@ impl RunOptions {
             samples: self.samples,
             warmup: self.warmup,
             sample_us: self.sample_us,
+            cpus: self.vcpus,
             ..Default::default()
         };
         for &w in workloads {
@@ -176,6 +181,17 @@ fn one_line(record: &Record) -> String {
     }
 }
 
+/// Refuses, before anything is created, parameters given twice and the parameters of the
+/// selected host-driven workloads that cannot work (sizes that do not fit in the guest).
+pub fn check_params(
+    params: &[WorkloadParam],
+    workloads: &[WorkloadId],
+    memory_mib: u32,
+) -> Result<(), plan::PlanError> {
+    plan::check_duplicates(params)?;
+    host_driven::check_params(workloads, params, memory_mib)
+}
+
 /// The run: boots, drives, records. Stops early (keeping what it wrote) when
 /// `interrupted` is set.
 pub fn run(
@@ -288,6 +304,7 @@ impl<'a> Run<'a> {
             reproduce: &reproduce,
             workload_params: &options.params,
             guest_ram: backend.guest_ram_advice(),
+            disk: backend.disk(),
         };
         let kind = backend.kind().name();
         let mut built = records::build(outcome, &ctx);
@@ -463,7 +480,7 @@ impl<'a> Run<'a> {
         guest: &GuestInfo,
         repeat: u32,
     ) -> Result<(), RunError> {
-        let ctx = host_driven::HostContext {
+        let ctx = host_context::HostContext {
             backend: self.backend,
             image: self.image,
             options: self.options,

@@ -39,6 +39,10 @@ pub enum TwinError {
     BadSize(u64),
     #[error("cannot map {len} bytes for the native twin: {error}")]
     Map { len: usize, error: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("fio failed: {0}")]
+    Fio(String),
     #[error(
         "the guest reports {reported} rounds; the host, which needs {needed} for one sample, \
          verifies at most {allowed}"
@@ -62,10 +66,23 @@ pub struct TwinPlan<'a> {
     pub warmup: u32,
     pub samples: u32,
     pub interrupted: &'a AtomicBool,
+    /// The record's metric (a twin measuring several metrics at once picks this one).
+    pub metric: &'a str,
+    /// `--sample-us`, for twins that run for a time rather than an iteration count.
+    pub sample_us: u32,
+    /// The TSC rate the record converts cycles with.
+    pub tsc_khz: u64,
+    /// The run and repeat, so a twin measured once per outcome serves its every metric.
+    pub run_id: &'a str,
+    pub repeat: u32,
+    /// The run's workload parameters (those that make no series too).
+    pub params: &'a [super::WorkloadParam],
+    /// The block workloads' disk file, and whether it is used with O_DIRECT.
+    pub disk: Option<(&'a std::path::Path, bool)>,
 }
 
 impl TwinPlan<'_> {
-    fn check_interrupt(&self) -> Result<(), TwinError> {
+    pub(crate) fn check_interrupt(&self) -> Result<(), TwinError> {
         if self.interrupted.load(Ordering::Relaxed) {
             return Err(TwinError::Interrupted);
         }
@@ -271,6 +288,7 @@ pub fn twin(workload: WorkloadId, plan: &TwinPlan) -> Option<Result<Vec<f64>, Tw
         NativeTwin::TlbChase => tlb_chase(plan),
         NativeTwin::SeqRead => seq_read(plan),
         NativeTwin::Copy => copy(plan),
+        NativeTwin::Fio => super::fio::samples(workload, plan),
     })
 }
 
@@ -296,6 +314,13 @@ mod tests {
             warmup: 0,
             samples: 2,
             interrupted: flag,
+            metric: "latency",
+            sample_us: 100,
+            tsc_khz: 1_000_000,
+            run_id: "test",
+            repeat: 0,
+            params: &[],
+            disk: None,
         }
     }
 

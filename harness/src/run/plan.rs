@@ -24,14 +24,9 @@ pub enum PlanError {
     Param(String),
 }
 
-/// Refuses a parameter given twice (each was checked against its row when parsed) and the
-/// sizes of selected workloads that do not fit in the guest's `memory_mib`, before
-/// anything starts.
-pub fn check_params(
-    params: &[WorkloadParam],
-    workloads: &[WorkloadId],
-    memory_mib: u32,
-) -> Result<(), PlanError> {
+/// Refuses a parameter given twice (each was checked against its row when parsed), before
+/// anything starts. `run::check_params` adds the host-driven workloads' own checks.
+pub fn check_duplicates(params: &[WorkloadParam]) -> Result<(), PlanError> {
     for (i, p) in params.iter().enumerate() {
         if params[..i]
             .iter()
@@ -39,13 +34,6 @@ pub fn check_params(
         {
             return Err(PlanError::DuplicateParam(p.workload.name(), p.key.clone()));
         }
-    }
-    if workloads.contains(&WorkloadId::MemKsm) {
-        super::ksm::params::KsmParams::from_run(params, memory_mib)
-            .map_err(|e| PlanError::Param(e.to_string()))?;
-    }
-    if workloads.contains(&WorkloadId::MemBalloon) {
-        super::balloon::balloon_size(params, memory_mib).map_err(PlanError::Param)?;
     }
     Ok(())
 }
@@ -265,6 +253,7 @@ mod tests {
 
     #[test]
     fn parameters_given_twice_are_refused_and_defaults_fill_the_rest() {
+        use crate::run::check_params;
         let twice = params(&["mem.copy.size=1m", "mem.copy.size=2m"]);
         assert_eq!(
             check_params(&twice, &[], 256),

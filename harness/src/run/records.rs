@@ -46,6 +46,8 @@ pub struct RecordContext<'a> {
     pub workload_params: &'a [super::WorkloadParam],
     /// The huge-page advice the guest's RAM was mapped with, where the backend says.
     pub guest_ram: Option<HugePageAdvice>,
+    /// The block workloads' disk file and whether it is used with O_DIRECT.
+    pub disk: Option<(&'a std::path::Path, bool)>,
 }
 
 impl std::fmt::Debug for RecordContext<'_> {
@@ -82,6 +84,8 @@ fn to_unit(cycles_per_op: f64, unit: Unit, tsc_khz: Option<u64>) -> Option<f64> 
         Unit::Ns => Some(cycles_per_op * 1e6 / khz),
         // Operations are bytes: bytes per second / 1e6.
         Unit::MBps => (cycles_per_op > 0.0).then(|| khz / (1000.0 * cycles_per_op)),
+        // Operations are requests: requests per second.
+        Unit::Iops => (cycles_per_op > 0.0).then(|| khz * 1000.0 / cycles_per_op),
         // Host-measured units never come as cycles.
         Unit::Seconds | Unit::MiB | Unit::Pages | Unit::Ratio => None,
     }
@@ -141,7 +145,7 @@ fn build_one(
         let check = point
             .as_ref()
             .ok_or_else(|| "the host asked for no such series".to_string())
-            .and_then(|point| verify_compute(outcome, &twin_plan(ctx, point, interrupted)));
+            .and_then(|point| verify_compute(outcome, &twin_plan(ctx, point, interrupted, metric)));
         if let Err(text) = check {
             verdict.ratchet(Status::Failure, text);
         }
@@ -154,6 +158,7 @@ fn build_one(
             .map(|m| m.direction)
             .unwrap_or(Direction::LowerIsBetter);
         let twin = Twin {
+            metric,
             workload: outcome.workload,
             unit,
             direction,
@@ -340,6 +345,9 @@ impl Figures {
     /// Converts the guest's cycles with the TSC frequency (host-measured series are in
     /// their unit already); without a frequency only cycles are kept, and that is an error.
     fn of(series: &SeriesSamples, unit: Unit, tsc_khz: Option<u64>, verdict: &mut Verdict) -> Self {
+        if series.direct.is_empty() {
+            Self::check_clock(&series.measured, verdict);
+        }
         let per_op = |(ops, cycles): &(u64, u64)| *cycles as f64 / (*ops).max(1) as f64;
         let cycles: Vec<f64> = series.measured.iter().map(per_op).collect();
         let convert = |cycles: &[f64]| -> Option<Vec<f64>> {
@@ -374,8 +382,34 @@ impl Figures {
     }
 }
 
+impl Figures {
+    /// kvm-unit-tests' validity predicate for a timed sample: the guest's clock must have
+    /// advanced over it. A sample of zero cycles (a TSC too coarse for the operation, as
+    /// under some emulators) measured nothing: the series is an error, its samples kept.
+    fn check_clock(measured: &[(u64, u64)], verdict: &mut Verdict) {
+        let stopped: Vec<u64> = measured
+            .iter()
+            .filter(|(_, cycles)| *cycles == 0)
+            .map(|(ops, _)| *ops)
+            .collect();
+        if let Some(most_ops) = stopped.iter().max() {
+            verdict.ratchet(
+                Status::Error,
+                format!(
+                    "the guest's clock did not advance during {} of {} samples (0 cycles for \
+                     up to {most_ops} operations): too coarse a TSC to time this operation \
+                     here; the samples are kept",
+                    stopped.len(),
+                    measured.len()
+                ),
+            );
+        }
+    }
+}
+
 /// What the native comparison of one series needs from its record.
 struct Twin<'a> {
+    metric: &'a str,
     workload: WorkloadId,
     unit: Unit,
     direction: Direction,
@@ -396,7 +430,7 @@ impl Twin<'_> {
     ) -> Option<NativeComparison> {
         let result = match point {
             Some(point) => {
-                let plan = twin_plan(ctx, point, interrupted);
+                let plan = twin_plan(ctx, point, interrupted, self.metric);
                 let thp = huge_pages::thp_mode();
                 let guest_ram = ctx
                     .guest_ram
@@ -453,12 +487,20 @@ impl Verdict {
 /// What a native run of `point` is sized by: the host's series, `--sample-us` at this
 /// host's TSC rate, the guest RAM's huge-page advice.
 fn twin_plan<'a>(
-    ctx: &RecordContext,
+    ctx: &RecordContext<'a>,
     point: &'a SeriesPoint,
     interrupted: &'a std::sync::atomic::AtomicBool,
+    metric: &'a str,
 ) -> TwinPlan<'a> {
     let khz = ctx.host.tsc_khz.unwrap_or(FALLBACK_TSC_KHZ);
     TwinPlan {
+        metric,
+        sample_us: ctx.parameters.sample_us,
+        tsc_khz: ctx.tsc_khz.unwrap_or(khz),
+        run_id: ctx.run_id,
+        repeat: ctx.repeat,
+        params: ctx.workload_params,
+        disk: ctx.disk,
         point,
         backing: ctx.guest_ram.unwrap_or(HugePageAdvice::NoAdvice),
         min_cycles: native::cycles_from_tsc_khz(ctx.parameters.sample_us, khz),
@@ -543,7 +585,13 @@ fn native_twin(
     let Some(result) = native::twin(workload, plan) else {
         return Ok(Comparison::NoTwin);
     };
-    let cycles = result.map_err(|e| e.to_string())?;
+    let cycles = match result {
+        // A baseline this host cannot run (no fio) leaves the guest's figures standing.
+        Err(native::TwinError::Unavailable(why)) => {
+            return Ok(Comparison::NoRatio(format!("no native twin: {why}")))
+        }
+        other => other.map_err(|e| e.to_string())?,
+    };
     let samples: Vec<f64> = cycles
         .iter()
         .map(|c| to_unit(*c, unit, ctx.tsc_khz))
@@ -585,6 +633,33 @@ mod tests {
         assert_eq!(s.get("ws").map(String::as_str), Some("64k"));
         assert_eq!(s.get("page").map(String::as_str), Some("4k"));
         assert!(parse_series("").is_empty());
+    }
+
+    #[test]
+    fn a_sample_the_clock_did_not_time_is_an_error() {
+        let series = |measured: Vec<(u64, u64)>| SeriesSamples {
+            measured,
+            markers: Vec::new(),
+            warmup: vec![(8, 0)],
+            direct: Vec::new(),
+        };
+        let mut verdict = Verdict {
+            status: Status::Success,
+            reason: None,
+        };
+        let timed = series(vec![(8, 100), (8, 120)]);
+        Figures::of(&timed, Unit::Ns, Some(1_000_000), &mut verdict);
+        assert_eq!(verdict.status, Status::Success, "{:?}", verdict.reason);
+        let untimed = series(vec![(8, 100), (1 << 20, 0), (1 << 20, 0)]);
+        let figures = Figures::of(&untimed, Unit::MBps, Some(1_000_000), &mut verdict);
+        assert_eq!(verdict.status, Status::Error);
+        let reason = verdict.reason.unwrap_or_default();
+        assert!(reason.contains("2 of 3 samples"), "{reason}");
+        assert_eq!(
+            figures.cycles,
+            [12.5, 0.0, 0.0],
+            "every sample is kept, as cycles"
+        );
     }
 
     #[test]
@@ -634,6 +709,7 @@ mod tests {
             reproduce: &|_| String::new(),
             workload_params: params,
             guest_ram: Some(HugePageAdvice::NoAdvice),
+            disk: None,
         };
         test(&ctx);
     }
@@ -700,21 +776,14 @@ mod tests {
                 s.measured = vec![(1, 0); 3];
             }
             let records = build(&o, ctx);
-            assert_eq!(
-                records[0].status,
-                Status::Success,
-                "{:?}",
-                records[0].reason
-            );
-            // The twin's own figures stand; only the ratio is left out.
-            let native = records[0].native.as_ref().expect("the twin ran");
-            assert!(native.median > 0.0 && native.ratio.is_none(), "{native:?}");
-            let note = records[0]
-                .notes
-                .get(NOTE_RATIO)
-                .cloned()
-                .unwrap_or_default();
-            assert!(note.contains("the guest's median is 0"), "{note}");
+            // Zero cycles timed nothing: an error that says so, never a 0 ns figure.
+            assert_eq!(records[0].status, Status::Error);
+            let reason = records[0].reason.clone().unwrap_or_default();
+            assert!(reason.contains("clock did not advance"), "{reason}");
+            // Whatever the twin gave, no ratio is made from a zero median.
+            if let Some(native) = records[0].native.as_ref() {
+                assert!(native.ratio.is_none(), "{native:?}");
+            }
         });
     }
 }

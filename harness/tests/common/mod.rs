@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod libvirt;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,7 @@
-//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest (further vCPUs are created
-//! and stay parked: the guest is uniprocessor), no interrupt controller (the guest polls
-//! and never enables interrupts), a UART, an exit port and the test devices.
+//! hvbench's own VMM on /dev/kvm: the boot vCPU runs the guest; with more than one vCPU
+//! the VM gets KVM's in-kernel irqchip and each application processor a thread of its own
+//! that the guest starts by INIT/SIPI (a uniprocessor guest gets no interrupt controller:
+//! it polls, and its HLT exits to the VMM); a UART, an exit port and the test devices.
 //!
 //! [`Vmm::boot`] loads a PVH image into a fresh VM as a [`VmConfig`] says and runs its
 //! vCPU on a thread of its own; the [`RunningVm`] it returns carries the guest's messages
@@ -29,11 +30,14 @@ pub use self::channel::{
     guest_channel, ExitCounts, GuestEnd, GuestMessage, GuestSender, CHANNEL_CAPACITY,
 };
 pub use self::devices::balloon::{BalloonHandle, Refusals};
+pub use self::devices::blk::{BlkError, BlkHandle, DiskConfig};
 pub use self::devices::{Devices, Doorbell, PioAction};
 pub use self::vstate::memory::MIN_MEMORY_MIB;
 
 use self::devices::balloon::VirtioBalloon;
+use self::devices::blk::VirtioBlk;
 use self::vstate::memory::{self as memory, Advice};
+pub use self::vstate::vcpu::MAX_VCPUS;
 use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
 use self::vstate::vm::Vm;
 
@@ -79,6 +83,8 @@ pub enum VmmError {
     StopTimeout(Duration),
     #[error("virtio-balloon: {0}")]
     Balloon(String),
+    #[error("virtio-blk: {0}")]
+    Blk(#[from] BlkError),
 }
 
 /// /dev/kvm, opened once, from which VMs are booted.
@@ -95,7 +101,9 @@ pub struct VmConfig<'a> {
     /// The guest's command line (under 4 KiB, no NUL).
     pub cmdline: &'a str,
     pub memory_mib: u32,
-    /// vCPUs created; the first runs the guest, the rest stay parked.
+    /// vCPUs created; the first runs the guest. With more than one, the VM gets KVM's
+    /// in-kernel irqchip and each further vCPU a thread that waits for the guest's
+    /// INIT/SIPI (HLT is then handled inside KVM and no longer exits to the VMM).
     pub vcpus: u32,
     /// Names the vCPU thread (`vcpu0-<name>`).
     pub name: &'a str,
@@ -105,6 +113,8 @@ pub struct VmConfig<'a> {
     pub huge_pages: bool,
     /// Attaches the virtio-balloon; [`RunningVm::take_balloon`] then hands its handle out.
     pub balloon: bool,
+    /// Attaches a virtio-blk over this disk; [`RunningVm::blk`] then hands its handle out.
+    pub disk: Option<&'a DiskConfig>,
     /// Answers the guest's doorbell port; whoever holds a clone rings it.
     pub doorbell: Arc<Doorbell>,
 }
@@ -125,13 +135,16 @@ impl Vmm {
     /// Builds the VM `config` describes, loads the guest and starts its vCPU thread.
     pub fn boot(&self, config: &VmConfig) -> Result<RunningVm, VmmError> {
         let max = u32::try_from(self.kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+        let max = max.min(MAX_VCPUS);
         if config.vcpus == 0 || config.vcpus > max {
             return Err(VmmError::Vcpus {
                 asked: config.vcpus,
                 max,
             });
         }
-        let mut vm = Vm::new(&self.kvm, config.memory_mib)?;
+        // An SMP guest gets KVM's in-kernel irqchip (its APs start by INIT/SIPI through
+        // their local APICs); a uniprocessor guest gets none, so HLT exits to the VMM.
+        let mut vm = Vm::new(&self.kvm, config.memory_mib, config.vcpus > 1)?;
         if config.mergeable {
             memory::advise(&vm.memory, Advice::Mergeable)?;
         }
@@ -150,21 +163,51 @@ impl Vmm {
         } else {
             None
         };
+        let blk = match config.disk {
+            Some(disk) => Some(attach_blk(&vm, &mut vcpu, disk, config.name)?),
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         // Bounded: a guest that floods the console makes its vCPU wait for the host.
         let (tx, rx) = guest_channel(stop.clone());
         let thread_stop = stop.clone();
+        let name = config.name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu0-{}", config.name))
-            .spawn(move || vcpu.run(vm, thread_stop, tx))
+            .spawn(move || vcpu.run(vm, thread_stop, tx, &name))
             .map_err(VmmError::Thread)?;
         Ok(RunningVm {
             messages: rx,
             stop,
             thread: Some(thread),
             balloon,
+            blk,
         })
     }
+}
+
+/// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
+/// gives it to the vCPU's devices.
+fn attach_blk(
+    vm: &Vm,
+    vcpu: &mut Vcpu,
+    disk: &DiskConfig,
+    name: &str,
+) -> Result<BlkHandle, VmmError> {
+    let (device, handle) = VirtioBlk::new(vm.memory.clone(), disk, name)?;
+    let notify = workloads::virtio_blk::VIRTIO_BLK_BASE + workloads::virtio::REG_QUEUE_NOTIFY;
+    vm.fd
+        .register_ioevent(
+            device.notify_event(),
+            &kvm_ioctls::IoEventAddress::Mmio(notify),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_IOEVENTFD (virtio-blk queue notify)",
+            source,
+        })?;
+    vcpu.attach_blk(device);
+    Ok(handle)
 }
 
 /// A booted guest: its messages, its balloon (where it has one), and the way to stop it.
@@ -174,6 +217,7 @@ pub struct RunningVm {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     balloon: Option<BalloonHandle>,
+    blk: Option<BlkHandle>,
 }
 
 /// How long a stop may take before it is reported as a failure.
@@ -188,6 +232,11 @@ impl RunningVm {
     /// The host's handle on the virtio-balloon, once, where the VM was booted with one.
     pub fn take_balloon(&mut self) -> Option<BalloonHandle> {
         self.balloon.take()
+    }
+
+    /// The host's view of the virtio-blk, where the VM was booted with a disk.
+    pub fn blk(&self) -> Option<&BlkHandle> {
+        self.blk.as_ref()
     }
 
     /// Stops the guest and waits for its vCPU thread, which releases the VM. Idempotent;
@@ -230,7 +279,7 @@ pub struct BareVm {
 impl BareVm {
     /// A VM of `memory_mib` MiB with `image` loaded and `cmdline` in place.
     pub fn new(vmm: &Vmm, memory_mib: u32, image: &[u8], cmdline: &str) -> Result<Self, VmmError> {
-        let vm = Vm::new(&vmm.kvm, memory_mib)?;
+        let vm = Vm::new(&vmm.kvm, memory_mib, false)?;
         let entry = boot::load(&vm.memory, image, cmdline)?;
         let vcpu = Vcpu::new(&vmm.kvm, &vm, entry)?.into_fd();
         Ok(BareVm { vcpu, _vm: vm })
@@ -276,6 +325,7 @@ mod tests {
             mergeable: false,
             huge_pages: false,
             balloon: false,
+            disk: None,
             doorbell: Doorbell::new(),
         }
     }

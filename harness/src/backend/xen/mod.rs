@@ -6,6 +6,7 @@
 //! destroyed by the session on every path: end, timeout, Ctrl-C, error, drop.
 
 pub mod console;
+pub mod stale;
 pub mod xl;
 
 use std::collections::BTreeMap;
@@ -63,20 +64,26 @@ pub struct RemoteDir {
 
 impl RemoteDir {
     pub fn create(transport: &Transport) -> Result<Self, XenError> {
+        // Its owner, so that a run killed before it can remove it is cleaned up by the next.
+        let owner = stale::Owner::current()
+            .map(|o| {
+                format!(
+                    " && printf '%s\\n' {} > \"$d/{}\"",
+                    shell_quote(&o.line()),
+                    stale::OWNER_FILE
+                )
+            })
+            .unwrap_or_default();
         let out = transport.run(
             &format!(
-                "d=$(mktemp -d \"{REMOTE_DIR_TEMPLATE}\") && chmod 0700 \"$d\" && printf '%s\\n' \"$d\""
+                "d=$(mktemp -d \"{REMOTE_DIR_TEMPLATE}\") && chmod 0700 \"$d\"{owner} && printf '%s\\n' \"$d\""
             ),
             None,
             XL_TIMEOUT,
         )?;
         let printed = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
         // It goes into xl configs and shell commands: an absolute path of plain characters.
-        let plain = printed.starts_with('/')
-            && printed
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
-        if !plain {
+        if !stale::plain_path(&printed) {
             return Err(XenError::RemoteDir {
                 target: transport.describe(),
                 printed,
@@ -181,6 +188,10 @@ impl XenBackend {
                 }
             )
         });
+        match stale::sweep(t, stale::DEFAULT_BASE) {
+            Ok(said) => said.iter().for_each(|m| crate::say!("hvbench: {m}")),
+            Err(e) => crate::say!("hvbench: warning: looking for what killed runs left: {e}"),
+        }
         let remote_dir = RemoteDir::create(t)?;
         Ok(XenBackend {
             host,
@@ -281,6 +292,24 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
+            BackendFeature::BlockDevice => Err(
+                "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
+                    .into(),
+            ),
+            BackendFeature::VirtioBlk => {
+                Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
+            }
+            BackendFeature::VcpuThreads => Err(
+                "Xen's vCPUs are scheduled by Xen itself (credit2 or credit); weights through \
+                 `xl sched-credit2 -d DOM -w W`, steal through the runstate area, are not \
+                 implemented yet"
+                    .into(),
+            ),
+            BackendFeature::LocalApic => Err(
+                "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
+                 VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
+                    .into(),
+            ),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"
@@ -781,6 +810,11 @@ mod tests {
                 nix::unistd::Uid::effective().as_raw()
             );
         }
+        let owner = std::fs::read_to_string(format!("{}/{}", first.path(), stale::OWNER_FILE));
+        assert_eq!(
+            owner.ok().as_deref().and_then(stale::Owner::parse),
+            stale::Owner::current()
+        );
         let image = first.file("guest-0123.elf");
         put(&Transport::Local, &image, b"image").unwrap();
         assert_eq!(std::fs::read(&image).unwrap(), b"image");

@@ -36,6 +36,10 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// The VMM stops the guest after this long, whatever happens.
     pub timeout: Duration,
+    /// vCPUs of each guest (`hvbench vmm --vcpus`).
+    pub vcpus: u32,
+    /// Guest RAM MADV_MERGEABLE (KSM's guests).
+    pub mergeable: bool,
 }
 
 #[derive(Debug)]
@@ -132,17 +136,15 @@ fn spawn_one(
 ) -> Result<Member, MemKsmError> {
     let mut command = Command::new(&spec.exe);
     command
-        .args([
-            "vmm",
-            "--mergeable",
-            "--doorbell-stdin",
-            "--cmdline",
-            cmdline,
-        ])
+        .args(["vmm", "--doorbell-stdin", "--cmdline", cmdline])
+        .args(["--vcpus", &spec.vcpus.to_string()])
         .args(["--memory-mib", &spec.memory_mib.to_string()])
         .args(["--timeout-s", &spec.timeout.as_secs().max(1).to_string()]);
     if let Some(image) = &spec.guest_image {
         command.arg("--guest").arg(image);
+    }
+    if spec.mergeable {
+        command.arg("--mergeable");
     }
     // A process group of its own: Ctrl-C reaches hvbench alone, which then stops the
     // guests and restores KSM in order.

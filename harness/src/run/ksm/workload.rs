@@ -21,7 +21,7 @@ use ksm::{KsmCounters, KsmGuard, KsmSysfs};
 use super::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
 use super::params::KsmParams;
 use super::{system_paths, MemKsmError};
-use crate::run::host_driven::HostContext;
+use crate::run::host_context::HostContext;
 use crate::run::session::{SeriesSamples, WorkloadOutcome};
 
 const ID: WorkloadId = WorkloadId::MemKsm;
@@ -450,6 +450,8 @@ fn start_guests<'a>(
         memory_mib: p.guest_mib,
         // A backstop only: hvbench ends them itself.
         timeout: ready_within + p.max + 2 * options.workload_timeout + Duration::from_secs(60),
+        vcpus: 1,
+        mergeable: true,
     };
     progress(&format!(
         "starting {} guests of {} MiB (identical fraction {})",

@@ -1,10 +1,12 @@
 //! The devices of hvbench's VMM, all emulated in userspace on the vCPU thread: the COM1
 //! UART, the exit port, the test port and page behind `io.*` workloads, the doorbell the
-//! host rings (`mem.ksm`) and (for `mem.balloon`) a virtio-balloon. The guest is
+//! host rings (`mem.ksm`), (for `mem.balloon`) a virtio-balloon and (for `io.blk-*`) a
+//! virtio-blk, whose requests an I/O thread of its own serves. The guest is
 //! untrusted: every access is bounds-checked, and an access nothing claims is counted and
 //! answered with all-ones, as on a real bus.
 
 pub(crate) mod balloon;
+pub(crate) mod blk;
 pub(crate) mod serial;
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,8 +17,10 @@ use workloads::abi::{
     MMIO_TEST_VALUE, PIO_KERNEL_PORT, PIO_TEST_PORT, PIO_TEST_VALUE, UART_PORT, UART_PORT_LEN,
     VIRTIO_BALLOON_BASE, VIRTIO_BALLOON_LEN,
 };
+use workloads::virtio_blk::{VIRTIO_BLK_BASE, VIRTIO_BLK_LEN};
 
 use self::balloon::VirtioBalloon;
+use self::blk::VirtioBlk;
 use self::serial::ConsoleUart;
 
 /// Exit reasons the VMM counts, in the order they appear in records.
@@ -32,6 +36,8 @@ pub(crate) enum ExitReason {
     PioDoorbell,
     MmioTest,
     MmioBalloon,
+    /// Register accesses of the virtio-blk (queue notifications go to its ioeventfd).
+    MmioBlk,
     MmioUnclaimed,
     Hlt,
     /// KVM_RUN interrupted by a signal (a kick from the host).
@@ -39,7 +45,7 @@ pub(crate) enum ExitReason {
 }
 
 impl ExitReason {
-    pub(crate) const ALL: [ExitReason; 11] = [
+    pub(crate) const ALL: [ExitReason; 12] = [
         ExitReason::PioSerial,
         ExitReason::PioExitPort,
         ExitReason::PioTest,
@@ -48,6 +54,7 @@ impl ExitReason {
         ExitReason::PioDoorbell,
         ExitReason::MmioTest,
         ExitReason::MmioBalloon,
+        ExitReason::MmioBlk,
         ExitReason::MmioUnclaimed,
         ExitReason::Hlt,
         ExitReason::Interrupted,
@@ -63,6 +70,7 @@ impl ExitReason {
             ExitReason::PioDoorbell => "pio_doorbell",
             ExitReason::MmioTest => "mmio_test",
             ExitReason::MmioBalloon => "mmio_balloon",
+            ExitReason::MmioBlk => "mmio_blk",
             ExitReason::MmioUnclaimed => "mmio_unclaimed",
             ExitReason::Hlt => "hlt",
             ExitReason::Interrupted => "interrupted",
@@ -143,6 +151,8 @@ pub struct Devices {
     pub(crate) counters: ExitCounters,
     /// Present only in VMs booted for `mem.balloon`; elsewhere its page is unclaimed.
     balloon: Option<VirtioBalloon>,
+    /// Present only in VMs booted with a disk.
+    blk: Option<VirtioBlk>,
 }
 
 impl Default for Devices {
@@ -158,6 +168,7 @@ impl Devices {
             doorbell: Doorbell::new(),
             counters: ExitCounters::default(),
             balloon: None,
+            blk: None,
         }
     }
 
@@ -169,6 +180,17 @@ impl Devices {
     /// Puts the virtio-balloon at `VIRTIO_BALLOON_BASE`.
     pub(crate) fn attach_balloon(&mut self, balloon: VirtioBalloon) {
         self.balloon = Some(balloon);
+    }
+
+    /// Puts the virtio-blk at `VIRTIO_BLK_BASE`.
+    pub(crate) fn attach_blk(&mut self, blk: VirtioBlk) {
+        self.blk = Some(blk);
+    }
+
+    fn blk_offset(addr: u64, len: usize) -> Option<u64> {
+        let offset = addr.checked_sub(VIRTIO_BLK_BASE)?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= VIRTIO_BLK_LEN).then_some(offset)
     }
 
     fn uart_offset(port: u16) -> Option<u8> {
@@ -258,6 +280,11 @@ impl Devices {
             balloon.read(offset, data);
             return;
         }
+        if let (Some(offset), Some(blk)) = (Self::blk_offset(addr, data.len()), self.blk.as_mut()) {
+            self.counters.count(ExitReason::MmioBlk);
+            blk.read(offset, data);
+            return;
+        }
         match Self::test_page_offset(addr, data.len()) {
             Some(offset) => {
                 self.counters.count(ExitReason::MmioTest);
@@ -280,6 +307,11 @@ impl Devices {
         ) {
             self.counters.count(ExitReason::MmioBalloon);
             balloon.write(offset, data);
+            return;
+        }
+        if let (Some(offset), Some(blk)) = (Self::blk_offset(addr, data.len()), self.blk.as_mut()) {
+            self.counters.count(ExitReason::MmioBlk);
+            blk.write(offset, data);
             return;
         }
         match Self::test_page_offset(addr, data.len()) {

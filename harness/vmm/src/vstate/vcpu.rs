@@ -6,14 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;
 
+use super::ap::Aps;
 use super::vm::Vm;
 use crate::boot;
 use crate::channel::{GuestEnd, GuestMessage, GuestSender};
 use crate::devices::balloon::VirtioBalloon;
+use crate::devices::blk::VirtioBlk;
 use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::VmmError;
 
@@ -40,22 +42,44 @@ const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
 /// CPUID.1:ECX bit 31, "running under a hypervisor": guests read the 0x40000000 leaves
 /// only when it is set. KVM_GET_SUPPORTED_CPUID leaves it to the VMM (QEMU sets it too).
 const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:EDX bit 9, a local APIC; ECX bit 21, x2APIC; ECX bit 24, the TSC-deadline timer.
+const CPUID_1_EDX_APIC: u32 = 1 << 9;
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// The local APIC a vCPU has, as its CPUID tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LocalApic {
+    /// No irqchip: CPUID says there is no APIC (KVM would otherwise advertise one).
+    Absent,
+    /// KVM's in-kernel local APIC, with the TSC-deadline timer where KVM emulates it.
+    InKernel { tsc_deadline: bool },
+}
+
+/// What one vCPU's CPUID leaves are built from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CpuidFor {
+    pub(crate) tsc_khz: u32,
+    pub(crate) apic: LocalApic,
+    /// The initial APIC ID (CPUID.1:EBX[31:24]): the vCPU's index.
+    pub(crate) apic_id: u8,
+}
 
 /// CPUID for the guest: what KVM supports, with KVM's hypervisor leaves extended by the
 /// TSC-frequency leaf (0x40000010) so the guest can convert cycles without calibrating.
-fn guest_cpuid(kvm: &Kvm, tsc_khz: u32) -> Result<CpuId, VmmError> {
+fn guest_cpuid(kvm: &Kvm, this: CpuidFor) -> Result<CpuId, VmmError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmmError::Kvm {
             what: "KVM_GET_SUPPORTED_CPUID",
             source,
         })?;
-    let entries = guest_cpuid_entries(supported.as_slice(), tsc_khz);
+    let entries = guest_cpuid_entries(supported.as_slice(), this);
     CpuId::from_entries(&entries).map_err(VmmError::Cpuid)
 }
 
 /// `guest_cpuid` from the entries KVM supports.
-fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], tsc_khz: u32) -> Vec<kvm_cpuid_entry2> {
+fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], this: CpuidFor) -> Vec<kvm_cpuid_entry2> {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .iter()
         .copied()
@@ -63,6 +87,21 @@ fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], tsc_khz: u32) -> Vec<kvm_
         .collect();
     for entry in entries.iter_mut().filter(|e| e.function == 1) {
         entry.ecx |= CPUID_1_ECX_HYPERVISOR;
+        entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(this.apic_id) << 24);
+        match this.apic {
+            LocalApic::Absent => {
+                entry.edx &= !CPUID_1_EDX_APIC;
+                entry.ecx &= !(CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE);
+            }
+            LocalApic::InKernel { tsc_deadline } => {
+                entry.edx |= CPUID_1_EDX_APIC;
+                if tsc_deadline {
+                    entry.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                } else {
+                    entry.ecx &= !CPUID_1_ECX_TSC_DEADLINE;
+                }
+            }
+        }
     }
     let word =
         |i: usize| u32::from_le_bytes(KVM_SIGNATURE[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
@@ -82,23 +121,38 @@ fn guest_cpuid_entries(supported: &[kvm_cpuid_entry2], tsc_khz: u32) -> Vec<kvm_
     }
     entries.push(kvm_cpuid_entry2 {
         function: CPUID_KVM_TSC_KHZ_LEAF,
-        eax: tsc_khz,
+        eax: this.tsc_khz,
         ..Default::default()
     });
     entries
 }
 
 /// Creates vCPU `id` with the guest's CPUID.
-fn create(kvm: &Kvm, vm: &Vm, id: u64) -> Result<VcpuFd, VmmError> {
-    let fd = vm.fd.create_vcpu(id).map_err(|source| VmmError::Kvm {
-        what: "KVM_CREATE_VCPU",
-        source,
-    })?;
+fn create(kvm: &Kvm, vm: &Vm, id: u8) -> Result<VcpuFd, VmmError> {
+    let fd = vm
+        .fd
+        .create_vcpu(u64::from(id))
+        .map_err(|source| VmmError::Kvm {
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
     let tsc_khz = fd.get_tsc_khz().map_err(|source| VmmError::Kvm {
         what: "KVM_GET_TSC_KHZ",
         source,
     })?;
-    fd.set_cpuid2(&guest_cpuid(kvm, tsc_khz)?)
+    let apic = if vm.irqchip {
+        LocalApic::InKernel {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        }
+    } else {
+        LocalApic::Absent
+    };
+    let this = CpuidFor {
+        tsc_khz,
+        apic,
+        apic_id: id,
+    };
+    fd.set_cpuid2(&guest_cpuid(kvm, this)?)
         .map_err(|source| VmmError::Kvm {
             what: "KVM_SET_CPUID2",
             source,
@@ -106,11 +160,22 @@ fn create(kvm: &Kvm, vm: &Vm, id: u64) -> Result<VcpuFd, VmmError> {
     Ok(fd)
 }
 
-/// vCPUs beyond the boot one. The guest is uniprocessor: like a real machine's
-/// application processors before their start-up IPI, they exist but never run.
+/// vCPUs beyond the boot one: application processors, which with the in-kernel irqchip
+/// wait (in KVM) for the guest's INIT/SIPI, as on a real machine.
 pub(crate) fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<VcpuFd>, VmmError> {
-    (1..=count as u64).map(|id| create(kvm, vm, id)).collect()
+    (1..=count)
+        .map(|id| {
+            let id = u8::try_from(id).map_err(|_| VmmError::Vcpus {
+                asked: count + 1,
+                max: MAX_VCPUS,
+            })?;
+            create(kvm, vm, id)
+        })
+        .collect()
 }
+
+/// Most vCPUs a guest may have: APIC IDs are 8 bits in xAPIC mode, and 0xff is broadcast.
+pub const MAX_VCPUS: u32 = 254;
 
 #[derive(Debug)]
 pub(crate) struct Vcpu {
@@ -152,6 +217,11 @@ impl Vcpu {
         self.devices.attach_balloon(balloon);
     }
 
+    /// Adds the virtio-blk to this vCPU's devices (`io.blk-*`).
+    pub(crate) fn attach_blk(&mut self, blk: VirtioBlk) {
+        self.devices.attach_blk(blk);
+    }
+
     /// The bare vCPU file descriptor, for benchmarks that drive KVM_RUN themselves.
     pub(crate) fn into_fd(self) -> VcpuFd {
         self.fd
@@ -177,9 +247,29 @@ impl Vcpu {
     }
 
     /// Runs until the guest ends or `stop` is set; the last message is always `Ended`.
-    /// Takes the VM so that it lives exactly as long as its vCPU runs.
-    pub(crate) fn run(mut self, vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender) {
-        let end = self.run_loop(&stop, &tx);
+    /// Takes the VM so that it lives exactly as long as its vCPUs run: the application
+    /// processors (threads of their own, started here) are stopped and joined first.
+    pub(crate) fn run(mut self, mut vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender, name: &str) {
+        let aps = if vm.irqchip && !vm.secondary_vcpus.is_empty() {
+            let vcpus = std::mem::take(&mut vm.secondary_vcpus);
+            match Aps::start(vcpus, name, stop.clone()) {
+                Ok(aps) => Some(aps),
+                Err(e) => {
+                    let detail = format!("starting the application processors: {e}");
+                    let _ = tx.send(GuestMessage::Ended(GuestEnd::Failed { detail }));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let mut end = self.run_loop(&stop, &tx);
+        if let Some(aps) = aps {
+            if let Some(failure) = aps.shared().take_failure() {
+                end = failure;
+            }
+            aps.stop();
+        }
         self.flush_console(&tx, true);
         let _ = tx.send(GuestMessage::Ended(end));
         drop(vm);
@@ -278,7 +368,12 @@ mod tests {
             ecx: 0x0080_2001,
             ..Default::default()
         };
-        let entries = guest_cpuid_entries(&[leaf1], 2_000_000);
+        let this = CpuidFor {
+            tsc_khz: 2_000_000,
+            apic: LocalApic::Absent,
+            apic_id: 0,
+        };
+        let entries = guest_cpuid_entries(&[leaf1], this);
         let leaf = |function: u32| entries.iter().find(|e| e.function == function).copied();
         assert_eq!(
             leaf(1).map(|e| e.ecx),
@@ -293,6 +388,48 @@ mod tests {
         assert_eq!(leaf(CPUID_KVM_TSC_KHZ_LEAF).map(|e| e.eax), Some(2_000_000));
     }
 
+    /// The local APIC the CPUID shows follows the irqchip: none without it (KVM would
+    /// advertise one), present with it, the TSC-deadline timer only where KVM emulates it;
+    /// each vCPU sees its own initial APIC ID.
+    #[test]
+    fn cpuid_shows_the_local_apic_only_with_the_irqchip() {
+        let leaf1 = kvm_cpuid_entry2 {
+            function: 1,
+            ecx: CPUID_1_ECX_TSC_DEADLINE | CPUID_1_ECX_X2APIC,
+            edx: CPUID_1_EDX_APIC,
+            ebx: 0x0001_0800,
+            ..Default::default()
+        };
+        let leaf = |apic, apic_id| {
+            let this = CpuidFor {
+                tsc_khz: 1,
+                apic,
+                apic_id,
+            };
+            guest_cpuid_entries(&[leaf1], this)
+                .into_iter()
+                .find(|e| e.function == 1)
+                .unwrap()
+        };
+        let none = leaf(LocalApic::Absent, 0);
+        assert_eq!(none.edx & CPUID_1_EDX_APIC, 0);
+        assert_eq!(
+            none.ecx & (CPUID_1_ECX_TSC_DEADLINE | CPUID_1_ECX_X2APIC),
+            0
+        );
+        let with = leaf(LocalApic::InKernel { tsc_deadline: true }, 3);
+        assert_ne!(with.edx & CPUID_1_EDX_APIC, 0);
+        assert_ne!(with.ecx & CPUID_1_ECX_TSC_DEADLINE, 0);
+        assert_eq!(with.ebx, 0x0301_0800);
+        let no_deadline = leaf(
+            LocalApic::InKernel {
+                tsc_deadline: false,
+            },
+            1,
+        );
+        assert_eq!(no_deadline.ecx & CPUID_1_ECX_TSC_DEADLINE, 0);
+    }
+
     /// What this host's KVM gives, through the real ioctl.
     #[test]
     fn this_kvm_gives_the_guest_the_hypervisor_bit() {
@@ -304,7 +441,12 @@ mod tests {
             );
             return;
         };
-        let cpuid = guest_cpuid(&kvm, 2_000_000).unwrap();
+        let this = CpuidFor {
+            tsc_khz: 2_000_000,
+            apic: LocalApic::Absent,
+            apic_id: 0,
+        };
+        let cpuid = guest_cpuid(&kvm, this).unwrap();
         let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).copied();
         assert!(leaf1.is_some_and(|e| e.ecx & CPUID_1_ECX_HYPERVISOR != 0));
     }

@@ -40,12 +40,17 @@ pub(crate) struct Vm {
     /// Signalled by KVM, in the kernel, on every write to `PIO_KERNEL_PORT`. Never read:
     /// its counter saturates long after any run ends.
     _kernel_port_event: EventFd,
-    /// vCPUs 1.. (created, never run).
+    /// vCPUs 1.. (application processors; with the irqchip they wait for the guest's
+    /// INIT/SIPI on threads of their own, without it they are created and never run).
     pub(crate) secondary_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// KVM's in-kernel irqchip (PIC, IOAPIC and a local APIC per vCPU) was created.
+    pub(crate) irqchip: bool,
 }
 
 impl Vm {
-    pub(crate) fn new(kvm: &Kvm, memory_mib: u32) -> Result<Self, VmmError> {
+    /// A VM of `memory_mib` MiB; with `irqchip`, KVM's in-kernel irqchip, which must exist
+    /// before the first vCPU.
+    pub(crate) fn new(kvm: &Kvm, memory_mib: u32, irqchip: bool) -> Result<Self, VmmError> {
         let fd = kvm.create_vm().map_err(|source| VmmError::Kvm {
             what: "KVM_CREATE_VM",
             source,
@@ -58,6 +63,12 @@ impl Vm {
                 })?;
         }
         disable_hypercall_patching(&fd)?;
+        if irqchip {
+            fd.create_irq_chip().map_err(|source| VmmError::Kvm {
+                what: "KVM_CREATE_IRQCHIP",
+                source,
+            })?;
+        }
         let memory = memory::allocate(memory_mib)?;
         memory::register(&fd, &memory)?;
         let event = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -75,6 +86,7 @@ impl Vm {
             memory,
             _kernel_port_event: event,
             secondary_vcpus: Vec::new(),
+            irqchip,
         })
     }
 }

@@ -1,0 +1,221 @@
+//! `virsh`, libvirt's own client, as a subprocess: every command names the connection
+//! (`-c URI`), runs in a process group of its own (Ctrl-C reaches hvbench alone) and
+//! within a time limit.
+
+use std::process::{Child, Output};
+use std::time::Duration;
+
+use hostutil::transport::{shell_quote, Transport, TransportError};
+use thiserror::Error;
+
+/// A `virsh` command that did not do its job.
+#[derive(Debug, Error)]
+pub enum VirshError {
+    #[error("cannot run virsh (install Debian's libvirt-clients): {0}")]
+    Spawn(String),
+    #[error("`virsh {command}` took longer than {limit:?}")]
+    Timeout { command: String, limit: Duration },
+    #[error("`virsh {command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+impl VirshError {
+    fn from_transport(args: &[&str], e: TransportError) -> Self {
+        let command = args.join(" ");
+        match e {
+            TransportError::Timeout { limit, .. } => VirshError::Timeout { command, limit },
+            TransportError::Failed { stderr, status, .. }
+                if stderr.contains("not found") && status.contains("127") =>
+            {
+                VirshError::Spawn(stderr)
+            }
+            TransportError::Failed { stderr, .. } => VirshError::Failed {
+                command,
+                stderr: crate::console::escape_text(
+                    &stderr
+                        .lines()
+                        .map(|l| l.trim().trim_start_matches("error: "))
+                        .filter(|l| !l.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            },
+            other => VirshError::Spawn(other.to_string()),
+        }
+    }
+
+    /// What virsh said on stderr, if it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            VirshError::Failed { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Limit for one ordinary command (create, resume, destroy, list).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit for the first contact: libvirt probes QEMU's capabilities on the first
+/// connection after a daemon starts (8.6 s here), so this is not short; an unreachable
+/// daemon fails at once, well within it.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A libvirt connection, spoken to through `virsh -c URI`.
+#[derive(Clone, Debug)]
+pub struct Virsh {
+    pub uri: String,
+}
+
+impl Virsh {
+    fn command_line(&self, args: &[&str]) -> String {
+        let mut line = format!("exec virsh -q -c {}", shell_quote(&self.uri));
+        for arg in args {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
+        }
+        line
+    }
+
+    /// Runs `virsh ARGS` to completion, feeding it `input` on stdin.
+    pub fn run(
+        &self,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<Output, VirshError> {
+        Transport::Local
+            .run(&self.command_line(args), input, limit)
+            .map_err(|e| VirshError::from_transport(args, e))
+    }
+
+    /// Runs `virsh ARGS` and returns its stdout as text.
+    pub fn text(&self, args: &[&str], limit: Duration) -> Result<String, VirshError> {
+        self.run(args, None, limit)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`).
+    pub fn spawn(&self, args: &[&str]) -> Result<Child, VirshError> {
+        Transport::Local
+            .spawn(&self.command_line(args), false)
+            .map_err(|e| VirshError::from_transport(args, e))
+    }
+}
+
+/// What `virsh version` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// The client library (`Using library: libvirt 9.0.0`).
+    pub library: String,
+    /// The daemon (`Running against daemon: 9.0.0`), where it says.
+    pub daemon: Option<String>,
+    /// The hypervisor the driver runs (`Running hypervisor: QEMU 7.2.22`).
+    pub hypervisor: String,
+}
+
+impl Versions {
+    pub fn parse(text: &str) -> Self {
+        let mut v = Versions::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim().to_string();
+            match key.trim() {
+                "Using library" => v.library = value,
+                "Running against daemon" => v.daemon = Some(value),
+                "Running hypervisor" => v.hypervisor = value,
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+/// The domain types (`kvm`, `qemu`, ...) `virsh capabilities` offers for x86_64 guests.
+pub fn domain_types(capabilities: &str) -> Vec<String> {
+    let mut types: Vec<String> = capabilities
+        .match_indices("<domain type='")
+        .filter_map(|(at, m)| {
+            let rest = &capabilities[at + m.len()..];
+            rest.split_once('\'').map(|(t, _)| t.to_string())
+        })
+        .filter(|t| !t.is_empty() && t.len() < 32 && t.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .collect();
+    types.sort();
+    types.dedup();
+    types
+}
+
+/// What a `virsh event --event lifecycle` line says about the domain stopping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// QEMU exited on its own (the exit device; or QEMU failed).
+    Failed,
+    /// The guest asked for a shutdown; for this guest, a reset (triple fault) under
+    /// `on_reboot=destroy`.
+    Shutdown,
+    /// Someone destroyed it (hvbench's `stop`, or another client).
+    Destroyed,
+    /// Any other detail libvirt gives.
+    Other(String),
+}
+
+/// `event 'lifecycle' for domain 'NAME': Stopped Failed` -> `Some(Stopped::Failed)`;
+/// lines about other transitions -> `None`.
+pub fn parse_stopped(line: &str) -> Option<Stopped> {
+    let (_, what) = line.rsplit_once("': ")?;
+    let detail = what.trim().strip_prefix("Stopped")?.trim();
+    Some(match detail {
+        "Failed" => Stopped::Failed,
+        "Shutdown" => Stopped::Shutdown,
+        "Destroyed" => Stopped::Destroyed,
+        other => Stopped::Other(other.chars().take(80).collect()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_virsh_version() {
+        let v = Versions::parse(
+            "Compiled against library: libvirt 9.0.0\nUsing library: libvirt 9.0.0\n\
+             Using API: QEMU 9.0.0\nRunning hypervisor: QEMU 7.2.22\n",
+        );
+        assert_eq!(v.library, "libvirt 9.0.0");
+        assert_eq!(v.hypervisor, "QEMU 7.2.22");
+        assert_eq!(v.daemon, None);
+        let v = Versions::parse("Running against daemon: 9.0.0\n");
+        assert_eq!(v.daemon.as_deref(), Some("9.0.0"));
+    }
+
+    #[test]
+    fn lifecycle_lines_say_how_the_domain_stopped() {
+        let l = |d: &str| format!("event 'lifecycle' for domain 'hvbench-1-1': {d}");
+        assert_eq!(parse_stopped(&l("Stopped Failed")), Some(Stopped::Failed));
+        assert_eq!(
+            parse_stopped(&l("Stopped Shutdown")),
+            Some(Stopped::Shutdown)
+        );
+        assert_eq!(
+            parse_stopped(&l("Stopped Destroyed")),
+            Some(Stopped::Destroyed)
+        );
+        assert_eq!(
+            parse_stopped(&l("Stopped Crashed")),
+            Some(Stopped::Other("Crashed".into()))
+        );
+        assert_eq!(parse_stopped(&l("Resumed Unpaused")), None);
+        assert_eq!(parse_stopped("garbage"), None);
+    }
+
+    #[test]
+    fn domain_types_come_from_capabilities() {
+        let caps = "<guest><arch name='x86_64'><domain type='qemu'/>\
+                    <domain type='kvm'/></arch></guest><domain type='kvm'/>";
+        assert_eq!(domain_types(caps), vec!["kvm", "qemu"]);
+        assert!(domain_types("<domain type='").is_empty());
+    }
+}

@@ -1,0 +1,168 @@
+//! The libvirt daemons the libvirt tests need: the running ones where libvirt already
+//! answers on its standard socket, else libvirtd and virtlogd started here (these
+//! machines have no service manager) and stopped again when the fixture is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::required;
+
+pub const URI: &str = "qemu:///system";
+/// The first connection probes QEMU's capabilities (8.6 s here on a cold cache).
+const READY_LIMIT: Duration = Duration::from_secs(60);
+
+/// Daemons this fixture started (none when libvirt was already running).
+pub struct Daemons {
+    started: Vec<(&'static str, Child)>,
+    _logs: tempfile::TempDir,
+}
+
+fn answers() -> bool {
+    Command::new("virsh")
+        .args(["-q", "-c", URI, "version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Why the daemons cannot be started here, if so.
+fn missing() -> Option<String> {
+    if !super::on_path("virsh") {
+        return Some("virsh is not installed (Debian's libvirt-clients)".into());
+    }
+    for daemon in ["libvirtd", "virtlogd"] {
+        if !Path::new("/usr/sbin").join(daemon).exists() && !super::on_path(daemon) {
+            return Some(format!(
+                "{daemon} is not installed (Debian's libvirt-daemon)"
+            ));
+        }
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("starting libvirt's system daemons needs root".into());
+    }
+    if nix::unistd::User::from_name("libvirt-qemu")
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        return Some(
+            "the user libvirt-qemu, which libvirt's QEMU driver runs guests as, is missing \
+             (ci/test.sh creates it)"
+                .into(),
+        );
+    }
+    None
+}
+
+impl Daemons {
+    /// libvirt on its standard socket, started here if it is not running. `None` (the
+    /// test returns) where libvirt is missing, unless HVBENCH_REQUIRE_LIBVIRT=1.
+    pub fn ensure() -> Option<Daemons> {
+        let logs = tempfile::tempdir().unwrap();
+        if answers() {
+            return Some(Daemons {
+                started: Vec::new(),
+                _logs: logs,
+            });
+        }
+        if let Some(why) = missing() {
+            assert!(
+                !required("HVBENCH_REQUIRE_LIBVIRT"),
+                "{why}, and HVBENCH_REQUIRE_LIBVIRT=1"
+            );
+            eprintln!("notice: {why}; skipping this test");
+            return None;
+        }
+        for dir in ["/var/log/libvirt", "/run/libvirt", "/var/lib/libvirt/qemu"] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let mut daemons = Daemons {
+            started: Vec::new(),
+            _logs: logs,
+        };
+        for name in ["virtlogd", "libvirtd"] {
+            let child = daemons.spawn(name);
+            daemons.started.push((name, child));
+        }
+        let started = Instant::now();
+        while !answers() {
+            let exited = daemons
+                .started
+                .iter_mut()
+                .find_map(|(name, child)| Some((*name, child.try_wait().ok()??)));
+            if let Some((name, status)) = exited {
+                panic!("{name} exited ({status}): {}", daemons.log(name));
+            }
+            assert!(
+                started.elapsed() < READY_LIMIT,
+                "libvirt did not answer within {READY_LIMIT:?}: {}",
+                daemons.log("libvirtd")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(daemons)
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self._logs.path().join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    fn spawn(&self, name: &str) -> Child {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(self.log_path(name)).unwrap();
+        Command::new(name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    }
+
+    /// Whether this fixture started the daemons (and will stop them).
+    pub fn started_here(&self) -> bool {
+        !self.started.is_empty()
+    }
+}
+
+impl Drop for Daemons {
+    /// Stops what it started, libvirtd first (it holds virtlogd's clients), by pid.
+    fn drop(&mut self) {
+        for (_, child) in self.started.iter_mut().rev() {
+            let pid = Pid::from_raw(child.id().cast_signed());
+            let _ = kill(pid, Signal::SIGTERM);
+            let asked = Instant::now();
+            while matches!(child.try_wait(), Ok(None)) && asked.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Names of the domains libvirt has (running or defined).
+pub fn domains() -> Vec<String> {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", URI, "list", "--all", "--name"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "virsh list failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}

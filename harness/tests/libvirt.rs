@@ -1,0 +1,202 @@
+//! The guest as a libvirt domain (`--backend libvirt`), through the real `hvbench run`:
+//! workloads succeed, a hang is a timeout, Ctrl-C is an interruption, and no domain of
+//! ours is left behind on any of those paths. libvirt's daemons are started by the
+//! fixture where none runs (ci/test.sh installs the packages and sets
+//! HVBENCH_REQUIRE_LIBVIRT=1).
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::libvirt::{domains, Daemons};
+use reports::record::Status;
+
+/// Waits for `child` up to `limit`; kills it and fails the test past that.
+fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hvbench still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ours(pid: u32) -> Vec<String> {
+    let prefix = format!("hvbench-{pid}-");
+    domains()
+        .into_iter()
+        .filter(|d| d.starts_with(&prefix))
+        .collect()
+}
+
+#[test]
+fn workloads_run_as_a_domain_and_a_hang_leaves_no_domain_behind() {
+    if !common::kvm_available() {
+        return;
+    }
+    // Before the daemons: two fixtures must not start them side by side.
+    let _serial = common::exclusive();
+    let Some(_daemons) = Daemons::ensure() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let mut child = common::hvbench()
+        .args([
+            "run",
+            "--backend",
+            "libvirt",
+            "--libvirt-uri",
+            common::libvirt::URI,
+        ])
+        .args(["-w", "cpu.idle", "-w", "cpu.cpuid", "-w", "cpu.compute"])
+        .args([
+            "-w",
+            "mem.first-touch",
+            "-w",
+            "mem.seq-read",
+            "-w",
+            "io.pio-out",
+        ])
+        .args([
+            "-w",
+            "selftest.hang",
+            "-w",
+            "mem.balloon",
+            "-w",
+            "vm.lifecycle",
+        ])
+        .args(["--param", "vm.lifecycle.boots=2"])
+        .args(["--samples", "5", "--warmup", "1", "--sample-us", "2000"])
+        .args(["--timeout-s", "10", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status = wait(&mut child, Duration::from_secs(240));
+    // 3: not every workload succeeded (the hang).
+    assert_eq!(status.code(), Some(3));
+    let records = reports::read_results(&out).unwrap();
+    for r in &records {
+        match r.workload.as_str() {
+            "selftest.hang" => assert_eq!(r.status, Status::Timeout, "{r:?}"),
+            "mem.balloon" => {
+                assert_eq!(r.status, Status::Skip);
+                assert!(r.reason.as_deref().unwrap().contains("virtio-mmio"));
+            }
+            name => {
+                assert_eq!(r.status, Status::Success, "{name}: {:?}", r.reason);
+                assert!(r.samples.iter().all(|s| *s > 0.0), "{name}");
+            }
+        }
+        assert_eq!(r.backend.kind, "libvirt");
+        assert!(
+            r.backend.version.contains("libvirt"),
+            "{}",
+            r.backend.version
+        );
+        assert!(r.backend.version.contains("QEMU"), "{}", r.backend.version);
+        let xml = &r.backend.details["domain_xml"];
+        assert!(
+            xml.contains("machine='q35'") && xml.contains("isa-debug-exit"),
+            "{xml}"
+        );
+        assert!(r.reproduce.contains("--backend libvirt"), "{}", r.reproduce);
+    }
+    for w in ["cpu.cpuid", "mem.seq-read", "io.pio-out", "selftest.hang"] {
+        assert!(records.iter().any(|r| r.workload == w), "no record of {w}");
+    }
+    // The lifecycle: two boots timed, and the daemons' memory on top of QEMU's.
+    let life = |metric: &str| {
+        let r = records
+            .iter()
+            .find(|r| r.workload == "vm.lifecycle" && r.metric == metric)
+            .unwrap_or_else(|| panic!("no vm.lifecycle {metric}"));
+        assert_eq!(r.samples.len(), 2, "{metric}: {r:?}");
+        r.samples.clone()
+    };
+    assert!(life("define_to_result").iter().all(|s| *s > 0.1));
+    assert!(life("destroy").iter().all(|s| *s > 0.0));
+    let (vmm, stack) = (life("vmm_pss"), life("stack_pss"));
+    assert!(
+        vmm.iter().zip(&stack).all(|(v, s)| s > v && *v > 1.0),
+        "{vmm:?} {stack:?}"
+    );
+    assert!(ours(pid).is_empty(), "domains left: {:?}", ours(pid));
+}
+
+/// Ctrl-C while a guest runs: the run ends as interrupted and its domain is destroyed.
+#[test]
+fn ctrl_c_destroys_the_domain() {
+    use std::os::unix::process::CommandExt;
+    if !common::kvm_available() {
+        return;
+    }
+    // Before the daemons: two fixtures must not start them side by side.
+    let _serial = common::exclusive();
+    let Some(_daemons) = Daemons::ensure() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "libvirt", "-w", "selftest.hang"])
+        .args(["--timeout-s", "600", "--out"])
+        .arg(dir.path().join("results"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // As in a terminal: hvbench and whatever shares its group get the Ctrl-C.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = Instant::now();
+    while ours(pid).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no domain of hvbench {pid} appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past create and resume, the guest spinning.
+    std::thread::sleep(Duration::from_secs(2));
+    let group = nix::unistd::Pid::from_raw(pid.cast_signed());
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = wait(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(130));
+    assert!(ours(pid).is_empty(), "domains left: {:?}", ours(pid));
+}
+
+/// A libvirt that does not answer is one clear error, within seconds, before any record.
+#[test]
+fn an_unreachable_uri_is_a_clear_error_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = common::hvbench()
+        .args([
+            "run",
+            "--backend",
+            "libvirt",
+            "-w",
+            "cpu.idle",
+            "--libvirt-uri",
+        ])
+        .arg("qemu:///system?socket=/nonexistent/hvbench/libvirt-sock")
+        .arg("--out")
+        .arg(dir.path().join("results"))
+        .output()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach libvirt"), "{stderr}");
+    assert!(!dir.path().join("results").join("results.jsonl").exists());
+}

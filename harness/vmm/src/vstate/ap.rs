@@ -1,0 +1,160 @@
+//! Application processors: vCPUs 1.., each run on a thread of its own.
+//!
+//! With KVM's in-kernel irqchip an AP starts in the wait-for-SIPI state, inside KVM: its
+//! thread sits in KVM_RUN until the guest's INIT/SIPI starts it at the guest's trampoline,
+//! exactly as on a real machine. The VMM defines no AP state of its own. APs have no
+//! devices: a port or MMIO access from one reads as all ones and writes are dropped (the
+//! guest's APs do no I/O). A fatal exit on an AP (triple fault, KVM failure) ends the
+//! guest: it is stored for the boot vCPU, whose thread is woken and reports it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::Killable;
+
+use super::vcpu::kick_signal;
+use crate::channel::GuestEnd;
+use crate::VmmError;
+
+/// What the APs share with the boot vCPU's thread.
+#[derive(Debug)]
+pub(crate) struct ApShared {
+    /// Set by the boot vCPU when the guest ends: every AP thread returns.
+    stop: AtomicBool,
+    /// The first fatal end of an AP, for the boot vCPU to report.
+    failure: Mutex<Option<GuestEnd>>,
+    /// The VM-wide stop flag, which an AP sets on a fatal exit.
+    vm_stop: Arc<AtomicBool>,
+    /// The boot vCPU's thread, kicked out of KVM_RUN after an AP's fatal exit.
+    boot_thread: libc::pthread_t,
+}
+
+impl ApShared {
+    /// The first AP failure, if one happened.
+    pub(crate) fn take_failure(&self) -> Option<GuestEnd> {
+        self.failure.lock().ok().and_then(|mut f| f.take())
+    }
+
+    fn fail(&self, end: GuestEnd) {
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert(end);
+        }
+        self.vm_stop.store(true, Ordering::Release);
+        // SAFETY: `boot_thread` is the thread that started the APs, and it joins every AP
+        // before it returns (`Aps::stop`), so it is alive; the kick signal's handler does
+        // nothing but interrupt KVM_RUN.
+        unsafe { libc::pthread_kill(self.boot_thread, kick_signal()) };
+    }
+}
+
+/// The running APs; [`Aps::stop`] ends and joins them.
+#[derive(Debug)]
+pub(crate) struct Aps {
+    shared: Arc<ApShared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Aps {
+    /// Starts a thread per AP (`vcpu<N>-<name>`). Called on the boot vCPU's thread.
+    pub(crate) fn start(
+        vcpus: Vec<VcpuFd>,
+        name: &str,
+        vm_stop: Arc<AtomicBool>,
+    ) -> Result<Self, VmmError> {
+        let shared = Arc::new(ApShared {
+            stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            vm_stop,
+            // SAFETY: pthread_self has no preconditions.
+            boot_thread: unsafe { libc::pthread_self() },
+        });
+        let mut aps = Aps {
+            shared: shared.clone(),
+            threads: Vec::with_capacity(vcpus.len()),
+        };
+        for (i, fd) in vcpus.into_iter().enumerate() {
+            let shared = shared.clone();
+            let index = i + 1;
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}-{name}"))
+                .spawn(move || run(fd, index, &shared));
+            match spawned {
+                Ok(thread) => aps.threads.push(thread),
+                Err(e) => {
+                    aps.stop();
+                    return Err(VmmError::Thread(e));
+                }
+            }
+        }
+        Ok(aps)
+    }
+
+    pub(crate) fn shared(&self) -> &ApShared {
+        &self.shared
+    }
+
+    /// Stops every AP and waits for its thread. Kicks until each has noticed: a signal
+    /// that lands between an AP's check of the flag and KVM_RUN would otherwise be lost.
+    pub(crate) fn stop(self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            while !thread.is_finished() {
+                let _ = thread.kill(kick_signal());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One AP's run loop.
+fn run(mut fd: VcpuFd, index: usize, shared: &ApShared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let end = match fd.run() {
+            Ok(VcpuExit::InternalError) => Some(GuestEnd::Failed {
+                detail: format!(
+                    "KVM could not emulate vCPU {index} (KVM_EXIT_INTERNAL_ERROR): {}",
+                    registers(&fd)
+                ),
+            }),
+            Ok(exit) => on_exit(exit, index),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(GuestEnd::Failed {
+                detail: format!("KVM_RUN failed on vCPU {index}: {e}"),
+            }),
+        };
+        if let Some(end) = end {
+            shared.fail(end);
+            return;
+        }
+    }
+}
+
+fn registers(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} cs={:#x} cs.base={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip, r.rsp, s.cs.selector, s.cs.base, s.cr0, s.cr3, s.cr4, s.efer
+        ),
+        _ => "registers unavailable".to_string(),
+    }
+}
+
+/// What an AP's exit means: `None` to run on, or how the guest ends.
+fn on_exit(exit: VcpuExit, index: usize) -> Option<GuestEnd> {
+    match exit {
+        VcpuExit::IoIn(_, data) | VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::Intr => None,
+        VcpuExit::Shutdown => Some(GuestEnd::TripleFault {
+            detail: format!("triple fault on vCPU {index} (KVM_EXIT_SHUTDOWN)"),
+        }),
+        other => Some(GuestEnd::Failed {
+            detail: format!("unexpected VM exit on vCPU {index}: {other:?}"),
+        }),
+    }
+}
