@@ -18,6 +18,13 @@ command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] \
     || need+=(libvirt-daemon-driver-qemu)
 command -v fio >/dev/null 2>&1 || need+=(fio)
+# The Xen lab test builds the hypervisor from Debian's xen source (once per machine).
+command -v dpkg-source >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v bison >/dev/null 2>&1 || need+=(bison)
+command -v flex >/dev/null 2>&1 || need+=(flex)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "ci/test.sh: missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
@@ -50,7 +57,9 @@ fi
 
 # Tests that need /dev/kvm, QEMU, a browser or the Xen lab fail instead of skipping when
 # these are set. The Xen lab test deploys Xen nested in QEMU (packages from Debian's
-# registry, cached in ~/.cache/hvbench/lab) and takes it down again.
+# registry, cached in ~/.cache/hvbench/lab) with a hypervisor built from Debian's xen
+# source with shadow paging (about 2-5 minutes the first time on a machine, then cached)
+# and the instruction-count plugin, and takes it down again.
 # The KVM lab test (run only when HVBENCH_REQUIRE_KVM_LAB=1) deploys Linux nested in QEMU,
 # runs the memory workloads with kvm_amd npt=1 and npt=0 there, and takes it down (~20 s).
 # The libvirt tests start libvirtd and virtlogd where no libvirt answers, and stop them.
@@ -62,4 +71,6 @@ cargo fmt --all -- --check
 (cd guests && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd guests && cargo clippy --release -- -D warnings)
+# The QEMU plugin is a cdylib nothing links: build it before the tests load it.
+cargo build -p hvbench-insns-plugin
 cargo test --workspace

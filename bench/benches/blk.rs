@@ -54,6 +54,7 @@ fn run_once(
         guest_path: None,
         out: dir.clone(),
         params: vec![WorkloadParam::parse("io.blk-randread.region=256m").expect("param")],
+        insn_markers: true,
     };
     let mut writer = reports::ResultsWriter::create(&dir, false).expect("results dir");
     let flag = AtomicBool::new(false);
@@ -107,6 +108,7 @@ fn main() {
             accel: QemuAccel::Kvm,
             machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

@@ -104,6 +104,7 @@ fn through_backend(
         guest_path: None,
         out: dir.clone(),
         params: Vec::new(),
+        insn_markers: true,
     };
     let mut writer = reports::ResultsWriter::create(&dir, false).expect("results dir");
     let flag = AtomicBool::new(false);
@@ -131,6 +132,7 @@ fn qemu_backend() -> Option<QemuBackend> {
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
             machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

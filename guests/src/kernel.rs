@@ -78,6 +78,11 @@ pub enum Syscall {
     EnableStealTime = 10,
     /// From an AP's user mode: back to its kernel's halt loop (the argument: its index).
     ApIdle = 11,
+    /// Links the mapping window's PDPT (its entry, flags included) into the live PML4, or
+    /// unlinks it (0), and flushes the TLB. In the kernel because the live PML4 is a page
+    /// table in use: Xen's shadow paging takes a user-mode write to a page table as a sign
+    /// that it is no longer one, and crashes the domain when that table is the one in CR3.
+    SetWindow = 12,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -222,6 +227,11 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
             0
         }
         n if n == Syscall::FlushTlb as u64 => {
+            cpu::write_cr3(cpu::read_cr3());
+            0
+        }
+        n if n == Syscall::SetWindow as u64 => {
+            crate::mem::paging::set_window_entry(a0);
             cpu::write_cr3(cpu::read_cr3());
             0
         }

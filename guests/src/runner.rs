@@ -1,6 +1,8 @@
 //! User mode (CPL3): reads the command line, runs the selected workloads in table order
 //! and prints their result lines. Everything here runs natively on every host.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use workloads::abi::ExitCode;
 use workloads::cmdline::{self, GuestConfig, MAX_CMDLINE};
 use workloads::protocol::{LineBuilder, LineKind, Status, VERSION};
@@ -12,6 +14,16 @@ use crate::kernel::{self, BootInfo, Syscall};
 use crate::mem;
 use crate::start_info;
 use crate::workloads as guest_workloads;
+
+/// Marker pairs completed in this boot: the `mk` of the next marked sample. The plugin
+/// numbers the stop markers it sees the same way.
+static MARKER_PAIRS: AtomicU64 = AtomicU64::new(0);
+
+/// Operations per sample when instructions are counted (`markers=1`): the same on every
+/// backend, so that a sample's fixed cost (the markers' neighbours, the TSC reads) is
+/// shared alike and counts of two machines compare; a calibrated count would follow each
+/// machine's speed.
+const MARKED_ITERATIONS: u64 = 64;
 
 /// Most iterations one sample may take, so a pathological host cannot spin forever.
 const MAX_ITERATIONS: u64 = 1 << 32;
@@ -135,6 +147,19 @@ impl Sampler {
         ops: u64,
         cycles: u64,
     ) {
+        self.emit_full_sample(metric, params, (index, warmup), ops, cycles, None);
+    }
+
+    /// Prints one sample line, with the number of the marker pair around it if any.
+    fn emit_full_sample(
+        &self,
+        metric: &str,
+        params: &str,
+        (index, warmup): (u64, bool),
+        ops: u64,
+        cycles: u64,
+        marker: Option<u64>,
+    ) {
         let mut line = LineBuilder::new(LineKind::Sample);
         line.text("w", self.workload.name()).text("m", metric);
         if !params.is_empty() {
@@ -143,6 +168,9 @@ impl Sampler {
         line.num("n", index).num("ops", ops).num("cycles", cycles);
         if warmup {
             line.num("warm", 1);
+        }
+        if let Some(mk) = marker {
+            line.num("mk", mk);
         }
         emit(&mut line);
     }
@@ -163,19 +191,50 @@ impl Sampler {
         params: &str,
         mut op: impl FnMut(u64) -> Result<(u64, u64), Refusal>,
     ) -> Result<u64, Refusal> {
+        let iterations = if self.config.markers {
+            MARKED_ITERATIONS
+        } else {
+            self.calibrate(&mut op)?
+        };
+        for round in self.rounds() {
+            let (result, marker) = self.marked(|| op(iterations));
+            let (ops, cycles) = result?;
+            self.emit_full_sample(self.metric(), params, round, ops, cycles, marker);
+        }
+        Ok(iterations)
+    }
+
+    /// Doubles the iteration count from 1 until one run of `op` lasts `min_cycles`.
+    fn calibrate(
+        &self,
+        op: &mut impl FnMut(u64) -> Result<(u64, u64), Refusal>,
+    ) -> Result<u64, Refusal> {
         let mut iterations = 1u64;
         loop {
             let (_, cycles) = op(iterations)?;
             if cycles >= self.min_cycles || iterations >= MAX_ITERATIONS {
-                break;
+                return Ok(iterations);
             }
             iterations *= 2;
         }
-        for (index, warmup) in self.rounds() {
-            let (ops, cycles) = op(iterations)?;
-            self.emit_sample(params, index, warmup, ops, cycles);
+    }
+
+    /// Runs `op` between the instruction-count markers when the host asked for them
+    /// (`markers=1`), and numbers the pair; otherwise runs it bare. The markers sit outside
+    /// the timed region (`op` reads the TSC itself) and are NOPs: they cost nothing
+    /// measurable. A sample whose `op` failed gets no number (its stop never ran).
+    fn marked<T, E>(&self, op: impl FnOnce() -> Result<T, E>) -> (Result<T, E>, Option<u64>) {
+        if !self.config.markers {
+            return (op(), None);
         }
-        Ok(iterations)
+        crate::arch::cpu::insns_marker_start();
+        let result = op();
+        if result.is_err() {
+            return (result, None);
+        }
+        crate::arch::cpu::insns_marker_stop();
+        let number = MARKER_PAIRS.fetch_add(1, Ordering::Relaxed);
+        (result, Some(number))
     }
 
     /// Grows the iteration count until one run of `op` lasts `min_cycles` (kvm-unit-tests'

@@ -14,6 +14,7 @@ pub mod disk;
 pub mod guest_image;
 pub mod host;
 pub mod host_paging;
+pub mod insns;
 pub mod interrupt;
 pub mod migration;
 pub mod run;

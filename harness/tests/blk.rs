@@ -171,6 +171,7 @@ fn every_block_workload_runs_on_qemu_over_the_same_kind_of_disk() {
             accel: QemuAccel::Auto,
             machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

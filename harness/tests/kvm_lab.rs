@@ -61,10 +61,10 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
     // Through the CLI, as a user deploys it.
     let started = Instant::now();
     let up = common::hvbench()
-        .args(["lab", "up", "kvm"])
+        .args(["lab", "up", "kvm", "--insns"])
         .output()
         .unwrap();
-    assert_ok(&up, "lab up kvm");
+    assert_ok(&up, "lab up kvm --insns");
     assert!(text(&up.stdout).contains("emulation artefacts"));
     eprintln!(
         "lab up kvm in {:.1} s (already up: {already_up})",
@@ -75,6 +75,7 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
         .expect("a KVM lab")
         .state;
     assert!(state.kvm_at_boot.starts_with("kvm_amd: npt"), "{state:?}");
+    assert!(state.insns_log.is_some(), "the plugin is loaded: {state:?}");
 
     for (mode, paging) in [("tdp", "npt"), ("shadow", "shadow")] {
         let dir = tempfile::tempdir().unwrap();
@@ -85,6 +86,10 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
             .arg(&out)
             .args([
                 "--",
+                "--workload",
+                "cpu.idle",
+                "--workload",
+                "cpu.cpuid",
                 "--workload",
                 "mem.tlb-chase",
                 "--workload",
@@ -112,10 +117,27 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
             "{}",
             text(&run.stdout)
         );
-        let records = read_results(&out).expect("records copied back");
-        // pt-update, and tlb-chase over 2 working sets x 2 page sizes.
-        assert_eq!(records.len(), 5, "{records:#?}");
-        for workload in ["mem.tlb-chase", "mem.pt-update"] {
+        let (records, insns): (Vec<_>, Vec<_>) = read_results(&out)
+            .expect("records copied back")
+            .into_iter()
+            .partition(|r| r.metric != "insns");
+        // idle, cpuid, pt-update, and tlb-chase over 2 working sets x 2 page sizes; an
+        // instruction count beside each.
+        assert_eq!(records.len(), 7, "{records:#?}");
+        assert_eq!(insns.len(), 7, "{insns:#?}");
+        let count = |workload: &str| {
+            let r = insns.iter().find(|r| r.workload == workload).unwrap();
+            assert_eq!(r.status, Status::Success, "{workload}: {:?}", r.reason);
+            r.summary.as_ref().unwrap().median
+        };
+        // The guest's own loop against an exit through the lab's KVM.
+        let (idle, cpuid) = (count("cpu.idle"), count("cpu.cpuid"));
+        assert!(
+            idle > 0.0 && idle < 100.0,
+            "cpu.idle: {idle} insns/op ({mode})"
+        );
+        assert!(cpuid > 10.0 * idle, "cpu.cpuid: {cpuid} insns/op ({mode})");
+        for workload in ["cpu.idle", "cpu.cpuid", "mem.tlb-chase", "mem.pt-update"] {
             assert!(records.iter().any(|r| r.workload == workload), "{workload}");
         }
         for record in &records {

@@ -20,6 +20,7 @@ fn qemu_boots_the_same_image_and_reports_the_same_way() {
             accel: hvbench::backend::qemu::QemuAccel::Auto,
             machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )
@@ -109,6 +110,7 @@ fn q35_boots_the_same_image_and_skips_the_balloon() {
             accel: hvbench::backend::qemu::QemuAccel::Kvm,
             machine: hvbench::backend::qemu::QemuMachine::Q35,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

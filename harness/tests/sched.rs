@@ -82,6 +82,7 @@ fn a_two_vcpu_guest_on_qemu_gives_positive_ipi_and_wakeup_latencies() {
             accel: hvbench::backend::qemu::QemuAccel::Auto,
             machine: hvbench::backend::qemu::QemuMachine::Microvm,
             cpu: None,
+            insns: false,
         },
         hvbench::host::fingerprint(),
     )

@@ -23,11 +23,30 @@ use crate::pool::{key_order, Pool, Pools};
 use crate::record::{Record, RecordKey, Status};
 use crate::results::{read_results_with_warnings, ResultsError};
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CompareOptions {
     /// Noise threshold, p-value threshold and permutation count.
     pub ab: AbOptions,
+    /// The relative change that counts for instruction counts (`insns` records): counts
+    /// under TCG are deterministic, so where both sides' spread is below this, the change
+    /// of the medians decides alone, without a permutation test (see [`insns_rule`]).
+    pub insns_threshold: f64,
 }
+
+impl Default for CompareOptions {
+    fn default() -> Self {
+        CompareOptions {
+            ab: AbOptions::default(),
+            insns_threshold: DEFAULT_INSNS_THRESHOLD,
+        }
+    }
+}
+
+/// 2%: counts of one exit path agreed within 0.1-1.9% over 5 runs in the Xen lab (a timer
+/// tick inside a sample adds its handler's instructions), and a 3% change must count.
+pub const DEFAULT_INSNS_THRESHOLD: f64 = 0.02;
+/// The metric instruction-count records carry.
+pub const INSNS_METRIC: &str = "insns";
 
 impl CompareOptions {
     /// The options of `--noise` (a fraction: 0.05 = 5%) and `--p`.
@@ -38,6 +57,7 @@ impl CompareOptions {
                 p_threshold,
                 ..AbOptions::default()
             },
+            insns_threshold: DEFAULT_INSNS_THRESHOLD,
         }
     }
 }
@@ -50,6 +70,8 @@ pub enum CompareError {
     New(#[source] ResultsError),
     #[error("invalid compare option: {0}")]
     Options(#[from] StatsError),
+    #[error("invalid compare option: the insns threshold {0} must be a fraction in (0, 1)")]
+    InsnsThreshold(f64),
 }
 
 /// One side of a measurement.
@@ -154,6 +176,8 @@ pub struct Comparison {
     pub noise: f64,
     pub p_threshold: f64,
     pub permutations: usize,
+    /// The relative threshold of the instruction-count rule.
+    pub insns_threshold: f64,
     pub rows: Vec<ComparisonRow>,
     pub only_in_base: Vec<OneSided>,
     pub only_in_new: Vec<OneSided>,
@@ -168,6 +192,9 @@ pub fn compare(
     options: &CompareOptions,
 ) -> Result<Comparison, CompareError> {
     options.ab.validate()?;
+    if !(options.insns_threshold > 0.0 && options.insns_threshold < 1.0) {
+        return Err(CompareError::InsnsThreshold(options.insns_threshold));
+    }
     let base_read = read_results_with_warnings(base).map_err(CompareError::Base)?;
     let new_read = read_results_with_warnings(new).map_err(CompareError::New)?;
     let base_matrix = MatrixSummary::read(base).map_err(CompareError::Base)?;
@@ -322,7 +349,10 @@ fn compare_pooled(
     common.sort_by_cached_key(|(b, _)| (b.backend.clone(), key_order(&b.group, &b.key)));
     let mut rows: Vec<ComparisonRow> = common
         .into_iter()
-        .map(|(b, n)| compare_pools(b, n, &options.ab))
+        .map(|(b, n)| {
+            insns_rule(b, n, options.insns_threshold)
+                .unwrap_or_else(|| compare_pools(b, n, &options.ab))
+        })
         .collect();
     apply_holm(&mut rows, &options.ab);
 
@@ -332,6 +362,7 @@ fn compare_pooled(
         noise: options.ab.noise,
         p_threshold: options.ab.p_threshold,
         permutations: options.ab.permutation.resamples,
+        insns_threshold: options.insns_threshold,
         rows,
         only_in_base,
         only_in_new,
@@ -404,6 +435,60 @@ fn compare_pools(base: &Pool, new: &Pool, options: &AbOptions) -> ComparisonRow 
         }
     }
     row
+}
+
+/// The rule for instruction counts: where both sides measured an `insns` metric and the
+/// spread of each (median absolute deviation over the median, over all its samples) is
+/// below `threshold`, a change of the medians beyond `threshold` is a regression or an
+/// improvement by the metric's direction, and anything less is no change; no permutation
+/// test and no minimum of runs, since the counts do not drift as times do. None (the
+/// usual test applies) for other metrics, failed sides, or counts that spread.
+fn insns_rule(base: &Pool, new: &Pool, threshold: f64) -> Option<ComparisonRow> {
+    if base.key.metric != INSNS_METRIC || !base.is_measured() || !new.is_measured() {
+        return None;
+    }
+    let (b, n) = (
+        crate::stats::median(&base.samples)?,
+        crate::stats::median(&new.samples)?,
+    );
+    if !(b > 0.0 && n.is_finite()) || spread(&base.samples, b)? >= threshold {
+        return None;
+    }
+    if spread(&new.samples, n)? >= threshold {
+        return None;
+    }
+    let change = (n - b) / b;
+    let verdict = if change.abs() <= threshold {
+        Verdict::NoSignificantChange
+    } else {
+        match (base.direction, change > 0.0) {
+            (Some(Direction::LowerIsBetter), true) | (Some(Direction::HigherIsBetter), false) => {
+                Verdict::Regression
+            }
+            (Some(_), _) => Verdict::Improvement,
+            (None, _) => Verdict::ChangedDirectionUnknown,
+        }
+    };
+    Some(ComparisonRow {
+        backend: base.backend.clone(),
+        key: base.key.clone(),
+        unit: base.unit.clone(),
+        direction: base.direction,
+        base: Side::of(base),
+        new: Side::of(new),
+        relative_change: Some(change),
+        median_change: Some(change),
+        p_value: None,
+        base_runs: base.run_medians.len(),
+        new_runs: new.run_medians.len(),
+        verdict,
+    })
+}
+
+/// Median absolute deviation over `median`.
+fn spread(samples: &[f64], median: f64) -> Option<f64> {
+    let deviations: Vec<f64> = samples.iter().map(|s| (s - median).abs()).collect();
+    Some(crate::stats::median(&deviations)? / median)
 }
 
 /// Holm's step-down correction over every tested measurement: with many measurements per
@@ -576,6 +661,14 @@ impl Comparison {
             self.permutations,
             self.noise * 100.0
         );
+        if self.rows.iter().any(|r| r.key.metric == INSNS_METRIC) {
+            let _ = writeln!(
+                out,
+                "Instruction counts (insns) whose spread on both sides is below {:.1}% count as \
+                 changed where their median moves by more than that, without the permutation test.",
+                self.insns_threshold * 100.0
+            );
+        }
         for note in &self.notes {
             let _ = writeln!(out, "note: {}", terminal_safe(note));
         }
@@ -769,6 +862,83 @@ mod tests {
             new,
             &CompareOptions::default(),
         )
+    }
+
+    /// One lab run's instruction counts: per workload a record of 5 samples, the counts
+    /// of a deterministic path with one outlier (a timer interrupt in one sample), and the
+    /// time record beside it.
+    fn insns_run(backend: &str, cpuid_factor: f64) -> Vec<Record> {
+        let mut records = Vec::new();
+        for (workload, count) in [("cpu.idle", 5014.0), ("cpu.cpuid", 3174.0)] {
+            let count = if workload == "cpu.cpuid" {
+                count * cpuid_factor
+            } else {
+                count
+            };
+            let mut r = record(
+                backend,
+                workload,
+                &[count, count, count * 1.09, count, count],
+            );
+            r.metric = INSNS_METRIC.into();
+            r.unit = "insns/op".into();
+            records.push(r);
+        }
+        records
+    }
+
+    #[test]
+    fn instruction_counts_flag_a_three_percent_change_from_one_run_each() {
+        let base = insns_run("xen", 1.0);
+        // A/A: the same counts (one run each side) are no change, and no regression.
+        let aa = compare_runs(&base, &insns_run("xen", 1.0));
+        assert!(!aa.has_regression(), "{}", aa.render_table());
+        assert!(aa
+            .rows
+            .iter()
+            .all(|r| r.verdict == Verdict::NoSignificantChange && r.p_value.is_none()));
+        // A 3% longer cpuid path is a regression though each side is a single run (the
+        // permutation test could not say anything from one run).
+        let ab = compare_runs(&base, &insns_run("xen", 1.03));
+        assert!(ab.has_regression(), "{}", ab.render_table());
+        let cpuid = ab
+            .rows
+            .iter()
+            .find(|r| r.key.workload == "cpu.cpuid")
+            .unwrap();
+        assert_eq!(cpuid.verdict, Verdict::Regression);
+        assert!((cpuid.relative_change.unwrap() - 0.03).abs() < 1e-9);
+        let idle = ab
+            .rows
+            .iter()
+            .find(|r| r.key.workload == "cpu.idle")
+            .unwrap();
+        assert_eq!(idle.verdict, Verdict::NoSignificantChange);
+        // Half a percent is below the threshold; a 3% shorter path is an improvement.
+        let small = compare_runs(&base, &insns_run("xen", 1.005));
+        assert!(!small.has_regression());
+        let better = compare_runs(&base, &insns_run("xen", 0.97));
+        assert!(better
+            .rows
+            .iter()
+            .any(|r| r.verdict == Verdict::Improvement));
+        assert!(ab.render_table().contains("without the permutation test"));
+    }
+
+    #[test]
+    fn instruction_counts_that_spread_fall_back_to_the_permutation_test() {
+        let spread = |factor: f64| {
+            let mut r = record(
+                "xen",
+                "cpu.cpuid",
+                &[100.0, 110.0, 90.0, 105.0, 95.0].map(|x| x * factor),
+            );
+            r.metric = INSNS_METRIC.into();
+            vec![r]
+        };
+        let c = compare_runs(&spread(1.0), &spread(1.03));
+        // One run a side: the usual test cannot conclude, and says so.
+        assert!(matches!(c.rows[0].verdict, Verdict::Inconclusive { .. }));
     }
 
     #[test]

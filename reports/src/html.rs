@@ -82,6 +82,7 @@ pub(crate) fn render_page(page: &Page) -> String {
                     (matrix_section(m))
                 }
                 (hosts_section(&model.backends))
+                (insns_section(model))
                 @for (group, measurements) in model.groups() {
                     (group_section(page, &group, &measurements))
                 }
@@ -117,6 +118,9 @@ fn summary_line(model: &Model, backends: &[String]) -> Markup {
 fn navigation(page: &Page) -> Markup {
     let model = page.model;
     let mut links: Vec<Markup> = vec![html! { a href="#hosts" { "hosts" } }];
+    if model.insns.is_some() {
+        links.push(html! { a href="#insns" { "instructions per operation" } });
+    }
     if !page.matrices.is_empty() {
         links.insert(0, html! { a href="#matrix" { "matrix" } });
     }
@@ -577,6 +581,44 @@ fn sched_section(page: &Page) -> Markup {
                     td { (row.key.workload) " " (row.key.metric) }
                     td { (row.key.series) } td { (row.runs) }
                     td { (format!("{:.4}", row.median)) " " (row.unit) }
+                }
+            }
+        }
+    }
+}
+
+/// Instructions per operation side by side (KVM npt/shadow, Xen hap/shadow), with the
+/// times of the same runs beside them.
+fn insns_section(model: &Model) -> Markup {
+    let Some(table) = &model.insns else {
+        return html! {};
+    };
+    html! {
+        h2 id="insns" { "Instructions per operation (TCG)" }
+        p.sub {
+            "Counted by the hvbench-insns QEMU plugin between the guest's markers: every \
+             instruction of the hypervisor and the guest per operation, the median of the \
+             runs' medians [their range] over the runs (n). Counts do not depend on the \
+             host's load; the times beside them (in parentheses) are TCG emulation artefacts."
+        }
+        table.hosts {
+            tr {
+                th { "workload" }
+                @for column in &table.columns { th { (column.label()) } }
+            }
+            @for (label, cells) in &table.rows {
+                tr {
+                    td { (label) }
+                    @for cell in cells {
+                        td {
+                            @if let Some(c) = cell {
+                                (format!("{:.1} [{:.1}-{:.1}] (n={})", c.median, c.low, c.high, c.runs))
+                                @if let Some((time, unit)) = &c.time {
+                                    br; span.sub { (format!("({time:.1} {unit})")) }
+                                }
+                            } @else { "-" }
+                        }
+                    }
                 }
             }
         }

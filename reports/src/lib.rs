@@ -10,6 +10,7 @@ pub mod font;
 pub mod format;
 pub mod host;
 pub mod html;
+pub mod insns;
 mod latency_cdf;
 pub mod matrix;
 pub mod plot;

@@ -375,6 +375,8 @@ pub(crate) struct Model {
     pub problems: Vec<ProblemGroup>,
     pub warnings: Vec<Warning>,
     pub notices: Vec<String>,
+    /// Instructions per operation by backend and paging mode, where records hold counts.
+    pub insns: Option<crate::insns::InsnsTable>,
 }
 
 /// An input directory as the page describes it.
@@ -475,6 +477,7 @@ fn analyze(inputs: &[Input], options: &ReportOptions) -> Result<Model, ReportErr
         problems: group_problems(&pools.problems, &names),
         warnings,
         notices,
+        insns: crate::insns::table(inputs.iter().flat_map(|i| &i.records)),
     })
 }
 

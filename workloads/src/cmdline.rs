@@ -48,6 +48,10 @@ pub struct GuestConfig {
     pub warmup: u32,
     /// Minimum duration of one sample; the iteration count is doubled until reached.
     pub sample_us: u32,
+    /// Place the instruction-count markers (8-byte NOPs a TCG plugin counts between)
+    /// around each timed sample, number them in the sample lines, and run a fixed 64
+    /// operations per sample instead of calibrating, so counts compare (`markers=1`).
+    pub markers: bool,
     /// vCPUs the guest was given (`cpus=`, 1 when absent): the boot vCPU and the
     /// application processors the guest may start (APIC IDs 1..cpus).
     pub cpus: u32,
@@ -60,6 +64,7 @@ impl Default for GuestConfig {
             samples: DEFAULT_SAMPLES,
             warmup: DEFAULT_WARMUP,
             sample_us: DEFAULT_SAMPLE_US,
+            markers: false,
             cpus: 1,
         }
     }
@@ -139,6 +144,7 @@ pub fn parse(line: &str) -> Result<GuestConfig, CmdlineError> {
             "samples" => config.samples = number(value, 1, MAX_SAMPLES)?,
             "warmup" => config.warmup = number(value, 0, MAX_WARMUP)?,
             "sample_us" => config.sample_us = number(value, MIN_SAMPLE_US, MAX_SAMPLE_US)?,
+            "markers" => config.markers = number(value, 0, 1)? == 1,
             "cpus" => config.cpus = number(value, 1, MAX_CPUS)?,
             _ => return Err(CmdlineError::UnknownKey),
         }
@@ -309,6 +315,9 @@ pub fn encode(config: &GuestConfig) -> std::string::String {
         config.warmup,
         config.sample_us
     ));
+    if config.markers {
+        line.push_str(" markers=1");
+    }
     if config.cpus != 1 {
         line.push_str(&std::format!(" cpus={}", config.cpus));
     }
@@ -345,6 +354,15 @@ mod tests {
         );
         assert_eq!(
             parse("hvbench run=cpu.idle cpus=255"),
+            Err(CmdlineError::OutOfRange)
+        );
+        // Markers are said only when on, and read back.
+        c.markers = true;
+        let line = encode(&c);
+        assert!(line.contains(" markers=1"), "{line}");
+        assert_eq!(parse(&line), Ok(c));
+        assert_eq!(
+            parse("hvbench run=cpu.idle markers=2"),
             Err(CmdlineError::OutOfRange)
         );
     }

@@ -497,6 +497,9 @@ mod decode {
         pub warmup: bool,
         pub ops: u64,
         pub cycles: u64,
+        /// The sequence number (from 0, per boot) of the instruction-count marker pair
+        /// the guest placed around this sample (`mk`), when it placed one.
+        pub marker: Option<u64>,
     }
 
     /// Register state the guest's exception handler reported.
@@ -612,6 +615,7 @@ mod decode {
                         warmup,
                         ops,
                         cycles: raw.number("cycles")?,
+                        marker: raw.optional_number("mk")?,
                     })
                 }
                 LineKind::Skip => Event::Skip {
@@ -688,6 +692,7 @@ mod tests {
                 warmup: false,
                 ops: 4096,
                 cycles: u64::MAX,
+                marker: None,
             })
         );
     }
@@ -1000,6 +1005,7 @@ mod props {
                     warmup,
                     ops,
                     cycles,
+                    marker: (index % 3 != 0).then_some(index / 3),
                 })
             });
         let hello = (
@@ -1100,6 +1106,9 @@ mod props {
                 }
                 number(&mut b, "ops", s.ops);
                 number(&mut b, "cycles", s.cycles);
+                if let Some(mk) = s.marker {
+                    number(&mut b, "mk", mk);
+                }
             }
             Event::Skip { workload, reason } => {
                 b = LineBuilder::new(LineKind::Skip);

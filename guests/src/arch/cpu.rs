@@ -299,3 +299,29 @@ pub fn probe_hypercall(insn: HypercallInsn, nr: u64) -> u64 {
     }
     ret
 }
+
+/// The instruction-count markers: 8-byte NOPs (`nop dword [rax+rax*1+disp32]`) whose
+/// displacement spells "hvbS" (start) or "hvbE" (stop). No-ops everywhere; under TCG the
+/// hvbench-insns plugin counts the instructions a vCPU executes between them.
+#[inline(always)]
+pub fn insns_marker_start() {
+    // SAFETY: a NOP: it reads nothing (the address is never formed) and changes nothing.
+    unsafe {
+        asm!(
+            ".byte 0x0f, 0x1f, 0x84, 0x00, 0x68, 0x76, 0x62, 0x53",
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+}
+
+/// The stop marker (see [`insns_marker_start`]).
+#[inline(always)]
+pub fn insns_marker_stop() {
+    // SAFETY: a NOP, as the start marker.
+    unsafe {
+        asm!(
+            ".byte 0x0f, 0x1f, 0x84, 0x00, 0x68, 0x76, 0x62, 0x45",
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! 4 KiB mappings built at run time, in a window at 512 GiB (PML4 entry 1), so the
-//! identity map below stays untouched. The page tables are written from user mode (all
-//! memory is user-accessible; it is a benchmark kernel with nothing to protect) and only
-//! the final link into the live PML4 and the TLB flush need the kernel.
+//! identity map below stays untouched. The window's tables are written from user mode
+//! before they are live (all memory is user-accessible; it is a benchmark kernel with
+//! nothing to protect); the link into the live PML4 and the TLB flush are the kernel's
+//! (`Syscall::SetWindow`): a user-mode write to the table in CR3 makes Xen's shadow
+//! paging crash the domain.
 
 use super::arena::{alloc_work, PAGE};
 use crate::arch::user::syscall;
@@ -86,9 +88,7 @@ pub fn map_4k(phys: u64, pages: u64) -> Result<Mapping, &'static str> {
         // SAFETY: inside the PDPT page (pds <= 512).
         unsafe { pdpte.write_volatile((first_pd + k * PAGE) | TABLE_FLAGS) };
     }
-    // SAFETY: PML4 entry 1 belongs to the window; nothing else uses it.
-    unsafe { pml4_entry().write_volatile(pdpt | TABLE_FLAGS) };
-    flush_tlb();
+    syscall(Syscall::SetWindow as u64, pdpt | TABLE_FLAGS, 0, 0);
     Ok(Mapping {
         va: WINDOW_BASE,
         first_pt,
@@ -97,9 +97,15 @@ pub fn map_4k(phys: u64, pages: u64) -> Result<Mapping, &'static str> {
 
 /// Removes the window.
 pub fn unmap() {
-    // SAFETY: as in `map_4k`.
-    unsafe { pml4_entry().write_volatile(0) };
-    flush_tlb();
+    syscall(Syscall::SetWindow as u64, 0, 0, 0);
+}
+
+/// Writes the window's PML4 entry (kernel mode, for `Syscall::SetWindow`). Only a table
+/// entry (present, writable, user, page-aligned) or 0 is taken; anything else unlinks.
+pub fn set_window_entry(entry: u64) {
+    let valid = entry & (PAGE - 1) == TABLE_FLAGS;
+    // SAFETY: PML4 entry 1 belongs to the window; nothing else uses it.
+    unsafe { pml4_entry().write_volatile(if valid { entry } else { 0 }) };
 }
 
 /// Flushes the TLB (a CR3 reload, in the kernel).

@@ -98,6 +98,8 @@ pub(super) struct Layout {
     pub run_dir: PathBuf,
     pub pid_file: PathBuf,
     pub serial_log: PathBuf,
+    /// Where the hvbench-insns plugin appends its counts, when loaded.
+    pub insns_log: PathBuf,
 }
 
 impl Layout {
@@ -152,6 +154,8 @@ impl Layout {
             keys_dir,
             pid_file: run_dir.join("qemu.pid"),
             serial_log: run_dir.join("serial.log"),
+            // In a directory of its own: the KVM lab shares it with its Linux (9p).
+            insns_log: run_dir.join("insns/insns.log"),
             run_dir,
         }
     }

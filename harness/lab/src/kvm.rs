@@ -38,7 +38,17 @@ pub const LAB_HVBENCH: &str = "/usr/local/bin/hvbench";
 const RC_SCRIPT: &str = include_str!("assets/kvm-rc");
 /// The NIC for QEMU's user-mode network, and KVM with both vendor modules (the boot script
 /// loads the one the CPU takes).
-const LAB_MODULES: &[&str] = &["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel"];
+/// 9p over virtio mounts the instruction-count log's directory when the lab counts.
+const LAB_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "kvm_amd",
+    "kvm_intel",
+];
+/// Where the lab's Linux mounts the host's instruction-count log directory.
+pub(crate) const LAB_INSNS_LOG: &str = "/mnt/insns/insns.log";
 const STATE_FILE: &str = "kvm-lab.json";
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
 const BUILD_FORMAT: u32 = 1;
@@ -130,6 +140,10 @@ pub struct KvmLabState {
     pub serial_log: PathBuf,
     /// The hvbench binary the lab runs (put in at boot or copied in later).
     pub hvbench: BinaryIdentity,
+    /// Where the hvbench-insns plugin appends its counts (shared with the lab's Linux at
+    /// `LAB_INSNS_LOG`), when the lab loaded it.
+    #[serde(default)]
+    pub insns_log: Option<PathBuf>,
 }
 
 /// Inputs of a build; a rebuild happens when any of them changes.
@@ -320,6 +334,10 @@ impl Recipe for KvmLab {
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
             accel: machine.accel,
+            insns: machine
+                .insns_plugin
+                .as_deref()
+                .map(|plugin| (plugin, layout.insns_log.as_path())),
         }
         .start()
     }
@@ -343,6 +361,10 @@ impl Recipe for KvmLab {
             boot_seconds: 0.0,
             serial_log: layout.serial_log.clone(),
             hvbench: stamp.hvbench,
+            insns_log: machine
+                .insns_plugin
+                .as_ref()
+                .map(|_| layout.insns_log.clone()),
         }
     }
 
@@ -398,6 +420,24 @@ impl Recipe for KvmLab {
         status: LabStatus<KvmLabState>,
         options: &KvmLabOptions,
     ) -> Result<KvmLabState, LabError> {
+        if status.state.insns_log.is_some() != options.machine.insns_plugin.is_some() {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "a KVM lab {} the instruction-count plugin is up; `hvbench lab down kvm` \
+                     first to boot one {} it",
+                    if status.state.insns_log.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                    if options.machine.insns_plugin.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                ),
+            });
+        }
         let progress = options.machine.progress;
         progress(&format!(
             "KVM lab already up (QEMU pid {}, ssh port {}): {}",
@@ -702,6 +742,10 @@ pub fn lab_run_kvm(run: &KvmLabRun<'_>) -> Result<KvmLabRunOutcome, LabError> {
     for argument in run.run_args {
         invocation.push(' ');
         invocation.push_str(&shell_quote(argument));
+    }
+    if state.insns_log.is_some() {
+        // The lab's QEMU counts; the run in it reads the counts through the 9p share.
+        invocation.push_str(&format!(" --insns-log {LAB_INSNS_LOG}"));
     }
     invocation.push_str(&format!(" --out {remote_run}/results"));
     (run.progress)(&format!(
@@ -1191,6 +1235,7 @@ mod tests {
                 size: 1,
                 modified_unix_ns: 2,
             },
+            insns_log: None,
         }
     }
 

@@ -23,6 +23,7 @@ mod qemu;
 mod recipe;
 mod tools;
 mod xen;
+mod xen_build;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ pub use kvm::{
 };
 pub use recipe::{Lab, LabStatus, MachineOptions};
 pub use xen::{XenLab, XenLabOptions, XenLabState, DOM0_MEMORY_MIB, HOST_KEY_ALIAS};
+pub use xen_build::{HypervisorBuild, XenHypervisor};
 
 #[derive(Debug, Error)]
 pub enum LabError {
@@ -107,6 +109,11 @@ impl LabError {
 pub struct LabKind {
     /// `tcg` or `kvm`: QEMU's accelerator under the lab.
     pub accel: String,
+    /// What the lab's hypervisor is, when it says (the Xen lab: Debian's binary, or a
+    /// build from Debian's source with its configuration delta).
+    pub hypervisor: Option<String>,
+    /// The log the lab's hvbench-insns plugin appends instruction counts to, when loaded.
+    pub insns_log: Option<PathBuf>,
 }
 
 /// A running lab as a host to measure on: how to reach it, and what it is.
@@ -217,6 +224,8 @@ pub fn xen_host_in(cache_dir: &Path) -> Result<LabHost, LabError> {
         transport: Transport::Ssh(xen::ssh_target(&state)),
         kind: LabKind {
             accel: state.accel.clone(),
+            hypervisor: state.hypervisor.as_ref().map(HypervisorBuild::describe),
+            insns_log: state.insns_log.clone(),
         },
     })
 }

@@ -84,6 +84,13 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 ";
 
+/// The same suites' source packages, for the hypervisor built from Debian's own source.
+pub(crate) const BOOKWORM_SOURCE_SOURCES: &str = "\
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+";
+
 /// What was downloaded: one .deb per package, with the version apt picked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct PackageManifest {
@@ -132,6 +139,22 @@ pub(crate) fn parse_deb_file_name(file_name: &str) -> Option<(String, String)> {
     Some((name.to_string(), version.replace("%3a", ":")))
 }
 
+/// The `Version:` fields of `apt-cache showsrc` output, each once, in order.
+pub(crate) fn parse_source_versions(showsrc: &str) -> Vec<String> {
+    let mut versions: Vec<String> = Vec::new();
+    for version in showsrc
+        .lines()
+        .filter_map(|line| line.strip_prefix("Version:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        if !versions.iter().any(|known| known == version) {
+            versions.push(version.to_string());
+        }
+    }
+    versions
+}
+
 /// Finds the versioned kernel package in `apt-cache depends linux-image-amd64` output.
 pub(crate) fn parse_kernel_dependency(apt_cache_depends: &str) -> Option<String> {
     apt_cache_depends.lines().find_map(|line| {
@@ -141,11 +164,19 @@ pub(crate) fn parse_kernel_dependency(apt_cache_depends: &str) -> Option<String>
 }
 
 /// apt-get/apt-cache with a private configuration rooted in `root`.
-struct PrivateApt {
+pub(crate) struct PrivateApt {
     root: PathBuf,
 }
 
 impl PrivateApt {
+    /// Creates apt's directories under `root`, its sources list saying `sources`.
+    pub(crate) fn prepare_with(root: &Path, sources: &str) -> Result<Self, LabError> {
+        let apt = Self::prepare(root)?;
+        let list = root.join("etc/sources.list");
+        fs::write(&list, sources).map_err(|e| LabError::io(&list, e))?;
+        Ok(apt)
+    }
+
     fn prepare(root: &Path) -> Result<Self, LabError> {
         for dir in ["lists/partial", "archives/partial", "cache", "etc"] {
             let path = root.join(dir);
@@ -185,7 +216,7 @@ impl PrivateApt {
         command
     }
 
-    fn update(&self) -> Result<(), LabError> {
+    pub(crate) fn update(&self) -> Result<(), LabError> {
         let mut command = self.command("apt-get");
         command.args(["-q", "update"]);
         run_checked(&mut command, "apt-get update (Debian bookworm lists)").map(|_| ())
@@ -198,6 +229,29 @@ impl PrivateApt {
         parse_kernel_dependency(&output).ok_or_else(|| LabError::Packages {
             reason: format!("apt-cache depends {KERNEL_META_PACKAGE} named no linux-image package"),
         })
+    }
+
+    /// The versions of source package `name` the lists offer (`apt-cache showsrc`).
+    pub(crate) fn source_versions(&self, name: &str) -> Result<Vec<String>, LabError> {
+        let mut command = self.command("apt-cache");
+        command.args(["showsrc", "--only-source", name]);
+        let output = run_checked(&mut command, &format!("apt-cache showsrc {name}"))?;
+        Ok(parse_source_versions(&output))
+    }
+
+    /// `apt-get source --download-only name=version` into `into` (.dsc and tarballs).
+    pub(crate) fn download_source(
+        &self,
+        name: &str,
+        version: &str,
+        into: &Path,
+    ) -> Result<(), LabError> {
+        let mut command = self.command("apt-get");
+        command
+            .args(["-q", "source", "--download-only"])
+            .arg(format!("{name}={version}"))
+            .current_dir(into);
+        run_checked(&mut command, &format!("apt-get source {name}={version}")).map(|_| ())
     }
 
     fn download(&self, packages: &[String], into: &Path) -> Result<(), LabError> {

@@ -52,7 +52,14 @@ struct MachineBase<'a> {
     accel: LabAccel,
     /// Under TCG, run every vCPU on one host thread (`thread=single`) instead of one each.
     single_threaded_tcg: bool,
+    /// The hvbench-insns TCG plugin and the log it appends to.
+    insns: Option<(&'a Path, &'a Path)>,
+    /// Share the log's directory read-only with the lab's Linux (9p, tag `INSNS_TAG`).
+    share_insns: bool,
 }
+
+/// The 9p mount tag of the instruction-count log's directory in the KVM lab.
+pub(crate) const INSNS_TAG: &str = "hvbinsns";
 
 impl MachineBase<'_> {
     fn arguments(&self, kernel: &Path, append: &str, initrd: &str) -> Vec<OsString> {
@@ -91,6 +98,21 @@ impl MachineBase<'_> {
         push(&["-serial", &format!("file:{}", self.serial_log.display())]);
         push(&["-pidfile", &self.pid_file.to_string_lossy()]);
         push(&["-daemonize"]);
+        if let Some((plugin, log)) = self.insns {
+            push(&[
+                "-plugin",
+                &format!("{},out={}", plugin.display(), log.display()),
+            ]);
+            if let (true, Some(dir)) = (self.share_insns, log.parent()) {
+                push(&[
+                    "-virtfs",
+                    &format!(
+                        "local,path={},mount_tag={INSNS_TAG},security_model=none,readonly=on",
+                        dir.display()
+                    ),
+                ]);
+            }
+        }
         arguments
     }
 
@@ -153,6 +175,8 @@ pub(crate) struct LinuxBoot<'a> {
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: LabAccel,
+    /// The hvbench-insns TCG plugin and its log, shared with the lab's Linux.
+    pub insns: Option<(&'a Path, &'a Path)>,
 }
 
 impl LinuxBoot<'_> {
@@ -171,11 +195,16 @@ impl LinuxBoot<'_> {
             // good, after 7 back-to-back guest boots (issue 8): the lab never answered
             // again. One TCG thread for both vCPUs booted 60 guests in 20 s.
             single_threaded_tcg: true,
+            insns: self.insns,
+            share_insns: true,
         }
     }
 
     pub(crate) fn arguments(&self) -> Result<Vec<OsString>, LabError> {
         check_paths(&[self.kernel, self.initramfs, self.serial_log, self.pid_file])?;
+        if let Some((plugin, log)) = self.insns {
+            check_paths(&[plugin, log])?;
+        }
         // panic=-1 with -no-reboot: a kernel panic stops QEMU instead of looping.
         let append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
             .trim()
@@ -202,6 +231,8 @@ pub(crate) struct XenBoot<'a> {
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: LabAccel,
+    /// The hvbench-insns TCG plugin and its log, when instructions are counted.
+    pub insns: Option<(&'a Path, &'a Path)>,
 }
 
 impl XenBoot<'_> {
@@ -215,6 +246,8 @@ impl XenBoot<'_> {
             cpus: self.cpus,
             accel: self.accel,
             single_threaded_tcg: false,
+            insns: self.insns,
+            share_insns: false,
         }
     }
 
@@ -228,12 +261,20 @@ impl XenBoot<'_> {
             self.serial_log,
             self.pid_file,
         ])?;
+        if let Some((plugin, log)) = self.insns {
+            check_paths(&[plugin, log])?;
+        }
         // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
         // stops the machine instead of looping through reboots.
-        let xen_command_line = format!(
+        let mut xen_command_line = format!(
             "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
              loglvl=all guest_loglvl=all noreboot smap=0"
         );
+        if self.insns.is_some() {
+            // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
+            // (the xen backend pins them), so neither moves nor mixes into the other's count.
+            xen_command_line.push_str(" dom0_max_vcpus=1 dom0_vcpus_pin");
+        }
         let modules = format!(
             "{} console=hvc0 earlyprintk=xen,{}",
             self.dom0_kernel.display(),
@@ -378,6 +419,7 @@ mod tests {
             memory_mib: 3072,
             cpus: 2,
             accel: LabAccel::Tcg,
+            insns: None,
         }
     }
 
@@ -420,6 +462,7 @@ mod tests {
             memory_mib: 1536,
             cpus: 2,
             accel: LabAccel::Tcg,
+            insns: None,
         };
         let joined = |arguments: Vec<OsString>| {
             arguments
@@ -440,6 +483,30 @@ mod tests {
             .unwrap(),
         );
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+        assert!(
+            !tcg.contains("-plugin") && !tcg.contains("-virtfs"),
+            "{tcg}"
+        );
+        // Counting: the plugin writes its log, whose directory the lab's Linux mounts.
+        let log = Path::new("/c/kvm/run/insns/insns.log");
+        let counting = joined(
+            LinuxBoot {
+                insns: Some((Path::new("/t/libhvbench_insns.so"), log)),
+                ..linux
+            }
+            .arguments()
+            .unwrap(),
+        );
+        assert!(
+            counting.contains("-plugin /t/libhvbench_insns.so,out=/c/kvm/run/insns/insns.log"),
+            "{counting}"
+        );
+        assert!(
+            counting.contains(
+                "-virtfs local,path=/c/kvm/run/insns,mount_tag=hvbinsns,security_model=none,readonly=on"
+            ),
+            "{counting}"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct MachineOptions {
     pub progress: fn(&str),
     /// When set (e.g. by a Ctrl-C handler), bring-up stops and its QEMU is killed.
     pub cancel: Option<&'static AtomicBool>,
+    /// The hvbench-insns QEMU plugin (TCG only): load it, and count instructions per
+    /// operation into the lab's `run/insns.log`.
+    pub insns_plugin: Option<PathBuf>,
 }
 
 impl MachineOptions {
@@ -52,6 +55,7 @@ impl MachineOptions {
             boot_timeout: Duration::from_secs(300),
             progress: progress_to_stderr,
             cancel: None,
+            insns_plugin: None,
         }
     }
 }
@@ -211,6 +215,11 @@ pub(crate) fn down<R: Recipe>(cache_dir: &Path) -> Result<bool, LabError> {
 pub(crate) fn validate<R: Recipe>(options: &R::Options) -> Result<(), LabError> {
     R::validate(options)?;
     let machine = R::machine(options);
+    if machine.insns_plugin.is_some() && machine.accel != LabAccel::Tcg {
+        return Err(LabError::InvalidOptions {
+            reason: "the instruction-count plugin is a TCG plugin: it needs --accel tcg".into(),
+        });
+    }
     bringup::check_machine(machine.cpus, machine.ssh_port, machine.accel)
 }
 
@@ -250,6 +259,9 @@ pub(crate) fn up<R: Recipe>(options: &R::Options) -> Result<R::State, LabError> 
     check_cancelled(machine.cancel)?;
 
     fs::create_dir_all(&layout.run_dir).map_err(|e| LabError::io(&layout.run_dir, e))?;
+    if let (Some(_), Some(dir)) = (&machine.insns_plugin, layout.insns_log.parent()) {
+        fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
+    }
     let (pid, port, guard, boot_started) =
         bringup::start_qemu(layout, machine.ssh_port, &|port| {
             R::start_qemu(layout, machine, port)

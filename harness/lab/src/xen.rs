@@ -15,6 +15,7 @@ use crate::packages::{self, PackageManifest};
 use crate::qemu::XenBoot;
 use crate::recipe::{self, Booted, Lab, LabStatus, MachineOptions, Recipe};
 use crate::tools::{require_tool, run_checked_bytes};
+use crate::xen_build::{self, HypervisorBuild, XenHypervisor};
 use crate::LabError;
 
 pub use crate::qemu::DOM0_MEMORY_MIB;
@@ -22,7 +23,7 @@ pub use crate::qemu::DOM0_MEMORY_MIB;
 /// The name dom0's host key is pinned under in the lab's known_hosts, whatever the port.
 pub const HOST_KEY_ALIAS: &str = "hvbench-xen-lab";
 /// Bump when the initramfs recipe changes in a way the inputs below do not capture.
-const BUILD_FORMAT: u32 = 1;
+const BUILD_FORMAT: u32 = 2;
 
 /// The Xen lab: Debian 12's Xen 4.17 with a busybox dom0.
 #[derive(Debug, Clone, Copy)]
@@ -32,12 +33,15 @@ pub struct XenLab;
 pub struct XenLabOptions {
     /// The emulated machine (3072 MiB by default); dom0 gets `DOM0_MEMORY_MIB` of it.
     pub machine: MachineOptions,
+    /// Debian's hypervisor as it ships, or one built from its source with shadow paging.
+    pub hypervisor: XenHypervisor,
 }
 
 impl XenLabOptions {
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             machine: MachineOptions::new(cache_dir, 3072),
+            hypervisor: XenHypervisor::Debian,
         }
     }
 }
@@ -58,6 +62,13 @@ pub struct XenLabState {
     /// The Debian package versions the lab was built from.
     pub xen_package_version: String,
     pub dom0_kernel_package: String,
+    /// The hypervisor booted: Debian's binary, or a build from Debian's source (a state
+    /// saved before builds existed has none: Debian's binary).
+    #[serde(default)]
+    pub hypervisor: Option<HypervisorBuild>,
+    /// Where the hvbench-insns plugin appends its counts, when the lab loaded it.
+    #[serde(default)]
+    pub insns_log: Option<PathBuf>,
     /// "tcg" or "kvm": with tcg, every timing inside the lab is an emulation artefact.
     pub accel: String,
     pub memory_mib: u32,
@@ -75,12 +86,13 @@ fn hypervisor_path(layout: &Layout) -> PathBuf {
 }
 
 /// Inputs of a build; a rebuild happens when any of them changes.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub(crate) struct BuildStamp {
     format: u32,
     inputs_sha256: String,
     xen_package_version: String,
     dom0_kernel_package: String,
+    hypervisor: HypervisorBuild,
 }
 
 /// Where to ssh into the lab described by `state`: root@127.0.0.1 on the forwarded port,
@@ -155,6 +167,16 @@ impl Lab for XenLab {
             ),
             "run:  hvbench run --backend xen --xen-host lab".to_string(),
         ];
+        if let Some(build) = &state.hypervisor {
+            lines.insert(1, format!("hypervisor: {}", build.describe()));
+        }
+        if let Some(log) = &state.insns_log {
+            lines.push(format!(
+                "Instructions per operation are counted (hvbench-insns plugin, {}): records \
+                 of runs on this lab get an insns metric.",
+                log.display()
+            ));
+        }
         if state.accel == "tcg" {
             lines.push(crate::TCG_CAVEAT.to_string());
         }
@@ -200,6 +222,11 @@ impl Recipe for XenLab {
     }
 
     fn validate(options: &XenLabOptions) -> Result<(), LabError> {
+        if options.machine.insns_plugin.is_some() && options.machine.accel != crate::LabAccel::Tcg {
+            return Err(LabError::InvalidOptions {
+                reason: "the instruction-count plugin is a TCG plugin: it needs --accel tcg".into(),
+            });
+        }
         if options.machine.memory_mib < DOM0_MEMORY_MIB + 512 {
             return Err(LabError::InvalidOptions {
                 reason: format!(
@@ -214,14 +241,14 @@ impl Recipe for XenLab {
     fn ensure_boot_files(
         layout: &Layout,
         manifest: &PackageManifest,
-        _options: &XenLabOptions,
+        options: &XenLabOptions,
         progress: fn(&str),
     ) -> Result<BuildStamp, LabError> {
-        ensure_boot_files(layout, manifest, progress)
+        ensure_boot_files(layout, manifest, options.hypervisor, progress)
     }
 
-    fn booting(_stamp: &BuildStamp) -> String {
-        "Xen".into()
+    fn booting(stamp: &BuildStamp) -> String {
+        format!("Xen ({})", stamp.hypervisor.describe())
     }
 
     fn start_qemu(
@@ -239,6 +266,10 @@ impl Recipe for XenLab {
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
             accel: machine.accel,
+            insns: machine
+                .insns_plugin
+                .as_deref()
+                .map(|plugin| (plugin, layout.insns_log.as_path())),
         }
         .start()
     }
@@ -255,6 +286,11 @@ impl Recipe for XenLab {
             xen_version: String::new(),
             xen_package_version: stamp.xen_package_version,
             dom0_kernel_package: stamp.dom0_kernel_package,
+            hypervisor: Some(stamp.hypervisor),
+            insns_log: machine
+                .insns_plugin
+                .as_ref()
+                .map(|_| layout.insns_log.clone()),
             accel: machine.accel.as_str().into(),
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
@@ -289,6 +325,39 @@ impl Recipe for XenLab {
         status: LabStatus<XenLabState>,
         options: &XenLabOptions,
     ) -> Result<XenLabState, LabError> {
+        let running = status
+            .state
+            .hypervisor
+            .as_ref()
+            .map_or(XenHypervisor::Debian, |h| h.choice);
+        if status.state.insns_log.is_some() != options.machine.insns_plugin.is_some() {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "a Xen lab {} the instruction-count plugin is up; `hvbench lab down xen` \
+                     first to boot one {} it",
+                    if status.state.insns_log.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                    if options.machine.insns_plugin.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                ),
+            });
+        }
+        if running != options.hypervisor {
+            return Err(LabError::InvalidOptions {
+                reason: format!(
+                    "a Xen lab with the {} hypervisor is up; `hvbench lab down xen` first to \
+                     boot the {} one",
+                    running.as_str(),
+                    options.hypervisor.as_str()
+                ),
+            });
+        }
         (options.machine.progress)(&format!(
             "Xen {} lab already up (QEMU pid {}, ssh port {})",
             status.state.xen_version, status.state.qemu_pid, status.state.ssh_port
@@ -301,6 +370,7 @@ impl Recipe for XenLab {
 fn ensure_boot_files(
     layout: &Layout,
     manifest: &PackageManifest,
+    choice: XenHypervisor,
     progress: fn(&str),
 ) -> Result<BuildStamp, LabError> {
     let kernel_package = manifest
@@ -315,6 +385,29 @@ fn ensure_boot_files(
         })?
         .to_string();
     let keys = bringup::ensure_keys(layout, HOST_KEY_ALIAS)?;
+    let (hypervisor, built_image) = match choice {
+        XenHypervisor::Debian => (
+            HypervisorBuild {
+                choice,
+                origin: "debian-binary".into(),
+                version: xen_package_version.clone(),
+                config_delta: Vec::new(),
+                build_seconds: 0.0,
+            },
+            None,
+        ),
+        _ => {
+            let (build, image) =
+                xen_build::ensure_source_build(layout, choice, &xen_package_version, progress)?;
+            (build, Some(image))
+        }
+    };
+    let hypervisor_identity = serde_json::to_vec(&(
+        &hypervisor.origin,
+        &hypervisor.version,
+        &hypervisor.config_delta,
+    ))
+    .unwrap_or_default();
     let modules = initramfs::DOM0_MODULES.join(",");
     let expected = BuildStamp {
         format: BUILD_FORMAT,
@@ -325,9 +418,11 @@ fn ensure_boot_files(
             modules.as_bytes(),
             &keys.host_key,
             &keys.client_public,
+            &hypervisor_identity,
         ]),
         xen_package_version,
         dom0_kernel_package: format!("{} {}", kernel_package.name, kernel_package.version),
+        hypervisor,
     };
     let current: Option<BuildStamp> = fs::read(&layout.build_stamp)
         .ok()
@@ -344,14 +439,7 @@ fn ensure_boot_files(
     let _ = fs::remove_file(&layout.build_stamp);
     let stage = &layout.stage_dir;
 
-    // QEMU's multiboot loader takes Xen's uncompressed 32-bit ELF, not the .gz Debian ships.
-    let compressed = stage.join("boot/xen-4.17-amd64.gz");
-    progress("unpacking the hypervisor (boot/xen-4.17-amd64.gz)");
-    let mut gunzip = Command::new("gzip");
-    gunzip.arg("-dc").arg(&compressed);
-    require_tool("gzip", "gzip")?;
-    let hypervisor = run_checked_bytes(&mut gunzip, "gzip -dc xen-4.17-amd64.gz")?;
-    write_file(&hypervisor_file, &hypervisor)?;
+    install_hypervisor(stage, built_image.as_deref(), &hypervisor_file, progress)?;
 
     let release = initramfs::kernel_release(stage)?;
     let kernel = stage.join(format!("boot/vmlinuz-{release}"));
@@ -385,6 +473,27 @@ fn ensure_boot_files(
     ));
     packages::write_json(&layout.build_stamp, &expected)?;
     Ok(expected)
+}
+
+/// Puts the hypervisor image where QEMU boots it from: the source build's, or Debian's.
+fn install_hypervisor(
+    stage: &Path,
+    built_image: Option<&Path>,
+    hypervisor_file: &Path,
+    progress: fn(&str),
+) -> Result<(), LabError> {
+    if let Some(image) = built_image {
+        fs::copy(image, hypervisor_file).map_err(|e| LabError::io(image, e))?;
+        return Ok(());
+    }
+    // QEMU's multiboot loader takes Xen's uncompressed 32-bit ELF, not the .gz Debian ships.
+    let compressed = stage.join("boot/xen-4.17-amd64.gz");
+    progress("unpacking the hypervisor (boot/xen-4.17-amd64.gz)");
+    let mut gunzip = Command::new("gzip");
+    gunzip.arg("-dc").arg(&compressed);
+    require_tool("gzip", "gzip")?;
+    let hypervisor = run_checked_bytes(&mut gunzip, "gzip -dc xen-4.17-amd64.gz")?;
+    write_file(hypervisor_file, &hypervisor)
 }
 
 #[cfg(test)]
@@ -592,6 +701,8 @@ mod state_tests {
             xen_version: "4.17.7".into(),
             xen_package_version: "4.17.7+13-g2445b30a44-0+deb12u1".into(),
             dom0_kernel_package: "linux-image-6.1.0-56-amd64 6.1.192-2".into(),
+            hypervisor: None,
+            insns_log: None,
             accel: "tcg".into(),
             memory_mib: 3072,
             cpus: 2,

@@ -36,6 +36,8 @@ pub struct KvmBackend {
     /// vCPUs of the guests this backend boots: with more than one, the VMM creates
     /// KVM's in-kernel irqchip (local APICs; HLT is then handled inside KVM).
     vcpus: u32,
+    /// The log an outer QEMU's hvbench-insns plugin writes (the KVM lab's, through 9p).
+    insns_log: Option<std::path::PathBuf>,
 }
 
 impl KvmBackend {
@@ -48,6 +50,7 @@ impl KvmBackend {
             doorbell: Doorbell::new(),
             paging_switch: None,
             disk: None,
+            insns_log: None,
             vcpus: 1,
         })
     }
@@ -66,6 +69,14 @@ impl KvmBackend {
 
     fn irqchip(&self) -> bool {
         self.vcpus > 1
+    }
+
+    /// Counts instructions per operation from `log`, written by the hvbench-insns plugin
+    /// of the QEMU this machine runs in (`--insns-log`; the KVM lab's `lab run` passes
+    /// it): the guest then places its markers.
+    pub fn with_insns_log(mut self, log: Option<std::path::PathBuf>) -> Self {
+        self.insns_log = log;
+        self
     }
 
     /// Records that this run was started by `hvbench host paging MODE --`, so that its
@@ -314,6 +325,10 @@ impl Hypervisor for KvmBackend {
         } else {
             Vec::new()
         }
+    }
+
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        self.insns_log.clone()
     }
 
     fn reproduce_prefix(&self) -> Vec<String> {

@@ -142,6 +142,13 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// The log the hvbench-insns TCG plugin appends instruction counts to, where this
+    /// backend loaded it (QEMU under TCG with `--insns`, a lab brought up with it). The
+    /// guest then places its markers, and records get an `insns` metric.
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// The block workloads' disk file on this machine and whether the backend opens it
     /// with O_DIRECT, where the run has one (the native twin runs fio on it).
     fn disk(&self) -> Option<(&std::path::Path, bool)> {

@@ -38,6 +38,10 @@ pub enum QemuError {
     Image(std::io::Error),
     #[error("cannot start QEMU: {0}")]
     Spawn(std::io::Error),
+    #[error("--insns counts instructions with a TCG plugin: it needs --qemu-accel tcg")]
+    InsnsNeedTcg,
+    #[error(transparent)]
+    Insns(#[from] crate::insns::InsnsError),
 }
 
 /// The accelerator asked for (`--qemu-accel`).
@@ -112,6 +116,8 @@ pub struct QemuOptions {
     pub machine: QemuMachine,
     /// `-cpu` model; `None` picks one (see `default_cpu_model`).
     pub cpu: Option<String>,
+    /// Load the hvbench-insns plugin (TCG only) and count instructions per operation.
+    pub insns: bool,
 }
 
 /// Why a q35 guest has no balloon (QEMU q35 and libvirt alike).
@@ -139,6 +145,8 @@ pub struct QemuBackend {
     version: String,
     host: HostInfo,
     image_dir: tempfile_dir::TempDir,
+    /// The plugin, where instructions are counted.
+    insns_plugin: Option<PathBuf>,
     disk: Option<QemuDisk>,
 }
 
@@ -210,6 +218,11 @@ impl QemuBackend {
             .cpu
             .clone()
             .unwrap_or_else(|| default_cpu_model(accel, &host.kvm_module));
+        let insns_plugin = match (options.insns, accel) {
+            (false, _) => None,
+            (true, Accel::Kvm) => return Err(QemuError::InsnsNeedTcg),
+            (true, Accel::Tcg) => Some(crate::insns::find_plugin()?),
+        };
         Ok(QemuBackend {
             options,
             accel,
@@ -217,8 +230,13 @@ impl QemuBackend {
             version,
             host,
             image_dir,
+            insns_plugin,
             disk: None,
         })
+    }
+
+    fn insns_log_path(&self) -> PathBuf {
+        self.image_dir.path().join("insns.log")
     }
 
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
@@ -256,6 +274,12 @@ impl QemuBackend {
             .filter(|_| self.options.machine != QemuMachine::Q35)
         {
             args.extend(disk_arguments(disk));
+        }
+        if let Some(plugin) = &self.insns_plugin {
+            // Checked for commas when the backend was made (its own temporary directory).
+            if let Ok(argument) = crate::insns::plugin_argument(plugin, &self.insns_log_path()) {
+                args.extend(["-plugin".to_string(), argument]);
+            }
         }
         args
     }
@@ -326,6 +350,9 @@ impl Hypervisor for QemuBackend {
         details.insert("machine".into(), self.options.machine.name().into());
         details.insert("cpu".into(), self.cpu.clone());
         details.insert("binary".into(), self.options.binary.display().to_string());
+        if let Some(plugin) = &self.insns_plugin {
+            details.insert("insns_plugin".into(), plugin.display().to_string());
+        }
         if let Some(disk) = &self.disk {
             details.extend(disk.details.clone());
             details.insert(
@@ -418,6 +445,10 @@ impl Hypervisor for QemuBackend {
         true
     }
 
+    fn insns_log(&self) -> Option<PathBuf> {
+        self.insns_plugin.as_ref().map(|_| self.insns_log_path())
+    }
+
     fn disk(&self) -> Option<(&Path, bool)> {
         self.disk.as_ref().map(|d| (d.path.as_path(), d.direct))
     }
@@ -433,6 +464,9 @@ impl Hypervisor for QemuBackend {
             "--qemu-cpu".into(),
             self.cpu.clone(),
         ]
+        .into_iter()
+        .chain(self.insns_plugin.as_ref().map(|_| "--insns".to_string()))
+        .collect()
     }
 
     fn migration_command(

@@ -35,6 +35,17 @@ pub enum LabAction {
         /// Seconds from QEMU's start until the lab must answer over SSH.
         #[arg(long, default_value_t = 300)]
         boot_timeout_s: u64,
+        /// Xen lab only: `debian` boots Debian's hypervisor as it ships (no shadow paging);
+        /// `shadow` builds one from Debian's xen source package with
+        /// CONFIG_SHADOW_PAGING=y (about 1-2 minutes once, then cached), so that
+        /// `--paging shadow` runs.
+        #[arg(long, value_enum, default_value = "debian")]
+        hypervisor: HypervisorArg,
+        /// Load the hvbench-insns TCG plugin into the lab's QEMU, so that runs on the lab
+        /// record instructions per operation (an `insns` metric; the KVM lab shares the
+        /// plugin's log with its Linux over 9p for `lab run kvm`).
+        #[arg(long)]
+        insns: bool,
     },
     /// Run `hvbench run --backend kvm` inside the KVM lab, optionally with KVM's paging
     /// switched (`hvbench host paging MODE --` in the lab), and copy its records into
@@ -95,6 +106,12 @@ pub enum LabAction {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HypervisorArg {
+    Debian,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabKindArg {
     Xen,
     Kvm,
@@ -132,7 +149,10 @@ fn lab_accel(accel: &str) -> Result<lab::LabAccel> {
 }
 
 /// `hvbench lab up|status|down` on one kind of lab.
-fn lab_action<L: lab::Lab>(action: &LabAction) -> Result<i32> {
+fn lab_action<L: lab::Lab>(
+    action: &LabAction,
+    lab_options: impl FnOnce(&mut L::Options) -> Result<()>,
+) -> Result<i32> {
     match action {
         LabAction::Up {
             where_,
@@ -153,6 +173,7 @@ fn lab_action<L: lab::Lab>(action: &LabAction) -> Result<i32> {
             if let Some(memory_mib) = memory_mib {
                 machine.memory_mib = *memory_mib;
             }
+            lab_options(&mut opts)?;
             let state = L::up(&opts)?;
             for line in L::up_report(&state) {
                 hvbench::tell_line!("{line}");
@@ -231,6 +252,14 @@ fn kvm_lab_run(
     Ok(outcome.exit_code)
 }
 
+/// `lab up --hypervisor` (Debian's for the other actions).
+fn hypervisor_of(action: &LabAction) -> HypervisorArg {
+    match action {
+        LabAction::Up { hypervisor, .. } => *hypervisor,
+        _ => HypervisorArg::Debian,
+    }
+}
+
 /// `hvbench lab ...`.
 pub fn lab(action: &LabAction) -> Result<i32> {
     match action {
@@ -276,8 +305,25 @@ pub fn lab(action: &LabAction) -> Result<i32> {
         LabAction::Up { kind, .. }
         | LabAction::Status { kind, .. }
         | LabAction::Down { kind, .. } => match kind {
-            LabKindArg::Xen => lab_action::<lab::XenLab>(action),
-            LabKindArg::Kvm => lab_action::<lab::KvmLab>(action),
+            LabKindArg::Xen => lab_action::<lab::XenLab>(action, |options| {
+                if matches!(action, LabAction::Up { insns: true, .. }) {
+                    options.machine.insns_plugin = Some(hvbench::insns::find_plugin()?);
+                }
+                options.hypervisor = match hypervisor_of(action) {
+                    HypervisorArg::Debian => lab::XenHypervisor::Debian,
+                    HypervisorArg::Shadow => lab::XenHypervisor::Shadow,
+                };
+                Ok(())
+            }),
+            LabKindArg::Kvm => lab_action::<lab::KvmLab>(action, |options| {
+                if hypervisor_of(action) != HypervisorArg::Debian {
+                    bail!("--hypervisor is for the Xen lab (the KVM lab's KVM is Debian's kernel)");
+                }
+                if matches!(action, LabAction::Up { insns: true, .. }) {
+                    options.machine.insns_plugin = Some(hvbench::insns::find_plugin()?);
+                }
+                Ok(())
+            }),
         },
     }
 }

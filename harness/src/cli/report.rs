@@ -36,6 +36,11 @@ pub struct CompareArgs {
     /// p-value threshold of the permutation test (Holm-adjusted over all measurements).
     #[arg(long, default_value_t = 0.01)]
     pub p: f64,
+    /// Instruction counts (`insns`, from `--insns` runs under TCG): a change of the median
+    /// beyond this fraction counts where both sides spread less than it, without the
+    /// permutation test (0.02 = 2%).
+    #[arg(long, default_value_t = reports::compare::DEFAULT_INSNS_THRESHOLD)]
+    pub insns_threshold: f64,
     /// Also exit 1 when a measurement that succeeded in BASE was skipped, failed, crashed
     /// or timed out in NEW.
     #[arg(long)]
@@ -70,7 +75,10 @@ pub fn report(args: &ReportArgs) -> Result<i32> {
 
 /// `hvbench compare`; exit status 1 on a significant regression.
 pub fn compare(args: &CompareArgs) -> Result<i32> {
-    let options = reports::compare::CompareOptions::with_thresholds(args.noise, args.p);
+    let options = reports::compare::CompareOptions {
+        insns_threshold: args.insns_threshold,
+        ..reports::compare::CompareOptions::with_thresholds(args.noise, args.p)
+    };
     let comparison = reports::compare::compare(&args.base, &args.new, &options)?;
     hvbench::tell!("{}", comparison.render_table());
     let failing = comparison.newly_failing();

@@ -94,6 +94,19 @@ pub struct RunArgs {
     /// TSC under KVM, `max` under TCG).
     #[arg(long)]
     pub qemu_cpu: Option<String>,
+    /// Count instructions per operation with the hvbench-insns TCG plugin (`--backend
+    /// qemu --qemu-accel tcg`; a lab brought up with `--insns` counts without it): each
+    /// record gets an `insns` record beside it.
+    #[arg(long)]
+    pub insns: bool,
+    /// With instruction counting, tell the guest to place no markers (its `insns` records
+    /// then say there is no count): a check of the counting path.
+    #[arg(long, hide = true)]
+    pub no_insn_markers: bool,
+    /// `--backend kvm` inside a QEMU that counts instructions (the KVM lab with `--insns`;
+    /// `lab run kvm` passes it): the plugin's log as this machine sees it.
+    #[arg(long)]
+    pub insns_log: Option<PathBuf>,
     /// libvirt connection for `--backend libvirt` (local URIs only).
     #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
     pub libvirt_uri: String,
@@ -157,6 +170,7 @@ fn make_backend(
                 .context("the kvm backend cannot start")?
                 .with_paging_switch(hvbench::host_paging::mode_from_env())
                 .with_huge_pages(args.host_hugepages)
+                .with_insns_log(args.insns_log.clone())
                 .with_disk(disk)
                 .with_vcpus(args.vcpus),
         ),
@@ -171,6 +185,7 @@ fn make_backend(
                     accel: args.qemu_accel,
                     machine: args.qemu_machine,
                     cpu: args.qemu_cpu.clone(),
+                    insns: args.insns,
                 },
                 host_info,
             )
@@ -228,6 +243,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         guest_path: args.guest.clone(),
         out: args.out.clone(),
         params: args.params.clone(),
+        insn_markers: !args.no_insn_markers,
     };
     hvbench::say!(
         "hvbench: {} workload(s) x {} on {} (host class {}, paging {}, guest CPL0 {}); results in {}",

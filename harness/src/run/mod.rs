@@ -27,10 +27,11 @@ use workloads::cmdline::{self, GuestConfig};
 use workloads::protocol::{Hello, Status};
 use workloads::{Driver, WorkloadId};
 
-use self::records::RecordContext;
+use self::records::{insns_records, RecordContext};
 use self::session::{BootReport, Limits, WorkloadOutcome};
 use crate::backend::{BackendError, BootRequest, GuestEnd, Hypervisor};
 use crate::guest_image::GuestImage;
+use crate::insns::InsnLog;
 
 /// Everything that shapes a run.
 #[derive(Clone, Debug)]
@@ -48,6 +49,9 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Workload parameters (`--param WORKLOAD.KEY=VALUE`), checked.
     pub params: Vec<WorkloadParam>,
+    /// Ask the guest for its instruction-count markers where the backend counts
+    /// instructions (off: the guest places none, and `insns` records say so).
+    pub insn_markers: bool,
 }
 
 impl RunOptions {
@@ -280,6 +284,7 @@ impl<'a> Run<'a> {
         outcome: &WorkloadOutcome,
         guest: &GuestInfo,
         repeat: u32,
+        insns: Option<&InsnLog>,
     ) -> Result<(), RunError> {
         let (backend, options) = (self.backend, self.options);
         let reproduce = |w: WorkloadId| reproduce_command(backend, options, w);
@@ -303,7 +308,11 @@ impl<'a> Run<'a> {
             disk: backend.disk(),
         };
         let kind = backend.kind().name();
-        for record in records::build(outcome, &ctx) {
+        let mut built = records::build(outcome, &ctx);
+        if let Some(log) = insns {
+            built.extend(insns_records(&built, outcome, log));
+        }
+        for record in built {
             self.writer.write(&record)?;
             progress(&format!("[{kind} #{repeat}] {}", one_line(&record)));
             self.summary.records.push(record);
@@ -327,7 +336,9 @@ impl<'a> Run<'a> {
         for &w in &self.options.workloads {
             match plan::backend_skip(w, self.backend) {
                 // Written at once, with what is known before any boot.
-                Some(reason) => self.write(&WorkloadOutcome::skipped(w, reason), &guest, repeat)?,
+                Some(reason) => {
+                    self.write(&WorkloadOutcome::skipped(w, reason), &guest, repeat, None)?
+                }
                 None if matches!(w.spec().driver, Driver::Host(_)) => host_driven.push(w),
                 None => pending.push(w),
             }
@@ -360,7 +371,11 @@ impl<'a> Run<'a> {
     ) -> Result<Flow, RunError> {
         let (backend, image, options) = (self.backend, self.image, self.options);
         let interrupted = self.interrupted;
-        let line = options.guest_cmdline(pending);
+        let insns = backend.insns_log().map(|log| InsnLog::begin(&log));
+        let mut line = options.guest_cmdline(pending);
+        if insns.is_some() && options.insn_markers {
+            line.push_str(" markers=1");
+        }
         self.boots += 1;
         let request = BootRequest {
             image,
@@ -388,7 +403,7 @@ impl<'a> Run<'a> {
             if self.native_here && outcome.workload.spec().native_twin.is_some() {
                 deferred.push(outcome.clone());
             } else if write_error.is_none() {
-                write_error = self.write(outcome, guest, repeat).err();
+                write_error = self.write(outcome, guest, repeat, insns.as_ref()).err();
             }
         };
         let limits = Limits {
@@ -413,7 +428,7 @@ impl<'a> Run<'a> {
             guest.boot_ms = Some(at.duration_since(boot_started).as_secs_f64() * 1e3);
         }
         for outcome in &deferred {
-            self.write(outcome, guest, repeat)?;
+            self.write(outcome, guest, repeat, insns.as_ref())?;
         }
         self.settle_rest(&report, pending, guest, repeat)?;
         self.summary
@@ -439,7 +454,7 @@ impl<'a> Run<'a> {
         let reached: Vec<WorkloadId> = report.outcomes.iter().map(|o| o.workload).collect();
         for outcome in settle(report, pending) {
             if !reached.contains(&outcome.workload) {
-                self.write(&outcome, guest, repeat)?;
+                self.write(&outcome, guest, repeat, None)?;
             }
         }
         let before = pending.len();
@@ -451,7 +466,7 @@ impl<'a> Run<'a> {
         });
         if pending.len() == before && !report.interrupted {
             for outcome in no_progress(pending, self.boots) {
-                self.write(&outcome, guest, repeat)?;
+                self.write(&outcome, guest, repeat, None)?;
             }
             pending.clear();
         }
@@ -474,7 +489,12 @@ impl<'a> Run<'a> {
         };
         let done = host_driven::run(w, &ctx);
         let booted = done.hello.as_ref().map(|hello| self.guest_info(hello));
-        self.write(&done.outcome, booted.as_ref().unwrap_or(guest), repeat)
+        self.write(
+            &done.outcome,
+            booted.as_ref().unwrap_or(guest),
+            repeat,
+            None,
+        )
     }
 }
 
@@ -712,6 +732,7 @@ mod reproduce_tests {
             guest_path: Some(PathBuf::from("/tmp/my guest's $HOME\\.elf")),
             out: PathBuf::from("o"),
             params: Vec::new(),
+            insn_markers: true,
         };
         let command = reproduce_command(&Awkward, &options, WorkloadId::CpuIdle);
         let words = shell_words(&command);
@@ -854,6 +875,7 @@ mod run_loop_tests {
             guest_path: None,
             out: dir.path().to_path_buf(),
             params: Vec::new(),
+            insn_markers: true,
         };
         let image = GuestImage::embedded().unwrap();
         let mut writer = ResultsWriter::create(dir.path(), false).unwrap();

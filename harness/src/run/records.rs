@@ -18,6 +18,7 @@ use super::session::{SeriesSamples, WorkloadOutcome};
 use hostutil::huge_pages::{self, HugePageAdvice};
 
 use super::native::{self, TwinPlan};
+use crate::insns::InsnLog;
 
 /// TSC rate assumed for sizing native runs where this host gives none (as the guest does).
 const FALLBACK_TSC_KHZ: u64 = 1_000_000;
@@ -216,6 +217,120 @@ fn build_one(
         },
         hvbench: ctx.tool.clone(),
         reproduce: (ctx.reproduce)(outcome.workload),
+    }
+}
+
+/// The metric, unit and direction of instruction-count records.
+pub const INSNS_METRIC: &str = "insns";
+pub const INSNS_UNIT: &str = "insns/op";
+
+/// Beside each guest-timed record of `outcome`, its `insns` record: instructions per
+/// operation for each measured sample, joined by the sample's marker number with the
+/// plugin's count. A series without markers, or whose markers the plugin never counted,
+/// gets an `insns` record with status skip that says why; the counts are never guessed.
+pub fn insns_records(built: &[Record], outcome: &WorkloadOutcome, log: &InsnLog) -> Vec<Record> {
+    let timed: Vec<(&Record, &SeriesSamples)> = built
+        .iter()
+        .filter(|r| r.status == Status::Success)
+        .filter_map(|r| {
+            let key = outcome
+                .series
+                .keys()
+                .find(|(m, p)| *m == r.metric && parse_series(p) == r.series)?;
+            let series = &outcome.series[key];
+            (!series.measured.is_empty() && series.direct.is_empty()).then_some((r, series))
+        })
+        .collect();
+    if timed.is_empty() {
+        return Vec::new();
+    }
+    let pairs = log.pairs();
+    timed
+        .into_iter()
+        .map(|(record, series)| match &pairs {
+            Ok(pairs) => insns_record(record, series, pairs),
+            Err(e) => insns_skip(record, format!("the plugin's log could not be read: {e}")),
+        })
+        .collect()
+}
+
+fn insns_record(
+    record: &Record,
+    series: &SeriesSamples,
+    pairs: &BTreeMap<u64, Option<u64>>,
+) -> Record {
+    if series.markers.iter().all(Option::is_none) {
+        return insns_skip(
+            record,
+            "no instruction count: the guest placed no markers around its samples \
+             (markers off, or a workload that times its samples itself)"
+                .into(),
+        );
+    }
+    let mut samples = Vec::new();
+    let mut ops = Vec::new();
+    let mut uncounted = 0usize;
+    for (&(n, _), marker) in series.measured.iter().zip(&series.markers) {
+        match marker.and_then(|m| pairs.get(&m).copied().flatten()) {
+            Some(count) if n > 0 => {
+                samples.push(count as f64 / n as f64);
+                ops.push(n);
+            }
+            _ => uncounted += 1,
+        }
+    }
+    if samples.is_empty() {
+        return insns_skip(
+            record,
+            "no instruction count: the guest placed markers but the plugin counted none of \
+             them (not under TCG with the hvbench-insns plugin, or every sample moved vCPU)"
+                .into(),
+        );
+    }
+    let mut insns = insns_base(record);
+    if uncounted > 0 {
+        insns.notes.insert(
+            "insns_uncounted".into(),
+            format!("{uncounted} sample(s) had no count (stop marker on another vCPU)"),
+        );
+    }
+    insns.summary = summarize(&samples);
+    insns.samples = samples;
+    insns.ops_per_sample = ops;
+    insns
+}
+
+/// The record's context with the `insns` metric and nothing measured yet.
+fn insns_base(record: &Record) -> Record {
+    let mut notes = BTreeMap::new();
+    notes.insert("insns_method".into(), crate::insns::METHOD.into());
+    notes.insert(
+        "insns_plugin".into(),
+        format!("hvbench-insns-plugin {}", env!("CARGO_PKG_VERSION")),
+    );
+    Record {
+        metric: INSNS_METRIC.into(),
+        unit: INSNS_UNIT.into(),
+        direction: Direction::LowerIsBetter.name().into(),
+        status: Status::Success,
+        reason: None,
+        samples: Vec::new(),
+        samples_cycles: Vec::new(),
+        ops_per_sample: Vec::new(),
+        warmup_samples: Vec::new(),
+        summary: None,
+        native: None,
+        notes,
+        curves: BTreeMap::new(),
+        ..record.clone()
+    }
+}
+
+fn insns_skip(record: &Record, reason: String) -> Record {
+    Record {
+        status: Status::Skip,
+        reason: Some(reason),
+        ..insns_base(record)
     }
 }
 
@@ -524,6 +639,7 @@ mod tests {
     fn a_sample_the_clock_did_not_time_is_an_error() {
         let series = |measured: Vec<(u64, u64)>| SeriesSamples {
             measured,
+            markers: Vec::new(),
             warmup: vec![(8, 0)],
             direct: Vec::new(),
         };

@@ -35,6 +35,9 @@ pub(crate) const MAX_NOTES: usize = 64;
 pub struct SeriesSamples {
     /// (operations, cycles) per measured sample, as the guest timed them.
     pub measured: Vec<(u64, u64)>,
+    /// The instruction-count marker pair of each measured sample (`mk`), where the guest
+    /// placed one.
+    pub markers: Vec<Option<u64>>,
     pub warmup: Vec<(u64, u64)>,
     /// Values already in the metric's unit, measured by the host (host-driven workloads:
     /// seconds, MiB, pages). Used instead of `measured` when not empty.
@@ -101,6 +104,9 @@ impl WorkloadOutcome {
         } else {
             let expected = list.len() as u64;
             list.push((s.ops, s.cycles));
+            if !s.warmup {
+                series.markers.push(s.marker);
+            }
             (!s.warmup && s.index != expected).then(|| {
                 format!(
                     "sample index {} arrived where {expected} was expected",
@@ -1213,6 +1219,7 @@ mod tests {
             ops: 1,
             cycles: 1,
             warmup: false,
+            marker: None,
         };
         o.add_sample(sample("ws:16k,page:4k", 0), &expected);
         assert_eq!(o.status, Status::Success);

@@ -108,6 +108,7 @@ pub fn quick_options(workloads: &[WorkloadId], out: &Path) -> RunOptions {
         guest_path: None,
         out: out.to_path_buf(),
         params: Vec::new(),
+        insn_markers: true,
     }
 }
 

@@ -181,7 +181,8 @@ impl XenBackend {
                 paging.name(),
                 info.virt_caps().join(" "),
                 if paging == Paging::Shadow {
-                    "; Debian's Xen 4.17 is built without CONFIG_SHADOW_PAGING"
+                    "; Debian's Xen 4.17 is built without CONFIG_SHADOW_PAGING (in the lab, \
+                     `hvbench lab up xen --hypervisor shadow` builds one with it)"
                 } else {
                     ""
                 }
@@ -244,6 +245,9 @@ impl Hypervisor for XenBackend {
         }
         if let Some(lab) = &self.host.lab {
             details.insert("lab".into(), format!("Xen nested in QEMU ({})", lab.accel));
+            if let Some(build) = &lab.hypervisor {
+                details.insert("lab_hypervisor".into(), build.clone());
+            }
         }
         BackendInfo {
             kind: "xen".into(),
@@ -258,6 +262,10 @@ impl Hypervisor for XenBackend {
 
     fn unavailable(&self) -> Option<String> {
         self.unavailable.clone()
+    }
+
+    fn insns_log(&self) -> Option<std::path::PathBuf> {
+        self.host.lab.as_ref()?.insns_log.clone()
     }
 
     fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
@@ -343,6 +351,10 @@ impl Hypervisor for XenBackend {
             memory_mib: request.memory_mib,
             vcpus: request.vcpus,
             paging: self.paging,
+            // Where instructions are counted (a lab with the plugin), the guest keeps to
+            // CPU 1 and dom0 to CPU 0 (the lab pins it): the plugin counts per CPU, and a
+            // guest that moved between them mid-sample would have no count.
+            cpus: self.insns_log().map(|_| 1),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();

@@ -101,6 +101,8 @@ pub struct DomainConfig {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub paging: Paging,
+    /// Physical CPUs the domain's vCPUs may run on (`cpus`), when pinned.
+    pub cpus: Option<u32>,
 }
 
 /// A value for an xl config string (double quotes; hvbench's values never need escapes,
@@ -131,7 +133,10 @@ impl DomainConfig {
                 Paging::Hap => 1,
                 Paging::Shadow => 0,
             },
-        )
+        ) + &self
+            .cpus
+            .map(|cpu| format!("cpus = \"{cpu}\"\n"))
+            .unwrap_or_default()
     }
 }
 
@@ -253,6 +258,8 @@ mod tests {
             Paging::Hap,
             Some(&LabKind {
                 accel: "tcg".into(),
+                hypervisor: None,
+                insns_log: None,
             }),
         );
         assert_eq!(host.class, "nested-tcg");
@@ -295,8 +302,15 @@ mod tests {
             memory_mib: 64,
             vcpus: 1,
             paging: Paging::Shadow,
+            cpus: None,
         };
         let text = c.render();
+        assert!(!text.contains("\ncpus ="), "{text}");
+        let pinned = DomainConfig {
+            cpus: Some(1),
+            ..c.clone()
+        };
+        assert!(pinned.render().ends_with("cpus = \"1\"\n"));
         assert!(text.contains("type = \"pvh\""));
         assert!(text.contains("hap = 0"));
         assert!(text.contains("on_reboot = \"preserve\""));
