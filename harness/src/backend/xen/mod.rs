@@ -47,6 +47,11 @@ pub enum XenError {
     NotXen { target: String, detail: String },
     #[error("ballooning domain {domain}: {detail}")]
     Balloon { domain: String, detail: String },
+    #[error("writing the disk fetched from the dom0 to {path}: {source}")]
+    DiskFetch {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("`mktemp -d` on {target} printed {printed:?}, not a directory hvbench can use")]
     RemoteDir { target: String, printed: String },
 }
@@ -115,6 +120,95 @@ impl Drop for RemoteDir {
     }
 }
 
+/// The hotplug script that gives blkback the disk file as a loop device.
+const BLOCK_SCRIPT: &str = include_str!("block-hotplug.sh");
+
+/// The block workloads' disk on the dom0: a file of zeros as large as the run's disk, in
+/// the run's [`RemoteDir`], behind a loop device while a domain has it. Dropped before
+/// the directory: any loop device still on the file is detached first.
+#[derive(Debug)]
+struct RemoteDisk {
+    transport: Transport,
+    path: String,
+    script: String,
+    /// The run's disk file here: the dom0's copy is fetched into it after the run.
+    local: std::path::PathBuf,
+    details: BTreeMap<String, String>,
+}
+
+impl RemoteDisk {
+    fn create(
+        transport: &Transport,
+        dir: &RemoteDir,
+        disk: &crate::disk::TestDisk,
+    ) -> Result<Self, XenError> {
+        let path = dir.file("disk.img");
+        let script = dir.file("block-hotplug");
+        let mib = disk.size() >> 20;
+        let mut remote = RemoteDisk {
+            transport: transport.clone(),
+            path,
+            script,
+            local: disk.path().to_path_buf(),
+            details: disk.details(),
+        };
+        put(transport, &remote.script, BLOCK_SCRIPT.as_bytes())?;
+        // The same content as the file here (zeros), made there rather than sent.
+        transport.run(
+            &format!(
+                "chmod 0755 {s} && dd if=/dev/zero of={p} bs=1M count={mib} 2>/dev/null",
+                s = shell_quote(&remote.script),
+                p = shell_quote(&remote.path)
+            ),
+            None,
+            XL_TIMEOUT,
+        )?;
+        remote
+            .details
+            .insert("disk_dom0_path".into(), remote.path.clone());
+        remote.details.insert(
+            "disk_dom0_mode".into(),
+            "a loop device on the dom0 (its page cache), blkback".into(),
+        );
+        Ok(remote)
+    }
+
+    /// Copies the dom0's file over the one here, so the host's disk check sees what the
+    /// guest wrote.
+    fn fetch(&self) -> Result<(), BackendError> {
+        let out = self
+            .transport
+            .run(
+                &format!("cat {}", shell_quote(&self.path)),
+                None,
+                XL_TIMEOUT,
+            )
+            .map_err(XenError::from)?;
+        std::fs::write(&self.local, &out.stdout).map_err(|source| {
+            XenError::DiskFetch {
+                path: self.local.clone(),
+                source,
+            }
+            .into()
+        })
+    }
+
+    /// Shell that detaches every loop device still on the file.
+    fn detach_command(&self) -> String {
+        let p = shell_quote(&self.path);
+        format!(
+            "for d in $(losetup -a 2>/dev/null | grep -F {p} | cut -d: -f1); do losetup -d \"$d\"; done; \
+             if [ -r {p}.loop ]; then losetup -d \"$(cat {p}.loop)\" 2>/dev/null; fi; true"
+        )
+    }
+}
+
+impl Drop for RemoteDisk {
+    fn drop(&mut self) {
+        let _ = self.transport.run(&self.detach_command(), None, XL_TIMEOUT);
+    }
+}
+
 /// How the Xen host was reached and what it is.
 #[derive(Clone, Debug)]
 pub struct XenHostSpec {
@@ -146,6 +240,8 @@ pub struct XenBackend {
     unavailable: Option<String>,
     /// Remote paths of uploaded images, by SHA-256.
     uploaded: Mutex<BTreeMap<String, String>>,
+    /// The block workloads' disk on the dom0 (goes before the directory holding it).
+    disk: Option<RemoteDisk>,
     /// Where they and the domain configs go; removed when the backend goes.
     remote_dir: RemoteDir,
 }
@@ -199,8 +295,22 @@ impl XenBackend {
             fingerprint,
             unavailable,
             uploaded: Mutex::new(BTreeMap::new()),
+            disk: None,
             remote_dir,
         })
+    }
+
+    /// Gives every domain booted from now on the run's disk as xvda (blkback), from a
+    /// copy on the dom0.
+    pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Result<Self, XenError> {
+        if let Some(disk) = disk {
+            self.disk = Some(RemoteDisk::create(
+                &self.host.transport,
+                &self.remote_dir,
+                disk,
+            )?);
+        }
+        Ok(self)
     }
 
     fn transport(&self) -> &Transport {
@@ -245,6 +355,9 @@ impl Hypervisor for XenBackend {
         if let Some(lab) = &self.host.lab {
             details.insert("lab".into(), format!("Xen nested in QEMU ({})", lab.accel));
         }
+        if let Some(disk) = &self.disk {
+            details.extend(disk.details.clone());
+        }
         BackendInfo {
             kind: "xen".into(),
             version: self.info.version(),
@@ -284,10 +397,10 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
-            BackendFeature::BlockDevice => Err(
-                "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
-                    .into(),
-            ),
+            BackendFeature::BlockDevice => match self.disk {
+                Some(_) => Ok(()),
+                None => Err("this run made no disk for the guest".into()),
+            },
             BackendFeature::VirtioBlk => {
                 Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
             }
@@ -314,6 +427,10 @@ impl Hypervisor for XenBackend {
         Some(self)
     }
 
+    fn fetch_disk(&self) -> Result<(), BackendError> {
+        self.disk.as_ref().map_or(Ok(()), RemoteDisk::fetch)
+    }
+
     fn guest_runs_locally(&self) -> bool {
         // Native twins run where hvbench runs; that is the Xen host only when hvbench is
         // in dom0 (and even then dom0 is itself a guest of Xen).
@@ -338,6 +455,10 @@ impl Hypervisor for XenBackend {
             memory_mib: request.memory_mib,
             vcpus: request.vcpus,
             paging: self.paging,
+            disk: self
+                .disk
+                .as_ref()
+                .map(|d| (d.path.clone(), d.script.clone())),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();
