@@ -47,6 +47,8 @@ pub enum XenError {
     NotXen { target: String, detail: String },
     #[error("ballooning domain {domain}: {detail}")]
     Balloon { domain: String, detail: String },
+    #[error("the dom0 sent {got} bytes of the disk, not its {want}")]
+    DiskSize { got: u64, want: u64 },
     #[error("writing the disk fetched from the dom0 to {path}: {source}")]
     DiskFetch {
         path: std::path::PathBuf,
@@ -133,7 +135,14 @@ struct RemoteDisk {
     script: String,
     /// The run's disk file here: the dom0's copy is fetched into it after the run.
     local: std::path::PathBuf,
+    size: u64,
     details: BTreeMap<String, String>,
+}
+
+/// Limit for making or fetching the dom0's copy of a disk of `bytes`: a toolstack
+/// command's, and a second per MiB (SSH into the TCG lab moves a few MB/s).
+fn disk_timeout(bytes: u64) -> Duration {
+    XL_TIMEOUT + Duration::from_secs(bytes >> 20)
 }
 
 impl RemoteDisk {
@@ -150,6 +159,7 @@ impl RemoteDisk {
             path,
             script,
             local: disk.path().to_path_buf(),
+            size: disk.size(),
             details: disk.details(),
         };
         put(transport, &remote.script, BLOCK_SCRIPT.as_bytes())?;
@@ -161,7 +171,7 @@ impl RemoteDisk {
                 p = shell_quote(&remote.path)
             ),
             None,
-            XL_TIMEOUT,
+            disk_timeout(disk.size()),
         )?;
         remote
             .details
@@ -181,9 +191,16 @@ impl RemoteDisk {
             .run(
                 &format!("cat {}", shell_quote(&self.path)),
                 None,
-                XL_TIMEOUT,
+                disk_timeout(self.size),
             )
             .map_err(XenError::from)?;
+        if out.stdout.len() as u64 != self.size {
+            return Err(XenError::DiskSize {
+                got: out.stdout.len() as u64,
+                want: self.size,
+            }
+            .into());
+        }
         std::fs::write(&self.local, &out.stdout).map_err(|source| {
             XenError::DiskFetch {
                 path: self.local.clone(),
