@@ -67,8 +67,9 @@ pub enum Syscall {
     /// Sets the protection-fault window (virtual base, pages, first page table): a write
     /// fault there makes the page writable again and resumes.
     SetProtWindow = 7,
-    /// Xen `memory_op` (command, address of a `xen::MemoryReservation` in user memory),
-    /// for the balloon: only decrease_reservation and populate_physmap are passed on.
+    /// Xen `memory_op` (command, address of a `xen::MemoryReservation` or, for blkfront's
+    /// grant table, a `xen::AddToPhysmap` in user memory): only decrease_reservation,
+    /// populate_physmap and add_to_physmap are passed on.
     /// Returns Xen's answer (extents done, or a negative errno) as a u64.
     XenMemoryOp = 8,
     /// Signals a Xen event channel (port): the xenstore ring's, for the balloon.
@@ -83,6 +84,9 @@ pub enum Syscall {
     /// table in use: Xen's shadow paging takes a user-mode write to a page table as a sign
     /// that it is no longer one, and crashes the domain when that table is the one in CR3.
     SetWindow = 12,
+    /// Xen EVTCHNOP_alloc_unbound for blkfront (the backend's domain id): the port, or
+    /// u64::MAX.
+    XenAllocUnbound = 13,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -236,7 +240,11 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
             0
         }
         n if n == Syscall::XenMemoryOp as u64 => match a0 {
-            xen::XENMEM_DECREASE_RESERVATION | xen::XENMEM_POPULATE_PHYSMAP if xen::is_ready() => {
+            xen::XENMEM_DECREASE_RESERVATION
+            | xen::XENMEM_POPULATE_PHYSMAP
+            | xen::XENMEM_ADD_TO_PHYSMAP
+                if xen::is_ready() =>
+            {
                 // Xen's signed result travels as its bits: the caller compares them with the
                 // count it asked for, which an error (negative) never equals.
                 u64::from_ne_bytes(xen::memory_op(a0, a1).to_ne_bytes())
@@ -254,6 +262,12 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
                 Err(_) => u64::MAX,
             }
         }
+        n if n == Syscall::XenAllocUnbound as u64 => match u16::try_from(a0) {
+            Ok(remote) if xen::is_ready() => xen::alloc_unbound(remote)
+                .map(u64::from)
+                .unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        },
         n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
             smp::enable_steal_time(0);
             0

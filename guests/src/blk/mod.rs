@@ -1,9 +1,13 @@
 //! One request interface over the guest's block drivers: the workloads queue reads, writes
 //! and flushes by tag, kick the device, and poll for completions. Completions are found by
 //! polling (the guest takes no interrupts), so a completion's time is when the driver saw
-//! it. The virtio-blk driver (hvbench's VMM, QEMU) is the one implementation today.
+//! it. Two drivers implement it: virtio-blk (hvbench's VMM, QEMU) and blkfront (Xen).
 
 pub mod virtio;
+pub mod xen;
+
+/// Tags any driver offers at most (the workloads size their bookkeeping by it).
+pub const MAX_SLOTS: u16 = 64;
 
 /// What a request asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +65,56 @@ pub trait BlockDevice {
     fn needs_reset(&self) -> bool;
 }
 
-/// Finds a block device: hvbench's VMM's or QEMU's virtio-blk.
-pub fn find() -> Result<virtio::VirtioBlk, &'static str> {
-    virtio::VirtioBlk::init()
+/// The block device of this hypervisor (one per workload, on the stack: the guest has no
+/// heap to box blkfront's bookkeeping in).
+#[allow(clippy::large_enum_variant)]
+pub enum Device {
+    Virtio(virtio::VirtioBlk),
+    Xen(xen::XenBlk),
+}
+
+/// Finds a block device: blkfront on Xen, else hvbench's VMM's or QEMU's virtio-blk.
+pub fn find() -> Result<Device, &'static str> {
+    if crate::hypervisor::xen::is_ready() {
+        xen::XenBlk::open().map(Device::Xen)
+    } else {
+        virtio::VirtioBlk::init().map(Device::Virtio)
+    }
+}
+
+impl Device {
+    fn inner(&mut self) -> &mut dyn BlockDevice {
+        match self {
+            Device::Virtio(d) => d,
+            Device::Xen(d) => d,
+        }
+    }
+
+    fn inner_ref(&self) -> &dyn BlockDevice {
+        match self {
+            Device::Virtio(d) => d,
+            Device::Xen(d) => d,
+        }
+    }
+}
+
+impl BlockDevice for Device {
+    fn capacity(&self) -> u64 {
+        self.inner_ref().capacity()
+    }
+    fn slots(&self) -> u16 {
+        self.inner_ref().slots()
+    }
+    fn queue(&mut self, tag: u16, op: Op, offset: u64, buf: u64, len: u32) -> Result<(), BlkError> {
+        self.inner().queue(tag, op, offset, buf, len)
+    }
+    fn kick(&mut self) {
+        self.inner().kick()
+    }
+    fn poll(&mut self) -> Option<Completion> {
+        self.inner().poll()
+    }
+    fn needs_reset(&self) -> bool {
+        self.inner_ref().needs_reset()
+    }
 }

@@ -33,7 +33,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Descriptors per request.
 const PER_REQUEST: u16 = 3;
 /// Tags: requests in flight at once (three descriptors each, under the queue's size).
-pub const SLOTS: u16 = 64;
+pub const SLOTS: u16 = super::MAX_SLOTS;
 /// Bytes per tag in the header page: the 16-byte header, then the status byte.
 const HEADER_STRIDE: u64 = 32;
 /// Status byte value before the device writes one.

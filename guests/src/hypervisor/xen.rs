@@ -25,6 +25,7 @@ const HYPERVISOR_HVM_OP: u64 = 34;
 const SCHEDOP_YIELD: u64 = 0;
 const SCHEDOP_SHUTDOWN: u64 = 2;
 const EVTCHNOP_SEND: u64 = 4;
+const EVTCHNOP_ALLOC_UNBOUND: u64 = 6;
 const HVMOP_GET_PARAM: u64 = 1;
 const HVM_PARAM_STORE_PFN: u32 = 1;
 const HVM_PARAM_STORE_EVTCHN: u32 = 2;
@@ -36,6 +37,20 @@ pub const XENVER_VERSION: u64 = 0;
 /// `memory_op` commands the kernel passes on for user mode (balloon).
 pub const XENMEM_DECREASE_RESERVATION: u64 = 1;
 pub const XENMEM_POPULATE_PHYSMAP: u64 = 6;
+/// `memory_op` command the kernel passes on for blkfront: maps a grant-table frame.
+pub const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
+/// `XENMAPSPACE_grant_table`: `idx` is a grant-table frame (memory.h).
+pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
+
+/// `struct xen_add_to_physmap` (64-bit layout, memory.h).
+#[repr(C)]
+pub struct AddToPhysmap {
+    pub domid: u16,
+    pub size: u16,
+    pub space: u32,
+    pub idx: u64,
+    pub gpfn: u64,
+}
 
 /// `struct xen_memory_reservation` (64-bit layout): the GFN array (`xen_pfn_t`, 64-bit
 /// each), how many extents, their order, flags, and the domain.
@@ -203,6 +218,32 @@ pub fn send_event(port: u32) {
         EVTCHNOP_SEND,
         &send as *const u32 as u64,
     );
+}
+
+/// `struct evtchn_alloc_unbound` (event_channel.h).
+#[repr(C)]
+struct AllocUnbound {
+    dom: u16,
+    remote_dom: u16,
+    port: u32,
+}
+
+/// A fresh event channel port that domain `remote` may bind to (EVTCHNOP_alloc_unbound),
+/// or Xen's negative errno. CPL0.
+pub fn alloc_unbound(remote: u16) -> Result<u32, i64> {
+    let mut arg = AllocUnbound {
+        dom: DOMID_SELF,
+        remote_dom: remote,
+        port: 0,
+    };
+    match hypercall(
+        HYPERVISOR_EVENT_CHANNEL_OP,
+        EVTCHNOP_ALLOC_UNBOUND,
+        &mut arg as *mut AllocUnbound as u64,
+    ) {
+        0 => Ok(arg.port),
+        rc => Err(rc),
+    }
 }
 
 /// Signals the console's event channel. CPL0.

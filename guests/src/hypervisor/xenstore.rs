@@ -1,6 +1,6 @@
 //! A minimal xenstore client over the shared ring (`struct xenstore_domain_interface` and
-//! `struct xsd_sockmsg`, xen/include/public/io/xs_wire.h): one request at a time, reads and
-//! one watch, no transactions. Runs in user mode; only the event-channel kick needs the
+//! `struct xsd_sockmsg`, xen/include/public/io/xs_wire.h): one request at a time, reads, writes
+//! and watches, no transactions. Runs in user mode; only the event-channel kick needs the
 //! kernel. The guest has no interrupts, so replies and watch events are polled for in the
 //! ring itself (memory reads, no hypercall), giving the CPU back to Xen between looks
 //! (xenstored runs in dom0 and needs it).
@@ -27,13 +27,15 @@ const RSP_PROD: u64 = 2060;
 
 const XS_READ: u32 = 2;
 const XS_WATCH: u32 = 4;
+const XS_UNWATCH: u32 = 5;
+const XS_WRITE: u32 = 11;
 const XS_WATCH_EVENT: u32 = 15;
 const XS_ERROR: u32 = 16;
 const HEADER_LEN: u32 = 16;
 /// The longest payload of a message either way (XENSTORE_PAYLOAD_MAX).
 const PAYLOAD_MAX: u32 = 4096;
 /// Longest reply kept (a value hvbench reads is a decimal number).
-const MAX_REPLY: usize = 128;
+pub const MAX_REPLY: usize = 128;
 /// How many times the client gives the CPU away while waiting before it gives up: about
 /// seconds on a real host, minutes under TCG.
 const MAX_WAITS: u32 = 2_000_000;
@@ -250,6 +252,20 @@ impl Xenstore {
         let id = self.request(XS_WATCH, &[path.as_bytes(), &[0], token.as_bytes(), &[0]])?;
         let mut out = [0u8; MAX_REPLY];
         self.reply(id, XS_WATCH, &mut out).map(|_| ())
+    }
+
+    /// Stops watching `path` (registered with `token`).
+    pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), &'static str> {
+        let id = self.request(XS_UNWATCH, &[path.as_bytes(), &[0], token.as_bytes(), &[0]])?;
+        let mut out = [0u8; MAX_REPLY];
+        self.reply(id, XS_UNWATCH, &mut out).map(|_| ())
+    }
+
+    /// Writes `value` at `path` (relative paths are under /local/domain/<own id>).
+    pub fn write(&mut self, path: &str, value: &[u8]) -> Result<(), &'static str> {
+        let id = self.request(XS_WRITE, &[path.as_bytes(), &[0], value])?;
+        let mut out = [0u8; MAX_REPLY];
+        self.reply(id, XS_WRITE, &mut out).map(|_| ())
     }
 
     /// Whether a watch event has arrived since the last call, without waiting.

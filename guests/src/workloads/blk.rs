@@ -24,7 +24,7 @@ use workloads::{ParamSpec, WorkloadId};
 
 use crate::arch::cpu::rdtsc_fenced;
 use crate::blk::virtio::{VirtioBlk, STATUS_PENDING};
-use crate::blk::{self, BlockDevice, Op};
+use crate::blk::{self, BlockDevice, Device, Op};
 use crate::convert::usize_from;
 use crate::mem::arena::{alloc_work, PAGE};
 use crate::runner::{Refusal, Sampler};
@@ -166,7 +166,7 @@ pub fn transfer(s: &Sampler) -> Result<(), Refusal> {
     let largest_bs = sizes[..n_sizes].iter().copied().max().unwrap_or(PAGE);
     let deepest = depths[..n_depths].iter().copied().max().unwrap_or(1);
     if deepest > dev.slots() as u64 {
-        return Err(error("the queue depth is more than the driver's 64 slots"));
+        return Err(error("the queue depth is more than the driver's slots"));
     }
     let buffers = buffer(largest_bs * deepest)?;
     if op == Op::Write {
@@ -225,7 +225,7 @@ pub fn transfer(s: &Sampler) -> Result<(), Refusal> {
 /// The samples of one series (warm-ups first), each with its metrics.
 fn sample_series(
     s: &Sampler,
-    dev: &mut VirtioBlk,
+    dev: &mut Device,
     plan: &Plan,
     series: &str,
     buffers: &mut [u8],
@@ -278,14 +278,14 @@ fn emit(
 
 /// Runs `n` requests of `plan` with `qd` in flight; (bytes moved, cycles taken).
 fn burst(
-    dev: &mut VirtioBlk,
+    dev: &mut Device,
     plan: &Plan,
     n: u64,
     buffers: &mut [u8],
     cursor: &mut Cursor,
     histogram: &mut Histogram,
 ) -> Result<(u64, u64), Refusal> {
-    let mut submitted_at = [0u64; crate::blk::virtio::SLOTS as usize];
+    let mut submitted_at = [0u64; crate::blk::MAX_SLOTS as usize];
     let start = rdtsc_fenced();
     let mut submitted = 0u64;
     for tag in 0..plan.qd.min(u16::try_from(n).unwrap_or(u16::MAX)) {
@@ -338,7 +338,7 @@ fn burst(
 }
 
 fn submit(
-    dev: &mut VirtioBlk,
+    dev: &mut Device,
     plan: &Plan,
     tag: u16,
     buffers: &mut [u8],
@@ -361,7 +361,7 @@ fn submit(
 /// Reads the region back: every block this series wrote holds its pattern, every other
 /// block holds zeros or a pattern (an earlier write's).
 fn verify(
-    dev: &mut VirtioBlk,
+    dev: &mut Device,
     plan: &Plan,
     buffers: &mut [u8],
     written: Option<u64>,
@@ -413,7 +413,7 @@ fn check_block(buf: &[u8], offset: u64, wrote: bool) -> Result<(), Refusal> {
 }
 
 /// One read of `buf.len()` bytes at `offset`, waited for.
-fn read_one(dev: &mut VirtioBlk, offset: u64, buf: &mut [u8]) -> Result<(), Refusal> {
+fn read_one(dev: &mut impl BlockDevice, offset: u64, buf: &mut [u8]) -> Result<(), Refusal> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
     dev.queue(0, Op::Read, offset, buf.as_ptr() as u64, len)
         .map_err(|e| error(e.message()))?;
@@ -428,7 +428,7 @@ fn read_one(dev: &mut VirtioBlk, offset: u64, buf: &mut [u8]) -> Result<(), Refu
 }
 
 /// Waits for the one request in flight; its status byte.
-fn wait_one(dev: &mut VirtioBlk) -> Result<u8, Refusal> {
+fn wait_one(dev: &mut impl BlockDevice) -> Result<u8, Refusal> {
     for poll in 0..MAX_EMPTY_POLLS {
         if let Some(c) = dev.poll() {
             return Ok(c.status);
@@ -511,7 +511,7 @@ enum Expect {
 /// `selftest.blk-corrupt`: each malformed request must be refused, and a good one served
 /// after; the workload then ends as an error naming what was refused.
 pub fn corrupt(_: &Sampler) -> Result<(), Refusal> {
-    let mut dev = blk::find().map_err(error)?;
+    let mut dev = VirtioBlk::init().map_err(error)?;
     let buf = buffer(2 << 20)?.as_ptr() as u64;
     let w = DESC_F_WRITE | DESC_F_NEXT;
     let d = |addr, len, flags| {

@@ -24,7 +24,8 @@ pub(crate) const INITTAB: &str = include_str!("assets/inittab");
 /// The line the boot script prints on the serial console once dropbear listens.
 pub const READY_MARKER: &str = "HVBENCH-XEN-LAB-READY";
 
-/// Xen's backend drivers for dom0, then the NIC for QEMU's user-mode network.
+/// Xen's backend drivers for dom0 (and loop: a file-backed vbd is a loop device), then the
+/// NIC for QEMU's user-mode network.
 pub(crate) const DOM0_MODULES: &[&str] = &[
     "xen-privcmd",
     "xenfs",
@@ -32,6 +33,7 @@ pub(crate) const DOM0_MODULES: &[&str] = &[
     "xen-gntdev",
     "xen-gntalloc",
     "xen-blkback",
+    "loop",
     "xen-netback",
     "virtio_pci",
     "virtio_net",

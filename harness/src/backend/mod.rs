@@ -155,6 +155,12 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// Brings the disk file here up to date after the run, where the guest's disk was a
+    /// copy elsewhere (Xen's dom0), so that the host's disk check sees the guest's writes.
+    fn fetch_disk(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// The huge-page advice guest RAM is mapped with on this machine, where the backend
     /// maps it here (native twins map their buffers the same way).
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {

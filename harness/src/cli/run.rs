@@ -176,7 +176,9 @@ fn make_backend(
         ),
         BackendKind::Xen => Box::new(
             XenBackend::new(resolve_xen_host(&args.xen_host)?, args.paging)
-                .context("the xen backend cannot start")?,
+                .context("the xen backend cannot start")?
+                .with_disk(disk)
+                .context("the xen backend cannot set up the disk on the dom0")?,
         ),
         BackendKind::Qemu => Box::new(
             QemuBackend::new(
@@ -285,7 +287,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if summary.records.is_empty() {
         bail!("no records were produced");
     }
-    let disk_ok = disk.as_ref().is_none_or(super::disk::check);
+    // Xen's guest wrote to a copy on the dom0: fetch it before the check.
+    let fetched = match backend.fetch_disk() {
+        Ok(()) => true,
+        Err(e) => {
+            hvbench::say!("hvbench: disk check failed: {e}");
+            false
+        }
+    };
+    let disk_ok = fetched && disk.as_ref().is_none_or(super::disk::check);
     Ok(match summary.status() {
         Status::Success | Status::Skip if disk_ok => 0,
         _ => EXIT_NOT_ALL_SUCCEEDED,

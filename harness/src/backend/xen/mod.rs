@@ -47,6 +47,13 @@ pub enum XenError {
     NotXen { target: String, detail: String },
     #[error("ballooning domain {domain}: {detail}")]
     Balloon { domain: String, detail: String },
+    #[error("the dom0 sent {got} bytes of the disk, not its {want}")]
+    DiskSize { got: u64, want: u64 },
+    #[error("writing the disk fetched from the dom0 to {path}: {source}")]
+    DiskFetch {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("`mktemp -d` on {target} printed {printed:?}, not a directory hvbench can use")]
     RemoteDir { target: String, printed: String },
 }
@@ -115,6 +122,110 @@ impl Drop for RemoteDir {
     }
 }
 
+/// The hotplug script that gives blkback the disk file as a loop device.
+const BLOCK_SCRIPT: &str = include_str!("block-hotplug.sh");
+
+/// The block workloads' disk on the dom0: a file of zeros as large as the run's disk, in
+/// the run's [`RemoteDir`], behind a loop device while a domain has it. Dropped before
+/// the directory: any loop device still on the file is detached first.
+#[derive(Debug)]
+struct RemoteDisk {
+    transport: Transport,
+    path: String,
+    script: String,
+    /// The run's disk file here: the dom0's copy is fetched into it after the run.
+    local: std::path::PathBuf,
+    size: u64,
+    details: BTreeMap<String, String>,
+}
+
+/// Limit for making or fetching the dom0's copy of a disk of `bytes`: a toolstack
+/// command's, and a second per MiB (SSH into the TCG lab moves a few MB/s).
+fn disk_timeout(bytes: u64) -> Duration {
+    XL_TIMEOUT + Duration::from_secs(bytes >> 20)
+}
+
+impl RemoteDisk {
+    fn create(
+        transport: &Transport,
+        dir: &RemoteDir,
+        disk: &crate::disk::TestDisk,
+    ) -> Result<Self, XenError> {
+        let path = dir.file("disk.img");
+        let script = dir.file("block-hotplug");
+        let mib = disk.size() >> 20;
+        let mut remote = RemoteDisk {
+            transport: transport.clone(),
+            path,
+            script,
+            local: disk.path().to_path_buf(),
+            size: disk.size(),
+            details: disk.details(),
+        };
+        put(transport, &remote.script, BLOCK_SCRIPT.as_bytes())?;
+        // The same content as the file here (zeros), made there rather than sent.
+        transport.run(
+            &format!(
+                "chmod 0755 {s} && dd if=/dev/zero of={p} bs=1M count={mib} 2>/dev/null",
+                s = shell_quote(&remote.script),
+                p = shell_quote(&remote.path)
+            ),
+            None,
+            disk_timeout(disk.size()),
+        )?;
+        remote
+            .details
+            .insert("disk_dom0_path".into(), remote.path.clone());
+        remote.details.insert(
+            "disk_dom0_mode".into(),
+            "a loop device on the dom0 (its page cache), blkback".into(),
+        );
+        Ok(remote)
+    }
+
+    /// Copies the dom0's file over the one here, so the host's disk check sees what the
+    /// guest wrote.
+    fn fetch(&self) -> Result<(), BackendError> {
+        let out = self
+            .transport
+            .run(
+                &format!("cat {}", shell_quote(&self.path)),
+                None,
+                disk_timeout(self.size),
+            )
+            .map_err(XenError::from)?;
+        if out.stdout.len() as u64 != self.size {
+            return Err(XenError::DiskSize {
+                got: out.stdout.len() as u64,
+                want: self.size,
+            }
+            .into());
+        }
+        std::fs::write(&self.local, &out.stdout).map_err(|source| {
+            XenError::DiskFetch {
+                path: self.local.clone(),
+                source,
+            }
+            .into()
+        })
+    }
+
+    /// Shell that detaches every loop device still on the file.
+    fn detach_command(&self) -> String {
+        let p = shell_quote(&self.path);
+        format!(
+            "for d in $(losetup -a 2>/dev/null | grep -F {p} | cut -d: -f1); do losetup -d \"$d\"; done; \
+             if [ -r {p}.loop ]; then losetup -d \"$(cat {p}.loop)\" 2>/dev/null; fi; true"
+        )
+    }
+}
+
+impl Drop for RemoteDisk {
+    fn drop(&mut self) {
+        let _ = self.transport.run(&self.detach_command(), None, XL_TIMEOUT);
+    }
+}
+
 /// How the Xen host was reached and what it is.
 #[derive(Clone, Debug)]
 pub struct XenHostSpec {
@@ -146,6 +257,8 @@ pub struct XenBackend {
     unavailable: Option<String>,
     /// Remote paths of uploaded images, by SHA-256.
     uploaded: Mutex<BTreeMap<String, String>>,
+    /// The block workloads' disk on the dom0 (goes before the directory holding it).
+    disk: Option<RemoteDisk>,
     /// Where they and the domain configs go; removed when the backend goes.
     remote_dir: RemoteDir,
 }
@@ -200,8 +313,22 @@ impl XenBackend {
             fingerprint,
             unavailable,
             uploaded: Mutex::new(BTreeMap::new()),
+            disk: None,
             remote_dir,
         })
+    }
+
+    /// Gives every domain booted from now on the run's disk as xvda (blkback), from a
+    /// copy on the dom0.
+    pub fn with_disk(mut self, disk: Option<&crate::disk::TestDisk>) -> Result<Self, XenError> {
+        if let Some(disk) = disk {
+            self.disk = Some(RemoteDisk::create(
+                &self.host.transport,
+                &self.remote_dir,
+                disk,
+            )?);
+        }
+        Ok(self)
     }
 
     fn transport(&self) -> &Transport {
@@ -248,6 +375,9 @@ impl Hypervisor for XenBackend {
             if let Some(build) = &lab.hypervisor {
                 details.insert("lab_hypervisor".into(), build.clone());
             }
+        }
+        if let Some(disk) = &self.disk {
+            details.extend(disk.details.clone());
         }
         BackendInfo {
             kind: "xen".into(),
@@ -297,10 +427,10 @@ impl Hypervisor for XenBackend {
                  which the hvbench guest does not answer yet"
                     .into(),
             ),
-            BackendFeature::BlockDevice => Err(
-                "hvbench's guest has no blkfront yet: the block workloads run on KVM and QEMU"
-                    .into(),
-            ),
+            BackendFeature::BlockDevice => match self.disk {
+                Some(_) => Ok(()),
+                None => Err("this run made no disk for the guest".into()),
+            },
             BackendFeature::VirtioBlk => {
                 Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
             }
@@ -325,6 +455,10 @@ impl Hypervisor for XenBackend {
 
     fn balloon(&self) -> Option<&dyn BalloonBackend> {
         Some(self)
+    }
+
+    fn fetch_disk(&self) -> Result<(), BackendError> {
+        self.disk.as_ref().map_or(Ok(()), RemoteDisk::fetch)
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -355,6 +489,10 @@ impl Hypervisor for XenBackend {
             // CPU 1 and dom0 to CPU 0 (the lab pins it): the plugin counts per CPU, and a
             // guest that moved between them mid-sample would have no count.
             cpus: self.insns_log().map(|_| 1),
+            disk: self
+                .disk
+                .as_ref()
+                .map(|d| (d.path.clone(), d.script.clone())),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();
@@ -827,6 +965,93 @@ mod tests {
         drop(first);
         assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
         assert!(std::path::Path::new(second.path()).exists());
+    }
+
+    /// Runs the block hotplug script with `action` against fake xenstore and losetup
+    /// tools that keep their state in files of `dir`.
+    fn hotplug(dir: &std::path::Path, action: &str) -> std::process::Output {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let d = dir.display();
+        let tools = [
+            // Keys are files named after the path's last component.
+            ("xenstore-read", format!("cat {d}/xs/$(basename \"$1\")")),
+            (
+                "xenstore-write",
+                format!(
+                    "while [ $# -ge 2 ]; do printf '%s' \"$2\" > {d}/xs/$(basename \"$1\"); \
+                     shift 2; done"
+                ),
+            ),
+            (
+                "losetup",
+                format!(
+                    "case \"$1\" in -f) echo /dev/null ;; -d) echo \"$2\" > {d}/detached ;; \
+                     *) echo \"$1 $2\" > {d}/attached ;; esac"
+                ),
+            ),
+            ("stat", "echo 7:3".to_string()),
+        ];
+        for (name, body) in tools {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let script = dir.join("block-hotplug");
+        std::fs::write(&script, BLOCK_SCRIPT).unwrap();
+        std::process::Command::new("sh")
+            .arg(&script)
+            .arg(action)
+            .env("XENBUS_PATH", "/local/domain/0/backend/vbd/1/51712")
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_block_hotplug_script_attaches_a_loop_device_and_detaches_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let xs = dir.path().join("xs");
+        std::fs::create_dir(&xs).unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(xs.join("params"), disk.display().to_string()).unwrap();
+        let read = |key: &str| std::fs::read_to_string(xs.join(key)).unwrap_or_default();
+        let add = hotplug(dir.path(), "add");
+        assert!(add.status.success(), "{add:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("attached"))
+                .unwrap()
+                .trim(),
+            format!("/dev/null {}", disk.display())
+        );
+        // blkback reads major:minor in hex; libxl and the sweep find the device again.
+        assert_eq!(read("physical-device"), "7:3");
+        assert_eq!(read("node"), "/dev/null");
+        assert_eq!(read("hotplug-status"), "connected");
+        let noted = dir.path().join("disk.img.loop");
+        assert_eq!(std::fs::read_to_string(&noted).unwrap().trim(), "/dev/null");
+        let remove = hotplug(dir.path(), "remove");
+        assert!(remove.status.success(), "{remove:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("detached"))
+                .unwrap()
+                .trim(),
+            "/dev/null"
+        );
+        assert!(!noted.exists());
+        // Without params the add fails, and says why in xenstore.
+        std::fs::remove_file(xs.join("params")).unwrap();
+        let failed = hotplug(dir.path(), "add");
+        assert!(!failed.status.success());
+        assert!(
+            read("hotplug-error").contains("no params"),
+            "{}",
+            read("hotplug-error")
+        );
+        assert_eq!(read("hotplug-status"), "error");
     }
 
     #[test]

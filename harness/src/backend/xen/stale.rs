@@ -124,13 +124,17 @@ pub fn sweep(transport: &Transport, base: &str) -> Result<Vec<String>, Transport
     Ok(said)
 }
 
-/// Destroys the domains of `dir`'s configs and removes it; says what went.
+/// Destroys the domains of `dir`'s configs, detaches the loop device its disk was on
+/// (the block hotplug script notes it in `<disk>.loop`; destroying the domain normally
+/// detached it already), and removes it; says what went.
 fn remove(transport: &Transport, dir: &str, owner: &Owner) -> Result<String, TransportError> {
     let dir_word = shell_quote(dir);
     let out = transport.run(
         &format!(
             "for c in {dir_word}/*.cfg; do [ -f \"$c\" ] || continue; n=$(basename \"$c\" .cfg); \
-             xl destroy \"$n\" >/dev/null 2>&1 && printf '%s\\n' \"$n\"; done; rm -rf -- {dir_word}"
+             xl destroy \"$n\" >/dev/null 2>&1 && printf '%s\\n' \"$n\"; done; \
+             for l in {dir_word}/*.loop; do [ -f \"$l\" ] && losetup -d \"$(cat \"$l\")\" 2>/dev/null; done; \
+             rm -rf -- {dir_word}"
         ),
         None,
         SWEEP_TIMEOUT,
