@@ -258,7 +258,9 @@ pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
         Ok(_) => Ok(()),
         Err(e)
             if e.stderr().is_some_and(|s| {
-                s.contains("ailed to get domain") || s.contains("not running")
+                s.contains("ailed to get domain")
+                    || s.contains("Domain not found")
+                    || s.contains("not running")
             }) =>
         {
             Ok(())
