@@ -126,6 +126,16 @@ fn workloads_run_as_a_domain_and_a_hang_leaves_no_domain_behind() {
     };
     assert!(life("define_to_result").iter().all(|s| *s > 0.1));
     assert!(life("destroy").iter().all(|s| *s > 0.0));
+    // libvirt's per-domain QEMU logs went with the domains (none ended in a failure).
+    let prefix = format!("hvbench-{pid}-");
+    let logs: Vec<String> = std::fs::read_dir("/var/log/libvirt/qemu")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(logs.is_empty(), "logs left: {logs:?}");
     let (vmm, stack) = (life("vmm_pss"), life("stack_pss"));
     assert!(
         vmm.iter().zip(&stack).all(|(v, s)| s > v && *v > 1.0),
