@@ -188,7 +188,7 @@ pub fn run(s: &Sampler, info: &BootInfo) -> Outcome {
         WorkloadId::MigDirtyRandom => migration::run(s, info, migration::Pattern::Random)?,
         WorkloadId::MigDirtyHot => migration::run(s, info, migration::Pattern::Hot)?,
         // The host times the boot to this note, reads the stack's memory and destroys the
-        // guest while it holds here (about a second), so it is measured running.
+        // guest while it holds here (seconds), so it is measured running.
         WorkloadId::VmLifecycle => {
             s.note_text(LIFECYCLE_UP_KEY, "1");
             let start = rdtsc();

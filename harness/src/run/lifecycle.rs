@@ -108,6 +108,8 @@ fn one_life(id: WorkloadId, ctx: &HostContext, hello: &mut Option<Hello>) -> Res
     let define_to_result = started.elapsed();
     let stack = session.stack_processes();
     let memory = waited.as_ref().ok().and_then(|()| read_memory(&stack));
+    // The destruction is timed on a running guest only.
+    let waited = waited.and_then(|()| still_running(session.as_ref()));
     let stopping = Instant::now();
     let stopped = session.stop();
     let destroy = stopping.elapsed();
@@ -120,6 +122,19 @@ fn one_life(id: WorkloadId, ctx: &HostContext, hello: &mut Option<Hello>) -> Res
         memory,
         note: stack.note,
     })
+}
+
+/// Whether the guest is still up (its hold after the `up` note lasts seconds, but a host
+/// slow enough may see it end first; its destruction would then time nothing).
+fn still_running(session: &dyn GuestSession) -> Result<(), String> {
+    while let Ok(message) = session.messages().try_recv() {
+        if let GuestMessage::Ended(end) = message {
+            return Err(format!(
+                "the guest ended ({end:?}) before the host could destroy it running"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the console until the guest's result of `id`.

@@ -33,6 +33,8 @@ struct Shared {
     watcher: Mutex<Option<Child>>,
     virsh: Virsh,
     name: String,
+    /// The domain ended in a way its QEMU log may explain: the log is kept.
+    keep_log: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -61,6 +63,7 @@ impl LibvirtSession {
             watcher: Mutex::new(None),
             virsh: virsh.clone(),
             name: name.clone(),
+            keep_log: AtomicBool::new(false),
         });
         let mut session = LibvirtSession {
             virsh: virsh.clone(),
@@ -128,6 +131,9 @@ fn read_console(console: &Path, verdicts: &Receiver<Stopped>, shared: &Shared, t
     } else {
         end
     };
+    if matches!(end, GuestEnd::Failed { .. } | GuestEnd::TripleFault { .. }) {
+        shared.keep_log.store(true, Ordering::Release);
+    }
     let _ = tx.send(GuestMessage::Ended(end));
 }
 
@@ -234,6 +240,11 @@ fn end_status(line: &ConsoleLine) -> Option<u32> {
     Some(code as u32)
 }
 
+/// The QEMU log libvirt's system daemon keeps for the domain `name`.
+pub fn domain_log(name: &str) -> PathBuf {
+    Path::new("/var/log/libvirt/qemu").join(format!("{name}.log"))
+}
+
 /// libvirt's daemons running here (they serve every domain, so their memory is the
 /// management stack's cost).
 pub fn daemon_pids() -> Vec<u32> {
@@ -258,7 +269,9 @@ pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
         Ok(_) => Ok(()),
         Err(e)
             if e.stderr().is_some_and(|s| {
-                s.contains("ailed to get domain") || s.contains("not running")
+                s.contains("ailed to get domain")
+                    || s.contains("Domain not found")
+                    || s.contains("not running")
             }) =>
         {
             Ok(())
@@ -302,6 +315,11 @@ impl GuestSession for LibvirtSession {
         }
         for file in &self.files {
             let _ = std::fs::remove_file(file);
+        }
+        // libvirt writes a log per domain name, and every boot has a new name: it goes
+        // with the domain unless the domain ended in a way it may explain.
+        if !self.shared.keep_log.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(domain_log(&self.name));
         }
         result.map_err(Into::into)
     }
