@@ -44,6 +44,8 @@ pub enum BackendKind {
     Xen,
     /// `hvbench lab run kvm`: KVM inside the KVM lab (TCG; the paging axis, not speed).
     KvmLab,
+    /// A libvirt domain (q35) on the host's libvirt (`--libvirt-uri` in the backend's args).
+    Libvirt,
 }
 
 impl BackendKind {
@@ -53,6 +55,7 @@ impl BackendKind {
             BackendKind::Qemu => "qemu",
             BackendKind::Xen => "xen",
             BackendKind::KvmLab => "kvm-lab",
+            BackendKind::Libvirt => "libvirt",
         }
     }
 
@@ -60,7 +63,7 @@ impl BackendKind {
     pub const fn paging_modes(self) -> &'static [Paging] {
         match self {
             BackendKind::Kvm | BackendKind::KvmLab => &[Paging::Host, Paging::Tdp, Paging::Shadow],
-            BackendKind::Qemu => &[Paging::Host],
+            BackendKind::Qemu | BackendKind::Libvirt => &[Paging::Host],
             BackendKind::Xen => &[Paging::Hap, Paging::Shadow],
         }
     }
@@ -107,6 +110,8 @@ pub enum Need {
     XenLab,
     /// The KVM lab (`hvbench lab up kvm`) is up.
     KvmLab,
+    /// libvirt answers at its default URI (`virsh version`).
+    Libvirt,
 }
 
 impl Need {
@@ -116,6 +121,7 @@ impl Need {
             Need::Qemu => "qemu",
             Need::XenLab => "xen-lab",
             Need::KvmLab => "kvm-lab",
+            Need::Libvirt => "libvirt",
         }
     }
 }
@@ -380,7 +386,9 @@ impl MatrixFile {
             return backend.paging.clone();
         }
         vec![match backend.kind {
-            BackendKind::Kvm | BackendKind::Qemu | BackendKind::KvmLab => Paging::Host,
+            BackendKind::Kvm | BackendKind::Qemu | BackendKind::KvmLab | BackendKind::Libvirt => {
+                Paging::Host
+            }
             BackendKind::Xen => Paging::Hap,
         }]
     }

@@ -678,6 +678,36 @@ reason = "not needed"
     }
 
     #[test]
+    fn libvirt_cells_run_a_domain_and_refuse_a_paging_switch() {
+        let text = SMALL.replace(
+            "kind = \"qemu\"",
+            "kind = \"libvirt\"\nargs = [\"--libvirt-uri\", \"qemu:///system\"]",
+        );
+        let plan = plan_of(&text);
+        let c = plan
+            .cells
+            .iter()
+            .find(|c| c.kind == BackendKind::Libvirt)
+            .unwrap();
+        assert_eq!(
+            shell_line(&c.argv),
+            format!(
+                "hvbench run --backend libvirt -w 'cpu.*' --samples 3 --libvirt-uri \
+                 qemu:///system --out cells/{}",
+                c.id
+            )
+        );
+        let switched = text.replace(
+            "kind = \"libvirt\"",
+            "kind = \"libvirt\"\npaging = [\"shadow\"]",
+        );
+        let error = MatrixFile::parse(&switched, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shadow"), "{error}");
+    }
+
+    #[test]
     fn ids_are_stable_and_depend_only_on_content() {
         let a = plan_of(SMALL);
         assert_eq!(a, plan_of(SMALL), "same file, same plan");

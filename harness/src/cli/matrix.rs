@@ -385,12 +385,19 @@ fn unmet(need: Need) -> Option<String> {
         Need::KvmLab => lab::default_cache_dir()
             .and_then(|d| <lab::KvmLab as lab::Lab>::status(&d).ok().flatten())
             .is_some_and(|s| s.healthy()),
+        Need::Libvirt => hvbench::backend::libvirt::probe(hvbench::backend::libvirt::DEFAULT_URI)
+            .versions
+            .is_ok(),
     };
     (!ok).then(|| match need {
         Need::Kvm => "/dev/kvm does not open".to_string(),
         Need::Qemu => "qemu-system-x86_64 is not on PATH".to_string(),
         Need::XenLab => "the Xen lab is not up (hvbench lab up xen)".to_string(),
         Need::KvmLab => "the KVM lab is not up (hvbench lab up kvm)".to_string(),
+        Need::Libvirt => format!(
+            "libvirt does not answer at {}",
+            hvbench::backend::libvirt::DEFAULT_URI
+        ),
     })
 }
 
