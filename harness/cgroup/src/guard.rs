@@ -98,19 +98,46 @@ fn write_file(dir: &Path, name: &str, value: &str) -> Result<(), CgroupError> {
     std::fs::write(&path, value).map_err(io(format!("writing {value} to {}", path.display())))
 }
 
+/// How long a group may stay busy while its last tasks finish exiting (a killed run's
+/// VMMs end when their input closes; the kernel lets the group go only once they are
+/// gone, and this machine's init reaps late).
+const BUSY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Moves whatever still runs in `group` to the hierarchy's root (so it can be removed),
-/// then removes it. A group that is already gone is fine.
+/// then removes it, retrying while the kernel says it is busy (tasks still exiting), up
+/// to [`BUSY_LIMIT`]. A group that is already gone is fine.
 fn remove_group(group: &Path, root: &Path) -> Result<bool, CgroupError> {
-    if !group.exists() {
-        return Ok(false);
+    let deadline = std::time::Instant::now() + BUSY_LIMIT;
+    loop {
+        if !group.exists() {
+            return Ok(false);
+        }
+        move_tasks_out(group, root);
+        match std::fs::remove_dir(group) {
+            Ok(()) => return Ok(true),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(BUSY_RETRY);
+            }
+            Err(e) => {
+                return Err(io(format!("removing cgroup {}", group.display()))(e));
+            }
+        }
     }
-    let procs = std::fs::read_to_string(group.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.split_ascii_whitespace() {
-        // A process that ended meanwhile cannot be moved, and need not be.
-        let _ = std::fs::write(root.join("cgroup.procs"), pid);
+}
+
+/// Moves the processes (`cgroup.procs`) and, on v1, the threads (`tasks`) of `group` to
+/// `root`. A task that ended meanwhile cannot be moved, and need not be.
+fn move_tasks_out(group: &Path, root: &Path) {
+    for file in ["cgroup.procs", "tasks"] {
+        let listed = std::fs::read_to_string(group.join(file)).unwrap_or_default();
+        for id in listed.split_ascii_whitespace() {
+            let _ = std::fs::write(root.join(file), id);
+        }
     }
-    std::fs::remove_dir(group).map_err(io(format!("removing cgroup {}", group.display())))?;
-    Ok(true)
 }
 
 /// Removes the listed groups, children first; tries every one. Returns those removed.
