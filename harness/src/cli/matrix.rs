@@ -286,11 +286,11 @@ fn exit_status(manifest: &Manifest) -> i32 {
         .iter()
         .any(|s| matches!(s, CellStatus::Interrupted | CellStatus::Pending))
     {
-        super::run::EXIT_INTERRUPTED
+        super::EXIT_INTERRUPTED
     } else if statuses.iter().all(|s| *s == CellStatus::Succeeded) {
         0
     } else {
-        super::run::EXIT_NOT_ALL_SUCCEEDED
+        super::EXIT_NOT_ALL_SUCCEEDED
     }
 }
 

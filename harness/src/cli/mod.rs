@@ -75,6 +75,12 @@ pub enum Command {
     },
 }
 
+/// Exit status of `hvbench run` (and of a matrix part) when some workloads did not
+/// succeed (records written).
+pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
+/// Exit status after Ctrl-C (records so far written).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
 /// Dispatches a parsed command line; returns the exit status.
 pub fn main(cli: Cli) -> Result<i32> {
     match cli.command {

@@ -17,6 +17,8 @@ use hvbench::{host, interrupt, summary};
 use reports::ResultsWriter;
 use workloads::protocol::Status;
 
+use super::{EXIT_INTERRUPTED, EXIT_NOT_ALL_SUCCEEDED};
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Which hypervisor stack runs the guest.
@@ -130,11 +132,6 @@ fn parse_param(text: &str) -> Result<WorkloadParam, String> {
 /// image and its boot data need, up to the MMIO hole below 4 GiB (the guest maps 0..4 GiB).
 const GUEST_MEMORY_MIB: std::ops::RangeInclusive<i64> =
     vmm::MIN_MEMORY_MIB as i64..=(workloads::abi::MAX_LOW_RAM >> 20).cast_signed();
-
-/// Exit status of `hvbench run` when some workloads did not succeed (records written).
-pub const EXIT_NOT_ALL_SUCCEEDED: i32 = 3;
-/// Exit status after Ctrl-C (records so far written).
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// `--xen-host` to a transport.
 pub fn resolve_xen_host(spec: &str) -> Result<XenHostSpec> {
