@@ -89,6 +89,7 @@ pub(crate) fn render_page(page: &Page) -> String {
                 (sched_section(page))
                 (curves_section(page))
                 (cdf_section(page))
+                (convergence_section(page))
                 (problems_section(model))
                 (raw_section(page))
                 (method_section(page.options, backends.len()))
@@ -136,6 +137,9 @@ fn navigation(page: &Page) -> Markup {
     }
     if !page.charts.cdfs.is_empty() {
         links.push(html! { a href="#latency-cdf" { "latency CDFs" } });
+    }
+    if !page.charts.convergence.is_empty() {
+        links.push(html! { a href="#convergence" { "migration convergence" } });
     }
     links.push(html! { a href="#problems" { "skipped and failed (" (model.problems.len()) ")" } });
     links.push(html! { a href="#raw" { "raw results" } });
@@ -661,6 +665,33 @@ fn cdf_section(page: &Page) -> Markup {
                     files,
                     &format!("completion-latency CDF of {workload} [{series}], a line per backend and native"),
                     &format!("{workload} [{series}]"),
+                ))
+            }
+        }
+    }
+}
+
+fn convergence_section(page: &Page) -> Markup {
+    if page.charts.convergence.is_empty() {
+        return html! {};
+    }
+    html! {
+        h2 id="convergence" { "Live migration: convergence against the dirty rate" }
+        p {
+            "Per mig.* workload and figure, a line per backend: the median over every kept \
+             sample at each dirty rate asked of the guest. The heartbeat ruler's downtime is \
+             one measure for every backend (the largest gap between heartbeats the host \
+             received, less their interval); the hypervisor's own downtime is what each \
+             reports of itself (ours: from parking the vCPUs to the destination's \
+             acknowledgement; QEMU's: its downtime figure), so the two differ in kind. \
+             Flat out (rate 0) has no place on a rate axis: its records are in the tables."
+        }
+        div.samples {
+            @for ((workload, metric), files) in &page.charts.convergence {
+                (figure_html(
+                    files,
+                    &format!("{metric} of {workload} against the dirty rate, a line per backend"),
+                    &format!("{workload}: {metric}"),
                 ))
             }
         }

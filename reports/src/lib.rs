@@ -6,6 +6,7 @@
 pub mod abtest;
 pub mod bootstrap;
 pub mod compare;
+mod convergence;
 pub mod font;
 pub mod format;
 pub mod host;

@@ -839,6 +839,8 @@ pub(crate) struct Charts {
     pub curves: BTreeMap<(String, String), Vec<ChartFile>>,
     /// (workload, series) -> files, for the block workloads' completion-latency CDFs.
     pub cdfs: BTreeMap<(String, String), Vec<ChartFile>>,
+    /// (workload, metric) -> files, for live migration's figures against the dirty rate.
+    pub convergence: BTreeMap<(String, String), Vec<ChartFile>>,
 }
 
 impl Charts {
@@ -849,6 +851,7 @@ impl Charts {
             .chain(self.samples.values())
             .chain(self.curves.values())
             .chain(self.cdfs.values())
+            .chain(self.convergence.values())
             .flatten()
             .cloned()
             .collect()
@@ -869,6 +872,7 @@ enum ChartJob {
     Samples(String, SamplesChart),
     Curve((String, String), CurveChart),
     Cdf((String, String), CurveChart),
+    Convergence((String, String), CurveChart),
 }
 
 impl ChartJob {
@@ -887,6 +891,12 @@ impl ChartJob {
                 "cdf-{}-{:08x}",
                 format::slug(workload, 24),
                 format::short_hash(&format!("{workload}\u{1f}{series}"))
+            ),
+            ChartJob::Convergence((workload, metric), _) => format!(
+                "convergence-{}-{}-{:08x}",
+                format::slug(workload, 24),
+                format::slug(metric, 24),
+                format::short_hash(&format!("{workload}\u{1f}{metric}"))
             ),
             ChartJob::Curve((workload, name), _) => format!(
                 "curve-{}-{}-{:08x}",
@@ -955,6 +965,7 @@ fn draw_charts(
     }
     jobs.extend(curve_chart_jobs(curves, options));
     jobs.extend(cdf_chart_jobs(model, inputs, options));
+    jobs.extend(convergence_chart_jobs(model, inputs, options));
     if options.formats.is_empty() {
         jobs.clear();
     }
@@ -969,7 +980,9 @@ fn draw_charts(
                 ChartJob::Samples(_, chart) => {
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
-                ChartJob::Curve(_, chart) | ChartJob::Cdf(_, chart) => {
+                ChartJob::Curve(_, chart)
+                | ChartJob::Cdf(_, chart)
+                | ChartJob::Convergence(_, chart) => {
                     plot::write_chart(chart, dir, &stem, &options.formats)?
                 }
             };
@@ -991,6 +1004,9 @@ fn draw_charts(
             }
             ChartJob::Cdf(id, _) => {
                 charts.cdfs.insert(id, files);
+            }
+            ChartJob::Convergence(id, _) => {
+                charts.convergence.insert(id, files);
             }
         }
     }
@@ -1120,6 +1136,32 @@ fn cdf_chart_jobs(model: &Model, inputs: &[Input], options: &ReportOptions) -> V
         .collect()
 }
 
+/// Live migration's convergence: per `mig.*` workload and figure, a line per backend of
+/// the figure against the dirty rate.
+fn convergence_chart_jobs(
+    model: &Model,
+    inputs: &[Input],
+    options: &ReportOptions,
+) -> Vec<ChartJob> {
+    let records = inputs.iter().flat_map(|i| &i.records);
+    crate::convergence::collect(records, &model.backend_names())
+        .into_iter()
+        .map(|((workload, metric), curve)| {
+            let title = format!("{workload}: {} against the dirty rate", curve.title);
+            ChartJob::Convergence(
+                (workload, metric),
+                CurveChart {
+                    title,
+                    x_unit: "dirty rate, MB/s".into(),
+                    y_unit: "ms".into(),
+                    series: curve.lines,
+                    width: options.sample_chart_width,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Removes charts an earlier report left in `dir` that this one did not draw, so the
 /// directory holds what the page shows. Only files named as this module names charts are
 /// touched; failing to remove one is harmless, so errors are ignored.
@@ -1134,7 +1176,8 @@ fn remove_stale_charts(dir: &Path, charts: &Charts) {
         let ours = (name.starts_with("group-")
             || name.starts_with("samples-")
             || name.starts_with("curve-")
-            || name.starts_with("cdf-"))
+            || name.starts_with("cdf-")
+            || name.starts_with("convergence-"))
             && (name.ends_with(".png") || name.ends_with(".svg"));
         if ours && !current.contains(&path) {
             let _ = std::fs::remove_file(&path);
