@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hostutil::{rfc3339, statefile};
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use crate::hierarchy::{parent_dir, Hierarchy};
@@ -78,15 +77,7 @@ pub struct CgroupGuard {
 }
 
 fn try_lock(paths: &CgroupPaths) -> Result<Option<Flock<File>>, CgroupError> {
-    let file = statefile::open_lock_file(&paths.lock_file())?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(lock)),
-        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, errno)) => Err(CgroupError::Io {
-            what: format!("locking {}", paths.lock_file().display()),
-            source: errno.into(),
-        }),
-    }
+    Ok(statefile::try_lock(&paths.lock_file())?)
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> CgroupError {

@@ -7,6 +7,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
@@ -92,6 +94,16 @@ pub fn open_lock_file(path: &Path) -> Result<File, StateFileError> {
         .write(true)
         .open(path)
         .map_err(io("opening", path))
+}
+
+/// Takes the exclusive `flock` on the lock file at `path` (opened as
+/// [`open_lock_file`] does) without waiting; `None` while another process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<Flock<File>>, StateFileError> {
+    match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io("locking", path)(errno.into())),
+    }
 }
 
 #[cfg(test)]

@@ -19,8 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hostutil::{rfc3339, statefile};
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::sysfs::KsmSysfs;
@@ -89,20 +88,9 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> KsmError {
     move |source| KsmError::Io { what, source }
 }
 
-fn open_lock(paths: &KsmPaths) -> Result<File, KsmError> {
-    Ok(statefile::open_lock_file(&paths.lock_file())?)
-}
-
 /// The lock, or `None` while another process holds it.
-fn try_lock(file: File, paths: &KsmPaths) -> Result<Option<Flock<File>>, KsmError> {
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(lock)),
-        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, errno)) => Err(KsmError::Io {
-            what: format!("locking {}", paths.lock_file().display()),
-            source: errno.into(),
-        }),
-    }
+fn try_lock(paths: &KsmPaths) -> Result<Option<Flock<File>>, KsmError> {
+    Ok(statefile::try_lock(&paths.lock_file())?)
 }
 
 /// The pid the lock's holder wrote into the lock file (for messages only).
@@ -226,7 +214,7 @@ pub fn restore_stale(paths: &KsmPaths) -> Result<Option<String>, KsmError> {
     if !paths.state_file().exists() {
         return Ok(None);
     }
-    match try_lock(open_lock(paths)?, paths)? {
+    match try_lock(paths)? {
         // A live run's state file: not stale.
         None => Ok(None),
         Some(_lock) => restore_stale_locked(paths),
@@ -244,7 +232,7 @@ impl KsmGuard {
         let started = Instant::now();
         let mut announced = false;
         let lock = loop {
-            if let Some(lock) = try_lock(open_lock(&paths)?, &paths)? {
+            if let Some(lock) = try_lock(&paths)? {
                 break lock;
             }
             let holder = lock_holder(&paths);
