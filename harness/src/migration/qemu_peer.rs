@@ -240,3 +240,56 @@ fn report(info: &Value, started_ns: u64, resumed_ns: u64) -> Value {
         "qemu": info,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> (Qmp, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let input = BufReader::new(ours.try_clone().unwrap());
+        (Qmp { out: ours, input }, theirs)
+    }
+
+    #[test]
+    fn an_endless_qmp_line_is_read_only_to_its_bound_and_refused() {
+        let (mut qmp, mut theirs) = peer();
+        // Past the bound, no newline, and the socket kept open: a reader without the bound
+        // would wait for more and time out; with it, it stops at MAX_REPLY bytes.
+        qmp.input
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let sent = usize::try_from(MAX_REPLY).unwrap() + 4096;
+        let writer = std::thread::spawn(move || {
+            theirs.write_all(&vec![b'x'; sent]).unwrap();
+            theirs
+        });
+        let error = qmp.line().unwrap_err();
+        assert!(error.contains("not JSON"), "{error}");
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_reply_after_events_is_returned_and_an_error_is_a_sentence() {
+        let (mut qmp, mut theirs) = peer();
+        theirs
+            .write_all(b"{\"event\":\"STOP\"}\n{\"return\":{\"status\":\"ok\"}}\n")
+            .unwrap();
+        assert_eq!(
+            qmp.execute("query-status", json!({})).unwrap(),
+            json!({"status": "ok"})
+        );
+        theirs
+            .write_all(b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"no\"}}\n")
+            .unwrap();
+        assert_eq!(
+            qmp.execute("migrate", json!({})).unwrap_err(),
+            "QMP migrate: no"
+        );
+        // QEMU going away (its end of the socket shut) ends the conversation with a sentence.
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        let closed = qmp.line().unwrap_err();
+        assert!(closed.contains("closed its QMP socket"), "{closed}");
+    }
+}
