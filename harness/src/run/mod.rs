@@ -4,7 +4,7 @@
 //! interrupted run keeps everything measured so far.
 
 pub mod balloon;
-mod fio;
+
 pub mod host_context;
 pub mod host_driven;
 pub mod ksm;

@@ -18,8 +18,8 @@ use workloads::table::param::{
 };
 use workloads::{ParamSpec, WorkloadId};
 
-use super::native::{TwinError, TwinPlan};
-use super::plan::param_value;
+use super::twin::{TwinError, TwinPlan};
+use crate::run::plan::param_value;
 
 /// One fio run's figures: requests and bytes per second, completion latencies in ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
