@@ -6,10 +6,9 @@
 //! holds certainly a dead run's. Files live in `/run`, emptied at boot like cgroupfs.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
 
 use hostutil::{rfc3339, statefile};
 use nix::fcntl::Flock;
@@ -54,6 +53,12 @@ pub struct SavedGroups {
     pub pid: u32,
     pub saved_at: String,
     pub groups: Vec<PathBuf>,
+}
+
+impl statefile::Versioned for SavedGroups {
+    fn format(&self) -> u32 {
+        self.format
+    }
 }
 
 /// How one group is set up.
@@ -166,18 +171,9 @@ fn root_of(group: &Path) -> PathBuf {
 /// With the lock held: removes the groups a dead run's state file lists.
 fn remove_stale_locked(paths: &CgroupPaths) -> Result<Option<String>, CgroupError> {
     let path = paths.state_file();
-    let Some(saved) = statefile::read_json::<SavedGroups>(&path)? else {
+    let Some(saved) = statefile::read_versioned::<SavedGroups>(&path, STATE_FORMAT)? else {
         return Ok(None);
     };
-    if saved.format != STATE_FORMAT {
-        return Err(CgroupError::StateFileFormat {
-            path,
-            problem: format!(
-                "format {} (this hvbench writes {STATE_FORMAT})",
-                saved.format
-            ),
-        });
-    }
     let root = saved.groups.first().map(|g| root_of(g)).unwrap_or_default();
     let removed = remove_all(&saved.groups, &root)?;
     statefile::remove(&path)?;
@@ -214,19 +210,11 @@ impl CgroupGuard {
         wait: Duration,
         interrupted: &AtomicBool,
     ) -> Result<Self, CgroupError> {
-        let started = Instant::now();
-        let lock = loop {
-            if let Some(lock) = try_lock(&paths)? {
-                break lock;
-            }
-            if started.elapsed() >= wait || interrupted.load(Ordering::Relaxed) {
-                return Err(CgroupError::Busy(started.elapsed()));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let _ = lock
-            .set_len(0)
-            .and_then(|()| writeln!(&*lock, "{}", std::process::id()));
+        let lock = statefile::lock_waiting(&paths.lock_file(), wait, interrupted, |_| {})?
+            .map_err(|busy| CgroupError::Busy {
+                holder: busy.holder,
+                waited: busy.waited,
+            })?;
         let stale_removed = remove_stale_locked(&paths)?;
         let hierarchy = Hierarchy::detect(&paths.fs_root)?;
         Ok(CgroupGuard {
@@ -363,7 +351,7 @@ mod tests {
         assert_eq!(remove_stale(&paths).unwrap(), None);
         assert!(parent.exists());
         let busy = CgroupGuard::acquire(paths.clone(), Duration::ZERO, &no).unwrap_err();
-        assert!(matches!(busy, CgroupError::Busy(_)), "{busy}");
+        assert!(matches!(busy, CgroupError::Busy { .. }), "{busy}");
         drop(guard);
         assert!(!parent.exists(), "dropping the guard removes its groups");
         assert!(!paths.state_file().exists());

@@ -12,7 +12,6 @@
 mod guard;
 mod hierarchy;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -31,10 +30,10 @@ pub enum CgroupError {
     },
     #[error(transparent)]
     StateFile(#[from] hostutil::statefile::StateFileError),
-    #[error("{}: {problem}", path.display())]
-    StateFileFormat { path: PathBuf, problem: String },
     #[error("removing cgroups: {0}")]
     Remove(String),
-    #[error("another hvbench run holds the cgroup lock (waited {0:?})")]
-    Busy(Duration),
+    #[error(
+        "another hvbench run (pid {holder}) holds the cgroup lock; gave up after {waited:.0?}"
+    )]
+    Busy { holder: String, waited: Duration },
 }

@@ -6,6 +6,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -25,9 +27,26 @@ pub enum StateFileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not JSON of the expected shape, or another layout version.
     #[error("{}: {reason}", path.display())]
     Json { path: PathBuf, reason: String },
 }
+
+/// A state file's layout version, checked when it is read back.
+pub trait Versioned {
+    fn format(&self) -> u32;
+}
+
+/// The lock another process holds past the wait.
+#[derive(Debug)]
+pub struct LockBusy {
+    /// The pid its holder wrote into the lock file (`?` when unreadable).
+    pub holder: String,
+    pub waited: Duration,
+}
+
+/// How often a waiting run tries the lock again.
+const LOCK_RETRY: Duration = Duration::from_millis(200);
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateFileError {
     let path = path.to_path_buf();
@@ -51,6 +70,21 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateFil
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+}
+
+/// The value saved at `path`, which must be of layout `expected`; `None` when nothing was
+/// saved there.
+pub fn read_versioned<T: DeserializeOwned + Versioned>(
+    path: &Path,
+    expected: u32,
+) -> Result<Option<T>, StateFileError> {
+    match read_json::<T>(path)? {
+        Some(saved) if saved.format() != expected => Err(StateFileError::Json {
+            path: path.to_path_buf(),
+            reason: format!("format {} (this hvbench writes {expected})", saved.format()),
+        }),
+        saved => Ok(saved),
+    }
 }
 
 /// Writes `value` whole: a temporary file, synced, renamed over `path`, and the directory
@@ -106,6 +140,46 @@ pub fn try_lock(path: &Path) -> Result<Option<Flock<File>>, StateFileError> {
     }
 }
 
+/// The pid the holder of the lock at `path` wrote there (for messages only).
+pub fn lock_holder(path: &Path) -> String {
+    fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Takes the lock at `path`, waiting up to `wait` while another process holds it, unless
+/// `interrupted` is set; `on_wait` hears the holder's pid once, when the wait begins. The
+/// lock file then holds this process's pid, for the messages of those who wait on it.
+pub fn lock_waiting(
+    path: &Path,
+    wait: Duration,
+    interrupted: &AtomicBool,
+    on_wait: impl FnOnce(&str),
+) -> Result<Result<Flock<File>, LockBusy>, StateFileError> {
+    let started = Instant::now();
+    let mut on_wait = Some(on_wait);
+    let lock = loop {
+        if let Some(lock) = try_lock(path)? {
+            break lock;
+        }
+        let holder = lock_holder(path);
+        if started.elapsed() >= wait || interrupted.load(Ordering::Relaxed) {
+            let waited = started.elapsed();
+            return Ok(Err(LockBusy { holder, waited }));
+        }
+        if let Some(say) = on_wait.take() {
+            say(&holder);
+        }
+        std::thread::sleep(LOCK_RETRY);
+    };
+    let _ = lock
+        .set_len(0)
+        .and_then(|()| writeln!(&*lock, "{}", std::process::id()));
+    Ok(Ok(lock))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +228,58 @@ mod tests {
         let fresh = dir.path().join("new/dir/run.lock");
         open_lock_file(&fresh).unwrap();
         assert!(fresh.exists());
+    }
+
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    struct Layout {
+        format: u32,
+    }
+
+    impl Versioned for Layout {
+        fn format(&self) -> u32 {
+            self.format
+        }
+    }
+
+    #[test]
+    fn another_layout_is_refused_with_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert!(read_versioned::<Layout>(&path, 1).unwrap().is_none());
+        write_json(&path, &Layout { format: 1 }).unwrap();
+        assert_eq!(
+            read_versioned::<Layout>(&path, 1).unwrap(),
+            Some(Layout { format: 1 })
+        );
+        let e = read_versioned::<Layout>(&path, 2).unwrap_err().to_string();
+        assert!(e.contains("format 1 (this hvbench writes 2)"), "{e}");
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_then_busy_with_its_holders_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.lock");
+        let flag = AtomicBool::new(false);
+        let held = lock_waiting(&path, Duration::ZERO, &flag, |_| {})
+            .unwrap()
+            .unwrap();
+        assert_eq!(lock_holder(&path), std::process::id().to_string());
+        // flock is per open file: a second open in this process contends like another run.
+        let mut heard = None;
+        let busy = lock_waiting(&path, Duration::from_millis(300), &flag, |h| {
+            heard = Some(h.to_string())
+        })
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(busy.holder, std::process::id().to_string());
+        assert_eq!(heard.as_deref(), Some(busy.holder.as_str()));
+        assert!(
+            busy.waited >= Duration::from_millis(300),
+            "{:?}",
+            busy.waited
+        );
+        drop(held);
+        let again = lock_waiting(&path, Duration::ZERO, &flag, |_| {}).unwrap();
+        assert!(again.is_ok(), "{again:?}");
     }
 }

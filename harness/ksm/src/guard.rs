@@ -13,10 +13,9 @@
 //! the old file or the new one, never half).
 
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
 
 use hostutil::{rfc3339, statefile};
 use nix::fcntl::Flock;
@@ -74,6 +73,12 @@ pub struct SavedSettings {
     pub settings: Vec<SavedSetting>,
 }
 
+impl statefile::Versioned for SavedSettings {
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
 /// Holds the KSM lock; restores what it changed when dropped.
 #[derive(Debug)]
 pub struct KsmGuard {
@@ -93,34 +98,15 @@ fn try_lock(paths: &KsmPaths) -> Result<Option<Flock<File>>, KsmError> {
     Ok(statefile::try_lock(&paths.lock_file())?)
 }
 
-/// The pid the lock's holder wrote into the lock file (for messages only).
-fn lock_holder(paths: &KsmPaths) -> String {
-    std::fs::read_to_string(paths.lock_file())
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| "?".into())
-}
-
 fn write_state(paths: &KsmPaths, saved: &SavedSettings) -> Result<(), KsmError> {
     Ok(statefile::write_json(&paths.state_file(), saved)?)
 }
 
 fn read_state(paths: &KsmPaths) -> Result<Option<SavedSettings>, KsmError> {
-    let path = paths.state_file();
-    let Some(saved) = statefile::read_json::<SavedSettings>(&path)? else {
-        return Ok(None);
-    };
-    if saved.format != STATE_FORMAT {
-        return Err(KsmError::StateFile {
-            path,
-            problem: format!(
-                "format {} (this hvbench writes {STATE_FORMAT})",
-                saved.format
-            ),
-        });
-    }
-    Ok(Some(saved))
+    Ok(statefile::read_versioned(
+        &paths.state_file(),
+        STATE_FORMAT,
+    )?)
 }
 
 /// Writes the saved values back, last change first, and checks they read back. A setting
@@ -229,29 +215,13 @@ impl KsmGuard {
         wait: Duration,
         interrupted: &AtomicBool,
     ) -> Result<Self, KsmError> {
-        let started = Instant::now();
-        let mut announced = false;
-        let lock = loop {
-            if let Some(lock) = try_lock(&paths)? {
-                break lock;
-            }
-            let holder = lock_holder(&paths);
-            if started.elapsed() >= wait || interrupted.load(Ordering::Relaxed) {
-                return Err(KsmError::Busy {
-                    holder,
-                    waited: started.elapsed(),
-                });
-            }
-            if !announced {
-                hostutil::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM");
-                announced = true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        // For the messages of runs that wait for this one.
-        let _ = lock
-            .set_len(0)
-            .and_then(|()| writeln!(&*lock, "{}", std::process::id()));
+        let lock = statefile::lock_waiting(&paths.lock_file(), wait, interrupted, |holder| {
+            hostutil::say!("hvbench: waiting for hvbench pid {holder}, which is using KSM")
+        })?
+        .map_err(|busy| KsmError::Busy {
+            holder: busy.holder,
+            waited: busy.waited,
+        })?;
         let stale_restored = restore_stale_locked(&paths)?;
         Ok(KsmGuard {
             paths,
