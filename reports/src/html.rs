@@ -13,10 +13,12 @@ use crate::format;
 use crate::matrix::{GridCell, MatrixSummary};
 use crate::plot::{backend_color_hex, ChartFile, ChartFormat};
 use crate::record::{GuestInfo, HostInfo};
-use crate::report::{
-    measurement_anchor, BackendView, Cell, Charts, Measurement, Model, RawCopy, ReportOptions,
-    Versus, CHARTS_DIR,
+use crate::report::charts::{level_text, Charts};
+use crate::report::model::{
+    measurement_anchor, BackendView, Cell, Measurement, Model, ProblemGroup, Versus,
 };
+use crate::report::options::{ReportOptions, CHARTS_DIR};
+use crate::report::raw::RawCopy;
 use std::path::Path;
 
 pub(crate) struct Page<'a> {
@@ -488,7 +490,7 @@ fn figure_html(files: &[ChartFile], alt: &str, caption: &str) -> Markup {
 fn measurements_table(page: &Page, measurements: &[&Measurement]) -> Markup {
     let model = page.model;
     let backends = model.backend_names();
-    let level = crate::report::level_text(page.options.bootstrap.level);
+    let level = level_text(page.options.bootstrap.level);
     let first = backends.first().map(String::as_str).unwrap_or_default();
     let runs = runs_needed(page.options.ab.p_threshold, 1);
     html! {
@@ -527,7 +529,7 @@ fn measurements_table(page: &Page, measurements: &[&Measurement]) -> Markup {
 }
 
 fn group_section(page: &Page, group: &str, measurements: &[&Measurement]) -> Markup {
-    let level = crate::report::level_text(page.options.bootstrap.level);
+    let level = level_text(page.options.bootstrap.level);
     let group_charts = page
         .charts
         .groups
@@ -717,7 +719,7 @@ fn problems_section(model: &Model) -> Markup {
     }
 }
 
-fn problem_row(model: &Model, group: &crate::report::ProblemGroup) -> Markup {
+fn problem_row(model: &Model, group: &ProblemGroup) -> Markup {
     let p = &group.problem;
     let index = model
         .backends
