@@ -150,6 +150,30 @@ impl Sampler {
         self.emit_full_sample(metric, params, (index, warmup), ops, cycles, None);
     }
 
+    /// As [`Sampler::emit_sample`], for a sample taken inside [`Sampler::mark`]: with the
+    /// number of its marker pair, if it has one.
+    pub fn emit_marked_sample(
+        &self,
+        params: &str,
+        (index, warmup): (u64, bool),
+        ops: u64,
+        cycles: u64,
+        marker: Option<u64>,
+    ) {
+        self.emit_full_sample(self.metric(), params, (index, warmup), ops, cycles, marker);
+    }
+
+    /// Runs `op`, a sample that times itself, between the instruction-count markers when
+    /// the host asked for them, as the latency path does; returns its result and the
+    /// number of the pair for [`Sampler::emit_marked_sample`].
+    pub fn mark<T>(&self, op: impl FnOnce() -> T) -> (T, Option<u64>) {
+        let (result, marker) = self.marked(|| Ok::<T, core::convert::Infallible>(op()));
+        match result {
+            Ok(value) => (value, marker),
+            Err(never) => match never {},
+        }
+    }
+
     /// Prints one sample line, with the number of the marker pair around it if any.
     fn emit_full_sample(
         &self,

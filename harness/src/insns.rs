@@ -21,7 +21,12 @@ const LINE_TAG: &str = "hvbench-insns 1";
 /// What records say of how the counts were taken.
 pub const METHOD: &str = "QEMU TCG plugin hvbench-insns (API v1): instructions a vCPU \
     executed from the guest's start marker to its stop marker around each sample, \
-    hypervisor included; a translation block counts whole when it starts";
+    hypervisor included; exact: each instruction counts as it starts (a block left early \
+    counts only what ran, a faulting instruction again when it restarts), under one TCG \
+    thread (`thread=single`)";
+/// QEMU's `-accel` with the plugin: one host thread runs every vCPU, as its exact
+/// per-vCPU count needs (see harness/insns-plugin).
+pub const TCG_ACCEL: &str = "tcg,thread=single";
 /// The most of one boot's log read (about 40 bytes a sample).
 const MAX_WINDOW_BYTES: u64 = 16 << 20;
 
@@ -83,7 +88,8 @@ pub enum PluginLine {
         seq: u64,
         insns: u64,
     },
-    /// The stop marker ran on another vCPU than its start: no count.
+    /// The stop marker ran on another vCPU than its start, or QEMU ran vCPUs on several
+    /// threads: no count.
     Moved {
         seq: u64,
     },
@@ -96,7 +102,8 @@ impl PluginLine {
         }
     }
 
-    /// `hvbench-insns 1 seq=N vcpu=V insns=C` or `... moved=W`; anything else is None.
+    /// `hvbench-insns 1 seq=N vcpu=V insns=C`, `... moved=W` or `... concurrent=1`;
+    /// anything else is None.
     pub fn parse(line: &str) -> Option<PluginLine> {
         let rest = line.strip_prefix(LINE_TAG)?;
         let fields: BTreeMap<&str, u64> = rest
@@ -106,9 +113,10 @@ impl PluginLine {
             .collect();
         let seq = *fields.get("seq")?;
         fields.get("vcpu")?;
-        match (fields.get("insns"), fields.get("moved")) {
-            (Some(&insns), None) => Some(PluginLine::Counted { seq, insns }),
-            (None, Some(_)) => Some(PluginLine::Moved { seq }),
+        let uncounted = fields.contains_key("moved") || fields.contains_key("concurrent");
+        match (fields.get("insns"), uncounted) {
+            (Some(&insns), false) => Some(PluginLine::Counted { seq, insns }),
+            (None, true) => Some(PluginLine::Moved { seq }),
             _ => None,
         }
     }
@@ -192,11 +200,16 @@ mod tests {
             PluginLine::parse("hvbench-insns 1 seq=5 vcpu=1 moved=0"),
             Some(PluginLine::Moved { seq: 5 })
         );
+        assert_eq!(
+            PluginLine::parse("hvbench-insns 1 seq=6 vcpu=0 concurrent=1"),
+            Some(PluginLine::Moved { seq: 6 })
+        );
         for bad in [
             "hvbench-insns 2 seq=1 vcpu=0 insns=3",
             "hvbench-insns 1 seq=x vcpu=0 insns=3",
             "hvbench-insns 1 vcpu=0 insns=3",
             "hvbench-insns 1 seq=1 vcpu=0 insns=3 moved=1",
+            "hvbench-insns 1 seq=1 vcpu=0 insns=3 concurrent=1",
             "noise",
         ] {
             assert_eq!(PluginLine::parse(bad), None, "{bad}");

@@ -100,13 +100,15 @@ pub fn first_touch(s: &Sampler) -> Result<(), Refusal> {
                 "not enough untouched memory left: give the guest more (--memory-mib)",
             ))?;
             let va = map(phys, pages, four_k)?;
-            let start = rdtsc_fenced();
-            for p in 0..pages {
-                // SAFETY: the page belongs to the fresh range just mapped.
-                unsafe { write_volatile((va + p * PAGE) as *mut u64, p) };
-            }
-            let cycles = rdtsc_fenced().wrapping_sub(start);
-            s.emit_sample(series.as_str(), index, warmup, pages, cycles);
+            let (cycles, marker) = s.mark(|| {
+                let start = rdtsc_fenced();
+                for p in 0..pages {
+                    // SAFETY: the page belongs to the fresh range just mapped.
+                    unsafe { write_volatile((va + p * PAGE) as *mut u64, p) };
+                }
+                rdtsc_fenced().wrapping_sub(start)
+            });
+            s.emit_marked_sample(series.as_str(), (index, warmup), pages, cycles, marker);
             paging::unmap();
             reset_work();
         }
@@ -135,12 +137,14 @@ pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
             }
         }
         paging::flush_tlb();
-        let start = rdtsc_fenced();
-        for p in 0..pages {
-            // SAFETY: a page of the window; the fault it takes is repaired by the kernel.
-            unsafe { write_volatile((mapping.va + p * PAGE) as *mut u64, p) };
-        }
-        let cycles = rdtsc_fenced().wrapping_sub(start);
+        let (cycles, marker) = s.mark(|| {
+            let start = rdtsc_fenced();
+            for p in 0..pages {
+                // SAFETY: a page of the window; the fault it takes is repaired by the kernel.
+                unsafe { write_volatile((mapping.va + p * PAGE) as *mut u64, p) };
+            }
+            rdtsc_fenced().wrapping_sub(start)
+        });
         // Every page must have been repaired, or the handler did not run.
         for p in 0..pages {
             // SAFETY: as above.
@@ -151,7 +155,7 @@ pub fn prot_fault(s: &Sampler) -> Result<(), Refusal> {
                 ));
             }
         }
-        s.emit_sample("", index, warmup, pages, cycles);
+        s.emit_marked_sample("", (index, warmup), pages, cycles, marker);
     }
     syscall(Syscall::SetProtWindow as u64, 0, 0, 0);
     result

@@ -3,7 +3,7 @@
 //! See README.md for the markers, the output and the method. GPL-2.0-or-later: it is
 //! loaded into QEMU.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The start marker: `nop dword [rax+rax*1+0x53627668]` ("hvbS").
 pub const START_MARKER: [u8; 8] = [0x0f, 0x1f, 0x84, 0x00, b'h', b'v', b'b', b'S'];
@@ -41,6 +41,8 @@ pub enum Sample {
     Counted { seq: u64, vcpu: usize, insns: u64 },
     /// The stop marker ran on another vCPU than its start: no count.
     Moved { seq: u64, vcpu: usize, from: usize },
+    /// vCPUs ran on more than one host thread (QEMU without `thread=single`): no count.
+    Concurrent { seq: u64, vcpu: usize },
 }
 
 impl Sample {
@@ -52,19 +54,33 @@ impl Sample {
             Sample::Moved { seq, vcpu, from } => {
                 format!("{LINE_TAG} seq={seq} vcpu={vcpu} moved={from}\n")
             }
+            Sample::Concurrent { seq, vcpu } => {
+                format!("{LINE_TAG} seq={seq} vcpu={vcpu} concurrent=1\n")
+            }
         }
     }
 }
 
-/// Per-vCPU instruction counters and the open sample.
+/// Per-vCPU instruction counts, kept exact from one running count of every instruction
+/// started (QEMU adds 1 to it before each instruction, an inline operation: API v1 has one
+/// location for all vCPUs). That is exact only while one host thread runs every vCPU
+/// (`-accel tcg,thread=single`): at each translation block's start the count since the
+/// last block goes to the vCPU that ran it. A block left early counts only what ran.
 #[derive(Debug)]
 pub struct Counters {
+    /// Instructions of each vCPU up to the start of the block running now.
     executed: [AtomicU64; MAX_VCPUS],
+    /// The vCPU running now, and the running count when its block started.
+    running: AtomicU64,
+    running_since: AtomicU64,
     /// The counter position of the open start marker on each vCPU; `NONE` when none.
     started_at: [AtomicU64; MAX_VCPUS],
     /// The vCPU of the last start marker, and the sequence number of samples.
     last_start_vcpu: AtomicU64,
     seq: AtomicU64,
+    /// The first host thread seen running vCPUs; another one makes every count void.
+    owner: AtomicU64,
+    concurrent: AtomicBool,
 }
 
 const NONE: u64 = u64::MAX;
@@ -79,30 +95,59 @@ impl Counters {
     pub const fn new() -> Self {
         Self {
             executed: [const { AtomicU64::new(0) }; MAX_VCPUS],
+            running: AtomicU64::new(NONE),
+            running_since: AtomicU64::new(0),
             started_at: [const { AtomicU64::new(NONE) }; MAX_VCPUS],
             last_start_vcpu: AtomicU64::new(NONE),
             seq: AtomicU64::new(0),
+            owner: AtomicU64::new(0),
+            concurrent: AtomicBool::new(false),
         }
     }
 
-    /// A block of `insns` instructions starts on `vcpu`.
-    pub fn block(&self, vcpu: usize, insns: u64) {
-        if let Some(counter) = self.executed.get(vcpu) {
-            // Only this vCPU's thread writes its slot: no contention.
-            counter.fetch_add(insns, Ordering::Relaxed);
+    /// A block starts on `vcpu`, run by host thread `thread` (non-zero), with the running
+    /// count at `total`: what ran since the last block start goes to the vCPU that ran it.
+    pub fn block(&self, vcpu: usize, thread: u64, total: u64) {
+        // One thread runs every vCPU, so plain loads and stores suffice: these run on
+        // every block, and a locked read-modify-write tripled the plugin's cost.
+        let owner = self.owner.load(Ordering::Relaxed);
+        if owner != thread {
+            if owner == 0 {
+                self.owner.store(thread, Ordering::Relaxed);
+            } else {
+                // Two threads add to one count: nothing can be attributed any more.
+                self.concurrent.store(true, Ordering::Relaxed);
+            }
+        }
+        let since = self.running_since.load(Ordering::Relaxed);
+        let previous = self.running.load(Ordering::Relaxed);
+        self.running_since.store(total, Ordering::Relaxed);
+        if previous != vcpu as u64 {
+            self.running.store(vcpu as u64, Ordering::Relaxed);
+        }
+        let previous = usize::try_from(previous).ok();
+        if let Some(counter) = previous.and_then(|p| self.executed.get(p)) {
+            let ran = total.wrapping_sub(since);
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(ran),
+                Ordering::Relaxed,
+            );
         }
     }
 
-    /// The marker at `index` of a block of `block_insns` instructions ran on `vcpu`.
-    pub fn marker(
-        &self,
-        vcpu: usize,
-        marker: Marker,
-        index: u64,
-        block_insns: u64,
-    ) -> Option<Sample> {
-        let executed = self.executed.get(vcpu)?.load(Ordering::Relaxed);
-        let position = executed.saturating_sub(block_insns).saturating_add(index);
+    /// Instructions `vcpu` has started, with the running count at `total`.
+    fn position(&self, vcpu: usize, total: u64) -> Option<u64> {
+        let mut position = self.executed.get(vcpu)?.load(Ordering::Relaxed);
+        if self.running.load(Ordering::Relaxed) == vcpu as u64 {
+            let since = self.running_since.load(Ordering::Relaxed);
+            position = position.wrapping_add(total.wrapping_sub(since));
+        }
+        Some(position)
+    }
+
+    /// A marker ran on `vcpu`, with the running count at `total`.
+    pub fn marker(&self, vcpu: usize, marker: Marker, total: u64) -> Option<Sample> {
+        let position = self.position(vcpu, total)?;
         match marker {
             Marker::Start => {
                 self.started_at[vcpu].store(position, Ordering::Relaxed);
@@ -116,8 +161,12 @@ impl Counters {
     fn stop(&self, vcpu: usize, position: u64) -> Option<Sample> {
         let started = self.started_at[vcpu].swap(NONE, Ordering::Relaxed);
         if started != NONE {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            if self.concurrent.load(Ordering::Relaxed) {
+                return Some(Sample::Concurrent { seq, vcpu });
+            }
             return Some(Sample::Counted {
-                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                seq,
                 vcpu,
                 insns: position.saturating_sub(started),
             });
@@ -146,16 +195,39 @@ pub fn out_path<'a>(args: impl IntoIterator<Item = &'a str>) -> Option<&'a str> 
 #[cfg(not(test))]
 mod plugin {
     use super::*;
+    use std::cell::UnsafeCell;
+    use std::ffi::c_void;
     use std::fs::File;
     use std::io::Write;
     use std::sync::Mutex;
 
     use qemu_plugin::install::{Args, Info};
     use qemu_plugin::plugin::{HasCallbacks, Register};
-    use qemu_plugin::{register, PluginId, TranslationBlock};
+    use qemu_plugin::{
+        qemu_plugin_register_vcpu_insn_exec_inline, register, PluginId, PluginOp, TranslationBlock,
+    };
 
     static COUNTERS: Counters = Counters::new();
     static OUT: Mutex<Option<File>> = Mutex::new(None);
+
+    /// The running count QEMU's generated code adds 1 to before every instruction.
+    struct Total(UnsafeCell<u64>);
+    // SAFETY: written by QEMU's generated code and read by the callbacks below, all on the
+    // one host thread that runs the vCPUs (`Counters` voids the counts if there are more).
+    unsafe impl Sync for Total {}
+    static TOTAL: Total = Total(UnsafeCell::new(0));
+
+    fn total() -> u64 {
+        // SAFETY: a plain aligned u64 that lives for the process; see `Total`.
+        unsafe { TOTAL.0.get().read_volatile() }
+    }
+
+    /// A non-zero number for the calling host thread: the address of its own copy of a
+    /// thread-local (cheap: it runs on every block).
+    fn thread() -> u64 {
+        thread_local! { static MINE: u8 = const { 0 }; }
+        MINE.with(|mine| std::ptr::from_ref(mine) as u64)
+    }
 
     /// Appends a sample's line; a failed write loses that line only (QEMU goes on).
     fn write_sample(sample: Sample) {
@@ -198,17 +270,21 @@ mod plugin {
             _id: PluginId,
             tb: TranslationBlock,
         ) -> qemu_plugin::Result<()> {
-            let insns = tb.size() as u64;
             tb.register_execute_callback(move |vcpu| {
-                COUNTERS.block(vcpu as usize, insns);
+                COUNTERS.block(vcpu as usize, thread(), total());
             });
-            for (index, insn) in tb.instructions().enumerate() {
+            for insn in tb.instructions() {
+                qemu_plugin_register_vcpu_insn_exec_inline(
+                    insn.clone(),
+                    PluginOp::QEMU_PLUGIN_INLINE_ADD_U64,
+                    TOTAL.0.get().cast::<c_void>(),
+                    1,
+                );
                 let Some(marker) = Marker::of(&insn.data()) else {
                     continue;
                 };
-                let index = index as u64;
                 insn.register_execute_callback(move |vcpu| {
-                    if let Some(sample) = COUNTERS.marker(vcpu as usize, marker, index, insns) {
+                    if let Some(sample) = COUNTERS.marker(vcpu as usize, marker, total()) {
                         write_sample(sample);
                     }
                 });
@@ -234,36 +310,63 @@ mod tests {
     }
 
     #[test]
-    fn a_sample_counts_from_start_to_stop_on_its_vcpu() {
+    fn a_sample_counts_what_its_vcpu_ran_from_start_to_stop() {
         let c = Counters::new();
-        // Block of 10 on vCPU 1 with the start marker at index 4: 4 instructions before it.
-        c.block(1, 10);
-        assert_eq!(c.marker(1, Marker::Start, 4, 10), None);
-        // Another vCPU's work is not counted.
-        c.block(0, 1000);
-        // Two more blocks on vCPU 1, the stop at index 2 of the second (of 5).
-        c.block(1, 7);
-        c.block(1, 5);
-        let sample = c.marker(1, Marker::Stop, 2, 5).unwrap();
-        // From index 4 of the first block: 6 + 7 + 2.
+        // vCPU 1 starts a block at total 0; its start marker runs at total 4.
+        c.block(1, 7, 0);
+        assert_eq!(c.marker(1, Marker::Start, 4), None);
+        // It leaves the block early at 6; vCPU 0 runs 1000 instructions.
+        c.block(0, 7, 6);
+        // vCPU 1 again: its stop marker runs 9 instructions into its next block.
+        c.block(1, 7, 1006);
+        let sample = c.marker(1, Marker::Stop, 1015).unwrap();
+        // 2 before the switch + 9 after; vCPU 0's work is not counted.
         assert_eq!(
             sample,
             Sample::Counted {
                 seq: 0,
                 vcpu: 1,
-                insns: 15
+                insns: 11
             }
         );
-        assert_eq!(sample.line(), "hvbench-insns 1 seq=0 vcpu=1 insns=15\n");
+        assert_eq!(sample.line(), "hvbench-insns 1 seq=0 vcpu=1 insns=11\n");
+        // vCPU 0 was credited with exactly what it ran.
+        assert_eq!(c.position(0, 1015), Some(1000));
+    }
+
+    #[test]
+    fn a_block_left_early_counts_only_what_ran() {
+        let c = Counters::new();
+        c.block(0, 1, 0);
+        c.marker(0, Marker::Start, 1);
+        // A 50-instruction block faults after 3; the handler's block starts at total 4.
+        c.block(0, 1, 1);
+        c.block(0, 1, 4);
+        let Some(Sample::Counted { insns, .. }) = c.marker(0, Marker::Stop, 10) else {
+            panic!("no count");
+        };
+        assert_eq!(insns, 9);
+    }
+
+    #[test]
+    fn vcpus_on_two_host_threads_void_the_counts() {
+        let c = Counters::new();
+        c.block(0, 1, 0);
+        c.marker(0, Marker::Start, 0);
+        c.block(1, 2, 5);
+        c.block(0, 1, 9);
+        let sample = c.marker(0, Marker::Stop, 12).unwrap();
+        assert_eq!(sample, Sample::Concurrent { seq: 0, vcpu: 0 });
+        assert_eq!(sample.line(), "hvbench-insns 1 seq=0 vcpu=0 concurrent=1\n");
     }
 
     #[test]
     fn a_stop_on_another_vcpu_yields_no_count() {
         let c = Counters::new();
-        c.block(0, 3);
-        c.marker(0, Marker::Start, 0, 3);
-        c.block(1, 3);
-        let sample = c.marker(1, Marker::Stop, 1, 3).unwrap();
+        c.block(0, 1, 0);
+        c.marker(0, Marker::Start, 0);
+        c.block(1, 1, 3);
+        let sample = c.marker(1, Marker::Stop, 4).unwrap();
         assert_eq!(
             sample,
             Sample::Moved {
@@ -274,8 +377,8 @@ mod tests {
         );
         assert!(sample.line().contains("moved=0"));
         // A stop with no start at all yields nothing; a vCPU beyond the table neither.
-        assert_eq!(c.marker(1, Marker::Stop, 0, 3), None);
-        assert_eq!(c.marker(MAX_VCPUS, Marker::Start, 0, 3), None);
+        assert_eq!(c.marker(1, Marker::Stop, 5), None);
+        assert_eq!(c.marker(MAX_VCPUS, Marker::Start, 5), None);
     }
 
     #[test]

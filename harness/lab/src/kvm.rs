@@ -420,22 +420,22 @@ impl Recipe for KvmLab {
         status: LabStatus<KvmLabState>,
         options: &KvmLabOptions,
     ) -> Result<KvmLabState, LabError> {
-        if status.state.insns_log.is_some() != options.machine.insns_plugin.is_some() {
-            return Err(LabError::InvalidOptions {
-                reason: format!(
-                    "a KVM lab {} the instruction-count plugin is up; `hvbench lab down kvm` \
-                     first to boot one {} it",
-                    if status.state.insns_log.is_some() {
-                        "with"
-                    } else {
-                        "without"
-                    },
-                    if options.machine.insns_plugin.is_some() {
-                        "with"
-                    } else {
-                        "without"
-                    },
-                ),
+        let counting = |on: bool| {
+            if on {
+                "counting instructions"
+            } else {
+                "not counting"
+            }
+        };
+        let running = counting(status.state.insns_log.is_some());
+        let wanted = counting(options.machine.insns_plugin.is_some());
+        if running != wanted {
+            return Err(LabError::SettingsDiffer {
+                lab: "KVM",
+                kind: "kvm",
+                running: running.into(),
+                wanted: wanted.into(),
+                cache_dir: cache_dir.display().to_string(),
             });
         }
         let progress = options.machine.progress;

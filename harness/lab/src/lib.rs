@@ -75,6 +75,18 @@ pub enum LabError {
     Interrupted,
     #[error("invalid lab options: {reason}")]
     InvalidOptions { reason: String },
+    #[error(
+        "a {lab} lab {running} is up from {cache_dir}, not one {wanted}: add --replace to \
+         `hvbench lab up` to stop it and boot the one asked for, or stop it first with \
+         `hvbench lab down {kind} --cache-dir {cache_dir}`"
+    )]
+    SettingsDiffer {
+        lab: &'static str,
+        kind: &'static str,
+        running: String,
+        wanted: String,
+        cache_dir: String,
+    },
     #[error("cannot use KVM for the lab: {reason}; use TCG")]
     AccelUnavailable { reason: String },
     #[error("lab state file {path}: {reason}")]

@@ -58,6 +58,13 @@ struct MachineBase<'a> {
     share_insns: bool,
 }
 
+/// QEMU's virtual clock while instructions are counted: 2^0 ns per instruction, so the
+/// lab's timer interrupts land after so many instructions, not after so much host time
+/// (on a loaded host a sample took long enough for several ticks, each counted in it).
+/// Idle time still runs at the host's pace (`sleep=on`), so ssh and 9p waits behave.
+/// icount needs one TCG thread, which the plugin's exact count needs too.
+pub(crate) const INSNS_ICOUNT: &str = "shift=0,align=off,sleep=on";
+
 /// The 9p mount tag of the instruction-count log's directory in the KVM lab.
 pub(crate) const INSNS_TAG: &str = "hvbinsns";
 
@@ -99,6 +106,7 @@ impl MachineBase<'_> {
         push(&["-pidfile", &self.pid_file.to_string_lossy()]);
         push(&["-daemonize"]);
         if let Some((plugin, log)) = self.insns {
+            push(&["-icount", INSNS_ICOUNT]);
             push(&[
                 "-plugin",
                 &format!("{},out={}", plugin.display(), log.display()),
@@ -206,9 +214,15 @@ impl LinuxBoot<'_> {
             check_paths(&[plugin, log])?;
         }
         // panic=-1 with -no-reboot: a kernel panic stops QEMU instead of looping.
-        let append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
+        let mut append = format!("console=ttyS0 panic=-1 {}", self.extra_append)
             .trim()
             .to_string();
+        if self.insns.is_some() {
+            // Under QEMU 7.2's icount (see INSNS_ICOUNT) Linux 6.1 hung for good bringing
+            // up its second CPU ("x86: Booting SMP configuration:"); with one it booted. The
+            // machine keeps its CPUs (the Xen lab's identical hardware), Linux uses one.
+            append.push_str(" maxcpus=1");
+        }
         Ok(self
             .base()
             .arguments(self.kernel, &append, &self.initramfs.to_string_lossy()))
@@ -245,7 +259,8 @@ impl XenBoot<'_> {
             memory_mib: self.memory_mib,
             cpus: self.cpus,
             accel: self.accel,
-            single_threaded_tcg: false,
+            // The plugin's exact count and icount need one TCG thread.
+            single_threaded_tcg: self.insns.is_some(),
             insns: self.insns,
             share_insns: false,
         }
@@ -445,6 +460,27 @@ mod tests {
             &"/cache/xen/vmlinuz console=hvc0 earlyprintk=xen,/cache/xen/initrd.cpio".to_string()
         ));
         assert!(arguments.contains(&"-daemonize".to_string()));
+        // Counting: one TCG thread, the clock by instructions, dom0 on CPU 0.
+        let log = Path::new("/cache/xen/run/insns.log");
+        let counting = XenBoot {
+            insns: Some((Path::new("/t/libhvbench_insns.so"), log)),
+            ..boot(dir, &paths)
+        }
+        .arguments()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+        assert!(
+            counting.contains("-accel tcg,thread=single -cpu max"),
+            "{counting}"
+        );
+        assert!(
+            counting.contains("-icount shift=0,align=off,sleep=on"),
+            "{counting}"
+        );
+        assert!(counting.contains("dom0_vcpus_pin"), "{counting}");
     }
 
     /// Issue 8: with a TCG thread per vCPU the KVM lab wedged after a few guest boots.
@@ -507,6 +543,16 @@ mod tests {
             ),
             "{counting}"
         );
+        assert!(
+            counting.contains("maxcpus=1") && !tcg.contains("maxcpus"),
+            "{counting}"
+        );
+        // Counting runs the virtual clock by instructions; without it, host time.
+        assert!(
+            counting.contains("-icount shift=0,align=off,sleep=on"),
+            "{counting}"
+        );
+        assert!(!tcg.contains("-icount"), "{tcg}");
     }
 
     #[test]

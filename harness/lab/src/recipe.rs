@@ -41,6 +41,9 @@ pub struct MachineOptions {
     /// The hvbench-insns QEMU plugin (TCG only): load it, and count instructions per
     /// operation into the lab's `run/insns.log`.
     pub insns_plugin: Option<PathBuf>,
+    /// When a lab with other settings (hypervisor, plugin) is up: stop it and boot the
+    /// one asked for, instead of refusing.
+    pub replace: bool,
 }
 
 impl MachineOptions {
@@ -56,6 +59,7 @@ impl MachineOptions {
             progress: progress_to_stderr,
             cancel: None,
             insns_plugin: None,
+            replace: false,
         }
     }
 }
@@ -233,12 +237,21 @@ pub(crate) fn up<R: Recipe>(options: &R::Options) -> Result<R::State, LabError> 
 
     if let Some(status) = status::<R>(cache_dir)? {
         if status.healthy() {
-            return R::reuse(cache_dir, status, options);
+            match R::reuse(cache_dir, status, options) {
+                Err(LabError::SettingsDiffer { running, .. }) if machine.replace => {
+                    progress(&format!(
+                        "a {} lab {running} is up; stopping it (--replace)",
+                        R::NAME
+                    ));
+                }
+                reused => return reused,
+            }
+        } else {
+            progress(&format!(
+                "a previous {} lab is not healthy; stopping it",
+                R::NAME
+            ));
         }
-        progress(&format!(
-            "a previous {} lab is not healthy; stopping it",
-            R::NAME
-        ));
     }
     // Also catches a QEMU whose bring-up was killed before it saved any state.
     down::<R>(cache_dir)?;

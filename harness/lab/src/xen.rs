@@ -321,7 +321,7 @@ impl Recipe for XenLab {
     }
 
     fn reuse(
-        _cache_dir: &Path,
+        cache_dir: &Path,
         status: LabStatus<XenLabState>,
         options: &XenLabOptions,
     ) -> Result<XenLabState, LabError> {
@@ -330,32 +330,29 @@ impl Recipe for XenLab {
             .hypervisor
             .as_ref()
             .map_or(XenHypervisor::Debian, |h| h.choice);
-        if status.state.insns_log.is_some() != options.machine.insns_plugin.is_some() {
-            return Err(LabError::InvalidOptions {
-                reason: format!(
-                    "a Xen lab {} the instruction-count plugin is up; `hvbench lab down xen` \
-                     first to boot one {} it",
-                    if status.state.insns_log.is_some() {
-                        "with"
-                    } else {
-                        "without"
-                    },
-                    if options.machine.insns_plugin.is_some() {
-                        "with"
-                    } else {
-                        "without"
-                    },
-                ),
-            });
-        }
-        if running != options.hypervisor {
-            return Err(LabError::InvalidOptions {
-                reason: format!(
-                    "a Xen lab with the {} hypervisor is up; `hvbench lab down xen` first to \
-                     boot the {} one",
-                    running.as_str(),
-                    options.hypervisor.as_str()
-                ),
+        let counting = |on: bool| {
+            if on {
+                "counting instructions"
+            } else {
+                "not counting"
+            }
+        };
+        let describe = |hypervisor: XenHypervisor, insns: bool| {
+            format!(
+                "with the {} hypervisor, {}",
+                hypervisor.as_str(),
+                counting(insns)
+            )
+        };
+        let running = describe(running, status.state.insns_log.is_some());
+        let wanted = describe(options.hypervisor, options.machine.insns_plugin.is_some());
+        if running != wanted {
+            return Err(LabError::SettingsDiffer {
+                lab: "Xen",
+                kind: "xen",
+                running,
+                wanted,
+                cache_dir: cache_dir.display().to_string(),
             });
         }
         (options.machine.progress)(&format!(
@@ -724,6 +721,47 @@ mod state_tests {
         // Nothing of ours runs: down reports false and forgets the state.
         assert!(!lab_down(dir.path()).unwrap());
         assert!(lab_status(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lab_with_other_settings_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = |insns: bool| LabStatus {
+            state: XenLabState {
+                insns_log: insns.then(|| dir.path().join("xen/run/insns.log")),
+                ..sample_state(dir.path())
+            },
+            qemu_running: true,
+            answer: Some("4.17.7".into()),
+        };
+        let mut options = XenLabOptions::new(dir.path());
+        // The same settings: reused.
+        XenLab::reuse(dir.path(), status(false), &options).unwrap();
+        // Debian's hypervisor up, shadow asked for: refused, saying what is up and how.
+        options.hypervisor = XenHypervisor::Shadow;
+        let e = XenLab::reuse(dir.path(), status(false), &options).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, LabError::SettingsDiffer { .. }), "{text}");
+        assert!(
+            text.contains("with the debian hypervisor, not counting"),
+            "{text}"
+        );
+        assert!(
+            text.contains("not one with the shadow hypervisor"),
+            "{text}"
+        );
+        assert!(text.contains("--replace"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "hvbench lab down xen --cache-dir {}",
+                dir.path().display()
+            )),
+            "{text}"
+        );
+        // Counting differs alone: refused too.
+        options.hypervisor = XenHypervisor::Debian;
+        let e = XenLab::reuse(dir.path(), status(true), &options).unwrap_err();
+        assert!(e.to_string().contains("counting instructions is up"), "{e}");
     }
 
     #[test]

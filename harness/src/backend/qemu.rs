@@ -239,12 +239,20 @@ impl QemuBackend {
         self.image_dir.path().join("insns.log")
     }
 
+    /// `-accel`: the plugin's counts are exact only with every vCPU on one TCG thread.
+    fn accel_argument(&self) -> String {
+        match self.insns_plugin {
+            Some(_) => crate::insns::TCG_ACCEL.into(),
+            None => self.accel.name().into(),
+        }
+    }
+
     fn arguments(&self, request: &BootRequest, kernel: &Path) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "-machine".into(),
             self.options.machine.argument().into(),
             "-accel".into(),
-            self.accel.name().into(),
+            self.accel_argument(),
             "-cpu".into(),
             self.cpu.clone(),
             "-m".into(),

@@ -46,6 +46,11 @@ pub enum LabAction {
         /// plugin's log with its Linux over 9p for `lab run kvm`).
         #[arg(long)]
         insns: bool,
+        /// If a lab with other settings (`--hypervisor`, `--insns`) is up from this cache
+        /// directory, stop it and boot the one asked for (without it, `up` refuses and
+        /// says how).
+        #[arg(long)]
+        replace: bool,
     },
     /// Run `hvbench run --backend kvm` inside the KVM lab, optionally with KVM's paging
     /// switched (`hvbench host paging MODE --` in the lab), and copy its records into
@@ -161,6 +166,7 @@ fn lab_action<L: lab::Lab>(
             memory_mib,
             cpus,
             boot_timeout_s,
+            replace,
             ..
         } => {
             let mut opts = L::options(where_.resolve()?)?;
@@ -170,6 +176,7 @@ fn lab_action<L: lab::Lab>(
             machine.cancel = Some(interrupt::install());
             machine.accel = lab_accel(accel)?;
             machine.cpus = *cpus;
+            machine.replace = *replace;
             if let Some(memory_mib) = memory_mib {
                 machine.memory_mib = *memory_mib;
             }

@@ -291,7 +291,10 @@ fn insns_record(
     if uncounted > 0 {
         insns.notes.insert(
             "insns_uncounted".into(),
-            format!("{uncounted} sample(s) had no count (stop marker on another vCPU)"),
+            format!(
+                "{uncounted} sample(s) had no count (stop marker on another vCPU, or QEMU \
+                 ran vCPUs on several threads)"
+            ),
         );
     }
     insns.summary = summarize(&samples);

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod stale;
+pub mod tsc;
 pub mod xl;
 
 use std::collections::BTreeMap;
@@ -264,6 +265,11 @@ pub struct XenBackend {
 }
 
 impl XenBackend {
+    /// The domains' TSC mode: what a real host would give them (see tsc.rs).
+    fn tsc_mode(&self) -> tsc::TscMode {
+        tsc::TscMode::for_host(self.host.lab.is_some())
+    }
+
     /// Connects, checks that the host runs Xen, and fingerprints it.
     pub fn new(host: XenHostSpec, paging: Paging) -> Result<Self, XenError> {
         let t = &host.transport;
@@ -359,6 +365,7 @@ impl Hypervisor for XenBackend {
         details.insert("xen_host".into(), self.host.spec.clone());
         details.insert("guest_type".into(), "pvh".into());
         details.insert("paging".into(), self.paging.name().into());
+        details.insert("tsc_mode".into(), self.tsc_mode().detail().into());
         for key in [
             "virt_caps",
             "xen_scheduler",
@@ -493,6 +500,7 @@ impl Hypervisor for XenBackend {
                 .disk
                 .as_ref()
                 .map(|d| (d.path.clone(), d.script.clone())),
+            tsc_mode: self.tsc_mode(),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport().clone();

@@ -106,6 +106,8 @@ pub struct DomainConfig {
     /// The block workloads' disk on the dom0 and the hotplug script that makes it a loop
     /// device for blkback, where the run has one.
     pub disk: Option<(String, String)>,
+    /// xl's `tsc_mode` (nothing written for Xen's default).
+    pub tsc_mode: super::tsc::TscMode,
 }
 
 /// A value for an xl config string (double quotes; hvbench's values never need escapes,
@@ -136,10 +138,11 @@ impl DomainConfig {
                 Paging::Hap => 1,
                 Paging::Shadow => 0,
             },
-        ) + &self
-            .cpus
-            .map(|cpu| format!("cpus = \"{cpu}\"\n"))
-            .unwrap_or_default()
+        ) + self.tsc_mode.config_line()
+            + &self
+                .cpus
+                .map(|cpu| format!("cpus = \"{cpu}\"\n"))
+                .unwrap_or_default()
             + &self.render_disk()
     }
 
@@ -327,8 +330,15 @@ mod tests {
             paging: Paging::Shadow,
             cpus: None,
             disk: None,
+            tsc_mode: crate::backend::xen::tsc::TscMode::Default,
         };
         let text = c.render();
+        assert!(!text.contains("tsc_mode"), "{text}");
+        let native = DomainConfig {
+            tsc_mode: crate::backend::xen::tsc::TscMode::Native,
+            ..c.clone()
+        };
+        assert!(native.render().contains("\ntsc_mode = \"native\"\n"));
         assert!(!text.contains("\ncpus ="), "{text}");
         let pinned = DomainConfig {
             cpus: Some(1),
