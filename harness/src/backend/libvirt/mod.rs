@@ -7,8 +7,11 @@
 //! and every command runs in a process group of its own under a time limit, which a
 //! blocking library call on a wedged daemon would not give.
 //!
-//! Each boot: `virsh create --paused` of a transient domain `hvbench-<pid>-<n>` (transient:
-//! its destruction also undefines it), a `virsh event` watcher, then `virsh resume`. The
+//! Each boot is one `virsh create` of a transient domain `hvbench-<pid>-<n>` (transient:
+//! its destruction also undefines it); its stop comes from one `virsh event` watcher the
+//! backend keeps for all its domains (events.rs). Nothing is created paused: the console
+//! file holds every byte from the guest's first, so reading it after the start loses
+//! nothing, and a `virsh resume` would be one more process before the guest runs. The
 //! console is a file (`<serial type='file'>`) that hvbench follows as QEMU writes it: a
 //! socket or pipe would give back-pressure, but QEMU's UART drops bytes after a few
 //! failed non-blocking writes (a damaged line on a loaded host), and a file never fails
@@ -19,12 +22,15 @@
 //! which the next `--backend libvirt` run destroys first (their pid is gone).
 
 pub mod domain;
+pub mod events;
+pub mod files;
+pub mod remote;
 pub mod session;
 pub mod virsh;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use reports::record::{BackendInfo, HostInfo};
 use thiserror::Error;
@@ -32,9 +38,10 @@ use workloads::abi::PIO_KERNEL_PORT;
 use workloads::BackendFeature;
 
 use self::domain::{CpuPolicy, DomainSpec};
-use self::session::LibvirtSession;
+use self::events::Events;
+use self::files::Files;
+use self::session::{Created, LibvirtSession};
 use self::virsh::{Versions, Virsh, COMMAND_TIMEOUT, PROBE_TIMEOUT};
-use super::qemu::tempfile_dir::TempDir;
 use super::{BackendError, BackendKind, BootRequest, GuestSession, Hypervisor, Unsupported};
 
 /// The connection used unless `--libvirt-uri` names another.
@@ -44,8 +51,12 @@ pub const DEFAULT_URI: &str = "qemu:///system";
 pub enum LibvirtError {
     #[error("cannot reach libvirt at {uri}: {detail} (is libvirtd or virtqemud running? ci/test.sh shows how to start them)")]
     Unreachable { uri: String, detail: String },
-    #[error("{uri} names another host: hvbench hands QEMU the guest image and console file by their paths on this machine, which a remote libvirt cannot open")]
+    #[error("{uri} names another host over a transport hvbench cannot put the guest image and console file through: use qemu+ssh://")]
     Remote { uri: String },
+    #[error("{0}")]
+    BadUri(String),
+    #[error("the domain's files on the libvirt host: {0}")]
+    RemoteFiles(String),
     #[error(transparent)]
     Virsh(#[from] virsh::VirshError),
     #[error("preparing the domain's files in {dir}: {source}")]
@@ -53,16 +64,6 @@ pub enum LibvirtError {
         dir: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Whether `uri` names a libvirt on another host (`driver+transport://host/...`).
-pub fn is_remote(uri: &str) -> bool {
-    uri.split_once("://")
-        .map(|(_, rest)| {
-            let authority = rest.split(['/', '?']).next().unwrap_or("");
-            !authority.is_empty()
-        })
-        .unwrap_or(false)
 }
 
 /// What `hvbench host` says about libvirt.
@@ -78,7 +79,7 @@ pub struct Reachability {
 
 /// Asks the libvirt at `uri` what it is (`virsh version`, `virsh capabilities`).
 pub fn probe(uri: &str) -> Reachability {
-    let virsh = Virsh { uri: uri.into() };
+    let virsh = Virsh::local(uri);
     let versions = virsh
         .text(&["version"], PROBE_TIMEOUT)
         .map(|t| Versions::parse(&t))
@@ -123,19 +124,23 @@ pub struct LibvirtBackend {
     virsh: Virsh,
     versions: Versions,
     host: HostInfo,
-    /// Guest image, console sockets and domain XML; readable by the user QEMU runs as.
-    dir: TempDir,
+    /// Guest image and console files, where the hypervisor opens them; readable by the
+    /// user QEMU runs as. Dropped after `events` (field order): nothing runs by then.
+    files: Arc<Files>,
+    /// The lifecycle watcher of every domain of this backend.
+    events: Arc<Events>,
     cpu_features: Vec<(CpuPolicy, &'static str)>,
+    /// Where libvirt writes each domain's log.
+    log_dir: &'static str,
 }
 
 impl LibvirtBackend {
-    /// Connects to `uri`, reads the versions, and destroys domains that earlier runs,
-    /// killed outright, left behind.
+    /// Connects to `uri`, reads the versions, destroys domains that earlier runs, killed
+    /// outright, left behind, and starts the lifecycle watcher. A `qemu+ssh://` URI gets
+    /// its files on that host, over SSH.
     pub fn new(uri: &str, host: HostInfo) -> Result<Self, LibvirtError> {
-        if is_remote(uri) {
-            return Err(LibvirtError::Remote { uri: uri.into() });
-        }
-        let virsh = Virsh { uri: uri.into() };
+        let remote = remote::files_host(uri)?;
+        let virsh = Virsh::local(uri);
         let versions = match virsh.text(&["version"], PROBE_TIMEOUT) {
             Ok(text) => Versions::parse(&text),
             Err(e) => {
@@ -145,22 +150,16 @@ impl LibvirtBackend {
                 })
             }
         };
-        for left in sweep_stale(&virsh)? {
+        let events = Arc::new(Events::start(virsh.clone())?);
+        for left in sweep_stale(&virsh, remote.is_some())? {
             crate::say!(
                 "hvbench: destroyed libvirt domain {left}, left by a run that no longer exists"
             );
         }
-        let dir = TempDir::new("hvbench-libvirt").map_err(|source| LibvirtError::Files {
-            dir: std::env::temp_dir(),
-            source,
-        })?;
-        // QEMU runs as libvirt's unprivileged user: it must reach the image and sockets.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(
-            |source| LibvirtError::Files {
-                dir: dir.path().to_path_buf(),
-                source,
-            },
-        )?;
+        let files = Arc::new(match remote {
+            Some(host) => Files::remote(host)?,
+            None => Files::local()?,
+        });
         // As the qemu backend: the TSC frequency advertised; kvm_pvm refuses QEMU's write
         // of IA32_ARCH_CAPABILITIES.
         let mut cpu_features = vec![(CpuPolicy::Require, "invtsc")];
@@ -171,16 +170,11 @@ impl LibvirtBackend {
             virsh,
             versions,
             host,
-            dir,
+            files,
+            events,
             cpu_features,
+            log_dir: "/var/log/libvirt/qemu",
         })
-    }
-
-    fn files_error(&self, source: std::io::Error) -> LibvirtError {
-        LibvirtError::Files {
-            dir: self.dir.path().to_path_buf(),
-            source,
-        }
     }
 
     fn spec<'a>(
@@ -203,8 +197,8 @@ impl LibvirtBackend {
     /// The domain XML as every boot renders it, with the boot's own name and command line
     /// left as `NAME` and `CMDLINE` (records carry the command line in `reproduce`).
     pub fn domain_xml_template(&self) -> String {
-        let kernel = self.dir.path().join("guest-SHA.elf");
-        let console = self.dir.path().join("NAME.console");
+        let kernel = PathBuf::from(self.files.path("guest-SHA.elf"));
+        let console = PathBuf::from(self.files.path("NAME.console"));
         DomainSpec {
             name: "NAME",
             kernel: &kernel,
@@ -224,7 +218,11 @@ impl LibvirtBackend {
 }
 
 /// Destroys `hvbench-<pid>-...` domains whose hvbench process is gone; returns their names.
-fn sweep_stale(virsh: &Virsh) -> Result<Vec<String>, LibvirtError> {
+/// On another host the pid is not this machine's: nothing is swept there.
+fn sweep_stale(virsh: &Virsh, remote: bool) -> Result<Vec<String>, LibvirtError> {
+    if remote {
+        return Ok(Vec::new());
+    }
     let names = virsh.text(&["list", "--all", "--name"], COMMAND_TIMEOUT)?;
     let mut destroyed = Vec::new();
     for name in names.lines().map(str::trim) {
@@ -318,7 +316,7 @@ impl Hypervisor for LibvirtBackend {
     }
 
     fn guest_runs_locally(&self) -> bool {
-        true
+        self.files.transport().is_none()
     }
 
     /// QEMU advises MADV_HUGEPAGE on every RAM block it allocates, under libvirt too.
@@ -331,34 +329,37 @@ impl Hypervisor for LibvirtBackend {
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        let kernel = request
-            .image
-            .write_to(self.dir.path())
-            .map_err(|e| self.files_error(e))?;
-        let _ = std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644));
-        let console = self.dir.path().join(format!("{}.console", request.name));
-        let xml_path = self.dir.path().join(format!("{}.xml", request.name));
-        let files = vec![console.clone(), xml_path.clone()];
-        let remove = |files: &[PathBuf]| {
-            for file in files {
-                let _ = std::fs::remove_file(file);
-            }
-        };
-        let xml = self.spec(request, &kernel, &console).render();
-        if let Err(e) = std::fs::write(&xml_path, xml) {
-            return Err(self.files_error(e).into());
-        }
-        let path = xml_path.display().to_string();
-        if let Err(e) = self
-            .virsh
-            .run(&["create", "--paused", &path], None, COMMAND_TIMEOUT)
-        {
+        let kernel = self.files.put_image(request.image)?;
+        let console = self.files.path(&format!("{}.console", request.name));
+        let xml = self
+            .spec(request, Path::new(&kernel), Path::new(&console))
+            .render();
+        // Registered before the domain exists: its stop cannot come before it is awaited.
+        let verdicts = self
+            .events
+            .register(&request.name)
+            .map_err(LibvirtError::from)?;
+        // `virsh create` reads the XML from its stdin (`/dev/stdin`): no file to clean.
+        if let Err(e) = self.virsh.run(
+            &["create", "/dev/stdin"],
+            Some(xml.as_bytes()),
+            COMMAND_TIMEOUT,
+        ) {
             // A create that timed out may still have made the domain.
             let _ = session::destroy(&self.virsh, &request.name);
-            remove(&files);
+            self.events.unregister(&request.name);
+            self.files.remove(&[console]);
             return Err(LibvirtError::from(e).into());
         }
-        let session = LibvirtSession::start(self.virsh.clone(), request.name.clone(), files)?;
+        let session = LibvirtSession::start(Created {
+            virsh: self.virsh.clone(),
+            name: request.name.clone(),
+            files: self.files.clone(),
+            events: self.events.clone(),
+            verdicts,
+            log: session::domain_log(self.log_dir, &request.name),
+            console,
+        });
         Ok(Box::new(session))
     }
 }
@@ -366,16 +367,6 @@ impl Hypervisor for LibvirtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn remote_uris_are_told_apart_from_local_ones() {
-        assert!(!is_remote("qemu:///system"));
-        assert!(!is_remote("qemu:///system?socket=/tmp/x/libvirt-sock"));
-        assert!(!is_remote("qemu:///session"));
-        assert!(is_remote("qemu+ssh://root@host/system"));
-        assert!(is_remote("qemu+tcp://10.0.0.1:16509/system"));
-        assert!(!is_remote("test:///default"));
-    }
 
     #[test]
     fn an_unreachable_uri_is_a_clear_error_within_seconds() {
