@@ -216,3 +216,71 @@ fn an_unreachable_uri_is_a_clear_error_within_seconds() {
         "a record was written"
     );
 }
+
+/// The `mktemp -d` directories hvbench makes on a remote libvirt host (here: this one).
+fn remote_dirs() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("hvbench-libvirt."))
+        })
+        .collect()
+}
+
+#[test]
+fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let Some(_daemons) = Daemons::ensure() else {
+        return;
+    };
+    let Some(sshd) = common::libvirt::Sshd::start() else {
+        return;
+    };
+    let before = remote_dirs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let uri = sshd.uri();
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "libvirt", "--libvirt-uri", &uri])
+        .args(["-w", "cpu.cpuid", "-w", "selftest.hang"])
+        .args([
+            "--samples",
+            "3",
+            "--warmup",
+            "1",
+            "--timeout-s",
+            "10",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status = wait(&mut child, Duration::from_secs(180));
+    assert_eq!(status.code(), Some(3));
+    let records = reports::read_results(&out).unwrap();
+    let status_of = |w: &str| {
+        records
+            .iter()
+            .find(|r| r.workload == w)
+            .unwrap_or_else(|| panic!("no record of {w}"))
+    };
+    let cpuid = status_of("cpu.cpuid");
+    assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
+    assert_eq!(cpuid.backend.details["uri"], uri);
+    assert_eq!(status_of("selftest.hang").status, Status::Timeout);
+    assert!(ours(pid).is_empty(), "left behind: {:?}", ours(pid));
+    let left: Vec<_> = remote_dirs()
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    assert!(left.is_empty(), "left on the libvirt host: {left:?}");
+}

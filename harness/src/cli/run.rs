@@ -109,7 +109,8 @@ pub struct RunArgs {
     /// `lab run kvm` passes it): the plugin's log as this machine sees it.
     #[arg(long)]
     pub insns_log: Option<PathBuf>,
-    /// libvirt connection for `--backend libvirt` (local URIs only).
+    /// libvirt connection for `--backend libvirt`: local, or `qemu+ssh://[user@]host/system`
+    /// (the guest image and console file then go to that host over SSH).
     #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
     pub libvirt_uri: String,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
