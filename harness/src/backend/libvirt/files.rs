@@ -171,7 +171,7 @@ impl Files {
     /// Starts following the console file at `path`.
     pub fn follow(&self, path: &str) -> Result<Console, String> {
         match &self.place {
-            Place::Local(_) => std::fs::File::open(path)
+            Place::Local(_) => open_when_there(path)
                 .map(Console::Local)
                 .map_err(|e| format!("cannot read the console file {path}: {e}")),
             Place::Remote { host, .. } => RemoteConsole::start(&host.transport, path)
@@ -180,6 +180,31 @@ impl Files {
         }
     }
 }
+
+/// Opens `path`, waiting up to `APPEAR_LIMIT` for it to appear (xenconsoled makes a
+/// domain's console log only once it has seen the domain).
+fn open_when_there(path: &str) -> std::io::Result<std::fs::File> {
+    let started = std::time::Instant::now();
+    loop {
+        match std::fs::File::open(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && started.elapsed() < APPEAR_LIMIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a console file may take to appear after the domain started.
+const APPEAR_LIMIT: Duration = Duration::from_secs(10);
+/// After the domain stopped, a remote console counts as complete once a fetch this long
+/// after the last one brings nothing (xenconsoled writes its log a moment after the
+/// guest wrote its ring).
+const SETTLE: Duration = Duration::from_millis(300);
+/// Fetches at most after the domain stopped.
+const MAX_FETCHES: u32 = 5;
 
 impl Drop for Files {
     fn drop(&mut self) {
@@ -238,8 +263,9 @@ pub struct RemoteConsole {
 
 impl RemoteConsole {
     fn start(transport: &Transport, path: &str) -> Result<Self, TransportError> {
+        // -F: the file may appear only after the domain started (xenconsoled's log).
         let command = format!(
-            "tail -c +1 -f {} & t=$!; cat >/dev/null; kill $t",
+            "tail -c +1 -F {} 2>/dev/null & t=$!; cat >/dev/null; kill $t",
             shell_quote(path)
         );
         let mut child = transport.spawn(&command, true)?;
@@ -297,14 +323,23 @@ impl RemoteConsole {
             self.received += bytes.len() as u64;
             rest.extend_from_slice(&bytes);
         }
-        let command = format!(
-            "tail -c +{} {} | head -c {limit}",
-            self.received + 1,
-            shell_quote(&self.path)
-        );
-        if let Ok(out) = self.transport.run(&command, None, REMOTE_TIMEOUT) {
-            self.received += out.stdout.len() as u64;
-            rest.extend_from_slice(&out.stdout);
+        for fetch in 0..MAX_FETCHES {
+            if fetch > 0 {
+                std::thread::sleep(SETTLE);
+            }
+            let allowed = limit.saturating_sub(rest.len() as u64);
+            let command = format!(
+                "tail -c +{} {} | head -c {allowed}",
+                self.received + 1,
+                shell_quote(&self.path)
+            );
+            match self.transport.run(&command, None, REMOTE_TIMEOUT) {
+                Ok(out) if !out.stdout.is_empty() && allowed > 0 => {
+                    self.received += out.stdout.len() as u64;
+                    rest.extend_from_slice(&out.stdout);
+                }
+                _ => break,
+            }
         }
         rest
     }

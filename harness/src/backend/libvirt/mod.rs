@@ -24,6 +24,7 @@
 pub mod domain;
 pub mod events;
 pub mod files;
+pub mod flavour;
 pub mod remote;
 pub mod session;
 pub mod virsh;
@@ -34,12 +35,13 @@ use std::sync::Arc;
 
 use reports::record::{BackendInfo, HostInfo};
 use thiserror::Error;
-use workloads::abi::PIO_KERNEL_PORT;
 use workloads::BackendFeature;
 
 use self::domain::{CpuPolicy, DomainSpec};
 use self::events::Events;
 use self::files::Files;
+use self::flavour::Flavour;
+use self::remote::FilesHost;
 use self::session::{Created, LibvirtSession};
 use self::virsh::{Versions, Virsh, COMMAND_TIMEOUT, PROBE_TIMEOUT};
 use super::{BackendError, BackendKind, BootRequest, GuestSession, Hypervisor, Unsupported};
@@ -130,8 +132,7 @@ pub struct LibvirtBackend {
     /// The lifecycle watcher of every domain of this backend.
     events: Arc<Events>,
     cpu_features: Vec<(CpuPolicy, &'static str)>,
-    /// Where libvirt writes each domain's log.
-    log_dir: &'static str,
+    flavour: Flavour,
 }
 
 impl LibvirtBackend {
@@ -139,8 +140,24 @@ impl LibvirtBackend {
     /// outright, left behind, and starts the lifecycle watcher. A `qemu+ssh://` URI gets
     /// its files on that host, over SSH.
     pub fn new(uri: &str, host: HostInfo) -> Result<Self, LibvirtError> {
-        let remote = remote::files_host(uri)?;
-        let virsh = Virsh::local(uri);
+        Self::on(uri, host, hostutil::transport::Transport::Local)
+    }
+
+    /// As `new`, with `virsh` run through `at` (a dom0 reached over SSH: the Xen lab),
+    /// where the domain's files then go too.
+    pub fn on(
+        uri: &str,
+        host: HostInfo,
+        at: hostutil::transport::Transport,
+    ) -> Result<Self, LibvirtError> {
+        let remote = match at {
+            hostutil::transport::Transport::Local => remote::files_host(uri)?,
+            ref shell => Some(FilesHost::over(shell.clone())),
+        };
+        let virsh = Virsh {
+            uri: uri.into(),
+            transport: at,
+        };
         let versions = match virsh.text(&["version"], PROBE_TIMEOUT) {
             Ok(text) => Versions::parse(&text),
             Err(e) => {
@@ -151,7 +168,8 @@ impl LibvirtBackend {
             }
         };
         let events = Arc::new(Events::start(virsh.clone())?);
-        for left in sweep_stale(&virsh, remote.is_some())? {
+        let not_here = remote.is_some();
+        for left in sweep_stale(&virsh, not_here)? {
             crate::say!(
                 "hvbench: destroyed libvirt domain {left}, left by a run that no longer exists"
             );
@@ -173,7 +191,7 @@ impl LibvirtBackend {
             files,
             events,
             cpu_features,
-            log_dir: "/var/log/libvirt/qemu",
+            flavour: Flavour::of_uri(uri),
         })
     }
 
@@ -198,8 +216,8 @@ impl LibvirtBackend {
     /// left as `NAME` and `CMDLINE` (records carry the command line in `reproduce`).
     pub fn domain_xml_template(&self) -> String {
         let kernel = PathBuf::from(self.files.path("guest-SHA.elf"));
-        let console = PathBuf::from(self.files.path("NAME.console"));
-        DomainSpec {
+        let console = PathBuf::from(self.flavour.console_path(self.files.dir(), "NAME"));
+        let spec = DomainSpec {
             name: "NAME",
             kernel: &kernel,
             cmdline: "CMDLINE",
@@ -207,13 +225,14 @@ impl LibvirtBackend {
             vcpus: 0,
             console_file: &console,
             cpu_features: &self.cpu_features,
-        }
-        .render()
-        .replace(
-            "<memory unit='MiB'>0</memory>",
-            "<memory unit='MiB'>MEMORY_MIB</memory>",
-        )
-        .replace("<vcpu>0</vcpu>", "<vcpu>VCPUS</vcpu>")
+        };
+        self.flavour
+            .render(&spec)
+            .replace(
+                "<memory unit='MiB'>0</memory>",
+                "<memory unit='MiB'>MEMORY_MIB</memory>",
+            )
+            .replace("<vcpu>0</vcpu>", "<vcpu>VCPUS</vcpu>")
     }
 }
 
@@ -257,8 +276,13 @@ impl Hypervisor for LibvirtBackend {
             details.insert("libvirt_daemon".into(), daemon.clone());
         }
         details.insert("qemu".into(), self.versions.hypervisor.clone());
-        details.insert("machine".into(), "q35".into());
-        details.insert("accel".into(), "kvm".into());
+        details.insert("machine".into(), self.flavour.machine().into());
+        if self.flavour == Flavour::Q35 {
+            details.insert("accel".into(), "kvm".into());
+        }
+        if self.virsh.transport != hostutil::transport::Transport::Local {
+            details.insert("virsh_on".into(), self.virsh.transport.describe());
+        }
         details.insert("domain_xml".into(), self.domain_xml_template());
         BackendInfo {
             kind: "libvirt".into(),
@@ -272,47 +296,8 @@ impl Hypervisor for LibvirtBackend {
     }
 
     fn supports(&self, feature: BackendFeature) -> Result<(), Unsupported> {
-        match feature {
-            BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
-            BackendFeature::KernelIoeventfdPort => Err(format!(
-                "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
-                 QEMU's userspace, not the in-kernel path this workload measures"
-            )
-            .into()),
-            BackendFeature::HypercallFromKernel if self.host.kvm_module == "kvm_pvm" => Err(
-                "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
-                 disables KVM's hypercall-patching quirk, which QEMU does not"
-                    .into(),
-            ),
-            BackendFeature::HypercallFromKernel => Ok(()),
-            BackendFeature::Balloon
-            | BackendFeature::VirtioBalloon
-            | BackendFeature::BlockDevice
-            | BackendFeature::VirtioBlk => Err(super::qemu::Q35_NO_VIRTIO_MMIO.into()),
-            // q35 has a local APIC per vCPU and the domain's <vcpu> APs wait for INIT/SIPI.
-            BackendFeature::LocalApic => Ok(()),
-            BackendFeature::LiveMigration => Err(
-                "hvbench migrates with its own VMM and with plain QEMU (QMP); `virsh migrate` \
-                 is not driven yet"
-                    .into(),
-            ),
-            BackendFeature::VcpuThreads => Err(
-                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
-                 processes; a libvirt domain's vCPU threads are QEMU's: run them with \
-                 --backend kvm"
-                    .into(),
-            ),
-            BackendFeature::KernelSamePageMerging => Err(
-                "hvbench measures KSM with its own VMM, whose processes it controls; run it \
-                 with --backend kvm"
-                    .into(),
-            ),
-            BackendFeature::HltExitsToVmm => Err(
-                "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
-                 never resumes, so HLT cannot be timed there"
-                    .into(),
-            ),
-        }
+        self.flavour
+            .supports(feature, self.host.kvm_module == "kvm_pvm")
     }
 
     fn guest_runs_locally(&self) -> bool {
@@ -321,7 +306,7 @@ impl Hypervisor for LibvirtBackend {
 
     /// QEMU advises MADV_HUGEPAGE on every RAM block it allocates, under libvirt too.
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {
-        Some(hostutil::huge_pages::HugePageAdvice::HugePages)
+        (self.flavour == Flavour::Q35).then_some(hostutil::huge_pages::HugePageAdvice::HugePages)
     }
 
     fn reproduce_args(&self) -> Vec<String> {
@@ -330,18 +315,19 @@ impl Hypervisor for LibvirtBackend {
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
         let kernel = self.files.put_image(request.image)?;
-        let console = self.files.path(&format!("{}.console", request.name));
+        let console = self.flavour.console_path(self.files.dir(), &request.name);
         let xml = self
-            .spec(request, Path::new(&kernel), Path::new(&console))
-            .render();
+            .flavour
+            .render(&self.spec(request, Path::new(&kernel), Path::new(&console)));
         // Registered before the domain exists: its stop cannot come before it is awaited.
         let verdicts = self
             .events
             .register(&request.name)
             .map_err(LibvirtError::from)?;
-        // `virsh create` reads the XML from its stdin (`/dev/stdin`): no file to clean.
+        // `virsh create` reads the XML from its stdin (/proc/self/fd/0: a busybox dom0 has no
+        // /dev/stdin): no file to clean.
         if let Err(e) = self.virsh.run(
-            &["create", "/dev/stdin"],
+            &["create", "/proc/self/fd/0"],
             Some(xml.as_bytes()),
             COMMAND_TIMEOUT,
         ) {
@@ -357,8 +343,9 @@ impl Hypervisor for LibvirtBackend {
             files: self.files.clone(),
             events: self.events.clone(),
             verdicts,
-            log: session::domain_log(self.log_dir, &request.name),
+            log: session::domain_log(self.flavour.log_dir(), &request.name),
             console,
+            flavour: self.flavour,
         });
         Ok(Box::new(session))
     }

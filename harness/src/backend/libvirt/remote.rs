@@ -79,6 +79,16 @@ pub struct FilesHost {
     _known_hosts: Option<TempDir>,
 }
 
+impl FilesHost {
+    /// A host already reached through `transport` (a dom0 virsh runs in).
+    pub fn over(transport: Transport) -> Self {
+        FilesHost {
+            transport,
+            _known_hosts: None,
+        }
+    }
+}
+
 pub fn files_host(uri: &str) -> Result<Option<FilesHost>, LibvirtError> {
     let Some(parsed) = parse(uri)? else {
         return Ok(None);

@@ -12,6 +12,7 @@ use workloads::protocol::{Event, Status};
 
 use super::events::Events;
 use super::files::{Console, Files};
+use super::flavour::Flavour;
 use super::virsh::{Stopped, Virsh, COMMAND_TIMEOUT};
 use super::LibvirtError;
 use crate::backend::{BackendError, GuestEnd, GuestMessage, GuestSession};
@@ -51,6 +52,7 @@ pub struct Created {
     pub console: String,
     /// The log libvirt writes for it there.
     pub log: String,
+    pub flavour: Flavour,
 }
 
 #[derive(Debug)]
@@ -84,9 +86,11 @@ impl LibvirtSession {
         });
         let opened = created.files.follow(&created.console);
         let verdicts = created.verdicts;
+        let flavour = created.flavour;
         let reader_shared = shared.clone();
-        let reader =
-            std::thread::spawn(move || read_console(opened, &verdicts, &reader_shared, &tx));
+        let reader = std::thread::spawn(move || {
+            read_console(opened, &verdicts, flavour, &reader_shared, &tx)
+        });
         LibvirtSession {
             virsh: created.virsh,
             name: created.name,
@@ -110,11 +114,12 @@ impl LibvirtSession {
 fn read_console(
     opened: Result<Console, String>,
     verdicts: &Receiver<Stopped>,
+    flavour: Flavour,
     shared: &Shared,
     tx: &GuestSender,
 ) {
     let end = match opened {
-        Ok(console) => follow(console, verdicts, shared, tx),
+        Ok(console) => follow(console, verdicts, flavour, shared, tx),
         Err(detail) => GuestEnd::Failed { detail },
     };
     let end = if shared.stopping.load(Ordering::Acquire) {
@@ -162,6 +167,7 @@ fn flooded(shared: &Shared) -> GuestEnd {
 fn follow(
     mut console: Console,
     verdicts: &Receiver<Stopped>,
+    flavour: Flavour,
     shared: &Shared,
     tx: &GuestSender,
 ) -> GuestEnd {
@@ -185,7 +191,7 @@ fn follow(
             return GuestEnd::Stopped;
         }
         let stopped = match verdicts.try_recv() {
-            Ok(stopped) => stopped,
+            Ok(stopped) => flavour.normalise(stopped),
             Err(TryRecvError::Disconnected) => {
                 return GuestEnd::Failed {
                     detail: "libvirt's event stream ended before the domain stopped".into(),
@@ -242,8 +248,8 @@ fn end_of(stopped: &Stopped, last_line: Option<&ConsoleLine>) -> GuestEnd {
         Stopped::Failed => match last_line.and_then(end_status) {
             Some(code) => GuestEnd::Exited { code },
             None => GuestEnd::Failed {
-                detail: "QEMU exited without the guest's end line (libvirt: stopped, failed); \
-                         its log is in /var/log/libvirt/qemu/"
+                detail: "the domain ended without the guest's end line (libvirt: stopped); \
+                         libvirt's log of it is kept"
                     .into(),
             },
         },

@@ -105,10 +105,17 @@ impl Virsh {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
-    /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`).
+    /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`). On another
+    /// host it runs beside a guard that kills it when its stdin closes (hvbench ended the
+    /// SSH link): a remote virsh would otherwise outlive the link until it next writes.
     pub fn spawn(&self, args: &[&str]) -> Result<Child, VirshError> {
+        let line = self.command_line(args);
+        let (line, guarded) = match self.transport {
+            Transport::Local => (line, false),
+            Transport::Ssh(_) => (format!("{line} & v=$!; cat >/dev/null; kill $v"), true),
+        };
         self.transport
-            .spawn(&self.command_line(args), false)
+            .spawn(&line, guarded)
             .map_err(|e| VirshError::from_transport(args, e))
     }
 }
