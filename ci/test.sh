@@ -17,6 +17,8 @@ command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon)
 [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] \
     || need+=(libvirt-daemon-driver-qemu)
+# sshd for the qemu+ssh:// libvirt test (the test starts its own on a free port).
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 # The Xen lab test builds the hypervisor from Debian's xen source (once per machine).
 command -v dpkg-source >/dev/null 2>&1 || need+=(dpkg-dev)

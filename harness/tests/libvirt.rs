@@ -216,3 +216,159 @@ fn an_unreachable_uri_is_a_clear_error_within_seconds() {
         "a record was written"
     );
 }
+
+/// The `mktemp -d` directories hvbench makes on a remote libvirt host (here: this one).
+fn remote_dirs() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("hvbench-libvirt."))
+        })
+        .collect()
+}
+
+#[test]
+fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let Some(_daemons) = Daemons::ensure() else {
+        return;
+    };
+    let Some(sshd) = common::libvirt::Sshd::start() else {
+        return;
+    };
+    let before = remote_dirs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let uri = sshd.uri();
+    let mut child = common::hvbench()
+        .args(["run", "--backend", "libvirt", "--libvirt-uri", &uri])
+        .args(["-w", "cpu.cpuid", "-w", "selftest.hang"])
+        .args([
+            "--samples",
+            "3",
+            "--warmup",
+            "1",
+            "--timeout-s",
+            "10",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status = wait(&mut child, Duration::from_secs(180));
+    assert_eq!(status.code(), Some(3));
+    let records = reports::read_results(&out).unwrap();
+    let status_of = |w: &str| {
+        records
+            .iter()
+            .find(|r| r.workload == w)
+            .unwrap_or_else(|| panic!("no record of {w}"))
+    };
+    let cpuid = status_of("cpu.cpuid");
+    assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
+    assert_eq!(cpuid.backend.details["uri"], uri);
+    assert_eq!(status_of("selftest.hang").status, Status::Timeout);
+    assert!(ours(pid).is_empty(), "left behind: {:?}", ours(pid));
+    let left: Vec<_> = remote_dirs()
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    assert!(left.is_empty(), "left on the libvirt host: {left:?}");
+}
+
+/// The Xen lab's cache directory: HVBENCH_XEN_LAB_CACHE_DIR, else hvbench's default.
+fn lab_cache_dir() -> std::path::PathBuf {
+    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => lab::default_cache_dir().expect("HOME is set"),
+    }
+}
+
+#[test]
+fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
+    if !common::required("HVBENCH_REQUIRE_XEN_LAB") {
+        eprintln!(
+            "notice: Xen through libvirt needs the TCG-nested Xen lab; set \
+             HVBENCH_REQUIRE_XEN_LAB=1 to run it (HVBENCH_XEN_LAB_CACHE_DIR picks the lab)"
+        );
+        return;
+    }
+    let _serial = common::exclusive();
+    let cache = lab_cache_dir();
+    let already_up =
+        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+    let _down_on_drop =
+        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
+    let up = common::hvbench()
+        .args(["lab", "up", "xen", "--with-libvirt", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(said.contains("xen:///system answers"), "{said}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let mut child = common::hvbench()
+        .args([
+            "run",
+            "--backend",
+            "libvirt",
+            "--libvirt-uri",
+            "xen:///system",
+        ])
+        .arg("--xen-host")
+        .arg(format!("lab:{}", cache.display()))
+        .args(["-w", "cpu.cpuid", "-w", "io.pio-out", "-w", "selftest.hang"])
+        .args(["--samples", "3", "--timeout-s", "20", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait(&mut child, Duration::from_secs(300));
+    assert_eq!(status.code(), Some(3));
+    let records = reports::read_results(&out).unwrap();
+    let record = |w: &str| {
+        records
+            .iter()
+            .find(|r| r.workload == w)
+            .unwrap_or_else(|| panic!("no record of {w}"))
+    };
+    let cpuid = record("cpu.cpuid");
+    assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
+    assert_eq!(cpuid.backend.details["machine"], "xenpvh");
+    assert!(
+        cpuid.backend.version.contains("Xen"),
+        "{}",
+        cpuid.backend.version
+    );
+    assert_eq!(record("io.pio-out").status, Status::Skip);
+    assert_eq!(record("selftest.hang").status, Status::Timeout);
+    // Nothing of the run is left in dom0: domains, files, virsh or tail processes.
+    let transport = lab::xen_host_in(&cache).unwrap().transport;
+    let left = transport
+        .run(
+            "virsh -q -c xen:///system list --all --name; ls -d /tmp/hvbench-libvirt.* \
+             /var/log/xen/console/guest-hvbench-* 2>/dev/null; ps | grep -E 'virsh|tail' \
+             | grep -v grep; true",
+            None,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert_eq!(left.trim(), "Domain-0", "left in dom0: {left}");
+}

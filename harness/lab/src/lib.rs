@@ -18,6 +18,7 @@ mod cpio;
 mod elf;
 mod initramfs;
 mod kvm;
+mod libvirt;
 mod packages;
 mod qemu;
 mod recipe;
@@ -39,6 +40,7 @@ pub use kvm::{
     KvmLab, KvmLabFetch, KvmLabOptions, KvmLabRun, KvmLabRunOutcome, KvmLabState,
     KVM_HOST_KEY_ALIAS, KVM_READY_MARKER, LAB_HVBENCH,
 };
+pub use libvirt::add_libvirt;
 pub use recipe::{Lab, LabStatus, MachineOptions};
 pub use xen::{XenLab, XenLabOptions, XenLabState, DOM0_MEMORY_MIB, HOST_KEY_ALIAS};
 pub use xen_build::{HypervisorBuild, XenHypervisor};

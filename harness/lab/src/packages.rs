@@ -78,7 +78,7 @@ pub(crate) struct PackageCache {
 
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-const BOOKWORM_SOURCES: &str = "\
+pub(crate) const BOOKWORM_SOURCES: &str = "\
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
@@ -254,7 +254,7 @@ impl PrivateApt {
         run_checked(&mut command, &format!("apt-get source {name}={version}")).map(|_| ())
     }
 
-    fn download(&self, packages: &[String], into: &Path) -> Result<(), LabError> {
+    pub(crate) fn download(&self, packages: &[String], into: &Path) -> Result<(), LabError> {
         let mut command = self.command("apt-get");
         command
             .args(["-q", "download"])

@@ -51,6 +51,11 @@ pub enum LabAction {
         /// says how).
         #[arg(long)]
         replace: bool,
+        /// Xen lab only: add libvirt's libxl driver to dom0 once it is up (Debian 12's
+        /// libvirt 9.0, about 20 MB more to download and copy), for `--backend libvirt
+        /// --libvirt-uri xen:///system --xen-host lab`.
+        #[arg(long)]
+        with_libvirt: bool,
     },
     /// Run `hvbench run --backend kvm` inside the KVM lab, optionally with KVM's paging
     /// switched (`hvbench host paging MODE --` in the lab), and copy its records into
@@ -312,17 +317,38 @@ pub fn lab(action: &LabAction) -> Result<i32> {
         LabAction::Up { kind, .. }
         | LabAction::Status { kind, .. }
         | LabAction::Down { kind, .. } => match kind {
-            LabKindArg::Xen => lab_action::<lab::XenLab>(action, |options| {
-                if matches!(action, LabAction::Up { insns: true, .. }) {
-                    options.machine.insns_plugin = Some(hvbench::insns::find_plugin()?);
+            LabKindArg::Xen => {
+                let status = lab_action::<lab::XenLab>(action, |options| {
+                    if matches!(action, LabAction::Up { insns: true, .. }) {
+                        options.machine.insns_plugin = Some(hvbench::insns::find_plugin()?);
+                    }
+                    options.hypervisor = match hypervisor_of(action) {
+                        HypervisorArg::Debian => lab::XenHypervisor::Debian,
+                        HypervisorArg::Shadow => lab::XenHypervisor::Shadow,
+                    };
+                    Ok(())
+                })?;
+                if let LabAction::Up {
+                    with_libvirt: true,
+                    where_,
+                    ..
+                } = action
+                {
+                    let line = lab::add_libvirt(&where_.resolve()?, &lab::progress_to_stderr)?;
+                    hvbench::tell_line!("libvirt in dom0: xen:///system answers ({line})");
                 }
-                options.hypervisor = match hypervisor_of(action) {
-                    HypervisorArg::Debian => lab::XenHypervisor::Debian,
-                    HypervisorArg::Shadow => lab::XenHypervisor::Shadow,
-                };
-                Ok(())
-            }),
+                Ok(status)
+            }
             LabKindArg::Kvm => lab_action::<lab::KvmLab>(action, |options| {
+                if matches!(
+                    action,
+                    LabAction::Up {
+                        with_libvirt: true,
+                        ..
+                    }
+                ) {
+                    bail!("--with-libvirt is for the Xen lab");
+                }
                 if hypervisor_of(action) != HypervisorArg::Debian {
                     bail!("--hypervisor is for the Xen lab (the KVM lab's KVM is Debian's kernel)");
                 }

@@ -109,7 +109,8 @@ pub struct RunArgs {
     /// `lab run kvm` passes it): the plugin's log as this machine sees it.
     #[arg(long)]
     pub insns_log: Option<PathBuf>,
-    /// libvirt connection for `--backend libvirt` (local URIs only).
+    /// libvirt connection for `--backend libvirt`: local, or `qemu+ssh://[user@]host/system`
+    /// (the guest image and console file then go to that host over SSH).
     #[arg(long, default_value = hvbench::backend::libvirt::DEFAULT_URI)]
     pub libvirt_uri: String,
     /// Xen host for `--backend xen`: `lab` (the one `hvbench lab up xen` deployed),
@@ -191,11 +192,24 @@ fn make_backend(
             .context("the qemu backend cannot start")?
             .with_disk(disk),
         ),
-        BackendKind::Libvirt => Box::new(
-            hvbench::backend::libvirt::LibvirtBackend::new(&args.libvirt_uri, host_info)
-                .context("the libvirt backend cannot start")?,
-        ),
+        BackendKind::Libvirt => Box::new(libvirt_backend(args, host_info)?),
     })
+}
+
+/// `--backend libvirt`: virsh here, or for a `xen://` URI in the dom0 `--xen-host` names
+/// (the Xen lab's, by default), where libvirt's libxl driver runs beside `xl`.
+fn libvirt_backend(
+    args: &RunArgs,
+    host_info: reports::record::HostInfo,
+) -> Result<hvbench::backend::libvirt::LibvirtBackend> {
+    use hvbench::backend::libvirt::{flavour::Flavour, LibvirtBackend};
+    let at = match Flavour::of_uri(&args.libvirt_uri) {
+        Flavour::XenPvh if !args.libvirt_uri.contains("+") => {
+            resolve_xen_host(&args.xen_host)?.transport
+        }
+        _ => Transport::Local,
+    };
+    LibvirtBackend::on(&args.libvirt_uri, host_info, at).context("the libvirt backend cannot start")
 }
 
 /// `hvbench run`; returns the process exit status.

@@ -166,3 +166,112 @@ pub fn domains() -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// An sshd on 127.0.0.1 that only this fixture's key opens, for `qemu+ssh://` tests: its
+/// own host key, authorized keys and port (the standard sshd, if any, is left alone).
+/// Stopped (by pid) and its files removed when dropped.
+pub struct Sshd {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Sshd {
+    /// `None` (the test returns) where sshd or ssh-keygen is missing, unless
+    /// HVBENCH_REQUIRE_LIBVIRT=1 (ci/test.sh installs openssh-server).
+    pub fn start() -> Option<Sshd> {
+        let sshd = Path::new("/usr/sbin/sshd");
+        if !sshd.exists() || !super::on_path("ssh-keygen") || !super::on_path("ssh-keyscan") {
+            let why = "sshd is not installed (Debian's openssh-server)";
+            assert!(
+                !required("HVBENCH_REQUIRE_LIBVIRT"),
+                "{why}, and HVBENCH_REQUIRE_LIBVIRT=1"
+            );
+            eprintln!("notice: {why}; skipping this test");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        for key in ["host_key", "id"] {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path(key))
+                .status()
+                .unwrap();
+            assert!(status.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(path("id.pub"), path("authorized_keys")).unwrap();
+        // libvirt's own ssh, with no_verify, would add the host key to the user's
+        // known_hosts: this wrapper (the URI's `command=`) keeps it out.
+        std::fs::write(
+            path("ssh"),
+            "#!/bin/sh\nexec ssh -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \"$@\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path("ssh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A free port: the kernel's pick, released just before sshd binds it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nPidFile none\nStrictModes no\n",
+            path("host_key").display(),
+            path("authorized_keys").display()
+        );
+        std::fs::write(path("sshd_config"), config).unwrap();
+        // sshd's privilege separation directory (a service manager would make it).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let log = std::fs::File::create(path("sshd.log")).unwrap();
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(path("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut sshd = Sshd { child, dir, port };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = sshd.child.try_wait() {
+                panic!("sshd exited ({status}): {}", sshd.log());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sshd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(sshd)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    /// `qemu+ssh://root@127.0.0.1:PORT/system` with this fixture's key.
+    pub fn uri(&self) -> String {
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        format!(
+            "qemu+ssh://root@127.0.0.1:{}/system?keyfile={}&no_verify=1&command={}",
+            self.port,
+            path("id"),
+            path("ssh")
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = kill(
+            Pid::from_raw(self.child.id().cast_signed()),
+            Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}

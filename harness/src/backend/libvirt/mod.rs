@@ -7,8 +7,11 @@
 //! and every command runs in a process group of its own under a time limit, which a
 //! blocking library call on a wedged daemon would not give.
 //!
-//! Each boot: `virsh create --paused` of a transient domain `hvbench-<pid>-<n>` (transient:
-//! its destruction also undefines it), a `virsh event` watcher, then `virsh resume`. The
+//! Each boot is one `virsh create` of a transient domain `hvbench-<pid>-<n>` (transient:
+//! its destruction also undefines it); its stop comes from one `virsh event` watcher the
+//! backend keeps for all its domains (events.rs). Nothing is created paused: the console
+//! file holds every byte from the guest's first, so reading it after the start loses
+//! nothing, and a `virsh resume` would be one more process before the guest runs. The
 //! console is a file (`<serial type='file'>`) that hvbench follows as QEMU writes it: a
 //! socket or pipe would give back-pressure, but QEMU's UART drops bytes after a few
 //! failed non-blocking writes (a damaged line on a loaded host), and a file never fails
@@ -19,22 +22,28 @@
 //! which the next `--backend libvirt` run destroys first (their pid is gone).
 
 pub mod domain;
+pub mod events;
+pub mod files;
+pub mod flavour;
+pub mod remote;
 pub mod session;
 pub mod virsh;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use reports::record::{BackendInfo, HostInfo};
 use thiserror::Error;
-use workloads::abi::PIO_KERNEL_PORT;
 use workloads::BackendFeature;
 
 use self::domain::{CpuPolicy, DomainSpec};
-use self::session::LibvirtSession;
+use self::events::Events;
+use self::files::Files;
+use self::flavour::Flavour;
+use self::remote::FilesHost;
+use self::session::{Created, LibvirtSession};
 use self::virsh::{Versions, Virsh, COMMAND_TIMEOUT, PROBE_TIMEOUT};
-use super::qemu::tempfile_dir::TempDir;
 use super::{BackendError, BackendKind, BootRequest, GuestSession, Hypervisor, Unsupported};
 
 /// The connection used unless `--libvirt-uri` names another.
@@ -44,8 +53,12 @@ pub const DEFAULT_URI: &str = "qemu:///system";
 pub enum LibvirtError {
     #[error("cannot reach libvirt at {uri}: {detail} (is libvirtd or virtqemud running? ci/test.sh shows how to start them)")]
     Unreachable { uri: String, detail: String },
-    #[error("{uri} names another host: hvbench hands QEMU the guest image and console file by their paths on this machine, which a remote libvirt cannot open")]
+    #[error("{uri} names another host over a transport hvbench cannot put the guest image and console file through: use qemu+ssh://")]
     Remote { uri: String },
+    #[error("{0}")]
+    BadUri(String),
+    #[error("the domain's files on the libvirt host: {0}")]
+    RemoteFiles(String),
     #[error(transparent)]
     Virsh(#[from] virsh::VirshError),
     #[error("preparing the domain's files in {dir}: {source}")]
@@ -53,16 +66,6 @@ pub enum LibvirtError {
         dir: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Whether `uri` names a libvirt on another host (`driver+transport://host/...`).
-pub fn is_remote(uri: &str) -> bool {
-    uri.split_once("://")
-        .map(|(_, rest)| {
-            let authority = rest.split(['/', '?']).next().unwrap_or("");
-            !authority.is_empty()
-        })
-        .unwrap_or(false)
 }
 
 /// What `hvbench host` says about libvirt.
@@ -78,7 +81,7 @@ pub struct Reachability {
 
 /// Asks the libvirt at `uri` what it is (`virsh version`, `virsh capabilities`).
 pub fn probe(uri: &str) -> Reachability {
-    let virsh = Virsh { uri: uri.into() };
+    let virsh = Virsh::local(uri);
     let versions = virsh
         .text(&["version"], PROBE_TIMEOUT)
         .map(|t| Versions::parse(&t))
@@ -123,19 +126,38 @@ pub struct LibvirtBackend {
     virsh: Virsh,
     versions: Versions,
     host: HostInfo,
-    /// Guest image, console sockets and domain XML; readable by the user QEMU runs as.
-    dir: TempDir,
+    /// Guest image and console files, where the hypervisor opens them; readable by the
+    /// user QEMU runs as. Dropped after `events` (field order): nothing runs by then.
+    files: Arc<Files>,
+    /// The lifecycle watcher of every domain of this backend.
+    events: Arc<Events>,
     cpu_features: Vec<(CpuPolicy, &'static str)>,
+    flavour: Flavour,
 }
 
 impl LibvirtBackend {
-    /// Connects to `uri`, reads the versions, and destroys domains that earlier runs,
-    /// killed outright, left behind.
+    /// Connects to `uri`, reads the versions, destroys domains that earlier runs, killed
+    /// outright, left behind, and starts the lifecycle watcher. A `qemu+ssh://` URI gets
+    /// its files on that host, over SSH.
     pub fn new(uri: &str, host: HostInfo) -> Result<Self, LibvirtError> {
-        if is_remote(uri) {
-            return Err(LibvirtError::Remote { uri: uri.into() });
-        }
-        let virsh = Virsh { uri: uri.into() };
+        Self::on(uri, host, hostutil::transport::Transport::Local)
+    }
+
+    /// As `new`, with `virsh` run through `at` (a dom0 reached over SSH: the Xen lab),
+    /// where the domain's files then go too.
+    pub fn on(
+        uri: &str,
+        host: HostInfo,
+        at: hostutil::transport::Transport,
+    ) -> Result<Self, LibvirtError> {
+        let remote = match at {
+            hostutil::transport::Transport::Local => remote::files_host(uri)?,
+            ref shell => Some(FilesHost::over(shell.clone())),
+        };
+        let virsh = Virsh {
+            uri: uri.into(),
+            transport: at,
+        };
         let versions = match virsh.text(&["version"], PROBE_TIMEOUT) {
             Ok(text) => Versions::parse(&text),
             Err(e) => {
@@ -145,22 +167,17 @@ impl LibvirtBackend {
                 })
             }
         };
-        for left in sweep_stale(&virsh)? {
+        let events = Arc::new(Events::start(virsh.clone())?);
+        let not_here = remote.is_some();
+        for left in sweep_stale(&virsh, not_here)? {
             crate::say!(
                 "hvbench: destroyed libvirt domain {left}, left by a run that no longer exists"
             );
         }
-        let dir = TempDir::new("hvbench-libvirt").map_err(|source| LibvirtError::Files {
-            dir: std::env::temp_dir(),
-            source,
-        })?;
-        // QEMU runs as libvirt's unprivileged user: it must reach the image and sockets.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(
-            |source| LibvirtError::Files {
-                dir: dir.path().to_path_buf(),
-                source,
-            },
-        )?;
+        let files = Arc::new(match remote {
+            Some(host) => Files::remote(host)?,
+            None => Files::local()?,
+        });
         // As the qemu backend: the TSC frequency advertised; kvm_pvm refuses QEMU's write
         // of IA32_ARCH_CAPABILITIES.
         let mut cpu_features = vec![(CpuPolicy::Require, "invtsc")];
@@ -171,16 +188,11 @@ impl LibvirtBackend {
             virsh,
             versions,
             host,
-            dir,
+            files,
+            events,
             cpu_features,
+            flavour: Flavour::of_uri(uri),
         })
-    }
-
-    fn files_error(&self, source: std::io::Error) -> LibvirtError {
-        LibvirtError::Files {
-            dir: self.dir.path().to_path_buf(),
-            source,
-        }
     }
 
     fn spec<'a>(
@@ -203,9 +215,9 @@ impl LibvirtBackend {
     /// The domain XML as every boot renders it, with the boot's own name and command line
     /// left as `NAME` and `CMDLINE` (records carry the command line in `reproduce`).
     pub fn domain_xml_template(&self) -> String {
-        let kernel = self.dir.path().join("guest-SHA.elf");
-        let console = self.dir.path().join("NAME.console");
-        DomainSpec {
+        let kernel = PathBuf::from(self.files.path("guest-SHA.elf"));
+        let console = PathBuf::from(self.flavour.console_path(self.files.dir(), "NAME"));
+        let spec = DomainSpec {
             name: "NAME",
             kernel: &kernel,
             cmdline: "CMDLINE",
@@ -213,18 +225,23 @@ impl LibvirtBackend {
             vcpus: 0,
             console_file: &console,
             cpu_features: &self.cpu_features,
-        }
-        .render()
-        .replace(
-            "<memory unit='MiB'>0</memory>",
-            "<memory unit='MiB'>MEMORY_MIB</memory>",
-        )
-        .replace("<vcpu>0</vcpu>", "<vcpu>VCPUS</vcpu>")
+        };
+        self.flavour
+            .render(&spec)
+            .replace(
+                "<memory unit='MiB'>0</memory>",
+                "<memory unit='MiB'>MEMORY_MIB</memory>",
+            )
+            .replace("<vcpu>0</vcpu>", "<vcpu>VCPUS</vcpu>")
     }
 }
 
 /// Destroys `hvbench-<pid>-...` domains whose hvbench process is gone; returns their names.
-fn sweep_stale(virsh: &Virsh) -> Result<Vec<String>, LibvirtError> {
+/// On another host the pid is not this machine's: nothing is swept there.
+fn sweep_stale(virsh: &Virsh, remote: bool) -> Result<Vec<String>, LibvirtError> {
+    if remote {
+        return Ok(Vec::new());
+    }
     let names = virsh.text(&["list", "--all", "--name"], COMMAND_TIMEOUT)?;
     let mut destroyed = Vec::new();
     for name in names.lines().map(str::trim) {
@@ -259,8 +276,13 @@ impl Hypervisor for LibvirtBackend {
             details.insert("libvirt_daemon".into(), daemon.clone());
         }
         details.insert("qemu".into(), self.versions.hypervisor.clone());
-        details.insert("machine".into(), "q35".into());
-        details.insert("accel".into(), "kvm".into());
+        details.insert("machine".into(), self.flavour.machine().into());
+        if self.flavour == Flavour::Q35 {
+            details.insert("accel".into(), "kvm".into());
+        }
+        if self.virsh.transport != hostutil::transport::Transport::Local {
+            details.insert("virsh_on".into(), self.virsh.transport.describe());
+        }
         details.insert("domain_xml".into(), self.domain_xml_template());
         BackendInfo {
             kind: "libvirt".into(),
@@ -274,56 +296,17 @@ impl Hypervisor for LibvirtBackend {
     }
 
     fn supports(&self, feature: BackendFeature) -> Result<(), Unsupported> {
-        match feature {
-            BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
-            BackendFeature::KernelIoeventfdPort => Err(format!(
-                "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
-                 QEMU's userspace, not the in-kernel path this workload measures"
-            )
-            .into()),
-            BackendFeature::HypercallFromKernel if self.host.kvm_module == "kvm_pvm" => Err(
-                "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
-                 disables KVM's hypercall-patching quirk, which QEMU does not"
-                    .into(),
-            ),
-            BackendFeature::HypercallFromKernel => Ok(()),
-            BackendFeature::Balloon
-            | BackendFeature::VirtioBalloon
-            | BackendFeature::BlockDevice
-            | BackendFeature::VirtioBlk => Err(super::qemu::Q35_NO_VIRTIO_MMIO.into()),
-            // q35 has a local APIC per vCPU and the domain's <vcpu> APs wait for INIT/SIPI.
-            BackendFeature::LocalApic => Ok(()),
-            BackendFeature::LiveMigration => Err(
-                "hvbench migrates with its own VMM and with plain QEMU (QMP); `virsh migrate` \
-                 is not driven yet"
-                    .into(),
-            ),
-            BackendFeature::VcpuThreads => Err(
-                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
-                 processes; a libvirt domain's vCPU threads are QEMU's: run them with \
-                 --backend kvm"
-                    .into(),
-            ),
-            BackendFeature::KernelSamePageMerging => Err(
-                "hvbench measures KSM with its own VMM, whose processes it controls; run it \
-                 with --backend kvm"
-                    .into(),
-            ),
-            BackendFeature::HltExitsToVmm => Err(
-                "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
-                 never resumes, so HLT cannot be timed there"
-                    .into(),
-            ),
-        }
+        self.flavour
+            .supports(feature, self.host.kvm_module == "kvm_pvm")
     }
 
     fn guest_runs_locally(&self) -> bool {
-        true
+        self.files.transport().is_none()
     }
 
     /// QEMU advises MADV_HUGEPAGE on every RAM block it allocates, under libvirt too.
     fn guest_ram_advice(&self) -> Option<hostutil::huge_pages::HugePageAdvice> {
-        Some(hostutil::huge_pages::HugePageAdvice::HugePages)
+        (self.flavour == Flavour::Q35).then_some(hostutil::huge_pages::HugePageAdvice::HugePages)
     }
 
     fn reproduce_args(&self) -> Vec<String> {
@@ -331,34 +314,39 @@ impl Hypervisor for LibvirtBackend {
     }
 
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        let kernel = request
-            .image
-            .write_to(self.dir.path())
-            .map_err(|e| self.files_error(e))?;
-        let _ = std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644));
-        let console = self.dir.path().join(format!("{}.console", request.name));
-        let xml_path = self.dir.path().join(format!("{}.xml", request.name));
-        let files = vec![console.clone(), xml_path.clone()];
-        let remove = |files: &[PathBuf]| {
-            for file in files {
-                let _ = std::fs::remove_file(file);
-            }
-        };
-        let xml = self.spec(request, &kernel, &console).render();
-        if let Err(e) = std::fs::write(&xml_path, xml) {
-            return Err(self.files_error(e).into());
-        }
-        let path = xml_path.display().to_string();
-        if let Err(e) = self
-            .virsh
-            .run(&["create", "--paused", &path], None, COMMAND_TIMEOUT)
-        {
+        let kernel = self.files.put_image(request.image)?;
+        let console = self.flavour.console_path(self.files.dir(), &request.name);
+        let xml = self
+            .flavour
+            .render(&self.spec(request, Path::new(&kernel), Path::new(&console)));
+        // Registered before the domain exists: its stop cannot come before it is awaited.
+        let verdicts = self
+            .events
+            .register(&request.name)
+            .map_err(LibvirtError::from)?;
+        // `virsh create` reads the XML from its stdin (/proc/self/fd/0: a busybox dom0 has no
+        // /dev/stdin): no file to clean.
+        if let Err(e) = self.virsh.run(
+            &["create", "/proc/self/fd/0"],
+            Some(xml.as_bytes()),
+            COMMAND_TIMEOUT,
+        ) {
             // A create that timed out may still have made the domain.
             let _ = session::destroy(&self.virsh, &request.name);
-            remove(&files);
+            self.events.unregister(&request.name);
+            self.files.remove(&[console]);
             return Err(LibvirtError::from(e).into());
         }
-        let session = LibvirtSession::start(self.virsh.clone(), request.name.clone(), files)?;
+        let session = LibvirtSession::start(Created {
+            virsh: self.virsh.clone(),
+            name: request.name.clone(),
+            files: self.files.clone(),
+            events: self.events.clone(),
+            verdicts,
+            log: session::domain_log(self.flavour.log_dir(), &request.name),
+            console,
+            flavour: self.flavour,
+        });
         Ok(Box::new(session))
     }
 }
@@ -366,16 +354,6 @@ impl Hypervisor for LibvirtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn remote_uris_are_told_apart_from_local_ones() {
-        assert!(!is_remote("qemu:///system"));
-        assert!(!is_remote("qemu:///system?socket=/tmp/x/libvirt-sock"));
-        assert!(!is_remote("qemu:///session"));
-        assert!(is_remote("qemu+ssh://root@host/system"));
-        assert!(is_remote("qemu+tcp://10.0.0.1:16509/system"));
-        assert!(!is_remote("test:///default"));
-    }
 
     #[test]
     fn an_unreachable_uri_is_a_clear_error_within_seconds() {

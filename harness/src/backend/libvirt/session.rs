@@ -1,25 +1,28 @@
-//! A running libvirt domain: its console (a file QEMU writes and hvbench follows), a
-//! watcher of its lifecycle events (`virsh event`), and its destruction on every path.
+//! A running libvirt domain: its console (a file QEMU writes and hvbench follows), its
+//! lifecycle events (from the backend's watcher), and its destruction on every path.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use workloads::abi::ExitCode;
 use workloads::protocol::{Event, Status};
 
-use super::virsh::{parse_stopped, Stopped, Virsh, COMMAND_TIMEOUT};
+use super::events::Events;
+use super::files::{Console, Files};
+use super::flavour::Flavour;
+use super::virsh::{Stopped, Virsh, COMMAND_TIMEOUT};
 use super::LibvirtError;
 use crate::backend::{BackendError, GuestEnd, GuestMessage, GuestSession};
 use crate::console::{ConsoleLine, GuestSender, LineAssembler};
 
 /// How long the console reader sleeps when it has read everything QEMU wrote.
 const FOLLOW_POLL: Duration = Duration::from_millis(2);
+/// Console silence after which the reader asks libvirt whether the domain still exists
+/// (a stop the watcher missed: it was restarted, or registered after the domain ended).
+const QUIET_CHECK: Duration = Duration::from_secs(2);
 /// Most console bytes read from one guest: past this the domain is destroyed (a guest
 /// that floods its console would otherwise fill the disk; the other backends stall it).
 pub const MAX_CONSOLE_BYTES: u64 = 64 << 20;
@@ -30,11 +33,26 @@ struct Shared {
     /// Set before the host destroys the domain: the reader then reports `Stopped` and
     /// gives up on a full channel.
     stopping: Arc<AtomicBool>,
-    watcher: Mutex<Option<Child>>,
     virsh: Virsh,
     name: String,
     /// The domain ended in a way its QEMU log may explain: the log is kept.
     keep_log: AtomicBool,
+}
+
+/// A domain `virsh create` has just started, and what belongs to it.
+#[derive(Debug)]
+pub struct Created {
+    pub virsh: Virsh,
+    pub name: String,
+    pub files: Arc<Files>,
+    pub events: Arc<Events>,
+    /// Its stop, from the backend's watcher (registered before the create).
+    pub verdicts: Receiver<Stopped>,
+    /// The console file, as the hypervisor's host names it.
+    pub console: String,
+    /// The log libvirt writes for it there.
+    pub log: String,
+    pub flavour: Flavour,
 }
 
 #[derive(Debug)]
@@ -44,87 +62,65 @@ pub struct LibvirtSession {
     messages: Receiver<GuestMessage>,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
-    /// Files of this domain (console socket, XML), removed with it.
-    files: Vec<PathBuf>,
+    files: Arc<Files>,
+    events: Arc<Events>,
+    console: String,
+    log: String,
     destroyed: bool,
     /// How long `virsh destroy` took, once the host destroyed the domain.
     pub destroy_latency: Option<Duration>,
 }
 
 impl LibvirtSession {
-    /// Watches the domain `name` (created paused), follows its console file (the first of
-    /// `files`), then resumes it. From the first line on, the domain is destroyed on
-    /// every path: a failure here destroys it before returning.
-    pub fn start(virsh: Virsh, name: String, files: Vec<PathBuf>) -> Result<Self, BackendError> {
+    /// Follows the console of the domain `virsh create` started (running: the console
+    /// file holds every byte from the first, so nothing is lost by reading it after the
+    /// start). The domain is destroyed on every path from here on.
+    pub fn start(created: Created) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crate::console::guest_channel(stopping.clone());
         let shared = Arc::new(Shared {
             stopping,
-            watcher: Mutex::new(None),
-            virsh: virsh.clone(),
-            name: name.clone(),
+            virsh: created.virsh.clone(),
+            name: created.name.clone(),
             keep_log: AtomicBool::new(false),
         });
-        let mut session = LibvirtSession {
-            virsh: virsh.clone(),
-            name: name.clone(),
+        let opened = created.files.follow(&created.console);
+        let verdicts = created.verdicts;
+        let flavour = created.flavour;
+        let reader_shared = shared.clone();
+        let reader = std::thread::spawn(move || {
+            read_console(opened, &verdicts, flavour, &reader_shared, &tx)
+        });
+        LibvirtSession {
+            virsh: created.virsh,
+            name: created.name,
             messages: rx,
-            shared: shared.clone(),
-            reader: None,
-            files,
+            shared,
+            reader: Some(reader),
+            files: created.files,
+            events: created.events,
+            console: created.console,
+            log: created.log,
             destroyed: false,
             destroy_latency: None,
-        };
-        let watcher = virsh
-            .spawn(&["event", "--domain", &name, "--event", "lifecycle", "--loop"])
-            .map_err(LibvirtError::from);
-        let mut watcher = match watcher {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = session.stop();
-                return Err(e.into());
-            }
-        };
-        let verdicts = read_verdicts(watcher.stdout.take());
-        if let Ok(mut slot) = shared.watcher.lock() {
-            *slot = Some(watcher);
         }
-        let console = session.files.first().cloned().unwrap_or_default();
-        session.reader = Some(std::thread::spawn(move || {
-            read_console(&console, &verdicts, &shared, &tx)
-        }));
-        if let Err(e) = virsh.run(&["resume", &name], None, COMMAND_TIMEOUT) {
-            let _ = session.stop();
-            return Err(LibvirtError::from(e).into());
-        }
-        Ok(session)
     }
 }
 
-/// The watcher's verdicts, one per stop it reports, on a thread of their own.
-fn read_verdicts(stdout: Option<std::process::ChildStdout>) -> Receiver<Stopped> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let Some(out) = stdout else { return };
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(stopped) = parse_stopped(&line) {
-                let _ = tx.send(stopped);
-            }
-        }
-    });
-    rx
-}
-
-/// Follows the console file until the domain has stopped and everything QEMU wrote is
-/// read, then reports how the domain ended. The last complete line is kept (bounded by
-/// the line assembler), because libvirt does not pass on QEMU's exit status: the guest's
-/// `end` line says it.
-fn read_console(console: &Path, verdicts: &Receiver<Stopped>, shared: &Shared, tx: &GuestSender) {
-    let end = match std::fs::File::open(console) {
-        Ok(file) => follow(file, verdicts, shared, tx),
-        Err(e) => GuestEnd::Failed {
-            detail: format!("cannot read the console file {}: {e}", console.display()),
-        },
+/// Follows the console until the domain has stopped and everything QEMU wrote is read,
+/// then reports how the domain ended. The last complete line is kept (bounded by the line
+/// assembler), because libvirt does not pass on QEMU's exit status: the guest's `end`
+/// line says it.
+fn read_console(
+    opened: Result<Console, String>,
+    verdicts: &Receiver<Stopped>,
+    flavour: Flavour,
+    shared: &Shared,
+    tx: &GuestSender,
+) {
+    let end = match opened {
+        Ok(console) => follow(console, verdicts, flavour, shared, tx),
+        Err(detail) => GuestEnd::Failed { detail },
     };
     let end = if shared.stopping.load(Ordering::Acquire) {
         GuestEnd::Stopped
@@ -137,59 +133,113 @@ fn read_console(console: &Path, verdicts: &Receiver<Stopped>, shared: &Shared, t
     let _ = tx.send(GuestMessage::Ended(end));
 }
 
-/// Copies what QEMU appends to `file` to the session; returns once the domain stopped
-/// (libvirt's verdict, then the rest of the file) or the host stops it.
+/// The console's bytes so far, the last line, and the bound on both.
+struct Progress {
+    lines: LineAssembler,
+    last_line: Option<ConsoleLine>,
+    total: u64,
+}
+
+impl Progress {
+    /// Passes `bytes` on; false once the guest wrote more than the bound.
+    fn take(&mut self, bytes: Vec<u8>, tx: &GuestSender) -> bool {
+        self.total += bytes.len() as u64;
+        if let Some(line) = self.lines.push(&bytes).pop() {
+            self.last_line = Some(line);
+        }
+        let _ = tx.send(GuestMessage::Console { bytes, exits: None });
+        self.total <= MAX_CONSOLE_BYTES
+    }
+}
+
+fn flooded(shared: &Shared) -> GuestEnd {
+    let _ = destroy(&shared.virsh, &shared.name);
+    GuestEnd::Failed {
+        detail: format!(
+            "the guest wrote more than {MAX_CONSOLE_BYTES} bytes to its console; the host \
+             destroyed it"
+        ),
+    }
+}
+
+/// Copies what QEMU appends to the console to the session; returns once the domain
+/// stopped (libvirt's verdict, then the rest of the console) or the host stops it.
 fn follow(
-    mut file: std::fs::File,
+    mut console: Console,
     verdicts: &Receiver<Stopped>,
+    flavour: Flavour,
     shared: &Shared,
     tx: &GuestSender,
 ) -> GuestEnd {
-    let mut lines = LineAssembler::new();
-    let mut last_line = None;
-    let mut total = 0u64;
-    let mut verdict = None;
+    let mut progress = Progress {
+        lines: LineAssembler::new(),
+        last_line: None,
+        total: 0,
+    };
     let mut buf = [0u8; 4096];
+    let mut quiet_since = Instant::now();
     loop {
-        let n = file.read(&mut buf).unwrap_or(0);
-        if n > 0 {
-            total += n as u64;
-            if let Some(line) = lines.push(&buf[..n]).pop() {
-                last_line = Some(line);
-            }
-            let _ = tx.send(GuestMessage::Console {
-                bytes: buf[..n].to_vec(),
-                exits: None,
-            });
-            if total > MAX_CONSOLE_BYTES {
-                let _ = destroy(&shared.virsh, &shared.name);
-                return GuestEnd::Failed {
-                    detail: format!(
-                        "the guest wrote more than {MAX_CONSOLE_BYTES} bytes to its console; \
-                         the host destroyed it"
-                    ),
-                };
+        let bytes = console.read_new(&mut buf);
+        if !bytes.is_empty() {
+            quiet_since = Instant::now();
+            if !progress.take(bytes, tx) {
+                return flooded(shared);
             }
             continue;
-        }
-        // Everything written so far is read: once libvirt said the domain stopped, QEMU
-        // writes no more.
-        if let Some(stopped) = verdict {
-            return end_of(&stopped, last_line.as_ref());
         }
         if shared.stopping.load(Ordering::Acquire) {
             return GuestEnd::Stopped;
         }
-        match verdicts.try_recv() {
-            Ok(stopped) => verdict = Some(stopped),
+        let stopped = match verdicts.try_recv() {
+            Ok(stopped) => flavour.normalise(stopped),
             Err(TryRecvError::Disconnected) => {
                 return GuestEnd::Failed {
                     detail: "libvirt's event stream ended before the domain stopped".into(),
                 }
             }
-            Err(TryRecvError::Empty) => std::thread::sleep(FOLLOW_POLL),
+            Err(TryRecvError::Empty) if quiet_since.elapsed() > QUIET_CHECK => {
+                quiet_since = Instant::now();
+                if domain_exists(&shared.virsh, &shared.name) {
+                    continue;
+                }
+                // Gone without a word from the watcher: QEMU ended on its own.
+                Stopped::Failed
+            }
+            Err(TryRecvError::Empty) => {
+                std::thread::sleep(FOLLOW_POLL);
+                continue;
+            }
+        };
+        // Once libvirt said the domain stopped, QEMU writes no more: read to the end.
+        let limit = (MAX_CONSOLE_BYTES + 1).saturating_sub(progress.total);
+        let rest = console.finish(limit);
+        if !rest.is_empty() && !progress.take(rest, tx) {
+            return flooded(shared);
         }
+        loop {
+            let bytes = console.read_new(&mut buf);
+            if bytes.is_empty() {
+                break;
+            }
+            if !progress.take(bytes, tx) {
+                return flooded(shared);
+            }
+        }
+        return end_of(&stopped, progress.last_line.as_ref());
     }
+}
+
+/// Whether libvirt still has the domain `name` (false only when it says there is none).
+fn domain_exists(virsh: &Virsh, name: &str) -> bool {
+    match virsh.run(&["domstate", name], None, COMMAND_TIMEOUT) {
+        Ok(_) => true,
+        Err(e) => !e.stderr().is_some_and(gone),
+    }
+}
+
+/// What virsh says of a domain that does not exist.
+fn gone(stderr: &str) -> bool {
+    stderr.contains("ailed to get domain") || stderr.contains("Domain not found")
 }
 
 /// How the guest ended, from libvirt's word and the guest's last line.
@@ -198,8 +248,8 @@ fn end_of(stopped: &Stopped, last_line: Option<&ConsoleLine>) -> GuestEnd {
         Stopped::Failed => match last_line.and_then(end_status) {
             Some(code) => GuestEnd::Exited { code },
             None => GuestEnd::Failed {
-                detail: "QEMU exited without the guest's end line (libvirt: stopped, failed); \
-                         its log is in /var/log/libvirt/qemu/"
+                detail: "the domain ended without the guest's end line (libvirt: stopped); \
+                         libvirt's log of it is kept"
                     .into(),
             },
         },
@@ -240,9 +290,9 @@ fn end_status(line: &ConsoleLine) -> Option<u32> {
     Some(code as u32)
 }
 
-/// The QEMU log libvirt's system daemon keeps for the domain `name`.
-pub fn domain_log(name: &str) -> PathBuf {
-    Path::new("/var/log/libvirt/qemu").join(format!("{name}.log"))
+/// The log libvirt's system daemon keeps for the domain `name` in `dir`.
+pub fn domain_log(dir: &str, name: &str) -> String {
+    format!("{dir}/{name}.log")
 }
 
 /// libvirt's daemons running here (they serve every domain, so their memory is the
@@ -268,11 +318,8 @@ pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
     match virsh.run(&["destroy", name], None, COMMAND_TIMEOUT) {
         Ok(_) => Ok(()),
         Err(e)
-            if e.stderr().is_some_and(|s| {
-                s.contains("ailed to get domain")
-                    || s.contains("Domain not found")
-                    || s.contains("not running")
-            }) =>
+            if e.stderr()
+                .is_some_and(|s| gone(s) || s.contains("not running")) =>
         {
             Ok(())
         }
@@ -286,6 +333,12 @@ impl GuestSession for LibvirtSession {
     }
 
     fn stack_processes(&self) -> crate::backend::StackProcesses {
+        if self.files.transport().is_some() {
+            return crate::backend::StackProcesses {
+                note: Some("the domain runs on another host: its memory is not read"),
+                ..Default::default()
+            };
+        }
         crate::backend::StackProcesses {
             vmm: hostutil::read_trimmed(format!("/run/libvirt/qemu/{}.pid", self.name))
                 .and_then(|pid| pid.parse().ok()),
@@ -304,23 +357,17 @@ impl GuestSession for LibvirtSession {
         // A transient domain is undefined by its destruction: nothing of it stays.
         let result = destroy(&self.virsh, &self.name);
         self.destroy_latency = Some(started.elapsed());
-        if let Ok(mut watcher) = self.shared.watcher.lock() {
-            if let Some(w) = watcher.as_mut() {
-                let _ = w.kill();
-                let _ = w.wait();
-            }
-        }
+        self.events.unregister(&self.name);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        for file in &self.files {
-            let _ = std::fs::remove_file(file);
-        }
         // libvirt writes a log per domain name, and every boot has a new name: it goes
         // with the domain unless the domain ended in a way it may explain.
+        let mut remove = vec![self.console.clone()];
         if !self.shared.keep_log.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(domain_log(&self.name));
+            remove.push(self.log.clone());
         }
+        self.files.remove(&remove);
         result.map_err(Into::into)
     }
 }

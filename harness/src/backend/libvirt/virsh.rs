@@ -1,6 +1,7 @@
 //! `virsh`, libvirt's own client, as a subprocess: every command names the connection
 //! (`-c URI`), runs in a process group of its own (Ctrl-C reaches hvbench alone) and
-//! within a time limit.
+//! within a time limit. It runs here, or on another host through a transport (the Xen
+//! lab's dom0, where libvirt's libxl driver runs beside `xl`).
 
 use std::process::{Child, Output};
 use std::time::Duration;
@@ -60,13 +61,23 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// daemon fails at once, well within it.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A libvirt connection, spoken to through `virsh -c URI`.
+/// A libvirt connection, spoken to through `virsh -c URI` run over `transport`.
 #[derive(Clone, Debug)]
 pub struct Virsh {
     pub uri: String,
+    /// Where `virsh` runs (here, unless libvirt is reached through a dom0's shell).
+    pub transport: Transport,
 }
 
 impl Virsh {
+    /// `virsh` run on this machine.
+    pub fn local(uri: &str) -> Self {
+        Virsh {
+            uri: uri.into(),
+            transport: Transport::Local,
+        }
+    }
+
     fn command_line(&self, args: &[&str]) -> String {
         let mut line = format!("exec virsh -q -c {}", shell_quote(&self.uri));
         for arg in args {
@@ -83,7 +94,7 @@ impl Virsh {
         input: Option<&[u8]>,
         limit: Duration,
     ) -> Result<Output, VirshError> {
-        Transport::Local
+        self.transport
             .run(&self.command_line(args), input, limit)
             .map_err(|e| VirshError::from_transport(args, e))
     }
@@ -94,10 +105,17 @@ impl Virsh {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
-    /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`).
+    /// Starts `virsh ARGS` with piped stdout and stderr (for `virsh event`). On another
+    /// host it runs beside a guard that kills it when its stdin closes (hvbench ended the
+    /// SSH link): a remote virsh would otherwise outlive the link until it next writes.
     pub fn spawn(&self, args: &[&str]) -> Result<Child, VirshError> {
-        Transport::Local
-            .spawn(&self.command_line(args), false)
+        let line = self.command_line(args);
+        let (line, guarded) = match self.transport {
+            Transport::Local => (line, false),
+            Transport::Ssh(_) => (format!("{line} & v=$!; cat >/dev/null; kill $v"), true),
+        };
+        self.transport
+            .spawn(&line, guarded)
             .map_err(|e| VirshError::from_transport(args, e))
     }
 }
@@ -161,17 +179,19 @@ pub enum Stopped {
     Other(String),
 }
 
-/// `event 'lifecycle' for domain 'NAME': Stopped Failed` -> `Some(Stopped::Failed)`;
-/// lines about other transitions -> `None`.
-pub fn parse_stopped(line: &str) -> Option<Stopped> {
-    let (_, what) = line.rsplit_once("': ")?;
+/// `event 'lifecycle' for domain 'NAME': Stopped Failed` -> `Some(("NAME",
+/// Stopped::Failed))`; lines about other transitions or not of this shape -> `None`.
+pub fn parse_event(line: &str) -> Option<(&str, Stopped)> {
+    let rest = line.strip_prefix("event 'lifecycle' for domain '")?;
+    let (name, what) = rest.rsplit_once("': ")?;
     let detail = what.trim().strip_prefix("Stopped")?.trim();
-    Some(match detail {
+    let stopped = match detail {
         "Failed" => Stopped::Failed,
         "Shutdown" => Stopped::Shutdown,
         "Destroyed" => Stopped::Destroyed,
         other => Stopped::Other(other.chars().take(80).collect()),
-    })
+    };
+    Some((name, stopped))
 }
 
 #[cfg(test)]
@@ -194,21 +214,22 @@ mod tests {
     #[test]
     fn lifecycle_lines_say_how_the_domain_stopped() {
         let l = |d: &str| format!("event 'lifecycle' for domain 'hvbench-1-1': {d}");
-        assert_eq!(parse_stopped(&l("Stopped Failed")), Some(Stopped::Failed));
+        let stopped = |d: &str| parse_event(&l(d)).map(|(name, s)| (name.to_string(), s));
+        let ours = |s: Stopped| Some(("hvbench-1-1".to_string(), s));
+        assert_eq!(stopped("Stopped Failed"), ours(Stopped::Failed));
+        assert_eq!(stopped("Stopped Shutdown"), ours(Stopped::Shutdown));
+        assert_eq!(stopped("Stopped Destroyed"), ours(Stopped::Destroyed));
         assert_eq!(
-            parse_stopped(&l("Stopped Shutdown")),
-            Some(Stopped::Shutdown)
+            stopped("Stopped Crashed"),
+            ours(Stopped::Other("Crashed".into()))
         );
+        assert_eq!(stopped("Resumed Unpaused"), None);
+        assert_eq!(parse_event("garbage"), None);
+        // The watcher sees every domain: the name says whose stop it is.
         assert_eq!(
-            parse_stopped(&l("Stopped Destroyed")),
-            Some(Stopped::Destroyed)
+            parse_event("event 'lifecycle' for domain 'a': b': Stopped Failed"),
+            Some(("a': b", Stopped::Failed))
         );
-        assert_eq!(
-            parse_stopped(&l("Stopped Crashed")),
-            Some(Stopped::Other("Crashed".into()))
-        );
-        assert_eq!(parse_stopped(&l("Resumed Unpaused")), None);
-        assert_eq!(parse_stopped("garbage"), None);
     }
 
     #[test]
