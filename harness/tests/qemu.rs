@@ -304,3 +304,78 @@ fn process_group(pid: u32) -> Option<u32> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(2)?.parse().ok()
 }
+
+/// `--insns` under plain TCG: the plugin's counts are exact and the same every run, the
+/// workloads that time their own samples are counted too, QEMU runs one TCG thread, and a
+/// guest without markers has no count and says so.
+#[test]
+fn tcg_with_the_plugin_counts_every_marked_sample() {
+    let Some(_binary) = common::qemu_binary() else {
+        return;
+    };
+    if let Err(e) = hvbench::insns::find_plugin() {
+        assert!(!common::required("HVBENCH_REQUIRE_QEMU"), "{e}");
+        eprintln!("notice: skipped, {e}");
+        return;
+    }
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let status = common::hvbench()
+            .args(["run", "--backend", "qemu", "--qemu-accel", "tcg", "--insns"])
+            .args([
+                "-w",
+                "cpu.idle",
+                "-w",
+                "mem.prot-fault",
+                "-w",
+                "mem.first-touch",
+            ])
+            .args(["--samples", "3", "--param", "mem.first-touch.page=4k"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        reports::read_results(&out).unwrap()
+    };
+    let records = run("counted", &["--repeat", "2"]);
+    let counts = |workload: &str| -> Vec<f64> {
+        records
+            .iter()
+            .filter(|r| r.workload == workload && r.metric == "insns")
+            .map(|r| {
+                assert_eq!(r.status, Status::Success, "{workload}: {:?}", r.reason);
+                r.summary.as_ref().unwrap().median
+            })
+            .collect()
+    };
+    for workload in ["cpu.idle", "mem.prot-fault", "mem.first-touch"] {
+        let c = counts(workload);
+        assert_eq!(c.len(), 2, "{workload}: {c:?}");
+        // No hypervisor, one vCPU: the same path counts the same, run after run.
+        assert_eq!(c[0], c[1], "{workload}: {c:?}");
+        assert!(c[0] > 0.0, "{workload}: {c:?}");
+    }
+    let idle = counts("cpu.idle")[0];
+    assert!(idle > 10.0 && idle < 30.0, "cpu.idle {idle}");
+    let timing = records.iter().find(|r| r.metric != "insns").unwrap();
+    assert_eq!(
+        timing.backend.details.get("accel").map(String::as_str),
+        Some("tcg")
+    );
+    // Markers off: no count, and the record says why.
+    let bare = run("bare", &["--no-insn-markers"]);
+    let idle = bare
+        .iter()
+        .find(|r| r.workload == "cpu.idle" && r.metric == "insns")
+        .unwrap();
+    assert_eq!(idle.status, Status::Skip);
+    assert!(idle.reason.as_deref().unwrap_or("").contains("no markers"));
+}

@@ -171,6 +171,11 @@ fn xen_lab_runs_the_guest_and_leaves_nothing_behind() {
         // The lab's domains read the TSC natively, as on a real host, and say so.
         let tsc_mode = r.backend.details.get("tsc_mode").map(String::as_str);
         assert!(tsc_mode.unwrap_or("").starts_with("native"), "{tsc_mode:?}");
+        // Counting instructions, the lab runs QEMU's instruction clock, and says so.
+        assert_eq!(
+            r.backend.details.get("lab_clock").map(String::as_str),
+            Some(lab::INSNS_CLOCK)
+        );
     }
     assert!(get("cpu.hypercall").notes.contains_key("return"));
     assert_eq!(

@@ -668,14 +668,25 @@ pub fn lab_reproduce(inner: &str) -> String {
 /// Marks a record made in the lab as such: the lab in the backend's details, and a
 /// reproduce command that goes through the lab.
 fn relabel(record: &mut Record, state: &KvmLabState) {
-    record.backend.details.insert(
-        "lab".into(),
+    record.backend.details.extend(lab_details(state));
+    record.reproduce = lab_reproduce(&record.reproduce);
+}
+
+/// What a record made in the lab says of it: the lab, and when counting instructions the
+/// instruction clock and Linux on one of the CPUs (maxcpus=1).
+fn lab_details(state: &KvmLabState) -> Vec<(String, String)> {
+    let mut details = vec![(
+        "lab".to_string(),
         format!(
             "hvbench KVM lab: Linux {} under QEMU {} ({} MiB, {} CPUs)",
             state.kernel_release, state.accel, state.memory_mib, state.cpus
         ),
-    );
-    record.reproduce = lab_reproduce(&record.reproduce);
+    )];
+    if state.insns_log.is_some() {
+        details.push(("lab_clock".into(), crate::INSNS_CLOCK.into()));
+        details.push(("lab_linux_cpus".into(), "1 (maxcpus=1)".into()));
+    }
+    details
 }
 
 #[derive(Debug)]
@@ -1237,6 +1248,23 @@ mod tests {
             },
             insns_log: None,
         }
+    }
+
+    #[test]
+    fn records_of_a_counting_lab_name_its_clock_and_cpus() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample_state(dir.path());
+        let keys = |state: &KvmLabState| -> Vec<String> {
+            lab_details(state).into_iter().map(|(k, _)| k).collect()
+        };
+        assert_eq!(keys(&plain), ["lab"]);
+        let counting = KvmLabState {
+            insns_log: Some(dir.path().join("kvm/run/insns/insns.log")),
+            ..plain
+        };
+        let details = lab_details(&counting);
+        assert_eq!(keys(&counting), ["lab", "lab_clock", "lab_linux_cpus"]);
+        assert!(details[1].1.contains("-icount shift=0"), "{details:?}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub use kvm::{
     KVM_HOST_KEY_ALIAS, KVM_READY_MARKER, LAB_HVBENCH,
 };
 pub use libvirt::add_libvirt;
+pub use qemu::INSNS_CLOCK;
 pub use recipe::{Lab, LabStatus, MachineOptions};
 pub use xen::{XenLab, XenLabOptions, XenLabState, DOM0_MEMORY_MIB, HOST_KEY_ALIAS};
 pub use xen_build::{HypervisorBuild, XenHypervisor};

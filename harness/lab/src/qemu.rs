@@ -65,6 +65,10 @@ struct MachineBase<'a> {
 /// icount needs one TCG thread, which the plugin's exact count needs too.
 pub(crate) const INSNS_ICOUNT: &str = "shift=0,align=off,sleep=on";
 
+/// What records of a lab counting instructions say of its clock (`lab_clock`).
+pub const INSNS_CLOCK: &str = "QEMU -icount shift=0,align=off,sleep=on: 1 ns of the lab's \
+    time per instruction while a vCPU runs, so times measured in it follow instruction counts";
+
 /// The 9p mount tag of the instruction-count log's directory in the KVM lab.
 pub(crate) const INSNS_TAG: &str = "hvbinsns";
 

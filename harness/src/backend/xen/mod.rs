@@ -382,6 +382,9 @@ impl Hypervisor for XenBackend {
             if let Some(build) = &lab.hypervisor {
                 details.insert("lab_hypervisor".into(), build.clone());
             }
+            if lab.insns_log.is_some() {
+                details.insert("lab_clock".into(), lab::INSNS_CLOCK.into());
+            }
         }
         if let Some(disk) = &self.disk {
             details.extend(disk.details.clone());
