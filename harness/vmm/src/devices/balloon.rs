@@ -426,7 +426,13 @@ impl VirtioBalloon {
             let pfns = read_request(mem, queue_index, queue.size(), chain)?;
             let pages = pfns.len() as u64;
             if queue_index == QUEUE_INFLATE {
-                release(mem, &pfns)?;
+                // Released pages read as zero from now on: a migration must send them so.
+                let released = release(mem, &pfns);
+                for &pfn in &pfns {
+                    let addr = GuestAddress(u64::from(pfn) << BALLOON_PFN_SHIFT);
+                    crate::vstate::memory::mark_dirty(mem, addr, u64_to_usize(PAGE_SIZE));
+                }
+                released?;
                 self.shared
                     .inflated_pages
                     .fetch_add(pages, Ordering::AcqRel);

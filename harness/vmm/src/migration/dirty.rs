@@ -1,8 +1,10 @@
 //! Dirty-page tracking with KVM's dirty log: the memory slot gets
 //! `KVM_MEM_LOG_DIRTY_PAGES`, and each `KVM_GET_DIRTY_LOG` returns (and clears) the
-//! pages the guest wrote since the last call. The VMM's own writes to guest RAM do not
-//! appear there: the devices that write guest RAM (the virtio-balloon) refuse migration
-//! (see `RunningVm::migrate`), so the guest's writes are all there is.
+//! pages the guest wrote since the last call. The VMM's own writes to guest RAM (the
+//! devices' used rings and status bytes, virtio-blk reads, the balloon's released pages)
+//! do not appear there: they are in vm-memory's bitmap of each region (see
+//! `vstate::memory`), which each fetch takes and clears word by word (atomically) and
+//! ORs in.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -89,8 +91,15 @@ pub(crate) fn fetch(vm: &VmFd, memory: &GuestMemory) -> Result<DirtyBitmap, Migr
                 what: "KVM_GET_DIRTY_LOG",
                 source,
             })?;
+        // The VMM's own writes: same layout (bit n = page n of the region).
+        let own = crate::vstate::memory::take_vmm_dirty(region);
         // Regions are page-aligned and each starts where the last ended (one at 0 today).
-        bitmap.extend(words);
+        bitmap.extend(
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| w | own.get(i).copied().unwrap_or(0)),
+        );
     }
     Ok(DirtyBitmap(bitmap))
 }

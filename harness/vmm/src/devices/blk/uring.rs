@@ -188,6 +188,9 @@ impl Uring {
             return;
         };
         let mut state = lock(state);
+        if pending.request.kind == Kind::Read && pending.bounce.is_none() {
+            super::disk::mark_read(&state.memory, &pending.request);
+        }
         if pending.generation != state.generation {
             return;
         }
