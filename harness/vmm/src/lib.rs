@@ -204,22 +204,67 @@ impl Vmm {
     ) -> Result<(RunningVm, IncomingReport), MigrationError> {
         let received = migration::dest::receive(&self.kvm, stream)?;
         let restore_started = Instant::now();
-        let (vm, state, mut report) = (received.vm, received.state, received.report);
-        let fd = vstate::vcpu::create(&self.kvm, &vm, 0)?;
+        let (mut vm, state, mut report) = (received.vm, received.state, received.report);
         let xsave_size = vm
             .fd
             .check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into());
-        report.msrs_refused = state.vcpu.restore(&fd, xsave_size)?;
+        let fd = vstate::vcpu::create(&self.kvm, &vm, 0)?;
+        report.msrs_refused = restore_vcpu(&fd, &state.vcpu, vm.irqchip, xsave_size)?;
+        for (id, ap) in (1u8..).zip(&state.aps) {
+            let ap_fd = vstate::vcpu::create(&self.kvm, &vm, id)?;
+            report.msrs_refused += restore_vcpu(&ap_fd, ap, vm.irqchip, xsave_size)?;
+            vm.secondary_vcpus.push(ap_fd);
+        }
+        if let Some(chips) = &state.irqchip {
+            chips.restore(&vm.fd)?;
+        }
         let here_khz = fd.get_tsc_khz().unwrap_or(0);
         report.tsc_khz = (state.vcpu.tsc_khz, here_khz);
         doorbell.ring(state.devices.doorbell);
-        let devices = Devices::restored(&state.devices.uart, &state.devices.exit_counts, doorbell)
-            .map_err(MigrationError::State)?;
-        let running = start(Vcpu::from_parts(fd, devices), vm, name, None, None)?;
+        let (balloon, balloon_handle) = match &state.devices.balloon {
+            Some(bytes) => {
+                let (device, handle) = VirtioBalloon::restore(vm.memory.clone(), bytes)
+                    .map_err(MigrationError::State)?;
+                (Some(device), Some(handle))
+            }
+            None => (None, None),
+        };
+        let devices = Devices::restored(
+            &state.devices.uart,
+            &state.devices.exit_counts,
+            doorbell,
+            balloon,
+        )
+        .map_err(MigrationError::State)?;
+        let running = start(
+            Vcpu::from_parts(fd, devices),
+            vm,
+            name,
+            balloon_handle,
+            None,
+        )?;
         report.restore = restore_started.elapsed();
         report.total = received.started.elapsed();
         Ok((running, report))
     }
+}
+
+/// Loads one vCPU's state; its local APIC must be there exactly when the VM has the
+/// irqchip. Returns how many MSRs KVM would not take.
+fn restore_vcpu(
+    fd: &VcpuFd,
+    state: &migration::state::VcpuState,
+    irqchip: bool,
+    xsave_size: i32,
+) -> Result<u32, MigrationError> {
+    if state.lapic.is_some() != irqchip {
+        return Err(MigrationError::State(format!(
+            "a vCPU's local APIC {} in a VM {} the irqchip",
+            if irqchip { "is missing" } else { "arrived" },
+            if irqchip { "with" } else { "without" }
+        )));
+    }
+    state.restore(fd, xsave_size)
 }
 
 /// Starts the vCPU thread, which owns the VM from then on.
@@ -235,9 +280,15 @@ fn start(
     let (tx, rx) = guest_channel(stop.clone());
     let thread_stop = stop.clone();
     let (vm_fd, memory, park) = (vm.fd.clone(), vm.memory.clone(), vcpu.park());
-    // Devices that write guest RAM themselves (their pages and queues are not migrated),
-    // and the irqchip with its APs (LAPIC and AP state are not migrated), refuse it.
-    let has_balloon = vcpu.has_balloon() || blk.is_some() || vm.irqchip;
+    let machine = Machine {
+        vcpus: 1 + u32::try_from(vm.secondary_vcpus.len()).unwrap_or(u32::MAX),
+        irqchip: vm.irqchip,
+        balloon: vcpu.has_balloon(),
+        // Its I/O thread runs apart from the vCPUs and is not paused with them.
+        unsupported: blk
+            .as_ref()
+            .map(|_| "the virtio-blk (its queue and requests in flight) is not migrated"),
+    };
     let thread_name = name.to_string();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu0-{name}"))
@@ -253,7 +304,7 @@ fn start(
             vm_fd,
             memory,
             park,
-            has_balloon,
+            machine,
         },
     })
 }
@@ -304,11 +355,15 @@ impl Migrator<'_> {
             let _ = self.thread.kill(kick_signal());
             !self.thread.is_finished()
         };
+        let machine = &self.handles.machine;
         let source = Source {
             vm: &self.handles.vm_fd,
             memory: &self.handles.memory,
             park: &self.handles.park,
             options,
+            vcpus: machine.vcpus,
+            irqchip: machine.irqchip,
+            balloon: machine.balloon,
         };
         source.run(stream, kick, msr_indices)
     }
@@ -320,7 +375,17 @@ struct MigrationHandles {
     vm_fd: Arc<VmFd>,
     memory: GuestMemory,
     park: Arc<Park>,
-    has_balloon: bool,
+    machine: Machine,
+}
+
+/// The machine a migration rebuilds at the destination.
+#[derive(Debug)]
+struct Machine {
+    vcpus: u32,
+    irqchip: bool,
+    balloon: bool,
+    /// Why this VM cannot migrate, where it cannot.
+    unsupported: Option<&'static str>,
 }
 
 /// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
@@ -377,11 +442,8 @@ impl RunningVm {
     /// guest's messages (a guest whose console is not read would block, and could not
     /// pause).
     pub fn migrator(&self) -> Result<Migrator<'_>, MigrationError> {
-        if self.migration.has_balloon {
-            return Err(MigrationError::Unsupported(
-                "the virtio-balloon's and virtio-blk's queues, the pages they write, and the \
-                 irqchip and APs of an SMP guest are not migrated",
-            ));
+        if let Some(why) = self.migration.machine.unsupported {
+            return Err(MigrationError::Unsupported(why));
         }
         let thread = self
             .thread
@@ -558,7 +620,7 @@ mod tests {
     }
 
     /// `mov dword [addr], value` (32-bit code, flat segments).
-    fn store32(addr: u32, value: u32) -> Vec<u8> {
+    pub(crate) fn store32(addr: u32, value: u32) -> Vec<u8> {
         let mut code = vec![0xc7, 0x05];
         code.extend(addr.to_le_bytes());
         code.extend(value.to_le_bytes());
@@ -568,7 +630,7 @@ mod tests {
     /// Boot-vCPU code that copies real-mode code (padded to whole words) to 0x8000 and
     /// starts vCPU 1 there with INIT and a start-up IPI through its local APIC, as
     /// firmware does.
-    fn start_ap_at_0x8000(ap_code: &[u8]) -> Vec<u8> {
+    pub(crate) fn start_ap_at_0x8000(ap_code: &[u8]) -> Vec<u8> {
         let mut code = Vec::new();
         for (i, chunk) in ap_code.chunks(4).enumerate() {
             let mut word = [0x90; 4];

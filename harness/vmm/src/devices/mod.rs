@@ -8,6 +8,7 @@
 pub(crate) mod balloon;
 pub(crate) mod blk;
 pub(crate) mod serial;
+pub(crate) mod virtio_mmio;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -209,17 +210,23 @@ impl Devices {
         self.doorbell.value()
     }
 
-    /// Devices as a migration's source left them (the balloon never migrates).
+    /// The balloon's state, where there is one (a migration carries it over).
+    pub(crate) fn balloon_state(&self) -> Option<Vec<u8>> {
+        self.balloon.as_ref().map(VirtioBalloon::save)
+    }
+
+    /// Devices as a migration's source left them (the virtio-blk does not migrate).
     pub(crate) fn restored(
         uart: &vm_superio::serial::SerialState,
         counts: &[u64],
         doorbell: Arc<Doorbell>,
+        balloon: Option<VirtioBalloon>,
     ) -> Result<Self, String> {
         Ok(Devices {
             uart: ConsoleUart::from_state(uart)?,
             doorbell,
             counters: ExitCounters::from_raw(counts),
-            balloon: None,
+            balloon,
             blk: None,
         })
     }

@@ -10,6 +10,7 @@ use super::state::MachineState;
 use super::wire::{self, Hello, Kind, Run, WireError, PAGE_SIZE};
 use super::{IncomingReport, MigrationError, MigrationStream};
 use crate::cast::u64_to_usize;
+use crate::vstate::vcpu::MAX_VCPUS;
 use crate::vstate::vm::Vm;
 
 const READ_BUFFER: usize = 4 << 20;
@@ -47,15 +48,29 @@ pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, M
         )));
     }
     let mib = u32::try_from(hello.ram_bytes >> 20).unwrap_or(u32::MAX);
+    let max = u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(0)
+        .min(MAX_VCPUS);
+    if hello.vcpus > max {
+        return Err(MigrationError::State(format!(
+            "{} vCPUs; this KVM allows {max}",
+            hello.vcpus
+        )));
+    }
     // Vm::new bounds the size (as for a boot) before it maps anything.
-    // Uniprocessor without an irqchip: the only guests a source migrates (see `start`).
-    let vm = Vm::new(kvm, mib, false)?;
+    let vm = Vm::new(kvm, mib, hello.irqchip)?;
     let mut report = IncomingReport {
         ram_bytes: hello.ram_bytes,
         bytes: 44,
         ..Default::default()
     };
-    let state = fill(&vm, &mut r, &mut buf, &mut report)?;
+    let state = fill(&vm, &mut r, &mut buf, &mut report, hello.vcpus)?;
+    if state.devices.balloon.is_some() != hello.balloon || state.irqchip.is_some() != hello.irqchip
+    {
+        return Err(MigrationError::State(
+            "the state's balloon or irqchip is not the one the Hello announced".into(),
+        ));
+    }
     Ok(Received {
         vm,
         state,
@@ -70,6 +85,7 @@ fn fill(
     r: &mut BufReader<MigrationStream>,
     buf: &mut Vec<u8>,
     report: &mut IncomingReport,
+    vcpus: u32,
 ) -> Result<MachineState, MigrationError> {
     let ram_pages = report.ram_bytes / PAGE_SIZE;
     // RAM starts zeroed: until the first round ends, a zero page needs no write.
@@ -98,7 +114,7 @@ fn fill(
                     .map_err(|e| MigrationError::State(format!("writing guest RAM: {e}")))?;
             }
             Kind::RoundEnd => fresh = false,
-            Kind::State => state = Some(MachineState::decode(buf)?),
+            Kind::State => state = Some(MachineState::decode(buf, vcpus)?),
             Kind::Done => {
                 return state
                     .ok_or_else(|| MigrationError::State("Done came before the state".into()))

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::dirty::{self, DirtyBitmap};
 use super::pagemap::Pagemap;
 use super::park::{Park, Verdict};
-use super::state::MachineState;
+use super::state::{IrqchipState, MachineState};
 use super::wire::{self, Hello, Kind, PAGE_SIZE};
 use super::{MigrateOptions, MigrationError, MigrationReport, MigrationStream, RoundReport};
 use crate::cast::u64_to_usize;
@@ -26,6 +26,10 @@ pub(crate) struct Source<'a> {
     pub(crate) memory: &'a GuestMemory,
     pub(crate) park: &'a Park,
     pub(crate) options: MigrateOptions,
+    /// The machine the destination must build (RAM size aside).
+    pub(crate) vcpus: u32,
+    pub(crate) irqchip: bool,
+    pub(crate) balloon: bool,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -78,7 +82,13 @@ impl Source<'_> {
             ram_bytes,
             ..Default::default()
         };
-        let hello = Hello { ram_bytes }.encode();
+        let hello = Hello {
+            ram_bytes,
+            vcpus: self.vcpus,
+            irqchip: self.irqchip,
+            balloon: self.balloon,
+        }
+        .encode();
         report.bytes +=
             wire::write_chunk(&mut w, Kind::Hello, &[&hello]).map_err(io("sending Hello"))? as u64;
         report.setup = started.elapsed();
@@ -187,13 +197,19 @@ impl Source<'_> {
         report: &mut MigrationReport,
     ) -> Result<(), MigrationError> {
         let paused = Instant::now();
-        let state = self
+        let mut state = self
             .park
             .request(msr_indices, PAUSE_LIMIT, kick)
             .map_err(MigrationError::Pause)?;
         report.pause = paused.elapsed();
         report.msrs_unreadable = state.vcpu.msrs_unreadable;
-        let result = self.final_copy(w, reader, &mut pending, &state, report);
+        // Every vCPU is out of KVM_RUN: the irqchip holds still.
+        let result = if self.irqchip {
+            IrqchipState::capture(self.vm).map(|chips| state.irqchip = Some(chips))
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.final_copy(w, reader, &mut pending, &state, report));
         match result {
             Ok(resumed_ns) => {
                 report.resumed_realtime_ns = resumed_ns;

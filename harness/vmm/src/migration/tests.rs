@@ -8,7 +8,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use super::wire::{self, Kind};
-use super::{MigrateOptions, MigrationError, MigrationStream};
+use super::{IncomingReport, MigrateOptions, MigrationError, MigrationReport, MigrationStream};
 use crate::boot::tests::pvh_image;
 use crate::{Doorbell, GuestEnd, GuestMessage, RunningVm, VmConfig, Vmm};
 
@@ -58,19 +58,52 @@ fn vmm() -> Option<Vmm> {
 }
 
 fn boot(vmm: &Vmm, image: &[u8]) -> RunningVm {
+    boot_with(vmm, image, 1, false)
+}
+
+fn boot_with(vmm: &Vmm, image: &[u8], vcpus: u32, balloon: bool) -> RunningVm {
     vmm.boot(&VmConfig {
         image,
         cmdline: "hvbench",
         memory_mib: 32,
-        vcpus: 1,
+        vcpus,
         name: "mig-test",
         mergeable: false,
         huge_pages: false,
-        balloon: false,
+        balloon,
         doorbell: Doorbell::new(),
         disk: None,
     })
     .unwrap()
+}
+
+/// The exit AP_STOPPED: the AP's counter did not move at the end.
+const AP_STOPPED: u8 = 10;
+
+/// The dirtying guest on two vCPUs: the boot vCPU starts the AP (real mode: `inc dword
+/// [0x9000]; jmp` back, for ever), waits until it counted, then dirties and checks; at
+/// the end, instead of exiting at once, it checks that the AP still counts (exit
+/// [`AP_STOPPED`] where it does not: an AP the migration lost).
+fn smp_dirtying_guest() -> Vec<u8> {
+    let ap = [0x66, 0xff, 0x06, 0x00, 0x90, 0xeb, 0xf9];
+    let mut code = crate::tests::start_ap_at_0x8000(&ap);
+    // cmp dword [0x9000], 0; je back
+    code.extend([0x83, 0x3d, 0x00, 0x90, 0x00, 0x00, 0x00, 0x74, 0xf7]);
+    let mut body = dirtying_guest();
+    // At 0x44 (its exit 7): jmp to the check appended after the bad path (0x50).
+    let rel = 0x50i32 - (0x44 + 5);
+    body[0x44] = 0xe9;
+    body[0x45..0x49].copy_from_slice(&rel.to_le_bytes());
+    body[0x49] = 0x90;
+    body.extend([0xa1, 0x00, 0x90, 0x00, 0x00]); // mov eax, [0x9000]
+    body.extend([0xb9, 0x00, 0x00, 0x01, 0x00]); // mov ecx, 0x10000
+    body.extend([0xf3, 0x90, 0x49, 0x75, 0xfb]); // l: pause; dec ecx; jnz l
+    body.extend([0x39, 0x05, 0x00, 0x90, 0x00, 0x00]); // cmp [0x9000], eax
+    body.extend([0x74, 0x06]); // je dead
+    body.extend([0xb0, u8::try_from(OK).unwrap(), 0xe6, 0xf4, 0xeb, 0xfe]); // exit OK
+    body.extend([0xb0, AP_STOPPED, 0xe6, 0xf4, 0xeb, 0xfe]); // dead: exit AP_STOPPED
+    code.extend(body);
+    code
 }
 
 /// Console bytes and the end, reading until the end (at most `wait` between messages).
@@ -126,18 +159,16 @@ fn options() -> MigrateOptions {
     }
 }
 
-#[test]
-fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
-    let Some(vmm) = vmm() else { return };
-    let image = pvh_image(&dirtying_guest());
-    let source = boot(&vmm, &image);
-    let mut console = wait_lines(&source, 20);
+/// Migrates `source` (20 lines in) to a destination in this process; checks that the
+/// source handed over and the guest finished there with every page and line intact.
+fn migrate_whole(vmm: &Vmm, source: &RunningVm) -> (MigrationReport, IncomingReport, RunningVm) {
+    let mut console = wait_lines(source, 20);
     let (to_dest, at_dest) = pair();
     let (report, (dest, incoming), (before_end, source_end)) = std::thread::scope(|s| {
         let dest = s.spawn(|| vmm.incoming(at_dest, "mig-dest", Doorbell::new()).unwrap());
         let migrator = source.migrator().unwrap();
         let migration = s.spawn(move || migrator.migrate(to_dest, options()).unwrap());
-        let before_end = drain(&source, Duration::from_secs(10));
+        let before_end = drain(source, Duration::from_secs(10));
         (migration.join().unwrap(), dest.join().unwrap(), before_end)
     });
     assert_eq!(
@@ -146,18 +177,27 @@ fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
         "the source ends once handed over"
     );
     console.extend(before_end);
-    let (after, end) = drain(&dest, Duration::from_secs(30));
+    let (after, end) = drain(&dest, Duration::from_secs(60));
     console.extend(after);
     assert_eq!(
         end,
         Some(GuestEnd::Exited { code: OK }),
-        "9: a page was lost"
+        "9: a page was lost; 10: the AP stopped"
     );
     assert_eq!(
         console,
         expected_output(),
         "every line once, none lost or repeated"
     );
+    (report, incoming, dest)
+}
+
+#[test]
+fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
+    let Some(vmm) = vmm() else { return };
+    let image = pvh_image(&dirtying_guest());
+    let source = boot(&vmm, &image);
+    let (report, incoming, _) = migrate_whole(&vmm, &source);
     assert!(report.downtime > Duration::ZERO && report.total >= report.downtime);
     assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().paused);
     assert_eq!(
@@ -174,6 +214,34 @@ fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
             .map(|r| r.pages + r.zero_pages)
             .sum::<u64>()
     );
+}
+
+/// Two vCPUs, KVM's irqchip: both vCPUs' state (the AP mid-loop), their local APICs and
+/// the PICs and IOAPIC travel; the guest finishes at the destination with its memory
+/// check intact.
+#[test]
+fn an_smp_guest_with_the_irqchip_migrates() {
+    let Some(vmm) = vmm() else { return };
+    let image = pvh_image(&smp_dirtying_guest());
+    let source = boot_with(&vmm, &image, 2, false);
+    let (report, _, _) = migrate_whole(&vmm, &source);
+    assert!(report.rounds.last().is_some_and(|r| r.paused));
+}
+
+/// A VM with the virtio-balloon: its device state (here the host's target and the
+/// configuration generation) travels, and the guest's memory check holds.
+#[test]
+fn a_guest_with_the_balloon_migrates_with_its_device_state() {
+    let Some(vmm) = vmm() else { return };
+    let image = pvh_image(&dirtying_guest());
+    let mut source = boot_with(&vmm, &image, 1, true);
+    let balloon = source.take_balloon().unwrap();
+    balloon.set_target_pages(123);
+    let (_, _, mut dest) = migrate_whole(&vmm, &source);
+    let moved = dest
+        .take_balloon()
+        .expect("the destination has the balloon");
+    assert_eq!(moved.target_pages(), 123);
 }
 
 /// A destination that reads `keep` chunks (all of them when `None`), keeps their bytes,

@@ -19,7 +19,7 @@ use thiserror::Error;
 /// "HVBMIG" and two zero bytes.
 pub const MAGIC: [u8; 8] = *b"HVBMIG\0\0";
 /// Bumped whenever the layout of any chunk changes; a peer with another is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const PAGE_SIZE: u64 = 4096;
 const PAGE_BYTES: usize = 4096;
 /// Most pages in one run (1 MiB of data).
@@ -96,11 +96,21 @@ impl Kind {
     }
 }
 
-/// The first chunk: who speaks and how much RAM follows.
+/// The first chunk: who speaks, how much RAM follows, and the machine the destination
+/// builds before the pages arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub ram_bytes: u64,
+    /// vCPUs (1..=255; the destination checks its KVM allows as many).
+    pub vcpus: u32,
+    /// KVM's in-kernel irqchip (every SMP guest has it).
+    pub irqchip: bool,
+    /// A virtio-balloon (its state comes with the vCPUs').
+    pub balloon: bool,
 }
+
+const FLAG_IRQCHIP: u32 = 1;
+const FLAG_BALLOON: u32 = 2;
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
@@ -109,7 +119,10 @@ impl Hello {
         p.extend(VERSION.to_le_bytes());
         p.extend(u32::try_from(PAGE_SIZE).unwrap_or(u32::MAX).to_le_bytes());
         p.extend(self.ram_bytes.to_le_bytes());
-        p.extend(0u64.to_le_bytes());
+        p.extend(self.vcpus.to_le_bytes());
+        let flags = if self.irqchip { FLAG_IRQCHIP } else { 0 }
+            | if self.balloon { FLAG_BALLOON } else { 0 };
+        p.extend(flags.to_le_bytes());
         p
     }
 
@@ -137,7 +150,21 @@ impl Hello {
         if ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_SIZE) {
             return Err(malformed(format!("RAM of {ram_bytes} bytes")));
         }
-        Ok(Hello { ram_bytes })
+        let vcpus = le_u32(&p[24..28]);
+        let flags = le_u32(&p[28..32]);
+        if vcpus == 0 || vcpus > 255 || flags & !(FLAG_IRQCHIP | FLAG_BALLOON) != 0 {
+            return Err(malformed(format!("{vcpus} vCPUs, flags {flags:#x}")));
+        }
+        let irqchip = flags & FLAG_IRQCHIP != 0;
+        if vcpus > 1 && !irqchip {
+            return Err(malformed(format!("{vcpus} vCPUs without the irqchip")));
+        }
+        Ok(Hello {
+            ram_bytes,
+            vcpus,
+            irqchip,
+            balloon: flags & FLAG_BALLOON != 0,
+        })
     }
 }
 
@@ -298,14 +325,18 @@ pub fn read_chunk(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireErro
 mod tests {
     use super::*;
 
+    fn hello(ram_bytes: u64) -> Hello {
+        Hello {
+            ram_bytes,
+            vcpus: 1,
+            irqchip: false,
+            balloon: false,
+        }
+    }
+
     fn stream() -> Vec<u8> {
         let mut s = Vec::new();
-        write_chunk(
-            &mut s,
-            Kind::Hello,
-            &[&Hello { ram_bytes: 1 << 20 }.encode()],
-        )
-        .unwrap();
+        write_chunk(&mut s, Kind::Hello, &[&hello(1 << 20).encode()]).unwrap();
         let page = vec![0xa5u8; PAGE_BYTES];
         write_chunk(&mut s, Kind::Pages, &[&run_header(3, 1), &page]).unwrap();
         write_chunk(&mut s, Kind::Done, &[]).unwrap();
@@ -377,7 +408,15 @@ mod tests {
         Run::decode(Kind::Zeros, &wrap, 256).unwrap_err();
         Run::decode(Kind::Zeros, &run_header(0, 0), 256).unwrap_err();
         Run::decode(Kind::Pages, &run_header(0, 1), 256).unwrap_err();
-        let mut old = Hello { ram_bytes: 4096 }.encode();
+        let mut smp = hello(4096);
+        smp.vcpus = 2;
+        Hello::decode(&smp.encode()).unwrap_err();
+        smp.irqchip = true;
+        assert_eq!(Hello::decode(&smp.encode()).unwrap(), smp);
+        let mut flags = smp.encode();
+        flags[31] = 0x80;
+        Hello::decode(&flags).unwrap_err();
+        let mut old = hello(4096).encode();
         old[8] = 9;
         assert!(matches!(
             Hello::decode(&old),

@@ -285,7 +285,7 @@ impl Vcpu {
         } else {
             None
         };
-        let mut end = self.run_loop(&stop, &tx);
+        let mut end = self.run_loop(&stop, &tx, aps.as_ref());
         if let Some(aps) = aps {
             if let Some(failure) = aps.shared().take_failure() {
                 end = failure;
@@ -297,13 +297,13 @@ impl Vcpu {
         drop(vm);
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender) -> GuestEnd {
+    fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender, aps: Option<&Aps>) -> GuestEnd {
         loop {
             if stop.load(Ordering::Acquire) {
                 return GuestEnd::Stopped;
             }
             if self.park.asked()
-                && self.park.park(&mut self.fd, &self.devices) == Verdict::HandedOver
+                && self.park.park(&mut self.fd, &self.devices, aps) == Verdict::HandedOver
             {
                 self.flush_console(tx, true);
                 let _ = tx.send(GuestMessage::Notice(

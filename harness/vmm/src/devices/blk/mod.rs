@@ -19,7 +19,6 @@
 
 mod disk;
 mod request;
-mod transport;
 mod uring;
 
 use std::num::Wrapping;
@@ -35,10 +34,32 @@ use self::disk::Disk;
 pub use self::disk::DiskConfig;
 use self::request::{Refused, RequestError};
 use super::balloon::Refusals;
+use super::virtio_mmio::{self, Effect, Transport};
+use workloads::virtio_blk::{
+    CONFIG_BLK_SIZE, CONFIG_CAPACITY, CONFIG_LEN, CONFIG_SEG_MAX, CONFIG_SIZE_MAX, DEVICE_ID_BLOCK,
+    F_BLK_SIZE, F_FLUSH, F_SEG_MAX, F_SIZE_MAX, MAX_REQUEST_BYTES, QUEUE_REQUEST, SEG_MAX,
+};
+
+use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
 
 /// Refusals kept word for word; later ones are only counted.
 const MAX_REFUSALS_KEPT: usize = 16;
+/// The block size the device reports (`blk_size`).
+const BLOCK_SIZE: u32 = 4096;
+/// The features offered (word 0; the transport adds VERSION_1).
+const FEATURES: u32 = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+
+/// The configuration space: capacity, size_max, seg_max, blk_size.
+fn config(capacity: u64) -> [u8; u64_to_usize(CONFIG_LEN)] {
+    let mut c = [0u8; u64_to_usize(CONFIG_LEN)];
+    let at = |o: u64| u64_to_usize(o);
+    c[at(CONFIG_CAPACITY)..][..8].copy_from_slice(&capacity.to_le_bytes());
+    c[at(CONFIG_SIZE_MAX)..][..4].copy_from_slice(&MAX_REQUEST_BYTES.to_le_bytes());
+    c[at(CONFIG_SEG_MAX)..][..4].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[at(CONFIG_BLK_SIZE)..][..4].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+    c
+}
 /// How long the I/O thread waits for a notification before it looks at its stop flag.
 const WAIT_MS: libc::c_int = 200;
 
@@ -121,7 +142,9 @@ pub(crate) struct State {
     memory: GuestMemory,
     disk: Disk,
     shared: Arc<Shared>,
-    regs: transport::Registers,
+    transport: Transport,
+    /// Sectors of the disk (the configuration space's capacity).
+    capacity: u64,
     queue: Queue,
     /// Set by the device on a request it cannot answer; cleared by a reset.
     needs_reset: bool,
@@ -134,7 +157,7 @@ impl State {
     /// `out`, each refused one is answered (its status byte, the used ring) at once. An
     /// error here is one the device cannot answer: it then needs a reset.
     fn take(&mut self, out: &mut Vec<(u16, request::Request)>) -> Result<(), RequestError> {
-        if self.needs_reset || !self.regs.driver_ok() || !self.queue.ready() {
+        if self.needs_reset || !self.transport.driver_ok() || !self.queue.ready() {
             return Ok(());
         }
         let mem = &self.memory;
@@ -271,12 +294,13 @@ impl VirtioBlk {
             source,
         })?;
         let shared = Arc::new(Shared::default());
-        let regs = transport::Registers::new(disk.capacity_sectors());
+        let capacity = disk.capacity_sectors();
         let state = Arc::new(Mutex::new(State {
             memory,
             disk,
             shared: shared.clone(),
-            regs,
+            transport: Transport::new(DEVICE_ID_BLOCK, FEATURES),
+            capacity,
             queue: Queue::new(workloads::virtio::QUEUE_SIZE_MAX).map_err(BlkError::Queue)?,
             needs_reset: false,
             generation: 0,
@@ -307,24 +331,30 @@ impl VirtioBlk {
 
     pub(crate) fn read(&mut self, offset: u64, data: &mut [u8]) {
         let state = lock(&self.state);
+        if offset >= workloads::virtio::REG_CONFIG {
+            virtio_mmio::read_config(&config(state.capacity), offset, data);
+            return;
+        }
+        let queues = std::slice::from_ref(&state.queue);
         state
-            .regs
-            .read(offset, data, state.needs_reset, &state.queue);
+            .transport
+            .read(offset, data, queues, state.needs_reset, 0);
     }
 
     pub(crate) fn write(&mut self, offset: u64, data: &[u8]) {
         let mut state = lock(&self.state);
         let state = &mut *state;
-        match state.regs.write(offset, data, &mut state.queue) {
-            transport::Effect::None => {}
-            transport::Effect::Reset => {
+        let queues = std::slice::from_mut(&mut state.queue);
+        match state.transport.write(offset, data, queues) {
+            Effect::Reset => {
                 state.needs_reset = false;
                 state.generation += 1;
             }
             // A notify that reached userspace (no ioeventfd): hand it to the I/O thread.
-            transport::Effect::Notify => {
+            Effect::Notify(QUEUE_REQUEST) => {
                 let _ = self.notify.write(1);
             }
+            Effect::None | Effect::Notify(_) => {}
         }
     }
 }
