@@ -180,11 +180,24 @@ impl Vmm {
     /// stream still carries it) and nothing is left running here.
     pub fn incoming(
         &self,
-        mut stream: MigrationStream,
+        stream: MigrationStream,
         name: &str,
         doorbell: Arc<Doorbell>,
     ) -> Result<(RunningVm, IncomingReport), MigrationError> {
-        match self.restore(&stream, name, doorbell) {
+        self.incoming_with_disk(stream, name, doorbell, None)
+    }
+
+    /// [`Vmm::incoming`] for a guest that may have a virtio-blk: `disk` must be the
+    /// source's disk, reached here at the same path (a guest's disk is never opened by a
+    /// path the stream names alone).
+    pub fn incoming_with_disk(
+        &self,
+        mut stream: MigrationStream,
+        name: &str,
+        doorbell: Arc<Doorbell>,
+        disk: Option<&DiskConfig>,
+    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
+        match self.restore(&stream, name, doorbell, disk) {
             Ok((vm, report)) => {
                 migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())?;
                 Ok((vm, report))
@@ -201,8 +214,9 @@ impl Vmm {
         stream: &MigrationStream,
         name: &str,
         doorbell: Arc<Doorbell>,
+        disk: Option<&DiskConfig>,
     ) -> Result<(RunningVm, IncomingReport), MigrationError> {
-        let received = migration::dest::receive(&self.kvm, stream)?;
+        let received = migration::dest::receive(&self.kvm, stream, disk.is_some())?;
         let restore_started = Instant::now();
         let (mut vm, state, mut report) = (received.vm, received.state, received.report);
         let xsave_size = vm
@@ -229,20 +243,25 @@ impl Vmm {
             }
             None => (None, None),
         };
+        let (blk, blk_handle) = match (&state.devices.blk, disk) {
+            (Some(bytes), Some(disk)) => {
+                let (device, handle) = VirtioBlk::restore(vm.memory.clone(), disk, name, bytes)
+                    .map_err(MigrationError::State)?;
+                register_blk_notify(&vm, &device)?;
+                (Some(device), Some(handle))
+            }
+            _ => (None, None),
+        };
         let devices = Devices::restored(
             &state.devices.uart,
             &state.devices.exit_counts,
             doorbell,
             balloon,
+            blk,
         )
         .map_err(MigrationError::State)?;
-        let running = start(
-            Vcpu::from_parts(fd, devices),
-            vm,
-            name,
-            balloon_handle,
-            None,
-        )?;
+        let vcpu = Vcpu::from_parts(fd, devices);
+        let running = start(vcpu, vm, name, balloon_handle, blk_handle)?;
         report.restore = restore_started.elapsed();
         report.total = received.started.elapsed();
         Ok((running, report))
@@ -284,10 +303,7 @@ fn start(
         vcpus: 1 + u32::try_from(vm.secondary_vcpus.len()).unwrap_or(u32::MAX),
         irqchip: vm.irqchip,
         balloon: vcpu.has_balloon(),
-        // Its I/O thread runs apart from the vCPUs and is not paused with them.
-        unsupported: blk
-            .as_ref()
-            .map(|_| "the virtio-blk (its queue and requests in flight) is not migrated"),
+        blk: blk.is_some(),
     };
     let thread_name = name.to_string();
     let thread = std::thread::Builder::new()
@@ -364,6 +380,7 @@ impl Migrator<'_> {
             vcpus: machine.vcpus,
             irqchip: machine.irqchip,
             balloon: machine.balloon,
+            blk: machine.blk,
         };
         source.run(stream, kick, msr_indices)
     }
@@ -384,8 +401,7 @@ struct Machine {
     vcpus: u32,
     irqchip: bool,
     balloon: bool,
-    /// Why this VM cannot migrate, where it cannot.
-    unsupported: Option<&'static str>,
+    blk: bool,
 }
 
 /// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
@@ -397,6 +413,13 @@ fn attach_blk(
     name: &str,
 ) -> Result<BlkHandle, VmmError> {
     let (device, handle) = VirtioBlk::new(vm.memory.clone(), disk, name)?;
+    register_blk_notify(vm, &device)?;
+    vcpu.attach_blk(device);
+    Ok(handle)
+}
+
+/// Routes the virtio-blk's queue notifications to its ioeventfd.
+fn register_blk_notify(vm: &Vm, device: &VirtioBlk) -> Result<(), VmmError> {
     let notify = workloads::virtio_blk::VIRTIO_BLK_BASE + workloads::virtio::REG_QUEUE_NOTIFY;
     vm.fd
         .register_ioevent(
@@ -407,9 +430,7 @@ fn attach_blk(
         .map_err(|source| VmmError::Kvm {
             what: "KVM_IOEVENTFD (virtio-blk queue notify)",
             source,
-        })?;
-    vcpu.attach_blk(device);
-    Ok(handle)
+        })
 }
 
 /// A booted guest: its messages, its balloon (where it has one), and the way to stop it.
@@ -442,9 +463,6 @@ impl RunningVm {
     /// guest's messages (a guest whose console is not read would block, and could not
     /// pause).
     pub fn migrator(&self) -> Result<Migrator<'_>, MigrationError> {
-        if let Some(why) = self.migration.machine.unsupported {
-            return Err(MigrationError::Unsupported(why));
-        }
         let thread = self
             .thread
             .as_ref()

@@ -24,7 +24,12 @@ pub(crate) struct Received {
 }
 
 /// Reads the whole stream up to `Done`.
-pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, MigrationError> {
+/// `has_disk`: this destination was given a disk for a guest's virtio-blk.
+pub(crate) fn receive(
+    kvm: &Kvm,
+    stream: &MigrationStream,
+    has_disk: bool,
+) -> Result<Received, MigrationError> {
     let started = Instant::now();
     let reader = stream.try_clone().map_err(|source| MigrationError::Io {
         what: "cloning the stream",
@@ -57,6 +62,13 @@ pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, M
             hello.vcpus
         )));
     }
+    if hello.blk && !has_disk {
+        return Err(MigrationError::State(
+            "the guest has a virtio-blk and this destination was given no disk (it must \
+             reach the source's disk file at the same path)"
+                .into(),
+        ));
+    }
     // Vm::new bounds the size (as for a boot) before it maps anything.
     let vm = Vm::new(kvm, mib, hello.irqchip)?;
     let mut report = IncomingReport {
@@ -65,10 +77,12 @@ pub(crate) fn receive(kvm: &Kvm, stream: &MigrationStream) -> Result<Received, M
         ..Default::default()
     };
     let state = fill(&vm, &mut r, &mut buf, &mut report, hello.vcpus)?;
-    if state.devices.balloon.is_some() != hello.balloon || state.irqchip.is_some() != hello.irqchip
+    if state.devices.balloon.is_some() != hello.balloon
+        || state.devices.blk.is_some() != hello.blk
+        || state.irqchip.is_some() != hello.irqchip
     {
         return Err(MigrationError::State(
-            "the state's balloon or irqchip is not the one the Hello announced".into(),
+            "the state's balloon, virtio-blk or irqchip is not the one the Hello announced".into(),
         ));
     }
     Ok(Received {

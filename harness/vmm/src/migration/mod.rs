@@ -44,8 +44,6 @@ pub enum MigrationError {
     Wire(#[from] WireError),
     #[error("vCPU state: {0}")]
     State(String),
-    #[error("cannot migrate this guest: {0}")]
-    Unsupported(&'static str),
     #[error("pausing the guest: {0}")]
     Pause(String),
     #[error("the destination refused the migration: {0}")]

@@ -128,6 +128,7 @@ impl Park {
         };
         drop(stage);
         if verdict == Verdict::Resume {
+            devices.resume_blk();
             if let Some(aps) = aps {
                 aps.release();
             }
@@ -145,15 +146,20 @@ fn capture(
 ) -> Result<Box<MachineState>, String> {
     complete_pending_io(fd)?;
     let vcpu = VcpuState::capture(fd, indices).map_err(|e| e.to_string())?;
-    let aps = match aps {
+    let ap_states = match aps {
         Some(aps) => aps.hold(indices, AP_PAUSE_LIMIT)?,
         None => Vec::new(),
     };
+    let devices = DeviceState::capture(devices).inspect_err(|_| {
+        if let Some(aps) = aps {
+            aps.release();
+        }
+    })?;
     Ok(Box::new(MachineState {
         vcpu,
-        aps,
+        aps: ap_states,
         irqchip: None,
-        devices: DeviceState::capture(devices),
+        devices,
     }))
 }
 

@@ -30,10 +30,25 @@ pub(crate) struct Source<'a> {
     pub(crate) vcpus: u32,
     pub(crate) irqchip: bool,
     pub(crate) balloon: bool,
+    pub(crate) blk: bool,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { what, source }
+}
+
+/// The destination's `Refuse`, if it sent one (waiting at most a second for it).
+fn refusal(answers: &mut MigrationStream) -> Option<MigrationError> {
+    answers
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    let mut buf = Vec::new();
+    match wire::read_chunk(answers, &mut buf) {
+        Ok(Kind::Refuse) => Some(MigrationError::Refused(
+            String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
+        )),
+        _ => None,
+    }
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -61,11 +76,21 @@ impl Source<'_> {
         msr_indices: Vec<u32>,
     ) -> Result<MigrationReport, MigrationError> {
         dirty::set_logging(self.vm, self.memory, true)?;
+        let mut answers = stream.try_clone().map_err(io("cloning the stream"))?;
         let result = self.precopy_then_stop(stream, kick, msr_indices);
         if result.is_err() {
             let _ = dirty::set_logging(self.vm, self.memory, false);
         }
-        result
+        match result {
+            // A destination that refused early closed the stream under our writes: its
+            // reason, where it sent one, says more than the broken pipe.
+            Err(MigrationError::Io { .. }) => Err(refusal(&mut answers).unwrap_or_else(|| {
+                result
+                    .err()
+                    .unwrap_or(MigrationError::State("unknown".into()))
+            })),
+            other => other,
+        }
     }
 
     fn precopy_then_stop(
@@ -87,6 +112,7 @@ impl Source<'_> {
             vcpus: self.vcpus,
             irqchip: self.irqchip,
             balloon: self.balloon,
+            blk: self.blk,
         }
         .encode();
         report.bytes +=

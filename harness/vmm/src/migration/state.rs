@@ -27,8 +27,11 @@ const MSR_IA32_TSC: u32 = 0x10;
 const MAX_MSRS: usize = 1024;
 /// vm-superio's FIFO.
 const MAX_UART_FIFO: usize = 64;
-/// More than any device's state (a bound on what a stream may send).
-const MAX_DEVICE_STATE: usize = 4096;
+/// More than any device's state, a disk's path included (a bound on what a stream may
+/// send).
+const MAX_DEVICE_STATE: usize = 8192;
+/// How long the virtio-blk's requests in flight may take to complete at the pause.
+const BLK_PAUSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// KVM_SET_XSAVE reads the kernel's XSAVE size, which exceeds `kvm_xsave` only when the
 /// process enabled dynamic features (AMX); the VMM never does, and checks.
 const LEGACY_XSAVE_BYTES: i32 = 4096;
@@ -63,6 +66,8 @@ pub struct DeviceState {
     pub doorbell: u32,
     /// The virtio-balloon's transport, queues and configuration (see `balloon::save`).
     pub balloon: Option<Vec<u8>>,
+    /// The virtio-blk's transport, queue and disk (see `VirtioBlk::pause`).
+    pub blk: Option<Vec<u8>>,
 }
 
 /// KVM's in-kernel irqchip: the two PICs and the IOAPIC (KVM_GET_IRQCHIP, chips 0..=2).
@@ -249,13 +254,15 @@ impl VcpuState {
 }
 
 impl DeviceState {
-    pub(crate) fn capture(devices: &Devices) -> Self {
-        DeviceState {
+    /// The devices' state; the virtio-blk is paused (and stays so until resumed).
+    pub(crate) fn capture(devices: &Devices) -> Result<Self, String> {
+        Ok(DeviceState {
+            blk: devices.pause_blk(BLK_PAUSE_LIMIT)?,
             uart: devices.uart_state(),
             exit_counts: devices.counters.raw().to_vec(),
             doorbell: devices.doorbell_value(),
             balloon: devices.balloon_state(),
-        }
+        })
     }
 }
 
@@ -346,6 +353,7 @@ impl MachineState {
             &mut out,
             self.devices.balloon.as_deref().unwrap_or_default(),
         );
+        section(&mut out, self.devices.blk.as_deref().unwrap_or_default());
         out
     }
 
@@ -369,6 +377,7 @@ impl MachineState {
         let exit_counts = r.list("exit counts", 64)?;
         let doorbell = le_u32(r.next("doorbell", 4)?);
         let balloon = r.next_any("balloon", MAX_DEVICE_STATE)?;
+        let blk = r.next_any("virtio-blk", MAX_DEVICE_STATE)?;
         if !r.0.is_empty() {
             return Err(malformed(format!(
                 "{} bytes after the last section",
@@ -384,6 +393,7 @@ impl MachineState {
                 exit_counts,
                 doorbell,
                 balloon: (!balloon.is_empty()).then(|| balloon.to_vec()),
+                blk: (!blk.is_empty()).then(|| blk.to_vec()),
             },
         })
     }
@@ -509,6 +519,7 @@ mod tests {
                 exit_counts: vec![3, 4],
                 doorbell: 9,
                 balloon: None,
+                blk: None,
             },
             aps: Vec::new(),
             irqchip: None,
@@ -559,6 +570,7 @@ mod tests {
         chips[2].chip_id = 2;
         s.irqchip = Some(IrqchipState { chips });
         s.devices.balloon = Some(vec![1, 2, 3]);
+        s.devices.blk = Some(vec![4; 100]);
         let bytes = s.encode();
         let back = MachineState::decode(&bytes, 2).unwrap();
         assert_eq!(back.aps.len(), 1);
@@ -566,6 +578,7 @@ mod tests {
         assert_eq!(back.aps[0].lapic.unwrap().regs[0x20], 1);
         assert_eq!(back.irqchip.unwrap().chips[2].chip_id, 2);
         assert_eq!(back.devices.balloon, Some(vec![1, 2, 3]));
+        assert_eq!(back.devices.blk, Some(vec![4; 100]));
         // The vCPU count the Hello announced must match.
         MachineState::decode(&bytes, 1).unwrap_err();
         MachineState::decode(&bytes, 3).unwrap_err();

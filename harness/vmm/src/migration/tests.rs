@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::wire::{self, Kind};
 use super::{IncomingReport, MigrateOptions, MigrationError, MigrationReport, MigrationStream};
 use crate::boot::tests::pvh_image;
-use crate::{Doorbell, GuestEnd, GuestMessage, RunningVm, VmConfig, Vmm};
+use crate::{DiskConfig, Doorbell, GuestEnd, GuestMessage, RunningVm, VmConfig, Vmm};
 
 const PASSES: u32 = 3000;
 const OK: u32 = 7;
@@ -62,6 +62,16 @@ fn boot(vmm: &Vmm, image: &[u8]) -> RunningVm {
 }
 
 fn boot_with(vmm: &Vmm, image: &[u8], vcpus: u32, balloon: bool) -> RunningVm {
+    boot_config(vmm, image, vcpus, balloon, None)
+}
+
+fn boot_config(
+    vmm: &Vmm,
+    image: &[u8],
+    vcpus: u32,
+    balloon: bool,
+    disk: Option<&DiskConfig>,
+) -> RunningVm {
     vmm.boot(&VmConfig {
         image,
         cmdline: "hvbench",
@@ -72,7 +82,7 @@ fn boot_with(vmm: &Vmm, image: &[u8], vcpus: u32, balloon: bool) -> RunningVm {
         huge_pages: false,
         balloon,
         doorbell: Doorbell::new(),
-        disk: None,
+        disk,
     })
     .unwrap()
 }
@@ -161,11 +171,20 @@ fn options() -> MigrateOptions {
 
 /// Migrates `source` (20 lines in) to a destination in this process; checks that the
 /// source handed over and the guest finished there with every page and line intact.
-fn migrate_whole(vmm: &Vmm, source: &RunningVm) -> (MigrationReport, IncomingReport, RunningVm) {
-    let mut console = wait_lines(source, 20);
+fn migrate_whole(
+    vmm: &Vmm,
+    source: &RunningVm,
+    disk: Option<&DiskConfig>,
+    seen: Vec<u8>,
+) -> (MigrationReport, IncomingReport, RunningVm) {
+    let mut console = seen;
+    console.extend(wait_lines(source, 20));
     let (to_dest, at_dest) = pair();
     let (report, (dest, incoming), (before_end, source_end)) = std::thread::scope(|s| {
-        let dest = s.spawn(|| vmm.incoming(at_dest, "mig-dest", Doorbell::new()).unwrap());
+        let dest = s.spawn(|| {
+            vmm.incoming_with_disk(at_dest, "mig-dest", Doorbell::new(), disk)
+                .unwrap()
+        });
         let migrator = source.migrator().unwrap();
         let migration = s.spawn(move || migrator.migrate(to_dest, options()).unwrap());
         let before_end = drain(source, Duration::from_secs(10));
@@ -184,10 +203,11 @@ fn migrate_whole(vmm: &Vmm, source: &RunningVm) -> (MigrationReport, IncomingRep
         Some(GuestEnd::Exited { code: OK }),
         "9: a page was lost; 10: the AP stopped"
     );
-    assert_eq!(
-        console,
-        expected_output(),
-        "every line once, none lost or repeated"
+    assert!(
+        console == expected_output(),
+        "every line once, none lost or repeated: {} bytes, not {}",
+        console.len(),
+        expected_output().len()
     );
     (report, incoming, dest)
 }
@@ -197,7 +217,7 @@ fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
     let Some(vmm) = vmm() else { return };
     let image = pvh_image(&dirtying_guest());
     let source = boot(&vmm, &image);
-    let (report, incoming, _) = migrate_whole(&vmm, &source);
+    let (report, incoming, _) = migrate_whole(&vmm, &source, None, Vec::new());
     assert!(report.downtime > Duration::ZERO && report.total >= report.downtime);
     assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().paused);
     assert_eq!(
@@ -224,7 +244,7 @@ fn an_smp_guest_with_the_irqchip_migrates() {
     let Some(vmm) = vmm() else { return };
     let image = pvh_image(&smp_dirtying_guest());
     let source = boot_with(&vmm, &image, 2, false);
-    let (report, _, _) = migrate_whole(&vmm, &source);
+    let (report, _, _) = migrate_whole(&vmm, &source, None, Vec::new());
     assert!(report.rounds.last().is_some_and(|r| r.paused));
 }
 
@@ -237,11 +257,45 @@ fn a_guest_with_the_balloon_migrates_with_its_device_state() {
     let mut source = boot_with(&vmm, &image, 1, true);
     let balloon = source.take_balloon().unwrap();
     balloon.set_target_pages(123);
-    let (_, _, mut dest) = migrate_whole(&vmm, &source);
+    let (_, _, mut dest) = migrate_whole(&vmm, &source, None, Vec::new());
     let moved = dest
         .take_balloon()
         .expect("the destination has the balloon");
     assert_eq!(moved.target_pages(), 123);
+}
+
+/// A VM with a virtio-blk migrates to a destination given the same disk (path and
+/// size): the device state goes with it. A destination given no disk refuses at the
+/// Hello, saying why, and the guest runs on at the source.
+#[test]
+fn a_guest_with_a_disk_migrates_to_a_destination_that_has_the_disk() {
+    let Some(vmm) = vmm() else { return };
+    let path = std::env::temp_dir().join(format!("hvbench-mig-disk-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let disk = DiskConfig {
+        path: path.clone(),
+        direct: false,
+    };
+    let image = pvh_image(&dirtying_guest());
+    let source = boot_config(&vmm, &image, 1, false, Some(&disk));
+    let seen = wait_lines(&source, 5);
+    let (to_dest, at_dest) = pair();
+    let refused = std::thread::scope(|s| {
+        let dest = s.spawn(|| vmm.incoming(at_dest, "mig-nodisk", Doorbell::new()).err());
+        let migrator = source.migrator().unwrap();
+        let error = migrator.migrate(to_dest, options()).unwrap_err();
+        assert!(dest.join().unwrap().is_some());
+        error
+    });
+    assert!(
+        refused.to_string().contains("no disk"),
+        "the reason reaches the source: {refused}"
+    );
+    let (_, _, dest) = migrate_whole(&vmm, &source, Some(&disk), seen);
+    assert!(dest.blk().is_some(), "the destination has the virtio-blk");
+    drop(dest);
+    drop(source);
+    std::fs::remove_file(&path).unwrap();
 }
 
 /// A destination that reads `keep` chunks (all of them when `None`), keeps their bytes,

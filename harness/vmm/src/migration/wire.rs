@@ -107,10 +107,13 @@ pub struct Hello {
     pub irqchip: bool,
     /// A virtio-balloon (its state comes with the vCPUs').
     pub balloon: bool,
+    /// A virtio-blk (the destination must have the same disk).
+    pub blk: bool,
 }
 
 const FLAG_IRQCHIP: u32 = 1;
 const FLAG_BALLOON: u32 = 2;
+const FLAG_BLK: u32 = 4;
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
@@ -121,7 +124,8 @@ impl Hello {
         p.extend(self.ram_bytes.to_le_bytes());
         p.extend(self.vcpus.to_le_bytes());
         let flags = if self.irqchip { FLAG_IRQCHIP } else { 0 }
-            | if self.balloon { FLAG_BALLOON } else { 0 };
+            | if self.balloon { FLAG_BALLOON } else { 0 }
+            | if self.blk { FLAG_BLK } else { 0 };
         p.extend(flags.to_le_bytes());
         p
     }
@@ -152,7 +156,7 @@ impl Hello {
         }
         let vcpus = le_u32(&p[24..28]);
         let flags = le_u32(&p[28..32]);
-        if vcpus == 0 || vcpus > 255 || flags & !(FLAG_IRQCHIP | FLAG_BALLOON) != 0 {
+        if vcpus == 0 || vcpus > 255 || flags & !(FLAG_IRQCHIP | FLAG_BALLOON | FLAG_BLK) != 0 {
             return Err(malformed(format!("{vcpus} vCPUs, flags {flags:#x}")));
         }
         let irqchip = flags & FLAG_IRQCHIP != 0;
@@ -164,6 +168,7 @@ impl Hello {
             vcpus,
             irqchip,
             balloon: flags & FLAG_BALLOON != 0,
+            blk: flags & FLAG_BLK != 0,
         })
     }
 }
@@ -331,6 +336,7 @@ mod tests {
             vcpus: 1,
             irqchip: false,
             balloon: false,
+            blk: false,
         }
     }
 
