@@ -197,16 +197,30 @@ impl Vmm {
         doorbell: Arc<Doorbell>,
         disk: Option<&DiskConfig>,
     ) -> Result<(RunningVm, IncomingReport), MigrationError> {
-        match self.restore(&stream, name, doorbell, disk) {
-            Ok((vm, report)) => {
-                migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())?;
-                Ok((vm, report))
-            }
+        let (prepared, mut report, started) = match self.restore(&stream, name, doorbell, disk) {
+            Ok(restored) => restored,
             Err(e) => {
                 migration::dest::refuse(&mut stream, &e);
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        // The guest runs here only on the source's Go (else `prepared` is dropped unrun).
+        migration::dest::handshake(&mut stream, GO_TIMEOUT)?;
+        let running = start(
+            prepared.vcpu,
+            prepared.vm,
+            name,
+            prepared.balloon,
+            prepared.blk,
+        )?;
+        report.total = started.elapsed();
+        // The guest is ours now: a lost Ack leaves it running here, and the source,
+        // which sent Go, does not run it.
+        report.ack_error =
+            migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())
+                .err()
+                .map(|e| e.to_string());
+        Ok((running, report))
     }
 
     fn restore(
@@ -215,7 +229,7 @@ impl Vmm {
         name: &str,
         doorbell: Arc<Doorbell>,
         disk: Option<&DiskConfig>,
-    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
+    ) -> Result<(Prepared, IncomingReport, Instant), MigrationError> {
         let received = migration::dest::receive(&self.kvm, stream, disk.is_some())?;
         let restore_started = Instant::now();
         let (mut vm, state, mut report) = (received.vm, received.state, received.report);
@@ -260,12 +274,26 @@ impl Vmm {
             blk,
         )
         .map_err(MigrationError::State)?;
-        let vcpu = Vcpu::from_parts(fd, devices);
-        let running = start(vcpu, vm, name, balloon_handle, blk_handle)?;
+        let prepared = Prepared {
+            vcpu: Vcpu::from_parts(fd, devices),
+            vm,
+            balloon: balloon_handle,
+            blk: blk_handle,
+        };
         report.restore = restore_started.elapsed();
-        report.total = received.started.elapsed();
-        Ok((running, report))
+        Ok((prepared, report, received.started))
     }
+}
+
+/// How long a destination waits for the source's `Go` after `Ready`.
+const GO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A migrated VM, built and not running (until the source's `Go`).
+struct Prepared {
+    vcpu: Vcpu,
+    vm: Vm,
+    balloon: Option<BalloonHandle>,
+    blk: Option<BlkHandle>,
 }
 
 /// Loads one vCPU's state; its local APIC must be there exactly when the VM has the

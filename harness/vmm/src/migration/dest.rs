@@ -1,7 +1,7 @@
 //! The receiving side: every chunk checked, RAM filled, the VM built from the state.
 
 use std::io::{BufReader, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
@@ -133,7 +133,7 @@ fn fill(
                 return state
                     .ok_or_else(|| MigrationError::State("Done came before the state".into()))
             }
-            got @ (Kind::Hello | Kind::Ack | Kind::Refuse) => {
+            got @ (Kind::Hello | Kind::Go | Kind::Ack | Kind::Refuse | Kind::Ready) => {
                 return Err(WireError::Unexpected {
                     expected: "pages, state or Done",
                     got,
@@ -141,6 +141,31 @@ fn fill(
                 .into())
             }
         }
+    }
+}
+
+/// Tells the source the VM is built and waits for its `Go` (at most `limit`): only then
+/// may the guest run here. Anything else (a timeout, a closed stream, another chunk)
+/// is an error, and the guest must not run here: the source may run it.
+pub(crate) fn handshake(
+    stream: &mut MigrationStream,
+    limit: Duration,
+) -> Result<(), MigrationError> {
+    let io = |what| move |source| MigrationError::Io { what, source };
+    wire::write_chunk(stream, Kind::Ready, &[])
+        .and_then(|_| stream.flush())
+        .map_err(io("telling the source the VM is ready"))?;
+    stream
+        .set_read_timeout(Some(limit))
+        .map_err(io("waiting for the source's Go"))?;
+    let mut buf = Vec::new();
+    match wire::read_chunk(stream, &mut buf)? {
+        Kind::Go => Ok(()),
+        got => Err(WireError::Unexpected {
+            expected: "Go",
+            got,
+        }
+        .into()),
     }
 }
 

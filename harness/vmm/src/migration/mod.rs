@@ -4,11 +4,14 @@
 //! of RAM while the guest runs (round 0), then the pages written meanwhile, round after
 //! round, until what is left would go within the downtime limit at the bandwidth the
 //! last round reached (or the round limit is hit). It then parks the vCPU, sends the last
-//! dirty pages, the vCPU and device state and `Done`, and waits for the destination's
-//! `Ack`: only then does its vCPU thread end. Any failure before the `Ack` (a broken or
-//! refused stream, a destination that dies) resumes the guest on the source, which
-//! never loses it. The destination ([`crate::Vmm::incoming`]) checks every chunk (see
-//! [`wire`]), builds the VM from what it received and starts it before it acknowledges.
+//! dirty pages, the vCPU and device state and `Done`. The switchover is a handshake in
+//! which at most one side ever runs the guest: the destination ([`crate::Vmm::incoming`])
+//! checks every chunk (see [`wire`]), builds the VM without starting it and answers
+//! `Ready`; the source answers `Go`, after which it never runs the guest again; the
+//! destination starts the guest only on `Go`, and then sends `Ack`. Any failure before
+//! `Go` (a broken or refused stream, a destination that dies, no `Ready`) resumes the
+//! guest on the source; a lost `Go` or `Ack` leaves the guest handed over
+//! ([`MigrationError::Unconfirmed`]): it runs at the destination or nowhere, never twice.
 
 pub(crate) mod dest;
 pub(crate) mod dirty;
@@ -48,6 +51,12 @@ pub enum MigrationError {
     Pause(String),
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    /// After `Go` the source never runs the guest again, whatever happens next.
+    #[error(
+        "the guest was handed over (Go sent) but the destination did not confirm that it \
+         runs ({0}); the source does not run it again: it runs at the destination or is lost"
+    )]
+    Unconfirmed(String),
     #[error("building the destination VM: {0}")]
     Vmm(#[from] crate::VmmError),
 }
@@ -60,7 +69,8 @@ pub struct MigrateOptions {
     pub downtime_limit: Duration,
     /// Stop iterating after this many rounds, whatever is left.
     pub max_rounds: u32,
-    /// How long the source waits for the destination's `Ack` after `Done`.
+    /// How long the source waits for the destination's `Ready` after `Done`, and for its
+    /// `Ack` after `Go`.
     pub ack_timeout: Duration,
 }
 
@@ -99,7 +109,8 @@ pub struct MigrationReport {
     /// From the call to the first page sent (dirty logging on, `Hello` sent).
     pub setup: Duration,
     /// The VMM's own downtime: from asking the vCPU to park to the destination's `Ack`
-    /// (the guest runs there by then), so it includes one network round trip.
+    /// (the guest runs there by then), so it includes two network round trips (`Done`
+    /// to `Ready`, `Go` to `Ack`).
     pub downtime: Duration,
     /// Of the downtime, how long the vCPU took to park and hand its state over.
     pub pause: Duration,
@@ -125,6 +136,8 @@ pub struct IncomingReport {
     pub bytes: u64,
     /// From the first byte of `Hello` to the guest running.
     pub total: Duration,
+    /// The guest runs here but its `Ack` could not be sent (why).
+    pub ack_error: Option<String>,
     /// From `State` received to the vCPU thread started.
     pub restore: Duration,
     /// MSRs KVM would not take back (skipped).

@@ -216,7 +216,7 @@ impl Source<'_> {
     fn stop_and_copy(
         &self,
         w: &mut BufWriter<MigrationStream>,
-        reader: MigrationStream,
+        mut reader: MigrationStream,
         mut pending: DirtyBitmap,
         kick: impl FnMut() -> bool,
         msr_indices: Vec<u32>,
@@ -235,30 +235,69 @@ impl Source<'_> {
         } else {
             Ok(())
         }
-        .and_then(|()| self.final_copy(w, reader, &mut pending, &state, report));
+        .and_then(|()| self.final_copy(w, &mut pending, &state, report))
+        .and_then(|()| self.handshake(&mut reader));
         match result {
-            Ok(resumed_ns) => {
-                report.resumed_realtime_ns = resumed_ns;
-                report.downtime = paused.elapsed();
-                self.park.decide(Verdict::HandedOver);
-                Ok(())
-            }
+            Ok(()) => {}
             Err(e) => {
                 self.park.decide(Verdict::Resume);
-                Err(e)
+                return Err(e);
             }
+        }
+        // Go is (being) sent: from here on the guest is the destination's, whatever comes.
+        self.park.decide(Verdict::HandedOver);
+        let resumed_ns = self.go(w, &mut reader)?;
+        report.resumed_realtime_ns = resumed_ns;
+        report.downtime = paused.elapsed();
+        Ok(())
+    }
+
+    /// Waits for the destination's `Ready` (it built the VM and does not run it).
+    fn handshake(&self, reader: &mut MigrationStream) -> Result<(), MigrationError> {
+        reader
+            .set_read_timeout(Some(self.options.ack_timeout))
+            .map_err(io("waiting for the destination"))?;
+        let mut buf = Vec::new();
+        match wire::read_chunk(reader, &mut buf)? {
+            Kind::Ready => Ok(()),
+            Kind::Refuse => Err(MigrationError::Refused(
+                String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
+            )),
+            got => Err(wire::WireError::Unexpected {
+                expected: "Ready",
+                got,
+            }
+            .into()),
         }
     }
 
-    /// The last dirty pages, the state and `Done`; then the destination's answer.
+    /// Sends `Go` and waits for the `Ack`: the realtime the guest resumed at there. Any
+    /// failure is [`MigrationError::Unconfirmed`]: the guest is handed over regardless.
+    fn go(
+        &self,
+        w: &mut BufWriter<MigrationStream>,
+        reader: &mut MigrationStream,
+    ) -> Result<u64, MigrationError> {
+        let unconfirmed = |e: &dyn std::fmt::Display| MigrationError::Unconfirmed(e.to_string());
+        wire::write_chunk(w, Kind::Go, &[])
+            .and_then(|_| w.flush())
+            .map_err(|e| unconfirmed(&format!("sending Go: {e}")))?;
+        let mut buf = Vec::new();
+        match wire::read_chunk(reader, &mut buf) {
+            Ok(Kind::Ack) => Ok(wire::le_u64(&buf)),
+            Ok(got) => Err(unconfirmed(&format!("{got:?} came instead of Ack"))),
+            Err(e) => Err(unconfirmed(&format!("waiting for Ack: {e}"))),
+        }
+    }
+
+    /// The last dirty pages, the state and `Done`.
     fn final_copy(
         &self,
         w: &mut BufWriter<MigrationStream>,
-        mut reader: MigrationStream,
         pending: &mut DirtyBitmap,
         state: &MachineState,
         report: &mut MigrationReport,
-    ) -> Result<u64, MigrationError> {
+    ) -> Result<(), MigrationError> {
         let last = dirty::fetch(self.vm, self.memory)?;
         for (p, l) in pending.0.iter_mut().zip(&last.0) {
             *p |= *l;
@@ -272,21 +311,7 @@ impl Source<'_> {
         round.duration += started.elapsed();
         report.bytes += round.bytes;
         report.rounds.push(round);
-        reader
-            .set_read_timeout(Some(self.options.ack_timeout))
-            .map_err(io("waiting for the destination"))?;
-        let mut buf = Vec::new();
-        match wire::read_chunk(&mut reader, &mut buf)? {
-            Kind::Ack => Ok(wire::le_u64(&buf)),
-            Kind::Refuse => Err(MigrationError::Refused(
-                String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
-            )),
-            got => Err(wire::WireError::Unexpected {
-                expected: "Ack",
-                got,
-            }
-            .into()),
-        }
+        Ok(())
     }
 }
 

@@ -367,12 +367,17 @@ fn a_destination_that_dies_leaves_the_source_running_with_the_cause() {
     );
 }
 
-/// Feeds `bytes` to a destination; what it answers.
-fn incoming_from(vmm: &Vmm, bytes: Vec<u8>) -> Result<RunningVm, MigrationError> {
+/// Feeds `bytes` to a destination; what it answers. With `go`, answers its `Ready` with
+/// `Go`, as a source does.
+fn incoming_from(vmm: &Vmm, bytes: Vec<u8>, go: bool) -> Result<RunningVm, MigrationError> {
     let (mut feed, at_dest) = pair();
     let writer = std::thread::spawn(move || {
         let _ = feed.write_all(&bytes);
-        // The stream ends where the bytes end; the answer (Ack or Refuse) is read.
+        let mut buf = Vec::new();
+        if go && matches!(wire::read_chunk(&mut feed, &mut buf), Ok(Kind::Ready)) {
+            let _ = wire::write_chunk(&mut feed, Kind::Go, &[]);
+        }
+        // The stream ends here; the rest of the answer (Ack or Refuse) is read.
         let _ = feed.shutdown_write();
         let mut answer = Vec::new();
         let _ = feed.read_to_end(&mut answer);
@@ -394,7 +399,7 @@ fn a_corrupt_or_truncated_stream_is_refused_and_an_intact_one_restores() {
     flipped[at] ^= 0x10;
     assert!(
         matches!(
-            incoming_from(&vmm, flipped),
+            incoming_from(&vmm, flipped, false),
             Err(MigrationError::Wire(
                 wire::WireError::Checksum { .. }
                     | wire::WireError::UnknownKind(_)
@@ -405,7 +410,7 @@ fn a_corrupt_or_truncated_stream_is_refused_and_an_intact_one_restores() {
         "a flipped bit"
     );
     for cut in [5, 100, recorded.len() / 3, recorded.len() - 1] {
-        let result = incoming_from(&vmm, recorded[..cut].to_vec());
+        let result = incoming_from(&vmm, recorded[..cut].to_vec(), false);
         assert!(
             matches!(
                 result,
@@ -418,8 +423,134 @@ fn a_corrupt_or_truncated_stream_is_refused_and_an_intact_one_restores() {
         );
     }
     // The recorded stream, intact, is a guest paused mid-run: it resumes and finishes.
-    let vm = incoming_from(&vmm, recorded).unwrap();
+    // Whole, but the source never said Go: the destination does not run it.
+    let unsent = incoming_from(&vmm, recorded.clone(), false);
+    assert!(
+        matches!(unsent, Err(MigrationError::Wire(wire::WireError::Ended))),
+        "ran without Go: {:?}",
+        unsent.err()
+    );
+    let vm = incoming_from(&vmm, recorded, true).unwrap();
     let (console, end) = drain(&vm, Duration::from_secs(30));
     assert_eq!(end, Some(GuestEnd::Exited { code: OK }));
     assert!(console.ends_with(b"p\n"));
+}
+
+impl MigrationStream {
+    fn shutdown_both(&self) {
+        let _ = match self {
+            MigrationStream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            MigrationStream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// Relays chunks `from` one side `to` the other, dropping the first of kind `drop`; when
+/// either side ends, ends both.
+fn relay(mut from: MigrationStream, mut to: MigrationStream, drop: Kind) {
+    let mut buf = Vec::new();
+    let mut dropped = false;
+    while let Ok(kind) = wire::read_chunk(&mut from, &mut buf) {
+        if kind == drop && !dropped {
+            dropped = true;
+            continue;
+        }
+        if wire::write_chunk(&mut to, kind, &[&buf])
+            .and_then(|_| to.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    from.shutdown_both();
+    to.shutdown_both();
+}
+
+/// Where the guest ran on after a migration that lost one message of the switchover.
+#[derive(Debug, PartialEq, Eq)]
+enum RanOn {
+    Source,
+    Destination,
+    /// Handed over and lost: never twice.
+    Nowhere,
+}
+
+/// Migrates through a relay that drops the first `drop` chunk; checks that the guest
+/// ran on at most one side, finishing there with every line once, and says which.
+fn migrate_dropping(vmm: &Vmm, drop: Kind) -> (RanOn, Option<MigrationError>) {
+    let image = pvh_image(&dirtying_guest());
+    let source = boot(vmm, &image);
+    let mut console = wait_lines(&source, 20);
+    let (to_relay, relay_in) = pair();
+    let (relay_out, at_dest) = pair();
+    let options = MigrateOptions {
+        ack_timeout: Duration::from_secs(1),
+        ..options()
+    };
+    let (result, dest, (rest, source_end)) = std::thread::scope(|s| {
+        let (a, b) = (
+            relay_in.try_clone().unwrap(),
+            relay_out.try_clone().unwrap(),
+        );
+        s.spawn(move || relay(relay_in, relay_out, drop));
+        s.spawn(move || relay(b, a, drop));
+        let dest = s.spawn(|| vmm.incoming(at_dest, "mig-drop", Doorbell::new()).ok());
+        let migrator = source.migrator().unwrap();
+        let migration = s.spawn(move || migrator.migrate(to_relay, options));
+        let rest = drain(&source, Duration::from_secs(30));
+        (migration.join().unwrap(), dest.join().unwrap(), rest)
+    });
+    console.extend(rest);
+    let source_ran = source_end == Some(GuestEnd::Exited { code: OK });
+    assert!(
+        source_ran || source_end == Some(GuestEnd::Stopped),
+        "{drop:?}: the source ended {source_end:?}"
+    );
+    assert!(
+        !(source_ran && dest.is_some()),
+        "{drop:?} lost: the guest ran on both sides"
+    );
+    let ran_on = match dest {
+        Some((vm, _)) => {
+            let (after, end) = drain(&vm, Duration::from_secs(30));
+            console.extend(after);
+            assert_eq!(end, Some(GuestEnd::Exited { code: OK }), "{drop:?}");
+            RanOn::Destination
+        }
+        None if source_ran => RanOn::Source,
+        None => RanOn::Nowhere,
+    };
+    if ran_on != RanOn::Nowhere {
+        assert!(
+            console == expected_output(),
+            "{drop:?}: lines lost or repeated"
+        );
+    }
+    (ran_on, result.err())
+}
+
+/// Each message of the switchover lost in turn: before `Go` the source runs the guest on;
+/// after it the destination runs it (a lost `Ack`) or nobody does (a lost `Go`), and the
+/// source says so; never both.
+#[test]
+fn a_lost_switchover_message_never_runs_the_guest_twice() {
+    let Some(vmm) = vmm() else { return };
+    let unconfirmed =
+        |e: &Option<MigrationError>| matches!(e, Some(MigrationError::Unconfirmed(_)));
+    let (ran, error) = migrate_dropping(&vmm, Kind::Done);
+    assert_eq!(ran, RanOn::Source, "Done lost: {error:?}");
+    assert!(error.is_some() && !unconfirmed(&error));
+    let (ran, error) = migrate_dropping(&vmm, Kind::Ready);
+    assert_eq!(ran, RanOn::Source, "Ready lost: {error:?}");
+    assert!(error.is_some() && !unconfirmed(&error));
+    let (ran, error) = migrate_dropping(&vmm, Kind::Go);
+    assert_eq!(ran, RanOn::Nowhere, "Go lost: {error:?}");
+    assert!(unconfirmed(&error), "{error:?}");
+    let (ran, error) = migrate_dropping(&vmm, Kind::Ack);
+    assert_eq!(ran, RanOn::Destination, "Ack lost: {error:?}");
+    assert!(unconfirmed(&error), "{error:?}");
+    // The Hello lost: the destination refuses what follows; the source runs on.
+    let (ran, error) = migrate_dropping(&vmm, Kind::Hello);
+    assert_eq!(ran, RanOn::Source, "Hello lost: {error:?}");
+    assert!(error.is_some());
 }

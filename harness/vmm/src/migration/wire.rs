@@ -5,9 +5,11 @@
 //! ```
 //!
 //! where the CRC-32 (IEEE) covers the first 8 header bytes and the payload. The first
-//! chunk is [`Hello`] (magic, [`VERSION`], page size, RAM size); then page runs, rounds,
-//! the machine state and `Done`; the destination answers with `Ack` (it runs) or
-//! `Refuse` (why not). Everything read is bounded before it is allocated or used: a
+//! chunk is [`Hello`] (magic, [`VERSION`], page size, RAM size, the machine); then page
+//! runs, rounds, the machine state and `Done`. The switchover is a handshake in which at
+//! most one side ever runs the guest: the destination builds the VM and answers `Ready`
+//! (or `Refuse`, why not) without running it; the source then sends `Go` and never runs
+//! the guest again; the destination starts it only on `Go`, and answers `Ack`. Everything read is bounded before it is allocated or used: a
 //! payload is at most [`MAX_PAYLOAD`] bytes, a page run names pages inside the RAM the
 //! `Hello` announced, and an unknown kind, a wrong length or a checksum mismatch is an
 //! error, never a panic.
@@ -19,7 +21,7 @@ use thiserror::Error;
 /// "HVBMIG" and two zero bytes.
 pub const MAGIC: [u8; 8] = *b"HVBMIG\0\0";
 /// Bumped whenever the layout of any chunk changes; a peer with another is refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const PAGE_SIZE: u64 = 4096;
 const PAGE_BYTES: usize = 4096;
 /// Most pages in one run (1 MiB of data).
@@ -71,12 +73,16 @@ pub enum Kind {
     RoundEnd = 4,
     /// The vCPU and device state (see `state.rs`).
     State = 5,
-    /// Nothing follows: the destination may resume the guest.
+    /// Nothing follows: the destination builds the VM and answers `Ready`.
     Done = 6,
+    /// The source has given the guest up: the destination may run it.
+    Go = 7,
     /// Destination to source: the guest runs here (realtime ns when it was resumed).
     Ack = 0x80,
     /// Destination to source: the migration failed here (UTF-8 reason).
     Refuse = 0x81,
+    /// Destination to source: the VM is built and not running; it runs on `Go`.
+    Ready = 0x82,
 }
 
 impl Kind {
@@ -88,8 +94,10 @@ impl Kind {
             Kind::RoundEnd,
             Kind::State,
             Kind::Done,
+            Kind::Go,
             Kind::Ack,
             Kind::Refuse,
+            Kind::Ready,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)

@@ -307,7 +307,7 @@ impl Vcpu {
             {
                 self.flush_console(tx, true);
                 let _ = tx.send(GuestMessage::Notice(
-                    "migrated: the destination runs the guest".into(),
+                    "migrated: handed over to the destination (Go sent)".into(),
                 ));
                 return GuestEnd::Stopped;
             }
