@@ -461,6 +461,8 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "setup_ms",
         "pause_ms",
         "msrs_unreadable",
+        "msrs_left_out",
+        "dirty_tracking",
         "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {

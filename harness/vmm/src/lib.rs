@@ -240,7 +240,9 @@ impl Vmm {
         report.msrs_refused = restore_vcpu(&fd, &state.vcpu, vm.irqchip, xsave_size)?;
         for (id, ap) in (1u8..).zip(&state.aps) {
             let ap_fd = vstate::vcpu::create(&self.kvm, &vm, id)?;
-            report.msrs_refused += restore_vcpu(&ap_fd, ap, vm.irqchip, xsave_size)?;
+            report
+                .msrs_refused
+                .extend(restore_vcpu(&ap_fd, ap, vm.irqchip, xsave_size)?);
             vm.secondary_vcpus.push(ap_fd);
         }
         if let Some(chips) = &state.irqchip {
@@ -297,13 +299,13 @@ struct Prepared {
 }
 
 /// Loads one vCPU's state; its local APIC must be there exactly when the VM has the
-/// irqchip. Returns how many MSRs KVM would not take.
+/// irqchip. Returns the MSRs KVM would not take.
 fn restore_vcpu(
     fd: &VcpuFd,
     state: &migration::state::VcpuState,
     irqchip: bool,
     xsave_size: i32,
-) -> Result<u32, MigrationError> {
+) -> Result<Vec<u32>, MigrationError> {
     if state.lapic.is_some() != irqchip {
         return Err(MigrationError::State(format!(
             "a vCPU's local APIC {} in a VM {} the irqchip",

@@ -84,6 +84,23 @@ impl Default for MigrateOptions {
     }
 }
 
+/// Where the pages the guest wrote come from (the VMM's own writes are ORed in either
+/// way, from vm-memory's bitmap).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_GET_DIRTY_LOG` per round.
+    #[default]
+    DirtyLog,
+}
+
+impl DirtyTracking {
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::DirtyLog => "dirty_log",
+        }
+    }
+}
+
 /// One round of page copying.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoundReport {
@@ -123,6 +140,10 @@ pub struct MigrationReport {
     pub bytes: u64,
     /// MSRs KVM listed but would not read.
     pub msrs_unreadable: u32,
+    /// MSRs read but deliberately not carried (see `state::MSR_KVM_ASYNC_PF_INT`).
+    pub msrs_left_out: Vec<u32>,
+    /// How the pages the guest wrote were found.
+    pub dirty_tracking: DirtyTracking,
     /// The destination's CLOCK_REALTIME (ns) when its vCPU started.
     pub resumed_realtime_ns: u64,
 }
@@ -140,8 +161,8 @@ pub struct IncomingReport {
     pub ack_error: Option<String>,
     /// From `State` received to the vCPU thread started.
     pub restore: Duration,
-    /// MSRs KVM would not take back (skipped).
-    pub msrs_refused: u32,
+    /// MSRs KVM would not take back (skipped), by index, every vCPU's.
+    pub msrs_refused: Vec<u32>,
     /// The source's and this host's TSC frequency (a guest told one frequency at boot
     /// keeps it; KVM here cannot scale the TSC when they differ).
     pub tsc_khz: (u32, u32),

@@ -229,6 +229,7 @@ impl Source<'_> {
             .map_err(MigrationError::Pause)?;
         report.pause = paused.elapsed();
         report.msrs_unreadable = state.vcpu.msrs_unreadable;
+        report.msrs_left_out = state.vcpu.msrs_left_out.clone();
         // Every vCPU is out of KVM_RUN: the irqchip holds still.
         let result = if self.irqchip {
             IrqchipState::capture(self.vm).map(|chips| state.irqchip = Some(chips))

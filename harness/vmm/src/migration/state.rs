@@ -23,6 +23,13 @@ use crate::devices::Devices;
 
 /// IA32_TIME_STAMP_COUNTER.
 const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_KVM_ASYNC_PF_INT: the vector of KVM's async page-fault "page ready" interrupt.
+/// KVM refuses every write to it, 0 included, on a vCPU without the in-kernel local APIC
+/// (`kvm_pv_enable_async_pf_int`), which uniprocessor guests of this VMM have not: it
+/// was the one MSR KVM_SET_MSRS stopped at. At 0 (the guest never enabled async page
+/// faults, as a fresh vCPU) it is left out there, and nothing is lost; otherwise it
+/// travels and a refusal is counted and named.
+const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
 /// More MSRs than any KVM lists (a bound on what a stream may name).
 const MAX_MSRS: usize = 1024;
 /// vm-superio's FIFO.
@@ -52,6 +59,9 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     /// MSRs KVM listed but would not read (left out of `msrs`).
     pub msrs_unreadable: u32,
+    /// MSRs read but deliberately not carried, with the reason at their constant (the
+    /// source's record names them; they do not travel).
+    pub msrs_left_out: Vec<u32>,
     pub tsc_khz: u32,
     /// CLOCK_REALTIME (ns) at which the TSC was read: the destination advances the TSC by
     /// the time since, so the guest's clock keeps up with the host's across the pause.
@@ -163,8 +173,22 @@ impl VcpuState {
     /// Reads the vCPU's state; call on a vCPU that is not in KVM_RUN, after any pending
     /// I/O was completed (see `Park`).
     pub(crate) fn capture(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, MigrationError> {
-        let (msrs, msrs_unreadable) = read_msrs(fd, msr_indices)?;
+        let (mut msrs, msrs_unreadable) = read_msrs(fd, msr_indices)?;
+        // KVM refuses this without the in-kernel irqchip: then there is none.
+        let lapic = fd.get_lapic().ok();
+        let mut msrs_left_out = Vec::new();
+        if lapic.is_none() {
+            msrs.retain(|m| {
+                let out = m.index == MSR_KVM_ASYNC_PF_INT && m.data == 0;
+                if out {
+                    msrs_left_out.push(m.index);
+                }
+                !out
+            });
+        }
         Ok(VcpuState {
+            lapic,
+            msrs_left_out,
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
             xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
@@ -172,8 +196,6 @@ impl VcpuState {
             debugregs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
             mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-            // KVM refuses this without the in-kernel irqchip: then there is none.
-            lapic: fd.get_lapic().ok(),
             captured_realtime_ns: realtime_ns(),
             msrs,
             msrs_unreadable,
@@ -198,8 +220,8 @@ impl VcpuState {
             .collect()
     }
 
-    /// Loads the state into a fresh vCPU; returns how many MSRs KVM would not take.
-    pub(crate) fn restore(&self, fd: &VcpuFd, xsave_size: i32) -> Result<u32, MigrationError> {
+    /// Loads the state into a fresh vCPU; returns the MSRs KVM would not take.
+    pub(crate) fn restore(&self, fd: &VcpuFd, xsave_size: i32) -> Result<Vec<u32>, MigrationError> {
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         if xsave_size > LEGACY_XSAVE_BYTES {
@@ -225,10 +247,10 @@ impl VcpuState {
         Ok(refused)
     }
 
-    /// KVM_SET_MSRS stops at the first MSR it refuses: that one is skipped and counted.
-    fn restore_msrs(&self, fd: &VcpuFd) -> Result<u32, MigrationError> {
+    /// KVM_SET_MSRS stops at the first MSR it refuses: that one is skipped and named.
+    fn restore_msrs(&self, fd: &VcpuFd) -> Result<Vec<u32>, MigrationError> {
         let mut rest = self.advanced_msrs(realtime_ns());
-        let mut refused = 0;
+        let mut refused = Vec::new();
         while !rest.is_empty() {
             let msrs = Msrs::from_entries(&rest)
                 .map_err(|e| MigrationError::State(format!("MSR list: {e:?}")))?;
@@ -239,8 +261,8 @@ impl VcpuState {
             if rest[set].index == MSR_IA32_TSC {
                 return Err(MigrationError::State("KVM refused the guest's TSC".into()));
             }
+            refused.push(rest[set].index);
             rest.drain(..=set);
-            refused += 1;
         }
         Ok(refused)
     }
@@ -318,6 +340,7 @@ impl VcpuState {
             lapic: r.optional("local APIC")?,
             msrs: r.list("MSRs", MAX_MSRS)?,
             msrs_unreadable: 0,
+            msrs_left_out: Vec::new(),
             tsc_khz: 0,
             captured_realtime_ns: 0,
         };
@@ -508,6 +531,7 @@ mod tests {
                     ..Default::default()
                 }],
                 msrs_unreadable: 2,
+                msrs_left_out: Vec::new(),
                 tsc_khz: 2_000_000,
                 captured_realtime_ns: 5,
             },
