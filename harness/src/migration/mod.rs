@@ -110,6 +110,7 @@ pub fn report_json(r: &MigrationReport) -> Value {
         "msrs_unreadable": r.msrs_unreadable,
         "msrs_left_out": hex(&r.msrs_left_out),
         "dirty_tracking": r.dirty_tracking.name(),
+        "ring_full_exits": r.ring_full_exits,
         "resumed_realtime_ns": r.resumed_realtime_ns,
         "rounds": rounds,
     })

@@ -463,6 +463,7 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "msrs_unreadable",
         "msrs_left_out",
         "dirty_tracking",
+        "ring_full_exits",
         "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {

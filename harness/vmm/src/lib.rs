@@ -90,12 +90,17 @@ pub enum VmmError {
     Balloon(String),
     #[error("virtio-blk: {0}")]
     Blk(#[from] BlkError),
+    #[error("KVM's dirty ring: {0}")]
+    DirtyRing(String),
 }
 
 /// /dev/kvm, opened once, from which VMs are booted.
 #[derive(Debug)]
 pub struct Vmm {
     kvm: Kvm,
+    /// VMs get KVM's dirty ring of this many bytes per vCPU where the host offers it
+    /// (else, and when `None`, the dirty log serves).
+    dirty_ring: Option<u32>,
 }
 
 /// What one guest is booted with.
@@ -129,7 +134,29 @@ impl Vmm {
     pub fn new() -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Open)?;
         install_kick_handler()?;
-        Ok(Vmm { kvm })
+        Ok(Vmm {
+            kvm,
+            dirty_ring: Some(migration::ring::RING_BYTES),
+        })
+    }
+
+    /// VMs of this VMM track dirty pages with KVM's dirty log even where the host offers
+    /// the dirty ring (to compare the two, and to test the log on such a host).
+    pub fn without_dirty_ring(self) -> Self {
+        Vmm {
+            dirty_ring: None,
+            ..self
+        }
+    }
+
+    /// VMs get a dirty ring of `bytes` per vCPU (a power of two, at least a page): a
+    /// small one fills, which the tests need.
+    #[cfg(test)]
+    pub(crate) fn with_dirty_ring_bytes(self, bytes: u32) -> Self {
+        Vmm {
+            dirty_ring: Some(bytes),
+            ..self
+        }
     }
 
     /// KVM_GET_API_VERSION.
@@ -150,6 +177,9 @@ impl Vmm {
         // An SMP guest gets KVM's in-kernel irqchip (its APs start by INIT/SIPI through
         // their local APICs); a uniprocessor guest gets none, so HLT exits to the VMM.
         let mut vm = Vm::new(&self.kvm, config.memory_mib, config.vcpus > 1)?;
+        if let Some(bytes) = self.dirty_ring {
+            vm.enable_dirty_ring(bytes);
+        }
         if config.mergeable {
             memory::advise(&vm.memory, Advice::Mergeable)?;
         }
@@ -230,7 +260,8 @@ impl Vmm {
         doorbell: Arc<Doorbell>,
         disk: Option<&DiskConfig>,
     ) -> Result<(Prepared, IncomingReport, Instant), MigrationError> {
-        let received = migration::dest::receive(&self.kvm, stream, disk.is_some())?;
+        let received =
+            migration::dest::receive(&self.kvm, stream, disk.is_some(), self.dirty_ring)?;
         let restore_started = Instant::now();
         let (mut vm, state, mut report) = (received.vm, received.state, received.report);
         let xsave_size = vm
@@ -328,6 +359,14 @@ fn start(
     // Bounded: a guest that floods the console makes its vCPU wait for the host.
     let (tx, rx) = guest_channel(stop.clone());
     let thread_stop = stop.clone();
+    let mut vcpu = vcpu;
+    let fds: Vec<&VcpuFd> = std::iter::once(vcpu.fd())
+        .chain(vm.secondary_vcpus.iter())
+        .collect();
+    let rings = vm
+        .dirty_rings(&fds)
+        .map_err(|e| VmmError::DirtyRing(e.to_string()))?;
+    vcpu.attach_rings(rings.clone());
     let (vm_fd, memory, park) = (vm.fd.clone(), vm.memory.clone(), vcpu.park());
     let machine = Machine {
         vcpus: 1 + u32::try_from(vm.secondary_vcpus.len()).unwrap_or(u32::MAX),
@@ -351,6 +390,7 @@ fn start(
             memory,
             park,
             machine,
+            rings,
         },
     })
 }
@@ -411,6 +451,7 @@ impl Migrator<'_> {
             irqchip: machine.irqchip,
             balloon: machine.balloon,
             blk: machine.blk,
+            rings: self.handles.rings.as_deref(),
         };
         source.run(stream, kick, msr_indices)
     }
@@ -423,6 +464,7 @@ struct MigrationHandles {
     memory: GuestMemory,
     park: Arc<Park>,
     machine: Machine,
+    rings: Option<Arc<migration::ring::DirtyRings>>,
 }
 
 /// The machine a migration rebuilds at the destination.

@@ -24,11 +24,14 @@ pub(crate) struct Received {
 }
 
 /// Reads the whole stream up to `Done`.
-/// `has_disk`: this destination was given a disk for a guest's virtio-blk.
+/// `has_disk`: this destination was given a disk for a guest's virtio-blk; `dirty_ring`:
+/// the VM gets KVM's dirty ring of that size where the host offers it (for its next
+/// migration).
 pub(crate) fn receive(
     kvm: &Kvm,
     stream: &MigrationStream,
     has_disk: bool,
+    dirty_ring: Option<u32>,
 ) -> Result<Received, MigrationError> {
     let started = Instant::now();
     let reader = stream.try_clone().map_err(|source| MigrationError::Io {
@@ -70,7 +73,10 @@ pub(crate) fn receive(
         ));
     }
     // Vm::new bounds the size (as for a boot) before it maps anything.
-    let vm = Vm::new(kvm, mib, hello.irqchip)?;
+    let mut vm = Vm::new(kvm, mib, hello.irqchip)?;
+    if let Some(bytes) = dirty_ring {
+        vm.enable_dirty_ring(bytes);
+    }
     let mut report = IncomingReport {
         ram_bytes: hello.ram_bytes,
         bytes: 44,

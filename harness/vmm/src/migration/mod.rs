@@ -17,6 +17,7 @@ pub(crate) mod dest;
 pub(crate) mod dirty;
 mod pagemap;
 pub(crate) mod park;
+pub(crate) mod ring;
 mod source;
 pub mod state;
 mod transport;
@@ -91,12 +92,15 @@ pub enum DirtyTracking {
     /// `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_GET_DIRTY_LOG` per round.
     #[default]
     DirtyLog,
+    /// `KVM_CAP_DIRTY_LOG_RING`: each vCPU's ring of dirtied pages (see `ring`).
+    DirtyRing,
 }
 
 impl DirtyTracking {
     pub fn name(self) -> &'static str {
         match self {
             DirtyTracking::DirtyLog => "dirty_log",
+            DirtyTracking::DirtyRing => "dirty_ring",
         }
     }
 }
@@ -144,6 +148,9 @@ pub struct MigrationReport {
     pub msrs_left_out: Vec<u32>,
     /// How the pages the guest wrote were found.
     pub dirty_tracking: DirtyTracking,
+    /// With the dirty ring: how often a vCPU's ring filled and its thread harvested
+    /// (over the VM's life so far).
+    pub ring_full_exits: u64,
     /// The destination's CLOCK_REALTIME (ns) when its vCPU started.
     pub resumed_realtime_ns: u64,
 }

@@ -9,9 +9,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::dirty::{self, DirtyBitmap};
 use super::pagemap::Pagemap;
 use super::park::{Park, Verdict};
+use super::ring::DirtyRings;
 use super::state::{IrqchipState, MachineState};
 use super::wire::{self, Hello, Kind, PAGE_SIZE};
-use super::{MigrateOptions, MigrationError, MigrationReport, MigrationStream, RoundReport};
+use super::{
+    DirtyTracking, MigrateOptions, MigrationError, MigrationReport, MigrationStream, RoundReport,
+};
 use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
 
@@ -31,6 +34,8 @@ pub(crate) struct Source<'a> {
     pub(crate) irqchip: bool,
     pub(crate) balloon: bool,
     pub(crate) blk: bool,
+    /// The VM's dirty rings, where it has them (else KVM's dirty log serves).
+    pub(crate) rings: Option<&'a DirtyRings>,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -105,6 +110,11 @@ impl Source<'_> {
         let ram_bytes = self.ram_bytes();
         let mut report = MigrationReport {
             ram_bytes,
+            dirty_tracking: if self.rings.is_some() {
+                DirtyTracking::DirtyRing
+            } else {
+                DirtyTracking::DirtyLog
+            },
             ..Default::default()
         };
         let hello = Hello {
@@ -121,7 +131,7 @@ impl Source<'_> {
         let mut pending = DirtyBitmap::all(ram_bytes / PAGE_SIZE);
         loop {
             let round = self.send_round(&mut w, &pending, report.rounds.len(), false)?;
-            pending = dirty::fetch(self.vm, self.memory)?;
+            pending = dirty::fetch(self.vm, self.memory, self.rings)?;
             let bandwidth = round.bytes.max(1) as f64 / round.duration.as_secs_f64().max(1e-6);
             let left =
                 Duration::from_secs_f64(pending.count() as f64 * PAGE_SIZE as f64 / bandwidth);
@@ -136,6 +146,7 @@ impl Source<'_> {
             }
         }
         self.stop_and_copy(&mut w, reader, pending, kick, msr_indices, &mut report)?;
+        report.ring_full_exits = self.rings.map_or(0, DirtyRings::full_exits);
         report.total = started.elapsed();
         Ok(report)
     }
@@ -299,7 +310,7 @@ impl Source<'_> {
         state: &MachineState,
         report: &mut MigrationReport,
     ) -> Result<(), MigrationError> {
-        let last = dirty::fetch(self.vm, self.memory)?;
+        let last = dirty::fetch(self.vm, self.memory, self.rings)?;
         for (p, l) in pending.0.iter_mut().zip(&last.0) {
             *p |= *l;
         }

@@ -1,6 +1,8 @@
-//! Migrations of a small guest on /dev/kvm, over a socket pair: the guest rewrites 64
-//! pages with its pass number and checks them all after each pass (a page the migration
-//! lost reads back stale: exit status 9); it prints `p\n` per pass and ends with 7.
+//! Migrations of a small guest on /dev/kvm, over a socket pair: each pass, the guest
+//! first checks that its 64 pages still hold the previous pass's number, then rewrites
+//! them with its own (so a page the migration lost, at whatever point it paused the
+//! guest, reads back stale at the next pass: exit status 9); it prints `p\n` per pass
+//! and ends with 7.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,11 +10,16 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use super::wire::{self, Kind};
-use super::{IncomingReport, MigrateOptions, MigrationError, MigrationReport, MigrationStream};
+use super::{
+    DirtyTracking, IncomingReport, MigrateOptions, MigrationError, MigrationReport, MigrationStream,
+};
 use crate::boot::tests::pvh_image;
 use crate::{DiskConfig, Doorbell, GuestEnd, GuestMessage, RunningVm, VmConfig, Vmm};
 
 const PASSES: u32 = 3000;
+/// Where [`dirtying_guest`] exits with [`OK`], and the immediates of its two `mov ecx, 64`.
+const EXIT_AT: usize = 0x47;
+const PAGE_COUNTS_AT: [usize; 2] = [0x0f, 0x29];
 const OK: u32 = 7;
 
 /// 32-bit protected mode, paging off (the PVH entry state). See the module comment.
@@ -21,26 +28,27 @@ fn dirtying_guest() -> Vec<u8> {
     c.extend([0xbd, 1, 0, 0, 0]); // 04: mov ebp, 1
     c.extend([0xbe, 0, 0, 0x20, 0]); // 09 outer: mov esi, 0x200000
     c.extend([0xb9, 64, 0, 0, 0]); // 0e: mov ecx, 64
-    c.extend([0x89, 0x2e]); // 13 w: mov [esi], ebp
-    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 15: add esi, 0x1000
-    c.extend([0x49, 0x75, 0xf5]); // 1b: dec ecx; jnz w
-    c.extend([0xbe, 0, 0, 0x20, 0]); // 1e: mov esi, 0x200000
-    c.extend([0xb9, 64, 0, 0, 0]); // 23: mov ecx, 64
-    c.extend([0x39, 0x2e, 0x75, 0x1e]); // 28 v: cmp [esi], ebp; jne bad
-    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 2c: add esi, 0x1000
-    c.extend([0x49, 0x75, 0xf3]); // 32: dec ecx; jnz v
-    c.extend([0xb0, b'p', 0xee, 0xb0, b'\n', 0xee]); // 35: "p\n"
-    c.push(0x45); // 3b: inc ebp
-    c.extend([0x81, 0xfd]); // 3c: cmp ebp, PASSES + 1
+    c.extend([0x8d, 0x45, 0xff]); // 13: lea eax, [ebp - 1]
+    c.extend([0x39, 0x06, 0x75, 0x33]); // 16 v: cmp [esi], eax; jne bad
+    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 1a: add esi, 0x1000
+    c.extend([0x49, 0x75, 0xf3]); // 20: dec ecx; jnz v
+    c.extend([0xbe, 0, 0, 0x20, 0]); // 23: mov esi, 0x200000
+    c.extend([0xb9, 64, 0, 0, 0]); // 28: mov ecx, 64
+    c.extend([0x89, 0x2e]); // 2d w: mov [esi], ebp
+    c.extend([0x81, 0xc6, 0, 0x10, 0, 0]); // 2f: add esi, 0x1000
+    c.extend([0x49, 0x75, 0xf5]); // 35: dec ecx; jnz w
+    c.extend([0xb0, b'p', 0xee, 0xb0, b'\n', 0xee]); // 38: "p\n"
+    c.push(0x45); // 3e: inc ebp
+    c.extend([0x81, 0xfd]); // 3f: cmp ebp, PASSES + 1
     c.extend((PASSES + 1).to_le_bytes());
-    c.extend([0x75, 0xc5]); // 42: jne outer
-    c.extend([0xb0, 7, 0xe6, 0xf4, 0xeb, 0xfe]); // 44: exit 7
+    c.extend([0x75, 0xc2]); // 45: jne outer
+    c.extend([0xb0, 7, 0xe6, 0xf4, 0xeb, 0xfe]); // 47: exit 7
     assert_eq!(
         c.len(),
-        0x4a,
+        EXIT_AT + 6,
         "the jumps above are relative to these offsets"
     );
-    c.extend([0xb0, 9, 0xe6, 0xf4, 0xeb, 0xfe]); // 4a bad: exit 9
+    c.extend([0xb0, 9, 0xe6, 0xf4, 0xeb, 0xfe]); // 4d bad: exit 9
     c
 }
 
@@ -100,11 +108,12 @@ fn smp_dirtying_guest() -> Vec<u8> {
     // cmp dword [0x9000], 0; je back
     code.extend([0x83, 0x3d, 0x00, 0x90, 0x00, 0x00, 0x00, 0x74, 0xf7]);
     let mut body = dirtying_guest();
-    // At 0x44 (its exit 7): jmp to the check appended after the bad path (0x50).
-    let rel = 0x50i32 - (0x44 + 5);
-    body[0x44] = 0xe9;
-    body[0x45..0x49].copy_from_slice(&rel.to_le_bytes());
-    body[0x49] = 0x90;
+    // At its exit 7: jmp to the check appended after the bad path.
+    let end = body.len();
+    let rel = i32::try_from(end - (EXIT_AT + 5)).unwrap();
+    body[EXIT_AT] = 0xe9;
+    body[EXIT_AT + 1..EXIT_AT + 5].copy_from_slice(&rel.to_le_bytes());
+    body[EXIT_AT + 5] = 0x90;
     body.extend([0xa1, 0x00, 0x90, 0x00, 0x00]); // mov eax, [0x9000]
     body.extend([0xb9, 0x00, 0x00, 0x01, 0x00]); // mov ecx, 0x10000
     body.extend([0xf3, 0x90, 0x49, 0x75, 0xfb]); // l: pause; dec ecx; jnz l
@@ -226,6 +235,7 @@ fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
     );
     assert!(report.rounds[0].pages >= 64, "the working set is not zero");
     assert_eq!(incoming.ram_bytes, 32 << 20);
+    assert_eq!(report.dirty_tracking, offered_tracking());
     // Without a local APIC, MSR_KVM_ASYNC_PF_INT (0) is left out: KVM takes every MSR.
     assert_eq!(report.msrs_left_out, vec![0x4b56_4d06]);
     assert_eq!(incoming.msrs_refused, Vec::<u32>::new());
@@ -237,6 +247,53 @@ fn a_dirtying_guest_migrates_and_its_memory_and_console_survive() {
             .map(|r| r.pages + r.zero_pages)
             .sum::<u64>()
     );
+}
+
+/// What a VMM tracks dirty pages with here by default.
+fn offered_tracking() -> DirtyTracking {
+    let offered = kvm_ioctls::Kvm::new()
+        .map(|k| k.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING.into()) > 0)
+        .unwrap_or(false);
+    if offered {
+        DirtyTracking::DirtyRing
+    } else {
+        DirtyTracking::DirtyLog
+    }
+}
+
+/// The dirty log where the VMM is told not to use the ring (the path hosts without the
+/// ring take): every page arrives.
+#[test]
+fn a_dirtying_guest_migrates_with_the_dirty_log() {
+    let Some(vmm) = vmm().map(Vmm::without_dirty_ring) else {
+        return;
+    };
+    let image = pvh_image(&dirtying_guest());
+    let source = boot(&vmm, &image);
+    let (report, _, _) = migrate_whole(&vmm, &source, None, Vec::new());
+    assert_eq!(report.dirty_tracking, DirtyTracking::DirtyLog);
+}
+
+/// A ring of one page (192 entries before KVM calls it full) and a guest that dirties
+/// 256 pages a pass: vCPU exits for a full ring happen, its thread harvests them, and
+/// no page is lost.
+#[test]
+fn a_full_dirty_ring_is_harvested_by_its_vcpu_and_loses_nothing() {
+    if offered_tracking() != DirtyTracking::DirtyRing {
+        return;
+    }
+    let Some(vmm) = vmm().map(|v| v.with_dirty_ring_bytes(4096)) else {
+        return;
+    };
+    let mut code = dirtying_guest();
+    for at in PAGE_COUNTS_AT {
+        code[at..at + 4].copy_from_slice(&256u32.to_le_bytes()); // mov ecx, 256
+    }
+    let image = pvh_image(&code);
+    let source = boot(&vmm, &image);
+    let (report, _, _) = migrate_whole(&vmm, &source, None, Vec::new());
+    assert_eq!(report.dirty_tracking, DirtyTracking::DirtyRing);
+    assert!(report.ring_full_exits > 0, "the ring never filled");
 }
 
 /// Two vCPUs, KVM's irqchip: both vCPUs' state (the AP mid-loop), their local APICs and

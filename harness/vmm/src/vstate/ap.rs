@@ -22,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 use super::vcpu::kick_signal;
 use crate::channel::GuestEnd;
 use crate::migration::park::complete_pending_io;
+use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
 use crate::migration::state::VcpuState;
 use crate::VmmError;
 
@@ -38,6 +39,8 @@ pub(crate) struct ApShared {
     boot_thread: libc::pthread_t,
     /// Set while a migration holds the APs.
     hold: AtomicBool,
+    /// The VM's dirty rings, harvested by an AP whose ring filled.
+    rings: Option<Arc<DirtyRings>>,
     held: Mutex<Held>,
     held_changed: Condvar,
 }
@@ -80,6 +83,7 @@ impl Aps {
         vcpus: Vec<VcpuFd>,
         name: &str,
         vm_stop: Arc<AtomicBool>,
+        rings: Option<Arc<DirtyRings>>,
     ) -> Result<Self, VmmError> {
         let shared = Arc::new(ApShared {
             stop: AtomicBool::new(false),
@@ -88,6 +92,7 @@ impl Aps {
             // SAFETY: pthread_self has no preconditions.
             boot_thread: unsafe { libc::pthread_self() },
             hold: AtomicBool::new(false),
+            rings,
             held: Mutex::default(),
             held_changed: Condvar::new(),
         });
@@ -221,6 +226,11 @@ fn run(mut fd: VcpuFd, index: usize, shared: &ApShared) {
                     registers(&fd)
                 ),
             }),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                super::vcpu::harvest(shared.rings.as_deref())
+                    .err()
+                    .map(|detail| GuestEnd::Failed { detail })
+            }
             Ok(exit) => on_exit(exit, index),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(GuestEnd::Failed {

@@ -18,6 +18,7 @@ use crate::devices::balloon::VirtioBalloon;
 use crate::devices::blk::VirtioBlk;
 use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::migration::park::{Park, Verdict};
+use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
 use crate::VmmError;
 
 /// The signal that interrupts KVM_RUN when the host stops a guest.
@@ -175,6 +176,16 @@ pub(crate) fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<Vcp
         .collect()
 }
 
+/// A vCPU's dirty ring filled: harvests every ring so that it may run on.
+pub(crate) fn harvest(rings: Option<&DirtyRings>) -> Result<(), String> {
+    match rings {
+        Some(rings) => rings
+            .harvest_full()
+            .map_err(|e| format!("harvesting the dirty rings: {e}")),
+        None => Err("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into()),
+    }
+}
+
 /// Most vCPUs a guest may have: APIC IDs are 8 bits in xAPIC mode, and 0xff is broadcast.
 pub const MAX_VCPUS: u32 = 254;
 
@@ -184,6 +195,8 @@ pub(crate) struct Vcpu {
     devices: Devices,
     /// Where a migration asks this vCPU to pause.
     park: Arc<Park>,
+    /// The VM's dirty rings, which this thread harvests when its ring fills.
+    rings: Option<Arc<DirtyRings>>,
 }
 
 impl Vcpu {
@@ -208,6 +221,7 @@ impl Vcpu {
             fd,
             devices: Devices::new(),
             park: Arc::default(),
+            rings: None,
         })
     }
 
@@ -217,7 +231,17 @@ impl Vcpu {
             fd,
             devices,
             park: Arc::default(),
+            rings: None,
         }
+    }
+
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Gives the thread the VM's dirty rings to harvest when its own fills.
+    pub(crate) fn attach_rings(&mut self, rings: Option<Arc<DirtyRings>>) {
+        self.rings = rings;
     }
 
     /// The migration's handle on this vCPU's pause.
@@ -274,7 +298,7 @@ impl Vcpu {
     pub(crate) fn run(mut self, mut vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender, name: &str) {
         let aps = if vm.irqchip && !vm.secondary_vcpus.is_empty() {
             let vcpus = std::mem::take(&mut vm.secondary_vcpus);
-            match Aps::start(vcpus, name, stop.clone()) {
+            match Aps::start(vcpus, name, stop.clone(), self.rings.clone()) {
                 Ok(aps) => Some(aps),
                 Err(e) => {
                     let detail = format!("starting the application processors: {e}");
@@ -334,6 +358,11 @@ impl Vcpu {
                 VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
                 VcpuExit::Hlt => self.devices.counters.count(ExitReason::Hlt),
                 VcpuExit::Intr => self.devices.counters.count(ExitReason::Interrupted),
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    if let Err(e) = harvest(self.rings.as_deref()) {
+                        return GuestEnd::Failed { detail: e };
+                    }
+                }
                 VcpuExit::Shutdown => {
                     return GuestEnd::TripleFault {
                         detail: format!("triple fault (KVM_EXIT_SHUTDOWN): {}", self.registers()),
