@@ -236,6 +236,7 @@ impl Vmm {
         };
         // The guest runs here only on the source's Go (else `prepared` is dropped unrun).
         migration::dest::handshake(&mut stream, GO_TIMEOUT)?;
+        prepared.vcpu.resume_devices();
         let running = start(
             prepared.vcpu,
             prepared.vm,

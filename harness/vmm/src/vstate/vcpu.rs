@@ -244,6 +244,11 @@ impl Vcpu {
         self.rings = rings;
     }
 
+    /// A migrated-in VM's paused devices start serving (the guest is about to run).
+    pub(crate) fn resume_devices(&self) {
+        self.devices.resume_blk();
+    }
+
     /// The migration's handle on this vCPU's pause.
     pub(crate) fn park(&self) -> Arc<Park> {
         self.park.clone()

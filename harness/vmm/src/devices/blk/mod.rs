@@ -376,8 +376,9 @@ impl VirtioBlk {
         }
     }
 
-    /// Serves requests again after [`VirtioBlk::pause`] (the migration failed); looks
-    /// at the queue at once, as a notification during the pause was not served.
+    /// Serves requests again after [`VirtioBlk::pause`] (the migration failed), or at
+    /// the destination once the guest runs there; looks at the queue at once, for the
+    /// requests made available meanwhile.
     pub(crate) fn resume(&self) {
         lock(&self.state).paused = false;
         let _ = self.notify.write(1);
@@ -421,9 +422,10 @@ impl VirtioBlk {
             state.queue =
                 virtio_mmio::decode_queue(&words[t..t + q], workloads::virtio::QUEUE_SIZE_MAX)?;
             state.needs_reset = needs_reset;
+            // Paused until the guest runs here (`resume` after the source's Go): the disk
+            // is the source's too, and it may yet run the guest on.
+            state.paused = true;
         }
-        // Requests the driver made available while the source was paused.
-        let _ = device.notify.write(1);
         Ok((device, handle))
     }
 

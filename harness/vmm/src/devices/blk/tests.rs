@@ -521,8 +521,15 @@ fn a_paused_device_serves_nothing_and_its_state_goes_on_elsewhere() {
         VirtioBlk::restore(d.mem.clone(), &config, "test", &saved_after).unwrap();
     d.device = device;
     d.handle = handle;
+    // Restored paused (the source may still run the guest) until resumed.
+    let head = d.request(5, T_IN, 0, DATA + 0x20_0000, 4096);
+    d.offer(&[head]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.used_idx(), 1, "served before the guest ran here");
+    d.device.resume();
+    assert_eq!(d.wait_used(1), vec![(u32::from(head), 4097)]);
     assert_eq!(d.read_back(0, 4096), data);
-    assert_eq!(d.used_idx(), 2);
+    assert_eq!(d.used_idx(), 3);
 
     let other = DiskConfig {
         path: d.disk.with_extension("other"),
