@@ -282,37 +282,12 @@ impl Vmm {
         }
         let here_khz = fd.get_tsc_khz().unwrap_or(0);
         report.tsc_khz = (state.vcpu.tsc_khz, here_khz);
-        doorbell.ring(state.devices.doorbell);
-        let (balloon, balloon_handle) = match &state.devices.balloon {
-            Some(bytes) => {
-                let (device, handle) = VirtioBalloon::restore(vm.memory.clone(), bytes)
-                    .map_err(MigrationError::State)?;
-                (Some(device), Some(handle))
-            }
-            None => (None, None),
-        };
-        let (blk, blk_handle) = match (&state.devices.blk, disk) {
-            (Some(bytes), Some(disk)) => {
-                let (device, handle) = VirtioBlk::restore(vm.memory.clone(), disk, name, bytes)
-                    .map_err(MigrationError::State)?;
-                register_blk_notify(&vm, &device)?;
-                (Some(device), Some(handle))
-            }
-            _ => (None, None),
-        };
-        let devices = Devices::restored(
-            &state.devices.uart,
-            &state.devices.exit_counts,
-            doorbell,
-            balloon,
-            blk,
-        )
-        .map_err(MigrationError::State)?;
+        let (devices, balloon, blk) = restore_devices(&vm, &state.devices, doorbell, disk, name)?;
         let prepared = Prepared {
             vcpu: Vcpu::from_parts(fd, devices),
             vm,
-            balloon: balloon_handle,
-            blk: blk_handle,
+            balloon,
+            blk,
         };
         report.restore = restore_started.elapsed();
         Ok((prepared, report, received.started))
@@ -328,6 +303,38 @@ struct Prepared {
     vm: Vm,
     balloon: Option<BalloonHandle>,
     blk: Option<BlkHandle>,
+}
+
+/// The devices as the source left them, and the host's handles on the balloon and the
+/// virtio-blk where the guest has them.
+fn restore_devices(
+    vm: &Vm,
+    state: &migration::state::DeviceState,
+    doorbell: Arc<Doorbell>,
+    disk: Option<&DiskConfig>,
+    name: &str,
+) -> Result<(Devices, Option<BalloonHandle>, Option<BlkHandle>), MigrationError> {
+    doorbell.ring(state.doorbell);
+    let (balloon, balloon_handle) = match &state.balloon {
+        Some(bytes) => {
+            let (device, handle) =
+                VirtioBalloon::restore(vm.memory.clone(), bytes).map_err(MigrationError::State)?;
+            (Some(device), Some(handle))
+        }
+        None => (None, None),
+    };
+    let (blk, blk_handle) = match (&state.blk, disk) {
+        (Some(bytes), Some(disk)) => {
+            let (device, handle) = VirtioBlk::restore(vm.memory.clone(), disk, name, bytes)
+                .map_err(MigrationError::State)?;
+            register_blk_notify(vm, &device)?;
+            (Some(device), Some(handle))
+        }
+        _ => (None, None),
+    };
+    let devices = Devices::restored(&state.uart, &state.exit_counts, doorbell, balloon, blk)
+        .map_err(MigrationError::State)?;
+    Ok((devices, balloon_handle, blk_handle))
 }
 
 /// Loads one vCPU's state; its local APIC must be there exactly when the VM has the

@@ -49,29 +49,7 @@ pub(crate) fn receive(
         .into());
     }
     let hello = Hello::decode(&buf)?;
-    if hello.ram_bytes % (1 << 20) != 0 {
-        return Err(MigrationError::State(format!(
-            "RAM of {} bytes is not whole MiB",
-            hello.ram_bytes
-        )));
-    }
-    let mib = u32::try_from(hello.ram_bytes >> 20).unwrap_or(u32::MAX);
-    let max = u32::try_from(kvm.get_max_vcpus())
-        .unwrap_or(0)
-        .min(MAX_VCPUS);
-    if hello.vcpus > max {
-        return Err(MigrationError::State(format!(
-            "{} vCPUs; this KVM allows {max}",
-            hello.vcpus
-        )));
-    }
-    if hello.blk && !has_disk {
-        return Err(MigrationError::State(
-            "the guest has a virtio-blk and this destination was given no disk (it must \
-             reach the source's disk file at the same path)"
-                .into(),
-        ));
-    }
+    let mib = check_hello(kvm, &hello, has_disk)?;
     // Vm::new bounds the size (as for a boot) before it maps anything.
     let mut vm = Vm::new(kvm, mib, hello.irqchip)?;
     if let Some(bytes) = dirty_ring {
@@ -97,6 +75,33 @@ pub(crate) fn receive(
         report,
         started,
     })
+}
+
+/// Whether this destination can build the machine `hello` announces; its RAM in MiB.
+fn check_hello(kvm: &Kvm, hello: &Hello, has_disk: bool) -> Result<u32, MigrationError> {
+    if !hello.ram_bytes.is_multiple_of(1 << 20) {
+        return Err(MigrationError::State(format!(
+            "RAM of {} bytes is not whole MiB",
+            hello.ram_bytes
+        )));
+    }
+    let max = u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(0)
+        .min(MAX_VCPUS);
+    if hello.vcpus > max {
+        return Err(MigrationError::State(format!(
+            "{} vCPUs; this KVM allows {max}",
+            hello.vcpus
+        )));
+    }
+    if hello.blk && !has_disk {
+        return Err(MigrationError::State(
+            "the guest has a virtio-blk and this destination was given no disk (it must \
+             reach the source's disk file at the same path)"
+                .into(),
+        ));
+    }
+    Ok(u32::try_from(hello.ram_bytes >> 20).unwrap_or(u32::MAX))
 }
 
 /// Page runs, rounds and the state, until `Done`.
