@@ -150,12 +150,13 @@ fn convergence(vmm: &Vmm, image: &[u8]) {
         for _ in 0..RUNS {
             let r = migrate_once(vmm, image, 256, &cmdline);
             println!(
-                "  rate {rate:>4} MB/s: downtime {:.2} ms, total {:.1} ms, {} rounds, {} bytes, converged {}",
+                "  rate {rate:>4} MB/s: downtime {:.2} ms, total {:.1} ms, {} rounds, {} bytes, converged {}, {}",
                 r.downtime.as_secs_f64() * 1e3,
                 r.total.as_secs_f64() * 1e3,
                 r.rounds.len(),
                 r.bytes,
-                r.converged
+                r.converged,
+                r.dirty_tracking.name()
             );
             down.push(r.downtime.as_secs_f64() * 1e3);
             total.push(r.total.as_secs_f64() * 1e3);

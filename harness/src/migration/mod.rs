@@ -108,9 +108,17 @@ pub fn report_json(r: &MigrationReport) -> Value {
         "converged": r.converged,
         "bytes": r.bytes,
         "msrs_unreadable": r.msrs_unreadable,
+        "msrs_left_out": hex(&r.msrs_left_out),
+        "dirty_tracking": r.dirty_tracking.name(),
+        "ring_full_exits": r.ring_full_exits,
         "resumed_realtime_ns": r.resumed_realtime_ns,
         "rounds": rounds,
     })
+}
+
+/// MSR indices as `0x...` strings.
+fn hex(indices: &[u32]) -> Vec<String> {
+    indices.iter().map(|i| format!("{i:#x}")).collect()
 }
 
 /// The destination's report as the JSON object of its stderr line.
@@ -122,7 +130,7 @@ pub fn incoming_json(r: &IncomingReport) -> Value {
         "bytes": r.bytes,
         "total_ms": ms(r.total),
         "restore_ms": ms(r.restore),
-        "msrs_refused": r.msrs_refused,
+        "msrs_refused": hex(&r.msrs_refused),
         "tsc_khz_source": r.tsc_khz.0,
         "tsc_khz_here": r.tsc_khz.1,
     })

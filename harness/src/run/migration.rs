@@ -7,7 +7,8 @@
 //!   started, minus the interval; resolution = the interval) — what the guest's outside
 //!   world saw, the same quantity on every backend;
 //! - `downtime_hypervisor`: the hypervisor's own figure (our VMM: from asking the vCPU to
-//!   park to the destination's Ack, one round trip included) — a different quantity;
+//!   park to the destination's Ack, the Ready/Go handshake's two round trips included) —
+//!   a different quantity;
 //! - `total_time`: from the start of the migration to the Ack;
 //! - `slowdown`: the guest's pages per ms before the migration over those during it.
 
@@ -370,7 +371,7 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: &MigParams, outcome: &mu
             .insert(("downtime_hypervisor", p.series.clone()), direct(d / 1e3));
         let is = report.get("downtime_is").and_then(Value::as_str).unwrap_or(
             "hvbench's VMM: from asking the vCPU to park to the destination's Ack (the guest \
-             runs there by then; one round trip included)",
+             runs there by then; the Ready/Go handshake's two round trips included)",
         );
         outcome.notes.insert(
             "downtime_hypervisor_is".into(),
@@ -460,6 +461,9 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "setup_ms",
         "pause_ms",
         "msrs_unreadable",
+        "msrs_left_out",
+        "dirty_tracking",
+        "ring_full_exits",
         "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {

@@ -90,12 +90,17 @@ pub enum VmmError {
     Balloon(String),
     #[error("virtio-blk: {0}")]
     Blk(#[from] BlkError),
+    #[error("KVM's dirty ring: {0}")]
+    DirtyRing(String),
 }
 
 /// /dev/kvm, opened once, from which VMs are booted.
 #[derive(Debug)]
 pub struct Vmm {
     kvm: Kvm,
+    /// VMs get KVM's dirty ring of this many bytes per vCPU where the host offers it
+    /// (else, and when `None`, the dirty log serves).
+    dirty_ring: Option<u32>,
 }
 
 /// What one guest is booted with.
@@ -129,7 +134,29 @@ impl Vmm {
     pub fn new() -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Open)?;
         install_kick_handler()?;
-        Ok(Vmm { kvm })
+        Ok(Vmm {
+            kvm,
+            dirty_ring: Some(migration::ring::RING_BYTES),
+        })
+    }
+
+    /// VMs of this VMM track dirty pages with KVM's dirty log even where the host offers
+    /// the dirty ring (to compare the two, and to test the log on such a host).
+    pub fn without_dirty_ring(self) -> Self {
+        Vmm {
+            dirty_ring: None,
+            ..self
+        }
+    }
+
+    /// VMs get a dirty ring of `bytes` per vCPU (a power of two, at least a page): a
+    /// small one fills, which the tests need.
+    #[cfg(test)]
+    pub(crate) fn with_dirty_ring_bytes(self, bytes: u32) -> Self {
+        Vmm {
+            dirty_ring: Some(bytes),
+            ..self
+        }
     }
 
     /// KVM_GET_API_VERSION.
@@ -150,6 +177,9 @@ impl Vmm {
         // An SMP guest gets KVM's in-kernel irqchip (its APs start by INIT/SIPI through
         // their local APICs); a uniprocessor guest gets none, so HLT exits to the VMM.
         let mut vm = Vm::new(&self.kvm, config.memory_mib, config.vcpus > 1)?;
+        if let Some(bytes) = self.dirty_ring {
+            vm.enable_dirty_ring(bytes);
+        }
         if config.mergeable {
             memory::advise(&vm.memory, Advice::Mergeable)?;
         }
@@ -180,20 +210,48 @@ impl Vmm {
     /// stream still carries it) and nothing is left running here.
     pub fn incoming(
         &self,
-        mut stream: MigrationStream,
+        stream: MigrationStream,
         name: &str,
         doorbell: Arc<Doorbell>,
     ) -> Result<(RunningVm, IncomingReport), MigrationError> {
-        match self.restore(&stream, name, doorbell) {
-            Ok((vm, report)) => {
-                migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())?;
-                Ok((vm, report))
-            }
+        self.incoming_with_disk(stream, name, doorbell, None)
+    }
+
+    /// [`Vmm::incoming`] for a guest that may have a virtio-blk: `disk` must be the
+    /// source's disk, reached here at the same path (a guest's disk is never opened by a
+    /// path the stream names alone).
+    pub fn incoming_with_disk(
+        &self,
+        mut stream: MigrationStream,
+        name: &str,
+        doorbell: Arc<Doorbell>,
+        disk: Option<&DiskConfig>,
+    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
+        let (prepared, mut report, started) = match self.restore(&stream, name, doorbell, disk) {
+            Ok(restored) => restored,
             Err(e) => {
                 migration::dest::refuse(&mut stream, &e);
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        // The guest runs here only on the source's Go (else `prepared` is dropped unrun).
+        migration::dest::handshake(&mut stream, GO_TIMEOUT)?;
+        prepared.vcpu.resume_devices();
+        let running = start(
+            prepared.vcpu,
+            prepared.vm,
+            name,
+            prepared.balloon,
+            prepared.blk,
+        )?;
+        report.total = started.elapsed();
+        // The guest is ours now: a lost Ack leaves it running here, and the source,
+        // which sent Go, does not run it.
+        report.ack_error =
+            migration::dest::acknowledge(&mut stream, migration::state::realtime_ns())
+                .err()
+                .map(|e| e.to_string());
+        Ok((running, report))
     }
 
     fn restore(
@@ -201,25 +259,100 @@ impl Vmm {
         stream: &MigrationStream,
         name: &str,
         doorbell: Arc<Doorbell>,
-    ) -> Result<(RunningVm, IncomingReport), MigrationError> {
-        let received = migration::dest::receive(&self.kvm, stream)?;
+        disk: Option<&DiskConfig>,
+    ) -> Result<(Prepared, IncomingReport, Instant), MigrationError> {
+        let received =
+            migration::dest::receive(&self.kvm, stream, disk.is_some(), self.dirty_ring)?;
         let restore_started = Instant::now();
-        let (vm, state, mut report) = (received.vm, received.state, received.report);
-        let fd = vstate::vcpu::create(&self.kvm, &vm, 0)?;
+        let (mut vm, state, mut report) = (received.vm, received.state, received.report);
         let xsave_size = vm
             .fd
             .check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into());
-        report.msrs_refused = state.vcpu.restore(&fd, xsave_size)?;
+        let fd = vstate::vcpu::create(&self.kvm, &vm, 0)?;
+        report.msrs_refused = restore_vcpu(&fd, &state.vcpu, vm.irqchip, xsave_size)?;
+        for (id, ap) in (1u8..).zip(&state.aps) {
+            let ap_fd = vstate::vcpu::create(&self.kvm, &vm, id)?;
+            report
+                .msrs_refused
+                .extend(restore_vcpu(&ap_fd, ap, vm.irqchip, xsave_size)?);
+            vm.secondary_vcpus.push(ap_fd);
+        }
+        if let Some(chips) = &state.irqchip {
+            chips.restore(&vm.fd)?;
+        }
         let here_khz = fd.get_tsc_khz().unwrap_or(0);
         report.tsc_khz = (state.vcpu.tsc_khz, here_khz);
-        doorbell.ring(state.devices.doorbell);
-        let devices = Devices::restored(&state.devices.uart, &state.devices.exit_counts, doorbell)
-            .map_err(MigrationError::State)?;
-        let running = start(Vcpu::from_parts(fd, devices), vm, name, None, None)?;
+        let (devices, balloon, blk) = restore_devices(&vm, &state.devices, doorbell, disk, name)?;
+        let prepared = Prepared {
+            vcpu: Vcpu::from_parts(fd, devices),
+            vm,
+            balloon,
+            blk,
+        };
         report.restore = restore_started.elapsed();
-        report.total = received.started.elapsed();
-        Ok((running, report))
+        Ok((prepared, report, received.started))
     }
+}
+
+/// How long a destination waits for the source's `Go` after `Ready`.
+const GO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A migrated VM, built and not running (until the source's `Go`).
+struct Prepared {
+    vcpu: Vcpu,
+    vm: Vm,
+    balloon: Option<BalloonHandle>,
+    blk: Option<BlkHandle>,
+}
+
+/// The devices as the source left them, and the host's handles on the balloon and the
+/// virtio-blk where the guest has them.
+fn restore_devices(
+    vm: &Vm,
+    state: &migration::state::DeviceState,
+    doorbell: Arc<Doorbell>,
+    disk: Option<&DiskConfig>,
+    name: &str,
+) -> Result<(Devices, Option<BalloonHandle>, Option<BlkHandle>), MigrationError> {
+    doorbell.ring(state.doorbell);
+    let (balloon, balloon_handle) = match &state.balloon {
+        Some(bytes) => {
+            let (device, handle) =
+                VirtioBalloon::restore(vm.memory.clone(), bytes).map_err(MigrationError::State)?;
+            (Some(device), Some(handle))
+        }
+        None => (None, None),
+    };
+    let (blk, blk_handle) = match (&state.blk, disk) {
+        (Some(bytes), Some(disk)) => {
+            let (device, handle) = VirtioBlk::restore(vm.memory.clone(), disk, name, bytes)
+                .map_err(MigrationError::State)?;
+            register_blk_notify(vm, &device)?;
+            (Some(device), Some(handle))
+        }
+        _ => (None, None),
+    };
+    let devices = Devices::restored(&state.uart, &state.exit_counts, doorbell, balloon, blk)
+        .map_err(MigrationError::State)?;
+    Ok((devices, balloon_handle, blk_handle))
+}
+
+/// Loads one vCPU's state; its local APIC must be there exactly when the VM has the
+/// irqchip. Returns the MSRs KVM would not take.
+fn restore_vcpu(
+    fd: &VcpuFd,
+    state: &migration::state::VcpuState,
+    irqchip: bool,
+    xsave_size: i32,
+) -> Result<Vec<u32>, MigrationError> {
+    if state.lapic.is_some() != irqchip {
+        return Err(MigrationError::State(format!(
+            "a vCPU's local APIC {} in a VM {} the irqchip",
+            if irqchip { "is missing" } else { "arrived" },
+            if irqchip { "with" } else { "without" }
+        )));
+    }
+    state.restore(fd, xsave_size)
 }
 
 /// Starts the vCPU thread, which owns the VM from then on.
@@ -234,10 +367,21 @@ fn start(
     // Bounded: a guest that floods the console makes its vCPU wait for the host.
     let (tx, rx) = guest_channel(stop.clone());
     let thread_stop = stop.clone();
+    let mut vcpu = vcpu;
+    let fds: Vec<&VcpuFd> = std::iter::once(vcpu.fd())
+        .chain(vm.secondary_vcpus.iter())
+        .collect();
+    let rings = vm
+        .dirty_rings(&fds)
+        .map_err(|e| VmmError::DirtyRing(e.to_string()))?;
+    vcpu.attach_rings(rings.clone());
     let (vm_fd, memory, park) = (vm.fd.clone(), vm.memory.clone(), vcpu.park());
-    // Devices that write guest RAM themselves (their pages and queues are not migrated),
-    // and the irqchip with its APs (LAPIC and AP state are not migrated), refuse it.
-    let has_balloon = vcpu.has_balloon() || blk.is_some() || vm.irqchip;
+    let machine = Machine {
+        vcpus: 1 + u32::try_from(vm.secondary_vcpus.len()).unwrap_or(u32::MAX),
+        irqchip: vm.irqchip,
+        balloon: vcpu.has_balloon(),
+        blk: blk.is_some(),
+    };
     let thread_name = name.to_string();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu0-{name}"))
@@ -253,7 +397,8 @@ fn start(
             vm_fd,
             memory,
             park,
-            has_balloon,
+            machine,
+            rings,
         },
     })
 }
@@ -304,11 +449,17 @@ impl Migrator<'_> {
             let _ = self.thread.kill(kick_signal());
             !self.thread.is_finished()
         };
+        let machine = &self.handles.machine;
         let source = Source {
             vm: &self.handles.vm_fd,
             memory: &self.handles.memory,
             park: &self.handles.park,
             options,
+            vcpus: machine.vcpus,
+            irqchip: machine.irqchip,
+            balloon: machine.balloon,
+            blk: machine.blk,
+            rings: self.handles.rings.as_deref(),
         };
         source.run(stream, kick, msr_indices)
     }
@@ -320,7 +471,17 @@ struct MigrationHandles {
     vm_fd: Arc<VmFd>,
     memory: GuestMemory,
     park: Arc<Park>,
-    has_balloon: bool,
+    machine: Machine,
+    rings: Option<Arc<migration::ring::DirtyRings>>,
+}
+
+/// The machine a migration rebuilds at the destination.
+#[derive(Debug)]
+struct Machine {
+    vcpus: u32,
+    irqchip: bool,
+    balloon: bool,
+    blk: bool,
 }
 
 /// Makes the virtio-blk over `disk`, routes its queue notifications to its ioeventfd and
@@ -332,6 +493,13 @@ fn attach_blk(
     name: &str,
 ) -> Result<BlkHandle, VmmError> {
     let (device, handle) = VirtioBlk::new(vm.memory.clone(), disk, name)?;
+    register_blk_notify(vm, &device)?;
+    vcpu.attach_blk(device);
+    Ok(handle)
+}
+
+/// Routes the virtio-blk's queue notifications to its ioeventfd.
+fn register_blk_notify(vm: &Vm, device: &VirtioBlk) -> Result<(), VmmError> {
     let notify = workloads::virtio_blk::VIRTIO_BLK_BASE + workloads::virtio::REG_QUEUE_NOTIFY;
     vm.fd
         .register_ioevent(
@@ -342,9 +510,7 @@ fn attach_blk(
         .map_err(|source| VmmError::Kvm {
             what: "KVM_IOEVENTFD (virtio-blk queue notify)",
             source,
-        })?;
-    vcpu.attach_blk(device);
-    Ok(handle)
+        })
 }
 
 /// A booted guest: its messages, its balloon (where it has one), and the way to stop it.
@@ -377,12 +543,6 @@ impl RunningVm {
     /// guest's messages (a guest whose console is not read would block, and could not
     /// pause).
     pub fn migrator(&self) -> Result<Migrator<'_>, MigrationError> {
-        if self.migration.has_balloon {
-            return Err(MigrationError::Unsupported(
-                "the virtio-balloon's and virtio-blk's queues, the pages they write, and the \
-                 irqchip and APs of an SMP guest are not migrated",
-            ));
-        }
         let thread = self
             .thread
             .as_ref()
@@ -558,7 +718,7 @@ mod tests {
     }
 
     /// `mov dword [addr], value` (32-bit code, flat segments).
-    fn store32(addr: u32, value: u32) -> Vec<u8> {
+    pub(crate) fn store32(addr: u32, value: u32) -> Vec<u8> {
         let mut code = vec![0xc7, 0x05];
         code.extend(addr.to_le_bytes());
         code.extend(value.to_le_bytes());
@@ -568,7 +728,7 @@ mod tests {
     /// Boot-vCPU code that copies real-mode code (padded to whole words) to 0x8000 and
     /// starts vCPU 1 there with INIT and a start-up IPI through its local APIC, as
     /// firmware does.
-    fn start_ap_at_0x8000(ap_code: &[u8]) -> Vec<u8> {
+    pub(crate) fn start_ap_at_0x8000(ap_code: &[u8]) -> Vec<u8> {
         let mut code = Vec::new();
         for (i, chunk) in ap_code.chunks(4).enumerate() {
             let mut word = [0x90; 4];

@@ -24,16 +24,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use workloads::virtio::{
     BALLOON_PFN_SHIFT, BALLOON_QUEUES, CONFIG_ACTUAL, CONFIG_LEN, CONFIG_NUM_PAGES,
-    DEVICE_ID_BALLOON, FEATURE_VERSION_1_BIT, FEATURE_VERSION_1_WORD, MAGIC, QUEUE_DEFLATE,
-    QUEUE_INFLATE, QUEUE_SIZE_MAX, REG_CONFIG, REG_CONFIG_GENERATION, REG_DEVICE_FEATURES,
-    REG_DEVICE_FEATURES_SEL, REG_DEVICE_ID, REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL,
-    REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_MAGIC, REG_QUEUE_DESC_HIGH, REG_QUEUE_DESC_LOW,
-    REG_QUEUE_DEVICE_HIGH, REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_HIGH, REG_QUEUE_DRIVER_LOW,
-    REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_NUM_MAX, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS,
-    REG_VENDOR_ID, REG_VERSION, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-    VENDOR_ID, VERSION,
+    DEVICE_ID_BALLOON, QUEUE_DEFLATE, QUEUE_INFLATE, QUEUE_SIZE_MAX, REG_CONFIG,
 };
 
+use super::virtio_mmio::{self, Effect, Transport};
 use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
 
@@ -43,6 +37,9 @@ pub(crate) const MAX_PFNS_PER_REQUEST: usize = 4096;
 /// Refusals kept word for word; later ones are only counted.
 const MAX_ERRORS_KEPT: usize = 16;
 const PAGE_SIZE: u64 = 1 << BALLOON_PFN_SHIFT;
+/// Bytes of [`VirtioBalloon::save`].
+const SAVED_BYTES: usize =
+    virtio_mmio::TRANSPORT_BYTES + BALLOON_QUEUES * virtio_mmio::QUEUE_BYTES + 4 * 4 + 2 * 8;
 
 /// Requests the VMM refused (kept word for word up to a limit, and counted).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -202,13 +199,10 @@ fn page_size() -> usize {
 pub(crate) struct VirtioBalloon {
     memory: GuestMemory,
     shared: Arc<Shared>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: [u32; 2],
-    queue_sel: u32,
+    transport: Transport,
     queues: [Queue; BALLOON_QUEUES],
-    interrupt_status: u32,
+    /// Set on a refused request; cleared by the driver's reset.
+    needs_reset: bool,
 }
 
 impl VirtioBalloon {
@@ -222,74 +216,74 @@ impl VirtioBalloon {
         let device = VirtioBalloon {
             memory,
             shared,
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: [0; 2],
-            queue_sel: 0,
+            transport: Transport::new(DEVICE_ID_BALLOON, 0),
             queues: [Queue::new(QUEUE_SIZE_MAX)?, Queue::new(QUEUE_SIZE_MAX)?],
-            interrupt_status: 0,
+            needs_reset: false,
         };
         Ok((device, handle))
     }
 
-    fn reset(&mut self) {
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = [0; 2];
-        self.queue_sel = 0;
-        self.interrupt_status = 0;
-        for q in self.queues.iter_mut() {
-            q.reset();
+    /// The device's state for a migration: the transport, both queues, whether it
+    /// needs a reset, the target, `actual`, the configuration generation and the counts.
+    pub(crate) fn save(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SAVED_BYTES);
+        out.extend(self.transport.encode());
+        for q in &self.queues {
+            out.extend(virtio_mmio::encode_queue(q));
         }
-        self.shared.actual_pages.store(0, Ordering::Release);
+        let sh = &self.shared;
+        for word in [
+            u32::from(self.needs_reset),
+            sh.target_pages.load(Ordering::Acquire),
+            sh.actual_pages.load(Ordering::Acquire),
+            sh.config_generation.load(Ordering::Acquire),
+        ] {
+            out.extend(word.to_le_bytes());
+        }
+        out.extend(sh.inflated_pages.load(Ordering::Acquire).to_le_bytes());
+        out.extend(sh.deflated_pages.load(Ordering::Acquire).to_le_bytes());
+        out
     }
 
-    fn device_features(&self, word: u32) -> u32 {
-        if word == FEATURE_VERSION_1_WORD {
-            FEATURE_VERSION_1_BIT
-        } else {
-            0
+    /// A device over `memory` as [`VirtioBalloon::save`] left it (checked: a stream
+    /// cannot give it a state a driver could not).
+    pub(crate) fn restore(memory: GuestMemory, b: &[u8]) -> Result<(Self, BalloonHandle), String> {
+        if b.len() != SAVED_BYTES {
+            return Err(format!(
+                "balloon state of {} bytes, not {SAVED_BYTES}",
+                b.len()
+            ));
         }
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+        let (mut device, handle) = VirtioBalloon::new(memory).map_err(|e| e.to_string())?;
+        let t = virtio_mmio::TRANSPORT_BYTES;
+        let q = virtio_mmio::QUEUE_BYTES;
+        device.transport = Transport::decode(DEVICE_ID_BALLOON, 0, &b[..t])?;
+        for (i, queue) in device.queues.iter_mut().enumerate() {
+            *queue = virtio_mmio::decode_queue(&b[t + i * q..t + (i + 1) * q], QUEUE_SIZE_MAX)?;
+        }
+        let rest = &b[t + BALLOON_QUEUES * q..];
+        let word =
+            |i: usize| u32::from_le_bytes(rest[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]));
+        let long = |at: usize| u64::from_le_bytes(rest[at..at + 8].try_into().unwrap_or([0; 8]));
+        device.needs_reset = word(0) != 0;
+        let sh = &device.shared;
+        sh.target_pages.store(word(1), Ordering::Release);
+        sh.actual_pages.store(word(2), Ordering::Release);
+        sh.config_generation.store(word(3), Ordering::Release);
+        sh.inflated_pages.store(long(16), Ordering::Release);
+        sh.deflated_pages.store(long(24), Ordering::Release);
+        Ok((device, handle))
     }
 
     /// A read of `data.len()` bytes at `offset` into the device's page.
     pub(crate) fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
-            let config = self.config_bytes();
-            for (i, b) in data.iter_mut().enumerate() {
-                let at = (offset - REG_CONFIG).saturating_add(i as u64);
-                *b = config.get(u64_to_usize(at)).copied().unwrap_or(0);
-            }
+            virtio_mmio::read_config(&self.config_bytes(), offset, data);
             return;
         }
-        // Registers are whole, aligned 32-bit words; anything else reads as zero.
-        if data.len() != 4 || !offset.is_multiple_of(4) {
-            data.fill(0);
-            return;
-        }
-        let value = match offset {
-            REG_MAGIC => MAGIC,
-            REG_VERSION => VERSION,
-            REG_DEVICE_ID => DEVICE_ID_BALLOON,
-            REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => self.device_features(self.device_features_sel),
-            REG_QUEUE_NUM_MAX => match self.selected_queue() {
-                Some(q) => q.max_size() as u32,
-                None => 0,
-            },
-            REG_QUEUE_READY => self.selected_queue().map(|q| q.ready() as u32).unwrap_or(0),
-            REG_INTERRUPT_STATUS => self.interrupt_status,
-            REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => self.shared.config_generation.load(Ordering::Acquire),
-            _ => 0,
-        };
-        data.copy_from_slice(&value.to_le_bytes());
+        let generation = self.shared.config_generation.load(Ordering::Acquire);
+        self.transport
+            .read(offset, data, &self.queues, self.needs_reset, generation);
     }
 
     fn config_bytes(&self) -> [u8; u64_to_usize(CONFIG_LEN)] {
@@ -311,74 +305,20 @@ impl VirtioBalloon {
             }
             return;
         }
-        if data.len() != 4 || !offset.is_multiple_of(4) {
-            return;
-        }
-        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let configurable = self.status & STATUS_DRIVER_OK == 0;
-        match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_DRIVER_FEATURES => {
-                if let Some(word) = self
-                    .driver_features
-                    .get_mut(self.driver_features_sel as usize)
-                {
-                    *word = value;
-                }
+        match self.transport.write(offset, data, &mut self.queues) {
+            Effect::None => {}
+            Effect::Reset => {
+                self.needs_reset = false;
+                self.shared.actual_pages.store(0, Ordering::Release);
             }
-            REG_QUEUE_SEL => self.queue_sel = value,
-            REG_INTERRUPT_ACK => self.interrupt_status &= !value,
-            REG_STATUS => self.set_status(value),
-            REG_QUEUE_NOTIFY => self.notify(value),
-            // A queue's set-up is frozen once it is ready or the driver is running.
-            _ if !configurable => {}
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => {
-                if let Some(q) = self.selected_queue() {
-                    configure_queue(q, offset, value);
-                }
-            }
-            _ => {}
+            Effect::Notify(queue) => self.notify(queue),
         }
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let mut value = value & !STATUS_DEVICE_NEEDS_RESET;
-        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            // FEATURES_OK only sticks for a subset of the offered features with VERSION_1.
-            let offered = [self.device_features(0), self.device_features(1)];
-            let subset = self
-                .driver_features
-                .iter()
-                .zip(offered)
-                .all(|(wanted, offered)| wanted & !offered == 0);
-            let modern =
-                self.driver_features[FEATURE_VERSION_1_WORD as usize] & FEATURE_VERSION_1_BIT != 0;
-            if !(subset && modern) {
-                value &= !STATUS_FEATURES_OK;
-            }
-        }
-        if value & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
-            value &= !STATUS_DRIVER_OK;
-        }
-        self.status = value | (self.status & STATUS_DEVICE_NEEDS_RESET);
     }
 
     /// The driver's notification of `queue`: serve every buffer it made available.
     fn notify(&mut self, queue: u32) {
         // A device that asked for a reset serves nothing until it gets one.
-        if self.status & STATUS_DEVICE_NEEDS_RESET != 0 {
+        if self.needs_reset {
             return;
         }
         if let Err(refusal) = self.serve(queue) {
@@ -387,7 +327,7 @@ impl VirtioBalloon {
     }
 
     fn refuse(&mut self, refusal: RequestError) {
-        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.needs_reset = true;
         let mut log = self.shared.refusal_log();
         log.total += 1;
         if log.kept.len() < MAX_ERRORS_KEPT {
@@ -400,7 +340,7 @@ impl VirtioBalloon {
             .queues
             .get_mut(queue_index as usize)
             .ok_or(RequestError::NoSuchQueue { queue: queue_index })?;
-        if self.status & STATUS_DRIVER_OK == 0 || !queue.ready() {
+        if !self.transport.driver_ok() || !queue.ready() {
             return Err(RequestError::NotReady { queue: queue_index });
         }
         let mem = &self.memory;
@@ -426,7 +366,13 @@ impl VirtioBalloon {
             let pfns = read_request(mem, queue_index, queue.size(), chain)?;
             let pages = pfns.len() as u64;
             if queue_index == QUEUE_INFLATE {
-                release(mem, &pfns)?;
+                // Released pages read as zero from now on: a migration must send them so.
+                let released = release(mem, &pfns);
+                for &pfn in &pfns {
+                    let addr = GuestAddress(u64::from(pfn) << BALLOON_PFN_SHIFT);
+                    crate::vstate::memory::mark_dirty(mem, addr, u64_to_usize(PAGE_SIZE));
+                }
+                released?;
                 self.shared
                     .inflated_pages
                     .fetch_add(pages, Ordering::AcqRel);
@@ -441,25 +387,6 @@ impl VirtioBalloon {
                 .map_err(|_| RequestError::UsedRingUnwritable { queue: queue_index })?;
         }
         Ok(())
-    }
-}
-
-fn configure_queue(q: &mut Queue, offset: u64, value: u32) {
-    if q.ready() && offset != REG_QUEUE_READY {
-        return;
-    }
-    match offset {
-        // The crate keeps the old value (and logs) when a size or address is invalid; an
-        // invalid set-up then fails `is_valid` at the first notification.
-        REG_QUEUE_NUM => q.set_size(u16::try_from(value).unwrap_or(u16::MAX)),
-        REG_QUEUE_READY => q.set_ready(value == 1),
-        REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-        REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-        REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-        REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-        REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
-        _ => {}
     }
 }
 
@@ -575,9 +502,7 @@ mod tests {
 
     use super::*;
     use crate::vstate::memory;
-    use workloads::virtio::{
-        DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    };
+    use workloads::virtio::*;
 
     const MIB: u64 = 1 << 20;
     const QUEUE_SIZE: u16 = 16;
@@ -1067,5 +992,30 @@ mod tests {
         }
         // The guest RAM mapping survived: it can still be measured.
         d.handle.resident_bytes().unwrap();
+    }
+
+    #[test]
+    fn a_restored_balloon_goes_on_where_the_saved_one_was() {
+        let mut d = TestDriver::new();
+        d.handle.set_target_pages(8);
+        d.mark(VICTIM_PFN);
+        let list = d.pfn_list(&[VICTIM_PFN]);
+        d.offer(0, &[desc(list, 4, 0, 0)], 0);
+        assert_eq!(d.used_idx(0), 1);
+        let saved = d.device.save();
+        let (device, handle) = VirtioBalloon::restore(d.mem.clone(), &saved).unwrap();
+        assert_eq!(device.save(), saved);
+        assert_eq!(handle.target_pages(), 8);
+        assert_eq!(handle.inflated_pages(), 1);
+        d.device = device;
+        d.handle = handle;
+        // The next request on the restored queue is served where the ring left off.
+        d.mark(VICTIM_PFN + 1);
+        let list = d.pfn_list(&[VICTIM_PFN + 1]);
+        d.offer(0, &[desc(list, 4, 0, 0)], 0);
+        assert_eq!(d.used_idx(0), 2);
+        assert!(!d.marked(VICTIM_PFN + 1), "released");
+        assert_eq!(d.handle.inflated_pages(), 2);
+        VirtioBalloon::restore(d.mem.clone(), &saved[1..]).unwrap_err();
     }
 }

@@ -8,6 +8,7 @@
 pub(crate) mod balloon;
 pub(crate) mod blk;
 pub(crate) mod serial;
+pub(crate) mod virtio_mmio;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -209,18 +210,38 @@ impl Devices {
         self.doorbell.value()
     }
 
-    /// Devices as a migration's source left them (the balloon never migrates).
+    /// The balloon's state, where there is one (a migration carries it over).
+    pub(crate) fn balloon_state(&self) -> Option<Vec<u8>> {
+        self.balloon.as_ref().map(VirtioBalloon::save)
+    }
+
+    /// Pauses the virtio-blk, where there is one, and returns its state (see
+    /// `VirtioBlk::pause`).
+    pub(crate) fn pause_blk(&self, limit: Duration) -> Result<Option<Vec<u8>>, String> {
+        self.blk.as_ref().map(|b| b.pause(limit)).transpose()
+    }
+
+    /// Lets a paused virtio-blk serve requests again (the migration failed).
+    pub(crate) fn resume_blk(&self) {
+        if let Some(blk) = &self.blk {
+            blk.resume();
+        }
+    }
+
+    /// Devices as a migration's source left them.
     pub(crate) fn restored(
         uart: &vm_superio::serial::SerialState,
         counts: &[u64],
         doorbell: Arc<Doorbell>,
+        balloon: Option<VirtioBalloon>,
+        blk: Option<VirtioBlk>,
     ) -> Result<Self, String> {
         Ok(Devices {
             uart: ConsoleUart::from_state(uart)?,
             doorbell,
             counters: ExitCounters::from_raw(counts),
-            balloon: None,
-            blk: None,
+            balloon,
+            blk,
         })
     }
 

@@ -1,13 +1,16 @@
 //! Dirty-page tracking with KVM's dirty log: the memory slot gets
 //! `KVM_MEM_LOG_DIRTY_PAGES`, and each `KVM_GET_DIRTY_LOG` returns (and clears) the
-//! pages the guest wrote since the last call. The VMM's own writes to guest RAM do not
-//! appear there: the devices that write guest RAM (the virtio-balloon) refuse migration
-//! (see `RunningVm::migrate`), so the guest's writes are all there is.
+//! pages the guest wrote since the last call. The VMM's own writes to guest RAM (the
+//! devices' used rings and status bytes, virtio-blk reads, the balloon's released pages)
+//! do not appear there: they are in vm-memory's bitmap of each region (see
+//! `vstate::memory`), which each fetch takes and clears word by word (atomically) and
+//! ORs in.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::ring::DirtyRings;
 use super::MigrationError;
 use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
@@ -76,21 +79,43 @@ pub(crate) fn set_logging(vm: &VmFd, memory: &GuestMemory, on: bool) -> Result<(
     Ok(())
 }
 
-/// The pages written since the last call (KVM clears its log as it hands it over).
-pub(crate) fn fetch(vm: &VmFd, memory: &GuestMemory) -> Result<DirtyBitmap, MigrationError> {
-    let mut bitmap = Vec::new();
+/// The pages written since the last call: from the dirty rings where the VM has them,
+/// else KVM's dirty log (which KVM clears as it hands it over); the VMM's own writes
+/// ORed in.
+pub(crate) fn fetch(
+    vm: &VmFd,
+    memory: &GuestMemory,
+    rings: Option<&DirtyRings>,
+) -> Result<DirtyBitmap, MigrationError> {
+    let mut bitmap = match rings {
+        Some(rings) => rings.take()?,
+        None => Vec::new(),
+    };
     for (slot, region) in memory.iter().enumerate() {
-        let words = vm
-            .get_dirty_log(
-                u32::try_from(slot).unwrap_or(u32::MAX),
-                u64_to_usize(region.len()),
-            )
-            .map_err(|source| MigrationError::Kvm {
-                what: "KVM_GET_DIRTY_LOG",
-                source,
-            })?;
-        // Regions are page-aligned and each starts where the last ended (one at 0 today).
-        bitmap.extend(words);
+        let first = u64_to_usize(region.start_addr().raw_value() / 4096 / 64);
+        let words = match rings {
+            Some(_) => Vec::new(),
+            None => vm
+                .get_dirty_log(
+                    u32::try_from(slot).unwrap_or(u32::MAX),
+                    u64_to_usize(region.len()),
+                )
+                .map_err(|source| MigrationError::Kvm {
+                    what: "KVM_GET_DIRTY_LOG",
+                    source,
+                })?,
+        };
+        // The VMM's own writes: same layout (bit n = page n of the region).
+        let own = crate::vstate::memory::take_vmm_dirty(region);
+        let len = own.len().max(words.len());
+        if bitmap.len() < first + len {
+            bitmap.resize(first + len, 0);
+        }
+        // Regions are page-aligned and 64-page aligned here (one at 0 today).
+        for i in 0..len {
+            bitmap[first + i] |=
+                words.get(i).copied().unwrap_or(0) | own.get(i).copied().unwrap_or(0);
+        }
     }
     Ok(DirtyBitmap(bitmap))
 }

@@ -12,6 +12,10 @@ use kvm_ioctls::VcpuFd;
 
 use super::state::{DeviceState, MachineState, VcpuState};
 use crate::devices::Devices;
+use crate::vstate::ap::Aps;
+
+/// How long the application processors may take to pause.
+const AP_PAUSE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Where the hand-shake stands.
 #[derive(Debug, Default)]
@@ -94,8 +98,9 @@ impl Park {
         self.changed.notify_all();
     }
 
-    /// On the vCPU thread, when [`Park::asked`]: parks and returns the verdict.
-    pub(crate) fn park(&self, fd: &mut VcpuFd, devices: &Devices) -> Verdict {
+    /// On the boot vCPU's thread, when [`Park::asked`]: parks (holding the application
+    /// processors too) and returns the verdict.
+    pub(crate) fn park(&self, fd: &mut VcpuFd, devices: &Devices, aps: Option<&Aps>) -> Verdict {
         let indices = match std::mem::take(&mut *self.stage()) {
             Stage::Asked(indices) => indices,
             // Asked and withdrawn (a timed-out request): run on.
@@ -104,14 +109,7 @@ impl Park {
                 return Verdict::Resume;
             }
         };
-        let state = complete_pending_io(fd)
-            .and_then(|()| VcpuState::capture(fd, &indices).map_err(|e| e.to_string()))
-            .map(|vcpu| {
-                Box::new(MachineState {
-                    vcpu,
-                    devices: DeviceState::capture(devices),
-                })
-            });
+        let state = capture(fd, devices, aps, &indices);
         let failed = state.is_err();
         *self.stage() = Stage::Parked(state);
         self.changed.notify_all();
@@ -120,21 +118,55 @@ impl Park {
             return Verdict::Resume;
         }
         let mut stage = self.stage();
-        loop {
+        let verdict = loop {
             if let Stage::Verdict(v) = *stage {
                 *stage = Stage::Running;
                 self.asked.store(false, Ordering::Release);
-                return v;
+                break v;
             }
             stage = self.changed.wait(stage).unwrap_or_else(|p| p.into_inner());
+        };
+        drop(stage);
+        if verdict == Verdict::Resume {
+            devices.resume_blk();
+            if let Some(aps) = aps {
+                aps.release();
+            }
         }
+        verdict
     }
+}
+
+/// The boot vCPU's state, the devices', and each AP's (held until the verdict).
+fn capture(
+    fd: &mut VcpuFd,
+    devices: &Devices,
+    aps: Option<&Aps>,
+    indices: &[u32],
+) -> Result<Box<MachineState>, String> {
+    complete_pending_io(fd)?;
+    let vcpu = VcpuState::capture(fd, indices).map_err(|e| e.to_string())?;
+    let ap_states = match aps {
+        Some(aps) => aps.hold(indices, AP_PAUSE_LIMIT)?,
+        None => Vec::new(),
+    };
+    let devices = DeviceState::capture(devices).inspect_err(|_| {
+        if let Some(aps) = aps {
+            aps.release();
+        }
+    })?;
+    Ok(Box::new(MachineState {
+        vcpu,
+        aps: ap_states,
+        irqchip: None,
+        devices,
+    }))
 }
 
 /// An I/O exit is finished by the next KVM_RUN (an IN's value reaches RAX, RIP moves past
 /// the instruction): with `immediate_exit` set, KVM does that and returns at once
 /// without running the guest, so the captured registers are those after the I/O.
-fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
+pub(crate) fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
     fd.set_kvm_immediate_exit(1);
     let result = fd.run().map(|_| ());
     fd.set_kvm_immediate_exit(0);

@@ -9,9 +9,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::dirty::{self, DirtyBitmap};
 use super::pagemap::Pagemap;
 use super::park::{Park, Verdict};
-use super::state::MachineState;
+use super::ring::DirtyRings;
+use super::state::{IrqchipState, MachineState};
 use super::wire::{self, Hello, Kind, PAGE_SIZE};
-use super::{MigrateOptions, MigrationError, MigrationReport, MigrationStream, RoundReport};
+use super::{
+    DirtyTracking, MigrateOptions, MigrationError, MigrationReport, MigrationStream, RoundReport,
+};
 use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
 
@@ -26,10 +29,31 @@ pub(crate) struct Source<'a> {
     pub(crate) memory: &'a GuestMemory,
     pub(crate) park: &'a Park,
     pub(crate) options: MigrateOptions,
+    /// The machine the destination must build (RAM size aside).
+    pub(crate) vcpus: u32,
+    pub(crate) irqchip: bool,
+    pub(crate) balloon: bool,
+    pub(crate) blk: bool,
+    /// The VM's dirty rings, where it has them (else KVM's dirty log serves).
+    pub(crate) rings: Option<&'a DirtyRings>,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { what, source }
+}
+
+/// The destination's `Refuse`, if it sent one (waiting at most a second for it).
+fn refusal(answers: &mut MigrationStream) -> Option<MigrationError> {
+    answers
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    let mut buf = Vec::new();
+    match wire::read_chunk(answers, &mut buf) {
+        Ok(Kind::Refuse) => Some(MigrationError::Refused(
+            String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
+        )),
+        _ => None,
+    }
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -57,11 +81,21 @@ impl Source<'_> {
         msr_indices: Vec<u32>,
     ) -> Result<MigrationReport, MigrationError> {
         dirty::set_logging(self.vm, self.memory, true)?;
+        let mut answers = stream.try_clone().map_err(io("cloning the stream"))?;
         let result = self.precopy_then_stop(stream, kick, msr_indices);
         if result.is_err() {
             let _ = dirty::set_logging(self.vm, self.memory, false);
         }
-        result
+        match result {
+            // A destination that refused early closed the stream under our writes: its
+            // reason, where it sent one, says more than the broken pipe.
+            Err(MigrationError::Io { .. }) => Err(refusal(&mut answers).unwrap_or_else(|| {
+                result
+                    .err()
+                    .unwrap_or(MigrationError::State("unknown".into()))
+            })),
+            other => other,
+        }
     }
 
     fn precopy_then_stop(
@@ -76,16 +110,28 @@ impl Source<'_> {
         let ram_bytes = self.ram_bytes();
         let mut report = MigrationReport {
             ram_bytes,
+            dirty_tracking: if self.rings.is_some() {
+                DirtyTracking::DirtyRing
+            } else {
+                DirtyTracking::DirtyLog
+            },
             ..Default::default()
         };
-        let hello = Hello { ram_bytes }.encode();
+        let hello = Hello {
+            ram_bytes,
+            vcpus: self.vcpus,
+            irqchip: self.irqchip,
+            balloon: self.balloon,
+            blk: self.blk,
+        }
+        .encode();
         report.bytes +=
             wire::write_chunk(&mut w, Kind::Hello, &[&hello]).map_err(io("sending Hello"))? as u64;
         report.setup = started.elapsed();
         let mut pending = DirtyBitmap::all(ram_bytes / PAGE_SIZE);
         loop {
             let round = self.send_round(&mut w, &pending, report.rounds.len(), false)?;
-            pending = dirty::fetch(self.vm, self.memory)?;
+            pending = dirty::fetch(self.vm, self.memory, self.rings)?;
             let bandwidth = round.bytes.max(1) as f64 / round.duration.as_secs_f64().max(1e-6);
             let left =
                 Duration::from_secs_f64(pending.count() as f64 * PAGE_SIZE as f64 / bandwidth);
@@ -100,6 +146,7 @@ impl Source<'_> {
             }
         }
         self.stop_and_copy(&mut w, reader, pending, kick, msr_indices, &mut report)?;
+        report.ring_full_exits = self.rings.map_or(0, DirtyRings::full_exits);
         report.total = started.elapsed();
         Ok(report)
     }
@@ -180,44 +227,90 @@ impl Source<'_> {
     fn stop_and_copy(
         &self,
         w: &mut BufWriter<MigrationStream>,
-        reader: MigrationStream,
+        mut reader: MigrationStream,
         mut pending: DirtyBitmap,
         kick: impl FnMut() -> bool,
         msr_indices: Vec<u32>,
         report: &mut MigrationReport,
     ) -> Result<(), MigrationError> {
         let paused = Instant::now();
-        let state = self
+        let mut state = self
             .park
             .request(msr_indices, PAUSE_LIMIT, kick)
             .map_err(MigrationError::Pause)?;
         report.pause = paused.elapsed();
         report.msrs_unreadable = state.vcpu.msrs_unreadable;
-        let result = self.final_copy(w, reader, &mut pending, &state, report);
+        report.msrs_left_out = state.vcpu.msrs_left_out.clone();
+        // Every vCPU is out of KVM_RUN: the irqchip holds still.
+        let result = if self.irqchip {
+            IrqchipState::capture(self.vm).map(|chips| state.irqchip = Some(chips))
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.final_copy(w, &mut pending, &state, report))
+        .and_then(|()| self.handshake(&mut reader));
         match result {
-            Ok(resumed_ns) => {
-                report.resumed_realtime_ns = resumed_ns;
-                report.downtime = paused.elapsed();
-                self.park.decide(Verdict::HandedOver);
-                Ok(())
-            }
+            Ok(()) => {}
             Err(e) => {
                 self.park.decide(Verdict::Resume);
-                Err(e)
+                return Err(e);
             }
+        }
+        // Go is (being) sent: from here on the guest is the destination's, whatever comes.
+        self.park.decide(Verdict::HandedOver);
+        let resumed_ns = self.go(w, &mut reader)?;
+        report.resumed_realtime_ns = resumed_ns;
+        report.downtime = paused.elapsed();
+        Ok(())
+    }
+
+    /// Waits for the destination's `Ready` (it built the VM and does not run it).
+    fn handshake(&self, reader: &mut MigrationStream) -> Result<(), MigrationError> {
+        reader
+            .set_read_timeout(Some(self.options.ack_timeout))
+            .map_err(io("waiting for the destination"))?;
+        let mut buf = Vec::new();
+        match wire::read_chunk(reader, &mut buf)? {
+            Kind::Ready => Ok(()),
+            Kind::Refuse => Err(MigrationError::Refused(
+                String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
+            )),
+            got => Err(wire::WireError::Unexpected {
+                expected: "Ready",
+                got,
+            }
+            .into()),
         }
     }
 
-    /// The last dirty pages, the state and `Done`; then the destination's answer.
+    /// Sends `Go` and waits for the `Ack`: the realtime the guest resumed at there. Any
+    /// failure is [`MigrationError::Unconfirmed`]: the guest is handed over regardless.
+    fn go(
+        &self,
+        w: &mut BufWriter<MigrationStream>,
+        reader: &mut MigrationStream,
+    ) -> Result<u64, MigrationError> {
+        let unconfirmed = |e: &dyn std::fmt::Display| MigrationError::Unconfirmed(e.to_string());
+        wire::write_chunk(w, Kind::Go, &[])
+            .and_then(|_| w.flush())
+            .map_err(|e| unconfirmed(&format!("sending Go: {e}")))?;
+        let mut buf = Vec::new();
+        match wire::read_chunk(reader, &mut buf) {
+            Ok(Kind::Ack) => Ok(wire::le_u64(&buf)),
+            Ok(got) => Err(unconfirmed(&format!("{got:?} came instead of Ack"))),
+            Err(e) => Err(unconfirmed(&format!("waiting for Ack: {e}"))),
+        }
+    }
+
+    /// The last dirty pages, the state and `Done`.
     fn final_copy(
         &self,
         w: &mut BufWriter<MigrationStream>,
-        mut reader: MigrationStream,
         pending: &mut DirtyBitmap,
         state: &MachineState,
         report: &mut MigrationReport,
-    ) -> Result<u64, MigrationError> {
-        let last = dirty::fetch(self.vm, self.memory)?;
+    ) -> Result<(), MigrationError> {
+        let last = dirty::fetch(self.vm, self.memory, self.rings)?;
         for (p, l) in pending.0.iter_mut().zip(&last.0) {
             *p |= *l;
         }
@@ -230,21 +323,7 @@ impl Source<'_> {
         round.duration += started.elapsed();
         report.bytes += round.bytes;
         report.rounds.push(round);
-        reader
-            .set_read_timeout(Some(self.options.ack_timeout))
-            .map_err(io("waiting for the destination"))?;
-        let mut buf = Vec::new();
-        match wire::read_chunk(&mut reader, &mut buf)? {
-            Kind::Ack => Ok(wire::le_u64(&buf)),
-            Kind::Refuse => Err(MigrationError::Refused(
-                String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned(),
-            )),
-            got => Err(wire::WireError::Unexpected {
-                expected: "Ack",
-                got,
-            }
-            .into()),
-        }
+        Ok(())
     }
 }
 

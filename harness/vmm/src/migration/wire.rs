@@ -5,9 +5,11 @@
 //! ```
 //!
 //! where the CRC-32 (IEEE) covers the first 8 header bytes and the payload. The first
-//! chunk is [`Hello`] (magic, [`VERSION`], page size, RAM size); then page runs, rounds,
-//! the machine state and `Done`; the destination answers with `Ack` (it runs) or
-//! `Refuse` (why not). Everything read is bounded before it is allocated or used: a
+//! chunk is [`Hello`] (magic, [`VERSION`], page size, RAM size, the machine); then page
+//! runs, rounds, the machine state and `Done`. The switchover is a handshake in which at
+//! most one side ever runs the guest: the destination builds the VM and answers `Ready`
+//! (or `Refuse`, why not) without running it; the source then sends `Go` and never runs
+//! the guest again; the destination starts it only on `Go`, and answers `Ack`. Everything read is bounded before it is allocated or used: a
 //! payload is at most [`MAX_PAYLOAD`] bytes, a page run names pages inside the RAM the
 //! `Hello` announced, and an unknown kind, a wrong length or a checksum mismatch is an
 //! error, never a panic.
@@ -19,7 +21,7 @@ use thiserror::Error;
 /// "HVBMIG" and two zero bytes.
 pub const MAGIC: [u8; 8] = *b"HVBMIG\0\0";
 /// Bumped whenever the layout of any chunk changes; a peer with another is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 3;
 pub const PAGE_SIZE: u64 = 4096;
 const PAGE_BYTES: usize = 4096;
 /// Most pages in one run (1 MiB of data).
@@ -71,12 +73,16 @@ pub enum Kind {
     RoundEnd = 4,
     /// The vCPU and device state (see `state.rs`).
     State = 5,
-    /// Nothing follows: the destination may resume the guest.
+    /// Nothing follows: the destination builds the VM and answers `Ready`.
     Done = 6,
+    /// The source has given the guest up: the destination may run it.
+    Go = 7,
     /// Destination to source: the guest runs here (realtime ns when it was resumed).
     Ack = 0x80,
     /// Destination to source: the migration failed here (UTF-8 reason).
     Refuse = 0x81,
+    /// Destination to source: the VM is built and not running; it runs on `Go`.
+    Ready = 0x82,
 }
 
 impl Kind {
@@ -88,19 +94,34 @@ impl Kind {
             Kind::RoundEnd,
             Kind::State,
             Kind::Done,
+            Kind::Go,
             Kind::Ack,
             Kind::Refuse,
+            Kind::Ready,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
     }
 }
 
-/// The first chunk: who speaks and how much RAM follows.
+/// The first chunk: who speaks, how much RAM follows, and the machine the destination
+/// builds before the pages arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub ram_bytes: u64,
+    /// vCPUs (1..=255; the destination checks its KVM allows as many).
+    pub vcpus: u32,
+    /// KVM's in-kernel irqchip (every SMP guest has it).
+    pub irqchip: bool,
+    /// A virtio-balloon (its state comes with the vCPUs').
+    pub balloon: bool,
+    /// A virtio-blk (the destination must have the same disk).
+    pub blk: bool,
 }
+
+const FLAG_IRQCHIP: u32 = 1;
+const FLAG_BALLOON: u32 = 2;
+const FLAG_BLK: u32 = 4;
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
@@ -109,7 +130,11 @@ impl Hello {
         p.extend(VERSION.to_le_bytes());
         p.extend(u32::try_from(PAGE_SIZE).unwrap_or(u32::MAX).to_le_bytes());
         p.extend(self.ram_bytes.to_le_bytes());
-        p.extend(0u64.to_le_bytes());
+        p.extend(self.vcpus.to_le_bytes());
+        let flags = if self.irqchip { FLAG_IRQCHIP } else { 0 }
+            | if self.balloon { FLAG_BALLOON } else { 0 }
+            | if self.blk { FLAG_BLK } else { 0 };
+        p.extend(flags.to_le_bytes());
         p
     }
 
@@ -137,7 +162,22 @@ impl Hello {
         if ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_SIZE) {
             return Err(malformed(format!("RAM of {ram_bytes} bytes")));
         }
-        Ok(Hello { ram_bytes })
+        let vcpus = le_u32(&p[24..28]);
+        let flags = le_u32(&p[28..32]);
+        if vcpus == 0 || vcpus > 255 || flags & !(FLAG_IRQCHIP | FLAG_BALLOON | FLAG_BLK) != 0 {
+            return Err(malformed(format!("{vcpus} vCPUs, flags {flags:#x}")));
+        }
+        let irqchip = flags & FLAG_IRQCHIP != 0;
+        if vcpus > 1 && !irqchip {
+            return Err(malformed(format!("{vcpus} vCPUs without the irqchip")));
+        }
+        Ok(Hello {
+            ram_bytes,
+            vcpus,
+            irqchip,
+            balloon: flags & FLAG_BALLOON != 0,
+            blk: flags & FLAG_BLK != 0,
+        })
     }
 }
 
@@ -298,14 +338,19 @@ pub fn read_chunk(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireErro
 mod tests {
     use super::*;
 
+    fn hello(ram_bytes: u64) -> Hello {
+        Hello {
+            ram_bytes,
+            vcpus: 1,
+            irqchip: false,
+            balloon: false,
+            blk: false,
+        }
+    }
+
     fn stream() -> Vec<u8> {
         let mut s = Vec::new();
-        write_chunk(
-            &mut s,
-            Kind::Hello,
-            &[&Hello { ram_bytes: 1 << 20 }.encode()],
-        )
-        .unwrap();
+        write_chunk(&mut s, Kind::Hello, &[&hello(1 << 20).encode()]).unwrap();
         let page = vec![0xa5u8; PAGE_BYTES];
         write_chunk(&mut s, Kind::Pages, &[&run_header(3, 1), &page]).unwrap();
         write_chunk(&mut s, Kind::Done, &[]).unwrap();
@@ -377,7 +422,15 @@ mod tests {
         Run::decode(Kind::Zeros, &wrap, 256).unwrap_err();
         Run::decode(Kind::Zeros, &run_header(0, 0), 256).unwrap_err();
         Run::decode(Kind::Pages, &run_header(0, 1), 256).unwrap_err();
-        let mut old = Hello { ram_bytes: 4096 }.encode();
+        let mut smp = hello(4096);
+        smp.vcpus = 2;
+        Hello::decode(&smp.encode()).unwrap_err();
+        smp.irqchip = true;
+        assert_eq!(Hello::decode(&smp.encode()).unwrap(), smp);
+        let mut flags = smp.encode();
+        flags[31] = 0x80;
+        Hello::decode(&flags).unwrap_err();
+        let mut old = hello(4096).encode();
         old[8] = 9;
         assert!(matches!(
             Hello::decode(&old),

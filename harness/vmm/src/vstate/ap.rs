@@ -6,16 +6,24 @@
 //! devices: a port or MMIO access from one reads as all ones and writes are dropped (the
 //! guest's APs do no I/O). A fatal exit on an AP (triple fault, KVM failure) ends the
 //! guest: it is stored for the boot vCPU, whose thread is woken and reports it.
+//!
+//! A migration holds the APs ([`Aps::hold`]): each leaves KVM_RUN, completes any
+//! pending I/O, captures its own state and waits until released (the migration failed)
+//! or stopped (the guest was handed over).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
 
 use super::vcpu::kick_signal;
 use crate::channel::GuestEnd;
+use crate::migration::park::complete_pending_io;
+use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
+use crate::migration::state::VcpuState;
 use crate::VmmError;
 
 /// What the APs share with the boot vCPU's thread.
@@ -29,6 +37,19 @@ pub(crate) struct ApShared {
     vm_stop: Arc<AtomicBool>,
     /// The boot vCPU's thread, kicked out of KVM_RUN after an AP's fatal exit.
     boot_thread: libc::pthread_t,
+    /// Set while a migration holds the APs.
+    hold: AtomicBool,
+    /// The VM's dirty rings, harvested by an AP whose ring filled.
+    rings: Option<Arc<DirtyRings>>,
+    held: Mutex<Held>,
+    held_changed: Condvar,
+}
+
+/// What a hold asked for and what each AP captured (slot `n - 1` for vCPU `n`).
+#[derive(Debug, Default)]
+struct Held {
+    msr_indices: Vec<u32>,
+    states: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl ApShared {
@@ -62,6 +83,7 @@ impl Aps {
         vcpus: Vec<VcpuFd>,
         name: &str,
         vm_stop: Arc<AtomicBool>,
+        rings: Option<Arc<DirtyRings>>,
     ) -> Result<Self, VmmError> {
         let shared = Arc::new(ApShared {
             stop: AtomicBool::new(false),
@@ -69,6 +91,10 @@ impl Aps {
             vm_stop,
             // SAFETY: pthread_self has no preconditions.
             boot_thread: unsafe { libc::pthread_self() },
+            hold: AtomicBool::new(false),
+            rings,
+            held: Mutex::default(),
+            held_changed: Condvar::new(),
         });
         let mut aps = Aps {
             shared: shared.clone(),
@@ -95,10 +121,67 @@ impl Aps {
         &self.shared
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        // Plain values: a panic elsewhere leaves them usable.
+        self.shared.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds every AP out of KVM_RUN and returns their states (vCPU 1 first), capturing
+    /// `msr_indices`; waits up to `limit`. On an error the APs are released again.
+    pub(crate) fn hold(
+        &self,
+        msr_indices: &[u32],
+        limit: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        {
+            let mut held = self.held();
+            held.msr_indices = msr_indices.to_vec();
+            held.states = (0..self.threads.len()).map(|_| None).collect();
+        }
+        self.shared.hold.store(true, Ordering::Release);
+        let started = Instant::now();
+        let mut held = self.held();
+        while held.states.iter().any(Option::is_none) {
+            if started.elapsed() > limit {
+                drop(held);
+                self.release();
+                return Err(format!(
+                    "the application processors did not pause within {limit:?}"
+                ));
+            }
+            drop(held);
+            for thread in &self.threads {
+                let _ = thread.kill(kick_signal());
+            }
+            held = self.held();
+            held = self
+                .shared
+                .held_changed
+                .wait_timeout(held, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let states: Result<Vec<VcpuState>, String> =
+            held.states.iter_mut().filter_map(Option::take).collect();
+        drop(held);
+        if states.is_err() {
+            self.release();
+        }
+        states
+    }
+
+    /// Lets held APs run on.
+    pub(crate) fn release(&self) {
+        self.shared.hold.store(false, Ordering::Release);
+        let _held = self.held();
+        self.shared.held_changed.notify_all();
+    }
+
     /// Stops every AP and waits for its thread. Kicks until each has noticed: a signal
     /// that lands between an AP's check of the flag and KVM_RUN would otherwise be lost.
     pub(crate) fn stop(self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.release();
         for thread in self.threads {
             while !thread.is_finished() {
                 let _ = thread.kill(kick_signal());
@@ -109,9 +192,33 @@ impl Aps {
     }
 }
 
+/// On an AP's thread while a migration holds it: captures the state, waits for the end
+/// of the hold (or the guest's).
+fn held(fd: &mut VcpuFd, index: usize, shared: &ApShared) {
+    let lock = || shared.held.lock().unwrap_or_else(|p| p.into_inner());
+    let indices = lock().msr_indices.clone();
+    let state = complete_pending_io(fd)
+        .and_then(|()| VcpuState::capture(fd, &indices).map_err(|e| e.to_string()));
+    let mut held = lock();
+    if let Some(slot) = held.states.get_mut(index - 1) {
+        *slot = Some(state);
+    }
+    shared.held_changed.notify_all();
+    while shared.hold.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
+        held = shared
+            .held_changed
+            .wait(held)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
 /// One AP's run loop.
 fn run(mut fd: VcpuFd, index: usize, shared: &ApShared) {
     while !shared.stop.load(Ordering::Acquire) {
+        if shared.hold.load(Ordering::Acquire) {
+            held(&mut fd, index, shared);
+            continue;
+        }
         let end = match fd.run() {
             Ok(VcpuExit::InternalError) => Some(GuestEnd::Failed {
                 detail: format!(
@@ -119,6 +226,11 @@ fn run(mut fd: VcpuFd, index: usize, shared: &ApShared) {
                     registers(&fd)
                 ),
             }),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                super::vcpu::harvest(shared.rings.as_deref())
+                    .err()
+                    .map(|detail| GuestEnd::Failed { detail })
+            }
             Ok(exit) => on_exit(exit, index),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(GuestEnd::Failed {

@@ -1,11 +1,18 @@
 //! Guest memory: one anonymous mapping at guest-physical 0, registered with KVM.
+//!
+//! Each region carries vm-memory's dirty bitmap (`backend-bitmap`): every write the VMM
+//! itself makes through vm-memory (used rings, status bytes, a balloon's released pages)
+//! sets its page's bit, which KVM's dirty log cannot see; a migration ORs the two. Writes
+//! through a raw pointer (the kernel's preadv or io_uring into guest buffers) are marked
+//! with [`mark_dirty`] once they landed.
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::cast::u64_to_usize;
 use crate::VmmError;
 
-pub(crate) type GuestMemory = GuestMemoryMmap<()>;
+pub(crate) type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Smallest guest the image and its boot data fit in.
 pub const MIN_MEMORY_MIB: u32 = 16;
@@ -86,4 +93,51 @@ pub(crate) fn register(vm: &kvm_ioctls::VmFd, memory: &GuestMemory) -> Result<()
         })?;
     }
     Ok(())
+}
+
+/// Marks `[addr, addr + len)` written by the VMM (a write that vm-memory did not see:
+/// through a raw pointer, by the kernel). Call after the data landed, so a migration
+/// that fetches the mark copies the new contents. Addresses outside RAM are ignored.
+pub(crate) fn mark_dirty(memory: &GuestMemory, addr: GuestAddress, len: usize) {
+    let mut at = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some((region, offset)) = memory.to_region_addr(at) else {
+            return;
+        };
+        let here = u64_to_usize(region.len() - offset.raw_value()).min(left);
+        region
+            .bitmap()
+            .mark_dirty(u64_to_usize(offset.raw_value()), here);
+        left -= here;
+        at = GuestAddress(at.raw_value() + here as u64);
+    }
+}
+
+/// The pages of `region` the VMM wrote since the last call (bit n = page n; taken and
+/// cleared a word at a time, atomically, so a write racing the call is never lost).
+pub(crate) fn take_vmm_dirty(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> Vec<u64> {
+    vm_memory::MmapRegion::bitmap(region).get_and_reset()
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn the_vmms_own_writes_are_marked_once() {
+        let ram = allocate(16).unwrap();
+        let region = ram.iter().next().unwrap();
+        assert!(take_vmm_dirty(region).iter().all(|w| *w == 0));
+        ram.write_obj(1u32, GuestAddress(5 * 4096 + 8)).unwrap();
+        mark_dirty(&ram, GuestAddress(70 * 4096 - 1), 2);
+        mark_dirty(&ram, GuestAddress(u64::MAX - 1), 2);
+        let bits = take_vmm_dirty(region);
+        assert_eq!(bits[0], 1 << 5);
+        assert_eq!(bits[1], 0b11 << 5, "pages 69 and 70");
+        assert_eq!(bits.iter().map(|w| w.count_ones()).sum::<u32>(), 3);
+        assert!(take_vmm_dirty(region).iter().all(|w| *w == 0));
+    }
 }

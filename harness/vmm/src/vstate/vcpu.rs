@@ -18,6 +18,7 @@ use crate::devices::balloon::VirtioBalloon;
 use crate::devices::blk::VirtioBlk;
 use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::migration::park::{Park, Verdict};
+use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
 use crate::VmmError;
 
 /// The signal that interrupts KVM_RUN when the host stops a guest.
@@ -175,6 +176,16 @@ pub(crate) fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<Vcp
         .collect()
 }
 
+/// A vCPU's dirty ring filled: harvests every ring so that it may run on.
+pub(crate) fn harvest(rings: Option<&DirtyRings>) -> Result<(), String> {
+    match rings {
+        Some(rings) => rings
+            .harvest_full()
+            .map_err(|e| format!("harvesting the dirty rings: {e}")),
+        None => Err("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into()),
+    }
+}
+
 /// Most vCPUs a guest may have: APIC IDs are 8 bits in xAPIC mode, and 0xff is broadcast.
 pub const MAX_VCPUS: u32 = 254;
 
@@ -184,6 +195,8 @@ pub(crate) struct Vcpu {
     devices: Devices,
     /// Where a migration asks this vCPU to pause.
     park: Arc<Park>,
+    /// The VM's dirty rings, which this thread harvests when its ring fills.
+    rings: Option<Arc<DirtyRings>>,
 }
 
 impl Vcpu {
@@ -208,6 +221,7 @@ impl Vcpu {
             fd,
             devices: Devices::new(),
             park: Arc::default(),
+            rings: None,
         })
     }
 
@@ -217,7 +231,22 @@ impl Vcpu {
             fd,
             devices,
             park: Arc::default(),
+            rings: None,
         }
+    }
+
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Gives the thread the VM's dirty rings to harvest when its own fills.
+    pub(crate) fn attach_rings(&mut self, rings: Option<Arc<DirtyRings>>) {
+        self.rings = rings;
+    }
+
+    /// A migrated-in VM's paused devices start serving (the guest is about to run).
+    pub(crate) fn resume_devices(&self) {
+        self.devices.resume_blk();
     }
 
     /// The migration's handle on this vCPU's pause.
@@ -274,7 +303,7 @@ impl Vcpu {
     pub(crate) fn run(mut self, mut vm: Vm, stop: Arc<AtomicBool>, tx: GuestSender, name: &str) {
         let aps = if vm.irqchip && !vm.secondary_vcpus.is_empty() {
             let vcpus = std::mem::take(&mut vm.secondary_vcpus);
-            match Aps::start(vcpus, name, stop.clone()) {
+            match Aps::start(vcpus, name, stop.clone(), self.rings.clone()) {
                 Ok(aps) => Some(aps),
                 Err(e) => {
                     let detail = format!("starting the application processors: {e}");
@@ -285,7 +314,7 @@ impl Vcpu {
         } else {
             None
         };
-        let mut end = self.run_loop(&stop, &tx);
+        let mut end = self.run_loop(&stop, &tx, aps.as_ref());
         if let Some(aps) = aps {
             if let Some(failure) = aps.shared().take_failure() {
                 end = failure;
@@ -297,17 +326,17 @@ impl Vcpu {
         drop(vm);
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender) -> GuestEnd {
+    fn run_loop(&mut self, stop: &AtomicBool, tx: &GuestSender, aps: Option<&Aps>) -> GuestEnd {
         loop {
             if stop.load(Ordering::Acquire) {
                 return GuestEnd::Stopped;
             }
             if self.park.asked()
-                && self.park.park(&mut self.fd, &self.devices) == Verdict::HandedOver
+                && self.park.park(&mut self.fd, &self.devices, aps) == Verdict::HandedOver
             {
                 self.flush_console(tx, true);
                 let _ = tx.send(GuestMessage::Notice(
-                    "migrated: the destination runs the guest".into(),
+                    "migrated: handed over to the destination (Go sent)".into(),
                 ));
                 return GuestEnd::Stopped;
             }
@@ -334,6 +363,11 @@ impl Vcpu {
                 VcpuExit::MmioWrite(addr, data) => self.devices.mmio_write(addr, data),
                 VcpuExit::Hlt => self.devices.counters.count(ExitReason::Hlt),
                 VcpuExit::Intr => self.devices.counters.count(ExitReason::Interrupted),
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    if let Err(e) = harvest(self.rings.as_deref()) {
+                        return GuestEnd::Failed { detail: e };
+                    }
+                }
                 VcpuExit::Shutdown => {
                     return GuestEnd::TripleFault {
                         detail: format!("triple fault (KVM_EXIT_SHUTDOWN): {}", self.registers()),

@@ -6,7 +6,11 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use workloads::abi::PIO_KERNEL_PORT;
 
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
 use super::memory::{self, GuestMemory};
+use crate::migration::ring::DirtyRings;
+use crate::migration::MigrationError;
 use crate::VmmError;
 
 /// Where KVM may put the TSS it needs for real mode on Intel (unused by our guest, but
@@ -48,9 +52,33 @@ pub(crate) struct Vm {
     pub(crate) secondary_vcpus: Vec<kvm_ioctls::VcpuFd>,
     /// KVM's in-kernel irqchip (PIC, IOAPIC and a local APIC per vCPU) was created.
     pub(crate) irqchip: bool,
+    /// KVM's dirty ring is enabled, of this many bytes per vCPU (see `migration::ring`).
+    pub(crate) dirty_ring: Option<u32>,
 }
 
 impl Vm {
+    /// Enables KVM's dirty ring of up to `bytes` per vCPU where the host offers it; call
+    /// before any vCPU exists.
+    pub(crate) fn enable_dirty_ring(&mut self, bytes: u32) {
+        self.dirty_ring = crate::migration::ring::enable(&self.fd, bytes);
+    }
+
+    /// Maps every vCPU's dirty ring, where the VM has them; `vcpus` all of them.
+    pub(crate) fn dirty_rings(
+        &self,
+        vcpus: &[&kvm_ioctls::VcpuFd],
+    ) -> Result<Option<Arc<DirtyRings>>, MigrationError> {
+        let Some(bytes) = self.dirty_ring else {
+            return Ok(None);
+        };
+        let slots = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().raw_value() / 4096, r.len() / 4096))
+            .collect();
+        DirtyRings::new(self.fd.clone(), vcpus, bytes, slots).map(|r| Some(Arc::new(r)))
+    }
+
     /// A VM of `memory_mib` MiB; with `irqchip`, KVM's in-kernel irqchip, which must exist
     /// before the first vCPU.
     pub(crate) fn new(kvm: &Kvm, memory_mib: u32, irqchip: bool) -> Result<Self, VmmError> {
@@ -90,6 +118,7 @@ impl Vm {
             _kernel_port_event: event,
             secondary_vcpus: Vec::new(),
             irqchip,
+            dirty_ring: None,
         })
     }
 }

@@ -177,6 +177,9 @@ impl Disk {
                 libc::preadv(self.file.as_raw_fd(), iovecs.as_ptr(), count, offset)
             }
         };
+        if !write {
+            mark_read(mem, request);
+        }
         self.check_done(op, request, done)
     }
 
@@ -263,4 +266,12 @@ fn scatter(mem: &GuestMemory, segments: &[Segment], data: &[u8]) -> Result<(), D
         at += n;
     }
     Ok(())
+}
+
+/// The kernel wrote a read's data into guest RAM behind vm-memory's back: its pages are
+/// marked dirty for a migration (whatever the read returned: it may have written some).
+pub(crate) fn mark_read(mem: &GuestMemory, request: &Request) {
+    for s in &request.data {
+        crate::vstate::memory::mark_dirty(mem, s.addr, s.len as usize);
+    }
 }

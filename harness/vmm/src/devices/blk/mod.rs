@@ -19,13 +19,15 @@
 
 mod disk;
 mod request;
-mod transport;
 mod uring;
 
 use std::num::Wrapping;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
@@ -35,10 +37,32 @@ use self::disk::Disk;
 pub use self::disk::DiskConfig;
 use self::request::{Refused, RequestError};
 use super::balloon::Refusals;
+use super::virtio_mmio::{self, Effect, Transport};
+use workloads::virtio_blk::{
+    CONFIG_BLK_SIZE, CONFIG_CAPACITY, CONFIG_LEN, CONFIG_SEG_MAX, CONFIG_SIZE_MAX, DEVICE_ID_BLOCK,
+    F_BLK_SIZE, F_FLUSH, F_SEG_MAX, F_SIZE_MAX, MAX_REQUEST_BYTES, QUEUE_REQUEST, SEG_MAX,
+};
+
+use crate::cast::u64_to_usize;
 use crate::vstate::memory::GuestMemory;
 
 /// Refusals kept word for word; later ones are only counted.
 const MAX_REFUSALS_KEPT: usize = 16;
+/// The block size the device reports (`blk_size`).
+const BLOCK_SIZE: u32 = 4096;
+/// The features offered (word 0; the transport adds VERSION_1).
+const FEATURES: u32 = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+
+/// The configuration space: capacity, size_max, seg_max, blk_size.
+fn config(capacity: u64) -> [u8; u64_to_usize(CONFIG_LEN)] {
+    let mut c = [0u8; u64_to_usize(CONFIG_LEN)];
+    let at = |o: u64| u64_to_usize(o);
+    c[at(CONFIG_CAPACITY)..][..8].copy_from_slice(&capacity.to_le_bytes());
+    c[at(CONFIG_SIZE_MAX)..][..4].copy_from_slice(&MAX_REQUEST_BYTES.to_le_bytes());
+    c[at(CONFIG_SEG_MAX)..][..4].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[at(CONFIG_BLK_SIZE)..][..4].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+    c
+}
 /// How long the I/O thread waits for a notification before it looks at its stop flag.
 const WAIT_MS: libc::c_int = 200;
 
@@ -121,12 +145,18 @@ pub(crate) struct State {
     memory: GuestMemory,
     disk: Disk,
     shared: Arc<Shared>,
-    regs: transport::Registers,
+    transport: Transport,
+    /// Sectors of the disk (the configuration space's capacity).
+    capacity: u64,
     queue: Queue,
     /// Set by the device on a request it cannot answer; cleared by a reset.
     needs_reset: bool,
     /// Resets so far: a request in flight across a reset is not completed.
     generation: u64,
+    /// A migration paused the device: it takes no request until resumed.
+    paused: bool,
+    /// Requests handed to io_uring and not yet completed.
+    in_flight: u32,
 }
 
 impl State {
@@ -134,7 +164,7 @@ impl State {
     /// `out`, each refused one is answered (its status byte, the used ring) at once. An
     /// error here is one the device cannot answer: it then needs a reset.
     fn take(&mut self, out: &mut Vec<(u16, request::Request)>) -> Result<(), RequestError> {
-        if self.needs_reset || !self.regs.driver_ok() || !self.queue.ready() {
+        if self.paused || self.needs_reset || !self.transport.driver_ok() || !self.queue.ready() {
             return Ok(());
         }
         let mem = &self.memory;
@@ -201,6 +231,23 @@ impl State {
     }
 }
 
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4]))
+}
+
+/// The state [`VirtioBlk::pause`] returns.
+fn save(state: &State, path: &Path) -> Vec<u8> {
+    let path = path.as_os_str().as_bytes();
+    let mut out = Vec::with_capacity(128 + path.len());
+    out.extend(state.transport.encode());
+    out.extend(virtio_mmio::encode_queue(&state.queue));
+    out.extend(u32::from(state.needs_reset).to_le_bytes());
+    out.extend(state.capacity.to_le_bytes());
+    out.extend(u32::try_from(path.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend(path);
+    out
+}
+
 /// Runs a checked request and writes its status; the bytes written into guest buffers.
 fn complete(disk: &mut Disk, mem: &GuestMemory, shared: &Shared, req: &request::Request) -> u32 {
     let (status, written) = match disk.execute(mem, req) {
@@ -238,6 +285,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 #[derive(Debug)]
 pub(crate) struct VirtioBlk {
     state: Arc<Mutex<State>>,
+    /// The disk's path, which a migration names to the destination.
+    path: std::path::PathBuf,
     notify: EventFd,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
@@ -271,15 +320,18 @@ impl VirtioBlk {
             source,
         })?;
         let shared = Arc::new(Shared::default());
-        let regs = transport::Registers::new(disk.capacity_sectors());
+        let capacity = disk.capacity_sectors();
         let state = Arc::new(Mutex::new(State {
             memory,
             disk,
             shared: shared.clone(),
-            regs,
+            transport: Transport::new(DEVICE_ID_BLOCK, FEATURES),
+            capacity,
             queue: Queue::new(workloads::virtio::QUEUE_SIZE_MAX).map_err(BlkError::Queue)?,
             needs_reset: false,
             generation: 0,
+            paused: false,
+            in_flight: 0,
         }));
         let notify = EventFd::new(EFD_NONBLOCK).map_err(BlkError::EventFd)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -293,11 +345,88 @@ impl VirtioBlk {
         };
         let device = VirtioBlk {
             state,
+            path: config.path.clone(),
             notify,
             stop,
             worker: Some(worker),
         };
         Ok((device, BlkHandle { shared }))
+    }
+
+    /// Pauses the device for a migration: it takes no more requests, and every request
+    /// in flight completes (within `limit`, else it runs on and says why). Returns its
+    /// state: the transport, the queue, whether it needs a reset, the disk's capacity
+    /// and path (the destination opens the same file).
+    pub(crate) fn pause(&self, limit: Duration) -> Result<Vec<u8>, String> {
+        lock(&self.state).paused = true;
+        let started = Instant::now();
+        loop {
+            let state = lock(&self.state);
+            if state.in_flight == 0 {
+                return Ok(save(&state, &self.path));
+            }
+            drop(state);
+            if started.elapsed() > limit {
+                self.resume();
+                return Err(format!(
+                    "the virtio-blk's requests did not complete within {limit:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Serves requests again after [`VirtioBlk::pause`] (the migration failed), or at
+    /// the destination once the guest runs there; looks at the queue at once, for the
+    /// requests made available meanwhile.
+    pub(crate) fn resume(&self) {
+        lock(&self.state).paused = false;
+        let _ = self.notify.write(1);
+    }
+
+    /// A device over `memory` and `config`'s disk as [`VirtioBlk::pause`] left it at the
+    /// source: the disk must be the same path and capacity.
+    pub(crate) fn restore(
+        memory: GuestMemory,
+        config: &DiskConfig,
+        name: &str,
+        saved: &[u8],
+    ) -> Result<(Self, BlkHandle), String> {
+        let (t, q) = (virtio_mmio::TRANSPORT_BYTES, virtio_mmio::QUEUE_BYTES);
+        let fixed = t + q + 4 + 8 + 4;
+        if saved.len() < fixed {
+            return Err(format!("virtio-blk state of {} bytes", saved.len()));
+        }
+        let (words, path) = saved.split_at(fixed);
+        let needs_reset = le32(&words[t + q..]) != 0;
+        let capacity =
+            u64::from_le_bytes(words[t + q + 4..t + q + 12].try_into().unwrap_or([0; 8]));
+        let path_len = usize::try_from(le32(&words[t + q + 12..])).unwrap_or(usize::MAX);
+        if path_len != path.len() || path != config.path.as_os_str().as_bytes() {
+            return Err(format!(
+                "the guest's disk was {:?} at the source; this destination has {}",
+                String::from_utf8_lossy(&path[..path.len().min(256)]),
+                config.path.display()
+            ));
+        }
+        let (device, handle) = VirtioBlk::new(memory, config, name).map_err(|e| e.to_string())?;
+        {
+            let mut state = lock(&device.state);
+            if state.capacity != capacity {
+                return Err(format!(
+                    "the disk has {} sectors here, {capacity} at the source",
+                    state.capacity
+                ));
+            }
+            state.transport = Transport::decode(DEVICE_ID_BLOCK, FEATURES, &words[..t])?;
+            state.queue =
+                virtio_mmio::decode_queue(&words[t..t + q], workloads::virtio::QUEUE_SIZE_MAX)?;
+            state.needs_reset = needs_reset;
+            // Paused until the guest runs here (`resume` after the source's Go): the disk
+            // is the source's too, and it may yet run the guest on.
+            state.paused = true;
+        }
+        Ok((device, handle))
     }
 
     /// The eventfd KVM signals on a write to the queue-notify register.
@@ -307,24 +436,30 @@ impl VirtioBlk {
 
     pub(crate) fn read(&mut self, offset: u64, data: &mut [u8]) {
         let state = lock(&self.state);
+        if offset >= workloads::virtio::REG_CONFIG {
+            virtio_mmio::read_config(&config(state.capacity), offset, data);
+            return;
+        }
+        let queues = std::slice::from_ref(&state.queue);
         state
-            .regs
-            .read(offset, data, state.needs_reset, &state.queue);
+            .transport
+            .read(offset, data, queues, state.needs_reset, 0);
     }
 
     pub(crate) fn write(&mut self, offset: u64, data: &[u8]) {
         let mut state = lock(&self.state);
         let state = &mut *state;
-        match state.regs.write(offset, data, &mut state.queue) {
-            transport::Effect::None => {}
-            transport::Effect::Reset => {
+        let queues = std::slice::from_mut(&mut state.queue);
+        match state.transport.write(offset, data, queues) {
+            Effect::Reset => {
                 state.needs_reset = false;
                 state.generation += 1;
             }
             // A notify that reached userspace (no ioeventfd): hand it to the I/O thread.
-            transport::Effect::Notify => {
+            Effect::Notify(QUEUE_REQUEST) => {
                 let _ = self.notify.write(1);
             }
+            Effect::None | Effect::Notify(_) => {}
         }
     }
 }

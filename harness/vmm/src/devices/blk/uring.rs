@@ -121,7 +121,10 @@ impl Uring {
                 state.finish(head, written);
                 continue;
             }
-            if let Err(why) = self.submit(state, head, request.clone()) {
+            if let Err(why) = self
+                .submit(state, head, request.clone())
+                .map(|()| state.in_flight += 1)
+            {
                 state.shared.refuse(why);
                 let _ = state.memory.write_obj(S_IOERR, request.status);
                 state.finish(head, 1);
@@ -188,6 +191,10 @@ impl Uring {
             return;
         };
         let mut state = lock(state);
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if pending.request.kind == Kind::Read && pending.bounce.is_none() {
+            super::disk::mark_read(&state.memory, &pending.request);
+        }
         if pending.generation != state.generation {
             return;
         }
