@@ -173,6 +173,8 @@ fn kvm_lab_measures_memory_with_npt_and_with_shadow_paging() {
         }
     }
 
+    first_touch_counts_agree_across_runs();
+
     // The switch was undone: the lab's kvm_amd is back at npt=1.
     let status = <lab::KvmLab as lab::Lab>::status(&cache)
         .unwrap()
@@ -502,4 +504,42 @@ fn a_silent_lab_loses_no_records() {
         );
         assert!(!common::qemu_alive(state.qemu_pid, &state.qemu_pid_file));
     }
+}
+
+/// A counting lab is not polled while its run goes on: each poll's ssh ran on the lab's one
+/// counted CPU (about 4 million instructions), and first-touch samples (about 11 million)
+/// sat 0, 1, 2 or 3 polls above the floor, run medians 39-72% apart (issue 13).
+fn first_touch_counts_agree_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = common::hvbench()
+        .args(["lab", "run", "kvm", "--paging", "tdp", "--out"])
+        .arg(&out)
+        .args(["--", "--workload", "mem.first-touch", "--param"])
+        .args(["mem.first-touch.page=4k", "--samples", "3", "--repeat", "3"])
+        .args(["--memory-mib", "64", "--timeout-s", "60"])
+        .output()
+        .unwrap();
+    assert_ok(&run, "lab run kvm -- --workload mem.first-touch");
+    let insns: Vec<_> = read_results(&out)
+        .expect("records copied back")
+        .into_iter()
+        .filter(|r| r.metric == "insns")
+        .collect();
+    assert_eq!(insns.len(), 3, "{insns:#?}");
+    let medians: Vec<f64> = insns
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, Status::Success, "{:?}", r.reason);
+            assert!(r.backend.details.contains_key("lab_watch"), "{r:#?}");
+            r.summary.as_ref().unwrap().median
+        })
+        .collect();
+    let (low, high) = medians
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, h), m| (l.min(*m), h.max(*m)));
+    assert!(
+        high - low < 0.01 * low,
+        "first-touch insns/page across 3 runs: {medians:?}"
+    );
 }

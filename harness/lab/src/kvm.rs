@@ -22,6 +22,7 @@ use crate::bringup::{self, check_cancelled, now_rfc3339, sha256_hex, BootWatch, 
 use crate::initramfs::{self, InitramfsSpec};
 use crate::packages::{self, PackageManifest};
 use crate::qemu::{self, LinuxBoot};
+use crate::quiet;
 use crate::recipe::{self, Booted, Lab, LabStatus, MachineOptions, Recipe};
 use crate::LabError;
 use hostutil::transport::{shell_quote, SshTarget, Transport, TransportError};
@@ -672,6 +673,10 @@ fn relabel(record: &mut Record, state: &KvmLabState) {
     record.reproduce = lab_reproduce(&record.reproduce);
 }
 
+/// How `lab run` follows a run while the lab counts (`quiet`): ssh polls would be counted.
+const LAB_WATCH_COUNTING: &str = "quiet: one ssh waits in the lab's shell (builtins only) \
+    until the run ends, no polls while it runs (each would be counted)";
+
 /// What a record made in the lab says of it: the lab, and when counting instructions the
 /// instruction clock and Linux on one of the CPUs (maxcpus=1).
 fn lab_details(state: &KvmLabState) -> Vec<(String, String)> {
@@ -685,6 +690,7 @@ fn lab_details(state: &KvmLabState) -> Vec<(String, String)> {
     if state.insns_log.is_some() {
         details.push(("lab_clock".into(), crate::INSNS_CLOCK.into()));
         details.push(("lab_linux_cpus".into(), "1 (maxcpus=1)".into()));
+        details.push(("lab_watch".into(), LAB_WATCH_COUNTING.into()));
     }
     details
 }
@@ -1018,7 +1024,12 @@ fn run_detached(
     run: &KvmLabRun<'_>,
     copy: &mut RecordCopy<'_>,
 ) -> Result<Finished, LabError> {
-    launch(transport, remote_run, invocation)?;
+    // Counting: every poll would be counted in the lab's one CPU (see `quiet`).
+    let quiet_wait = state
+        .insns_log
+        .as_ref()
+        .map(|_| quiet::wait_bound(lab_silence_limit()));
+    launch(transport, remote_run, invocation, quiet_wait)?;
     let mut watch = Watch::new(run);
     loop {
         watch.stop_if_asked(transport, remote_run, run)?;
@@ -1034,29 +1045,49 @@ fn run_detached(
         if let Some(finished) = watch.poll(transport, remote_run, run, copy)? {
             return Ok(finished);
         }
-        thread::sleep(POLL_INTERVAL);
+        match quiet_wait {
+            Some(bound) => watch.wait_quietly(transport, remote_run, bound),
+            None => thread::sleep(POLL_INTERVAL),
+        }
     }
 }
 
 /// Starts `invocation` in the lab, detached from the ssh session, in `remote_run`: its
-/// output, pid and exit status go to files there.
-fn launch(transport: &Transport, remote_run: &str, invocation: &str) -> Result<(), LabError> {
+/// output, pid and exit status go to files there. With `quiet_wait`, the same ssh session
+/// then waits quietly (see `quiet`) for up to that long; should it fail, the run counts as
+/// started when its directory exists.
+fn launch(
+    transport: &Transport,
+    remote_run: &str,
+    invocation: &str,
+    quiet_wait: Option<Duration>,
+) -> Result<(), LabError> {
     let script = format!(
         "{invocation} > stdout 2> stderr < /dev/null & echo $! > pid; wait $!; \
-         echo $? > status.tmp; mv status.tmp status"
+         echo $? > status.tmp; mv status.tmp status; {}",
+        quiet::wake_command()
     );
-    transport
-        .run(
-            &format!(
-                "mkdir -p {remote_run} && cd {remote_run} && \
-                 setsid sh -c {} > /dev/null 2>&1 < /dev/null &",
-                shell_quote(&script)
-            ),
-            None,
-            FETCH_TIMEOUT,
-        )
-        .map_err(ssh_error)?;
-    Ok(())
+    let mut command = format!(
+        "mkdir -p {remote_run} && cd {remote_run} && mkfifo {} && \
+         {{ setsid sh -c {} > /dev/null 2>&1 < /dev/null & }}",
+        quiet::DONE_FIFO,
+        shell_quote(&script)
+    );
+    let Some(bound) = quiet_wait else {
+        transport
+            .run(&command, None, FETCH_TIMEOUT)
+            .map_err(ssh_error)?;
+        return Ok(());
+    };
+    command.push_str(" && ");
+    command.push_str(&quiet::lab_wait_command(remote_run, bound));
+    match transport.run(&command, None, FETCH_TIMEOUT + bound) {
+        Ok(_) => Ok(()),
+        Err(error) => match transport.run(&format!("test -d {remote_run}"), None, FETCH_TIMEOUT) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ssh_error(error)),
+        },
+    }
 }
 
 /// What the host knows of a detached run while it polls it.
@@ -1083,6 +1114,20 @@ impl Watch {
             partial_line: Vec::new(),
             last_answer: Instant::now(),
             silence_limit: lab_silence_limit(),
+        }
+    }
+
+    /// Waits without polling (see `quiet`) until the run has a status or `bound` passed;
+    /// a wait that ends normally is an answer from the lab.
+    fn wait_quietly(&mut self, transport: &Transport, remote_run: &str, bound: Duration) {
+        if self.interrupted || self.timed_out {
+            thread::sleep(POLL_INTERVAL);
+            return;
+        }
+        let command = quiet::lab_wait_command(remote_run, bound);
+        let timeout = bound + poll_timeout(self.silence_limit);
+        if transport.run(&command, None, timeout).is_ok() {
+            self.last_answer = Instant::now();
         }
     }
 
@@ -1263,7 +1308,10 @@ mod tests {
             ..plain
         };
         let details = lab_details(&counting);
-        assert_eq!(keys(&counting), ["lab", "lab_clock", "lab_linux_cpus"]);
+        assert_eq!(
+            keys(&counting),
+            ["lab", "lab_clock", "lab_linux_cpus", "lab_watch"]
+        );
         assert!(details[1].1.contains("-icount shift=0"), "{details:?}");
     }
 

@@ -21,6 +21,7 @@ mod kvm;
 mod libvirt;
 mod packages;
 mod qemu;
+mod quiet;
 mod recipe;
 mod tools;
 mod xen;
