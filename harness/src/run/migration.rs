@@ -177,6 +177,7 @@ fn migrate(
     let spec = PeerSpec {
         kind,
         memory_mib: ctx.options.memory_mib,
+        vcpus: ctx.options.vcpus,
         cmdline: guest_cmdline(id, ctx),
         timeout: p.duration + Duration::from_secs(60),
         migrate_at: p.migrate_at,
