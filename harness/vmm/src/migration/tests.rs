@@ -304,6 +304,14 @@ fn an_smp_guest_with_the_irqchip_migrates() {
     let Some(vmm) = vmm() else { return };
     let image = pvh_image(&smp_dirtying_guest());
     let source = boot_with(&vmm, &image, 2, false);
+    // Holds back to back (a calibration pause, then the migration's) each get every AP.
+    for _ in 0..3 {
+        source
+            .migrator()
+            .unwrap()
+            .pause_for(Duration::from_millis(5))
+            .unwrap();
+    }
     let (report, incoming, _) = migrate_whole(&vmm, &source, None, Vec::new());
     assert!(report.rounds.last().is_some_and(|r| r.paused));
     assert!(
