@@ -468,7 +468,7 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {
-            notes.insert(format!("hypervisor_{key}"), v.to_string());
+            notes.insert(format!("hypervisor_{key}"), note_text(v));
         }
     }
     if let Some(incoming) = &peer.incoming {
@@ -479,7 +479,7 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
             "tsc_khz_here",
         ] {
             if let Some(v) = incoming.get(key) {
-                notes.insert(format!("destination_{key}"), v.to_string());
+                notes.insert(format!("destination_{key}"), note_text(v));
             }
         }
     }
@@ -511,4 +511,9 @@ fn progress_curve(peer: &PeerRun, outcome: &mut WorkloadOutcome) {
             },
         ),
     );
+}
+
+/// A JSON value as a note: a string as its text (no quotes), anything else as JSON.
+fn note_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
