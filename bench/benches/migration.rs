@@ -149,14 +149,18 @@ fn convergence(vmm: &Vmm, image: &[u8]) {
         let (mut down, mut total) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
             let r = migrate_once(vmm, image, 256, &cmdline);
+            let first = &r.rounds[0];
             println!(
-                "  rate {rate:>4} MB/s: downtime {:.2} ms, total {:.1} ms, {} rounds, {} bytes, converged {}, {}",
+                "  rate {rate:>4} MB/s: downtime {:.2} ms, total {:.1} ms, {} rounds, {} bytes, converged {}, {}; round 0: {} bytes on the wire in {:.1} ms ({:.2} GB/s)",
                 r.downtime.as_secs_f64() * 1e3,
                 r.total.as_secs_f64() * 1e3,
                 r.rounds.len(),
                 r.bytes,
                 r.converged,
-                r.dirty_tracking.name()
+                r.dirty_tracking.name(),
+                first.bytes,
+                first.duration.as_secs_f64() * 1e3,
+                first.bytes as f64 / first.duration.as_secs_f64() / 1e9
             );
             down.push(r.downtime.as_secs_f64() * 1e3);
             total.push(r.total.as_secs_f64() * 1e3);

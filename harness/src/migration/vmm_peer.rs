@@ -40,6 +40,9 @@ pub enum PeerKind {
 pub struct PeerSpec {
     pub kind: PeerKind,
     pub memory_mib: u32,
+    /// vCPUs of our VMM's guest (more than one: the in-kernel irqchip, which migrates
+    /// with it); QEMU's arguments carry their own.
+    pub vcpus: u32,
     pub cmdline: String,
     /// A backstop for both VMMs (each stops its guest after this).
     pub timeout: Duration,
@@ -222,6 +225,8 @@ fn source_args(spec: &PeerSpec, socket: &str) -> Vec<String> {
         spec.cmdline.clone(),
         "--memory-mib".into(),
         spec.memory_mib.to_string(),
+        "--vcpus".into(),
+        spec.vcpus.to_string(),
         "--migrate-to".into(),
         socket.into(),
         "--downtime-ms".into(),

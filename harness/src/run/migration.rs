@@ -177,6 +177,7 @@ fn migrate(
     let spec = PeerSpec {
         kind,
         memory_mib: ctx.options.memory_mib,
+        vcpus: ctx.options.vcpus,
         cmdline: guest_cmdline(id, ctx),
         timeout: p.duration + Duration::from_secs(60),
         migrate_at: p.migrate_at,
@@ -467,7 +468,7 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "dirty_sync_count",
     ] {
         if let Some(v) = report.get(key) {
-            notes.insert(format!("hypervisor_{key}"), v.to_string());
+            notes.insert(format!("hypervisor_{key}"), note_text(v));
         }
     }
     if let Some(incoming) = &peer.incoming {
@@ -478,7 +479,7 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
             "tsc_khz_here",
         ] {
             if let Some(v) = incoming.get(key) {
-                notes.insert(format!("destination_{key}"), v.to_string());
+                notes.insert(format!("destination_{key}"), note_text(v));
             }
         }
     }
@@ -510,4 +511,9 @@ fn progress_curve(peer: &PeerRun, outcome: &mut WorkloadOutcome) {
             },
         ),
     );
+}
+
+/// A JSON value as a note: a string as its text (no quotes), anything else as JSON.
+fn note_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }

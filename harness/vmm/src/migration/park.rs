@@ -63,9 +63,24 @@ impl Park {
         limit: Duration,
         mut kick: impl FnMut() -> bool,
     ) -> Result<Box<MachineState>, String> {
-        *self.stage() = Stage::Asked(msr_indices);
-        self.asked.store(true, Ordering::Release);
         let started = Instant::now();
+        {
+            // The last verdict must reach the vCPU first: asking over it would leave the
+            // vCPU waiting for a verdict that never comes.
+            let mut stage = self.stage();
+            while matches!(*stage, Stage::Verdict(_)) {
+                if started.elapsed() > limit {
+                    return Err(format!("the vCPU did not resume within {limit:?}"));
+                }
+                stage = self
+                    .changed
+                    .wait_timeout(stage, Duration::from_millis(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            *stage = Stage::Asked(msr_indices);
+        }
+        self.asked.store(true, Ordering::Release);
         loop {
             let stage = self.stage();
             let (mut stage, _) = self

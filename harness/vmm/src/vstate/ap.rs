@@ -48,6 +48,9 @@ pub(crate) struct ApShared {
 /// What a hold asked for and what each AP captured (slot `n - 1` for vCPU `n`).
 #[derive(Debug, Default)]
 struct Held {
+    /// Counts holds: an AP stores and waits only for the hold it captured for (a new
+    /// hold right after a release must not get an old state, nor wait unanswered).
+    epoch: u64,
     msr_indices: Vec<u32>,
     states: Vec<Option<Result<VcpuState, String>>>,
 }
@@ -135,10 +138,13 @@ impl Aps {
     ) -> Result<Vec<VcpuState>, String> {
         {
             let mut held = self.held();
+            held.epoch += 1;
             held.msr_indices = msr_indices.to_vec();
             held.states = (0..self.threads.len()).map(|_| None).collect();
         }
         self.shared.hold.store(true, Ordering::Release);
+        // An AP still waiting out the last hold sees the new epoch and captures afresh.
+        self.shared.held_changed.notify_all();
         let started = Instant::now();
         let mut held = self.held();
         while held.states.iter().any(Option::is_none) {
@@ -196,15 +202,25 @@ impl Aps {
 /// of the hold (or the guest's).
 fn held(fd: &mut VcpuFd, index: usize, shared: &ApShared) {
     let lock = || shared.held.lock().unwrap_or_else(|p| p.into_inner());
-    let indices = lock().msr_indices.clone();
+    let (epoch, indices) = {
+        let held = lock();
+        (held.epoch, held.msr_indices.clone())
+    };
     let state = complete_pending_io(fd)
         .and_then(|()| VcpuState::capture(fd, &indices).map_err(|e| e.to_string()));
     let mut held = lock();
+    if held.epoch != epoch {
+        // A newer hold began meanwhile: the run loop captures again for it.
+        return;
+    }
     if let Some(slot) = held.states.get_mut(index - 1) {
         *slot = Some(state);
     }
     shared.held_changed.notify_all();
-    while shared.hold.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
+    while shared.hold.load(Ordering::Acquire)
+        && !shared.stop.load(Ordering::Acquire)
+        && held.epoch == epoch
+    {
         held = shared
             .held_changed
             .wait(held)
