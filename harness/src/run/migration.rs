@@ -147,7 +147,7 @@ fn other_backend(id: WorkloadId, ctx: &HostContext) -> Result<PeerKind, (Status,
         image: ctx.image,
         cmdline: &cmdline,
         memory_mib: ctx.options.memory_mib,
-        vcpus: 1,
+        vcpus: ctx.options.vcpus,
         name: format!("hvbench-{}-mig", std::process::id()),
     };
     match ctx.backend.migration_command(&request) {
