@@ -270,16 +270,17 @@ pub fn run(
 ) -> Result<PeerRun, String> {
     let t = backend.transport().clone();
     let name = request.name.clone();
-    let cfg = backend
-        .create_paused(request)
-        .map_err(|e| format!("creating the domain: {e}"))?;
+    // The guard first: an `xl create` that fails or times out may leave a domain.
     let mut guard = Guard {
         transport: t.clone(),
         name: name.clone(),
-        cfg,
+        cfg: backend.remote_file(&format!("{name}.cfg")),
         pid_file: backend.remote_file(&format!("{name}.migrate-pid")),
         children: Vec::new(),
     };
+    guard.cfg = backend
+        .create_paused(request)
+        .map_err(|e| format!("creating the domain: {e}"))?;
     let domid = xl(&t, &format!("xl domid {}", shell_quote(&name)))?;
     let domid: u32 = domid
         .trim()
