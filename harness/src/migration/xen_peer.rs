@@ -708,6 +708,63 @@ mod tests {
         assert!(successor_console_command("d").contains("= 'd--incoming'"));
     }
 
+    /// The migration's session against fake tools: xl's exit status is said on stderr,
+    /// both pids are written, the second console runs on after a successful migration
+    /// (its output on stdout) and is ended after a failed one.
+    #[test]
+    fn the_migration_session_says_xls_status_and_keeps_the_console_only_after_success() {
+        use std::os::unix::fs::PermissionsExt;
+        for (rc, console_reads) in [(0, true), (1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().display();
+            let tools = [
+                (
+                    "xl",
+                    format!(
+                        "case \"$*\" in *migrate*) sleep 1; echo 'Migration failed.' >&2; exit {rc};; \
+                         console*) echo console-line; exec sleep 3;; esac"
+                    ),
+                ),
+                ("xenstore-list", "echo 9".to_string()),
+                (
+                    "xenstore-read",
+                    "case $1 in */name) echo d--incoming;; */console/tty) echo /dev/pts/3;; esac"
+                        .to_string(),
+                ),
+            ];
+            for (name, body) in tools {
+                let path = dir.path().join(name);
+                std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            let pid_file = format!("{d}/d.pid");
+            let started = Instant::now();
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(migrate_command("d", &pid_file))
+                .env("PATH", format!("{d}:{}", std::env::var("PATH").unwrap()))
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(&format!("{XL_EXIT}{rc}")), "{stderr}");
+            assert!(stderr.contains("Migration failed."), "{stderr}");
+            for f in [pid_file.clone(), format!("{pid_file}.console")] {
+                let pid = std::fs::read_to_string(&f).unwrap();
+                assert!(pid.trim().parse::<u32>().is_ok(), "{f}: {pid:?}");
+            }
+            // After success the session lasts as long as the console (3 s here).
+            assert_eq!(
+                started.elapsed() >= Duration::from_secs(3),
+                console_reads,
+                "rc {rc}: {stdout}"
+            );
+            if console_reads {
+                assert_eq!(stdout, format!("{CONSOLE_DOMID}9\nconsole-line\n"));
+            }
+        }
+    }
+
     /// The dom0 scripts run against fake `xl` and `xenstore-*` tools: the pause prints four
     /// rising times, the second console finds the incoming domain once it has a console.
     #[test]
