@@ -552,6 +552,15 @@ fn finish(mut state: State) -> PeerRun {
         return state.run;
     };
     let xl = &state.xl;
+    if !state.xl_ended {
+        state.run.errors.push(format!(
+            "xl migrate had not ended when the run did (the guest's loop ended first: a \
+             longer duration_ms, with after_move_ms, gives the migration time); xl's last \
+             lines: {}",
+            xl.tail()
+        ));
+        return state.run;
+    }
     if !xl.succeeded() {
         let cause = xl.cause();
         state.run.errors.push(format!(
@@ -637,6 +646,7 @@ mod tests {
         let mut state = State {
             migrate_started_ns: Some(1_000 * MS),
             xl_status: Some(1),
+            xl_ended: true,
             ..State::default()
         };
         xl_lines(
@@ -663,6 +673,16 @@ mod tests {
             early.errors,
             ["the guest finished before the migration was due"]
         );
+        // One whose loop ended while xl still ran is told to give it more time.
+        let unfinished = finish(State {
+            migrate_started_ns: Some(MS),
+            ..State::default()
+        });
+        assert!(
+            unfinished.errors[0].contains("had not ended"),
+            "{:?}",
+            unfinished.errors
+        );
     }
 
     #[test]
@@ -670,6 +690,7 @@ mod tests {
         let mut state = State {
             migrate_started_ns: Some(1_000 * MS),
             xl_status: Some(0),
+            xl_ended: true,
             first_domid: 3,
             second_domid: Some("4".into()),
             lines: [10, 20],
