@@ -438,6 +438,19 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: &MigParams, outcome: &mu
         if let Some(text) = guest_clock(&peer.beats, &gap, p.beat) {
             outcome.notes.insert("downtime_guest_clock".into(), text);
         }
+        let window_to = window_end.saturating_add(settle);
+        if let Some((from, to, n)) = ruler::largest_guest_gap(&peer.beats, started, window_to) {
+            outcome.notes.insert(
+                "downtime_guest_clock_largest".into(),
+                format!(
+                    "{:.0} ms on the guest's clock ({n} heartbeat intervals, give or take one): \
+                     the largest gap its own clock saw in the migration's window, its two \
+                     beats arriving {:.1} ms apart here",
+                    n as f64 * p.beat.as_secs_f64() * 1e3,
+                    to.at_ns.saturating_sub(from.at_ns) as f64 / 1e6
+                ),
+            );
+        }
         outcome.notes.insert(
             "downtime_ruler".into(),
             format!(
