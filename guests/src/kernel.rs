@@ -87,6 +87,10 @@ pub enum Syscall {
     /// Xen EVTCHNOP_alloc_unbound for blkfront (the backend's domain id): the port, or
     /// u64::MAX.
     XenAllocUnbound = 13,
+    /// Xen: drains the console, suspends the domain (`SHUTDOWN_suspend`) and, when it runs
+    /// again, sets its Xen interfaces up again (`hypervisor::suspend`): 0 or 1 from Xen,
+    /// `suspend::RESUME_FAILED`, or a negative errno's bits.
+    XenSuspend = 24,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -268,6 +272,9 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
                 .unwrap_or(u64::MAX),
             _ => u64::MAX,
         },
+        n if n == Syscall::XenSuspend as u64 && xen::is_ready() => {
+            hypervisor::suspend::suspend_now()
+        }
         n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
             smp::enable_steal_time(0);
             0

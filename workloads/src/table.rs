@@ -600,6 +600,16 @@ pub mod param {
             "The host's TSC rate in kHz (set by the harness; 0: the guest uses its hypervisor's).",
         )
     };
+    /// Xen only (the one hypervisor whose guest sees its move: it answers the suspend).
+    pub const MIG_AFTER_MOVE_MS: ParamSpec = spec(
+        "after_move_ms",
+        ParamKind::Count,
+        Some("0"),
+        (0, 600_000),
+        "On Xen, where the guest answers the suspend and sees its new domain: it ends its \
+         loop this long after it resumed there (0: it runs the whole duration_ms). Lets a \
+         slow migration (a TCG lab) end inside a long duration_ms without waiting it out.",
+    );
     pub const MIG_DIRTY: &[ParamSpec] = &[
         MIG_WS,
         MIG_RATE,
@@ -608,6 +618,7 @@ pub mod param {
         MIG_AT_MS,
         MIG_DOWNTIME_MS,
         MIG_TSC_KHZ,
+        MIG_AFTER_MOVE_MS,
     ];
     pub const MIG_IDLE: &[ParamSpec] = &[
         MIG_DURATION_MS,
@@ -615,6 +626,7 @@ pub mod param {
         MIG_AT_MS,
         MIG_DOWNTIME_MS,
         MIG_TSC_KHZ,
+        MIG_AFTER_MOVE_MS,
     ];
     const fn blk_bs(default: &'static str) -> ParamSpec {
         ParamSpec {

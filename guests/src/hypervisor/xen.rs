@@ -160,7 +160,10 @@ fn get_param(index: u32) -> Result<u64, i64> {
     }
 }
 
-/// Installs the hypercall page and finds the console ring. CPL0.
+/// Installs the hypercall page and finds the console ring. CPL0. Inlined into each caller
+/// (boot, and the resume after a suspend): out of line, it changed how `kernel_main` was
+/// compiled, which then used SSE stores that kvm_pvm's CPL0 emulator cannot run.
+#[inline(always)]
 pub fn init(hv: &Detected) -> Result<(), &'static str> {
     if hv.max_leaf < hv.base + 2 {
         return Err("Xen CPUID leaf 3 (hypercall MSR) missing");
@@ -277,6 +280,16 @@ pub fn shutdown(reason: ShutdownReason) -> ! {
             &arg as *const u32 as u64,
         );
     }
+}
+
+/// `SCHEDOP_shutdown` once with the raw `reason`; Xen's answer (for `SHUTDOWN_suspend`, it
+/// returns when the domain runs again: see `suspend`). CPL0.
+pub fn sched_shutdown_once(reason: u32) -> i64 {
+    hypercall(
+        HYPERVISOR_SCHED_OP,
+        SCHEDOP_SHUTDOWN,
+        &reason as *const u32 as u64,
+    )
 }
 
 fn ring_index(offset: usize) -> *mut u32 {

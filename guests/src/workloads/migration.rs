@@ -5,15 +5,20 @@
 //! the guest meanwhile. The guest keeps a checksum of the working set as it writes
 //! (each page's word hashed with its page number, summed) and at the end compares it
 //! with one computed from memory: a write the migration lost makes them differ.
-//! Everything runs at CPL3 (under kvm_pvm CPL0 is emulated).
+//! Everything runs at CPL3 (under kvm_pvm CPL0 is emulated). On Xen the loop also answers
+//! the toolstack's suspend request (`hypervisor::suspend`), which is how `xl migrate`
+//! moves a PVH domain; the guest notes how many it answered and its domain ids.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use workloads::protocol::{LineBuilder, LineKind, Status};
-use workloads::table::param::{MIG_BEAT_MS, MIG_DURATION_MS, MIG_RATE, MIG_TSC_KHZ, MIG_WS};
+use workloads::table::param::{
+    MIG_AFTER_MOVE_MS, MIG_BEAT_MS, MIG_DURATION_MS, MIG_RATE, MIG_TSC_KHZ, MIG_WS,
+};
 use workloads::ParamSpec;
 
 use crate::arch::cpu::rdtsc_fenced;
+use crate::hypervisor::suspend::{Outcome, SuspendWatch};
 use crate::kernel::BootInfo;
 use crate::mem::arena::{alloc_work, PAGE};
 use crate::runner::{emit, Refusal, Sampler};
@@ -131,7 +136,8 @@ pub fn run(s: &Sampler, info: &BootInfo, pattern: Pattern) -> Result<(), Refusal
         (own, _) => own,
     };
     let beat_cycles = number(&MIG_BEAT_MS)? * khz;
-    let run_cycles = number(&MIG_DURATION_MS)? * khz;
+    let mut run_cycles = number(&MIG_DURATION_MS)? * khz;
+    let after_move = number(&MIG_AFTER_MOVE_MS)? * khz;
     let (ws, rate) = match pattern {
         Pattern::Idle => (PAGE, 0),
         _ => (number(&MIG_WS)?, number(&MIG_RATE)?),
@@ -152,6 +158,10 @@ pub fn run(s: &Sampler, info: &BootInfo, pattern: Pattern) -> Result<(), Refusal
     set.expected = set.checksum();
     s.note_hex("checksum_before", set.expected);
     s.note_hex("pages", set.pages);
+    let mut watch = match info.hypervisor.kind {
+        workloads::Hypervisor::Xen => SuspendWatch::open().map_err(refuse)?,
+        _ => None,
+    };
 
     let start = rdtsc_fenced();
     let (mut next_seq, mut since_beat, mut written) = (0u64, 0u64, 0u64);
@@ -182,12 +192,25 @@ pub fn run(s: &Sampler, info: &BootInfo, pattern: Pattern) -> Result<(), Refusal
         set.write(n, pattern);
         written += n;
         since_beat += n;
+        if let Some(w) = watch.as_mut() {
+            let moved = w.poll().map_err(refuse)? == Some(Outcome::Moved);
+            if moved && after_move > 0 {
+                let now = rdtsc_fenced().wrapping_sub(start);
+                run_cycles = run_cycles.min(now.saturating_add(after_move));
+            }
+        }
     }
     beat(s, next_seq, since_beat);
     let after = set.checksum();
     s.note_hex("pages_written", written);
     s.note_hex("checksum_expected", set.expected);
     s.note_hex("checksum_after", after);
+    if let Some(w) = &watch {
+        s.note_hex("xen_suspends", w.suspends);
+        s.note_hex("xen_moves", w.moves);
+        s.note_hex("xen_domid_first", w.first_domid);
+        s.note_hex("xen_domid_last", w.domid());
+    }
     if after != set.expected {
         return Err((
             Status::Failure,

@@ -119,6 +119,10 @@ pub trait Hypervisor: std::fmt::Debug {
     ) -> Option<Result<(std::path::PathBuf, Vec<String>), BackendError>> {
         None
     }
+    /// The Xen backend itself, for what only it does (`xl migrate` for `mig.*`).
+    fn as_xen(&self) -> Option<&xen::XenBackend> {
+        None
+    }
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError>;
     /// Why this backend can run nothing at all as configured (every workload is then
     /// skipped with the reason), if so.

@@ -22,6 +22,8 @@ pub const PAUSED: &str = "hvbench: migration-pause ";
 mod qemu_peer;
 pub mod ruler;
 pub mod vmm_peer;
+pub mod xen_peer;
+pub mod xl_log;
 
 /// What this `hvbench vmm` process does about migration.
 #[derive(Clone, Debug)]

@@ -89,6 +89,20 @@ pub fn jitter(beats: &[Beat], interval: Duration, from_ns: u64, to_ns: u64) -> O
     Some(Duration::from_nanos(late[at]))
 }
 
+/// The largest gap on the guest's own clock among consecutive beats that arrived in
+/// `[from_ns, to_ns]` (the beat before `from_ns` included): the pair whose sequence
+/// numbers lie furthest apart, and how many intervals that is. Unlike [`largest_gap`]
+/// it does not see host-side lateness (a slow console path), only time the guest's
+/// clock saw pass between two of its beats: a stop that its TSC kept counting through.
+pub fn largest_guest_gap(beats: &[Beat], from_ns: u64, to_ns: u64) -> Option<(Beat, Beat, u64)> {
+    let first = beats.iter().rposition(|b| b.at_ns <= from_ns).unwrap_or(0);
+    beats[first..]
+        .windows(2)
+        .filter(|w| w[1].at_ns <= to_ns)
+        .max_by_key(|w| w[1].seq.saturating_sub(w[0].seq))
+        .map(|w| (w[0], w[1], w[1].seq.saturating_sub(w[0].seq)))
+}
+
 /// Whether the guest's sequence numbers only go up (a replayed or lost stretch of the
 /// guest's life would show as a repeat).
 pub fn monotonic(beats: &[Beat]) -> bool {
@@ -159,5 +173,32 @@ mod tests {
         assert_eq!(jitter(&b, Duration::from_millis(5), 0, 20 * MS), None);
         let replayed = [b[3], b[2]];
         assert!(!monotonic(&replayed));
+    }
+
+    #[test]
+    fn the_guest_clock_sees_a_stop_and_not_a_late_console() {
+        let beat = |at_ms: u64, seq: u64| Beat {
+            at_ns: at_ms * MS,
+            seq,
+            pages: 0,
+        };
+        // Beats 10..=12 arrive 900 ms late together (console lag: no intervals missing),
+        // then the guest stops for 300 ms (60 intervals of 5 ms skipped).
+        let beats = [
+            beat(45, 9),
+            beat(950, 10),
+            beat(950, 11),
+            beat(950, 12),
+            beat(955, 13),
+            beat(1260, 73),
+            beat(1265, 74),
+        ];
+        let (from, to, n) = largest_guest_gap(&beats, 0, u64::MAX).unwrap();
+        assert_eq!((from.seq, to.seq, n), (13, 73, 60));
+        // The arrival ruler picks the console lag instead.
+        let gap = largest_gap(&beats, Duration::from_millis(5), 0, u64::MAX).unwrap();
+        assert_eq!(gap.to_ns, 950 * MS);
+        // Outside the window, nothing.
+        assert!(largest_guest_gap(&beats, 0, 40 * MS).is_none());
     }
 }

@@ -415,7 +415,7 @@ fn take(event: Event, run: &mut PeerRun) {
     }
 }
 
-fn take_console(at_ns: u64, line: &[u8], run: &mut PeerRun) {
+pub(crate) fn take_console(at_ns: u64, line: &[u8], run: &mut PeerRun) {
     let raw = match decode_line(line) {
         Ok(Some(raw)) => raw,
         Ok(None) => return,

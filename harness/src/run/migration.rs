@@ -29,6 +29,7 @@ use crate::backend::BackendKind;
 use crate::backend::BootRequest;
 use crate::migration::ruler::{self, largest_gap};
 use crate::migration::vmm_peer::{self, PeerKind, PeerRun, PeerSpec};
+use crate::migration::xen_peer::{self, XenSpec};
 
 /// The calibration pause.
 pub const CALIBRATION_PAUSE: Duration = Duration::from_millis(200);
@@ -105,6 +106,10 @@ pub fn run(id: WorkloadId, ctx: &HostContext) -> HostDriven {
     };
     let kind = match ctx.backend.kind() {
         BackendKind::Kvm => our_vmm(),
+        BackendKind::Xen => {
+            on_xen(id, ctx, &p, &mut outcome);
+            return outcome.into();
+        }
         _ => other_backend(id, ctx),
     };
     match kind {
@@ -157,6 +162,36 @@ fn other_backend(id: WorkloadId, ctx: &HostContext) -> Result<PeerKind, (Status,
             Status::Skip,
             format!("hvbench does not migrate on {}", ctx.backend.kind().name()),
         )),
+    }
+}
+
+/// `xl migrate` of the domain on its own dom0 (`crate::migration::xen_peer`).
+fn on_xen(id: WorkloadId, ctx: &HostContext, p: &MigParams, outcome: &mut WorkloadOutcome) {
+    let Some(backend) = ctx.backend.as_xen() else {
+        outcome.ratchet(
+            Status::Error,
+            "a Xen backend that is not hvbench's Xen backend",
+        );
+        return;
+    };
+    let cmdline = guest_cmdline(id, ctx);
+    let request = BootRequest {
+        image: ctx.image,
+        cmdline: &cmdline,
+        memory_mib: ctx.options.memory_mib,
+        vcpus: 1,
+        name: format!("hvbench-{}-mig", std::process::id()),
+    };
+    let spec = XenSpec {
+        migrate_at: p.migrate_at,
+        pause_at: p.migrate_at / 2,
+        pause: CALIBRATION_PAUSE,
+    };
+    // A TCG lab takes seconds to create, migrate and destroy a domain.
+    let limit = p.duration + ctx.options.workload_timeout + Duration::from_secs(180);
+    match xen_peer::run(backend, &request, &spec, limit, ctx.interrupted) {
+        Ok(peer) => interpret(&peer, p, outcome),
+        Err(e) => outcome.ratchet(Status::Error, e),
     }
 }
 
@@ -265,6 +300,10 @@ fn guest_outcome(peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         "checksum_after",
         "pages",
         "pages_written",
+        "xen_suspends",
+        "xen_moves",
+        "xen_domid_first",
+        "xen_domid_last",
     ] {
         if let Some(v) = peer.notes.get(key) {
             outcome.notes.insert(key.into(), v.clone());
@@ -279,6 +318,22 @@ fn guest_outcome(peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         _ => "not made",
     };
     outcome.notes.insert("memory_check".into(), check.into());
+}
+
+/// The same gap on the guest's own clock: its heartbeats' sequence numbers (TSC-timed
+/// intervals) across it, which no host-side latency touches (the console path, a slow
+/// dom0); `None` when the gap's beats are not found.
+fn guest_clock(beats: &[ruler::Beat], gap: &ruler::Gap, beat: Duration) -> Option<String> {
+    // Beats that arrived together share a stamp: the last before the gap, the first after.
+    let from = beats.iter().rev().find(|b| b.at_ns == gap.from_ns)?;
+    let to = beats.iter().find(|b| b.at_ns == gap.to_ns)?;
+    let intervals = to.seq.checked_sub(from.seq)?;
+    let ms = intervals as f64 * beat.as_secs_f64() * 1e3;
+    Some(format!(
+        "{ms:.0} ms on the guest's clock ({intervals} heartbeat intervals between the gap's \
+         two beats, give or take one) against {:.1} ms between their arrivals here",
+        gap.gap().as_secs_f64() * 1e3
+    ))
 }
 
 /// The known pause, as the ruler read it.
@@ -304,9 +359,22 @@ fn calibration(peer: &PeerRun, p: &MigParams, outcome: &mut WorkloadOutcome) {
     let late = ruler::jitter(&peer.beats, p.beat, 0, requested).unwrap_or(HOST_SLACK);
     let tolerance_ms = late.max(HOST_SLACK).as_secs_f64() * 1e3;
     let read_ms = gap.downtime.as_secs_f64() * 1e3;
-    let lower = parked_ms - p.beat.as_secs_f64() * 1e3 - tolerance_ms;
-    let upper = parked_ms + tolerance_ms;
+    // Where the pause itself is known only within bounds (Xen: timed around two `xl`
+    // commands), the reading may fall anywhere within them.
+    let bounds = pause
+        .and_then(|v| v.get("parked_bounds_ms"))
+        .and_then(Value::as_array)
+        .and_then(|b| Some((b.first()?.as_f64()?, b.get(1)?.as_f64()?)));
+    let (low_ms, high_ms) = bounds.unwrap_or((parked_ms, parked_ms));
+    let lower = low_ms.min(parked_ms) - p.beat.as_secs_f64() * 1e3 - tolerance_ms;
+    let upper = high_ms.max(parked_ms) + tolerance_ms;
     let ok = (lower..=upper).contains(&read_ms);
+    if let Some((lo, hi)) = bounds {
+        outcome.notes.insert(
+            "calibration_pause_bounds_ms".into(),
+            format!("{lo:.3} .. {hi:.3}"),
+        );
+    }
     outcome.notes.insert(
         "calibration".into(),
         format!(
@@ -322,6 +390,9 @@ fn calibration(peer: &PeerRun, p: &MigParams, outcome: &mut WorkloadOutcome) {
             if ok { "within" } else { "outside" }
         ),
     );
+    if let Some(text) = guest_clock(&peer.beats, &gap, p.beat) {
+        outcome.notes.insert("calibration_guest_clock".into(), text);
+    }
     outcome.notes.insert(
         "ruler_jitter_p99_ms".into(),
         format!("{:.3}", late.as_secs_f64() * 1e3),
@@ -339,7 +410,17 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: &MigParams, outcome: &mu
     // gaps are the host's, not the migration's).
     let settle =
         u64::try_from((10 * p.beat).max(Duration::from_millis(100)).as_nanos()).unwrap_or(u64::MAX);
-    if let Some(gap) = largest_gap(&peer.beats, p.beat, started, resumed.saturating_add(settle)) {
+    // Xen: the new domain's console may attach after it resumed; the window reaches its
+    // first heartbeat.
+    let window_end = int(r, "window_end_realtime_ns")
+        .unwrap_or(resumed)
+        .max(resumed);
+    if let Some(gap) = largest_gap(
+        &peer.beats,
+        p.beat,
+        started,
+        window_end.saturating_add(settle),
+    ) {
         outcome.series.insert(
             ("downtime", p.series.clone()),
             direct(gap.downtime.as_secs_f64()),
@@ -356,6 +437,22 @@ fn migration_figures(peer: &PeerRun, report: &Value, p: &MigParams, outcome: &mu
                 (resumed - gap.to_ns) as f64 / 1e6
             )
         };
+        if let Some(text) = guest_clock(&peer.beats, &gap, p.beat) {
+            outcome.notes.insert("downtime_guest_clock".into(), text);
+        }
+        let window_to = window_end.saturating_add(settle);
+        if let Some((from, to, n)) = ruler::largest_guest_gap(&peer.beats, started, window_to) {
+            outcome.notes.insert(
+                "downtime_guest_clock_largest".into(),
+                format!(
+                    "{:.0} ms on the guest's clock ({n} heartbeat intervals, give or take one): \
+                     the largest gap its own clock saw in the migration's window, its two \
+                     beats arriving {:.1} ms apart here",
+                    n as f64 * p.beat.as_secs_f64() * 1e3,
+                    to.at_ns.saturating_sub(from.at_ns) as f64 / 1e6
+                ),
+            );
+        }
         outcome.notes.insert(
             "downtime_ruler".into(),
             format!(
@@ -447,8 +544,19 @@ fn round_notes(report: &Value, peer: &PeerRun, outcome: &mut WorkloadOutcome) {
         Some(syncs) if rounds.is_empty() => syncs,
         _ => rounds.len() as u64,
     };
-    notes.insert("rounds".into(), count.to_string());
+    if report.get("xl").is_some() {
+        // xl hides its pre-copy progress during a migration and prints no rounds.
+        notes.insert("rounds".into(), "not printed by xl".into());
+    } else {
+        notes.insert("rounds".into(), count.to_string());
+    }
     notes.insert("per_round".into(), text.join("; "));
+    for key in ["xl", "console_domids", "console_lines"] {
+        if let Some(v) = report.get(key) {
+            let text = v.to_string();
+            notes.insert(format!("xen_{key}"), text.chars().take(2000).collect());
+        }
+    }
     if let Some(qemu) = report.get("qemu") {
         let text = qemu.to_string();
         notes.insert(

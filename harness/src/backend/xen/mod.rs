@@ -337,8 +337,47 @@ impl XenBackend {
         Ok(self)
     }
 
-    fn transport(&self) -> &Transport {
+    pub(crate) fn transport(&self) -> &Transport {
         &self.host.transport
+    }
+
+    /// The path of `name` in this run's directory on the dom0.
+    pub(crate) fn remote_file(&self, name: &str) -> String {
+        self.remote_dir.file(name)
+    }
+
+    /// Uploads the image, writes the domain's config and runs `xl create -p`: the domain
+    /// exists, paused, when this returns `Ok` (with its config's path), and the caller
+    /// destroys it.
+    pub(crate) fn create_paused(&self, request: &BootRequest) -> Result<String, BackendError> {
+        let kernel = self.upload_image(request)?;
+        let config = DomainConfig {
+            name: request.name.clone(),
+            kernel,
+            cmdline: request.cmdline.to_string(),
+            memory_mib: request.memory_mib,
+            vcpus: request.vcpus,
+            paging: self.paging,
+            // Where instructions are counted (a lab with the plugin), the guest keeps to
+            // CPU 1 and dom0 to CPU 0 (the lab pins it): the plugin counts per CPU, and a
+            // guest that moved between them mid-sample would have no count.
+            cpus: self.insns_log().map(|_| 1),
+            disk: self
+                .disk
+                .as_ref()
+                .map(|d| (d.path.clone(), d.script.clone())),
+            tsc_mode: self.tsc_mode(),
+        };
+        let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
+        let t = self.transport();
+        put(t, &cfg_path, config.render().as_bytes())?;
+        t.run(
+            &format!("xl create -p {}", shell_quote(&cfg_path)),
+            None,
+            XL_TIMEOUT,
+        )
+        .map_err(XenError::from)?;
+        Ok(cfg_path)
     }
 
     fn upload_image(&self, request: &BootRequest) -> Result<String, XenError> {
@@ -432,11 +471,9 @@ impl Hypervisor for XenBackend {
                     .into(),
             ),
             BackendFeature::Balloon => Ok(()),
-            BackendFeature::LiveMigration => Err(
-                "xl migrate suspends a PVH guest through xenstore (control/shutdown = suspend), \
-                 which the hvbench guest does not answer yet"
-                    .into(),
-            ),
+            // `xl migrate` on the dom0 (crate::migration::xen_peer); the guest answers the
+            // suspend request (guests/src/hypervisor/suspend.rs).
+            BackendFeature::LiveMigration => Ok(()),
             BackendFeature::BlockDevice => match self.disk {
                 Some(_) => Ok(()),
                 None => Err("this run made no disk for the guest".into()),
@@ -486,34 +523,13 @@ impl Hypervisor for XenBackend {
         ]
     }
 
+    fn as_xen(&self) -> Option<&XenBackend> {
+        Some(self)
+    }
+
     fn boot(&self, request: &BootRequest) -> Result<Box<dyn GuestSession>, BackendError> {
-        let kernel = self.upload_image(request)?;
-        let config = DomainConfig {
-            name: request.name.clone(),
-            kernel,
-            cmdline: request.cmdline.to_string(),
-            memory_mib: request.memory_mib,
-            vcpus: request.vcpus,
-            paging: self.paging,
-            // Where instructions are counted (a lab with the plugin), the guest keeps to
-            // CPU 1 and dom0 to CPU 0 (the lab pins it): the plugin counts per CPU, and a
-            // guest that moved between them mid-sample would have no count.
-            cpus: self.insns_log().map(|_| 1),
-            disk: self
-                .disk
-                .as_ref()
-                .map(|d| (d.path.clone(), d.script.clone())),
-            tsc_mode: self.tsc_mode(),
-        };
-        let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
+        let cfg_path = self.create_paused(request)?;
         let t = self.transport().clone();
-        put(&t, &cfg_path, config.render().as_bytes())?;
-        t.run(
-            &format!("xl create -p {}", shell_quote(&cfg_path)),
-            None,
-            XL_TIMEOUT,
-        )
-        .map_err(XenError::from)?;
         // From here on the domain exists: the session destroys it on every path.
         let mut session = XenSession::start(t, request.name.clone(), cfg_path)?;
         if let Err(e) = session.unpause() {

@@ -131,8 +131,11 @@ fn remove(transport: &Transport, dir: &str, owner: &Owner) -> Result<String, Tra
     let dir_word = shell_quote(dir);
     let out = transport.run(
         &format!(
+            // A run killed during `mig.*` on Xen may leave its domain under the names
+            // `xl migrate` gives it.
             "for c in {dir_word}/*.cfg; do [ -f \"$c\" ] || continue; n=$(basename \"$c\" .cfg); \
-             xl destroy \"$n\" >/dev/null 2>&1 && printf '%s\\n' \"$n\"; done; \
+             for d in \"$n\" \"$n--incoming\" \"$n--migratedaway\"; do \
+             xl destroy \"$d\" >/dev/null 2>&1 && printf '%s\\n' \"$d\"; done; done; \
              for l in {dir_word}/*.loop; do [ -f \"$l\" ] && losetup -d \"$(cat \"$l\")\" 2>/dev/null; done; \
              rm -rf -- {dir_word}"
         ),
