@@ -1417,7 +1417,9 @@ pub const WORKLOADS: &[Workload] = &[
         group: Group::Sched,
         privilege: Privilege::Kernel,
         metrics: &[LATENCY],
-        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead and \
+        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead (where \
+                      CPUID lacks it, as for Xen PVH in the lab: one-shot mode at a rate \
+                      measured against the TSC; notes.timer says which) and \
                       halts (STI; HLT at CPL0); the figure is the time from the deadline to \
                       the instruction after HLT (the timer's expiry in the hypervisor, the \
                       host scheduler waking the vCPU thread, the interrupt's delivery and \

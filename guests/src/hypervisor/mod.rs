@@ -3,6 +3,7 @@
 //! leaves, not the ones the VMM configured.
 
 pub mod xen;
+pub mod xen_smp;
 pub mod xenstore;
 
 use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;

@@ -440,11 +440,9 @@ impl Hypervisor for XenBackend {
                  implemented yet"
                     .into(),
             ),
-            BackendFeature::LocalApic => Err(
-                "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
-                 VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
-                    .into(),
-            ),
+            // A PVH domain has Xen's emulated local APIC; the guest starts its APs with
+            // VCPUOP_initialise/VCPUOP_up (hypervisor/xen_smp.rs), not INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"
