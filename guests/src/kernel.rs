@@ -91,6 +91,9 @@ pub enum Syscall {
     /// 0, or the failed step in bits 32.. (1 initialise, 2 up, 3 not an AP) and Xen's
     /// errno in the low bits.
     XenVcpuUp = 14,
+    /// Xen: vCPU `cpu`'s steal so far in ns (VCPUOP_get_runstate_info: runnable +
+    /// offline), or u64::MAX where Xen refuses.
+    XenSteal = 15,
 }
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -278,6 +281,9 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
         },
         n if n == Syscall::XenVcpuUp as u64 && xen::is_ready() => {
             hypervisor::xen_smp::vcpu_up_status(crate::convert::usize_from(a0))
+        }
+        n if n == Syscall::XenSteal as u64 && xen::is_ready() => {
+            hypervisor::runstate::steal_ns(crate::convert::usize_from(a0)).unwrap_or(u64::MAX)
         }
         n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
             smp::enable_steal_time(0);

@@ -323,7 +323,8 @@ pub enum BackendFeature {
     /// starts by INIT/SIPI, as on a real machine.
     LocalApic,
     /// hvbench's own SMP VMM processes whose vCPU threads the host can see, weigh
-    /// (cgroups), pin and account (schedstat).
+    /// (cgroups), pin and account (schedstat); on Xen, domains whose vCPUs the toolstack
+    /// weighs and accounts (`xl sched-*`, `xl vcpu-list`).
     VcpuThreads,
 }
 
@@ -762,6 +763,14 @@ pub mod param {
              series.",
         )
     };
+    pub const FAIRNESS_XEN_CREDIT: ParamSpec = spec(
+        "xen_credit",
+        ParamKind::Count,
+        Some("0"),
+        (0, 1),
+        "Xen only: the scheduler of the cpupool the guests run in (hvbench's own, one \
+         physical CPU taken from Pool-0 and given back): 0 credit2, 1 credit.",
+    );
     pub const STEAL: &[ParamSpec] = &[
         SPIN_GUESTS,
         SPIN_VCPUS,
@@ -777,6 +786,7 @@ pub mod param {
         SPIN_PIN,
         FAIRNESS_RATIO,
         FAIRNESS_CAPPED,
+        FAIRNESS_XEN_CREDIT,
     ];
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,

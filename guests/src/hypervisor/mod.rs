@@ -2,6 +2,7 @@
 //! frequency). Read at CPL0: on some hosts (kvm_pvm) CPUID at CPL3 shows the host's own
 //! leaves, not the ones the VMM configured.
 
+pub mod runstate;
 pub mod xen;
 pub mod xen_smp;
 pub mod xenstore;

@@ -1,7 +1,7 @@
 //! `sched.*`: the application processors started by INIT/SIPI (from user mode: the local
 //! APIC's page is mapped to CPL3), the IPI round trip and the timer wake-up.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use workloads::protocol::Status;
 use workloads::table::param;
@@ -351,11 +351,16 @@ fn spin_chunk(cpu: usize) {
 pub fn spin_report(s: &Sampler, info: &BootInfo) -> Outcome {
     let duration_s = count_param(s, &param::SPIN_DURATION_S, 10);
     let window_ms = count_param(s, &param::SPIN_WINDOW_MS, 500);
-    if info.steal_time {
+    let steal = if info.steal_time {
         smp::STEAL_WANTED.store(1, Ordering::Release);
         syscall(Syscall::EnableStealTime as u64, 0, 0, 0);
-    }
-    s.note_text("steal_msr", if info.steal_time { "kvm" } else { "none" });
+        "kvm"
+    } else if info.hypervisor.kind == Hypervisor::Xen && xen_runstate(s) {
+        "xen-runstate"
+    } else {
+        "none"
+    };
+    s.note_text("steal_msr", steal);
     smp::AP_MODE.store(ApMode::Spin as u32, Ordering::Release);
     let cpus = if s.config.cpus > 1 {
         start_aps(s, info)?
@@ -382,6 +387,30 @@ pub fn spin_report(s: &Sampler, info: &BootInfo) -> Outcome {
     ap_failed()
 }
 
+/// Whether Xen answers VCPUOP_get_runstate_info for every vCPU (then ticks read it).
+fn xen_runstate(s: &Sampler) -> bool {
+    let cpus = (s.config.cpus as usize).clamp(1, MAX_CPUS);
+    let all = (0..cpus).all(|cpu| xen_steal(cpu).is_some());
+    XEN_STEAL.store(all, Ordering::Release);
+    all
+}
+
+static XEN_STEAL: AtomicBool = AtomicBool::new(false);
+
+fn xen_steal(cpu: usize) -> Option<u64> {
+    let steal = syscall(Syscall::XenSteal as u64, cpu as u64, 0, 0);
+    (steal != u64::MAX).then_some(steal)
+}
+
+/// `cpu`'s steal so far: Xen's runstate where Xen answers, else KVM's area.
+fn steal_of(cpu: usize) -> u64 {
+    if XEN_STEAL.load(Ordering::Acquire) {
+        xen_steal(cpu).unwrap_or(0)
+    } else {
+        smp::steal_ns(cpu)
+    }
+}
+
 fn count_param(s: &Sampler, spec: &workloads::ParamSpec, default: u64) -> u64 {
     s.param(spec)
         .and_then(|v| v.parse::<u64>().ok())
@@ -399,7 +428,7 @@ fn tick(s: &Sampler, now: u64, cpus: usize) {
         text.push(b":");
         text.hex(smp::WORK[cpu].load(Ordering::Relaxed));
         text.push(b":");
-        text.hex(smp::steal_ns(cpu));
+        text.hex(steal_of(cpu));
     }
     s.note_text("tick", text.as_str());
 }

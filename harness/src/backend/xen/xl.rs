@@ -106,6 +106,8 @@ pub struct DomainConfig {
     /// The block workloads' disk on the dom0 and the hotplug script that makes it a loop
     /// device for blkback, where the run has one.
     pub disk: Option<(String, String)>,
+    /// The cpupool the domain is created in (`pool`), where not Pool-0 (`sched.*`).
+    pub pool: Option<String>,
 }
 
 /// A value for an xl config string (double quotes; hvbench's values never need escapes,
@@ -140,6 +142,11 @@ impl DomainConfig {
             .cpus
             .map(|cpu| format!("cpus = \"{cpu}\"\n"))
             .unwrap_or_default()
+            + &self
+                .pool
+                .as_ref()
+                .map(|pool| format!("pool = {}\n", xl_string(pool)))
+                .unwrap_or_default()
             + &self.render_disk()
     }
 
@@ -327,6 +334,7 @@ mod tests {
             paging: Paging::Shadow,
             cpus: None,
             disk: None,
+            pool: None,
         };
         let text = c.render();
         assert!(!text.contains("\ncpus ="), "{text}");
@@ -356,6 +364,7 @@ mod tests {
         ));
         let odd = DomainConfig {
             disk: Some(("/tmp/a b',x".into(), "/tmp/block".into())),
+            pool: None,
             ..with_disk
         };
         assert!(!odd.render().contains("disk"));
