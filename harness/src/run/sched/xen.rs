@@ -145,7 +145,7 @@ fn remove_pool(xl: &dyn XlHost) -> Result<bool, SchedError> {
     // Domains still in the pool (a run stopped between boot and destroy) go to Pool-0.
     xl.xl(&format!(
         "xl list -c | awk 'NR > 1 && $NF == \"{POOL}\" {{ print $1 }}' | \
-         while read -r d; do xl cpupool-migrate \"$d\" {POOL0}; done"
+         while read -r d; do xl cpupool-migrate \"$d\" {POOL0} || true; done"
     ))
     .map_err(SchedError::Host)?;
     xl.xl(&format!("xl cpupool-destroy {POOL}"))
@@ -193,9 +193,11 @@ impl<'a> SchedPool<'a> {
         if self.removed {
             return Ok(());
         }
-        self.removed = true;
         self.xl.set_pool(None);
-        remove_pool(self.xl).map(drop)
+        // Marked removed only once it is: a failure here is tried again on drop.
+        remove_pool(self.xl)?;
+        self.removed = true;
+        Ok(())
     }
 }
 
@@ -760,6 +762,82 @@ hvbench-7-sched-2                    4     1    -   --p       0.5  all / all\n\
         ] {
             assert_eq!(seconds_to_ns(bad), None, "{bad}");
         }
+    }
+
+    /// A dom0 that keeps which CPUs each pool holds and answers the pool commands.
+    #[derive(Default)]
+    struct FakeXl {
+        pool0: std::cell::RefCell<Vec<u32>>,
+        ours: std::cell::RefCell<Option<Vec<u32>>>,
+        create_pool: std::cell::RefCell<Option<String>>,
+    }
+
+    impl XlHost for FakeXl {
+        fn xl(&self, command: &str) -> Result<String, String> {
+            let number = |c: &str| c.rsplit(' ').next().and_then(|n| n.parse::<u32>().ok());
+            if command == "xl cpupool-list -c" {
+                let list = |c: &[u32]| c.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                let mut text = format!("Name CPU list\nPool-0 {}\n", list(&self.pool0.borrow()));
+                if let Some(cpus) = &*self.ours.borrow() {
+                    text.push_str(&format!("{POOL} {}\n", list(cpus)));
+                }
+                return Ok(text);
+            }
+            if command.starts_with("xl cpupool-cpu-remove") {
+                let cpu = number(command).ok_or("no cpu")?;
+                self.pool0.borrow_mut().retain(|c| *c != cpu);
+            } else if command.starts_with("xl cpupool-create") {
+                let cpu = command
+                    .split("cpus=\\\"")
+                    .nth(1)
+                    .and_then(|c| c.split('\\').next());
+                *self.ours.borrow_mut() =
+                    Some(vec![cpu.and_then(|c| c.parse().ok()).ok_or("cpus")?]);
+            } else if command.starts_with("xl cpupool-destroy") {
+                self.ours.borrow_mut().take().ok_or("no such pool")?;
+            } else if command.starts_with("xl cpupool-cpu-add") {
+                self.pool0
+                    .borrow_mut()
+                    .push(number(command).ok_or("no cpu")?);
+            }
+            Ok(String::new())
+        }
+
+        fn set_pool(&self, pool: Option<&str>) {
+            *self.create_pool.borrow_mut() = pool.map(str::to_string);
+        }
+    }
+
+    #[test]
+    fn the_pool_takes_a_cpu_and_gives_it_back_on_drop_and_a_stale_one_goes_first() {
+        let xl = FakeXl::default();
+        *xl.pool0.borrow_mut() = vec![0, 1, 2];
+        {
+            let _pool = SchedPool::create(&xl, "credit").unwrap();
+            assert_eq!(*xl.ours.borrow(), Some(vec![2]));
+            assert_eq!(*xl.pool0.borrow(), vec![0, 1]);
+            assert_eq!(xl.create_pool.borrow().as_deref(), Some(POOL));
+        }
+        // Dropped without `remove`: destroyed, its CPU back, domains no longer sent there.
+        assert_eq!(*xl.ours.borrow(), None);
+        assert_eq!(*xl.pool0.borrow(), vec![0, 1, 2]);
+        assert_eq!(*xl.create_pool.borrow(), None);
+        // A pool a killed run left (holding CPU 2) is removed before a new one is made.
+        *xl.pool0.borrow_mut() = vec![0, 1];
+        *xl.ours.borrow_mut() = Some(vec![2]);
+        let mut pool = SchedPool::create(&xl, "credit2").unwrap();
+        assert_eq!(*xl.ours.borrow(), Some(vec![2]));
+        assert_eq!(*xl.pool0.borrow(), vec![0, 1]);
+        pool.remove().unwrap();
+        assert_eq!(*xl.pool0.borrow(), vec![0, 1, 2]);
+        // Pool-0 with one CPU (dom0's) has none to spare: nothing changes.
+        *xl.pool0.borrow_mut() = vec![0];
+        assert!(matches!(
+            SchedPool::create(&xl, "credit"),
+            Err(SchedError::Unsupported(_))
+        ));
+        assert_eq!(*xl.pool0.borrow(), vec![0]);
+        assert_eq!(*xl.ours.borrow(), None);
     }
 
     #[test]
