@@ -313,12 +313,9 @@ pub(crate) fn run_domains(
     for (i, d) in domains.iter().enumerate() {
         place(i, &d.name)?;
     }
-    let names: Vec<&str> = domains.iter().map(|d| d.name.as_str()).collect();
-    xl.xl(&format!(
-        "for d in {}; do xl unpause $d; done",
-        names.join(" ")
-    ))
-    .map_err(SchedError::Host)?;
+    for d in &domains {
+        unpause(xl, &d.name)?;
+    }
     let result = collect(ctx, xl, id, p, &mut domains);
     for d in &mut domains {
         if let Err(e) = d.session.stop() {
@@ -326,6 +323,20 @@ pub(crate) fn run_domains(
         }
     }
     result
+}
+
+/// Tries of `xl unpause` (idempotent): in the TCG lab xl itself now and then crashes.
+const UNPAUSE_TRIES: usize = 3;
+
+fn unpause(xl: &dyn XlHost, domain: &str) -> Result<(), SchedError> {
+    let mut last = String::new();
+    for _ in 0..UNPAUSE_TRIES {
+        match xl.xl(&format!("xl unpause {domain}")) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(SchedError::Host(last))
 }
 
 /// The event loop: the domains' lines, and a dom0 sample every window while all spin.
