@@ -6,7 +6,7 @@ use workloads::abi::{ExitCode, EXIT_PORT, UART_PORT};
 use workloads::{Hypervisor, WorkloadId};
 
 use crate::arch::cpu::{self, hlt, outl, rdmsr, timed, HypercallInsn};
-use crate::arch::{apic, smp, traps, user};
+use crate::arch::{apic, apic_oneshot, smp, traps, user};
 use crate::console::{self, Console};
 use crate::global::Global;
 use crate::hypervisor::{self, xen, KVM_HC_VAPIC_POLL_IRQ};
@@ -87,6 +87,13 @@ pub enum Syscall {
     /// Xen EVTCHNOP_alloc_unbound for blkfront (the backend's domain id): the port, or
     /// u64::MAX.
     XenAllocUnbound = 13,
+    /// Xen: starts application processor `cpu` (VCPUOP_initialise + VCPUOP_up); returns
+    /// 0, or the failed step in bits 32.. (1 initialise, 2 up, 3 not an AP) and Xen's
+    /// errno in the low bits.
+    XenVcpuUp = 14,
+    /// Xen: vCPU `cpu`'s steal so far in ns (VCPUOP_get_runstate_info: runnable +
+    /// offline), or u64::MAX where Xen refuses.
+    XenSteal = 15,
     /// Xen: drains the console, suspends the domain (`SHUTDOWN_suspend`) and, when it runs
     /// again, sets its Xen interfaces up again (`hypervisor::suspend`): 0 or 1 from Xen,
     /// `suspend::RESUME_FAILED`, or a negative errno's bits.
@@ -134,16 +141,20 @@ pub enum KernelOp {
     /// Arm the TSC-deadline timer (the argument: cycles ahead), STI; HLT until it fires;
     /// the cycles summed are deadline -> running again, not the whole loop.
     TimerWake = 5,
+    /// As `TimerWake` with the local APIC timer in one-shot mode, where there is no
+    /// TSC-deadline mode (the argument points at an `apic_oneshot::OneShotArgs`).
+    TimerWakeOneShot = 6,
 }
 
 impl KernelOp {
-    const ALL: [KernelOp; 6] = [
+    const ALL: [KernelOp; 7] = [
         KernelOp::Hlt,
         KernelOp::MsrRead,
         KernelOp::Hypercall,
         KernelOp::PtUpdate,
         KernelOp::Cr3Switch,
         KernelOp::TimerWake,
+        KernelOp::TimerWakeOneShot,
     ];
 
     /// The operation user mode named, if it names one.
@@ -275,6 +286,12 @@ fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
         n if n == Syscall::XenSuspend as u64 && xen::is_ready() => {
             hypervisor::suspend::suspend_now()
         }
+        n if n == Syscall::XenVcpuUp as u64 && xen::is_ready() => {
+            hypervisor::xen_smp::vcpu_up_status(crate::convert::usize_from(a0))
+        }
+        n if n == Syscall::XenSteal as u64 && xen::is_ready() => {
+            hypervisor::runstate::steal_ns(crate::convert::usize_from(a0)).unwrap_or(u64::MAX)
+        }
         n if n == Syscall::EnableStealTime as u64 && boot_info().steal_time => {
             smp::enable_steal_time(0);
             0
@@ -311,6 +328,11 @@ fn kernel_loop(op: u64, iterations: u64, arg: u64) -> u64 {
         KernelOp::PtUpdate => pt_update_loop(iterations, arg),
         KernelOp::Cr3Switch => cr3_switch_loop(iterations),
         KernelOp::TimerWake => timer_wake_loop(iterations, arg),
+        KernelOp::TimerWakeOneShot => {
+            // SAFETY: user mode passes a `OneShotArgs` it owns (all memory is mapped).
+            let args = unsafe { (arg as *const apic_oneshot::OneShotArgs).read_volatile() };
+            apic_oneshot::wake_loop(iterations, args)
+        }
     }
 }
 

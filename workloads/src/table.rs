@@ -323,7 +323,8 @@ pub enum BackendFeature {
     /// starts by INIT/SIPI, as on a real machine.
     LocalApic,
     /// hvbench's own SMP VMM processes whose vCPU threads the host can see, weigh
-    /// (cgroups), pin and account (schedstat).
+    /// (cgroups), pin and account (schedstat); on Xen, domains whose vCPUs the toolstack
+    /// weighs and accounts (`xl sched-*`, `xl vcpu-list`).
     VcpuThreads,
 }
 
@@ -774,6 +775,14 @@ pub mod param {
              series.",
         )
     };
+    pub const FAIRNESS_XEN_CREDIT: ParamSpec = spec(
+        "xen_credit",
+        ParamKind::Count,
+        Some("0"),
+        (0, 1),
+        "Xen only: the scheduler of the cpupool the guests run in (hvbench's own, one \
+         physical CPU taken from Pool-0 and given back): 0 credit2, 1 credit.",
+    );
     pub const STEAL: &[ParamSpec] = &[
         SPIN_GUESTS,
         SPIN_VCPUS,
@@ -789,6 +798,7 @@ pub mod param {
         SPIN_PIN,
         FAIRNESS_RATIO,
         FAIRNESS_CAPPED,
+        FAIRNESS_XEN_CREDIT,
     ];
     pub const KSM: &[ParamSpec] = &[
         KSM_GUESTS,
@@ -1429,7 +1439,9 @@ pub const WORKLOADS: &[Workload] = &[
         group: Group::Sched,
         privilege: Privilege::Kernel,
         metrics: &[LATENCY],
-        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead and \
+        description: "A vCPU arms its local APIC's TSC-deadline timer `delay_us` ahead (where \
+                      CPUID lacks it, as for Xen PVH in the lab: one-shot mode at a rate \
+                      measured against the TSC; notes.timer says which) and \
                       halts (STI; HLT at CPL0); the figure is the time from the deadline to \
                       the instruction after HLT (the timer's expiry in the hypervisor, the \
                       host scheduler waking the vCPU thread, the interrupt's delivery and \

@@ -2,8 +2,10 @@
 //! frequency). Read at CPL0: on some hosts (kvm_pvm) CPUID at CPL3 shows the host's own
 //! leaves, not the ones the VMM configured.
 
+pub mod runstate;
 pub mod suspend;
 pub mod xen;
+pub mod xen_smp;
 pub mod xenstore;
 
 use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;

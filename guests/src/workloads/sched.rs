@@ -1,16 +1,19 @@
 //! `sched.*`: the application processors started by INIT/SIPI (from user mode: the local
 //! APIC's page is mapped to CPL3), the IPI round trip and the timer wake-up.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use workloads::protocol::Status;
 use workloads::table::param;
+use workloads::Hypervisor;
 
 use crate::arch::apic;
+use crate::arch::apic_oneshot::{self, OneShotArgs};
 use crate::arch::cpu::rdtsc_fenced;
 use crate::arch::smp::{self, ApMode, TrampolineParams, MAX_CPUS, TRAMPOLINE_ADDR};
 use crate::arch::user::syscall;
 use crate::global::Global;
+use crate::hypervisor::xen_smp;
 use crate::kernel::{BootInfo, KernelOp, Syscall};
 use crate::runner::{Refusal, Sampler};
 use crate::start_info;
@@ -65,6 +68,13 @@ pub fn start_aps(s: &Sampler, info: &BootInfo) -> Result<usize, Refusal> {
     lapic(info)?;
     let cpus = (s.config.cpus as usize).min(MAX_CPUS);
     apic::enable();
+    if info.hypervisor.kind == Hypervisor::Xen {
+        for cpu in 1..cpus {
+            start_one_xen(s, info, cpu)?;
+        }
+        s.note_text("ap_start", "xen-vcpuop-up");
+        return Ok(finish_start(s, cpus));
+    }
     let code = smp::trampoline();
     if trampoline_clashes(info, code.len() as u64) {
         return Err((
@@ -80,11 +90,42 @@ pub fn start_aps(s: &Sampler, info: &BootInfo) -> Result<usize, Refusal> {
     for cpu in 1..cpus {
         start_one(info, cpu)?;
     }
+    s.note_text("ap_start", "init-sipi");
+    Ok(finish_start(s, cpus))
+}
+
+fn finish_start(s: &Sampler, cpus: usize) -> usize {
     STARTED.set(Some(cpus));
     if s.config.cpus as usize > MAX_CPUS {
         s.note_text("cpus_ignored", "the guest brings up at most 8 vCPUs");
     }
-    Ok(cpus)
+    cpus
+}
+
+/// Xen: VCPUOP_initialise and VCPUOP_up through the kernel, then wait for the AP.
+fn start_one_xen(s: &Sampler, info: &BootInfo, cpu: usize) -> Result<(), Refusal> {
+    let status = syscall(Syscall::XenVcpuUp as u64, cpu as u64, 0, 0);
+    if status != 0 {
+        s.note_hex("vcpu_up_status", status);
+        return Err((
+            Status::Error,
+            match status >> 32 {
+                xen_smp::UP_STEP_INITIALISE => "Xen refused VCPUOP_initialise for an AP",
+                xen_smp::UP_STEP_UP => "Xen refused VCPUOP_up for an AP",
+                _ => "the kernel would not start the AP on Xen",
+            },
+        ));
+    }
+    if wait(info, START_MS * 4, || {
+        smp::ONLINE[cpu].load(Ordering::Acquire) != 0
+    }) {
+        return Ok(());
+    }
+    ap_failed()?;
+    Err((
+        Status::Error,
+        "an application processor did not come up after VCPUOP_up",
+    ))
 }
 
 /// INIT, SIPI, and a second SIPI if the AP is not up in time (the MP protocol).
@@ -157,6 +198,14 @@ pub fn ipi(s: &Sampler, info: &BootInfo) -> Outcome {
     if started? < 2 {
         return Err((Status::Skip, "needs 2 vCPUs or more (--vcpus 2)"));
     }
+    // On Xen the IPI goes through Xen's emulated local APIC (vlapic), not an event channel.
+    s.note_text(
+        "ipi_path",
+        match info.hypervisor.kind {
+            Hypervisor::Xen => "xen-emulated-lapic",
+            _ => "lapic",
+        },
+    );
     let target = u8::try_from(smp::ONLINE[1].load(Ordering::Acquire).saturating_sub(1))
         .map_err(|_| (Status::Error, "the AP reported an APIC ID past 255"))?;
     let mut sequence = smp::IPI_ANSWER.load(Ordering::Acquire);
@@ -183,15 +232,11 @@ pub fn ipi(s: &Sampler, info: &BootInfo) -> Outcome {
     result.map(|_| ())
 }
 
-/// `sched.wakeup`: the kernel arms the TSC-deadline timer and halts; deadline -> running.
+/// `sched.wakeup`: the kernel arms the local APIC's timer and halts; deadline -> running.
+/// The TSC-deadline mode where CPUID offers it, else one-shot mode at a rate measured
+/// against the TSC first (Xen's emulated APIC for PVH in the lab); the record says which.
 pub fn wakeup(s: &Sampler, info: &BootInfo) -> Outcome {
     lapic(info)?;
-    if !info.lapic.tsc_deadline {
-        return Err((
-            Status::Skip,
-            "CPUID says the local APIC has no TSC-deadline timer",
-        ));
-    }
     apic::enable();
     let delay_us = s
         .param(&param::WAKEUP_DELAY_US)
@@ -199,14 +244,52 @@ pub fn wakeup(s: &Sampler, info: &BootInfo) -> Outcome {
         .unwrap_or(100);
     let delay = info.tsc_khz.max(1).saturating_mul(delay_us) / 1000;
     s.note_hex("delay_cycles", delay);
-    // Each wake-up takes at least `delay`; the sample's cycles are only the lateness, so
-    // the count is set from the delay rather than doubled on the lateness.
-    let n = (s.min_cycles / delay.max(1)).clamp(1, MAX_WAKES_PER_SAMPLE);
+    let oneshot = if info.lapic.tsc_deadline {
+        s.note_text("timer", "lapic-tsc-deadline");
+        None
+    } else {
+        Some(oneshot_args(s, info, delay)?)
+    };
+    let wake = |n: u64| match &oneshot {
+        None => kernel_loop(KernelOp::TimerWake, n, delay),
+        Some(args) => kernel_loop(
+            KernelOp::TimerWakeOneShot,
+            n,
+            args as *const OneShotArgs as u64,
+        ),
+    };
+    // Each wake-up takes the delay plus its lateness; the sample's cycles are only the
+    // lateness, so the count is set from both (one unrecorded wake-up measures the
+    // lateness: under emulation it is many times the delay) rather than doubled on it.
+    let probe = wake(1)?;
+    let n = (s.min_cycles / delay.saturating_add(probe).max(1)).clamp(1, MAX_WAKES_PER_SAMPLE);
     for (index, warmup) in s.rounds() {
-        let late = kernel_loop(KernelOp::TimerWake, n, delay)?;
+        let late = wake(n)?;
         s.emit_sample("", index, warmup, n, late);
     }
     Ok(())
+}
+
+/// TSC cycles over which the one-shot timer's rate is measured (10 ms).
+const CALIBRATE_MS: u64 = 10;
+
+/// The one-shot timer's count for `delay` TSC cycles, from its measured rate.
+fn oneshot_args(s: &Sampler, info: &BootInfo, delay: u64) -> Result<OneShotArgs, Refusal> {
+    let Some(rate) = apic_oneshot::calibrate(cycles_in_ms(info, CALIBRATE_MS)) else {
+        return Err((
+            Status::Skip,
+            "the local APIC has no TSC-deadline timer and its one-shot timer did not count",
+        ));
+    };
+    s.note_text("timer", "lapic-oneshot");
+    s.note_hex("timer_calibration_ticks", rate.ticks);
+    s.note_hex("timer_calibration_cycles", rate.cycles);
+    let count = rate.ticks_for(delay);
+    s.note_hex("timer_count", u64::from(count));
+    Ok(OneShotArgs {
+        count,
+        delay_cycles: delay,
+    })
 }
 
 /// Sets the APs' mode and wakes those halted (an IPI each; APs in user mode poll it).
@@ -268,11 +351,16 @@ fn spin_chunk(cpu: usize) {
 pub fn spin_report(s: &Sampler, info: &BootInfo) -> Outcome {
     let duration_s = count_param(s, &param::SPIN_DURATION_S, 10);
     let window_ms = count_param(s, &param::SPIN_WINDOW_MS, 500);
-    if info.steal_time {
+    let steal = if info.steal_time {
         smp::STEAL_WANTED.store(1, Ordering::Release);
         syscall(Syscall::EnableStealTime as u64, 0, 0, 0);
-    }
-    s.note_text("steal_msr", if info.steal_time { "kvm" } else { "none" });
+        "kvm"
+    } else if info.hypervisor.kind == Hypervisor::Xen && xen_runstate(s) {
+        "xen-runstate"
+    } else {
+        "none"
+    };
+    s.note_text("steal_msr", steal);
     smp::AP_MODE.store(ApMode::Spin as u32, Ordering::Release);
     let cpus = if s.config.cpus > 1 {
         start_aps(s, info)?
@@ -299,6 +387,30 @@ pub fn spin_report(s: &Sampler, info: &BootInfo) -> Outcome {
     ap_failed()
 }
 
+/// Whether Xen answers VCPUOP_get_runstate_info for every vCPU (then ticks read it).
+fn xen_runstate(s: &Sampler) -> bool {
+    let cpus = (s.config.cpus as usize).clamp(1, MAX_CPUS);
+    let all = (0..cpus).all(|cpu| xen_steal(cpu).is_some());
+    XEN_STEAL.store(all, Ordering::Release);
+    all
+}
+
+static XEN_STEAL: AtomicBool = AtomicBool::new(false);
+
+fn xen_steal(cpu: usize) -> Option<u64> {
+    let steal = syscall(Syscall::XenSteal as u64, cpu as u64, 0, 0);
+    (steal != u64::MAX).then_some(steal)
+}
+
+/// `cpu`'s steal so far: Xen's runstate where Xen answers, else KVM's area.
+fn steal_of(cpu: usize) -> u64 {
+    if XEN_STEAL.load(Ordering::Acquire) {
+        xen_steal(cpu).unwrap_or(0)
+    } else {
+        smp::steal_ns(cpu)
+    }
+}
+
 fn count_param(s: &Sampler, spec: &workloads::ParamSpec, default: u64) -> u64 {
     s.param(spec)
         .and_then(|v| v.parse::<u64>().ok())
@@ -316,7 +428,7 @@ fn tick(s: &Sampler, now: u64, cpus: usize) {
         text.push(b":");
         text.hex(smp::WORK[cpu].load(Ordering::Relaxed));
         text.push(b":");
-        text.hex(smp::steal_ns(cpu));
+        text.hex(steal_of(cpu));
     }
     s.note_text("tick", text.as_str());
 }

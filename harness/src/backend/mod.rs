@@ -146,6 +146,12 @@ pub trait Hypervisor: std::fmt::Debug {
         None
     }
 
+    /// Xen's toolstack on the host, for the `sched.*` runners that weigh, cap and account
+    /// domains (`xl`); `None` on backends whose vCPUs are host threads.
+    fn xl_host(&self) -> Option<&dyn xen::sched::XlHost> {
+        None
+    }
+
     /// The log the hvbench-insns TCG plugin appends instruction counts to, where this
     /// backend loaded it (QEMU under TCG with `--insns`, a lab brought up with it). The
     /// guest then places its markers, and records get an `insns` metric.

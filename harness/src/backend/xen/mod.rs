@@ -6,6 +6,7 @@
 //! destroyed by the session on every path: end, timeout, Ctrl-C, error, drop.
 
 pub mod console;
+pub mod sched;
 pub mod stale;
 pub mod tsc;
 pub mod xl;
@@ -262,6 +263,8 @@ pub struct XenBackend {
     disk: Option<RemoteDisk>,
     /// Where they and the domain configs go; removed when the backend goes.
     remote_dir: RemoteDir,
+    /// The cpupool new domains are created in, while a `sched.*` runner holds one.
+    pool: Mutex<Option<String>>,
 }
 
 impl XenBackend {
@@ -321,6 +324,7 @@ impl XenBackend {
             uploaded: Mutex::new(BTreeMap::new()),
             disk: None,
             remote_dir,
+            pool: Mutex::new(None),
         })
     }
 
@@ -367,6 +371,7 @@ impl XenBackend {
                 .as_ref()
                 .map(|d| (d.path.clone(), d.script.clone())),
             tsc_mode: self.tsc_mode(),
+            pool: self.pool.lock().ok().and_then(|p| p.clone()),
         };
         let cfg_path = self.remote_dir.file(&format!("{}.cfg", request.name));
         let t = self.transport();
@@ -481,17 +486,11 @@ impl Hypervisor for XenBackend {
             BackendFeature::VirtioBlk => {
                 Err("a Xen guest's disk is blkfront/blkback, not hvbench's virtio-blk".into())
             }
-            BackendFeature::VcpuThreads => Err(
-                "Xen's vCPUs are scheduled by Xen itself (credit2 or credit); weights through \
-                 `xl sched-credit2 -d DOM -w W`, steal through the runstate area, are not \
-                 implemented yet"
-                    .into(),
-            ),
-            BackendFeature::LocalApic => Err(
-                "the guest does not yet start vCPUs on Xen (a PVH domain's vCPUs come up by \
-                 VCPUOP_initialise/VCPUOP_up, not INIT/SIPI) nor arm Xen's single-shot timer"
-                    .into(),
-            ),
+            // Xen's own vCPUs, weighed and accounted through xl (run::sched::xen).
+            BackendFeature::VcpuThreads => Ok(()),
+            // A PVH domain has Xen's emulated local APIC; the guest starts its APs with
+            // VCPUOP_initialise/VCPUOP_up (hypervisor/xen_smp.rs), not INIT/SIPI.
+            BackendFeature::LocalApic => Ok(()),
             BackendFeature::VirtioBalloon => Err(
                 "a Xen guest balloons through hypercalls that Xen answers itself; there is no \
                  VMM queue of hvbench's to corrupt"
@@ -501,6 +500,10 @@ impl Hypervisor for XenBackend {
     }
 
     fn balloon(&self) -> Option<&dyn BalloonBackend> {
+        Some(self)
+    }
+
+    fn xl_host(&self) -> Option<&dyn sched::XlHost> {
         Some(self)
     }
 

@@ -108,6 +108,8 @@ pub struct DomainConfig {
     pub disk: Option<(String, String)>,
     /// xl's `tsc_mode` (nothing written for Xen's default).
     pub tsc_mode: super::tsc::TscMode,
+    /// The cpupool the domain is created in (`pool`), where not Pool-0 (`sched.*`).
+    pub pool: Option<String>,
 }
 
 /// A value for an xl config string (double quotes; hvbench's values never need escapes,
@@ -142,6 +144,11 @@ impl DomainConfig {
             + &self
                 .cpus
                 .map(|cpu| format!("cpus = \"{cpu}\"\n"))
+                .unwrap_or_default()
+            + &self
+                .pool
+                .as_ref()
+                .map(|pool| format!("pool = {}\n", xl_string(pool)))
                 .unwrap_or_default()
             + &self.render_disk()
     }
@@ -331,6 +338,7 @@ mod tests {
             cpus: None,
             disk: None,
             tsc_mode: crate::backend::xen::tsc::TscMode::Default,
+            pool: None,
         };
         let text = c.render();
         assert!(!text.contains("tsc_mode"), "{text}");
@@ -366,6 +374,7 @@ mod tests {
         ));
         let odd = DomainConfig {
             disk: Some(("/tmp/a b',x".into(), "/tmp/block".into())),
+            pool: None,
             ..with_disk
         };
         assert!(!odd.render().contains("disk"));

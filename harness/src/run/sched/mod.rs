@@ -10,6 +10,7 @@
 pub(crate) mod analysis;
 mod spin;
 mod threads;
+mod xen;
 
 use std::time::Duration;
 
@@ -76,6 +77,8 @@ pub(crate) struct SpinParams {
     pub pin: usize,
     pub ratio: u32,
     pub capped: bool,
+    /// Xen: the guests' cpupool runs credit (else credit2).
+    pub xen_credit: bool,
     /// The series the figures belong to (`ratio:2,capped:0` for sched.fairness).
     pub series: String,
 }
@@ -103,6 +106,7 @@ impl SpinParams {
                 1
             },
             capped: has(&param::FAIRNESS_CAPPED) && n(&param::FAIRNESS_CAPPED)? == 1,
+            xen_credit: has(&param::FAIRNESS_XEN_CREDIT) && n(&param::FAIRNESS_XEN_CREDIT)? == 1,
             series: super::plan::series_points(params, id)
                 .first()
                 .map(|p| p.name.clone())
@@ -178,6 +182,9 @@ pub(crate) fn run_steal(id: WorkloadId, ctx: &HostContext) -> HostDriven {
         Ok(p) => p,
         Err(e) => return WorkloadOutcome::failed(id, Status::Error, e).into(),
     };
+    if let Some(xl) = ctx.backend.xl_host() {
+        return xen::run_steal(id, ctx, xl, &p, outcome);
+    }
     host_notes(&mut outcome, &p);
     let observed = finish(&mut outcome, run_guests(ctx, id, &p, &mut |_, _| Ok(())));
     if let Some(o) = &observed {
@@ -246,6 +253,13 @@ pub(crate) fn run_fairness(id: WorkloadId, ctx: &HostContext) -> HostDriven {
         Ok(p) => p,
         Err(e) => return WorkloadOutcome::failed(id, Status::Error, e).into(),
     };
+    if let Some(xl) = ctx.backend.xl_host() {
+        return xen::run_fairness(id, ctx, xl, &p, outcome);
+    }
+    if p.xen_credit {
+        outcome.ratchet(Status::Skip, "xen_credit=1 asks for Xen's credit scheduler");
+        return outcome.into();
+    }
     host_notes(&mut outcome, &p);
     let result = fairness_guests(ctx, id, &p, &mut outcome);
     let observed = finish(&mut outcome, result);
