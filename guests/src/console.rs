@@ -7,7 +7,7 @@ use crate::arch::cpu::rep_outsb;
 use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen;
-use crate::kernel::Syscall;
+use crate::sysabi::Syscall;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Console {

@@ -15,7 +15,9 @@ mod hypervisor;
 mod kernel;
 mod mem;
 mod runner;
+mod sampler;
 mod start_info;
+mod sysabi;
 mod virtio;
 mod workloads;
 

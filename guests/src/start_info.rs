@@ -78,3 +78,17 @@ pub fn ram_ranges(info: &StartInfo) -> impl Iterator<Item = (u64, u64)> {
         (e.kind == MEMMAP_RAM).then_some((e.addr, e.size))
     })
 }
+
+/// End of RAM from the PVH memory map at `start_info` (the highest usable byte below
+/// 4 GiB; 0 when there is no map).
+pub fn ram_end(start_info: u64) -> u64 {
+    read(start_info)
+        .map(|s| {
+            ram_ranges(&s)
+                .map(|(base, size)| base.saturating_add(size))
+                .filter(|end| *end <= workloads::abi::MAX_LOW_RAM)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}

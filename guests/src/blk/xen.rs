@@ -36,8 +36,8 @@ use crate::global::Global;
 use crate::hypervisor::xen::XENMEM_ADD_TO_PHYSMAP;
 use crate::hypervisor::xen::{AddToPhysmap, DOMID_SELF, XENMAPSPACE_GRANT_TABLE};
 use crate::hypervisor::xenstore::{Xenstore, MAX_REPLY};
-use crate::kernel::Syscall;
 use crate::mem::arena::{alloc_fresh, PAGE};
+use crate::sysabi::Syscall;
 
 /// The frontend's directory: xvda (major 202, minor 0: 202 << 8).
 const FRONTEND: &str = "device/vbd/51712";

@@ -32,7 +32,7 @@
 use crate::arch::user::syscall;
 use crate::hypervisor::xen;
 use crate::hypervisor::xenstore::{Xenstore, MAX_REPLY};
-use crate::kernel::Syscall;
+use crate::sysabi::Syscall;
 
 /// `SHUTDOWN_suspend` (sched.h).
 const SHUTDOWN_SUSPEND: u32 = 2;
@@ -56,7 +56,7 @@ pub fn suspend_now() -> u64 {
 
 /// CPL0: what boot set up, again (idempotent, so also right in the same domain).
 fn resume() -> Result<(), &'static str> {
-    xen::init(&crate::kernel::boot_info().hypervisor)
+    xen::init(&crate::sysabi::boot_info().hypervisor)
 }
 
 /// How a suspend request went, as the guest saw it.

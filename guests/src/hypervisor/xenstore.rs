@@ -13,7 +13,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use crate::arch::user::syscall;
 use crate::hypervisor::xen;
-use crate::kernel::Syscall;
+use crate::sysabi::Syscall;
 
 const RING_SIZE: u32 = 1024;
 /// Offsets in the ring page: req[1024], rsp[1024], then req_cons, req_prod, rsp_cons,

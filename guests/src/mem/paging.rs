@@ -7,7 +7,7 @@
 
 use super::arena::{alloc_work, PAGE};
 use crate::arch::user::syscall;
-use crate::kernel::Syscall;
+use crate::sysabi::Syscall;
 
 /// Virtual base of the window.
 pub const WINDOW_BASE: u64 = 0x80_0000_0000;

@@ -27,9 +27,10 @@ use crate::hypervisor::xen::{
     MemoryReservation, DOMID_SELF, XENMEM_DECREASE_RESERVATION, XENMEM_POPULATE_PHYSMAP,
 };
 use crate::hypervisor::xenstore::Xenstore;
-use crate::kernel::{BootInfo, Syscall};
 use crate::mem::arena::{alloc_work, HUGE_PAGE, PAGE};
-use crate::runner::{ram_end, Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
+use crate::start_info::ram_end;
+use crate::sysabi::{BootInfo, Syscall};
 use crate::virtio::{Balloon, Descriptor, TransferError, QUEUE_SIZE};
 
 /// Yields between re-reads of Xen's target when no watch event comes.
@@ -385,7 +386,7 @@ pub fn corrupt(s: &Sampler, info: &BootInfo) -> Result<(), Refusal> {
     let mut device = Balloon::init().map_err(error)?;
     let victim = alloc_work(PAGE, PAGE).ok_or(error("no memory for the victim page"))?;
     let list = alloc_work(PAGE, PAGE).ok_or(error("no memory for the PFN list"))?;
-    let outside = ram_end(info).saturating_add(1 << 30);
+    let outside = ram_end(info.start_info).saturating_add(1 << 30);
     // The balloon's PFNs are 32 bits.
     let pfn32 =
         |addr: u64| u32::try_from(addr / PAGE).map_err(|_| error("a PFN wider than 32 bits"));

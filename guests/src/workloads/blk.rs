@@ -27,7 +27,7 @@ use crate::blk::virtio::{VirtioBlk, STATUS_PENDING};
 use crate::blk::{self, BlockDevice, Device, Op};
 use crate::convert::usize_from;
 use crate::mem::arena::{alloc_work, PAGE};
-use crate::runner::{Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
 use crate::virtio::Descriptor;
 
 /// Most series values of one list parameter (the rows' bound).

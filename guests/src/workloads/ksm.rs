@@ -15,7 +15,7 @@ use workloads::ParamSpec;
 
 use crate::arch::cpu::{inl, rdtsc_fenced};
 use crate::mem::arena::{alloc_fresh, alloc_work, work_available, HUGE_PAGE, PAGE};
-use crate::runner::{Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
 
 /// Most pages timed in one sample: enough to average out the TSC reads, few enough that
 /// small guests still have pages for every sample.

@@ -13,10 +13,10 @@ use workloads::table::param::{
 use super::kernel_loop;
 use crate::arch::cpu::rdtsc_fenced;
 use crate::arch::user::syscall;
-use crate::kernel::{KernelOp, PtUpdateArgs, Syscall};
 use crate::mem::arena::{alloc_fresh, alloc_work, reset_work, HUGE_PAGE, PAGE};
 use crate::mem::paging::{self, map_4k, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
-use crate::runner::{Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
+use crate::sysabi::{KernelOp, PtUpdateArgs, Syscall};
 
 /// Most working sets of one sweep (the row's bound).
 const MAX_SERIES: usize = TLB_CHASE_WS.max_items;

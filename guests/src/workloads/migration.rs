@@ -19,9 +19,9 @@ use workloads::ParamSpec;
 
 use crate::arch::cpu::rdtsc_fenced;
 use crate::hypervisor::suspend::{Outcome, SuspendWatch};
-use crate::kernel::BootInfo;
 use crate::mem::arena::{alloc_work, PAGE};
-use crate::runner::{emit, Refusal, Sampler};
+use crate::sampler::{emit, Refusal, Sampler};
+use crate::sysabi::BootInfo;
 
 /// Which pages are written.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -26,8 +26,8 @@ use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen::XENVER_VERSION;
 use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
-use crate::kernel::{BootInfo, KernelOp, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
-use crate::runner::{Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
+use crate::sysabi::{BootInfo, KernelOp, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
 
 /// An address no page table maps (256 GiB), for `selftest.page-fault`.
 pub const SELFTEST_UNMAPPED_ADDRESS: u64 = 0x40_0000_0000;

@@ -14,9 +14,9 @@ use crate::arch::smp::{self, ApMode, TrampolineParams, MAX_CPUS, TRAMPOLINE_ADDR
 use crate::arch::user::syscall;
 use crate::global::Global;
 use crate::hypervisor::xen_smp;
-use crate::kernel::{BootInfo, KernelOp, Syscall};
-use crate::runner::{Refusal, Sampler};
+use crate::sampler::{Refusal, Sampler};
 use crate::start_info;
+use crate::sysabi::{BootInfo, KernelOp, Syscall};
 
 use super::{kernel_loop, Outcome};
 
