@@ -282,6 +282,8 @@ pub struct RemoteConsole {
     received: u64,
     /// How often the `tail` was started again after its link dropped.
     restarts: u32,
+    /// `finish` ran: the `tail` is stopped for good.
+    finished: bool,
 }
 
 /// Restarts of a remote console's `tail` allowed per boot.
@@ -298,6 +300,7 @@ impl RemoteConsole {
             chunks,
             received: 0,
             restarts: 0,
+            finished: false,
         })
     }
 
@@ -340,7 +343,7 @@ impl RemoteConsole {
             // The link dropped (or never came up): follow again from the first byte not
             // yet received, a bounded number of times.
             Err(TryRecvError::Disconnected) => {
-                if self.restarts < MAX_RESTARTS {
+                if !self.finished && self.restarts < MAX_RESTARTS {
                     self.restarts += 1;
                     self.stop_tail();
                     std::thread::sleep(Duration::from_millis(200));
@@ -373,6 +376,7 @@ impl RemoteConsole {
 
     /// Stops the `tail`, then fetches the file from the first byte not yet received.
     fn finish(&mut self, limit: u64) -> Vec<u8> {
+        self.finished = true;
         self.stop_tail();
         let mut rest = Vec::new();
         while let Ok(bytes) = self.chunks.recv_timeout(Duration::from_millis(200)) {
@@ -453,5 +457,36 @@ mod tests {
             .unwrap();
         seen.extend(console.finish(7));
         assert_eq!(seen, b"first\nsecond\n");
+        // Finished: no tail is started again.
+        assert!(console.read_new().is_empty());
+        assert_eq!(console.restarts, 0);
+    }
+
+    #[test]
+    fn a_dropped_console_link_follows_again_from_the_first_byte_not_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.console");
+        std::fs::write(&path, b"first\n").unwrap();
+        let path = path.to_str().unwrap().to_string();
+        let mut console = RemoteConsole::start(&Transport::Local, &path).unwrap();
+        let read_until = |console: &mut RemoteConsole, seen: &mut Vec<u8>, len: usize| {
+            let started = std::time::Instant::now();
+            while seen.len() < len && started.elapsed() < Duration::from_secs(10) {
+                seen.extend(console.read_new());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut seen = Vec::new();
+        read_until(&mut console, &mut seen, 6);
+        // The link drops: its tail is gone; the guest writes on.
+        console.stop_tail();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"second\n"))
+            .unwrap();
+        read_until(&mut console, &mut seen, 13);
+        assert_eq!(seen, b"first\nsecond\n");
+        assert_eq!(console.restarts, 1);
     }
 }
