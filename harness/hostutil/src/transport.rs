@@ -217,11 +217,14 @@ impl Transport {
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
         );
         let started = Instant::now();
+        // Polled from 1 ms up to 10 ms: a command of a few ms is not kept waiting 10.
+        let mut pause = Duration::from_millis(1);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if started.elapsed() < limit => {
-                    std::thread::sleep(Duration::from_millis(10))
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(10));
                 }
                 _ => {
                     let _ = child.kill();

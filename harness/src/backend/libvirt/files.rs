@@ -51,6 +51,28 @@ fn files_error(dir: &str, source: std::io::Error) -> LibvirtError {
     }
 }
 
+/// Runs an idempotent `command` on `transport`, again while SSH could not reach the host
+/// (a TCG dom0's sshd drops a fresh connection now and then).
+fn run_remote(
+    transport: &Transport,
+    command: &str,
+    input: Option<&[u8]>,
+) -> Result<std::process::Output, TransportError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match transport.run(command, input, REMOTE_TIMEOUT) {
+            Err(TransportError::Unreachable { .. }) if tries < LINK_TRIES => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Tries of a remote file command whose link failed.
+const LINK_TRIES: u32 = 5;
+
 fn remote_error(e: TransportError) -> LibvirtError {
     LibvirtError::RemoteFiles(e.to_string())
 }
@@ -82,6 +104,7 @@ impl Files {
     /// A private directory made on the host `host` reaches.
     pub fn remote(host: FilesHost) -> Result<Self, LibvirtError> {
         let transport = &host.transport;
+        // Not retried: a mktemp that ran before its link dropped would leave a directory.
         let out = transport
             .run(
                 "d=$(mktemp -d /tmp/hvbench-libvirt.XXXXXXXX) && chmod 755 \"$d\" && echo \"$d\"",
@@ -142,9 +165,7 @@ impl Files {
             Place::Remote { host, .. } => {
                 let quoted = shell_quote(&path);
                 let command = format!("cat > {quoted} && chmod 644 {quoted}");
-                host.transport
-                    .run(&command, Some(image.bytes()), REMOTE_TIMEOUT)
-                    .map_err(remote_error)?;
+                run_remote(&host.transport, &command, Some(image.bytes())).map_err(remote_error)?;
             }
         }
         images.insert(name);
@@ -163,7 +184,7 @@ impl Files {
             Place::Remote { host, .. } => {
                 let quoted: Vec<String> = paths.iter().map(|p| shell_quote(p)).collect();
                 let command = format!("rm -f -- {}", quoted.join(" "));
-                let _ = host.transport.run(&command, None, REMOTE_TIMEOUT);
+                let _ = run_remote(&host.transport, &command, None);
             }
         }
     }
@@ -210,10 +231,10 @@ impl Drop for Files {
     fn drop(&mut self) {
         if let Place::Remote { host, dir } = &self.place {
             if plain_dir(dir).is_some() {
-                let _ = host.transport.run(
+                let _ = run_remote(
+                    &host.transport,
                     &format!("rm -rf -- {}", shell_quote(dir)),
                     None,
-                    REMOTE_TIMEOUT,
                 );
             }
         }
@@ -259,13 +280,41 @@ pub struct RemoteConsole {
     stdin: Option<ChildStdin>,
     chunks: Receiver<Vec<u8>>,
     received: u64,
+    /// How often the `tail` was started again after its link dropped.
+    restarts: u32,
+    /// `finish` ran: the `tail` is stopped for good.
+    finished: bool,
 }
+
+/// Restarts of a remote console's `tail` allowed per boot.
+const MAX_RESTARTS: u32 = 20;
 
 impl RemoteConsole {
     fn start(transport: &Transport, path: &str) -> Result<Self, TransportError> {
+        let (child, stdin, chunks) = Self::tail(transport, path, 0)?;
+        Ok(RemoteConsole {
+            transport: transport.clone(),
+            path: path.to_string(),
+            child,
+            stdin,
+            chunks,
+            received: 0,
+            restarts: 0,
+            finished: false,
+        })
+    }
+
+    /// `tail -F` of `path` from byte `from` (0-based) over the transport, read by a thread.
+    #[allow(clippy::type_complexity)]
+    fn tail(
+        transport: &Transport,
+        path: &str,
+        from: u64,
+    ) -> Result<(Child, Option<ChildStdin>, Receiver<Vec<u8>>), TransportError> {
         // -F: the file may appear only after the domain started (xenconsoled's log).
         let command = format!(
-            "tail -c +1 -F {} 2>/dev/null & t=$!; cat >/dev/null; kill $t",
+            "tail -c +{} -F {} 2>/dev/null & t=$!; cat >/dev/null; kill $t",
+            from + 1,
             shell_quote(path)
         );
         let mut child = transport.spawn(&command, true)?;
@@ -281,14 +330,7 @@ impl RemoteConsole {
                 }
             }
         });
-        Ok(RemoteConsole {
-            transport: transport.clone(),
-            path: path.to_string(),
-            child,
-            stdin,
-            chunks: rx,
-            received: 0,
-        })
+        Ok((child, stdin, rx))
     }
 
     fn read_new(&mut self) -> Vec<u8> {
@@ -297,7 +339,24 @@ impl RemoteConsole {
                 self.received += bytes.len() as u64;
                 bytes
             }
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => Vec::new(),
+            Err(TryRecvError::Empty) => Vec::new(),
+            // The link dropped (or never came up): follow again from the first byte not
+            // yet received, a bounded number of times.
+            Err(TryRecvError::Disconnected) => {
+                if !self.finished && self.restarts < MAX_RESTARTS {
+                    self.restarts += 1;
+                    self.stop_tail();
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Ok((child, stdin, chunks)) =
+                        Self::tail(&self.transport, &self.path, self.received)
+                    {
+                        self.child = child;
+                        self.stdin = stdin;
+                        self.chunks = chunks;
+                    }
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -317,6 +376,7 @@ impl RemoteConsole {
 
     /// Stops the `tail`, then fetches the file from the first byte not yet received.
     fn finish(&mut self, limit: u64) -> Vec<u8> {
+        self.finished = true;
         self.stop_tail();
         let mut rest = Vec::new();
         while let Ok(bytes) = self.chunks.recv_timeout(Duration::from_millis(200)) {
@@ -333,7 +393,7 @@ impl RemoteConsole {
                 self.received + 1,
                 shell_quote(&self.path)
             );
-            match self.transport.run(&command, None, REMOTE_TIMEOUT) {
+            match run_remote(&self.transport, &command, None) {
                 Ok(out) if !out.stdout.is_empty() && allowed > 0 => {
                     self.received += out.stdout.len() as u64;
                     rest.extend_from_slice(&out.stdout);
@@ -397,5 +457,36 @@ mod tests {
             .unwrap();
         seen.extend(console.finish(7));
         assert_eq!(seen, b"first\nsecond\n");
+        // Finished: no tail is started again.
+        assert!(console.read_new().is_empty());
+        assert_eq!(console.restarts, 0);
+    }
+
+    #[test]
+    fn a_dropped_console_link_follows_again_from_the_first_byte_not_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.console");
+        std::fs::write(&path, b"first\n").unwrap();
+        let path = path.to_str().unwrap().to_string();
+        let mut console = RemoteConsole::start(&Transport::Local, &path).unwrap();
+        let read_until = |console: &mut RemoteConsole, seen: &mut Vec<u8>, len: usize| {
+            let started = std::time::Instant::now();
+            while seen.len() < len && started.elapsed() < Duration::from_secs(10) {
+                seen.extend(console.read_new());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut seen = Vec::new();
+        read_until(&mut console, &mut seen, 6);
+        // The link drops: its tail is gone; the guest writes on.
+        console.stop_tail();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"second\n"))
+            .unwrap();
+        read_until(&mut console, &mut seen, 13);
+        assert_eq!(seen, b"first\nsecond\n");
+        assert_eq!(console.restarts, 1);
     }
 }

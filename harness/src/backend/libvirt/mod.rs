@@ -59,6 +59,8 @@ pub enum LibvirtError {
     BadUri(String),
     #[error("the domain's files on the libvirt host: {0}")]
     RemoteFiles(String),
+    #[error("libvirt still lists domain {name} after destroying it again for 5 s")]
+    Lingering { name: String },
     #[error(transparent)]
     Virsh(#[from] virsh::VirshError),
     #[error("preparing the domain's files in {dir}: {source}")]
@@ -326,7 +328,7 @@ impl Hypervisor for LibvirtBackend {
             .map_err(LibvirtError::from)?;
         // `virsh create` reads the XML from its stdin (/proc/self/fd/0: a busybox dom0 has no
         // /dev/stdin): no file to clean.
-        if let Err(e) = self.virsh.run(
+        if let Err(e) = self.virsh.run_once(
             &["create", "/proc/self/fd/0"],
             Some(xml.as_bytes()),
             COMMAND_TIMEOUT,

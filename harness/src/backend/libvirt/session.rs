@@ -37,6 +37,9 @@ struct Shared {
     name: String,
     /// The domain ended in a way its QEMU log may explain: the log is kept.
     keep_log: AtomicBool,
+    /// libvirt said the domain stopped on its own: the host's destroy may race libvirt's
+    /// own clean-up of it, so the stop checks that it is gone.
+    ended: AtomicBool,
 }
 
 /// A domain `virsh create` has just started, and what belongs to it.
@@ -83,6 +86,7 @@ impl LibvirtSession {
             virsh: created.virsh.clone(),
             name: created.name.clone(),
             keep_log: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         });
         let opened = created.files.follow(&created.console);
         let verdicts = created.verdicts;
@@ -192,12 +196,10 @@ fn follow(
         }
         let stopped = match verdicts.try_recv() {
             Ok(stopped) => flavour.normalise(stopped),
-            Err(TryRecvError::Disconnected) => {
-                return GuestEnd::Failed {
-                    detail: "libvirt's event stream ended before the domain stopped".into(),
-                }
-            }
-            Err(TryRecvError::Empty) if quiet_since.elapsed() > QUIET_CHECK => {
+            // The watcher is gone (its link dropped): libvirt is asked instead.
+            Err(TryRecvError::Empty | TryRecvError::Disconnected)
+                if quiet_since.elapsed() > QUIET_CHECK =>
+            {
                 quiet_since = Instant::now();
                 if domain_exists(&shared.virsh, &shared.name) {
                     continue;
@@ -205,11 +207,12 @@ fn follow(
                 // Gone without a word from the watcher: QEMU ended on its own.
                 Stopped::Failed
             }
-            Err(TryRecvError::Empty) => {
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
                 std::thread::sleep(FOLLOW_POLL);
                 continue;
             }
         };
+        shared.ended.store(true, Ordering::Release);
         // Once libvirt said the domain stopped, QEMU writes no more: read to the end.
         let limit = (MAX_CONSOLE_BYTES + 1).saturating_sub(progress.total);
         let rest = console.finish(limit);
@@ -231,7 +234,7 @@ fn follow(
 
 /// Whether libvirt still has the domain `name` (false only when it says there is none).
 fn domain_exists(virsh: &Virsh, name: &str) -> bool {
-    match virsh.run(&["domstate", name], None, COMMAND_TIMEOUT) {
+    match virsh.run_idempotent(&["domstate", name], COMMAND_TIMEOUT) {
         Ok(_) => true,
         Err(e) => !e.stderr().is_some_and(gone),
     }
@@ -313,9 +316,28 @@ pub fn daemon_pids() -> Vec<u32> {
     pids
 }
 
+/// How often a domain that stopped on its own is looked for after its destruction.
+const GONE_CHECKS: u32 = 10;
+
+/// Waits until libvirt no longer lists `name`, destroying it again each time it still
+/// does (seen once with the libxl driver: a domain that powered off while hvbench
+/// destroyed it stayed listed).
+fn destroyed_for_sure(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
+    for _ in 0..GONE_CHECKS {
+        if !domain_exists(virsh, name) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        destroy(virsh, name)?;
+    }
+    Err(LibvirtError::Lingering {
+        name: crate::console::escape_text(name),
+    })
+}
+
 /// `virsh destroy NAME`; a domain that is already gone is not an error.
 pub fn destroy(virsh: &Virsh, name: &str) -> Result<(), LibvirtError> {
-    match virsh.run(&["destroy", name], None, COMMAND_TIMEOUT) {
+    match virsh.run_idempotent(&["destroy", name], COMMAND_TIMEOUT) {
         Ok(_) => Ok(()),
         Err(e)
             if e.stderr()
@@ -355,7 +377,10 @@ impl GuestSession for LibvirtSession {
         self.shared.stopping.store(true, Ordering::Release);
         let started = Instant::now();
         // A transient domain is undefined by its destruction: nothing of it stays.
-        let result = destroy(&self.virsh, &self.name);
+        let mut result = destroy(&self.virsh, &self.name);
+        if result.is_ok() && self.shared.ended.load(Ordering::Acquire) {
+            result = destroyed_for_sure(&self.virsh, &self.name);
+        }
         self.destroy_latency = Some(started.elapsed());
         self.events.unregister(&self.name);
         if let Some(reader) = self.reader.take() {

@@ -54,6 +54,15 @@ impl VirshError {
     }
 }
 
+/// Tries of a command whose SSH link to virsh's host failed.
+const LINK_TRIES: u32 = 5;
+/// What ssh says when the connection failed before the remote command ran.
+const LINK_NEVER_UP: &[&str] = &[
+    "kex_exchange_identification",
+    "Connection refused",
+    "banner exchange",
+];
+
 /// Limit for one ordinary command (create, resume, destroy, list).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Limit for the first contact: libvirt probes QEMU's capabilities on the first
@@ -97,6 +106,48 @@ impl Virsh {
         self.transport
             .run(&self.command_line(args), input, limit)
             .map_err(|e| VirshError::from_transport(args, e))
+    }
+
+    /// Runs an idempotent `virsh ARGS` (destroy, domstate, list), again while the link
+    /// to virsh's host failed (a TCG dom0's sshd drops a fresh connection now and then).
+    pub fn run_idempotent(&self, args: &[&str], limit: Duration) -> Result<Output, VirshError> {
+        self.retrying(args, None, limit, |_| true)
+    }
+
+    /// Runs `virsh ARGS` fed `input`, again only while the link never came up (SSH's key
+    /// exchange or connection failed: the command did not run).
+    pub fn run_once(
+        &self,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<Output, VirshError> {
+        self.retrying(args, input, limit, |detail| {
+            LINK_NEVER_UP.iter().any(|m| detail.contains(m))
+        })
+    }
+
+    fn retrying(
+        &self,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+        again: impl Fn(&str) -> bool,
+    ) -> Result<Output, VirshError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.run(args, input, limit) {
+                Err(VirshError::Spawn(detail))
+                    if self.transport != Transport::Local
+                        && tries < LINK_TRIES
+                        && again(&detail) =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs `virsh ARGS` and returns its stdout as text.
