@@ -103,6 +103,7 @@ pub extern "C" fn report_crash() -> ! {
 }
 
 pub extern "C" fn user_main() -> ! {
+    crate::arch::smp::set_ap_user_entry(guest_workloads::ap_user_main);
     let info = sysabi::boot_info();
     hello(&info);
     let (config, cmdline_text) = match config(&info) {

@@ -8,7 +8,7 @@
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::apic;
 use super::boot::TSS_SELECTOR;
@@ -196,17 +196,33 @@ extern "C" fn ap_main(cpu: u64) -> ! {
     ap_idle(cpu)
 }
 
+/// The CPL3 function APs run when the mode leaves `Halt` (0 until user mode names it): the
+/// kernel side never names a workload.
+static AP_USER_ENTRY: AtomicUsize = AtomicUsize::new(0);
+
+/// Names the CPL3 function APs run (user mode, once, before it sets any mode).
+pub fn set_ap_user_entry(entry: extern "C" fn() -> !) {
+    AP_USER_ENTRY.store(entry as usize, Ordering::Release);
+}
+
+fn ap_user_entry() -> Option<extern "C" fn() -> !> {
+    let raw = AP_USER_ENTRY.load(Ordering::Acquire);
+    // SAFETY: a non-zero value was stored by `set_ap_user_entry` from a function of
+    // exactly this type, and functions are never unloaded.
+    (raw != 0).then(|| unsafe { core::mem::transmute::<usize, extern "C" fn() -> !>(raw) })
+}
+
 /// The AP's kernel loop: halt with interrupts on until the mode asks for user mode, then
-/// run `ap_user_main` at CPL3 on the AP's user stack (the kernel stack's frames are
+/// run the user entry at CPL3 on the AP's user stack (the kernel stack's frames are
 /// abandoned: a later `ApIdle` system call comes back here afresh). CPL0.
 pub fn ap_idle(cpu: usize) -> ! {
     loop {
-        if ap_mode() != ApMode::Halt {
+        if let (false, Some(entry)) = (ap_mode() == ApMode::Halt, ap_user_entry()) {
             // Registering again is harmless: KVM keeps adding to the same area.
             if STEAL_WANTED.load(Ordering::Acquire) != 0 {
                 enable_steal_time(cpu);
             }
-            super::user::enter_user(crate::workloads::ap_user_main, stack_top(cpu, STACK_USER));
+            super::user::enter_user(entry, stack_top(cpu, STACK_USER));
         }
         super::cpu::sti_hlt_cli();
     }
