@@ -19,9 +19,10 @@ pub const INCOMING: &str = "hvbench: migration-incoming ";
 pub const FAILED: &str = "hvbench: migration-error ";
 pub const PAUSED: &str = "hvbench: migration-pause ";
 
+pub mod pair;
+pub mod peer;
 mod qemu_peer;
 pub mod ruler;
-pub mod vmm_peer;
 pub mod xen_peer;
 pub mod xl_log;
 

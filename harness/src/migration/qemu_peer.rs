@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::vmm_peer::{spawn, Event, PeerSpec, Side};
+use super::peer::{spawn, Event, PeerSpec, Side};
 use super::{realtime_ns, Command, FAILED, PAUSED, REPORT};
 
 /// Longest QMP reply read (query-migrate's is well under a KiB).

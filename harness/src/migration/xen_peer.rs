@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::peer::{take_console, PeerRun, Side};
 use super::realtime_ns;
-use super::vmm_peer::{take_console, PeerRun, Side};
 use super::xl_log::{Milestone, XlLog};
 use crate::backend::xen::XenBackend;
 use crate::backend::BootRequest;

@@ -1,6 +1,6 @@
 //! `mig.*`: the host live-migrates the running guest and measures it from outside.
 //!
-//! On `--backend kvm` two `hvbench vmm` processes do it (`crate::migration::vmm_peer`):
+//! On `--backend kvm` two `hvbench vmm` processes do it (`crate::migration::pair`):
 //! the source pauses the guest once for a known 200 ms (the ruler's calibration), then
 //! migrates it at `migrate_at_ms`. Figures per migration:
 //! - `downtime`: the heartbeat ruler (largest gap between heartbeats after the migration
@@ -27,8 +27,9 @@ use super::plan::param_value;
 use super::session::{SeriesSamples, WorkloadOutcome};
 use crate::backend::BackendKind;
 use crate::backend::BootRequest;
+use crate::migration::pair;
+use crate::migration::peer::{PeerKind, PeerRun, PeerSpec};
 use crate::migration::ruler::{self, largest_gap};
-use crate::migration::vmm_peer::{self, PeerKind, PeerRun, PeerSpec};
 use crate::migration::xen_peer::{self, XenSpec};
 
 /// The calibration pause.
@@ -222,7 +223,7 @@ fn migrate(
         max_rounds: 30,
     };
     let limit = p.duration + ctx.options.workload_timeout + Duration::from_secs(30);
-    match vmm_peer::run(&spec, limit, ctx.interrupted) {
+    match pair::run(&spec, limit, ctx.interrupted) {
         Ok(peer) => interpret(&peer, &p, outcome),
         Err(e) => outcome.ratchet(Status::Error, e),
     }

@@ -1,0 +1,247 @@
+//! What a migration peer pair is and says: the spec, the two sides' events (console lines
+//! stamped with CLOCK_REALTIME as they arrive; the processes' JSON lines on stderr), and
+//! what a run gathered from them. Each process dies with the thread that started it
+//! (PR_SET_PDEATHSIG).
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::SyncSender;
+use std::time::Duration;
+
+use serde_json::Value;
+use workloads::protocol::{decode_line, LineKind, Status};
+
+use super::ruler::Beat;
+use super::{realtime_ns, FAILED, INCOMING, PAUSED, REPORT};
+use crate::console::{printable, ConsoleLine, LineAssembler};
+
+/// Which pair of VMMs.
+#[derive(Clone, Debug)]
+pub enum PeerKind {
+    /// Two `hvbench vmm` processes.
+    Vmm {
+        exe: PathBuf,
+        guest_image: Option<PathBuf>,
+    },
+    /// Two QEMUs with these arguments (machine, memory, kernel, command line, console on
+    /// stdout); the destination gets `-incoming`, the source a QMP socket.
+    Qemu { binary: PathBuf, args: Vec<String> },
+}
+
+/// How one run is set up.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub kind: PeerKind,
+    pub memory_mib: u32,
+    /// vCPUs of our VMM's guest (more than one: the in-kernel irqchip, which migrates
+    /// with it); QEMU's arguments carry their own.
+    pub vcpus: u32,
+    pub cmdline: String,
+    /// A backstop for both VMMs (each stops its guest after this).
+    pub timeout: Duration,
+    /// When to migrate and when to pause (for `pause`), after the first heartbeat.
+    pub migrate_at: Duration,
+    pub pause_at: Duration,
+    pub pause: Duration,
+    pub downtime_limit: Duration,
+    pub max_rounds: u32,
+}
+
+/// Which VMM a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Source,
+    Destination,
+}
+
+/// What the two processes said.
+#[derive(Debug, Default)]
+pub struct PeerRun {
+    pub beats: Vec<Beat>,
+    /// The guest's other notes (checksums, pages), from whichever side printed them.
+    pub notes: BTreeMap<String, String>,
+    /// The guest's result line.
+    pub result: Option<(Status, Option<String>)>,
+    /// Protocol lines that did not decode.
+    pub damaged: u32,
+    pub report: Option<Value>,
+    pub incoming: Option<Value>,
+    pub pause: Option<Value>,
+    /// The source's `migration-error` lines (the migration, or the pause, failed).
+    pub errors: Vec<String>,
+    pub source_status: Option<i32>,
+    pub destination_status: Option<i32>,
+    pub stderr_tails: [String; 2],
+}
+
+/// Lines kept of a VMM's stderr for error messages.
+const STDERR_LINES: usize = 20;
+/// Longest stderr line taken (the JSON report of a long migration is the longest).
+const MAX_STDERR_LINE: usize = 1 << 20;
+/// Guest notes kept.
+const MAX_NOTES: usize = 64;
+
+pub(crate) enum Event {
+    Console(u64, Vec<u8>),
+    Stderr(Side, String),
+    Closed,
+}
+
+pub(crate) fn read_console(out: impl Read, tx: SyncSender<Event>) {
+    let mut out = out;
+    let mut lines = LineAssembler::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = out.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let at = realtime_ns();
+        for line in lines.push(&buf[..n]) {
+            let bytes = match line {
+                ConsoleLine::Line(bytes) => bytes,
+                ConsoleLine::Overlong { head, .. } => head,
+            };
+            if tx.send(Event::Console(at, bytes)).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.send(Event::Closed);
+}
+
+pub(crate) fn read_stderr(side: Side, err: impl Read, tx: SyncSender<Event>) {
+    let mut reader = BufReader::new(err.take(64 << 20));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader
+            .by_ref()
+            .take(MAX_STDERR_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                if tx.send(Event::Stderr(side, text)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn spawn(
+    program: &std::path::Path,
+    args: &[String],
+    side: Side,
+    tx: &SyncSender<Event>,
+) -> Result<Child, String> {
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+        .process_group(0)
+        .stdin(if side == Side::Source {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe. The VMM dies with the thread that
+    // started it; if hvbench died before the prctl took effect, it refuses to start.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid().cast_unsigned() != parent {
+                return Err(std::io::Error::other("hvbench exited"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", program.display()))?;
+    if let Some(out) = child.stdout.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || read_console(out, tx));
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || read_stderr(side, err, tx));
+    }
+    Ok(child)
+}
+
+pub(crate) fn take(event: Event, run: &mut PeerRun) {
+    match event {
+        Event::Console(at, line) => take_console(at, &line, run),
+        Event::Stderr(side, line) => take_stderr(side, line, run),
+        Event::Closed => {}
+    }
+}
+
+pub(crate) fn take_console(at_ns: u64, line: &[u8], run: &mut PeerRun) {
+    let raw = match decode_line(line) {
+        Ok(Some(raw)) => raw,
+        Ok(None) => return,
+        Err(_) => {
+            run.damaged += 1;
+            return;
+        }
+    };
+    match raw.kind {
+        LineKind::Note if raw.get("k") == Some("beat") => {
+            match (raw.number("v"), raw.number("pages")) {
+                (Ok(seq), Ok(pages)) => run.beats.push(Beat { at_ns, seq, pages }),
+                _ => run.damaged += 1,
+            }
+        }
+        LineKind::Note => {
+            if let (Some(k), Some(v)) = (raw.get("k"), raw.get("v")) {
+                if run.notes.len() < MAX_NOTES && k.len() <= 64 && v.len() <= 128 {
+                    run.notes.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        LineKind::Result => match raw.status() {
+            Ok(status) => {
+                let reason = raw.get("reason").map(|r| r.chars().take(400).collect());
+                run.result = Some((status, reason));
+            }
+            Err(_) => run.damaged += 1,
+        },
+        LineKind::Skip => {
+            let reason = raw.get("reason").map(|r| r.chars().take(400).collect());
+            run.result = Some((Status::Skip, reason));
+        }
+        _ => {}
+    }
+}
+
+fn take_stderr(side: Side, line: String, run: &mut PeerRun) {
+    let json = |rest: &str| serde_json::from_str::<Value>(rest).ok();
+    if let Some(rest) = line.strip_prefix(REPORT) {
+        run.report = json(rest);
+    } else if let Some(rest) = line.strip_prefix(INCOMING) {
+        run.incoming = json(rest);
+    } else if let Some(rest) = line.strip_prefix(PAUSED) {
+        run.pause = json(rest);
+    } else if let Some(rest) = line.strip_prefix(FAILED) {
+        run.errors
+            .push(printable(rest.as_bytes()).chars().take(600).collect());
+    }
+    let tail = &mut run.stderr_tails[usize::from(side == Side::Destination)];
+    let mut lines: Vec<&str> = tail.lines().collect();
+    let kept = printable(line.as_bytes())
+        .chars()
+        .take(300)
+        .collect::<String>();
+    lines.push(&kept);
+    let skip = lines.len().saturating_sub(STDERR_LINES);
+    *tail = lines[skip..].join("\n");
+}
