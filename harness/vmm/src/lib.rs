@@ -43,7 +43,8 @@ use self::migration::{
 };
 use self::vstate::memory::{self as memory, Advice, GuestMemory};
 pub use self::vstate::vcpu::MAX_VCPUS;
-use self::vstate::vcpu::{create_secondary, install_kick_handler, kick_signal, Vcpu};
+use self::vstate::vcpu::{create_secondary, Vcpu};
+use self::vstate::vcpu_ops::{install_kick_handler, kick_signal};
 use self::vstate::vm::Vm;
 
 #[derive(Debug, Error)]

@@ -13,6 +13,7 @@ use kvm_ioctls::VcpuFd;
 use super::state::{DeviceState, MachineState, VcpuState};
 use crate::devices::Devices;
 use crate::vstate::ap::Aps;
+use crate::vstate::vcpu_ops::complete_pending_io;
 
 /// How long the application processors may take to pause.
 const AP_PAUSE_LIMIT: Duration = Duration::from_secs(2);
@@ -176,18 +177,4 @@ fn capture(
         irqchip: None,
         devices,
     }))
-}
-
-/// An I/O exit is finished by the next KVM_RUN (an IN's value reaches RAX, RIP moves past
-/// the instruction): with `immediate_exit` set, KVM does that and returns at once
-/// without running the guest, so the captured registers are those after the I/O.
-pub(crate) fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
-    fd.set_kvm_immediate_exit(1);
-    let result = fd.run().map(|_| ());
-    fd.set_kvm_immediate_exit(0);
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-        Err(e) => Err(format!("completing pending I/O before the pause: {e}")),
-    }
 }

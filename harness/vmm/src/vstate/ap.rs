@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
 
-use super::vcpu::kick_signal;
+use super::vcpu_ops::{complete_pending_io, kick_signal};
 use crate::channel::GuestEnd;
-use crate::migration::park::complete_pending_io;
 use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
 use crate::migration::state::VcpuState;
 use crate::VmmError;
@@ -243,7 +242,7 @@ fn run(mut fd: VcpuFd, index: usize, shared: &ApShared) {
                 ),
             }),
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                super::vcpu::harvest(shared.rings.as_deref())
+                super::vcpu_ops::harvest(shared.rings.as_deref())
                     .err()
                     .map(|detail| GuestEnd::Failed { detail })
             }

@@ -3,4 +3,5 @@
 pub(crate) mod ap;
 pub(crate) mod memory;
 pub(crate) mod vcpu;
+pub(crate) mod vcpu_ops;
 pub(crate) mod vm;

@@ -3,14 +3,14 @@
 //! it by setting a flag and interrupting KVM_RUN with a signal.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use workloads::abi::CPUID_KVM_TSC_KHZ_LEAF;
 
 use super::ap::Aps;
+use super::vcpu_ops::harvest;
 use super::vm::Vm;
 use crate::boot;
 use crate::channel::{GuestEnd, GuestMessage, GuestSender};
@@ -20,25 +20,6 @@ use crate::devices::{Devices, Doorbell, ExitReason, PioAction};
 use crate::migration::park::{Park, Verdict};
 use crate::migration::ring::{DirtyRings, KVM_EXIT_DIRTY_RING_FULL};
 use crate::VmmError;
-
-/// The signal that interrupts KVM_RUN when the host stops a guest.
-pub(crate) fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
-}
-
-/// Installs the kick handler once per process.
-pub(crate) fn install_kick_handler() -> Result<(), VmmError> {
-    static INSTALL: Once = Once::new();
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick).map_err(VmmError::KickSignal);
-    });
-    result
-}
 
 const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
 /// CPUID.1:ECX bit 31, "running under a hypervisor": guests read the 0x40000000 leaves
@@ -174,16 +155,6 @@ pub(crate) fn create_secondary(kvm: &Kvm, vm: &Vm, count: u32) -> Result<Vec<Vcp
             create(kvm, vm, id)
         })
         .collect()
-}
-
-/// A vCPU's dirty ring filled: harvests every ring so that it may run on.
-pub(crate) fn harvest(rings: Option<&DirtyRings>) -> Result<(), String> {
-    match rings {
-        Some(rings) => rings
-            .harvest_full()
-            .map_err(|e| format!("harvesting the dirty rings: {e}")),
-        None => Err("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into()),
-    }
 }
 
 /// Most vCPUs a guest may have: APIC IDs are 8 bits in xAPIC mode, and 0xff is broadcast.
