@@ -110,8 +110,15 @@ extern "C" {
     static xen_hypercall_page: [u8; 4096];
 }
 
-/// Calls hypercall `nr` through the hypercall page. CPL0 only.
+/// Calls hypercall `nr` with two arguments (the third is 0) through the hypercall page.
+/// CPL0 only.
 fn hypercall(nr: u64, a0: u64, a1: u64) -> i64 {
+    hypercall3(nr, a0, a1, 0)
+}
+
+/// Calls hypercall `nr` with three arguments through the hypercall page (installed by
+/// `init`). CPL0 only.
+pub fn hypercall3(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     let entry = core::ptr::addr_of!(xen_hypercall_page) as u64 + nr * 32;
     let ret: i64;
     // SAFETY: Xen filled the page with one 32-byte stub per hypercall (mov $nr, %eax;
@@ -126,7 +133,8 @@ fn hypercall(nr: u64, a0: u64, a1: u64) -> i64 {
             entry = in(reg) entry,
             inout("rdi") a0 => _,
             inout("rsi") a1 => _,
-            out("rdx") _, out("r10") _, out("r8") _,
+            inout("rdx") a2 => _,
+            out("r10") _, out("r8") _,
             lateout("rax") ret,
         );
     }

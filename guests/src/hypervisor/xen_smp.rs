@@ -11,6 +11,7 @@
 
 use core::arch::{asm, global_asm};
 
+use super::xen::hypercall3;
 use crate::arch::cpu::rdmsr;
 use crate::arch::smp::{self, MAX_CPUS};
 
@@ -46,31 +47,7 @@ const CR4: usize = 12;
 const EFER: usize = 13;
 
 extern "C" {
-    static xen_hypercall_page: [u8; 4096];
     fn xen_ap_entry();
-}
-
-/// Calls hypercall `nr` with three arguments through the hypercall page (installed by
-/// `xen::init`). CPL0 only.
-pub fn hypercall3(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
-    let entry = core::ptr::addr_of!(xen_hypercall_page) as u64 + nr * 32;
-    let ret: i64;
-    // SAFETY: as `xen::hypercall`: Xen's 32-byte stub for `nr`; the red zone is skipped
-    // before the call pushes its return address; argument registers are clobbered.
-    unsafe {
-        asm!(
-            "sub rsp, 128",
-            "call {entry}",
-            "add rsp, 128",
-            entry = in(reg) entry,
-            inout("rdi") a0 => _,
-            inout("rsi") a1 => _,
-            inout("rdx") a2 => _,
-            out("r10") _, out("r8") _,
-            lateout("rax") ret,
-        );
-    }
-    ret
 }
 
 fn read_cr0() -> u64 {
