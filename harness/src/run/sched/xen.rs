@@ -616,26 +616,9 @@ pub(crate) fn run_steal(
     ctx: &HostContext,
     xl: &dyn XlHost,
     p: &SpinParams,
-    mut outcome: WorkloadOutcome,
+    outcome: WorkloadOutcome,
 ) -> HostDriven {
-    if let Some(reason) = pin_refused(p) {
-        outcome.ratchet(Status::Skip, reason);
-        return outcome.into();
-    }
-    placement(&mut outcome, p);
-    let x = pooled_domains(ctx, xl, id, p, &mut outcome, false)
-        .map_err(|e| outcome.ratchet(e.status(), e.to_string()))
-        .ok();
-    if let Some(x) = &x {
-        sample_notes(&mut outcome, x);
-        if let Err(e) = steal_figures(&mut outcome, x) {
-            outcome.ratchet(e.status(), e.to_string());
-        }
-    }
-    HostDriven {
-        hello: first_hello(&x),
-        outcome,
-    }
+    run_pooled(id, ctx, xl, p, outcome, false, steal_figures)
 }
 
 /// `sched.fairness` on Xen: weights (and caps) through `xl sched-*` in the pool.
@@ -644,23 +627,40 @@ pub(crate) fn run_fairness(
     ctx: &HostContext,
     xl: &dyn XlHost,
     p: &SpinParams,
+    outcome: WorkloadOutcome,
+) -> HostDriven {
+    run_pooled(id, ctx, xl, p, outcome, true, |outcome, x| {
+        if x.host.is_empty() {
+            return Err(never_sampled(x));
+        }
+        super::fairness_figures(outcome, &x.observed, p);
+        Ok(())
+    })
+}
+
+/// What both rows share: `pin` refused, the placement noted, the domains run in the pool
+/// (weighed if `weights`), the dom0's samples noted, then the row's own `figures`.
+fn run_pooled(
+    id: WorkloadId,
+    ctx: &HostContext,
+    xl: &dyn XlHost,
+    p: &SpinParams,
     mut outcome: WorkloadOutcome,
+    weights: bool,
+    figures: impl FnOnce(&mut WorkloadOutcome, &XenObserved) -> Result<(), SchedError>,
 ) -> HostDriven {
     if let Some(reason) = pin_refused(p) {
         outcome.ratchet(Status::Skip, reason);
         return outcome.into();
     }
     placement(&mut outcome, p);
-    let x = pooled_domains(ctx, xl, id, p, &mut outcome, true)
+    let x = pooled_domains(ctx, xl, id, p, &mut outcome, weights)
         .map_err(|e| outcome.ratchet(e.status(), e.to_string()))
         .ok();
     if let Some(x) = &x {
         sample_notes(&mut outcome, x);
-        if x.host.is_empty() {
-            let e = never_sampled(x);
+        if let Err(e) = figures(&mut outcome, x) {
             outcome.ratchet(e.status(), e.to_string());
-        } else {
-            super::fairness_figures(&mut outcome, &x.observed, p);
         }
     }
     HostDriven {
