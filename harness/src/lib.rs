@@ -9,6 +9,7 @@
 #![deny(clippy::print_stderr, clippy::print_stdout)]
 
 pub mod backend;
+mod child;
 pub mod console;
 pub mod disk;
 pub mod guest_image;

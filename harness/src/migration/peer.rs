@@ -89,8 +89,9 @@ pub(crate) enum Event {
     Closed,
 }
 
-pub(crate) fn read_console(out: impl Read, tx: SyncSender<Event>) {
-    let mut out = out;
+/// Reads a console's output into lines (cut as `LineAssembler` cuts them), each stamped
+/// with CLOCK_REALTIME as its read arrived, and hands them to `take` until it says stop.
+pub(crate) fn stamp_lines(mut out: impl Read, mut take: impl FnMut(u64, Vec<u8>) -> bool) {
     let mut lines = LineAssembler::new();
     let mut buf = [0u8; 4096];
     while let Ok(n) = out.read(&mut buf) {
@@ -103,11 +104,15 @@ pub(crate) fn read_console(out: impl Read, tx: SyncSender<Event>) {
                 ConsoleLine::Line(bytes) => bytes,
                 ConsoleLine::Overlong { head, .. } => head,
             };
-            if tx.send(Event::Console(at, bytes)).is_err() {
+            if !take(at, bytes) {
                 return;
             }
         }
     }
+}
+
+pub(crate) fn read_console(out: impl Read, tx: SyncSender<Event>) {
+    stamp_lines(out, |at, bytes| tx.send(Event::Console(at, bytes)).is_ok());
     let _ = tx.send(Event::Closed);
 }
 
@@ -149,20 +154,7 @@ pub(crate) fn spawn(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let parent = std::process::id();
-    // SAFETY: prctl and getppid are async-signal-safe. The VMM dies with the thread that
-    // started it; if hvbench died before the prctl took effect, it refuses to start.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid().cast_unsigned() != parent {
-                return Err(std::io::Error::other("hvbench exited"));
-            }
-            Ok(())
-        });
-    }
+    crate::child::die_with_this_thread(&mut command);
     let mut child = command
         .spawn()
         .map_err(|e| format!("starting {}: {e}", program.display()))?;

@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::peer::{take_console, PeerRun, Side};
+use super::peer::{stamp_lines, take_console, PeerRun, Side};
 use super::realtime_ns;
 use super::xl_log::{Milestone, XlLog};
 use crate::backend::xen::XenBackend;
 use crate::backend::BootRequest;
-use crate::console::{printable, ConsoleLine, LineAssembler};
+use crate::console::printable;
 use hostutil::transport::{shell_quote, Transport};
 
 /// Limit for one short toolstack command (the TCG lab is slow).
@@ -100,24 +100,10 @@ impl Drop for Guard {
 }
 
 /// Reads a console process's output into lines, each stamped as it arrives.
-fn read_console(side: Side, mut out: impl Read, tx: SyncSender<Event>) {
-    let mut lines = LineAssembler::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = out.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        let at = realtime_ns();
-        for line in lines.push(&buf[..n]) {
-            let bytes = match line {
-                ConsoleLine::Line(bytes) => bytes,
-                ConsoleLine::Overlong { head, .. } => head,
-            };
-            if tx.send(Event::Console(side, at, bytes)).is_err() {
-                return;
-            }
-        }
-    }
+fn read_console(side: Side, out: impl Read, tx: SyncSender<Event>) {
+    stamp_lines(out, |at, bytes| {
+        tx.send(Event::Console(side, at, bytes)).is_ok()
+    });
 }
 
 /// Longest line of text passed on whole (longer ones are cut there).

@@ -153,21 +153,7 @@ fn spawn_one(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let parent = std::process::id();
-    // SAFETY: prctl and getppid are async-signal-safe. The VMM is killed when the thread
-    // that started it ends; if hvbench died before the prctl took effect, the VMM's parent
-    // is no longer hvbench and it refuses to start.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid().cast_unsigned() != parent {
-                return Err(std::io::Error::other("hvbench exited"));
-            }
-            Ok(())
-        });
-    }
+    crate::child::die_with_this_thread(&mut command);
     let mut child = command.spawn().map_err(|source| MemKsmError::Io {
         what: format!("starting {} vmm", spec.exe.display()),
         source,
