@@ -158,14 +158,6 @@ fn a_balloon_larger_than_the_guest_is_an_error_before_any_boot() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// The lab's cache directory: HVBENCH_XEN_LAB_CACHE_DIR, else hvbench's default.
-fn lab_cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
-        Some(dir) if !dir.is_empty() => dir.into(),
-        _ => lab::default_cache_dir().expect("HOME is set"),
-    }
-}
-
 #[test]
 fn mem_balloon_succeeds_on_xen_in_the_lab() {
     if !common::required("HVBENCH_REQUIRE_XEN_LAB") {
@@ -181,21 +173,10 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
     );
     let _serial = common::exclusive();
     let started = Instant::now();
-    let cache = lab_cache_dir();
-    let already_up =
-        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop =
-        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
-    let up = common::hvbench()
-        .args(["lab", "up", "xen", "--cache-dir"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = common::XenLabUse::new();
+    let cache = lab.cache.clone();
+    let already_up = lab.already_up;
+    lab.up(&[]);
     let host = XenHostSpec::lab(
         "lab",
         lab::xen_host_in(&cache).expect("the lab as --xen-host"),
@@ -225,22 +206,9 @@ fn mem_balloon_succeeds_on_xen_in_the_lab() {
         .transport
         .run("xl list", None, Duration::from_secs(60))
         .unwrap();
-    let leftovers: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .skip(1)
-        .filter(|l| !l.starts_with("Domain-0"))
-        .map(str::to_string)
-        .collect();
+    let leftovers = common::guest_domains(&list.stdout);
     assert!(leftovers.is_empty(), "leftover domains: {leftovers:?}");
-    if !already_up {
-        down_on_drop.disarm();
-        let down = common::hvbench()
-            .args(["lab", "down", "--cache-dir"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(down.status.success());
-    }
+    lab.finish();
     eprintln!(
         "mem.balloon on the Xen lab took {:.1} s (lab already up: {already_up})",
         started.elapsed().as_secs_f64()

@@ -216,24 +216,11 @@ fn a_missing_disk_directory_is_an_error_before_any_guest_boots() {
     assert!(records.is_empty(), "records were written: {records}");
 }
 
-/// The lab's cache directory: HVBENCH_XEN_LAB_CACHE_DIR, else hvbench's default.
-fn lab_cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
-        Some(dir) if !dir.is_empty() => dir.into(),
-        _ => lab::default_cache_dir().expect("HOME is set"),
-    }
-}
-
 /// What the dom0 runs of ours: domains other than dom0, and loop devices.
 fn leftovers(host: &XenHostSpec) -> (Vec<String>, String) {
     let limit = std::time::Duration::from_secs(60);
     let list = host.transport.run("xl list", None, limit).unwrap();
-    let domains = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .skip(1)
-        .filter(|l| !l.starts_with("Domain-0"))
-        .map(str::to_string)
-        .collect();
+    let domains = common::guest_domains(&list.stdout);
     let loops = host.transport.run("losetup -a", None, limit).unwrap();
     (
         domains,
@@ -256,21 +243,10 @@ fn every_block_workload_runs_on_xen_in_the_lab_through_blkfront() {
     );
     let _serial = common::exclusive();
     let started = std::time::Instant::now();
-    let cache = lab_cache_dir();
-    let already_up =
-        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop =
-        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
-    let up = common::hvbench()
-        .args(["lab", "up", "xen", "--cache-dir"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = common::XenLabUse::new();
+    let cache = lab.cache.clone();
+    let already_up = lab.already_up;
+    lab.up(&[]);
     let host = XenHostSpec::lab("lab", lab::xen_host_in(&cache).expect("the lab"));
     let disk = TestDisk::create(&DiskOptions {
         dir: Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf(),
@@ -344,15 +320,7 @@ fn every_block_workload_runs_on_xen_in_the_lab_through_blkfront() {
     drop(backend);
     let (_, loops) = leftovers(&host);
     assert!(loops.is_empty(), "leftover loop devices: {loops}");
-    if !already_up {
-        down_on_drop.disarm();
-        let down = common::hvbench()
-            .args(["lab", "down", "--cache-dir"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(down.status.success());
-    }
+    lab.finish();
     eprintln!(
         "the block workloads on the Xen lab took {:.1} s (lab already up: {already_up})",
         started.elapsed().as_secs_f64()

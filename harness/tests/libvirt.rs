@@ -285,14 +285,6 @@ fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
     assert!(left.is_empty(), "left on the libvirt host: {left:?}");
 }
 
-/// The Xen lab's cache directory: HVBENCH_XEN_LAB_CACHE_DIR, else hvbench's default.
-fn lab_cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
-        Some(dir) if !dir.is_empty() => dir.into(),
-        _ => lab::default_cache_dir().expect("HOME is set"),
-    }
-}
-
 #[test]
 fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
     if !common::required("HVBENCH_REQUIRE_XEN_LAB") {
@@ -303,22 +295,9 @@ fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
         return;
     }
     let _serial = common::exclusive();
-    let cache = lab_cache_dir();
-    let already_up =
-        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
-    let _down_on_drop =
-        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
-    let up = common::hvbench()
-        .args(["lab", "up", "xen", "--with-libvirt", "--cache-dir"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&up.stdout);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = common::XenLabUse::new();
+    let cache = lab.cache.clone();
+    let said = lab.up(&["--with-libvirt"]);
     assert!(said.contains("xen:///system answers"), "{said}");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results");

@@ -15,13 +15,6 @@ use hvbench::run::WorkloadParam;
 use reports::record::{Record, Status};
 use workloads::WorkloadId;
 
-fn lab_cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
-        Some(dir) if !dir.is_empty() => dir.into(),
-        _ => lab::default_cache_dir().expect("HOME is set"),
-    }
-}
-
 fn record<'a>(records: &'a [Record], workload: &str, metric: &str) -> &'a Record {
     records
         .iter()
@@ -89,46 +82,22 @@ fn fairness(backend: &XenBackend) {
 fn with_lab(what: &str, check: impl FnOnce(&XenBackend)) {
     let _serial = common::exclusive();
     let started = Instant::now();
-    let cache = lab_cache_dir();
-    let already_up =
-        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop =
-        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
-    let up = common::hvbench()
-        .args(["lab", "up", "xen", "--cpus", "3", "--cache-dir"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = common::XenLabUse::new();
+    let cache = lab.cache.clone();
+    let already_up = lab.already_up;
+    lab.up(&["--cpus", "3"]);
     let host = XenHostSpec::lab(
         "lab",
         lab::xen_host_in(&cache).expect("the lab as --xen-host"),
     );
     let backend = XenBackend::new(host.clone(), Paging::Hap).expect("xen backend");
     check(&backend);
-    let domains: Vec<String> = dom0(&host, "xl list")
-        .lines()
-        .skip(1)
-        .filter(|l| !l.starts_with("Domain-0"))
-        .map(str::to_string)
-        .collect();
+    let domains = common::guest_domains(dom0(&host, "xl list").as_bytes());
     assert!(domains.is_empty(), "leftover domains: {domains:?}");
     let pools = dom0(&host, "xl cpupool-list");
     assert!(!pools.contains("hvbench"), "a cpupool was left: {pools}");
     drop(backend);
-    if !already_up {
-        down_on_drop.disarm();
-        let down = common::hvbench()
-            .args(["lab", "down", "--cache-dir"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(down.status.success());
-    }
+    lab.finish();
     eprintln!(
         "{what} on the Xen lab took {:.1} s (lab already up: {already_up})",
         started.elapsed().as_secs_f64()

@@ -16,13 +16,6 @@ use std::time::{Duration, Instant};
 use reports::read_results;
 use reports::record::{Record, Status};
 
-fn lab_cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
-        Some(dir) if !dir.is_empty() => dir.into(),
-        _ => lab::default_cache_dir().expect("HOME is set"),
-    }
-}
-
 fn metric<'a>(records: &'a [Record], name: &str) -> &'a Record {
     records
         .iter()
@@ -42,12 +35,7 @@ fn hex(r: &Record, key: &str) -> u64 {
 /// The domains on the lab's dom0 other than dom0 itself.
 fn domains(ssh: &hostutil::transport::Transport) -> Vec<String> {
     let list = ssh.run("xl list", None, Duration::from_secs(60)).unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .skip(1)
-        .filter(|l| !l.starts_with("Domain-0"))
-        .map(str::to_string)
-        .collect()
+    common::guest_domains(&list.stdout)
 }
 
 #[test]
@@ -65,22 +53,11 @@ fn xl_migrate_moves_a_dirtying_guest_with_its_memory_and_console() {
     );
     let _serial = common::exclusive();
     let started = Instant::now();
-    let cache = lab_cache_dir();
-    let already_up =
-        matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
-    let mut down_on_drop =
-        common::LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
+    let lab = common::XenLabUse::new();
+    let cache = lab.cache.clone();
+    let already_up = lab.already_up;
     if !already_up {
-        let up = common::hvbench()
-            .args(["lab", "up", "xen", "--insns", "--cache-dir"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(
-            up.status.success(),
-            "{}",
-            String::from_utf8_lossy(&up.stderr)
-        );
+        lab.up(&["--insns"]);
     }
     let ssh = lab::xen_host_in(&cache)
         .expect("the lab as --xen-host")
@@ -145,15 +122,7 @@ fn xl_migrate_moves_a_dirtying_guest_with_its_memory_and_console() {
     );
     let left = domains(&ssh);
     assert!(left.is_empty(), "domains left behind: {left:?}");
-    if !already_up {
-        down_on_drop.disarm();
-        let down = common::hvbench()
-            .args(["lab", "down", "--cache-dir"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(down.status.success());
-    }
+    lab.finish();
     eprintln!(
         "mig.dirty on the Xen lab took {:.1} s (lab already up: {already_up})",
         started.elapsed().as_secs_f64()

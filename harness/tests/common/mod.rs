@@ -165,3 +165,75 @@ impl Drop for LabDownOnDrop {
         }
     }
 }
+
+/// The Xen lab's cache directory: HVBENCH_XEN_LAB_CACHE_DIR, else hvbench's default.
+pub fn xen_lab_cache_dir() -> PathBuf {
+    match std::env::var_os("HVBENCH_XEN_LAB_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => lab::default_cache_dir().expect("HOME is set"),
+    }
+}
+
+/// The Xen lab one test uses (at `xen_lab_cache_dir`): whether it was up before the test,
+/// and a guard that takes it down again if this test brought it up, a panic included.
+pub struct XenLabUse {
+    pub cache: PathBuf,
+    pub already_up: bool,
+    down_on_drop: LabDownOnDrop,
+}
+
+impl XenLabUse {
+    /// Notes whether the lab is up; starts nothing.
+    pub fn new() -> Self {
+        let cache = xen_lab_cache_dir();
+        let already_up =
+            matches!(<lab::XenLab as lab::Lab>::status(&cache), Ok(Some(s)) if s.healthy());
+        let down_on_drop = LabDownOnDrop::new(<lab::XenLab as lab::Lab>::down, &cache, already_up);
+        XenLabUse {
+            cache,
+            already_up,
+            down_on_drop,
+        }
+    }
+
+    /// `hvbench lab up xen ARGS --cache-dir CACHE`, which must succeed; returns its stdout.
+    pub fn up(&self, args: &[&str]) -> String {
+        let up = hvbench()
+            .args(["lab", "up", "xen"])
+            .args(args)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .output()
+            .unwrap();
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        String::from_utf8_lossy(&up.stdout).into_owned()
+    }
+
+    /// Takes down a lab this test brought up, and checks that it went.
+    pub fn finish(mut self) {
+        if self.already_up {
+            return;
+        }
+        self.down_on_drop.disarm();
+        let down = hvbench()
+            .args(["lab", "down", "--cache-dir"])
+            .arg(&self.cache)
+            .output()
+            .unwrap();
+        assert!(down.status.success());
+    }
+}
+
+/// The domains in `xl list` output other than Domain-0 (each its whole line).
+pub fn guest_domains(xl_list: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(xl_list)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("Domain-0"))
+        .map(str::to_string)
+        .collect()
+}
