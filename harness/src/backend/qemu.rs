@@ -120,6 +120,11 @@ pub struct QemuOptions {
     pub insns: bool,
 }
 
+/// Why QEMU cannot run a CPL0 hypercall on a kvm_pvm host.
+pub(crate) const KVM_PVM_QEMU_HYPERCALL: &str =
+    "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM disables \
+     KVM's hypercall-patching quirk, which QEMU does not";
+
 /// Why a q35 guest has no balloon (QEMU q35 and libvirt alike).
 pub const Q35_NO_VIRTIO_MMIO: &str =
     "the guest's balloon and block drivers speak virtio-mmio, which q35 does not have (q35 \
@@ -402,11 +407,7 @@ impl Hypervisor for QemuBackend {
             BackendFeature::HypercallFromKernel
                 if self.accel == Accel::Kvm && self.host.kvm_module == "kvm_pvm" =>
             {
-                Err(
-                    "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
-                     disables KVM's hypercall-patching quirk, which QEMU does not"
-                        .into(),
-                )
+                Err(KVM_PVM_QEMU_HYPERCALL.into())
             }
             BackendFeature::HypercallFromKernel => Ok(()),
             BackendFeature::VirtioBalloon

@@ -120,11 +120,9 @@ fn q35_supports(feature: BackendFeature, kvm_pvm: bool) -> Result<(), Unsupporte
              QEMU's userspace, not the in-kernel path this workload measures"
         )
         .into()),
-        BackendFeature::HypercallFromKernel if kvm_pvm => Err(
-            "on kvm_pvm hosts KVM_RUN never returns from a CPL0 hypercall unless the VMM \
-             disables KVM's hypercall-patching quirk, which QEMU does not"
-                .into(),
-        ),
+        BackendFeature::HypercallFromKernel if kvm_pvm => {
+            Err(crate::backend::qemu::KVM_PVM_QEMU_HYPERCALL.into())
+        }
         BackendFeature::HypercallFromKernel => Ok(()),
         BackendFeature::Balloon
         | BackendFeature::VirtioBalloon
