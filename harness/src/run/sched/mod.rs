@@ -198,6 +198,22 @@ pub(crate) fn run_steal(id: WorkloadId, ctx: &HostContext) -> HostDriven {
     }
 }
 
+/// The guest's and the host's steal as `steal_disagreement`, or a note saying why it is
+/// undefined (`host_saw_none`: the host's view had no steal).
+fn disagreement(outcome: &mut WorkloadOutcome, guest: f64, host: f64, host_saw_none: &str) {
+    match analysis::disagreement(guest, host) {
+        Some(d) => {
+            outcome
+                .series
+                .insert(("steal_disagreement", String::new()), direct(vec![d]));
+        }
+        None => outcome.note(
+            "steal_disagreement".into(),
+            format!("undefined: {host_saw_none}"),
+        ),
+    }
+}
+
 fn steal_figures(outcome: &mut WorkloadOutcome, o: &Observed) -> Result<(), SchedError> {
     let (mut guest, mut host) = (Vec::new(), Vec::new());
     for (g, view) in o.guests.iter().enumerate() {
@@ -226,17 +242,12 @@ fn steal_figures(outcome: &mut WorkloadOutcome, o: &Observed) -> Result<(), Sche
         }
     }
     let (sum_guest, sum_host): (f64, f64) = (guest.iter().sum(), host.iter().sum());
-    match analysis::disagreement(sum_guest, sum_host) {
-        Some(d) => {
-            outcome
-                .series
-                .insert(("steal_disagreement", String::new()), direct(vec![d]));
-        }
-        None => outcome.note(
-            "steal_disagreement".into(),
-            "undefined: the host saw no run delay (nothing was overcommitted)".into(),
-        ),
-    }
+    disagreement(
+        outcome,
+        sum_guest,
+        sum_host,
+        "the host saw no run delay (nothing was overcommitted)",
+    );
     outcome
         .series
         .insert(("steal_guest", String::new()), direct(guest));

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use workloads::protocol::{Event, Status};
 use workloads::WorkloadId;
 
-use super::analysis::{self, parse_tick};
+use super::analysis::parse_tick;
 use super::spin::{GuestView, Observed};
 use super::{direct, SchedError, SpinParams};
 use crate::backend::xen::sched::XlHost;
@@ -529,17 +529,12 @@ pub(crate) fn steal_figures(
             x.host.len()
         ),
     );
-    match analysis::disagreement(guest_rate, host_rate) {
-        Some(d) => {
-            outcome
-                .series
-                .insert(("steal_disagreement", String::new()), direct(vec![d]));
-        }
-        None => outcome.note(
-            "steal_disagreement".into(),
-            "undefined: the dom0 saw no steal (nothing was overcommitted)".into(),
-        ),
-    }
+    super::disagreement(
+        outcome,
+        guest_rate,
+        host_rate,
+        "the dom0 saw no steal (nothing was overcommitted)",
+    );
     outcome
         .series
         .insert(("steal_guest", String::new()), direct(guest));
