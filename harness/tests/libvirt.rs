@@ -360,3 +360,84 @@ fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
     };
     assert_eq!(left, "Domain-0", "left in dom0: {left}");
 }
+
+/// A run killed outright (SIGKILL: nothing of it can clean up) leaves its domain and its
+/// directory on the libvirt host it reached over SSH; the next run there destroys the
+/// domain (its metadata names the dead run) and removes the directory, and says so.
+#[test]
+fn a_killed_runs_domain_and_files_on_a_remote_host_go_with_the_next_run() {
+    if !common::kvm_available() {
+        return;
+    }
+    let _serial = common::exclusive();
+    let Some(_daemons) = Daemons::ensure() else {
+        return;
+    };
+    let Some(sshd) = common::libvirt::Sshd::start() else {
+        return;
+    };
+    let uri = sshd.uri();
+    let before = remote_dirs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut killed = common::hvbench()
+        .args(["run", "--backend", "libvirt", "--libvirt-uri", &uri])
+        .args(["-w", "selftest.hang", "--timeout-s", "600", "--out"])
+        .arg(dir.path().join("killed"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = killed.id();
+    let started = Instant::now();
+    while ours(pid).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no domain of hvbench {pid} appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(
+        ours(pid).len(),
+        1,
+        "the killed run's domain is gone already"
+    );
+    let new_dirs = || -> Vec<_> {
+        remote_dirs()
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .collect()
+    };
+    assert_eq!(new_dirs().len(), 1, "{:?}", new_dirs());
+    let next = common::hvbench()
+        .args(["run", "--backend", "libvirt", "--libvirt-uri", &uri])
+        .args([
+            "-w",
+            "cpu.cpuid",
+            "--samples",
+            "3",
+            "--warmup",
+            "1",
+            "--out",
+        ])
+        .arg(dir.path().join("next"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&next.stderr);
+    assert_eq!(next.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("destroyed libvirt domain hvbench-{pid}-")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("left by hvbench process {pid}")),
+        "{stderr}"
+    );
+    assert!(ours(pid).is_empty(), "left behind: {:?}", ours(pid));
+    assert!(
+        new_dirs().is_empty(),
+        "left on the libvirt host: {:?}",
+        new_dirs()
+    );
+}

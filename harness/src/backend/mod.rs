@@ -10,6 +10,7 @@ pub mod balloon;
 pub mod kvm;
 pub mod libvirt;
 pub mod qemu;
+pub mod stale;
 pub mod xen;
 
 use std::sync::mpsc::Receiver;

@@ -2,6 +2,12 @@
 //! (the PVH ELF as `<kernel>`, which QEMU boots through its PVH option ROM), the serial
 //! console in a file hvbench follows, and the exit device added through
 //! `<qemu:commandline>` (libvirt has no element for isa-debug-exit).
+//!
+//! The machine is the one hvbench's own q35 rung starts (`--backend qemu --qemu-machine
+//! q35`), so the ladder's last step isolates the management stack: ACPI on (QEMU's
+//! default; without `<acpi/>` libvirt passes `-no-acpi`) and no USB controller (without
+//! `model='none'` libvirt adds a qemu-xhci behind two pcie-root-ports, which the guest's
+//! firmware then enumerates at kvm_pvm's emulated CPL0 speed).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -20,6 +26,8 @@ pub struct DomainSpec<'a> {
     pub console_file: &'a Path,
     /// CPU features QEMU must add (`require`) or leave out (`disable`) on top of the host's.
     pub cpu_features: &'a [(CpuPolicy, &'a str)],
+    /// The owner line of the run that made it (`backend::stale::Owner`), for its metadata.
+    pub owner: Option<&'a str>,
 }
 
 /// A `<feature policy=...>` of the domain's CPU.
@@ -69,13 +77,16 @@ impl DomainSpec<'_> {
         format!(
             "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
-  <memory unit='MiB'>{memory}</memory>
+{metadata}  <memory unit='MiB'>{memory}</memory>
   <vcpu>{vcpus}</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <cmdline>{cmdline}</cmdline>
   </os>
+  <features>
+    <acpi/>
+  </features>
   <cpu mode='host-passthrough' check='none' migratable='off'>{cpu}
   </cpu>
   <on_poweroff>destroy</on_poweroff>
@@ -86,6 +97,7 @@ impl DomainSpec<'_> {
       <source path='{console}'/>
       <target port='0'/>
     </serial>
+    <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
   <qemu:commandline>
@@ -95,6 +107,7 @@ impl DomainSpec<'_> {
 </domain>
 ",
             name = escape(self.name),
+            metadata = super::stale::metadata_element(self.owner),
             memory = self.memory_mib,
             vcpus = self.vcpus,
             kernel = escape(&self.kernel.display().to_string()),
@@ -119,6 +132,7 @@ mod tests {
             vcpus: 2,
             console_file: Path::new("/tmp/d/console.log"),
             cpu_features: &[(CpuPolicy::Require, "invtsc")],
+            owner: Some("hvbench-owner-1 x 1 2"),
         };
         let xml = spec.render();
         for part in [
@@ -133,6 +147,9 @@ mod tests {
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "<on_reboot>destroy</on_reboot>",
             "<memballoon model='none'/>",
+            "<acpi/>",
+            "<controller type='usb' model='none'/>",
+            ">hvbench-owner-1 x 1 2</hvbench:owner>",
         ] {
             assert!(xml.contains(part), "{part} missing from\n{xml}");
         }
@@ -148,6 +165,7 @@ mod tests {
             vcpus: 1,
             console_file: Path::new("/s"),
             cpu_features: &[],
+            owner: None,
         };
         let xml = spec.render();
         assert!(xml.contains("<name>a&apos;&lt;b&gt;&amp;&quot;</name>"));

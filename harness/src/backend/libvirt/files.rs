@@ -88,6 +88,19 @@ fn plain_dir(text: &str) -> Option<&str> {
     ok.then_some(dir)
 }
 
+/// Where a run's directory goes on another host (`mktemp -d` adds `.XXXXXXXX`).
+const REMOTE_BASE: &str = "/tmp/hvbench-libvirt";
+
+/// Removes the directories killed runs of this machine left on the host `transport`
+/// reaches (their domains went with `stale::sweep_domains`), and says so.
+fn sweep_remote(transport: &Transport) {
+    let glob = format!("{REMOTE_BASE}.*");
+    match crate::backend::stale::sweep(transport, &glob, &crate::backend::stale::remove_dir_only) {
+        Ok(said) => said.iter().for_each(|m| crate::say!("hvbench: {m}")),
+        Err(e) => crate::say!("hvbench: warning: looking for what killed runs left: {e}"),
+    }
+}
+
 impl Files {
     /// A private directory on this machine, readable by the user QEMU runs as.
     pub fn local() -> Result<Self, LibvirtError> {
@@ -104,10 +117,15 @@ impl Files {
     /// A private directory made on the host `host` reaches.
     pub fn remote(host: FilesHost) -> Result<Self, LibvirtError> {
         let transport = &host.transport;
+        sweep_remote(transport);
         // Not retried: a mktemp that ran before its link dropped would leave a directory.
+        // Its owner file lets the next run remove it if this one is killed.
+        let owner = crate::backend::stale::write_owner_file();
         let out = transport
             .run(
-                "d=$(mktemp -d /tmp/hvbench-libvirt.XXXXXXXX) && chmod 755 \"$d\" && echo \"$d\"",
+                &format!(
+                    "d=$(mktemp -d {REMOTE_BASE}.XXXXXXXX) && chmod 755 \"$d\"{owner} && echo \"$d\""
+                ),
                 None,
                 REMOTE_TIMEOUT,
             )

@@ -87,7 +87,7 @@ fn render_xen_pvh(spec: &DomainSpec<'_>) -> String {
     format!(
         "<domain type='xen'>
   <name>{name}</name>
-  <memory unit='MiB'>{memory}</memory>
+{metadata}  <memory unit='MiB'>{memory}</memory>
   <vcpu>{vcpus}</vcpu>
   <os>
     <type arch='x86_64' machine='xenpvh'>xenpvh</type>
@@ -105,6 +105,7 @@ fn render_xen_pvh(spec: &DomainSpec<'_>) -> String {
 </domain>
 ",
         name = escape(spec.name),
+        metadata = super::stale::metadata_element(spec.owner),
         memory = spec.memory_mib,
         vcpus = spec.vcpus,
         kernel = escape(&Path::new(spec.kernel).display().to_string()),
@@ -211,6 +212,7 @@ mod tests {
             vcpus: 1,
             console_file: Path::new("/unused"),
             cpu_features: &[],
+            owner: None,
         };
         let xml = Flavour::XenPvh.render(&spec);
         for part in [

@@ -27,6 +27,7 @@ pub mod files;
 pub mod flavour;
 pub mod remote;
 pub mod session;
+pub mod stale;
 pub mod virsh;
 
 use std::collections::BTreeMap;
@@ -135,6 +136,8 @@ pub struct LibvirtBackend {
     events: Arc<Events>,
     cpu_features: Vec<(CpuPolicy, &'static str)>,
     flavour: Flavour,
+    /// This run's owner line, in every domain's metadata (`stale`).
+    owner: Option<String>,
 }
 
 impl LibvirtBackend {
@@ -171,7 +174,7 @@ impl LibvirtBackend {
         };
         let events = Arc::new(Events::start(virsh.clone())?);
         let not_here = remote.is_some();
-        for left in sweep_stale(&virsh, not_here)? {
+        for left in stale::sweep_domains(&virsh, not_here)? {
             crate::say!(
                 "hvbench: destroyed libvirt domain {left}, left by a run that no longer exists"
             );
@@ -194,6 +197,7 @@ impl LibvirtBackend {
             events,
             cpu_features,
             flavour: Flavour::of_uri(uri),
+            owner: crate::backend::stale::Owner::current().map(|o| o.line()),
         })
     }
 
@@ -211,6 +215,7 @@ impl LibvirtBackend {
             vcpus: request.vcpus,
             console_file: console,
             cpu_features: &self.cpu_features,
+            owner: self.owner.as_deref(),
         }
     }
 
@@ -227,6 +232,8 @@ impl LibvirtBackend {
             vcpus: 0,
             console_file: &console,
             cpu_features: &self.cpu_features,
+            // A record's XML, defined by hand, must not name this run as its owner.
+            owner: None,
         };
         self.flavour
             .render(&spec)
@@ -236,33 +243,6 @@ impl LibvirtBackend {
             )
             .replace("<vcpu>0</vcpu>", "<vcpu>VCPUS</vcpu>")
     }
-}
-
-/// Destroys `hvbench-<pid>-...` domains whose hvbench process is gone; returns their names.
-/// On another host the pid is not this machine's: nothing is swept there.
-fn sweep_stale(virsh: &Virsh, remote: bool) -> Result<Vec<String>, LibvirtError> {
-    if remote {
-        return Ok(Vec::new());
-    }
-    let names = virsh.text(&["list", "--all", "--name"], COMMAND_TIMEOUT)?;
-    let mut destroyed = Vec::new();
-    for name in names.lines().map(str::trim) {
-        let Some(pid) = name
-            .strip_prefix("hvbench-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        session::destroy(virsh, name)?;
-        // A persistent one (defined by hand from a record's XML) goes too.
-        let _ = virsh.run(&["undefine", name], None, COMMAND_TIMEOUT);
-        destroyed.push(crate::console::escape_text(name));
-    }
-    Ok(destroyed)
 }
 
 impl Hypervisor for LibvirtBackend {

@@ -74,15 +74,7 @@ pub struct RemoteDir {
 impl RemoteDir {
     pub fn create(transport: &Transport) -> Result<Self, XenError> {
         // Its owner, so that a run killed before it can remove it is cleaned up by the next.
-        let owner = stale::Owner::current()
-            .map(|o| {
-                format!(
-                    " && printf '%s\\n' {} > \"$d/{}\"",
-                    shell_quote(&o.line()),
-                    stale::OWNER_FILE
-                )
-            })
-            .unwrap_or_default();
+        let owner = stale::write_owner_file();
         let out = transport.run(
             &format!(
                 "d=$(mktemp -d \"{REMOTE_DIR_TEMPLATE}\") && chmod 0700 \"$d\"{owner} && printf '%s\\n' \"$d\""
@@ -310,7 +302,7 @@ impl XenBackend {
                 }
             )
         });
-        match stale::sweep(t, stale::DEFAULT_BASE) {
+        match stale::sweep(t) {
             Ok(said) => said.iter().for_each(|m| crate::say!("hvbench: {m}")),
             Err(e) => crate::say!("hvbench: warning: looking for what killed runs left: {e}"),
         }

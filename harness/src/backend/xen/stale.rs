@@ -1,127 +1,15 @@
-//! What a killed run left on the dom0. A run's private directory (`RemoteDir`) and the
-//! domains whose configs it holds go when the run ends, on every path a process can take;
-//! SIGKILL (or a lost machine) is the one it cannot. Each directory therefore names its
-//! owner (this machine's boot, the process id and its start time), and the next run
-//! removes the directories, and destroys the domains, of owners that are gone, and says so.
-//! An owner on another machine (a dom0 shared by several hosts) or from an earlier boot
-//! cannot be judged from here and is left alone.
-
-use std::time::Duration;
+//! What a killed run left on the dom0: its directory (found by the shared sweep,
+//! `backend::stale`), and the domains whose configs it holds.
 
 use hostutil::transport::{shell_quote, Transport, TransportError};
 
-/// The file in a run's directory that names its owner.
-pub const OWNER_FILE: &str = "owner";
-/// Where runs make their directories (`RemoteDir`'s template lives here).
-pub const DEFAULT_BASE: &str = "\"${TMPDIR:-/tmp}\"";
-/// First word of an owner line (its format's version).
-const MAGIC: &str = "hvbench-owner-1";
-/// Limit for one sweep command (the TCG lab is slow).
-const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::backend::stale::SWEEP_TIMEOUT;
+pub use crate::backend::stale::{plain_path, write_owner_file, Owner, DEFAULT_BASE, OWNER_FILE};
 
-/// The process that made a directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    boot_id: String,
-    pid: u32,
-    /// Its start time in clock ticks after boot (`/proc/PID/stat` field 22): a reused pid
-    /// has another.
-    start: u64,
-}
-
-impl Owner {
-    /// This process.
-    pub fn current() -> Option<Owner> {
-        Owner::of(std::process::id())
-    }
-
-    /// The process `pid` on this machine, if it runs.
-    fn of(pid: u32) -> Option<Owner> {
-        Some(Owner {
-            boot_id: hostutil::read_trimmed("/proc/sys/kernel/random/boot_id")?,
-            pid,
-            start: start_ticks(pid)?,
-        })
-    }
-
-    /// The owner file's one line.
-    pub fn line(&self) -> String {
-        format!("{MAGIC} {} {} {}", self.boot_id, self.pid, self.start)
-    }
-
-    /// Reads an owner line strictly; anything else is `None` (and its directory is kept).
-    pub fn parse(text: &str) -> Option<Owner> {
-        let mut words = text.split_ascii_whitespace();
-        let (Some(MAGIC), Some(boot_id), Some(pid), Some(start), None) = (
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-        ) else {
-            return None;
-        };
-        let uuid_like =
-            boot_id.len() == 36 && boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-        uuid_like.then_some(())?;
-        Some(Owner {
-            boot_id: boot_id.to_string(),
-            pid: pid.parse().ok()?,
-            start: start.parse().ok()?,
-        })
-    }
-
-    /// Whether this owner is known to be gone: it ran on this machine in this boot, and
-    /// no process with its pid and start time runs now.
-    fn gone(&self, here: &Owner) -> bool {
-        self.boot_id == here.boot_id && Owner::of(self.pid).as_ref() != Some(self)
-    }
-}
-
-/// Field 22 of `/proc/PID/stat`, counted after the command name's closing parenthesis
-/// (the name may hold spaces and parentheses).
-fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // After the name come field 3 (state) onwards: field 22 is the 20th.
-    after_name.split_ascii_whitespace().nth(19)?.parse().ok()
-}
-
-/// A path hvbench may put into a shell command and an xl config unquoted: absolute, plain
-/// characters only.
-pub fn plain_path(path: &str) -> bool {
-    path.starts_with('/')
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
-}
-
-/// Removes the directories under `base` (a shell word, e.g. [`DEFAULT_BASE`]) of owners
-/// that are gone, destroying the domains whose configs they hold; returns one sentence
-/// per directory removed.
-pub fn sweep(transport: &Transport, base: &str) -> Result<Vec<String>, TransportError> {
-    let Some(here) = Owner::current() else {
-        return Ok(Vec::new());
-    };
-    let listing = transport.run(
-        &format!(
-            "for d in {base}/hvbench.*; do [ -f \"$d/{OWNER_FILE}\" ] || continue; \
-             printf '%s ' \"$d\"; head -c 200 \"$d/{OWNER_FILE}\" | head -n 1; echo; done"
-        ),
-        None,
-        SWEEP_TIMEOUT,
-    )?;
-    let mut said = Vec::new();
-    for (dir, owner) in String::from_utf8_lossy(&listing.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(dir, _)| plain_path(dir))
-        .filter_map(|(dir, owner)| Some((dir, Owner::parse(owner)?)))
-        .filter(|(_, owner)| owner.gone(&here))
-    {
-        said.push(remove(transport, dir, &owner)?);
-    }
-    Ok(said)
+/// Removes the run directories on the dom0 of owners that are gone, destroying their
+/// domains; returns one sentence per directory removed.
+pub fn sweep(transport: &Transport) -> Result<Vec<String>, TransportError> {
+    crate::backend::stale::sweep(transport, &format!("{DEFAULT_BASE}/hvbench.*"), &remove)
 }
 
 /// Destroys the domains of `dir`'s configs, detaches the loop device its disk was on
@@ -151,79 +39,11 @@ fn remove(transport: &Transport, dir: &str, owner: &Owner) -> Result<String, Tra
     Ok(format!(
         "removed {dir}, left on the Xen host by hvbench process {} (killed before it could \
          clean up){}",
-        owner.pid,
+        owner.pid(),
         if destroyed.is_empty() {
             String::new()
         } else {
             format!(", and destroyed its domains {}", destroyed.join(", "))
         }
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dead_pid() -> u32 {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        pid
-    }
-
-    #[test]
-    fn owner_lines_round_trip_and_anything_else_is_refused() {
-        let me = Owner::current().unwrap();
-        assert_eq!(Owner::parse(&me.line()), Some(me.clone()));
-        assert!(!me.gone(&me));
-        for bad in [
-            "",
-            "hvbench-owner-1",
-            "hvbench-owner-2 0123 1 2",
-            &format!("{} extra", me.line()),
-            "hvbench-owner-1 not-a-boot-id-not-a-boot-id-not-a-boot 1 2",
-            &me.line().replace(&me.pid.to_string(), "-1"),
-        ] {
-            assert_eq!(Owner::parse(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn a_killed_runs_directory_goes_and_everyone_elses_stays() {
-        let base = tempfile::tempdir().unwrap();
-        let me = Owner::current().unwrap();
-        let dead = Owner {
-            pid: dead_pid(),
-            ..me.clone()
-        };
-        let elsewhere = Owner {
-            boot_id: "00000000-0000-0000-0000-000000000000".into(),
-            pid: dead.pid,
-            ..me.clone()
-        };
-        let make = |name: &str, owner: Option<&Owner>| {
-            let dir = base.path().join(name);
-            std::fs::create_dir(&dir).unwrap();
-            std::fs::write(dir.join("hvbench-1-1.cfg"), "name = \"hvbench-1-1\"\n").unwrap();
-            if let Some(owner) = owner {
-                std::fs::write(dir.join(OWNER_FILE), owner.line() + "\n").unwrap();
-            }
-            dir
-        };
-        let killed = make("hvbench.killed", Some(&dead));
-        let running = make("hvbench.running", Some(&me));
-        let other_machine = make("hvbench.other", Some(&elsewhere));
-        let unknown = make("hvbench.unknown", None);
-        let said = sweep(
-            &Transport::Local,
-            &shell_quote(&base.path().to_string_lossy()),
-        )
-        .unwrap();
-        assert_eq!(said.len(), 1, "{said:?}");
-        assert!(said[0].contains(&dead.pid.to_string()), "{said:?}");
-        assert!(!killed.exists());
-        for kept in [running, other_machine, unknown] {
-            assert!(kept.exists(), "{} removed", kept.display());
-        }
-    }
 }
