@@ -248,7 +248,15 @@ fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
     let uri = sshd.uri();
     let mut child = common::hvbench()
         .args(["run", "--backend", "libvirt", "--libvirt-uri", &uri])
-        .args(["-w", "cpu.cpuid", "-w", "selftest.hang"])
+        .args([
+            "-w",
+            "cpu.cpuid",
+            "-w",
+            "selftest.hang",
+            "-w",
+            "vm.lifecycle",
+        ])
+        .args(["--param", "vm.lifecycle.boots=1"])
         .args([
             "--samples",
             "3",
@@ -277,6 +285,16 @@ fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
     assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
     assert_eq!(cpuid.backend.details["uri"], uri);
     assert_eq!(status_of("selftest.hang").status, Status::Timeout);
+    // The stack's memory, read on the libvirt host: its QEMU, and its daemons on top.
+    let memory = |metric: &str| {
+        let r = records
+            .iter()
+            .find(|r| r.workload == "vm.lifecycle" && r.metric == metric)
+            .unwrap_or_else(|| panic!("no vm.lifecycle {metric}: {records:?}"));
+        r.samples[0]
+    };
+    let (vmm, stack) = (memory("vmm_pss"), memory("stack_pss"));
+    assert!(stack > vmm && vmm > 1.0, "{vmm} {stack}");
     assert!(ours(pid).is_empty(), "left behind: {:?}", ours(pid));
     let left: Vec<_> = remote_dirs()
         .into_iter()

@@ -34,7 +34,7 @@ impl std::ops::Add for SmapsRollup {
 }
 
 /// Parses `/proc/PID/smaps_rollup` (`Rss:   1234 kB` lines after a header line).
-pub(crate) fn parse_smaps_rollup(text: &str) -> Option<SmapsRollup> {
+pub fn parse_smaps_rollup(text: &str) -> Option<SmapsRollup> {
     let mut fields = BTreeMap::new();
     for line in text.lines() {
         let Some((key, rest)) = line.split_once(':') else {

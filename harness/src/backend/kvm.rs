@@ -359,6 +359,7 @@ impl GuestSession for KvmSession {
                 "hvbench's VMM runs inside the hvbench process: its figures include the \
                  harness (about what `hvbench vmm` would hold, plus the runner)",
             ),
+            on: None,
         }
     }
 

@@ -85,6 +85,8 @@ pub struct StackProcesses {
     pub daemons: Vec<u32>,
     /// What the figures include besides the VMM, where that needs saying.
     pub note: Option<&'static str>,
+    /// The host these pids are on, reached through this transport; `None`: this machine.
+    pub on: Option<hostutil::transport::Transport>,
 }
 
 /// A booted guest.

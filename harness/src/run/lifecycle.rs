@@ -197,12 +197,43 @@ fn first_result(
 
 /// (VMM RSS, VMM PSS, VMM + daemons PSS) in KiB; `None` where the VMM is not here.
 fn read_memory(stack: &StackProcesses) -> Option<(u64, u64, u64)> {
-    let vmm = ksm::procstat::smaps_rollup(stack.vmm?).ok()?;
-    let daemons: u64 = stack
-        .daemons
-        .iter()
-        .filter_map(|&pid| ksm::procstat::smaps_rollup(pid).ok())
-        .map(|m| m.pss_kib)
-        .sum();
+    let pids: Vec<u32> = std::iter::once(stack.vmm?)
+        .chain(stack.daemons.iter().copied())
+        .collect();
+    let rollups = match &stack.on {
+        None => pids
+            .iter()
+            .map(|&pid| ksm::procstat::smaps_rollup(pid).ok())
+            .collect(),
+        Some(transport) => remote_rollups(transport, &pids),
+    };
+    let vmm = rollups.first()?.as_ref()?;
+    let daemons: u64 = rollups[1..].iter().flatten().map(|m| m.pss_kib).sum();
     Some((vmm.rss_kib, vmm.pss_kib, vmm.pss_kib + daemons))
+}
+
+/// Longest `smaps_rollup` read from another host, per process.
+const MAX_ROLLUP: usize = 4096;
+
+/// The `smaps_rollup` of each of `pids` on the host `transport` reaches, in one command.
+fn remote_rollups(
+    transport: &hostutil::transport::Transport,
+    pids: &[u32],
+) -> Vec<Option<ksm::procstat::SmapsRollup>> {
+    let words: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let command = format!(
+        "for p in {}; do echo =; head -c {MAX_ROLLUP} /proc/$p/smaps_rollup 2>/dev/null; done",
+        words.join(" ")
+    );
+    let Ok(out) = transport.run(&command, None, Duration::from_secs(30)) else {
+        return vec![None; pids.len()];
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rollups: Vec<_> = text
+        .split("=\n")
+        .skip(1)
+        .map(ksm::procstat::parse_smaps_rollup)
+        .collect();
+    rollups.resize(pids.len(), None);
+    rollups
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hostutil::transport::{shell_quote, Transport};
 use workloads::abi::ExitCode;
 use workloads::protocol::{Event, Status};
 
@@ -298,10 +299,17 @@ pub fn domain_log(dir: &str, name: &str) -> String {
     format!("{dir}/{name}.log")
 }
 
-/// libvirt's daemons running here (they serve every domain, so their memory is the
-/// management stack's cost).
+/// Where libvirt notes the pid of the QEMU running domain `name`.
+fn vmm_pid_file(name: &str) -> String {
+    format!("/run/libvirt/qemu/{name}.pid")
+}
+
+/// libvirt's daemons (they serve every domain, so their memory is the management stack's
+/// cost).
+const DAEMONS: [&str; 4] = ["libvirtd", "virtqemud", "virtlogd", "virtlockd"];
+
+/// libvirt's daemons running here.
 pub fn daemon_pids() -> Vec<u32> {
-    const DAEMONS: [&str; 4] = ["libvirtd", "virtqemud", "virtlogd", "virtlockd"];
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -314,6 +322,38 @@ pub fn daemon_pids() -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The domain's QEMU and libvirt's daemons on the host `transport` reaches (one command:
+/// the pid file's line, then `pidof`'s).
+fn remote_stack(transport: &Transport, name: &str) -> crate::backend::StackProcesses {
+    let command = format!(
+        "head -c 20 {} 2>/dev/null; echo; pidof {} 2>/dev/null; echo",
+        shell_quote(&vmm_pid_file(name)),
+        DAEMONS.join(" ")
+    );
+    let out = transport
+        .run(&command, None, COMMAND_TIMEOUT)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut lines = out.lines();
+    let vmm = lines.next().and_then(|l| l.trim().parse().ok());
+    let daemons = lines
+        .next()
+        .unwrap_or("")
+        .split_ascii_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .take(16)
+        .collect();
+    crate::backend::StackProcesses {
+        vmm,
+        daemons,
+        note: vmm.is_none().then_some(
+            "no QEMU pid file for the domain on the libvirt host (a Xen domain has no VMM \
+             process of its own)",
+        ),
+        on: Some(transport.clone()),
+    }
 }
 
 /// How often a domain that stopped on its own is looked for after its destruction.
@@ -355,17 +395,14 @@ impl GuestSession for LibvirtSession {
     }
 
     fn stack_processes(&self) -> crate::backend::StackProcesses {
-        if self.files.transport().is_some() {
-            return crate::backend::StackProcesses {
-                note: Some("the domain runs on another host: its memory is not read"),
+        match self.files.transport() {
+            None => crate::backend::StackProcesses {
+                vmm: hostutil::read_trimmed(vmm_pid_file(&self.name))
+                    .and_then(|pid| pid.parse().ok()),
+                daemons: daemon_pids(),
                 ..Default::default()
-            };
-        }
-        crate::backend::StackProcesses {
-            vmm: hostutil::read_trimmed(format!("/run/libvirt/qemu/{}.pid", self.name))
-                .and_then(|pid| pid.parse().ok()),
-            daemons: daemon_pids(),
-            note: None,
+            },
+            Some(transport) => remote_stack(transport, &self.name),
         }
     }
 
