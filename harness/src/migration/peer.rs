@@ -82,6 +82,15 @@ const STDERR_LINES: usize = 20;
 const MAX_STDERR_LINE: usize = 1 << 20;
 /// Guest notes kept.
 const MAX_NOTES: usize = 64;
+/// Heartbeats kept: an honest guest beats at most every 1 ms for at most 600 s (the
+/// table's bounds), 600,000 beats; past this a guest is flooding.
+const MAX_BEATS: usize = 1 << 20;
+/// `migration-error` lines kept.
+const MAX_ERRORS: usize = 16;
+/// Longest reason, error line and stderr tail line kept, in characters.
+const MAX_REASON: usize = 400;
+const MAX_ERROR_LINE: usize = 600;
+const MAX_TAIL_LINE: usize = 300;
 
 pub(crate) enum Event {
     Console(u64, Vec<u8>),
@@ -182,15 +191,18 @@ pub(crate) fn take_console(at_ns: u64, line: &[u8], run: &mut PeerRun) {
         Ok(Some(raw)) => raw,
         Ok(None) => return,
         Err(_) => {
-            run.damaged += 1;
+            run.damaged = run.damaged.saturating_add(1);
             return;
         }
     };
     match raw.kind {
         LineKind::Note if raw.get("k") == Some("beat") => {
             match (raw.number("v"), raw.number("pages")) {
-                (Ok(seq), Ok(pages)) => run.beats.push(Beat { at_ns, seq, pages }),
-                _ => run.damaged += 1,
+                (Ok(seq), Ok(pages)) if run.beats.len() < MAX_BEATS => {
+                    run.beats.push(Beat { at_ns, seq, pages })
+                }
+                (Ok(_), Ok(_)) => {}
+                _ => run.damaged = run.damaged.saturating_add(1),
             }
         }
         LineKind::Note => {
@@ -202,13 +214,17 @@ pub(crate) fn take_console(at_ns: u64, line: &[u8], run: &mut PeerRun) {
         }
         LineKind::Result => match raw.status() {
             Ok(status) => {
-                let reason = raw.get("reason").map(|r| r.chars().take(400).collect());
+                let reason = raw
+                    .get("reason")
+                    .map(|r| r.chars().take(MAX_REASON).collect());
                 run.result = Some((status, reason));
             }
-            Err(_) => run.damaged += 1,
+            Err(_) => run.damaged = run.damaged.saturating_add(1),
         },
         LineKind::Skip => {
-            let reason = raw.get("reason").map(|r| r.chars().take(400).collect());
+            let reason = raw
+                .get("reason")
+                .map(|r| r.chars().take(MAX_REASON).collect());
             run.result = Some((Status::Skip, reason));
         }
         _ => {}
@@ -224,16 +240,122 @@ fn take_stderr(side: Side, line: String, run: &mut PeerRun) {
     } else if let Some(rest) = line.strip_prefix(PAUSED) {
         run.pause = json(rest);
     } else if let Some(rest) = line.strip_prefix(FAILED) {
-        run.errors
-            .push(printable(rest.as_bytes()).chars().take(600).collect());
+        if run.errors.len() < MAX_ERRORS {
+            run.errors.push(
+                printable(rest.as_bytes())
+                    .chars()
+                    .take(MAX_ERROR_LINE)
+                    .collect(),
+            );
+        }
     }
     let tail = &mut run.stderr_tails[usize::from(side == Side::Destination)];
     let mut lines: Vec<&str> = tail.lines().collect();
     let kept = printable(line.as_bytes())
         .chars()
-        .take(300)
+        .take(MAX_TAIL_LINE)
         .collect::<String>();
     lines.push(&kept);
     let skip = lines.len().saturating_sub(STDERR_LINES);
     *tail = lines[skip..].join("\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use workloads::protocol::LineBuilder;
+
+    use super::*;
+
+    fn line(kind: LineKind, fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = LineBuilder::new(kind);
+        for (k, v) in fields {
+            b.text(k, v);
+        }
+        // As `stamp_lines` hands them on: without the newline.
+        b.finish().trim_ascii_end().to_vec()
+    }
+
+    /// What a hostile guest prints during a migration is kept within bounds: notes,
+    /// their keys and values, its reason, and its heartbeats.
+    #[test]
+    fn a_guests_console_lines_are_bounded() {
+        let mut run = PeerRun::default();
+        for i in 0..100 {
+            take_console(
+                0,
+                &line(LineKind::Note, &[("k", &format!("n{i}")), ("v", "1")]),
+                &mut run,
+            );
+        }
+        assert_eq!(run.notes.len(), MAX_NOTES);
+        let mut run = PeerRun::default();
+        let long = "x".repeat(129);
+        take_console(
+            0,
+            &line(LineKind::Note, &[("k", &"k".repeat(65)), ("v", "1")]),
+            &mut run,
+        );
+        take_console(
+            0,
+            &line(LineKind::Note, &[("k", "k"), ("v", &long)]),
+            &mut run,
+        );
+        assert!(run.notes.is_empty(), "{:?}", run.notes);
+        let reason = "r".repeat(MAX_REASON * 3);
+        let result = [
+            ("w", "mig.dirty"),
+            ("status", "error"),
+            ("reason", reason.as_str()),
+        ];
+        take_console(0, &line(LineKind::Result, &result), &mut run);
+        let kept = run.result.as_ref().and_then(|r| r.1.as_ref()).unwrap();
+        assert!(
+            kept.len() <= MAX_REASON && !kept.is_empty(),
+            "{}",
+            kept.len()
+        );
+        take_console(0, b"@hvb1 note k=beat v=1 ~00000000", &mut run);
+        assert_eq!(run.damaged, 1);
+        let beat = line(LineKind::Note, &[("k", "beat"), ("v", "7"), ("pages", "1")]);
+        for _ in 0..MAX_BEATS + 10 {
+            take_console(0, &beat, &mut run);
+        }
+        assert_eq!(run.beats.len(), MAX_BEATS);
+    }
+
+    /// A VMM's stderr: lines cut at 1 MiB, 64 MiB read at most, the tails and the
+    /// migration errors kept short.
+    #[test]
+    fn a_vmms_stderr_is_bounded() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let reader = std::thread::spawn(move || {
+            read_stderr(Side::Source, std::io::repeat(b'x'), tx);
+        });
+        let mut lines = 0;
+        for event in rx {
+            let Event::Stderr(_, text) = event else {
+                panic!("not a stderr line");
+            };
+            assert!(text.len() <= MAX_STDERR_LINE);
+            lines += 1;
+        }
+        reader.join().unwrap();
+        assert_eq!(lines, (64 << 20) / MAX_STDERR_LINE);
+        let mut run = PeerRun::default();
+        for _ in 0..100 {
+            take_stderr(
+                Side::Source,
+                format!("{FAILED}{}", "e".repeat(5000)),
+                &mut run,
+            );
+        }
+        assert_eq!(run.errors.len(), MAX_ERRORS);
+        assert!(run
+            .errors
+            .iter()
+            .all(|e| e.chars().count() <= MAX_ERROR_LINE));
+        let tail = &run.stderr_tails[0];
+        assert_eq!(tail.lines().count(), STDERR_LINES);
+        assert!(tail.lines().all(|l| l.chars().count() <= MAX_TAIL_LINE));
+    }
 }

@@ -487,4 +487,25 @@ mod tests {
             GuestEnd::TripleFault { .. }
         ));
     }
+
+    /// A guest that writes past `MAX_CONSOLE_BYTES` is refused at that byte, and what
+    /// was read is handed on without being kept whole (only the last line is).
+    #[test]
+    fn the_console_bound_holds_at_its_byte() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crate::console::guest_channel(stop);
+        let drain = std::thread::spawn(move || rx.into_iter().count());
+        let mut progress = Progress {
+            lines: LineAssembler::new(),
+            last_line: None,
+            total: 0,
+        };
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_CONSOLE_BYTES >> 20) {
+            assert!(progress.take(chunk.clone(), &tx));
+        }
+        assert!(!progress.take(vec![b'\n'], &tx));
+        drop(tx);
+        assert_eq!(drain.join().unwrap() as u64, (MAX_CONSOLE_BYTES >> 20) + 1);
+    }
 }
