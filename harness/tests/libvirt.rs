@@ -230,18 +230,35 @@ fn remote_dirs() -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// What a `qemu+ssh://` test needs, in the order it goes: the sshd, the daemons, the lock.
+struct RemoteLibvirt {
+    sshd: common::libvirt::Sshd,
+    _daemons: Daemons,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl RemoteLibvirt {
+    fn start() -> Option<Self> {
+        if !common::kvm_available() {
+            return None;
+        }
+        // Before the daemons: two fixtures must not start them side by side.
+        let serial = common::exclusive();
+        let daemons = Daemons::ensure()?;
+        Some(RemoteLibvirt {
+            sshd: common::libvirt::Sshd::start()?,
+            _daemons: daemons,
+            _serial: serial,
+        })
+    }
+}
+
 #[test]
 fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
-    if !common::kvm_available() {
-        return;
-    }
-    let _serial = common::exclusive();
-    let Some(_daemons) = Daemons::ensure() else {
+    let Some(remote) = RemoteLibvirt::start() else {
         return;
     };
-    let Some(sshd) = common::libvirt::Sshd::start() else {
-        return;
-    };
+    let sshd = &remote.sshd;
     let before = remote_dirs();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results");
@@ -384,16 +401,10 @@ fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
 /// domain (its metadata names the dead run) and removes the directory, and says so.
 #[test]
 fn a_killed_runs_domain_and_files_on_a_remote_host_go_with_the_next_run() {
-    if !common::kvm_available() {
-        return;
-    }
-    let _serial = common::exclusive();
-    let Some(_daemons) = Daemons::ensure() else {
+    let Some(remote) = RemoteLibvirt::start() else {
         return;
     };
-    let Some(sshd) = common::libvirt::Sshd::start() else {
-        return;
-    };
+    let sshd = &remote.sshd;
     let uri = sshd.uri();
     let before = remote_dirs();
     let dir = tempfile::tempdir().unwrap();
