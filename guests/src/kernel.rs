@@ -6,13 +6,13 @@ use workloads::abi::{ExitCode, EXIT_PORT, UART_PORT};
 use workloads::Hypervisor;
 
 use crate::arch::cpu::{self, hlt, outl, rdmsr, timed};
-use crate::arch::{apic, apic_oneshot, smp, traps, user};
+use crate::arch::{apic, apic_oneshot, ipi, smp, traps, user};
 use crate::console::{self, Console};
 use crate::global::Global;
 use crate::hypervisor::{self, xen, KVM_HC_VAPIC_POLL_IRQ};
 use crate::sysabi::{
     self, boot_info, BootInfo, CrashInfo, KernelOp, PtUpdateArgs, Syscall, KERNEL_LOOP_FAULTED,
-    NO_KERNEL_LOOP,
+    KERNEL_LOOP_TIMED_OUT, NO_KERNEL_LOOP,
 };
 
 /// Pages of `mem.prot-fault` whose write faults the kernel repairs.
@@ -189,6 +189,11 @@ fn kernel_loop(op: u64, iterations: u64, arg: u64) -> u64 {
             // SAFETY: user mode passes a `OneShotArgs` it owns (all memory is mapped).
             let args = unsafe { (arg as *const apic_oneshot::OneShotArgs).read_volatile() };
             apic_oneshot::wake_loop(iterations, args)
+        }
+        KernelOp::IpiRoundTrip => {
+            // SAFETY: user mode passes an `IpiArgs` it owns (all memory is mapped).
+            let args = unsafe { (arg as *const ipi::IpiArgs).read_volatile() };
+            ipi::round_trip_loop(iterations, args).unwrap_or(KERNEL_LOOP_TIMED_OUT)
         }
     }
 }

@@ -142,10 +142,13 @@ pub enum KernelOp {
     /// As `TimerWake` with the local APIC timer in one-shot mode, where there is no
     /// TSC-deadline mode (the argument points at an `apic_oneshot::OneShotArgs`).
     TimerWakeOneShot = 6,
+    /// `sched.ipi` with the answer sent back as an IPI, taken with interrupts on (the
+    /// argument points at an `ipi::IpiArgs`); the cycles summed are whole round trips.
+    IpiRoundTrip = 7,
 }
 
 impl KernelOp {
-    const ALL: [KernelOp; 7] = [
+    const ALL: [KernelOp; 8] = [
         KernelOp::Hlt,
         KernelOp::MsrRead,
         KernelOp::Hypercall,
@@ -153,6 +156,7 @@ impl KernelOp {
         KernelOp::Cr3Switch,
         KernelOp::TimerWake,
         KernelOp::TimerWakeOneShot,
+        KernelOp::IpiRoundTrip,
     ];
 
     /// The operation user mode named, if it names one.
@@ -165,6 +169,8 @@ impl KernelOp {
 pub const KERNEL_LOOP_FAULTED: u64 = u64::MAX - 1;
 /// What `KernelLoop` returns for a workload without a kernel loop (on this hypervisor).
 pub const NO_KERNEL_LOOP: u64 = u64::MAX;
+/// KernelLoop's answer when what it waited for did not come within its limit.
+pub const KERNEL_LOOP_TIMED_OUT: u64 = u64::MAX - 2;
 
 /// What an exception handler saw, for the user-mode reporter.
 #[derive(Clone, Copy)]

@@ -705,6 +705,14 @@ pub mod param {
     ];
     pub const BLK_FLUSH: &[ParamSpec] = &[BLK_REGION, BLK_DURATION_MS];
 
+    pub const IPI_BACK: ParamSpec = spec(
+        "ipi_back",
+        ParamKind::Count,
+        Some("1"),
+        (0, 1),
+        "1: the AP answers with an IPI of its own, which the boot vCPU takes at CPL0 with \
+         interrupts on; 0: the AP's memory write is the answer, seen at CPL3.",
+    );
     pub const WAKEUP_DELAY_US: ParamSpec = spec(
         "delay_us",
         ParamKind::Count,
@@ -1418,20 +1426,22 @@ pub const WORKLOADS: &[Workload] = &[
         id: WorkloadId::SchedIpi,
         name: "sched.ipi",
         group: Group::Sched,
-        privilege: Privilege::User,
+        privilege: Privilege::Kernel,
         metrics: &[LATENCY],
-        description: "IPI round trip between two vCPUs: the boot vCPU (CPL3, the local APIC's \
-                      page mapped to user mode) writes a sequence number and the ICR; the \
-                      application processor, halted in its kernel, takes the interrupt, \
-                      copies the number back and signals EOI; the boot vCPU spins until it \
-                      sees it. On KVM this is the in-kernel LAPIC plus the wake-up of a \
-                      halted vCPU thread by the host scheduler. Needs 2 vCPUs; the AP's \
-                      handler runs at CPL0 (emulated on kvm_pvm).",
+        description: "IPI round trip between two vCPUs: the boot vCPU writes a sequence \
+                      number and the ICR; the application processor, halted in its kernel, \
+                      takes the interrupt, copies the number back and sends it back with an \
+                      IPI of its own, which the boot vCPU takes in its kernel, spinning \
+                      with interrupts on until its handler saw the number (kvm-unit-tests' \
+                      `ipi`, both ways). `ipi_back=0`: the AP's write is the answer, seen \
+                      by the boot vCPU spinning at CPL3. On KVM this is the in-kernel LAPIC \
+                      plus the wake-up of a halted vCPU thread by the host scheduler. Needs \
+                      2 vCPUs; kernel code runs emulated on kvm_pvm.",
         requires: &[Requirement::Backend(BackendFeature::LocalApic)],
         explicit_only: false,
         native_twin: None,
         driver: Driver::Guest,
-        params: &[],
+        params: &[param::IPI_BACK],
     },
     Workload {
         id: WorkloadId::SchedWakeup,

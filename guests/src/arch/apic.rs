@@ -20,6 +20,8 @@ pub const LVT_TIMER: u64 = 0x320;
 /// Interrupt vectors the guest uses (above the 32 exceptions).
 pub const IPI_VECTOR: u8 = 0x40;
 pub const TIMER_VECTOR: u8 = 0x41;
+/// The AP's answer to `sched.ipi`, sent back to the boot vCPU.
+pub const IPI_REPLY_VECTOR: u8 = 0x42;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 /// SVR: APIC software enable.

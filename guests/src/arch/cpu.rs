@@ -151,6 +151,20 @@ pub fn sti_hlt_cli() {
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
 }
 
+/// Runs `f` with interrupts on (STI before, CLI after): the handlers may run between any
+/// two of its instructions. CPL0 only; the IDT must have a handler for every interrupt
+/// that may come.
+#[inline(always)]
+pub fn with_interrupts<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: the handlers are the kernel's own and return with every register intact;
+    // no `nomem`: what they write must be read again after.
+    unsafe { asm!("sti", options(nostack)) };
+    let value = f();
+    // SAFETY: as above.
+    unsafe { asm!("cli", options(nostack)) };
+    value
+}
+
 /// Reads CR3. CPL0 only.
 #[inline(always)]
 pub fn read_cr3() -> u64 {

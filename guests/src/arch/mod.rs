@@ -4,6 +4,7 @@ pub mod apic;
 pub mod apic_oneshot;
 pub mod boot;
 pub mod cpu;
+pub mod ipi;
 pub mod smp;
 pub mod traps;
 pub mod user;

@@ -3,7 +3,7 @@
 //!
 //! An AP runs only kernel code: after start-up it enables its local APIC, says it is
 //! online and halts with interrupts on. Its IPI handler copies the boot vCPU's request
-//! number into the answer (`sched.ipi`). An exception on an AP is recorded
+//! number into the answer (`sched.ipi`) and, when asked, sends it back as an IPI. An exception on an AP is recorded
 //! ([`ap_fault`]) and the AP stops; the boot vCPU, waiting on it, reports it.
 
 use core::arch::{asm, global_asm};
@@ -102,6 +102,28 @@ pub struct TrampolineParams {
 pub static IPI_REQUEST: AtomicU32 = AtomicU32::new(0);
 #[no_mangle]
 pub static IPI_ANSWER: AtomicU32 = AtomicU32::new(0);
+/// The ICR words the AP's handler sends its answer back with, as an IPI of its own
+/// (`sched.ipi` with `ipi_back=1`); a zero low word: the answer is the write alone.
+#[no_mangle]
+pub static IPI_REPLY_ICR_HIGH: AtomicU32 = AtomicU32::new(0);
+#[no_mangle]
+pub static IPI_REPLY_ICR_LOW: AtomicU32 = AtomicU32::new(0);
+/// The answer the boot vCPU's reply handler saw when the answer's IPI arrived.
+#[no_mangle]
+pub static IPI_REPLY_SEEN: AtomicU32 = AtomicU32::new(0);
+
+/// Makes the AP's handler answer `reply_to` (an APIC ID) with an IPI on
+/// `apic::IPI_REPLY_VECTOR` too, or (`None`) with the memory write alone.
+pub fn set_ipi_reply(reply_to: Option<u8>) {
+    let (high, low) = reply_to.map_or((0, 0), |id| {
+        (
+            u32::from(id) << 24,
+            u32::from(super::apic::IPI_REPLY_VECTOR),
+        )
+    });
+    IPI_REPLY_ICR_HIGH.store(high, Ordering::Release);
+    IPI_REPLY_ICR_LOW.store(low, Ordering::Release);
+}
 
 /// Per CPU: 0 while offline, else its APIC ID + 1.
 pub static ONLINE: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
@@ -341,12 +363,36 @@ ap_entry:
     hlt
     jmp 1b
 
-    /* sched.ipi's handler on the AP: answer the request, EOI. */
+    /* sched.ipi's handler on the AP: answer the request, and (when asked) send the
+       answer back as an IPI (ICR high, then low: the low write sends), EOI. */
     .global ipi_interrupt
 ipi_interrupt:
     pushq %rax
+    pushq %rcx
+    pushq %rdx
     movl IPI_REQUEST(%rip), %eax
     movl %eax, IPI_ANSWER(%rip)
+    movl IPI_REPLY_ICR_LOW(%rip), %eax
+    testl %eax, %eax
+    jz 1f
+    movl IPI_REPLY_ICR_HIGH(%rip), %edx
+    movabsq $0xfee00310, %rcx
+    movl %edx, (%rcx)
+    movabsq $0xfee00300, %rcx
+    movl %eax, (%rcx)
+1:  movabsq $0xfee000b0, %rax
+    movl $0, (%rax)
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
+    /* sched.ipi's answer arriving on the boot vCPU: note it, EOI. */
+    .global ipi_reply_interrupt
+ipi_reply_interrupt:
+    pushq %rax
+    movl IPI_ANSWER(%rip), %eax
+    movl %eax, IPI_REPLY_SEEN(%rip)
     movabsq $0xfee000b0, %rax
     movl $0, (%rax)
     popq %rax

@@ -126,6 +126,7 @@ extern "C" {
     static df_stack_top: u8;
     static hvbench_syscall_trap: u8;
     fn ipi_interrupt();
+    fn ipi_reply_interrupt();
     fn timer_interrupt();
     fn spurious_interrupt();
 }
@@ -182,6 +183,10 @@ pub fn init() {
         // interrupt uses the red zone.
         let interrupts = [
             (apic::IPI_VECTOR, ipi_interrupt as *const () as usize),
+            (
+                apic::IPI_REPLY_VECTOR,
+                ipi_reply_interrupt as *const () as usize,
+            ),
             (apic::TIMER_VECTOR, timer_interrupt as *const () as usize),
             (
                 apic::SPURIOUS_VECTOR,

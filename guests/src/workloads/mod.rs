@@ -27,7 +27,9 @@ use crate::global::Global;
 use crate::hypervisor::xen::XENVER_VERSION;
 use crate::hypervisor::KVM_HC_VAPIC_POLL_IRQ;
 use crate::sampler::{Refusal, Sampler};
-use crate::sysabi::{BootInfo, KernelOp, Syscall, KERNEL_LOOP_FAULTED, NO_KERNEL_LOOP};
+use crate::sysabi::{
+    BootInfo, KernelOp, Syscall, KERNEL_LOOP_FAULTED, KERNEL_LOOP_TIMED_OUT, NO_KERNEL_LOOP,
+};
 
 /// An address no page table maps (256 GiB), for `selftest.page-fault`.
 pub const SELFTEST_UNMAPPED_ADDRESS: u64 = 0x40_0000_0000;
@@ -44,6 +46,10 @@ pub fn kernel_loop(op: KernelOp, n: u64, arg: u64) -> Result<u64, Refusal> {
         NO_KERNEL_LOOP => Err((
             Status::Error,
             "the kernel has no loop for this workload on this hypervisor",
+        )),
+        KERNEL_LOOP_TIMED_OUT => Err((
+            Status::Error,
+            "what the kernel's loop waited for did not come within its limit",
         )),
         cycles => Ok(cycles),
     }

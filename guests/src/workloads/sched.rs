@@ -10,6 +10,7 @@ use workloads::Hypervisor;
 use crate::arch::apic;
 use crate::arch::apic_oneshot::{self, OneShotArgs};
 use crate::arch::cpu::rdtsc_fenced;
+use crate::arch::ipi::IpiArgs;
 use crate::arch::smp::{self, ApMode, TrampolineParams, MAX_CPUS, TRAMPOLINE_ADDR};
 use crate::arch::user::syscall;
 use crate::global::Global;
@@ -188,7 +189,8 @@ fn report_fault(s: &Sampler) {
     }
 }
 
-/// `sched.ipi`: the boot vCPU to AP 1 and back.
+/// `sched.ipi`: the boot vCPU to AP 1 and back: the answer an IPI of its own
+/// (`ipi_back=1`, taken at CPL0) or the AP's memory write (`ipi_back=0`, seen at CPL3).
 pub fn ipi(s: &Sampler, info: &BootInfo) -> Outcome {
     if s.config.cpus < 2 {
         return Err((Status::Skip, "needs 2 vCPUs or more (--vcpus 2)"));
@@ -208,8 +210,37 @@ pub fn ipi(s: &Sampler, info: &BootInfo) -> Outcome {
     );
     let target = u8::try_from(smp::ONLINE[1].load(Ordering::Acquire).saturating_sub(1))
         .map_err(|_| (Status::Error, "the AP reported an APIC ID past 255"))?;
+    let back = s.param(&param::IPI_BACK).is_none_or(|v| v != "0");
+    s.note_text("ipi_answer", if back { "ipi" } else { "memory" });
+    let result = if back {
+        ipi_both_ways(s, info, target)
+    } else {
+        ipi_memory_answer(s, info, target)
+    };
+    smp::set_ipi_reply(None);
+    report_fault(s);
+    result
+}
+
+/// The round trip with an IPI each way, timed by the kernel with interrupts on.
+fn ipi_both_ways(s: &Sampler, info: &BootInfo, target: u8) -> Outcome {
+    smp::set_ipi_reply(Some(apic::id()));
+    let args = IpiArgs {
+        target: u32::from(target),
+        limit_cycles: cycles_in_ms(info, ANSWER_MS),
+    };
+    s.latency("", |n| {
+        // An AP that faulted says so rather than the loop's timeout.
+        kernel_loop(KernelOp::IpiRoundTrip, n, &args as *const IpiArgs as u64)
+            .map_err(|timeout| ap_failed().err().unwrap_or(timeout))
+    })
+    .map(drop)
+}
+
+/// The IPI there, the AP's memory write back, seen by the boot vCPU spinning at CPL3.
+fn ipi_memory_answer(s: &Sampler, info: &BootInfo, target: u8) -> Outcome {
     let mut sequence = smp::IPI_ANSWER.load(Ordering::Acquire);
-    let result = s.latency("", |n| {
+    s.latency("", |n| {
         let start = rdtsc_fenced();
         for _ in 0..n {
             sequence = sequence.wrapping_add(1);
@@ -227,9 +258,8 @@ pub fn ipi(s: &Sampler, info: &BootInfo) -> Outcome {
             }
         }
         Ok(rdtsc_fenced().wrapping_sub(start))
-    });
-    report_fault(s);
-    result.map(|_| ())
+    })
+    .map(drop)
 }
 
 /// `sched.wakeup`: the kernel arms the local APIC's timer and halts; deadline -> running.
