@@ -2,12 +2,14 @@
 //! vCPUs, driven by the host.
 //!
 //! - [`spin`]: the guests (VMM processes), their ticks and the host's samples;
+//! - [`booted`]: guests whose VMM processes the backend starts (QEMU);
 //! - [`threads`]: the host's view of vCPU threads (schedstat, pinning);
 //! - [`analysis`]: ticks, shares, Jain's index, steal agreement;
 //! - here: parameters, the host set-up (CPU cgroups through the `cgroup` crate's guard),
 //!   and the figures of each workload.
 
 pub(crate) mod analysis;
+mod booted;
 mod spin;
 mod threads;
 mod xen;
