@@ -179,3 +179,128 @@ impl Drop for BootedGuests {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::Arc;
+
+    use workloads::protocol::{Event, LineBuilder, LineKind};
+
+    use super::*;
+    use crate::backend::BackendError;
+
+    #[derive(Debug)]
+    struct Scripted {
+        messages: Receiver<GuestMessage>,
+        pid: Option<u32>,
+        stops: Arc<AtomicUsize>,
+    }
+
+    impl GuestSession for Scripted {
+        fn messages(&self) -> &Receiver<GuestMessage> {
+            &self.messages
+        }
+        fn stack_processes(&self) -> crate::backend::StackProcesses {
+            crate::backend::StackProcesses {
+                vmm: self.pid,
+                ..Default::default()
+            }
+        }
+        fn stop(&mut self) -> Result<(), BackendError> {
+            self.stops.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// Senders kept open: a session whose sender is dropped has ended.
+    type Open = Vec<std::sync::mpsc::Sender<GuestMessage>>;
+
+    /// Guests whose sessions say `script` each, and the count of stops they saw.
+    fn guests(scripts: Vec<Vec<GuestMessage>>) -> (BootedGuests, Arc<AtomicUsize>, Open) {
+        let stops = Arc::new(AtomicUsize::new(0));
+        let mut open = Vec::new();
+        let guests = scripts
+            .into_iter()
+            .enumerate()
+            .map(|(i, script)| {
+                let (tx, rx) = channel();
+                script.into_iter().for_each(|m| tx.send(m).unwrap());
+                open.push(tx);
+                let session = Scripted {
+                    messages: rx,
+                    pid: u32::try_from(i).ok().filter(|i| *i > 0).map(|i| 100 + i),
+                    stops: stops.clone(),
+                };
+                Booted {
+                    session: Box::new(session),
+                    lines: LineAssembler::new(),
+                    events: VecDeque::new(),
+                    ended: false,
+                    failure: None,
+                }
+            })
+            .collect();
+        (BootedGuests { guests }, stops, open)
+    }
+
+    fn console(bytes: &[u8]) -> GuestMessage {
+        GuestMessage::Console {
+            bytes: bytes.to_vec(),
+            exits: None,
+        }
+    }
+
+    fn next(g: &mut BootedGuests) -> Result<Option<(usize, ConsoleEvent)>, SchedError> {
+        g.next_event(Duration::from_millis(5))
+    }
+
+    #[test]
+    fn lines_become_events_and_a_crashed_vmm_is_an_error_after_them() {
+        let skip = LineBuilder::new(LineKind::Skip)
+            .text("w", "sched.steal")
+            .text("reason", "no")
+            .finish()
+            .to_vec();
+        let (head, tail) = skip.split_at(7);
+        let crashed = vec![
+            console(head),
+            console(tail),
+            console(b"not a result line\n"),
+            GuestMessage::Ended(GuestEnd::TripleFault {
+                detail: "reset".into(),
+            }),
+        ];
+        let (mut g, stops, _open) = guests(vec![crashed]);
+        assert!(matches!(
+            next(&mut g),
+            Ok(Some((0, ConsoleEvent::Event(Event::Skip { .. }))))
+        ));
+        match next(&mut g) {
+            Err(SchedError::Crash { index: 0, detail }) => assert_eq!(detail, "reset"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(next(&mut g), Err(SchedError::Host(_))));
+        drop(g);
+        assert_eq!(stops.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_exit_closes_the_console_quiet_guests_time_out_and_every_session_is_stopped() {
+        let exited = vec![GuestMessage::Ended(GuestEnd::Exited { code: 0 })];
+        let (mut g, stops, open) = guests(vec![Vec::new(), exited]);
+        assert!(matches!(next(&mut g), Ok(Some((1, ConsoleEvent::Closed)))));
+        assert!(matches!(next(&mut g), Ok(None)));
+        // Guest 0 has no VMM process here: named, not guessed.
+        assert!(matches!(g.pids(), Err(SchedError::Host(m)) if m.contains("guest 0")));
+        // A session gone without an end is a crash, not a quiet guest.
+        drop(open);
+        assert!(matches!(
+            next(&mut g),
+            Err(SchedError::Crash { index: 0, .. })
+        ));
+        drop(g);
+        assert_eq!(stops.load(Ordering::Relaxed), 2);
+    }
+}
