@@ -121,9 +121,26 @@ fn hvbench_groups(root: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn sched_run(out: &Path, workload: &str, params: &[&str]) -> std::process::Command {
+/// The `hvbench run` options that select a backend whose vCPUs are KVM threads.
+const OUR_VMM: &[&str] = &["--backend", "kvm"];
+const QEMU_KVM: &[&str] = &["--backend", "qemu", "--qemu-accel", "kvm"];
+
+/// Whether the backend `args` select can run here (QEMU: installed, or a skip).
+fn backend_here(args: &[&str]) -> bool {
+    common::kvm_available() && (args != QEMU_KVM || common::qemu_binary().is_some())
+}
+
+fn sched_run(
+    backend: &[&str],
+    out: &Path,
+    workload: &str,
+    params: &[&str],
+) -> std::process::Command {
     let mut command = common::hvbench();
-    command.args(["run", "--backend", "kvm", "-w", workload, "--out"]);
+    command
+        .arg("run")
+        .args(backend)
+        .args(["-w", workload, "--out"]);
     command.arg(out);
     for p in params {
         command.args(["--param", p]);
@@ -137,19 +154,38 @@ fn only(records: &[Record], metric: &str) -> Record {
     found[0].clone()
 }
 
-#[test]
-fn steal_time_as_the_guest_reads_it_agrees_with_the_hosts_run_delay() {
-    if !common::kvm_available() {
-        return;
-    }
-    let _serial = common::exclusive();
+/// QEMU processes still running that a sched run of hvbench `pid` started (its guests are
+/// named `hvbench-<pid>-sched-<n>`).
+fn qemus_left_by(pid: u32) -> Vec<String> {
+    let name = format!("hvbench-{pid}-sched-");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&name))
+        .collect()
+}
+
+/// Runs `command` to its end; its output and pid.
+fn run_to_end(mut command: std::process::Command) -> (std::process::Output, u32) {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    (child.wait_with_output().unwrap(), pid)
+}
+
+fn steal_agrees(backend: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     // Pinned to 2 host CPUs, so that 4 spinning vCPUs overcommit any host.
     let params = ["sched.steal.duration_s=4", "sched.steal.pin=2"];
-    let output = sched_run(dir.path(), "sched.steal", &params)
-        .output()
-        .unwrap();
+    let (output, pid) = run_to_end(sched_run(backend, dir.path(), "sched.steal", &params));
     assert!(output.status.success(), "{output:?}");
+    assert!(qemus_left_by(pid).is_empty(), "{:?}", qemus_left_by(pid));
     let records = reports::read_results(dir.path()).unwrap();
     for metric in ["steal_guest", "steal_host"] {
         let r = only(&records, metric);
@@ -171,22 +207,33 @@ fn steal_time_as_the_guest_reads_it_agrees_with_the_hosts_run_delay() {
 }
 
 #[test]
-fn fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup() {
-    if !common::kvm_available() {
+fn steal_time_as_the_guest_reads_it_agrees_with_the_hosts_run_delay() {
+    if !backend_here(OUR_VMM) {
         return;
     }
-    let Some(root) = cgroup_root() else { return };
     let _serial = common::exclusive();
+    steal_agrees(OUR_VMM);
+}
+
+#[test]
+fn on_qemu_steal_time_agrees_with_the_run_delay_of_its_vcpu_threads() {
+    if !backend_here(QEMU_KVM) {
+        return;
+    }
+    let _serial = common::exclusive();
+    steal_agrees(QEMU_KVM);
+}
+
+fn fairness_meets_1_to_2(backend: &[&str], root: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let params = [
         "sched.fairness.duration_s=10",
         "sched.fairness.ratio=2",
         "sched.fairness.pin=2",
     ];
-    let output = sched_run(dir.path(), "sched.fairness", &params)
-        .output()
-        .unwrap();
+    let (output, pid) = run_to_end(sched_run(backend, dir.path(), "sched.fairness", &params));
     assert!(output.status.success(), "{output:?}");
+    assert!(qemus_left_by(pid).is_empty(), "{:?}", qemus_left_by(pid));
     let records = reports::read_results(dir.path()).unwrap();
     let error = only(&records, "share_error");
     assert_eq!(error.status, Status::Success, "{error:?}");
@@ -203,10 +250,30 @@ fn fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup() {
     assert_eq!(error.curves.len(), 2, "a share curve per guest");
     assert!(only(&records, "jain").samples[0] > 0.9);
     assert!(
-        hvbench_groups(&root).is_empty(),
+        hvbench_groups(root).is_empty(),
         "{:?}",
-        hvbench_groups(&root)
+        hvbench_groups(root)
     );
+}
+
+#[test]
+fn fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup() {
+    if !backend_here(OUR_VMM) {
+        return;
+    }
+    let Some(root) = cgroup_root() else { return };
+    let _serial = common::exclusive();
+    fairness_meets_1_to_2(OUR_VMM, &root);
+}
+
+#[test]
+fn on_qemu_fairness_at_weights_1_to_2_meets_them_and_leaves_no_cgroup_nor_qemu() {
+    if !backend_here(QEMU_KVM) {
+        return;
+    }
+    let Some(root) = cgroup_root() else { return };
+    let _serial = common::exclusive();
+    fairness_meets_1_to_2(QEMU_KVM, &root);
 }
 
 /// Waits for a fairness run (pid) to have created its groups.
@@ -233,7 +300,7 @@ fn ctrl_c_leaves_no_cgroup_and_a_killed_runs_are_removed_by_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let params = ["sched.fairness.duration_s=60"];
     // Ctrl-C: hvbench removes its groups on the way out.
-    let mut child = sched_run(&dir.path().join("a"), "sched.fairness", &params)
+    let mut child = sched_run(OUR_VMM, &dir.path().join("a"), "sched.fairness", &params)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -244,7 +311,7 @@ fn ctrl_c_leaves_no_cgroup_and_a_killed_runs_are_removed_by_the_next_run() {
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(!group.exists(), "Ctrl-C left {}", group.display());
     // SIGKILL: the groups stay, and the next run removes them and says so.
-    let mut child = sched_run(&dir.path().join("b"), "sched.fairness", &params)
+    let mut child = sched_run(OUR_VMM, &dir.path().join("b"), "sched.fairness", &params)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -268,4 +335,39 @@ fn ctrl_c_leaves_no_cgroup_and_a_killed_runs_are_removed_by_the_next_run() {
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("cgroups left by hvbench pid"), "{stderr}");
     assert!(!group.exists(), "the next run left {}", group.display());
+}
+
+#[test]
+fn on_qemu_ctrl_c_leaves_no_cgroup_nor_qemu() {
+    if !backend_here(QEMU_KVM) {
+        return;
+    }
+    let Some(root) = cgroup_root() else { return };
+    let _serial = common::exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let params = ["sched.fairness.duration_s=60"];
+    let mut child = sched_run(QEMU_KVM, dir.path(), "sched.fairness", &params)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let group = wait_for_groups(&root, child.id());
+    // The QEMUs are up and in their groups before the interruption.
+    let started = std::time::Instant::now();
+    while qemus_left_by(child.id()).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no QEMU started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(!group.exists(), "Ctrl-C left {}", group.display());
+    assert!(
+        qemus_left_by(child.id()).is_empty(),
+        "{:?}",
+        qemus_left_by(child.id())
+    );
 }

@@ -1498,7 +1498,8 @@ pub const WORKLOADS: &[Workload] = &[
                       to the guest (the steal-time MSR's area) against the host's own view, \
                       the run delay of the vCPU thread (/proc/PID/task/TID/schedstat), over \
                       the same span; samples are per vCPU, the disagreement is |guest/host - \
-                      1| of the sums. hvbench's VMM only (its thread IDs are the host's view).",
+                      1| of the sums. hvbench's VMM and QEMU with -accel kvm (one process \
+                      per guest, vCPU threads found by name).",
         requires: &[Requirement::Backend(BackendFeature::VcpuThreads)],
         explicit_only: false,
         native_twin: None,

@@ -264,6 +264,9 @@ impl QemuBackend {
             format!("{}M", request.memory_mib),
             "-smp".into(),
             request.vcpus.to_string(),
+            // Named threads (`CPU <n>/KVM`): sched.* finds the vCPU threads by name.
+            "-name".into(),
+            format!("{},debug-threads=on", request.name.replace(',', ",,")),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -436,10 +439,13 @@ impl Hypervisor for QemuBackend {
             // microvm has a local APIC per vCPU (in KVM's irqchip with -accel kvm, QEMU's
             // own under TCG) and -smp N APs waiting for INIT/SIPI.
             BackendFeature::LocalApic => Ok(()),
+            // One QEMU process per guest; its vCPU threads are named (`-name
+            // ...,debug-threads=on`) and KVM keeps their steal time.
+            BackendFeature::VcpuThreads if self.accel == Accel::Kvm => Ok(()),
             BackendFeature::VcpuThreads => Err(
-                "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
-                 processes (their vCPU threads by name, the guest's steal-time areas); QEMU's \
-                 are not driven yet: run them with --backend kvm"
+                "sched.steal and sched.fairness weigh and account vCPU threads that KVM runs; \
+                 under TCG QEMU's threads run its translator and the guest has no steal \
+                 time: run them with --qemu-accel kvm"
                     .into(),
             ),
             BackendFeature::HltExitsToVmm => Err(

@@ -137,9 +137,9 @@ fn q35_supports(feature: BackendFeature, kvm_pvm: bool) -> Result<(), Unsupporte
                 .into(),
         ),
         BackendFeature::VcpuThreads => Err(
-            "sched.steal and sched.fairness weigh, pin and account hvbench's own VMM \
-             processes; a libvirt domain's vCPU threads are QEMU's: run them with \
-             --backend kvm"
+            "sched.steal and sched.fairness weigh, pin and account VMM processes that \
+             hvbench starts itself; a libvirt domain's QEMU is libvirtd's: run them with \
+             --backend kvm or --backend qemu"
                 .into(),
         ),
         BackendFeature::KernelSamePageMerging => Err(

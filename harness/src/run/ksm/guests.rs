@@ -71,29 +71,31 @@ pub fn hvbench_exe() -> Result<PathBuf, MemKsmError> {
     }
 }
 
+/// What one console line says: an event, a damaged result line, or nothing (a line that
+/// is not the protocol's). Every guest text is escaped, as for any other guest.
+pub fn console_event(line: ConsoleLine) -> Option<ConsoleEvent> {
+    match line {
+        ConsoleLine::Line(bytes) => match crate::console::decode(&bytes) {
+            Ok(Some(event)) => Some(ConsoleEvent::Event(event)),
+            Ok(None) => None,
+            Err(e) => Some(ConsoleEvent::Damaged(format!(
+                "{e}: {}",
+                printable(&bytes[..bytes.len().min(120)])
+            ))),
+        },
+        ConsoleLine::Overlong { head, length } => head
+            .starts_with(workloads::protocol::PREFIX.as_bytes())
+            .then(|| ConsoleEvent::Damaged(format!("a result line of {length} bytes"))),
+    }
+}
+
 fn read_console(index: usize, stdout: impl Read, tx: SyncSender<(usize, ConsoleEvent)>) {
     let mut stdout = stdout;
     let mut lines = LineAssembler::new();
     let mut buf = [0u8; 4096];
-    let send = |line: ConsoleLine| {
-        let event = match line {
-            // Decoded with every guest text escaped, as for any other guest.
-            ConsoleLine::Line(bytes) => match crate::console::decode(&bytes) {
-                Ok(Some(event)) => ConsoleEvent::Event(event),
-                Ok(None) => return true,
-                Err(e) => ConsoleEvent::Damaged(format!(
-                    "{e}: {}",
-                    printable(&bytes[..bytes.len().min(120)])
-                )),
-            },
-            ConsoleLine::Overlong { head, length } => {
-                if !head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
-                    return true;
-                }
-                ConsoleEvent::Damaged(format!("a result line of {length} bytes"))
-            }
-        };
-        tx.send((index, event)).is_ok()
+    let send = |line: ConsoleLine| match console_event(line) {
+        Some(event) => tx.send((index, event)).is_ok(),
+        None => true,
     };
     loop {
         match stdout.read(&mut buf) {

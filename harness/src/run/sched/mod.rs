@@ -2,12 +2,14 @@
 //! vCPUs, driven by the host.
 //!
 //! - [`spin`]: the guests (VMM processes), their ticks and the host's samples;
+//! - [`booted`]: guests whose VMM processes the backend starts (QEMU);
 //! - [`threads`]: the host's view of vCPU threads (schedstat, pinning);
 //! - [`analysis`]: ticks, shares, Jain's index, steal agreement;
 //! - here: parameters, the host set-up (CPU cgroups through the `cgroup` crate's guard),
 //!   and the figures of each workload.
 
 pub(crate) mod analysis;
+mod booted;
 mod spin;
 mod threads;
 mod xen;
@@ -220,7 +222,10 @@ fn steal_figures(outcome: &mut WorkloadOutcome, o: &Observed) -> Result<(), Sche
         if view.steal_msr.as_deref() != Some("kvm") {
             return Err(SchedError::Skipped {
                 index: g,
-                reason: "the guest has no KVM steal-time MSR".into(),
+                reason: "the guest has no KVM steal-time MSR: CPUID 0x40000001 EAX bit 5 \
+                         (KVM_FEATURE_STEAL_TIME) is clear, so the VMM's CPU model leaves \
+                         it out (QEMU: the -cpu model's kvm-steal-time)"
+                    .into(),
             });
         }
         let (Some((first, s0)), Some((last, s1))) = (view.ticks.first(), view.ticks.last()) else {

@@ -1,5 +1,6 @@
-//! The spinning guests of `sched.steal` and `sched.fairness`: one `hvbench vmm --vcpus N`
-//! process each (mem.ksm's fleet: none outlives hvbench), every vCPU spinning at CPL3.
+//! The spinning guests of `sched.steal` and `sched.fairness`: one VMM process each, every
+//! vCPU spinning at CPL3: `hvbench vmm --vcpus N` (mem.ksm's fleet: none outlives
+//! hvbench) for `--backend kvm`, or QEMU booted by its backend ([`super::booted`]).
 //! The host collects each guest's `tick` notes with the schedstat of its vCPU threads at
 //! that moment, and every window samples all guests' vCPU threads at once.
 
@@ -12,8 +13,10 @@ use workloads::protocol::{Event, Hello, Status};
 use workloads::WorkloadId;
 
 use super::analysis::{parse_tick, Tick};
-use super::threads::{pin, schedstat, vcpu_threads, SchedStat, VcpuThread};
+use super::booted::BootedGuests;
+use super::threads::{pin, schedstat, vcpu_threads, SchedStat, VcpuNaming, VcpuThread};
 use super::{SchedError, SpinParams};
+use crate::backend::BackendKind;
 use crate::run::host_context::HostContext;
 use crate::run::ksm::guests::{hvbench_exe, runs_vmm, ConsoleEvent, Fleet, GuestSpec};
 
@@ -52,12 +55,50 @@ fn run_ns(view: &GuestView) -> u64 {
         .sum()
 }
 
+/// The guests' VMM processes, by how they are started.
+enum Spinners {
+    /// `hvbench vmm` processes.
+    Vmm(Fleet),
+    /// Processes the backend started (QEMU).
+    Booted(BootedGuests),
+}
+
+impl Spinners {
+    fn naming(&self) -> VcpuNaming {
+        match self {
+            Spinners::Vmm(_) => VcpuNaming::Hvbench,
+            Spinners::Booted(_) => VcpuNaming::Qemu,
+        }
+    }
+
+    fn pids(&self) -> Result<Vec<u32>, SchedError> {
+        match self {
+            Spinners::Vmm(fleet) => Ok(fleet.pids()),
+            Spinners::Booted(booted) => booted.pids(),
+        }
+    }
+
+    /// The next event of any guest within `wait`, `None` if none came.
+    fn next_event(&mut self, wait: Duration) -> Result<Option<(usize, ConsoleEvent)>, SchedError> {
+        match self {
+            Spinners::Vmm(fleet) => match fleet.next_event(wait) {
+                Ok(event) => Ok(Some(event)),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    Err(SchedError::Host("every guest's console had closed".into()))
+                }
+            },
+            Spinners::Booted(booted) => booted.next_event(wait),
+        }
+    }
+}
+
 /// Finds guest `view`'s vCPU threads (once), and pins them if asked.
-fn discover(view: &mut GuestView, p: &SpinParams) -> Result<(), SchedError> {
+fn discover(view: &mut GuestView, p: &SpinParams, naming: VcpuNaming) -> Result<(), SchedError> {
     if !view.threads.is_empty() {
         return Ok(());
     }
-    let threads = vcpu_threads(Path::new(PROC), view.pid)
+    let threads = vcpu_threads(Path::new(PROC), view.pid, naming)
         .map_err(|e| SchedError::Host(format!("listing the threads of VMM {}: {e}", view.pid)))?;
     if threads.len() != p.vcpus as usize {
         return Err(SchedError::Host(format!(
@@ -83,12 +124,13 @@ fn on_event(
     index: usize,
     event: ConsoleEvent,
     p: &SpinParams,
+    naming: VcpuNaming,
 ) -> Result<(), SchedError> {
     let guest = |problem: String| SchedError::Guest { index, problem };
     match event {
         ConsoleEvent::Event(Event::Hello(hello)) => view.hello = Some(hello),
         ConsoleEvent::Event(Event::Note { key, value, .. }) if key == "tick" => {
-            discover(view, p)?;
+            discover(view, p, naming)?;
             let tick = parse_tick(&value).map_err(guest)?;
             if view.ticks.len() < MAX_TICKS {
                 let stats = view
@@ -137,6 +179,29 @@ pub(crate) fn run_guests(
     p: &SpinParams,
     place: &mut dyn FnMut(usize, u32) -> Result<(), SchedError>,
 ) -> Result<Observed, SchedError> {
+    let mut options = ctx.options.clone();
+    options.vcpus = p.vcpus;
+    let cmdline = options.guest_cmdline(&[id]);
+    let mut spinners = match ctx.backend.kind() {
+        BackendKind::Qemu => {
+            Spinners::Booted(BootedGuests::boot(ctx, &cmdline, p.vcpus, p.guests)?)
+        }
+        _ => Spinners::Vmm(spawn_fleet(ctx, p, &cmdline)?),
+    };
+    let mut observed = Observed::default();
+    for (index, pid) in spinners.pids()?.into_iter().enumerate() {
+        place(index, pid)?;
+        observed.guests.push(GuestView {
+            pid,
+            ..Default::default()
+        });
+    }
+    collect(ctx, id, p, &mut spinners, &mut observed)?;
+    Ok(observed)
+}
+
+/// `p.guests` `hvbench vmm` processes running `cmdline`.
+fn spawn_fleet(ctx: &HostContext, p: &SpinParams, cmdline: &str) -> Result<Fleet, SchedError> {
     let exe = hvbench_exe().map_err(|e| SchedError::Host(e.to_string()))?;
     if !runs_vmm(&exe) {
         return Err(SchedError::Host(format!(
@@ -144,9 +209,6 @@ pub(crate) fn run_guests(
             exe.display()
         )));
     }
-    let mut options = ctx.options.clone();
-    options.vcpus = p.vcpus;
-    let cmdline = options.guest_cmdline(&[id]);
     let spec = GuestSpec {
         exe,
         guest_image: ctx.options.guest_path.clone(),
@@ -155,18 +217,8 @@ pub(crate) fn run_guests(
         vcpus: p.vcpus,
         mergeable: false,
     };
-    let fleet = Fleet::spawn(&spec, &vec![cmdline; p.guests])
-        .map_err(|e| SchedError::Host(e.to_string()))?;
-    let mut observed = Observed::default();
-    for (index, pid) in fleet.pids().into_iter().enumerate() {
-        place(index, pid)?;
-        observed.guests.push(GuestView {
-            pid,
-            ..Default::default()
-        });
-    }
-    collect(ctx, id, p, &fleet, &mut observed)?;
-    Ok(observed)
+    Fleet::spawn(&spec, &vec![cmdline.to_string(); p.guests])
+        .map_err(|e| SchedError::Host(e.to_string()))
 }
 
 /// The event loop: guests' lines, and a host sample every window while all spin.
@@ -174,9 +226,10 @@ fn collect(
     ctx: &HostContext,
     id: WorkloadId,
     p: &SpinParams,
-    fleet: &Fleet,
+    spinners: &mut Spinners,
     observed: &mut Observed,
 ) -> Result<(), SchedError> {
+    let naming = spinners.naming();
     let deadline = Instant::now() + p.duration + BOOT_SLACK;
     let mut first_sample: Option<Instant> = None;
     let mut next_sample = Instant::now();
@@ -204,13 +257,10 @@ fn collect(
         let wait = next_sample
             .saturating_duration_since(now)
             .clamp(Duration::from_millis(1), p.window);
-        match fleet.next_event(wait) {
-            Ok((index, event)) => match observed.guests.get_mut(index) {
-                Some(view) => on_event(id, view, index, event, p)?,
-                None => continue,
-            },
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+        if let Some((index, event)) = spinners.next_event(wait)? {
+            if let Some(view) = observed.guests.get_mut(index) {
+                on_event(id, view, index, event, p, naming)?;
+            }
         }
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! The host's view of a VMM process's vCPU threads: found by name (`vcpu<N>-<name>`, as
-//! hvbench's VMM names them), accounted by `/proc/PID/task/TID/schedstat` (time on a CPU
+//! The host's view of a VMM process's vCPU threads: found by name (each VMM's own
+//! pattern, [`VcpuNaming`]), accounted by `/proc/PID/task/TID/schedstat` (time on a CPU
 //! and time runnable but waiting, the run delay KVM turns into steal time), and pinned.
 
 use std::path::Path;
@@ -24,18 +24,37 @@ pub struct SchedStat {
 /// Most threads looked at in one VMM process.
 const MAX_THREADS: usize = 64;
 
-/// `vcpu<N>-...` -> N.
-fn vcpu_index(comm: &str) -> Option<usize> {
-    let rest = comm.trim().strip_prefix("vcpu")?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    if digits.is_empty() || !rest[digits.len()..].starts_with('-') {
-        return None;
+/// How a VMM names its vCPU threads (the `comm` procfs shows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuNaming {
+    /// hvbench's VMM: `vcpu<N>-<name>`.
+    Hvbench,
+    /// QEMU started with `-name ...,debug-threads=on`: `CPU <N>/<accelerator>` (`CPU 0/KVM`).
+    Qemu,
+}
+
+impl VcpuNaming {
+    /// The vCPU index a thread named `comm` runs, if it is a vCPU thread.
+    pub fn index(self, comm: &str) -> Option<usize> {
+        let (prefix, separator) = match self {
+            VcpuNaming::Hvbench => ("vcpu", '-'),
+            VcpuNaming::Qemu => ("CPU ", '/'),
+        };
+        let rest = comm.trim().strip_prefix(prefix)?;
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 || !rest[digits..].starts_with(separator) {
+            return None;
+        }
+        rest[..digits].parse().ok()
     }
-    digits.parse().ok()
 }
 
 /// The vCPU threads of process `pid` (under `proc_root`, normally `/proc`), by index.
-pub fn vcpu_threads(proc_root: &Path, pid: u32) -> std::io::Result<Vec<VcpuThread>> {
+pub fn vcpu_threads(
+    proc_root: &Path,
+    pid: u32,
+    naming: VcpuNaming,
+) -> std::io::Result<Vec<VcpuThread>> {
     let mut threads = Vec::new();
     let tasks = proc_root.join(pid.to_string()).join("task");
     for entry in std::fs::read_dir(tasks)?.take(MAX_THREADS) {
@@ -44,7 +63,7 @@ pub fn vcpu_threads(proc_root: &Path, pid: u32) -> std::io::Result<Vec<VcpuThrea
             continue;
         };
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if let Some(index) = vcpu_index(&comm) {
+        if let Some(index) = naming.index(&comm) {
             threads.push(VcpuThread { index, tid });
         }
     }
@@ -88,10 +107,18 @@ mod tests {
 
     #[test]
     fn vcpu_threads_are_found_by_name_and_schedstat_parses() {
-        assert_eq!(vcpu_index("vcpu0-vmm\n"), Some(0));
-        assert_eq!(vcpu_index("vcpu12-hvbench-1"), Some(12));
-        for other in ["vcpu-x", "vcpux-1", "main", "doorbell-stdin", "vcpu1"] {
-            assert_eq!(vcpu_index(other), None, "{other}");
+        let ours = VcpuNaming::Hvbench;
+        assert_eq!(ours.index("vcpu0-vmm\n"), Some(0));
+        assert_eq!(ours.index("vcpu12-hvbench-1"), Some(12));
+        for other in [
+            "vcpu-x",
+            "vcpux-1",
+            "main",
+            "doorbell-stdin",
+            "vcpu1",
+            "CPU 0/KVM",
+        ] {
+            assert_eq!(ours.index(other), None, "{other}");
         }
         let dir = tempfile::tempdir().unwrap();
         for (tid, comm) in [(10, "hvbench"), (12, "vcpu1-vmm"), (11, "vcpu0-vmm")] {
@@ -100,7 +127,7 @@ mod tests {
             std::fs::write(task.join("comm"), format!("{comm}\n")).unwrap();
             std::fs::write(task.join("schedstat"), format!("{tid}000 {tid} 3\n")).unwrap();
         }
-        let threads = vcpu_threads(dir.path(), 7).unwrap();
+        let threads = vcpu_threads(dir.path(), 7, VcpuNaming::Hvbench).unwrap();
         assert_eq!(
             threads,
             vec![
@@ -117,6 +144,45 @@ mod tests {
         );
         assert_eq!(parse_schedstat("1"), None);
         assert_eq!(parse_schedstat("x 1 1"), None);
+    }
+
+    #[test]
+    fn qemus_vcpu_threads_are_found_by_its_debug_thread_names() {
+        let qemu = VcpuNaming::Qemu;
+        assert_eq!(qemu.index("CPU 0/KVM\n"), Some(0));
+        assert_eq!(qemu.index("CPU 7/KVM"), Some(7));
+        assert_eq!(qemu.index("CPU 3/TCG"), Some(3));
+        for other in [
+            "qemu-system-x86",
+            "CPU /KVM",
+            "CPU 0",
+            "CPU x/KVM",
+            "ALL CPUs/TCG",
+            "call_rcu",
+            "vcpu0-vmm",
+            "CPU 99999999999999999999/KVM",
+        ] {
+            assert_eq!(qemu.index(other), None, "{other}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (tid, comm) in [
+            (20, "qemu-system-x86"),
+            (22, "CPU 1/KVM"),
+            (21, "CPU 0/KVM"),
+        ] {
+            let task = dir.path().join(format!("9/task/{tid}"));
+            std::fs::create_dir_all(&task).unwrap();
+            std::fs::write(task.join("comm"), format!("{comm}\n")).unwrap();
+        }
+        let tids: Vec<u32> = vcpu_threads(dir.path(), 9, qemu)
+            .unwrap()
+            .iter()
+            .map(|t| t.tid)
+            .collect();
+        assert_eq!(tids, vec![21, 22]);
+        assert!(vcpu_threads(dir.path(), 9, VcpuNaming::Hvbench)
+            .unwrap()
+            .is_empty());
     }
 
     /// The real procfs: this thread's own schedstat reads, and counts the CPU it used.
