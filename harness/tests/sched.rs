@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hvbench::backend::kvm::KvmBackend;
 use hvbench::backend::qemu::{QemuBackend, QemuOptions};
+use hvbench::run::WorkloadParam;
 use reports::record::{Record, Status};
 use workloads::WorkloadId;
 
@@ -25,6 +26,8 @@ fn assert_positive_latencies(records: &[Record]) {
             r.samples
         );
     }
+    let ipi = records.iter().find(|r| r.workload == "sched.ipi").unwrap();
+    assert_eq!(ipi.notes["ipi_answer"], "ipi", "an IPI each way by default");
 }
 
 #[test]
@@ -43,6 +46,13 @@ fn a_two_vcpu_guest_on_our_vmm_gives_positive_ipi_and_wakeup_latencies() {
     assert_positive_latencies(&summary.records);
     let irqchip = &summary.records[0].backend.details["irqchip"];
     assert!(irqchip.starts_with("in-kernel"), "{irqchip}");
+    // The AP's memory write as the answer instead.
+    options.workloads = vec![WorkloadId::SchedIpi];
+    options.params = vec![WorkloadParam::parse("sched.ipi.ipi_back=0").unwrap()];
+    options.out = dir.path().join("memory");
+    let memory = common::run_with(&backend, &options).records;
+    assert_eq!(memory[0].status, Status::Success, "{:?}", memory[0].reason);
+    assert_eq!(memory[0].notes["ipi_answer"], "memory");
 }
 
 #[test]

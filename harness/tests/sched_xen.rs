@@ -49,6 +49,7 @@ fn ipi_and_wakeup(backend: &XenBackend) {
     let ipi = record(&records, "sched.ipi", "latency");
     assert_eq!(ipi.notes["ap_start"], "xen-vcpuop-up");
     assert_eq!(ipi.notes["ipi_path"], "xen-emulated-lapic");
+    assert_eq!(ipi.notes["ipi_answer"], "ipi");
     let wakeup = record(&records, "sched.wakeup", "latency");
     assert!(wakeup.notes["timer"].starts_with("lapic-"));
 }
