@@ -289,10 +289,19 @@ impl XenBoot<'_> {
             "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
              loglvl=all guest_loglvl=all noreboot smap=0"
         );
+        // One dom0 vCPU (issue 12). With one per CPU, dom0's processes faulted whenever
+        // busy guests left its vCPUs waiting for a CPU: freshly started busybox/xl read TLS
+        // through a wrong FS base ("segfault at 0 ... in busybox"), 5-11 faults in each
+        // 40 s two-domain `sched.fairness` run (pool of one CPU, dom0's 3 vCPUs on the 2
+        // left). Measured on 2026-12-05, one variable at a time: single-threaded TCG,
+        // `-cpu max,-fsgsbase`, and a Xen built without svm_load_segs() (VMLOAD) in
+        // load_segments() all still faulted; dom0_max_vcpus=1 or 2 (never more vCPUs than
+        // Pool-0's CPUs) gave none. Guests outside a pool that share dom0's CPU still can.
+        xen_command_line.push_str(" dom0_max_vcpus=1");
         if self.insns.is_some() {
             // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
             // (the xen backend pins them), so neither moves nor mixes into the other's count.
-            xen_command_line.push_str(" dom0_max_vcpus=1 dom0_vcpus_pin");
+            xen_command_line.push_str(" dom0_vcpus_pin");
         }
         let modules = format!(
             "{} console=hvc0 earlyprintk=xen,{}",
@@ -456,6 +465,9 @@ mod tests {
         let joined = arguments.join(" ");
         assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
         assert!(joined.contains("smap=0"), "{joined}");
+        // Issue 12: dom0's vCPUs must not wait for a CPU behind busy guests.
+        assert!(joined.contains(" dom0_max_vcpus=1"), "{joined}");
+        assert!(!joined.contains("dom0_vcpus_pin"), "{joined}");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:10022-:22"),
             "{joined}"
