@@ -289,15 +289,19 @@ impl XenBoot<'_> {
             "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
              loglvl=all guest_loglvl=all noreboot smap=0"
         );
-        // One dom0 vCPU (issue 12). With one per CPU, dom0's processes faulted whenever
-        // busy guests left its vCPUs waiting for a CPU: freshly started busybox/xl read TLS
-        // through a wrong FS base ("segfault at 0 ... in busybox"), 5-11 faults in each
-        // 40 s two-domain `sched.fairness` run (pool of one CPU, dom0's 3 vCPUs on the 2
-        // left). Measured on 2026-12-05, one variable at a time: single-threaded TCG,
-        // `-cpu max,-fsgsbase`, and a Xen built without svm_load_segs() (VMLOAD) in
-        // load_segments() all still faulted; dom0_max_vcpus=1 or 2 (never more vCPUs than
-        // Pool-0's CPUs) gave none. Guests outside a pool that share dom0's CPU still can.
-        xen_command_line.push_str(" dom0_max_vcpus=1");
+        // Eager FPU switching and one dom0 vCPU (issue 12). With Xen's default on AMD
+        // (lazy FPU: CR0.TS and #NM on the next FPU use) and a dom0 vCPU per CPU, dom0's
+        // processes were corrupted whenever its vCPUs had to share a CPU: busybox/xl
+        // segfaults ("segfault at 0 ... in busybox"), mangled shell words ("sh: dat: not
+        // found"). Measured on 2026-12-05, one variable at a time: 5-11 faults in each
+        // 40 s two-domain `sched.fairness` run (dom0's 3 vCPUs on the 2 CPUs a pool of one
+        // left), also with single-threaded TCG, `-cpu max,-fsgsbase`, `-pcid,-invpcid`,
+        // and a Xen without svm_load_segs(); 5-7 with no guest at all, dom0's 4 vCPUs
+        // busy on 2 CPUs, pinned or not. `spec-ctrl=eager-fpu` gave none in each of those
+        // set-ups, nor did dom0_max_vcpus=1 or 2 in the pool runs (it still faulted when
+        // guests shared dom0's CPU). So it is the lazy switch of a PV vCPU's FPU state
+        // under QEMU's TCG; the faulty instruction's emulation was not pinned down.
+        xen_command_line.push_str(" spec-ctrl=eager-fpu dom0_max_vcpus=1");
         if self.insns.is_some() {
             // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
             // (the xen backend pins them), so neither moves nor mixes into the other's count.
@@ -465,8 +469,11 @@ mod tests {
         let joined = arguments.join(" ");
         assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
         assert!(joined.contains("smap=0"), "{joined}");
-        // Issue 12: dom0's vCPUs must not wait for a CPU behind busy guests.
-        assert!(joined.contains(" dom0_max_vcpus=1"), "{joined}");
+        // Issue 12: lazy FPU switching corrupted dom0's processes under TCG.
+        assert!(
+            joined.contains(" spec-ctrl=eager-fpu dom0_max_vcpus=1"),
+            "{joined}"
+        );
         assert!(!joined.contains("dom0_vcpus_pin"), "{joined}");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:10022-:22"),
