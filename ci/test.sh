@@ -69,6 +69,7 @@ export HVBENCH_REQUIRE_LIBVIRT=1
 export HVBENCH_REQUIRE_KVM=1 HVBENCH_REQUIRE_QEMU=1 HVBENCH_REQUIRE_BROWSER=1 HVBENCH_REQUIRE_XEN_LAB=1
 export HVBENCH_REQUIRE_KVM_LAB=1 HVBENCH_REQUIRE_WORKFLOW_SCHEMA=1
 # The matrix end-to-end test runs the Xen lab as a matrix host too (about 80 s).
+# sched_xen.rs's fairness test boots a 3-CPU lab and two busy domains (40-55 s).
 # The Xen migration test (xen_migration.rs) brings the lab up with --insns and
 # `xl migrate`s a 32 MiB guest there (40-160 s with the lab up, by load).
 export HVBENCH_MATRIX_XEN_LAB=1

@@ -289,10 +289,23 @@ impl XenBoot<'_> {
             "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
              loglvl=all guest_loglvl=all noreboot smap=0"
         );
+        // Eager FPU switching and one dom0 vCPU (issue 12). With Xen's default on AMD
+        // (lazy FPU: CR0.TS and #NM on the next FPU use) and a dom0 vCPU per CPU, dom0's
+        // processes were corrupted whenever its vCPUs had to share a CPU: busybox/xl
+        // segfaults ("segfault at 0 ... in busybox"), mangled shell words ("sh: dat: not
+        // found"). Measured on 2026-12-05, one variable at a time: 5-11 faults in each
+        // 40 s two-domain `sched.fairness` run (dom0's 3 vCPUs on the 2 CPUs a pool of one
+        // left), also with single-threaded TCG, `-cpu max,-fsgsbase`, `-pcid,-invpcid`,
+        // and a Xen without svm_load_segs(); 5-7 with no guest at all, dom0's 4 vCPUs
+        // busy on 2 CPUs, pinned or not. `spec-ctrl=eager-fpu` gave none in each of those
+        // set-ups, nor did dom0_max_vcpus=1 or 2 in the pool runs (it still faulted when
+        // guests shared dom0's CPU). So it is the lazy switch of a PV vCPU's FPU state
+        // under QEMU's TCG; the faulty instruction's emulation was not pinned down.
+        xen_command_line.push_str(" spec-ctrl=eager-fpu dom0_max_vcpus=1");
         if self.insns.is_some() {
             // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
             // (the xen backend pins them), so neither moves nor mixes into the other's count.
-            xen_command_line.push_str(" dom0_max_vcpus=1 dom0_vcpus_pin");
+            xen_command_line.push_str(" dom0_vcpus_pin");
         }
         let modules = format!(
             "{} console=hvc0 earlyprintk=xen,{}",
@@ -456,6 +469,12 @@ mod tests {
         let joined = arguments.join(" ");
         assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
         assert!(joined.contains("smap=0"), "{joined}");
+        // Issue 12: lazy FPU switching corrupted dom0's processes under TCG.
+        assert!(
+            joined.contains(" spec-ctrl=eager-fpu dom0_max_vcpus=1"),
+            "{joined}"
+        );
+        assert!(!joined.contains("dom0_vcpus_pin"), "{joined}");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:10022-:22"),
             "{joined}"
