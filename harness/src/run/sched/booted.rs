@@ -23,6 +23,7 @@ const BURST: usize = 64;
 const POLL: Duration = Duration::from_millis(1);
 
 struct Booted {
+    name: String,
     session: Box<dyn GuestSession>,
     lines: LineAssembler,
     events: VecDeque<ConsoleEvent>,
@@ -45,13 +46,15 @@ impl std::fmt::Debug for BootedGuests {
 }
 
 impl BootedGuests {
-    /// Boots `count` guests of `vcpus` vCPUs, each with `cmdline`. On an error the guests
-    /// already booted are stopped as the partial set drops.
+    /// Boots `count` guests of `vcpus` vCPUs, each with `cmdline`, handing each name to
+    /// `after_boot` as it comes up (Xen pauses each until all are up). On an error the
+    /// guests already booted are stopped as the partial set drops.
     pub fn boot(
         ctx: &HostContext,
         cmdline: &str,
         vcpus: u32,
         count: usize,
+        after_boot: &mut dyn FnMut(&str) -> Result<(), SchedError>,
     ) -> Result<Self, SchedError> {
         let mut booted = BootedGuests { guests: Vec::new() };
         for _ in 0..count {
@@ -72,14 +75,21 @@ impl BootedGuests {
                 .boot(&request)
                 .map_err(|e| SchedError::Host(format!("booting guest {name}: {e}")))?;
             booted.guests.push(Booted {
+                name: name.clone(),
                 session,
                 lines: LineAssembler::new(),
                 events: VecDeque::new(),
                 ended: false,
                 failure: None,
             });
+            after_boot(&name)?;
         }
         Ok(booted)
+    }
+
+    /// The guests' names (their domain names, where the backend names domains).
+    pub fn names(&self) -> Vec<String> {
+        self.guests.iter().map(|g| g.name.clone()).collect()
     }
 
     /// Each guest's VMM process on this host.
@@ -234,6 +244,7 @@ mod tests {
                     stops: stops.clone(),
                 };
                 Booted {
+                    name: format!("g{i}"),
                     session: Box::new(session),
                     lines: LineAssembler::new(),
                     events: VecDeque::new(),

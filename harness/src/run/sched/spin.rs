@@ -183,9 +183,13 @@ pub(crate) fn run_guests(
     options.vcpus = p.vcpus;
     let cmdline = options.guest_cmdline(&[id]);
     let mut spinners = match ctx.backend.kind() {
-        BackendKind::Qemu => {
-            Spinners::Booted(BootedGuests::boot(ctx, &cmdline, p.vcpus, p.guests)?)
-        }
+        BackendKind::Qemu => Spinners::Booted(BootedGuests::boot(
+            ctx,
+            &cmdline,
+            p.vcpus,
+            p.guests,
+            &mut |_| Ok(()),
+        )?),
         _ => Spinners::Vmm(spawn_fleet(ctx, p, &cmdline)?),
     };
     let mut observed = Observed::default();

@@ -14,21 +14,19 @@
 //!   blocks, so what it did not run it waited), compared as rates over each side's span;
 //! - fairness: weights (and caps) through `xl sched-credit2` / `xl sched-credit`.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::TryRecvError;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use workloads::protocol::{Event, Status};
 use workloads::WorkloadId;
 
 use super::analysis::parse_tick;
+use super::booted::BootedGuests;
 use super::spin::{GuestView, Observed};
 use super::{direct, SchedError, SpinParams};
 use crate::backend::xen::sched::XlHost;
-use crate::backend::{BootRequest, GuestMessage, GuestSession};
-use crate::console::{ConsoleLine, LineAssembler};
 use crate::run::host_context::{HostContext, HostDriven};
+use crate::run::ksm::guests::ConsoleEvent;
 use crate::run::session::WorkloadOutcome;
 
 /// Most ticks kept per guest and host samples per run (the guest is untrusted; the
@@ -43,7 +41,8 @@ const POOL0: &str = "Pool-0";
 /// Xen's default weight (credit and credit2): weight `w` is `w` times this.
 const BASE_WEIGHT: u32 = 256;
 
-static BOOTS: AtomicU32 = AtomicU32::new(0);
+/// Longest wait for a domain's next line before the loop looks at the clock again.
+const QUIET_WAIT: Duration = Duration::from_millis(5);
 
 /// One look at the dom0: its clock, and each guest's vCPUs' running time (ns, by vCPU).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -209,55 +208,6 @@ impl Drop for SchedPool<'_> {
     }
 }
 
-/// One booted domain and what its console said.
-struct Domain {
-    name: String,
-    session: Box<dyn GuestSession>,
-    lines: LineAssembler,
-    events: VecDeque<Event>,
-}
-
-impl Domain {
-    /// Moves whatever the session has into `events`; whether the session ended.
-    fn pump(&mut self) -> Result<bool, String> {
-        for _ in 0..64 {
-            match self.session.messages().try_recv() {
-                Ok(GuestMessage::Console { bytes, .. }) => {
-                    for line in self.lines.push(&bytes) {
-                        self.take(line)?;
-                    }
-                }
-                Ok(GuestMessage::Notice(_)) => {}
-                Ok(GuestMessage::Ended(_)) | Err(TryRecvError::Disconnected) => {
-                    if let Some(line) = self.lines.finish() {
-                        self.take(line)?;
-                    }
-                    return Ok(true);
-                }
-                Err(TryRecvError::Empty) => break,
-            }
-        }
-        Ok(false)
-    }
-
-    fn take(&mut self, line: ConsoleLine) -> Result<(), String> {
-        match line {
-            // Decoded with every guest text escaped, as for any other guest.
-            ConsoleLine::Line(bytes) => match crate::console::decode(&bytes) {
-                Ok(Some(event)) => self.events.push_back(event),
-                Ok(None) => {}
-                Err(e) => return Err(format!("a damaged line: {e}")),
-            },
-            ConsoleLine::Overlong { head, length } => {
-                if head.starts_with(workloads::protocol::PREFIX.as_bytes()) {
-                    return Err(format!("a result line of {length} bytes"));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Everything a Xen run produced: the shared view, and the dom0's per-vCPU samples.
 pub(crate) struct XenObserved {
     pub observed: Observed,
@@ -281,48 +231,22 @@ pub(crate) fn run_domains(
     let mut options = ctx.options.clone();
     options.vcpus = p.vcpus;
     let line = options.guest_cmdline(&[id]);
-    let mut domains = Vec::new();
-    for _ in 0..p.guests {
-        let name = format!(
-            "hvbench-{}-sched-{}",
-            std::process::id(),
-            BOOTS.fetch_add(1, Ordering::Relaxed) + 1
-        );
-        let request = BootRequest {
-            image: ctx.image,
-            cmdline: &line,
-            memory_mib: options.memory_mib,
-            vcpus: p.vcpus,
-            name: name.clone(),
-        };
-        let session = ctx
-            .backend
-            .boot(&request)
-            .map_err(|e| SchedError::Host(format!("booting domain {name}: {e}")))?;
-        // Paused until all are booted: spinning vCPUs would starve the dom0 that boots
-        // the next one (the guest's duration runs on its TSC, so it must outlast this).
+    // Paused until all are booted: spinning vCPUs would starve the dom0 that boots the
+    // next one (the guest's duration runs on its TSC, so it must outlast this).
+    let mut domains = BootedGuests::boot(ctx, &line, p.vcpus, p.guests, &mut |name| {
         xl.xl(&format!("xl pause {name}"))
-            .map_err(SchedError::Host)?;
-        domains.push(Domain {
-            name,
-            session,
-            lines: LineAssembler::new(),
-            events: VecDeque::new(),
-        });
+            .map(drop)
+            .map_err(SchedError::Host)
+    })?;
+    let names = domains.names();
+    for (i, name) in names.iter().enumerate() {
+        place(i, name)?;
     }
-    for (i, d) in domains.iter().enumerate() {
-        place(i, &d.name)?;
+    for name in &names {
+        unpause(xl, name)?;
     }
-    for d in &domains {
-        unpause(xl, &d.name)?;
-    }
-    let result = collect(ctx, xl, id, p, &mut domains);
-    for d in &mut domains {
-        if let Err(e) = d.session.stop() {
-            hostutil::say!("hvbench: warning: destroying domain {}: {e}", d.name);
-        }
-    }
-    result
+    // The domains are destroyed as `domains` drops.
+    collect(ctx, xl, id, p, &mut domains, &names)
 }
 
 /// Tries of `xl unpause` (idempotent): in the TCG lab xl itself now and then crashes.
@@ -345,9 +269,9 @@ fn collect(
     xl: &dyn XlHost,
     id: WorkloadId,
     p: &SpinParams,
-    domains: &mut [Domain],
+    domains: &mut BootedGuests,
+    names: &[String],
 ) -> Result<XenObserved, SchedError> {
-    let names: Vec<String> = domains.iter().map(|d| d.name.clone()).collect();
     let mut out = XenObserved {
         observed: Observed::default(),
         host: Vec::new(),
@@ -355,7 +279,7 @@ fn collect(
     };
     out.observed
         .guests
-        .resize_with(domains.len(), GuestView::default);
+        .resize_with(names.len(), GuestView::default);
     let deadline = Instant::now() + p.duration + BOOT_SLACK;
     let mut next_sample = Instant::now();
     let vcpus = p.vcpus as usize;
@@ -369,18 +293,6 @@ fn collect(
                 p.duration + BOOT_SLACK
             )));
         }
-        let mut quiet = true;
-        for (index, d) in domains.iter_mut().enumerate() {
-            let view = &mut out.observed.guests[index];
-            let ended = d
-                .pump()
-                .map_err(|problem| SchedError::Guest { index, problem })?;
-            while let Some(event) = d.events.pop_front() {
-                quiet = false;
-                on_event(id, view, index, event)?;
-            }
-            view.done |= ended;
-        }
         let all_spinning = out
             .observed
             .guests
@@ -388,14 +300,15 @@ fn collect(
             .all(|g| !g.ticks.is_empty() && !g.done);
         if all_spinning && Instant::now() >= next_sample && out.host.len() < MAX_SAMPLES {
             next_sample = Instant::now() + p.window;
-            if let Err(e) = sample(xl, &names, vcpus, &mut out) {
+            if let Err(e) = sample(xl, names, vcpus, &mut out) {
                 out.failed_samples.push(e.to_string());
                 if out.failed_samples.len() > MAX_FAILED_SAMPLES {
                     return Err(e);
                 }
             }
-        } else if quiet {
-            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some((index, event)) = domains.next_event(QUIET_WAIT)? {
+            on_event(id, &mut out.observed.guests[index], index, event)?;
         }
     }
     Ok(out)
@@ -419,7 +332,27 @@ fn sample(
     Ok(())
 }
 
+/// One console event of domain `index`; `Err` ends the workload.
 fn on_event(
+    id: WorkloadId,
+    view: &mut GuestView,
+    index: usize,
+    event: ConsoleEvent,
+) -> Result<(), SchedError> {
+    match event {
+        ConsoleEvent::Event(event) => on_guest_event(id, view, index, event),
+        ConsoleEvent::Damaged(line) => Err(SchedError::Guest {
+            index,
+            problem: format!("a damaged line: {line}"),
+        }),
+        ConsoleEvent::Closed => {
+            view.done = true;
+            Ok(())
+        }
+    }
+}
+
+fn on_guest_event(
     id: WorkloadId,
     view: &mut GuestView,
     index: usize,
