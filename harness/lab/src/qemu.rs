@@ -283,30 +283,7 @@ impl XenBoot<'_> {
         if let Some((plugin, log)) = self.insns {
             check_paths(&[plugin, log])?;
         }
-        // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
-        // stops the machine instead of looping through reboots.
-        let mut xen_command_line = format!(
-            "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
-             loglvl=all guest_loglvl=all noreboot smap=0"
-        );
-        // Eager FPU switching and one dom0 vCPU (issue 12). With Xen's default on AMD
-        // (lazy FPU: CR0.TS and #NM on the next FPU use) and a dom0 vCPU per CPU, dom0's
-        // processes were corrupted whenever its vCPUs had to share a CPU: busybox/xl
-        // segfaults ("segfault at 0 ... in busybox"), mangled shell words ("sh: dat: not
-        // found"). Measured on 2026-12-05, one variable at a time: 5-11 faults in each
-        // 40 s two-domain `sched.fairness` run (dom0's 3 vCPUs on the 2 CPUs a pool of one
-        // left), also with single-threaded TCG, `-cpu max,-fsgsbase`, `-pcid,-invpcid`,
-        // and a Xen without svm_load_segs(); 5-7 with no guest at all, dom0's 4 vCPUs
-        // busy on 2 CPUs, pinned or not. `spec-ctrl=eager-fpu` gave none in each of those
-        // set-ups, nor did dom0_max_vcpus=1 or 2 in the pool runs (it still faulted when
-        // guests shared dom0's CPU). So it is the lazy switch of a PV vCPU's FPU state
-        // under QEMU's TCG; the faulty instruction's emulation was not pinned down.
-        xen_command_line.push_str(" spec-ctrl=eager-fpu dom0_max_vcpus=1");
-        if self.insns.is_some() {
-            // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
-            // (the xen backend pins them), so neither moves nor mixes into the other's count.
-            xen_command_line.push_str(" dom0_vcpus_pin");
-        }
+        let xen_command_line = xen_command_line(self.insns.is_some());
         let modules = format!(
             "{} console=hvc0 earlyprintk=xen,{}",
             self.dom0_kernel.display(),
@@ -322,6 +299,36 @@ impl XenBoot<'_> {
         let arguments = self.arguments()?;
         self.base().start(arguments)
     }
+}
+
+/// Xen's own command line in the lab: the same for every boot with the same `counting`
+/// (the state records it, so a lab booted with other settings is not silently reused).
+pub(crate) fn xen_command_line(counting: bool) -> String {
+    // smap=0: PV dom0 crashes under TCG without it. noreboot + -no-reboot: a crash
+    // stops the machine instead of looping through reboots.
+    let mut line = format!(
+        "console=com1 com1=115200,8n1 dom0_mem={DOM0_MEMORY_MIB}M,max:{DOM0_MEMORY_MIB}M \
+         loglvl=all guest_loglvl=all noreboot smap=0"
+    );
+    // Eager FPU switching and one dom0 vCPU (issue 12). With Xen's default on AMD
+    // (lazy FPU: CR0.TS and #NM on the next FPU use) and a dom0 vCPU per CPU, dom0's
+    // processes were corrupted whenever its vCPUs had to share a CPU: busybox/xl
+    // segfaults ("segfault at 0 ... in busybox"), mangled shell words ("sh: dat: not
+    // found"). Measured on 2026-12-05, one variable at a time: 5-11 faults in each
+    // 40 s two-domain `sched.fairness` run (dom0's 3 vCPUs on the 2 CPUs a pool of one
+    // left), also with single-threaded TCG, `-cpu max,-fsgsbase`, `-pcid,-invpcid`,
+    // and a Xen without svm_load_segs(); 5-7 with no guest at all, dom0's 4 vCPUs
+    // busy on 2 CPUs, pinned or not. `spec-ctrl=eager-fpu` gave none in each of those
+    // set-ups, nor did dom0_max_vcpus=1 or 2 in the pool runs (it still faulted when
+    // guests shared dom0's CPU). So it is the lazy switch of a PV vCPU's FPU state
+    // under QEMU's TCG; the faulty instruction's emulation was not pinned down.
+    line.push_str(" spec-ctrl=eager-fpu dom0_max_vcpus=1");
+    if counting {
+        // Instruction counts are per CPU: dom0 keeps to CPU 0, guests are put on CPU 1
+        // (the xen backend pins them), so neither moves nor mixes into the other's count.
+        line.push_str(" dom0_vcpus_pin");
+    }
+    line
 }
 
 pub(crate) fn read_pid_file(path: &Path) -> Option<u32> {

@@ -69,6 +69,10 @@ pub struct XenLabState {
     /// Where the hvbench-insns plugin appends its counts, when the lab loaded it.
     #[serde(default)]
     pub insns_log: Option<PathBuf>,
+    /// Xen's command line at this boot (a state saved before it was recorded has none, and
+    /// such a lab is not reused: its Xen may lack settings the lab now needs).
+    #[serde(default)]
+    pub xen_command_line: Option<String>,
     /// "tcg" or "kvm": with tcg, every timing inside the lab is an emulation artefact.
     pub accel: String,
     pub memory_mib: u32,
@@ -291,6 +295,9 @@ impl Recipe for XenLab {
                 .insns_plugin
                 .as_ref()
                 .map(|_| layout.insns_log.clone()),
+            xen_command_line: Some(crate::qemu::xen_command_line(
+                machine.insns_plugin.is_some(),
+            )),
             accel: machine.accel.as_str().into(),
             memory_mib: machine.memory_mib,
             cpus: machine.cpus,
@@ -344,8 +351,21 @@ impl Recipe for XenLab {
                 counting(insns)
             )
         };
-        let running = describe(running, status.state.insns_log.is_some());
-        let wanted = describe(options.hypervisor, options.machine.insns_plugin.is_some());
+        let counting_now = options.machine.insns_plugin.is_some();
+        let running = format!(
+            "{} (Xen's command line: {})",
+            describe(running, status.state.insns_log.is_some()),
+            status
+                .state
+                .xen_command_line
+                .as_deref()
+                .unwrap_or("not recorded")
+        );
+        let wanted = format!(
+            "{} (Xen's command line: {})",
+            describe(options.hypervisor, counting_now),
+            crate::qemu::xen_command_line(counting_now)
+        );
         if running != wanted {
             return Err(LabError::SettingsDiffer {
                 lab: "Xen",
@@ -700,6 +720,7 @@ mod state_tests {
             dom0_kernel_package: "linux-image-6.1.0-56-amd64 6.1.192-2".into(),
             hypervisor: None,
             insns_log: None,
+            xen_command_line: Some(crate::qemu::xen_command_line(false)),
             accel: "tcg".into(),
             memory_mib: 3072,
             cpus: 2,
@@ -729,6 +750,7 @@ mod state_tests {
         let status = |insns: bool| LabStatus {
             state: XenLabState {
                 insns_log: insns.then(|| dir.path().join("xen/run/insns.log")),
+                xen_command_line: Some(crate::qemu::xen_command_line(insns)),
                 ..sample_state(dir.path())
             },
             qemu_running: true,
@@ -761,7 +783,16 @@ mod state_tests {
         // Counting differs alone: refused too.
         options.hypervisor = XenHypervisor::Debian;
         let e = XenLab::reuse(dir.path(), status(true), &options).unwrap_err();
-        assert!(e.to_string().contains("counting instructions is up"), "{e}");
+        assert!(
+            e.to_string().contains("counting instructions (Xen's"),
+            "{e}"
+        );
+        // A lab booted before Xen's command line was recorded (without eager FPU): refused.
+        let mut old = status(false);
+        old.state.xen_command_line = None;
+        let e = XenLab::reuse(dir.path(), old, &options).unwrap_err();
+        assert!(e.to_string().contains("command line: not recorded"), "{e}");
+        assert!(e.to_string().contains("spec-ctrl=eager-fpu"), "{e}");
     }
 
     #[test]
