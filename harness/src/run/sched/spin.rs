@@ -117,27 +117,41 @@ fn discover(view: &mut GuestView, p: &SpinParams, naming: VcpuNaming) -> Result<
     Ok(())
 }
 
-/// Handles one console event of guest `index`; `Err` ends the workload.
-fn on_event(
+/// The host's view of guest `view`'s vCPU threads at one of its ticks (our VMM's and
+/// QEMU's: found once, pinned if asked, their schedstat by index).
+fn thread_stats(
+    view: &mut GuestView,
+    p: &SpinParams,
+    naming: VcpuNaming,
+) -> Result<Vec<SchedStat>, SchedError> {
+    discover(view, p, naming)?;
+    Ok(view
+        .threads
+        .iter()
+        .map(|t| schedstat(Path::new(PROC), view.pid, t.tid).unwrap_or_default())
+        .collect())
+}
+
+/// Handles one console event of guest `index`; `Err` ends the workload. Each tick kept
+/// carries what `tick_stats` says the host saw at it (Xen's dom0 samples apart: nothing).
+pub(crate) fn on_event(
     id: WorkloadId,
     view: &mut GuestView,
     index: usize,
     event: ConsoleEvent,
-    p: &SpinParams,
-    naming: VcpuNaming,
+    tick_stats: &mut dyn FnMut(&mut GuestView) -> Result<Vec<SchedStat>, SchedError>,
 ) -> Result<(), SchedError> {
     let guest = |problem: String| SchedError::Guest { index, problem };
     match event {
         ConsoleEvent::Event(Event::Hello(hello)) => view.hello = Some(hello),
         ConsoleEvent::Event(Event::Note { key, value, .. }) if key == "tick" => {
-            discover(view, p, naming)?;
+            let stats = if view.ticks.len() < MAX_TICKS {
+                Some(tick_stats(view)?)
+            } else {
+                None
+            };
             let tick = parse_tick(&value).map_err(guest)?;
-            if view.ticks.len() < MAX_TICKS {
-                let stats = view
-                    .threads
-                    .iter()
-                    .map(|t| schedstat(Path::new(PROC), view.pid, t.tid).unwrap_or_default())
-                    .collect();
+            if let Some(stats) = stats {
                 view.ticks.push((tick, stats));
             }
         }
@@ -263,7 +277,7 @@ fn collect(
             .clamp(Duration::from_millis(1), p.window);
         if let Some((index, event)) = spinners.next_event(wait)? {
             if let Some(view) = observed.guests.get_mut(index) {
-                on_event(id, view, index, event, p, naming)?;
+                on_event(id, view, index, event, &mut |v| thread_stats(v, p, naming))?;
             }
         }
     }

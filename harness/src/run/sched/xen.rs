@@ -17,21 +17,18 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use workloads::protocol::{Event, Status};
+use workloads::protocol::Status;
 use workloads::WorkloadId;
 
-use super::analysis::parse_tick;
 use super::booted::BootedGuests;
-use super::spin::{GuestView, Observed};
+use super::spin::{on_event, GuestView, Observed};
 use super::{direct, SchedError, SpinParams};
 use crate::backend::xen::sched::XlHost;
 use crate::run::host_context::{HostContext, HostDriven};
-use crate::run::ksm::guests::ConsoleEvent;
 use crate::run::session::WorkloadOutcome;
 
-/// Most ticks kept per guest and host samples per run (the guest is untrusted; the
-/// dom0's answers are bounded by the run's length anyway).
-const MAX_TICKS: usize = 100_000;
+/// Most host samples per run (the dom0's answers are bounded by the run's length anyway;
+/// the guests' ticks are bounded where they are taken, `spin::on_event`).
 const MAX_SAMPLES: usize = 100_000;
 /// Time the domains get to boot and start their APs, beyond the spinning itself (TCG).
 const BOOT_SLACK: Duration = Duration::from_secs(120);
@@ -308,7 +305,14 @@ fn collect(
             }
         }
         if let Some((index, event)) = domains.next_event(QUIET_WAIT)? {
-            on_event(id, &mut out.observed.guests[index], index, event)?;
+            // The dom0's samples are the host's view here: a tick carries none.
+            on_event(
+                id,
+                &mut out.observed.guests[index],
+                index,
+                event,
+                &mut |_| Ok(Vec::new()),
+            )?;
         }
     }
     Ok(out)
@@ -329,66 +333,6 @@ fn sample(
     let at = s.uptime_ns.saturating_sub(first) as f64 / 1e9;
     out.observed.samples.push((at, used));
     out.host.push(s);
-    Ok(())
-}
-
-/// One console event of domain `index`; `Err` ends the workload.
-fn on_event(
-    id: WorkloadId,
-    view: &mut GuestView,
-    index: usize,
-    event: ConsoleEvent,
-) -> Result<(), SchedError> {
-    match event {
-        ConsoleEvent::Event(event) => on_guest_event(id, view, index, event),
-        ConsoleEvent::Damaged(line) => Err(SchedError::Guest {
-            index,
-            problem: format!("a damaged line: {line}"),
-        }),
-        ConsoleEvent::Closed => {
-            view.done = true;
-            Ok(())
-        }
-    }
-}
-
-fn on_guest_event(
-    id: WorkloadId,
-    view: &mut GuestView,
-    index: usize,
-    event: Event,
-) -> Result<(), SchedError> {
-    let guest = |problem: String| SchedError::Guest { index, problem };
-    match event {
-        Event::Hello(hello) => view.hello = Some(hello),
-        Event::Note { key, value, .. } if key == "tick" => {
-            let tick = parse_tick(&value).map_err(guest)?;
-            if view.ticks.len() < MAX_TICKS {
-                view.ticks.push((tick, Vec::new()));
-            }
-        }
-        Event::Note { key, value, .. } if key == "steal_msr" => view.steal_msr = Some(value),
-        Event::Skip { reason, .. } => return Err(SchedError::Skipped { index, reason }),
-        Event::Result {
-            workload,
-            status,
-            reason,
-        } if workload == id && status != Status::Success => {
-            return Err(guest(format!(
-                "{}: {}",
-                status.name(),
-                reason.unwrap_or_default()
-            )))
-        }
-        Event::Crash(c) => {
-            return Err(SchedError::Crash {
-                index,
-                detail: format!("vector {} at rip {:#x}", c.vector, c.rip),
-            })
-        }
-        Event::End(_) => view.done = true,
-        _ => {}
-    }
     Ok(())
 }
 
