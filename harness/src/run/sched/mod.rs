@@ -200,10 +200,16 @@ pub(crate) fn run_steal(id: WorkloadId, ctx: &HostContext) -> HostDriven {
     }
 }
 
-/// The guest's and the host's steal as `steal_disagreement`, or a note saying why it is
-/// undefined (`host_saw_none`: the host's view had no steal).
-fn disagreement(outcome: &mut WorkloadOutcome, guest: f64, host: f64, host_saw_none: &str) {
-    match analysis::disagreement(guest, host) {
+/// The per-vCPU steal series (`steal_guest`, `steal_host`), and the two compared
+/// figures as `steal_disagreement`, or a note saying why it is undefined
+/// (`host_saw_none`: the host's view had no steal).
+fn steal_series(
+    outcome: &mut WorkloadOutcome,
+    (guest, host): (Vec<f64>, Vec<f64>),
+    (guest_figure, host_figure): (f64, f64),
+    host_saw_none: &str,
+) {
+    match analysis::disagreement(guest_figure, host_figure) {
         Some(d) => {
             outcome
                 .series
@@ -214,6 +220,12 @@ fn disagreement(outcome: &mut WorkloadOutcome, guest: f64, host: f64, host_saw_n
             format!("undefined: {host_saw_none}"),
         ),
     }
+    outcome
+        .series
+        .insert(("steal_guest", String::new()), direct(guest));
+    outcome
+        .series
+        .insert(("steal_host", String::new()), direct(host));
 }
 
 fn steal_figures(outcome: &mut WorkloadOutcome, o: &Observed) -> Result<(), SchedError> {
@@ -247,18 +259,12 @@ fn steal_figures(outcome: &mut WorkloadOutcome, o: &Observed) -> Result<(), Sche
         }
     }
     let (sum_guest, sum_host): (f64, f64) = (guest.iter().sum(), host.iter().sum());
-    disagreement(
+    steal_series(
         outcome,
-        sum_guest,
-        sum_host,
+        (guest, host),
+        (sum_guest, sum_host),
         "the host saw no run delay (nothing was overcommitted)",
     );
-    outcome
-        .series
-        .insert(("steal_guest", String::new()), direct(guest));
-    outcome
-        .series
-        .insert(("steal_host", String::new()), direct(host));
     Ok(())
 }
 

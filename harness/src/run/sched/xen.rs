@@ -22,7 +22,7 @@ use workloads::WorkloadId;
 
 use super::booted::BootedGuests;
 use super::spin::{on_event, GuestView, Observed};
-use super::{direct, SchedError, SpinParams};
+use super::{SchedError, SpinParams};
 use crate::backend::xen::sched::XlHost;
 use crate::run::host_context::{HostContext, HostDriven};
 use crate::run::session::WorkloadOutcome;
@@ -406,18 +406,12 @@ pub(crate) fn steal_figures(
             x.host.len()
         ),
     );
-    super::disagreement(
+    super::steal_series(
         outcome,
-        guest_rate,
-        host_rate,
+        (guest, host),
+        (guest_rate, host_rate),
         "the dom0 saw no steal (nothing was overcommitted)",
     );
-    outcome
-        .series
-        .insert(("steal_guest", String::new()), direct(guest));
-    outcome
-        .series
-        .insert(("steal_host", String::new()), direct(host));
     Ok(())
 }
 
