@@ -130,6 +130,19 @@ pub const Q35_NO_VIRTIO_MMIO: &str =
     "the guest's balloon and block drivers speak virtio-mmio, which q35 does not have (q35 \
      offers virtio-pci, a transport the guest lacks)";
 
+/// Why `io.pio-out-kernel` has no path on QEMU (plain and under libvirt alike).
+pub(crate) fn qemu_no_ioeventfd() -> String {
+    format!(
+        "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
+         QEMU's userspace, not the in-kernel path this workload measures"
+    )
+}
+
+/// Why `cpu.hlt` cannot be timed on QEMU (plain and under libvirt alike).
+pub(crate) const QEMU_PARKS_HLT: &str =
+    "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it never \
+     resumes, so HLT cannot be timed there";
+
 /// The CPU model QEMU gets unless told otherwise: the host's CPU with an invariant TSC
 /// (so QEMU advertises the TSC frequency in leaf 0x40000010), or `max` under TCG.
 /// kvm_pvm refuses QEMU's write of IA32_ARCH_CAPABILITIES (QEMU then aborts), so that
@@ -402,11 +415,7 @@ impl Hypervisor for QemuBackend {
     fn supports(&self, feature: BackendFeature) -> Result<(), crate::backend::Unsupported> {
         match feature {
             BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
-            BackendFeature::KernelIoeventfdPort => Err(format!(
-                "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
-                 QEMU's userspace, not the in-kernel path this workload measures"
-            )
-            .into()),
+            BackendFeature::KernelIoeventfdPort => Err(qemu_no_ioeventfd().into()),
             BackendFeature::HypercallFromKernel
                 if self.accel == Accel::Kvm && self.host.kvm_module == "kvm_pvm" =>
             {
@@ -448,11 +457,7 @@ impl Hypervisor for QemuBackend {
                  time: run them with --qemu-accel kvm"
                     .into(),
             ),
-            BackendFeature::HltExitsToVmm => Err(
-                "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
-                 never resumes, so HLT cannot be timed there"
-                    .into(),
-            ),
+            BackendFeature::HltExitsToVmm => Err(QEMU_PARKS_HLT.into()),
         }
     }
 

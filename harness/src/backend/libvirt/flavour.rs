@@ -6,7 +6,6 @@
 
 use std::path::Path;
 
-use workloads::abi::PIO_KERNEL_PORT;
 use workloads::BackendFeature;
 
 use super::domain::{escape, DomainSpec};
@@ -116,11 +115,9 @@ fn render_xen_pvh(spec: &DomainSpec<'_>) -> String {
 fn q35_supports(feature: BackendFeature, kvm_pvm: bool) -> Result<(), Unsupported> {
     match feature {
         BackendFeature::UserspacePioPort | BackendFeature::UserspaceMmioPage => Ok(()),
-        BackendFeature::KernelIoeventfdPort => Err(format!(
-            "QEMU registers no ioeventfd on port {PIO_KERNEL_PORT:#x}: the write would exit to \
-             QEMU's userspace, not the in-kernel path this workload measures"
-        )
-        .into()),
+        BackendFeature::KernelIoeventfdPort => {
+            Err(crate::backend::qemu::qemu_no_ioeventfd().into())
+        }
         BackendFeature::HypercallFromKernel if kvm_pvm => {
             Err(crate::backend::qemu::KVM_PVM_QEMU_HYPERCALL.into())
         }
@@ -147,11 +144,7 @@ fn q35_supports(feature: BackendFeature, kvm_pvm: bool) -> Result<(), Unsupporte
              with --backend kvm"
                 .into(),
         ),
-        BackendFeature::HltExitsToVmm => Err(
-            "QEMU parks a halted vCPU until an interrupt arrives; with interrupts off it \
-             never resumes, so HLT cannot be timed there"
-                .into(),
-        ),
+        BackendFeature::HltExitsToVmm => Err(crate::backend::qemu::QEMU_PARKS_HLT.into()),
     }
 }
 
