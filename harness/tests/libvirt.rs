@@ -28,6 +28,14 @@ fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// The first record of workload `w`; the test fails without one.
+fn record_of<'a>(records: &'a [reports::record::Record], w: &str) -> &'a reports::record::Record {
+    records
+        .iter()
+        .find(|r| r.workload == w)
+        .unwrap_or_else(|| panic!("no record of {w}"))
+}
+
 fn ours(pid: u32) -> Vec<String> {
     let prefix = format!("hvbench-{pid}-");
     domains()
@@ -292,12 +300,7 @@ fn a_qemu_ssh_uri_runs_the_guest_there_and_leaves_nothing_behind() {
     let status = wait(&mut child, Duration::from_secs(180));
     assert_eq!(status.code(), Some(3));
     let records = reports::read_results(&out).unwrap();
-    let status_of = |w: &str| {
-        records
-            .iter()
-            .find(|r| r.workload == w)
-            .unwrap_or_else(|| panic!("no record of {w}"))
-    };
+    let status_of = |w: &str| record_of(&records, w);
     let cpuid = status_of("cpu.cpuid");
     assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
     assert_eq!(cpuid.backend.details["uri"], uri);
@@ -356,12 +359,7 @@ fn xen_through_libvirt_in_the_lab_runs_the_guest_and_leaves_nothing_in_dom0() {
     let status = wait(&mut child, Duration::from_secs(300));
     assert_eq!(status.code(), Some(3));
     let records = reports::read_results(&out).unwrap();
-    let record = |w: &str| {
-        records
-            .iter()
-            .find(|r| r.workload == w)
-            .unwrap_or_else(|| panic!("no record of {w}"))
-    };
+    let record = |w: &str| record_of(&records, w);
     let cpuid = record("cpu.cpuid");
     assert_eq!(cpuid.status, Status::Success, "{:?}", cpuid.reason);
     assert_eq!(cpuid.backend.details["machine"], "xenpvh");
