@@ -8,8 +8,7 @@
 //! each tick then reads every vCPU's figure at one moment, from the boot vCPU, and Xen
 //! writes nothing into the guest behind its back. The accounting is the same.
 
-use super::xen::hypercall3;
-use super::xen_smp::HYPERVISOR_VCPU_OP;
+use super::xen::{hypercall3, HYPERVISOR_VCPU_OP};
 use crate::arch::smp::MAX_CPUS;
 
 const VCPUOP_GET_RUNSTATE_INFO: u64 = 4;

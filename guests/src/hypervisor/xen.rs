@@ -19,6 +19,8 @@ use crate::global::Global;
 const HYPERVISOR_MEMORY_OP: u64 = 12;
 const HYPERVISOR_SCHED_OP: u64 = 29;
 pub const HYPERVISOR_XEN_VERSION: u64 = 17;
+/// VCPUOP_*: bringing up APs (`xen_smp`) and reading a vCPU's runstate (`runstate`).
+pub const HYPERVISOR_VCPU_OP: u64 = 24;
 const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
 const HYPERVISOR_HVM_OP: u64 = 34;
 

@@ -11,11 +11,10 @@
 
 use core::arch::{asm, global_asm};
 
-use super::xen::hypercall3;
+use super::xen::{hypercall3, HYPERVISOR_VCPU_OP};
 use crate::arch::cpu::rdmsr;
 use crate::arch::smp::{self, MAX_CPUS};
 
-pub const HYPERVISOR_VCPU_OP: u64 = 24;
 const VCPUOP_INITIALISE: u64 = 0;
 const VCPUOP_UP: u64 = 1;
 const VCPU_HVM_MODE_64B: u32 = 1;
