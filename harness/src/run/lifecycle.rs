@@ -237,3 +237,25 @@ fn remote_rollups(
     rollups.resize(pids.len(), None);
     rollups
 }
+
+#[cfg(test)]
+mod tests {
+    use hostutil::transport::Transport;
+
+    use super::*;
+
+    /// The remote reading (run here through the local transport): one rollup per pid, in
+    /// order; a pid that is gone reads as none, and the answer never has more entries
+    /// than pids asked for.
+    #[test]
+    fn remote_rollups_read_one_per_pid_in_order() {
+        let me = std::process::id();
+        let gone = u32::MAX - 1;
+        let rollups = remote_rollups(&Transport::Local, &[gone, me]);
+        assert_eq!(rollups.len(), 2);
+        assert!(rollups[0].is_none(), "{rollups:?}");
+        let mine = rollups[1].expect("this process's smaps_rollup");
+        assert!(mine.rss_kib > 0 && mine.pss_kib > 0, "{mine:?}");
+        assert_eq!(remote_rollups(&Transport::Local, &[]).len(), 0);
+    }
+}
